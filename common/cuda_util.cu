@@ -1,0 +1,65 @@
+#include "cuda_util.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stdio.h>
+
+#define CUDA_CHECK(call)                                                                                   \
+    do {                                                                                                   \
+        cudaError_t err_ = (call);                                                                         \
+        if (err_ != cudaSuccess)                                                                           \
+            return mill_errf(e, "%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
+    } while (0)
+
+#define CUBLAS_CHECK(call)                                                                       \
+    do {                                                                                         \
+        cublasStatus_t st_ = (call);                                                             \
+        if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
+            return mill_errf(e, "%s:%d: %s failed: cuBLAS status %d", __FILE__, __LINE__, #call, (int)st_); \
+    } while (0)
+
+int cuda_alloc_zero(void **p, size_t bytes, mill_err *e) {
+    *p = NULL;
+    CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 1));
+    CUDA_CHECK(cudaMemset(*p, 0, bytes));
+    return 0;
+}
+
+void cuda_free(void *p) { cudaFree(p); } /* errors at free time have no caller to report to */
+
+int cuda_copy_to_device(void *dst, const void *src, size_t bytes, mill_err *e) {
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    return 0;
+}
+
+int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e) {
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+    return 0;
+}
+
+int cuda_backend_init(void **cublas, void **stream, mill_err *e) {
+    cudaStream_t s;
+    cublasHandle_t h;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&h));
+    CUBLAS_CHECK(cublasSetStream(h, s));
+    *cublas = h;
+    *stream = s;
+    return 0;
+}
+
+void cuda_backend_free(void *cublas, void *stream) {
+    if (cublas) cublasDestroy((cublasHandle_t)cublas);
+    if (stream) cudaStreamDestroy((cudaStream_t)stream);
+}
+
+int cuda_device_describe(char *buf, size_t n, mill_err *e) {
+    int count = 0, dev = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    if (count == 0) return mill_errf(e, "no CUDA device");
+    CUDA_CHECK(cudaGetDevice(&dev));
+    cudaDeviceProp p;
+    CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+    snprintf(buf, n, "%s, sm_%d%d, %.1f GiB", p.name, p.major, p.minor, (double)p.totalGlobalMem / (1 << 30));
+    return 0;
+}

@@ -1,0 +1,28 @@
+/* common/cuda_util.h — CUDA memory and handles (built only when nvcc is found).
+ * Owns: CUDA_CHECK / CUBLAS_CHECK (turn a failed call into a returned error
+ * that names the call, file and line), device allocation, the cuBLAS handle. */
+#ifndef MILL_CUDA_UTIL_H
+#define MILL_CUDA_UTIL_H
+
+#include <stddef.h>
+
+#include "err.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int cuda_alloc_zero(void **p, size_t bytes, mill_err *e);
+void cuda_free(void *p);
+int cuda_copy_to_device(void *dst, const void *src, size_t bytes, mill_err *e);
+int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e);
+int cuda_backend_init(void **cublas, void **stream, mill_err *e);
+void cuda_backend_free(void *cublas, void *stream);
+/* "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" into buf; -1 when no device. */
+int cuda_device_describe(char *buf, size_t n, mill_err *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,34 @@
+/* common/err.h — error values and logging.
+ * Owns: mill_err (a caller-owned error message buffer) and the log functions.
+ * Convention: a function that can fail returns 0 on success and -1 on failure,
+ * after writing one line into the caller's mill_err that names the file, field
+ * or peer and what was expected. Nothing here is global. */
+#ifndef MILL_ERR_H
+#define MILL_ERR_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include <stdarg.h>
+
+typedef struct {
+    char msg[1024];
+} mill_err;
+
+/* Writes the message and returns -1, so `return mill_errf(e, ...)` reads well. */
+int mill_errf(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Prepends "prefix: " to an existing message (adds context on the way up). */
+int mill_err_wrap(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+typedef enum { LOG_DEBUG = 0, LOG_INFO = 1, LOG_WARN = 2, LOG_ERROR = 3 } log_level;
+void log_msg(log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,270 @@
+#include "attention.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
+                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
+                      float scale, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_sink_attention", e));
+    int max_keys = window + n_comp;
+    float *s = malloc(sizeof(float) * (size_t)(max_keys > 0 ? max_keys : 1));
+    const float **keys = malloc(sizeof(float *) * (size_t)(max_keys > 0 ? max_keys : 1));
+    if (!s || !keys) {
+        free(s);
+        free(keys);
+        return mill_errf(e, "op_sink_attention: out of memory");
+    }
+    for (int i = 0; i < T; i++) {
+        int nk = 0;
+        for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) keys[nk++] = kv + (long)j * d;
+        for (int c = 0; c < n_comp; c++) {
+            int32_t w = comp_idx[(long)i * n_comp + c];
+            if (w >= 0) keys[nk++] = comp + (long)w * d;
+        }
+        for (int h = 0; h < H; h++) {
+            const float *qi = q + ((long)i * H + h) * d;
+            float mx = sinks[h];
+            for (int j = 0; j < nk; j++) {
+                float dot = 0.f;
+                for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
+                s[j] = dot * scale;
+                if (s[j] > mx) mx = s[j];
+            }
+            float den = expf(sinks[h] - mx);
+            for (int j = 0; j < nk; j++) {
+                s[j] = expf(s[j] - mx);
+                den += s[j];
+            }
+            float *o = out + ((long)i * H + h) * d;
+            memset(o, 0, sizeof(float) * (size_t)d);
+            for (int j = 0; j < nk; j++) {
+                float p = s[j] / den;
+                for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
+            }
+        }
+    }
+    free(s);
+    free(keys);
+    return 0;
+}
+
+int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
+                     int ratio, int overlap, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_compress_pool", e));
+    int n_win = T / ratio, width = overlap ? 2 * d : d, slots = overlap ? 2 * ratio : ratio;
+    float *lg = malloc(sizeof(float) * (size_t)slots);
+    const float **val = malloc(sizeof(float *) * (size_t)slots);
+    if (!lg || !val) {
+        free(lg);
+        free(val);
+        return mill_errf(e, "op_compress_pool: out of memory");
+    }
+    for (int w = 0; w < n_win; w++) {
+        for (int c = 0; c < d; c++) {
+            int ns = 0;
+            if (overlap && w > 0) /* previous window's first half */
+                for (int t = 0; t < ratio; t++) {
+                    long row = (long)(w - 1) * ratio + t;
+                    lg[ns] = g[row * width + c] + ape[(long)t * width + c];
+                    val[ns++] = a + row * width + c;
+                }
+            int off = overlap ? d : 0; /* this window: the second half under overlap */
+            for (int t = 0; t < ratio; t++) {
+                long row = (long)w * ratio + t;
+                lg[ns] = g[row * width + off + c] + ape[(long)t * width + off + c];
+                val[ns++] = a + row * width + off + c;
+            }
+            float mx = lg[0];
+            for (int s = 1; s < ns; s++) mx = lg[s] > mx ? lg[s] : mx;
+            float den = 0.f, acc = 0.f;
+            for (int s = 0; s < ns; s++) {
+                lg[s] = expf(lg[s] - mx);
+                den += lg[s];
+            }
+            for (int s = 0; s < ns; s++) acc += (lg[s] / den) * *val[s];
+            out[(long)w * d + c] = acc;
+        }
+    }
+    free(lg);
+    free(val);
+    return 0;
+}
+
+int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
+                      int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_indexer_scores", e));
+    for (int i = 0; i < T; i++) {
+        int visible = (i + 1) / ratio;
+        for (int w = 0; w < Tc; w++) {
+            if (w >= visible) {
+                score[(long)i * Tc + w] = -INFINITY;
+                continue;
+            }
+            float acc = 0.f;
+            for (int h = 0; h < nh; h++) {
+                const float *qh = q + ((long)i * nh + h) * hd;
+                float dot = 0.f;
+                for (int c = 0; c < hd; c++) dot += qh[c] * keys[(long)w * hd + c];
+                acc += (dot > 0.f ? dot : 0.f) * scale_qk * weights[(long)i * nh + h];
+            }
+            score[(long)i * Tc + w] = acc;
+        }
+    }
+    return 0;
+}
+
+int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+                    mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_topk_visible", e));
+    for (int i = 0; i < T; i++) {
+        int visible = (i + 1) / ratio;
+        if (visible > Tc) visible = Tc;
+        int32_t *row = idx + (long)i * topk;
+        for (int c = 0; c < topk; c++) row[c] = -1;
+        const float *s = score + (long)i * Tc;
+        if (visible <= topk) {
+            for (int w = 0; w < visible; w++) row[w] = w;
+            continue;
+        }
+        /* Selection by insertion into a descending list; ties keep the lower index. */
+        int n = 0;
+        for (int w = 0; w < visible; w++) {
+            if (n == topk && !(s[w] > s[row[n - 1]])) continue;
+            int p = n < topk ? n++ : topk - 1;
+            while (p > 0 && s[w] > s[row[p - 1]]) {
+                row[p] = row[p - 1];
+                p--;
+            }
+            row[p] = w;
+        }
+    }
+    return 0;
+}
+
+int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_causal_entries", e));
+    for (int i = 0; i < T; i++) {
+        int visible = (i + 1) / ratio;
+        for (int w = 0; w < Tc; w++) idx[(long)i * Tc + w] = w < visible ? w : -1;
+    }
+    return 0;
+}
+
+int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks, const float *dout,
+                               const float *q, const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
+                               const float *sinks, int T, int H, int d, int window, float scale, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_sink_attention_backward", e));
+    int max_keys = window + n_comp;
+    size_t nk_alloc = (size_t)(max_keys > 0 ? max_keys : 1);
+    float *p = malloc(sizeof(float) * nk_alloc), *dp = malloc(sizeof(float) * nk_alloc);
+    const float **keys = malloc(sizeof(float *) * nk_alloc);
+    float **dkeys = malloc(sizeof(float *) * nk_alloc);
+    if (!p || !dp || !keys || !dkeys) {
+        free(p);
+        free(dp);
+        free(keys);
+        free(dkeys);
+        return mill_errf(e, "op_sink_attention_backward: out of memory");
+    }
+    for (int i = 0; i < T; i++) {
+        int nk = 0;
+        for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) {
+            keys[nk] = kv + (long)j * d;
+            dkeys[nk++] = dkv + (long)j * d;
+        }
+        for (int c = 0; c < n_comp; c++) {
+            int32_t w = comp_idx[(long)i * n_comp + c];
+            if (w >= 0) {
+                keys[nk] = comp + (long)w * d;
+                dkeys[nk++] = dcomp + (long)w * d;
+            }
+        }
+        for (int h = 0; h < H; h++) {
+            const float *qi = q + ((long)i * H + h) * d, *go = dout + ((long)i * H + h) * d;
+            float *dqi = dq + ((long)i * H + h) * d;
+            float mx = sinks[h];
+            for (int j = 0; j < nk; j++) {
+                float dot = 0.f;
+                for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
+                p[j] = dot * scale;
+                if (p[j] > mx) mx = p[j];
+            }
+            float psink = expf(sinks[h] - mx), den = psink;
+            for (int j = 0; j < nk; j++) den += (p[j] = expf(p[j] - mx));
+            psink /= den;
+            /* o = sum_j p_j k_j: dp_j = do.k_j; ds_j = p_j (dp_j - sum_l p_l dp_l); the sink has no value. */
+            float D = 0.f;
+            for (int j = 0; j < nk; j++) {
+                p[j] /= den;
+                float dot = 0.f;
+                for (int c = 0; c < d; c++) dot += go[c] * keys[j][c];
+                dp[j] = dot;
+                D += p[j] * dot;
+            }
+            dsinks[h] += -psink * D;
+            for (int j = 0; j < nk; j++) {
+                float ds = p[j] * (dp[j] - D) * scale;
+                float *dk = dkeys[j];
+                for (int c = 0; c < d; c++) {
+                    dqi[c] += ds * keys[j][c];
+                    dk[c] += ds * qi[c] + p[j] * go[c];
+                }
+            }
+        }
+    }
+    free(p);
+    free(dp);
+    free(keys);
+    free(dkeys);
+    return 0;
+}
+
+int op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, const float *dout, const float *a,
+                              const float *g, const float *ape, int T, int d, int ratio, int overlap, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_compress_pool_backward", e));
+    int n_win = T / ratio, width = overlap ? 2 * d : d, slots = overlap ? 2 * ratio : ratio;
+    float *lg = malloc(sizeof(float) * (size_t)slots);
+    long *idx = malloc(sizeof(long) * (size_t)slots); /* element offset in a/g of each slot */
+    int *apei = malloc(sizeof(int) * (size_t)slots);  /* element offset in ape */
+    if (!lg || !idx || !apei) {
+        free(lg);
+        free(idx);
+        free(apei);
+        return mill_errf(e, "op_compress_pool_backward: out of memory");
+    }
+    for (int w = 0; w < n_win; w++) {
+        for (int c = 0; c < d; c++) {
+            int ns = 0;
+            if (overlap && w > 0)
+                for (int t = 0; t < ratio; t++) {
+                    idx[ns] = ((long)(w - 1) * ratio + t) * width + c;
+                    apei[ns++] = t * width + c;
+                }
+            int off = overlap ? d : 0;
+            for (int t = 0; t < ratio; t++) {
+                idx[ns] = ((long)w * ratio + t) * width + off + c;
+                apei[ns++] = t * width + off + c;
+            }
+            float mx = -INFINITY, den = 0.f, pooled = 0.f;
+            for (int s = 0; s < ns; s++) {
+                lg[s] = g[idx[s]] + ape[apei[s]];
+                mx = lg[s] > mx ? lg[s] : mx;
+            }
+            for (int s = 0; s < ns; s++) den += (lg[s] = expf(lg[s] - mx));
+            for (int s = 0; s < ns; s++) pooled += (lg[s] /= den) * a[idx[s]];
+            float go = dout[(long)w * d + c];
+            for (int s = 0; s < ns; s++) {
+                float dl = lg[s] * (a[idx[s]] - pooled) * go; /* softmax backward */
+                da[idx[s]] += lg[s] * go;
+                dg[idx[s]] += dl;
+                dape[apei[s]] += dl;
+            }
+        }
+    }
+    free(lg);
+    free(idx);
+    free(apei);
+    return 0;
+}

@@ -1,0 +1,29 @@
+#include "optim.h"
+
+#include <math.h>
+
+int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_adamw", e));
+    float decay = 1.0f - hp.lr * hp.weight_decay;
+    for (long i = 0; i < n; i++) {
+        m[i] = hp.beta1 * m[i] + (1.0f - hp.beta1) * g[i];
+        v[i] = hp.beta2 * v[i] + (1.0f - hp.beta2) * g[i] * g[i];
+        float mh = m[i] / hp.bias_c1, vh = v[i] / hp.bias_c2;
+        p[i] = p[i] * decay - hp.lr * mh / (sqrtf(vh) + hp.eps);
+    }
+    return 0;
+}
+
+int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_sumsq", e));
+    double s = 0.0;
+    for (long i = 0; i < n; i++) s += (double)x[i] * x[i];
+    *acc += s;
+    return 0;
+}
+
+int op_scale(const kctx *k, float *x, long n, float s, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_scale", e));
+    for (long i = 0; i < n; i++) x[i] *= s;
+    return 0;
+}

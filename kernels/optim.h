@@ -1,0 +1,19 @@
+/* kernels/optim.h — optimizer math on flat fp32 ranges (master weights and Adam moments). */
+#ifndef MILL_OPTIM_H
+#define MILL_OPTIM_H
+
+#include "backend.h"
+
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay;
+    float bias_c1, bias_c2; /* 1 - beta^step */
+} adamw_hparams;
+
+/* PyTorch AdamW on n elements: p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p -= lr * (m / c1) / (sqrt(v / c2) + eps). */
+int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e);
+/* sum of squares of n elements (double accumulation), added to *acc. */
+int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e);
+int op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
+
+#endif

@@ -1,0 +1,322 @@
+/* launch/main.c — the `mill` command line.
+ * Subcommands so far: forward, info. Each error is one line on stderr and a
+ * non-zero exit status. */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../common/safetensors.h"
+#include "../trainer/model.h"
+#include "../trainer/sft.h"
+#include <errno.h>
+#include <sys/stat.h>
+
+static int usage(FILE *to) {
+    fprintf(to,
+            "usage: mill <command> [options]\n"
+            "  forward --model DIR --input IN.json --output OUT.safetensors\n"
+            "          IN.json: {\"input_ids\": [[...], ...]} (rows of equal length); OUT holds logits [B, T, vocab] f32\n"
+            "          (and routing [layers, B, T, k] I32, the experts each token used)\n"
+            "  grad    --model DIR --input IN.json --output OUT.safetensors\n"
+            "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
+            "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
+            "  info    --model DIR      config, layer schedule and parameter counts\n"
+            "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
+            "          a randomly initialised model in the original release format\n"
+            "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n");
+    return to == stderr ? 2 : 0;
+}
+
+/* --name VALUE pairs; returns NULL when absent. */
+static const char *opt(int argc, char **argv, const char *name) {
+    for (int i = 0; i + 1 < argc; i++)
+        if (strcmp(argv[i], name) == 0) return argv[i + 1];
+    return NULL;
+}
+
+static int check_opts(int argc, char **argv, const char *const *known, mill_err *e) {
+    for (int i = 2; i < argc; i += 2) {
+        int ok = 0;
+        for (const char *const *k = known; *k; k++) ok |= strcmp(argv[i], *k) == 0;
+        if (!ok) return mill_errf(e, "unknown option %s for mill %s", argv[i], argv[1]);
+        if (i + 1 >= argc) return mill_errf(e, "option %s needs a value", argv[i]);
+    }
+    return 0;
+}
+
+/* Reads {"input_ids": [[int, ...], ...]} with rows of equal length, ids in [0, vocab). */
+static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B, int *T, mill_err *e) {
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root && jerr.line < 0) return mill_errf(e, "%s: cannot read: %s", path, jerr.text);
+    if (!root) return mill_errf(e, "%s: not valid JSON (line %d: %s)", path, jerr.line, jerr.text);
+    int rc = -1;
+    int32_t *ids = NULL;
+    json_t *rows = json_object_get(root, "input_ids");
+    if (!json_is_array(rows) || json_array_size(rows) == 0) {
+        mill_errf(e, "%s: expected key \"input_ids\" holding a non-empty list of rows", path);
+        goto done;
+    }
+    *B = (int)json_array_size(rows);
+    json_t *r0 = json_array_get(rows, 0);
+    if (!json_is_array(r0) || json_array_size(r0) == 0) {
+        mill_errf(e, "%s: input_ids[0] must be a non-empty list of token ids", path);
+        goto done;
+    }
+    *T = (int)json_array_size(r0);
+    ids = malloc(sizeof(int32_t) * (size_t)*B * (size_t)*T);
+    if (!ids) {
+        mill_errf(e, "%s: out of memory", path);
+        goto done;
+    }
+    for (int b = 0; b < *B; b++) {
+        json_t *row = json_array_get(rows, (size_t)b);
+        if (!json_is_array(row) || (int)json_array_size(row) != *T) {
+            mill_errf(e, "%s: input_ids[%d] must be a list of %d token ids (rows of equal length)", path, b, *T);
+            goto done;
+        }
+        for (int t = 0; t < *T; t++) {
+            json_t *v = json_array_get(row, (size_t)t);
+            if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= vocab) {
+                mill_errf(e, "%s: input_ids[%d][%d] must be an integer token id in [0, %d)", path, b, t, vocab);
+                goto done;
+            }
+            ids[(long)b * *T + t] = (int32_t)json_integer_value(v);
+        }
+    }
+    *ids_out = ids;
+    ids = NULL;
+    rc = 0;
+done:
+    free(ids);
+    json_decref(root);
+    return rc;
+}
+
+static int cmd_forward(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--model", "--input", "--output", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
+    if (!dir || !in || !out) return mill_errf(e, "mill forward needs --model DIR --input IN.json --output OUT.safetensors");
+    dsv4_model m;
+    if (model_load(&m, dir, e)) return -1;
+    int rc = -1, B = 0, T = 0;
+    int32_t *ids = NULL, *routing = NULL;
+    float *logits = NULL;
+    arena a = {0};
+    kctx k = {0};
+    safetensors_writer *w = NULL;
+    if (kctx_init(&k, DEVICE_CPU, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    const dsv4_config *c = &m.cfg;
+    long N = (long)B * T;
+    logits = malloc(sizeof(float) * (size_t)N * (size_t)c->vocab_size);
+    routing = malloc(sizeof(int32_t) * (size_t)c->num_hidden_layers * (size_t)N * (size_t)c->num_experts_per_tok);
+    if (!logits || !routing) {
+        mill_errf(e, "forward: out of memory for %ld x %d logits", N, c->vocab_size);
+        goto done;
+    }
+    if (arena_init(&a, 64 << 20, e)) goto done;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    if (model_forward(&m, &k, ids, B, T, logits, routing, &a, e)) goto done;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double sec = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    w = safetensors_writer_new();
+    int64_t ls[3] = {B, T, c->vocab_size}, rs[4] = {c->num_hidden_layers, B, T, c->num_experts_per_tok};
+    if (!w || safetensors_writer_add(w, "logits", DTYPE_F32, 3, ls, logits, e) ||
+        safetensors_writer_add(w, "routing", DTYPE_I32, 4, rs, routing, e) ||
+        safetensors_writer_save(w, out, e))
+        goto done;
+    log_info("forward: %d x %d tokens in %.3f s (%.0f tokens/s) -> %s", B, T, sec, (double)N / sec, out);
+    rc = 0;
+done:
+    safetensors_writer_free(w);
+    arena_free(&a);
+    kctx_free(&k);
+    free(ids);
+    free(logits);
+    free(routing);
+    model_free(&m);
+    return rc;
+}
+
+/* 1234567 -> "1.23 M" */
+static const char *human(double x, char *buf, size_t n) {
+    const char *unit[] = {"", " K", " M", " B", " T"};
+    int u = 0;
+    while (x >= 1000 && u < 4) {
+        x /= 1000;
+        u++;
+    }
+    snprintf(buf, n, u ? "%.2f%s" : "%.0f%s", x, unit[u]);
+    return buf;
+}
+
+static int cmd_grad(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--model", "--input", "--output", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
+    if (!dir || !in || !out) return mill_errf(e, "mill grad needs --model DIR --input IN.json --output OUT.safetensors");
+    dsv4_model m;
+    if (model_load(&m, dir, e)) return -1;
+    int rc = -1, B = 0, T = 0;
+    int32_t *ids = NULL, *targets = NULL;
+    float *grads = NULL;
+    arena a = {0};
+    kctx k = {0};
+    safetensors_writer *w = NULL;
+    if (kctx_init(&k, DEVICE_CPU, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (T < 2) {
+        mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
+        goto done;
+    }
+    targets = malloc(sizeof(int32_t) * (size_t)B * (size_t)T);
+    grads = calloc(m.n_floats, sizeof(float));
+    if (!targets || !grads) {
+        mill_errf(e, "grad: out of memory");
+        goto done;
+    }
+    for (int b = 0; b < B; b++) /* labels = inputs shifted by one; the last position has none */
+        for (int t = 0; t < T; t++) targets[b * T + t] = t + 1 < T ? ids[b * T + t + 1] : -1;
+    if (arena_init(&a, 64 << 20, e)) goto done;
+    model_loss loss;
+    if (model_forward_backward(&m, &k, ids, targets, B, T, NULL, grads, &loss, &a, e)) goto done;
+    w = safetensors_writer_new();
+    int64_t one = 1;
+    float lossf = (float)loss.loss;
+    if (!w || safetensors_writer_add(w, "loss", DTYPE_F32, 1, &one, &lossf, e)) goto done;
+    int n_out = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const param_info *p = &m.params[i];
+        if (!model_param_has_grad(p)) continue;
+        char name[128];
+        snprintf(name, sizeof name, "grad.%s", p->name);
+        if (safetensors_writer_add(w, name, DTYPE_F32, p->ndim, p->shape, grads + p->offset, e)) goto done;
+        n_out++;
+    }
+    if (safetensors_writer_save(w, out, e)) goto done;
+    log_info("grad: loss %.6f over %ld positions, %d gradient tensors -> %s", loss.loss, loss.count, n_out, out);
+    rc = 0;
+done:
+    safetensors_writer_free(w);
+    arena_free(&a);
+    kctx_free(&k);
+    free(ids);
+    free(targets);
+    free(grads);
+    model_free(&m);
+    return rc;
+}
+
+static int cmd_init(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--config", "--out", "--seed", "--std", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *cfgp = opt(argc, argv, "--config"), *out = opt(argc, argv, "--out");
+    const char *seed_s = opt(argc, argv, "--seed"), *std_s = opt(argc, argv, "--std");
+    if (!cfgp || !out) return mill_errf(e, "mill init needs --config FILE --out DIR");
+    char *end;
+    unsigned long long seed = seed_s ? strtoull(seed_s, &end, 10) : 1;
+    if (seed_s && *end) return mill_errf(e, "--seed must be a non-negative integer, got \"%s\"", seed_s);
+    double std = std_s ? strtod(std_s, &end) : 0.02;
+    if (std_s && (*end || std <= 0)) return mill_errf(e, "--std must be a positive number, got \"%s\"", std_s);
+    dsv4_config cfg;
+    dsv4_model m;
+    if (config_load(cfgp, &cfg, e) || model_init(&m, &cfg, e)) return -1;
+    model_init_random(&m, seed, (float)std);
+    int rc = -1;
+    if (mkdir(out, 0755) && errno != EEXIST) mill_errf(e, "%s: cannot create: %s", out, strerror(errno));
+    else if (!model_save(&m, out, e)) rc = 0;
+    if (!rc) printf("initialised %zu parameters (seed %llu, std %g) -> %s\n", m.n_trainable, seed, std, out);
+    model_free(&m);
+    return rc;
+}
+
+static int cmd_sft(int argc, char **argv, mill_err *e) {
+    if (argc < 3 || argv[2][0] == '-') return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--resume DIR]");
+    for (int i = 3; i < argc; i += 2) {
+        if (strcmp(argv[i], "--resume") != 0) return mill_errf(e, "unknown option %s for mill sft", argv[i]);
+        if (i + 1 >= argc) return mill_errf(e, "option --resume needs a value");
+    }
+    sft_recipe r;
+    if (sft_recipe_load(argv[2], &r, e)) return -1;
+    return sft_run(&r, opt(argc, argv, "--resume"), e);
+}
+
+static int cmd_info(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--model", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *dir = opt(argc, argv, "--model");
+    if (!dir) return mill_errf(e, "mill info needs --model DIR");
+    /* A directory with only config.json gets the layout and counts (e.g. a full-size config). */
+    dsv4_config cfg;
+    if (config_load(dir, &cfg, e)) return -1;
+    safetensors *st = NULL;
+    mill_err probe;
+    int have_weights = safetensors_open(dir, &st, &probe) == 0;
+    safetensors_close(st);
+    dsv4_model m;
+    if (have_weights ? model_load(&m, dir, e) : model_layout(&m, &cfg, e)) return -1;
+    const dsv4_config *c = &m.cfg;
+    printf("model %s%s\n", dir, have_weights ? "" : " (config only: no weights found)");
+    printf("  vocab %d  hidden %d  layers %d  heads %d x %d (rope %d)  q_lora %d  o_groups %d x %d\n", c->vocab_size,
+           c->hidden_size, c->num_hidden_layers, c->num_attention_heads, c->head_dim, c->qk_rope_head_dim,
+           c->q_lora_rank, c->o_groups, c->o_lora_rank);
+    printf("  experts %d (+%d shared) top-%d  inter %d  scoring %s  routed_scale %g  swiglu_limit %g\n",
+           c->n_routed_experts, c->n_shared_experts, c->num_experts_per_tok, c->moe_intermediate_size,
+           c->scoring_func == SCORE_SQRTSOFTPLUS ? "sqrtsoftplus" : c->scoring_func == SCORE_SIGMOID ? "sigmoid" : "softmax",
+           c->routed_scaling_factor, c->swiglu_limit);
+    printf("  hc_mult %d  sinkhorn %d  hc_eps %g  window %d  indexer %d x %d top-%d\n", c->hc_mult,
+           c->hc_sinkhorn_iters, c->hc_eps, c->sliding_window, c->index_n_heads, c->index_head_dim, c->index_topk);
+    printf("  rope_theta %g  compress_rope_theta %g  yarn %s (factor %g, original %d, beta %g/%g)\n", c->rope_theta,
+           c->compress_rope_theta, c->rope_scaling.type_yarn ? "on" : "off", c->rope_scaling.factor,
+           c->rope_scaling.original_max_position_embeddings, c->rope_scaling.beta_fast, c->rope_scaling.beta_slow);
+    printf("layer schedule:\n");
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        size_t nl = 0;
+        for (int i = 0; i < m.n_params; i++)
+            if (m.params[i].layer == l && m.params[i].kind == PARAM_WEIGHT) nl += m.params[i].numel;
+        printf("  %3d  attn %-7s (ratio %3d)  moe %-6s  %zu params\n", l, config_attn_kind_name(c->compress_ratios[l]),
+               c->compress_ratios[l], l < c->num_hash_layers ? "hash" : "routed", nl);
+    }
+    size_t bufs = 0, extra = 0;
+    for (int i = 0; i < m.n_params; i++)
+        if (m.params[i].kind == PARAM_BUFFER) bufs += m.params[i].numel;
+    for (int i = 0; i < m.n_extra; i++) extra += (size_t)tensor_numel(&m.extra[i].t);
+    size_t active = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        const param_info *p = &m.params[i];
+        if (p->kind != PARAM_WEIGHT || strcmp(p->name, "embed.weight") == 0) continue;
+        active += strstr(p->name, ".experts.") ? p->numel * (size_t)c->num_experts_per_tok / (size_t)c->n_routed_experts
+                                               : p->numel;
+    }
+    char h1[32], h2[32];
+    printf("parameters: %zu trainable (%s; %s active per token, embedding excluded), %zu buffer floats, %zu tid2eid entries, %d tensors / %zu values of mtp.* "
+           "(loaded, not run)\n",
+           m.n_trainable, human((double)m.n_trainable, h1, sizeof h1), human((double)active, h2, sizeof h2), bufs, m.n_index, m.n_extra, extra);
+    model_free(&m);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) return usage(stderr);
+    mill_err e = {{0}};
+    int rc;
+    if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &e);
+    else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &e);
+    else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
+    else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
+    else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);
+    else if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
+        return usage(stdout);
+    else {
+        fprintf(stderr, "mill: unknown command \"%s\"\n", argv[1]);
+        return usage(stderr);
+    }
+    if (rc) {
+        fprintf(stderr, "mill %s: error: %s\n", argv[1], e.msg);
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,460 @@
+/* trainer/compute.c — the DeepSeek-V4 forward and its hand-written backward (llm.c style:
+ * the forward records what the backward needs in a trace held by the arena; the backward
+ * walks the layers in reverse, recomputing the cheap parts: attention probabilities,
+ * Sinkhorn, expert activations). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/attention.h"
+#include "../kernels/dense.h"
+#include "../kernels/hc.h"
+#include "../kernels/moe.h"
+#include "../kernels/rope.h"
+#include "model.h"
+
+/* What one hyper-connection site keeps: its input streams and the mixing weights. */
+typedef struct {
+    float *h_in, *pre, *post, *comb; /* [N,n,D], [N,n], [N,n], [N,n,n] */
+    float *x, *xn, *y;               /* collapsed input, normed input, sublayer output [N,D] */
+} site_trace;
+
+typedef struct {
+    site_trace attn, ffn;
+    /* attention */
+    float *qr_raw, *qr, *q_raw, *q, *kv_raw, *kv, *o, *o_rot, *z;
+    float *ca, *cg, *pooled, *comp; /* compressor: projections [N,width], pooled/entries [B,Tc,d] */
+    int32_t *idx;                    /* [N, n_comp] compressed entries per query */
+    int Tc, n_comp;
+    /* MoE */
+    float *logits, *scores, *wts;
+    int32_t *ids;
+} layer_trace;
+
+typedef struct {
+    const dsv4_model *m;
+    const kctx *k;
+    arena *a;
+    int B, T, N;
+    const int32_t *ids, *pos, *wpos;
+    mill_err *e;
+    layer_trace *lt;
+    float *h_final, *x_head, *xn_head; /* HC head input [N,n,D], its output and the normed output */
+} fwd;
+
+#define ALLOC(ptr, count)                                                          \
+    do {                                                                           \
+        (ptr) = (void *)arena_floats(f->a, (size_t)(count));                       \
+        if (!(ptr)) return mill_errf(f->e, "forward: out of activation memory"); \
+    } while (0)
+
+/* ------------------------------------------------------------------- forward */
+
+static int compress_pool(fwd *f, float *pooled, float *comp, const float *a, const float *g, const float *ape,
+                         const float *norm, int d, int ratio, int overlap) {
+    const dsv4_config *c = &f->m->cfg;
+    int T = f->T, Tc = T / ratio, width = overlap ? 2 * d : d;
+    for (int b = 0; b < f->B; b++) {
+        float *pb = pooled + (long)b * Tc * d, *cb = comp + (long)b * Tc * d;
+        TRY(op_compress_pool(f->k, pb, a + (long)b * T * width, g + (long)b * T * width, ape, T, d, ratio, overlap,
+                             f->e));
+        TRY(op_rmsnorm(f->k, cb, pb, norm, Tc, d, 0, (float)c->rms_norm_eps, f->e));
+        TRY(op_rope(f->k, cb, Tc, 1, d, c->qk_rope_head_dim, f->wpos, f->m->inv_freq_compress, 1, f->e));
+    }
+    return 0;
+}
+
+/* Indexer of a CSA layer: sel[B*T, topk_eff]. It takes no gradient (top-k is a selection). */
+static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_eff, const float *x, const float *qr) {
+    const dsv4_config *c = &f->m->cfg;
+    int N = f->N, T = f->T, D = c->hidden_size, ih = c->index_head_dim, nh = c->index_n_heads, ratio = L->ratio;
+    int Tc = T / ratio;
+    float *ia, *ig, *pooled, *keys, *iq, *iw, *score;
+    ALLOC(ia, (long)N * 2 * ih);
+    ALLOC(ig, (long)N * 2 * ih);
+    ALLOC(pooled, (long)f->B * Tc * ih);
+    ALLOC(keys, (long)f->B * Tc * ih);
+    ALLOC(iq, (long)N * nh * ih);
+    ALLOC(iw, (long)N * nh);
+    ALLOC(score, (long)T * Tc);
+    TRY(op_linear(f->k, ia, x, L->i_wkv, N, 2 * ih, D, 0, 0, 0, f->e));
+    TRY(op_linear(f->k, ig, x, L->i_wgate, N, 2 * ih, D, 0, 0, 0, f->e));
+    TRY(compress_pool(f, pooled, keys, ia, ig, L->i_ape, L->i_norm, ih, ratio, 1));
+    TRY(op_linear(f->k, iq, qr, L->i_wq_b, N, nh * ih, c->q_lora_rank, 0, 0, 0, f->e));
+    TRY(op_rope(f->k, iq, N, nh, ih, c->qk_rope_head_dim, f->pos, f->m->inv_freq_compress, 1, f->e));
+    TRY(op_linear(f->k, iw, x, L->i_wproj, N, nh, D, 0, 0, 0, f->e));
+    float wscale = 1.0f / sqrtf((float)nh);
+    for (long i = 0; i < (long)N * nh; i++) iw[i] *= wscale;
+    for (int b = 0; b < f->B; b++) {
+        long t0 = (long)b * T;
+        TRY(op_indexer_scores(f->k, score, iq + t0 * nh * ih, keys + (long)b * Tc * ih, iw + t0 * nh, T, Tc, nh, ih,
+                              1.0f / sqrtf((float)ih), ratio, f->e));
+        TRY(op_topk_visible(f->k, sel + t0 * topk_eff, score, T, Tc, topk_eff, ratio, f->e));
+    }
+    return 0;
+}
+
+/* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
+static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
+    const dsv4_config *c = &f->m->cfg;
+    int N = f->N, T = f->T, D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim;
+    int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio;
+    float eps = (float)c->rms_norm_eps;
+    const float *inv_freq = ratio ? f->m->inv_freq_compress : f->m->inv_freq_main;
+    ALLOC(t->qr_raw, (long)N * qlr);
+    ALLOC(t->qr, (long)N * qlr);
+    ALLOC(t->q_raw, (long)N * H * d);
+    ALLOC(t->q, (long)N * H * d);
+    ALLOC(t->kv_raw, (long)N * d);
+    ALLOC(t->kv, (long)N * d);
+    ALLOC(t->o, (long)N * H * d);
+    ALLOC(t->o_rot, (long)N * H * d);
+    ALLOC(t->z, (long)N * G * R);
+    TRY(op_linear(f->k, t->qr_raw, x, L->wq_a, N, qlr, D, 0, 0, 0, f->e));
+    TRY(op_rmsnorm(f->k, t->qr, t->qr_raw, L->q_norm, N, qlr, 0, eps, f->e));
+    TRY(op_linear(f->k, t->q_raw, t->qr, L->wq_b, N, H * d, qlr, 0, 0, 0, f->e));
+    TRY(op_rmsnorm(f->k, t->q, t->q_raw, NULL, N * H, d, 0, eps, f->e));
+    TRY(op_rope(f->k, t->q, N, H, d, r, f->pos, inv_freq, 1, f->e));
+    TRY(op_linear(f->k, t->kv_raw, x, L->wkv, N, d, D, 0, 0, 0, f->e));
+    TRY(op_rmsnorm(f->k, t->kv, t->kv_raw, L->kv_norm, N, d, 0, eps, f->e));
+    TRY(op_rope(f->k, t->kv, N, 1, d, r, f->pos, inv_freq, 1, f->e));
+
+    t->Tc = ratio ? T / ratio : 0;
+    t->n_comp = 0;
+    if (t->Tc) {
+        int overlap = ratio == ATTN_CSA, width = overlap ? 2 * d : d, Tc = t->Tc;
+        ALLOC(t->ca, (long)N * width);
+        ALLOC(t->cg, (long)N * width);
+        ALLOC(t->pooled, (long)f->B * Tc * d);
+        ALLOC(t->comp, (long)f->B * Tc * d);
+        TRY(op_linear(f->k, t->ca, x, L->c_wkv, N, width, D, 0, 0, 0, f->e));
+        TRY(op_linear(f->k, t->cg, x, L->c_wgate, N, width, D, 0, 0, 0, f->e));
+        TRY(compress_pool(f, t->pooled, t->comp, t->ca, t->cg, L->c_ape, L->c_norm, d, ratio, overlap));
+        t->n_comp = overlap ? (c->index_topk < Tc ? c->index_topk : Tc) : Tc;
+        ALLOC(t->idx, (long)N * t->n_comp);
+        if (overlap) TRY(indexer_select(f, L, t->idx, t->n_comp, x, t->qr));
+        else
+            for (int b = 0; b < f->B; b++)
+                TRY(op_causal_entries(f->k, t->idx + (long)b * T * Tc, T, Tc, ratio, f->e));
+    }
+    for (int b = 0; b < f->B; b++) {
+        long t0 = (long)b * T;
+        TRY(op_sink_attention(f->k, t->o + t0 * H * d, t->q + t0 * H * d, t->kv + t0 * d,
+                              t->comp ? t->comp + (long)b * t->Tc * d : NULL, t->idx ? t->idx + t0 * t->n_comp : NULL,
+                              t->n_comp, L->attn_sink, T, H, d, c->sliding_window, 1.0f / sqrtf((float)d), f->e));
+    }
+    /* Values are the rotated keys: undo the rotation at the query position. */
+    memcpy(t->o_rot, t->o, sizeof(float) * (size_t)N * H * d);
+    TRY(op_rope(f->k, t->o_rot, N, H, d, r, f->pos, inv_freq, -1, f->e));
+    int gw = H * d / G; /* each group's rows of wo_a see only that group's heads */
+    for (int g = 0; g < G; g++)
+        TRY(op_linear(f->k, t->z + (long)g * R, t->o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d,
+                      G * R, 0, f->e));
+    return op_linear(f->k, y, t->z, L->wo_b, N, D, G * R, 0, 0, 0, f->e);
+}
+
+/* y[N, D] = MoE sublayer on x[N, D] (already ffn_norm'ed); replay [N, k] or NULL. */
+static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x, const int32_t *replay) {
+    const dsv4_config *c = &f->m->cfg;
+    int N = f->N, D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
+    float *work;
+    const int32_t *given = replay;
+    ALLOC(t->logits, (long)N * E);
+    ALLOC(t->scores, (long)N * E);
+    ALLOC(t->wts, (long)N * K);
+    ALLOC(work, moe_experts_work_floats(N, D, I, E, K));
+    TRY(op_linear(f->k, t->logits, x, L->gate, N, E, D, 0, 0, 0, f->e));
+    if (L->is_hash && !given) {
+        int32_t *g;
+        ALLOC(g, (long)N * K);
+        for (int i = 0; i < N; i++) memcpy(g + (long)i * K, L->tid2eid + (long)f->ids[i] * K, sizeof(int32_t) * K);
+        given = g;
+    }
+    moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
+    TRY(op_moe_route(f->k, t->scores, t->ids, t->wts, t->logits, L->gate_bias, given, N, rc, f->e));
+    TRY(op_moe_experts(f->k, y, x, t->ids, t->wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work,
+                       f->e));
+    if (L->sw1) {
+        int Is = I * c->n_shared_experts;
+        float *g, *u;
+        ALLOC(g, (long)N * Is);
+        ALLOC(u, (long)N * Is);
+        TRY(op_linear(f->k, g, x, L->sw1, N, Is, D, 0, 0, 0, f->e));
+        TRY(op_linear(f->k, u, x, L->sw3, N, Is, D, 0, 0, 0, f->e));
+        TRY(op_swiglu_clamp(f->k, g, g, u, (long)N * Is, (float)c->swiglu_limit, f->e));
+        TRY(op_linear(f->k, y, g, L->sw2, N, D, Is, 0, 0, 1, f->e));
+    }
+    return 0;
+}
+
+static int site_alloc(fwd *f, site_trace *s) {
+    int N = f->N, n = f->m->cfg.hc_mult, D = f->m->cfg.hidden_size;
+    ALLOC(s->pre, (long)N * n);
+    ALLOC(s->post, (long)N * n);
+    ALLOC(s->comb, (long)N * n * n);
+    ALLOC(s->x, (long)N * D);
+    ALLOC(s->xn, (long)N * D);
+    ALLOC(s->y, (long)N * D);
+    return 0;
+}
+
+/* Runs the model; the trace (f->lt etc.) stays in the arena. logits: [N, vocab]. */
+static int forward_traced(fwd *f, float *logits, int32_t *routing, const int32_t *replay) {
+    const dsv4_model *m = f->m;
+    const dsv4_config *c = &m->cfg;
+    const kctx *k = f->k;
+    mill_err *e = f->e;
+    int N = f->N, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, L = c->num_hidden_layers;
+    int32_t *pos;
+    float *work, *x0;
+    ALLOC(pos, N);
+    for (int i = 0; i < N; i++) pos[i] = i % T;
+    f->pos = pos;
+    ALLOC(f->lt, (long)L * (long)(sizeof(layer_trace) / sizeof(float) + 1));
+    ALLOC(work, (long)N * (n * D + (2 + n) * n));
+    ALLOC(x0, (long)N * D);
+    TRY(op_embedding(k, x0, m->embed, f->ids, N, D, c->vocab_size, e));
+    float *h;
+    ALLOC(h, (long)N * n * D);
+    for (int t = 0; t < N; t++)
+        for (int j = 0; j < n; j++) memcpy(h + ((long)t * n + j) * D, x0 + (long)t * D, sizeof(float) * (size_t)D);
+    hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
+    float eps = (float)c->rms_norm_eps;
+    for (int l = 0; l < L; l++) {
+        const dsv4_layer *Ly = &m->layers[l];
+        layer_trace *t = &f->lt[l];
+        int32_t *wp;
+        if (Ly->ratio) { /* compressed entry w sits at position w * ratio */
+            ALLOC(wp, T);
+            for (int w = 0; w < T; w++) wp[w] = w * Ly->ratio;
+            f->wpos = wp;
+        }
+        TRY(site_alloc(f, &t->attn));
+        TRY(site_alloc(f, &t->ffn));
+        ALLOC(t->ids, (long)N * K);
+        site_trace *s = &t->attn;
+        s->h_in = h;
+        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_attn_fn, Ly->hc_attn_base, Ly->hc_attn_scale, N, dm,
+                      work, e));
+        TRY(op_rmsnorm(k, s->xn, s->x, Ly->attn_norm, N, D, 0, eps, e));
+        TRY(attention_forward(f, Ly, t, s->y, s->xn));
+        ALLOC(h, (long)N * n * D);
+        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
+        s = &t->ffn;
+        s->h_in = h;
+        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_ffn_fn, Ly->hc_ffn_base, Ly->hc_ffn_scale, N, dm,
+                      work, e));
+        TRY(op_rmsnorm(k, s->xn, s->x, Ly->ffn_norm, N, D, 0, eps, e));
+        TRY(moe_forward(f, Ly, t, s->y, s->xn, replay ? replay + (long)l * N * K : NULL));
+        if (routing) memcpy(routing + (long)l * N * K, t->ids, sizeof(int32_t) * (size_t)N * K);
+        ALLOC(h, (long)N * n * D);
+        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
+    }
+    f->h_final = h;
+    ALLOC(f->x_head, (long)N * D);
+    ALLOC(f->xn_head, (long)N * D);
+    TRY(op_hc_head(k, f->x_head, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
+    TRY(op_rmsnorm(k, f->xn_head, f->x_head, m->norm, N, D, 0, eps, e));
+    return op_linear(k, logits, f->xn_head, m->head, N, c->vocab_size, D, 0, 0, 0, e);
+}
+
+static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, arena *a,
+                     mill_err *e) {
+    memset(f, 0, sizeof *f);
+    if (B <= 0 || T <= 0) return mill_errf(e, "forward: empty batch (%d rows of %d tokens)", B, T);
+    arena_reset(a);
+    f->m = m;
+    f->k = k;
+    f->a = a;
+    f->B = B;
+    f->T = T;
+    f->N = B * T;
+    f->ids = ids;
+    f->e = e;
+    return 0;
+}
+
+int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
+                  int32_t *routing, arena *a, mill_err *e) {
+    fwd f;
+    TRY(fwd_begin(&f, m, k, ids, B, T, a, e));
+    return forward_traced(&f, logits, routing, NULL);
+}
+
+/* ------------------------------------------------------------------ backward */
+
+#define GRAD(p) ((p) ? grads + ((p) - f->m->data) : NULL) /* the gradient slot of a parameter pointer */
+
+/* dx[N, D] += d(attention sublayer)/dx given dy. */
+static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float *dx, const float *dy,
+                              const float *x, float *grads) {
+    const dsv4_config *c = &f->m->cfg;
+    const kctx *k = f->k;
+    mill_err *e = f->e;
+    int N = f->N, T = f->T, D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim;
+    int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio;
+    float eps = (float)c->rms_norm_eps;
+    const float *inv_freq = ratio ? f->m->inv_freq_compress : f->m->inv_freq_main;
+    float *dz, *do_, *dq, *dkv, *dqr, *dq_raw, *dkv_raw, *dqr_raw, *dcomp = NULL;
+    ALLOC(dz, (long)N * G * R);
+    ALLOC(do_, (long)N * H * d);
+    ALLOC(dq, (long)N * H * d);
+    ALLOC(dkv, (long)N * d);
+    ALLOC(dqr, (long)N * qlr);
+    ALLOC(dq_raw, (long)N * H * d);
+    ALLOC(dkv_raw, (long)N * d);
+    ALLOC(dqr_raw, (long)N * qlr);
+    TRY(op_linear_backward(k, dz, GRAD(L->wo_b), dy, t->z, L->wo_b, N, D, G * R, 0, 0, e));
+    int gw = H * d / G;
+    for (int g = 0; g < G; g++)
+        TRY(op_linear_backward(k, do_ + (long)g * gw, GRAD(L->wo_a) + (long)g * R * gw, dz + (long)g * R,
+                               t->o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, e));
+    TRY(op_rope(k, do_, N, H, d, r, f->pos, inv_freq, 1, e)); /* back through the inverse rotation */
+    if (t->n_comp) ALLOC(dcomp, (long)f->B * t->Tc * d);
+    for (int b = 0; b < f->B; b++) {
+        long t0 = (long)b * T;
+        TRY(op_sink_attention_backward(k, dq + t0 * H * d, dkv + t0 * d, dcomp ? dcomp + (long)b * t->Tc * d : NULL,
+                                       GRAD(L->attn_sink), do_ + t0 * H * d, t->q + t0 * H * d, t->kv + t0 * d,
+                                       t->comp ? t->comp + (long)b * t->Tc * d : NULL,
+                                       t->idx ? t->idx + t0 * t->n_comp : NULL, t->n_comp, L->attn_sink, T, H, d,
+                                       c->sliding_window, 1.0f / sqrtf((float)d), e));
+    }
+    if (t->Tc) { /* compressor: entries = rope(rmsnorm(pool(x Wkv, x Wgate))) */
+        int overlap = ratio == ATTN_CSA, width = overlap ? 2 * d : d, Tc = t->Tc;
+        float *dpooled, *dca, *dcg;
+        int32_t *wp;
+        ALLOC(dpooled, (long)f->B * Tc * d);
+        ALLOC(dca, (long)N * width);
+        ALLOC(dcg, (long)N * width);
+        ALLOC(wp, Tc);
+        for (int w = 0; w < Tc; w++) wp[w] = w * ratio;
+        if (dcomp) {
+            for (int b = 0; b < f->B; b++) {
+                float *dc = dcomp + (long)b * Tc * d;
+                TRY(op_rope(k, dc, Tc, 1, d, r, wp, f->m->inv_freq_compress, -1, e));
+                TRY(op_rmsnorm_backward(k, dpooled + (long)b * Tc * d, GRAD(L->c_norm), dc,
+                                        t->pooled + (long)b * Tc * d, L->c_norm, Tc, d, 0, eps, e));
+                TRY(op_compress_pool_backward(k, dca + (long)b * T * width, dcg + (long)b * T * width, GRAD(L->c_ape),
+                                              dpooled + (long)b * Tc * d, t->ca + (long)b * T * width,
+                                              t->cg + (long)b * T * width, L->c_ape, T, d, ratio, overlap, e));
+            }
+        }
+        TRY(op_linear_backward(k, dx, GRAD(L->c_wkv), dca, x, L->c_wkv, N, width, D, 0, 0, e));
+        TRY(op_linear_backward(k, dx, GRAD(L->c_wgate), dcg, x, L->c_wgate, N, width, D, 0, 0, e));
+    }
+    TRY(op_rope(k, dkv, N, 1, d, r, f->pos, inv_freq, -1, e));
+    TRY(op_rmsnorm_backward(k, dkv_raw, GRAD(L->kv_norm), dkv, t->kv_raw, L->kv_norm, N, d, 0, eps, e));
+    TRY(op_linear_backward(k, dx, GRAD(L->wkv), dkv_raw, x, L->wkv, N, d, D, 0, 0, e));
+    TRY(op_rope(k, dq, N, H, d, r, f->pos, inv_freq, -1, e));
+    TRY(op_rmsnorm_backward(k, dq_raw, NULL, dq, t->q_raw, NULL, N * H, d, 0, eps, e));
+    TRY(op_linear_backward(k, dqr, GRAD(L->wq_b), dq_raw, t->qr, L->wq_b, N, H * d, qlr, 0, 0, e));
+    TRY(op_rmsnorm_backward(k, dqr_raw, GRAD(L->q_norm), dqr, t->qr_raw, L->q_norm, N, qlr, 0, eps, e));
+    return op_linear_backward(k, dx, GRAD(L->wq_a), dqr_raw, x, L->wq_a, N, qlr, D, 0, 0, e);
+}
+
+/* dx[N, D] += d(MoE sublayer)/dx given dy. */
+static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float *dx, const float *dy, const float *x,
+                        float *grads) {
+    const dsv4_config *c = &f->m->cfg;
+    const kctx *k = f->k;
+    mill_err *e = f->e;
+    int N = f->N, D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
+    float *work, *dwts, *dlogits;
+    ALLOC(work, moe_experts_backward_work_floats(N, D, I, E, K));
+    ALLOC(dwts, (long)N * K);
+    ALLOC(dlogits, (long)N * E);
+    TRY(op_moe_experts_backward(k, dx, GRAD(L->w1), GRAD(L->w3), GRAD(L->w2), dwts, dy, x, t->ids, t->wts, L->w1, L->w3,
+                                L->w2, N, D, I, E, K, (float)c->swiglu_limit, work, e));
+    moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
+    TRY(op_moe_route_backward(k, dlogits, dwts, t->scores, t->logits, t->ids, N, rc, e));
+    TRY(op_linear_backward(k, dx, GRAD(L->gate), dlogits, x, L->gate, N, E, D, 0, 0, e));
+    if (L->sw1) {
+        int Is = I * c->n_shared_experts;
+        float *g, *u, *act, *dact, *dg, *du;
+        ALLOC(g, (long)N * Is);
+        ALLOC(u, (long)N * Is);
+        ALLOC(act, (long)N * Is);
+        ALLOC(dact, (long)N * Is);
+        ALLOC(dg, (long)N * Is);
+        ALLOC(du, (long)N * Is);
+        TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
+        TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
+        TRY(op_swiglu_clamp(k, act, g, u, (long)N * Is, (float)c->swiglu_limit, e));
+        TRY(op_linear_backward(k, dact, GRAD(L->sw2), dy, act, L->sw2, N, D, Is, 0, 0, e));
+        TRY(op_swiglu_clamp_backward(k, dg, du, dact, g, u, (long)N * Is, (float)c->swiglu_limit, e));
+        TRY(op_linear_backward(k, dx, GRAD(L->sw1), dg, x, L->sw1, N, Is, D, 0, 0, e));
+        TRY(op_linear_backward(k, dx, GRAD(L->sw3), du, x, L->sw3, N, Is, D, 0, 0, e));
+    }
+    return 0;
+}
+
+/* One hyper-connection site backward: given dh_out, accumulates into dh_in (and the site's params). */
+static int site_backward(fwd *f, const site_trace *s, const float *fn, const float *base, const float *scale,
+                         const float *norm_w, float *dh_in, const float *dh_out, float *dxn_out, float *grads,
+                         float *dy, float *dpost, float *dcomb, float *dx, float *work, int sublayer_is_attn,
+                         const dsv4_layer *L, const layer_trace *t) {
+    const dsv4_config *c = &f->m->cfg;
+    int N = f->N, n = c->hc_mult, D = c->hidden_size;
+    hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
+    memset(dy, 0, sizeof(float) * (size_t)N * D);
+    memset(dxn_out, 0, sizeof(float) * (size_t)N * D);
+    memset(dx, 0, sizeof(float) * (size_t)N * D);
+    TRY(op_hc_post_backward(f->k, dh_in, dy, dpost, dcomb, dh_out, s->h_in, s->y, s->post, s->comb, N, n, D, f->e));
+    if (sublayer_is_attn) TRY(attention_backward(f, L, t, dxn_out, dy, s->xn, grads));
+    else TRY(moe_backward(f, L, t, dxn_out, dy, s->xn, grads));
+    TRY(op_rmsnorm_backward(f->k, dx, GRAD(norm_w), dxn_out, s->x, norm_w, N, D, 0, dm.norm_eps, f->e));
+    return op_hc_pre_backward(f->k, dh_in, GRAD(fn), GRAD(base), GRAD(scale), dx, dpost, dcomb, s->h_in, fn, base,
+                              scale, N, dm, work, f->e);
+}
+
+int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                           int T, const int32_t *replay, float *grads, model_loss *out, arena *a, mill_err *e) {
+    fwd st, *f = &st;
+    TRY(fwd_begin(f, m, k, ids, B, T, a, e));
+    const dsv4_config *c = &m->cfg;
+    int N = f->N, D = c->hidden_size, n = c->hc_mult, V = c->vocab_size;
+    float *logits;
+    ALLOC(logits, (long)N * V);
+    TRY(forward_traced(f, logits, NULL, replay));
+    long count = 0;
+    double loss_sum = 0.0;
+    TRY(op_cross_entropy(k, NULL, &loss_sum, &count, logits, targets, N, V, 0.f, e));
+    if (!count) return mill_errf(e, "loss: no position has a target");
+    /* dlogits overwrite logits: mean over counted positions */
+    TRY(op_cross_entropy(k, logits, &loss_sum, &count, logits, targets, N, V, 1.0f / (float)count, e));
+    out->loss = loss_sum / (double)count;
+    out->count = count;
+
+    hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
+    float *dxn, *dx, *dh, *dh2, *dy, *dpost, *dcomb, *work;
+    ALLOC(dxn, (long)N * D);
+    ALLOC(dx, (long)N * D);
+    ALLOC(dh, (long)N * n * D);
+    ALLOC(dh2, (long)N * n * D);
+    ALLOC(dy, (long)N * D);
+    ALLOC(dpost, (long)N * n);
+    ALLOC(dcomb, (long)N * n * n);
+    ALLOC(work, hc_backward_work_floats(N, dm));
+    TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, V, D, 0, 0, e));
+    TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
+    TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx, f->h_final,
+                            m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
+    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+        const dsv4_layer *L = &m->layers[l];
+        const layer_trace *t = &f->lt[l];
+        /* dh: grad of this layer's output; dh2: of its middle; then dh again: of its input */
+        memset(dh2, 0, sizeof(float) * (size_t)N * n * D);
+        TRY(site_backward(f, &t->ffn, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, L->ffn_norm, dh2, dh, dxn, grads,
+                          dy, dpost, dcomb, dx, work, 0, L, t));
+        memset(dh, 0, sizeof(float) * (size_t)N * n * D);
+        TRY(site_backward(f, &t->attn, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, L->attn_norm, dh, dh2, dxn,
+                          grads, dy, dpost, dcomb, dx, work, 1, L, t));
+    }
+    /* the n streams all started as the embedding */
+    memset(dx, 0, sizeof(float) * (size_t)N * D);
+    for (int t = 0; t < N; t++)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < D; i++) dx[(long)t * D + i] += dh[((long)t * n + j) * D + i];
+    return op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e);
+}

@@ -1,0 +1,411 @@
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../common/rng.h"
+#include "../common/safetensors.h"
+#include "../kernels/attention.h"
+#include "../kernels/dense.h"
+#include "../kernels/hc.h"
+#include "../kernels/moe.h"
+#include "../kernels/rope.h"
+
+/* ---------------------------------------------------------------- layout */
+
+typedef struct {
+    param_info *p;
+    int n, cap;
+    size_t floats, ints;
+} layout_builder;
+
+static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                     mill_err *e, const char *fmt, ...) __attribute__((format(printf, 9, 10)));
+
+static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                     mill_err *e, const char *fmt, ...) {
+    if (b->n == b->cap) {
+        int cap = b->cap ? b->cap * 2 : 256;
+        param_info *np = realloc(b->p, sizeof *np * (size_t)cap);
+        if (!np) return mill_errf(e, "model: out of memory for the parameter table");
+        b->p = np;
+        b->cap = cap;
+    }
+    param_info *p = &b->p[b->n++];
+    memset(p, 0, sizeof *p);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->name, sizeof p->name, fmt, ap);
+    va_end(ap);
+    p->ndim = ndim;
+    p->shape[0] = d0;
+    p->shape[1] = d1;
+    p->shape[2] = d2;
+    p->numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
+    p->kind = kind;
+    p->layer = layer;
+    if (kind == PARAM_INDEX) {
+        p->offset = b->ints;
+        b->ints += p->numel;
+    } else {
+        p->offset = b->floats;
+        b->floats += p->numel;
+    }
+    return 0;
+}
+
+#define W1(L, d0, ...) TRY(add_param(b, L, PARAM_WEIGHT, 1, d0, 0, 0, e, __VA_ARGS__))
+#define W2(L, d0, d1, ...) TRY(add_param(b, L, PARAM_WEIGHT, 2, d0, d1, 0, e, __VA_ARGS__))
+
+/* The canonical order: buffers of one kind (all trainable weights, then router biases) are
+ * contiguous so the optimizer and freezing can work on ranges. */
+static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
+    int D = c->hidden_size, n = c->hc_mult, mix = (2 + n) * n, H = c->num_attention_heads, d = c->head_dim;
+    int E = c->n_routed_experts, I = c->moe_intermediate_size, Is = I * c->n_shared_experts;
+    W2(-1, c->vocab_size, D, "embed.weight");
+    for (int l = 0; l < c->num_hidden_layers; l++) {
+        int ratio = c->compress_ratios[l];
+        W1(l, D, "layers.%d.attn_norm.weight", l);
+        W1(l, D, "layers.%d.ffn_norm.weight", l);
+        W2(l, mix, (int64_t)n * D, "layers.%d.hc_attn_fn", l);
+        W1(l, mix, "layers.%d.hc_attn_base", l);
+        W1(l, 3, "layers.%d.hc_attn_scale", l);
+        W2(l, mix, (int64_t)n * D, "layers.%d.hc_ffn_fn", l);
+        W1(l, mix, "layers.%d.hc_ffn_base", l);
+        W1(l, 3, "layers.%d.hc_ffn_scale", l);
+        W2(l, c->q_lora_rank, D, "layers.%d.attn.wq_a.weight", l);
+        W1(l, c->q_lora_rank, "layers.%d.attn.q_norm.weight", l);
+        W2(l, (int64_t)H * d, c->q_lora_rank, "layers.%d.attn.wq_b.weight", l);
+        W2(l, d, D, "layers.%d.attn.wkv.weight", l);
+        W1(l, d, "layers.%d.attn.kv_norm.weight", l);
+        W2(l, (int64_t)c->o_groups * c->o_lora_rank, (int64_t)H * d / c->o_groups, "layers.%d.attn.wo_a.weight", l);
+        W2(l, D, (int64_t)c->o_groups * c->o_lora_rank, "layers.%d.attn.wo_b.weight", l);
+        W1(l, H, "layers.%d.attn.attn_sink", l);
+        if (ratio) {
+            int cw = ratio == ATTN_CSA ? 2 * d : d;
+            W2(l, cw, D, "layers.%d.attn.compressor.wkv.weight", l);
+            W2(l, cw, D, "layers.%d.attn.compressor.wgate.weight", l);
+            W2(l, ratio, cw, "layers.%d.attn.compressor.ape", l);
+            W1(l, d, "layers.%d.attn.compressor.norm.weight", l);
+        }
+        if (ratio == ATTN_CSA) {
+            int ih = c->index_head_dim;
+            W2(l, (int64_t)c->index_n_heads * ih, c->q_lora_rank, "layers.%d.attn.indexer.wq_b.weight", l);
+            W2(l, c->index_n_heads, D, "layers.%d.attn.indexer.weights_proj.weight", l);
+            W2(l, 2 * ih, D, "layers.%d.attn.indexer.compressor.wkv.weight", l);
+            W2(l, 2 * ih, D, "layers.%d.attn.indexer.compressor.wgate.weight", l);
+            W2(l, ratio, 2 * ih, "layers.%d.attn.indexer.compressor.ape", l);
+            W1(l, ih, "layers.%d.attn.indexer.compressor.norm.weight", l);
+        }
+        W2(l, E, D, "layers.%d.ffn.gate.weight", l);
+        for (int x = 0; x < E; x++) W2(l, I, D, "layers.%d.ffn.experts.%d.w1.weight", l, x);
+        for (int x = 0; x < E; x++) W2(l, D, I, "layers.%d.ffn.experts.%d.w2.weight", l, x);
+        for (int x = 0; x < E; x++) W2(l, I, D, "layers.%d.ffn.experts.%d.w3.weight", l, x);
+        if (Is) {
+            W2(l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l);
+            W2(l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
+            W2(l, Is, D, "layers.%d.ffn.shared_experts.w3.weight", l);
+        }
+    }
+    W1(-1, D, "norm.weight");
+    W2(-1, n, (int64_t)n * D, "hc_head_fn");
+    W1(-1, n, "hc_head_base");
+    W1(-1, 1, "hc_head_scale");
+    if (!c->tie_word_embeddings) W2(-1, c->vocab_size, D, "head.weight");
+    for (int l = c->num_hash_layers; l < c->num_hidden_layers; l++)
+        TRY(add_param(b, l, PARAM_BUFFER, 1, E, 0, 0, e, "layers.%d.ffn.gate.bias", l));
+    for (int l = 0; l < c->num_hash_layers; l++)
+        TRY(add_param(b, l, PARAM_INDEX, 2, c->vocab_size, c->num_experts_per_tok, 0, e, "layers.%d.ffn.gate.tid2eid", l));
+    return 0;
+}
+
+const param_info *model_find_param(const dsv4_model *m, const char *name) {
+    for (int i = 0; i < m->n_params; i++)
+        if (strcmp(m->params[i].name, name) == 0) return &m->params[i];
+    return NULL;
+}
+
+int model_param_has_grad(const param_info *p) {
+    return p->kind == PARAM_WEIGHT && !strstr(p->name, ".attn.indexer.");
+}
+
+static float *fp(const dsv4_model *m, const char *fmt, int l) {
+    char name[96];
+    snprintf(name, sizeof name, fmt, l);
+    const param_info *p = model_find_param(m, name);
+    return p && p->kind != PARAM_INDEX ? m->data + p->offset : NULL;
+}
+
+int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    layout_builder b = {0};
+    if (build_layout(cfg, &b, e)) {
+        free(b.p);
+        return -1;
+    }
+    m->params = b.p;
+    m->n_params = b.n;
+    m->n_floats = b.floats;
+    m->n_index = b.ints;
+    for (int i = 0; i < b.n; i++)
+        if (b.p[i].kind == PARAM_WEIGHT) m->n_trainable += b.p[i].numel;
+    return 0;
+}
+
+int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
+    if (model_layout(m, cfg, e)) return -1;
+    m->data = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
+    m->index_data = calloc(m->n_index ? m->n_index : 1, sizeof(int32_t));
+    m->layers = calloc((size_t)cfg->num_hidden_layers, sizeof(dsv4_layer));
+    int half = cfg->qk_rope_head_dim / 2 ? cfg->qk_rope_head_dim / 2 : 1;
+    m->inv_freq_main = calloc((size_t)half, sizeof(float));
+    m->inv_freq_compress = calloc((size_t)half, sizeof(float));
+    if (!m->data || !m->index_data || !m->layers || !m->inv_freq_main || !m->inv_freq_compress) {
+        model_free(m);
+        return mill_errf(e, "model: out of memory for %zu parameters", m->n_floats);
+    }
+    const dsv4_rope_scaling *rs = &cfg->rope_scaling;
+    rope_inv_freq(m->inv_freq_main, cfg->qk_rope_head_dim, cfg->rope_theta, 0, 0, 0, 0, 0);
+    rope_inv_freq(m->inv_freq_compress, cfg->qk_rope_head_dim, cfg->compress_rope_theta, rs->type_yarn, rs->factor,
+                  rs->beta_fast, rs->beta_slow, rs->original_max_position_embeddings);
+
+    m->embed = fp(m, "embed.weight", 0);
+    m->norm = fp(m, "norm.weight", 0);
+    m->hc_head_fn = fp(m, "hc_head_fn", 0);
+    m->hc_head_base = fp(m, "hc_head_base", 0);
+    m->hc_head_scale = fp(m, "hc_head_scale", 0);
+    m->head = cfg->tie_word_embeddings ? m->embed : fp(m, "head.weight", 0);
+    for (int l = 0; l < cfg->num_hidden_layers; l++) {
+        dsv4_layer *L = &m->layers[l];
+        L->ratio = cfg->compress_ratios[l];
+        L->is_hash = l < cfg->num_hash_layers;
+        L->attn_norm = fp(m, "layers.%d.attn_norm.weight", l);
+        L->ffn_norm = fp(m, "layers.%d.ffn_norm.weight", l);
+        L->hc_attn_fn = fp(m, "layers.%d.hc_attn_fn", l);
+        L->hc_attn_base = fp(m, "layers.%d.hc_attn_base", l);
+        L->hc_attn_scale = fp(m, "layers.%d.hc_attn_scale", l);
+        L->hc_ffn_fn = fp(m, "layers.%d.hc_ffn_fn", l);
+        L->hc_ffn_base = fp(m, "layers.%d.hc_ffn_base", l);
+        L->hc_ffn_scale = fp(m, "layers.%d.hc_ffn_scale", l);
+        L->wq_a = fp(m, "layers.%d.attn.wq_a.weight", l);
+        L->q_norm = fp(m, "layers.%d.attn.q_norm.weight", l);
+        L->wq_b = fp(m, "layers.%d.attn.wq_b.weight", l);
+        L->wkv = fp(m, "layers.%d.attn.wkv.weight", l);
+        L->kv_norm = fp(m, "layers.%d.attn.kv_norm.weight", l);
+        L->wo_a = fp(m, "layers.%d.attn.wo_a.weight", l);
+        L->wo_b = fp(m, "layers.%d.attn.wo_b.weight", l);
+        L->attn_sink = fp(m, "layers.%d.attn.attn_sink", l);
+        L->c_wkv = fp(m, "layers.%d.attn.compressor.wkv.weight", l);
+        L->c_wgate = fp(m, "layers.%d.attn.compressor.wgate.weight", l);
+        L->c_ape = fp(m, "layers.%d.attn.compressor.ape", l);
+        L->c_norm = fp(m, "layers.%d.attn.compressor.norm.weight", l);
+        L->i_wq_b = fp(m, "layers.%d.attn.indexer.wq_b.weight", l);
+        L->i_wproj = fp(m, "layers.%d.attn.indexer.weights_proj.weight", l);
+        L->i_wkv = fp(m, "layers.%d.attn.indexer.compressor.wkv.weight", l);
+        L->i_wgate = fp(m, "layers.%d.attn.indexer.compressor.wgate.weight", l);
+        L->i_ape = fp(m, "layers.%d.attn.indexer.compressor.ape", l);
+        L->i_norm = fp(m, "layers.%d.attn.indexer.compressor.norm.weight", l);
+        L->gate = fp(m, "layers.%d.ffn.gate.weight", l);
+        L->gate_bias = fp(m, "layers.%d.ffn.gate.bias", l);
+        L->w1 = fp(m, "layers.%d.ffn.experts.0.w1.weight", l);
+        L->w2 = fp(m, "layers.%d.ffn.experts.0.w2.weight", l);
+        L->w3 = fp(m, "layers.%d.ffn.experts.0.w3.weight", l);
+        L->sw1 = fp(m, "layers.%d.ffn.shared_experts.w1.weight", l);
+        L->sw2 = fp(m, "layers.%d.ffn.shared_experts.w2.weight", l);
+        L->sw3 = fp(m, "layers.%d.ffn.shared_experts.w3.weight", l);
+        if (L->is_hash) {
+            char name[96];
+            snprintf(name, sizeof name, "layers.%d.ffn.gate.tid2eid", l);
+            L->tid2eid = m->index_data + model_find_param(m, name)->offset;
+        }
+    }
+    return 0;
+}
+
+void model_free(dsv4_model *m) {
+    free(m->params);
+    free(m->data);
+    free(m->index_data);
+    free(m->layers);
+    free(m->inv_freq_main);
+    free(m->inv_freq_compress);
+    for (int i = 0; i < m->n_extra; i++) {
+        free(m->extra[i].name);
+        tensor_free(&m->extra[i].t);
+    }
+    free(m->extra);
+    memset(m, 0, sizeof *m);
+}
+
+/* ------------------------------------------------------------------ load */
+
+static int load_index(dsv4_model *m, const param_info *p, const safetensors_entry *en, const char *file, mill_err *e) {
+    int32_t *dst = m->index_data + p->offset;
+    int E = m->cfg.n_routed_experts;
+    for (size_t i = 0; i < p->numel; i++) {
+        int64_t v;
+        if (en->dtype == DTYPE_I64) memcpy(&v, (const char *)en->data + i * 8, 8);
+        else if (en->dtype == DTYPE_I32) {
+            int32_t v32;
+            memcpy(&v32, (const char *)en->data + i * 4, 4);
+            v = v32;
+        } else
+            return mill_errf(e, "%s: tensor %s has dtype %s, expected I64 or I32", file, p->name, dtype_name(en->dtype));
+        if (v < 0 || v >= E)
+            return mill_errf(e, "%s: tensor %s holds expert id %lld at element %zu, expected [0, %d)", file, p->name,
+                             (long long)v, i, E);
+        dst[i] = (int32_t)v;
+    }
+    return 0;
+}
+
+static int load_extra(dsv4_model *m, const safetensors_entry *en, const char *file, mill_err *e) {
+    model_extra *x = realloc(m->extra, sizeof *x * (size_t)(m->n_extra + 1));
+    if (!x) return mill_errf(e, "model: out of memory");
+    m->extra = x;
+    model_extra *me = &m->extra[m->n_extra];
+    memset(me, 0, sizeof *me);
+    if (tensor_alloc(&me->t, DTYPE_F32, DEVICE_CPU, en->ndim, en->shape, e)) return -1;
+    me->name = strdup(en->name);
+    m->n_extra++;
+    if (!me->name) return mill_errf(e, "model: out of memory");
+    if (dtype_convert_to_f32(en->dtype, en->data, me->t.data, (size_t)tensor_numel(&me->t), e))
+        return mill_err_wrap(e, "%s: tensor %s", file, en->name);
+    return 0;
+}
+
+int model_load(dsv4_model *m, const char *dir, mill_err *e) {
+    memset(m, 0, sizeof *m); /* model_free is safe on every failure path */
+    dsv4_config cfg;
+    if (config_load(dir, &cfg, e)) return -1;
+    if (model_init(m, &cfg, e)) return -1;
+    safetensors *st = NULL;
+    if (safetensors_open(dir, &st, e)) {
+        model_free(m);
+        return -1;
+    }
+    int rc = -1;
+    char *seen = calloc((size_t)safetensors_count(st) + 1, 1);
+    if (!seen) {
+        mill_errf(e, "model: out of memory");
+        goto done;
+    }
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        const safetensors_entry *en = safetensors_find(st, p->name);
+        char want[64], got[64];
+        if (!en) {
+            mill_errf(e, "%s: missing tensor %s (shape %s, needed by this config)", dir, p->name,
+                      tensor_shape_str(p->ndim, p->shape, want, sizeof want));
+            goto done;
+        }
+        const char *file = safetensors_file_of(st, en);
+        if (en->ndim != p->ndim || memcmp(en->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim) != 0) {
+            mill_errf(e, "%s: tensor %s has shape %s, expected %s", file, p->name,
+                      tensor_shape_str(en->ndim, en->shape, got, sizeof got),
+                      tensor_shape_str(p->ndim, p->shape, want, sizeof want));
+            goto done;
+        }
+        for (int j = 0; j < safetensors_count(st); j++)
+            if (safetensors_at(st, j) == en) seen[j] = 1;
+        if (p->kind == PARAM_INDEX) {
+            if (load_index(m, p, en, file, e)) goto done;
+        } else if (en->dtype != DTYPE_F32 && en->dtype != DTYPE_BF16 && en->dtype != DTYPE_F16) {
+            mill_errf(e, "%s: tensor %s has dtype %s, expected F32, BF16 or F16 (FP8/FP4 checkpoints are not "
+                      "supported yet)", file, p->name, dtype_name(en->dtype));
+            goto done;
+        } else if (dtype_convert_to_f32(en->dtype, en->data, m->data + p->offset, p->numel, e)) {
+            goto done;
+        }
+    }
+    for (int j = 0; j < safetensors_count(st); j++) {
+        const safetensors_entry *en = safetensors_at(st, j);
+        if (seen[j]) continue;
+        if (strncmp(en->name, "mtp.", 4) == 0) {
+            if (load_extra(m, en, safetensors_file_of(st, en), e)) goto done;
+            continue;
+        }
+        mill_errf(e, "%s: unexpected tensor %s (not part of the DeepSeek-V4 layout of this config.json)",
+                  safetensors_file_of(st, en), en->name);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(seen);
+    safetensors_close(st);
+    if (rc) model_free(m);
+    return rc;
+}
+
+
+int model_save(const dsv4_model *m, const char *dir, mill_err *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (config_save(&m->cfg, path, e)) return -1;
+    safetensors_writer *w = safetensors_writer_new();
+    if (!w) return mill_errf(e, "model_save: out of memory");
+    int rc = -1;
+    int64_t *tmp = NULL;
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (p->kind == PARAM_INDEX) {
+            free(tmp);
+            tmp = malloc(sizeof(int64_t) * p->numel);
+            if (!tmp) {
+                mill_errf(e, "model_save: out of memory");
+                goto done;
+            }
+            for (size_t j = 0; j < p->numel; j++) tmp[j] = m->index_data[p->offset + j];
+            if (safetensors_writer_add(w, p->name, DTYPE_I64, p->ndim, p->shape, tmp, e)) goto done;
+        } else if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, m->data + p->offset, e)) {
+            goto done;
+        }
+    }
+    for (int i = 0; i < m->n_extra; i++)
+        if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
+                                   m->extra[i].t.data, e))
+            goto done;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    rc = safetensors_writer_save(w, path, e);
+done:
+    free(tmp);
+    safetensors_writer_free(w);
+    return rc;
+}
+
+void model_init_random(dsv4_model *m, uint64_t seed, float std) {
+    rng r;
+    rng_seed(&r, seed);
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        const char *nm = p->name;
+        size_t len = strlen(nm);
+#define ENDS(s) (len >= strlen(s) && strcmp(nm + len - strlen(s), s) == 0)
+        if (p->kind == PARAM_INDEX) { /* k distinct experts per token */
+            int K = (int)p->shape[1], E = m->cfg.n_routed_experts;
+            int32_t *t = m->index_data + p->offset;
+            for (int64_t v = 0; v < p->shape[0]; v++)
+                for (int j = 0; j < K; j++) {
+                    int x, dup;
+                    do {
+                        x = (int)rng_below(&r, (uint64_t)E);
+                        dup = 0;
+                        for (int q = 0; q < j; q++) dup |= t[v * K + q] == x;
+                    } while (dup);
+                    t[v * K + j] = x;
+                }
+            continue;
+        }
+        float *d = m->data + p->offset, fill = -1.0f;
+        if (ENDS("norm.weight") || ENDS("_scale")) fill = 1.0f;
+        else if (ENDS("_base") || ENDS("attn_sink") || ENDS(".ape") || ENDS("gate.bias")) fill = 0.0f;
+        if (fill >= 0.0f)
+            for (size_t j = 0; j < p->numel; j++) d[j] = fill;
+        else
+            for (size_t j = 0; j < p->numel; j++) d[j] = std * rng_normal(&r);
+#undef ENDS
+    }
+}

@@ -1,0 +1,107 @@
+/* trainer/model.h — the DeepSeek-V4 model: parameter layout, loading, forward.
+ * Owns: dsv4_model. All float parameters (and the float buffers such as the
+ * router bias) live in ONE flat fp32 buffer, in a fixed order given by a
+ * parameter table built from the config, keyed by the original release names
+ * (layers.N.attn.wq_a.weight, ...). A layer's experts are stored contiguously
+ * per weight (all w1, then all w2, then all w3), so expert, layer and tensor
+ * slices for EP/PP/TP are offset ranges of the table. tid2eid tables are int32.
+ * The same definition serves the trainer and the rollout engine. */
+#ifndef MILL_MODEL_H
+#define MILL_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../common/config.h"
+#include "../common/tensor.h"
+#include "../kernels/backend.h"
+
+typedef enum {
+    PARAM_WEIGHT = 0, /* trainable */
+    PARAM_BUFFER,     /* float, never trained (router bias) */
+    PARAM_INDEX       /* int32 table (tid2eid) */
+} param_kind;
+
+typedef struct {
+    char name[96];
+    int ndim;
+    int64_t shape[3];
+    size_t offset; /* in floats (or int32s for PARAM_INDEX) */
+    size_t numel;
+    param_kind kind;
+    int layer; /* -1 for embed/head/norm/hc_head */
+} param_info;
+
+typedef struct {
+    int ratio, is_hash;
+    float *attn_norm, *ffn_norm;
+    float *hc_attn_fn, *hc_attn_base, *hc_attn_scale;
+    float *hc_ffn_fn, *hc_ffn_base, *hc_ffn_scale;
+    float *wq_a, *q_norm, *wq_b, *wkv, *kv_norm, *wo_a, *wo_b, *attn_sink;
+    float *c_wkv, *c_wgate, *c_ape, *c_norm;                   /* compressor (ratio > 0) */
+    float *i_wq_b, *i_wproj, *i_wkv, *i_wgate, *i_ape, *i_norm; /* indexer (ratio 4) */
+    float *gate, *gate_bias;                                   /* gate_bias: routed layers */
+    int32_t *tid2eid;                                          /* hash layers: [vocab, k] */
+    float *w1, *w2, *w3;                                       /* [E, I, D], [E, D, I], [E, I, D] */
+    float *sw1, *sw2, *sw3;                                    /* shared expert, NULL if none */
+} dsv4_layer;
+
+/* Tensors the model parses and keeps but does not run yet (mtp.*). */
+typedef struct {
+    char *name;
+    tensor t; /* fp32 copy */
+} model_extra;
+
+typedef struct {
+    dsv4_config cfg;
+    param_info *params;
+    int n_params;
+    float *data; /* the flat parameter buffer */
+    size_t n_floats, n_trainable;
+    int32_t *index_data;
+    size_t n_index;
+    float *embed, *head, *norm, *hc_head_fn, *hc_head_base, *hc_head_scale;
+    dsv4_layer *layers;
+    float *inv_freq_main, *inv_freq_compress; /* [qk_rope_head_dim / 2] each */
+    model_extra *extra;
+    int n_extra;
+} dsv4_model;
+
+/* Builds the parameter table for cfg only (no buffers: works for any size, e.g. to count). */
+int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
+/* The table plus zeroed buffers. */
+int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
+/* config.json + safetensors (single file or sharded) from a directory. */
+int model_load(dsv4_model *m, const char *dir, mill_err *e);
+void model_free(dsv4_model *m);
+/* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
+int model_save(const dsv4_model *m, const char *dir, mill_err *e);
+/* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
+ * HC scales, zeros for HC bases, sinks, position biases and the router bias), except tid2eid: HF
+ * leaves it zero for a checkpoint to fill; here each token gets k distinct random experts. */
+void model_init_random(dsv4_model *m, uint64_t seed, float std);
+const param_info *model_find_param(const dsv4_model *m, const char *name);
+/* Whether the LM loss reaches a parameter: trainable weights outside the indexer
+ * (its top-k selection is not differentiable). */
+int model_param_has_grad(const param_info *p);
+
+/* Forward over B rows of T tokens (positions 0..T-1).
+ * logits: [B*T, vocab] out. routing (optional): [layers, B*T, k] expert ids used.
+ * Activations come from the arena, which is reset first. */
+int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
+                  int32_t *routing, arena *a, mill_err *e);
+
+typedef struct {
+    double loss; /* mean cross-entropy over the counted positions */
+    long count;  /* positions with a target >= 0 */
+} model_loss;
+
+/* The training math of one micro-batch: forward keeping activations, mean next-token
+ * cross-entropy over targets [B*T] (< 0: ignored), hand-written backward.
+ * grads: [n_floats] in the parameter layout, ACCUMULATED (zero it per step); buffers
+ * (router bias) and the indexer get none. replay [layers, B*T, k]: the experts to use
+ * (routing replay) or NULL to route. */
+int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                           int T, const int32_t *replay, float *grads, model_loss *out, arena *a, mill_err *e);
+
+#endif

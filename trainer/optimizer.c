@@ -1,0 +1,102 @@
+#include "optimizer.h"
+
+#include <fnmatch.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../kernels/optim.h"
+
+void optim_config_default(optim_config *c) {
+    memset(c, 0, sizeof *c);
+    c->lr = 1e-3;
+    c->min_lr = 1e-4;
+    c->beta1 = 0.9;
+    c->beta2 = 0.95;
+    c->eps = 1e-8;
+    c->weight_decay = 0.01;
+    c->clip_grad = 1.0;
+    c->schedule = LR_COSINE;
+    c->total_steps = 1000;
+}
+
+int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, mill_err *e) {
+    memset(o, 0, sizeof *o);
+    o->cfg = *cfg;
+    o->n_floats = m->n_floats;
+    o->m = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
+    o->v = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
+    o->update = calloc((size_t)m->n_params, 1);
+    if (!o->m || !o->v || !o->update) {
+        optimizer_free(o);
+        return mill_errf(e, "optimizer: out of memory for %zu moments", m->n_floats);
+    }
+    int matched[OPTIM_MAX_FREEZE] = {0};
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        int frozen = 0;
+        for (int f = 0; f < cfg->n_freeze; f++)
+            if (fnmatch(cfg->freeze[f], p->name, 0) == 0) frozen = matched[f] = 1;
+        o->update[i] = model_param_has_grad(p) && !frozen;
+    }
+    for (int f = 0; f < cfg->n_freeze; f++)
+        if (!matched[f]) {
+            optimizer_free(o);
+            return mill_errf(e, "optimizer: freeze pattern \"%s\" matches no parameter", cfg->freeze[f]);
+        }
+    return 0;
+}
+
+void optimizer_free(optimizer *o) {
+    free(o->m);
+    free(o->v);
+    free(o->update);
+    memset(o, 0, sizeof *o);
+}
+
+double optimizer_lr(const optim_config *c, long s) {
+    if (c->warmup_steps > 0 && s < c->warmup_steps) return c->lr * (double)(s + 1) / (double)c->warmup_steps;
+    if (c->schedule == LR_CONSTANT) return c->lr;
+    long span = c->total_steps - c->warmup_steps;
+    double t = span > 0 ? (double)(s - c->warmup_steps) / (double)span : 1.0;
+    if (t > 1.0) t = 1.0;
+    return c->min_lr + 0.5 * (c->lr - c->min_lr) * (1.0 + cos(M_PI * t));
+}
+
+int optimizer_n_updated(const optimizer *o, const dsv4_model *m, size_t *floats) {
+    int n = 0;
+    *floats = 0;
+    for (int i = 0; i < m->n_params; i++)
+        if (o->update[i]) {
+            n++;
+            *floats += m->params[i].numel;
+        }
+    return n;
+}
+
+int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
+                   mill_err *e) {
+    double ss = 0.0;
+    for (int i = 0; i < m->n_params; i++)
+        if (o->update[i]) TRY(op_sumsq(k, grads + m->params[i].offset, (long)m->params[i].numel, &ss, e));
+    double norm = sqrt(ss);
+    if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
+    *grad_norm = norm;
+    float clip = 1.0f;
+    if (o->cfg.clip_grad > 0 && norm > o->cfg.clip_grad) clip = (float)(o->cfg.clip_grad / (norm + 1e-6));
+    double lr = optimizer_lr(&o->cfg, o->step);
+    *lr_used = lr;
+    long t = o->step + 1;
+    adamw_hparams hp = {(float)lr, (float)o->cfg.beta1, (float)o->cfg.beta2, (float)o->cfg.eps, 0.0f,
+                        (float)(1.0 - pow(o->cfg.beta1, (double)t)), (float)(1.0 - pow(o->cfg.beta2, (double)t))};
+    for (int i = 0; i < m->n_params; i++) {
+        if (!o->update[i]) continue;
+        const param_info *p = &m->params[i];
+        float *g = grads + p->offset;
+        if (clip != 1.0f) TRY(op_scale(k, g, (long)p->numel, clip, e));
+        hp.weight_decay = p->ndim >= 2 ? (float)o->cfg.weight_decay : 0.0f; /* no decay on norms, scales, sinks */
+        TRY(op_adamw(k, m->data + p->offset, g, o->m + p->offset, o->v + p->offset, (long)p->numel, hp, e));
+    }
+    o->step = t;
+    return 0;
+}

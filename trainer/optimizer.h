@@ -1,0 +1,46 @@
+/* trainer/optimizer.h — AdamW over the model's flat fp32 parameters.
+ * Owns: the Adam moments (same layout as the parameters), the learning-rate
+ * schedule, global-norm clipping, and freezing by parameter-name pattern
+ * (fnmatch globs over the original release names). Buffers (router bias) and
+ * tid2eid are never updated; parameters the loss does not reach (the indexer)
+ * keep their values. */
+#ifndef MILL_OPTIMIZER_H
+#define MILL_OPTIMIZER_H
+
+#include <stdint.h>
+
+#include "model.h"
+
+typedef enum { LR_CONSTANT = 0, LR_COSINE } lr_schedule;
+
+#define OPTIM_MAX_FREEZE 16
+
+typedef struct {
+    double lr, min_lr, beta1, beta2, eps, weight_decay, clip_grad; /* clip_grad <= 0: off */
+    lr_schedule schedule;
+    long warmup_steps, total_steps;
+    char freeze[OPTIM_MAX_FREEZE][96]; /* glob patterns, e.g. "layers.*.ffn.gate.weight" */
+    int n_freeze;
+} optim_config;
+
+typedef struct {
+    optim_config cfg;
+    float *m, *v;     /* [n_floats] */
+    uint8_t *update;  /* per parameter-table entry: 1 when the step changes it */
+    long step;        /* steps taken */
+    size_t n_floats;
+} optimizer;
+
+void optim_config_default(optim_config *c);
+int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, mill_err *e);
+void optimizer_free(optimizer *o);
+/* Learning rate at 0-based step s: linear warm-up to lr, then constant or cosine to min_lr. */
+double optimizer_lr(const optim_config *c, long s);
+/* One step with grads [n_floats]: clips by global norm (over updated parameters), applies
+ * AdamW (weight decay on matrices only), increments step. *grad_norm gets the norm before
+ * clipping. grads are scaled in place when clipped. */
+int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
+                   mill_err *e);
+int optimizer_n_updated(const optimizer *o, const dsv4_model *m, size_t *floats);
+
+#endif

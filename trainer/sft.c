@@ -1,0 +1,400 @@
+#include "sft.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "../algos/sft_data.h"
+#include "../common/yamlcfg.h"
+
+static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *file, mill_err *e) {
+    if (strlen(src) >= cap) return mill_errf(e, "%s: %s is longer than %zu characters", file, what, cap - 1);
+    memcpy(dst, src, strlen(src) + 1);
+    return 0;
+}
+
+int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
+    json_t *y = yamlcfg_load(path, e);
+    if (!y) return -1;
+    memset(r, 0, sizeof *r);
+    optim_config_default(&r->optim);
+    int rc = -1;
+    static const char *const top[] = {"model", "data", "train", "optimizer", "eval", "checkpoint", NULL};
+    static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
+    static const char *const data_k[] = {"kind", "levels", "seed", NULL};
+    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", NULL};
+    static const char *const opt_k[] = {"lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "clip_grad",
+                                        "beta1", "beta2", "eps", "freeze", NULL};
+    static const char *const eval_k[] = {"every", "problems", "seed", NULL};
+    static const char *const ckpt_k[] = {"dir", "every", NULL};
+    if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
+        yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
+        yamlcfg_known_keys(y, "optimizer", opt_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
+        yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e))
+        goto done;
+    const char *cfg, *from, *kind, *sched, *dir;
+    long long iseed, dseed, steps, bs, maxlen, logev, warm, evev, evn, evseed, ckev;
+    if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
+        yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
+        yamlcfg_num(y, "model.init_std", 0.02, &r->init_std, path, e) ||
+        yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
+        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
+        yamlcfg_int(y, "train.steps", 0, 1, 100000000, &steps, path, e) ||
+        yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
+        yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
+        yamlcfg_int(y, "train.log_every", 10, 1, 1 << 30, &logev, path, e) ||
+        yamlcfg_num(y, "optimizer.lr", r->optim.lr, &r->optim.lr, path, e) ||
+        yamlcfg_num(y, "optimizer.min_lr", r->optim.min_lr, &r->optim.min_lr, path, e) ||
+        yamlcfg_str(y, "optimizer.schedule", "cosine", &sched, path, e) ||
+        yamlcfg_int(y, "optimizer.warmup_steps", 0, 0, 1 << 30, &warm, path, e) ||
+        yamlcfg_num(y, "optimizer.weight_decay", r->optim.weight_decay, &r->optim.weight_decay, path, e) ||
+        yamlcfg_num(y, "optimizer.clip_grad", r->optim.clip_grad, &r->optim.clip_grad, path, e) ||
+        yamlcfg_num(y, "optimizer.beta1", r->optim.beta1, &r->optim.beta1, path, e) ||
+        yamlcfg_num(y, "optimizer.beta2", r->optim.beta2, &r->optim.beta2, path, e) ||
+        yamlcfg_num(y, "optimizer.eps", r->optim.eps, &r->optim.eps, path, e) ||
+        yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
+        yamlcfg_int(y, "eval.problems", 200, 1, 1 << 20, &evn, path, e) ||
+        yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
+        yamlcfg_str(y, "checkpoint.dir", "runs/sft", &dir, path, e) ||
+        yamlcfg_int(y, "checkpoint.every", 0, 0, 1 << 30, &ckev, path, e))
+        goto done;
+    if (!yamlcfg_get(y, "train.steps")) {
+        mill_errf(e, "%s: train.steps is required", path);
+        goto done;
+    }
+    if (strcmp(kind, "arithmetic") != 0) {
+        mill_errf(e, "%s: data.kind \"%s\" is not supported (expected \"arithmetic\")", path, kind);
+        goto done;
+    }
+    if (!*cfg == !*from) {
+        mill_errf(e, "%s: give exactly one of model.config (a fresh model) and model.init_from (a model dir)", path);
+        goto done;
+    }
+    if (strcmp(sched, "cosine") == 0) r->optim.schedule = LR_COSINE;
+    else if (strcmp(sched, "constant") == 0) r->optim.schedule = LR_CONSTANT;
+    else {
+        mill_errf(e, "%s: optimizer.schedule \"%s\" must be \"cosine\" or \"constant\"", path, sched);
+        goto done;
+    }
+    json_t *lv = yamlcfg_get(y, "data.levels");
+    if (!lv) {
+        r->levels[0] = 1;
+        r->n_levels = 1;
+    } else {
+        if (!json_is_array(lv) || json_array_size(lv) == 0 || json_array_size(lv) > 4) {
+            mill_errf(e, "%s: data.levels must be a list of 1 to 4 levels", path);
+            goto done;
+        }
+        for (size_t i = 0; i < json_array_size(lv); i++) {
+            json_t *v = json_array_get(lv, i);
+            if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 4) {
+                mill_errf(e, "%s: data.levels[%zu] must be an integer from 1 to 4", path, i);
+                goto done;
+            }
+            r->levels[r->n_levels++] = (int)json_integer_value(v);
+        }
+    }
+    json_t *fr = yamlcfg_get(y, "optimizer.freeze");
+    if (fr && !json_is_null(fr)) {
+        if (!json_is_array(fr) || json_array_size(fr) > OPTIM_MAX_FREEZE) {
+            mill_errf(e, "%s: optimizer.freeze must be a list of at most %d name patterns", path, OPTIM_MAX_FREEZE);
+            goto done;
+        }
+        for (size_t i = 0; i < json_array_size(fr); i++) {
+            json_t *v = json_array_get(fr, i);
+            if (!json_is_string(v) ||
+                copy_str(r->optim.freeze[r->optim.n_freeze++], sizeof r->optim.freeze[0], json_string_value(v),
+                         "optimizer.freeze entry", path, e)) {
+                if (!json_is_string(v)) mill_errf(e, "%s: optimizer.freeze[%zu] must be a string", path, i);
+                goto done;
+            }
+        }
+    }
+    if (copy_str(r->model_config, sizeof r->model_config, cfg, "model.config", path, e) ||
+        copy_str(r->init_from, sizeof r->init_from, from, "model.init_from", path, e) ||
+        copy_str(r->out_dir, sizeof r->out_dir, dir, "checkpoint.dir", path, e))
+        goto done;
+    r->init_seed = (uint64_t)iseed;
+    r->data_seed = (uint64_t)dseed;
+    r->steps = steps;
+    r->batch_size = (int)bs;
+    r->max_len = (int)maxlen;
+    r->log_every = (int)logev;
+    r->optim.warmup_steps = warm;
+    r->optim.total_steps = steps;
+    r->eval_every = (int)evev;
+    r->eval_problems = (int)evn;
+    r->eval_seed = (uint64_t)evseed;
+    r->checkpoint_every = (int)ckev;
+    rc = 0;
+done:
+    json_decref(y);
+    return rc;
+}
+
+int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
+    memset(s, 0, sizeof *s);
+    if (kctx_init(&s->k, DEVICE_CPU, e)) return -1;
+    if (resume_dir) {
+        if (checkpoint_load(resume_dir, &s->model, &s->opt, &r->optim, &s->ts, e)) return -1;
+    } else {
+        if (*r->init_from) {
+            if (model_load(&s->model, r->init_from, e)) return -1;
+        } else {
+            dsv4_config cfg;
+            if (config_load(r->model_config, &cfg, e) || model_init(&s->model, &cfg, e)) return -1;
+            model_init_random(&s->model, r->init_seed, (float)r->init_std);
+        }
+        if (optimizer_init(&s->opt, &s->model, &r->optim, e)) {
+            model_free(&s->model);
+            return -1;
+        }
+        rng_seed(&s->ts.data_rng, r->data_seed);
+    }
+    s->grads = calloc(s->model.n_floats, sizeof(float));
+    if (!s->grads || tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) || arena_init(&s->a, 16 << 20, e)) {
+        if (!s->grads) mill_errf(e, "sft: out of memory");
+        sft_close(s);
+        return -1;
+    }
+    return 0;
+}
+
+void sft_close(sft_state *s) {
+    free(s->grads);
+    if (s->tok) tokenizer_free(s->tok);
+    arena_free(&s->a);
+    optimizer_free(&s->opt);
+    model_free(&s->model);
+    kctx_free(&s->k);
+    memset(s, 0, sizeof *s);
+}
+
+static void draw(arith_problem *p, const sft_recipe *r, int heldout, rng *g) {
+    int level = r->levels[r->n_levels > 1 ? rng_below(g, (uint64_t)r->n_levels) : 0];
+    arith_draw(p, level, heldout, g);
+}
+
+int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e) {
+    int B = r->batch_size;
+    arith_problem *probs = malloc(sizeof *probs * (size_t)B);
+    if (!probs) return mill_errf(e, "sft: out of memory");
+    for (int i = 0; i < B; i++) draw(&probs[i], r, 0, &s->ts.data_rng);
+    s->ts.data_position += (uint64_t)B;
+    sft_batch b;
+    int rc = sft_batch_make(&b, s->tok, probs, B, r->max_len, e);
+    free(probs);
+    if (rc) return -1;
+    memset(s->grads, 0, sizeof(float) * s->model.n_floats);
+    model_loss loss;
+    rc = model_forward_backward(&s->model, &s->k, b.ids, b.targets, b.B, b.T, NULL, s->grads, &loss, &s->a, e);
+    if (!rc) rc = optimizer_step(&s->opt, &s->model, &s->k, s->grads, &st->grad_norm, &st->lr, e);
+    sft_batch_free(&b);
+    if (rc) return -1;
+    s->ts.step = s->opt.step;
+    st->loss = loss.loss;
+    st->tokens = loss.count;
+    return 0;
+}
+
+int sft_generate_greedy(sft_state *s, const int32_t *const *prompts, const int *lens, int n, int max_new,
+                        int32_t *out, int *out_lens, mill_err *e) {
+    int maxp = 0, V = s->model.cfg.vocab_size, eos = tokenizer_eos(s->tok), pad = tokenizer_pad(s->tok);
+    for (int i = 0; i < n; i++) maxp = lens[i] > maxp ? lens[i] : maxp;
+    int T = maxp + max_new;
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)n * (size_t)T);
+    int *cur = malloc(sizeof(int) * (size_t)n), *done = calloc((size_t)n, sizeof(int));
+    float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V);
+    int rc = -1;
+    if (!ids || !cur || !done || !logits) {
+        mill_errf(e, "generate: out of memory");
+        goto out;
+    }
+    /* Rows are right-padded: causal attention and window-closed compression mean a row's
+     * logits at its own last position do not depend on the padding after it. */
+    for (int i = 0; i < n; i++) {
+        for (int t = 0; t < T; t++) ids[(long)i * T + t] = t < lens[i] ? prompts[i][t] : pad;
+        cur[i] = lens[i];
+        out_lens[i] = 0;
+    }
+    for (int stepi = 0; stepi < max_new; stepi++) {
+        int Tcur = 0, active = 0;
+        for (int i = 0; i < n; i++) {
+            Tcur = cur[i] > Tcur ? cur[i] : Tcur;
+            active += !done[i];
+        }
+        if (!active) break;
+        /* the batch only needs to be as long as the longest row so far */
+        int32_t *view = malloc(sizeof(int32_t) * (size_t)n * (size_t)Tcur);
+        if (!view) {
+            mill_errf(e, "generate: out of memory");
+            goto out;
+        }
+        for (int i = 0; i < n; i++) memcpy(view + (long)i * Tcur, ids + (long)i * T, sizeof(int32_t) * (size_t)Tcur);
+        int frc = model_forward(&s->model, &s->k, view, n, Tcur, logits, NULL, &s->a, e);
+        free(view);
+        if (frc) goto out;
+        for (int i = 0; i < n; i++) {
+            if (done[i]) continue;
+            const float *l = logits + ((long)i * Tcur + cur[i] - 1) * V;
+            int best = 0;
+            for (int v = 1; v < V; v++)
+                if (l[v] > l[best]) best = v;
+            if (best == eos) {
+                done[i] = 1;
+                continue;
+            }
+            ids[(long)i * T + cur[i]] = best;
+            out[(long)i * max_new + out_lens[i]++] = best;
+            cur[i]++;
+        }
+    }
+    rc = 0;
+out:
+    free(ids);
+    free(cur);
+    free(done);
+    free(logits);
+    return rc;
+}
+
+int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
+    rng g;
+    rng_seed(&g, r->eval_seed);
+    arith_problem *probs = malloc(sizeof *probs * (size_t)n);
+    int32_t **prompts = calloc((size_t)n, sizeof *prompts);
+    int *lens = malloc(sizeof(int) * (size_t)n), *olens = malloc(sizeof(int) * (size_t)n);
+    int max_new = 12, rc = -1, correct = 0;
+    int32_t *outs = malloc(sizeof(int32_t) * (size_t)n * (size_t)max_new);
+    if (!probs || !prompts || !lens || !olens || !outs) {
+        mill_errf(e, "eval: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        draw(&probs[i], r, 1, &g);
+        char text[256];
+        arith_format_prompt(&probs[i], text, sizeof text);
+        prompts[i] = malloc(sizeof(int32_t) * 256);
+        if (!prompts[i]) {
+            mill_errf(e, "eval: out of memory");
+            goto out;
+        }
+        prompts[i][0] = tokenizer_bos(s->tok);
+        int m;
+        if (tokenizer_encode(s->tok, text, strlen(text), prompts[i] + 1, 255, &m, e)) goto out;
+        lens[i] = m + 1;
+    }
+    for (int b0 = 0; b0 < n; b0 += 64) { /* bounded batches keep the logits buffer small */
+        int nb = n - b0 < 64 ? n - b0 : 64;
+        if (sft_generate_greedy(s, (const int32_t *const *)prompts + b0, lens + b0, nb, max_new, outs + (long)b0 * max_new,
+                                olens + b0, e))
+            goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        /* The answer is the bytes before the first special or reserved id (an untrained model emits any id). */
+        char text[64];
+        int nb = 0;
+        while (nb < olens[i] && outs[(long)i * max_new + nb] < 256) nb++;
+        if (tokenizer_decode(s->tok, outs + (long)i * max_new, nb, text, sizeof text, e)) goto out;
+        correct += arith_check(text, &probs[i]);
+    }
+    *accuracy = (double)correct / n;
+    rc = 0;
+out:
+    if (prompts)
+        for (int i = 0; i < n; i++) free(prompts[i]);
+    free(prompts);
+    free(probs);
+    free(lens);
+    free(olens);
+    free(outs);
+    return rc;
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void progress(long step, long total, double loss, double tps) {
+    if (!isatty(2)) return;
+    int width = 30, filled = (int)(width * step / (total ? total : 1));
+    char bar[64];
+    for (int i = 0; i < width; i++) bar[i] = i < filled ? '#' : '.';
+    bar[width] = 0;
+    fprintf(stderr, "\r[%s] %ld/%ld loss %.4f %.0f tok/s ", bar, step, total, loss, tps);
+    fflush(stderr);
+}
+
+/* mkdir -p */
+static int make_dirs(const char *path) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++)
+        if (*p == '/') {
+            *p = 0;
+            if (mkdir(buf, 0755) && errno != EEXIST) return -1;
+            *p = '/';
+        }
+    return mkdir(buf, 0755) && errno != EEXIST ? -1 : 0;
+}
+
+int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
+    sft_state s;
+    if (sft_open(&s, r, resume_dir, e)) return -1;
+    if (make_dirs(r->out_dir)) {
+        sft_close(&s);
+        return mill_errf(e, "%s: cannot create the checkpoint directory: %s", r->out_dir, strerror(errno));
+    }
+    size_t upd;
+    int nupd = optimizer_n_updated(&s.opt, &s.model, &upd);
+    printf("sft: %zu parameters, %d tensors / %zu values trained, %ld steps of %d problems (levels", s.model.n_trainable,
+           nupd, upd, r->steps, r->batch_size);
+    for (int i = 0; i < r->n_levels; i++) printf(" %d", r->levels[i]);
+    printf(")%s\n", resume_dir ? ", resumed" : "");
+    int rc = -1;
+    double t0 = now(), loss_acc = 0;
+    long tok_acc = 0, n_acc = 0;
+    char ck[1100];
+    while (s.ts.step < r->steps) {
+        sft_step_stats st;
+        if (sft_step(&s, r, &st, e)) goto out;
+        loss_acc += st.loss;
+        tok_acc += st.tokens;
+        n_acc++;
+        double dt = now() - t0;
+        progress(s.ts.step, r->steps, st.loss, tok_acc / (dt > 0 ? dt : 1));
+        if (s.ts.step % r->log_every == 0 || s.ts.step == r->steps) {
+            if (isatty(2)) fputc('\n', stderr);
+            printf("step %6ld  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tokens/s\n", s.ts.step, loss_acc / n_acc, st.lr,
+                   st.grad_norm, tok_acc / (dt > 0 ? dt : 1));
+            fflush(stdout);
+            loss_acc = 0;
+            n_acc = 0;
+            tok_acc = 0;
+            t0 = now();
+        }
+        if ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps) {
+            double acc;
+            if (sft_eval(&s, r, r->eval_problems, &acc, e)) goto out;
+            printf("step %6ld  held-out greedy accuracy %.3f (%d problems)\n", s.ts.step, acc, r->eval_problems);
+            fflush(stdout);
+            t0 = now();
+        }
+        if ((r->checkpoint_every && s.ts.step % r->checkpoint_every == 0) || s.ts.step == r->steps) {
+            snprintf(ck, sizeof ck, "%s/step-%06ld", r->out_dir, s.ts.step);
+            if (checkpoint_save(ck, &s.model, &s.opt, &s.ts, e)) goto out;
+            printf("step %6ld  checkpoint %s\n", s.ts.step, ck);
+            t0 = now();
+        }
+    }
+    rc = 0;
+out:
+    sft_close(&s);
+    return rc;
+}

@@ -1,0 +1,64 @@
+/* trainer/sft.h — supervised fine-tuning on the synthetic arithmetic data.
+ * Owns: the SFT recipe (YAML), the training loop (batches with loss on the response
+ * only, AdamW, logging, periodic greedy evaluation on held-out problems, checkpoints)
+ * and resume from a checkpoint, bit-identical to an uninterrupted run. */
+#ifndef MILL_SFT_H
+#define MILL_SFT_H
+
+#include <stdint.h>
+
+#include "../algos/arith.h"
+#include "../common/tokenizer.h"
+#include "checkpoint.h"
+
+typedef struct {
+    char model_config[1024]; /* configs/models/NAME.json, for a fresh model */
+    char init_from[1024];    /* or a model directory to start from ("" = fresh) */
+    uint64_t init_seed;
+    double init_std;
+    int levels[4], n_levels; /* arithmetic difficulty levels, drawn uniformly */
+    uint64_t data_seed;
+    long steps;
+    int batch_size, max_len;
+    optim_config optim;
+    int log_every, eval_every, eval_problems, checkpoint_every;
+    uint64_t eval_seed;
+    char out_dir[1024];
+} sft_recipe;
+
+/* Reads and checks a recipe; unknown keys and wrong types are errors naming the key. */
+int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e);
+
+typedef struct {
+    dsv4_model model;
+    optimizer opt;
+    train_state ts;
+    tokenizer *tok;
+    kctx k;
+    arena a;
+    float *grads;
+} sft_state;
+
+/* Fresh (or init_from) model, or the checkpoint in resume_dir when given. */
+int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e);
+void sft_close(sft_state *s);
+
+typedef struct {
+    double loss, grad_norm, lr;
+    long tokens; /* response tokens trained on */
+} sft_step_stats;
+
+/* One optimizer step on the next batch of the data stream. */
+int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e);
+/* Greedy accuracy on n held-out problems (drawn from eval_seed, same every call). */
+int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e);
+/* The whole run: steps, logs, evals, checkpoints under out_dir; prints to stdout. */
+int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e);
+
+/* Greedy decoding by full re-forward (no cache: the rollout engine owns cached decode).
+ * prompts: n rows of token ids (lens[i] each); out: up to max_new tokens per row, stopping
+ * at eos; out_lens[i] = tokens produced (eos excluded). */
+int sft_generate_greedy(sft_state *s, const int32_t *const *prompts, const int *lens, int n, int max_new,
+                        int32_t *out, int *out_lens, mill_err *e);
+
+#endif
