@@ -8,45 +8,52 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
                       const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                       float scale, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_sink_attention", e));
-    int max_keys = window + n_comp;
-    float *s = malloc(sizeof(float) * (size_t)(max_keys > 0 ? max_keys : 1));
-    const float **keys = malloc(sizeof(float *) * (size_t)(max_keys > 0 ? max_keys : 1));
-    if (!s || !keys) {
+    size_t max_keys = (size_t)(window + n_comp > 0 ? window + n_comp : 1);
+    int oom = 0;
+#pragma omp parallel
+    {
+        /* per-thread scratch: each query writes only its own output rows */
+        float *s = malloc(sizeof(float) * max_keys);
+        const float **keys = malloc(sizeof(float *) * max_keys);
+        if (!s || !keys) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(static)
+        for (int i = 0; i < T; i++) {
+            if (!s || !keys) continue;
+            int nk = 0;
+            for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) keys[nk++] = kv + (long)j * d;
+            for (int c = 0; c < n_comp; c++) {
+                int32_t w = comp_idx[(long)i * n_comp + c];
+                if (w >= 0) keys[nk++] = comp + (long)w * d;
+            }
+            for (int h = 0; h < H; h++) {
+                const float *qi = q + ((long)i * H + h) * d;
+                float mx = sinks[h];
+                for (int j = 0; j < nk; j++) {
+                    float dot = 0.f;
+                    for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
+                    s[j] = dot * scale;
+                    if (s[j] > mx) mx = s[j];
+                }
+                float den = expf(sinks[h] - mx);
+                for (int j = 0; j < nk; j++) {
+                    s[j] = expf(s[j] - mx);
+                    den += s[j];
+                }
+                float *o = out + ((long)i * H + h) * d;
+                memset(o, 0, sizeof(float) * (size_t)d);
+                for (int j = 0; j < nk; j++) {
+                    float p = s[j] / den;
+                    for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
+                }
+            }
+        }
         free(s);
         free(keys);
-        return mill_errf(e, "op_sink_attention: out of memory");
     }
-    for (int i = 0; i < T; i++) {
-        int nk = 0;
-        for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) keys[nk++] = kv + (long)j * d;
-        for (int c = 0; c < n_comp; c++) {
-            int32_t w = comp_idx[(long)i * n_comp + c];
-            if (w >= 0) keys[nk++] = comp + (long)w * d;
-        }
-        for (int h = 0; h < H; h++) {
-            const float *qi = q + ((long)i * H + h) * d;
-            float mx = sinks[h];
-            for (int j = 0; j < nk; j++) {
-                float dot = 0.f;
-                for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
-                s[j] = dot * scale;
-                if (s[j] > mx) mx = s[j];
-            }
-            float den = expf(sinks[h] - mx);
-            for (int j = 0; j < nk; j++) {
-                s[j] = expf(s[j] - mx);
-                den += s[j];
-            }
-            float *o = out + ((long)i * H + h) * d;
-            memset(o, 0, sizeof(float) * (size_t)d);
-            for (int j = 0; j < nk; j++) {
-                float p = s[j] / den;
-                for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
-            }
-        }
-    }
-    free(s);
-    free(keys);
+    if (oom) return mill_errf(e, "op_sink_attention: out of memory");
     return 0;
 }
 
@@ -95,6 +102,7 @@ int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, 
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
                       int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_indexer_scores", e));
+#pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++) {
         int visible = (i + 1) / ratio;
         for (int w = 0; w < Tc; w++) {
@@ -118,6 +126,7 @@ int op_indexer_scores(const kctx *k, float *score, const float *q, const float *
 int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
                     mill_err *e) {
     TRY(kctx_require_cpu(k, "op_topk_visible", e));
+#pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++) {
         int visible = (i + 1) / ratio;
         if (visible > Tc) visible = Tc;

@@ -1,5 +1,6 @@
 #include "backend.h"
 
+#include <cblas.h>
 #include <string.h>
 
 #ifdef MILL_CUDA
@@ -9,7 +10,12 @@
 int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     memset(k, 0, sizeof *k);
     k->device = dev;
-    if (dev == DEVICE_CPU) return 0;
+    /* OpenBLAS runs single-threaded inside our OpenMP-split GEMMs (kernels/dense.c): a process-wide
+     * library setting, made here because every CPU op goes through a kctx. */
+    if (dev == DEVICE_CPU) {
+        openblas_set_num_threads(1);
+        return 0;
+    }
 #ifdef MILL_CUDA
     return cuda_backend_init(&k->cublas, &k->stream, e);
 #else

@@ -15,6 +15,8 @@ typedef struct {
     void *stream; /* cudaStream_t on CUDA */
 } kctx;
 
+/* CPU: also pins OpenBLAS to one thread, since ops split work across OpenMP threads
+ * (OMP_NUM_THREADS sets how many). */
 int kctx_init(kctx *k, mill_device dev, mill_err *e);
 void kctx_free(kctx *k);
 

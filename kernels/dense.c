@@ -2,7 +2,15 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
+
+/* GEMMs are split across OpenMP threads here, each calling single-threaded OpenBLAS (kctx_init
+ * sets that): one thread pool for the whole CPU path instead of two fighting over the cores. */
+static int gemm_chunks(int rows) {
+    int nt = omp_get_max_threads();
+    return nt > 1 && rows >= 2 * nt ? nt : 1;
+}
 
 int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
               int accumulate, mill_err *e) {
@@ -13,15 +21,28 @@ int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, in
             for (int i = 0; i < M; i++) memset(y + (long)i * (ldy ? ldy : N), 0, sizeof(float) * (size_t)N);
         return 0;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, ldx ? ldx : K, w, K,
-                accumulate ? 1.0f : 0.0f, y, ldy ? ldy : N);
+    int lx = ldx ? ldx : K, ly = ldy ? ldy : N, nc = gemm_chunks(M);
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (int c = 0; c < nc; c++) {
+        int m0 = (int)((long)M * c / nc), m1 = (int)((long)M * (c + 1) / nc);
+        if (m1 > m0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, N, K, 1.0f, x + (long)m0 * lx, lx, w, K,
+                        accumulate ? 1.0f : 0.0f, y + (long)m0 * ly, ly);
+    }
     return 0;
 }
 
 int op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_matmul_nn", e));
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, 1.0f, a, K, b, N, 0.0f, y, N);
+    int nc = gemm_chunks(M);
+#pragma omp parallel for schedule(static) if (nc > 1)
+    for (int c = 0; c < nc; c++) {
+        int m0 = (int)((long)M * c / nc), m1 = (int)((long)M * (c + 1) / nc);
+        if (m1 > m0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m1 - m0, N, K, 1.0f, a + (long)m0 * K, K, b, N, 0.0f,
+                        y + (long)m0 * N, N);
+    }
     return 0;
 }
 
@@ -29,6 +50,7 @@ int op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows
                mill_err *e) {
     TRY(kctx_require_cpu(k, "op_rmsnorm", e));
     if (!ld) ld = dim;
+#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (long)r * ld;
         float *yr = y + (long)r * ld;
@@ -53,6 +75,7 @@ int op_embedding(const kctx *k, float *out, const float *table, const int32_t *i
 
 int op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_swiglu_clamp", e));
+#pragma omp parallel for schedule(static)
     for (long i = 0; i < n; i++) {
         float a = g[i] < limit ? g[i] : limit;
         float b = u[i] < -limit ? -limit : (u[i] > limit ? limit : u[i]);
@@ -65,12 +88,27 @@ int op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, con
                        int N, int K, int ldx, int ldy, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_linear_backward", e));
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    if (dx)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, K, N, 1.0f, dy, ldy ? ldy : N, w, K, 1.0f, dx,
-                    ldx ? ldx : K);
-    if (dw)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, N, K, M, 1.0f, dy, ldy ? ldy : N, x, ldx ? ldx : K, 1.0f,
-                    dw, K);
+    int lx = ldx ? ldx : K, ly = ldy ? ldy : N;
+    if (dx) { /* rows of dx are independent */
+        int nc = gemm_chunks(M);
+#pragma omp parallel for schedule(static) if (nc > 1)
+        for (int c = 0; c < nc; c++) {
+            int m0 = (int)((long)M * c / nc), m1 = (int)((long)M * (c + 1) / nc);
+            if (m1 > m0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m1 - m0, K, N, 1.0f, dy + (long)m0 * ly, ly, w,
+                            K, 1.0f, dx + (long)m0 * lx, lx);
+        }
+    }
+    if (dw) { /* dw sums over M: split its rows (N) instead */
+        int nc = gemm_chunks(N);
+#pragma omp parallel for schedule(static) if (nc > 1)
+        for (int c = 0; c < nc; c++) {
+            int n0 = (int)((long)N * c / nc), n1 = (int)((long)N * (c + 1) / nc);
+            if (n1 > n0)
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n1 - n0, K, M, 1.0f, dy + n0, ly, x, lx, 1.0f,
+                            dw + (long)n0 * K, K);
+        }
+    }
     return 0;
 }
 

@@ -16,6 +16,7 @@ static int hc_logits(const kctx *k, float *f, const float *h, const float *fn, i
 }
 
 static void collapse(float *x, const float *h, const float *pre, int N, int n, int D) {
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         float *xt = x + (long)t * D;
         memset(xt, 0, sizeof(float) * (size_t)D);
@@ -33,6 +34,7 @@ int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, con
     int n = dm.n, mix = (2 + n) * n;
     float *f = work + (long)N * n * dm.D;
     TRY(hc_logits(k, f, h, fn, N, mix, dm, work, e));
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const float *ft = f + (long)t * mix;
         float *pr = pre + (long)t * n, *po = post + (long)t * n, *C = comb + (long)t * n * n;
@@ -74,6 +76,7 @@ int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, con
 int op_hc_post(const kctx *k, float *h_out, const float *h, const float *y, const float *post, const float *comb,
                int N, int n, int D, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_hc_post", e));
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const float *C = comb + (long)t * n * n, *yt = y + (long)t * D;
         for (int kk = 0; kk < n; kk++) {
@@ -110,6 +113,7 @@ int op_hc_post_backward(const kctx *k, float *dh, float *dy, float *dpost, float
                         const float *h, const float *y, const float *post, const float *comb, int N, int n, int D,
                         mill_err *e) {
     TRY(kctx_require_cpu(k, "op_hc_post_backward", e));
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
         const float *C = comb + (long)t * n * n, *yt = y + (long)t * D;
         float *dyt = dy + (long)t * D;

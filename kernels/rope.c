@@ -34,6 +34,7 @@ int op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim
             const float *inv_freq, int sign, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_rope", e));
     int half = rope_dim / 2, off = dim - rope_dim;
+#pragma omp parallel for schedule(static)
     for (int t = 0; t < n_tok; t++) {
         for (int i = 0; i < half; i++) {
             float ang = (float)pos[t] * inv_freq[i];
