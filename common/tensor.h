@@ -23,6 +23,7 @@ typedef enum {
     DTYPE_I64,
     DTYPE_I32,
     DTYPE_U8,
+    DTYPE_U16,
     DTYPE_COUNT
 } mill_dtype;
 

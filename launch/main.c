@@ -9,6 +9,7 @@
 
 #include "../common/safetensors.h"
 #include "../trainer/model.h"
+#include "../rollout/generate.h"
 #include "../trainer/sft.h"
 #include <errno.h>
 #include <sys/stat.h>
@@ -22,6 +23,10 @@ static int usage(FILE *to) {
             "  grad    --model DIR --input IN.json --output OUT.safetensors\n"
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
+            "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
+            "          [--seed S] [--stop ID]... --output OUT.json [--routing ROUTING.safetensors]\n"
+            "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
+            "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
@@ -46,8 +51,9 @@ static int check_opts(int argc, char **argv, const char *const *known, mill_err 
     return 0;
 }
 
-/* Reads {"input_ids": [[int, ...], ...]} with rows of equal length, ids in [0, vocab). */
-static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B, int *T, mill_err *e) {
+/* Reads {"input_ids": [[int, ...], ...]}, ids in [0, vocab). Rows must be of equal length unless
+ * lens is given ([B] row lengths; ids then [B, max length], right-padded with 0). */
+static int read_input_rows(const char *path, int vocab, int32_t **ids_out, int *B, int *T, int **lens, mill_err *e) {
     json_error_t jerr;
     json_t *root = json_load_file(path, 0, &jerr);
     if (!root && jerr.line < 0) return mill_errf(e, "%s: cannot read: %s", path, jerr.text);
@@ -66,18 +72,29 @@ static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B
         goto done;
     }
     *T = (int)json_array_size(r0);
-    ids = malloc(sizeof(int32_t) * (size_t)*B * (size_t)*T);
-    if (!ids) {
+    for (int b = 0; lens && b < *B; b++) {
+        json_t *row = json_array_get(rows, (size_t)b);
+        if (json_is_array(row) && (int)json_array_size(row) > *T) *T = (int)json_array_size(row);
+    }
+    ids = calloc((size_t)*B * (size_t)*T, sizeof(int32_t));
+    if (lens) *lens = calloc((size_t)*B, sizeof(int));
+    if (!ids || (lens && !*lens)) {
         mill_errf(e, "%s: out of memory", path);
         goto done;
     }
     for (int b = 0; b < *B; b++) {
         json_t *row = json_array_get(rows, (size_t)b);
-        if (!json_is_array(row) || (int)json_array_size(row) != *T) {
+        int len = json_is_array(row) ? (int)json_array_size(row) : -1;
+        if (lens && len <= 0) {
+            mill_errf(e, "%s: input_ids[%d] must be a non-empty list of token ids", path, b);
+            goto done;
+        }
+        if (!lens && len != *T) {
             mill_errf(e, "%s: input_ids[%d] must be a list of %d token ids (rows of equal length)", path, b, *T);
             goto done;
         }
-        for (int t = 0; t < *T; t++) {
+        if (lens) (*lens)[b] = len;
+        for (int t = 0; t < len; t++) {
             json_t *v = json_array_get(row, (size_t)t);
             if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= vocab) {
                 mill_errf(e, "%s: input_ids[%d][%d] must be an integer token id in [0, %d)", path, b, t, vocab);
@@ -91,8 +108,16 @@ static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B
     rc = 0;
 done:
     free(ids);
+    if (rc && lens) {
+        free(*lens);
+        *lens = NULL;
+    }
     json_decref(root);
     return rc;
+}
+
+static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B, int *T, mill_err *e) {
+    return read_input_rows(path, vocab, ids_out, B, T, NULL, e);
 }
 
 static int cmd_forward(int argc, char **argv, mill_err *e) {
@@ -244,6 +269,130 @@ static int cmd_sft(int argc, char **argv, mill_err *e) {
     return sft_run(&r, opt(argc, argv, "--resume"), e);
 }
 
+static int parse_num(const char *name, const char *v, double lo, double hi, double *out, mill_err *e) {
+    char *end;
+    *out = strtod(v, &end);
+    if (*end || !(*out >= lo && *out <= hi)) return mill_errf(e, "%s must be a number in [%g, %g], got \"%s\"", name, lo, hi, v);
+    return 0;
+}
+
+static int cmd_generate(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--model", "--input", "--output", "--max-new-tokens", "--temperature",
+                                        "--top-p", "--top-k", "--seed", "--stop", "--routing", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
+    const char *mnt = opt(argc, argv, "--max-new-tokens"), *temp = opt(argc, argv, "--temperature");
+    if (!dir || !in || !out || !mnt || !temp)
+        return mill_errf(e, "mill generate needs --model --input --max-new-tokens --temperature --output");
+    sample_params sp = {.top_p = 1.0f};
+    double v;
+    if (parse_num("--max-new-tokens", mnt, 0, 1 << 20, &v, e)) return -1;
+    sp.max_new_tokens = (int)v;
+    if (parse_num("--temperature", temp, 0, 100, &v, e)) return -1;
+    sp.temperature = (float)v;
+    if (opt(argc, argv, "--top-p")) {
+        if (parse_num("--top-p", opt(argc, argv, "--top-p"), 1e-6, 1, &v, e)) return -1;
+        sp.top_p = (float)v;
+    }
+    if (opt(argc, argv, "--top-k")) {
+        if (parse_num("--top-k", opt(argc, argv, "--top-k"), 0, 1 << 30, &v, e)) return -1;
+        sp.top_k = (int)v;
+    }
+    if (opt(argc, argv, "--seed")) {
+        if (parse_num("--seed", opt(argc, argv, "--seed"), 0, 9e15, &v, e)) return -1;
+        sp.seed = (uint64_t)v;
+    }
+    dsv4_model m;
+    if (model_load(&m, dir, e)) return -1;
+    for (int i = 2; i + 1 < argc; i += 2)
+        if (strcmp(argv[i], "--stop") == 0) {
+            if (sp.n_stop == 8) {
+                model_free(&m);
+                return mill_errf(e, "at most 8 --stop ids");
+            }
+            if (parse_num("--stop", argv[i + 1], 0, m.cfg.vocab_size - 1, &v, e)) {
+                model_free(&m);
+                return -1;
+            }
+            sp.stop[sp.n_stop++] = (int32_t)v;
+        }
+    int rc = -1, B = 0, T = 0, *lens = NULL;
+    int32_t *ids = NULL;
+    const int32_t **rows = NULL;
+    arena a = {0};
+    kctx k = {0};
+    gen_result res = {0};
+    json_t *o = NULL;
+    safetensors_writer *w = NULL;
+    if (kctx_init(&k, DEVICE_CPU, e) || read_input_rows(in, m.cfg.vocab_size, &ids, &B, &T, &lens, e) ||
+        arena_init(&a, 16 << 20, e))
+        goto done;
+    rows = malloc(sizeof *rows * (size_t)B);
+    if (!rows) {
+        mill_errf(e, "generate: out of memory");
+        goto done;
+    }
+    for (int b = 0; b < B; b++) rows[b] = ids + (long)b * T;
+    if (generate(&m, &k, rows, lens, B, &sp, &res, &a, e)) goto done;
+    o = json_pack("{s:[], s:[], s:[]}", "output_ids", "logprobs", "finish_reason");
+    for (int b = 0; b < B; b++) {
+        json_t *oi = json_array(), *lp = json_array();
+        for (int t = 0; t < res.out_len[b]; t++) {
+            json_array_append_new(oi, json_integer(res.out_ids[(long)b * sp.max_new_tokens + t]));
+            json_array_append_new(lp, json_real(res.logprobs[(long)b * sp.max_new_tokens + t]));
+        }
+        json_array_append_new(json_object_get(o, "output_ids"), oi);
+        json_array_append_new(json_object_get(o, "logprobs"), lp);
+        json_array_append_new(json_object_get(o, "finish_reason"),
+                              json_string(res.finish[b] == FINISH_STOP ? "stop" : "length"));
+    }
+    if (json_dump_file(o, out, JSON_COMPACT)) {
+        mill_errf(e, "%s: cannot write", out);
+        goto done;
+    }
+    const char *rpath = opt(argc, argv, "--routing");
+    if (rpath) { /* dense narrow ids: U8 when experts fit in a byte, else U16 */
+        int L = m.cfg.num_hidden_layers, K = m.cfg.num_experts_per_tok, narrow8 = m.cfg.n_routed_experts <= 256;
+        w = safetensors_writer_new();
+        if (!w) {
+            mill_errf(e, "generate: out of memory");
+            goto done;
+        }
+        for (int b = 0; b < B; b++) {
+            long cnt = (long)L * (lens[b] + res.out_len[b]) * K;
+            void *buf = malloc((size_t)cnt * (narrow8 ? 1 : 2));
+            if (!buf) {
+                mill_errf(e, "generate: out of memory");
+                goto done;
+            }
+            for (long j = 0; j < cnt; j++) {
+                if (narrow8) ((uint8_t *)buf)[j] = (uint8_t)res.routing[b][j];
+                else ((uint16_t *)buf)[j] = (uint16_t)res.routing[b][j];
+            }
+            char name[32];
+            snprintf(name, sizeof name, "routing.%d", b);
+            int64_t shape[3] = {L, lens[b] + res.out_len[b], K};
+            int arc = safetensors_writer_add(w, name, narrow8 ? DTYPE_U8 : DTYPE_U16, 3, shape, buf, e);
+            free(buf);
+            if (arc) goto done;
+        }
+        if (safetensors_writer_save(w, rpath, e)) goto done;
+    }
+    log_info("generate: %d rows -> %s", B, out);
+    rc = 0;
+done:
+    safetensors_writer_free(w);
+    json_decref(o);
+    gen_result_free(&res);
+    arena_free(&a);
+    kctx_free(&k);
+    free(rows);
+    free(ids);
+    free(lens);
+    model_free(&m);
+    return rc;
+}
+
 static int cmd_info(int argc, char **argv, mill_err *e) {
     static const char *const known[] = {"--model", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
@@ -305,6 +454,7 @@ int main(int argc, char **argv) {
     int rc;
     if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &e);
     else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &e);
+    else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &e);
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);

@@ -1,0 +1,192 @@
+#include "generate.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* qsort_r comparator: indices by value, descending, ties by lower index. */
+static int by_value_desc(const void *a, const void *b, void *ctx) {
+    const float *v = ctx;
+    int i = *(const int *)a, j = *(const int *)b;
+    if (v[i] != v[j]) return v[i] > v[j] ? -1 : 1;
+    return i - j;
+}
+
+int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work) {
+    if (sp->temperature <= 0.0f) {
+        int best = 0;
+        double mx = logits[0], den = 0;
+        for (int v = 1; v < V; v++)
+            if (logits[v] > logits[best]) best = v;
+        mx = logits[best];
+        for (int v = 0; v < V; v++) den += exp((double)logits[v] - mx);
+        *logprob = (float)(-log(den));
+        return best;
+    }
+    float *p = work;
+    int *order = (int *)(work + V);
+    float mx = -INFINITY;
+    for (int v = 0; v < V; v++) {
+        p[v] = logits[v] / sp->temperature;
+        mx = p[v] > mx ? p[v] : mx;
+    }
+    double den = 0;
+    for (int v = 0; v < V; v++) den += (p[v] = expf(p[v] - mx));
+    for (int v = 0; v < V; v++) {
+        p[v] = (float)(p[v] / den);
+        order[v] = v;
+    }
+    qsort_r(order, (size_t)V, sizeof(int), by_value_desc, p);
+    int keep = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
+    double mass = 0;
+    if (sp->top_p < 1.0f) {
+        int n = 0;
+        while (n < keep) {
+            mass += p[order[n++]];
+            if (mass >= sp->top_p) break;
+        }
+        keep = n;
+    }
+    mass = 0;
+    for (int j = 0; j < keep; j++) mass += p[order[j]];
+    double u = (double)rng_uniform(r) * mass, c = 0;
+    int pick = order[keep - 1];
+    for (int j = 0; j < keep; j++) {
+        c += p[order[j]];
+        if (u < c) {
+            pick = order[j];
+            break;
+        }
+    }
+    *logprob = (float)log(p[pick] / mass);
+    return pick;
+}
+
+void gen_result_free(gen_result *res) {
+    if (res->routing)
+        for (int i = 0; i < res->n; i++) free(res->routing[i]);
+    free(res->routing);
+    free(res->prompt_len);
+    free(res->out_len);
+    free(res->out_ids);
+    free(res->logprobs);
+    free(res->finish);
+    memset(res, 0, sizeof *res);
+}
+
+/* Copies the routing of positions [p0, p1) of batch row b (of Tb tokens, nb rows) into row i's record. */
+static void take_routing(gen_result *res, int i, const int32_t *routing, int L, int nb, int Tb, int b, int p0, int p1,
+                         int K, int total_len) {
+    for (int l = 0; l < L; l++)
+        for (int p = p0; p < p1; p++)
+            memcpy(res->routing[i] + ((long)l * total_len + p) * K, routing + (((long)l * nb + b) * Tb + p) * K,
+                   sizeof(int32_t) * (size_t)K);
+}
+
+int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
+             const sample_params *sp, gen_result *res, arena *a, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, maxp = 0;
+    memset(res, 0, sizeof *res);
+    if (n <= 0 || maxn < 0) return mill_errf(e, "generate: %d prompts, %d new tokens", n, maxn);
+    for (int i = 0; i < n; i++) {
+        if (lens[i] <= 0) return mill_errf(e, "generate: prompt %d is empty", i);
+        maxp = lens[i] > maxp ? lens[i] : maxp;
+    }
+    int T = maxp + maxn;
+    res->n = n;
+    res->prompt_len = malloc(sizeof(int) * (size_t)n);
+    res->out_len = calloc((size_t)n, sizeof(int));
+    res->out_ids = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(int32_t));
+    res->logprobs = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(float));
+    res->finish = calloc((size_t)n, sizeof(finish_reason));
+    res->routing = calloc((size_t)n, sizeof(int32_t *));
+    int32_t *seq = malloc(sizeof(int32_t) * (size_t)n * (size_t)T), *batch = malloc(sizeof(int32_t) * (size_t)n * T);
+    int *rows = malloc(sizeof(int) * (size_t)n), *done = calloc((size_t)n, sizeof(int));
+    float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V), *work = malloc(sizeof(float) * 2 * V);
+    int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)n * (size_t)T * (size_t)K);
+    rng *rngs = malloc(sizeof(rng) * (size_t)n);
+    int rc = -1;
+    if (!res->prompt_len || !res->out_len || !res->out_ids || !res->logprobs || !res->finish || !res->routing || !seq ||
+        !batch || !rows || !done || !logits || !work || !routing || !rngs) {
+        mill_errf(e, "generate: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        res->prompt_len[i] = lens[i];
+        memcpy(seq + (long)i * T, prompts[i], sizeof(int32_t) * (size_t)lens[i]);
+        rng_seed(&rngs[i], sp->seed + (uint64_t)i);
+        res->routing[i] = malloc(sizeof(int32_t) * (size_t)L * (size_t)T * (size_t)K);
+        if (!res->routing[i]) {
+            mill_errf(e, "generate: out of memory");
+            goto out;
+        }
+    }
+    /* Step s feeds each active row its tokens so far; the routing of a row's newest input
+     * position(s) is what the engine used for it. One extra pass at the end routes the last
+     * sampled tokens, which no step fed in. */
+    for (int step = 0; step <= maxn; step++) {
+        int nb = 0, Tb = 0;
+        for (int i = 0; i < n; i++) {
+            int len = lens[i] + res->out_len[i];
+            if (done[i] == 2) continue;
+            rows[nb++] = i;
+            Tb = len > Tb ? len : Tb;
+        }
+        if (!nb) break;
+        for (int b = 0; b < nb; b++) {
+            int i = rows[b], len = lens[i] + res->out_len[i];
+            for (int t = 0; t < Tb; t++) batch[(long)b * Tb + t] = t < len ? seq[(long)i * T + t] : seq[(long)i * T];
+        }
+        if (model_forward(m, k, batch, nb, Tb, logits, routing, a, e)) goto out;
+        for (int b = 0; b < nb; b++) {
+            int i = rows[b], len = lens[i] + res->out_len[i];
+            int total = lens[i] + maxn;
+            if (step == 0) take_routing(res, i, routing, L, nb, Tb, b, 0, len, K, total);
+            else take_routing(res, i, routing, L, nb, Tb, b, len - 1, len, K, total);
+            if (done[i]) { /* this pass only routed its last token */
+                done[i] = 2;
+                continue;
+            }
+            if (res->out_len[i] == maxn) {
+                res->finish[i] = FINISH_LENGTH;
+                done[i] = 2;
+                continue;
+            }
+            float lp;
+            int32_t tok = sample_token(logits + ((long)b * Tb + len - 1) * V, V, sp, &rngs[i], &lp, work);
+            res->out_ids[(long)i * maxn + res->out_len[i]] = tok;
+            res->logprobs[(long)i * maxn + res->out_len[i]] = lp;
+            res->out_len[i]++;
+            seq[(long)i * T + len] = tok;
+            for (int s = 0; s < sp->n_stop; s++)
+                if (tok == sp->stop[s]) {
+                    res->finish[i] = FINISH_STOP;
+                    done[i] = 1;
+                }
+            if (!done[i] && res->out_len[i] == maxn) {
+                res->finish[i] = FINISH_LENGTH;
+                done[i] = 1;
+            }
+        }
+    }
+    /* Compact each row's routing to its real length: layers x (prompt + generated) x k. */
+    for (int i = 0; i < n; i++) {
+        int total = lens[i] + maxn, len = lens[i] + res->out_len[i];
+        for (int l = 1; l < L; l++)
+            memmove(res->routing[i] + (long)l * len * K, res->routing[i] + (long)l * total * K,
+                    sizeof(int32_t) * (size_t)len * K);
+    }
+    rc = 0;
+out:
+    free(seq);
+    free(batch);
+    free(rows);
+    free(done);
+    free(logits);
+    free(work);
+    free(routing);
+    free(rngs);
+    if (rc) gen_result_free(res);
+    return rc;
+}

@@ -1,0 +1,54 @@
+/* rollout/generate.h — batched generation with sampling, per-token logprobs and routing capture.
+ * Owns: sampling parameters and the sampler, and the reference generation path: every step
+ * re-runs the full forward over each row's tokens so far (right-padded rows; causal attention
+ * and window-closed compression make a row's last-position logits independent of the padding
+ * after it). The cached decode engine must reproduce this path token for token.
+ *
+ * Logprobs: for each generated token, log p(token) under the distribution it was sampled from:
+ * softmax(logits / temperature) restricted to the top-k tokens (k > 0), then to the smallest
+ * set whose probability reaches top_p (top_p < 1), renormalised. temperature 0 is greedy: the
+ * argmax is taken and its logprob is reported under softmax(logits) (temperature 1, no
+ * truncation). A trainer reproducing these numbers applies the same temperature and
+ * truncation to its logits. */
+#ifndef MILL_GENERATE_H
+#define MILL_GENERATE_H
+
+#include <stdint.h>
+
+#include "../common/rng.h"
+#include "../trainer/model.h"
+
+typedef struct {
+    float temperature; /* 0: greedy */
+    float top_p;       /* 1: off */
+    int top_k;         /* 0: off */
+    uint64_t seed;     /* row i samples from rng_seed(seed + i): reproducible per request */
+    int max_new_tokens;
+    int n_stop;
+    int32_t stop[8]; /* token ids that end a row (kept in the output, like eos) */
+} sample_params;
+
+typedef enum { FINISH_LENGTH = 0, FINISH_STOP } finish_reason;
+
+typedef struct {
+    int n;              /* rows */
+    int *prompt_len;    /* [n] */
+    int *out_len;       /* [n] tokens generated (a stop token included) */
+    int32_t *out_ids;   /* [n, max_new_tokens] */
+    float *logprobs;    /* [n, max_new_tokens] */
+    finish_reason *finish;
+    /* [n][layers * (prompt_len + out_len) * k]: the experts each token used in each MoE layer,
+     * prompt and response tokens; as int32 here, narrowed to uint8/uint16 on the wire */
+    int32_t **routing;
+} gen_result;
+
+/* Samples one token from logits [V]; returns the id and its logprob (see above). work: [V] floats
+ * plus [V] ints (as floats' worth). */
+int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
+
+/* Generates for n prompts (prompts[i] of lens[i] tokens). res is filled (gen_result_free). */
+int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
+             const sample_params *sp, gen_result *res, arena *a, mill_err *e);
+void gen_result_free(gen_result *res);
+
+#endif
