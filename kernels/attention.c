@@ -4,6 +4,43 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* One query's H heads over an explicit key list (the shared core of the full-sequence op and the
+ * cached engine, so both compute a token identically). s: scratch of nk floats. */
+static void attend_one(float *out, const float *q, const float *const *keys, int nk, const float *sinks, int H, int d,
+                       float scale, float *s) {
+    for (int h = 0; h < H; h++) {
+        const float *qi = q + (long)h * d;
+        float mx = sinks[h];
+        for (int j = 0; j < nk; j++) {
+            float dot = 0.f;
+            for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
+            s[j] = dot * scale;
+            if (s[j] > mx) mx = s[j];
+        }
+        float den = expf(sinks[h] - mx);
+        for (int j = 0; j < nk; j++) {
+            s[j] = expf(s[j] - mx);
+            den += s[j];
+        }
+        float *o = out + (long)h * d;
+        memset(o, 0, sizeof(float) * (size_t)d);
+        for (int j = 0; j < nk; j++) {
+            float p = s[j] / den;
+            for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
+        }
+    }
+}
+
+int op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk, const float *sinks,
+                   int H, int d, float scale, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_attend_keys", e));
+    float *s = malloc(sizeof(float) * (size_t)(nk > 0 ? nk : 1));
+    if (!s) return mill_errf(e, "op_attend_keys: out of memory");
+    attend_one(out, q, keys, nk, sinks, H, d, scale, s);
+    free(s);
+    return 0;
+}
+
 int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
                       const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                       float scale, mill_err *e) {
@@ -28,27 +65,7 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
                 int32_t w = comp_idx[(long)i * n_comp + c];
                 if (w >= 0) keys[nk++] = comp + (long)w * d;
             }
-            for (int h = 0; h < H; h++) {
-                const float *qi = q + ((long)i * H + h) * d;
-                float mx = sinks[h];
-                for (int j = 0; j < nk; j++) {
-                    float dot = 0.f;
-                    for (int c = 0; c < d; c++) dot += qi[c] * keys[j][c];
-                    s[j] = dot * scale;
-                    if (s[j] > mx) mx = s[j];
-                }
-                float den = expf(sinks[h] - mx);
-                for (int j = 0; j < nk; j++) {
-                    s[j] = expf(s[j] - mx);
-                    den += s[j];
-                }
-                float *o = out + ((long)i * H + h) * d;
-                memset(o, 0, sizeof(float) * (size_t)d);
-                for (int j = 0; j < nk; j++) {
-                    float p = s[j] / den;
-                    for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
-                }
-            }
+            attend_one(out + (long)i * H * d, q + (long)i * H * d, keys, nk, sinks, H, d, scale, s);
         }
         free(s);
         free(keys);
@@ -99,28 +116,59 @@ int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, 
     return 0;
 }
 
+/* One query's scores over entries [0, Tc); entries at or past `visible` are -inf. */
+static void index_row(float *score, const float *q, const float *keys, const float *weights, int Tc, int nh, int hd,
+                      float scale_qk, int visible) {
+    for (int w = 0; w < Tc; w++) {
+        if (w >= visible) {
+            score[w] = -INFINITY;
+            continue;
+        }
+        float acc = 0.f;
+        for (int h = 0; h < nh; h++) {
+            const float *qh = q + (long)h * hd;
+            float dot = 0.f;
+            for (int c = 0; c < hd; c++) dot += qh[c] * keys[(long)w * hd + c];
+            acc += (dot > 0.f ? dot : 0.f) * scale_qk * weights[h];
+        }
+        score[w] = acc;
+    }
+}
+
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
                       int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
     TRY(kctx_require_cpu(k, "op_indexer_scores", e));
 #pragma omp parallel for schedule(static)
-    for (int i = 0; i < T; i++) {
-        int visible = (i + 1) / ratio;
-        for (int w = 0; w < Tc; w++) {
-            if (w >= visible) {
-                score[(long)i * Tc + w] = -INFINITY;
-                continue;
-            }
-            float acc = 0.f;
-            for (int h = 0; h < nh; h++) {
-                const float *qh = q + ((long)i * nh + h) * hd;
-                float dot = 0.f;
-                for (int c = 0; c < hd; c++) dot += qh[c] * keys[(long)w * hd + c];
-                acc += (dot > 0.f ? dot : 0.f) * scale_qk * weights[(long)i * nh + h];
-            }
-            score[(long)i * Tc + w] = acc;
-        }
-    }
+    for (int i = 0; i < T; i++)
+        index_row(score + (long)i * Tc, q + (long)i * nh * hd, keys, weights + (long)i * nh, Tc, nh, hd, scale_qk,
+                  (i + 1) / ratio);
     return 0;
+}
+
+int op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int pos,
+                        int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_indexer_score_at", e));
+    index_row(score, q, keys, weights, Tc, nh, hd, scale_qk, (pos + 1) / ratio);
+    return 0;
+}
+
+/* Top `topk` of the first `visible` scores (descending, ties to the lower index), -1 padded. */
+static void topk_row(int32_t *row, const float *s, int visible, int topk) {
+    for (int c = 0; c < topk; c++) row[c] = -1;
+    if (visible <= topk) {
+        for (int w = 0; w < visible; w++) row[w] = w;
+        return;
+    }
+    int n = 0; /* insertion into a descending list */
+    for (int w = 0; w < visible; w++) {
+        if (n == topk && !(s[w] > s[row[n - 1]])) continue;
+        int p = n < topk ? n++ : topk - 1;
+        while (p > 0 && s[w] > s[row[p - 1]]) {
+            row[p] = row[p - 1];
+            p--;
+        }
+        row[p] = w;
+    }
 }
 
 int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
@@ -129,26 +177,15 @@ int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int 
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++) {
         int visible = (i + 1) / ratio;
-        if (visible > Tc) visible = Tc;
-        int32_t *row = idx + (long)i * topk;
-        for (int c = 0; c < topk; c++) row[c] = -1;
-        const float *s = score + (long)i * Tc;
-        if (visible <= topk) {
-            for (int w = 0; w < visible; w++) row[w] = w;
-            continue;
-        }
-        /* Selection by insertion into a descending list; ties keep the lower index. */
-        int n = 0;
-        for (int w = 0; w < visible; w++) {
-            if (n == topk && !(s[w] > s[row[n - 1]])) continue;
-            int p = n < topk ? n++ : topk - 1;
-            while (p > 0 && s[w] > s[row[p - 1]]) {
-                row[p] = row[p - 1];
-                p--;
-            }
-            row[p] = w;
-        }
+        topk_row(idx + (long)i * topk, score + (long)i * Tc, visible > Tc ? Tc : visible, topk);
     }
+    return 0;
+}
+
+int op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio, mill_err *e) {
+    TRY(kctx_require_cpu(k, "op_topk_at", e));
+    int visible = (pos + 1) / ratio;
+    topk_row(idx, score, visible > Tc ? Tc : visible, topk);
     return 0;
 }
 

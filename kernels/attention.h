@@ -17,6 +17,11 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
                       const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                       float scale, mill_err *e);
 
+/* One query (H heads, q [H, d]) over an explicit list of nk key rows: what op_sink_attention
+ * computes per query, for the cached engine. */
+int op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk, const float *sinks,
+                   int H, int d, float scale, mill_err *e);
+
 /* Gated pooling of windows of `ratio` tokens into n_win = T / ratio entries, before the norm.
  * overlap == 0 (HCA): a, g are [T, d]; entry w = sum over its window of softmax_t(g + ape[t]) * a.
  * overlap == 1 (CSA): a, g are [T, 2d]; entry w pools window w-1's first half (channels [0, d))
@@ -30,10 +35,17 @@ int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, 
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
                       int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
 
+/* One query at absolute position pos: score [Tc] (q [nh, hd], weights [nh]). */
+int op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int pos,
+                        int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
+
 /* For each query row of score [T, Tc], the indices of its top `topk` visible entries
  * (visible: w < (i + 1) / ratio) in idx[T, topk], -1 padded; all visible ones when fewer. */
 int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
                     mill_err *e);
+
+/* One query at absolute position pos: idx [topk]. */
+int op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio, mill_err *e);
 
 /* idx[T, n] = the causal compressed entries for HCA: entry w for w < (i + 1) / ratio, -1 padded. */
 int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e);

@@ -95,13 +95,44 @@ static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_ef
     return 0;
 }
 
+int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *pos, int N,
+                       float *qr_raw, float *qr, float *q_raw, float *q, float *kv_raw, float *kv, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    const dsv4_layer *L = &m->layers[l];
+    int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, r = c->qk_rope_head_dim, qlr = c->q_lora_rank;
+    float eps = (float)c->rms_norm_eps;
+    const float *inv_freq = L->ratio ? m->inv_freq_compress : m->inv_freq_main;
+    TRY(op_linear(k, qr_raw, x, L->wq_a, N, qlr, D, 0, 0, 0, e));
+    TRY(op_rmsnorm(k, qr, qr_raw, L->q_norm, N, qlr, 0, eps, e));
+    TRY(op_linear(k, q_raw, qr, L->wq_b, N, H * d, qlr, 0, 0, 0, e));
+    TRY(op_rmsnorm(k, q, q_raw, NULL, N * H, d, 0, eps, e));
+    TRY(op_rope(k, q, N, H, d, r, pos, inv_freq, 1, e));
+    TRY(op_linear(k, kv_raw, x, L->wkv, N, d, D, 0, 0, 0, e));
+    TRY(op_rmsnorm(k, kv, kv_raw, L->kv_norm, N, d, 0, eps, e));
+    return op_rope(k, kv, N, 1, d, r, pos, inv_freq, 1, e);
+}
+
+int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o, const int32_t *pos, int N,
+                      float *o_rot, float *z, float *y, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    const dsv4_layer *L = &m->layers[l];
+    int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, G = c->o_groups, R = c->o_lora_rank;
+    /* Values are the rotated keys: undo the rotation at the query position. */
+    memcpy(o_rot, o, sizeof(float) * (size_t)N * H * d);
+    TRY(op_rope(k, o_rot, N, H, d, c->qk_rope_head_dim, pos, L->ratio ? m->inv_freq_compress : m->inv_freq_main, -1,
+                e));
+    int gw = H * d / G; /* each group's rows of wo_a see only that group's heads */
+    for (int g = 0; g < G; g++)
+        TRY(op_linear(k, z + (long)g * R, o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, 0,
+                      e));
+    return op_linear(k, y, z, L->wo_b, N, D, G * R, 0, 0, 0, e);
+}
+
 /* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
 static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
     const dsv4_config *c = &f->m->cfg;
     int N = f->N, T = f->T, D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim;
-    int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio;
-    float eps = (float)c->rms_norm_eps;
-    const float *inv_freq = ratio ? f->m->inv_freq_compress : f->m->inv_freq_main;
+    int qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio, l = (int)(L - f->m->layers);
     ALLOC(t->qr_raw, (long)N * qlr);
     ALLOC(t->qr, (long)N * qlr);
     ALLOC(t->q_raw, (long)N * H * d);
@@ -111,14 +142,7 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
     ALLOC(t->o, (long)N * H * d);
     ALLOC(t->o_rot, (long)N * H * d);
     ALLOC(t->z, (long)N * G * R);
-    TRY(op_linear(f->k, t->qr_raw, x, L->wq_a, N, qlr, D, 0, 0, 0, f->e));
-    TRY(op_rmsnorm(f->k, t->qr, t->qr_raw, L->q_norm, N, qlr, 0, eps, f->e));
-    TRY(op_linear(f->k, t->q_raw, t->qr, L->wq_b, N, H * d, qlr, 0, 0, 0, f->e));
-    TRY(op_rmsnorm(f->k, t->q, t->q_raw, NULL, N * H, d, 0, eps, f->e));
-    TRY(op_rope(f->k, t->q, N, H, d, r, f->pos, inv_freq, 1, f->e));
-    TRY(op_linear(f->k, t->kv_raw, x, L->wkv, N, d, D, 0, 0, 0, f->e));
-    TRY(op_rmsnorm(f->k, t->kv, t->kv_raw, L->kv_norm, N, d, 0, eps, f->e));
-    TRY(op_rope(f->k, t->kv, N, 1, d, r, f->pos, inv_freq, 1, f->e));
+    TRY(model_attn_project(f->m, f->k, l, x, f->pos, N, t->qr_raw, t->qr, t->q_raw, t->q, t->kv_raw, t->kv, f->e));
 
     t->Tc = ratio ? T / ratio : 0;
     t->n_comp = 0;
@@ -144,48 +168,49 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
                               t->comp ? t->comp + (long)b * t->Tc * d : NULL, t->idx ? t->idx + t0 * t->n_comp : NULL,
                               t->n_comp, L->attn_sink, T, H, d, c->sliding_window, 1.0f / sqrtf((float)d), f->e));
     }
-    /* Values are the rotated keys: undo the rotation at the query position. */
-    memcpy(t->o_rot, t->o, sizeof(float) * (size_t)N * H * d);
-    TRY(op_rope(f->k, t->o_rot, N, H, d, r, f->pos, inv_freq, -1, f->e));
-    int gw = H * d / G; /* each group's rows of wo_a see only that group's heads */
-    for (int g = 0; g < G; g++)
-        TRY(op_linear(f->k, t->z + (long)g * R, t->o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d,
-                      G * R, 0, f->e));
-    return op_linear(f->k, y, t->z, L->wo_b, N, D, G * R, 0, 0, 0, f->e);
+    return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e);
+}
+
+int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
+              const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
+              mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    const dsv4_layer *L = &m->layers[l];
+    int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
+    const int32_t *given = replay;
+    float *work = arena_floats(a, (size_t)moe_experts_work_floats(N, D, I, E, K));
+    if (!work) return mill_errf(e, "moe: out of activation memory");
+    TRY(op_linear(k, logits, x, L->gate, N, E, D, 0, 0, 0, e));
+    if (L->is_hash && !given) { /* the table picks the experts; the gate still weights them */
+        int32_t *g = (int32_t *)arena_floats(a, (size_t)N * K);
+        if (!g) return mill_errf(e, "moe: out of activation memory");
+        for (int i = 0; i < N; i++) memcpy(g + (long)i * K, L->tid2eid + (long)tokens[i] * K, sizeof(int32_t) * K);
+        given = g;
+    }
+    moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
+    TRY(op_moe_route(k, scores, ids, wts, logits, L->gate_bias, given, N, rc, e));
+    TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
+    if (L->sw1) {
+        int Is = I * c->n_shared_experts;
+        float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
+        if (!g || !u) return mill_errf(e, "moe: out of activation memory");
+        TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
+        TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
+        TRY(op_swiglu_clamp(k, g, g, u, (long)N * Is, (float)c->swiglu_limit, e));
+        TRY(op_linear(k, y, g, L->sw2, N, D, Is, 0, 0, 1, e));
+    }
+    return 0;
 }
 
 /* y[N, D] = MoE sublayer on x[N, D] (already ffn_norm'ed); replay [N, k] or NULL. */
 static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x, const int32_t *replay) {
     const dsv4_config *c = &f->m->cfg;
-    int N = f->N, D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
-    float *work;
-    const int32_t *given = replay;
+    int N = f->N, E = c->n_routed_experts, K = c->num_experts_per_tok;
     ALLOC(t->logits, (long)N * E);
     ALLOC(t->scores, (long)N * E);
     ALLOC(t->wts, (long)N * K);
-    ALLOC(work, moe_experts_work_floats(N, D, I, E, K));
-    TRY(op_linear(f->k, t->logits, x, L->gate, N, E, D, 0, 0, 0, f->e));
-    if (L->is_hash && !given) {
-        int32_t *g;
-        ALLOC(g, (long)N * K);
-        for (int i = 0; i < N; i++) memcpy(g + (long)i * K, L->tid2eid + (long)f->ids[i] * K, sizeof(int32_t) * K);
-        given = g;
-    }
-    moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
-    TRY(op_moe_route(f->k, t->scores, t->ids, t->wts, t->logits, L->gate_bias, given, N, rc, f->e));
-    TRY(op_moe_experts(f->k, y, x, t->ids, t->wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work,
-                       f->e));
-    if (L->sw1) {
-        int Is = I * c->n_shared_experts;
-        float *g, *u;
-        ALLOC(g, (long)N * Is);
-        ALLOC(u, (long)N * Is);
-        TRY(op_linear(f->k, g, x, L->sw1, N, Is, D, 0, 0, 0, f->e));
-        TRY(op_linear(f->k, u, x, L->sw3, N, Is, D, 0, 0, 0, f->e));
-        TRY(op_swiglu_clamp(f->k, g, g, u, (long)N * Is, (float)c->swiglu_limit, f->e));
-        TRY(op_linear(f->k, y, g, L->sw2, N, D, Is, 0, 0, 1, f->e));
-    }
-    return 0;
+    return model_moe(f->m, f->k, (int)(L - f->m->layers), x, f->ids, N, replay, y, t->logits, t->scores, t->ids,
+                     t->wts, f->a, f->e);
 }
 
 static int site_alloc(fwd *f, site_trace *s) {

@@ -91,6 +91,21 @@ int model_param_has_grad(const param_info *p);
 int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
                   int32_t *routing, arena *a, mill_err *e);
 
+/* Sublayer pieces shared by the trainer's forward and the rollout engine (one model definition).
+ * Attention projections of layer l for N tokens at positions pos: qr (q_norm'ed low-rank query,
+ * the indexer's input too), q [N, H, d] (per-head normed, rotated), kv [N, d] (normed, rotated);
+ * the _raw buffers keep the pre-norm values for the backward. */
+int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *pos, int N,
+                       float *qr_raw, float *qr, float *q_raw, float *q, float *kv_raw, float *kv, mill_err *e);
+/* From attention outputs o [N, H, d]: inverse RoPE (o_rot), grouped wo_a (z), wo_b -> y [N, D]. */
+int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o, const int32_t *pos, int N,
+                      float *o_rot, float *z, float *y, mill_err *e);
+/* MoE sublayer of layer l on x [N, D] (ffn-normed) -> y [N, D]; tokens [N] feed the hash layers'
+ * tid2eid; replay [N, k] forces the experts. logits, scores [N, E], ids, wts [N, k] are outputs. */
+int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
+              const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
+              mill_err *e);
+
 typedef struct {
     double loss; /* mean cross-entropy over the counted positions */
     long count;  /* positions with a target >= 0 */
