@@ -1,0 +1,44 @@
+/* rollout/engine.h — cached, batched inference for the DeepSeek-V4 model.
+ * Owns: the per-sequence caches, following the reference's decode state layer by layer:
+ *   - the sliding-window K=V ring (the last sliding_window rotated kv rows),
+ *   - the compressor's open window (projections of the tokens since the last closed window)
+ *     and, on ratio-4 layers, the previous window's rows (the overlap half),
+ *   - the compressed entries emitted every `ratio` tokens (normed, rotated),
+ *   - on CSA layers, the same three for the lightning indexer's own compressor (its keys),
+ * and the step that advances any set of sequences by any number of tokens each (prefill
+ * chunks and single-token decode in one batch; sequences join and leave between steps).
+ * A memory budget bounds the caches: a sequence is admitted only if its worst case fits.
+ * Every token is computed by the same code as in the full forward (model_attn_project,
+ * op_attend_keys, op_compress_pool, model_moe, ...), so cached logits equal full-forward ones. */
+#ifndef MILL_ENGINE_H
+#define MILL_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../trainer/model.h"
+
+typedef struct engine_seq engine_seq;
+
+typedef struct {
+    const dsv4_model *m;
+    const kctx *k;
+    size_t budget, used; /* cache bytes */
+    arena a;             /* per-step activations */
+} engine;
+
+int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
+void engine_free(engine *en);
+/* Cache bytes a sequence of at most max_tokens needs (sized at admission: no growth later). */
+size_t engine_seq_bytes(const engine *en, int max_tokens);
+/* Admits a sequence of at most max_tokens; fails with an error naming the budget when it does not fit. */
+int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e);
+void engine_seq_free(engine *en, engine_seq *s);
+int engine_seq_len(const engine_seq *s);
+
+/* Feeds seqs[i] its next n_tokens[i] tokens (tokens[i]); logits [sum n, vocab] receive every fed
+ * position's logits in order (NULL: none); routing [layers, sum n, k] the experts used (NULL: none). */
+int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
+                float *logits, int32_t *routing, mill_err *e);
+
+#endif
