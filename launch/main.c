@@ -10,7 +10,7 @@
 #include "../common/safetensors.h"
 #include "../trainer/model.h"
 #include "../rollout/generate.h"
-#include "../trainer/sft.h"
+#include "sft.h"
 #include <errno.h>
 #include <sys/stat.h>
 
@@ -24,7 +24,7 @@ static int usage(FILE *to) {
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
-            "          [--seed S] [--stop ID]... --output OUT.json [--routing ROUTING.safetensors]\n"
+            "          [--seed S] [--stop ID]... [--cache-mb MB] --output OUT.json [--routing ROUTING.safetensors]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
@@ -278,7 +278,7 @@ static int parse_num(const char *name, const char *v, double lo, double hi, doub
 
 static int cmd_generate(int argc, char **argv, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--max-new-tokens", "--temperature",
-                                        "--top-p", "--top-k", "--seed", "--stop", "--routing", NULL};
+                                        "--top-p", "--top-k", "--seed", "--stop", "--routing", "--cache-mb", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     const char *mnt = opt(argc, argv, "--max-new-tokens"), *temp = opt(argc, argv, "--temperature");
@@ -302,6 +302,9 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
         if (parse_num("--seed", opt(argc, argv, "--seed"), 0, 9e15, &v, e)) return -1;
         sp.seed = (uint64_t)v;
     }
+    double cache_mb = 1024;
+    if (opt(argc, argv, "--cache-mb") && parse_num("--cache-mb", opt(argc, argv, "--cache-mb"), 1, 1 << 24, &cache_mb, e))
+        return -1;
     dsv4_model m;
     if (model_load(&m, dir, e)) return -1;
     for (int i = 2; i + 1 < argc; i += 2)
@@ -333,7 +336,7 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
         goto done;
     }
     for (int b = 0; b < B; b++) rows[b] = ids + (long)b * T;
-    if (generate(&m, &k, rows, lens, B, &sp, &res, &a, e)) goto done;
+    if (generate_cached(&m, &k, rows, lens, B, &sp, (size_t)(cache_mb * (1 << 20)), &res, e)) goto done;
     o = json_pack("{s:[], s:[], s:[]}", "output_ids", "logprobs", "finish_reason");
     for (int b = 0; b < B; b++) {
         json_t *oi = json_array(), *lp = json_array();

@@ -1,5 +1,7 @@
 #include "generate.h"
 
+#include "engine.h"
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +76,59 @@ void gen_result_free(gen_result *res) {
     memset(res, 0, sizeof *res);
 }
 
+/* Result arrays for n rows; each row's routing sized for its prompt + max_new tokens. */
+static int result_alloc(gen_result *res, int n, const int *lens, int maxn, int per_token, mill_err *e) {
+    memset(res, 0, sizeof *res);
+    res->n = n;
+    res->prompt_len = malloc(sizeof(int) * (size_t)n);
+    res->out_len = calloc((size_t)n, sizeof(int));
+    res->out_ids = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(int32_t));
+    res->logprobs = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(float));
+    res->finish = calloc((size_t)n, sizeof(finish_reason));
+    res->routing = calloc((size_t)n, sizeof(int32_t *));
+    if (!res->prompt_len || !res->out_len || !res->out_ids || !res->logprobs || !res->finish || !res->routing) {
+        gen_result_free(res);
+        return mill_errf(e, "generate: out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        res->prompt_len[i] = lens[i];
+        res->routing[i] = malloc(sizeof(int32_t) * (size_t)(lens[i] + maxn) * (size_t)per_token);
+        if (!res->routing[i]) {
+            gen_result_free(res);
+            return mill_errf(e, "generate: out of memory");
+        }
+    }
+    return 0;
+}
+
+/* Records a sampled token; returns 1 when the row is finished (stop id or length). */
+static int record_token(gen_result *res, const sample_params *sp, int i, int32_t tok, float lp) {
+    int maxn = sp->max_new_tokens;
+    res->out_ids[(long)i * maxn + res->out_len[i]] = tok;
+    res->logprobs[(long)i * maxn + res->out_len[i]] = lp;
+    res->out_len[i]++;
+    for (int s = 0; s < sp->n_stop; s++)
+        if (tok == sp->stop[s]) {
+            res->finish[i] = FINISH_STOP;
+            return 1;
+        }
+    if (res->out_len[i] == maxn) {
+        res->finish[i] = FINISH_LENGTH;
+        return 1;
+    }
+    return 0;
+}
+
+/* Routing rows were filled at stride prompt + max_new; compact to layers x (prompt + out) x k. */
+static void compact_routing(gen_result *res, int L, int K, int maxn) {
+    for (int i = 0; i < res->n; i++) {
+        int total = res->prompt_len[i] + maxn, len = res->prompt_len[i] + res->out_len[i];
+        for (int l = 1; l < L; l++)
+            memmove(res->routing[i] + (long)l * len * K, res->routing[i] + (long)l * total * K,
+                    sizeof(int32_t) * (size_t)len * K);
+    }
+}
+
 /* Copies the routing of positions [p0, p1) of batch row b (of Tb tokens, nb rows) into row i's record. */
 static void take_routing(gen_result *res, int i, const int32_t *routing, int L, int nb, int Tb, int b, int p0, int p1,
                          int K, int total_len) {
@@ -94,33 +149,20 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
         maxp = lens[i] > maxp ? lens[i] : maxp;
     }
     int T = maxp + maxn;
-    res->n = n;
-    res->prompt_len = malloc(sizeof(int) * (size_t)n);
-    res->out_len = calloc((size_t)n, sizeof(int));
-    res->out_ids = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(int32_t));
-    res->logprobs = calloc((size_t)n * (size_t)(maxn ? maxn : 1), sizeof(float));
-    res->finish = calloc((size_t)n, sizeof(finish_reason));
-    res->routing = calloc((size_t)n, sizeof(int32_t *));
+    if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)n * (size_t)T), *batch = malloc(sizeof(int32_t) * (size_t)n * T);
     int *rows = malloc(sizeof(int) * (size_t)n), *done = calloc((size_t)n, sizeof(int));
     float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V), *work = malloc(sizeof(float) * 2 * V);
     int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)n * (size_t)T * (size_t)K);
     rng *rngs = malloc(sizeof(rng) * (size_t)n);
     int rc = -1;
-    if (!res->prompt_len || !res->out_len || !res->out_ids || !res->logprobs || !res->finish || !res->routing || !seq ||
-        !batch || !rows || !done || !logits || !work || !routing || !rngs) {
+    if (!seq || !batch || !rows || !done || !logits || !work || !routing || !rngs) {
         mill_errf(e, "generate: out of memory");
         goto out;
     }
     for (int i = 0; i < n; i++) {
-        res->prompt_len[i] = lens[i];
         memcpy(seq + (long)i * T, prompts[i], sizeof(int32_t) * (size_t)lens[i]);
         rng_seed(&rngs[i], sp->seed + (uint64_t)i);
-        res->routing[i] = malloc(sizeof(int32_t) * (size_t)L * (size_t)T * (size_t)K);
-        if (!res->routing[i]) {
-            mill_errf(e, "generate: out of memory");
-            goto out;
-        }
     }
     /* Step s feeds each active row its tokens so far; the routing of a row's newest input
      * position(s) is what the engine used for it. One extra pass at the end routes the last
@@ -155,34 +197,100 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
             }
             float lp;
             int32_t tok = sample_token(logits + ((long)b * Tb + len - 1) * V, V, sp, &rngs[i], &lp, work);
-            res->out_ids[(long)i * maxn + res->out_len[i]] = tok;
-            res->logprobs[(long)i * maxn + res->out_len[i]] = lp;
-            res->out_len[i]++;
             seq[(long)i * T + len] = tok;
-            for (int s = 0; s < sp->n_stop; s++)
-                if (tok == sp->stop[s]) {
-                    res->finish[i] = FINISH_STOP;
-                    done[i] = 1;
-                }
-            if (!done[i] && res->out_len[i] == maxn) {
-                res->finish[i] = FINISH_LENGTH;
-                done[i] = 1;
-            }
+            done[i] = record_token(res, sp, i, tok, lp);
         }
     }
-    /* Compact each row's routing to its real length: layers x (prompt + generated) x k. */
-    for (int i = 0; i < n; i++) {
-        int total = lens[i] + maxn, len = lens[i] + res->out_len[i];
-        for (int l = 1; l < L; l++)
-            memmove(res->routing[i] + (long)l * len * K, res->routing[i] + (long)l * total * K,
-                    sizeof(int32_t) * (size_t)len * K);
-    }
+    compact_routing(res, L, K, maxn);
     rc = 0;
 out:
     free(seq);
     free(batch);
     free(rows);
     free(done);
+    free(logits);
+    free(work);
+    free(routing);
+    free(rngs);
+    if (rc) gen_result_free(res);
+    return rc;
+}
+
+int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
+                    const sample_params *sp, size_t budget_bytes, gen_result *res, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, total = 0;
+    memset(res, 0, sizeof *res);
+    if (n <= 0 || maxn < 0) return mill_errf(e, "generate: %d prompts, %d new tokens", n, maxn);
+    for (int i = 0; i < n; i++) {
+        if (lens[i] <= 0) return mill_errf(e, "generate: prompt %d is empty", i);
+        total += lens[i];
+    }
+    if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
+    engine en;
+    if (engine_init(&en, m, k, budget_bytes, e)) {
+        gen_result_free(res);
+        return -1;
+    }
+    engine_seq **seqs = calloc((size_t)n, sizeof *seqs), **act = calloc((size_t)n, sizeof *act);
+    const int32_t **toks = calloc((size_t)n, sizeof *toks);
+    int *nt = calloc((size_t)n, sizeof(int)), *row = calloc((size_t)n, sizeof(int)), *state = calloc((size_t)n, sizeof(int));
+    int32_t *last = calloc((size_t)n, sizeof(int32_t));
+    float *logits = malloc(sizeof(float) * (size_t)(total > n ? total : n) * V), *work = malloc(sizeof(float) * 2 * V);
+    int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(total > n ? total : n) * K);
+    rng *rngs = malloc(sizeof(rng) * (size_t)n);
+    int rc = -1;
+    if (!seqs || !act || !toks || !nt || !row || !state || !last || !logits || !work || !routing || !rngs) {
+        mill_errf(e, "generate: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        if (engine_seq_new(&en, lens[i] + maxn, &seqs[i], e)) goto out;
+        rng_seed(&rngs[i], sp->seed + (uint64_t)i);
+    }
+    /* state: 0 generating, 1 finished but its last token not yet routed, 2 done */
+    for (int step = 0;; step++) {
+        int na = 0;
+        for (int i = 0; i < n; i++) {
+            if (state[i] == 2) continue;
+            act[na] = seqs[i];
+            row[na] = i;
+            toks[na] = step == 0 ? prompts[i] : &last[i];
+            nt[na] = step == 0 ? lens[i] : 1;
+            na++;
+        }
+        if (!na) break;
+        int ntot = 0;
+        for (int j = 0; j < na; j++) ntot += nt[j];
+        if (engine_step(&en, act, toks, nt, na, logits, routing, e)) goto out;
+        for (int j = 0, off = 0; j < na; off += nt[j], j++) {
+            int i = row[j], p0 = engine_seq_len(act[j]) - nt[j];
+            for (int l = 0; l < L; l++)
+                memcpy(res->routing[i] + ((long)l * (lens[i] + maxn) + p0) * K, routing + ((long)l * ntot + off) * K,
+                       sizeof(int32_t) * (size_t)nt[j] * K);
+            if (state[i] == 1 || (step == 0 && maxn == 0)) { /* only routed its last token */
+                if (maxn == 0) res->finish[i] = FINISH_LENGTH;
+                state[i] = 2;
+                continue;
+            }
+            float lp;
+            last[i] = sample_token(logits + (long)(off + nt[j] - 1) * V, V, sp, &rngs[i], &lp, work);
+            state[i] = record_token(res, sp, i, last[i], lp);
+        }
+    }
+    compact_routing(res, L, K, maxn);
+    rc = 0;
+out:
+    if (seqs)
+        for (int i = 0; i < n; i++) engine_seq_free(&en, seqs[i]);
+    engine_free(&en);
+    free(seqs);
+    free(act);
+    free(toks);
+    free(nt);
+    free(row);
+    free(state);
+    free(last);
     free(logits);
     free(work);
     free(routing);

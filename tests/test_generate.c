@@ -60,7 +60,7 @@ static void free_fixture(fixture *f) {
     model_free(&f->m);
 }
 
-static void run(fixture *f, const sample_params *sp, gen_result *res) {
+static void run_path(fixture *f, const sample_params *sp, gen_result *res, int cached) {
     mill_err e = {{0}};
     const int32_t **rows = malloc(sizeof *rows * (size_t)f->B);
     int *lens = malloc(sizeof(int) * (size_t)f->B);
@@ -68,9 +68,57 @@ static void run(fixture *f, const sample_params *sp, gen_result *res) {
         rows[b] = f->prompt + b * f->P;
         lens[b] = f->P;
     }
-    if (generate(&f->m, &f->k, rows, lens, f->B, sp, res, &f->a, &e)) fail_msg("%s", e.msg);
+    int rc = cached ? generate_cached(&f->m, &f->k, rows, lens, f->B, sp, (size_t)1 << 30, res, &e)
+                    : generate(&f->m, &f->k, rows, lens, f->B, sp, res, &f->a, &e);
+    if (rc) fail_msg("%s", e.msg);
     free(rows);
     free(lens);
+}
+
+static void run(fixture *f, const sample_params *sp, gen_result *res) { run_path(f, sp, res, 0); }
+
+/* The cached engine against the re-forward path: same tokens, finish reasons and routing, logprobs
+ * within float rounding; greedy and sampled, with a stop id that ends rows at different steps. */
+static void cached_matches_reference(const char *cfg) {
+    fixture f;
+    load_fixture(&f, cfg);
+    int L = f.m.cfg.num_hidden_layers, K = f.m.cfg.num_experts_per_tok;
+    sample_params cases[3] = {{.temperature = 0, .top_p = 1, .max_new_tokens = f.N},
+                              {.temperature = 0.9f, .top_p = 0.95f, .top_k = 20, .seed = 5, .max_new_tokens = f.N},
+                              {.temperature = 0, .top_p = 1, .max_new_tokens = f.N, .n_stop = 1}};
+    cases[2].stop[0] = f.want[3]; /* row 0 stops at its 4th token; row 1 most likely runs to length */
+    double worst = 0;
+    for (int ci = 0; ci < 3; ci++) {
+        gen_result a, b;
+        run_path(&f, &cases[ci], &a, 0);
+        run_path(&f, &cases[ci], &b, 1);
+        for (int r = 0; r < f.B; r++) {
+            assert_int_equal(a.out_len[r], b.out_len[r]);
+            assert_int_equal(a.finish[r], b.finish[r]);
+            assert_memory_equal(a.out_ids + r * f.N, b.out_ids + r * f.N, sizeof(int32_t) * (size_t)a.out_len[r]);
+            for (int t = 0; t < a.out_len[r]; t++) {
+                double d = fabs(a.logprobs[r * f.N + t] - b.logprobs[r * f.N + t]);
+                worst = d > worst ? d : worst;
+            }
+            assert_memory_equal(a.routing[r], b.routing[r], sizeof(int32_t) * (size_t)L * (f.P + a.out_len[r]) * K);
+        }
+        if (ci == 2) assert_int_equal(a.finish[0], FINISH_STOP);
+        gen_result_free(&a);
+        gen_result_free(&b);
+    }
+    printf("# %s: cached generation = re-forward generation (3 sampling setups), worst logprob diff %.2e\n", cfg, worst);
+    assert_true(worst < 1e-4);
+    free_fixture(&f);
+}
+
+static void test_cached_tiny_a(void **s) {
+    (void)s;
+    cached_matches_reference("tiny-a");
+}
+
+static void test_cached_tiny_b(void **s) {
+    (void)s;
+    cached_matches_reference("tiny-b");
 }
 
 static void greedy_matches_hf(const char *cfg) {
@@ -198,6 +246,8 @@ int main(void) {
         cmocka_unit_test(test_greedy_tiny_b),
         cmocka_unit_test(test_sampling),
         cmocka_unit_test(test_sampler_distribution),
+        cmocka_unit_test(test_cached_tiny_a),
+        cmocka_unit_test(test_cached_tiny_b),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "trainer/checkpoint.h"
-#include "trainer/sft.h"
+#include "launch/sft.h"
 
 #define TINY_CONFIG MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json"
 

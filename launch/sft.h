@@ -1,4 +1,4 @@
-/* trainer/sft.h — supervised fine-tuning on the synthetic arithmetic data.
+/* launch/sft.h — supervised fine-tuning on the synthetic arithmetic data.
  * Owns: the SFT recipe (YAML), the training loop (batches with loss on the response
  * only, AdamW, logging, periodic greedy evaluation on held-out problems, checkpoints)
  * and resume from a checkpoint, bit-identical to an uninterrupted run. */
@@ -9,7 +9,7 @@
 
 #include "../algos/arith.h"
 #include "../common/tokenizer.h"
-#include "checkpoint.h"
+#include "../trainer/checkpoint.h"
 
 typedef struct {
     char model_config[1024]; /* configs/models/NAME.json, for a fresh model */
@@ -54,11 +54,5 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e);
 /* The whole run: steps, logs, evals, checkpoints under out_dir; prints to stdout. */
 int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e);
-
-/* Greedy decoding by full re-forward (no cache: the rollout engine owns cached decode).
- * prompts: n rows of token ids (lens[i] each); out: up to max_new tokens per row, stopping
- * at eos; out_lens[i] = tokens produced (eos excluded). */
-int sft_generate_greedy(sft_state *s, const int32_t *const *prompts, const int *lens, int n, int max_new,
-                        int32_t *out, int *out_lens, mill_err *e);
 
 #endif

@@ -10,6 +10,7 @@
 
 #include "../algos/sft_data.h"
 #include "../common/yamlcfg.h"
+#include "../rollout/generate.h"
 
 static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *file, mill_err *e) {
     if (strlen(src) >= cap) return mill_errf(e, "%s: %s is longer than %zu characters", file, what, cap - 1);
@@ -201,76 +202,15 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     return 0;
 }
 
-int sft_generate_greedy(sft_state *s, const int32_t *const *prompts, const int *lens, int n, int max_new,
-                        int32_t *out, int *out_lens, mill_err *e) {
-    int maxp = 0, V = s->model.cfg.vocab_size, eos = tokenizer_eos(s->tok), pad = tokenizer_pad(s->tok);
-    for (int i = 0; i < n; i++) maxp = lens[i] > maxp ? lens[i] : maxp;
-    int T = maxp + max_new;
-    int32_t *ids = malloc(sizeof(int32_t) * (size_t)n * (size_t)T);
-    int *cur = malloc(sizeof(int) * (size_t)n), *done = calloc((size_t)n, sizeof(int));
-    float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V);
-    int rc = -1;
-    if (!ids || !cur || !done || !logits) {
-        mill_errf(e, "generate: out of memory");
-        goto out;
-    }
-    /* Rows are right-padded: causal attention and window-closed compression mean a row's
-     * logits at its own last position do not depend on the padding after it. */
-    for (int i = 0; i < n; i++) {
-        for (int t = 0; t < T; t++) ids[(long)i * T + t] = t < lens[i] ? prompts[i][t] : pad;
-        cur[i] = lens[i];
-        out_lens[i] = 0;
-    }
-    for (int stepi = 0; stepi < max_new; stepi++) {
-        int Tcur = 0, active = 0;
-        for (int i = 0; i < n; i++) {
-            Tcur = cur[i] > Tcur ? cur[i] : Tcur;
-            active += !done[i];
-        }
-        if (!active) break;
-        /* the batch only needs to be as long as the longest row so far */
-        int32_t *view = malloc(sizeof(int32_t) * (size_t)n * (size_t)Tcur);
-        if (!view) {
-            mill_errf(e, "generate: out of memory");
-            goto out;
-        }
-        for (int i = 0; i < n; i++) memcpy(view + (long)i * Tcur, ids + (long)i * T, sizeof(int32_t) * (size_t)Tcur);
-        int frc = model_forward(&s->model, &s->k, view, n, Tcur, logits, NULL, &s->a, e);
-        free(view);
-        if (frc) goto out;
-        for (int i = 0; i < n; i++) {
-            if (done[i]) continue;
-            const float *l = logits + ((long)i * Tcur + cur[i] - 1) * V;
-            int best = 0;
-            for (int v = 1; v < V; v++)
-                if (l[v] > l[best]) best = v;
-            if (best == eos) {
-                done[i] = 1;
-                continue;
-            }
-            ids[(long)i * T + cur[i]] = best;
-            out[(long)i * max_new + out_lens[i]++] = best;
-            cur[i]++;
-        }
-    }
-    rc = 0;
-out:
-    free(ids);
-    free(cur);
-    free(done);
-    free(logits);
-    return rc;
-}
-
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
     rng g;
     rng_seed(&g, r->eval_seed);
     arith_problem *probs = malloc(sizeof *probs * (size_t)n);
     int32_t **prompts = calloc((size_t)n, sizeof *prompts);
-    int *lens = malloc(sizeof(int) * (size_t)n), *olens = malloc(sizeof(int) * (size_t)n);
+    int *lens = malloc(sizeof(int) * (size_t)n);
     int max_new = 12, rc = -1, correct = 0;
-    int32_t *outs = malloc(sizeof(int32_t) * (size_t)n * (size_t)max_new);
-    if (!probs || !prompts || !lens || !olens || !outs) {
+    gen_result res = {0};
+    if (!probs || !prompts || !lens) {
         mill_errf(e, "eval: out of memory");
         goto out;
     }
@@ -288,18 +228,17 @@ int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_er
         if (tokenizer_encode(s->tok, text, strlen(text), prompts[i] + 1, 255, &m, e)) goto out;
         lens[i] = m + 1;
     }
-    for (int b0 = 0; b0 < n; b0 += 64) { /* bounded batches keep the logits buffer small */
-        int nb = n - b0 < 64 ? n - b0 : 64;
-        if (sft_generate_greedy(s, (const int32_t *const *)prompts + b0, lens + b0, nb, max_new, outs + (long)b0 * max_new,
-                                olens + b0, e))
-            goto out;
-    }
+    sample_params sp = {.temperature = 0, .top_p = 1, .max_new_tokens = max_new, .n_stop = 1};
+    sp.stop[0] = tokenizer_eos(s->tok);
+    if (generate_cached(&s->model, &s->k, (const int32_t *const *)prompts, lens, n, &sp, (size_t)1 << 30, &res, e))
+        goto out;
     for (int i = 0; i < n; i++) {
         /* The answer is the bytes before the first special or reserved id (an untrained model emits any id). */
         char text[64];
+        const int32_t *o = res.out_ids + (long)i * max_new;
         int nb = 0;
-        while (nb < olens[i] && outs[(long)i * max_new + nb] < 256) nb++;
-        if (tokenizer_decode(s->tok, outs + (long)i * max_new, nb, text, sizeof text, e)) goto out;
+        while (nb < res.out_len[i] && o[nb] < 256) nb++;
+        if (tokenizer_decode(s->tok, o, nb, text, sizeof text, e)) goto out;
         correct += arith_check(text, &probs[i]);
     }
     *accuracy = (double)correct / n;
@@ -310,8 +249,7 @@ out:
     free(prompts);
     free(probs);
     free(lens);
-    free(olens);
-    free(outs);
+    gen_result_free(&res);
     return rc;
 }
 
