@@ -10,6 +10,7 @@
 #include "../common/safetensors.h"
 #include "../trainer/model.h"
 #include "../rollout/generate.h"
+#include "../rollout/server.h"
 #include "sft.h"
 #include <errno.h>
 #include <sys/stat.h>
@@ -27,6 +28,8 @@ static int usage(FILE *to) {
             "          [--seed S] [--stop ID]... [--cache-mb MB] --output OUT.json [--routing ROUTING.safetensors]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
+            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N]\n"
+            "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
@@ -396,6 +399,24 @@ done:
     return rc;
 }
 
+static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
+    if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
+    double mb = 1024, mbatch = 64;
+    if (opt(argc, argv, "--cache-mb") && parse_num("--cache-mb", opt(argc, argv, "--cache-mb"), 1, 1 << 24, &mb, e))
+        return -1;
+    if (opt(argc, argv, "--max-batch") && parse_num("--max-batch", opt(argc, argv, "--max-batch"), 1, 1 << 16, &mbatch, e))
+        return -1;
+    dsv4_model m;
+    if (model_load(&m, dir, e)) return -1;
+    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch};
+    int rc = rollout_server_run(&m, &sc, e);
+    model_free(&m);
+    return rc;
+}
+
 static int cmd_info(int argc, char **argv, mill_err *e) {
     static const char *const known[] = {"--model", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
@@ -458,6 +479,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &e);
     else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &e);
     else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &e);
+    else if (strcmp(argv[1], "rollout-server") == 0) rc = cmd_rollout_server(argc, argv, &e);
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);

@@ -27,3 +27,6 @@ if [ "$have_msgpack" = 0 ]; then
 fi
 # shellcheck disable=SC2086
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+# Optional: clang with libFuzzer for the coverage-guided fuzz test (tests/run_fuzz.sh falls back
+# to a plain mutation loop without it).
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang >/dev/null 2>&1 || true

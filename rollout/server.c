@@ -1,0 +1,430 @@
+#include "server.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "../common/wire.h"
+#include "engine.h"
+#include "generate.h"
+
+typedef struct {
+    unsigned char peer[256];
+    size_t peer_len;
+    uint64_t id;
+    sample_params sp;
+    int n, remaining;
+} request;
+
+typedef struct {
+    request *req;
+    int index, plen, nout, state; /* state: 0 waiting, 1 prefill next, 2 decoding, 3 route last, 4 done */
+    int32_t *tokens;               /* [plen + max_new] */
+    float *logprobs;               /* [max_new] */
+    int32_t *routing;              /* [layers, plen + max_new, k] */
+    engine_seq *seq;
+    rng r;
+    long version_start;
+    finish_reason finish;
+} sample;
+
+typedef struct {
+    dsv4_model *m;
+    kctx k;
+    engine en;
+    void *sock;
+    sample **samples;
+    int n_samples, cap_samples;
+    long version, steps, tokens_out, requests;
+    int released, stop;
+    /* staged weight update (applied when its last bucket arrives) */
+    float *staged;
+    uint8_t *staged_set;
+    long staged_version;
+    int max_batch;
+} server;
+
+static void reply_error(server *s, const unsigned char *peer, size_t peer_len, uint64_t id, const char *msg) {
+    wire_builder *b = wire_builder_new("error", id);
+    mill_err e;
+    if (!b) return;
+    wire_put_str(b, "message", msg);
+    wire_send(s->sock, peer, peer_len, b, &e); /* a peer that left cannot be told; keep serving */
+    wire_builder_free(b);
+}
+
+static void reply_simple(server *s, const unsigned char *peer, size_t peer_len, const char *type, uint64_t id) {
+    wire_builder *b = wire_builder_new(type, id);
+    mill_err e;
+    if (!b) return;
+    wire_put_int(b, "weight_version", s->version);
+    wire_put_bool(b, "released", s->released);
+    wire_send(s->sock, peer, peer_len, b, &e);
+    wire_builder_free(b);
+}
+
+static void sample_free(server *s, sample *sm) {
+    if (sm->seq) engine_seq_free(&s->en, sm->seq);
+    free(sm->tokens);
+    free(sm->logprobs);
+    free(sm->routing);
+    free(sm);
+}
+
+static int handle_generate(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
+    const dsv4_config *c = &s->m->cfg;
+    if (s->released) return mill_errf(e, "generate: the engine's memory is released; send resume first");
+    int64_t n, maxn, topk, seed, stop[8];
+    double temp, topp;
+    int n_stop;
+    if (wire_get_int(msg, "n", 0, 1, 1, 1024, &n, e) || wire_get_int(msg, "max_new_tokens", 1, 0, 0, 1 << 20, &maxn, e) ||
+        wire_get_num(msg, "temperature", 0, 1.0, 0, 100, &temp, e) || wire_get_num(msg, "top_p", 0, 1.0, 1e-9, 1, &topp, e) ||
+        wire_get_int(msg, "top_k", 0, 0, 0, c->vocab_size, &topk, e) ||
+        wire_get_int(msg, "seed", 0, 0, 0, INT64_MAX, &seed, e) ||
+        wire_get_int_array(msg, "stop", 0, 0, c->vocab_size - 1, stop, 8, &n_stop, e))
+        return -1;
+    const wire_frame *pf = wire_frame_named(msg, "prompt");
+    if (!pf || pf->dtype != DTYPE_I32 || pf->ndim != 1 || pf->shape[0] < 1)
+        return mill_errf(e, "generate: needs a frame \"prompt\" of dtype I32 and shape [length >= 1]");
+    int plen = (int)pf->shape[0];
+    const int32_t *prompt = pf->data;
+    for (int t = 0; t < plen; t++)
+        if (prompt[t] < 0 || prompt[t] >= c->vocab_size)
+            return mill_errf(e, "generate: prompt[%d] = %d is outside the vocabulary [0, %d)", t, prompt[t], c->vocab_size);
+    if (engine_seq_bytes(&s->en, plen + (int)maxn) > s->en.budget)
+        return mill_errf(e, "generate: one sample of %lld tokens needs %zu cache bytes, more than the %zu-byte budget",
+                         (long long)(plen + maxn), engine_seq_bytes(&s->en, plen + (int)maxn), s->en.budget);
+    request *rq = calloc(1, sizeof *rq);
+    if (!rq) return mill_errf(e, "generate: out of memory");
+    memcpy(rq->peer, peer, peer_len);
+    rq->peer_len = peer_len;
+    rq->id = wire_id(msg);
+    rq->n = rq->remaining = (int)n;
+    rq->sp = (sample_params){.temperature = (float)temp, .top_p = (float)topp, .top_k = (int)topk,
+                             .seed = (uint64_t)seed, .max_new_tokens = (int)maxn, .n_stop = n_stop};
+    for (int i = 0; i < n_stop; i++) rq->sp.stop[i] = (int32_t)stop[i];
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    for (int i = 0; i < n; i++) {
+        sample *sm = calloc(1, sizeof *sm);
+        if (sm) {
+            sm->tokens = malloc(sizeof(int32_t) * (size_t)(plen + maxn));
+            sm->logprobs = malloc(sizeof(float) * (size_t)(maxn ? maxn : 1));
+            sm->routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(plen + maxn) * K);
+        }
+        if (s->n_samples == s->cap_samples) {
+            int cap = s->cap_samples ? 2 * s->cap_samples : 64;
+            sample **ns = realloc(s->samples, sizeof *ns * (size_t)cap);
+            if (ns) {
+                s->samples = ns;
+                s->cap_samples = cap;
+            }
+        }
+        if (!sm || !sm->tokens || !sm->logprobs || !sm->routing || s->n_samples == s->cap_samples) {
+            if (sm) sample_free(s, sm);
+            rq->remaining -= (int)n - i; /* the samples already queued still answer; the rest fail */
+            if (!rq->remaining) free(rq);
+            return mill_errf(e, "generate: out of memory for sample %d", i);
+        }
+        sm->req = rq;
+        sm->index = i;
+        sm->plen = plen;
+        memcpy(sm->tokens, prompt, sizeof(int32_t) * (size_t)plen);
+        rng_seed(&sm->r, (uint64_t)seed + (uint64_t)i); /* sample i of a request = row i of mill generate */
+        s->samples[s->n_samples++] = sm;
+    }
+    s->requests++;
+    return 0;
+}
+
+/* Sends a finished sample: tokens, logprobs and routing (U8 when experts fit a byte) as frames. */
+static void send_sample(server *s, sample *sm) {
+    const dsv4_config *c = &s->m->cfg;
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok, len = sm->plen + sm->nout;
+    int narrow = c->n_routed_experts <= 256, maxn = sm->req->sp.max_new_tokens;
+    size_t cnt = (size_t)L * len * K;
+    void *rt = malloc(cnt * (narrow ? 1 : 2));
+    wire_builder *b = wire_builder_new("sample", sm->req->id);
+    mill_err e;
+    if (rt && b) {
+        for (int l = 0; l < L; l++)
+            for (long j = 0; j < (long)len * K; j++) {
+                int32_t v = sm->routing[(long)l * (sm->plen + maxn) * K + j];
+                if (narrow) ((uint8_t *)rt)[(long)l * len * K + j] = (uint8_t)v;
+                else ((uint16_t *)rt)[(long)l * len * K + j] = (uint16_t)v;
+            }
+        int64_t sh1 = sm->nout, shr[3] = {L, len, K};
+        wire_put_int(b, "index", sm->index);
+        wire_put_int(b, "prompt_len", sm->plen);
+        wire_put_str(b, "finish_reason", sm->finish == FINISH_STOP ? "stop" : "length");
+        wire_put_int(b, "weight_version", sm->version_start);
+        wire_put_int(b, "weight_version_end", s->version);
+        if (!wire_put_frame(b, "tokens", DTYPE_I32, 1, &sh1, sm->tokens + sm->plen, &e) &&
+            !wire_put_frame(b, "logprobs", DTYPE_F32, 1, &sh1, sm->logprobs, &e) &&
+            !wire_put_frame(b, "routing", narrow ? DTYPE_U8 : DTYPE_U16, 3, shr, rt, &e))
+            wire_send(s->sock, sm->req->peer, sm->req->peer_len, b, &e);
+    }
+    wire_builder_free(b);
+    free(rt);
+    s->tokens_out += sm->nout;
+    if (--sm->req->remaining == 0) {
+        wire_builder *d = wire_builder_new("done", sm->req->id);
+        if (d) {
+            wire_put_int(d, "n", sm->req->n);
+            wire_send(s->sock, sm->req->peer, sm->req->peer_len, d, &e);
+            wire_builder_free(d);
+        }
+        free(sm->req);
+    }
+}
+
+/* One engine step over the samples that have (or can get) a cache; finished samples are sent. */
+static int step(server *s, mill_err *e) {
+    const dsv4_config *c = &s->m->cfg;
+    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    engine_seq **seqs = malloc(sizeof *seqs * (size_t)s->n_samples);
+    const int32_t **toks = malloc(sizeof *toks * (size_t)s->n_samples);
+    int *nt = malloc(sizeof(int) * (size_t)s->n_samples), *who = malloc(sizeof(int) * (size_t)s->n_samples);
+    int n = 0, total = 0, rc = -1;
+    float *logits = NULL, *work = malloc(sizeof(float) * 2 * (size_t)V);
+    int32_t *routing = NULL;
+    if (!seqs || !toks || !nt || !who || !work) {
+        mill_errf(e, "server: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < s->n_samples && n < s->max_batch; i++) {
+        sample *sm = s->samples[i];
+        if (sm->state == 0) { /* admission: wait while the budget is full */
+            mill_err ae;
+            if (engine_seq_new(&s->en, sm->plen + sm->req->sp.max_new_tokens, &sm->seq, &ae)) continue;
+            sm->state = 1;
+            sm->version_start = s->version;
+        }
+        seqs[n] = sm->seq;
+        int len = sm->plen + sm->nout, done = engine_seq_len(sm->seq);
+        toks[n] = sm->tokens + done;
+        nt[n] = len - done;
+        who[n++] = i;
+        total += len - done;
+    }
+    if (!n) {
+        rc = 0;
+        goto out;
+    }
+    logits = malloc(sizeof(float) * (size_t)total * V);
+    routing = malloc(sizeof(int32_t) * (size_t)L * total * K);
+    if (!logits || !routing) {
+        mill_errf(e, "server: out of memory");
+        goto out;
+    }
+    if (engine_step(&s->en, seqs, toks, nt, n, logits, routing, e)) goto out;
+    s->steps++;
+    for (int j = 0, off = 0; j < n; off += nt[j], j++) {
+        sample *sm = s->samples[who[j]];
+        int maxn = sm->req->sp.max_new_tokens, p0 = engine_seq_len(sm->seq) - nt[j];
+        for (int l = 0; l < L; l++)
+            memcpy(sm->routing + ((long)l * (sm->plen + maxn) + p0) * K, routing + ((long)l * total + off) * K,
+                   sizeof(int32_t) * (size_t)nt[j] * K);
+        if (sm->state == 3 || maxn == 0) { /* its last token is routed: finished */
+            if (maxn == 0) sm->finish = FINISH_LENGTH;
+            sm->state = 4;
+            continue;
+        }
+        float lp;
+        int32_t tok = sample_token(logits + (long)(off + nt[j] - 1) * V, V, &sm->req->sp, &sm->r, &lp, work);
+        sm->tokens[sm->plen + sm->nout] = tok;
+        sm->logprobs[sm->nout++] = lp;
+        sm->state = 2;
+        for (int q = 0; q < sm->req->sp.n_stop; q++)
+            if (tok == sm->req->sp.stop[q]) {
+                sm->finish = FINISH_STOP;
+                sm->state = 3;
+            }
+        if (sm->state == 2 && sm->nout == maxn) {
+            sm->finish = FINISH_LENGTH;
+            sm->state = 3;
+        }
+    }
+    int keep = 0; /* send and drop finished samples, keeping arrival order */
+    for (int i = 0; i < s->n_samples; i++) {
+        sample *sm = s->samples[i];
+        if (sm->state == 4) {
+            send_sample(s, sm);
+            sample_free(s, sm);
+        } else {
+            s->samples[keep++] = sm;
+        }
+    }
+    s->n_samples = keep;
+    rc = 0;
+out:
+    free(seqs);
+    free(toks);
+    free(nt);
+    free(who);
+    free(logits);
+    free(work);
+    free(routing);
+    return rc;
+}
+
+static int handle_update(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
+    int64_t version, bucket;
+    int last;
+    if (wire_get_int(msg, "version", 1, 0, 0, INT64_MAX, &version, e) ||
+        wire_get_int(msg, "bucket", 1, 0, 0, 1 << 30, &bucket, e) || wire_get_bool(msg, "last", 1, 0, &last, e))
+        return -1;
+    dsv4_model *m = s->m;
+    if (!s->staged) {
+        s->staged = malloc(sizeof(float) * m->n_floats);
+        s->staged_set = calloc((size_t)m->n_params, 1);
+        if (!s->staged || !s->staged_set) {
+            free(s->staged);
+            free(s->staged_set);
+            s->staged = NULL;
+            s->staged_set = NULL;
+            return mill_errf(e, "update_weights: out of memory for staging");
+        }
+        memcpy(s->staged, m->data, sizeof(float) * m->n_floats); /* tensors not sent keep their values */
+        s->staged_version = version;
+    }
+    if (version != s->staged_version) {
+        free(s->staged);
+        free(s->staged_set);
+        s->staged = NULL;
+        s->staged_set = NULL;
+        return mill_errf(e, "update_weights: bucket of version %lld while version %lld is being staged (dropped both)",
+                         (long long)version, (long long)s->staged_version);
+    }
+    for (int i = 0; i < wire_n_frames(msg); i++) {
+        const wire_frame *f = wire_frame_at(msg, i);
+        const param_info *p = model_find_param(m, f->name);
+        if (!p || p->kind == PARAM_INDEX)
+            return mill_errf(e, "update_weights: \"%s\" is not a float parameter of this model", f->name);
+        if (f->ndim != p->ndim || memcmp(f->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim))
+            return mill_errf(e, "update_weights: \"%s\" has the wrong shape", f->name);
+        if (f->dtype != DTYPE_F32 && f->dtype != DTYPE_BF16)
+            return mill_errf(e, "update_weights: \"%s\" must be F32 or BF16, got %s", f->name, dtype_name(f->dtype));
+        if (dtype_convert_to_f32(f->dtype, f->data, s->staged + p->offset, p->numel, e)) return -1;
+        s->staged_set[p - m->params] = 1;
+    }
+    wire_builder *b;
+    if (last) { /* swap between engine steps: no token sees a mix of versions */
+        memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
+        s->version = version;
+        free(s->staged);
+        free(s->staged_set);
+        s->staged = NULL;
+        s->staged_set = NULL;
+        b = wire_builder_new("weights_ok", wire_id(msg));
+    } else {
+        b = wire_builder_new("bucket_ok", wire_id(msg));
+    }
+    if (!b) return mill_errf(e, "update_weights: out of memory");
+    wire_put_int(b, "version", version);
+    wire_put_int(b, "bucket", bucket);
+    wire_send(s->sock, peer, peer_len, b, e);
+    wire_builder_free(b);
+    return 0;
+}
+
+static void handle_stats(server *s, const unsigned char *peer, size_t peer_len, uint64_t id) {
+    wire_builder *b = wire_builder_new("stats", id);
+    mill_err e;
+    if (!b) return;
+    int active = 0;
+    for (int i = 0; i < s->n_samples; i++) active += s->samples[i]->state != 0;
+    wire_put_int(b, "active", active);
+    wire_put_int(b, "queued", s->n_samples - active);
+    wire_put_int(b, "cache_used", (int64_t)s->en.used);
+    wire_put_int(b, "cache_budget", (int64_t)s->en.budget);
+    wire_put_int(b, "steps", s->steps);
+    wire_put_int(b, "tokens_generated", s->tokens_out);
+    wire_put_int(b, "requests", s->requests);
+    wire_put_int(b, "weight_version", s->version);
+    wire_send(s->sock, peer, peer_len, b, &e);
+    wire_builder_free(b);
+}
+
+static void handle(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len) {
+    mill_err e = {{0}};
+    const char *t = wire_type(msg);
+    uint64_t id = wire_id(msg);
+    int rc = 0;
+    if (!strcmp(t, "health")) reply_simple(s, peer, peer_len, "health_ok", id);
+    else if (!strcmp(t, "stats")) handle_stats(s, peer, peer_len, id);
+    else if (!strcmp(t, "generate")) rc = handle_generate(s, msg, peer, peer_len, &e);
+    else if (!strcmp(t, "update_weights")) rc = handle_update(s, msg, peer, peer_len, &e);
+    else if (!strcmp(t, "release_memory")) {
+        if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
+        else {
+            s->released = 1;
+            reply_simple(s, peer, peer_len, "released", id);
+        }
+    } else if (!strcmp(t, "resume")) {
+        s->released = 0;
+        reply_simple(s, peer, peer_len, "resumed", id);
+    } else if (!strcmp(t, "shutdown")) {
+        s->stop = 1;
+        reply_simple(s, peer, peer_len, "bye", id);
+    } else {
+        rc = mill_errf(&e, "unknown message type \"%s\" (see rollout/PROTOCOL.md)", t);
+    }
+    if (rc) reply_error(s, peer, peer_len, id, e.msg);
+}
+
+int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
+    server s = {0};
+    s.m = m;
+    s.max_batch = sc->max_batch > 0 ? sc->max_batch : 64;
+    if (kctx_init(&s.k, DEVICE_CPU, e) || engine_init(&s.en, m, &s.k, sc->cache_budget, e)) return -1;
+    void *ctx = zmq_ctx_new();
+    int rc = -1, linger = 0;
+    if (!ctx) {
+        mill_errf(e, "server: cannot create a ZeroMQ context: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    s.sock = zmq_socket(ctx, ZMQ_ROUTER);
+    if (!s.sock || zmq_setsockopt(s.sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_bind(s.sock, sc->bind)) {
+        mill_errf(e, "server: cannot bind %s: %s", sc->bind, zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    log_info("rollout server on %s (cache budget %zu bytes)", sc->bind, sc->cache_budget);
+    while (!s.stop) {
+        /* drain what has arrived (wait only when there is nothing to generate) */
+        for (int first = 1;; first = 0) {
+            unsigned char peer[256];
+            size_t peer_len = 0;
+            wire_msg *msg = NULL;
+            wire_raw *raw = NULL;
+            mill_err re = {{0}};
+            int r = wire_recv(s.sock, 1, first && !s.n_samples ? 100 : 0, peer, &peer_len, &msg, &raw, &re);
+            if (r == 1) break;
+            if (r < 0) {
+                if (peer_len) reply_error(&s, peer, peer_len, 0, re.msg);
+                wire_recv_free(raw);
+                continue;
+            }
+            handle(&s, msg, peer, peer_len);
+            wire_msg_free(msg);
+            wire_recv_free(raw);
+            if (s.stop) break;
+        }
+        if (!s.stop && s.n_samples && step(&s, e)) goto out;
+    }
+    rc = 0;
+out:
+    for (int i = 0; i < s.n_samples; i++) {
+        request *rq = s.samples[i]->req;
+        if (--rq->remaining == 0) free(rq);
+        sample_free(&s, s.samples[i]);
+    }
+    free(s.samples);
+    free(s.staged);
+    free(s.staged_set);
+    if (s.sock) zmq_close(s.sock);
+    if (ctx) zmq_ctx_term(ctx);
+    engine_free(&s.en);
+    kctx_free(&s.k);
+    return rc;
+}

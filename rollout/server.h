@@ -1,0 +1,23 @@
+/* rollout/server.h — the rollout server: the cached engine behind a ZeroMQ ROUTER socket.
+ * Owns: the request loop, continuous batching across requests (samples join the engine as the
+ * cache budget allows and leave when finished), weight updates applied between decode steps,
+ * release/resume of the engine's memory, and the protocol (rollout/PROTOCOL.md). One thread; it
+ * answers messages between engine steps, so a slow client never stalls generation and a
+ * malformed message gets an error reply while the server keeps serving. */
+#ifndef MILL_SERVER_H
+#define MILL_SERVER_H
+
+#include <stddef.h>
+
+#include "../trainer/model.h"
+
+typedef struct {
+    const char *bind;    /* e.g. tcp://127.0.0.1:5555 (loopback unless told otherwise) */
+    size_t cache_budget; /* bytes of sequence caches */
+    int max_batch;       /* sequences per engine step */
+} server_config;
+
+/* Serves until a "shutdown" message; the model's weights may be replaced by update_weights. */
+int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e);
+
+#endif

@@ -1,0 +1,238 @@
+/* The rollout server end to end over ZeroMQ on loopback: health, stats, greedy generation equal to
+ * the HF-checked goldens (n samples, streamed), error replies to malformed and invalid messages
+ * while it keeps serving, a client that disconnects mid-request, a bucketed weight update that
+ * changes the output, release/resume, shutdown. The server runs in a thread of this process. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "common/wire.h"
+#include "rollout/server.h"
+
+typedef struct {
+    dsv4_model m;
+    server_config sc;
+    int rc;
+    mill_err e;
+} server_arg;
+
+static void *server_main(void *p) {
+    server_arg *a = p;
+    a->rc = rollout_server_run(&a->m, &a->sc, &a->e);
+    return NULL;
+}
+
+static void *connect_client(void *ctx, const char *addr) {
+    void *s = zmq_socket(ctx, ZMQ_DEALER);
+    int linger = 0, tmo = 20000;
+    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof tmo);
+    assert_int_equal(zmq_connect(s, addr), 0);
+    return s;
+}
+
+static void send_msg(void *s, wire_builder *b) {
+    mill_err e;
+    if (wire_send(s, NULL, 0, b, &e)) fail_msg("%s", e.msg);
+    wire_builder_free(b);
+}
+
+/* Next reply; the caller frees msg and raw. */
+static wire_msg *recv_msg(void *s, wire_raw **raw) {
+    wire_msg *m = NULL;
+    mill_err e = {{0}};
+    int r = wire_recv(s, 0, 20000, NULL, NULL, &m, raw, &e);
+    if (r) fail_msg("no reply (%d): %s", r, e.msg);
+    return m;
+}
+
+static wire_builder *gen_request(uint64_t id, const int32_t *prompt, int64_t plen, int n, int maxn) {
+    wire_builder *b = wire_builder_new("generate", id);
+    mill_err e;
+    wire_put_int(b, "n", n);
+    wire_put_int(b, "max_new_tokens", maxn);
+    wire_put_num(b, "temperature", 0.0);
+    if (wire_put_frame(b, "prompt", DTYPE_I32, 1, &plen, prompt, &e)) fail_msg("%s", e.msg);
+    return b;
+}
+
+static void test_server(void **st) {
+    (void)st;
+    char dir[1024], path[1100], addr[128];
+    snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
+    snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-%d.sock", (int)getpid());
+    server_arg *a = calloc(1, sizeof *a);
+    if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
+    a->sc = (server_config){addr, (size_t)64 << 20, 8};
+    /* golden prompts and HF-checked greedy continuations */
+    snprintf(path, sizeof path, "%s/generate.json", dir);
+    json_error_t je;
+    json_t *g = json_load_file(path, 0, &je);
+    json_t *in = json_object_get(g, "input_ids"), *out = json_object_get(g, "output_ids");
+    int P = (int)json_array_size(json_array_get(in, 0)), N = (int)json_integer_value(json_object_get(g, "max_new_tokens"));
+    int32_t prompt[2][512], want[2][64];
+    for (int b = 0; b < 2; b++) {
+        for (int t = 0; t < P; t++) prompt[b][t] = (int32_t)json_integer_value(json_array_get(json_array_get(in, b), t));
+        for (int t = 0; t < N; t++) want[b][t] = (int32_t)json_integer_value(json_array_get(json_array_get(out, b), t));
+    }
+    json_decref(g);
+
+    pthread_t th;
+    pthread_create(&th, NULL, server_main, a);
+    void *ctx = zmq_ctx_new();
+    void *c = connect_client(ctx, addr);
+    wire_raw *raw;
+    wire_msg *r;
+
+    send_msg(c, wire_builder_new("health", 1));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "health_ok");
+    assert_int_equal(wire_id(r), 1);
+    wire_msg_free(r);
+    wire_recv_free(raw);
+
+    /* malformed: a header that is not msgpack at all; then an unknown type; server still answers */
+    assert_true(zmq_send(c, "\xc1\xc1garbage", 9, 0) == 9);
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "error");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    send_msg(c, wire_builder_new("frobnicate", 2));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "error");
+    char msg[256];
+    mill_err e;
+    wire_get_str(r, "message", 1, "", msg, sizeof msg, &e);
+    assert_non_null(strstr(msg, "frobnicate"));
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    /* invalid generate: a token outside the vocabulary */
+    int32_t bad = 99999;
+    send_msg(c, gen_request(3, &bad, 1, 1, 4));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "error");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+
+    /* a client that disconnects mid-request (linger so the request is delivered before it goes) */
+    void *quitter = connect_client(ctx, addr);
+    int linger = 2000;
+    zmq_setsockopt(quitter, ZMQ_LINGER, &linger, sizeof linger);
+    send_msg(quitter, gen_request(9, prompt[0], P, 3, N));
+    zmq_close(quitter);
+
+    /* two requests in flight at once: greedy = golden, two samples of the first one */
+    send_msg(c, gen_request(10, prompt[0], P, 2, N));
+    send_msg(c, gen_request(11, prompt[1], P, 1, N));
+    int samples = 0, done = 0;
+    while (done < 2) {
+        r = recv_msg(c, &raw);
+        if (!strcmp(wire_type(r), "done")) done++;
+        else {
+            assert_string_equal(wire_type(r), "sample");
+            int row = wire_id(r) == 10 ? 0 : 1;
+            const wire_frame *tk = wire_frame_named(r, "tokens"), *rt = wire_frame_named(r, "routing");
+            assert_non_null(tk);
+            assert_int_equal(tk->shape[0], N);
+            assert_memory_equal(tk->data, want[row], sizeof(int32_t) * (size_t)N);
+            assert_non_null(rt);
+            assert_int_equal(rt->dtype, DTYPE_U8);
+            assert_int_equal(rt->shape[1], P + N);
+            samples++;
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+    assert_int_equal(samples, 3);
+
+    /* weight update in two buckets (version 7): scaling the LM head changes greedy output */
+    const param_info *hp = model_find_param(&a->m, "head.weight");
+    float *head = malloc(sizeof(float) * hp->numel);
+    for (size_t i = 0; i < hp->numel; i++) head[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
+    wire_builder *b = wire_builder_new("update_weights", 20);
+    wire_put_int(b, "version", 7);
+    wire_put_int(b, "bucket", 0);
+    wire_put_bool(b, "last", 0);
+    if (wire_put_frame(b, "head.weight", DTYPE_F32, 2, hp->shape, head, &e)) fail_msg("%s", e.msg);
+    send_msg(c, b);
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "bucket_ok");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    b = wire_builder_new("update_weights", 21);
+    wire_put_int(b, "version", 7);
+    wire_put_int(b, "bucket", 1);
+    wire_put_bool(b, "last", 1);
+    send_msg(c, b);
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "weights_ok");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    send_msg(c, gen_request(22, prompt[0], P, 1, N));
+    int differs = 0;
+    for (int got = 0; got < 2; got++) {
+        r = recv_msg(c, &raw);
+        if (!strcmp(wire_type(r), "sample")) {
+            int64_t v;
+            wire_get_int(r, "weight_version", 1, 0, 0, 1 << 30, &v, &e);
+            assert_int_equal(v, 7);
+            differs = memcmp(wire_frame_named(r, "tokens")->data, want[0], sizeof(int32_t) * (size_t)N) != 0;
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+    assert_true(differs);
+    free(head);
+
+    /* release/resume */
+    send_msg(c, wire_builder_new("release_memory", 30));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "released");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    send_msg(c, gen_request(31, prompt[0], P, 1, 2));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "error");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    send_msg(c, wire_builder_new("resume", 32));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "resumed");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+
+    send_msg(c, wire_builder_new("stats", 40));
+    r = recv_msg(c, &raw);
+    int64_t reqs, toks;
+    wire_get_int(r, "requests", 1, 0, 0, 1 << 30, &reqs, &e);
+    wire_get_int(r, "tokens_generated", 1, 0, 0, 1 << 30, &toks, &e);
+    assert_int_equal(reqs, 4); /* quitter's, 10, 11, 22 */
+    assert_int_equal(toks, (3 + 2 + 1 + 1) * N);
+    wire_msg_free(r);
+    wire_recv_free(raw);
+
+    send_msg(c, wire_builder_new("shutdown", 50));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "bye");
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    pthread_join(th, NULL);
+    assert_int_equal(a->rc, 0);
+    zmq_close(c);
+    zmq_ctx_term(ctx);
+    model_free(&a->m);
+    free(a);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_server)};
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
