@@ -433,24 +433,15 @@ static int site_backward(fwd *f, const site_trace *s, const float *fn, const flo
                               scale, N, dm, work, f->e);
 }
 
-int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
-                           int T, const int32_t *replay, float *grads, model_loss *out, arena *a, mill_err *e) {
-    fwd st, *f = &st;
-    TRY(fwd_begin(f, m, k, ids, B, T, a, e));
+/* Backward from dlogits [N, V] through the traced forward into grads. */
+static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
+    const dsv4_model *m = f->m;
     const dsv4_config *c = &m->cfg;
+    const kctx *k = f->k;
+    mill_err *e = f->e;
+    const int32_t *ids = f->ids;
     int N = f->N, D = c->hidden_size, n = c->hc_mult, V = c->vocab_size;
-    float *logits;
-    ALLOC(logits, (long)N * V);
-    TRY(forward_traced(f, logits, NULL, replay));
-    long count = 0;
-    double loss_sum = 0.0;
-    TRY(op_cross_entropy(k, NULL, &loss_sum, &count, logits, targets, N, V, 0.f, e));
-    if (!count) return mill_errf(e, "loss: no position has a target");
-    /* dlogits overwrite logits: mean over counted positions */
-    TRY(op_cross_entropy(k, logits, &loss_sum, &count, logits, targets, N, V, 1.0f / (float)count, e));
-    out->loss = loss_sum / (double)count;
-    out->count = count;
-
+    float *logits = (float *)dlogits; /* op_linear_backward reads it as dy */
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float *dxn, *dx, *dh, *dh2, *dy, *dpost, *dcomb, *work;
     ALLOC(dxn, (long)N * D);
@@ -482,4 +473,76 @@ int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *id
         for (int j = 0; j < n; j++)
             for (int i = 0; i < D; i++) dx[(long)t * D + i] += dh[((long)t * n + j) * D + i];
     return op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e);
+}
+
+int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                                  int T, const int32_t *replay, float temperature, float *grads,
+                                  model_token_loss_fn loss_fn, void *ctx, float *logp_out, double *loss, long *count,
+                                  arena *a, mill_err *e) {
+    fwd st, *f = &st;
+    TRY(fwd_begin(f, m, k, ids, B, T, a, e));
+    int N = f->N, V = m->cfg.vocab_size;
+    if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
+    float *logits, *logp;
+    int32_t *rows;
+    ALLOC(logits, (long)N * V);
+    ALLOC(logp, N);
+    ALLOC(rows, N);
+    TRY(forward_traced(f, logits, NULL, replay));
+    /* log-softmax of logits / T at each counted target; logits become softmax probabilities */
+    long cnt = 0;
+    for (int t = 0; t < N; t++) {
+        float *l = logits + (long)t * V;
+        int y = targets[t];
+        if (y < 0) continue;
+        if (y >= V) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, V);
+        float mx = l[0] / temperature;
+        for (int v = 1; v < V; v++) mx = l[v] / temperature > mx ? l[v] / temperature : mx;
+        double den = 0.0;
+        for (int v = 0; v < V; v++) den += exp((double)(l[v] / temperature - mx));
+        double lse = log(den) + mx;
+        logp[cnt] = (float)(l[y] / temperature - lse);
+        for (int v = 0; v < V; v++) l[v] = (float)exp((double)(l[v] / temperature) - lse);
+        rows[cnt++] = t;
+    }
+    if (!cnt) return mill_errf(e, "loss: no position has a target");
+    if (logp_out) memcpy(logp_out, logp, sizeof(float) * (size_t)cnt);
+    *count = cnt;
+    if (!loss_fn) return 0;
+    float *dlogp;
+    ALLOC(dlogp, cnt);
+    TRY(loss_fn(ctx, logp, (int)cnt, dlogp, loss, e));
+    /* d logp_y / d logits = (onehot_y - softmax) / T; rows without a target get no gradient */
+    float *dl = logits;
+    int next = 0;
+    for (int t = 0; t < N; t++) {
+        float *row = dl + (long)t * V;
+        if (next < cnt && rows[next] == t) {
+            float g = dlogp[next++] / temperature;
+            for (int v = 0; v < V; v++) row[v] = -g * row[v];
+            row[targets[t]] += g;
+        } else {
+            memset(row, 0, sizeof(float) * (size_t)V);
+        }
+    }
+    return backward_from_logits(f, dl, grads);
+}
+
+/* Mean next-token cross-entropy: loss = -mean(logp), dloss/dlogp = -1/count. */
+static int ce_loss(void *ctx, const float *logp, int n, float *dlogp, double *loss, mill_err *e) {
+    (void)ctx;
+    (void)e;
+    double s = 0.0;
+    for (int i = 0; i < n; i++) {
+        s -= logp[i];
+        dlogp[i] = -1.0f / (float)n;
+    }
+    *loss = s / n;
+    return 0;
+}
+
+int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                           int T, const int32_t *replay, float *grads, model_loss *out, arena *a, mill_err *e) {
+    return model_forward_backward_tokens(m, k, ids, targets, B, T, replay, 1.0f, grads, ce_loss, NULL, NULL, &out->loss,
+                                         &out->count, a, e);
 }
