@@ -1,0 +1,47 @@
+/* algos/grpo.h — GRPO advantages and the clipped policy loss over per-token log-probabilities.
+ * Owns: group advantages, the per-token loss and its gradient d loss / d logp (the trainer turns
+ * that into logits gradients), KL estimators against a reference policy, truncated importance
+ * sampling between the rollout's and the trainer's old-policy logprobs, and step statistics. */
+#ifndef MILL_GRPO_H
+#define MILL_GRPO_H
+
+#include <stdint.h>
+
+#include "../common/err.h"
+
+typedef enum { KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 } grpo_kl; /* k3 = low_var_kl */
+
+typedef struct {
+    double eps_low, eps_high; /* ratio clipped to [1 - eps_low, 1 + eps_high] (0.2, 0.28) */
+    int std_normalize;        /* divide advantages by the group's std (+1e-6) */
+    int seq_mean;             /* 0: mean over all tokens; 1: mean over sequences of per-sequence means */
+    double kl_coef;           /* 0: no reference policy needed */
+    grpo_kl kl_type;
+    double tis_cap; /* truncated importance sampling weight cap (0: off) */
+} grpo_config;
+
+void grpo_config_default(grpo_config *c);
+
+/* adv[i] for n_groups groups of group_size rewards: reward - group mean (then / (std + 1e-6)). */
+void grpo_advantages(const float *rewards, int n_groups, int group_size, int std_normalize, float *adv);
+
+typedef struct {
+    double loss, clip_frac, kl, max_ratio, max_abs_dlogp_old; /* last: max |old - rollout| over tokens */
+    long tokens;
+} grpo_stats;
+
+/* Inputs per counted token t (n of them, in batch order): seq[t] its sequence, adv[seq] the
+ * sequence's advantage, old_logp (the behaviour policy as the trainer computes it), rollout_logp
+ * (what the engine reported; NULL when TIS is off), ref_logp (NULL when kl_coef is 0).
+ * logp: the current policy. Writes dlogp [n] and the loss/statistics. */
+typedef struct {
+    const grpo_config *cfg;
+    const int32_t *seq;
+    int n_seqs;
+    const float *adv, *old_logp, *rollout_logp, *ref_logp;
+    grpo_stats stats;
+} grpo_batch;
+
+int grpo_loss(grpo_batch *b, const float *logp, int n, float *dlogp, double *loss, mill_err *e);
+
+#endif
