@@ -11,6 +11,7 @@
 #include "../trainer/model.h"
 #include "../rollout/generate.h"
 #include "../rollout/server.h"
+#include "grpo.h"
 #include "sft.h"
 #include <errno.h>
 #include <sys/stat.h>
@@ -33,7 +34,8 @@ static int usage(FILE *to) {
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
-            "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n");
+            "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n"
+            "  run     RECIPE.yaml      a colocated GRPO run in one process (configs/runs/grpo-*.yaml)\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -417,6 +419,13 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
     return rc;
 }
 
+static int cmd_run(int argc, char **argv, mill_err *e) {
+    if (argc != 3 || argv[2][0] == '-') return mill_errf(e, "mill run needs exactly one recipe: mill run RECIPE.yaml");
+    grpo_recipe r;
+    if (grpo_recipe_load(argv[2], &r, e)) return -1;
+    return grpo_run(&r, e);
+}
+
 static int cmd_info(int argc, char **argv, mill_err *e) {
     static const char *const known[] = {"--model", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
@@ -483,6 +492,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);
+    else if (strcmp(argv[1], "run") == 0) rc = cmd_run(argc, argv, &e);
     else if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
         return usage(stdout);
     else {

@@ -202,9 +202,10 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     return 0;
 }
 
-int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
+int arith_eval(const dsv4_model *m, const kctx *k, const tokenizer *tok, const int *levels, int n_levels, uint64_t seed,
+               int n, double *accuracy, mill_err *e) {
     rng g;
-    rng_seed(&g, r->eval_seed);
+    rng_seed(&g, seed);
     arith_problem *probs = malloc(sizeof *probs * (size_t)n);
     int32_t **prompts = calloc((size_t)n, sizeof *prompts);
     int *lens = malloc(sizeof(int) * (size_t)n);
@@ -215,7 +216,8 @@ int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_er
         goto out;
     }
     for (int i = 0; i < n; i++) {
-        draw(&probs[i], r, 1, &g);
+        int level = levels[n_levels > 1 ? rng_below(&g, (uint64_t)n_levels) : 0];
+        arith_draw(&probs[i], level, 1, &g);
         char text[256];
         arith_format_prompt(&probs[i], text, sizeof text);
         prompts[i] = malloc(sizeof(int32_t) * 256);
@@ -223,22 +225,17 @@ int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_er
             mill_errf(e, "eval: out of memory");
             goto out;
         }
-        prompts[i][0] = tokenizer_bos(s->tok);
-        int m;
-        if (tokenizer_encode(s->tok, text, strlen(text), prompts[i] + 1, 255, &m, e)) goto out;
-        lens[i] = m + 1;
+        prompts[i][0] = tokenizer_bos(tok);
+        int nt;
+        if (tokenizer_encode(tok, text, strlen(text), prompts[i] + 1, 255, &nt, e)) goto out;
+        lens[i] = nt + 1;
     }
     sample_params sp = {.temperature = 0, .top_p = 1, .max_new_tokens = max_new, .n_stop = 1};
-    sp.stop[0] = tokenizer_eos(s->tok);
-    if (generate_cached(&s->model, &s->k, (const int32_t *const *)prompts, lens, n, &sp, (size_t)1 << 30, &res, e))
-        goto out;
+    sp.stop[0] = tokenizer_eos(tok);
+    if (generate_cached(m, k, (const int32_t *const *)prompts, lens, n, &sp, (size_t)1 << 30, &res, e)) goto out;
     for (int i = 0; i < n; i++) {
-        /* The answer is the bytes before the first special or reserved id (an untrained model emits any id). */
         char text[64];
-        const int32_t *o = res.out_ids + (long)i * max_new;
-        int nb = 0;
-        while (nb < res.out_len[i] && o[nb] < 256) nb++;
-        if (tokenizer_decode(s->tok, o, nb, text, sizeof text, e)) goto out;
+        if (arith_decode_answer(tok, res.out_ids + (long)i * max_new, res.out_len[i], text, sizeof text, e)) goto out;
         correct += arith_check(text, &probs[i]);
     }
     *accuracy = (double)correct / n;
@@ -251,6 +248,17 @@ out:
     free(lens);
     gen_result_free(&res);
     return rc;
+}
+
+int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *text, size_t cap, mill_err *e) {
+    /* the answer is the bytes before the first special or reserved id (an untrained model emits any id) */
+    int nb = 0;
+    while (nb < n && ids[nb] >= 0 && ids[nb] < 256) nb++;
+    return tokenizer_decode(tok, ids, nb, text, cap, e);
+}
+
+int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
+    return arith_eval(&s->model, &s->k, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, e);
 }
 
 static double now(void) {
