@@ -13,6 +13,7 @@
 #include "../common/yamlcfg.h"
 #include "../rollout/generate.h"
 #include "../trainer/checkpoint.h"
+#include "recipe.h"
 #include "sft.h"
 
 int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
@@ -24,6 +25,7 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
     r->optim.schedule = LR_CONSTANT;
     r->optim.lr = 5e-4;
     r->optim.weight_decay = 0.0;
+    r->optim.min_lr = r->optim.lr;
     int rc = -1;
     static const char *const top[] = {"model", "data", "rollout", "algorithm", "train", "optimizer", "eval",
                                       "checkpoint", NULL};
@@ -33,18 +35,16 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
                                          "seed", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "tis_cap", NULL};
     static const char *const train_k[] = {"steps", NULL};
-    static const char *const opt_k[] = {"lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "clip_grad",
-                                        "beta1", "beta2", "eps", "freeze", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
         yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
         yamlcfg_known_keys(y, "algorithm", algo_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
-        yamlcfg_known_keys(y, "optimizer", opt_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
+        yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
         yamlcfg_known_keys(y, "checkpoint", ck_k, path, e))
         goto done;
-    const char *from, *kind, *sched, *dir;
-    long long dseed, sseed, pps, spp, mnt, steps, warm, evev, evn, evseed, ckev;
+    const char *from, *kind, *dir;
+    long long dseed, sseed, pps, spp, mnt, steps, evev, evn, evseed, ckev;
     int stdn, seqm;
     if (yamlcfg_str(y, "model.init_from", "", &from, path, e) || yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
         yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
@@ -60,15 +60,7 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
         yamlcfg_num(y, "algorithm.kl_coef", 0.0, &r->algo.kl_coef, path, e) ||
         yamlcfg_num(y, "algorithm.tis_cap", 2.0, &r->algo.tis_cap, path, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
-        yamlcfg_num(y, "optimizer.lr", r->optim.lr, &r->optim.lr, path, e) ||
-        yamlcfg_num(y, "optimizer.min_lr", r->optim.lr, &r->optim.min_lr, path, e) ||
-        yamlcfg_str(y, "optimizer.schedule", "constant", &sched, path, e) ||
-        yamlcfg_int(y, "optimizer.warmup_steps", 0, 0, 1 << 30, &warm, path, e) ||
-        yamlcfg_num(y, "optimizer.weight_decay", r->optim.weight_decay, &r->optim.weight_decay, path, e) ||
-        yamlcfg_num(y, "optimizer.clip_grad", r->optim.clip_grad, &r->optim.clip_grad, path, e) ||
-        yamlcfg_num(y, "optimizer.beta1", r->optim.beta1, &r->optim.beta1, path, e) ||
-        yamlcfg_num(y, "optimizer.beta2", r->optim.beta2, &r->optim.beta2, path, e) ||
-        yamlcfg_num(y, "optimizer.eps", r->optim.eps, &r->optim.eps, path, e) ||
+        recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
@@ -91,42 +83,7 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
         mill_errf(e, "%s: algorithm.kl_coef must be 0 for now (no reference model is loaded yet)", path);
         goto done;
     }
-    if (strcmp(sched, "constant") && strcmp(sched, "cosine")) {
-        mill_errf(e, "%s: optimizer.schedule \"%s\" must be \"constant\" or \"cosine\"", path, sched);
-        goto done;
-    }
-    r->optim.schedule = strcmp(sched, "cosine") ? LR_CONSTANT : LR_COSINE;
-    json_t *lv = yamlcfg_get(y, "data.levels");
-    if (!lv) r->levels[r->n_levels++] = 1;
-    else {
-        if (!json_is_array(lv) || !json_array_size(lv) || json_array_size(lv) > 4) {
-            mill_errf(e, "%s: data.levels must be a list of 1 to 4 levels", path);
-            goto done;
-        }
-        for (size_t i = 0; i < json_array_size(lv); i++) {
-            json_t *v = json_array_get(lv, i);
-            if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 4) {
-                mill_errf(e, "%s: data.levels[%zu] must be an integer from 1 to 4", path, i);
-                goto done;
-            }
-            r->levels[r->n_levels++] = (int)json_integer_value(v);
-        }
-    }
-    json_t *fr = yamlcfg_get(y, "optimizer.freeze");
-    if (fr && !json_is_null(fr)) {
-        if (!json_is_array(fr) || json_array_size(fr) > OPTIM_MAX_FREEZE) {
-            mill_errf(e, "%s: optimizer.freeze must be a list of at most %d patterns", path, OPTIM_MAX_FREEZE);
-            goto done;
-        }
-        for (size_t i = 0; i < json_array_size(fr); i++) {
-            json_t *v = json_array_get(fr, i);
-            if (!json_is_string(v) || strlen(json_string_value(v)) >= sizeof r->optim.freeze[0]) {
-                mill_errf(e, "%s: optimizer.freeze[%zu] must be a string under 96 characters", path, i);
-                goto done;
-            }
-            snprintf(r->optim.freeze[r->optim.n_freeze++], sizeof r->optim.freeze[0], "%s", json_string_value(v));
-        }
-    }
+    if (recipe_levels(y, path, r->levels, &r->n_levels, e)) goto done;
     if (strlen(from) >= sizeof r->init_from || strlen(dir) >= sizeof r->out_dir) {
         mill_errf(e, "%s: a path is longer than %zu characters", path, sizeof r->init_from - 1);
         goto done;
@@ -141,7 +98,6 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
     r->algo.std_normalize = stdn;
     r->algo.seq_mean = seqm;
     r->steps = steps;
-    r->optim.warmup_steps = warm;
     r->optim.total_steps = steps;
     r->eval_every = (int)evev;
     r->eval_problems = (int)evn;

@@ -10,6 +10,7 @@
 
 #include "../algos/sft_data.h"
 #include "../common/yamlcfg.h"
+#include "recipe.h"
 #include "../rollout/generate.h"
 
 static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *file, mill_err *e) {
@@ -28,17 +29,15 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
     static const char *const data_k[] = {"kind", "levels", "seed", NULL};
     static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", NULL};
-    static const char *const opt_k[] = {"lr", "min_lr", "schedule", "warmup_steps", "weight_decay", "clip_grad",
-                                        "beta1", "beta2", "eps", "freeze", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ckpt_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
         yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
-        yamlcfg_known_keys(y, "optimizer", opt_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
+        yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
         yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e))
         goto done;
-    const char *cfg, *from, *kind, *sched, *dir;
-    long long iseed, dseed, steps, bs, maxlen, logev, warm, evev, evn, evseed, ckev;
+    const char *cfg, *from, *kind, *dir;
+    long long iseed, dseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
     if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
         yamlcfg_num(y, "model.init_std", 0.02, &r->init_std, path, e) ||
@@ -48,15 +47,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
         yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
         yamlcfg_int(y, "train.log_every", 10, 1, 1 << 30, &logev, path, e) ||
-        yamlcfg_num(y, "optimizer.lr", r->optim.lr, &r->optim.lr, path, e) ||
-        yamlcfg_num(y, "optimizer.min_lr", r->optim.min_lr, &r->optim.min_lr, path, e) ||
-        yamlcfg_str(y, "optimizer.schedule", "cosine", &sched, path, e) ||
-        yamlcfg_int(y, "optimizer.warmup_steps", 0, 0, 1 << 30, &warm, path, e) ||
-        yamlcfg_num(y, "optimizer.weight_decay", r->optim.weight_decay, &r->optim.weight_decay, path, e) ||
-        yamlcfg_num(y, "optimizer.clip_grad", r->optim.clip_grad, &r->optim.clip_grad, path, e) ||
-        yamlcfg_num(y, "optimizer.beta1", r->optim.beta1, &r->optim.beta1, path, e) ||
-        yamlcfg_num(y, "optimizer.beta2", r->optim.beta2, &r->optim.beta2, path, e) ||
-        yamlcfg_num(y, "optimizer.eps", r->optim.eps, &r->optim.eps, path, e) ||
+        recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 200, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
@@ -75,46 +66,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         mill_errf(e, "%s: give exactly one of model.config (a fresh model) and model.init_from (a model dir)", path);
         goto done;
     }
-    if (strcmp(sched, "cosine") == 0) r->optim.schedule = LR_COSINE;
-    else if (strcmp(sched, "constant") == 0) r->optim.schedule = LR_CONSTANT;
-    else {
-        mill_errf(e, "%s: optimizer.schedule \"%s\" must be \"cosine\" or \"constant\"", path, sched);
-        goto done;
-    }
-    json_t *lv = yamlcfg_get(y, "data.levels");
-    if (!lv) {
-        r->levels[0] = 1;
-        r->n_levels = 1;
-    } else {
-        if (!json_is_array(lv) || json_array_size(lv) == 0 || json_array_size(lv) > 4) {
-            mill_errf(e, "%s: data.levels must be a list of 1 to 4 levels", path);
-            goto done;
-        }
-        for (size_t i = 0; i < json_array_size(lv); i++) {
-            json_t *v = json_array_get(lv, i);
-            if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 4) {
-                mill_errf(e, "%s: data.levels[%zu] must be an integer from 1 to 4", path, i);
-                goto done;
-            }
-            r->levels[r->n_levels++] = (int)json_integer_value(v);
-        }
-    }
-    json_t *fr = yamlcfg_get(y, "optimizer.freeze");
-    if (fr && !json_is_null(fr)) {
-        if (!json_is_array(fr) || json_array_size(fr) > OPTIM_MAX_FREEZE) {
-            mill_errf(e, "%s: optimizer.freeze must be a list of at most %d name patterns", path, OPTIM_MAX_FREEZE);
-            goto done;
-        }
-        for (size_t i = 0; i < json_array_size(fr); i++) {
-            json_t *v = json_array_get(fr, i);
-            if (!json_is_string(v) ||
-                copy_str(r->optim.freeze[r->optim.n_freeze++], sizeof r->optim.freeze[0], json_string_value(v),
-                         "optimizer.freeze entry", path, e)) {
-                if (!json_is_string(v)) mill_errf(e, "%s: optimizer.freeze[%zu] must be a string", path, i);
-                goto done;
-            }
-        }
-    }
+    if (recipe_levels(y, path, r->levels, &r->n_levels, e)) goto done;
     if (copy_str(r->model_config, sizeof r->model_config, cfg, "model.config", path, e) ||
         copy_str(r->init_from, sizeof r->init_from, from, "model.init_from", path, e) ||
         copy_str(r->out_dir, sizeof r->out_dir, dir, "checkpoint.dir", path, e))
@@ -125,7 +77,6 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     r->batch_size = (int)bs;
     r->max_len = (int)maxlen;
     r->log_every = (int)logev;
-    r->optim.warmup_steps = warm;
     r->optim.total_steps = steps;
     r->eval_every = (int)evev;
     r->eval_problems = (int)evn;

@@ -1,0 +1,16 @@
+/* launch/recipe.h — recipe sections shared by the SFT and GRPO drivers (YAML via common/yamlcfg). */
+#ifndef MILL_RECIPE_H
+#define MILL_RECIPE_H
+
+#include <jansson.h>
+
+#include "../trainer/optimizer.h"
+
+extern const char *const recipe_optimizer_keys[]; /* the keys of the "optimizer" section */
+
+/* The "optimizer" section into o; o's current values are the defaults. total_steps is the caller's. */
+int recipe_optimizer(json_t *y, const char *path, optim_config *o, mill_err *e);
+/* data.levels: a list of 1 to 4 arithmetic levels (default [1]). */
+int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_err *e);
+
+#endif
