@@ -76,6 +76,17 @@ void gen_result_free(gen_result *res) {
     memset(res, 0, sizeof *res);
 }
 
+/* Non-empty prompts and a sane length; the longest prompt and the total prompt tokens. */
+static int check_request(const int *lens, int n, int maxn, int *maxp, int *total, mill_err *e) {
+    if (n <= 0 || maxn < 0) return mill_errf(e, "generate: %d prompts, %d new tokens", n, maxn);
+    for (int i = 0; i < n; i++) {
+        if (lens[i] <= 0) return mill_errf(e, "generate: prompt %d is empty", i);
+        if (maxp && lens[i] > *maxp) *maxp = lens[i];
+        if (total) *total += lens[i];
+    }
+    return 0;
+}
+
 /* Result arrays for n rows; each row's routing sized for its prompt + max_new tokens. */
 static int result_alloc(gen_result *res, int n, const int *lens, int maxn, int per_token, mill_err *e) {
     memset(res, 0, sizeof *res);
@@ -143,11 +154,7 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
     const dsv4_config *c = &m->cfg;
     int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, maxp = 0;
     memset(res, 0, sizeof *res);
-    if (n <= 0 || maxn < 0) return mill_errf(e, "generate: %d prompts, %d new tokens", n, maxn);
-    for (int i = 0; i < n; i++) {
-        if (lens[i] <= 0) return mill_errf(e, "generate: prompt %d is empty", i);
-        maxp = lens[i] > maxp ? lens[i] : maxp;
-    }
+    TRY(check_request(lens, n, maxn, &maxp, NULL, e));
     int T = maxp + maxn;
     if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)n * (size_t)T), *batch = malloc(sizeof(int32_t) * (size_t)n * T);
@@ -221,11 +228,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
     const dsv4_config *c = &m->cfg;
     int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, total = 0;
     memset(res, 0, sizeof *res);
-    if (n <= 0 || maxn < 0) return mill_errf(e, "generate: %d prompts, %d new tokens", n, maxn);
-    for (int i = 0; i < n; i++) {
-        if (lens[i] <= 0) return mill_errf(e, "generate: prompt %d is empty", i);
-        total += lens[i];
-    }
+    TRY(check_request(lens, n, maxn, NULL, &total, e));
     if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
     engine en;
     if (engine_init(&en, m, k, budget_bytes, e)) {

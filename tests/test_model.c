@@ -5,6 +5,8 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
+
+#include "test_util.h"
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -15,17 +17,8 @@
 #include "trainer/model.h"
 
 static int32_t *load_ids(const char *path, int *B, int *T) {
-    json_error_t je;
-    json_t *root = json_load_file(path, 0, &je);
-    assert_non_null(root);
-    json_t *rows = json_object_get(root, "input_ids");
-    *B = (int)json_array_size(rows);
-    *T = (int)json_array_size(json_array_get(rows, 0));
-    int32_t *ids = malloc(sizeof(int32_t) * (size_t)(*B * *T));
-    for (int b = 0; b < *B; b++)
-        for (int t = 0; t < *T; t++)
-            ids[b * *T + t] = (int32_t)json_integer_value(json_array_get(json_array_get(rows, (size_t)b), (size_t)t));
-    json_decref(root);
+    int32_t *ids = test_load_ids(path, B, T);
+    assert_non_null(ids);
     return ids;
 }
 
