@@ -32,7 +32,7 @@ static void *server_main(void *p) {
 
 static void *connect_client(void *ctx, const char *addr) {
     void *s = zmq_socket(ctx, ZMQ_DEALER);
-    int linger = 0, tmo = 20000;
+    int linger = 0, tmo = 120000;
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof tmo);
     assert_int_equal(zmq_connect(s, addr), 0);
@@ -49,7 +49,7 @@ static void send_msg(void *s, wire_builder *b) {
 static wire_msg *recv_msg(void *s, wire_raw **raw) {
     wire_msg *m = NULL;
     mill_err e = {{0}};
-    int r = wire_recv(s, 0, 20000, NULL, NULL, &m, raw, &e);
+    int r = wire_recv(s, 0, 120000, NULL, NULL, &m, raw, &e);
     if (r) fail_msg("no reply (%d): %s", r, e.msg);
     return m;
 }
