@@ -8,9 +8,9 @@ OUTDIR/<cfg>-generate.json with output_ids, logprobs (log_softmax of the step's 
 token) and the smallest top-1/top-2 logit gap seen, plus `hf_generate_output_ids`: what HF's own
 `generate()` returns for the same prompts.
 
-Why not `generate()` as the oracle: in transformers 5.17 its first step's logits differ from the
-model's own forward on the same prompt (max |diff| 0.48 on tiny-a, with and without the cache), so
-its tokens are not the model's greedy continuation. See the rollout issue's notes.
+Both must agree; the test checks mill against output_ids and that hf_generate_output_ids equals them.
+(An earlier version called generate() without an attention mask and pad_token_id=0: generate() then
+took the prompts' token-0 occurrences for padding, shifted positions and diverged.)
 """
 import json
 import os
@@ -31,7 +31,10 @@ def main():
         ids = torch.tensor(g["input_ids"])
         N = g["max_new_tokens"]
         with torch.no_grad():
-            hf = m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0)
+            # An explicit all-ones mask: otherwise generate() infers padding from pad_token_id and
+            # treats prompt tokens equal to it as padding (shifting positions).
+            hf = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                            do_sample=False, eos_token_id=None, pad_token_id=0)
             m64 = m.double()
             seq, lps, gap = ids.clone(), [], float("inf")
             for _ in range(N):

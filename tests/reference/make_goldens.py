@@ -333,8 +333,8 @@ def make(name, orig, outdir):
     P, N = GEN[name]
     try:
         with torch.no_grad():
-            g = loaded.generate(ids[:, :P], max_new_tokens=N, do_sample=False, min_new_tokens=N,
-                                eos_token_id=None, pad_token_id=0)
+            g = loaded.generate(ids[:, :P], attention_mask=torch.ones_like(ids[:, :P]), max_new_tokens=N,
+                                do_sample=False, min_new_tokens=N, eos_token_id=None, pad_token_id=0)
         with open(os.path.join(mdir, "generate.json"), "w") as f:
             json.dump({"input_ids": ids[:, :P].tolist(), "max_new_tokens": N,
                        "output_ids": g[:, P:].tolist()}, f)
