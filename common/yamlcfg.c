@@ -239,6 +239,26 @@ int yamlcfg_bool(json_t *root, const char *path, int def, int *out, const char *
     return 0;
 }
 
+/* Edit distance (insert, delete, substitute), for suggesting the key a typo meant. */
+static int edit_distance(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 63 || lb > 63) return 99;
+    int row[64];
+    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        int diag = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= lb; j++) {
+            int up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up;
+            row[j] = best;
+        }
+    }
+    return row[lb];
+}
+
 int yamlcfg_known_keys(json_t *root, const char *path, const char *const *known, const char *src, mill_err *e) {
     json_t *node = yamlcfg_get(root, path);
     if (!node || json_is_null(node)) return 0;
@@ -249,6 +269,18 @@ int yamlcfg_known_keys(json_t *root, const char *path, const char *const *known,
         int ok = 0;
         for (const char *const *k = known; *k; k++) ok |= strcmp(key, *k) == 0;
         if (!ok) {
+            const char *near = NULL;
+            int best = 3; /* suggest only close matches */
+            for (const char *const *k = known; *k; k++) {
+                int d = edit_distance(key, *k);
+                if (d < best) {
+                    best = d;
+                    near = *k;
+                }
+            }
+            if (near)
+                return mill_errf(e, "%s: unknown key \"%s%s%s\" (did you mean \"%s\"?)", src, path ? path : "",
+                                 path ? "." : "", key, near);
             char list[512] = "";
             for (const char *const *k = known; *k; k++) {
                 strncat(list, *k, sizeof list - strlen(list) - 1);
