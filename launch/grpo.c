@@ -257,6 +257,16 @@ out:
     return rc;
 }
 
+static void print_levels(const double *lv) {
+    printf("  [");
+    for (int l = 0, first = 1; l < 4; l++)
+        if (lv[l] >= 0) {
+            printf("%slevel %d: %.3f", first ? "" : ", ", l + 1, lv[l]);
+            first = 0;
+        }
+    printf("]\n");
+}
+
 int grpo_run(const grpo_recipe *r, mill_err *e) {
     dsv4_model m;
     if (model_load(&m, r->init_from, e)) return -1;
@@ -276,10 +286,11 @@ int grpo_run(const grpo_recipe *r, mill_err *e) {
         mill_errf(e, "grpo: out of memory");
         goto done;
     }
-    double acc0;
-    if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc0, e)) goto done;
-    printf("grpo: %s, %ld steps of %d prompts x %d samples; held-out greedy accuracy before: %.3f (%d problems)\n",
+    double acc0, lv[4];
+    if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc0, lv, e)) goto done;
+    printf("grpo: %s, %ld steps of %d prompts x %d samples; held-out greedy accuracy before: %.3f (%d problems)",
            r->init_from, r->steps, r->prompts_per_step, r->samples_per_prompt, acc0, r->eval_problems);
+    print_levels(lv);
     fflush(stdout);
     double t_start = now();
     for (long s = 0; s < r->steps; s++) {
@@ -291,9 +302,10 @@ int grpo_run(const grpo_recipe *r, mill_err *e) {
         fflush(stdout);
         if ((r->eval_every && (s + 1) % r->eval_every == 0) || s + 1 == r->steps) {
             double acc;
-            if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc, e)) goto done;
-            printf("step %4ld  held-out greedy accuracy %.3f (before: %.3f)  %.1f min\n", s + 1, acc, acc0,
+            if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc, lv, e)) goto done;
+            printf("step %4ld  held-out greedy accuracy %.3f (before: %.3f)  %.1f min", s + 1, acc, acc0,
                    (now() - t_start) / 60);
+            print_levels(lv);
             fflush(stdout);
         }
         if ((r->checkpoint_every && (s + 1) % r->checkpoint_every == 0) || s + 1 == r->steps) {

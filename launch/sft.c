@@ -154,7 +154,7 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
 }
 
 int arith_eval(const dsv4_model *m, const kctx *k, const tokenizer *tok, const int *levels, int n_levels, uint64_t seed,
-               int n, double *accuracy, mill_err *e) {
+               int n, double *accuracy, double *per_level, mill_err *e) {
     rng g;
     rng_seed(&g, seed);
     arith_problem *probs = malloc(sizeof *probs * (size_t)n);
@@ -184,12 +184,18 @@ int arith_eval(const dsv4_model *m, const kctx *k, const tokenizer *tok, const i
     sample_params sp = {.temperature = 0, .top_p = 1, .max_new_tokens = max_new, .n_stop = 1};
     sp.stop[0] = tokenizer_eos(tok);
     if (generate_cached(m, k, (const int32_t *const *)prompts, lens, n, &sp, (size_t)1 << 30, &res, e)) goto out;
+    int lvl_n[5] = {0}, lvl_ok[5] = {0};
     for (int i = 0; i < n; i++) {
         char text[64];
         if (arith_decode_answer(tok, res.out_ids + (long)i * max_new, res.out_len[i], text, sizeof text, e)) goto out;
-        correct += arith_check(text, &probs[i]);
+        int ok = arith_check(text, &probs[i]);
+        correct += ok;
+        lvl_n[probs[i].level] += 1;
+        lvl_ok[probs[i].level] += ok;
     }
     *accuracy = (double)correct / n;
+    if (per_level)
+        for (int l = 1; l <= 4; l++) per_level[l - 1] = lvl_n[l] ? (double)lvl_ok[l] / lvl_n[l] : -1.0;
     rc = 0;
 out:
     if (prompts)
@@ -209,7 +215,7 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 }
 
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
-    return arith_eval(&s->model, &s->k, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, e);
+    return arith_eval(&s->model, &s->k, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, NULL, e);
 }
 
 static double now(void) {

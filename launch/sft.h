@@ -52,9 +52,10 @@ typedef struct {
 int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e);
 /* Greedy accuracy on n held-out problems (drawn from eval_seed, same every call). */
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e);
-/* Greedy accuracy of a model on n held-out arithmetic problems (levels drawn uniformly, seed fixed). */
+/* Greedy accuracy of a model on n held-out arithmetic problems (levels drawn uniformly, seed fixed);
+ * per_level [4] (optional): the accuracy at each level 1..4, -1 where none was drawn. */
 int arith_eval(const dsv4_model *m, const kctx *k, const tokenizer *tok, const int *levels, int n_levels, uint64_t seed,
-               int n, double *accuracy, mill_err *e);
+               int n, double *accuracy, double *per_level, mill_err *e);
 /* The answer text of a generated response: its bytes up to the first non-byte id. */
 int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *text, size_t cap, mill_err *e);
 
