@@ -30,7 +30,6 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
     static const char *const top[] = {"model", "data", "rollout", "algorithm", "train", "optimizer", "eval",
                                       "checkpoint", NULL};
     static const char *const model_k[] = {"init_from", NULL};
-    static const char *const data_k[] = {"kind", "levels", "seed", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "seed", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "tis_cap", NULL};
@@ -38,16 +37,16 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
-        yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
+        yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
         yamlcfg_known_keys(y, "algorithm", algo_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
         yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
         yamlcfg_known_keys(y, "checkpoint", ck_k, path, e))
         goto done;
-    const char *from, *kind, *dir;
-    long long dseed, sseed, pps, spp, mnt, steps, evev, evn, evseed, ckev;
+    const char *from, *dir;
+    long long sseed, pps, spp, mnt, steps, evev, evn, evseed, ckev;
     int stdn, seqm;
-    if (yamlcfg_str(y, "model.init_from", "", &from, path, e) || yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
-        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
+    if (yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
+        recipe_data(y, path, r->levels, &r->n_levels, &r->data_seed, e) ||
         yamlcfg_int(y, "rollout.prompts_per_step", 16, 1, 1 << 16, &pps, path, e) ||
         yamlcfg_int(y, "rollout.samples_per_prompt", 8, 2, 1 << 10, &spp, path, e) ||
         yamlcfg_int(y, "rollout.max_new_tokens", 8, 1, 1 << 16, &mnt, path, e) ||
@@ -75,22 +74,16 @@ int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
         mill_errf(e, "%s: train.steps is required", path);
         goto done;
     }
-    if (strcmp(kind, "arithmetic") != 0) {
-        mill_errf(e, "%s: data.kind \"%s\" is not supported yet (expected \"arithmetic\")", path, kind);
-        goto done;
-    }
     if (r->algo.kl_coef != 0) {
         mill_errf(e, "%s: algorithm.kl_coef must be 0 for now (no reference model is loaded yet)", path);
         goto done;
     }
-    if (recipe_levels(y, path, r->levels, &r->n_levels, e)) goto done;
     if (strlen(from) >= sizeof r->init_from || strlen(dir) >= sizeof r->out_dir) {
         mill_errf(e, "%s: a path is longer than %zu characters", path, sizeof r->init_from - 1);
         goto done;
     }
     snprintf(r->init_from, sizeof r->init_from, "%s", from);
     snprintf(r->out_dir, sizeof r->out_dir, "%s", dir);
-    r->data_seed = (uint64_t)dseed;
     r->sample_seed = (uint64_t)sseed;
     r->prompts_per_step = (int)pps;
     r->samples_per_prompt = (int)spp;

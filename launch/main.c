@@ -359,8 +359,9 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
         goto done;
     }
     const char *rpath = opt(argc, argv, "--routing");
-    if (rpath) { /* dense narrow ids: U8 when experts fit in a byte, else U16 */
-        int L = m.cfg.num_hidden_layers, K = m.cfg.num_experts_per_tok, narrow8 = m.cfg.n_routed_experts <= 256;
+    if (rpath) {
+        int L = m.cfg.num_hidden_layers, K = m.cfg.num_experts_per_tok;
+        mill_dtype rdt = routing_dtype(m.cfg.n_routed_experts);
         w = safetensors_writer_new();
         if (!w) {
             mill_errf(e, "generate: out of memory");
@@ -368,19 +369,16 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
         }
         for (int b = 0; b < B; b++) {
             long cnt = (long)L * (lens[b] + res.out_len[b]) * K;
-            void *buf = malloc((size_t)cnt * (narrow8 ? 1 : 2));
+            void *buf = malloc((size_t)cnt * dtype_size(rdt));
             if (!buf) {
                 mill_errf(e, "generate: out of memory");
                 goto done;
             }
-            for (long j = 0; j < cnt; j++) {
-                if (narrow8) ((uint8_t *)buf)[j] = (uint8_t)res.routing[b][j];
-                else ((uint16_t *)buf)[j] = (uint16_t)res.routing[b][j];
-            }
+            routing_narrow(res.routing[b], cnt, rdt, buf);
             char name[32];
             snprintf(name, sizeof name, "routing.%d", b);
             int64_t shape[3] = {L, lens[b] + res.out_len[b], K};
-            int arc = safetensors_writer_add(w, name, narrow8 ? DTYPE_U8 : DTYPE_U16, 3, shape, buf, e);
+            int arc = safetensors_writer_add(w, name, rdt, 3, shape, buf, e);
             free(buf);
             if (arc) goto done;
         }

@@ -42,7 +42,16 @@ int recipe_optimizer(json_t *y, const char *path, optim_config *o, mill_err *e) 
     return 0;
 }
 
-int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_err *e) {
+int recipe_data(json_t *y, const char *path, int *levels, int *n_levels, uint64_t *seed, mill_err *e) {
+    static const char *const keys[] = {"kind", "levels", "seed", NULL};
+    const char *kind;
+    long long sd;
+    if (yamlcfg_known_keys(y, "data", keys, path, e) || yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
+        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &sd, path, e))
+        return -1;
+    if (strcmp(kind, "arithmetic") != 0)
+        return mill_errf(e, "%s: data.kind \"%s\" is not supported yet (expected \"arithmetic\")", path, kind);
+    *seed = (uint64_t)sd;
     json_t *lv = yamlcfg_get(y, "data.levels");
     *n_levels = 0;
     if (!lv) {

@@ -27,22 +27,20 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     int rc = -1;
     static const char *const top[] = {"model", "data", "train", "optimizer", "eval", "checkpoint", NULL};
     static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
-    static const char *const data_k[] = {"kind", "levels", "seed", NULL};
     static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ckpt_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
-        yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
+        yamlcfg_known_keys(y, "train", train_k, path, e) ||
         yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
         yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e))
         goto done;
-    const char *cfg, *from, *kind, *dir;
-    long long iseed, dseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
+    const char *cfg, *from, *dir;
+    long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
     if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
         yamlcfg_num(y, "model.init_std", 0.02, &r->init_std, path, e) ||
-        yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
-        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
+        recipe_data(y, path, r->levels, &r->n_levels, &r->data_seed, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 100000000, &steps, path, e) ||
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
         yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
@@ -58,21 +56,15 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         mill_errf(e, "%s: train.steps is required", path);
         goto done;
     }
-    if (strcmp(kind, "arithmetic") != 0) {
-        mill_errf(e, "%s: data.kind \"%s\" is not supported (expected \"arithmetic\")", path, kind);
-        goto done;
-    }
     if (!*cfg == !*from) {
         mill_errf(e, "%s: give exactly one of model.config (a fresh model) and model.init_from (a model dir)", path);
         goto done;
     }
-    if (recipe_levels(y, path, r->levels, &r->n_levels, e)) goto done;
     if (copy_str(r->model_config, sizeof r->model_config, cfg, "model.config", path, e) ||
         copy_str(r->init_from, sizeof r->init_from, from, "model.init_from", path, e) ||
         copy_str(r->out_dir, sizeof r->out_dir, dir, "checkpoint.dir", path, e))
         goto done;
     r->init_seed = (uint64_t)iseed;
-    r->data_seed = (uint64_t)dseed;
     r->steps = steps;
     r->batch_size = (int)bs;
     r->max_len = (int)maxlen;

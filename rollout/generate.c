@@ -112,22 +112,35 @@ static int result_alloc(gen_result *res, int n, const int *lens, int maxn, int p
     return 0;
 }
 
+int sample_finished(const sample_params *sp, int32_t tok, int n_out, finish_reason *why) {
+    for (int s = 0; s < sp->n_stop; s++)
+        if (tok == sp->stop[s]) {
+            *why = FINISH_STOP;
+            return 1;
+        }
+    if (n_out == sp->max_new_tokens) {
+        *why = FINISH_LENGTH;
+        return 1;
+    }
+    return 0;
+}
+
+mill_dtype routing_dtype(int n_experts) { return n_experts <= 256 ? DTYPE_U8 : DTYPE_U16; }
+
+void routing_narrow(const int32_t *src, long n, mill_dtype dt, void *dst) {
+    for (long j = 0; j < n; j++) {
+        if (dt == DTYPE_U8) ((uint8_t *)dst)[j] = (uint8_t)src[j];
+        else ((uint16_t *)dst)[j] = (uint16_t)src[j];
+    }
+}
+
 /* Records a sampled token; returns 1 when the row is finished (stop id or length). */
 static int record_token(gen_result *res, const sample_params *sp, int i, int32_t tok, float lp) {
     int maxn = sp->max_new_tokens;
     res->out_ids[(long)i * maxn + res->out_len[i]] = tok;
     res->logprobs[(long)i * maxn + res->out_len[i]] = lp;
     res->out_len[i]++;
-    for (int s = 0; s < sp->n_stop; s++)
-        if (tok == sp->stop[s]) {
-            res->finish[i] = FINISH_STOP;
-            return 1;
-        }
-    if (res->out_len[i] == maxn) {
-        res->finish[i] = FINISH_LENGTH;
-        return 1;
-    }
-    return 0;
+    return sample_finished(sp, tok, res->out_len[i], &res->finish[i]);
 }
 
 /* Routing rows were filled at stride prompt + max_new; compact to layers x (prompt + out) x k. */

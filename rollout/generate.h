@@ -46,6 +46,15 @@ typedef struct {
  * plus [V] ints (as floats' worth). */
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
 
+/* Whether a row whose n_out-th token is tok is finished: a stop id (FINISH_STOP) or the length
+ * limit (FINISH_LENGTH). Returns 1 and sets *why, or 0. */
+int sample_finished(const sample_params *sp, int32_t tok, int n_out, finish_reason *why);
+
+/* Routing ids on the wire and in files: U8 when the experts fit a byte, else U16. */
+mill_dtype routing_dtype(int n_experts);
+/* Narrows n expert ids into dst (n elements of dtype dt from routing_dtype). */
+void routing_narrow(const int32_t *src, long n, mill_dtype dt, void *dst);
+
 /* Generates for n prompts (prompts[i] of lens[i] tokens) by full re-forward: the reference path.
  * res is filled (gen_result_free). */
 int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,

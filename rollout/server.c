@@ -141,18 +141,15 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
 static void send_sample(server *s, sample *sm) {
     const dsv4_config *c = &s->m->cfg;
     int L = c->num_hidden_layers, K = c->num_experts_per_tok, len = sm->plen + sm->nout;
-    int narrow = c->n_routed_experts <= 256, maxn = sm->req->sp.max_new_tokens;
-    size_t cnt = (size_t)L * len * K;
-    void *rt = malloc(cnt * (narrow ? 1 : 2));
+    int maxn = sm->req->sp.max_new_tokens;
+    mill_dtype rdt = routing_dtype(c->n_routed_experts);
+    void *rt = malloc((size_t)L * len * K * dtype_size(rdt));
     wire_builder *b = wire_builder_new("sample", sm->req->id);
     mill_err e;
     if (rt && b) {
-        for (int l = 0; l < L; l++)
-            for (long j = 0; j < (long)len * K; j++) {
-                int32_t v = sm->routing[(long)l * (sm->plen + maxn) * K + j];
-                if (narrow) ((uint8_t *)rt)[(long)l * len * K + j] = (uint8_t)v;
-                else ((uint16_t *)rt)[(long)l * len * K + j] = (uint16_t)v;
-            }
+        for (int l = 0; l < L; l++) /* rows were filled at stride prompt + max_new */
+            routing_narrow(sm->routing + (long)l * (sm->plen + maxn) * K, (long)len * K, rdt,
+                           (char *)rt + (size_t)l * len * K * dtype_size(rdt));
         int64_t sh1 = sm->nout, shr[3] = {L, len, K};
         wire_put_int(b, "index", sm->index);
         wire_put_int(b, "prompt_len", sm->plen);
@@ -161,7 +158,7 @@ static void send_sample(server *s, sample *sm) {
         wire_put_int(b, "weight_version_end", s->version);
         if (!wire_put_frame(b, "tokens", DTYPE_I32, 1, &sh1, sm->tokens + sm->plen, &e) &&
             !wire_put_frame(b, "logprobs", DTYPE_F32, 1, &sh1, sm->logprobs, &e) &&
-            !wire_put_frame(b, "routing", narrow ? DTYPE_U8 : DTYPE_U16, 3, shr, rt, &e))
+            !wire_put_frame(b, "routing", rdt, 3, shr, rt, &e))
             wire_send(s->sock, sm->req->peer, sm->req->peer_len, b, &e);
     }
     wire_builder_free(b);
@@ -234,16 +231,7 @@ static int step(server *s, mill_err *e) {
         int32_t tok = sample_token(logits + (long)(off + nt[j] - 1) * V, V, &sm->req->sp, &sm->r, &lp, work);
         sm->tokens[sm->plen + sm->nout] = tok;
         sm->logprobs[sm->nout++] = lp;
-        sm->state = 2;
-        for (int q = 0; q < sm->req->sp.n_stop; q++)
-            if (tok == sm->req->sp.stop[q]) {
-                sm->finish = FINISH_STOP;
-                sm->state = 3;
-            }
-        if (sm->state == 2 && sm->nout == maxn) {
-            sm->finish = FINISH_LENGTH;
-            sm->state = 3;
-        }
+        sm->state = sample_finished(&sm->req->sp, tok, sm->nout, &sm->finish) ? 3 : 2;
     }
     int keep = 0; /* send and drop finished samples, keeping arrival order */
     for (int i = 0; i < s->n_samples; i++) {
