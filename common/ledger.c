@@ -174,6 +174,8 @@ static int lg_check_header(const char *path, off_t size, mill_err *e) {
     close(fd);
     if (got < 0) return mill_errf(e, "%s: cannot read: %s", path, strerror(err));
     static const char magic[16] = "SQLite format 3";
+    if (got < 16 && memcmp(h, magic, (size_t)got) == 0)
+        return mill_errf(e, "%s: truncated SQLite database (%lld bytes)", path, (long long)size);
     if (got < 16 || memcmp(h, magic, 16) != 0)
         return mill_errf(e, "%s: not an SQLite database, so not a mill ledger", path);
     if (got < (ssize_t)sizeof h)

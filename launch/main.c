@@ -1,6 +1,6 @@
 /* launch/main.c — the `mill` command line.
- * Subcommands so far: forward, info. Each error is one line on stderr and a
- * non-zero exit status. */
+ * Subcommands so far: forward, info. runs/show/plot live in runs_cli.c. Each error
+ * is one line on stderr and a non-zero exit status. */
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +12,7 @@
 #include "../rollout/generate.h"
 #include "../rollout/server.h"
 #include "grpo.h"
+#include "runs_cli.h"
 #include "sft.h"
 #include <errno.h>
 #include <sys/stat.h>
@@ -35,7 +36,11 @@ static int usage(FILE *to) {
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
             "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n"
-            "  run     RECIPE.yaml      a colocated GRPO run in one process (configs/runs/grpo-*.yaml)\n");
+            "  run     RECIPE.yaml      a colocated GRPO run in one process (configs/runs/grpo-*.yaml)\n"
+            "  runs    [--ledger PATH]  the runs in the ledger: status, steps, last reward and accuracy\n"
+            "  show    RUN [--ledger PATH] [--samples N]   a run's fields, step metrics, checkpoints, events\n"
+            "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
+            "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -491,6 +496,9 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);
     else if (strcmp(argv[1], "run") == 0) rc = cmd_run(argc, argv, &e);
+    else if (strcmp(argv[1], "runs") == 0) return cli_runs(argc, argv);
+    else if (strcmp(argv[1], "show") == 0) return cli_show(argc, argv);
+    else if (strcmp(argv[1], "plot") == 0) return cli_plot(argc, argv);
     else if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
         return usage(stdout);
     else {

@@ -436,6 +436,8 @@ static void test_bad_files(void **state) {
     expect_open_error(p, "truncated");
     assert_int_equal(truncate(p, 60), 0);
     expect_open_error(p, "truncated");
+    assert_int_equal(truncate(p, 9), 0); /* inside the magic string */
+    expect_open_error(p, "truncated");
 }
 
 /* ---- concurrency and crashes ---- */
