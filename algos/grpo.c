@@ -24,8 +24,10 @@ void grpo_advantages(const float *rewards, int n_groups, int group_size, int std
     }
 }
 
-int grpo_loss(grpo_batch *b, const float *logp, int n, float *dlogp, double *loss, mill_err *e) {
+int grpo_loss(grpo_batch *b, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+              mill_err *e) {
     const grpo_config *c = b->cfg;
+    const float *old = b->old_logp ? b->old_logp : logp;
     /* token weights of the aggregation: 1/n, or 1/(n_seqs * len(seq)) for the sequence mean */
     int *len = calloc((size_t)b->n_seqs, sizeof(int));
     if (!len) return mill_errf(e, "grpo: out of memory");
@@ -42,13 +44,14 @@ int grpo_loss(grpo_batch *b, const float *logp, int n, float *dlogp, double *los
     double total = 0;
     for (int t = 0; t < n; t++) {
         int s = b->seq[t];
-        double w = c->seq_mean ? 1.0 / ((double)used * len[s]) : 1.0 / n;
-        double A = b->adv[s], lr = (double)logp[t] - b->old_logp[t], ratio = exp(lr);
+        double w = c->seq_mean ? 1.0 / ((double)(b->norm_seqs ? b->norm_seqs : used) * len[s])
+                               : 1.0 / (double)(b->norm_tokens ? b->norm_tokens : n);
+        double A = b->adv[s], lr = (double)logp[t] - old[t], ratio = exp(lr);
         double clipped = fmin(fmax(ratio, 1.0 - c->eps_low), 1.0 + c->eps_high);
         double s1 = ratio * A, s2 = clipped * A;
         double tis = 1.0;
         if (b->rollout_logp) {
-            double d = (double)b->old_logp[t] - b->rollout_logp[t];
+            double d = (double)old[t] - b->rollout_logp[t];
             st.max_abs_dlogp_old = fmax(st.max_abs_dlogp_old, fabs(d));
             if (c->tis_cap > 0) tis = fmin(exp(d), c->tis_cap);
         }
@@ -67,10 +70,21 @@ int grpo_loss(grpo_batch *b, const float *logp, int n, float *dlogp, double *los
             } else {
                 kl = exp(x) - x - 1.0;
                 dkl = -exp(x) + 1.0;
+                if (kl > 10.0) { /* clamped: no gradient past the bound */
+                    kl = 10.0;
+                    dkl = 0.0;
+                }
             }
             st.kl += kl / n;
             l += c->kl_coef * kl;
             g += c->kl_coef * dkl;
+        }
+        if (ent) {
+            st.entropy += ent[t] / n;
+            if (c->entropy_coef != 0 && dent) {
+                l -= c->entropy_coef * ent[t];
+                dent[t] = (float)(-w * c->entropy_coef);
+            }
         }
         total += w * l;
         dlogp[t] = (float)(w * g);

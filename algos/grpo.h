@@ -9,7 +9,9 @@
 
 #include "../common/err.h"
 
-typedef enum { KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 } grpo_kl; /* k3 = low_var_kl */
+/* k1 = log-ratio, k2 = half squared log-ratio, k3 = low_var_kl (Schulman's estimator, clamped to
+ * [-10, 10] as verl does) */
+typedef enum { KL_K1 = 1, KL_K2 = 2, KL_K3 = 3 } grpo_kl;
 
 typedef struct {
     double eps_low, eps_high; /* ratio clipped to [1 - eps_low, 1 + eps_high] (0.2, 0.28) */
@@ -17,7 +19,8 @@ typedef struct {
     int seq_mean;             /* 0: mean over all tokens; 1: mean over sequences of per-sequence means */
     double kl_coef;           /* 0: no reference policy needed */
     grpo_kl kl_type;
-    double tis_cap; /* truncated importance sampling weight cap (0: off) */
+    double tis_cap;      /* truncated importance sampling weight cap (0: off) */
+    double entropy_coef; /* entropy bonus: loss -= entropy_coef * mean entropy (0: off) */
 } grpo_config;
 
 void grpo_config_default(grpo_config *c);
@@ -26,22 +29,29 @@ void grpo_config_default(grpo_config *c);
 void grpo_advantages(const float *rewards, int n_groups, int group_size, int std_normalize, float *adv);
 
 typedef struct {
-    double loss, clip_frac, kl, max_ratio, max_abs_dlogp_old; /* last: max |old - rollout| over tokens */
+    double loss, clip_frac, kl, entropy, max_ratio, max_abs_dlogp_old; /* last: max |old - rollout| */
     long tokens;
 } grpo_stats;
 
 /* Inputs per counted token t (n of them, in batch order): seq[t] its sequence, adv[seq] the
  * sequence's advantage, old_logp (the behaviour policy as the trainer computes it), rollout_logp
  * (what the engine reported; NULL when TIS is off), ref_logp (NULL when kl_coef is 0).
- * logp: the current policy. Writes dlogp [n] and the loss/statistics. */
+ * old_logp NULL: the current policy is the old one (one update per batch), so old = logp, detached.
+ * logp, ent: the current policy's log-probabilities and entropies. Writes dlogp [n], dent [n]
+ * (when entropy_coef != 0) and the loss/statistics. */
 typedef struct {
     const grpo_config *cfg;
     const int32_t *seq;
     int n_seqs;
     const float *adv, *old_logp, *rollout_logp, *ref_logp;
+    /* the aggregation's denominators when a minibatch is split into micro-batches: the tokens
+     * (token mean) or sequences with tokens (sequence mean) of the whole minibatch; 0: this call's */
+    long norm_tokens;
+    int norm_seqs;
     grpo_stats stats;
 } grpo_batch;
 
-int grpo_loss(grpo_batch *b, const float *logp, int n, float *dlogp, double *loss, mill_err *e);
+int grpo_loss(grpo_batch *b, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+              mill_err *e);
 
 #endif

@@ -484,12 +484,13 @@ int wire_get_int_array(const wire_msg *m, const char *key, int required, int64_t
 
 /* ------------------------------------------------------------ encoding */
 
-typedef enum { FIELD_INT, FIELD_NUM, FIELD_BOOL, FIELD_STR } field_kind;
+typedef enum { FIELD_INT, FIELD_NUM, FIELD_BOOL, FIELD_STR, FIELD_INTS } field_kind;
 
 typedef struct {
     char key[WIRE_MAX_KEY + 1];
     field_kind kind;
-    int64_t i;
+    int64_t i, ints[WIRE_MAX_INTS];
+    int n_ints;
     double d;
     char *s;
 } wire_field;
@@ -555,6 +556,17 @@ static wire_field *put_field(wire_builder *b, const char *key, field_kind kind) 
 void wire_put_int(wire_builder *b, const char *key, int64_t v) {
     wire_field *f = put_field(b, key, FIELD_INT);
     if (f) f->i = v;
+}
+
+void wire_put_int_array(wire_builder *b, const char *key, const int64_t *v, int n) {
+    if (n < 0 || n > WIRE_MAX_INTS) {
+        put_error(b, key, "too many integers");
+        return;
+    }
+    wire_field *f = put_field(b, key, FIELD_INTS);
+    if (!f) return;
+    memcpy(f->ints, v, sizeof(int64_t) * (size_t)n);
+    f->n_ints = n;
 }
 
 void wire_put_num(wire_builder *b, const char *key, double v) {
@@ -633,6 +645,10 @@ static int pack_all(wire_builder *b, msgpack_packer *pk) {
         case FIELD_NUM: r = r || msgpack_pack_double(pk, f->d); break;
         case FIELD_BOOL: r = r || (f->i ? msgpack_pack_true(pk) : msgpack_pack_false(pk)); break;
         case FIELD_STR: r = r || pack_cstr(pk, f->s); break;
+        case FIELD_INTS:
+            r = r || msgpack_pack_array(pk, (size_t)f->n_ints);
+            for (int k = 0; !r && k < f->n_ints; k++) r = msgpack_pack_int64(pk, f->ints[k]);
+            break;
         }
         if (r) return -1;
     }

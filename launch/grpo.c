@@ -1,106 +1,265 @@
 #include "grpo.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
+#include <zmq.h>
 
 #include "../algos/arith.h"
+#include "../algos/dataset.h"
+#include "../algos/reward_remote.h"
+#include "../algos/verify.h"
+#include "../common/config.h"
+#include "../common/ledger.h"
 #include "../common/tokenizer.h"
+#include "../common/wire.h"
 #include "../common/yamlcfg.h"
 #include "../rollout/generate.h"
-#include "../trainer/checkpoint.h"
 #include "recipe.h"
-#include "sft.h"
 
-int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e) {
-    json_t *y = yamlcfg_load(path, e);
-    if (!y) return -1;
-    memset(r, 0, sizeof *r);
+/* ==================================================================== recipe */
+
+/* Sets root[dotted key] = value (a YAML scalar), creating sections as needed. */
+static int apply_override(json_t *root, const char *kv, mill_err *e) {
+    const char *eq = strchr(kv, '=');
+    if (!eq || eq == kv) return mill_errf(e, "--set %s: expected key=value, e.g. optimizer.lr=1e-4", kv);
+    char key[256];
+    if ((size_t)(eq - kv) >= sizeof key) return mill_errf(e, "--set %s: the key is too long", kv);
+    memcpy(key, kv, (size_t)(eq - kv));
+    key[eq - kv] = 0;
+    /* the value as YAML reads it under a key (so 1e-4 is a number and [1, 2] a list) */
+    size_t vl = strlen(eq + 1);
+    char *yml = malloc(vl + 8);
+    if (!yml) return mill_errf(e, "out of memory");
+    memcpy(yml, "v: ", 3);
+    memcpy(yml + 3, eq + 1, vl + 1);
+    json_t *wrap = yamlcfg_parse(yml, vl + 3, "--set", e);
+    free(yml);
+    if (!wrap) return mill_err_wrap(e, "--set %s", kv);
+    json_t *doc = json_incref(json_object_get(wrap, "v"));
+    json_decref(wrap);
+    if (!doc) doc = json_null();
+    json_t *node = root;
+    for (char *p = key, *dot; (dot = strchr(p, '.')) != NULL; p = dot + 1) {
+        *dot = 0;
+        json_t *next = json_object_get(node, p);
+        if (!next) {
+            next = json_object();
+            json_object_set_new(node, p, next);
+        }
+        if (!json_is_object(next)) {
+            json_decref(doc);
+            return mill_errf(e, "--set %s: \"%s\" is not a section", kv, p);
+        }
+        node = next;
+        *dot = '.';
+    }
+    const char *leaf = strrchr(key, '.') ? strrchr(key, '.') + 1 : key;
+    json_object_set_new(node, leaf, json_is_null(doc) ? json_string("") : doc);
+    return 0;
+}
+
+static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *path, mill_err *e) {
+    if (strlen(src) >= cap) return mill_errf(e, "%s: %s is longer than %zu characters", path, what, cap - 1);
+    snprintf(dst, cap, "%s", src);
+    return 0;
+}
+
+static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_err *e) {
+    static const char *const top[] = {"name", "ledger", "model", "data", "rollout", "reward", "algorithm", "train",
+                                      "optimizer", "eval", "checkpoint", "debug", NULL};
+    static const char *const model_k[] = {"init_from", NULL};
+    static const char *const data_k[] = {"kind", "levels", "seed", "pool", "path", "prompt_key", "label_key",
+                                         "template", "skip_bad_rows", NULL};
+    static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
+                                         "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "timeout_s",
+                                         "dynamic_sampling", "max_draws", NULL};
+    static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
+    static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
+                                         "tis_cap", "entropy_coef", NULL};
+    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", NULL};
+    static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
+    static const char *const ck_k[] = {"dir", "every", NULL};
+    static const char *const dbg_k[] = {"kill_engine_at_step", NULL};
+    if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
+        yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
+        yamlcfg_known_keys(y, "reward", rew_k, path, e) || yamlcfg_known_keys(y, "algorithm", algo_k, path, e) ||
+        yamlcfg_known_keys(y, "train", train_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
+        yamlcfg_known_keys(y, "checkpoint", ck_k, path, e) || yamlcfg_known_keys(y, "debug", dbg_k, path, e))
+        return -1;
     optim_config_default(&r->optim);
     grpo_config_default(&r->algo);
     r->optim.schedule = LR_CONSTANT;
-    r->optim.lr = 5e-4;
+    r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    int rc = -1;
-    static const char *const top[] = {"model", "data", "rollout", "algorithm", "train", "optimizer", "eval",
-                                      "checkpoint", NULL};
-    static const char *const model_k[] = {"init_from", NULL};
-    static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
-                                         "seed", NULL};
-    static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "tis_cap", NULL};
-    static const char *const train_k[] = {"steps", NULL};
-    static const char *const eval_k[] = {"every", "problems", "seed", NULL};
-    static const char *const ck_k[] = {"dir", "every", NULL};
-    if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
-        yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
-        yamlcfg_known_keys(y, "algorithm", algo_k, path, e) || yamlcfg_known_keys(y, "train", train_k, path, e) ||
-        yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
-        yamlcfg_known_keys(y, "checkpoint", ck_k, path, e))
-        goto done;
-    const char *from, *dir;
-    long long sseed, pps, spp, mnt, steps, evev, evn, evseed, ckev;
-    int stdn, seqm;
-    if (yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
-        recipe_data(y, path, r->levels, &r->n_levels, &r->data_seed, e) ||
-        yamlcfg_int(y, "rollout.prompts_per_step", 16, 1, 1 << 16, &pps, path, e) ||
-        yamlcfg_int(y, "rollout.samples_per_prompt", 8, 2, 1 << 10, &spp, path, e) ||
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir;
+    long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
+    int skip, dyn, stdn, seqm;
+    if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
+        yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
+        yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
+        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
+        yamlcfg_int(y, "data.pool", 20000, 1, 1 << 26, &pool, path, e) ||
+        yamlcfg_str(y, "data.path", "", &dpath, path, e) || yamlcfg_str(y, "data.prompt_key", "prompt", &pk, path, e) ||
+        yamlcfg_str(y, "data.label_key", "label", &lk, path, e) || yamlcfg_str(y, "data.template", "", &tmpl, path, e) ||
+        yamlcfg_bool(y, "data.skip_bad_rows", 0, &skip, path, e) ||
+        yamlcfg_int(y, "rollout.prompts_per_step", 16, 1, 4096, &pps, path, e) ||
+        yamlcfg_int(y, "rollout.samples_per_prompt", 8, 2, 1024, &spp, path, e) ||
         yamlcfg_int(y, "rollout.max_new_tokens", 8, 1, 1 << 16, &mnt, path, e) ||
         yamlcfg_num(y, "rollout.temperature", 1.0, &r->temperature, path, e) ||
-        yamlcfg_int(y, "rollout.seed", 1, 0, INT64_MAX, &sseed, path, e) ||
+        yamlcfg_num(y, "rollout.top_p", 1.0, &r->top_p, path, e) ||
+        yamlcfg_int(y, "rollout.seed", 1, 0, INT64_MAX / 2, &sseed, path, e) ||
+        yamlcfg_str(y, "rollout.layout", "colocated", &layout, path, e) ||
+        yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
+        yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
+        yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
+        yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
+        yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
+        yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
+        yamlcfg_num(y, "reward.timeout_s", 10, &r->reward_timeout_s, path, e) ||
+        yamlcfg_int(y, "reward.retries", 3, 0, 100, &retries, path, e) ||
+        yamlcfg_num(y, "reward.backoff_s", 0.5, &r->reward_backoff_s, path, e) ||
         yamlcfg_num(y, "algorithm.eps_low", 0.2, &r->algo.eps_low, path, e) ||
         yamlcfg_num(y, "algorithm.eps_high", 0.28, &r->algo.eps_high, path, e) ||
         yamlcfg_bool(y, "algorithm.std_normalize", 1, &stdn, path, e) ||
         yamlcfg_bool(y, "algorithm.seq_mean", 0, &seqm, path, e) ||
         yamlcfg_num(y, "algorithm.kl_coef", 0.0, &r->algo.kl_coef, path, e) ||
+        yamlcfg_str(y, "algorithm.kl_type", "low_var_kl", &klt, path, e) ||
         yamlcfg_num(y, "algorithm.tis_cap", 2.0, &r->algo.tis_cap, path, e) ||
+        yamlcfg_num(y, "algorithm.entropy_coef", 0.0, &r->algo.entropy_coef, path, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
-        recipe_optimizer(y, path, &r->optim, e) ||
+        yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
+        yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
+        yamlcfg_str(y, "eval.path", "", &evpath, path, e) ||
         yamlcfg_str(y, "checkpoint.dir", "runs/grpo", &dir, path, e) ||
-        yamlcfg_int(y, "checkpoint.every", 0, 0, 1 << 30, &ckev, path, e))
-        goto done;
-    if (!*from) {
-        mill_errf(e, "%s: model.init_from (the SFT warm start's directory) is required", path);
-        goto done;
+        yamlcfg_int(y, "checkpoint.every", 10, 0, 1 << 30, &ckev, path, e) ||
+        yamlcfg_int(y, "debug.kill_engine_at_step", 0, 0, 1 << 30, &kill, path, e))
+        return -1;
+    if (!*from) return mill_errf(e, "%s: model.init_from (the warm start's directory) is required", path);
+    if (!yamlcfg_get(y, "train.steps")) return mill_errf(e, "%s: train.steps is required", path);
+    if (copy_str(r->name, sizeof r->name, name, "name", path, e) ||
+        copy_str(r->ledger, sizeof r->ledger, ledger, "ledger", path, e) ||
+        copy_str(r->init_from, sizeof r->init_from, from, "model.init_from", path, e) ||
+        copy_str(r->data_path, sizeof r->data_path, dpath, "data.path", path, e) ||
+        copy_str(r->prompt_key, sizeof r->prompt_key, pk, "data.prompt_key", path, e) ||
+        copy_str(r->label_key, sizeof r->label_key, lk, "data.label_key", path, e) ||
+        copy_str(r->template_, sizeof r->template_, tmpl, "data.template", path, e) ||
+        copy_str(r->reward_url, sizeof r->reward_url, url, "reward.url", path, e) ||
+        copy_str(r->eval_path, sizeof r->eval_path, evpath, "eval.path", path, e) ||
+        copy_str(r->out_dir, sizeof r->out_dir, dir, "checkpoint.dir", path, e))
+        return -1;
+    if (!strcmp(kind, "jsonl")) {
+        r->jsonl = 1;
+        if (!*dpath) return mill_errf(e, "%s: data.kind jsonl needs data.path (a JSONL file)", path);
+    } else if (!strcmp(kind, "arithmetic")) {
+        if (recipe_levels(y, path, r->levels, &r->n_levels, e)) return -1;
+    } else {
+        return mill_errf(e, "%s: data.kind \"%s\" must be \"arithmetic\" or \"jsonl\"", path, kind);
     }
-    if (!yamlcfg_get(y, "train.steps")) {
-        mill_errf(e, "%s: train.steps is required", path);
-        goto done;
+    if (!strcmp(layout, "disaggregated")) r->disaggregated = 1;
+    else if (strcmp(layout, "colocated")) return mill_errf(e, "%s: rollout.layout \"%s\" must be \"colocated\" or \"disaggregated\"", path, layout);
+    json_t *addrs = yamlcfg_get(y, "rollout.addresses");
+    if (addrs && !json_is_null(addrs)) {
+        if (!json_is_array(addrs) || !json_array_size(addrs))
+            return mill_errf(e, "%s: rollout.addresses must be a list of engine addresses (tcp://HOST:PORT)", path);
+        if (!r->disaggregated)
+            return mill_errf(e, "%s: rollout.addresses needs rollout.layout: disaggregated", path);
+        for (size_t i = 0; i < json_array_size(addrs); i++) {
+            const char *a = json_string_value(json_array_get(addrs, i));
+            if (!a || strncmp(a, "tcp://", 6) || strchr(a, ','))
+                return mill_errf(e, "%s: rollout.addresses[%zu] must be a string tcp://HOST:PORT", path, i);
+            size_t used = strlen(r->engine_addrs);
+            if (used + strlen(a) + 2 > sizeof r->engine_addrs) return mill_errf(e, "%s: rollout.addresses is too long", path);
+            snprintf(r->engine_addrs + used, sizeof r->engine_addrs - used, "%s%s", used ? "," : "", a);
+        }
+        neng = (long long)json_array_size(addrs);
     }
-    if (r->algo.kl_coef != 0) {
-        mill_errf(e, "%s: algorithm.kl_coef must be 0 for now (no reference model is loaded yet)", path);
-        goto done;
-    }
-    if (strlen(from) >= sizeof r->init_from || strlen(dir) >= sizeof r->out_dir) {
-        mill_errf(e, "%s: a path is longer than %zu characters", path, sizeof r->init_from - 1);
-        goto done;
-    }
-    snprintf(r->init_from, sizeof r->init_from, "%s", from);
-    snprintf(r->out_dir, sizeof r->out_dir, "%s", dir);
-    r->sample_seed = (uint64_t)sseed;
+    if (!r->disaggregated && neng != 1)
+        return mill_errf(e, "%s: a colocated run has one engine (rollout.engines: %lld); use layout: disaggregated", path, neng);
+    if (!*rkind) rkind = r->jsonl ? "math" : "arithmetic";
+    if (!strcmp(rkind, "arithmetic")) r->reward = REWARD_ARITH;
+    else if (!strcmp(rkind, "math")) r->reward = REWARD_MATH;
+    else if (!strcmp(rkind, "remote")) r->reward = REWARD_REMOTE;
+    else return mill_errf(e, "%s: reward.kind \"%s\" must be arithmetic, math or remote", path, rkind);
+    if (r->reward == REWARD_REMOTE && strncmp(url, "http://", 7) && strncmp(url, "https://", 8))
+        return mill_errf(e, "%s: reward.kind remote needs reward.url (http://HOST:PORT/PATH)", path);
+    if (r->reward == REWARD_ARITH && r->jsonl)
+        return mill_errf(e, "%s: reward.kind arithmetic needs data.kind arithmetic (use math for JSONL)", path);
+    if (!strcmp(klt, "k1")) r->algo.kl_type = KL_K1;
+    else if (!strcmp(klt, "k2")) r->algo.kl_type = KL_K2;
+    else if (!strcmp(klt, "low_var_kl") || !strcmp(klt, "k3")) r->algo.kl_type = KL_K3;
+    else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2 or low_var_kl", path, klt);
+    if (r->algo.kl_coef != 0)
+        return mill_errf(e, "%s: algorithm.kl_coef must be 0 for now (a frozen reference model is not loaded yet)", path);
+    if (!(r->temperature > 0)) return mill_errf(e, "%s: rollout.temperature must be > 0 for GRPO sampling", path);
+    if (r->eval_path[0] && !r->jsonl) return mill_errf(e, "%s: eval.path is for JSONL data", path);
+    r->data_seed = (uint64_t)dseed;
+    r->pool = pool;
+    r->skip_bad = skip;
     r->prompts_per_step = (int)pps;
     r->samples_per_prompt = (int)spp;
     r->max_new_tokens = (int)mnt;
+    r->sample_seed = (uint64_t)sseed;
+    r->n_engines = (int)neng;
+    r->dynamic_sampling = dyn;
+    r->max_draws = (int)draws;
+    r->reward_retries = (int)retries;
+    r->std_normalize = stdn;
     r->algo.std_normalize = stdn;
     r->algo.seq_mean = seqm;
     r->steps = steps;
-    r->optim.total_steps = steps;
+    r->updates_per_step = (int)upd;
+    r->micro_batch = (int)mb;
+    r->optim.total_steps = steps * upd;
     r->eval_every = (int)evev;
     r->eval_problems = (int)evn;
     r->eval_seed = (uint64_t)evseed;
     r->checkpoint_every = (int)ckev;
+    r->kill_engine_at_step = (int)kill;
+    return 0;
+}
+
+int grpo_recipe_load(const char *path, char *const *overrides, int n_overrides, grpo_recipe *r, mill_err *e) {
+    memset(r, 0, sizeof *r);
+    json_t *y = yamlcfg_load(path, e);
+    if (!y) return -1;
+    int rc = -1;
+    for (int i = 0; i < n_overrides; i++)
+        if (apply_override(y, overrides[i], e)) goto out;
+    if (recipe_from_tree(y, path, r, e)) goto out;
+    /* what the ledger keeps: JSON is YAML, so `mill resume` reads it back with the same loader */
+    r->text = json_dumps(y, JSON_SORT_KEYS | JSON_INDENT(1));
+    if (!r->text) {
+        mill_errf(e, "%s: out of memory", path);
+        goto out;
+    }
     rc = 0;
-done:
+out:
     json_decref(y);
     return rc;
 }
+
+void grpo_recipe_free(grpo_recipe *r) {
+    free(r->text);
+    r->text = NULL;
+}
+
+/* ================================================================= processes */
 
 static double now(void) {
     struct timespec t;
@@ -108,219 +267,1122 @@ static double now(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static int grpo_loss_cb(void *ctx, const float *logp, int n, float *dlogp, double *loss, mill_err *e) {
-    return grpo_loss(ctx, logp, n, dlogp, loss, e);
+static double wall(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-/* One GRPO step: rollout, rewards, advantages, one policy-gradient update with routing replay. */
 typedef struct {
-    double reward, loss, grad_norm, clip_frac, max_dlogp, mean_len, gen_s, train_s;
-    long tokens;
-} step_stats;
+    pid_t pid;        /* 0: external (not ours to restart) */
+    char addr[256];   /* where it listens */
+    char log[1200];   /* its stdout/stderr */
+    char *argv[16];   /* how it was started (for restarts) */
+    char argbuf[4096];
+    void *sock;       /* our DEALER to it */
+} proc;
 
-static int grpo_step(const grpo_recipe *r, dsv4_model *m, const kctx *k, optimizer *opt, const tokenizer *tok,
-                     rng *data_rng, long step, float *grads, arena *a, step_stats *out, mill_err *e) {
-    const dsv4_config *c = &m->cfg;
-    int P = r->prompts_per_step, G = r->samples_per_prompt, n = P * G, maxn = r->max_new_tokens;
-    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
+/* Starts `mill ARGS...` as a child that dies with us (PDEATHSIG), output appended to p->log. */
+static int proc_spawn(proc *p, const char *exe, mill_err *e) {
+    pid_t parent = getpid(), pid = fork();
+    if (pid < 0) return mill_errf(e, "cannot start %s: fork: %s", p->argv[1], strerror(errno));
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(127);
+        int fd = open(p->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        execv(exe, p->argv);
+        _exit(127);
+    }
+    p->pid = pid;
+    return 0;
+}
+
+/* 0 while running; -1 with e naming how it ended. */
+static int proc_check(proc *p, const char *what, mill_err *e) {
+    if (p->pid <= 0) return 0;
+    int st;
+    pid_t r = waitpid(p->pid, &st, WNOHANG);
+    if (r == 0) return 0;
+    pid_t pid = p->pid;
+    p->pid = -1;
+    if (r < 0) return mill_errf(e, "%s (pid %d) is gone: %s", what, (int)pid, strerror(errno));
+    if (WIFSIGNALED(st)) return mill_errf(e, "%s (pid %d) was killed by signal %d (log: %s)", what, (int)pid, WTERMSIG(st), p->log);
+    return mill_errf(e, "%s (pid %d) exited with status %d (log: %s)", what, (int)pid, WEXITSTATUS(st), p->log);
+}
+
+static void proc_stop(proc *p) {
+    if (p->pid > 0) {
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, NULL, 0);
+    }
+    p->pid = 0;
+}
+
+static int proc_connect(proc *p, void *zctx, mill_err *e) {
+    int linger = 0;
+    if (p->sock) zmq_close(p->sock);
+    p->sock = zmq_socket(zctx, ZMQ_DEALER);
+    if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(p->sock, p->addr))
+        return mill_errf(e, "cannot connect to %s: %s", p->addr, zmq_strerror(zmq_errno()));
+    return 0;
+}
+
+/* A free loopback TCP port (the kernel's pick; the tiny race before the engine binds it is fine
+ * on one host). */
+static int free_port(int *port, mill_err *e) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || getsockname(s, (struct sockaddr *)&a, &len)) {
+        if (s >= 0) close(s);
+        return mill_errf(e, "cannot find a free TCP port: %s", strerror(errno));
+    }
+    *port = ntohs(a.sin_port);
+    close(s);
+    return 0;
+}
+
+static void set_argv(proc *p, const char *const *args) {
+    size_t off = 0;
+    int i = 0;
+    for (; args[i] && i < 15; i++) {
+        size_t n = strlen(args[i]) + 1;
+        if (off + n > sizeof p->argbuf) break;
+        memcpy(p->argbuf + off, args[i], n);
+        p->argv[i] = p->argbuf + off;
+        off += n;
+    }
+    p->argv[i] = NULL;
+}
+
+/* ====================================================================== rpc */
+
+typedef struct {
+    void *zctx;
+    proc trainer;
+    proc engines[64];
+    int n_engines;
+    uint64_t next_id;
+    char exe[1024];
+} procs;
+
+/* Sends b to p and waits for the reply to it (of type `want`), checking that p lives. */
+static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *want, double timeout_s,
+               wire_msg **reply, wire_raw **raw, mill_err *e) {
+    *reply = NULL;
+    *raw = NULL;
+    uint64_t id = ps->next_id - 1; /* the builder was made with next_id++ */
+    int rc = wire_send(p->sock, NULL, 0, b, e);
+    wire_builder_free(b);
+    if (rc) return mill_err_wrap(e, "%s", what);
+    double t_end = now() + timeout_s;
+    for (;;) {
+        int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
+        if (x < 0) return mill_err_wrap(e, "%s sent a malformed reply", what);
+        if (x == 0) {
+            if (wire_id(*reply) != id) { /* a late reply to an earlier request */
+                wire_msg_free(*reply);
+                wire_recv_free(*raw);
+                continue;
+            }
+            if (!strcmp(wire_type(*reply), "error")) {
+                char why[900];
+                wire_get_str(*reply, "message", 0, "?", why, sizeof why, e);
+                wire_msg_free(*reply);
+                wire_recv_free(*raw);
+                *reply = NULL;
+                return mill_errf(e, "%s: %s", what, why);
+            }
+            if (strcmp(wire_type(*reply), want)) {
+                mill_errf(e, "%s answered \"%s\", expected \"%s\"", what, wire_type(*reply), want);
+                wire_msg_free(*reply);
+                wire_recv_free(*raw);
+                *reply = NULL;
+                return -1;
+            }
+            return 0;
+        }
+        if (proc_check(p, what, e)) return -1;
+        if (now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
+    }
+}
+
+static wire_builder *msg_new(procs *ps, const char *type) { return wire_builder_new(type, ps->next_id++); }
+
+/* A request with no payload whose reply carries nothing we need. */
+static int rpc_simple(procs *ps, proc *p, const char *what, const char *type, const char *want, double tmo, mill_err *e) {
+    wire_builder *b = msg_new(ps, type);
+    wire_msg *r;
+    wire_raw *raw;
+    if (!b) return mill_errf(e, "out of memory");
+    if (rpc(ps, p, what, b, want, tmo, &r, &raw, e)) return -1;
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    return 0;
+}
+
+static int engine_wait_ready(procs *ps, proc *p, int idx, double tmo, mill_err *e) {
+    char what[64];
+    snprintf(what, sizeof what, "rollout engine %d", idx);
+    return rpc_simple(ps, p, what, "health", "health_ok", tmo, e);
+}
+
+static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, const char *model, int i, mill_err *e) {
+    ps->n_engines = ps->n_engines > i ? ps->n_engines : i + 1;
+    proc *p = &ps->engines[i];
+    snprintf(p->log, sizeof p->log, "%s/logs/engine-%d.log", run_dir, i);
+    if (!p->addr[0]) {
+        if (r->disaggregated) {
+            int port;
+            if (free_port(&port, e)) return -1;
+            snprintf(p->addr, sizeof p->addr, "tcp://127.0.0.1:%d", port);
+        } else {
+            snprintf(p->addr, sizeof p->addr, "ipc://%s/engine-%d.sock", run_dir, i);
+        }
+    }
+    char cache[32];
+    snprintf(cache, sizeof cache, "%g", r->cache_mb);
+    const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, NULL};
+    set_argv(p, args);
+    if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, e)) return -1;
+    return engine_wait_ready(ps, p, i, 60, e);
+}
+
+/* ================================================================== the run */
+
+typedef struct {
+    const grpo_recipe *r;
+    ledger *lg;
+    int64_t run_id;
+    int attempt;
+    procs ps;
+    dataset *data, *eval_data;
+    tokenizer *tok;
+    dsv4_config cfg;
+    char run_dir[1024];
+    long version; /* weights the engines hold */
+    int64_t cursor; /* prompts drawn */
+    int fault_done; /* debug.kill_engine_at_step has fired */
+} run_ctx;
+
+typedef struct {
+    int n;                 /* samples */
+    int *prompt_of;        /* [n] index into the batch's prompts */
+    int32_t **tokens;      /* [n] response tokens */
+    float **logprobs;      /* [n] */
+    int32_t **routing;     /* [n] [L, prompt_len + out, K] widened */
+    int *out_len, *finish, *got;
+    long *version;
+} samples;
+
+static void samples_free(samples *s) {
+    for (int i = 0; i < s->n; i++) {
+        if (s->tokens) free(s->tokens[i]);
+        if (s->logprobs) free(s->logprobs[i]);
+        if (s->routing) free(s->routing[i]);
+    }
+    free(s->prompt_of);
+    free(s->tokens);
+    free(s->logprobs);
+    free(s->routing);
+    free(s->out_len);
+    free(s->finish);
+    free(s->got);
+    free(s->version);
+    memset(s, 0, sizeof *s);
+}
+
+typedef struct {
+    int n;                 /* prompts */
+    int32_t **ids;         /* [n] bos + prompt tokens */
+    int *len;
+    const dataset_row **row;
+} prompt_set;
+
+static void prompts_free(prompt_set *p) {
+    for (int i = 0; i < p->n; i++)
+        if (p->ids) free(p->ids[i]);
+    free(p->ids);
+    free(p->len);
+    free(p->row);
+    memset(p, 0, sizeof *p);
+}
+
+static int prompt_encode(run_ctx *c, prompt_set *ps, int i, const char *text, mill_err *e) {
+    size_t n = strlen(text);
+    ps->ids[i] = malloc(sizeof(int32_t) * (n + 2));
+    if (!ps->ids[i]) return mill_errf(e, "out of memory");
+    ps->ids[i][0] = tokenizer_bos(c->tok);
+    int nt;
+    if (tokenizer_encode(c->tok, text, n, ps->ids[i] + 1, (int)n + 1, &nt, e)) return -1;
+    ps->len[i] = nt + 1;
+    return 0;
+}
+
+static int prompts_alloc(prompt_set *p, int n, mill_err *e) {
+    memset(p, 0, sizeof *p);
+    p->n = n;
+    p->ids = calloc((size_t)n, sizeof *p->ids);
+    p->len = calloc((size_t)n, sizeof(int));
+    p->row = calloc((size_t)n, sizeof *p->row);
+    if (!p->ids || !p->len || !p->row) return mill_errf(e, "out of memory");
+    return 0;
+}
+
+/* Sends each engine its contiguous block of prompts as one batch request (so a sample's seed,
+ * base + its index in the whole batch, does not depend on how many engines there are). */
+static int send_block(run_ctx *c, int j, const prompt_set *pp, int G, float temp, uint64_t seed, int maxn,
+                      uint64_t *req_id, mill_err *e) {
+    int E = c->ps.n_engines, p0 = (int)((long)pp->n * j / E), p1 = (int)((long)pp->n * (j + 1) / E);
+    *req_id = 0;
+    if (p1 <= p0) return 0;
+    long total = 0;
+    for (int p = p0; p < p1; p++) total += pp->len[p];
+    int32_t *flat = malloc(sizeof(int32_t) * (size_t)total), *lens = malloc(sizeof(int32_t) * (size_t)(p1 - p0));
+    wire_builder *b = msg_new(&c->ps, "generate");
     int rc = -1;
-    arith_problem *probs = malloc(sizeof *probs * (size_t)P);
-    int32_t **rows = calloc((size_t)n, sizeof *rows);
-    int *lens = malloc(sizeof(int) * (size_t)n);
-    float *rewards = malloc(sizeof(float) * (size_t)n), *adv = malloc(sizeof(float) * (size_t)n);
-    gen_result res = {0};
-    int32_t *ids = NULL, *targets = NULL, *replay = NULL, *seq_of = NULL;
-    float *old = NULL;
-    if (!probs || !rows || !lens || !rewards || !adv) {
-        mill_errf(e, "grpo: out of memory");
+    if (!flat || !lens || !b) {
+        mill_errf(e, "out of memory");
         goto out;
     }
-    for (int p = 0; p < P; p++) {
-        int level = r->levels[r->n_levels > 1 ? rng_below(data_rng, (uint64_t)r->n_levels) : 0];
-        arith_draw(&probs[p], level, 0, data_rng);
-        char text[256];
-        arith_format_prompt(&probs[p], text, sizeof text);
-        int32_t buf[256];
-        buf[0] = tokenizer_bos(tok);
-        int nt;
-        if (tokenizer_encode(tok, text, strlen(text), buf + 1, 255, &nt, e)) goto out;
-        for (int g = 0; g < G; g++) {
-            rows[p * G + g] = malloc(sizeof(int32_t) * (size_t)(nt + 1));
-            if (!rows[p * G + g]) {
-                mill_errf(e, "grpo: out of memory");
-                goto out;
-            }
-            memcpy(rows[p * G + g], buf, sizeof(int32_t) * (size_t)(nt + 1));
-            lens[p * G + g] = nt + 1;
-        }
+    long off = 0;
+    for (int p = p0; p < p1; p++) {
+        memcpy(flat + off, pp->ids[p], sizeof(int32_t) * (size_t)pp->len[p]);
+        off += pp->len[p];
+        lens[p - p0] = pp->len[p];
     }
-    sample_params sp = {.temperature = (float)r->temperature, .top_p = 1, .seed = r->sample_seed + (uint64_t)step * n,
-                        .max_new_tokens = maxn, .n_stop = 1};
-    sp.stop[0] = tokenizer_eos(tok);
-    double t0 = now();
-    if (generate_cached(m, k, (const int32_t *const *)rows, lens, n, &sp, (size_t)1 << 30, &res, e)) goto out;
-    out->gen_s = now() - t0;
-    double rsum = 0, lsum = 0;
-    for (int i = 0; i < n; i++) {
-        char text[64];
-        if (arith_decode_answer(tok, res.out_ids + (long)i * maxn, res.out_len[i], text, sizeof text, e)) goto out;
-        /* the reward asks for the answer and a clean stop */
-        rewards[i] = (float)(arith_check(text, &probs[i / G]) && res.finish[i] == FINISH_STOP);
-        rsum += rewards[i];
-        lsum += res.out_len[i];
-    }
-    out->reward = rsum / n;
-    out->mean_len = lsum / n;
-    grpo_advantages(rewards, P, G, r->algo.std_normalize, adv);
-    /* training batch: prompt + response, right-padded; targets on response tokens only */
-    int T = 0;
-    for (int i = 0; i < n; i++) T = lens[i] + res.out_len[i] > T ? lens[i] + res.out_len[i] : T;
-    ids = calloc((size_t)n * T, sizeof(int32_t));
-    targets = malloc(sizeof(int32_t) * (size_t)n * T);
-    replay = calloc((size_t)L * n * T * K, sizeof(int32_t));
-    seq_of = malloc(sizeof(int32_t) * (size_t)n * T);
-    old = malloc(sizeof(float) * (size_t)n * T);
-    if (!ids || !targets || !replay || !seq_of || !old) {
-        mill_errf(e, "grpo: out of memory");
+    int64_t sh = total, shl = p1 - p0;
+    wire_put_int(b, "n", G);
+    wire_put_int(b, "max_new_tokens", maxn);
+    wire_put_num(b, "temperature", temp);
+    wire_put_num(b, "top_p", c->r->top_p);
+    wire_put_int(b, "seed", (int64_t)(seed + (uint64_t)p0 * G));
+    int64_t stop = tokenizer_eos(c->tok);
+    wire_put_int_array(b, "stop", &stop, 1);
+    if (wire_put_frame(b, "prompts", DTYPE_I32, 1, &sh, flat, e) ||
+        wire_put_frame(b, "prompt_lens", DTYPE_I32, 1, &shl, lens, e))
         goto out;
-    }
-    int cnt = 0;
-    for (int i = 0; i < n; i++) {
-        int len = lens[i] + res.out_len[i];
-        for (int t = 0; t < T; t++) {
-            int32_t tokv = t < lens[i] ? rows[i][t] : t < len ? res.out_ids[(long)i * maxn + t - lens[i]] : tokenizer_pad(tok);
-            ids[(long)i * T + t] = tokv;
-        }
-        for (int t = 0; t < T; t++) {
-            int resp = t + 1 >= lens[i] && t + 1 < len; /* position t predicts response token t+1 */
-            targets[(long)i * T + t] = resp ? ids[(long)i * T + t + 1] : -1;
-            if (resp) {
-                seq_of[cnt] = i;
-                old[cnt++] = res.logprobs[(long)i * maxn + t + 1 - lens[i]];
-            }
-        }
-        /* replay: the experts the engine used; padding repeats the row's last token's experts */
-        for (int l = 0; l < L; l++)
-            for (int t = 0; t < T; t++) {
-                int src = t < len ? t : len - 1;
-                memcpy(replay + (((long)l * n + i) * T + t) * K, res.routing[i] + ((long)l * len + src) * K,
-                       sizeof(int32_t) * (size_t)K);
-            }
-    }
-    /* The engine's logprobs are the behaviour policy; the trainer recomputes its own in the same
-     * forward (weights unchanged since sampling) and the gap is reported. */
-    grpo_batch gb = {.cfg = &r->algo, .seq = seq_of, .n_seqs = n, .adv = adv, .old_logp = old, .rollout_logp = old};
-    memset(grads, 0, sizeof(float) * m->n_floats);
-    double loss;
-    long count;
-    float *logp = malloc(sizeof(float) * (size_t)cnt);
-    if (!logp) {
-        mill_errf(e, "grpo: out of memory");
-        goto out;
-    }
-    t0 = now();
-    int frc = model_forward_backward_tokens(m, k, ids, targets, n, T, replay, (float)(r->temperature > 0 ? r->temperature : 1),
-                                            grads, grpo_loss_cb, &gb, logp, &loss, &count, a, e);
-    double maxd = 0;
-    for (int i = 0; !frc && i < cnt; i++) maxd = fmax(maxd, fabs((double)logp[i] - old[i]));
-    free(logp);
-    if (frc) goto out;
-    double lr;
-    if (optimizer_step(opt, m, k, grads, &out->grad_norm, &lr, e)) goto out;
-    out->train_s = now() - t0;
-    out->loss = loss;
-    out->clip_frac = gb.stats.clip_frac;
-    out->max_dlogp = maxd;
-    out->tokens = count;
-    rc = 0;
+    *req_id = c->ps.next_id - 1;
+    rc = wire_send(c->ps.engines[j].sock, NULL, 0, b, e);
 out:
-    if (rows)
-        for (int i = 0; i < n; i++) free(rows[i]);
-    free(rows);
-    free(probs);
+    wire_builder_free(b);
+    free(flat);
     free(lens);
-    free(rewards);
-    free(adv);
-    free(ids);
-    free(targets);
-    free(replay);
-    free(seq_of);
-    free(old);
-    gen_result_free(&res);
     return rc;
 }
 
-static void print_levels(const double *lv) {
-    printf("  [");
-    for (int l = 0, first = 1; l < 4; l++)
-        if (lv[l] >= 0) {
-            printf("%slevel %d: %.3f", first ? "" : ", ", l + 1, lv[l]);
-            first = 0;
-        }
-    printf("]\n");
+/* Restarts engine j after a fault (our own engines only), gives it the current weights and
+ * re-sends its block: samples already received are kept and their repeats dropped (a sample is
+ * a function of its seed and the weights, so the repeat is the same sample). */
+static int engine_recover(run_ctx *c, int j, const prompt_set *pp, int G, float temp, uint64_t seed, int maxn,
+                          uint64_t *req, long step, const char *why, mill_err *e) {
+    proc *p = &c->ps.engines[j];
+    char msg[1200];
+    snprintf(msg, sizeof msg, "rollout engine %d: %s", j, why);
+    mill_err le;
+    ledger_event(c->lg, c->run_id, step, "fault", msg, &le);
+    if (p->pid == 0) return mill_errf(e, "%s (an external engine: restart it, then mill resume)", msg);
+    fprintf(stderr, "\nmill: %s; restarting it\n", msg);
+    proc_stop(p);
+    if (proc_spawn(p, c->ps.exe, e) || proc_connect(p, c->ps.zctx, e) || engine_wait_ready(&c->ps, p, j, 60, e))
+        return mill_err_wrap(e, "restarting rollout engine %d", j);
+    wire_builder *b = msg_new(&c->ps, "publish");
+    wire_msg *r;
+    wire_raw *raw;
+    if (!b) return mill_errf(e, "out of memory");
+    wire_put_str(b, "engines", p->addr);
+    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 300, &r, &raw, e)) return -1;
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    ledger_event(c->lg, c->run_id, step, "restart", msg, &le);
+    return send_block(c, j, pp, G, temp, seed, maxn, req, e);
 }
 
-int grpo_run(const grpo_recipe *r, mill_err *e) {
-    dsv4_model m;
-    if (model_load(&m, r->init_from, e)) return -1;
-    kctx k;
-    optimizer opt;
-    tokenizer *tok = NULL;
-    arena a = {0};
-    float *grads = NULL;
-    int rc = -1;
-    rng data_rng;
-    rng_seed(&data_rng, r->data_seed);
-    if (kctx_init(&k, DEVICE_CPU, e)) goto done_model;
-    if (optimizer_init(&opt, &m, &r->optim, e)) goto done_model;
-    if (tokenizer_bytes_new(&tok, m.cfg.vocab_size, e) || arena_init(&a, 16 << 20, e)) goto done;
-    grads = malloc(sizeof(float) * m.n_floats);
-    if (!grads) {
-        mill_errf(e, "grpo: out of memory");
-        goto done;
-    }
-    double acc0, lv[4];
-    if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc0, lv, e)) goto done;
-    printf("grpo: %s, %ld steps of %d prompts x %d samples; held-out greedy accuracy before: %.3f (%d problems)",
-           r->init_from, r->steps, r->prompts_per_step, r->samples_per_prompt, acc0, r->eval_problems);
-    print_levels(lv);
-    fflush(stdout);
-    double t_start = now();
-    for (long s = 0; s < r->steps; s++) {
-        step_stats st = {0};
-        if (grpo_step(r, &m, &k, &opt, tok, &data_rng, s, grads, &a, &st, e)) goto done;
-        printf("step %4ld  reward %.3f  loss %+.4f  grad_norm %.3f  clip %.3f  max|dlogp| %.2e  len %.1f  "
-               "rollout %.2fs train %.2fs\n",
-               s + 1, st.reward, st.loss, st.grad_norm, st.clip_frac, st.max_dlogp, st.mean_len, st.gen_s, st.train_s);
-        fflush(stdout);
-        if ((r->eval_every && (s + 1) % r->eval_every == 0) || s + 1 == r->steps) {
-            double acc;
-            if (arith_eval(&m, &k, tok, r->levels, r->n_levels, r->eval_seed, r->eval_problems, &acc, lv, e)) goto done;
-            printf("step %4ld  held-out greedy accuracy %.3f (before: %.3f)  %.1f min", s + 1, acc, acc0,
-                   (now() - t_start) / 60);
-            print_levels(lv);
-            fflush(stdout);
-        }
-        if ((r->checkpoint_every && (s + 1) % r->checkpoint_every == 0) || s + 1 == r->steps) {
-            char ck[1200];
-            train_state ts = {s + 1, (uint64_t)(s + 1) * r->prompts_per_step, data_rng};
-            snprintf(ck, sizeof ck, "%s/step-%06ld", r->out_dir, s + 1);
-            if (mkdir(r->out_dir, 0755) && errno != EEXIST) {
-                mill_errf(e, "%s: cannot create: %s", r->out_dir, strerror(errno));
-                goto done;
+/* Generates G samples per prompt on the engines; fills s (indexed prompt * G + g). */
+static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t seed, int maxn, long step,
+                   int kill_step, samples *s, mill_err *e) {
+    const dsv4_config *cfg = &c->cfg;
+    int L = cfg->num_hidden_layers, K = cfg->num_experts_per_tok, E = c->ps.n_engines, n = pp->n * G;
+    memset(s, 0, sizeof *s);
+    s->n = n;
+    s->prompt_of = malloc(sizeof(int) * (size_t)n);
+    s->tokens = calloc((size_t)n, sizeof *s->tokens);
+    s->logprobs = calloc((size_t)n, sizeof *s->logprobs);
+    s->routing = calloc((size_t)n, sizeof *s->routing);
+    s->out_len = calloc((size_t)n, sizeof(int));
+    s->finish = calloc((size_t)n, sizeof(int));
+    s->got = calloc((size_t)n, sizeof(int));
+    s->version = calloc((size_t)n, sizeof(long));
+    uint64_t req[64];
+    if (!s->prompt_of || !s->tokens || !s->logprobs || !s->routing || !s->out_len || !s->finish || !s->got || !s->version)
+        return mill_errf(e, "out of memory");
+    for (int i = 0; i < n; i++) s->prompt_of[i] = i / G;
+    for (int j = 0; j < E; j++)
+        if (send_block(c, j, pp, G, temp, seed, maxn, &req[j], e)) return mill_err_wrap(e, "rollout engine %d", j);
+    int have = 0, isatty_err = isatty(2);
+    long toks = 0;
+    double t0 = now(), last_msg = now();
+    zmq_pollitem_t items[64];
+    while (have < n) {
+        for (int j = 0; j < E; j++) items[j] = (zmq_pollitem_t){.socket = c->ps.engines[j].sock, .events = ZMQ_POLLIN};
+        if (zmq_poll(items, E, 200) < 0 && zmq_errno() != EINTR)
+            return mill_errf(e, "rollout: poll: %s", zmq_strerror(zmq_errno()));
+        for (int j = 0; j < E; j++) {
+            mill_err pe;
+            if (proc_check(&c->ps.engines[j], "engine", &pe)) {
+                if (engine_recover(c, j, pp, G, temp, seed, maxn, &req[j], step, pe.msg, e)) return -1;
+                last_msg = now();
+                continue;
             }
-            if (checkpoint_save(ck, &m, &opt, &ts, e)) goto done;
-            printf("step %4ld  checkpoint %s\n", s + 1, ck);
+            if (!(items[j].revents & ZMQ_POLLIN)) continue;
+            wire_msg *m;
+            wire_raw *raw;
+            if (wire_recv(c->ps.engines[j].sock, 0, 0, NULL, NULL, &m, &raw, e) != 0)
+                return mill_err_wrap(e, "rollout engine %d", j);
+            last_msg = now();
+            const char *t = wire_type(m);
+            int rc = 0;
+            if (wire_id(m) != req[j] || !strcmp(t, "done")) { /* a stale reply, or the end of a block */
+            } else if (!strcmp(t, "error")) {
+                char why[900];
+                wire_get_str(m, "message", 0, "?", why, sizeof why, e);
+                rc = mill_errf(e, "rollout engine %d refused the batch: %s", j, why);
+            } else if (!strcmp(t, "sample")) {
+                int64_t idx, ver;
+                char fin[16];
+                int p0 = (int)((long)pp->n * j / E);
+                const wire_frame *ft = wire_frame_named(m, "tokens"), *fl = wire_frame_named(m, "logprobs"),
+                                 *fr = wire_frame_named(m, "routing");
+                if (wire_get_int(m, "index", 1, 0, 0, n - 1, &idx, e) ||
+                    wire_get_int(m, "weight_version", 1, 0, 0, INT64_MAX, &ver, e) ||
+                    wire_get_str(m, "finish_reason", 1, NULL, fin, sizeof fin, e))
+                    rc = mill_err_wrap(e, "rollout engine %d sent a bad sample", j);
+                int i = p0 * G + (int)idx;
+                if (!rc && (i >= n || !ft || ft->dtype != DTYPE_I32 || !fl || fl->dtype != DTYPE_F32 ||
+                            fl->shape[0] != ft->shape[0] || ft->shape[0] > maxn || !fr || fr->ndim != 3 ||
+                            fr->shape[0] != L || fr->shape[2] != K ||
+                            fr->shape[1] != pp->len[i / G] + ft->shape[0] ||
+                            (fr->dtype != DTYPE_U8 && fr->dtype != DTYPE_U16 && fr->dtype != DTYPE_I32)))
+                    rc = mill_errf(e, "rollout engine %d sent sample %lld with frames that do not match its request", j,
+                                   (long long)idx);
+                if (!rc && !s->got[i]) {
+                    int no = (int)ft->shape[0];
+                    long nr = (long)L * fr->shape[1] * K;
+                    s->tokens[i] = malloc(sizeof(int32_t) * (size_t)(no ? no : 1));
+                    s->logprobs[i] = malloc(sizeof(float) * (size_t)(no ? no : 1));
+                    s->routing[i] = malloc(sizeof(int32_t) * (size_t)nr);
+                    if (!s->tokens[i] || !s->logprobs[i] || !s->routing[i]) rc = mill_errf(e, "out of memory");
+                    else {
+                        memcpy(s->tokens[i], ft->data, sizeof(int32_t) * (size_t)no);
+                        memcpy(s->logprobs[i], fl->data, sizeof(float) * (size_t)no);
+                        for (long q = 0; q < nr; q++) {
+                            int32_t v = fr->dtype == DTYPE_U8    ? ((const uint8_t *)fr->data)[q]
+                                        : fr->dtype == DTYPE_U16 ? ((const uint16_t *)fr->data)[q]
+                                                                 : ((const int32_t *)fr->data)[q];
+                            if (v < 0 || v >= cfg->n_routed_experts) rc = mill_errf(e, "rollout engine %d: expert id %d out of range", j, v);
+                            s->routing[i][q] = v;
+                        }
+                        s->out_len[i] = no;
+                        s->finish[i] = !strcmp(fin, "stop");
+                        s->version[i] = (long)ver;
+                        s->got[i] = 1;
+                        have++;
+                        toks += no;
+                    }
+                }
+                /* fault injection (tests): kill engine 0 at its first sample of that step */
+                if (!rc && kill_step && step == kill_step && j == 0 && !c->fault_done && c->ps.engines[0].pid > 0) {
+                    c->fault_done = 1;
+                    fprintf(stderr, "\nmill: debug.kill_engine_at_step: SIGKILL to rollout engine 0 (pid %d)\n",
+                            (int)c->ps.engines[0].pid);
+                    kill(c->ps.engines[0].pid, SIGKILL);
+                }
+            }
+            wire_msg_free(m);
+            wire_recv_free(raw);
+            if (rc) return -1;
+        }
+        if (isatty_err)
+            fprintf(stderr, "\r  rollout: %d/%d samples, %.0f tokens/s   ", have, n, toks / fmax(now() - t0, 1e-9));
+        if (now() - last_msg > c->r->timeout_s)
+            return mill_errf(e, "rollout: no sample from any engine for %g s (rollout.timeout_s)", c->r->timeout_s);
+    }
+    if (isatty_err) fprintf(stderr, "\r%60s\r", "");
+    return 0;
+}
+
+/* Decoded response text (up to the stop token). */
+static int response_text(run_ctx *c, const samples *s, int i, char *out, size_t cap, mill_err *e) {
+    int n = s->out_len[i];
+    if (n > 0 && s->finish[i]) n--; /* the stop token */
+    return tokenizer_decode(c->tok, s->tokens[i], n, out, cap, e);
+}
+
+/* Rewards of samples [0, s->n): arithmetic (first integer equals the label, and a clean stop),
+ * the math verifier, or a remote scorer. */
+static int score(run_ctx *c, const prompt_set *pp, const samples *s, float *rewards, char **texts, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    for (int i = 0; i < s->n; i++) {
+        size_t cap = 4 * (size_t)s->out_len[i] + 16;
+        if (!(texts[i] = malloc(cap))) return mill_errf(e, "out of memory");
+        if (response_text(c, s, i, texts[i], cap, e)) return -1;
+    }
+    if (r->reward == REWARD_REMOTE) {
+        const char **pr = malloc(sizeof(char *) * (size_t)s->n), **lb = malloc(sizeof(char *) * (size_t)s->n);
+        if (!pr || !lb) return free(pr), free(lb), mill_errf(e, "out of memory");
+        for (int i = 0; i < s->n; i++) {
+            pr[i] = pp->row[s->prompt_of[i]]->prompt;
+            lb[i] = pp->row[s->prompt_of[i]]->label;
+        }
+        remote_reward_config rc = {.timeout_s = r->reward_timeout_s, .retries = r->reward_retries,
+                                   .backoff_s = r->reward_backoff_s};
+        snprintf(rc.url, sizeof rc.url, "%s", r->reward_url);
+        int x = reward_remote_score(&rc, pr, (const char *const *)texts, lb, s->n, rewards, e);
+        free(pr);
+        free(lb);
+        return x;
+    }
+    for (int i = 0; i < s->n; i++) {
+        const dataset_row *row = pp->row[s->prompt_of[i]];
+        if (r->reward == REWARD_MATH) {
+            rewards[i] = verify_math_reward(texts[i], row->label);
+        } else {
+            arith_problem pb = {.value = strtoll(row->label, NULL, 10)};
+            rewards[i] = (float)(arith_check(texts[i], &pb) && s->finish[i]);
         }
     }
+    return 0;
+}
+
+static void free_texts(char **t, int n) {
+    if (!t) return;
+    for (int i = 0; i < n; i++) free(t[i]);
+    free(t);
+}
+
+/* Greedy accuracy on the held-out set (the arithmetic generator's held-out split, or eval.path),
+ * on the engines; per_level[l] for arithmetic levels 1..4 (-1 when absent). */
+static int evaluate(run_ctx *c, double *acc, double *per_level, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    int n = r->eval_problems, rc = -1, maxn = r->jsonl ? r->max_new_tokens : 12;
+    arith_problem *probs = NULL;
+    dataset_row *rows = NULL;
+    prompt_set pp = {0};
+    samples s = {0};
+    char **texts = NULL;
+    float *rew = NULL;
+    if (r->jsonl) {
+        dataset *d = c->eval_data ? c->eval_data : c->data;
+        n = (int)(dataset_size(d) < n ? dataset_size(d) : n);
+    }
+    if (prompts_alloc(&pp, n, e)) goto out;
+    probs = calloc((size_t)n, sizeof *probs);
+    rows = calloc((size_t)n, sizeof *rows);
+    char (*labels)[32] = calloc((size_t)n, sizeof *labels);
+    if (!probs || !rows || !labels) {
+        free(labels);
+        mill_errf(e, "out of memory");
+        goto out;
+    }
+    rng g;
+    rng_seed(&g, r->eval_seed);
+    for (int i = 0; i < n; i++) {
+        char text[8192];
+        if (r->jsonl) {
+            const dataset *d = c->eval_data ? c->eval_data : c->data;
+            rows[i] = *dataset_row_get(d, i);
+            if (dataset_format(d, &rows[i], text, sizeof text, e)) goto out_l;
+        } else { /* the same problems as mill sft's evaluation */
+            int level = r->levels[r->n_levels > 1 ? rng_below(&g, (uint64_t)r->n_levels) : 0];
+            arith_draw(&probs[i], level, 1, &g);
+            arith_format_prompt(&probs[i], text, sizeof text);
+            snprintf(labels[i], sizeof labels[i], "%lld", probs[i].value);
+            rows[i] = (dataset_row){.prompt = probs[i].prompt, .label = labels[i], .level = level};
+        }
+        pp.row[i] = &rows[i];
+        if (prompt_encode(c, &pp, i, text, e)) goto out_l;
+    }
+    /* greedy: one sample per prompt (G = 1) */
+    if (rollout(c, &pp, 1, 0.0f, 0, maxn, -1, 0, &s, e)) goto out_l;
+    texts = calloc((size_t)n, sizeof *texts);
+    rew = malloc(sizeof(float) * (size_t)n);
+    if (!texts || !rew) {
+        mill_errf(e, "out of memory");
+        goto out_l;
+    }
+    if (r->jsonl) {
+        if (score(c, &pp, &s, rew, texts, e)) goto out_l;
+    } else {
+        for (int i = 0; i < n; i++) {
+            size_t cap = 4 * (size_t)s.out_len[i] + 16;
+            if (!(texts[i] = malloc(cap)) || response_text(c, &s, i, texts[i], cap, e)) goto out_l;
+            rew[i] = (float)arith_check(texts[i], &probs[i]);
+        }
+    }
+    int lvl_n[5] = {0}, lvl_ok[5] = {0};
+    double ok = 0;
+    for (int i = 0; i < n; i++) {
+        ok += rew[i];
+        lvl_n[rows[i].level] += 1;
+        lvl_ok[rows[i].level] += rew[i] > 0.5f;
+    }
+    *acc = n ? ok / n : 0;
+    for (int l = 1; l <= 4; l++) per_level[l - 1] = lvl_n[l] ? (double)lvl_ok[l] / lvl_n[l] : -1.0;
     rc = 0;
-done:
-    optimizer_free(&opt);
-done_model:
-    free(grads);
-    if (tok) tokenizer_free(tok);
-    arena_free(&a);
-    kctx_free(&k);
-    model_free(&m);
+out_l:
+    free(labels);
+out:
+    free_texts(texts, n);
+    free(rew);
+    samples_free(&s);
+    prompts_free(&pp);
+    free(probs);
+    free(rows);
+    return rc;
+}
+
+/* One draw of P prompts and their groups. */
+typedef struct {
+    prompt_set pp;
+    samples s;
+    float *rewards, *adv;
+    char **texts;
+    int64_t cursor0; /* the cursor of its first prompt: prompt ids in the ledger are cursor positions */
+} draw;
+
+static void draw_free(draw *d) {
+    free_texts(d->texts, d->s.n);
+    samples_free(&d->s);
+    prompts_free(&d->pp);
+    free(d->rewards);
+    free(d->adv);
+    memset(d, 0, sizeof *d);
+}
+
+static int draw_make(run_ctx *c, draw *d, long step, int k, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    int P = r->prompts_per_step, G = r->samples_per_prompt;
+    memset(d, 0, sizeof *d);
+    if (prompts_alloc(&d->pp, P, e)) return -1;
+    d->cursor0 = c->cursor;
+    for (int p = 0; p < P; p++) {
+        char text[16384];
+        d->pp.row[p] = dataset_row_at(c->data, r->data_seed, (long)c->cursor++);
+        if (dataset_format(c->data, d->pp.row[p], text, sizeof text, e) || prompt_encode(c, &d->pp, p, text, e))
+            return -1;
+    }
+    /* sample i of draw k of step s uses seed base + i: the same sample on any engine layout */
+    uint64_t seed = r->sample_seed + ((uint64_t)step << 32) + ((uint64_t)k << 24);
+    if (rollout(c, &d->pp, G, (float)r->temperature, seed, r->max_new_tokens, step, r->kill_engine_at_step, &d->s, e))
+        return -1;
+    d->rewards = malloc(sizeof(float) * (size_t)P * G);
+    d->adv = malloc(sizeof(float) * (size_t)P * G);
+    d->texts = calloc((size_t)P * G, sizeof *d->texts);
+    if (!d->rewards || !d->adv || !d->texts) return mill_errf(e, "out of memory");
+    if (score(c, &d->pp, &d->s, d->rewards, d->texts, e)) return -1;
+    grpo_advantages(d->rewards, P, G, r->std_normalize, d->adv);
+    return 0;
+}
+
+static int group_informative(const draw *d, int p, int G) {
+    for (int g = 1; g < G; g++)
+        if (d->rewards[p * G + g] != d->rewards[p * G]) return 1;
+    return 0;
+}
+
+typedef struct {
+    int d, p;
+} group_ref;
+
+/* The training batch of the chosen groups: prompt + response rows, right-padded; targets on
+ * response tokens; replay = the engine's experts (padding repeats the row's last token's). */
+static int train_batch(run_ctx *c, draw *dr, const group_ref *gr, int n_groups, wire_builder *b, void **bufs,
+                       mill_err *e) {
+    const dsv4_config *cfg = &c->cfg;
+    int G = c->r->samples_per_prompt, n = n_groups * G, L = cfg->num_hidden_layers, K = cfg->num_experts_per_tok, T = 0;
+    long cnt = 0;
+    for (int q = 0; q < n; q++) {
+        const draw *d = &dr[gr[q / G].d];
+        int i = gr[q / G].p * G + q % G, len = d->pp.len[i / G] + d->s.out_len[i];
+        T = len > T ? len : T;
+        cnt += d->s.out_len[i];
+    }
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)n * T), *tg = malloc(sizeof(int32_t) * (size_t)n * T);
+    int32_t *rp = malloc(sizeof(int32_t) * (size_t)L * n * T * K);
+    float *adv = malloc(sizeof(float) * (size_t)n), *lp = malloc(sizeof(float) * (size_t)(cnt ? cnt : 1));
+    bufs[0] = ids, bufs[1] = tg, bufs[2] = rp, bufs[3] = adv, bufs[4] = lp;
+    if (!ids || !tg || !rp || !adv || !lp) return mill_errf(e, "out of memory");
+    long k = 0;
+    for (int q = 0; q < n; q++) {
+        const draw *d = &dr[gr[q / G].d];
+        int i = gr[q / G].p * G + q % G, pl = d->pp.len[i / G], len = pl + d->s.out_len[i];
+        const int32_t *prompt = d->pp.ids[i / G];
+        adv[q] = d->adv[i];
+        for (int t = 0; t < T; t++) {
+            ids[(long)q * T + t] = t < pl ? prompt[t] : t < len ? d->s.tokens[i][t - pl] : tokenizer_pad(c->tok);
+            int resp = t + 1 >= pl && t + 1 < len; /* position t predicts response token t + 1 */
+            tg[(long)q * T + t] = resp ? d->s.tokens[i][t + 1 - pl] : -1;
+            if (resp) lp[k++] = d->s.logprobs[i][t + 1 - pl];
+        }
+        for (int l = 0; l < L; l++)
+            for (int t = 0; t < T; t++)
+                memcpy(rp + (((long)l * n + q) * T + t) * K, d->s.routing[i] + ((long)l * len + (t < len ? t : len - 1)) * K,
+                       sizeof(int32_t) * (size_t)K);
+    }
+    int64_t s2[2] = {n, T}, s4[4] = {L, n, T, K}, s1 = n, sc = k;
+    if (wire_put_frame(b, "ids", DTYPE_I32, 2, s2, ids, e) || wire_put_frame(b, "targets", DTYPE_I32, 2, s2, tg, e) ||
+        wire_put_frame(b, "replay", DTYPE_I32, 4, s4, rp, e) || wire_put_frame(b, "adv", DTYPE_F32, 1, &s1, adv, e) ||
+        wire_put_frame(b, "rollout_logp", DTYPE_F32, 1, &sc, lp, e))
+        return -1;
+    return 0;
+}
+
+static int publish(run_ctx *c, double *secs, mill_err *e) {
+    char addrs[4096] = "";
+    for (int j = 0; j < c->ps.n_engines; j++) {
+        size_t u = strlen(addrs);
+        snprintf(addrs + u, sizeof addrs - u, "%s%s", u ? "," : "", c->ps.engines[j].addr);
+    }
+    wire_builder *b = msg_new(&c->ps, "publish");
+    wire_msg *r;
+    wire_raw *raw;
+    if (!b) return mill_errf(e, "out of memory");
+    wire_put_str(b, "engines", addrs);
+    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
+    int64_t v;
+    double s = 0;
+    int x = wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, e) || wire_get_num(r, "seconds", 0, 0, 0, 1e9, &s, e);
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    if (x) return -1;
+    c->version = (long)v;
+    if (secs) *secs = s;
+    return 0;
+}
+
+static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err *e) {
+    if (c->r->disaggregated) return 0; /* each side has its own memory */
+    for (int j = 0; j < c->ps.n_engines; j++)
+        if (rpc_simple(&c->ps, &c->ps.engines[j], "rollout engine", type, want, 60, e)) return -1;
+    return 0;
+}
+
+static const char *const step_keys[] = {"loss", "grad_norm", "lr", "clip_frac", "kl", "entropy", "max_dlogp", "tokens"};
+
+/* Step `step` (1-based): rollout, rewards, training, weight refresh; metrics into m, samples
+ * into the ledger. */
+static int grpo_step(run_ctx *c, long step, json_t *m, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    int P = r->prompts_per_step, G = r->samples_per_prompt, nd = 0, ng = 0, rc = -1;
+    draw dr[64];
+    group_ref *gr = malloc(sizeof *gr * (size_t)P);
+    void *bufs[5] = {0};
+    ledger_sample *ls = NULL;
+    if (!gr) return mill_errf(e, "out of memory");
+    double t0 = now(), rsum = 0, lsum = 0, nsamp = 0;
+    int max_draws = r->dynamic_sampling ? (r->max_draws < 64 ? r->max_draws : 64) : 1;
+    if (engines_turn(c, "resume", "resumed", e)) goto out;
+    /* dynamic sampling: groups whose rewards are all equal carry no signal; draw more prompts
+     * until P informative groups are in or max_draws is reached */
+    while (ng < P && nd < max_draws) {
+        if (draw_make(c, &dr[nd], step, nd, e)) {
+            nd++;
+            goto out;
+        }
+        for (int p = 0; p < P && ng < P; p++)
+            if (!r->dynamic_sampling || group_informative(&dr[nd], p, G)) gr[ng++] = (group_ref){nd, p};
+        for (int i = 0; i < P * G; i++) {
+            rsum += dr[nd].rewards[i];
+            lsum += dr[nd].s.out_len[i];
+            nsamp++;
+        }
+        nd++;
+    }
+    double t_roll = now() - t0;
+    /* every generated sample goes to the ledger, kept for training or not */
+    ls = calloc((size_t)nd * P * G, sizeof *ls);
+    if (!ls) {
+        mill_errf(e, "out of memory");
+        goto out;
+    }
+    int nl = 0;
+    for (int d = 0; d < nd; d++)
+        for (int i = 0; i < P * G; i++)
+            ls[nl++] = (ledger_sample){.run_id = c->run_id, .step = step, .attempt = c->attempt,
+                                       .prompt_id = (long)dr[d].cursor0 + i / G, .sample_idx = i % G,
+                                       .reward = dr[d].rewards[i], .prompt_len = dr[d].pp.len[i / G],
+                                       .response_len = dr[d].s.out_len[i], .weight_version = dr[d].s.version[i],
+                                       .finish = dr[d].s.finish[i] ? "stop" : "length", .text = dr[d].texts[i]};
+    if (ledger_samples_add(c->lg, ls, nl, e)) goto out;
+    json_object_set_new(m, "reward", json_real(rsum / nsamp));
+    json_object_set_new(m, "response_len", json_real(lsum / nsamp));
+    json_object_set_new(m, "rollout_s", json_real(t_roll));
+    json_object_set_new(m, "groups", json_integer(ng));
+    json_object_set_new(m, "draws", json_integer(nd));
+    double t1 = now();
+    if (ng > 0) {
+        if (engines_turn(c, "release_memory", "released", e)) goto out;
+        wire_builder *b = msg_new(&c->ps, "train");
+        wire_msg *rep;
+        wire_raw *raw;
+        if (!b) {
+            mill_errf(e, "out of memory");
+            goto out;
+        }
+        wire_put_int(b, "step", step);
+        if (train_batch(c, dr, gr, ng, b, bufs, e)) {
+            wire_builder_free(b);
+            goto out;
+        }
+        if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "trained", 3600, &rep, &raw, e)) goto out;
+        for (size_t k = 0; k < sizeof step_keys / sizeof *step_keys; k++) {
+            double v;
+            if (wire_get_num(rep, step_keys[k], 1, 0, -1e300, 1e300, &v, e)) {
+                wire_msg_free(rep);
+                wire_recv_free(raw);
+                goto out;
+            }
+            json_object_set_new(m, step_keys[k], json_real(v));
+        }
+        wire_msg_free(rep);
+        wire_recv_free(raw);
+        if (rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
+            engines_turn(c, "resume", "resumed", e))
+            goto out;
+        double tp;
+        if (publish(c, &tp, e)) goto out;
+        json_object_set_new(m, "publish_s", json_real(tp));
+    } else {
+        /* no group with signal: no update; the version stays */
+        json_object_set_new(m, "skipped", json_true());
+    }
+    json_object_set_new(m, "train_s", json_real(now() - t1));
+    json_object_set_new(m, "step_s", json_real(now() - t0));
+    rc = 0;
+out:
+    for (int d = 0; d < nd; d++) draw_free(&dr[d]);
+    for (int i = 0; i < 5; i++) free(bufs[i]);
+    free(gr);
+    free(ls);
+    return rc;
+}
+
+static double num(json_t *m, const char *k) { return json_number_value(json_object_get(m, k)); }
+
+static void print_step(long step, long steps, json_t *m) {
+    printf("step %4ld/%ld  reward %.3f  kl %.2e  entropy %.3f  clip %.3f  max|dlogp| %.2e  len %.1f  %.2fs "
+           "(rollout %.2fs, train %.2fs)\n",
+           step, steps, num(m, "reward"), num(m, "kl"), num(m, "entropy"), num(m, "clip_frac"), num(m, "max_dlogp"),
+           num(m, "response_len"), num(m, "step_s"), num(m, "rollout_s"), num(m, "train_s"));
+    fflush(stdout);
+}
+
+static void print_eval(long step, double acc, const double *lv) {
+    printf("step %4ld  held-out greedy accuracy %.3f", step, acc);
+    for (int l = 0, first = 1; l < 4; l++)
+        if (lv[l] >= 0) {
+            printf("%slevel %d: %.3f", first ? "  [" : ", ", l + 1, lv[l]);
+            first = 0;
+        }
+    printf("%s\n", lv[0] >= 0 || lv[1] >= 0 || lv[2] >= 0 || lv[3] >= 0 ? "]" : "");
+    fflush(stdout);
+}
+
+static int eval_into(run_ctx *c, long step, json_t *m, mill_err *e) {
+    double acc, lv[4];
+    if (evaluate(c, &acc, lv, e)) return -1;
+    json_object_set_new(m, "accuracy", json_real(acc));
+    print_eval(step, acc, lv);
+    return 0;
+}
+
+static int checkpoint(run_ctx *c, long step, mill_err *e) {
+    char dir[1200], sum[LEDGER_CHECKSUM_LEN];
+    snprintf(dir, sizeof dir, "%s/step-%06ld", c->run_dir, step);
+    wire_builder *b = msg_new(&c->ps, "save");
+    wire_msg *r;
+    wire_raw *raw;
+    if (!b) return mill_errf(e, "out of memory");
+    wire_put_str(b, "dir", dir);
+    wire_put_int(b, "data_position", c->cursor);
+    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "saved", 3600, &r, &raw, e)) return -1;
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    int64_t bytes;
+    if (ledger_checksum_dir(dir, sum, sizeof sum, &bytes, e) ||
+        ledger_checkpoint_add(c->lg, c->run_id, step, dir, sum, bytes, 1, e))
+        return -1;
+    printf("step %4ld  checkpoint %s (%s)\n", step, dir, sum);
+    return 0;
+}
+
+static int loop(run_ctx *c, long start, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    if (start == 0) { /* the baseline, recorded as step 0 */
+        json_t *m = json_object();
+        double t = wall();
+        int x = eval_into(c, 0, m, e);
+        char *js = x ? NULL : json_dumps(m, JSON_COMPACT);
+        if (!x) x = ledger_step_record(c->lg, c->run_id, 0, c->attempt, t, c->version, c->cursor, NULL, 0, js, e);
+        free(js);
+        json_decref(m);
+        if (x) return -1;
+    }
+    for (long s = start + 1; s <= r->steps; s++) {
+        json_t *m = json_object();
+        double t = wall();
+        int x = grpo_step(c, s, m, e);
+        if (!x) print_step(s, r->steps, m);
+        if (!x && ((r->eval_every && s % r->eval_every == 0) || s == r->steps)) x = eval_into(c, s, m, e);
+        char *js = x ? NULL : json_dumps(m, JSON_COMPACT);
+        if (!x) x = ledger_step_record(c->lg, c->run_id, s, c->attempt, t, c->version, c->cursor, NULL, 0, js, e);
+        free(js);
+        json_decref(m);
+        if (!x && ((r->checkpoint_every && s % r->checkpoint_every == 0) || s == r->steps)) x = checkpoint(c, s, e);
+        if (x) return -1;
+    }
+    return 0;
+}
+
+/* Starts the trainer worker (model_dir: the warm start, or a checkpoint when resume) and the
+ * engines, and brings the engines to the trainer's weights. */
+static int start_processes(run_ctx *c, const char *model_dir, int resume, long version, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    procs *ps = &c->ps;
+    ssize_t n = readlink("/proc/self/exe", ps->exe, sizeof ps->exe - 1);
+    if (n <= 0) return mill_errf(e, "cannot find the mill executable (/proc/self/exe): %s", strerror(errno));
+    ps->exe[n] = 0;
+    if (!(ps->zctx = zmq_ctx_new())) return mill_errf(e, "cannot create a ZeroMQ context");
+    proc *t = &ps->trainer;
+    snprintf(t->log, sizeof t->log, "%s/logs/trainer.log", c->run_dir);
+    if (strlen(c->run_dir) < 80) {
+        snprintf(t->addr, sizeof t->addr, "ipc://%s/trainer.sock", c->run_dir);
+    } else {
+        int port;
+        if (free_port(&port, e)) return -1;
+        snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
+    }
+    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, NULL};
+    set_argv(t, targs);
+    if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, e)) return -1;
+    wire_builder *b = msg_new(ps, "init");
+    if (!b) return mill_errf(e, "out of memory");
+    const optim_config *o = &r->optim;
+    char freeze[OPTIM_MAX_FREEZE * 96] = "";
+    for (int i = 0; i < o->n_freeze; i++) {
+        size_t u = strlen(freeze);
+        snprintf(freeze + u, sizeof freeze - u, "%s%s", i ? "\n" : "", o->freeze[i]);
+    }
+    wire_put_str(b, "model", model_dir);
+    wire_put_bool(b, "resume", resume);
+    wire_put_int(b, "version", version);
+    wire_put_num(b, "lr", o->lr);
+    wire_put_num(b, "min_lr", o->min_lr);
+    wire_put_num(b, "beta1", o->beta1);
+    wire_put_num(b, "beta2", o->beta2);
+    wire_put_num(b, "eps", o->eps);
+    wire_put_num(b, "weight_decay", o->weight_decay);
+    wire_put_num(b, "clip_grad", o->clip_grad);
+    wire_put_str(b, "schedule", o->schedule == LR_COSINE ? "cosine" : "constant");
+    wire_put_int(b, "warmup_steps", o->warmup_steps);
+    wire_put_int(b, "total_steps", o->total_steps);
+    wire_put_str(b, "freeze", freeze);
+    wire_put_num(b, "eps_low", r->algo.eps_low);
+    wire_put_num(b, "eps_high", r->algo.eps_high);
+    wire_put_bool(b, "seq_mean", r->algo.seq_mean);
+    wire_put_num(b, "kl_coef", r->algo.kl_coef);
+    wire_put_int(b, "kl_type", r->algo.kl_type);
+    wire_put_num(b, "tis_cap", r->algo.tis_cap);
+    wire_put_num(b, "entropy_coef", r->algo.entropy_coef);
+    wire_put_num(b, "temperature", r->temperature);
+    wire_put_int(b, "updates_per_step", r->updates_per_step);
+    wire_put_int(b, "micro_batch", r->micro_batch);
+    wire_msg *rep;
+    wire_raw *raw;
+    if (rpc(ps, t, "trainer worker", b, "ready", 600, &rep, &raw, e)) return -1;
+    wire_msg_free(rep);
+    wire_recv_free(raw);
+    ps->n_engines = r->n_engines;
+    if (r->engine_addrs[0]) { /* external engines: connect */
+        char list[sizeof r->engine_addrs];
+        snprintf(list, sizeof list, "%s", r->engine_addrs);
+        int j = 0;
+        for (char *p = list, *a; (a = strtok_r(p, ",", &p)) != NULL; j++) {
+            snprintf(ps->engines[j].addr, sizeof ps->engines[j].addr, "%s", a);
+            if (proc_connect(&ps->engines[j], ps->zctx, e) || engine_wait_ready(ps, &ps->engines[j], j, r->timeout_s, e))
+                return -1;
+        }
+    } else {
+        for (int j = 0; j < r->n_engines; j++)
+            if (engine_start(ps, r, c->run_dir, r->init_from, j, e)) return -1;
+    }
+    return publish(c, NULL, e);
+}
+
+static void stop_processes(run_ctx *c) {
+    procs *ps = &c->ps;
+    mill_err e;
+    for (int j = 0; j < ps->n_engines; j++) {
+        if (ps->engines[j].pid > 0 && ps->engines[j].sock) rpc_simple(ps, &ps->engines[j], "engine", "shutdown", "bye", 5, &e);
+        proc_stop(&ps->engines[j]);
+        if (ps->engines[j].sock) zmq_close(ps->engines[j].sock);
+    }
+    if (ps->trainer.pid > 0 && ps->trainer.sock) rpc_simple(ps, &ps->trainer, "trainer", "shutdown", "bye", 5, &e);
+    proc_stop(&ps->trainer);
+    if (ps->trainer.sock) zmq_close(ps->trainer.sock);
+    if (ps->zctx) zmq_ctx_term(ps->zctx);
+    memset(ps, 0, sizeof *ps);
+}
+
+static int mkdirs(const char *dir, mill_err *e) {
+    char p[1200];
+    snprintf(p, sizeof p, "%s", dir);
+    for (char *s = p + 1;; s++) {
+        if (*s == '/' || !*s) {
+            char ch = *s;
+            *s = 0;
+            if (mkdir(p, 0755) && errno != EEXIST) return mill_errf(e, "%s: cannot create: %s", p, strerror(errno));
+            *s = ch;
+            if (!ch) break;
+        }
+    }
+    return 0;
+}
+
+/* Everything but the processes: datasets, tokenizer, the model's config. */
+static int open_inputs(run_ctx *c, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    char path[1100], logs[1200];
+    snprintf(c->run_dir, sizeof c->run_dir, "%s", r->out_dir);
+    snprintf(logs, sizeof logs, "%s/logs", c->run_dir);
+    snprintf(path, sizeof path, "%s/config.json", r->init_from);
+    if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
+        return -1;
+    const char *tmpl = r->template_[0] ? r->template_ : NULL;
+    if (r->jsonl) {
+        dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0};
+        if (dataset_open_jsonl(&c->data, &dc, e)) return -1;
+        if (dataset_skipped(c->data))
+            fprintf(stderr, "mill: %s: skipped %ld bad rows (first: %s)\n", r->data_path, dataset_skipped(c->data),
+                    dataset_skip_reason(c->data, 0));
+        if (r->eval_path[0]) {
+            dc.path = r->eval_path;
+            if (dataset_open_jsonl(&c->eval_data, &dc, e)) return -1;
+        }
+    } else if (dataset_arith(&c->data, r->levels, r->n_levels, r->pool, r->data_seed, tmpl, e)) {
+        return -1;
+    }
+    return 0;
+}
+
+static void close_inputs(run_ctx *c) {
+    dataset_free(c->data);
+    dataset_free(c->eval_data);
+    if (c->tok) tokenizer_free(c->tok);
+}
+
+static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    double t0 = now();
+    int rc = -1;
+    mill_err le;
+    if (open_inputs(c, e) || start_processes(c, model_dir, resume, start, e)) goto out;
+    printf("mill run %s (attempt %d): %s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
+           r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", c->ps.n_engines, r->steps,
+           r->prompts_per_step, r->samples_per_prompt, start ? model_dir : r->init_from);
+    fflush(stdout);
+    rc = loop(c, start, e);
+out:
+    if (rc) {
+        ledger_event(c->lg, c->run_id, -1, "fault", e->msg, &le);
+        ledger_run_set_status(c->lg, c->run_id, "failed", &le);
+        mill_err_wrap(e, "run %s stopped (resume with: mill resume %s)", r->name, r->name);
+    } else {
+        ledger_event(c->lg, c->run_id, r->steps, "stop", "finished", &le);
+        ledger_run_set_status(c->lg, c->run_id, "finished", &le);
+        printf("run %s finished in %.1f min; ledger %s\n", r->name, (now() - t0) / 60, r->ledger);
+    }
+    stop_processes(c);
+    close_inputs(c);
+    return rc;
+}
+
+int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e) {
+    run_ctx c = {.r = r, .attempt = 1};
+    if (ledger_open(&c.lg, r->ledger, e)) return -1;
+    grpo_recipe rr = *r; /* the name the ledger gives it */
+    c.r = &rr;
+    int rc = ledger_run_create(c.lg, r->name[0] ? r->name : NULL, recipe_path, r->text, r->out_dir,
+                               r->disaggregated ? "disaggregated" : "colocated", r->sample_seed, &c.run_id, e);
+    if (!rc) {
+        ledger_run run;
+        char id[32];
+        snprintf(id, sizeof id, "%lld", (long long)c.run_id);
+        rc = ledger_run_find(c.lg, id, &run, e);
+        if (!rc) snprintf(rr.name, sizeof rr.name, "%s", run.name);
+    }
+    if (!rc) rc = ledger_event(c.lg, c.run_id, -1, "start", recipe_path ? recipe_path : "", e);
+    if (!rc) rc = drive(&c, r->init_from, 0, 0, e);
+    ledger_close(c.lg);
+    return rc;
+}
+
+int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
+    run_ctx c = {0};
+    ledger_run run;
+    char *text = NULL, ck[1100];
+    grpo_recipe r;
+    memset(&r, 0, sizeof r);
+    int rc = -1;
+    long start = 0;
+    if (ledger_open_existing(&c.lg, ledger_path, e) || ledger_run_find(c.lg, name, &run, e)) goto out;
+    if (!strcmp(run.status, "finished")) {
+        mill_errf(e, "run %s already finished (%ld steps)", run.name, run.last_step);
+        goto out;
+    }
+    if (ledger_run_recipe(c.lg, run.id, &text, e)) goto out;
+    json_t *y = yamlcfg_parse(text, strlen(text), "the ledger's recipe", e);
+    if (!y) goto out;
+    int x = recipe_from_tree(y, run.recipe_path, &r, e);
+    json_decref(y);
+    if (x) goto out;
+    snprintf(r.name, sizeof r.name, "%s", run.name);
+    snprintf(r.ledger, sizeof r.ledger, "%s", ledger_path);
+    c.r = &r;
+    c.run_id = run.id;
+    if (ledger_max_attempt(c.lg, run.id, &c.attempt, e)) goto out;
+    c.attempt++;
+    int found = ledger_checkpoint_latest(c.lg, run.id, &start, ck, sizeof ck, NULL, 0, e);
+    if (found < 0) goto out;
+    const char *model_dir = r.init_from;
+    if (found == 0) {
+        int64_t cur;
+        size_t rl;
+        int att;
+        int s = ledger_step_state(c.lg, run.id, start, &cur, NULL, 0, &rl, &att, e);
+        if (s < 0) goto out;
+        if (s == 1) {
+            mill_errf(e, "run %s: checkpoint of step %ld has no step record in the ledger", run.name, start);
+            goto out;
+        }
+        c.cursor = cur;
+        c.version = start;
+        model_dir = ck;
+    } else {
+        start = 0;
+    }
+    char msg[1300];
+    snprintf(msg, sizeof msg, "attempt %d from %s", c.attempt, found == 0 ? ck : "the start");
+    if (ledger_event(c.lg, run.id, start, "resume", msg, e) || ledger_run_set_status(c.lg, run.id, "running", e)) goto out;
+    printf("resuming run %s at step %ld (%s)\n", run.name, start, msg);
+    rc = drive(&c, model_dir, found == 0, start, e);
+out:
+    free(text);
+    ledger_close(c.lg);
     return rc;
 }

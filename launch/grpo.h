@@ -1,30 +1,68 @@
-/* launch/grpo.h — a colocated GRPO run in one process: the first working step of `mill run`.
- * Owns: the GRPO recipe (YAML) and the loop: draw prompts, sample groups on the cached engine
- * (logprobs and routing recorded), score with the arithmetic verifier, group advantages, a
- * training step with routing replay and the clipped policy loss, evaluation and checkpoints.
- * Trainer and engine share the weights in memory, so the refresh is immediate (version = step).
- * Not yet here: separate trainer/engine processes over ZeroMQ, the SQLite ledger, resume. */
+/* launch/grpo.h — `mill run` and `mill resume`: the GRPO controller.
+ * Owns: the GRPO recipe (YAML, `--set key=value` overrides), the processes of a run (a trainer
+ * worker and rollout engines, spawned and supervised here, or external engines reached over TCP),
+ * and the loop: draw prompts at the dataset cursor, sample groups on the engines (logprobs and
+ * routing recorded), score them, group advantages (dynamic sampling optional), one training step
+ * on the trainer with routing replay, weight refresh to the engines (version = step), evaluation,
+ * checkpoints, and every step, sample, checkpoint and fault in the run ledger, so that
+ * `mill resume RUN` continues from the last complete checkpoint bit for bit.
+ * Layouts: colocated (one engine on this host; engine and trainer take turns and each releases
+ * its memory while the other works) and disaggregated (engines as separate processes over TCP,
+ * spawned here or started by hand with `mill rollout-server`). */
 #ifndef MILL_GRPO_RUN_H
 #define MILL_GRPO_RUN_H
 
 #include "../algos/grpo.h"
 #include "../trainer/optimizer.h"
 
+typedef enum { REWARD_ARITH = 0, REWARD_MATH, REWARD_REMOTE } reward_kind;
+
 typedef struct {
+    char name[128]; /* run name ("" = generated) */
+    char ledger[1024];
     char init_from[1024];
+    /* data */
+    int jsonl; /* 0: arithmetic generator */
     int levels[4], n_levels;
-    uint64_t data_seed, sample_seed;
+    long pool; /* arithmetic problems in the training pool */
+    uint64_t data_seed;
+    char data_path[1024], prompt_key[128], label_key[128], template_[512];
+    int skip_bad;
+    /* rollout */
     int prompts_per_step, samples_per_prompt, max_new_tokens;
-    double temperature;
+    double temperature, top_p;
+    uint64_t sample_seed;
+    int disaggregated, n_engines, dynamic_sampling, max_draws;
+    char engine_addrs[2048]; /* comma-separated external engines ("" = spawn n_engines) */
+    double cache_mb, timeout_s;
+    /* reward */
+    reward_kind reward;
+    char reward_url[512];
+    double reward_timeout_s, reward_backoff_s;
+    int reward_retries;
+    /* algorithm and training */
     grpo_config algo;
+    int std_normalize;
     long steps;
+    int updates_per_step, micro_batch;
     optim_config optim;
-    int eval_every, eval_problems, checkpoint_every;
+    /* eval, checkpoints */
+    int eval_every, eval_problems;
     uint64_t eval_seed;
+    char eval_path[1024];
+    int checkpoint_every;
     char out_dir[1024];
+    int kill_engine_at_step; /* fault injection for tests: SIGKILL engine 0 mid-rollout of that step */
+    char *text;              /* the effective recipe as JSON (what the ledger keeps) */
 } grpo_recipe;
 
-int grpo_recipe_load(const char *path, grpo_recipe *r, mill_err *e);
-int grpo_run(const grpo_recipe *r, mill_err *e);
+/* Loads a recipe; overrides are "dotted.key=value" strings (values read as YAML scalars). */
+int grpo_recipe_load(const char *path, char *const *overrides, int n_overrides, grpo_recipe *r, mill_err *e);
+void grpo_recipe_free(grpo_recipe *r);
+
+/* A new run (recorded in r->ledger), to the end. */
+int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e);
+/* Continues run `name` of the ledger at ledger_path from its last complete checkpoint. */
+int grpo_resume(const char *ledger_path, const char *name, mill_err *e);
 
 #endif

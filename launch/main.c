@@ -11,6 +11,8 @@
 #include "../trainer/model.h"
 #include "../rollout/generate.h"
 #include "../rollout/server.h"
+#include "../common/ledger.h"
+#include "../trainer/worker.h"
 #include "grpo.h"
 #include "runs_cli.h"
 #include "sft.h"
@@ -36,11 +38,15 @@ static int usage(FILE *to) {
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
             "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n"
-            "  run     RECIPE.yaml      a colocated GRPO run in one process (configs/runs/grpo-*.yaml)\n"
+            "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
+            "          worker and rollout engines, records every step in the run ledger\n"
+            "  resume  RUN [--ledger PATH]   continue a stopped run from its last complete checkpoint\n"
+            "  trainer-worker --bind ADDR    the trainer process a run starts (trainer/PROTOCOL.md)\n"
             "  runs    [--ledger PATH]  the runs in the ledger: status, steps, last reward and accuracy\n"
             "  show    RUN [--ledger PATH] [--samples N]   a run's fields, step metrics, checkpoints, events\n"
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
-            "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n");
+            "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
+            "          (mill run uses the recipe's `ledger:` key, with the same default)\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -423,10 +429,38 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
 }
 
 static int cmd_run(int argc, char **argv, mill_err *e) {
-    if (argc != 3 || argv[2][0] == '-') return mill_errf(e, "mill run needs exactly one recipe: mill run RECIPE.yaml");
+    if (argc < 3 || argv[2][0] == '-')
+        return mill_errf(e, "mill run needs a recipe: mill run RECIPE.yaml [--set key=value]...");
+    char *sets[64];
+    int n = 0;
+    for (int i = 3; i < argc; i += 2) {
+        if (strcmp(argv[i], "--set") || i + 1 >= argc) return mill_errf(e, "mill run: expected --set key=value, got %s", argv[i]);
+        if (n == 64) return mill_errf(e, "mill run: at most 64 --set options");
+        sets[n++] = argv[i + 1];
+    }
     grpo_recipe r;
-    if (grpo_recipe_load(argv[2], &r, e)) return -1;
-    return grpo_run(&r, e);
+    if (grpo_recipe_load(argv[2], sets, n, &r, e)) return -1;
+    int rc = grpo_run(&r, argv[2], e);
+    grpo_recipe_free(&r);
+    return rc;
+}
+
+static int cmd_resume(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--ledger", NULL};
+    if (argc < 3 || argv[2][0] == '-') return mill_errf(e, "mill resume needs a run: mill resume RUN [--ledger PATH]");
+    for (int i = 3; i < argc; i += 2) {
+        if (strcmp(argv[i], known[0]) || i + 1 >= argc) return mill_errf(e, "mill resume: unknown option %s", argv[i]);
+    }
+    const char *lp = argc >= 5 ? argv[4] : ledger_default_path();
+    return grpo_resume(lp, argv[2], e);
+}
+
+static int cmd_trainer_worker(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--bind", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *bind = opt(argc, argv, "--bind");
+    if (!bind) return mill_errf(e, "mill trainer-worker needs --bind ADDR");
+    return trainer_worker_run(bind, e);
 }
 
 static int cmd_info(int argc, char **argv, mill_err *e) {
@@ -499,6 +533,8 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "runs") == 0) return cli_runs(argc, argv);
     else if (strcmp(argv[1], "show") == 0) return cli_show(argc, argv);
     else if (strcmp(argv[1], "plot") == 0) return cli_plot(argc, argv);
+    else if (strcmp(argv[1], "resume") == 0) rc = cmd_resume(argc, argv, &e);
+    else if (strcmp(argv[1], "trainer-worker") == 0) rc = cmd_trainer_worker(argc, argv, &e);
     else if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
         return usage(stdout);
     else {

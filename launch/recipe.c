@@ -52,6 +52,10 @@ int recipe_data(json_t *y, const char *path, int *levels, int *n_levels, uint64_
     if (strcmp(kind, "arithmetic") != 0)
         return mill_errf(e, "%s: data.kind \"%s\" is not supported yet (expected \"arithmetic\")", path, kind);
     *seed = (uint64_t)sd;
+    return recipe_levels(y, path, levels, n_levels, e);
+}
+
+int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_err *e) {
     json_t *lv = yamlcfg_get(y, "data.levels");
     *n_levels = 0;
     if (!lv) {

@@ -13,5 +13,7 @@ int recipe_optimizer(json_t *y, const char *path, optim_config *o, mill_err *e);
 /* The "data" section: kind (only "arithmetic" so far), levels (a list of 1 to 4 levels, default [1])
  * and seed (default 1). */
 int recipe_data(json_t *y, const char *path, int *levels, int *n_levels, uint64_t *seed, mill_err *e);
+/* data.levels alone: a list of 1 to 4 arithmetic levels (default [1]). */
+int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_err *e);
 
 #endif

@@ -84,28 +84,56 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
         wire_get_int(msg, "seed", 0, 0, 0, INT64_MAX, &seed, e) ||
         wire_get_int_array(msg, "stop", 0, 0, c->vocab_size - 1, stop, 8, &n_stop, e))
         return -1;
-    const wire_frame *pf = wire_frame_named(msg, "prompt");
+    /* one prompt (frame "prompt"), or a batch of P prompts admitted together (frames "prompts",
+     * concatenated, and "prompt_lens" [P]): n samples each, sample p * n + i from prompt p */
+    const wire_frame *pf = wire_frame_named(msg, "prompt"), *lf = wire_frame_named(msg, "prompt_lens");
+    int32_t one_len;
+    const int32_t *plens = &one_len;
+    int P = 1;
+    if (lf) {
+        pf = wire_frame_named(msg, "prompts");
+        if (lf->dtype != DTYPE_I32 || lf->ndim != 1 || lf->shape[0] < 1 || lf->shape[0] > 4096)
+            return mill_errf(e, "generate: frame \"prompt_lens\" must be I32 of shape [1..4096]");
+        P = (int)lf->shape[0];
+        plens = lf->data;
+    }
     if (!pf || pf->dtype != DTYPE_I32 || pf->ndim != 1 || pf->shape[0] < 1)
-        return mill_errf(e, "generate: needs a frame \"prompt\" of dtype I32 and shape [length >= 1]");
-    int plen = (int)pf->shape[0];
+        return mill_errf(e, "generate: needs a frame \"%s\" of dtype I32 and shape [length >= 1]", lf ? "prompts" : "prompt");
+    if (!lf) one_len = (int32_t)pf->shape[0];
+    int64_t total = 0;
+    int maxplen = 0;
+    for (int p = 0; p < P; p++) {
+        if (plens[p] < 1 || plens[p] > pf->shape[0])
+            return mill_errf(e, "generate: prompt_lens[%d] = %d is outside [1, %lld]", p, plens[p],
+                             (long long)pf->shape[0]);
+        total += plens[p];
+        maxplen = plens[p] > maxplen ? plens[p] : maxplen;
+    }
+    if (total != pf->shape[0])
+        return mill_errf(e, "generate: prompt_lens sum to %lld but \"prompts\" holds %lld tokens", (long long)total,
+                         (long long)pf->shape[0]);
+    if (n * P > 65536) return mill_errf(e, "generate: %lld samples in one request (at most 65536)", (long long)(n * P));
     const int32_t *prompt = pf->data;
-    for (int t = 0; t < plen; t++)
+    for (int64_t t = 0; t < total; t++)
         if (prompt[t] < 0 || prompt[t] >= c->vocab_size)
-            return mill_errf(e, "generate: prompt[%d] = %d is outside the vocabulary [0, %d)", t, prompt[t], c->vocab_size);
-    if (engine_seq_bytes(&s->en, plen + (int)maxn) > s->en.budget)
+            return mill_errf(e, "generate: prompt token %lld = %d is outside the vocabulary [0, %d)", (long long)t,
+                             prompt[t], c->vocab_size);
+    if (engine_seq_bytes(&s->en, maxplen + (int)maxn) > s->en.budget)
         return mill_errf(e, "generate: one sample of %lld tokens needs %zu cache bytes, more than the %zu-byte budget",
-                         (long long)(plen + maxn), engine_seq_bytes(&s->en, plen + (int)maxn), s->en.budget);
+                         (long long)(maxplen + maxn), engine_seq_bytes(&s->en, maxplen + (int)maxn), s->en.budget);
     request *rq = calloc(1, sizeof *rq);
     if (!rq) return mill_errf(e, "generate: out of memory");
     memcpy(rq->peer, peer, peer_len);
     rq->peer_len = peer_len;
     rq->id = wire_id(msg);
-    rq->n = rq->remaining = (int)n;
+    rq->n = rq->remaining = (int)(n * P);
     rq->sp = (sample_params){.temperature = (float)temp, .top_p = (float)topp, .top_k = (int)topk,
                              .seed = (uint64_t)seed, .max_new_tokens = (int)maxn, .n_stop = n_stop};
     for (int i = 0; i < n_stop; i++) rq->sp.stop[i] = (int32_t)stop[i];
     int L = c->num_hidden_layers, K = c->num_experts_per_tok;
-    for (int i = 0; i < n; i++) {
+    const int32_t *pp = prompt;
+    for (int i = 0; i < rq->n; i++) {
+        int plen = plens[i / n];
         sample *sm = calloc(1, sizeof *sm);
         if (sm) {
             sm->tokens = malloc(sizeof(int32_t) * (size_t)(plen + maxn));
@@ -122,14 +150,15 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
         }
         if (!sm || !sm->tokens || !sm->logprobs || !sm->routing || s->n_samples == s->cap_samples) {
             if (sm) sample_free(s, sm);
-            rq->remaining -= (int)n - i; /* the samples already queued still answer; the rest fail */
+            rq->remaining -= rq->n - i; /* the samples already queued still answer; the rest fail */
             if (!rq->remaining) free(rq);
             return mill_errf(e, "generate: out of memory for sample %d", i);
         }
         sm->req = rq;
         sm->index = i;
         sm->plen = plen;
-        memcpy(sm->tokens, prompt, sizeof(int32_t) * (size_t)plen);
+        memcpy(sm->tokens, pp, sizeof(int32_t) * (size_t)plen);
+        if ((i + 1) % n == 0) pp += plen;
         rng_seed(&sm->r, (uint64_t)seed + (uint64_t)i); /* sample i of a request = row i of mill generate */
         s->samples[s->n_samples++] = sm;
     }

@@ -4,9 +4,12 @@
 #include <stddef.h>
 #include <cmocka.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "algos/grpo.h"
+#include "common/config.h"
+#include "trainer/model.h"
 
 static void test_advantages(void **s) {
     (void)s;
@@ -24,7 +27,7 @@ static double run(grpo_config *c, const int32_t *seq, int nseq, const float *adv
     grpo_batch b = {.cfg = c, .seq = seq, .n_seqs = nseq, .adv = adv, .old_logp = old, .ref_logp = ref};
     double loss;
     mill_err e;
-    assert_int_equal(grpo_loss(&b, logp, n, dlogp, &loss, &e), 0);
+    assert_int_equal(grpo_loss(&b, logp, NULL, n, dlogp, NULL, &loss, &e), 0);
     if (st) *st = b.stats;
     return loss;
 }
@@ -85,11 +88,101 @@ static void test_gradient_fd(void **s) {
     }
 }
 
+/* Entropy bonus and TIS against hand-computed values; old_logp NULL means on-policy. */
+static void test_entropy_tis(void **s) {
+    (void)s;
+    grpo_config c;
+    grpo_config_default(&c);
+    c.entropy_coef = 0.1;
+    c.tis_cap = 2.0;
+    int32_t seq[2] = {0, 1};
+    float adv[2] = {1.0f, -1.0f}, lp[2] = {-1.0f, -2.0f}, ro[2] = {-1.5f, -1.0f}, ent[2] = {0.5f, 1.5f};
+    float dl[2], de[2] = {0, 0};
+    grpo_batch b = {.cfg = &c, .seq = seq, .n_seqs = 2, .adv = adv, .rollout_logp = ro};
+    double loss;
+    mill_err e;
+    assert_int_equal(grpo_loss(&b, lp, ent, 2, dl, de, &loss, &e), 0);
+    /* ratio 1; TIS weights min(e^0.5, 2) = 1.6487 and e^-1 = 0.3679 */
+    double w0 = exp(0.5), w1 = exp(-1.0);
+    double want = (-(1.0 * w0) - 0.1 * 0.5 + (1.0 * w1) - 0.1 * 1.5) / 2;
+    assert_float_equal(loss, want, 1e-6);
+    assert_float_equal(dl[0], -w0 / 2, 1e-6);
+    assert_float_equal(dl[1], w1 / 2, 1e-6);
+    assert_float_equal(de[0], -0.05, 1e-7);
+    assert_float_equal(b.stats.entropy, 1.0, 1e-7);
+    assert_float_equal(b.stats.max_abs_dlogp_old, 1.0, 1e-7);
+    c.tis_cap = 1.5; /* the cap binds on token 0 */
+    assert_int_equal(grpo_loss(&b, lp, ent, 2, dl, de, &loss, &e), 0);
+    assert_float_equal(dl[0], -1.5 / 2, 1e-6);
+}
+
+/* The model's d loss / d head for a loss over logp and entropy, against central differences:
+ * checks the entropy gradient the trainer adds to the logits. */
+typedef struct {
+    const float *a, *b;
+} lin_ctx;
+static int lin_loss(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+                    mill_err *e) {
+    (void)e;
+    const lin_ctx *c = ctx;
+    double s = 0;
+    for (int i = 0; i < n; i++) {
+        s += c->a[i] * logp[i] + c->b[i] * ent[i];
+        dlogp[i] = c->a[i];
+        dent[i] = c->b[i];
+    }
+    *loss = s;
+    return 0;
+}
+
+static void test_entropy_gradient(void **s) {
+    (void)s;
+    mill_err e;
+    dsv4_config cfg;
+    dsv4_model m;
+    kctx k;
+    arena a = {0};
+    if (config_load(MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json", &cfg, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(model_init(&m, &cfg, &e), 0);
+    model_init_random(&m, 3, 0.2f); /* large weights: peaked distributions, entropy far from log V */
+    assert_int_equal(kctx_init(&k, DEVICE_CPU, &e), 0);
+    assert_int_equal(arena_init(&a, 1 << 20, &e), 0);
+    int32_t ids[6] = {256, 10, 20, 30, 40, 50}, tg[6] = {10, 20, 30, 40, 50, -1};
+    float av[5] = {0.3f, -0.2f, 0.5f, 0.1f, -0.4f}, bv[5] = {0.7f, -0.5f, 0.2f, 0.9f, 0.4f};
+    lin_ctx lc = {av, bv};
+    float *g = calloc(m.n_floats, sizeof(float));
+    double loss, lp, lm;
+    long cnt;
+    if (model_forward_backward_tokens(&m, &k, ids, tg, 1, 6, NULL, 0.7f, g, lin_loss, &lc, NULL, &loss, &cnt, &a, &e))
+        fail_msg("%s", e.msg);
+    float *scratch = calloc(m.n_floats, sizeof(float));
+    long idx[4] = {10 * 64 + 3, 20 * 64 + 7, 257 * 64 + 1, 100 * 64 + 60};
+    for (int j = 0; j < 4; j++) {
+        float *w = m.head + idx[j], w0 = *w, h = 1e-2f;
+        *w = w0 + h;
+        assert_int_equal(model_forward_backward_tokens(&m, &k, ids, tg, 1, 6, NULL, 0.7f, scratch, lin_loss, &lc, NULL,
+                                                       &lp, &cnt, &a, &e), 0);
+        *w = w0 - h;
+        assert_int_equal(model_forward_backward_tokens(&m, &k, ids, tg, 1, 6, NULL, 0.7f, scratch, lin_loss, &lc, NULL,
+                                                       &lm, &cnt, &a, &e), 0);
+        *w = w0;
+        double fd = (lp - lm) / (2 * h), an = g[m.head - m.data + idx[j]];
+        assert_true(fabs(an - fd) <= 1e-2 * fabs(fd) + 1e-4);
+    }
+    free(g);
+    free(scratch);
+    arena_free(&a);
+    kctx_free(&k);
+    model_free(&m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_advantages),
         cmocka_unit_test(test_clipped_loss),
         cmocka_unit_test(test_gradient_fd),
+        cmocka_unit_test(test_entropy_tis),
+        cmocka_unit_test(test_entropy_gradient),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

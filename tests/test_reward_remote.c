@@ -365,7 +365,7 @@ static void test_not_a_number(void **state) {
 
 static void test_connection_refused(void **state) {
     (void)state;
-    int port;
+    int port = 0;
     int fd = bind_loopback(&port); /* bound, never listening, then closed: nothing there */
     assert_true(fd >= 0);
     close(fd);

@@ -483,13 +483,15 @@ int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int3
     TRY(fwd_begin(f, m, k, ids, B, T, a, e));
     int N = f->N, V = m->cfg.vocab_size;
     if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
-    float *logits, *logp;
+    float *logits, *logp, *ent;
     int32_t *rows;
     ALLOC(logits, (long)N * V);
     ALLOC(logp, N);
+    ALLOC(ent, N);
     ALLOC(rows, N);
     TRY(forward_traced(f, logits, NULL, replay));
-    /* log-softmax of logits / T at each counted target; logits become softmax probabilities */
+    /* log-softmax of logits / T and the entropy at each counted target; logits become softmax
+     * probabilities */
     long cnt = 0;
     for (int t = 0; t < N; t++) {
         float *l = logits + (long)t * V;
@@ -500,26 +502,38 @@ int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int3
         for (int v = 1; v < V; v++) mx = l[v] / temperature > mx ? l[v] / temperature : mx;
         double den = 0.0;
         for (int v = 0; v < V; v++) den += exp((double)(l[v] / temperature - mx));
-        double lse = log(den) + mx;
+        double lse = log(den) + mx, pz = 0.0;
         logp[cnt] = (float)(l[y] / temperature - lse);
-        for (int v = 0; v < V; v++) l[v] = (float)exp((double)(l[v] / temperature) - lse);
+        for (int v = 0; v < V; v++) {
+            double z = (double)(l[v] / temperature), p = exp(z - lse);
+            pz += p * z;
+            l[v] = (float)p;
+        }
+        ent[cnt] = (float)(lse - pz); /* H = -sum p log p = lse - sum p z */
         rows[cnt++] = t;
     }
     if (!cnt) return mill_errf(e, "loss: no position has a target");
     if (logp_out) memcpy(logp_out, logp, sizeof(float) * (size_t)cnt);
     *count = cnt;
     if (!loss_fn) return 0;
-    float *dlogp;
+    float *dlogp, *dent;
     ALLOC(dlogp, cnt);
-    TRY(loss_fn(ctx, logp, (int)cnt, dlogp, loss, e));
-    /* d logp_y / d logits = (onehot_y - softmax) / T; rows without a target get no gradient */
+    ALLOC(dent, cnt);
+    memset(dent, 0, sizeof(float) * (size_t)cnt);
+    TRY(loss_fn(ctx, logp, ent, (int)cnt, dlogp, dent, loss, e));
+    /* d logp_y / d z = onehot_y - p and d H / d z_v = -p_v (log p_v + H), with z = logits / T;
+     * rows without a target get no gradient */
     float *dl = logits;
     int next = 0;
     for (int t = 0; t < N; t++) {
         float *row = dl + (long)t * V;
         if (next < cnt && rows[next] == t) {
-            float g = dlogp[next++] / temperature;
-            for (int v = 0; v < V; v++) row[v] = -g * row[v];
+            float g = dlogp[next] / temperature, gh = dent[next] / temperature, H = ent[next];
+            next++;
+            for (int v = 0; v < V; v++) {
+                float p = row[v];
+                row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
+            }
             row[targets[t]] += g;
         } else {
             memset(row, 0, sizeof(float) * (size_t)V);
@@ -529,8 +543,11 @@ int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int3
 }
 
 /* Mean next-token cross-entropy: loss = -mean(logp), dloss/dlogp = -1/count. */
-static int ce_loss(void *ctx, const float *logp, int n, float *dlogp, double *loss, mill_err *e) {
+static int ce_loss(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+                   mill_err *e) {
     (void)ctx;
+    (void)ent;
+    (void)dent;
     (void)e;
     double s = 0.0;
     for (int i = 0; i < n; i++) {

@@ -119,9 +119,11 @@ typedef struct {
 int model_forward_backward(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
                            int T, const int32_t *replay, float *grads, model_loss *out, arena *a, mill_err *e);
 
-/* A loss over per-token log-probabilities: given logp [n] (the counted positions in order), fill
- * dlogp [n] = d loss / d logp and *loss. */
-typedef int (*model_token_loss_fn)(void *ctx, const float *logp, int n, float *dlogp, double *loss, mill_err *e);
+/* A loss over per-token log-probabilities and entropies: given logp [n] and the entropy of each
+ * position's distribution ent [n] (the counted positions in order), fill dlogp [n] = d loss / d logp
+ * and *loss; dent [n] (zeroed by the caller) takes d loss / d entropy when the loss uses it. */
+typedef int (*model_token_loss_fn)(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent,
+                                   double *loss, mill_err *e);
 
 /* The general training step: forward (routing replay optional), logp = log_softmax(logits / T) at
  * each target >= 0, then loss_fn and the backward into grads (accumulated). loss_fn NULL: forward

@@ -1,0 +1,481 @@
+#include "worker.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#include "../algos/grpo.h"
+#include "../common/wire.h"
+#include "checkpoint.h"
+#include "model.h"
+#include "optimizer.h"
+
+typedef struct {
+    dsv4_model m;
+    int ready; /* model and optimizer loaded */
+    kctx k;
+    optimizer opt;
+    grpo_config algo;
+    float temperature;
+    int updates, micro_batch; /* optimizer steps per batch; sequences per forward (0: all) */
+    arena a;
+    float *grads;
+    long version;
+    void *zctx, *sock;
+} worker;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint64_t id, const char *msg) {
+    wire_builder *b = wire_builder_new("error", id);
+    mill_err e;
+    if (!b) return;
+    wire_put_str(b, "message", msg);
+    wire_send(w->sock, peer, plen, b, &e);
+    wire_builder_free(b);
+}
+
+/* ---------------------------------------------------------------------- init */
+
+static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
+    char model[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96];
+    int resume, seqm;
+    int64_t version, warm, total, kl, updates, mb;
+    double temp;
+    optim_config oc;
+    optim_config_default(&oc);
+    grpo_config_default(&w->algo);
+    if (w->ready) return mill_errf(e, "init: the worker is already initialised");
+    if (wire_get_str(msg, "model", 1, NULL, model, sizeof model, e) || wire_get_bool(msg, "resume", 0, 0, &resume, e) ||
+        wire_get_int(msg, "version", 0, 0, 0, INT64_MAX, &version, e) ||
+        wire_get_num(msg, "lr", 1, 0, 0, 10, &oc.lr, e) || wire_get_num(msg, "min_lr", 0, 0, 0, 10, &oc.min_lr, e) ||
+        wire_get_num(msg, "beta1", 0, oc.beta1, 0, 1, &oc.beta1, e) ||
+        wire_get_num(msg, "beta2", 0, oc.beta2, 0, 1, &oc.beta2, e) ||
+        wire_get_num(msg, "eps", 0, oc.eps, 0, 1, &oc.eps, e) ||
+        wire_get_num(msg, "weight_decay", 0, oc.weight_decay, 0, 10, &oc.weight_decay, e) ||
+        wire_get_num(msg, "clip_grad", 0, oc.clip_grad, -1, 1e30, &oc.clip_grad, e) ||
+        wire_get_str(msg, "schedule", 0, "constant", sched, sizeof sched, e) ||
+        wire_get_int(msg, "warmup_steps", 0, 0, 0, 1 << 30, &warm, e) ||
+        wire_get_int(msg, "total_steps", 1, 0, 1, 1L << 40, &total, e) ||
+        wire_get_str(msg, "freeze", 0, "", freeze, sizeof freeze, e) ||
+        wire_get_num(msg, "eps_low", 0, 0.2, 0, 1, &w->algo.eps_low, e) ||
+        wire_get_num(msg, "eps_high", 0, 0.28, 0, 10, &w->algo.eps_high, e) ||
+        wire_get_bool(msg, "seq_mean", 0, 0, &seqm, e) ||
+        wire_get_num(msg, "kl_coef", 0, 0, 0, 1e6, &w->algo.kl_coef, e) ||
+        wire_get_int(msg, "kl_type", 0, KL_K3, KL_K1, KL_K3, &kl, e) ||
+        wire_get_num(msg, "tis_cap", 0, 0, 0, 1e6, &w->algo.tis_cap, e) ||
+        wire_get_num(msg, "entropy_coef", 0, 0, -1e3, 1e3, &w->algo.entropy_coef, e) ||
+        wire_get_num(msg, "temperature", 0, 1.0, 1e-6, 100, &temp, e) ||
+        wire_get_int(msg, "updates_per_step", 0, 1, 1, 1024, &updates, e) ||
+        wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e))
+        return mill_err_wrap(e, "init");
+    if (w->algo.kl_coef != 0) return mill_errf(e, "init: kl_coef != 0 needs a reference model, not loaded yet");
+    if (!strcmp(sched, "cosine")) oc.schedule = LR_COSINE;
+    else if (!strcmp(sched, "constant")) oc.schedule = LR_CONSTANT;
+    else return mill_errf(e, "init: schedule \"%s\" must be \"cosine\" or \"constant\"", sched);
+    oc.warmup_steps = warm;
+    oc.total_steps = total;
+    for (char *p = freeze, *tok; (tok = strtok_r(p, "\n", &p)) != NULL;) {
+        if (oc.n_freeze == OPTIM_MAX_FREEZE || strlen(tok) >= sizeof oc.freeze[0])
+            return mill_errf(e, "init: at most %d freeze patterns of under %zu characters", OPTIM_MAX_FREEZE,
+                             sizeof oc.freeze[0]);
+        snprintf(oc.freeze[oc.n_freeze++], sizeof oc.freeze[0], "%s", tok);
+    }
+    w->algo.seq_mean = seqm;
+    w->algo.kl_type = (grpo_kl)kl;
+    w->temperature = (float)temp;
+    w->updates = (int)updates;
+    w->micro_batch = (int)mb;
+    long step = 0;
+    if (resume) {
+        train_state ts;
+        if (checkpoint_load(model, &w->m, &w->opt, &oc, &ts, e)) return -1;
+        step = ts.step;
+    } else {
+        if (model_load(&w->m, model, e)) return -1;
+        if (optimizer_init(&w->opt, &w->m, &oc, e)) {
+            model_free(&w->m);
+            return -1;
+        }
+    }
+    w->ready = 1;
+    w->version = version;
+    *reply = wire_builder_new("ready", wire_id(msg));
+    if (!*reply) return mill_errf(e, "init: out of memory");
+    wire_put_int(*reply, "version", w->version);
+    wire_put_int(*reply, "optimizer_step", step);
+    wire_put_int(*reply, "params", (int64_t)w->m.n_floats);
+    return 0;
+}
+
+/* --------------------------------------------------------------------- train */
+
+static const wire_frame *frame(const wire_msg *msg, const char *name, mill_dtype dt, int ndim, mill_err *e) {
+    const wire_frame *f = wire_frame_named(msg, name);
+    if (!f || f->dtype != dt || f->ndim != ndim) {
+        mill_errf(e, "train: needs a frame \"%s\" of dtype %s with %d dimensions", name, dtype_name(dt), ndim);
+        return NULL;
+    }
+    return f;
+}
+
+typedef struct {
+    grpo_batch b;
+} loss_ctx;
+
+static int loss_cb(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+                   mill_err *e) {
+    return grpo_loss(&((loss_ctx *)ctx)->b, logp, ent, n, dlogp, dent, loss, e);
+}
+
+typedef struct {
+    const int32_t *ids, *targets, *replay;
+    const float *adv, *rollout;
+    const long *tok0; /* [n + 1]: first counted token of each sequence */
+    int n, T, L, K;
+} train_batch;
+
+/* Forward (and backward, with loss) over sequences [r0, r1): gathers the rows' replay into
+ * scratch, runs the token loss. old: the whole batch's old logprobs or NULL (on-policy). */
+static int micro_step(worker *w, const train_batch *tb, int r0, int r1, const float *old, long norm_tokens,
+                      int norm_seqs, int with_loss, float *logp_out, grpo_stats *st, double *loss, int32_t *seq,
+                      int32_t *replay, mill_err *e) {
+    int nb = r1 - r0, T = tb->T, K = tb->K;
+    for (int l = 0; l < tb->L; l++)
+        memcpy(replay + (long)l * nb * T * K, tb->replay + ((long)l * tb->n + r0) * T * K,
+               sizeof(int32_t) * (size_t)nb * T * K);
+    long t0 = tb->tok0[r0], cnt = tb->tok0[r1] - t0;
+    if (!cnt) return 0;
+    for (int r = r0; r < r1; r++)
+        for (long t = tb->tok0[r]; t < tb->tok0[r + 1]; t++) seq[t - t0] = r - r0;
+    loss_ctx lc = {.b = {.cfg = &w->algo, .seq = seq, .n_seqs = nb, .adv = tb->adv + r0,
+                         .old_logp = old ? old + t0 : NULL, .rollout_logp = tb->rollout + t0,
+                         .norm_tokens = norm_tokens, .norm_seqs = norm_seqs}};
+    long count;
+    double l = 0;
+    if (model_forward_backward_tokens(&w->m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
+                                      w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l,
+                                      &count, &w->a, e))
+        return -1;
+    if (count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
+    if (with_loss) {
+        *loss += l;
+        /* statistics are token means within the call: weight them by its tokens */
+        st->clip_frac += lc.b.stats.clip_frac * cnt;
+        st->kl += lc.b.stats.kl * cnt;
+        st->entropy += lc.b.stats.entropy * cnt;
+        st->max_ratio = fmax(st->max_ratio, lc.b.stats.max_ratio);
+        st->tokens += cnt;
+    }
+    return 0;
+}
+
+static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
+    const dsv4_config *c = &w->m.cfg;
+    if (!w->ready) return mill_errf(e, "train: send init first");
+    const wire_frame *fi, *ft, *fr, *fa, *fl;
+    if (!(fi = frame(msg, "ids", DTYPE_I32, 2, e)) || !(ft = frame(msg, "targets", DTYPE_I32, 2, e)) ||
+        !(fr = frame(msg, "replay", DTYPE_I32, 4, e)) || !(fa = frame(msg, "adv", DTYPE_F32, 1, e)) ||
+        !(fl = frame(msg, "rollout_logp", DTYPE_F32, 1, e)))
+        return -1;
+    train_batch tb = {.ids = fi->data, .targets = ft->data, .replay = fr->data, .adv = fa->data, .rollout = fl->data,
+                      .n = (int)fi->shape[0], .T = (int)fi->shape[1], .L = c->num_hidden_layers,
+                      .K = c->num_experts_per_tok};
+    int n = tb.n, T = tb.T;
+    if (n < 1 || T < 2 || (long)n * T > (1L << 26) || ft->shape[0] != n || ft->shape[1] != T || fa->shape[0] != n ||
+        fr->shape[0] != tb.L || fr->shape[1] != n || fr->shape[2] != T || fr->shape[3] != tb.K)
+        return mill_errf(e, "train: frames disagree: ids [n, T], targets [n, T], adv [n], replay [%d, n, T, %d]", tb.L,
+                         tb.K);
+    for (long i = 0; i < (long)n * T; i++)
+        if (tb.ids[i] < 0 || tb.ids[i] >= c->vocab_size || tb.targets[i] >= c->vocab_size)
+            return mill_errf(e, "train: token %ld is outside the vocabulary [0, %d)", i, c->vocab_size);
+    for (long i = 0; i < (long)tb.L * n * T * tb.K; i++)
+        if (tb.replay[i] < 0 || tb.replay[i] >= c->n_routed_experts)
+            return mill_errf(e, "train: replay entry %ld = %d is not an expert id in [0, %d)", i, tb.replay[i],
+                             c->n_routed_experts);
+    int rc = -1, mb = w->micro_batch > 0 ? w->micro_batch : n;
+    long *tok0 = malloc(sizeof(long) * (size_t)(n + 1));
+    float *old = NULL, *logp = NULL;
+    int32_t *seq = NULL, *replay = malloc(sizeof(int32_t) * (size_t)tb.L * mb * T * tb.K);
+    if (!tok0 || !replay) goto oom;
+    tok0[0] = 0;
+    for (int r = 0; r < n; r++) {
+        long k = 0;
+        for (int t = 0; t < T; t++) k += tb.targets[(long)r * T + t] >= 0;
+        tok0[r + 1] = tok0[r] + k;
+    }
+    long cnt = tok0[n];
+    if (fl->shape[0] != cnt)
+        return free(tok0), free(replay),
+               mill_errf(e, "train: rollout_logp holds %lld values for %ld target tokens", (long long)fl->shape[0], cnt);
+    if (!cnt) {
+        mill_errf(e, "train: the batch has no target tokens");
+        goto out;
+    }
+    tb.tok0 = tok0;
+    old = malloc(sizeof(float) * (size_t)cnt);
+    logp = malloc(sizeof(float) * (size_t)cnt);
+    seq = malloc(sizeof(int32_t) * (size_t)cnt);
+    if (!old || !logp || !seq) goto oom;
+    if (!w->grads && !(w->grads = malloc(sizeof(float) * w->m.n_floats))) goto oom;
+    if (!w->a.head && arena_init(&w->a, 16 << 20, e)) goto out;
+    double t_start = now(), loss = 0, gn = 0, lr = 0;
+    grpo_stats st = {0};
+    /* the old policy's logprobs: with several updates per batch they are computed first, with the
+     * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
+    if (w->updates > 1)
+        for (int r0 = 0; r0 < n; r0 += mb)
+            if (micro_step(w, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, 0, 0, 0, old, &st, &loss, seq, replay, e))
+                goto out;
+    for (int u = 0; u < w->updates; u++) {
+        int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
+        int nseqs = 0;
+        for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
+        memset(w->grads, 0, sizeof(float) * w->m.n_floats);
+        for (int r0 = u0; r0 < u1; r0 += mb)
+            if (micro_step(w, &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, tok0[u1] - tok0[u0],
+                           nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e))
+                goto out;
+        if (optimizer_step(&w->opt, &w->m, &w->k, w->grads, &gn, &lr, e)) goto out;
+    }
+    double maxd = 0;
+    for (long t = 0; t < cnt; t++) maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
+    w->version++;
+    *reply = wire_builder_new("trained", wire_id(msg));
+    if (!*reply) goto oom;
+    double tok = st.tokens ? (double)st.tokens : 1;
+    wire_put_int(*reply, "version", w->version);
+    wire_put_num(*reply, "loss", loss / w->updates);
+    wire_put_num(*reply, "grad_norm", gn);
+    wire_put_num(*reply, "lr", lr);
+    wire_put_num(*reply, "clip_frac", st.clip_frac / tok);
+    wire_put_num(*reply, "kl", st.kl / tok);
+    wire_put_num(*reply, "entropy", st.entropy / tok);
+    wire_put_num(*reply, "max_dlogp", maxd);
+    wire_put_int(*reply, "tokens", cnt);
+    wire_put_num(*reply, "seconds", now() - t_start);
+    rc = 0;
+    goto out;
+oom:
+    mill_errf(e, "train: out of memory");
+out:
+    free(tok0);
+    free(old);
+    free(logp);
+    free(seq);
+    free(replay);
+    return rc;
+}
+
+/* ------------------------------------------------------------------- publish */
+
+/* Sends the float parameters to one engine in buckets of about bucket_bytes (at most
+ * WIRE_MAX_FRAMES tensors each); the engine stages them and swaps at the last one. */
+static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
+                        mill_err *e) {
+    const dsv4_model *m = &w->m;
+    int last_p = -1;
+    for (int p = 0; p < m->n_params; p++)
+        if (m->params[p].kind != PARAM_INDEX) last_p = p;
+    wire_builder *b = NULL;
+    size_t in_bucket = 0;
+    *n_buckets = 0;
+    *bytes = 0;
+    for (int p = 0; p <= last_p; p++) {
+        const param_info *pi = &m->params[p];
+        if (pi->kind == PARAM_INDEX) continue;
+        if (!b && !(b = wire_builder_new("update_weights", (uint64_t)*n_buckets)))
+            return mill_errf(e, "publish: out of memory");
+        if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, m->data + pi->offset, e)) goto fail;
+        in_bucket += pi->numel * sizeof(float);
+        *bytes += pi->numel * sizeof(float);
+        if (p == last_p || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
+            wire_put_int(b, "version", version);
+            wire_put_int(b, "bucket", *n_buckets);
+            wire_put_bool(b, "last", p == last_p);
+            if (wire_send(s, NULL, 0, b, e)) goto fail;
+            wire_builder_free(b);
+            b = NULL;
+            in_bucket = 0;
+            ++*n_buckets;
+        }
+    }
+    return 0;
+fail:
+    wire_builder_free(b);
+    return -1;
+}
+
+static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
+    char engines[4096];
+    double mb, tmo;
+    if (!w->ready) return mill_errf(e, "publish: send init first");
+    if (wire_get_str(msg, "engines", 1, NULL, engines, sizeof engines, e) ||
+        wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
+        wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e))
+        return -1;
+    double t0 = now();
+    size_t bytes = 0;
+    int n_eng = 0, rc = -1;
+    enum { MAX_ENGINES = 64 };
+    void *socks[MAX_ENGINES] = {0};
+    char *names[MAX_ENGINES];
+    int buckets[MAX_ENGINES];
+    for (char *p = engines, *tok; (tok = strtok_r(p, ",", &p)) != NULL;) {
+        if (n_eng == MAX_ENGINES) {
+            mill_errf(e, "publish: more than %d engines", MAX_ENGINES);
+            goto out;
+        }
+        int linger = 0;
+        void *s = zmq_socket(w->zctx, ZMQ_DEALER);
+        names[n_eng] = tok;
+        socks[n_eng++] = s;
+        if (!s || zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(s, tok)) {
+            mill_errf(e, "publish: cannot connect to engine %s: %s", tok, zmq_strerror(zmq_errno()));
+            goto out;
+        }
+    }
+    /* send to every engine, then collect: the engines stage in parallel */
+    for (int i = 0; i < n_eng; i++)
+        if (send_buckets(w, socks[i], w->version, (size_t)(mb * (1 << 20)), &buckets[i], &bytes, e)) {
+            mill_err_wrap(e, "publish to %s", names[i]);
+            goto out;
+        }
+    for (int i = 0; i < n_eng; i++)
+        for (int got = 0; got < buckets[i];) {
+            wire_msg *r = NULL;
+            wire_raw *raw = NULL;
+            int x = wire_recv(socks[i], 0, (int)(tmo * 1000), NULL, NULL, &r, &raw, e);
+            if (x == 1) mill_errf(e, "publish: engine %s did not acknowledge version %ld within %g s", names[i], w->version, tmo);
+            if (x) {
+                wire_recv_free(raw);
+                goto out;
+            }
+            const char *t = wire_type(r);
+            if (!strcmp(t, "error")) {
+                char why[512];
+                wire_get_str(r, "message", 0, "?", why, sizeof why, e);
+                mill_errf(e, "publish: engine %s refused version %ld: %s", names[i], w->version, why);
+            }
+            int bad = strcmp(t, "bucket_ok") && strcmp(t, "weights_ok");
+            got++;
+            wire_msg_free(r);
+            wire_recv_free(raw);
+            if (bad) goto out;
+        }
+    *reply = wire_builder_new("published", wire_id(msg));
+    if (!*reply) {
+        mill_errf(e, "publish: out of memory");
+        goto out;
+    }
+    wire_put_int(*reply, "version", w->version);
+    wire_put_int(*reply, "bytes", (int64_t)bytes);
+    wire_put_num(*reply, "seconds", now() - t0);
+    rc = 0;
+out:
+    for (int i = 0; i < n_eng; i++)
+        if (socks[i]) zmq_close(socks[i]);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------- save */
+
+static int handle_save(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
+    char dir[1024];
+    int64_t pos;
+    if (!w->ready) return mill_errf(e, "save: send init first");
+    if (wire_get_str(msg, "dir", 1, NULL, dir, sizeof dir, e) ||
+        wire_get_int(msg, "data_position", 0, 0, 0, INT64_MAX, &pos, e))
+        return -1;
+    train_state ts = {.step = w->opt.step, .data_position = (uint64_t)pos};
+    const wire_frame *fr = wire_frame_named(msg, "rng");
+    if (fr) {
+        if (fr->dtype != DTYPE_U8 || fr->nbytes != sizeof ts.data_rng)
+            return mill_errf(e, "save: frame \"rng\" must be U8 [%zu]", sizeof ts.data_rng);
+        memcpy(&ts.data_rng, fr->data, sizeof ts.data_rng);
+    }
+    if (checkpoint_save(dir, &w->m, &w->opt, &ts, e)) return -1;
+    *reply = wire_builder_new("saved", wire_id(msg));
+    if (!*reply) return mill_errf(e, "save: out of memory");
+    wire_put_str(*reply, "dir", dir);
+    wire_put_int(*reply, "version", w->version);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- loop */
+
+static wire_builder *simple(const char *type, uint64_t id, long version) {
+    wire_builder *b = wire_builder_new(type, id);
+    if (b) wire_put_int(b, "version", version);
+    return b;
+}
+
+int trainer_worker_run(const char *bind, mill_err *e) {
+    worker w = {0};
+    int rc = -1, linger = 0, stop = 0;
+    if (kctx_init(&w.k, DEVICE_CPU, e)) return -1;
+    w.zctx = zmq_ctx_new();
+    if (!w.zctx || !(w.sock = zmq_socket(w.zctx, ZMQ_ROUTER)) ||
+        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_bind(w.sock, bind)) {
+        mill_errf(e, "trainer: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    while (!stop) {
+        unsigned char peer[256];
+        size_t plen = 0;
+        wire_msg *msg = NULL;
+        wire_raw *raw = NULL;
+        mill_err me = {{0}};
+        int r = wire_recv(w.sock, 1, -1, peer, &plen, &msg, &raw, &me);
+        if (r) {
+            if (r < 0 && plen) reply_error(&w, peer, plen, 0, me.msg);
+            wire_recv_free(raw);
+            continue;
+        }
+        const char *t = wire_type(msg);
+        uint64_t id = wire_id(msg);
+        wire_builder *reply = NULL;
+        int x = 0;
+        if (!strcmp(t, "init")) x = handle_init(&w, msg, &reply, &me);
+        else if (!strcmp(t, "train")) x = handle_train(&w, msg, &reply, &me);
+        else if (!strcmp(t, "publish")) x = handle_publish(&w, msg, &reply, &me);
+        else if (!strcmp(t, "save")) x = handle_save(&w, msg, &reply, &me);
+        else if (!strcmp(t, "release_memory")) { /* the engine's turn: give back activations and gradients */
+            arena_free(&w.a);
+            free(w.grads);
+            w.grads = NULL;
+            reply = simple("released", id, w.version);
+        } else if (!strcmp(t, "resume")) {
+            reply = simple("resumed", id, w.version);
+        } else if (!strcmp(t, "shutdown")) {
+            stop = 1;
+            reply = simple("bye", id, w.version);
+        } else {
+            x = mill_errf(&me, "unknown message type \"%s\" (see trainer/PROTOCOL.md)", t);
+        }
+        if (x) reply_error(&w, peer, plen, id, me.msg);
+        else if (reply) wire_send(w.sock, peer, plen, reply, &me);
+        wire_builder_free(reply);
+        wire_msg_free(msg);
+        wire_recv_free(raw);
+    }
+    rc = 0;
+out:
+    if (w.sock) zmq_close(w.sock);
+    if (w.zctx) zmq_ctx_term(w.zctx);
+    free(w.grads);
+    arena_free(&w.a);
+    if (w.ready) {
+        optimizer_free(&w.opt);
+        model_free(&w.m);
+    }
+    kctx_free(&w.k);
+    return rc;
+}
