@@ -204,8 +204,6 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     else if (!strcmp(klt, "k2")) r->algo.kl_type = KL_K2;
     else if (!strcmp(klt, "low_var_kl") || !strcmp(klt, "k3")) r->algo.kl_type = KL_K3;
     else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2 or low_var_kl", path, klt);
-    if (r->algo.kl_coef != 0)
-        return mill_errf(e, "%s: algorithm.kl_coef must be 0 for now (a frozen reference model is not loaded yet)", path);
     if (!(r->temperature > 0)) return mill_errf(e, "%s: rollout.temperature must be > 0 for GRPO sampling", path);
     if (r->eval_path[0] && !r->jsonl) return mill_errf(e, "%s: eval.path is for JSONL data", path);
     r->data_seed = (uint64_t)dseed;
@@ -576,11 +574,9 @@ out:
     return rc;
 }
 
-/* Restarts engine j after a fault (our own engines only), gives it the current weights and
- * re-sends its block: samples already received are kept and their repeats dropped (a sample is
- * a function of its seed and the weights, so the repeat is the same sample). */
-static int engine_recover(run_ctx *c, int j, const prompt_set *pp, int G, float temp, uint64_t seed, int maxn,
-                          uint64_t *req, long step, const char *why, mill_err *e) {
+/* Restarts engine j after a fault (our own engines only; an external one is the operator's to
+ * restart) and records it. The caller gives it weights. */
+static int engine_restart(run_ctx *c, int j, long step, const char *why, mill_err *e) {
     proc *p = &c->ps.engines[j];
     char msg[1200];
     snprintf(msg, sizeof msg, "rollout engine %d: %s", j, why);
@@ -591,15 +587,46 @@ static int engine_recover(run_ctx *c, int j, const prompt_set *pp, int G, float 
     proc_stop(p);
     if (proc_spawn(p, c->ps.exe, e) || proc_connect(p, c->ps.zctx, e) || engine_wait_ready(&c->ps, p, j, 60, e))
         return mill_err_wrap(e, "restarting rollout engine %d", j);
+    ledger_event(c->lg, c->run_id, step, "restart", msg, &le);
+    return 0;
+}
+
+static int publish_to(run_ctx *c, const char *addrs, double *secs, mill_err *e) {
     wire_builder *b = msg_new(&c->ps, "publish");
     wire_msg *r;
     wire_raw *raw;
     if (!b) return mill_errf(e, "out of memory");
-    wire_put_str(b, "engines", p->addr);
-    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 300, &r, &raw, e)) return -1;
+    wire_put_str(b, "engines", addrs);
+    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
+    int64_t v;
+    double s = 0;
+    int x = wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, e) || wire_get_num(r, "seconds", 0, 0, 0, 1e9, &s, e);
     wire_msg_free(r);
     wire_recv_free(raw);
-    ledger_event(c->lg, c->run_id, step, "restart", msg, &le);
+    if (x) return -1;
+    c->version = (long)v;
+    if (secs) *secs = s;
+    return 0;
+}
+
+/* Brings every engine to the trainer's weights, restarting any that died since last seen. */
+static int publish(run_ctx *c, long step, double *secs, mill_err *e) {
+    char addrs[4096] = "";
+    for (int j = 0; j < c->ps.n_engines; j++) {
+        mill_err pe;
+        if (proc_check(&c->ps.engines[j], "engine", &pe) && engine_restart(c, j, step, pe.msg, e)) return -1;
+        size_t u = strlen(addrs);
+        snprintf(addrs + u, sizeof addrs - u, "%s%s", u ? "," : "", c->ps.engines[j].addr);
+    }
+    return publish_to(c, addrs, secs, e);
+}
+
+/* A fault mid-rollout: restart engine j, give it the current weights and re-send its block. Samples
+ * already received are kept and their repeats dropped (a sample is a function of its seed and the
+ * weights, so the repeat is the same sample). */
+static int engine_recover(run_ctx *c, int j, const prompt_set *pp, int G, float temp, uint64_t seed, int maxn,
+                          uint64_t *req, long step, const char *why, mill_err *e) {
+    if (engine_restart(c, j, step, why, e) || publish_to(c, c->ps.engines[j].addr, NULL, e)) return -1;
     return send_block(c, j, pp, G, temp, seed, maxn, req, e);
 }
 
@@ -942,29 +969,6 @@ static int train_batch(run_ctx *c, draw *dr, const group_ref *gr, int n_groups, 
     return 0;
 }
 
-static int publish(run_ctx *c, double *secs, mill_err *e) {
-    char addrs[4096] = "";
-    for (int j = 0; j < c->ps.n_engines; j++) {
-        size_t u = strlen(addrs);
-        snprintf(addrs + u, sizeof addrs - u, "%s%s", u ? "," : "", c->ps.engines[j].addr);
-    }
-    wire_builder *b = msg_new(&c->ps, "publish");
-    wire_msg *r;
-    wire_raw *raw;
-    if (!b) return mill_errf(e, "out of memory");
-    wire_put_str(b, "engines", addrs);
-    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
-    int64_t v;
-    double s = 0;
-    int x = wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, e) || wire_get_num(r, "seconds", 0, 0, 0, 1e9, &s, e);
-    wire_msg_free(r);
-    wire_recv_free(raw);
-    if (x) return -1;
-    c->version = (long)v;
-    if (secs) *secs = s;
-    return 0;
-}
-
 static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err *e) {
     if (c->r->disaggregated) return 0; /* each side has its own memory */
     for (int j = 0; j < c->ps.n_engines; j++)
@@ -1055,7 +1059,7 @@ static int grpo_step(run_ctx *c, long step, json_t *m, mill_err *e) {
             engines_turn(c, "resume", "resumed", e))
             goto out;
         double tp;
-        if (publish(c, &tp, e)) goto out;
+        if (publish(c, step, &tp, e)) goto out;
         json_object_set_new(m, "publish_s", json_real(tp));
     } else {
         /* no group with signal: no update; the version stays */
@@ -1180,6 +1184,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     }
     wire_put_str(b, "model", model_dir);
     wire_put_bool(b, "resume", resume);
+    wire_put_str(b, "ref_model", r->init_from); /* the frozen reference policy when kl_coef != 0 */
     wire_put_int(b, "version", version);
     wire_put_num(b, "lr", o->lr);
     wire_put_num(b, "min_lr", o->min_lr);
@@ -1221,7 +1226,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         for (int j = 0; j < r->n_engines; j++)
             if (engine_start(ps, r, c->run_dir, r->init_from, j, e)) return -1;
     }
-    return publish(c, NULL, e);
+    return publish(c, -1, NULL, e);
 }
 
 static void stop_processes(run_ctx *c) {

@@ -49,6 +49,19 @@ grep -q "disaggregated layout, 2 engine" "$T/dis.out" || fail "dis: layout line"
 [ "$(q "select status from runs where name='dis'")" = finished ] || fail "dis: not finished"
 echo "disaggregated: 3 steps on 2 engines"
 
+# 2b. KL penalty against the frozen reference (loaded because kl_coef != 0), entropy bonus, and
+# dynamic sampling (every sample drawn is in the ledger; groups with equal rewards are dropped)
+run kl --set train.steps=2 --set algorithm.kl_coef=0.05 --set algorithm.entropy_coef=0.01 --set optimizer.lr=1e-3 \
+    --set data.levels=[2] --set rollout.dynamic_sampling=true --set rollout.max_draws=3
+kl=$(q "select json_extract(s.metrics, '$.kl') from steps s join runs r on r.id=s.run_id where r.name='kl' and s.step=2")
+awk "BEGIN { exit !($kl > 0) }" || fail "kl: step 2 KL against the reference is $kl"
+for s in 1 2; do
+    d=$(q "select json_extract(s.metrics, '$.draws') from steps s join runs r on r.id=s.run_id where r.name='kl' and s.step=$s")
+    n=$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='kl' and s.step=$s")
+    [ "$n" = $((d * 16)) ] || fail "kl: step $s drew $d batches but the ledger holds $n samples"
+done
+echo "kl_coef 0.05: step 2 KL $kl; dynamic sampling: every drawn sample recorded"
+
 # 3. kill -9 of the controller mid-run, then mill resume
 "$MILL" run $R --set ledger="$L" --set name=k1 --set checkpoint.dir="$T/k1" --set train.steps=6 \
     --set checkpoint.every=1 > "$T/k1.out" 2>&1 &

@@ -14,8 +14,8 @@
 #include "optimizer.h"
 
 typedef struct {
-    dsv4_model m;
-    int ready; /* model and optimizer loaded */
+    dsv4_model m, ref; /* ref: the frozen reference policy, loaded only when kl_coef != 0 */
+    int ready;         /* model and optimizer loaded */
     kctx k;
     optimizer opt;
     grpo_config algo;
@@ -45,7 +45,7 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 /* ---------------------------------------------------------------------- init */
 
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
-    char model[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96];
+    char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96];
     int resume, seqm;
     int64_t version, warm, total, kl, updates, mb;
     double temp;
@@ -54,6 +54,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     grpo_config_default(&w->algo);
     if (w->ready) return mill_errf(e, "init: the worker is already initialised");
     if (wire_get_str(msg, "model", 1, NULL, model, sizeof model, e) || wire_get_bool(msg, "resume", 0, 0, &resume, e) ||
+        wire_get_str(msg, "ref_model", 0, "", ref, sizeof ref, e) ||
         wire_get_int(msg, "version", 0, 0, 0, INT64_MAX, &version, e) ||
         wire_get_num(msg, "lr", 1, 0, 0, 10, &oc.lr, e) || wire_get_num(msg, "min_lr", 0, 0, 0, 10, &oc.min_lr, e) ||
         wire_get_num(msg, "beta1", 0, oc.beta1, 0, 1, &oc.beta1, e) ||
@@ -76,7 +77,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "updates_per_step", 0, 1, 1, 1024, &updates, e) ||
         wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e))
         return mill_err_wrap(e, "init");
-    if (w->algo.kl_coef != 0) return mill_errf(e, "init: kl_coef != 0 needs a reference model, not loaded yet");
+    if (w->algo.kl_coef != 0 && !ref[0]) return mill_errf(e, "init: kl_coef != 0 needs ref_model (the reference policy)");
     if (!strcmp(sched, "cosine")) oc.schedule = LR_COSINE;
     else if (!strcmp(sched, "constant")) oc.schedule = LR_CONSTANT;
     else return mill_errf(e, "init: schedule \"%s\" must be \"cosine\" or \"constant\"", sched);
@@ -104,6 +105,11 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
             model_free(&w->m);
             return -1;
         }
+    }
+    if (w->algo.kl_coef != 0 && model_load(&w->ref, ref, e)) {
+        optimizer_free(&w->opt);
+        model_free(&w->m);
+        return mill_err_wrap(e, "init: reference model");
     }
     w->ready = 1;
     w->version = version;
@@ -144,9 +150,9 @@ typedef struct {
 
 /* Forward (and backward, with loss) over sequences [r0, r1): gathers the rows' replay into
  * scratch, runs the token loss. old: the whole batch's old logprobs or NULL (on-policy). */
-static int micro_step(worker *w, const train_batch *tb, int r0, int r1, const float *old, long norm_tokens,
-                      int norm_seqs, int with_loss, float *logp_out, grpo_stats *st, double *loss, int32_t *seq,
-                      int32_t *replay, mill_err *e) {
+static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int r0, int r1, const float *old,
+                      const float *ref, long norm_tokens, int norm_seqs, int with_loss, float *logp_out,
+                      grpo_stats *st, double *loss, int32_t *seq, int32_t *replay, mill_err *e) {
     int nb = r1 - r0, T = tb->T, K = tb->K;
     for (int l = 0; l < tb->L; l++)
         memcpy(replay + (long)l * nb * T * K, tb->replay + ((long)l * tb->n + r0) * T * K,
@@ -157,10 +163,11 @@ static int micro_step(worker *w, const train_batch *tb, int r0, int r1, const fl
         for (long t = tb->tok0[r]; t < tb->tok0[r + 1]; t++) seq[t - t0] = r - r0;
     loss_ctx lc = {.b = {.cfg = &w->algo, .seq = seq, .n_seqs = nb, .adv = tb->adv + r0,
                          .old_logp = old ? old + t0 : NULL, .rollout_logp = tb->rollout + t0,
+                         .ref_logp = ref ? ref + t0 : NULL,
                          .norm_tokens = norm_tokens, .norm_seqs = norm_seqs}};
     long count;
     double l = 0;
-    if (model_forward_backward_tokens(&w->m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
+    if (model_forward_backward_tokens(m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
                                       w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l,
                                       &count, &w->a, e))
         return -1;
@@ -202,7 +209,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
                              c->n_routed_experts);
     int rc = -1, mb = w->micro_batch > 0 ? w->micro_batch : n;
     long *tok0 = malloc(sizeof(long) * (size_t)(n + 1));
-    float *old = NULL, *logp = NULL;
+    float *old = NULL, *logp = NULL, *ref = NULL;
     int32_t *seq = NULL, *replay = malloc(sizeof(int32_t) * (size_t)tb.L * mb * T * tb.K);
     if (!tok0 || !replay) goto oom;
     tok0[0] = 0;
@@ -224,15 +231,23 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     logp = malloc(sizeof(float) * (size_t)cnt);
     seq = malloc(sizeof(int32_t) * (size_t)cnt);
     if (!old || !logp || !seq) goto oom;
+    if (w->algo.kl_coef != 0) { /* the reference policy's logprobs, with the same replayed experts */
+        if (!(ref = malloc(sizeof(float) * (size_t)cnt))) goto oom;
+    }
     if (!w->grads && !(w->grads = malloc(sizeof(float) * w->m.n_floats))) goto oom;
     if (!w->a.head && arena_init(&w->a, 16 << 20, e)) goto out;
     double t_start = now(), loss = 0, gn = 0, lr = 0;
     grpo_stats st = {0};
     /* the old policy's logprobs: with several updates per batch they are computed first, with the
      * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
+    for (int r0 = 0; ref && r0 < n; r0 += mb)
+        if (micro_step(w, &w->ref, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
+                       replay, e))
+            goto out;
     if (w->updates > 1)
         for (int r0 = 0; r0 < n; r0 += mb)
-            if (micro_step(w, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, 0, 0, 0, old, &st, &loss, seq, replay, e))
+            if (micro_step(w, &w->m, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, old, &st, &loss, seq,
+                           replay, e))
                 goto out;
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
@@ -240,8 +255,8 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
         memset(w->grads, 0, sizeof(float) * w->m.n_floats);
         for (int r0 = u0; r0 < u1; r0 += mb)
-            if (micro_step(w, &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, tok0[u1] - tok0[u0],
-                           nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e))
+            if (micro_step(w, &w->m, &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, ref,
+                           tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e))
                 goto out;
         if (optimizer_step(&w->opt, &w->m, &w->k, w->grads, &gn, &lr, e)) goto out;
     }
@@ -268,6 +283,7 @@ oom:
 out:
     free(tok0);
     free(old);
+    free(ref);
     free(logp);
     free(seq);
     free(replay);
@@ -475,6 +491,7 @@ out:
     if (w.ready) {
         optimizer_free(&w.opt);
         model_free(&w.m);
+        if (w.algo.kl_coef != 0) model_free(&w.ref);
     }
     kctx_free(&w.k);
     return rc;
