@@ -7,10 +7,17 @@
  * a NaN anywhere, or a -inf in one and not the other, counts as infinite. Write-only outputs are
  * poisoned with NaN on the device first, so an unwritten element fails.
  * Tolerances, and why:
- *   TOL_GEMM 1e-2 — GEMMs run on bf16 tensor cores (CUBLAS_COMPUTE_32F_FAST_16BF): each operand is
- *     rounded to 8 mantissa bits (relative 2^-9 each), so products carry ~4e-3 relative error that
- *     partly cancels over K; outputs land near 2e-3..5e-3. Also for ops built on those GEMMs
- *     (the MoE experts, forward and backward).
+ *   TOL_GEMM 1e-2 — GEMMs run on bf16 tensor cores (operands rounded to bf16, fp32 accumulation):
+ *     each operand keeps 8 significant bits (unit roundoff 2^-8), so each product is off by ~2e-3
+ *     RMS and a K-term sum by ~2e-3 relative (a host simulation of these inputs gives 2.1e-3;
+ *     TF32 would give 2.6e-4).
+ *     test_gemm also probes which precision op_linear really runs (see gemm_precision).
+ *   TOL_MOE 3e-2 — the experts chain bf16 GEMMs (forward two deep; backward three: recomputed g/u,
+ *     dact = dy w2, then dx = dg w1 + du w3), and the clamp (limit 3 here, so it binds) turns
+ *     rounding into whole-element differences: where the bf16-recomputed pre-activation lands on
+ *     the other side of +-L than the CPU's, that element's gradient is passed on one side and
+ *     zeroed on the other. About 0.1% of elements sit that close, which alone gives ~1e-2 norm-wise
+ *     (an H100 run measured up to 9.6e-3 for dx); 3e-2 leaves room without hiding a wrong term.
  *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
  *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
  *     growing like sqrt(terms).
@@ -43,7 +50,8 @@
 #define TOL_GEMM 1e-2
 #define TOL_FP32 1e-5
 #define TOL_HC 1e-4
-#define MAX_OPS 64
+#define TOL_MOE 3e-2
+#define MAX_OPS 96
 
 typedef struct {
     kctx cpu, gpu;
@@ -170,9 +178,33 @@ static void cmpi(fixture *f, const char *op, const char *shape, const int32_t *d
 
 /* ---- dense ---- */
 
+/* Which operand precision op_linear's GEMM really uses: x[0,0] = 1 + 2^-10 survives TF32 (10
+ * mantissa bits) but not bf16 (7); x[1,0] = 1 + 2^-13 survives only fp32. */
+static const char *gemm_precision(fixture *f) {
+    int M = 64, N = 64, K = 64;
+    float *x = hnew((long)M * K), *w = hnew((long)N * K), y[2];
+    fillv(x, (long)M * K, 0);
+    fillv(w, (long)N * K, 0);
+    x[0] = 1.0f + ldexpf(1.0f, -10);
+    x[K] = 1.0f + ldexpf(1.0f, -13);
+    for (int n = 0; n < N; n++) w[(long)n * K] = 1.0f;
+    float *dx = up(x, (long)M * K), *dw = up(w, (long)N * K), *dy = poison((long)M * N);
+    OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, 0, 0, 0, ERR));
+    down(&y[0], dy, sizeof(float));
+    down(&y[1], dy + N, sizeof(float));
+    free(x), free(w);
+    cuda_free(dx), cuda_free(dw), cuda_free(dy);
+    if (y[0] == 1.0f) return "bf16";
+    if (y[1] == 1.0f) return "tf32";
+    return "fp32";
+}
+
 static void test_gemm(void **state) {
     fixture *f = *state;
     f->fails = 0;
+    const char *prec = gemm_precision(f);
+    printf("  op_linear operand precision: %s\n", prec);
+    record(f, "op_linear runs bf16 tensor cores", prec, strcmp(prec, "bf16") ? 1.0 : 0.0, 0.0);
     struct {
         int M, N, K, padx, pady, acc;
     } sh[] = {{64, 96, 128, 0, 0, 0}, {257, 512, 1024, 8, 4, 1}, {128, 4096, 512, 0, 0, 1}};
@@ -724,9 +756,12 @@ static void test_moe_experts(void **state) {
     f->fails = 0;
     mill_err e0;
     int gs = cuda_moe_grouped_gemm_supported(&f->gpu, &e0);
-    printf("  op_moe_experts GEMM path: %s\n", gs == 1   ? "cublasGemmGroupedBatchedEx (one call per projection)"
-                                                : gs == 0 ? "one cublasGemmEx per expert (grouped refused FAST_16BF)"
-                                                          : e0.msg);
+    printf("  op_moe_experts GEMM path: %s\n",
+           gs == 1 ? "one cublasGemmGroupedBatchedEx per projection (bf16 x bf16 -> fp32)"
+                   : gs == 0 ? "one cublasGemmEx per expert (the grouped call was refused)" : e0.msg);
+    char types[256];
+    if (cuda_moe_grouped_gemm_types(&f->gpu, types, sizeof types, &e0) == 0)
+        printf("  cublasGemmGroupedBatchedEx accepts: %s\n", types);
     struct {
         int N, D, I, E, K, acc;
     } sh[] = {{128, 256, 128, 8, 2, 0}, {96, 512, 256, 64, 6, 1}, {33, 128, 64, 16, 4, 0}};
@@ -763,7 +798,7 @@ static void test_moe_experts(void **state) {
         int32_t *dids = upi(ids, (long)N * K);
         OK(op_moe_experts(&f->cpu, out, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, sh[s].acc, work, ERR));
         OK(op_moe_experts(&f->gpu, dout, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K, L, sh[s].acc, dwork, ERR));
-        cmp(f, "op_moe_experts", name, dout, out, (long)N * D, TOL_GEMM);
+        cmp(f, "op_moe_experts", name, dout, out, (long)N * D, TOL_MOE);
         float *go = hnew((long)N * D), *gx = hnew((long)N * D), *g1 = hnew((long)Ex * I * D);
         float *g3 = hnew((long)Ex * I * D), *g2 = hnew((long)Ex * D * I), *gw = hnew((long)N * K);
         fill(f, go, (long)N * D, -1, 1);
@@ -777,11 +812,11 @@ static void test_moe_experts(void **state) {
                                    ERR));
         OK(op_moe_experts_backward(&f->gpu, dgx, dg1, dg3, dg2, dgw, dgo, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K,
                                    L, dwork, ERR));
-        cmp(f, "op_moe_experts_backward dx", name, dgx, gx, (long)N * D, TOL_GEMM);
-        cmp(f, "op_moe_experts_backward dw1", name, dg1, g1, (long)Ex * I * D, TOL_GEMM);
-        cmp(f, "op_moe_experts_backward dw3", name, dg3, g3, (long)Ex * I * D, TOL_GEMM);
-        cmp(f, "op_moe_experts_backward dw2", name, dg2, g2, (long)Ex * D * I, TOL_GEMM);
-        cmp(f, "op_moe_experts_backward dweights", name, dgw, gw, (long)N * K, TOL_GEMM);
+        cmp(f, "op_moe_experts_backward dx", name, dgx, gx, (long)N * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw1", name, dg1, g1, (long)Ex * I * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw3", name, dg3, g3, (long)Ex * I * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw2", name, dg2, g2, (long)Ex * D * I, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dweights", name, dgw, gw, (long)N * K, TOL_MOE);
         free(x), free(w1), free(w3), free(w2), free(wt), free(out), free(ids), free(work), free(go), free(gx),
             free(g1), free(g3), free(g2), free(gw);
         cuda_free(dwork), cuda_free(dx), cuda_free(dw1), cuda_free(dw3), cuda_free(dw2), cuda_free(dwt),

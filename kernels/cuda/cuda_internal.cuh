@@ -101,25 +101,27 @@ __device__ __forceinline__ float cu_block_max(float v, float *sh) {
  *   GEMM_NT: C[M,N] = A[M,K] @ B[N,K]^T     (linear)
  *   GEMM_NN: C[M,N] = A[M,K] @ B[K,N]       (dx = dy @ w)
  *   GEMM_TN: C[M,N] = A[K,M]^T @ B[K,N]     (dw = dy^T @ x)
- * lda/ldb/ldc are row strides; beta 0 or 1. `fast`: bf16 tensor cores with fp32 accumulation
- * (CUBLAS_COMPUTE_32F_FAST_16BF); otherwise full fp32 (for the small precision-critical
- * products: hyper-connection logits). */
+ * lda/ldb/ldc are row strides; beta 0 or 1. `fast`: bf16 tensor cores with fp32 accumulation —
+ * A and B are rounded to bf16 copies first (cu_gemm_bf16) because cuBLAS 13.0, given fp32 matrices
+ * and CUBLAS_COMPUTE_32F_FAST_16BF, picks TF32 kernels instead (measured on an H100: the error is
+ * TF32's 2.6e-4, not bf16's 2e-3). Otherwise full fp32 (the small precision-critical products:
+ * hyper-connection logits). */
 typedef enum { GEMM_NT = 0, GEMM_NN, GEMM_TN } cu_gemm_shape;
 
 typedef struct {
     cublasOperation_t ta, tb;
     int m, n, k;
-    const float *A;
+    const void *A;
     int lda;
-    const float *B;
+    const void *B;
     int ldb;
     float *C;
     int ldc;
 } cu_colmajor_gemm;
 
 /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands. */
-static inline cu_colmajor_gemm cu_gemm_plan(cu_gemm_shape s, int M, int N, int K, const float *A, int lda,
-                                            const float *B, int ldb, float *C, int ldc) {
+static inline cu_colmajor_gemm cu_gemm_plan(cu_gemm_shape s, int M, int N, int K, const void *A, int lda,
+                                            const void *B, int ldb, float *C, int ldc) {
     cu_colmajor_gemm g;
     g.m = N;
     g.n = M;
@@ -135,14 +137,27 @@ static inline cu_colmajor_gemm cu_gemm_plan(cu_gemm_shape s, int M, int N, int K
     return g;
 }
 
+/* Rows of A and B as stored (row-major) for each shape. */
+static inline void cu_gemm_operand_rows(cu_gemm_shape s, int M, int N, int K, int *ra, int *ca, int *rb, int *cb) {
+    *ra = s == GEMM_TN ? K : M;
+    *ca = s == GEMM_TN ? M : K;
+    *rb = s == GEMM_NT ? N : K;
+    *cb = s == GEMM_NT ? K : N;
+}
+
+/* dst[rows, cols] (compact) = bf16(src rows with stride ld); defined in dense.cu. */
+int cu_to_bf16(const kctx *k, void *dst, const float *src, long rows, int cols, int ld, mill_err *e);
+int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
+                 int ldb, float *C, int ldc, float beta, mill_err *e);
+
 static inline int cu_gemm(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda,
                           const float *B, int ldb, float *C, int ldc, float beta, int fast, mill_err *e) {
     if (M <= 0 || N <= 0 || K <= 0) return 0;
+    if (fast) return cu_gemm_bf16(k, s, M, N, K, A, lda, B, ldb, C, ldc, beta, e);
     cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, A, lda, B, ldb, C, ldc);
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(cu_blas(k), g.ta, g.tb, g.m, g.n, g.k, &alpha, g.A, CUDA_R_32F, g.lda, g.B, CUDA_R_32F,
-                              g.ldb, &beta, g.C, CUDA_R_32F, g.ldc,
-                              fast ? CUBLAS_COMPUTE_32F_FAST_16BF : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                              g.ldb, &beta, g.C, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return 0;
 }
 

@@ -8,9 +8,11 @@
  *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
  * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
  * ids) check on the device and read one flag back, so they also synchronise the stream.
- * Precision: GEMMs keep fp32 storage and run on bf16 tensor cores with fp32 accumulation
- * (CUBLAS_COMPUTE_32F_FAST_16BF), except the hyper-connection logits, which stay full fp32 like the
- * rest of the mHC math; every other kernel is fp32 (doubles where the CPU path uses them). */
+ * Precision: GEMMs keep fp32 storage in and out and run on bf16 tensor cores with fp32 accumulation:
+ * each GEMM rounds its two operands to bf16 scratch copies and calls cublasGemmEx with bf16 inputs
+ * (CUBLAS_COMPUTE_32F_FAST_16BF on fp32 matrices was tried first: cuBLAS 13.0 on an H100 ran TF32
+ * kernels for it, not bf16). The hyper-connection logits stay full fp32 like the rest of the mHC
+ * math; every other kernel is fp32 (doubles where the CPU path uses them). */
 #ifndef MILL_CUDA_OPS_H
 #define MILL_CUDA_OPS_H
 
@@ -18,6 +20,7 @@
 extern "C" {
 #endif
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../attention.h"
@@ -109,9 +112,11 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
                                  const float *dout, const float *x, const int32_t *ids, const float *weights,
                                  const float *w1, const float *w3, const float *w2, int N, int D, int I, int E,
                                  int K, float limit, float *work, mill_err *e);
-/* 1 when cuBLAS runs grouped GEMMs with FAST_16BF on fp32 storage (op_moe_experts then makes one
+/* 1 when cuBLAS accepts the experts' grouped GEMM (bf16 x bf16 -> fp32; op_moe_experts then makes one
  * grouped call per projection), 0 when it falls back to one GEMM per expert, -1 on error. */
 int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e);
+/* "bf16->fp32/32F:no fp32->fp32/FAST_TF32:ok ..." — what this cuBLAS takes for grouped GEMMs. */
+int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e);
 
 #ifdef __cplusplus
 }

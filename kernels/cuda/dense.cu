@@ -3,7 +3,46 @@
  * cross-entropy as fp32 kernels. */
 #include "cuda_internal.cuh"
 
+#include <cuda_bf16.h>
 #include <math.h>
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, long rows, int cols, int ld) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    long r = i / cols;
+    dst[i] = __float2bfloat16_rn(src[r * ld + (i - r * cols)]);
+}
+
+int cu_to_bf16(const kctx *k, void *dst, const float *src, long rows, int cols, int ld, mill_err *e) {
+    if (rows <= 0 || cols <= 0) return 0;
+    to_bf16_kernel<<<cu_blocks(rows * cols, 256), 256, 0, cu_stream(k)>>>((__nv_bfloat16 *)dst, src, rows, cols, ld);
+    LAUNCH_CHECK("to_bf16_kernel");
+    return 0;
+}
+
+/* Both operands rounded to compact bf16 copies (stream-ordered scratch), then one bf16 x bf16 -> fp32
+ * GEMM with fp32 accumulation on the tensor cores. */
+int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
+                 int ldb, float *C, int ldc, float beta, mill_err *e) {
+    int ra, ca, rb, cb;
+    cu_gemm_operand_rows(s, M, N, K, &ra, &ca, &rb, &cb);
+    size_t na = (size_t)ra * ca, nb = (size_t)rb * cb;
+    __nv_bfloat16 *buf = NULL;
+    TRY(cu_scratch((void **)&buf, sizeof(__nv_bfloat16) * (na + nb + 8), k, e));
+    __nv_bfloat16 *a16 = buf, *b16 = buf + ((na + 7) / 8) * 8; /* 16-byte aligned */
+    int rc = cu_to_bf16(k, a16, A, ra, ca, lda, e);
+    if (!rc) rc = cu_to_bf16(k, b16, B, rb, cb, ldb, e);
+    if (!rc) {
+        cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, a16, ca, b16, cb, C, ldc);
+        const float alpha = 1.0f;
+        cublasStatus_t st = cublasGemmEx(cu_blas(k), g.ta, g.tb, g.m, g.n, g.k, &alpha, g.A, CUDA_R_16BF, g.lda, g.B,
+                                         CUDA_R_16BF, g.ldb, &beta, g.C, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT);
+        if (st != CUBLAS_STATUS_SUCCESS) rc = mill_errf(e, "cublasGemmEx (bf16) failed: cuBLAS status %d", (int)st);
+    }
+    cu_scratch_free(buf, k);
+    return rc;
+}
 
 int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
                    int accumulate, mill_err *e) {

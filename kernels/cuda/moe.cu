@@ -5,13 +5,17 @@
  * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (one
  * block; per-expert counts, a scan, then each expert's rows in token order, exactly the CPU's
  * grouping); the expert starts come back to the host once (cuBLAS takes group shapes from host
- * memory); each projection over all experts is then ONE cublasGemmGroupedBatchedEx call with one
- * group per non-empty expert (fp32 storage, bf16 tensor cores, fp32 accumulation), falling back to
- * one cublasGemmEx per expert where the library refuses that compute type for grouped GEMMs.
+ * memory); each projection over all experts is then tried as ONE cublasGemmGroupedBatchedEx call
+ * with one group per non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
+ * accumulation and output), falling back to one cublasGemmEx per expert with the same types when
+ * the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped bf16 x bf16 -> fp32 (it takes
+ * bf16 -> bf16 and fp32 -> fp32 plain or TF32, see cuda_moe_grouped_gemm_types), so today the
+ * per-expert path runs: E launches per projection, each a bf16 tensor-core GEMM.
  * The weighted combine sums each token's K slots in slot order: no atomics. */
 #include "cuda_internal.cuh"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 __device__ __forceinline__ float moe_expf(float x) { return (float)exp((double)x); }
@@ -211,41 +215,60 @@ static int moe_group(const kctx *k, float *xg, int32_t *slot_row, int32_t *offs,
     return 0;
 }
 
-/* One operand of a per-expert GEMM: expert ex's matrix starts at base + offs[ex] * ld when the
- * operand is grouped token rows, else at base + ex * stride (a weight). */
+/* One operand of a per-expert GEMM: expert ex's matrix starts at element offs[ex] * ld when the
+ * operand is grouped token rows, else at ex * stride (a weight [E, rows, ld]). */
 typedef struct {
     const float *base;
     long stride;
     int grouped, ld;
 } moe_operand;
 
-static const float *moe_at(moe_operand o, const int32_t *offs_h, int ex) {
-    return o.grouped ? o.base + (long)offs_h[ex] * o.ld : o.base + (long)ex * o.stride;
+static long moe_off(moe_operand o, const int32_t *offs_h, int ex) {
+    return o.grouped ? (long)offs_h[ex] * o.ld : (long)ex * o.stride;
+}
+static long moe_rows(moe_operand o, const int32_t *offs_h, int E) {
+    return o.grouped ? (long)offs_h[E] : (long)E * (o.stride / o.ld);
 }
 
 /* For every non-empty expert: C_ex = shape(A_ex, B_ex) (+ C_ex when beta = 1), where M, N or K
- * given as -1 means "this expert's row count". */
+ * given as -1 means "this expert's row count". A and B are rounded to bf16 copies (whole operands:
+ * with fp32 storage that is one pass each; bf16 storage will remove it), then ONE grouped GEMM
+ * (bf16 x bf16 -> fp32, fp32 accumulation) covers all experts; if cuBLAS refuses the grouped call,
+ * one cublasGemmEx per expert with the same types. */
 static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, int E, int M, int N, int K,
-                    moe_operand A, moe_operand B, moe_operand C, float beta, mill_err *e) {
+                    moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped, mill_err *e) {
     int G = 0;
     for (int ex = 0; ex < E; ex++) G += offs_h[ex + 1] > offs_h[ex];
     if (!G) return 0;
-    /* host arrays for the group shapes; device array for the three pointer lists */
-    size_t nint = 6 * (size_t)G;
-    int *iv = (int *)malloc(sizeof(int) * nint + sizeof(cublasOperation_t) * 2 * G + sizeof(float) * 2 * G +
-                            sizeof(void *) * 3 * G);
-    if (!iv) return mill_errf(e, "moe: out of memory");
+    long ra = moe_rows(A, offs_h, E), rb = moe_rows(B, offs_h, E);
+    size_t na = (size_t)ra * A.ld, nb = (size_t)rb * B.ld, na_al = ((na + 7) / 8) * 8;
+    uint16_t *a16 = NULL; /* bf16 bits */
+    TRY(cu_scratch((void **)&a16, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
+    uint16_t *b16 = a16 + na_al;
+    void **dptrs = (void **)(((uintptr_t)(b16 + nb) + 15) & ~(uintptr_t)15);
+    int rc = cu_to_bf16(k, a16, A.base, ra, A.ld, A.ld, e);
+    if (!rc) rc = cu_to_bf16(k, b16, B.base, rb, B.ld, B.ld, e);
+    /* host arrays for the group shapes and the three pointer lists */
+    int *iv = (int *)malloc(sizeof(int) * 6 * (size_t)G + sizeof(cublasOperation_t) * 2 * G +
+                            sizeof(float) * 2 * G + sizeof(void *) * 3 * G + sizeof(int) * G);
+    if (!rc && !iv) rc = mill_errf(e, "moe: out of memory");
+    if (rc) {
+        free(iv);
+        cu_scratch_free(a16, k);
+        return rc;
+    }
     int *m = iv, *n = m + G, *kk = n + G, *lda = kk + G, *ldb = lda + G, *ldc = ldb + G;
     cublasOperation_t *ta = (cublasOperation_t *)(ldc + G), *tb = ta + G;
     float *alpha = (float *)(tb + G), *betas = alpha + G;
-    const void **ptrs = (const void **)(betas + G);
+    const void **ptrs = (const void **)(betas + G); /* 40 G bytes in: 8-aligned */
+    int *ones = (int *)(ptrs + 3 * G);
     int g = 0;
     for (int ex = 0; ex < E; ex++) {
         int rows = offs_h[ex + 1] - offs_h[ex];
         if (!rows) continue;
         cu_colmajor_gemm p = cu_gemm_plan(shape, M < 0 ? rows : M, N < 0 ? rows : N, K < 0 ? rows : K,
-                                          moe_at(A, offs_h, ex), A.ld, moe_at(B, offs_h, ex), B.ld,
-                                          (float *)moe_at(C, offs_h, ex), C.ld);
+                                          a16 + moe_off(A, offs_h, ex), A.ld, b16 + moe_off(B, offs_h, ex), B.ld,
+                                          (float *)C.base + moe_off(C, offs_h, ex), C.ld);
         ta[g] = p.ta;
         tb[g] = p.tb;
         m[g] = p.m;
@@ -256,68 +279,51 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
         ldc[g] = p.ldc;
         alpha[g] = 1.0f;
         betas[g] = beta;
+        ones[g] = 1;
         ptrs[g] = p.A;
         ptrs[G + g] = p.B;
         ptrs[2 * G + g] = p.C;
         g++;
     }
-    int rc = 0;
-    void **dptrs = NULL;
-    rc = cu_scratch((void **)&dptrs, sizeof(void *) * 3 * G, k, e);
-    if (!rc && cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) !=
-                   cudaSuccess)
+    if (cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc = mill_errf(e, "moe: pointer copy failed");
     if (!rc) {
-        int *ones = (int *)malloc(sizeof(int) * (size_t)G);
-        if (!ones) rc = mill_errf(e, "moe: out of memory");
-        cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-        if (!rc) {
-            for (int i = 0; i < G; i++) ones[i] = 1;
-            st = cublasGemmGroupedBatchedEx(cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs,
-                                            CUDA_R_32F, lda, (const void *const *)(dptrs + G), CUDA_R_32F, ldb, betas,
-                                            dptrs + 2 * G, CUDA_R_32F, ldc, G, ones, CUBLAS_COMPUTE_32F_FAST_16BF);
-            free(ones);
-        }
-        if (!rc && st == CUBLAS_STATUS_NOT_SUPPORTED) { /* one GEMM per expert instead */
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(
+            cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs, CUDA_R_16BF, lda,
+            (const void *const *)(dptrs + G), CUDA_R_16BF, ldb, betas, dptrs + 2 * G, CUDA_R_32F, ldc, G, ones,
+            CUBLAS_COMPUTE_32F);
+        if (used_grouped) *used_grouped = st == CUBLAS_STATUS_SUCCESS;
+        if (st == CUBLAS_STATUS_NOT_SUPPORTED) { /* one GEMM per expert instead */
             for (int i = 0; i < G && !rc; i++) {
                 cublasStatus_t s2 = cublasGemmEx(cu_blas(k), ta[i], tb[i], m[i], n[i], kk[i], &alpha[i], ptrs[i],
-                                                 CUDA_R_32F, lda[i], ptrs[G + i], CUDA_R_32F, ldb[i], &betas[i],
-                                                 (void *)ptrs[2 * G + i], CUDA_R_32F, ldc[i],
-                                                 CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_GEMM_DEFAULT);
+                                                 CUDA_R_16BF, lda[i], ptrs[G + i], CUDA_R_16BF, ldb[i], &betas[i],
+                                                 (void *)ptrs[2 * G + i], CUDA_R_32F, ldc[i], CUBLAS_COMPUTE_32F,
+                                                 CUBLAS_GEMM_DEFAULT);
                 if (s2 != CUBLAS_STATUS_SUCCESS) rc = mill_errf(e, "moe: cublasGemmEx failed: cuBLAS status %d", (int)s2);
             }
-        } else if (!rc && st != CUBLAS_STATUS_SUCCESS) {
+        } else if (st != CUBLAS_STATUS_SUCCESS) {
             rc = mill_errf(e, "moe: cublasGemmGroupedBatchedEx failed: cuBLAS status %d", (int)st);
         }
     }
-    cu_scratch_free(dptrs, k);
+    /* the grouped call reads the shape arrays on the host before it returns; the device pointer
+     * list is freed stream-ordered */
     free(iv);
+    cu_scratch_free(a16, k);
     return rc;
 }
 
 int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e) {
-    /* a 1-group 1x1x1 probe on scratch: 1 when grouped GEMMs accept FAST_16BF on fp32 storage */
+    /* a tiny grouped GEMM through the experts' own path: 1 when it ran grouped */
+    int32_t offs_h[3] = {0, 2, 2};
     float *buf = NULL;
-    TRY(cu_scratch((void **)&buf, sizeof(float) * 4 + sizeof(void *) * 3, k, e)); /* pointers 16-aligned */
-    void **dp = (void **)(buf + 4);
-    void *hp[3] = {buf, buf + 1, buf + 2};
-    int rc = 0, ok = 0;
-    if (cudaMemsetAsync(buf, 0, sizeof(float) * 3, cu_stream(k)) != cudaSuccess ||
-        cudaMemcpyAsync(dp, hp, sizeof hp, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
-        rc = mill_errf(e, "moe probe: copy failed");
-    if (!rc) {
-        cublasOperation_t t = CUBLAS_OP_N;
-        int one = 1;
-        float a = 1.0f, b = 0.0f;
-        cublasStatus_t st = cublasGemmGroupedBatchedEx(cu_blas(k), &t, &t, &one, &one, &one, &a,
-                                                       (const void *const *)dp, CUDA_R_32F, &one,
-                                                       (const void *const *)(dp + 1), CUDA_R_32F, &one, &b, dp + 2,
-                                                       CUDA_R_32F, &one, 1, &one, CUBLAS_COMPUTE_32F_FAST_16BF);
-        ok = st == CUBLAS_STATUS_SUCCESS;
-        if (cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "moe probe: sync failed");
-    }
+    TRY(cu_scratch((void **)&buf, sizeof(float) * 64, k, e));
+    int used = 0, rc = 0;
+    if (cudaMemsetAsync(buf, 0, sizeof(float) * 64, cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: memset");
+    moe_operand X = {buf, 0, 1, 4}, W = {buf + 16, 16, 0, 4}, Y = {buf + 48, 0, 1, 4};
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, 2, -1, 4, 4, X, W, Y, 0.0f, &used, e);
+    if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: sync failed");
     cu_scratch_free(buf, k);
-    return rc ? -1 : ok;
+    return rc ? -1 : used;
 }
 
 /* out[t, c] (+)= sum_k weights[t, k] y[slot_row[t, k], c] */
@@ -344,10 +350,10 @@ int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t
     int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
     moe_operand XG = {xg, 0, 1, D}, G_ = {g, 0, 1, I}, U = {u, 0, 1, I}, Y = {y, 0, 1, D};
     moe_operand W1 = {w1, (long)I * D, 0, D}, W3 = {w3, (long)I * D, 0, D}, W2 = {w2, (long)D * I, 0, I};
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, G_, W2, Y, 0.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, G_, W2, Y, 0.0f, NULL, e);
     free(offs_h);
     if (rc) return rc;
     moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, slot_row, N, D, K,
@@ -398,26 +404,65 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
     moe_operand DW1 = {dw1, (long)I * D, 0, D}, DW3 = {dw3, (long)I * D, 0, D}, DW2 = {dw2, (long)D * I, 0, I};
     int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
     /* recompute the forward per expert */
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, act, g, u, NK * I, limit, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, ACT, W2, Y, 0.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, ACT, W2, Y, 0.0f, NULL, e);
     if (!rc && NK > 0) {
         moe_dweights_kernel<<<(unsigned)NK, 256, 0, cu_stream(k)>>>(dweights, dy, dout, y, weights, slot_row, D, K);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "moe_dweights_kernel: launch failed: %s", cudaGetErrorString(le));
     }
     /* dw2 += dy^T act, then act's rows become dact = dy @ w2 */
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, D, I, -1, DY, ACT, DW2, 1.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, ACT, 0.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, D, I, -1, DY, ACT, DW2, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, ACT, 0.0f, NULL, e);
     if (!rc) rc = cu_swiglu_backward_write(k, dg, du, act, g, u, NK * I, limit, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DG, W1, DXG, 0.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DU, W3, DXG, 1.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DG, XG, DW1, 1.0f, e);
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DU, XG, DW3, 1.0f, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DG, W1, DXG, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DU, W3, DXG, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DG, XG, DW1, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DU, XG, DW3, 1.0f, NULL, e);
     free(offs_h);
     if (rc) return rc;
     moe_dx_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(dx, dxg, slot_row, N, D, K);
     LAUNCH_CHECK("moe_dx_kernel");
     return 0;
+}
+
+/* Which type / compute combinations this cuBLAS accepts for grouped GEMMs (for the bf16-storage
+ * step): one 4x4x4 group per combination, "name:ok|no" pairs written into buf. */
+int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e) {
+    struct {
+        const char *name;
+        cudaDataType_t ab, c;
+        cublasComputeType_t ct;
+    } combos[] = {{"bf16->fp32/32F", CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F},
+                  {"bf16->bf16/32F", CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F},
+                  {"fp32->fp32/32F", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F},
+                  {"fp32->fp32/FAST_TF32", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32},
+                  {"fp32->fp32/FAST_16BF", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF}};
+    float *mem = NULL;
+    TRY(cu_scratch((void **)&mem, sizeof(float) * 64 + 64, k, e));
+    void **dp = (void **)(mem + 48);
+    void *hp[3] = {mem, mem + 16, mem + 32};
+    int rc = 0;
+    if (cudaMemsetAsync(mem, 0, sizeof(float) * 48, cu_stream(k)) != cudaSuccess ||
+        cudaMemcpyAsync(dp, hp, sizeof hp, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "grouped probe: copy failed");
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; !rc && i < sizeof combos / sizeof combos[0]; i++) {
+        cublasOperation_t t = CUBLAS_OP_N;
+        int four = 4, one = 1;
+        float a = 1.0f, b = 0.0f;
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(cu_blas(k), &t, &t, &four, &four, &four, &a,
+                                                       (const void *const *)dp, combos[i].ab, &four,
+                                                       (const void *const *)(dp + 1), combos[i].ab, &four, &b, dp + 2,
+                                                       combos[i].c, &four, 1, &one, combos[i].ct);
+        int w = snprintf(buf + used, n - used, "%s%s:%s", used ? " " : "", combos[i].name,
+                         st == CUBLAS_STATUS_SUCCESS ? "ok" : "no");
+        if (w > 0 && (size_t)w < n - used) used += (size_t)w;
+    }
+    if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "grouped probe: sync failed");
+    cu_scratch_free(mem, k);
+    return rc;
 }
