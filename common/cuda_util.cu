@@ -37,6 +37,11 @@ int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e) {
     return 0;
 }
 
+int cuda_sync(mill_err *e) {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+}
+
 int cuda_backend_init(void **cublas, void **stream, mill_err *e) {
     cudaStream_t s;
     cublasHandle_t h;

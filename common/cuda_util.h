@@ -16,6 +16,9 @@ int cuda_alloc_zero(void **p, size_t bytes, mill_err *e);
 void cuda_free(void *p);
 int cuda_copy_to_device(void *dst, const void *src, size_t bytes, mill_err *e);
 int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e);
+/* Waits for all device work (every stream): the copies above use the default stream, while ops run
+ * on kctx.stream, which does not wait for it. */
+int cuda_sync(mill_err *e);
 int cuda_backend_init(void **cublas, void **stream, mill_err *e);
 void cuda_backend_free(void *cublas, void *stream);
 /* "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" into buf; -1 when no device. */

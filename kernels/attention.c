@@ -1,5 +1,9 @@
 #include "attention.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +37,7 @@ static void attend_one(float *out, const float *q, const float *const *keys, int
 
 int op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk, const float *sinks,
                    int H, int d, float scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_attend_keys(k, out, q, keys, nk, sinks, H, d, scale, e));
     TRY(kctx_require_cpu(k, "op_attend_keys", e));
     float *s = malloc(sizeof(float) * (size_t)(nk > 0 ? nk : 1));
     if (!s) return mill_errf(e, "op_attend_keys: out of memory");
@@ -44,6 +49,7 @@ int op_attend_keys(const kctx *k, float *out, const float *q, const float *const
 int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
                       const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                       float scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
     TRY(kctx_require_cpu(k, "op_sink_attention", e));
     size_t max_keys = (size_t)(window + n_comp > 0 ? window + n_comp : 1);
     int oom = 0;
@@ -76,6 +82,7 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
 
 int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
                      int ratio, int overlap, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_compress_pool(k, out, a, g, ape, T, d, ratio, overlap, e));
     TRY(kctx_require_cpu(k, "op_compress_pool", e));
     int n_win = T / ratio, width = overlap ? 2 * d : d, slots = overlap ? 2 * ratio : ratio;
     float *lg = malloc(sizeof(float) * (size_t)slots);
@@ -137,6 +144,7 @@ static void index_row(float *score, const float *q, const float *keys, const flo
 
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
                       int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_indexer_scores(k, score, q, keys, weights, T, Tc, nh, hd, scale_qk, ratio, e));
     TRY(kctx_require_cpu(k, "op_indexer_scores", e));
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++)
@@ -147,6 +155,7 @@ int op_indexer_scores(const kctx *k, float *score, const float *q, const float *
 
 int op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int pos,
                         int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_indexer_score_at(k, score, q, keys, weights, pos, Tc, nh, hd, scale_qk, ratio, e));
     TRY(kctx_require_cpu(k, "op_indexer_score_at", e));
     index_row(score, q, keys, weights, Tc, nh, hd, scale_qk, (pos + 1) / ratio);
     return 0;
@@ -173,6 +182,7 @@ static void topk_row(int32_t *row, const float *s, int visible, int topk) {
 
 int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
                     mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_topk_visible(k, idx, score, T, Tc, topk, ratio, e));
     TRY(kctx_require_cpu(k, "op_topk_visible", e));
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++) {
@@ -183,6 +193,7 @@ int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int 
 }
 
 int op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_topk_at(k, idx, score, pos, Tc, topk, ratio, e));
     TRY(kctx_require_cpu(k, "op_topk_at", e));
     int visible = (pos + 1) / ratio;
     topk_row(idx, score, visible > Tc ? Tc : visible, topk);
@@ -190,6 +201,7 @@ int op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc,
 }
 
 int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_causal_entries(k, idx, T, Tc, ratio, e));
     TRY(kctx_require_cpu(k, "op_causal_entries", e));
     for (int i = 0; i < T; i++) {
         int visible = (i + 1) / ratio;
@@ -201,6 +213,7 @@ int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mil
 int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks, const float *dout,
                                const float *q, const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
                                const float *sinks, int T, int H, int d, int window, float scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sink_attention_backward(k, dq, dkv, dcomp, dsinks, dout, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
     TRY(kctx_require_cpu(k, "op_sink_attention_backward", e));
     int max_keys = window + n_comp;
     size_t nk_alloc = (size_t)(max_keys > 0 ? max_keys : 1);
@@ -269,6 +282,7 @@ int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcom
 
 int op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, const float *dout, const float *a,
                               const float *g, const float *ape, int T, int d, int ratio, int overlap, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_compress_pool_backward(k, da, dg, dape, dout, a, g, ape, T, d, ratio, overlap, e));
     TRY(kctx_require_cpu(k, "op_compress_pool_backward", e));
     int n_win = T / ratio, width = overlap ? 2 * d : d, slots = overlap ? 2 * ratio : ratio;
     float *lg = malloc(sizeof(float) * (size_t)slots);

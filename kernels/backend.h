@@ -1,8 +1,8 @@
 /* kernels/backend.h — where ops run.
  * Owns: kctx, the per-process backend context every op takes first. On CPU
- * the ops are fp32 and call OpenBLAS; on CUDA (bf16 storage, fp32 accumulate)
- * the same calls will dispatch to kernels/cuda/. Callers never branch on the
- * device themselves. Every op returns 0, or -1 with e filled. */
+ * the ops are fp32 and call OpenBLAS; on CUDA the same calls dispatch to
+ * kernels/cuda/ (device pointers; see kernels/cuda/cuda_ops.h for the few
+ * host-side arguments). Callers never branch on the device themselves. Every op returns 0, or -1 with e filled. */
 #ifndef MILL_BACKEND_H
 #define MILL_BACKEND_H
 
@@ -26,7 +26,20 @@ void kctx_free(kctx *k);
         if ((x) != 0) return -1; \
     } while (0)
 
-/* Ops implemented on CPU only so far refuse other devices with a clear error. */
+/* The CPU bodies start with this: anything but the CPU gets a clear error. */
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);
+
+/* First line of every op: on a CUDA kctx, hand the same arguments (device pointers) to its
+ * kernels/cuda/ twin. Without MILL_CUDA the call is dropped unexpanded, so it need not exist. */
+#ifdef MILL_CUDA
+#define MILL_CUDA_DISPATCH(call)                          \
+    do {                                                  \
+        if (k->device == DEVICE_CUDA) return (call);      \
+    } while (0)
+#else
+#define MILL_CUDA_DISPATCH(call) \
+    do {                         \
+    } while (0)
+#endif
 
 #endif

@@ -1,5 +1,9 @@
 #include "dense.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
@@ -14,6 +18,7 @@ static int gemm_chunks(int rows) {
 
 int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
               int accumulate, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_linear(k, y, x, w, M, N, K, ldx, ldy, accumulate, e));
     TRY(kctx_require_cpu(k, "op_linear", e));
     if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
@@ -33,6 +38,7 @@ int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, in
 }
 
 int op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_matmul_nn(k, y, a, b, M, N, K, e));
     TRY(kctx_require_cpu(k, "op_matmul_nn", e));
     if (M <= 0 || N <= 0 || K <= 0) return 0;
     int nc = gemm_chunks(M);
@@ -48,6 +54,7 @@ int op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M,
 
 int op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
                mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_rmsnorm(k, y, x, w, rows, dim, ld, eps, e));
     TRY(kctx_require_cpu(k, "op_rmsnorm", e));
     if (!ld) ld = dim;
 #pragma omp parallel for schedule(static)
@@ -64,6 +71,7 @@ int op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows
 
 int op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
                  mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_embedding(k, out, table, ids, n, dim, vocab, e));
     TRY(kctx_require_cpu(k, "op_embedding", e));
     for (int t = 0; t < n; t++) {
         if (ids[t] < 0 || ids[t] >= vocab)
@@ -74,6 +82,7 @@ int op_embedding(const kctx *k, float *out, const float *table, const int32_t *i
 }
 
 int op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_swiglu_clamp(k, h, g, u, n, limit, e));
     TRY(kctx_require_cpu(k, "op_swiglu_clamp", e));
 #pragma omp parallel for schedule(static)
     for (long i = 0; i < n; i++) {
@@ -86,6 +95,7 @@ int op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, lon
 
 int op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w, int M,
                        int N, int K, int ldx, int ldy, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_linear_backward(k, dx, dw, dy, x, w, M, N, K, ldx, ldy, e));
     TRY(kctx_require_cpu(k, "op_linear_backward", e));
     if (M <= 0 || N <= 0 || K <= 0) return 0;
     int lx = ldx ? ldx : K, ly = ldy ? ldy : N;
@@ -114,6 +124,7 @@ int op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, con
 
 int op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w, int rows,
                         int dim, int ld, float eps, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_rmsnorm_backward(k, dx, dw, dy, x, w, rows, dim, ld, eps, e));
     TRY(kctx_require_cpu(k, "op_rmsnorm_backward", e));
     if (!ld) ld = dim;
     for (int r = 0; r < rows; r++) {
@@ -136,6 +147,7 @@ int op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, co
 
 int op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
                           mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_embedding_backward(k, dtable, dout, ids, n, dim, e));
     TRY(kctx_require_cpu(k, "op_embedding_backward", e));
     for (int t = 0; t < n; t++) {
         float *row = dtable + (long)ids[t] * dim;
@@ -147,6 +159,7 @@ int op_embedding_backward(const kctx *k, float *dtable, const float *dout, const
 
 int op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *dh, const float *g, const float *u,
                              long n, float limit, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_swiglu_clamp_backward(k, dg, du, dh, g, u, n, limit, e));
     TRY(kctx_require_cpu(k, "op_swiglu_clamp_backward", e));
     for (long i = 0; i < n; i++) {
         /* torch's clamp passes the gradient where the input lies within [min, max] */
@@ -162,6 +175,7 @@ int op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *d
 
 int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
                      const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_cross_entropy(k, dlogits, loss_sum, count, logits, targets, n, vocab, grad_scale, e));
     TRY(kctx_require_cpu(k, "op_cross_entropy", e));
     double total = 0.0;
     long cnt = 0;

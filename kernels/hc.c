@@ -1,5 +1,9 @@
 #include "hc.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <math.h>
 #include <string.h>
 
@@ -30,6 +34,7 @@ static void collapse(float *x, const float *h, const float *pre, int N, int n, i
 
 int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, const float *h, const float *fn,
               const float *base, const float *scale, int N, hc_dims dm, float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_pre(k, x, pre, post, comb, h, fn, base, scale, N, dm, work, e));
     TRY(kctx_require_cpu(k, "op_hc_pre", e));
     int n = dm.n, mix = (2 + n) * n;
     float *f = work + (long)N * n * dm.D;
@@ -75,6 +80,7 @@ int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, con
 
 int op_hc_post(const kctx *k, float *h_out, const float *h, const float *y, const float *post, const float *comb,
                int N, int n, int D, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_post(k, h_out, h, y, post, comb, N, n, D, e));
     TRY(kctx_require_cpu(k, "op_hc_post", e));
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -95,6 +101,7 @@ int op_hc_post(const kctx *k, float *h_out, const float *h, const float *y, cons
 
 int op_hc_head(const kctx *k, float *x, const float *h, const float *fn, const float *base, const float *scale, int N,
                hc_dims dm, float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_head(k, x, h, fn, base, scale, N, dm, work, e));
     TRY(kctx_require_cpu(k, "op_hc_head", e));
     int n = dm.n;
     float *f = work + (long)N * n * dm.D;
@@ -112,6 +119,7 @@ long hc_backward_work_floats(int N, hc_dims dm) {
 int op_hc_post_backward(const kctx *k, float *dh, float *dy, float *dpost, float *dcomb, const float *dh_out,
                         const float *h, const float *y, const float *post, const float *comb, int N, int n, int D,
                         mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_post_backward(k, dh, dy, dpost, dcomb, dh_out, h, y, post, comb, N, n, D, e));
     TRY(kctx_require_cpu(k, "op_hc_post_backward", e));
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < N; t++) {
@@ -164,6 +172,7 @@ static int hc_logits_backward(const kctx *k, float *dh, float *dfn, const float 
 int op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, float *dscale, const float *dx,
                        const float *dpost, const float *dcomb, const float *h, const float *fn, const float *base,
                        const float *scale, int N, hc_dims dm, float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_pre_backward(k, dh, dfn, dbase, dscale, dx, dpost, dcomb, h, fn, base, scale, N, dm, work, e));
     TRY(kctx_require_cpu(k, "op_hc_pre_backward", e));
     int n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n, steps = 2 * dm.sinkhorn_iters - 1;
     float *FL = work, *dFL = FL + (long)N * n * D, *F = dFL + (long)N * n * D, *dF = F + (long)N * mix;
@@ -250,6 +259,7 @@ int op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, float
 int op_hc_head_backward(const kctx *k, float *dh, float *dfn, float *dbase, float *dscale, const float *dx,
                         const float *h, const float *fn, const float *base, const float *scale, int N, hc_dims dm,
                         float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_hc_head_backward(k, dh, dfn, dbase, dscale, dx, h, fn, base, scale, N, dm, work, e));
     TRY(kctx_require_cpu(k, "op_hc_head_backward", e));
     int n = dm.n, D = dm.D;
     float *FL = work, *dFL = FL + (long)N * n * D, *F = dFL + (long)N * n * D, *dF = F + (long)N * n;

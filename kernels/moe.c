@@ -1,5 +1,9 @@
 #include "moe.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +19,7 @@ static float score_fn(float x, dsv4_score_func f) {
 
 int op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights, const float *logits, const float *bias,
                  const int32_t *given_ids, int N, moe_route_cfg rc, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_route(k, scores, ids, weights, logits, bias, given_ids, N, rc, e));
     TRY(kctx_require_cpu(k, "op_moe_route", e));
     int E = rc.E, K = rc.K;
     for (int t = 0; t < N; t++) {
@@ -87,6 +92,7 @@ static int group_rows(float *xg, int32_t *slot_row, int32_t *offs, const float *
 int op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
                    const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K, float limit,
                    int accumulate, float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_experts(k, out, x, ids, weights, w1, w3, w2, N, D, I, E, K, limit, accumulate, work, e));
     TRY(kctx_require_cpu(k, "op_moe_experts", e));
     long NK = (long)N * K;
     float *xg = work, *g = xg + NK * D, *u = g + NK * I, *y = u + NK * I;
@@ -120,6 +126,7 @@ static float score_grad(float l, float s, dsv4_score_func f) {
 
 int op_moe_route_backward(const kctx *k, float *dlogits, const float *dweights, const float *scores,
                           const float *logits, const int32_t *ids, int N, moe_route_cfg rc, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_route_backward(k, dlogits, dweights, scores, logits, ids, N, rc, e));
     TRY(kctx_require_cpu(k, "op_moe_route_backward", e));
     int E = rc.E, K = rc.K;
     float *ds = malloc(sizeof(float) * (size_t)E);
@@ -158,6 +165,7 @@ int op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, fl
                             const float *dout, const float *x, const int32_t *ids, const float *weights,
                             const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
                             float limit, float *work, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_experts_backward(k, dx, dw1, dw3, dw2, dweights, dout, x, ids, weights, w1, w3, w2, N, D, I, E, K, limit, work, e));
     TRY(kctx_require_cpu(k, "op_moe_experts_backward", e));
     long NK = (long)N * K;
     float *xg = work, *y = xg + NK * D, *dy = y + NK * D, *dxg = dy + NK * D;

@@ -1,8 +1,13 @@
 #include "optim.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <math.h>
 
 int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_adamw(k, p, g, m, v, n, hp, e));
     TRY(kctx_require_cpu(k, "op_adamw", e));
     float decay = 1.0f - hp.lr * hp.weight_decay;
     for (long i = 0; i < n; i++) {
@@ -15,6 +20,7 @@ int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n
 }
 
 int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sumsq(k, x, n, acc, e));
     TRY(kctx_require_cpu(k, "op_sumsq", e));
     double s = 0.0;
     for (long i = 0; i < n; i++) s += (double)x[i] * x[i];
@@ -23,6 +29,7 @@ int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e) {
 }
 
 int op_scale(const kctx *k, float *x, long n, float s, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_scale(k, x, n, s, e));
     TRY(kctx_require_cpu(k, "op_scale", e));
     for (long i = 0; i < n; i++) x[i] *= s;
     return 0;

@@ -1,5 +1,9 @@
 #include "rope.h"
 
+#ifdef MILL_CUDA
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <math.h>
 
 /* HF computes these in fp32 (torch.arange(...).float()); mirror that so angles agree. */
@@ -32,6 +36,7 @@ void rope_inv_freq(float *inv_freq, int rope_dim, double theta, int yarn, double
 
 int op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,
             const float *inv_freq, int sign, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_rope(k, x, n_tok, n_vec, dim, rope_dim, pos, inv_freq, sign, e));
     TRY(kctx_require_cpu(k, "op_rope", e));
     int half = rope_dim / 2, off = dim - rope_dim;
 #pragma omp parallel for schedule(static)

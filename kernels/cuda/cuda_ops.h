@@ -1,0 +1,125 @@
+/* kernels/cuda/cuda_ops.h — the CUDA implementations behind the op_* calls (built under MILL_CUDA).
+ * Owns: one cuda_op_* per op_*, same arguments, called by kernels/{dense,rope,...}.c when k->device == DEVICE_CUDA.
+ * Every pointer is a DEVICE pointer (fp32 buffers, int32 ids; `work` buffers are device memory of
+ * the size the CPU op documents) except these, which stay on the host:
+ *   op_cross_entropy: loss_sum and count (the op waits for the stream to fill them);
+ *   op_sumsq: acc (likewise);
+ *   op_attend_keys: keys is a DEVICE array of nk DEVICE pointers (one per key row);
+ *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
+ * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
+ * ids) check on the device and read one flag back, so they also synchronise the stream.
+ * Precision: GEMMs keep fp32 storage in and out and run on bf16 tensor cores with fp32 accumulation:
+ * each GEMM rounds its two operands to bf16 scratch copies and calls cublasGemmEx with bf16 inputs
+ * (CUBLAS_COMPUTE_32F_FAST_16BF on fp32 matrices was tried first: cuBLAS 13.0 on an H100 ran TF32
+ * kernels for it, not bf16). The hyper-connection logits stay full fp32 like the rest of the mHC
+ * math; every other kernel is fp32 (doubles where the CPU path uses them). */
+#ifndef MILL_CUDA_OPS_H
+#define MILL_CUDA_OPS_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../attention.h"
+#include "../backend.h"
+#include "../dense.h"
+#include "../hc.h"
+#include "../moe.h"
+#include "../optim.h"
+#include "../rope.h"
+
+/* dense.cu */
+int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
+                   int accumulate, mill_err *e);
+int cuda_op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e);
+int cuda_op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
+                    mill_err *e);
+int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
+                      mill_err *e);
+int cuda_op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e);
+int cuda_op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
+                            int M, int N, int K, int ldx, int ldy, mill_err *e);
+int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
+                             int rows, int dim, int ld, float eps, mill_err *e);
+int cuda_op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
+                               mill_err *e);
+int cuda_op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *dh, const float *g,
+                                  const float *u, long n, float limit, mill_err *e);
+int cuda_op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
+                          const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e);
+
+/* rope_optim.cu */
+int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,
+                 const float *inv_freq, int sign, mill_err *e);
+int cuda_op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e);
+int cuda_op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e);
+int cuda_op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
+
+/* attention.cu */
+int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
+                           const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
+                           float scale, mill_err *e);
+int cuda_op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk,
+                        const float *sinks, int H, int d, float scale, mill_err *e);
+int cuda_op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
+                          int ratio, int overlap, mill_err *e);
+int cuda_op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
+                           int T, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
+int cuda_op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
+                             int pos, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
+int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+                         mill_err *e);
+int cuda_op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio,
+                    mill_err *e);
+int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e);
+int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks,
+                                    const float *dout, const float *q, const float *kv, const float *comp,
+                                    const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d,
+                                    int window, float scale, mill_err *e);
+int cuda_op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, const float *dout,
+                                   const float *a, const float *g, const float *ape, int T, int d, int ratio,
+                                   int overlap, mill_err *e);
+
+/* hc.cu */
+int cuda_op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, const float *h, const float *fn,
+                   const float *base, const float *scale, int N, hc_dims dm, float *work, mill_err *e);
+int cuda_op_hc_post(const kctx *k, float *h_out, const float *h, const float *y, const float *post,
+                    const float *comb, int N, int n, int D, mill_err *e);
+int cuda_op_hc_head(const kctx *k, float *x, const float *h, const float *fn, const float *base, const float *scale,
+                    int N, hc_dims dm, float *work, mill_err *e);
+int cuda_op_hc_post_backward(const kctx *k, float *dh, float *dy, float *dpost, float *dcomb, const float *dh_out,
+                             const float *h, const float *y, const float *post, const float *comb, int N, int n,
+                             int D, mill_err *e);
+int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, float *dscale, const float *dx,
+                            const float *dpost, const float *dcomb, const float *h, const float *fn,
+                            const float *base, const float *scale, int N, hc_dims dm, float *work, mill_err *e);
+int cuda_op_hc_head_backward(const kctx *k, float *dh, float *dfn, float *dbase, float *dscale, const float *dx,
+                             const float *h, const float *fn, const float *base, const float *scale, int N,
+                             hc_dims dm, float *work, mill_err *e);
+
+/* moe.cu */
+int cuda_op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights, const float *logits,
+                      const float *bias, const int32_t *given_ids, int N, moe_route_cfg rc, mill_err *e);
+int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
+                        const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
+                        float limit, int accumulate, float *work, mill_err *e);
+int cuda_op_moe_route_backward(const kctx *k, float *dlogits, const float *dweights, const float *scores,
+                               const float *logits, const int32_t *ids, int N, moe_route_cfg rc, mill_err *e);
+int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, float *dw2, float *dweights,
+                                 const float *dout, const float *x, const int32_t *ids, const float *weights,
+                                 const float *w1, const float *w3, const float *w2, int N, int D, int I, int E,
+                                 int K, float limit, float *work, mill_err *e);
+/* 1 when cuBLAS accepts the experts' grouped GEMM (bf16 x bf16 -> fp32; op_moe_experts then makes one
+ * grouped call per projection), 0 when it falls back to one GEMM per expert, -1 on error. */
+int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e);
+/* "bf16->fp32/32F:no fp32->fp32/FAST_TF32:ok ..." — what this cuBLAS takes for grouped GEMMs. */
+int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

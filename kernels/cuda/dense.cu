@@ -1,0 +1,343 @@
+/* kernels/cuda/dense.cu — CUDA paths of kernels/dense.h: linear / matmul / their backward on cuBLAS
+ * (fp32 storage, bf16 tensor cores, fp32 accumulation), RMSNorm, embedding, clamped SwiGLU and
+ * cross-entropy as fp32 kernels. */
+#include "cuda_internal.cuh"
+
+#include <cuda_bf16.h>
+#include <math.h>
+
+__global__ void to_bf16_kernel(__nv_bfloat16 *dst, const float *src, long rows, int cols, int ld) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * cols) return;
+    long r = i / cols;
+    dst[i] = __float2bfloat16_rn(src[r * ld + (i - r * cols)]);
+}
+
+int cu_to_bf16(const kctx *k, void *dst, const float *src, long rows, int cols, int ld, mill_err *e) {
+    if (rows <= 0 || cols <= 0) return 0;
+    to_bf16_kernel<<<cu_blocks(rows * cols, 256), 256, 0, cu_stream(k)>>>((__nv_bfloat16 *)dst, src, rows, cols, ld);
+    LAUNCH_CHECK("to_bf16_kernel");
+    return 0;
+}
+
+/* Both operands rounded to compact bf16 copies (stream-ordered scratch), then one bf16 x bf16 -> fp32
+ * GEMM with fp32 accumulation on the tensor cores. */
+int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
+                 int ldb, float *C, int ldc, float beta, mill_err *e) {
+    int ra, ca, rb, cb;
+    cu_gemm_operand_rows(s, M, N, K, &ra, &ca, &rb, &cb);
+    size_t na = (size_t)ra * ca, nb = (size_t)rb * cb;
+    __nv_bfloat16 *buf = NULL;
+    TRY(cu_scratch((void **)&buf, sizeof(__nv_bfloat16) * (na + nb + 8), k, e));
+    __nv_bfloat16 *a16 = buf, *b16 = buf + ((na + 7) / 8) * 8; /* 16-byte aligned */
+    int rc = cu_to_bf16(k, a16, A, ra, ca, lda, e);
+    if (!rc) rc = cu_to_bf16(k, b16, B, rb, cb, ldb, e);
+    if (!rc) {
+        cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, a16, ca, b16, cb, C, ldc);
+        const float alpha = 1.0f;
+        cublasStatus_t st = cublasGemmEx(cu_blas(k), g.ta, g.tb, g.m, g.n, g.k, &alpha, g.A, CUDA_R_16BF, g.lda, g.B,
+                                         CUDA_R_16BF, g.ldb, &beta, g.C, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT);
+        if (st != CUBLAS_STATUS_SUCCESS) rc = mill_errf(e, "cublasGemmEx (bf16) failed: cuBLAS status %d", (int)st);
+    }
+    cu_scratch_free(buf, k);
+    return rc;
+}
+
+int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
+                   int accumulate, mill_err *e) {
+    if (M <= 0 || N <= 0) return 0;
+    int lx = ldx ? ldx : K, ly = ldy ? ldy : N;
+    if (K <= 0) {
+        if (!accumulate)
+            CU_CHECK(cudaMemset2DAsync(y, sizeof(float) * (size_t)ly, 0, sizeof(float) * (size_t)N, (size_t)M,
+                                       cu_stream(k)));
+        return 0;
+    }
+    return cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
+}
+
+int cuda_op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e) {
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    return cu_gemm(k, GEMM_NN, M, N, K, a, K, b, N, y, N, 0.0f, 1, e);
+}
+
+int cuda_op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
+                            int M, int N, int K, int ldx, int ldy, mill_err *e) {
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    int lx = ldx ? ldx : K, ly = ldy ? ldy : N;
+    if (dx) TRY(cu_gemm(k, GEMM_NN, M, K, N, dy, ly, w, K, dx, lx, 1.0f, 1, e));
+    if (dw) TRY(cu_gemm(k, GEMM_TN, N, K, M, dy, ly, x, lx, dw, K, 1.0f, 1, e));
+    return 0;
+}
+
+/* ---- RMSNorm: one block per row; the sum of squares in double, as on the CPU (rows can be
+ * n*D long for the hyper-connection flatten). */
+__global__ void rmsnorm_fwd_kernel(float *y, const float *x, const float *w, int dim, int ld, float eps) {
+    __shared__ double sh[32];
+    const float *xr = x + (long)blockIdx.x * ld;
+    float *yr = y + (long)blockIdx.x * ld;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    ss = cu_block_sum(ss, sh); /* also a barrier: every read of x is done before y (may alias) is written */
+    float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = w ? w[i] * (xr[i] * inv) : xr[i] * inv;
+}
+
+int cu_rmsnorm_rows(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
+                    mill_err *e) {
+    if (rows <= 0 || dim <= 0) return 0;
+    rmsnorm_fwd_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, cu_stream(k)>>>(y, x, w, dim, ld ? ld : dim, eps);
+    LAUNCH_CHECK("rmsnorm_fwd_kernel");
+    return 0;
+}
+
+int cuda_op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
+                    mill_err *e) {
+    return cu_rmsnorm_rows(k, y, x, w, rows, dim, ld, eps, e);
+}
+
+/* dx += inv g - x inv^3 (g.x)/dim with g = w*dy; the row's inv goes to inv_out for dw. */
+__global__ void rmsnorm_bwd_kernel(float *dx, float *inv_out, const float *dy, const float *x, const float *w,
+                                   int dim, int ld, float eps) {
+    __shared__ double sh[32];
+    long off = (long)blockIdx.x * ld;
+    const float *xr = x + off, *gr = dy + off;
+    float *dxr = dx + off;
+    double ss = 0.0, dot = 0.0;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        ss += (double)xr[i] * xr[i];
+        dot += (double)(w ? w[i] * gr[i] : gr[i]) * xr[i];
+    }
+    ss = cu_block_sum(ss, sh);
+    dot = cu_block_sum(dot, sh);
+    float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
+    float c = (float)(dot / dim) * inv * inv * inv;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float g = w ? w[i] * gr[i] : gr[i];
+        dxr[i] += inv * g - xr[i] * c;
+    }
+    if (inv_out && threadIdx.x == 0) inv_out[blockIdx.x] = inv;
+}
+
+/* dw[i] += sum over rows in row order (the CPU's order, and no float atomics). */
+__global__ void rmsnorm_dw_kernel(float *dw, const float *dy, const float *x, const float *inv, int rows, int dim,
+                                  int ld) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= dim) return;
+    float acc = dw[i];
+    for (int r = 0; r < rows; r++) acc += dy[(long)r * ld + i] * x[(long)r * ld + i] * inv[r];
+    dw[i] = acc;
+}
+
+int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
+                             int rows, int dim, int ld, float eps, mill_err *e) {
+    if (rows <= 0 || dim <= 0) return 0;
+    if (!ld) ld = dim;
+    float *inv = NULL;
+    if (dw) TRY(cu_scratch((void **)&inv, sizeof(float) * (size_t)rows, k, e));
+    rmsnorm_bwd_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, cu_stream(k)>>>(dx, inv, dy, x, w, dim, ld, eps);
+    cudaError_t le = cudaGetLastError();
+    if (le == cudaSuccess && dw) {
+        rmsnorm_dw_kernel<<<cu_blocks(dim, 256), 256, 0, cu_stream(k)>>>(dw, dy, x, inv, rows, dim, ld);
+        le = cudaGetLastError();
+    }
+    cu_scratch_free(inv, k);
+    if (le != cudaSuccess) return mill_errf(e, "op_rmsnorm_backward: launch failed: %s", cudaGetErrorString(le));
+    return 0;
+}
+
+/* ---- Embedding. A bad id records its position (the lowest, like the CPU's first) and is skipped. */
+__global__ void embedding_kernel(float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
+                                 int *bad) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)n * dim) return;
+    int t = (int)(i / dim), c = (int)(i % dim);
+    int id = ids[t];
+    if (id < 0 || id >= vocab) {
+        if (c == 0) atomicMin(bad, t);
+        return;
+    }
+    out[i] = table[(long)id * dim + c];
+}
+
+int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
+                      mill_err *e) {
+    if (n <= 0) return 0;
+    int *bad = NULL, hbad[2] = {n, 0};
+    TRY(cu_scratch((void **)&bad, sizeof(int) * 2, k, e));
+    int rc = 0;
+    if (cudaMemcpyAsync(bad, hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "op_embedding: copy failed");
+    if (!rc) {
+        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, bad);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "op_embedding: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc) rc = cu_copy_to_host_sync(hbad, bad, sizeof(int), k, e);
+    if (!rc && hbad[0] < n) rc = cu_copy_to_host_sync(&hbad[1], ids + hbad[0], sizeof(int), k, e);
+    cu_scratch_free(bad, k);
+    if (rc) return rc;
+    if (hbad[0] < n)
+        return mill_errf(e, "token id %d at position %d is outside the vocabulary [0, %d)", hbad[1], hbad[0], vocab);
+    return 0;
+}
+
+/* Rows of one id collide: float atomics (gradient sums need not be bitwise reproducible). */
+__global__ void embedding_bwd_kernel(float *dtable, const float *dout, const int32_t *ids, int n, int dim) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)n * dim) return;
+    int t = (int)(i / dim), c = (int)(i % dim);
+    atomicAdd(dtable + (long)ids[t] * dim + c, dout[i]);
+}
+
+int cuda_op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
+                               mill_err *e) {
+    if (n <= 0 || dim <= 0) return 0;
+    embedding_bwd_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(dtable, dout, ids, n, dim);
+    LAUNCH_CHECK("embedding_bwd_kernel");
+    return 0;
+}
+
+/* ---- Clamped SwiGLU */
+__global__ void swiglu_kernel(float *h, const float *g, const float *u, long n, float limit) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = g[i] < limit ? g[i] : limit;
+    float b = u[i] < -limit ? -limit : (u[i] > limit ? limit : u[i]);
+    h[i] = a / (1.0f + expf(-a)) * b;
+}
+
+int cuda_op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e) {
+    if (n <= 0) return 0;
+    swiglu_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(h, g, u, n, limit);
+    LAUNCH_CHECK("swiglu_kernel");
+    return 0;
+}
+
+/* accumulate 0 writes the gradients (the grouped experts' scratch), 1 adds (the op's contract). */
+__global__ void swiglu_bwd_kernel(float *dg, float *du, const float *dh, const float *g, const float *u, long n,
+                                  float limit, int accumulate) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    /* torch's clamp passes the gradient where the input lies within [min, max] */
+    int g_in = g[i] <= limit, u_in = u[i] >= -limit && u[i] <= limit;
+    float a = g_in ? g[i] : limit;
+    float b = u_in ? u[i] : (u[i] < 0 ? -limit : limit);
+    float sg = 1.0f / (1.0f + expf(-a)), silu = a * sg;
+    float vg = g_in ? dh[i] * b * (sg * (1.0f + a * (1.0f - sg))) : 0.0f;
+    float vu = u_in ? dh[i] * silu : 0.0f;
+    dg[i] = accumulate ? dg[i] + vg : vg;
+    du[i] = accumulate ? du[i] + vu : vu;
+}
+
+int cuda_op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *dh, const float *g,
+                                  const float *u, long n, float limit, mill_err *e) {
+    if (n <= 0) return 0;
+    swiglu_bwd_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(dg, du, dh, g, u, n, limit, 1);
+    LAUNCH_CHECK("swiglu_bwd_kernel");
+    return 0;
+}
+
+int cu_swiglu_backward_write(const kctx *k, float *dg, float *du, const float *dh, const float *g, const float *u,
+                             long n, float limit, mill_err *e) {
+    if (n <= 0) return 0;
+    swiglu_bwd_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(dg, du, dh, g, u, n, limit, 0);
+    LAUNCH_CHECK("swiglu_bwd_kernel");
+    return 0;
+}
+
+/* ---- Cross-entropy: one block per row. Each row's loss lands in its own slot; one block then sums
+ * the slots in a fixed order, so the total is reproducible (no float atomics on the loss). */
+__global__ void ce_row_kernel(float *dlogits, double *row_loss, int *row_cnt, int *bad, const float *logits,
+                              const int32_t *targets, int vocab, float grad_scale) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    long t = blockIdx.x;
+    const float *l = logits + t * vocab;
+    float *d = dlogits ? dlogits + t * vocab : NULL;
+    int y = targets[t];
+    if (y < 0 || y >= vocab) {
+        if (y >= vocab && threadIdx.x == 0) atomicMin(bad, (int)t);
+        if (d)
+            for (int v = threadIdx.x; v < vocab; v += blockDim.x) d[v] = 0.0f;
+        if (threadIdx.x == 0) {
+            row_loss[t] = 0.0;
+            row_cnt[t] = 0;
+        }
+        return;
+    }
+    float ly = l[y]; /* read before any thread writes d (d may alias logits) */
+    float mx = -INFINITY;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, l[v]);
+    mx = cu_block_max(mx, shf);
+    double den = 0.0;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) den += exp((double)(l[v] - mx));
+    den = cu_block_sum(den, shd);
+    double lse = log(den) + mx;
+    if (threadIdx.x == 0) {
+        row_loss[t] = lse - ly;
+        row_cnt[t] = 1;
+    }
+    if (d)
+        for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+            float p = __fmul_rn((float)exp((double)l[v] - lse), grad_scale);
+            d[v] = v == y ? p - grad_scale : p;
+        }
+}
+
+__global__ void ce_total_kernel(double *out_loss, long long *out_cnt, const double *row_loss, const int *row_cnt,
+                                int n) {
+    __shared__ double sh[32];
+    __shared__ long long shc[32];
+    double s = 0.0;
+    long long c = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        s += row_loss[i];
+        c += row_cnt[i];
+    }
+    s = cu_block_sum(s, sh);
+    c = cu_block_sum(c, shc);
+    if (threadIdx.x == 0) {
+        *out_loss = s;
+        *out_cnt = c;
+    }
+}
+
+int cuda_op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
+                          const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e) {
+    *loss_sum = 0.0;
+    *count = 0;
+    if (n <= 0) return 0;
+    /* scratch: [0] loss (double), [1] count (long long), then row losses, row counts, the bad flag */
+    char *buf = NULL;
+    size_t sz = 16 + sizeof(double) * (size_t)n + sizeof(int) * (size_t)n + sizeof(int);
+    TRY(cu_scratch((void **)&buf, sz, k, e));
+    double *tot = (double *)buf, *row_loss = tot + 2;
+    long long *cnt = (long long *)(buf + 8);
+    int *row_cnt = (int *)(row_loss + n), *bad = row_cnt + n;
+    struct {
+        double loss;
+        long long cnt;
+    } res = {0.0, 0};
+    int hbad = n, rc = 0;
+    if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "op_cross_entropy: copy failed");
+    if (!rc) {
+        ce_row_kernel<<<n, 1024, 0, cu_stream(k)>>>(dlogits, row_loss, row_cnt, bad, logits, targets, vocab,
+                                                    grad_scale);
+        ce_total_kernel<<<1, 1024, 0, cu_stream(k)>>>(tot, cnt, row_loss, row_cnt, n);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "op_cross_entropy: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc) rc = cu_copy_to_host_sync(&res, buf, 16, k, e);
+    if (!rc) rc = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
+    int ybad = 0;
+    if (!rc && hbad < n) rc = cu_copy_to_host_sync(&ybad, targets + hbad, sizeof(int), k, e);
+    cu_scratch_free(buf, k);
+    if (rc) return rc;
+    if (hbad < n) return mill_errf(e, "cross entropy: target %d at row %d is outside [0, %d)", ybad, hbad, vocab);
+    *loss_sum = res.loss;
+    *count = (long)res.cnt;
+    return 0;
+}

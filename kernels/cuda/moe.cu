@@ -1,0 +1,468 @@
+/* kernels/cuda/moe.cu — CUDA paths of kernels/moe.h.
+ * Routing: one thread per token (scores, top-k with ties to the lower expert id, weights). The
+ * scores' exp/log1p round through double so they land on the correctly rounded float the CPU's libm
+ * gives: selection compares scores, and a one-ulp difference could flip a near tie.
+ * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (one
+ * block; per-expert counts, a scan, then each expert's rows in token order, exactly the CPU's
+ * grouping); the expert starts come back to the host once (cuBLAS takes group shapes from host
+ * memory); each projection over all experts is then tried as ONE cublasGemmGroupedBatchedEx call
+ * with one group per non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
+ * accumulation and output), falling back to one cublasGemmEx per expert with the same types when
+ * the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped bf16 x bf16 -> fp32 (it takes
+ * bf16 -> bf16 and fp32 -> fp32 plain or TF32, see cuda_moe_grouped_gemm_types), so today the
+ * per-expert path runs: E launches per projection, each a bf16 tensor-core GEMM.
+ * The weighted combine sums each token's K slots in slot order: no atomics. */
+#include "cuda_internal.cuh"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+__device__ __forceinline__ float moe_expf(float x) { return (float)exp((double)x); }
+
+__device__ __forceinline__ float moe_score_fn(float x, dsv4_score_func f) {
+    if (f == SCORE_SIGMOID) return 1.0f / (1.0f + moe_expf(-x));
+    float sp = x > 20.0f ? x : (float)log1p((double)moe_expf(x)); /* torch's softplus threshold */
+    return sqrtf(sp);
+}
+
+__global__ void moe_route_kernel(float *scores, int32_t *ids, float *weights, const float *logits, const float *bias,
+                                 const int32_t *given_ids, int N, moe_route_cfg rc, int *bad) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    int E = rc.E, K = rc.K;
+    const float *l = logits + (long)t * E;
+    float *s = scores + (long)t * E;
+    if (rc.score_func == SCORE_SOFTMAX) {
+        float mx = l[0], den = 0.f;
+        for (int x = 1; x < E; x++) mx = l[x] > mx ? l[x] : mx;
+        for (int x = 0; x < E; x++) den += (s[x] = moe_expf(l[x] - mx));
+        for (int x = 0; x < E; x++) s[x] /= den;
+    } else {
+        for (int x = 0; x < E; x++) s[x] = moe_score_fn(l[x], rc.score_func);
+    }
+    int32_t *id = ids + (long)t * K;
+    if (given_ids) {
+        for (int j = 0; j < K; j++) {
+            int32_t g = given_ids[(long)t * K + j];
+            if (g < 0 || g >= E) {
+                atomicMin(bad, t);
+                g = 0; /* keeps the weights below in range; the op reports the error */
+            }
+            id[j] = g;
+        }
+    } else {
+        for (int j = 0; j < K; j++) {
+            int best = -1;
+            float bv = -INFINITY;
+            for (int x = 0; x < E; x++) {
+                int taken = 0;
+                for (int q = 0; q < j; q++) taken |= id[q] == x;
+                float v = s[x] + (bias ? bias[x] : 0.f);
+                if (!taken && (best < 0 || v > bv)) {
+                    best = x;
+                    bv = v;
+                }
+            }
+            id[j] = best;
+        }
+    }
+    float *w = weights + (long)t * K, sum = 0.f;
+    for (int j = 0; j < K; j++) sum += (w[j] = s[id[j]]);
+    for (int j = 0; j < K; j++) w[j] = (rc.norm_topk ? w[j] / (sum + 1e-20f) : w[j]) * rc.routed_scale;
+}
+
+int cuda_op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights, const float *logits,
+                      const float *bias, const int32_t *given_ids, int N, moe_route_cfg rc, mill_err *e) {
+    if (N <= 0) return 0;
+    int *bad = NULL, hbad = N, rc_ = 0;
+    TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
+    if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc_ = mill_errf(e, "op_moe_route: copy failed");
+    if (!rc_) {
+        moe_route_kernel<<<cu_blocks(N, 128), 128, 0, cu_stream(k)>>>(scores, ids, weights, logits, bias, given_ids, N,
+                                                                      rc, bad);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc_ = mill_errf(e, "moe_route_kernel: launch failed: %s", cudaGetErrorString(le));
+    }
+    /* only given ids can be bad: selection needs no read-back */
+    if (!rc_ && given_ids) rc_ = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
+    int32_t row[64];
+    int nrow = rc.K < 64 ? rc.K : 64;
+    if (!rc_ && given_ids && hbad < N)
+        rc_ = cu_copy_to_host_sync(row, given_ids + (long)hbad * rc.K, sizeof(int32_t) * (size_t)nrow, k, e);
+    cu_scratch_free(bad, k);
+    if (rc_) return rc_;
+    if (given_ids && hbad < N)
+        for (int j = 0; j < nrow; j++)
+            if (row[j] < 0 || row[j] >= rc.E)
+                return mill_errf(e, "routing: expert id %d for token %d is outside [0, %d)", row[j], hbad, rc.E);
+    return 0;
+}
+
+__device__ __forceinline__ float moe_score_grad(float l, float s, dsv4_score_func f) {
+    if (f == SCORE_SIGMOID) return s * (1.0f - s);
+    float sp_grad = l > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-l));
+    return s > 0.f ? sp_grad / (2.0f * s) : 0.f;
+}
+
+/* One token per thread. ds[x] (the gradient of expert x's score) is rebuilt on the fly from the K
+ * slots naming x, in slot order as the CPU adds them, so no per-token array of E is needed. */
+__global__ void moe_route_bwd_kernel(float *dlogits, const float *dweights, const float *scores, const float *logits,
+                                     const int32_t *ids, int N, moe_route_cfg rc) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= N) return;
+    int E = rc.E, K = rc.K;
+    const float *s = scores + (long)t * E, *l = logits + (long)t * E, *dw = dweights + (long)t * K;
+    const int32_t *id = ids + (long)t * K;
+    float *dl = dlogits + (long)t * E;
+    /* ds of expert x: the sum over slots j with id[j] == x, in slot order */
+    float S = 1e-20f, dot = 0.f;
+    if (rc.norm_topk) {
+        for (int j = 0; j < K; j++) S += s[id[j]];
+        for (int j = 0; j < K; j++) dot += dw[j] * s[id[j]];
+    }
+    float sdot = 0.f; /* softmax: sum_x s[x] ds[x] */
+    if (rc.score_func == SCORE_SOFTMAX)
+        for (int x = 0; x < E; x++) {
+            float ds = 0.f;
+            for (int j = 0; j < K; j++)
+                if (id[j] == x) ds += rc.norm_topk ? rc.routed_scale * (dw[j] / S - dot / (S * S)) : rc.routed_scale * dw[j];
+            sdot += s[x] * ds;
+        }
+    for (int x = 0; x < E; x++) {
+        float ds = 0.f;
+        for (int j = 0; j < K; j++)
+            if (id[j] == x) ds += rc.norm_topk ? rc.routed_scale * (dw[j] / S - dot / (S * S)) : rc.routed_scale * dw[j];
+        if (rc.score_func == SCORE_SOFTMAX)
+            dl[x] += s[x] * (ds - sdot);
+        else
+            dl[x] += ds * moe_score_grad(l[x], s[x], rc.score_func);
+    }
+}
+
+int cuda_op_moe_route_backward(const kctx *k, float *dlogits, const float *dweights, const float *scores,
+                               const float *logits, const int32_t *ids, int N, moe_route_cfg rc, mill_err *e) {
+    if (N <= 0) return 0;
+    moe_route_bwd_kernel<<<cu_blocks(N, 128), 128, 0, cu_stream(k)>>>(dlogits, dweights, scores, logits, ids, N, rc);
+    LAUNCH_CHECK("moe_route_bwd_kernel");
+    return 0;
+}
+
+/* ---- Grouping. One block: count per expert, exclusive scan, then each expert (one thread each)
+ * walks the rows in order, so rows keep token order within an expert (a stable sort). */
+__global__ void moe_group_kernel(int32_t *slot_row, int32_t *offs, int *bad, const int32_t *ids, long NK, int E) {
+    extern __shared__ int cnt[];
+    for (int x = threadIdx.x; x < E; x += blockDim.x) cnt[x] = 0;
+    __syncthreads();
+    for (long r = threadIdx.x; r < NK; r += blockDim.x) {
+        int id = ids[r];
+        if (id < 0 || id >= E)
+            atomicMin(bad, (int)r);
+        else
+            atomicAdd(&cnt[id], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int x = 0; x < E; x++) {
+            int c = cnt[x];
+            offs[x] = acc;
+            cnt[x] = acc;
+            acc += c;
+        }
+        offs[E] = acc;
+    }
+    __syncthreads();
+    for (int x = threadIdx.x; x < E; x += blockDim.x) {
+        int dst = cnt[x];
+        for (long r = 0; r < NK; r++)
+            if (ids[r] == x) slot_row[r] = dst++;
+    }
+}
+
+__global__ void moe_gather_kernel(float *xg, const float *x, const int32_t *slot_row, long NK, int D, int K) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= NK * D) return;
+    long r = id / D;
+    int c = (int)(id % D);
+    xg[(long)slot_row[r] * D + c] = x[(r / K) * D + c];
+}
+
+/* Groups the rows and gathers xg; offs_h gets the expert starts on the host. */
+static int moe_group(const kctx *k, float *xg, int32_t *slot_row, int32_t *offs, int32_t *offs_h, const float *x,
+                     const int32_t *ids, int N, int D, int E, int K, mill_err *e) {
+    long NK = (long)N * K;
+    int *bad = NULL, hbad = (int)NK, rc = 0;
+    TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
+    if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "moe: copy failed");
+    if (!rc) {
+        int threads = E < 1024 ? ((E + 31) / 32) * 32 : 1024;
+        moe_group_kernel<<<1, threads, sizeof(int) * (size_t)E, cu_stream(k)>>>(slot_row, offs, bad, ids, NK, E);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "moe_group_kernel: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc) rc = cu_copy_to_host_sync(offs_h, offs, sizeof(int32_t) * (size_t)(E + 1), k, e);
+    if (!rc) rc = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
+    int badid = 0;
+    if (!rc && hbad < NK) rc = cu_copy_to_host_sync(&badid, ids + hbad, sizeof(int), k, e);
+    cu_scratch_free(bad, k);
+    if (rc) return rc;
+    if (hbad < NK) return mill_errf(e, "moe: expert id %d outside [0, %d)", badid, E);
+    moe_gather_kernel<<<cu_blocks(NK * D, 256), 256, 0, cu_stream(k)>>>(xg, x, slot_row, NK, D, K);
+    LAUNCH_CHECK("moe_gather_kernel");
+    return 0;
+}
+
+/* One operand of a per-expert GEMM: expert ex's matrix starts at element offs[ex] * ld when the
+ * operand is grouped token rows, else at ex * stride (a weight [E, rows, ld]). */
+typedef struct {
+    const float *base;
+    long stride;
+    int grouped, ld;
+} moe_operand;
+
+static long moe_off(moe_operand o, const int32_t *offs_h, int ex) {
+    return o.grouped ? (long)offs_h[ex] * o.ld : (long)ex * o.stride;
+}
+static long moe_rows(moe_operand o, const int32_t *offs_h, int E) {
+    return o.grouped ? (long)offs_h[E] : (long)E * (o.stride / o.ld);
+}
+
+/* For every non-empty expert: C_ex = shape(A_ex, B_ex) (+ C_ex when beta = 1), where M, N or K
+ * given as -1 means "this expert's row count". A and B are rounded to bf16 copies (whole operands:
+ * with fp32 storage that is one pass each; bf16 storage will remove it), then ONE grouped GEMM
+ * (bf16 x bf16 -> fp32, fp32 accumulation) covers all experts; if cuBLAS refuses the grouped call,
+ * one cublasGemmEx per expert with the same types. */
+static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, int E, int M, int N, int K,
+                    moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped, mill_err *e) {
+    int G = 0;
+    for (int ex = 0; ex < E; ex++) G += offs_h[ex + 1] > offs_h[ex];
+    if (!G) return 0;
+    long ra = moe_rows(A, offs_h, E), rb = moe_rows(B, offs_h, E);
+    size_t na = (size_t)ra * A.ld, nb = (size_t)rb * B.ld, na_al = ((na + 7) / 8) * 8;
+    uint16_t *a16 = NULL; /* bf16 bits */
+    TRY(cu_scratch((void **)&a16, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
+    uint16_t *b16 = a16 + na_al;
+    void **dptrs = (void **)(((uintptr_t)(b16 + nb) + 15) & ~(uintptr_t)15);
+    int rc = cu_to_bf16(k, a16, A.base, ra, A.ld, A.ld, e);
+    if (!rc) rc = cu_to_bf16(k, b16, B.base, rb, B.ld, B.ld, e);
+    /* host arrays for the group shapes and the three pointer lists */
+    int *iv = (int *)malloc(sizeof(int) * 6 * (size_t)G + sizeof(cublasOperation_t) * 2 * G +
+                            sizeof(float) * 2 * G + sizeof(void *) * 3 * G + sizeof(int) * G);
+    if (!rc && !iv) rc = mill_errf(e, "moe: out of memory");
+    if (rc) {
+        free(iv);
+        cu_scratch_free(a16, k);
+        return rc;
+    }
+    int *m = iv, *n = m + G, *kk = n + G, *lda = kk + G, *ldb = lda + G, *ldc = ldb + G;
+    cublasOperation_t *ta = (cublasOperation_t *)(ldc + G), *tb = ta + G;
+    float *alpha = (float *)(tb + G), *betas = alpha + G;
+    const void **ptrs = (const void **)(betas + G); /* 40 G bytes in: 8-aligned */
+    int *ones = (int *)(ptrs + 3 * G);
+    int g = 0;
+    for (int ex = 0; ex < E; ex++) {
+        int rows = offs_h[ex + 1] - offs_h[ex];
+        if (!rows) continue;
+        cu_colmajor_gemm p = cu_gemm_plan(shape, M < 0 ? rows : M, N < 0 ? rows : N, K < 0 ? rows : K,
+                                          a16 + moe_off(A, offs_h, ex), A.ld, b16 + moe_off(B, offs_h, ex), B.ld,
+                                          (float *)C.base + moe_off(C, offs_h, ex), C.ld);
+        ta[g] = p.ta;
+        tb[g] = p.tb;
+        m[g] = p.m;
+        n[g] = p.n;
+        kk[g] = p.k;
+        lda[g] = p.lda;
+        ldb[g] = p.ldb;
+        ldc[g] = p.ldc;
+        alpha[g] = 1.0f;
+        betas[g] = beta;
+        ones[g] = 1;
+        ptrs[g] = p.A;
+        ptrs[G + g] = p.B;
+        ptrs[2 * G + g] = p.C;
+        g++;
+    }
+    if (cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "moe: pointer copy failed");
+    if (!rc) {
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(
+            cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs, CUDA_R_16BF, lda,
+            (const void *const *)(dptrs + G), CUDA_R_16BF, ldb, betas, dptrs + 2 * G, CUDA_R_32F, ldc, G, ones,
+            CUBLAS_COMPUTE_32F);
+        if (used_grouped) *used_grouped = st == CUBLAS_STATUS_SUCCESS;
+        if (st == CUBLAS_STATUS_NOT_SUPPORTED) { /* one GEMM per expert instead */
+            for (int i = 0; i < G && !rc; i++) {
+                cublasStatus_t s2 = cublasGemmEx(cu_blas(k), ta[i], tb[i], m[i], n[i], kk[i], &alpha[i], ptrs[i],
+                                                 CUDA_R_16BF, lda[i], ptrs[G + i], CUDA_R_16BF, ldb[i], &betas[i],
+                                                 (void *)ptrs[2 * G + i], CUDA_R_32F, ldc[i], CUBLAS_COMPUTE_32F,
+                                                 CUBLAS_GEMM_DEFAULT);
+                if (s2 != CUBLAS_STATUS_SUCCESS) rc = mill_errf(e, "moe: cublasGemmEx failed: cuBLAS status %d", (int)s2);
+            }
+        } else if (st != CUBLAS_STATUS_SUCCESS) {
+            rc = mill_errf(e, "moe: cublasGemmGroupedBatchedEx failed: cuBLAS status %d", (int)st);
+        }
+    }
+    /* the grouped call reads the shape arrays on the host before it returns; the device pointer
+     * list is freed stream-ordered */
+    free(iv);
+    cu_scratch_free(a16, k);
+    return rc;
+}
+
+int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e) {
+    /* a tiny grouped GEMM through the experts' own path: 1 when it ran grouped */
+    int32_t offs_h[3] = {0, 2, 2};
+    float *buf = NULL;
+    TRY(cu_scratch((void **)&buf, sizeof(float) * 64, k, e));
+    int used = 0, rc = 0;
+    if (cudaMemsetAsync(buf, 0, sizeof(float) * 64, cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: memset");
+    moe_operand X = {buf, 0, 1, 4}, W = {buf + 16, 16, 0, 4}, Y = {buf + 48, 0, 1, 4};
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, 2, -1, 4, 4, X, W, Y, 0.0f, &used, e);
+    if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: sync failed");
+    cu_scratch_free(buf, k);
+    return rc ? -1 : used;
+}
+
+/* out[t, c] (+)= sum_k weights[t, k] y[slot_row[t, k], c] */
+__global__ void moe_combine_kernel(float *out, const float *y, const float *weights, const int32_t *slot_row, int N,
+                                   int D, int K, int accumulate) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long)N * D) return;
+    long t = id / D;
+    int c = (int)(id % D);
+    float acc = accumulate ? out[id] : 0.f;
+    for (int j = 0; j < K; j++) acc += weights[t * K + j] * y[(long)slot_row[t * K + j] * D + c];
+    out[id] = acc;
+}
+
+int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
+                        const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
+                        float limit, int accumulate, float *work, mill_err *e) {
+    if (N <= 0 || D <= 0) return 0;
+    long NK = (long)N * K;
+    float *xg = work, *g = xg + NK * D, *u = g + NK * I, *y = u + NK * I;
+    int32_t *slot_row = (int32_t *)(y + NK * D), *offs = slot_row + NK;
+    int32_t *offs_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)(E + 1));
+    if (!offs_h) return mill_errf(e, "moe: out of memory");
+    int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
+    moe_operand XG = {xg, 0, 1, D}, G_ = {g, 0, 1, I}, U = {u, 0, 1, I}, Y = {y, 0, 1, D};
+    moe_operand W1 = {w1, (long)I * D, 0, D}, W3 = {w3, (long)I * D, 0, D}, W2 = {w2, (long)D * I, 0, I};
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
+    if (!rc) rc = cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, G_, W2, Y, 0.0f, NULL, e);
+    free(offs_h);
+    if (rc) return rc;
+    moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, slot_row, N, D, K,
+                                                                              accumulate);
+    LAUNCH_CHECK("moe_combine_kernel");
+    return 0;
+}
+
+/* Block per (token, slot) row r: dweights[r] = dout[t] . y[row]; dy[row] = weights[r] dout[t]. */
+__global__ void moe_dweights_kernel(float *dweights, float *dy, const float *dout, const float *y,
+                                    const float *weights, const int32_t *slot_row, int D, int K) {
+    __shared__ float sh[32];
+    long r = blockIdx.x, t = r / K, row = slot_row[r];
+    const float *go = dout + t * D, *yr = y + row * D;
+    float *dyr = dy + row * D, wr = weights[r], dot = 0.f;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        dot += go[c] * yr[c];
+        dyr[c] = wr * go[c];
+    }
+    dot = cu_block_sum(dot, sh);
+    if (threadIdx.x == 0) dweights[r] = dot;
+}
+
+__global__ void moe_dx_kernel(float *dx, const float *dxg, const int32_t *slot_row, int N, int D, int K) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long)N * D) return;
+    long t = id / D;
+    int c = (int)(id % D);
+    float acc = dx[id];
+    for (int j = 0; j < K; j++) acc += dxg[(long)slot_row[t * K + j] * D + c];
+    dx[id] = acc;
+}
+
+int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, float *dw2, float *dweights,
+                                 const float *dout, const float *x, const int32_t *ids, const float *weights,
+                                 const float *w1, const float *w3, const float *w2, int N, int D, int I, int E,
+                                 int K, float limit, float *work, mill_err *e) {
+    if (N <= 0 || D <= 0) return 0;
+    long NK = (long)N * K;
+    float *xg = work, *y = xg + NK * D, *dy = y + NK * D, *dxg = dy + NK * D;
+    float *g = dxg + NK * D, *u = g + NK * I, *act = u + NK * I, *dg = act + NK * I, *du = dg + NK * I;
+    int32_t *slot_row = (int32_t *)(du + NK * I), *offs = slot_row + NK;
+    int32_t *offs_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)(E + 1));
+    if (!offs_h) return mill_errf(e, "moe: out of memory");
+    moe_operand XG = {xg, 0, 1, D}, G_ = {g, 0, 1, I}, U = {u, 0, 1, I}, ACT = {act, 0, 1, I}, Y = {y, 0, 1, D};
+    moe_operand DY = {dy, 0, 1, D}, DXG = {dxg, 0, 1, D}, DG = {dg, 0, 1, I}, DU = {du, 0, 1, I};
+    moe_operand W1 = {w1, (long)I * D, 0, D}, W3 = {w3, (long)I * D, 0, D}, W2 = {w2, (long)D * I, 0, I};
+    moe_operand DW1 = {dw1, (long)I * D, 0, D}, DW3 = {dw3, (long)I * D, 0, D}, DW2 = {dw2, (long)D * I, 0, I};
+    int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
+    /* recompute the forward per expert */
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
+    if (!rc) rc = cuda_op_swiglu_clamp(k, act, g, u, NK * I, limit, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, ACT, W2, Y, 0.0f, NULL, e);
+    if (!rc && NK > 0) {
+        moe_dweights_kernel<<<(unsigned)NK, 256, 0, cu_stream(k)>>>(dweights, dy, dout, y, weights, slot_row, D, K);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "moe_dweights_kernel: launch failed: %s", cudaGetErrorString(le));
+    }
+    /* dw2 += dy^T act, then act's rows become dact = dy @ w2 */
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, D, I, -1, DY, ACT, DW2, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, ACT, 0.0f, NULL, e);
+    if (!rc) rc = cu_swiglu_backward_write(k, dg, du, act, g, u, NK * I, limit, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DG, W1, DXG, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DU, W3, DXG, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DG, XG, DW1, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DU, XG, DW3, 1.0f, NULL, e);
+    free(offs_h);
+    if (rc) return rc;
+    moe_dx_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(dx, dxg, slot_row, N, D, K);
+    LAUNCH_CHECK("moe_dx_kernel");
+    return 0;
+}
+
+/* Which type / compute combinations this cuBLAS accepts for grouped GEMMs (for the bf16-storage
+ * step): one 4x4x4 group per combination, "name:ok|no" pairs written into buf. */
+int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e) {
+    struct {
+        const char *name;
+        cudaDataType_t ab, c;
+        cublasComputeType_t ct;
+    } combos[] = {{"bf16->fp32/32F", CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F},
+                  {"bf16->bf16/32F", CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F},
+                  {"fp32->fp32/32F", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F},
+                  {"fp32->fp32/FAST_TF32", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_TF32},
+                  {"fp32->fp32/FAST_16BF", CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF}};
+    float *mem = NULL;
+    TRY(cu_scratch((void **)&mem, sizeof(float) * 64 + 64, k, e));
+    void **dp = (void **)(mem + 48);
+    void *hp[3] = {mem, mem + 16, mem + 32};
+    int rc = 0;
+    if (cudaMemsetAsync(mem, 0, sizeof(float) * 48, cu_stream(k)) != cudaSuccess ||
+        cudaMemcpyAsync(dp, hp, sizeof hp, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "grouped probe: copy failed");
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; !rc && i < sizeof combos / sizeof combos[0]; i++) {
+        cublasOperation_t t = CUBLAS_OP_N;
+        int four = 4, one = 1;
+        float a = 1.0f, b = 0.0f;
+        cublasStatus_t st = cublasGemmGroupedBatchedEx(cu_blas(k), &t, &t, &four, &four, &four, &a,
+                                                       (const void *const *)dp, combos[i].ab, &four,
+                                                       (const void *const *)(dp + 1), combos[i].ab, &four, &b, dp + 2,
+                                                       combos[i].c, &four, 1, &one, combos[i].ct);
+        int w = snprintf(buf + used, n - used, "%s%s:%s", used ? " " : "", combos[i].name,
+                         st == CUBLAS_STATUS_SUCCESS ? "ok" : "no");
+        if (w > 0 && (size_t)w < n - used) used += (size_t)w;
+    }
+    if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "grouped probe: sync failed");
+    cu_scratch_free(mem, k);
+    return rc;
+}

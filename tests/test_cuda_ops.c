@@ -1,0 +1,869 @@
+/* tests/test_cuda_ops.c — every op's CUDA path (kernels/cuda/) against its CPU path, forward and
+ * backward, on the same random inputs at a few shapes (DSV4-like ones included: head dim 512, 8-16
+ * heads, window 128, up to 64 compressed slots with -1 holes, vocab 32000, 8-64 experts, top-2..6).
+ * Built only with CUDA; on a machine without a GPU it prints "no CUDA device: skipped" and passes.
+ *
+ * Error measure: ||gpu - cpu|| / ||cpu|| over the whole output (METHOD.md's norm-wise relative error);
+ * a NaN anywhere, or a -inf in one and not the other, counts as infinite. Write-only outputs are
+ * poisoned with NaN on the device first, so an unwritten element fails.
+ * Tolerances, and why:
+ *   TOL_GEMM 1e-2 — GEMMs run on bf16 tensor cores (operands rounded to bf16, fp32 accumulation):
+ *     each operand keeps 8 significant bits (unit roundoff 2^-8), so each product is off by ~2e-3
+ *     RMS and a K-term sum by ~2e-3 relative (a host simulation of these inputs gives 2.1e-3;
+ *     TF32 would give 2.6e-4).
+ *     test_gemm also probes which precision op_linear really runs (see gemm_precision).
+ *   TOL_MOE 3e-2 — the experts chain bf16 GEMMs (forward two deep; backward three: recomputed g/u,
+ *     dact = dy w2, then dx = dg w1 + du w3), and the clamp (limit 3 here, so it binds) turns
+ *     rounding into whole-element differences: where the bf16-recomputed pre-activation lands on
+ *     the other side of +-L than the CPU's, that element's gradient is passed on one side and
+ *     zeroed on the other. About 0.1% of elements sit that close, which alone gives ~1e-2 norm-wise
+ *     (an H100 run measured up to 9.6e-3 for dx); 3e-2 leaves room without hiding a wrong term.
+ *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
+ *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
+ *     growing like sqrt(terms).
+ *   TOL_HC 1e-4 — hyper-connections are fp32 too (full-fp32 cuBLAS for their logits), but their
+ *     parameter gradients (dscale) are sums over all tokens of terms that cancel, and Sinkhorn's 40
+ *     normalisation steps compound rounding; 1e-4 keeps headroom over the ~1e-6 expected.
+ *   Exact (0) — integer outputs (top-k, causal entries, routing ids), the embedding gather, counts.
+ * The last lines print the worst error per op over all shapes. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/cuda_util.h"
+#include "common/rng.h"
+#include "kernels/attention.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/dense.h"
+#include "kernels/hc.h"
+#include "kernels/moe.h"
+#include "kernels/optim.h"
+#include "kernels/rope.h"
+
+#define TOL_GEMM 1e-2
+#define TOL_FP32 1e-5
+#define TOL_HC 1e-4
+#define TOL_MOE 3e-2
+#define MAX_OPS 96
+
+typedef struct {
+    kctx cpu, gpu;
+    rng r;
+    int fails; /* checks over tolerance in the current test */
+    int nops;
+    char op[MAX_OPS][40];
+    double worst[MAX_OPS], tol[MAX_OPS];
+} fixture;
+
+/* ---- helpers ---- */
+
+#define OK(call)                                                         \
+    do {                                                                 \
+        mill_err e_;                                                     \
+        memset(&e_, 0, sizeof e_);                                       \
+        if (call_with_err((call), &e_)) fail_msg("%s: %s", #call, e_.msg); \
+    } while (0)
+/* The ops take their mill_err last; inside OK(...) that argument is written ERR. */
+#define ERR (&e_)
+static int call_with_err(int rc, mill_err *e) {
+    (void)e;
+    return rc != 0;
+}
+
+static float *hnew(long n) {
+    float *p = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    assert_non_null(p);
+    return p;
+}
+static int32_t *hnewi(long n) {
+    int32_t *p = malloc(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    assert_non_null(p);
+    return p;
+}
+static void fill(fixture *f, float *p, long n, float lo, float hi) {
+    for (long i = 0; i < n; i++) p[i] = lo + (hi - lo) * rng_uniform(&f->r);
+}
+static void fillv(float *p, long n, float v) {
+    for (long i = 0; i < n; i++) p[i] = v;
+}
+
+static void *dnew(size_t bytes) {
+    void *p = NULL;
+    mill_err e;
+    if (cuda_alloc_zero(&p, bytes, &e)) fail_msg("%s", e.msg);
+    return p;
+}
+static float *up(const float *h, long n) {
+    mill_err e;
+    float *d = dnew(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (n > 0 && cuda_copy_to_device(d, h, sizeof(float) * (size_t)n, &e)) fail_msg("%s", e.msg);
+    if (cuda_sync(&e)) fail_msg("%s", e.msg);
+    return d;
+}
+static int32_t *upi(const int32_t *h, long n) {
+    mill_err e;
+    int32_t *d = dnew(sizeof(int32_t) * (size_t)(n > 0 ? n : 1));
+    if (n > 0 && cuda_copy_to_device(d, h, sizeof(int32_t) * (size_t)n, &e)) fail_msg("%s", e.msg);
+    if (cuda_sync(&e)) fail_msg("%s", e.msg);
+    return d;
+}
+static float *poison(long n) {
+    float *h = hnew(n);
+    fillv(h, n, NAN);
+    float *d = up(h, n);
+    free(h);
+    return d;
+}
+static void down(void *h, const void *d, size_t bytes) {
+    mill_err e;
+    if (cuda_sync(&e)) fail_msg("%s", e.msg); /* ops run on kctx.stream */
+    if (cuda_copy_to_host(h, d, bytes, &e)) fail_msg("%s", e.msg);
+}
+
+static double rel_err(const float *a, const float *ref, long n) {
+    double num = 0.0, den = 0.0;
+    for (long i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(ref[i])) return INFINITY;
+        if (isinf(ref[i]) || isinf(a[i])) {
+            if (a[i] != ref[i]) return INFINITY;
+            continue;
+        }
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void record(fixture *f, const char *op, const char *shape, double err, double tol) {
+    int i = 0;
+    while (i < f->nops && strcmp(f->op[i], op)) i++;
+    if (i == f->nops && f->nops < MAX_OPS) {
+        snprintf(f->op[i], sizeof f->op[i], "%s", op);
+        f->worst[i] = 0;
+        f->tol[i] = tol;
+        f->nops++;
+    }
+    if (i < MAX_OPS && !(err <= f->worst[i])) f->worst[i] = err;
+    int bad = !(err <= tol);
+    printf("  %-34s %-40s rel err %.3e (tol %.0e)%s\n", op, shape, err, tol, bad ? "  FAIL" : "");
+    fflush(stdout);
+    f->fails += bad;
+}
+
+/* Downloads n floats of device buffer d and compares them with the CPU result ref. */
+static void cmp(fixture *f, const char *op, const char *shape, const float *d, const float *ref, long n, double tol) {
+    float *h = hnew(n);
+    down(h, d, sizeof(float) * (size_t)n);
+    record(f, op, shape, rel_err(h, ref, n), tol);
+    free(h);
+}
+static void cmpi(fixture *f, const char *op, const char *shape, const int32_t *d, const int32_t *ref, long n) {
+    int32_t *h = hnewi(n);
+    down(h, d, sizeof(int32_t) * (size_t)n);
+    long diff = 0;
+    for (long i = 0; i < n; i++) diff += h[i] != ref[i];
+    record(f, op, shape, (double)diff, 0.0); /* integer outputs: the count of mismatches */
+    free(h);
+}
+
+#define END_TEST(f) assert_int_equal((f)->fails, 0)
+
+/* ---- dense ---- */
+
+/* Which operand precision op_linear's GEMM really uses: x[0,0] = 1 + 2^-10 survives TF32 (10
+ * mantissa bits) but not bf16 (7); x[1,0] = 1 + 2^-13 survives only fp32. */
+static const char *gemm_precision(fixture *f) {
+    int M = 64, N = 64, K = 64;
+    float *x = hnew((long)M * K), *w = hnew((long)N * K), y[2];
+    fillv(x, (long)M * K, 0);
+    fillv(w, (long)N * K, 0);
+    x[0] = 1.0f + ldexpf(1.0f, -10);
+    x[K] = 1.0f + ldexpf(1.0f, -13);
+    for (int n = 0; n < N; n++) w[(long)n * K] = 1.0f;
+    float *dx = up(x, (long)M * K), *dw = up(w, (long)N * K), *dy = poison((long)M * N);
+    OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, 0, 0, 0, ERR));
+    down(&y[0], dy, sizeof(float));
+    down(&y[1], dy + N, sizeof(float));
+    free(x), free(w);
+    cuda_free(dx), cuda_free(dw), cuda_free(dy);
+    if (y[0] == 1.0f) return "bf16";
+    if (y[1] == 1.0f) return "tf32";
+    return "fp32";
+}
+
+static void test_gemm(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    const char *prec = gemm_precision(f);
+    printf("  op_linear operand precision: %s\n", prec);
+    record(f, "op_linear runs bf16 tensor cores", prec, strcmp(prec, "bf16") ? 1.0 : 0.0, 0.0);
+    struct {
+        int M, N, K, padx, pady, acc;
+    } sh[] = {{64, 96, 128, 0, 0, 0}, {257, 512, 1024, 8, 4, 1}, {128, 4096, 512, 0, 0, 1}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int M = sh[s].M, N = sh[s].N, K = sh[s].K, lx = K + sh[s].padx, ly = N + sh[s].pady;
+        char name[64];
+        snprintf(name, sizeof name, "M%d N%d K%d ldx%d ldy%d acc%d", M, N, K, lx, ly, sh[s].acc);
+        float *x = hnew((long)M * lx), *w = hnew((long)N * K), *y = hnew((long)M * ly);
+        fill(f, x, (long)M * lx, -1, 1);
+        fill(f, w, (long)N * K, -1, 1);
+        fill(f, y, (long)M * ly, -1, 1);
+        float *dx = up(x, (long)M * lx), *dw = up(w, (long)N * K);
+        float *dy = sh[s].acc ? up(y, (long)M * ly) : poison((long)M * ly);
+        OK(op_linear(&f->cpu, y, x, w, M, N, K, lx, ly, sh[s].acc, ERR));
+        OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, lx, ly, sh[s].acc, ERR));
+        cmp(f, "op_linear", name, dy, y, (long)M * ly, TOL_GEMM);
+        /* backward: dx, dw accumulate onto random values */
+        float *g = hnew((long)M * ly), *gx = hnew((long)M * lx), *gw = hnew((long)N * K);
+        fill(f, g, (long)M * ly, -1, 1);
+        fill(f, gx, (long)M * lx, -1, 1);
+        fill(f, gw, (long)N * K, -1, 1);
+        float *dg = up(g, (long)M * ly), *dgx = up(gx, (long)M * lx), *dgw = up(gw, (long)N * K);
+        OK(op_linear_backward(&f->cpu, gx, gw, g, x, w, M, N, K, lx, ly, ERR));
+        OK(op_linear_backward(&f->gpu, dgx, dgw, dg, dx, dw, M, N, K, lx, ly, ERR));
+        cmp(f, "op_linear_backward dx", name, dgx, gx, (long)M * lx, TOL_GEMM);
+        cmp(f, "op_linear_backward dw", name, dgw, gw, (long)N * K, TOL_GEMM);
+        free(x), free(w), free(y), free(g), free(gx), free(gw);
+        cuda_free(dx), cuda_free(dw), cuda_free(dy), cuda_free(dg), cuda_free(dgx), cuda_free(dgw);
+    }
+    int mm[][3] = {{33, 24, 40}, {128, 256, 512}};
+    for (int s = 0; s < 2; s++) {
+        int M = mm[s][0], N = mm[s][1], K = mm[s][2];
+        char name[64];
+        snprintf(name, sizeof name, "M%d N%d K%d", M, N, K);
+        float *a = hnew((long)M * K), *b = hnew((long)K * N), *y = hnew((long)M * N);
+        fill(f, a, (long)M * K, -1, 1);
+        fill(f, b, (long)K * N, -1, 1);
+        float *da = up(a, (long)M * K), *db = up(b, (long)K * N), *dy = poison((long)M * N);
+        OK(op_matmul_nn(&f->cpu, y, a, b, M, N, K, ERR));
+        OK(op_matmul_nn(&f->gpu, dy, da, db, M, N, K, ERR));
+        cmp(f, "op_matmul_nn", name, dy, y, (long)M * N, TOL_GEMM);
+        free(a), free(b), free(y);
+        cuda_free(da), cuda_free(db), cuda_free(dy);
+    }
+    END_TEST(f);
+}
+
+static void test_rmsnorm(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    struct {
+        int rows, dim, ld, weighted, alias;
+    } sh[] = {{37, 4096, 4100, 1, 0}, {16, 16384, 16384, 0, 0}, {9, 512, 512, 1, 1}};
+    for (int s = 0; s < 3; s++) {
+        int rows = sh[s].rows, dim = sh[s].dim, ld = sh[s].ld;
+        long n = (long)rows * ld;
+        char name[64];
+        snprintf(name, sizeof name, "rows%d dim%d ld%d w%d alias%d", rows, dim, ld, sh[s].weighted, sh[s].alias);
+        float *x = hnew(n), *w = hnew(dim), *y = hnew(n);
+        fill(f, x, n, -3, 3);
+        fill(f, w, dim, 0.5f, 1.5f);
+        memcpy(y, x, sizeof(float) * (size_t)n); /* padding keeps x's values on both sides */
+        float *dx = up(x, n), *dw = up(w, dim), *dy = sh[s].alias ? dx : up(x, n);
+        const float *wc = sh[s].weighted ? w : NULL, *wg = sh[s].weighted ? dw : NULL;
+        /* backward first (it reads x before an aliased forward overwrites it) */
+        float *g = hnew(n), *gx = hnew(n), *gw = hnew(dim);
+        fill(f, g, n, -1, 1);
+        fill(f, gx, n, -1, 1);
+        fill(f, gw, dim, -1, 1);
+        float *dg = up(g, n), *dgx = up(gx, n), *dgw = up(gw, dim);
+        OK(op_rmsnorm_backward(&f->cpu, gx, sh[s].weighted ? gw : NULL, g, x, wc, rows, dim, ld, 1e-6f, ERR));
+        OK(op_rmsnorm_backward(&f->gpu, dgx, sh[s].weighted ? dgw : NULL, dg, dx, wg, rows, dim, ld, 1e-6f, ERR));
+        cmp(f, "op_rmsnorm_backward dx", name, dgx, gx, n, TOL_FP32);
+        if (sh[s].weighted) cmp(f, "op_rmsnorm_backward dw", name, dgw, gw, dim, TOL_FP32);
+        OK(op_rmsnorm(&f->cpu, y, sh[s].alias ? y : x, wc, rows, dim, ld, 1e-6f, ERR));
+        OK(op_rmsnorm(&f->gpu, dy, dx, wg, rows, dim, ld, 1e-6f, ERR));
+        cmp(f, "op_rmsnorm", name, dy, y, n, TOL_FP32);
+        free(x), free(w), free(y), free(g), free(gx), free(gw);
+        cuda_free(dx), cuda_free(dw), cuda_free(dg), cuda_free(dgx), cuda_free(dgw);
+        if (!sh[s].alias) cuda_free(dy);
+    }
+    END_TEST(f);
+}
+
+static void test_embedding(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int vocab = 32000, dim = 256, n = 300;
+    float *table = hnew((long)vocab * dim), *out = hnew((long)n * dim);
+    int32_t *ids = hnewi(n);
+    fill(f, table, (long)vocab * dim, -1, 1);
+    for (int t = 0; t < n; t++) ids[t] = (int32_t)rng_below(&f->r, t < 100 ? 8 : (uint64_t)vocab); /* repeats */
+    float *dt = up(table, (long)vocab * dim), *dout = poison((long)n * dim);
+    int32_t *did = upi(ids, n);
+    OK(op_embedding(&f->cpu, out, table, ids, n, dim, vocab, ERR));
+    OK(op_embedding(&f->gpu, dout, dt, did, n, dim, vocab, ERR));
+    cmp(f, "op_embedding", "vocab32000 dim256 n300", dout, out, (long)n * dim, 0.0);
+    /* a bad id is an error on both paths */
+    int32_t bad[3] = {5, vocab, 7};
+    int32_t *dbad = upi(bad, 3);
+    mill_err e1, e2;
+    int r1 = op_embedding(&f->cpu, out, table, bad, 3, dim, vocab, &e1);
+    int r2 = op_embedding(&f->gpu, dout, dt, dbad, 3, dim, vocab, &e2);
+    printf("  op_embedding bad id: cpu \"%s\" / gpu \"%s\"\n", r1 ? e1.msg : "ok", r2 ? e2.msg : "ok");
+    record(f, "op_embedding bad id", "id 32000 at 1", (r1 && r2 && !strcmp(e1.msg, e2.msg)) ? 0.0 : 1.0, 0.0);
+    /* backward: repeated ids collide */
+    float *g = hnew((long)n * dim), *gt = hnew((long)vocab * dim);
+    fill(f, g, (long)n * dim, -1, 1);
+    fill(f, gt, (long)vocab * dim, -1, 1);
+    float *dg = up(g, (long)n * dim), *dgt = up(gt, (long)vocab * dim);
+    OK(op_embedding_backward(&f->cpu, gt, g, ids, n, dim, ERR));
+    OK(op_embedding_backward(&f->gpu, dgt, dg, did, n, dim, ERR));
+    cmp(f, "op_embedding_backward", "vocab32000 dim256 n300", dgt, gt, (long)vocab * dim, TOL_FP32);
+    free(table), free(out), free(ids), free(g), free(gt);
+    cuda_free(dt), cuda_free(dout), cuda_free(did), cuda_free(dbad), cuda_free(dg), cuda_free(dgt);
+    END_TEST(f);
+}
+
+static void test_swiglu(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    long n = 300007;
+    float L = 10.0f;
+    float *g = hnew(n), *u = hnew(n), *h = hnew(n), *dh = hnew(n), *gg = hnew(n), *gu = hnew(n);
+    fill(f, g, n, -15, 15); /* past the limit on both sides */
+    fill(f, u, n, -15, 15);
+    fill(f, dh, n, -1, 1);
+    fill(f, gg, n, -1, 1);
+    fill(f, gu, n, -1, 1);
+    float *d_g = up(g, n), *d_u = up(u, n), *d_h = poison(n), *d_dh = up(dh, n), *d_gg = up(gg, n), *d_gu = up(gu, n);
+    OK(op_swiglu_clamp(&f->cpu, h, g, u, n, L, ERR));
+    OK(op_swiglu_clamp(&f->gpu, d_h, d_g, d_u, n, L, ERR));
+    cmp(f, "op_swiglu_clamp", "n300007 L10", d_h, h, n, TOL_FP32);
+    OK(op_swiglu_clamp_backward(&f->cpu, gg, gu, dh, g, u, n, L, ERR));
+    OK(op_swiglu_clamp_backward(&f->gpu, d_gg, d_gu, d_dh, d_g, d_u, n, L, ERR));
+    cmp(f, "op_swiglu_clamp_backward dg", "n300007 L10", d_gg, gg, n, TOL_FP32);
+    cmp(f, "op_swiglu_clamp_backward du", "n300007 L10", d_gu, gu, n, TOL_FP32);
+    free(g), free(u), free(h), free(dh), free(gg), free(gu);
+    cuda_free(d_g), cuda_free(d_u), cuda_free(d_h), cuda_free(d_dh), cuda_free(d_gg), cuda_free(d_gu);
+    END_TEST(f);
+}
+
+static void test_cross_entropy(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][2] = {{64, 32000}, {37, 1000}};
+    for (int s = 0; s < 2; s++) {
+        int n = sh[s][0], V = sh[s][1];
+        char name[64];
+        snprintf(name, sizeof name, "n%d vocab%d", n, V);
+        long nv = (long)n * V;
+        float *l = hnew(nv), *d = hnew(nv);
+        int32_t *y = hnewi(n);
+        fill(f, l, nv, -8, 8);
+        for (int t = 0; t < n; t++) y[t] = t % 5 == 3 ? -1 : (int32_t)rng_below(&f->r, (uint64_t)V);
+        float *dl = up(l, nv), *dd = poison(nv);
+        int32_t *dy = upi(y, n);
+        double ls1 = 0, ls2 = 0;
+        long c1 = 0, c2 = 0;
+        OK(op_cross_entropy(&f->cpu, d, &ls1, &c1, l, y, n, V, 0.01f, ERR));
+        OK(op_cross_entropy(&f->gpu, dd, &ls2, &c2, dl, dy, n, V, 0.01f, ERR));
+        record(f, "op_cross_entropy loss_sum", name, fabs(ls2 - ls1) / fabs(ls1), 1e-9);
+        record(f, "op_cross_entropy count", name, (double)labs(c2 - c1), 0.0);
+        cmp(f, "op_cross_entropy dlogits", name, dd, d, nv, TOL_FP32);
+        /* in place (dlogits aliases logits) */
+        OK(op_cross_entropy(&f->gpu, dl, &ls2, &c2, dl, dy, n, V, 0.01f, ERR));
+        cmp(f, "op_cross_entropy in place", name, dl, d, nv, TOL_FP32);
+        free(l), free(d), free(y);
+        cuda_free(dl), cuda_free(dd), cuda_free(dy);
+    }
+    END_TEST(f);
+}
+
+static void test_rope(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int n_tok = 50, n_vec = 16, dim = 512, rd = 64;
+    long n = (long)n_tok * n_vec * dim;
+    float inv[32];
+    rope_inv_freq(inv, rd, 10000.0, 1, 16.0, 32.0, 1.0, 65536);
+    int32_t pos[50];
+    for (int t = 0; t < n_tok; t++) pos[t] = (int32_t)rng_below(&f->r, 70000);
+    float *dinv = up(inv, rd / 2);
+    int32_t *dpos = upi(pos, n_tok);
+    for (int sign = -1; sign <= 1; sign += 2) {
+        float *x = hnew(n);
+        fill(f, x, n, -2, 2);
+        float *dx = up(x, n);
+        OK(op_rope(&f->cpu, x, n_tok, n_vec, dim, rd, pos, inv, sign, ERR));
+        OK(op_rope(&f->gpu, dx, n_tok, n_vec, dim, rd, dpos, dinv, sign, ERR));
+        cmp(f, "op_rope", sign > 0 ? "tok50 vec16 dim512 rope64 yarn +" : "tok50 vec16 dim512 rope64 yarn -", dx, x, n,
+            TOL_FP32);
+        free(x);
+        cuda_free(dx);
+    }
+    cuda_free(dinv), cuda_free(dpos);
+    END_TEST(f);
+}
+
+static void test_optim(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    long n = 1000003;
+    float *p = hnew(n), *g = hnew(n), *m = hnew(n), *v = hnew(n);
+    fill(f, p, n, -1, 1);
+    fill(f, g, n, -0.1f, 0.1f);
+    fill(f, m, n, -0.01f, 0.01f);
+    fill(f, v, n, 0, 1e-4f);
+    float *dp = up(p, n), *dg = up(g, n), *dm = up(m, n), *dv = up(v, n);
+    adamw_hparams hp = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f - powf(0.9f, 7), 1.0f - powf(0.95f, 7)};
+    OK(op_adamw(&f->cpu, p, g, m, v, n, hp, ERR));
+    OK(op_adamw(&f->gpu, dp, dg, dm, dv, n, hp, ERR));
+    cmp(f, "op_adamw p", "n1000003", dp, p, n, TOL_FP32);
+    cmp(f, "op_adamw m", "n1000003", dm, m, n, TOL_FP32);
+    cmp(f, "op_adamw v", "n1000003", dv, v, n, TOL_FP32);
+    double a1 = 1.5, a2 = 1.5;
+    OK(op_sumsq(&f->cpu, g, n, &a1, ERR));
+    OK(op_sumsq(&f->gpu, dg, n, &a2, ERR));
+    record(f, "op_sumsq", "n1000003 (double sums)", fabs(a2 - a1) / fabs(a1), 1e-12);
+    OK(op_scale(&f->cpu, p, n, 0.37f, ERR));
+    OK(op_scale(&f->gpu, dp, n, 0.37f, ERR));
+    cmp(f, "op_scale", "n1000003", dp, p, n, TOL_FP32);
+    free(p), free(g), free(m), free(v);
+    cuda_free(dp), cuda_free(dg), cuda_free(dm), cuda_free(dv);
+    END_TEST(f);
+}
+
+/* ---- attention ---- */
+
+static void test_attention(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    struct {
+        int T, H, d, window, n_comp, Tc;
+    } sh[] = {{256, 8, 512, 128, 64, 64}, {160, 16, 512, 128, 0, 0}, {96, 4, 64, 16, 8, 24}};
+    for (int s = 0; s < 3; s++) {
+        int T = sh[s].T, H = sh[s].H, d = sh[s].d, W = sh[s].window, nc = sh[s].n_comp, Tc = sh[s].Tc;
+        long nq = (long)T * H * d;
+        char name[64];
+        snprintf(name, sizeof name, "T%d H%d d%d win%d comp%d/%d", T, H, d, W, nc, Tc);
+        float scale = 1.0f / sqrtf((float)d);
+        float *q = hnew(nq), *kv = hnew((long)T * d), *comp = hnew((long)(Tc ? Tc : 1) * d), *sinks = hnew(H);
+        float *out = hnew(nq);
+        int32_t *cidx = hnewi((long)T * (nc ? nc : 1));
+        fill(f, q, nq, -2, 2);
+        fill(f, kv, (long)T * d, -2, 2);
+        fill(f, comp, (long)(Tc ? Tc : 1) * d, -2, 2);
+        fill(f, sinks, H, -1, 1);
+        for (long i = 0; i < (long)T * nc; i++) cidx[i] = (int32_t)rng_below(&f->r, (uint64_t)Tc + 1) - 1; /* -1 holes */
+        float *dq = up(q, nq), *dkv = up(kv, (long)T * d), *dcomp = nc ? up(comp, (long)Tc * d) : NULL;
+        float *dsinks = up(sinks, H), *dout = poison(nq);
+        int32_t *dcidx = nc ? upi(cidx, (long)T * nc) : NULL;
+        OK(op_sink_attention(&f->cpu, out, q, kv, nc ? comp : NULL, nc ? cidx : NULL, nc, sinks, T, H, d, W, scale, ERR));
+        OK(op_sink_attention(&f->gpu, dout, dq, dkv, dcomp, dcidx, nc, dsinks, T, H, d, W, scale, ERR));
+        cmp(f, "op_sink_attention", name, dout, out, nq, TOL_FP32);
+        /* backward: gradients accumulate onto random values */
+        float *go = hnew(nq), *gq = hnew(nq), *gkv = hnew((long)T * d), *gc = hnew((long)(Tc ? Tc : 1) * d);
+        float *gs = hnew(H);
+        fill(f, go, nq, -1, 1);
+        fill(f, gq, nq, -1, 1);
+        fill(f, gkv, (long)T * d, -1, 1);
+        fill(f, gc, (long)(Tc ? Tc : 1) * d, -1, 1);
+        fill(f, gs, H, -1, 1);
+        float *dgo = up(go, nq), *dgq = up(gq, nq), *dgkv = up(gkv, (long)T * d);
+        float *dgc = nc ? up(gc, (long)Tc * d) : NULL, *dgs = up(gs, H);
+        OK(op_sink_attention_backward(&f->cpu, gq, gkv, nc ? gc : NULL, gs, go, q, kv, nc ? comp : NULL,
+                                      nc ? cidx : NULL, nc, sinks, T, H, d, W, scale, ERR));
+        OK(op_sink_attention_backward(&f->gpu, dgq, dgkv, dgc, dgs, dgo, dq, dkv, dcomp, dcidx, nc, dsinks, T, H, d, W,
+                                      scale, ERR));
+        cmp(f, "op_sink_attention_backward dq", name, dgq, gq, nq, TOL_FP32);
+        cmp(f, "op_sink_attention_backward dkv", name, dgkv, gkv, (long)T * d, TOL_FP32);
+        if (nc) cmp(f, "op_sink_attention_backward dcomp", name, dgc, gc, (long)Tc * d, TOL_FP32);
+        cmp(f, "op_sink_attention_backward dsinks", name, dgs, gs, H, TOL_FP32);
+        /* op_attend_keys: query T-1 over an explicit key list (device array of device pointers) */
+        int nk = 0;
+        const float **hk = malloc(sizeof(float *) * (size_t)(W + nc + 1));
+        const float **dk = malloc(sizeof(float *) * (size_t)(W + nc + 1));
+        assert_non_null(hk);
+        assert_non_null(dk);
+        for (int j = T - W; j < T; j++) {
+            hk[nk] = kv + (long)j * d;
+            dk[nk++] = dkv + (long)j * d;
+        }
+        for (int c = 0; c < nc; c++) {
+            int32_t w = cidx[(long)(T - 1) * nc + c];
+            if (w >= 0) {
+                hk[nk] = comp + (long)w * d;
+                dk[nk++] = dcomp + (long)w * d;
+            }
+        }
+        void *dkeys = dnew(sizeof(float *) * (size_t)nk);
+        mill_err e;
+        if (cuda_copy_to_device(dkeys, dk, sizeof(float *) * (size_t)nk, &e) || cuda_sync(&e)) fail_msg("%s", e.msg);
+        float *o1 = hnew((long)H * d), *do1 = poison((long)H * d);
+        OK(op_attend_keys(&f->cpu, o1, q + (long)(T - 1) * H * d, hk, nk, sinks, H, d, scale, ERR));
+        OK(op_attend_keys(&f->gpu, do1, dq + (long)(T - 1) * H * d, (const float *const *)dkeys, nk, dsinks, H, d,
+                          scale, ERR));
+        cmp(f, "op_attend_keys", name, do1, o1, (long)H * d, TOL_FP32);
+        free(hk), free(dk), free(o1);
+        cuda_free(dkeys), cuda_free(do1);
+        free(q), free(kv), free(comp), free(sinks), free(out), free(cidx), free(go), free(gq), free(gkv), free(gc),
+            free(gs);
+        cuda_free(dq), cuda_free(dkv), cuda_free(dcomp), cuda_free(dsinks), cuda_free(dout), cuda_free(dcidx);
+        cuda_free(dgo), cuda_free(dgq), cuda_free(dgkv), cuda_free(dgc), cuda_free(dgs);
+    }
+    END_TEST(f);
+}
+
+static void test_compress_pool(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][4] = {{512, 512, 4, 1}, {512, 512, 128, 0}, {100, 64, 4, 0}, {36, 32, 8, 1}}; /* T, d, ratio, overlap */
+    for (int s = 0; s < 4; s++) {
+        int T = sh[s][0], d = sh[s][1], ratio = sh[s][2], ov = sh[s][3], width = ov ? 2 * d : d, n_win = T / ratio;
+        char name[64];
+        snprintf(name, sizeof name, "T%d d%d ratio%d overlap%d", T, d, ratio, ov);
+        long na = (long)T * width;
+        float *a = hnew(na), *g = hnew(na), *ape = hnew((long)ratio * width), *out = hnew((long)n_win * d);
+        fill(f, a, na, -2, 2);
+        fill(f, g, na, -3, 3);
+        fill(f, ape, (long)ratio * width, -1, 1);
+        float *da = up(a, na), *dg = up(g, na), *dape = up(ape, (long)ratio * width), *dout = poison((long)n_win * d);
+        OK(op_compress_pool(&f->cpu, out, a, g, ape, T, d, ratio, ov, ERR));
+        OK(op_compress_pool(&f->gpu, dout, da, dg, dape, T, d, ratio, ov, ERR));
+        cmp(f, "op_compress_pool", name, dout, out, (long)n_win * d, TOL_FP32);
+        float *go = hnew((long)n_win * d), *ga = hnew(na), *gg = hnew(na), *gape = hnew((long)ratio * width);
+        fill(f, go, (long)n_win * d, -1, 1);
+        fill(f, ga, na, -1, 1);
+        fill(f, gg, na, -1, 1);
+        fill(f, gape, (long)ratio * width, -1, 1);
+        float *dgo = up(go, (long)n_win * d), *dga = up(ga, na), *dgg = up(gg, na), *dgape = up(gape, (long)ratio * width);
+        OK(op_compress_pool_backward(&f->cpu, ga, gg, gape, go, a, g, ape, T, d, ratio, ov, ERR));
+        OK(op_compress_pool_backward(&f->gpu, dga, dgg, dgape, dgo, da, dg, dape, T, d, ratio, ov, ERR));
+        cmp(f, "op_compress_pool_backward da", name, dga, ga, na, TOL_FP32);
+        cmp(f, "op_compress_pool_backward dg", name, dgg, gg, na, TOL_FP32);
+        cmp(f, "op_compress_pool_backward dape", name, dgape, gape, (long)ratio * width, TOL_FP32);
+        free(a), free(g), free(ape), free(out), free(go), free(ga), free(gg), free(gape);
+        cuda_free(da), cuda_free(dg), cuda_free(dape), cuda_free(dout), cuda_free(dgo), cuda_free(dga), cuda_free(dgg),
+            cuda_free(dgape);
+    }
+    END_TEST(f);
+}
+
+static void test_indexer_topk(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][5] = {{256, 64, 64, 128, 4}, {300, 75, 8, 32, 4}}; /* T, Tc, nh, hd, ratio */
+    for (int s = 0; s < 2; s++) {
+        int T = sh[s][0], Tc = sh[s][1], nh = sh[s][2], hd = sh[s][3], ratio = sh[s][4];
+        char name[64];
+        snprintf(name, sizeof name, "T%d Tc%d nh%d hd%d ratio%d", T, Tc, nh, hd, ratio);
+        float *q = hnew((long)T * nh * hd), *keys = hnew((long)Tc * hd), *wts = hnew((long)T * nh);
+        float *sc = hnew((long)T * Tc), sa[128];
+        fill(f, q, (long)T * nh * hd, -1, 1);
+        fill(f, keys, (long)Tc * hd, -1, 1);
+        fill(f, wts, (long)T * nh, -0.5f, 1);
+        float *dq = up(q, (long)T * nh * hd), *dk = up(keys, (long)Tc * hd), *dw = up(wts, (long)T * nh);
+        float *dsc = poison((long)T * Tc), *dsa = poison(Tc);
+        float sqk = 1.0f / sqrtf((float)hd);
+        OK(op_indexer_scores(&f->cpu, sc, q, keys, wts, T, Tc, nh, hd, sqk, ratio, ERR));
+        OK(op_indexer_scores(&f->gpu, dsc, dq, dk, dw, T, Tc, nh, hd, sqk, ratio, ERR));
+        cmp(f, "op_indexer_scores", name, dsc, sc, (long)T * Tc, TOL_FP32);
+        int pos = T - 7;
+        OK(op_indexer_score_at(&f->cpu, sa, q + (long)pos * nh * hd, keys, wts + (long)pos * nh, pos, Tc, nh, hd, sqk,
+                               ratio, ERR));
+        OK(op_indexer_score_at(&f->gpu, dsa, dq + (long)pos * nh * hd, dk, dw + (long)pos * nh, pos, Tc, nh, hd, sqk,
+                               ratio, ERR));
+        cmp(f, "op_indexer_score_at", name, dsa, sa, Tc, TOL_FP32);
+        /* top-k on one score array for both (integer outputs must match exactly); quantised copies
+         * force many ties, which must go to the lower index */
+        for (int tie = 0; tie < 2; tie++) {
+            if (tie)
+                for (long i = 0; i < (long)T * Tc; i++)
+                    if (isfinite(sc[i])) sc[i] = roundf(sc[i] * 2.0f) / 2.0f;
+            float *dsc2 = up(sc, (long)T * Tc);
+            int topks[] = {16, 40, 512};
+            for (int kk = 0; kk < 3; kk++) {
+                int topk = topks[kk];
+                char nm[96];
+                snprintf(nm, sizeof nm, "%s topk%d%s", name, topk, tie ? " ties" : "");
+                int32_t *idx = hnewi((long)T * topk), *didx = upi(idx, (long)T * topk);
+                OK(op_topk_visible(&f->cpu, idx, sc, T, Tc, topk, ratio, ERR));
+                OK(op_topk_visible(&f->gpu, didx, dsc2, T, Tc, topk, ratio, ERR));
+                cmpi(f, "op_topk_visible", nm, didx, idx, (long)T * topk);
+                OK(op_topk_at(&f->cpu, idx, sc + (long)pos * Tc, pos, Tc, topk, ratio, ERR));
+                OK(op_topk_at(&f->gpu, didx, dsc2 + (long)pos * Tc, pos, Tc, topk, ratio, ERR));
+                cmpi(f, "op_topk_at", nm, didx, idx, topk);
+                free(idx);
+                cuda_free(didx);
+            }
+            cuda_free(dsc2);
+        }
+        int32_t *ce = hnewi((long)T * Tc), *dce = upi(ce, (long)T * Tc);
+        OK(op_causal_entries(&f->cpu, ce, T, Tc, ratio, ERR));
+        OK(op_causal_entries(&f->gpu, dce, T, Tc, ratio, ERR));
+        cmpi(f, "op_causal_entries", name, dce, ce, (long)T * Tc);
+        free(q), free(keys), free(wts), free(sc), free(ce);
+        cuda_free(dq), cuda_free(dk), cuda_free(dw), cuda_free(dsc), cuda_free(dsa), cuda_free(dce);
+    }
+    END_TEST(f);
+}
+
+/* ---- hyper-connections ---- */
+
+static void test_hc(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int shN[] = {64, 7}, shD[] = {4096, 256};
+    for (int s = 0; s < 2; s++) {
+        hc_dims dm = {4, shD[s], 20, 1e-6f, 1e-6f};
+        int N = shN[s], n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n;
+        long nh = (long)N * n * D;
+        char name[64];
+        snprintf(name, sizeof name, "N%d n%d D%d sinkhorn%d", N, n, D, dm.sinkhorn_iters);
+        float *h = hnew(nh), *fn = hnew((long)mix * n * D), *base = hnew(mix), *scale = hnew(3);
+        fill(f, h, nh, -2, 2);
+        fill(f, fn, (long)mix * n * D, -0.05f, 0.05f);
+        fill(f, base, mix, -1, 1);
+        fill(f, scale, 3, 0.5f, 1.5f);
+        long wn = hc_backward_work_floats(N, dm);
+        float *work = hnew(wn), *dwork = dnew(sizeof(float) * (size_t)wn);
+        float *x = hnew((long)N * D), *pre = hnew((long)N * n), *post = hnew((long)N * n), *comb = hnew((long)N * nn);
+        float *d_h = up(h, nh), *d_fn = up(fn, (long)mix * n * D), *d_base = up(base, mix), *d_scale = up(scale, 3);
+        float *d_x = poison((long)N * D), *d_pre = poison((long)N * n), *d_post = poison((long)N * n);
+        float *d_comb = poison((long)N * nn);
+        OK(op_hc_pre(&f->cpu, x, pre, post, comb, h, fn, base, scale, N, dm, work, ERR));
+        OK(op_hc_pre(&f->gpu, d_x, d_pre, d_post, d_comb, d_h, d_fn, d_base, d_scale, N, dm, dwork, ERR));
+        cmp(f, "op_hc_pre x", name, d_x, x, (long)N * D, TOL_HC);
+        cmp(f, "op_hc_pre pre", name, d_pre, pre, (long)N * n, TOL_HC);
+        cmp(f, "op_hc_pre post", name, d_post, post, (long)N * n, TOL_HC);
+        cmp(f, "op_hc_pre comb", name, d_comb, comb, (long)N * nn, TOL_HC);
+        /* post: consume the CPU's pre/post/comb on both sides so only op_hc_post is measured */
+        float *y = hnew((long)N * D), *ho = hnew(nh);
+        fill(f, y, (long)N * D, -1, 1);
+        float *d_y = up(y, (long)N * D), *d_ho = poison(nh);
+        float *c_post = up(post, (long)N * n), *c_comb = up(comb, (long)N * nn);
+        OK(op_hc_post(&f->cpu, ho, h, y, post, comb, N, n, D, ERR));
+        OK(op_hc_post(&f->gpu, d_ho, d_h, d_y, c_post, c_comb, N, n, D, ERR));
+        cmp(f, "op_hc_post", name, d_ho, ho, nh, TOL_HC);
+        /* post backward */
+        float *gho = hnew(nh), *gh = hnew(nh), *gy = hnew((long)N * D), *gpost = hnew((long)N * n);
+        float *gcomb = hnew((long)N * nn);
+        fill(f, gho, nh, -1, 1);
+        fill(f, gh, nh, -1, 1);
+        fill(f, gy, (long)N * D, -1, 1);
+        float *d_gho = up(gho, nh), *d_gh = up(gh, nh), *d_gy = up(gy, (long)N * D);
+        float *d_gpost = poison((long)N * n), *d_gcomb = poison((long)N * nn);
+        OK(op_hc_post_backward(&f->cpu, gh, gy, gpost, gcomb, gho, h, y, post, comb, N, n, D, ERR));
+        OK(op_hc_post_backward(&f->gpu, d_gh, d_gy, d_gpost, d_gcomb, d_gho, d_h, d_y, c_post, c_comb, N, n, D, ERR));
+        cmp(f, "op_hc_post_backward dh", name, d_gh, gh, nh, TOL_HC);
+        cmp(f, "op_hc_post_backward dy", name, d_gy, gy, (long)N * D, TOL_HC);
+        cmp(f, "op_hc_post_backward dpost", name, d_gpost, gpost, (long)N * n, TOL_HC);
+        cmp(f, "op_hc_post_backward dcomb", name, d_gcomb, gcomb, (long)N * nn, TOL_HC);
+        /* pre backward from random dx, dpost, dcomb */
+        float *gx = hnew((long)N * D), *gp = hnew((long)N * n), *gc = hnew((long)N * nn);
+        float *gh2 = hnew(nh), *gfn = hnew((long)mix * n * D), *gbase = hnew(mix), *gscale = hnew(3);
+        fill(f, gx, (long)N * D, -1, 1);
+        fill(f, gp, (long)N * n, -1, 1);
+        fill(f, gc, (long)N * nn, -1, 1);
+        fill(f, gh2, nh, -1, 1);
+        fill(f, gfn, (long)mix * n * D, -1, 1);
+        fill(f, gbase, mix, -1, 1);
+        fill(f, gscale, 3, -1, 1);
+        float *d_gx = up(gx, (long)N * D), *d_gp = up(gp, (long)N * n), *d_gc = up(gc, (long)N * nn);
+        float *d_gh2 = up(gh2, nh), *d_gfn = up(gfn, (long)mix * n * D), *d_gbase = up(gbase, mix);
+        float *d_gscale = up(gscale, 3);
+        OK(op_hc_pre_backward(&f->cpu, gh2, gfn, gbase, gscale, gx, gp, gc, h, fn, base, scale, N, dm, work, ERR));
+        OK(op_hc_pre_backward(&f->gpu, d_gh2, d_gfn, d_gbase, d_gscale, d_gx, d_gp, d_gc, d_h, d_fn, d_base, d_scale, N,
+                              dm, dwork, ERR));
+        cmp(f, "op_hc_pre_backward dh", name, d_gh2, gh2, nh, TOL_HC);
+        cmp(f, "op_hc_pre_backward dfn", name, d_gfn, gfn, (long)mix * n * D, TOL_HC);
+        cmp(f, "op_hc_pre_backward dbase", name, d_gbase, gbase, mix, TOL_HC);
+        cmp(f, "op_hc_pre_backward dscale", name, d_gscale, gscale, 3, TOL_HC);
+        /* head: fn [n, n*D], base [n], scale [1] (the first rows / entries of the ones above) */
+        float *xh = hnew((long)N * D), *d_xh = poison((long)N * D);
+        OK(op_hc_head(&f->cpu, xh, h, fn, base, scale, N, dm, work, ERR));
+        OK(op_hc_head(&f->gpu, d_xh, d_h, d_fn, d_base, d_scale, N, dm, dwork, ERR));
+        cmp(f, "op_hc_head", name, d_xh, xh, (long)N * D, TOL_HC);
+        OK(op_hc_head_backward(&f->cpu, gh2, gfn, gbase, gscale, gx, h, fn, base, scale, N, dm, work, ERR));
+        OK(op_hc_head_backward(&f->gpu, d_gh2, d_gfn, d_gbase, d_gscale, d_gx, d_h, d_fn, d_base, d_scale, N, dm, dwork,
+                               ERR));
+        cmp(f, "op_hc_head_backward dh", name, d_gh2, gh2, nh, TOL_HC);
+        cmp(f, "op_hc_head_backward dfn", name, d_gfn, gfn, (long)n * n * D, TOL_HC);
+        cmp(f, "op_hc_head_backward dbase", name, d_gbase, gbase, n, TOL_HC);
+        cmp(f, "op_hc_head_backward dscale", name, d_gscale, gscale, 1, TOL_HC);
+        free(h), free(fn), free(base), free(scale), free(work), free(x), free(pre), free(post), free(comb), free(y),
+            free(ho), free(gho), free(gh), free(gy), free(gpost), free(gcomb), free(gx), free(gp), free(gc), free(gh2),
+            free(gfn), free(gbase), free(gscale), free(xh);
+        cuda_free(dwork), cuda_free(d_h), cuda_free(d_fn), cuda_free(d_base), cuda_free(d_scale), cuda_free(d_x),
+            cuda_free(d_pre), cuda_free(d_post), cuda_free(d_comb), cuda_free(d_y), cuda_free(d_ho), cuda_free(c_post),
+            cuda_free(c_comb), cuda_free(d_gho), cuda_free(d_gh), cuda_free(d_gy),
+            cuda_free(d_gpost), cuda_free(d_gcomb), cuda_free(d_gx), cuda_free(d_gp), cuda_free(d_gc),
+            cuda_free(d_gh2), cuda_free(d_gfn), cuda_free(d_gbase), cuda_free(d_gscale), cuda_free(d_xh);
+    }
+    END_TEST(f);
+}
+
+/* ---- MoE ---- */
+
+static void test_moe_route(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    struct {
+        int N, E, K;
+        dsv4_score_func sf;
+        int norm, bias, given;
+    } sh[] = {{256, 64, 6, SCORE_SQRTSOFTPLUS, 1, 1, 0}, {256, 8, 2, SCORE_SIGMOID, 1, 0, 0},
+              {200, 16, 4, SCORE_SOFTMAX, 0, 1, 0},     {128, 64, 6, SCORE_SQRTSOFTPLUS, 1, 0, 1},
+              {300, 32, 3, SCORE_SIGMOID, 0, 1, 0}};
+    const char *sfn[] = {"sqrtsoftplus", "sigmoid", "softmax"};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int N = sh[s].N, Ex = sh[s].E, K = sh[s].K;
+        moe_route_cfg rc = {Ex, K, sh[s].sf, sh[s].norm, 1.5f};
+        char name[80];
+        snprintf(name, sizeof name, "N%d E%d K%d %s norm%d bias%d given%d", N, Ex, K, sfn[sh[s].sf], sh[s].norm,
+                 sh[s].bias, sh[s].given);
+        float *l = hnew((long)N * Ex), *bias = hnew(Ex), *sc = hnew((long)N * Ex), *w = hnew((long)N * K);
+        int32_t *ids = hnewi((long)N * K), *given = hnewi((long)N * K);
+        fill(f, l, (long)N * Ex, -4, 4);
+        fill(f, bias, Ex, -0.1f, 0.1f);
+        for (int t = 0; t < N; t++) /* distinct ids per token, like a routing record */
+            for (int j = 0; j < K; j++) given[(long)t * K + j] = (int32_t)((t * 7 + j * 5) % Ex);
+        float *dl = up(l, (long)N * Ex), *db = sh[s].bias ? up(bias, Ex) : NULL, *dsc = poison((long)N * Ex);
+        float *dwt = poison((long)N * K);
+        int32_t *dids = upi(ids, (long)N * K), *dgiven = sh[s].given ? upi(given, (long)N * K) : NULL;
+        OK(op_moe_route(&f->cpu, sc, ids, w, l, sh[s].bias ? bias : NULL, sh[s].given ? given : NULL, N, rc, ERR));
+        OK(op_moe_route(&f->gpu, dsc, dids, dwt, dl, db, dgiven, N, rc, ERR));
+        cmp(f, "op_moe_route scores", name, dsc, sc, (long)N * Ex, TOL_FP32);
+        cmpi(f, "op_moe_route ids", name, dids, ids, (long)N * K);
+        cmp(f, "op_moe_route weights", name, dwt, w, (long)N * K, TOL_FP32);
+        /* backward on the CPU's selection */
+        float *dw = hnew((long)N * K), *gl = hnew((long)N * Ex);
+        fill(f, dw, (long)N * K, -1, 1);
+        fill(f, gl, (long)N * Ex, -1, 1);
+        float *ddw = up(dw, (long)N * K), *dgl = up(gl, (long)N * Ex), *csc = up(sc, (long)N * Ex);
+        int32_t *cids = upi(ids, (long)N * K);
+        OK(op_moe_route_backward(&f->cpu, gl, dw, sc, l, ids, N, rc, ERR));
+        OK(op_moe_route_backward(&f->gpu, dgl, ddw, csc, dl, cids, N, rc, ERR));
+        cmp(f, "op_moe_route_backward", name, dgl, gl, (long)N * Ex, TOL_FP32);
+        free(l), free(bias), free(sc), free(w), free(ids), free(given), free(dw), free(gl);
+        cuda_free(dl), cuda_free(db), cuda_free(dsc), cuda_free(dwt), cuda_free(dids), cuda_free(dgiven), cuda_free(ddw),
+            cuda_free(dgl), cuda_free(csc), cuda_free(cids);
+    }
+    END_TEST(f);
+}
+
+static void test_moe_experts(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    mill_err e0;
+    int gs = cuda_moe_grouped_gemm_supported(&f->gpu, &e0);
+    printf("  op_moe_experts GEMM path: %s\n",
+           gs == 1 ? "one cublasGemmGroupedBatchedEx per projection (bf16 x bf16 -> fp32)"
+                   : gs == 0 ? "one cublasGemmEx per expert (the grouped call was refused)" : e0.msg);
+    char types[256];
+    if (cuda_moe_grouped_gemm_types(&f->gpu, types, sizeof types, &e0) == 0)
+        printf("  cublasGemmGroupedBatchedEx accepts: %s\n", types);
+    struct {
+        int N, D, I, E, K, acc;
+    } sh[] = {{128, 256, 128, 8, 2, 0}, {96, 512, 256, 64, 6, 1}, {33, 128, 64, 16, 4, 0}};
+    for (int s = 0; s < 3; s++) {
+        int N = sh[s].N, D = sh[s].D, I = sh[s].I, Ex = sh[s].E, K = sh[s].K;
+        char name[64];
+        snprintf(name, sizeof name, "N%d D%d I%d E%d K%d acc%d", N, D, I, Ex, K, sh[s].acc);
+        float *x = hnew((long)N * D), *w1 = hnew((long)Ex * I * D), *w3 = hnew((long)Ex * I * D);
+        float *w2 = hnew((long)Ex * D * I), *wt = hnew((long)N * K), *out = hnew((long)N * D);
+        int32_t *ids = hnewi((long)N * K);
+        fill(f, x, (long)N * D, -1, 1);
+        fill(f, w1, (long)Ex * I * D, -0.2f, 0.2f); /* pre-activations reach the clamp (limit 3 below) */
+        fill(f, w3, (long)Ex * I * D, -0.2f, 0.2f);
+        fill(f, w2, (long)Ex * D * I, -0.1f, 0.1f);
+        fill(f, wt, (long)N * K, 0, 1);
+        fill(f, out, (long)N * D, -1, 1);
+        for (int t = 0; t < N; t++) { /* distinct experts per token; skewed so some get none */
+            for (int j = 0; j < K; j++) {
+                int id, again;
+                do {
+                    id = (int)rng_below(&f->r, (uint64_t)(t % 3 ? Ex : Ex / 2 + 1));
+                    again = 0;
+                    for (int q = 0; q < j; q++) again |= ids[(long)t * K + q] == id;
+                } while (again);
+                ids[(long)t * K + j] = id;
+            }
+        }
+        float L = 3.0f;
+        long wf = moe_experts_backward_work_floats(N, D, I, Ex, K);
+        float *work = hnew(wf), *dwork = dnew(sizeof(float) * (size_t)wf);
+        float *dx = up(x, (long)N * D), *dw1 = up(w1, (long)Ex * I * D), *dw3 = up(w3, (long)Ex * I * D);
+        float *dw2 = up(w2, (long)Ex * D * I), *dwt = up(wt, (long)N * K);
+        float *dout = sh[s].acc ? up(out, (long)N * D) : poison((long)N * D);
+        int32_t *dids = upi(ids, (long)N * K);
+        OK(op_moe_experts(&f->cpu, out, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, sh[s].acc, work, ERR));
+        OK(op_moe_experts(&f->gpu, dout, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K, L, sh[s].acc, dwork, ERR));
+        cmp(f, "op_moe_experts", name, dout, out, (long)N * D, TOL_MOE);
+        float *go = hnew((long)N * D), *gx = hnew((long)N * D), *g1 = hnew((long)Ex * I * D);
+        float *g3 = hnew((long)Ex * I * D), *g2 = hnew((long)Ex * D * I), *gw = hnew((long)N * K);
+        fill(f, go, (long)N * D, -1, 1);
+        fill(f, gx, (long)N * D, -1, 1);
+        fill(f, g1, (long)Ex * I * D, -1, 1);
+        fill(f, g3, (long)Ex * I * D, -1, 1);
+        fill(f, g2, (long)Ex * D * I, -1, 1);
+        float *dgo = up(go, (long)N * D), *dgx = up(gx, (long)N * D), *dg1 = up(g1, (long)Ex * I * D);
+        float *dg3 = up(g3, (long)Ex * I * D), *dg2 = up(g2, (long)Ex * D * I), *dgw = poison((long)N * K);
+        OK(op_moe_experts_backward(&f->cpu, gx, g1, g3, g2, gw, go, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, work,
+                                   ERR));
+        OK(op_moe_experts_backward(&f->gpu, dgx, dg1, dg3, dg2, dgw, dgo, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K,
+                                   L, dwork, ERR));
+        cmp(f, "op_moe_experts_backward dx", name, dgx, gx, (long)N * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw1", name, dg1, g1, (long)Ex * I * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw3", name, dg3, g3, (long)Ex * I * D, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dw2", name, dg2, g2, (long)Ex * D * I, TOL_MOE);
+        cmp(f, "op_moe_experts_backward dweights", name, dgw, gw, (long)N * K, TOL_MOE);
+        free(x), free(w1), free(w3), free(w2), free(wt), free(out), free(ids), free(work), free(go), free(gx),
+            free(g1), free(g3), free(g2), free(gw);
+        cuda_free(dwork), cuda_free(dx), cuda_free(dw1), cuda_free(dw3), cuda_free(dw2), cuda_free(dwt),
+            cuda_free(dout), cuda_free(dids), cuda_free(dgo), cuda_free(dgx), cuda_free(dg1), cuda_free(dg3),
+            cuda_free(dg2), cuda_free(dgw);
+    }
+    END_TEST(f);
+}
+
+static int setup(void **state) {
+    static fixture fx; /* one per process; handed to the tests through cmocka's state */
+    mill_err e;
+    memset(&fx, 0, sizeof fx);
+    rng_seed(&fx.r, 20261123);
+    if (kctx_init(&fx.cpu, DEVICE_CPU, &e) || kctx_init(&fx.gpu, DEVICE_CUDA, &e)) {
+        fprintf(stderr, "kctx_init: %s\n", e.msg);
+        return -1;
+    }
+    *state = &fx;
+    return 0;
+}
+
+static int teardown(void **state) {
+    fixture *f = *state;
+    printf("\nworst relative error per op (integer ops: mismatches), over all shapes:\n");
+    for (int i = 0; i < f->nops; i++)
+        printf("  %-36s %.3e  (tol %.0e)%s\n", f->op[i], f->worst[i], f->tol[i],
+               f->worst[i] <= f->tol[i] ? "" : "  FAIL");
+    kctx_free(&f->cpu);
+    kctx_free(&f->gpu);
+    return 0;
+}
+
+int main(void) {
+    char dev[256];
+    mill_err e;
+    if (cuda_device_describe(dev, sizeof dev, &e)) {
+        printf("no CUDA device: skipped (%s)\n", e.msg);
+        return 0;
+    }
+    printf("device: %s\n", dev);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_gemm),          cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
+        cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
+        cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
+        cmocka_unit_test(test_moe_experts),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
