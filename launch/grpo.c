@@ -383,6 +383,17 @@ static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char
         int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
         if (x < 0) return mill_err_wrap(e, "%s sent a malformed reply", what);
         if (x == 0) {
+            if (!strcmp(wire_type(*reply), "progress") && wire_id(*reply) == id) { /* training micro-batches */
+                int64_t done = 0, total = 1;
+                mill_err pe;
+                wire_get_int(*reply, "done", 0, 0, 0, INT64_MAX, &done, &pe);
+                wire_get_int(*reply, "total", 0, 1, 1, INT64_MAX, &total, &pe);
+                if (isatty(2)) fprintf(stderr, "\r  training: %lld/%lld sequences   ", (long long)done, (long long)total);
+                if (isatty(2) && done == total) fprintf(stderr, "\r%40s\r", "");
+                wire_msg_free(*reply);
+                wire_recv_free(*raw);
+                continue;
+            }
             if (wire_id(*reply) != id) { /* a late reply to an earlier request */
                 wire_msg_free(*reply);
                 wire_recv_free(*raw);

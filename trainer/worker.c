@@ -25,6 +25,10 @@ typedef struct {
     float *grads;
     long version;
     void *zctx, *sock;
+    /* the request being served: train reports its micro-batches to it as it goes */
+    unsigned char peer[256];
+    size_t peer_len;
+    uint64_t id;
 } worker;
 
 static double now(void) {
@@ -173,6 +177,14 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         return -1;
     if (count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
     if (with_loss) {
+        wire_builder *pb = wire_builder_new("progress", w->id);
+        mill_err pe;
+        if (pb) { /* what a person sees: micro-batches done of the step's total */
+            wire_put_int(pb, "done", r1);
+            wire_put_int(pb, "total", tb->n);
+            wire_send(w->sock, w->peer, w->peer_len, pb, &pe);
+            wire_builder_free(pb);
+        }
         *loss += l;
         /* statistics are token means within the call: weight them by its tokens */
         st->clip_frac += lc.b.stats.clip_frac * cnt;
@@ -458,6 +470,9 @@ int trainer_worker_run(const char *bind, mill_err *e) {
         const char *t = wire_type(msg);
         uint64_t id = wire_id(msg);
         wire_builder *reply = NULL;
+        memcpy(w.peer, peer, plen);
+        w.peer_len = plen;
+        w.id = id;
         int x = 0;
         if (!strcmp(t, "init")) x = handle_init(&w, msg, &reply, &me);
         else if (!strcmp(t, "train")) x = handle_train(&w, msg, &reply, &me);
