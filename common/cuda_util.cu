@@ -4,19 +4,7 @@
 #include <cuda_runtime.h>
 #include <stdio.h>
 
-#define CUDA_CHECK(call)                                                                                   \
-    do {                                                                                                   \
-        cudaError_t err_ = (call);                                                                         \
-        if (err_ != cudaSuccess)                                                                           \
-            return mill_errf(e, "%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-    } while (0)
-
-#define CUBLAS_CHECK(call)                                                                       \
-    do {                                                                                         \
-        cublasStatus_t st_ = (call);                                                             \
-        if (st_ != CUBLAS_STATUS_SUCCESS)                                                        \
-            return mill_errf(e, "%s:%d: %s failed: cuBLAS status %d", __FILE__, __LINE__, #call, (int)st_); \
-    } while (0)
+#include "cuda_check.h"
 
 int cuda_alloc_zero(void **p, size_t bytes, mill_err *e) {
     *p = NULL;

@@ -11,19 +11,8 @@
 
 #include "cuda_ops.h"
 
-#define CU_CHECK(call)                                                                                      \
-    do {                                                                                                    \
-        cudaError_t err_ = (call);                                                                          \
-        if (err_ != cudaSuccess)                                                                            \
-            return mill_errf(e, "%s:%d: %s failed: %s", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-    } while (0)
-
-#define CUBLAS_CHECK(call)                                                                               \
-    do {                                                                                                 \
-        cublasStatus_t st_ = (call);                                                                     \
-        if (st_ != CUBLAS_STATUS_SUCCESS)                                                                \
-            return mill_errf(e, "%s:%d: %s failed: cuBLAS status %d", __FILE__, __LINE__, #call, (int)st_); \
-    } while (0)
+#include "../../common/cuda_check.h"
+#define CU_CHECK(call) CUDA_CHECK(call)
 
 /* After every <<<...>>>: launch-configuration errors surface here, not at the next sync. */
 #define LAUNCH_CHECK(what)                                                                                 \
