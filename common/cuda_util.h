@@ -1,6 +1,6 @@
 /* common/cuda_util.h — CUDA memory and handles (built only when nvcc is found).
- * Owns: CUDA_CHECK / CUBLAS_CHECK (turn a failed call into a returned error
- * that names the call, file and line), device allocation, the cuBLAS handle. */
+ * Owns: device allocation and copies, the cuBLAS handle and stream (the checked-call macros are
+ * in cuda_check.h). */
 #ifndef MILL_CUDA_UTIL_H
 #define MILL_CUDA_UTIL_H
 
