@@ -60,7 +60,15 @@ int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r
             break;
         }
     }
-    *logprob = (float)log(p[pick] / mass);
+    if (keep == V) { /* untruncated: the trainer's formula (trainer/compute.c), so both sides agree */
+        float m2 = logits[0] / sp->temperature;
+        for (int v = 1; v < V; v++) m2 = logits[v] / sp->temperature > m2 ? logits[v] / sp->temperature : m2;
+        double d2 = 0.0;
+        for (int v = 0; v < V; v++) d2 += exp((double)(logits[v] / sp->temperature - m2));
+        *logprob = (float)(logits[pick] / sp->temperature - (log(d2) + m2));
+    } else {
+        *logprob = (float)log(p[pick] / mass);
+    }
     return pick;
 }
 
