@@ -176,6 +176,58 @@ static void test_entropy_gradient(void **s) {
     model_free(&m);
 }
 
+/* One small policy-gradient step through the model moves probability toward the sample with the
+ * positive advantage and away from the negative one (the sign of the whole chain). */
+typedef struct {
+    grpo_batch b;
+} pg_ctx;
+static int pg_loss(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+                   mill_err *e) {
+    return grpo_loss(&((pg_ctx *)ctx)->b, logp, ent, n, dlogp, dent, loss, e);
+}
+
+static void test_policy_gradient_direction(void **s) {
+    (void)s;
+    mill_err e;
+    dsv4_config cfg;
+    dsv4_model m;
+    kctx k;
+    arena a = {0};
+    if (config_load(MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json", &cfg, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(model_init(&m, &cfg, &e), 0);
+    model_init_random(&m, 5, 0.05f);
+    assert_int_equal(kctx_init(&k, DEVICE_CPU, &e), 0);
+    assert_int_equal(arena_init(&a, 1 << 20, &e), 0);
+    /* two rows, same prompt, different 3-token responses */
+    int32_t ids[2 * 6] = {256, 81, 58, 49, 50, 257, 256, 81, 58, 55, 56, 257};
+    int32_t tg[2 * 6] = {-1, -1, 49, 50, 257, -1, -1, -1, 55, 56, 257, -1};
+    int32_t seq[6] = {0, 0, 0, 1, 1, 1};
+    float adv[2] = {1.0f, -1.0f}, lp0[6], lp1[6];
+    grpo_config c;
+    grpo_config_default(&c);
+    pg_ctx pc = {.b = {.cfg = &c, .seq = seq, .n_seqs = 2, .adv = adv}};
+    float *g = calloc(m.n_floats, sizeof(float));
+    double loss;
+    long cnt;
+    if (model_forward_backward_tokens(&m, &k, ids, tg, 2, 6, NULL, 1.0f, g, pg_loss, &pc, lp0, &loss, &cnt, &a, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(cnt, 6);
+    for (size_t i = 0; i < m.n_floats; i++) m.data[i] -= 0.05f * g[i]; /* plain SGD */
+    assert_int_equal(model_forward_backward_tokens(&m, &k, ids, tg, 2, 6, NULL, 1.0f, g, NULL, NULL, lp1, &loss, &cnt,
+                                                   &a, &e), 0);
+    double up = 0, down = 0;
+    for (int t = 0; t < 3; t++) {
+        up += lp1[t] - lp0[t];
+        down += lp1[3 + t] - lp0[3 + t];
+    }
+    assert_true(up > 0);
+    assert_true(down < 0);
+    free(g);
+    arena_free(&a);
+    kctx_free(&k);
+    model_free(&m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_advantages),
@@ -183,6 +235,7 @@ int main(void) {
         cmocka_unit_test(test_gradient_fd),
         cmocka_unit_test(test_entropy_tis),
         cmocka_unit_test(test_entropy_gradient),
+        cmocka_unit_test(test_policy_gradient_direction),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
