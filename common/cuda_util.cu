@@ -1,3 +1,4 @@
+/* common/cuda_util.cu — CUDA memory, copies and the cuBLAS handle behind common/cuda_util.h. */
 #include "cuda_util.h"
 
 #include <cublas_v2.h>
@@ -10,6 +11,20 @@ int cuda_alloc_zero(void **p, size_t bytes, mill_err *e) {
     *p = NULL;
     CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 1));
     CUDA_CHECK(cudaMemset(*p, 0, bytes));
+    /* the fill runs on the legacy default stream, which ops on a non-blocking kctx stream do not
+     * wait for: finish it here so the memory is zero before any op can touch it */
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return 0;
+}
+
+int cuda_alloc(void **p, size_t bytes, mill_err *e) {
+    *p = NULL;
+    CUDA_CHECK(cudaMalloc(p, bytes ? bytes : 1));
+    return 0;
+}
+
+int cuda_zero_async(void *p, size_t bytes, void *stream, mill_err *e) {
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, (cudaStream_t)stream));
     return 0;
 }
 

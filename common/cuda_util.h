@@ -13,6 +13,9 @@ extern "C" {
 #endif
 
 int cuda_alloc_zero(void **p, size_t bytes, mill_err *e);
+int cuda_alloc(void **p, size_t bytes, mill_err *e); /* not filled */
+/* Zeroes bytes at p in stream order (stream: a cudaStream_t, NULL for the default stream). */
+int cuda_zero_async(void *p, size_t bytes, void *stream, mill_err *e);
 void cuda_free(void *p);
 int cuda_copy_to_device(void *dst, const void *src, size_t bytes, mill_err *e);
 int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e);

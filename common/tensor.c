@@ -147,10 +147,29 @@ int dtype_convert_to_f32(mill_dtype dt, const void *src, float *dst, size_t n, m
     }
 }
 
-static arena_block *arena_block_new(size_t cap) {
+/* A block's bytes: aligned host memory, or cudaMalloc'ed (256-byte aligned) in device mode. */
+static char *arena_bytes_new(mill_device dev, size_t cap) {
+    if (dev == DEVICE_CPU) return aligned_alloc(64, (cap + 63) & ~(size_t)63);
+#ifdef MILL_CUDA
+    void *p = NULL;
+    mill_err e;
+    return cuda_alloc(&p, cap, &e) ? NULL : p;
+#else
+    return NULL;
+#endif
+}
+
+static void arena_bytes_free(mill_device dev, char *p) {
+    if (dev == DEVICE_CPU) free(p);
+#ifdef MILL_CUDA
+    else cuda_free(p);
+#endif
+}
+
+static arena_block *arena_block_new(mill_device dev, size_t cap) {
     arena_block *b = malloc(sizeof *b);
     if (!b) return NULL;
-    b->data = aligned_alloc(64, (cap + 63) & ~(size_t)63);
+    b->data = arena_bytes_new(dev, cap);
     if (!b->data) {
         free(b);
         return NULL;
@@ -161,11 +180,31 @@ static arena_block *arena_block_new(size_t cap) {
     return b;
 }
 
+static void arena_blocks_free(arena *a) {
+    for (arena_block *b = a->head; b;) {
+        arena_block *n = b->next;
+        arena_bytes_free(a->device, b->data);
+        free(b);
+        b = n;
+    }
+    a->head = NULL;
+}
+
 int arena_init(arena *a, size_t block_size, mill_err *e) {
+    return arena_init_device(a, block_size, DEVICE_CPU, NULL, e);
+}
+
+int arena_init_device(arena *a, size_t block_size, mill_device dev, void *stream, mill_err *e) {
     memset(a, 0, sizeof *a);
+#ifndef MILL_CUDA
+    if (dev != DEVICE_CPU) return mill_errf(e, "arena_init: this build has no CUDA support");
+#endif
+    a->device = dev;
+    a->stream = stream;
     a->block_size = block_size < 4096 ? 4096 : block_size;
-    a->head = arena_block_new(a->block_size);
-    if (!a->head) return mill_errf(e, "arena_init: out of memory for %zu bytes", a->block_size);
+    a->head = arena_block_new(dev, a->block_size);
+    if (!a->head) return mill_errf(e, "arena_init: out of %s memory for %zu bytes", dev == DEVICE_CPU ? "host" : "device",
+                                   a->block_size);
     return 0;
 }
 
@@ -174,7 +213,7 @@ void *arena_alloc(arena *a, size_t bytes) {
     arena_block *b = a->head;
     if (!b || b->cap - b->used < bytes) {
         size_t cap = bytes > a->block_size ? bytes : a->block_size;
-        arena_block *nb = arena_block_new(cap);
+        arena_block *nb = arena_block_new(a->device, cap);
         if (!nb) return NULL;
         nb->next = b;
         a->head = b = nb;
@@ -188,20 +227,25 @@ void *arena_alloc(arena *a, size_t bytes) {
 
 float *arena_floats(arena *a, size_t n) {
     float *p = arena_alloc(a, n * sizeof(float));
-    if (p) memset(p, 0, n * sizeof(float));
+    if (!p) return NULL;
+    if (a->device == DEVICE_CPU) {
+        memset(p, 0, n * sizeof(float));
+        return p;
+    }
+#ifdef MILL_CUDA
+    mill_err e;
+    if (cuda_zero_async(p, n * sizeof(float), a->stream, &e)) return NULL;
+#endif
     return p;
 }
 
+/* In device mode, freeing a block (cudaFree) waits for the device, so no op still in flight
+ * loses its memory. */
 void arena_reset(arena *a) {
     if (a->head && a->head->next) { /* coalesce into one block of the peak size */
-        for (arena_block *b = a->head; b;) {
-            arena_block *n = b->next;
-            free(b->data);
-            free(b);
-            b = n;
-        }
+        arena_blocks_free(a);
         if (a->peak > a->block_size) a->block_size = a->peak;
-        a->head = arena_block_new(a->block_size);
+        a->head = arena_block_new(a->device, a->block_size);
     } else if (a->head) {
         a->head->used = 0;
     }
@@ -209,11 +253,6 @@ void arena_reset(arena *a) {
 }
 
 void arena_free(arena *a) {
-    for (arena_block *b = a->head; b;) {
-        arena_block *n = b->next;
-        free(b->data);
-        free(b);
-        b = n;
-    }
+    arena_blocks_free(a);
     memset(a, 0, sizeof *a);
 }

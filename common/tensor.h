@@ -1,7 +1,8 @@
 /* common/tensor.h — the tensor type, dtypes and devices.
  * Owns: tensor (a typed, shaped view of memory on one device), dtype sizes and
  * names (safetensors spelling), bf16/f16/fp8 scalar conversions, and the arena
- * (one bump allocator per model for activations, llm.c style). */
+ * (one bump allocator per model for activations, llm.c style; its blocks live on the CPU or, in
+ * device mode, in CUDA memory). */
 #ifndef MILL_TENSOR_H
 #define MILL_TENSOR_H
 
@@ -66,7 +67,10 @@ int dtype_convert_to_f32(mill_dtype dt, const void *src, float *dst, size_t n, m
 
 /* Bump allocator for activations: 64-byte aligned pieces from a chain of
  * blocks; arena_reset keeps one block as large as the peak so a steady
- * workload settles into a single allocation. */
+ * workload settles into a single allocation. A device arena (arena_init_device
+ * with DEVICE_CUDA) takes its blocks from cudaMalloc and zero-fills on `stream`
+ * (the kctx's), so the fill is ordered with the ops that use the memory; its
+ * pointers are device pointers, never dereferenced on the host. */
 typedef struct arena_block {
     struct arena_block *next;
     size_t cap, used;
@@ -76,11 +80,15 @@ typedef struct arena_block {
 typedef struct {
     arena_block *head;
     size_t block_size, used, peak;
+    mill_device device; /* where the blocks live (a zeroed arena is a CPU one) */
+    void *stream;       /* cudaStream_t of the zero fills (device mode) */
 } arena;
 
-int arena_init(arena *a, size_t block_size, mill_err *e);
-void *arena_alloc(arena *a, size_t bytes); /* NULL only when malloc fails */
-float *arena_floats(arena *a, size_t n);   /* zero-filled */
+int arena_init(arena *a, size_t block_size, mill_err *e); /* CPU */
+/* DEVICE_CPU: as arena_init. DEVICE_CUDA: device blocks, zero fills on stream (NULL: the default). */
+int arena_init_device(arena *a, size_t block_size, mill_device dev, void *stream, mill_err *e);
+void *arena_alloc(arena *a, size_t bytes); /* NULL only when malloc / cudaMalloc fails */
+float *arena_floats(arena *a, size_t n);   /* zero-filled; NULL also when the device fill fails */
 void arena_reset(arena *a);
 void arena_free(arena *a);
 

@@ -204,3 +204,122 @@ int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *coun
     *count = cnt;
     return 0;
 }
+
+/* The loop below was compute.c's token head, moved verbatim: CPU numerics unchanged. */
+int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
+                  const int32_t *targets, int n, int vocab, float temperature, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_token_logp(k, logits, logp, ent, rows, count, targets, n, vocab, temperature, e));
+    TRY(kctx_require_cpu(k, "op_token_logp", e));
+    int N = n, V = vocab;
+    /* log-softmax of logits / T and the entropy at each counted target; logits become softmax
+     * probabilities */
+    long cnt = 0;
+    for (int t = 0; t < N; t++) {
+        float *l = logits + (long)t * V;
+        int y = targets[t];
+        if (y < 0) continue;
+        if (y >= V) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, V);
+        float mx = l[0] / temperature;
+        for (int v = 1; v < V; v++) mx = l[v] / temperature > mx ? l[v] / temperature : mx;
+        double den = 0.0;
+        for (int v = 0; v < V; v++) den += exp((double)(l[v] / temperature - mx));
+        double lse = log(den) + mx, pz = 0.0;
+        logp[cnt] = (float)(l[y] / temperature - lse);
+        for (int v = 0; v < V; v++) {
+            double z = (double)(l[v] / temperature), p = exp(z - lse);
+            pz += p * z;
+            l[v] = (float)p;
+        }
+        ent[cnt] = (float)(lse - pz); /* H = -sum p log p = lse - sum p z */
+        rows[cnt++] = t;
+    }
+    *count = cnt;
+    return 0;
+}
+
+int op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
+                           const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                           float temperature, mill_err *e) {
+    MILL_CUDA_DISPATCH(
+        cuda_op_token_logp_backward(k, probs, rows, count, dlogp, dent, ent, targets, n, vocab, temperature, e));
+    TRY(kctx_require_cpu(k, "op_token_logp_backward", e));
+    int N = n, V = vocab;
+    long cnt = count;
+    /* d logp_y / d z = onehot_y - p and d H / d z_v = -p_v (log p_v + H), with z = logits / T;
+     * rows without a target get no gradient */
+    float *dl = probs;
+    int next = 0;
+    for (int t = 0; t < N; t++) {
+        float *row = dl + (long)t * V;
+        if (next < cnt && rows[next] == t) {
+            float g = dlogp[next] / temperature, gh = dent[next] / temperature, H = ent[next];
+            next++;
+            for (int v = 0; v < V; v++) {
+                float p = row[v];
+                row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
+            }
+            row[targets[t]] += g;
+        } else {
+            memset(row, 0, sizeof(float) * (size_t)V);
+        }
+    }
+    return 0;
+}
+
+int op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_copy(k, dst, src, bytes, e));
+    TRY(kctx_require_cpu(k, "op_copy", e));
+    if (bytes) memmove(dst, src, bytes);
+    return 0;
+}
+
+int op_zero(const kctx *k, void *x, size_t bytes, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_zero(k, x, bytes, e));
+    TRY(kctx_require_cpu(k, "op_zero", e));
+    if (bytes) memset(x, 0, bytes);
+    return 0;
+}
+
+int op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_copy_from_host(k, dst, host_src, bytes, e));
+    TRY(kctx_require_cpu(k, "op_copy_from_host", e));
+    if (bytes) memmove(dst, host_src, bytes);
+    return 0;
+}
+
+int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_copy_to_host(k, host_dst, src, bytes, e));
+    TRY(kctx_require_cpu(k, "op_copy_to_host", e));
+    if (bytes) memmove(host_dst, src, bytes);
+    return 0;
+}
+
+int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_repeat_rows(k, dst, src, rows, reps, dim, e));
+    TRY(kctx_require_cpu(k, "op_repeat_rows", e));
+    for (int t = 0; t < rows; t++)
+        for (int j = 0; j < reps; j++)
+            memcpy(dst + ((long)t * reps + j) * dim, src + (long)t * dim, sizeof(float) * (size_t)dim);
+    return 0;
+}
+
+int op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_repeat_rows_backward(k, dsrc, ddst, rows, reps, dim, e));
+    TRY(kctx_require_cpu(k, "op_repeat_rows_backward", e));
+    for (int t = 0; t < rows; t++)
+        for (int j = 0; j < reps; j++)
+            for (int i = 0; i < dim; i++) dsrc[(long)t * dim + i] += ddst[((long)t * reps + j) * dim + i];
+    return 0;
+}
+
+int op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width, int rows,
+                  mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_gather_i32(k, out, table, ids, n, width, rows, e));
+    TRY(kctx_require_cpu(k, "op_gather_i32", e));
+    for (int t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= rows)
+            return mill_errf(e, "id %d at position %d is outside the table's rows [0, %d)", ids[t], t, rows);
+        memcpy(out + (long)t * width, table + (long)ids[t] * width, sizeof(int32_t) * (size_t)width);
+    }
+    return 0;
+}

@@ -1,4 +1,6 @@
-/* kernels/dense.h — matmul, norms, embedding and elementwise ops.
+/* kernels/dense.h — matmul, norms, embedding and elementwise ops, the token head (log-softmax at
+ * targets and entropy), and the memory ops a model needs between them (copy, zero, host
+ * transfers, row repeat, int32 gather), so model code never touches activation memory itself.
  * Row-major throughout; a weight w[N, K] is stored as in the checkpoint
  * (out_features x in_features), so a linear layer is y = x @ w^T. */
 #ifndef MILL_DENSE_H
@@ -45,5 +47,36 @@ int op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *d
  * 0 elsewhere (dlogits may alias logits). */
 int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
                      const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e);
+
+
+/* Log-probabilities and entropies of logits / temperature at the rows whose target is >= 0
+ * (a target >= vocab is an error). Counted rows, in order, get logp[i] = log_softmax at the
+ * target, ent[i] = entropy of the row's distribution and rows[i] = the row; *count (host) = how
+ * many. Counted rows of logits are replaced by their softmax probabilities (the backward's
+ * input); the others are left alone. logp, ent, rows: [n] capacity. */
+int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
+                  const int32_t *targets, int n, int vocab, float temperature, mill_err *e);
+/* Its backward, in place: probs (op_token_logp's logits) become dlogits given dlogp and dent
+ * ([count], d loss / d logp and / d entropy): d logp_y / d z = onehot_y - p, d H / d z_v =
+ * -p_v (log p_v + H), z = logits / temperature; rows without a target get 0. Overwrites, unlike
+ * the other backward ops. */
+int op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
+                           const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                           float temperature, mill_err *e);
+
+/* Memory ops (bytes of any element type). The from/to_host pair moves between host memory and
+ * k's memory (memcpy on the CPU); op_copy_to_host waits for the device. */
+int op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e);
+int op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
+int op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
+int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+/* dst[r, j, :] = src[r, :] for j < reps (dst [rows, reps, dim]): the hyper-connection streams
+ * start as copies of the embedding. */
+int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);
+/* Its backward: dsrc[r, :] += ddst[r, 0, :] + ... + ddst[r, reps-1, :] (in that order). */
+int op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim, mill_err *e);
+/* out[t, :] = table[ids[t], :] for an int32 table of `rows` rows of `width` (tid2eid); ids checked. */
+int op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width, int rows,
+                  mill_err *e);
 
 #endif

@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "../common/safetensors.h"
+#include "../kernels/dense.h"
 #include "../trainer/model.h"
 #include "../rollout/generate.h"
 #include "../rollout/server.h"
@@ -22,10 +23,10 @@
 static int usage(FILE *to) {
     fprintf(to,
             "usage: mill <command> [options]\n"
-            "  forward --model DIR --input IN.json --output OUT.safetensors\n"
+            "  forward --model DIR --input IN.json --output OUT.safetensors [--device cpu|cuda]\n"
             "          IN.json: {\"input_ids\": [[...], ...]} (rows of equal length); OUT holds logits [B, T, vocab] f32\n"
             "          (and routing [layers, B, T, k] I32, the experts each token used)\n"
-            "  grad    --model DIR --input IN.json --output OUT.safetensors\n"
+            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device cpu|cuda]\n"
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
@@ -136,20 +137,40 @@ static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B
     return read_input_rows(path, vocab, ids_out, B, T, NULL, e);
 }
 
+/* --device cpu|cuda (default cpu). */
+static int opt_device(int argc, char **argv, mill_device *dev, mill_err *e) {
+    const char *d = opt(argc, argv, "--device");
+    if (!d || strcmp(d, "cpu") == 0) *dev = DEVICE_CPU;
+    else if (strcmp(d, "cuda") == 0) *dev = DEVICE_CUDA;
+    else return mill_errf(e, "--device must be cpu or cuda, got \"%s\"", d);
+    return 0;
+}
+
+/* The model to run on k's device: m itself on the CPU, else a device copy in *dm. */
+static const dsv4_model *model_on(const dsv4_model *m, dsv4_model *dm, const kctx *k, mill_err *e) {
+    if (k->device == DEVICE_CPU) return m;
+    return model_to_device(dm, m, k, e) ? NULL : dm;
+}
+
 static int cmd_forward(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", "--input", "--output", NULL};
+    static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     if (!dir || !in || !out) return mill_errf(e, "mill forward needs --model DIR --input IN.json --output OUT.safetensors");
-    dsv4_model m;
+    mill_device dev;
+    if (opt_device(argc, argv, &dev, e)) return -1;
+    dsv4_model m, dm = {0};
     if (model_load(&m, dir, e)) return -1;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *routing = NULL;
     float *logits = NULL;
     arena a = {0};
     kctx k = {0};
+    tensor tl = {0}, tr = {0}; /* logits and routing on the device */
+    const dsv4_model *run = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, DEVICE_CPU, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (!(run = model_on(&m, &dm, &k, e))) goto done;
     const dsv4_config *c = &m.cfg;
     long N = (long)B * T;
     logits = malloc(sizeof(float) * (size_t)N * (size_t)c->vocab_size);
@@ -158,10 +179,16 @@ static int cmd_forward(int argc, char **argv, mill_err *e) {
         mill_errf(e, "forward: out of memory for %ld x %d logits", N, c->vocab_size);
         goto done;
     }
-    if (arena_init(&a, 64 << 20, e)) goto done;
+    int64_t nl = N * c->vocab_size, nr = (int64_t)c->num_hidden_layers * N * c->num_experts_per_tok;
+    if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tl, DTYPE_F32, dev, 1, &nl, e) ||
+        tensor_alloc(&tr, DTYPE_I32, dev, 1, &nr, e))
+        goto done;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (model_forward(&m, &k, ids, B, T, logits, routing, &a, e)) goto done;
+    if (model_forward(run, &k, ids, B, T, tl.data, tr.data, &a, e) ||
+        op_copy_to_host(&k, logits, tl.data, tensor_nbytes(&tl), e) ||
+        op_copy_to_host(&k, routing, tr.data, tensor_nbytes(&tr), e))
+        goto done;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double sec = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
     w = safetensors_writer_new();
@@ -175,6 +202,9 @@ static int cmd_forward(int argc, char **argv, mill_err *e) {
 done:
     safetensors_writer_free(w);
     arena_free(&a);
+    tensor_free(&tl);
+    tensor_free(&tr);
+    model_free(&dm);
     kctx_free(&k);
     free(ids);
     free(logits);
@@ -196,19 +226,24 @@ static const char *human(double x, char *buf, size_t n) {
 }
 
 static int cmd_grad(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", "--input", "--output", NULL};
+    static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     if (!dir || !in || !out) return mill_errf(e, "mill grad needs --model DIR --input IN.json --output OUT.safetensors");
-    dsv4_model m;
+    mill_device dev;
+    if (opt_device(argc, argv, &dev, e)) return -1;
+    dsv4_model m, dm = {0};
     if (model_load(&m, dir, e)) return -1;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *targets = NULL;
     float *grads = NULL;
     arena a = {0};
     kctx k = {0};
+    tensor tg = {0}; /* the gradients on the device */
+    const dsv4_model *run = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, DEVICE_CPU, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (!(run = model_on(&m, &dm, &k, e))) goto done;
     if (T < 2) {
         mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
         goto done;
@@ -221,9 +256,12 @@ static int cmd_grad(int argc, char **argv, mill_err *e) {
     }
     for (int b = 0; b < B; b++) /* labels = inputs shifted by one; the last position has none */
         for (int t = 0; t < T; t++) targets[b * T + t] = t + 1 < T ? ids[b * T + t + 1] : -1;
-    if (arena_init(&a, 64 << 20, e)) goto done;
+    int64_t nf = (int64_t)m.n_floats;
+    if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tg, DTYPE_F32, dev, 1, &nf, e)) goto done;
     model_loss loss;
-    if (model_forward_backward(&m, &k, ids, targets, B, T, NULL, grads, &loss, &a, e)) goto done;
+    if (model_forward_backward(run, &k, ids, targets, B, T, NULL, tg.data, &loss, &a, e) ||
+        op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
+        goto done;
     w = safetensors_writer_new();
     int64_t one = 1;
     float lossf = (float)loss.loss;
@@ -243,6 +281,8 @@ static int cmd_grad(int argc, char **argv, mill_err *e) {
 done:
     safetensors_writer_free(w);
     arena_free(&a);
+    tensor_free(&tg);
+    model_free(&dm);
     kctx_free(&k);
     free(ids);
     free(targets);

@@ -378,6 +378,105 @@ static void test_cross_entropy(void **state) {
     END_TEST(f);
 }
 
+/* The token head (log-softmax at targets + entropy, in place -> probabilities) and its backward,
+ * at two temperatures, with uncounted rows; then a target >= vocab is an error on both paths. */
+static void test_token_logp(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][2] = {{64, 32000}, {37, 1000}};
+    float temps[] = {1.0f, 0.7f};
+    for (int s = 0; s < 2; s++) {
+        int n = sh[s][0], V = sh[s][1];
+        float temp = temps[s];
+        char name[64];
+        snprintf(name, sizeof name, "n%d vocab%d T%.1f", n, V, temp);
+        long nv = (long)n * V;
+        float *l = hnew(nv), *lp = hnew(n), *en = hnew(n), *dlp = hnew(n), *den = hnew(n);
+        int32_t *y = hnewi(n), *rows = hnewi(n);
+        fill(f, l, nv, -8, 8);
+        for (int t = 0; t < n; t++) y[t] = t % 5 == 3 ? -1 : (int32_t)rng_below(&f->r, (uint64_t)V);
+        float *dl = up(l, nv), *dlpd = poison(n), *dend = poison(n);
+        int32_t *dy = upi(y, n), *drows = upi(y, n);
+        long c1 = 0, c2 = 0;
+        OK(op_token_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, ERR));
+        OK(op_token_logp(&f->gpu, dl, dlpd, dend, drows, &c2, dy, n, V, temp, ERR));
+        record(f, "op_token_logp count", name, (double)labs(c2 - c1), 0.0);
+        cmp(f, "op_token_logp logp", name, dlpd, lp, c1, TOL_FP32);
+        cmp(f, "op_token_logp entropy", name, dend, en, c1, TOL_FP32);
+        cmpi(f, "op_token_logp rows", name, drows, rows, c1);
+        cmp(f, "op_token_logp probs", name, dl, l, nv, TOL_FP32);
+        fill(f, dlp, c1, -1, 1);
+        fill(f, den, c1, -1, 1);
+        float *d_dlp = up(dlp, c1), *d_den = up(den, c1);
+        OK(op_token_logp_backward(&f->cpu, l, rows, c1, dlp, den, en, y, n, V, temp, ERR));
+        OK(op_token_logp_backward(&f->gpu, dl, drows, c1, d_dlp, d_den, dend, dy, n, V, temp, ERR));
+        cmp(f, "op_token_logp_backward", name, dl, l, nv, TOL_FP32);
+        if (s == 1) { /* a target past the vocabulary */
+            y[5] = V;
+            int32_t *dbad = upi(y, n);
+            mill_err e1, e2;
+            fill(f, l, nv, -8, 8);
+            float *dl2 = up(l, nv);
+            int r1 = op_token_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, &e1);
+            int r2 = op_token_logp(&f->gpu, dl2, dlpd, dend, drows, &c2, dbad, n, V, temp, &e2);
+            printf("  op_token_logp bad target: cpu \"%s\" / gpu \"%s\"\n", r1 ? e1.msg : "ok", r2 ? e2.msg : "ok");
+            record(f, "op_token_logp bad target", name, (r1 && r2 && !strcmp(e1.msg, e2.msg)) ? 0.0 : 1.0, 0.0);
+            cuda_free(dbad), cuda_free(dl2);
+        }
+        free(l), free(lp), free(en), free(dlp), free(den), free(y), free(rows);
+        cuda_free(dl), cuda_free(dlpd), cuda_free(dend), cuda_free(dy), cuda_free(drows), cuda_free(d_dlp),
+            cuda_free(d_den);
+    }
+    END_TEST(f);
+}
+
+/* The memory ops the model uses between other ops: copy, zero, host round trip, the stream
+ * repeat and its backward (same summation order: exact), the int32 gather (exact; bad id). */
+static void test_memory_ops(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int rows = 300, reps = 4, dim = 257, tab = 1000, width = 6;
+    long n = (long)rows * dim, nr = n * reps;
+    float *x = hnew(n), *xr = hnew(nr), *g = hnew(nr), *acc = hnew(n), *back = hnew(n);
+    fill(f, x, n, -1, 1);
+    fill(f, g, nr, -1, 1);
+    fill(f, acc, n, -1, 1);
+    float *dx = up(x, n), *dxr = poison(nr), *dg = up(g, nr), *dacc = up(acc, n), *dc = poison(n);
+    OK(op_copy(&f->gpu, dc, dx, sizeof(float) * (size_t)n, ERR));
+    cmp(f, "op_copy", "n77100", dc, x, n, 0.0);
+    OK(op_copy_to_host(&f->gpu, back, dc, sizeof(float) * (size_t)n, ERR));
+    record(f, "op_copy_to_host", "n77100", rel_err(back, x, n), 0.0);
+    OK(op_copy_from_host(&f->gpu, dc, acc, sizeof(float) * (size_t)n, ERR));
+    cmp(f, "op_copy_from_host", "n77100", dc, acc, n, 0.0);
+    OK(op_zero(&f->gpu, dc, sizeof(float) * (size_t)n, ERR));
+    fillv(back, n, 0.0f);
+    cmp(f, "op_zero", "n77100", dc, back, n, 0.0);
+    OK(op_repeat_rows(&f->cpu, xr, x, rows, reps, dim, ERR));
+    OK(op_repeat_rows(&f->gpu, dxr, dx, rows, reps, dim, ERR));
+    cmp(f, "op_repeat_rows", "rows300 reps4 dim257", dxr, xr, nr, 0.0);
+    OK(op_repeat_rows_backward(&f->cpu, acc, g, rows, reps, dim, ERR));
+    OK(op_repeat_rows_backward(&f->gpu, dacc, dg, rows, reps, dim, ERR));
+    cmp(f, "op_repeat_rows_backward", "rows300 reps4 dim257", dacc, acc, n, 0.0);
+    int32_t *t = hnewi((long)tab * width), *ids = hnewi(rows), *o = hnewi((long)rows * width);
+    for (long i = 0; i < (long)tab * width; i++) t[i] = (int32_t)rng_below(&f->r, 64);
+    for (int i = 0; i < rows; i++) ids[i] = (int32_t)rng_below(&f->r, (uint64_t)tab);
+    int32_t *dt = upi(t, (long)tab * width), *dids = upi(ids, rows), *dout = upi(o, (long)rows * width);
+    OK(op_gather_i32(&f->cpu, o, t, ids, rows, width, tab, ERR));
+    OK(op_gather_i32(&f->gpu, dout, dt, dids, rows, width, tab, ERR));
+    cmpi(f, "op_gather_i32", "table1000x6 n300", dout, o, (long)rows * width);
+    ids[7] = tab;
+    int32_t *dbad = upi(ids, rows);
+    mill_err e1, e2;
+    int r1 = op_gather_i32(&f->cpu, o, t, ids, rows, width, tab, &e1);
+    int r2 = op_gather_i32(&f->gpu, dout, dt, dbad, rows, width, tab, &e2);
+    printf("  op_gather_i32 bad id: cpu \"%s\" / gpu \"%s\"\n", r1 ? e1.msg : "ok", r2 ? e2.msg : "ok");
+    record(f, "op_gather_i32 bad id", "id 1000 at 7", (r1 && r2 && !strcmp(e1.msg, e2.msg)) ? 0.0 : 1.0, 0.0);
+    free(x), free(xr), free(g), free(acc), free(back), free(t), free(ids), free(o);
+    cuda_free(dx), cuda_free(dxr), cuda_free(dg), cuda_free(dacc), cuda_free(dc), cuda_free(dt), cuda_free(dids),
+        cuda_free(dout), cuda_free(dbad);
+    END_TEST(f);
+}
+
 static void test_rope(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -863,7 +962,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
-        cmocka_unit_test(test_moe_experts),
+        cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -1,7 +1,11 @@
 /* trainer/compute.c — the DeepSeek-V4 forward and its hand-written backward (llm.c style:
  * the forward records what the backward needs in a trace held by the arena; the backward
  * walks the layers in reverse, recomputing the cheap parts: attention probabilities,
- * Sinkhorn, expert activations). */
+ * Sinkhorn, expert activations). Device-agnostic: every touch of activation or weight memory is
+ * an op (kernels/), so the same code runs on the CPU and, with a CUDA kctx, a model from
+ * model_to_device and a device arena, on the GPU. Host-built index arrays (token ids, targets,
+ * replay, positions) go to the arena in one copy per call; the per-layer trace index lives on
+ * the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +15,7 @@
 #include "../kernels/dense.h"
 #include "../kernels/hc.h"
 #include "../kernels/moe.h"
+#include "../kernels/optim.h"
 #include "../kernels/rope.h"
 #include "model.h"
 
@@ -37,9 +42,13 @@ typedef struct {
     const kctx *k;
     arena *a;
     int B, T, N;
-    const int32_t *ids, *pos, *wpos;
+    /* in the arena (device memory on CUDA): token ids [N], positions [N], per-layer compressed
+     * entry positions wpos_all [layers, T] (entry w of layer l at w * ratio), targets [N] and
+     * replay [layers, N, k] when given; wpos: the current layer's row */
+    const int32_t *ids, *pos, *wpos, *wpos_all, *targets, *replay;
     mill_err *e;
-    layer_trace *lt;
+    layer_trace *lt;                   /* [layers], host memory: pointers into the arena */
+    float *host;                       /* host scratch of the token loss */
     float *h_final, *x_head, *xn_head; /* HC head input [N,n,D], its output and the normed output */
 } fwd;
 
@@ -85,7 +94,7 @@ static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_ef
     TRY(op_rope(f->k, iq, N, nh, ih, c->qk_rope_head_dim, f->pos, f->m->inv_freq_compress, 1, f->e));
     TRY(op_linear(f->k, iw, x, L->i_wproj, N, nh, D, 0, 0, 0, f->e));
     float wscale = 1.0f / sqrtf((float)nh);
-    for (long i = 0; i < (long)N * nh; i++) iw[i] *= wscale;
+    TRY(op_scale(f->k, iw, (long)N * nh, wscale, f->e));
     for (int b = 0; b < f->B; b++) {
         long t0 = (long)b * T;
         TRY(op_indexer_scores(f->k, score, iq + t0 * nh * ih, keys + (long)b * Tc * ih, iw + t0 * nh, T, Tc, nh, ih,
@@ -118,7 +127,7 @@ int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o,
     const dsv4_layer *L = &m->layers[l];
     int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, G = c->o_groups, R = c->o_lora_rank;
     /* Values are the rotated keys: undo the rotation at the query position. */
-    memcpy(o_rot, o, sizeof(float) * (size_t)N * H * d);
+    TRY(op_copy(k, o_rot, o, sizeof(float) * (size_t)N * H * d, e));
     TRY(op_rope(k, o_rot, N, H, d, c->qk_rope_head_dim, pos, L->ratio ? m->inv_freq_compress : m->inv_freq_main, -1,
                 e));
     int gw = H * d / G; /* each group's rows of wo_a see only that group's heads */
@@ -184,7 +193,7 @@ int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const i
     if (L->is_hash && !given) { /* the table picks the experts; the gate still weights them */
         int32_t *g = (int32_t *)arena_floats(a, (size_t)N * K);
         if (!g) return mill_errf(e, "moe: out of activation memory");
-        for (int i = 0; i < N; i++) memcpy(g + (long)i * K, L->tid2eid + (long)tokens[i] * K, sizeof(int32_t) * K);
+        TRY(op_gather_i32(k, g, L->tid2eid, tokens, N, K, c->vocab_size, e));
         given = g;
     }
     moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
@@ -225,36 +234,26 @@ static int site_alloc(fwd *f, site_trace *s) {
 }
 
 /* Runs the model; the trace (f->lt etc.) stays in the arena. logits: [N, vocab]. */
-static int forward_traced(fwd *f, float *logits, int32_t *routing, const int32_t *replay) {
+static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     const dsv4_model *m = f->m;
     const dsv4_config *c = &m->cfg;
     const kctx *k = f->k;
     mill_err *e = f->e;
     int N = f->N, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, L = c->num_hidden_layers;
-    int32_t *pos;
+    const int32_t *replay = f->replay;
     float *work, *x0;
-    ALLOC(pos, N);
-    for (int i = 0; i < N; i++) pos[i] = i % T;
-    f->pos = pos;
-    ALLOC(f->lt, (long)L * (long)(sizeof(layer_trace) / sizeof(float) + 1));
     ALLOC(work, (long)N * (n * D + (2 + n) * n));
     ALLOC(x0, (long)N * D);
     TRY(op_embedding(k, x0, m->embed, f->ids, N, D, c->vocab_size, e));
     float *h;
     ALLOC(h, (long)N * n * D);
-    for (int t = 0; t < N; t++)
-        for (int j = 0; j < n; j++) memcpy(h + ((long)t * n + j) * D, x0 + (long)t * D, sizeof(float) * (size_t)D);
+    TRY(op_repeat_rows(k, h, x0, N, n, D, e));
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float eps = (float)c->rms_norm_eps;
     for (int l = 0; l < L; l++) {
         const dsv4_layer *Ly = &m->layers[l];
         layer_trace *t = &f->lt[l];
-        int32_t *wp;
-        if (Ly->ratio) { /* compressed entry w sits at position w * ratio */
-            ALLOC(wp, T);
-            for (int w = 0; w < T; w++) wp[w] = w * Ly->ratio;
-            f->wpos = wp;
-        }
+        f->wpos = f->wpos_all + (long)l * T;
         TRY(site_alloc(f, &t->attn));
         TRY(site_alloc(f, &t->ffn));
         ALLOC(t->ids, (long)N * K);
@@ -272,7 +271,7 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing, const int32_t
                       work, e));
         TRY(op_rmsnorm(k, s->xn, s->x, Ly->ffn_norm, N, D, 0, eps, e));
         TRY(moe_forward(f, Ly, t, s->y, s->xn, replay ? replay + (long)l * N * K : NULL));
-        if (routing) memcpy(routing + (long)l * N * K, t->ids, sizeof(int32_t) * (size_t)N * K);
+        if (routing) TRY(op_copy(k, routing + (long)l * N * K, t->ids, sizeof(int32_t) * (size_t)N * K, e));
         ALLOC(h, (long)N * n * D);
         TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
     }
@@ -284,10 +283,48 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing, const int32_t
     return op_linear(k, logits, f->xn_head, m->head, N, c->vocab_size, D, 0, 0, 0, e);
 }
 
-static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, arena *a,
-                     mill_err *e) {
+/* The host index arrays, built into one host buffer and copied to the arena at once. */
+static int fwd_upload(fwd *f, const int32_t *ids, const int32_t *targets, const int32_t *replay) {
+    const dsv4_config *c = &f->m->cfg;
+    int N = f->N, T = f->T, L = c->num_hidden_layers;
+    long n_rep = replay ? (long)L * N * c->num_experts_per_tok : 0, n_tgt = targets ? N : 0;
+    long n = 2L * N + (long)L * T + n_tgt + n_rep;
+    int32_t *dev, *h = malloc(sizeof(int32_t) * (size_t)n);
+    if (!h) return mill_errf(f->e, "forward: out of memory for %ld indices", n);
+    dev = (int32_t *)arena_floats(f->a, (size_t)n);
+    if (!dev) {
+        free(h);
+        return mill_errf(f->e, "forward: out of activation memory");
+    }
+    memcpy(h, ids, sizeof(int32_t) * (size_t)N);
+    for (int i = 0; i < N; i++) h[N + i] = i % T;
+    for (int l = 0; l < L; l++) /* compressed entry w sits at position w * ratio */
+        for (int w = 0; w < T; w++) h[2L * N + (long)l * T + w] = w * c->compress_ratios[l];
+    if (targets) memcpy(h + 2L * N + (long)L * T, targets, sizeof(int32_t) * (size_t)n_tgt);
+    if (replay) memcpy(h + 2L * N + (long)L * T + n_tgt, replay, sizeof(int32_t) * (size_t)n_rep);
+    int rc = op_copy_from_host(f->k, dev, h, sizeof(int32_t) * (size_t)n, f->e);
+    free(h);
+    f->ids = dev;
+    f->pos = dev + N;
+    f->wpos_all = dev + 2L * N;
+    f->targets = targets ? dev + 2L * N + (long)L * T : NULL;
+    f->replay = replay ? dev + 2L * N + (long)L * T + n_tgt : NULL;
+    return rc;
+}
+
+static void fwd_end(fwd *f) {
+    free(f->lt);
+    free(f->host);
+    f->lt = NULL;
+    f->host = NULL;
+}
+
+static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets,
+                     const int32_t *replay, int B, int T, arena *a, mill_err *e) {
     memset(f, 0, sizeof *f);
     if (B <= 0 || T <= 0) return mill_errf(e, "forward: empty batch (%d rows of %d tokens)", B, T);
+    if (m->device != k->device || a->device != k->device)
+        return mill_errf(e, "forward: the model, the arena and the kctx must be on one device");
     arena_reset(a);
     f->m = m;
     f->k = k;
@@ -295,16 +332,23 @@ static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *
     f->B = B;
     f->T = T;
     f->N = B * T;
-    f->ids = ids;
     f->e = e;
+    f->lt = calloc((size_t)(m->cfg.num_hidden_layers ? m->cfg.num_hidden_layers : 1), sizeof(layer_trace));
+    if (!f->lt) return mill_errf(e, "forward: out of memory");
+    if (fwd_upload(f, ids, targets, replay)) {
+        fwd_end(f);
+        return -1;
+    }
     return 0;
 }
 
 int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
                   int32_t *routing, arena *a, mill_err *e) {
     fwd f;
-    TRY(fwd_begin(&f, m, k, ids, B, T, a, e));
-    return forward_traced(&f, logits, routing, NULL);
+    TRY(fwd_begin(&f, m, k, ids, NULL, NULL, B, T, a, e));
+    int rc = forward_traced(&f, logits, routing);
+    fwd_end(&f);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ backward */
@@ -336,6 +380,7 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
         TRY(op_linear_backward(k, do_ + (long)g * gw, GRAD(L->wo_a) + (long)g * R * gw, dz + (long)g * R,
                                t->o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, e));
     TRY(op_rope(k, do_, N, H, d, r, f->pos, inv_freq, 1, e)); /* back through the inverse rotation */
+    const int32_t *wp = f->wpos_all + (long)(L - f->m->layers) * T; /* the forward's entry positions */
     if (t->n_comp) ALLOC(dcomp, (long)f->B * t->Tc * d);
     for (int b = 0; b < f->B; b++) {
         long t0 = (long)b * T;
@@ -348,12 +393,9 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
     if (t->Tc) { /* compressor: entries = rope(rmsnorm(pool(x Wkv, x Wgate))) */
         int overlap = ratio == ATTN_CSA, width = overlap ? 2 * d : d, Tc = t->Tc;
         float *dpooled, *dca, *dcg;
-        int32_t *wp;
         ALLOC(dpooled, (long)f->B * Tc * d);
         ALLOC(dca, (long)N * width);
         ALLOC(dcg, (long)N * width);
-        ALLOC(wp, Tc);
-        for (int w = 0; w < Tc; w++) wp[w] = w * ratio;
         if (dcomp) {
             for (int b = 0; b < f->B; b++) {
                 float *dc = dcomp + (long)b * Tc * d;
@@ -422,9 +464,9 @@ static int site_backward(fwd *f, const site_trace *s, const float *fn, const flo
     const dsv4_config *c = &f->m->cfg;
     int N = f->N, n = c->hc_mult, D = c->hidden_size;
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
-    memset(dy, 0, sizeof(float) * (size_t)N * D);
-    memset(dxn_out, 0, sizeof(float) * (size_t)N * D);
-    memset(dx, 0, sizeof(float) * (size_t)N * D);
+    TRY(op_zero(f->k, dy, sizeof(float) * (size_t)N * D, f->e));
+    TRY(op_zero(f->k, dxn_out, sizeof(float) * (size_t)N * D, f->e));
+    TRY(op_zero(f->k, dx, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_hc_post_backward(f->k, dh_in, dy, dpost, dcomb, dh_out, s->h_in, s->y, s->post, s->comb, N, n, D, f->e));
     if (sublayer_is_attn) TRY(attention_backward(f, L, t, dxn_out, dy, s->xn, grads));
     else TRY(moe_backward(f, L, t, dxn_out, dy, s->xn, grads));
@@ -460,28 +502,25 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
         const dsv4_layer *L = &m->layers[l];
         const layer_trace *t = &f->lt[l];
         /* dh: grad of this layer's output; dh2: of its middle; then dh again: of its input */
-        memset(dh2, 0, sizeof(float) * (size_t)N * n * D);
+        TRY(op_zero(k, dh2, sizeof(float) * (size_t)N * n * D, e));
         TRY(site_backward(f, &t->ffn, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, L->ffn_norm, dh2, dh, dxn, grads,
                           dy, dpost, dcomb, dx, work, 0, L, t));
-        memset(dh, 0, sizeof(float) * (size_t)N * n * D);
+        TRY(op_zero(k, dh, sizeof(float) * (size_t)N * n * D, e));
         TRY(site_backward(f, &t->attn, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, L->attn_norm, dh, dh2, dxn,
                           grads, dy, dpost, dcomb, dx, work, 1, L, t));
     }
     /* the n streams all started as the embedding */
-    memset(dx, 0, sizeof(float) * (size_t)N * D);
-    for (int t = 0; t < N; t++)
-        for (int j = 0; j < n; j++)
-            for (int i = 0; i < D; i++) dx[(long)t * D + i] += dh[((long)t * n + j) * D + i];
+    TRY(op_zero(k, dx, sizeof(float) * (size_t)N * D, e));
+    TRY(op_repeat_rows_backward(k, dx, dh, N, n, D, e));
     return op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e);
 }
 
-int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
-                                  int T, const int32_t *replay, float temperature, float *grads,
-                                  model_token_loss_fn loss_fn, void *ctx, float *logp_out, double *loss, long *count,
-                                  arena *a, mill_err *e) {
-    fwd st, *f = &st;
-    TRY(fwd_begin(f, m, k, ids, B, T, a, e));
-    int N = f->N, V = m->cfg.vocab_size;
+/* After the traced forward: the token head, the loss on the host, its backward into grads. */
+static int tokens_step(fwd *f, float temperature, float *grads, model_token_loss_fn loss_fn, void *ctx,
+                       float *logp_out, double *loss, long *count) {
+    const kctx *k = f->k;
+    mill_err *e = f->e;
+    int N = f->N, V = f->m->cfg.vocab_size;
     if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
     float *logits, *logp, *ent;
     int32_t *rows;
@@ -489,57 +528,38 @@ int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int3
     ALLOC(logp, N);
     ALLOC(ent, N);
     ALLOC(rows, N);
-    TRY(forward_traced(f, logits, NULL, replay));
-    /* log-softmax of logits / T and the entropy at each counted target; logits become softmax
-     * probabilities */
+    TRY(forward_traced(f, logits, NULL));
     long cnt = 0;
-    for (int t = 0; t < N; t++) {
-        float *l = logits + (long)t * V;
-        int y = targets[t];
-        if (y < 0) continue;
-        if (y >= V) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, V);
-        float mx = l[0] / temperature;
-        for (int v = 1; v < V; v++) mx = l[v] / temperature > mx ? l[v] / temperature : mx;
-        double den = 0.0;
-        for (int v = 0; v < V; v++) den += exp((double)(l[v] / temperature - mx));
-        double lse = log(den) + mx, pz = 0.0;
-        logp[cnt] = (float)(l[y] / temperature - lse);
-        for (int v = 0; v < V; v++) {
-            double z = (double)(l[v] / temperature), p = exp(z - lse);
-            pz += p * z;
-            l[v] = (float)p;
-        }
-        ent[cnt] = (float)(lse - pz); /* H = -sum p log p = lse - sum p z */
-        rows[cnt++] = t;
-    }
+    TRY(op_token_logp(k, logits, logp, ent, rows, &cnt, f->targets, N, V, temperature, e)); /* logits -> probs */
     if (!cnt) return mill_errf(e, "loss: no position has a target");
-    if (logp_out) memcpy(logp_out, logp, sizeof(float) * (size_t)cnt);
+    /* the loss runs on the host: logp and entropies come over, d loss / d (logp, entropy) go back */
+    f->host = calloc((size_t)cnt * 4, sizeof(float));
+    if (!f->host) return mill_errf(e, "loss: out of memory");
+    float *hlogp = f->host, *hent = hlogp + cnt, *hdlogp = hent + cnt, *hdent = hdlogp + cnt;
+    TRY(op_copy_to_host(k, hlogp, logp, sizeof(float) * (size_t)cnt, e));
+    TRY(op_copy_to_host(k, hent, ent, sizeof(float) * (size_t)cnt, e));
+    if (logp_out) memcpy(logp_out, hlogp, sizeof(float) * (size_t)cnt);
     *count = cnt;
     if (!loss_fn) return 0;
     float *dlogp, *dent;
     ALLOC(dlogp, cnt);
     ALLOC(dent, cnt);
-    memset(dent, 0, sizeof(float) * (size_t)cnt);
-    TRY(loss_fn(ctx, logp, ent, (int)cnt, dlogp, dent, loss, e));
-    /* d logp_y / d z = onehot_y - p and d H / d z_v = -p_v (log p_v + H), with z = logits / T;
-     * rows without a target get no gradient */
-    float *dl = logits;
-    int next = 0;
-    for (int t = 0; t < N; t++) {
-        float *row = dl + (long)t * V;
-        if (next < cnt && rows[next] == t) {
-            float g = dlogp[next] / temperature, gh = dent[next] / temperature, H = ent[next];
-            next++;
-            for (int v = 0; v < V; v++) {
-                float p = row[v];
-                row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
-            }
-            row[targets[t]] += g;
-        } else {
-            memset(row, 0, sizeof(float) * (size_t)V);
-        }
-    }
-    return backward_from_logits(f, dl, grads);
+    TRY(loss_fn(ctx, hlogp, hent, (int)cnt, hdlogp, hdent, loss, e));
+    TRY(op_copy_from_host(k, dlogp, hdlogp, sizeof(float) * (size_t)cnt, e));
+    TRY(op_copy_from_host(k, dent, hdent, sizeof(float) * (size_t)cnt, e));
+    TRY(op_token_logp_backward(k, logits, rows, cnt, dlogp, dent, ent, f->targets, N, V, temperature, e));
+    return backward_from_logits(f, logits, grads);
+}
+
+int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                                  int T, const int32_t *replay, float temperature, float *grads,
+                                  model_token_loss_fn loss_fn, void *ctx, float *logp_out, double *loss, long *count,
+                                  arena *a, mill_err *e) {
+    fwd f;
+    TRY(fwd_begin(&f, m, k, ids, targets, replay, B, T, a, e));
+    int rc = tokens_step(&f, temperature, grads, loss_fn, ctx, logp_out, loss, count);
+    fwd_end(&f);
+    return rc;
 }
 
 /* Mean next-token cross-entropy: loss = -mean(logp), dloss/dlogp = -1/count. */

@@ -6,6 +6,9 @@
 #include <string.h>
 
 #include "../common/rng.h"
+#ifdef MILL_CUDA
+#include "../common/cuda_util.h"
+#endif
 #include "../common/safetensors.h"
 #include "../kernels/attention.h"
 #include "../kernels/dense.h"
@@ -225,13 +228,94 @@ int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
     return 0;
 }
 
+/* The device-resident buffers of a model: host memory, or CUDA memory after model_to_device. */
+static void model_buf_free(const dsv4_model *m, void *p) {
+    if (m->device == DEVICE_CPU) free(p);
+#ifdef MILL_CUDA
+    else if (p) cuda_free(p);
+#endif
+}
+
+static void *model_buf_copy(const dsv4_model *dst, const void *src, size_t bytes, mill_err *e) {
+    if (dst->device == DEVICE_CPU) {
+        void *p = malloc(bytes ? bytes : 1);
+        if (!p) mill_errf(e, "model: out of memory for %zu bytes", bytes);
+        else memcpy(p, src, bytes);
+        return p;
+    }
+#ifdef MILL_CUDA
+    void *p = NULL;
+    if (cuda_alloc(&p, bytes, e)) return NULL;
+    if (bytes && cuda_copy_to_device(p, src, bytes, e)) {
+        cuda_free(p);
+        return NULL;
+    }
+    return p;
+#else
+    mill_errf(e, "model_to_device: this build has no CUDA support");
+    return NULL;
+#endif
+}
+
+/* p re-pointed from one buffer to its copy: same offset. */
+static float *rebase(const float *p, const float *from, float *to) { return p ? to + (p - from) : NULL; }
+
+int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_err *e) {
+    memset(dst, 0, sizeof *dst);
+    if (src->device != DEVICE_CPU) return mill_errf(e, "model_to_device: the source model must be on the CPU");
+    dst->cfg = src->cfg;
+    dst->n_params = src->n_params;
+    dst->n_floats = src->n_floats;
+    dst->n_trainable = src->n_trainable;
+    dst->n_index = src->n_index;
+    dst->device = k->device;
+    int L = src->cfg.num_hidden_layers, half = src->cfg.qk_rope_head_dim / 2 ? src->cfg.qk_rope_head_dim / 2 : 1;
+    dst->params = malloc(sizeof *dst->params * (size_t)(src->n_params ? src->n_params : 1));
+    dst->layers = malloc(sizeof *dst->layers * (size_t)(L ? L : 1));
+    if (!dst->params || !dst->layers) {
+        model_free(dst);
+        return mill_errf(e, "model_to_device: out of memory");
+    }
+    memcpy(dst->params, src->params, sizeof *dst->params * (size_t)src->n_params);
+    if (!(dst->data = model_buf_copy(dst, src->data, sizeof(float) * src->n_floats, e)) ||
+        !(dst->index_data = model_buf_copy(dst, src->index_data, sizeof(int32_t) * src->n_index, e)) ||
+        !(dst->inv_freq_main = model_buf_copy(dst, src->inv_freq_main, sizeof(float) * (size_t)half, e)) ||
+        !(dst->inv_freq_compress = model_buf_copy(dst, src->inv_freq_compress, sizeof(float) * (size_t)half, e))) {
+        model_free(dst);
+        return mill_err_wrap(e, "model_to_device");
+    }
+    const float *f0 = src->data;
+    float *t0 = dst->data;
+    dst->embed = rebase(src->embed, f0, t0);
+    dst->head = rebase(src->head, f0, t0);
+    dst->norm = rebase(src->norm, f0, t0);
+    dst->hc_head_fn = rebase(src->hc_head_fn, f0, t0);
+    dst->hc_head_base = rebase(src->hc_head_base, f0, t0);
+    dst->hc_head_scale = rebase(src->hc_head_scale, f0, t0);
+    for (int l = 0; l < L; l++) {
+        const dsv4_layer *S = &src->layers[l];
+        dsv4_layer *D = &dst->layers[l];
+        *D = *S;
+        /* every float pointer of dsv4_layer (a new field must be added here too) */
+        float **fields[] = {&D->attn_norm, &D->ffn_norm, &D->hc_attn_fn, &D->hc_attn_base, &D->hc_attn_scale,
+                            &D->hc_ffn_fn, &D->hc_ffn_base, &D->hc_ffn_scale, &D->wq_a, &D->q_norm, &D->wq_b,
+                            &D->wkv, &D->kv_norm, &D->wo_a, &D->wo_b, &D->attn_sink, &D->c_wkv, &D->c_wgate,
+                            &D->c_ape, &D->c_norm, &D->i_wq_b, &D->i_wproj, &D->i_wkv, &D->i_wgate, &D->i_ape,
+                            &D->i_norm, &D->gate, &D->gate_bias, &D->w1, &D->w2, &D->w3, &D->sw1, &D->sw2,
+                            &D->sw3};
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) *fields[i] = rebase(*fields[i], f0, t0);
+        D->tid2eid = S->tid2eid ? dst->index_data + (S->tid2eid - src->index_data) : NULL;
+    }
+    return 0;
+}
+
 void model_free(dsv4_model *m) {
     free(m->params);
-    free(m->data);
-    free(m->index_data);
+    model_buf_free(m, m->data);
+    model_buf_free(m, m->index_data);
     free(m->layers);
-    free(m->inv_freq_main);
-    free(m->inv_freq_compress);
+    model_buf_free(m, m->inv_freq_main);
+    model_buf_free(m, m->inv_freq_compress);
     for (int i = 0; i < m->n_extra; i++) {
         free(m->extra[i].name);
         tensor_free(&m->extra[i].t);

@@ -5,7 +5,9 @@
  * (layers.N.attn.wq_a.weight, ...). A layer's experts are stored contiguously
  * per weight (all w1, then all w2, then all w3), so expert, layer and tensor
  * slices for EP/PP/TP are offset ranges of the table. tid2eid tables are int32.
- * The same definition serves the trainer and the rollout engine. */
+ * The same definition serves the trainer and the rollout engine. A model lives on
+ * one device (model_to_device makes a CUDA copy: flat buffer, tid2eid and RoPE
+ * tables in device memory, the parameter table and layer structs on the host). */
 #ifndef MILL_MODEL_H
 #define MILL_MODEL_H
 
@@ -65,6 +67,7 @@ typedef struct {
     float *inv_freq_main, *inv_freq_compress; /* [qk_rope_head_dim / 2] each */
     model_extra *extra;
     int n_extra;
+    mill_device device; /* where data, index_data and the inv_freq tables live */
 } dsv4_model;
 
 /* Builds the parameter table for cfg only (no buffers: works for any size, e.g. to count). */
@@ -73,7 +76,12 @@ int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
 int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
 /* config.json + safetensors (single file or sharded) from a directory. */
 int model_load(dsv4_model *m, const char *dir, mill_err *e);
-void model_free(dsv4_model *m);
+void model_free(dsv4_model *m); /* either device */
+/* dst = a copy of src (a CPU model) on k's device: the fp32 master weights, buffers, tid2eid and
+ * the RoPE tables are copied into device memory and every layer pointer re-pointed into them; the
+ * parameter table stays on the host. mtp.* extras are not copied (nothing runs them). On a CPU
+ * kctx dst is a plain host copy. Free dst with model_free. */
+int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_err *e);
 /* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
 int model_save(const dsv4_model *m, const char *dir, mill_err *e);
 /* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
@@ -85,7 +93,12 @@ const param_info *model_find_param(const dsv4_model *m, const char *name);
  * (its top-k selection is not differentiable). */
 int model_param_has_grad(const param_info *p);
 
-/* Forward over B rows of T tokens (positions 0..T-1).
+/* Memory, for the three entry points below: m, the arena and k share one device. ids, targets and
+ * replay are HOST arrays (copied to the device once per call with the positions); logits,
+ * routing and grads are in the device's memory (device pointers on CUDA), like every op argument;
+ * loss, count, logp_out and the loss_fn arrays are host memory.
+ *
+ * Forward over B rows of T tokens (positions 0..T-1).
  * logits: [B*T, vocab] out. routing (optional): [layers, B*T, k] expert ids used.
  * Activations come from the arena, which is reset first. */
 int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
@@ -101,7 +114,7 @@ int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x
 int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o, const int32_t *pos, int N,
                       float *o_rot, float *z, float *y, mill_err *e);
 /* MoE sublayer of layer l on x [N, D] (ffn-normed) -> y [N, D]; tokens [N] feed the hash layers'
- * tid2eid; replay [N, k] forces the experts. logits, scores [N, E], ids, wts [N, k] are outputs. */
+ * tid2eid; replay [N, k] forces the experts (both in k's memory, like every argument here). logits, scores [N, E], ids, wts [N, k] are outputs. */
 int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
               const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
               mill_err *e);

@@ -5,6 +5,8 @@
  *   op_cross_entropy: loss_sum and count (the op waits for the stream to fill them);
  *   op_sumsq: acc (likewise);
  *   op_attend_keys: keys is a DEVICE array of nk DEVICE pointers (one per key row);
+ *   op_token_logp: count (the op waits for the stream to fill it);
+ *   op_copy_from_host: host_src; op_copy_to_host: host_dst (the op waits for the copy);
  *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
  * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
  * ids) check on the device and read one flag back, so they also synchronise the stream.
@@ -50,6 +52,20 @@ int cuda_op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const flo
                                   const float *u, long n, float limit, mill_err *e);
 int cuda_op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
                           const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e);
+int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
+                       const int32_t *targets, int n, int vocab, float temperature, mill_err *e);
+int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
+                                const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                                float temperature, mill_err *e);
+int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e);
+int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
+int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
+int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+int cuda_op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);
+int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim,
+                                 mill_err *e);
+int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width,
+                       int rows, mill_err *e);
 
 /* rope_optim.cu */
 int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,

@@ -1,6 +1,7 @@
 /* kernels/cuda/dense.cu — CUDA paths of kernels/dense.h: linear / matmul / their backward on cuBLAS
- * (fp32 storage, bf16 tensor cores, fp32 accumulation), RMSNorm, embedding, clamped SwiGLU and
- * cross-entropy as fp32 kernels. */
+ * (fp32 storage, bf16 tensor cores, fp32 accumulation), RMSNorm, embedding, clamped SwiGLU,
+ * cross-entropy and the token head (log-softmax at targets + entropy) as fp32 kernels, and the
+ * memory ops (copies on kctx.stream, row repeat, int32 gather). */
 #include "cuda_internal.cuh"
 
 #include <cuda_bf16.h>
@@ -339,5 +340,213 @@ int cuda_op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long 
     if (hbad < n) return mill_errf(e, "cross entropy: target %d at row %d is outside [0, %d)", ybad, hbad, vocab);
     *loss_sum = res.loss;
     *count = (long)res.cnt;
+    return 0;
+}
+
+/* ---- Token head. Pass 1 (one block): each counted row's slot = how many counted rows precede it
+ * (per-thread chunk counts, then a serial prefix over the 1024 chunk sums), the rows list, the
+ * total, and the first target >= vocab. Pass 2: one block per counted row, as the CPU loop. */
+__global__ void token_slots_kernel(int32_t *slot, int32_t *rows, int *total, int *bad, const int32_t *targets, int n,
+                                   int vocab) {
+    __shared__ int part[1024];
+    int tid = threadIdx.x, per = (n + blockDim.x - 1) / blockDim.x;
+    int t0 = tid * per, t1 = min(n, t0 + per), c = 0;
+    for (int t = t0; t < t1; t++) c += targets[t] >= 0;
+    part[tid] = c;
+    __syncthreads();
+    if (tid == 0) {
+        int s = 0;
+        for (int i = 0; i < (int)blockDim.x; i++) {
+            int v = part[i];
+            part[i] = s;
+            s += v;
+        }
+        *total = s;
+    }
+    __syncthreads();
+    int s = part[tid];
+    for (int t = t0; t < t1; t++) {
+        int y = targets[t];
+        if (y >= vocab) atomicMin(bad, t);
+        slot[t] = y >= 0 ? s : -1;
+        if (y >= 0) rows[s++] = t;
+    }
+}
+
+__global__ void token_logp_kernel(float *logits, float *logp, float *ent, const int32_t *slot,
+                                  const int32_t *targets, int vocab, float temperature) {
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    long t = blockIdx.x;
+    int s = slot[t], y = targets[t];
+    if (s < 0 || y >= vocab) return; /* uniform over the block */
+    float *l = logits + t * vocab;
+    float zy = l[y] / temperature; /* read before the row is overwritten (barriers below) */
+    float mx = -INFINITY;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, l[v] / temperature);
+    mx = cu_block_max(mx, shf);
+    double den = 0.0;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) den += exp((double)(l[v] / temperature - mx));
+    den = cu_block_sum(den, shd);
+    double lse = log(den) + mx, pz = 0.0;
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        double z = (double)(l[v] / temperature), p = exp(z - lse);
+        pz += p * z;
+        l[v] = (float)p;
+    }
+    pz = cu_block_sum(pz, shd);
+    if (threadIdx.x == 0) {
+        logp[s] = (float)((double)zy - lse);
+        ent[s] = (float)(lse - pz);
+    }
+}
+
+int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
+                       const int32_t *targets, int n, int vocab, float temperature, mill_err *e) {
+    *count = 0;
+    if (n <= 0) return 0;
+    /* scratch: [0] total, [1] bad row, then slot[n] */
+    int *buf = NULL, h[2] = {0, n}, ybad = 0;
+    TRY(cu_scratch((void **)&buf, sizeof(int) * (2 + (size_t)n), k, e));
+    int rc = 0;
+    if (cudaMemcpyAsync(buf, h, sizeof h, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "op_token_logp: copy failed");
+    if (!rc) {
+        token_slots_kernel<<<1, 1024, 0, cu_stream(k)>>>(buf + 2, rows, buf, buf + 1, targets, n, vocab);
+        token_logp_kernel<<<n, 1024, 0, cu_stream(k)>>>(logits, logp, ent, buf + 2, targets, vocab, temperature);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "op_token_logp: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc) rc = cu_copy_to_host_sync(h, buf, sizeof h, k, e);
+    if (!rc && h[1] < n) rc = cu_copy_to_host_sync(&ybad, targets + h[1], sizeof(int), k, e);
+    cu_scratch_free(buf, k);
+    if (rc) return rc;
+    if (h[1] < n) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", ybad, h[1], vocab);
+    *count = h[0];
+    return 0;
+}
+
+/* One block per row; a row finds its slot by binary search in the sorted rows list. */
+__global__ void token_logp_bwd_kernel(float *probs, const int32_t *rows, long count, const float *dlogp,
+                                      const float *dent, const float *ent, const int32_t *targets, int vocab,
+                                      float temperature) {
+    long t = blockIdx.x;
+    float *row = probs + t * vocab;
+    long lo = 0, hi = count;
+    while (lo < hi) {
+        long mid = (lo + hi) / 2;
+        if (rows[mid] < t) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo >= count || rows[lo] != t) {
+        for (int v = threadIdx.x; v < vocab; v += blockDim.x) row[v] = 0.0f;
+        return;
+    }
+    float g = dlogp[lo] / temperature, gh = dent[lo] / temperature, H = ent[lo];
+    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+        float p = row[v];
+        row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) row[targets[t]] += g;
+}
+
+int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
+                                const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                                float temperature, mill_err *e) {
+    if (n <= 0) return 0;
+    token_logp_bwd_kernel<<<n, 256, 0, cu_stream(k)>>>(probs, rows, count, dlogp, dent, ent, targets, vocab,
+                                                       temperature);
+    LAUNCH_CHECK("token_logp_bwd_kernel");
+    return 0;
+}
+
+/* ---- Memory ops, all ordered on kctx.stream. */
+int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e) {
+    if (bytes) CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cu_stream(k)));
+    return 0;
+}
+
+int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e) {
+    if (bytes) CU_CHECK(cudaMemsetAsync(x, 0, bytes, cu_stream(k)));
+    return 0;
+}
+
+/* From pageable memory the call returns once the source is staged, so the caller may free it. */
+int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e) {
+    if (bytes) CU_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cu_stream(k)));
+    return 0;
+}
+
+int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e) {
+    return bytes ? cu_copy_to_host_sync(host_dst, src, bytes, k, e) : 0;
+}
+
+__global__ void repeat_rows_kernel(float *dst, const float *src, int rows, int reps, int dim) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)rows * reps * dim) return;
+    long r = i / ((long)reps * dim);
+    dst[i] = src[r * dim + i % dim];
+}
+
+int cuda_op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e) {
+    long n = (long)rows * reps * dim;
+    if (n <= 0) return 0;
+    repeat_rows_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(dst, src, rows, reps, dim);
+    LAUNCH_CHECK("repeat_rows_kernel");
+    return 0;
+}
+
+/* Same order as the CPU (j = 0, 1, ...): bit-identical sums. */
+__global__ void repeat_rows_bwd_kernel(float *dsrc, const float *ddst, int rows, int reps, int dim) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)rows * dim) return;
+    long r = i / dim, c = i % dim;
+    float s = dsrc[i];
+    for (int j = 0; j < reps; j++) s += ddst[(r * reps + j) * dim + c];
+    dsrc[i] = s;
+}
+
+int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim,
+                                 mill_err *e) {
+    long n = (long)rows * dim;
+    if (n <= 0 || reps <= 0) return 0;
+    repeat_rows_bwd_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(dsrc, ddst, rows, reps, dim);
+    LAUNCH_CHECK("repeat_rows_bwd_kernel");
+    return 0;
+}
+
+/* A bad id records its position (the lowest, like the CPU's first) and is skipped. */
+__global__ void gather_i32_kernel(int32_t *out, const int32_t *table, const int32_t *ids, int n, int width, int rows,
+                                  int *bad) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)n * width) return;
+    int t = (int)(i / width), c = (int)(i % width), id = ids[t];
+    if (id < 0 || id >= rows) {
+        if (c == 0) atomicMin(bad, t);
+        return;
+    }
+    out[i] = table[(long)id * width + c];
+}
+
+int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width,
+                       int rows, mill_err *e) {
+    if (n <= 0 || width <= 0) return 0;
+    int *bad = NULL, h[2] = {n, 0};
+    TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
+    int rc = 0;
+    if (cudaMemcpyAsync(bad, h, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+        rc = mill_errf(e, "op_gather_i32: copy failed");
+    if (!rc) {
+        gather_i32_kernel<<<cu_blocks((long)n * width, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, width, rows,
+                                                                                   bad);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "op_gather_i32: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc) rc = cu_copy_to_host_sync(h, bad, sizeof(int), k, e);
+    if (!rc && h[0] < n) rc = cu_copy_to_host_sync(&h[1], ids + h[0], sizeof(int), k, e);
+    cu_scratch_free(bad, k);
+    if (rc) return rc;
+    if (h[0] < n) return mill_errf(e, "id %d at position %d is outside the table's rows [0, %d)", h[1], h[0], rows);
     return 0;
 }

@@ -1,0 +1,375 @@
+/* tests/test_model_cuda.c — the whole model on one GPU: the same trainer/compute.c code as the CPU
+ * run, on a CUDA kctx with a model_to_device copy and a device arena, against the HF goldens
+ * (tests/data/tiny-a, tiny-b: logits, loss and every parameter gradient from a float64 copy of
+ * DeepseekV4ForCausalLM) and against the CPU path (logits, routing, gradients, token logprobs).
+ * Built with CUDA only; without a GPU it prints "no CUDA device: skipped" and passes.
+ * Data: $MILL_TEST_DATA_DIR when set (the device machine gets a copy), else tests/data.
+ *
+ * Error measure: ||gpu - ref|| / ||ref|| per tensor (norm-wise relative). The bounds come from the
+ * first H100 run (tests/bench/cuda_model_parity.txt) with about 1.5x headroom; why the figures are
+ * what they are:
+ *   GEMMs round both operands to bf16 (unit roundoff 2^-9: ~2e-3 relative per product, as
+ *   tests/test_cuda_ops.c measures) and accumulate in fp32. On its own that would put the logits
+ *   near 1e-2, but the tiny goldens also route: 41 of 4800 (tiny-a) and 66 of 6720 (tiny-b)
+ *   expert ids differ from the CPU's (near-tie top-k picks flip under rounding), and the tight
+ *   swiglu_limit (1.5) turns rounding into clamped / unclamped elements. A flipped expert moves a
+ *   token's logits by O(1) (max abs diff 1.8), so the norm-wise error is set by the flips:
+ *   TOL_LOGITS 1e-1 (measured 7.1e-2 tiny-a, 3.4e-2 tiny-b; the CPU is 5e-7 from HF).
+ *   TOL_LOSS 2e-2 absolute on the mean cross-entropy ~6 (measured 6.3e-3, 1.4e-4).
+ *   TOL_LOGP 5e-2 on token log-probabilities against the CPU (measured 1.6e-2, 3.7e-3).
+ *   TOL_GRAD_WORST 1 on the WORST tensor: the worst are the hyper-connection scales and bases,
+ *     a few numbers each summed over all 600 tokens with heavy cancellation. Their conditioning
+ *     shows on the CPU too: fp32 (eps 6e-8) lands 6e-6 from HF on them, ~100x amplification, so
+ *     bf16's ~4e-3 becomes ~0.4: measured 0.58 (tiny-a, layers.3.hc_attn_scale) and 0.32
+ *     (tiny-b) against HF, 0.35 / 0.05 with the CPU's routing replayed. This bound only catches
+ *     a wrong sign, a missing term or garbage; the whole-gradient figure is printed beside it.
+ *   Routing of the hash layers must be exactly the tid2eid rows. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "common/cuda_util.h"
+#include "common/safetensors.h"
+#include "test_util.h"
+#include "trainer/model.h"
+
+#define TOL_LOGITS 1e-1
+#define TOL_GRAD_WORST 1.0
+#define TOL_LOSS 2e-2
+#define TOL_LOGP 5e-2
+
+typedef struct {
+    kctx cpu, gpu;
+} fixture;
+
+/* One golden: the CPU model, its device copy, the input and next-token targets. */
+typedef struct {
+    char dir[1024];
+    dsv4_model m, dm;
+    int32_t *ids, *targets;
+    int B, T, N;
+} golden;
+
+static const char *data_dir(void) {
+    const char *d = getenv("MILL_TEST_DATA_DIR");
+    return d && *d ? d : MILL_TEST_DATA;
+}
+
+static void golden_load(fixture *f, golden *g, const char *cfg) {
+    mill_err e = {{0}};
+    char path[1100];
+    snprintf(g->dir, sizeof g->dir, "%s/%s", data_dir(), cfg);
+    if (model_load(&g->m, g->dir, &e)) fail_msg("%s", e.msg);
+    if (model_to_device(&g->dm, &g->m, &f->gpu, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(g->dm.device, DEVICE_CUDA);
+    snprintf(path, sizeof path, "%s/input.json", g->dir);
+    g->ids = test_load_ids(path, &g->B, &g->T);
+    assert_non_null(g->ids);
+    g->N = g->B * g->T;
+    g->targets = malloc(sizeof(int32_t) * (size_t)g->N);
+    assert_non_null(g->targets);
+    for (int b = 0; b < g->B; b++)
+        for (int t = 0; t < g->T; t++) g->targets[b * g->T + t] = t + 1 < g->T ? g->ids[b * g->T + t + 1] : -1;
+}
+
+static void golden_free(golden *g) {
+    model_free(&g->m);
+    model_free(&g->dm);
+    free(g->ids);
+    free(g->targets);
+}
+
+static void *dalloc(size_t bytes) {
+    void *p = NULL;
+    mill_err e;
+    if (cuda_alloc_zero(&p, bytes, &e)) fail_msg("%s", e.msg);
+    return p;
+}
+
+static void down(void *h, const void *d, size_t bytes) {
+    mill_err e;
+    if (cuda_sync(&e)) fail_msg("%s", e.msg);
+    if (cuda_copy_to_host(h, d, bytes, &e)) fail_msg("%s", e.msg);
+}
+
+static double rel_err(const float *a, const float *ref, size_t n, double *max_abs) {
+    double num = 0, den = 0, worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(a[i])) return INFINITY;
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+        if (fabs(d) > worst) worst = fabs(d);
+    }
+    if (max_abs) *max_abs = worst;
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void gpu_arena(fixture *f, arena *a) {
+    mill_err e;
+    if (arena_init_device(a, 1 << 20, DEVICE_CUDA, f->gpu.stream, &e)) fail_msg("%s", e.msg);
+}
+
+/* Logits of model_forward on the GPU against HF's and the CPU's; routing against the CPU's. */
+static void forward_case(fixture *f, const char *cfg) {
+    golden g;
+    golden_load(f, &g, cfg);
+    mill_err e = {{0}};
+    const dsv4_config *c = &g.m.cfg;
+    long nl = (long)g.N * c->vocab_size, nr = (long)c->num_hidden_layers * g.N * c->num_experts_per_tok;
+    float *logits = malloc(sizeof(float) * (size_t)nl), *cpu_logits = malloc(sizeof(float) * (size_t)nl);
+    int32_t *routing = malloc(sizeof(int32_t) * (size_t)nr), *cpu_routing = malloc(sizeof(int32_t) * (size_t)nr);
+    float *dlogits = dalloc(sizeof(float) * (size_t)nl);
+    int32_t *drouting = dalloc(sizeof(int32_t) * (size_t)nr);
+    arena a, ca;
+    gpu_arena(f, &a);
+    assert_int_equal(arena_init(&ca, 1 << 20, &e), 0);
+    if (model_forward(&g.dm, &f->gpu, g.ids, g.B, g.T, dlogits, drouting, &a, &e)) fail_msg("%s", e.msg);
+    down(logits, dlogits, sizeof(float) * (size_t)nl);
+    down(routing, drouting, sizeof(int32_t) * (size_t)nr);
+    if (model_forward(&g.m, &f->cpu, g.ids, g.B, g.T, cpu_logits, cpu_routing, &ca, &e)) fail_msg("%s", e.msg);
+
+    safetensors *st;
+    char path[1100];
+    snprintf(path, sizeof path, "%s/expected.safetensors", g.dir);
+    if (safetensors_open(path, &st, &e)) fail_msg("%s", e.msg);
+    const safetensors_entry *ref = safetensors_find(st, "logits");
+    assert_non_null(ref);
+    assert_int_equal(ref->nbytes, (size_t)nl * 4);
+    double mx_hf = 0, mx_cpu = 0;
+    double rel_hf = rel_err(logits, ref->data, (size_t)nl, &mx_hf), rel_cpu = rel_err(logits, cpu_logits, (size_t)nl, &mx_cpu);
+    long flips = 0, hash_bad = 0;
+    int K = c->num_experts_per_tok;
+    for (long i = 0; i < nr; i++) flips += routing[i] != cpu_routing[i];
+    for (int l = 0; l < c->num_hash_layers; l++)
+        for (int t = 0; t < g.N; t++)
+            for (int j = 0; j < K; j++)
+                hash_bad += routing[((long)l * g.N + t) * K + j] != g.m.layers[l].tid2eid[(long)g.ids[t] * K + j];
+    printf("# %s forward: %d x %d tokens, logits vs HF rel err %.3e (max abs %.3e), vs CPU %.3e (max abs %.3e); "
+           "routing: %ld of %ld expert ids differ from the CPU's\n",
+           cfg, g.B, g.T, rel_hf, mx_hf, rel_cpu, mx_cpu, flips, nr);
+    fflush(stdout);
+    assert_int_equal(hash_bad, 0);
+    assert_true(rel_hf <= TOL_LOGITS);
+    safetensors_close(st);
+    free(logits), free(cpu_logits), free(routing), free(cpu_routing);
+    cuda_free(dlogits), cuda_free(drouting);
+    arena_free(&a);
+    arena_free(&ca);
+    golden_free(&g);
+}
+
+/* Worst per-tensor relative error of grads against ref (a host array in the same layout, or the
+ * golden file's grad.<name> entries when st is given). */
+static double worst_grad(const dsv4_model *m, const float *grads, const float *ref, safetensors *st,
+                         const char **worst_name) {
+    double worst = 0;
+    *worst_name = "";
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (!model_param_has_grad(p)) continue;
+        const float *r = ref ? ref + p->offset : NULL;
+        if (st) {
+            char name[128];
+            snprintf(name, sizeof name, "grad.%s", p->name);
+            const safetensors_entry *en = safetensors_find(st, name);
+            if (!en) fail_msg("no golden gradient for %s", p->name);
+            assert_int_equal(en->nbytes, p->numel * 4);
+            r = en->data;
+        }
+        double rel = rel_err(grads + p->offset, r, p->numel, NULL);
+        if (!(rel <= worst)) {
+            worst = rel;
+            *worst_name = p->name;
+        }
+    }
+    return worst;
+}
+
+/* ||grads - ref|| / ||ref|| over every parameter the loss reaches, as one vector. */
+static double whole_grad(const dsv4_model *m, const float *grads, const float *ref) {
+    double num = 0, den = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (!model_param_has_grad(p)) continue;
+        for (size_t j = p->offset; j < p->offset + p->numel; j++) {
+            double d = (double)grads[j] - ref[j];
+            num += d * d;
+            den += (double)ref[j] * ref[j];
+        }
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* model_forward_backward on the GPU: loss and every gradient against HF and the CPU, then again
+ * with the CPU's routing replayed (separates rounding from a flipped top-k pick). */
+static void grads_case(fixture *f, const char *cfg) {
+    golden g;
+    golden_load(f, &g, cfg);
+    mill_err e = {{0}};
+    const dsv4_config *c = &g.m.cfg;
+    size_t nf = g.m.n_floats;
+    long nr = (long)c->num_hidden_layers * g.N * c->num_experts_per_tok;
+    float *grads = calloc(nf, sizeof(float)), *cpu_grads = calloc(nf, sizeof(float));
+    float *dgrads = dalloc(sizeof(float) * nf);
+    float *cpu_logits = malloc(sizeof(float) * (size_t)g.N * c->vocab_size);
+    int32_t *cpu_routing = malloc(sizeof(int32_t) * (size_t)nr);
+    arena a, ca;
+    gpu_arena(f, &a);
+    assert_int_equal(arena_init(&ca, 1 << 20, &e), 0);
+    model_loss loss, cpu_loss, rloss;
+    if (model_forward_backward(&g.dm, &f->gpu, g.ids, g.targets, g.B, g.T, NULL, dgrads, &loss, &a, &e))
+        fail_msg("%s", e.msg);
+    down(grads, dgrads, sizeof(float) * nf);
+    if (model_forward_backward(&g.m, &f->cpu, g.ids, g.targets, g.B, g.T, NULL, cpu_grads, &cpu_loss, &ca, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(loss.count, cpu_loss.count);
+
+    safetensors *st;
+    char path[1100];
+    snprintf(path, sizeof path, "%s/grads.safetensors", g.dir);
+    if (safetensors_open(path, &st, &e)) fail_msg("%s", e.msg);
+    const safetensors_entry *ref_loss = safetensors_find(st, "loss");
+    assert_non_null(ref_loss);
+    double hf_loss = ((const float *)ref_loss->data)[0];
+    const char *wn_hf, *wn_cpu, *wn_rep;
+    double w_hf = worst_grad(&g.m, grads, NULL, st, &wn_hf), w_cpu = worst_grad(&g.m, grads, cpu_grads, NULL, &wn_cpu);
+    double all_cpu = whole_grad(&g.m, grads, cpu_grads);
+
+    /* replay the CPU's routing */
+    if (model_forward(&g.m, &f->cpu, g.ids, g.B, g.T, cpu_logits, cpu_routing, &ca, &e)) fail_msg("%s", e.msg);
+    mill_err e2 = {{0}};
+    if (cuda_zero_async(dgrads, sizeof(float) * nf, NULL, &e2) || cuda_sync(&e2)) fail_msg("%s", e2.msg);
+    if (model_forward_backward(&g.dm, &f->gpu, g.ids, g.targets, g.B, g.T, cpu_routing, dgrads, &rloss, &a, &e))
+        fail_msg("%s", e.msg);
+    down(grads, dgrads, sizeof(float) * nf);
+    double w_rep = worst_grad(&g.m, grads, cpu_grads, NULL, &wn_rep), all_rep = whole_grad(&g.m, grads, cpu_grads);
+    printf("# %s grads: loss %.6f (HF %.6f, |diff| %.1e; CPU %.6f); worst per-tensor gradient rel err vs HF %.3e "
+           "(%s), vs CPU %.3e (%s), whole gradient vs CPU %.3e; with the CPU's routing replayed, worst vs CPU "
+           "%.3e (%s), whole %.3e\n",
+           cfg, loss.loss, hf_loss, fabs(loss.loss - hf_loss), cpu_loss.loss, w_hf, wn_hf, w_cpu, wn_cpu, all_cpu,
+           w_rep, wn_rep, all_rep);
+    fflush(stdout);
+    assert_true(fabs(loss.loss - hf_loss) <= TOL_LOSS);
+    assert_true(w_hf <= TOL_GRAD_WORST);
+    assert_true(w_rep <= TOL_GRAD_WORST);
+    safetensors_close(st);
+    free(grads), free(cpu_grads), free(cpu_logits), free(cpu_routing);
+    cuda_free(dgrads);
+    arena_free(&a);
+    arena_free(&ca);
+    golden_free(&g);
+}
+
+/* A loss that uses both inputs: -mean(logp) - 0.01 mean(entropy). */
+static int logp_ent_loss(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent,
+                         double *loss, mill_err *e) {
+    (void)ctx;
+    (void)e;
+    double s = 0;
+    for (int i = 0; i < n; i++) {
+        s += -logp[i] - 0.01 * ent[i];
+        dlogp[i] = -1.0f / (float)n;
+        dent[i] = -0.01f / (float)n;
+    }
+    *loss = s / n;
+    return 0;
+}
+
+/* model_forward_backward_tokens at temperature 0.8 with an entropy term: logp, loss and gradients
+ * of the GPU against the CPU; then the forward-only call (no loss) gives the same logp. */
+static void tokens_case(fixture *f, const char *cfg) {
+    golden g;
+    golden_load(f, &g, cfg);
+    mill_err e = {{0}};
+    size_t nf = g.m.n_floats;
+    float *grads = calloc(nf, sizeof(float)), *cpu_grads = calloc(nf, sizeof(float));
+    float *dgrads = dalloc(sizeof(float) * nf);
+    float *logp = malloc(sizeof(float) * (size_t)g.N), *cpu_logp = malloc(sizeof(float) * (size_t)g.N);
+    float *logp2 = malloc(sizeof(float) * (size_t)g.N);
+    arena a, ca;
+    gpu_arena(f, &a);
+    assert_int_equal(arena_init(&ca, 1 << 20, &e), 0);
+    double loss, cpu_loss;
+    long cnt, cpu_cnt, cnt2;
+    if (model_forward_backward_tokens(&g.dm, &f->gpu, g.ids, g.targets, g.B, g.T, NULL, 0.8f, dgrads, logp_ent_loss,
+                                      NULL, logp, &loss, &cnt, &a, &e))
+        fail_msg("%s", e.msg);
+    down(grads, dgrads, sizeof(float) * nf);
+    if (model_forward_backward_tokens(&g.m, &f->cpu, g.ids, g.targets, g.B, g.T, NULL, 0.8f, cpu_grads, logp_ent_loss,
+                                      NULL, cpu_logp, &cpu_loss, &cpu_cnt, &ca, &e))
+        fail_msg("%s", e.msg);
+    if (model_forward_backward_tokens(&g.dm, &f->gpu, g.ids, g.targets, g.B, g.T, NULL, 0.8f, NULL, NULL, NULL, logp2,
+                                      NULL, &cnt2, &a, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(cnt, cpu_cnt);
+    assert_int_equal(cnt2, cpu_cnt);
+    double mx = 0;
+    double rel = rel_err(logp, cpu_logp, (size_t)cnt, &mx), rel2 = rel_err(logp2, cpu_logp, (size_t)cnt, NULL);
+    const char *wn;
+    double w = worst_grad(&g.m, grads, cpu_grads, NULL, &wn), all = whole_grad(&g.m, grads, cpu_grads);
+    printf("# %s tokens (T 0.8, entropy term): logp vs CPU rel err %.3e (max abs %.3e; forward-only call %.3e), "
+           "loss %.6f vs CPU %.6f, worst gradient rel err vs CPU %.3e (%s), whole gradient %.3e\n",
+           cfg, rel, mx, rel2, loss, cpu_loss, w, wn, all);
+    fflush(stdout);
+    assert_true(rel <= TOL_LOGP);
+    assert_true(rel2 <= TOL_LOGP);
+    assert_true(fabs(loss - cpu_loss) <= TOL_LOSS);
+    assert_true(w <= TOL_GRAD_WORST);
+    free(grads), free(cpu_grads), free(logp), free(cpu_logp), free(logp2);
+    cuda_free(dgrads);
+    arena_free(&a);
+    arena_free(&ca);
+    golden_free(&g);
+}
+
+static void test_forward_tiny_a(void **s) { forward_case(*s, "tiny-a"); }
+static void test_forward_tiny_b(void **s) { forward_case(*s, "tiny-b"); }
+static void test_grads_tiny_a(void **s) { grads_case(*s, "tiny-a"); }
+static void test_grads_tiny_b(void **s) { grads_case(*s, "tiny-b"); }
+static void test_tokens_tiny_a(void **s) { tokens_case(*s, "tiny-a"); }
+static void test_tokens_tiny_b(void **s) { tokens_case(*s, "tiny-b"); }
+
+static int setup(void **state) {
+    mill_err e;
+    fixture *f = calloc(1, sizeof *f);
+    if (!f) return -1;
+    if (kctx_init(&f->cpu, DEVICE_CPU, &e) || kctx_init(&f->gpu, DEVICE_CUDA, &e)) {
+        printf("kctx_init: %s\n", e.msg);
+        free(f);
+        return -1;
+    }
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state) {
+    fixture *f = *state;
+    kctx_free(&f->cpu);
+    kctx_free(&f->gpu);
+    free(f);
+    return 0;
+}
+
+int main(void) {
+    char dev[256];
+    mill_err e;
+    if (cuda_device_describe(dev, sizeof dev, &e)) {
+        printf("no CUDA device: skipped (%s)\n", e.msg);
+        return 0;
+    }
+    printf("device: %s; data: %s\n", dev, data_dir());
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_forward_tiny_a), cmocka_unit_test(test_forward_tiny_b),
+        cmocka_unit_test(test_grads_tiny_a),   cmocka_unit_test(test_grads_tiny_b),
+        cmocka_unit_test(test_tokens_tiny_a),  cmocka_unit_test(test_tokens_tiny_b),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
