@@ -206,6 +206,14 @@ int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *coun
 }
 
 /* The loop below was compute.c's token head, moved verbatim: CPU numerics unchanged. */
+double logsumexp_t(const float *logits, int V, float temperature) {
+    float mx = logits[0] / temperature;
+    for (int v = 1; v < V; v++) mx = logits[v] / temperature > mx ? logits[v] / temperature : mx;
+    double den = 0.0;
+    for (int v = 0; v < V; v++) den += exp((double)(logits[v] / temperature - mx));
+    return log(den) + mx;
+}
+
 int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
                   const int32_t *targets, int n, int vocab, float temperature, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_token_logp(k, logits, logp, ent, rows, count, targets, n, vocab, temperature, e));
@@ -219,11 +227,7 @@ int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t
         int y = targets[t];
         if (y < 0) continue;
         if (y >= V) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, V);
-        float mx = l[0] / temperature;
-        for (int v = 1; v < V; v++) mx = l[v] / temperature > mx ? l[v] / temperature : mx;
-        double den = 0.0;
-        for (int v = 0; v < V; v++) den += exp((double)(l[v] / temperature - mx));
-        double lse = log(den) + mx, pz = 0.0;
+        double lse = logsumexp_t(l, V, temperature), pz = 0.0;
         logp[cnt] = (float)(l[y] / temperature - lse);
         for (int v = 0; v < V; v++) {
             double z = (double)(l[v] / temperature), p = exp(z - lse);

@@ -49,6 +49,10 @@ int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *coun
                      const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e);
 
 
+/* log(sum_v exp(logits[v] / T)) of one host row, as op_token_logp computes it on the CPU: the
+ * rollout's sampler uses it too, so engine and trainer logprobs share one formula. */
+double logsumexp_t(const float *logits, int V, float temperature);
+
 /* Log-probabilities and entropies of logits / temperature at the rows whose target is >= 0
  * (a target >= vocab is an error). Counted rows, in order, get logp[i] = log_softmax at the
  * target, ent[i] = entropy of the row's distribution and rows[i] = the row; *count (host) = how

@@ -1,5 +1,7 @@
 #include "generate.h"
 
+#include "../kernels/dense.h"
+
 #include "engine.h"
 
 #include <math.h>
@@ -60,15 +62,10 @@ int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r
             break;
         }
     }
-    if (keep == V) { /* untruncated: the trainer's formula (trainer/compute.c), so both sides agree */
-        float m2 = logits[0] / sp->temperature;
-        for (int v = 1; v < V; v++) m2 = logits[v] / sp->temperature > m2 ? logits[v] / sp->temperature : m2;
-        double d2 = 0.0;
-        for (int v = 0; v < V; v++) d2 += exp((double)(logits[v] / sp->temperature - m2));
-        *logprob = (float)(logits[pick] / sp->temperature - (log(d2) + m2));
-    } else {
+    if (keep == V) /* untruncated: the trainer's formula, so both sides agree */
+        *logprob = (float)(logits[pick] / sp->temperature - logsumexp_t(logits, V, sp->temperature));
+    else
         *logprob = (float)log(p[pick] / mass);
-    }
     return pick;
 }
 
