@@ -3,6 +3,7 @@
 
 #include <limits.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 
 typedef enum {
@@ -57,7 +58,9 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int32_t *
     return 0;
 }
 
-int tokenizer_decode(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, mill_err *e) {
+/* Decodes ids; lossy: an id with no text (reserved, or outside the vocabulary) becomes "<|id:N|>"
+ * instead of an error. */
+static int decode(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, int lossy, mill_err *e) {
     if (cap == 0 || !out) return mill_errf(e, "tokenizer: decode output buffer has no room (cap 0)");
     out[0] = 0;
     if (n < 0) return mill_errf(e, "tokenizer: decode got n = %d ids", n);
@@ -65,18 +68,21 @@ int tokenizer_decode(const tokenizer *t, const int32_t *ids, int n, char *out, s
     size_t w = 0;
     for (int i = 0; i < n; i++) {
         int32_t id = ids[i];
-        if (id < 0 || id >= t->vocab_size)
-            return mill_errf(e, "tokenizer: decode id %d at position %d is outside [0, %d)", (int)id, i, t->vocab_size);
         const char *piece;
         size_t plen;
-        char byte;
-        if (id < TOK_N_BYTES) {
+        char byte, unknown[32];
+        if (id >= 0 && id < t->vocab_size && id < TOK_N_BYTES) {
             byte = (char)(unsigned char)id;
             piece = &byte;
             plen = 1;
-        } else if (id < TOK_N_BYTES + TOK_N_SPECIAL) {
+        } else if (id >= 0 && id < t->vocab_size && id < TOK_N_BYTES + TOK_N_SPECIAL) {
             piece = tok_special_names[id - TOK_N_BYTES];
             plen = strlen(piece);
+        } else if (lossy) {
+            plen = (size_t)snprintf(unknown, sizeof unknown, "<|id:%d|>", (int)id);
+            piece = unknown;
+        } else if (id < 0 || id >= t->vocab_size) {
+            return mill_errf(e, "tokenizer: decode id %d at position %d is outside [0, %d)", (int)id, i, t->vocab_size);
         } else {
             return mill_errf(e, "tokenizer: decode id %d at position %d is reserved (no token; vocab %d has %d in use)",
                              (int)id, i, t->vocab_size, TOK_N_BYTES + TOK_N_SPECIAL);
@@ -90,6 +96,14 @@ int tokenizer_decode(const tokenizer *t, const int32_t *ids, int n, char *out, s
     }
     out[w] = 0;
     return 0;
+}
+
+int tokenizer_decode(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, mill_err *e) {
+    return decode(t, ids, n, out, cap, 0, e);
+}
+
+int tokenizer_decode_lossy(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, mill_err *e) {
+    return decode(t, ids, n, out, cap, 1, e);
 }
 
 int tokenizer_special_id(const tokenizer *t, const char *name) {

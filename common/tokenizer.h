@@ -34,6 +34,9 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int32_t *
  * outside [0, vocab_size) or a reserved id (naming the id and its position), or
  * cap too small for the text and its NUL. */
 int tokenizer_decode(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, mill_err *e);
+/* The same for model output, which may hold any id: one with no text becomes "<|id:N|>" (at most
+ * 16 bytes) instead of an error; only a too-small cap fails. */
+int tokenizer_decode_lossy(const tokenizer *t, const int32_t *ids, int n, char *out, size_t cap, mill_err *e);
 
 /* "<|bos|>", "<|eos|>", "<|pad|>" -> id; -1 for any other name. */
 int tokenizer_special_id(const tokenizer *t, const char *name);

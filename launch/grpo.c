@@ -758,7 +758,7 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
 static int response_text(run_ctx *c, const samples *s, int i, char *out, size_t cap, mill_err *e) {
     int n = s->out_len[i];
     if (n > 0 && s->finish[i]) n--; /* the stop token */
-    return tokenizer_decode(c->tok, s->tokens[i], n, out, cap, e);
+    return tokenizer_decode_lossy(c->tok, s->tokens[i], n, out, cap, e);
 }
 
 /* Rewards of samples [0, s->n): arithmetic (first integer equals the label, and a clean stop),
@@ -766,7 +766,7 @@ static int response_text(run_ctx *c, const samples *s, int i, char *out, size_t 
 static int score(run_ctx *c, const prompt_set *pp, const samples *s, float *rewards, char **texts, mill_err *e) {
     const grpo_recipe *r = c->r;
     for (int i = 0; i < s->n; i++) {
-        size_t cap = 4 * (size_t)s->out_len[i] + 16;
+        size_t cap = 16 * (size_t)s->out_len[i] + 16;
         if (!(texts[i] = malloc(cap))) return mill_errf(e, "out of memory");
         if (response_text(c, s, i, texts[i], cap, e)) return -1;
     }
@@ -857,7 +857,7 @@ static int evaluate(run_ctx *c, double *acc, double *per_level, mill_err *e) {
         if (score(c, &pp, &s, rew, texts, e)) goto out_l;
     } else {
         for (int i = 0; i < n; i++) {
-            size_t cap = 4 * (size_t)s.out_len[i] + 16;
+            size_t cap = 16 * (size_t)s.out_len[i] + 16;
             if (!(texts[i] = malloc(cap)) || response_text(c, &s, i, texts[i], cap, e)) goto out_l;
             rew[i] = (float)arith_check(texts[i], &probs[i]);
         }
