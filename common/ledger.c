@@ -107,6 +107,18 @@ static int lg_prepare(ledger *l, const char *sql, sqlite3_stmt **st, const char 
 /* Finalizing only repeats the last step's error code, which the caller already handled. */
 static void lg_finalize(sqlite3_stmt *st) { (void)sqlite3_finalize(st); }
 
+/* A query about one run: prepared, with ?1 bound to run_id. */
+static int lg_prepare_run(ledger *l, const char *sql, int64_t run_id, sqlite3_stmt **st, const char *what,
+                          mill_err *e) {
+    if (lg_prepare(l, sql, st, what, e)) return -1;
+    if (sqlite3_bind_int64(*st, 1, run_id) != SQLITE_OK) {
+        lg_finalize(*st);
+        *st = NULL;
+        return lg_fail(l, e, what);
+    }
+    return 0;
+}
+
 static int lg_exec(ledger *l, const char *sql, const char *what, mill_err *e) {
     if (sqlite3_exec(l->db, sql, NULL, NULL, NULL) != SQLITE_OK) return lg_fail(l, e, what);
     return 0;
@@ -488,9 +500,8 @@ fail:
 int ledger_run_recipe(ledger *l, int64_t run_id, char **recipe_text, mill_err *e) {
     *recipe_text = NULL;
     sqlite3_stmt *st;
-    if (lg_prepare(l, "SELECT recipe_text FROM runs WHERE id = ?1", &st, "reading a recipe", e)) return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id);
-    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    if (lg_prepare_run(l, "SELECT recipe_text FROM runs WHERE id = ?1", run_id, &st, "reading a recipe", e)) return -1;
+    int rc = sqlite3_step(st);
     int out = 0;
     if (rc == SQLITE_ROW) {
         *recipe_text = strdup(lg_col_text(st, 0));
@@ -629,13 +640,12 @@ int ledger_step_state(ledger *l, int64_t run_id, long step, int64_t *data_cursor
 
 int ledger_max_attempt(ledger *l, int64_t run_id, int *attempt, mill_err *e) {
     sqlite3_stmt *st;
-    if (lg_prepare(l,
+    if (lg_prepare_run(l,
                    "SELECT max(coalesce((SELECT max(attempt) FROM steps WHERE run_id = ?1), 0),"
                    " coalesce((SELECT max(attempt) FROM samples WHERE run_id = ?1), 0))",
-                   &st, "reading the last attempt", e))
+                   run_id, &st, "reading the last attempt", e))
         return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id);
-    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    int rc = sqlite3_step(st);
     int out = 0;
     if (rc == SQLITE_ROW) *attempt = sqlite3_column_int(st, 0);
     else out = lg_fail(l, e, "reading the last attempt");
@@ -659,14 +669,10 @@ static int lg_each_end(ledger *l, int rc, int stop, const char *what, mill_err *
 
 int ledger_steps_each(ledger *l, int64_t run_id, int descending, ledger_step_fn fn, void *ctx, mill_err *e) {
     sqlite3_stmt *st;
-    if (lg_prepare(l, descending ? LG_LIVE_STEPS "ORDER BY step DESC" : LG_LIVE_STEPS "ORDER BY step", &st,
+    if (lg_prepare_run(l, descending ? LG_LIVE_STEPS "ORDER BY step DESC" : LG_LIVE_STEPS "ORDER BY step", run_id, &st,
                    "reading steps", e))
         return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id), stop = 0;
-    if (rc != SQLITE_OK) {
-        lg_finalize(st);
-        return lg_fail(l, e, "reading steps");
-    }
+    int rc, stop = 0;
     while (!stop && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         ledger_step_row r = {
             .step = (long)sqlite3_column_int64(st, 0),
@@ -795,13 +801,12 @@ int ledger_checkpoint_add(ledger *l, int64_t run_id, long step, const char *path
 int ledger_checkpoint_latest(ledger *l, int64_t run_id, long *step, char *path, size_t cap, char *checksum,
                              size_t ccap, mill_err *e) {
     sqlite3_stmt *st;
-    if (lg_prepare(l,
+    if (lg_prepare_run(l,
                    "SELECT step, path, checksum FROM checkpoints WHERE run_id = ?1 AND complete = 1 "
                    "ORDER BY step DESC, id DESC LIMIT 1",
-                   &st, "reading checkpoints", e))
+                   run_id, &st, "reading checkpoints", e))
         return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id);
-    if (rc == SQLITE_OK) rc = sqlite3_step(st);
+    int rc = sqlite3_step(st);
     int out = 0;
     if (rc == SQLITE_ROW) {
         if (step) *step = (long)sqlite3_column_int64(st, 0);
@@ -819,16 +824,12 @@ int ledger_checkpoint_latest(ledger *l, int64_t run_id, long *step, char *path, 
 
 int ledger_checkpoints_each(ledger *l, int64_t run_id, ledger_checkpoint_fn fn, void *ctx, mill_err *e) {
     sqlite3_stmt *st;
-    if (lg_prepare(l,
+    if (lg_prepare_run(l,
                    "SELECT step, complete, bytes, path, checksum, created_at FROM checkpoints WHERE run_id = ?1 "
                    "ORDER BY step, id",
-                   &st, "reading checkpoints", e))
+                   run_id, &st, "reading checkpoints", e))
         return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id), stop = 0;
-    if (rc != SQLITE_OK) {
-        lg_finalize(st);
-        return lg_fail(l, e, "reading checkpoints");
-    }
+    int rc, stop = 0;
     while (!stop && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         ledger_checkpoint_row r = {
             .step = (long)sqlite3_column_int64(st, 0),
@@ -871,13 +872,9 @@ int ledger_event(ledger *l, int64_t run_id, long step, const char *kind, const c
 
 int ledger_events_each(ledger *l, int64_t run_id, ledger_event_fn fn, void *ctx, mill_err *e) {
     sqlite3_stmt *st;
-    if (lg_prepare(l, "SELECT at, step, kind, message FROM events WHERE run_id = ?1 ORDER BY id", &st, "reading events", e))
+    if (lg_prepare_run(l, "SELECT at, step, kind, message FROM events WHERE run_id = ?1 ORDER BY id", run_id, &st, "reading events", e))
         return -1;
-    int rc = sqlite3_bind_int64(st, 1, run_id), stop = 0;
-    if (rc != SQLITE_OK) {
-        lg_finalize(st);
-        return lg_fail(l, e, "reading events");
-    }
+    int rc, stop = 0;
     while (!stop && (rc = sqlite3_step(st)) == SQLITE_ROW) {
         ledger_event_row r = {
             .at = lg_col_text(st, 0),

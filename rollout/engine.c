@@ -54,6 +54,16 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     return arena_init(&en->a, 8 << 20, e);
 }
 
+int engine_release(engine *en, mill_err *e) {
+    if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
+    arena_free(&en->a);
+    return 0;
+}
+
+int engine_resume(engine *en, mill_err *e) {
+    return en->a.head ? 0 : arena_init(&en->a, 8 << 20, e);
+}
+
 void engine_free(engine *en) {
     arena_free(&en->a);
     memset(en, 0, sizeof *en);

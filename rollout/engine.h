@@ -28,6 +28,10 @@ typedef struct {
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
+/* Colocated turns: give back the activation memory while the trainer works (no sequence may hold a
+ * cache), and take it again. */
+int engine_release(engine *en, mill_err *e);
+int engine_resume(engine *en, mill_err *e);
 void engine_free(engine *en);
 /* Cache bytes a sequence of at most max_tokens needs (sized at admission: no growth later). */
 size_t engine_seq_bytes(const engine *en, int max_tokens);

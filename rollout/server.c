@@ -374,13 +374,15 @@ static void handle(server *s, const wire_msg *msg, const unsigned char *peer, si
     else if (!strcmp(t, "update_weights")) rc = handle_update(s, msg, peer, peer_len, &e);
     else if (!strcmp(t, "release_memory")) {
         if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
-        else {
+        else if (!(rc = engine_release(&s->en, &e))) {
             s->released = 1;
             reply_simple(s, peer, peer_len, "released", id);
         }
     } else if (!strcmp(t, "resume")) {
-        s->released = 0;
-        reply_simple(s, peer, peer_len, "resumed", id);
+        if (!(rc = engine_resume(&s->en, &e))) {
+            s->released = 0;
+            reply_simple(s, peer, peer_len, "resumed", id);
+        }
     } else if (!strcmp(t, "shutdown")) {
         s->stop = 1;
         reply_simple(s, peer, peer_len, "bye", id);

@@ -52,9 +52,9 @@ echo "disaggregated: 3 steps on 2 engines"
 # 2b. KL penalty against the frozen reference (loaded because kl_coef != 0), entropy bonus, and
 # dynamic sampling (every sample drawn is in the ledger; groups with equal rewards are dropped)
 run kl --set train.steps=2 --set algorithm.kl_coef=0.05 --set algorithm.entropy_coef=0.01 --set optimizer.lr=1e-3 \
-    --set data.levels=[2] --set rollout.dynamic_sampling=true --set rollout.max_draws=3
+    --set rollout.dynamic_sampling=true --set rollout.max_draws=3
 kl=$(q "select json_extract(s.metrics, '$.kl') from steps s join runs r on r.id=s.run_id where r.name='kl' and s.step=2")
-awk "BEGIN { exit !($kl > 0) }" || fail "kl: step 2 KL against the reference is $kl"
+[ -n "$kl" ] && awk "BEGIN { exit !($kl > 0) }" || fail "kl: step 2 KL against the reference is $kl"
 for s in 1 2; do
     d=$(q "select json_extract(s.metrics, '$.draws') from steps s join runs r on r.id=s.run_id where r.name='kl' and s.step=$s")
     n=$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='kl' and s.step=$s")

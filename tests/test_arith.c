@@ -13,6 +13,7 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include "test_util.h"
 #include "algos/arith.h"
 #include "algos/sft_data.h"
 #include "common/tokenizer.h"
@@ -312,33 +313,13 @@ static void test_draw_respects_split(void **state) {
 
 /* ---- export ---- */
 
-typedef struct {
-    char dir[64];
-} fixture;
 
-static int setup(void **state) {
-    fixture *f = calloc(1, sizeof *f);
-    if (!f) return -1;
-    strcpy(f->dir, "/tmp/test_arith_XXXXXX");
-    if (!mkdtemp(f->dir)) {
-        free(f);
-        return -1;
-    }
-    *state = f;
-    return 0;
-}
+static int setup(void **state) { return test_dir_setup(state, "test_arith", NULL); }
 
-static int teardown(void **state) {
-    fixture *f = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", f->dir);
-    int rc = system(cmd);
-    free(f);
-    return rc == 0 ? 0 : -1;
-}
+static int teardown(void **state) { return test_dir_teardown(state); }
 
 static void test_export(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128], tmp[140];
     snprintf(path, sizeof path, "%s/arith.jsonl", f->dir);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
@@ -388,7 +369,7 @@ static void test_export(void **state) {
 }
 
 static void test_export_errors(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     mill_err e = {{0}};
     snprintf(path, sizeof path, "%s/no/such/dir/a.jsonl", f->dir);

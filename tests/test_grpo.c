@@ -116,6 +116,17 @@ static void test_entropy_tis(void **s) {
     assert_float_equal(dl[0], -1.5 / 2, 1e-6);
 }
 
+/* A random dsv4-tiny on the CPU with its context and activation arena. */
+static void tiny_model(dsv4_model *m, kctx *k, arena *a, uint64_t seed, float std) {
+    mill_err e;
+    dsv4_config cfg;
+    if (config_load(MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json", &cfg, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(model_init(m, &cfg, &e), 0);
+    model_init_random(m, seed, std);
+    assert_int_equal(kctx_init(k, DEVICE_CPU, &e), 0);
+    assert_int_equal(arena_init(a, 1 << 20, &e), 0);
+}
+
 /* The model's d loss / d head for a loss over logp and entropy, against central differences:
  * checks the entropy gradient the trainer adds to the logits. */
 typedef struct {
@@ -138,15 +149,10 @@ static int lin_loss(void *ctx, const float *logp, const float *ent, int n, float
 static void test_entropy_gradient(void **s) {
     (void)s;
     mill_err e;
-    dsv4_config cfg;
     dsv4_model m;
     kctx k;
     arena a = {0};
-    if (config_load(MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json", &cfg, &e)) fail_msg("%s", e.msg);
-    assert_int_equal(model_init(&m, &cfg, &e), 0);
-    model_init_random(&m, 3, 0.2f); /* large weights: peaked distributions, entropy far from log V */
-    assert_int_equal(kctx_init(&k, DEVICE_CPU, &e), 0);
-    assert_int_equal(arena_init(&a, 1 << 20, &e), 0);
+    tiny_model(&m, &k, &a, 3, 0.2f); /* large weights: peaked distributions, entropy far from log V */
     int32_t ids[6] = {256, 10, 20, 30, 40, 50}, tg[6] = {10, 20, 30, 40, 50, -1};
     float av[5] = {0.3f, -0.2f, 0.5f, 0.1f, -0.4f}, bv[5] = {0.7f, -0.5f, 0.2f, 0.9f, 0.4f};
     lin_ctx lc = {av, bv};
@@ -189,15 +195,10 @@ static int pg_loss(void *ctx, const float *logp, const float *ent, int n, float 
 static void test_policy_gradient_direction(void **s) {
     (void)s;
     mill_err e;
-    dsv4_config cfg;
     dsv4_model m;
     kctx k;
     arena a = {0};
-    if (config_load(MILL_SOURCE_DIR "/configs/models/dsv4-tiny.json", &cfg, &e)) fail_msg("%s", e.msg);
-    assert_int_equal(model_init(&m, &cfg, &e), 0);
-    model_init_random(&m, 5, 0.05f);
-    assert_int_equal(kctx_init(&k, DEVICE_CPU, &e), 0);
-    assert_int_equal(arena_init(&a, 1 << 20, &e), 0);
+    tiny_model(&m, &k, &a, 5, 0.05f);
     /* two rows, same prompt, different 3-token responses */
     int32_t ids[2 * 6] = {256, 81, 58, 49, 50, 257, 256, 81, 58, 55, 56, 257};
     int32_t tg[2 * 6] = {-1, -1, 49, 50, 257, -1, -1, -1, 55, 56, 257, -1};

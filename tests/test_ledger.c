@@ -19,34 +19,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "test_util.h"
 #include "common/ledger.h"
 
-typedef struct {
-    char dir[64];
-    char db[128];
-} fixture;
 
-static int setup(void **state) {
-    fixture *f = calloc(1, sizeof *f);
-    if (!f) return -1;
-    strcpy(f->dir, "/tmp/test_ledger_XXXXXX");
-    if (!mkdtemp(f->dir)) {
-        free(f);
-        return -1;
-    }
-    snprintf(f->db, sizeof f->db, "%s/sub/dir/ledger.db", f->dir);
-    *state = f;
-    return 0;
-}
+static int setup(void **state) { return test_dir_setup(state, "test_ledger", "sub/dir/ledger.db"); }
 
-static int teardown(void **state) {
-    fixture *f = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", f->dir);
-    int rc = system(cmd);
-    free(f);
-    return rc == 0 ? 0 : -1;
-}
+static int teardown(void **state) { return test_dir_teardown(state); }
 
 static ledger *open_ok(const char *path) {
     mill_err e = {{0}};
@@ -78,16 +57,16 @@ static void step_ok(ledger *l, int64_t run, long step, int attempt, const char *
 /* ---- schema, reopen, runs ---- */
 
 static void test_create_reopen(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db); /* parent directories are made */
+    ledger *l = open_ok(f->path); /* parent directories are made */
     struct stat st;
-    assert_int_equal(stat(f->db, &st), 0);
-    assert_string_equal(ledger_path(l), f->db);
+    assert_int_equal(stat(f->path, &st), 0);
+    assert_string_equal(ledger_path(l), f->path);
     int64_t id = new_run(l, "alpha");
     ledger_close(l);
 
-    l = open_ok(f->db);
+    l = open_ok(f->path);
     ledger_run r;
     assert_int_equal(ledger_run_find(l, "alpha", &r, &e), 0);
     assert_int_equal(r.id, id);
@@ -99,7 +78,7 @@ static void test_create_reopen(void **state) {
     ledger_close(l);
 
     /* the read-only commands' open: an existing ledger opens, a missing one is not created */
-    assert_int_equal(ledger_open_existing(&l, f->db, &e), 0);
+    assert_int_equal(ledger_open_existing(&l, f->path, &e), 0);
     ledger_close(l);
     char missing[160];
     snprintf(missing, sizeof missing, "%s/none.db", f->dir);
@@ -110,9 +89,9 @@ static void test_create_reopen(void **state) {
 }
 
 static void test_runs(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db);
+    ledger *l = open_ok(f->path);
     int64_t a = new_run(l, "alpha");
     int64_t g1 = new_run(l, NULL), g2 = new_run(l, NULL);
     ledger_run r1, r2, r;
@@ -134,7 +113,7 @@ static void test_runs(void **state) {
 
     assert_int_equal(ledger_run_find(l, "nosuch", &r, &e), -1);
     assert_contains(e.msg, "no run named nosuch in ");
-    assert_contains(e.msg, f->db);
+    assert_contains(e.msg, f->path);
     assert_int_equal(ledger_run_find(l, "999", &r, &e), -1);
     assert_contains(e.msg, "no run with id 999");
 
@@ -180,9 +159,9 @@ static int collect(void *ctx, const ledger_step_row *r, mill_err *e) {
 }
 
 static void test_steps(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db);
+    ledger *l = open_ok(f->path);
     int64_t run = new_run(l, "s");
     int att = -1;
     assert_int_equal(ledger_max_attempt(l, run, &att, &e), 0);
@@ -264,9 +243,9 @@ static int collect_sample(void *ctx, const ledger_sample *x, mill_err *e) {
 }
 
 static void test_samples(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db);
+    ledger *l = open_ok(f->path);
     int64_t run = new_run(l, "s");
     ledger_sample b[4];
     for (int i = 0; i < 4; i++)
@@ -330,9 +309,9 @@ static int collect_event(void *ctx, const ledger_event_row *r, mill_err *e) {
 }
 
 static void test_checkpoints_events(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db);
+    ledger *l = open_ok(f->path);
     int64_t run = new_run(l, "c"), other = new_run(l, "d");
     long step = -1;
     char path[256], sum[64];
@@ -398,7 +377,7 @@ static void expect_open_error(const char *path, const char *part) {
 }
 
 static void test_bad_files(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char p[160];
     snprintf(p, sizeof p, "%s/notes.txt", f->dir);
     const char text[] = "these are not the tables you are looking for\n";
@@ -456,14 +435,14 @@ static int count_event(void *ctx, const ledger_event_row *r, mill_err *e) {
 /* A writer holds an open write transaction; a second connection still reads the committed state at
  * once, and sees the write once it commits. */
 static void test_wal_reader(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *w = open_ok(f->db), *r = open_ok(f->db);
+    ledger *w = open_ok(f->path), *r = open_ok(f->path);
     int64_t run = new_run(w, "wal");
     assert_int_equal(ledger_event(w, run, 1, "start", "", &e), 0);
 
     sqlite3 *raw = NULL;
-    assert_int_equal(sqlite3_open(f->db, &raw), SQLITE_OK);
+    assert_int_equal(sqlite3_open(f->path, &raw), SQLITE_OK);
     char sql[200];
     snprintf(sql, sizeof sql,
              "BEGIN IMMEDIATE; INSERT INTO events(run_id, at, step, kind, message) VALUES (%lld, 'now', 2, 'fault', '');",
@@ -521,9 +500,9 @@ static int count_all_samples(void *ctx, const ledger_sample *s, mill_err *e) {
 }
 
 static void test_kill9(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
-    ledger *l = open_ok(f->db); /* the schema exists before the child starts */
+    ledger *l = open_ok(f->path); /* the schema exists before the child starts */
     ledger_close(l);
     int p[2];
     assert_int_equal(pipe(p), 0);
@@ -531,7 +510,7 @@ static void test_kill9(void **state) {
     assert_true(pid >= 0);
     if (pid == 0) {
         close(p[0]);
-        kill_child(f->db, p[1]);
+        kill_child(f->path, p[1]);
         _exit(5);
     }
     close(p[1]);
@@ -545,7 +524,7 @@ static void test_kill9(void **state) {
     while (read(p[0], &got, sizeof got) == (ssize_t)sizeof got) last = got; /* commits reported before the kill */
     close(p[0]);
 
-    l = open_ok(f->db);
+    l = open_ok(f->path);
     ledger_run r;
     assert_int_equal(ledger_run_find(l, "victim", &r, &e), 0);
     assert_true(r.last_step >= last);
@@ -572,7 +551,7 @@ static void test_kill9(void **state) {
 /* ---- checksums ---- */
 
 static void test_checksum(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     mill_err e = {{0}};
     char d[160], p[200], q[200], h1[LEDGER_CHECKSUM_LEN], h2[LEDGER_CHECKSUM_LEN];
     int64_t bytes = 0;

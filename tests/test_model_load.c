@@ -15,38 +15,17 @@
 
 #include <cmocka.h>
 
+#include "test_util.h"
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "trainer/model.h"
 
 #define SRC_DIR MILL_TEST_DATA "/tiny-a"
 
-typedef struct {
-    char dir[64];
-    char st_path[128]; /* dir/model.safetensors */
-} fixture;
 
-static int setup(void **state) {
-    fixture *f = calloc(1, sizeof *f);
-    if (!f) return -1;
-    strcpy(f->dir, "/tmp/test_model_load_XXXXXX");
-    if (!mkdtemp(f->dir)) {
-        free(f);
-        return -1;
-    }
-    snprintf(f->st_path, sizeof f->st_path, "%s/model.safetensors", f->dir);
-    *state = f;
-    return 0;
-}
+static int setup(void **state) { return test_dir_setup(state, "test_model_load", "model.safetensors"); }
 
-static int teardown(void **state) {
-    fixture *f = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", f->dir);
-    int rc = system(cmd);
-    free(f);
-    return rc == 0 ? 0 : -1;
-}
+static int teardown(void **state) { return test_dir_teardown(state); }
 
 /* ------------------------------------------------------------- helpers */
 
@@ -68,7 +47,7 @@ static void copy_file(const char *from, const char *to, long max_bytes) {
     assert_int_equal(fclose(out), 0);
 }
 
-static void copy_config(const fixture *f) {
+static void copy_config(const test_dir *f) {
     char to[128];
     snprintf(to, sizeof to, "%s/config.json", f->dir);
     copy_file(SRC_DIR "/config.json", to, -1);
@@ -85,8 +64,8 @@ typedef enum {
     MOD_ALL_BF16     /* every F32 tensor as BF16 */
 } mod_kind;
 
-/* tiny-a's model.safetensors with one modification, written to f->st_path, plus config.json. */
-static void write_variant(const fixture *f, mod_kind kind, const char *target, long long value) {
+/* tiny-a's model.safetensors with one modification, written to f->path, plus config.json. */
+static void write_variant(const test_dir *f, mod_kind kind, const char *target, long long value) {
     safetensors *st = NULL;
     mill_err e = {{0}};
     if (safetensors_open(SRC_DIR "/model.safetensors", &st, &e)) fail_msg("%s", e.msg);
@@ -151,7 +130,7 @@ static void write_variant(const fixture *f, mod_kind kind, const char *target, l
         int64_t s = 4;
         if (safetensors_writer_add(w, target, DTYPE_F32, 1, &s, four, &e)) fail_msg("%s", e.msg);
     }
-    if (safetensors_writer_save(w, f->st_path, &e)) fail_msg("%s", e.msg);
+    if (safetensors_writer_save(w, f->path, &e)) fail_msg("%s", e.msg);
     safetensors_writer_free(w);
     safetensors_close(st);
     copy_config(f);
@@ -162,7 +141,7 @@ static void assert_msg_has(const mill_err *e, const char *needle) {
 }
 
 /* model_load(f->dir) must fail with a one-line message holding every needle (NULL-terminated). */
-static void load_fails(const fixture *f, ...) {
+static void load_fails(const test_dir *f, ...) {
     dsv4_model m;
     memset(&m, 0, sizeof m);
     mill_err e;
@@ -184,7 +163,7 @@ static void load_fails(const fixture *f, ...) {
 
 /* The control: an unmodified copy loads, with the weights as stored. */
 static void test_copy_loads(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_NONE, NULL, 0);
     dsv4_model m;
     mill_err e = {{0}};
@@ -204,44 +183,44 @@ static void test_copy_loads(void **state) {
 }
 
 static void test_missing_tensor(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_DROP, "layers.1.attn.wq_a.weight", 0);
     load_fails(f, "layers.1.attn.wq_a.weight", "missing", "[32, 64]", (char *)NULL);
 }
 
 /* A missing 1-D tensor: the message must show its shape as [64]. */
 static void test_missing_1d_tensor(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_DROP, "layers.0.attn_norm.weight", 0);
     load_fails(f, "layers.0.attn_norm.weight", "missing", "[64]", (char *)NULL);
 }
 
 static void test_wrong_shape(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_TRANSPOSE, "layers.0.attn.wkv.weight", 0); /* stored [32, 64] */
-    load_fails(f, "layers.0.attn.wkv.weight", f->st_path, "[64, 32]", "[32, 64]", (char *)NULL);
+    load_fails(f, "layers.0.attn.wkv.weight", f->path, "[64, 32]", "[32, 64]", (char *)NULL);
 }
 
 static void test_wrong_dtype_weight(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_AS_I32, "embed.weight", 0);
-    load_fails(f, "embed.weight", "I32", f->st_path, (char *)NULL);
+    load_fails(f, "embed.weight", "I32", f->path, (char *)NULL);
 }
 
 static void test_wrong_dtype_index(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_AS_F32, "layers.1.ffn.gate.tid2eid", 0);
-    load_fails(f, "layers.1.ffn.gate.tid2eid", "F32", f->st_path, (char *)NULL);
+    load_fails(f, "layers.1.ffn.gate.tid2eid", "F32", f->path, (char *)NULL);
 }
 
 static void test_unexpected_tensor(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_EXTRA, "layers.0.attn.bogus", 0);
-    load_fails(f, "layers.0.attn.bogus", "unexpected", f->st_path, (char *)NULL);
+    load_fails(f, "layers.0.attn.bogus", "unexpected", f->path, (char *)NULL);
 }
 
 static void test_tid2eid_out_of_range(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_ID_RANGE, "layers.0.ffn.gate.tid2eid", 8); /* 8 routed experts: ids 0..7 */
     load_fails(f, "layers.0.ffn.gate.tid2eid", "8", "element 5", (char *)NULL);
     write_variant(f, MOD_ID_RANGE, "layers.1.ffn.gate.tid2eid", -1);
@@ -249,12 +228,12 @@ static void test_tid2eid_out_of_range(void **state) {
 }
 
 static void test_bf16_weights(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_ALL_BF16, NULL, 0);
     mill_err e = {{0}};
     safetensors *src = NULL, *bf = NULL;
     if (safetensors_open(SRC_DIR, &src, &e)) fail_msg("%s", e.msg);
-    if (safetensors_open(f->st_path, &bf, &e)) fail_msg("%s", e.msg);
+    if (safetensors_open(f->path, &bf, &e)) fail_msg("%s", e.msg);
     /* the variant really is BF16 */
     const safetensors_entry *wq = safetensors_find(bf, "layers.0.attn.wq_a.weight");
     assert_non_null(wq);
@@ -310,7 +289,7 @@ static void test_bf16_weights(void **state) {
 }
 
 static void test_malformed_config(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     write_variant(f, MOD_NONE, NULL, 0);
     char cfg[128];
     snprintf(cfg, sizeof cfg, "%s/config.json", f->dir);
@@ -319,7 +298,7 @@ static void test_malformed_config(void **state) {
 }
 
 static void test_no_weights(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     copy_config(f);
     load_fails(f, f->dir, (char *)NULL);
 }

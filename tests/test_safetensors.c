@@ -12,34 +12,15 @@
 
 #include <cmocka.h>
 
+#include "test_util.h"
 #include "common/safetensors.h"
 
-typedef struct {
-    char dir[64];
-} fixture;
 
-static int setup(void **state) {
-    fixture *f = calloc(1, sizeof *f);
-    if (!f) return -1;
-    strcpy(f->dir, "/tmp/test_st_XXXXXX");
-    if (!mkdtemp(f->dir)) {
-        free(f);
-        return -1;
-    }
-    *state = f;
-    return 0;
-}
+static int setup(void **state) { return test_dir_setup(state, "test_st", NULL); }
 
-static int teardown(void **state) {
-    fixture *f = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", f->dir);
-    int rc = system(cmd);
-    free(f);
-    return rc == 0 ? 0 : -1;
-}
+static int teardown(void **state) { return test_dir_teardown(state); }
 
-static void path_in(const fixture *f, const char *name, char *out, size_t n) { snprintf(out, n, "%s/%s", f->dir, name); }
+static void path_in(const test_dir *f, const char *name, char *out, size_t n) { snprintf(out, n, "%s/%s", f->dir, name); }
 
 static void write_bytes(const char *path, const void *p, size_t n) {
     FILE *fp = fopen(path, "wb");
@@ -102,7 +83,7 @@ static void check_entry(const safetensors_entry *en, const char *name, mill_dtyp
 }
 
 static void test_round_trip(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "rt.safetensors", path, sizeof path);
     mill_err e = {{0}};
@@ -203,7 +184,7 @@ static void test_round_trip(void **state) {
 }
 
 static void test_find_missing(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "m.safetensors", path, sizeof path);
     const char *names[2] = {"a", "b"};
@@ -221,7 +202,7 @@ static void test_find_missing(void **state) {
 
 /* Many tensors: the name table must find every one and nothing else. */
 static void test_many_tensors(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "many.safetensors", path, sizeof path);
     mill_err e = {{0}};
@@ -260,7 +241,7 @@ static void write_index(const char *path, const char *weight_map) {
 }
 
 static void test_sharded(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char s1[128], s2[128], idx[128];
     path_in(f, "model-00001-of-00002.safetensors", s1, sizeof s1);
     path_in(f, "model-00002-of-00002.safetensors", s2, sizeof s2);
@@ -307,7 +288,7 @@ static void test_sharded(void **state) {
 }
 
 static void test_dir_single_and_empty(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char sub[128], path[160];
     path_in(f, "single", sub, sizeof sub);
     assert_int_equal(mkdir(sub, 0700), 0);
@@ -328,7 +309,7 @@ static void test_dir_single_and_empty(void **state) {
 /* ---- hostile files ---- */
 
 static void test_truncated_data(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "trunc.safetensors", path, sizeof path);
     const char *names[2] = {"first", "last"};
@@ -342,7 +323,7 @@ static void test_truncated_data(void **state) {
 }
 
 static void test_header_length_too_big(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "hlen.safetensors", path, sizeof path);
     unsigned char buf[20] = {0xe8, 0x03}; /* 1000, with 12 bytes following */
@@ -355,7 +336,7 @@ static void test_header_length_too_big(void **state) {
 }
 
 static void test_corrupt_json(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "json.safetensors", path, sizeof path);
     write_raw(path, "{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]", 4);
@@ -373,7 +354,7 @@ static void test_corrupt_json(void **state) {
 }
 
 static void test_unknown_dtype(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "dtype.safetensors", path, sizeof path);
     write_raw(path, "{\"w\": {\"dtype\": \"F33\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4);
@@ -383,7 +364,7 @@ static void test_unknown_dtype(void **state) {
 }
 
 static void test_shape_mismatch(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "shape.safetensors", path, sizeof path);
     write_raw(path, "{\"w\": {\"dtype\": \"F32\", \"shape\": [2, 3], \"data_offsets\": [0, 20]}}", 24);
@@ -401,7 +382,7 @@ static void test_shape_mismatch(void **state) {
 }
 
 static void test_offsets_out_of_range(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "offs.safetensors", path, sizeof path);
     write_raw(path, "{\"w\": {\"dtype\": \"F32\", \"shape\": [6], \"data_offsets\": [0, 24]}}", 16);
@@ -417,7 +398,7 @@ static void test_offsets_out_of_range(void **state) {
 }
 
 static void test_empty_file(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char path[128];
     path_in(f, "empty.safetensors", path, sizeof path);
     write_bytes(path, "", 0);
@@ -429,7 +410,7 @@ static void test_empty_file(void **state) {
 }
 
 static void test_index_missing_shard(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char s1[128], idx[128];
     path_in(f, "part-1.safetensors", s1, sizeof s1);
     path_in(f, "model.safetensors.index.json", idx, sizeof idx);
@@ -440,7 +421,7 @@ static void test_index_missing_shard(void **state) {
 }
 
 static void test_index_missing_tensor(void **state) {
-    fixture *f = *state;
+    test_dir *f = *state;
     char s1[128], s2[128], idx[128];
     path_in(f, "part-1.safetensors", s1, sizeof s1);
     path_in(f, "part-2.safetensors", s2, sizeof s2);
