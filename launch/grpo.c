@@ -84,7 +84,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
                                          "template", "skip_bad_rows", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "timeout_s",
-                                         "dynamic_sampling", "max_draws", NULL};
+                                         "dynamic_sampling", "max_draws", "async", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
                                          "tis_cap", "entropy_coef", NULL};
@@ -106,7 +106,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.min_lr = r->optim.lr;
     const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
-    int skip, dyn, stdn, seqm;
+    int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
         yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
@@ -126,6 +126,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
         yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
+        yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
         yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
         yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
         yamlcfg_num(y, "reward.timeout_s", 10, &r->reward_timeout_s, path, e) ||
@@ -189,6 +190,10 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         }
         neng = (long long)json_array_size(addrs);
     }
+    if (async && !r->disaggregated)
+        return mill_errf(e, "%s: rollout.async needs rollout.layout: disaggregated (colocated engines take turns with "
+                            "the trainer)", path);
+    r->async = async;
     if (!r->disaggregated && neng != 1)
         return mill_errf(e, "%s: a colocated run has one engine (rollout.engines: %lld); use layout: disaggregated", path, neng);
     if (!*rkind) rkind = r->jsonl ? "math" : "arithmetic";
@@ -369,15 +374,19 @@ typedef struct {
     char exe[1024];
 } procs;
 
-/* Sends b to p and waits for the reply to it (of type `want`), checking that p lives. */
-static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *want, double timeout_s,
-               wire_msg **reply, wire_raw **raw, mill_err *e) {
-    *reply = NULL;
-    *raw = NULL;
-    uint64_t id = ps->next_id - 1; /* the builder was made with next_id++ */
+/* Sends b (made by msg_new) to p; *id gets its request id. */
+static int rpc_send(procs *ps, proc *p, const char *what, wire_builder *b, uint64_t *id, mill_err *e) {
+    *id = ps->next_id - 1; /* the builder was made with next_id++ */
     int rc = wire_send(p->sock, NULL, 0, b, e);
     wire_builder_free(b);
-    if (rc) return mill_err_wrap(e, "%s", what);
+    return rc ? mill_err_wrap(e, "%s", what) : 0;
+}
+
+/* Waits for p's reply to request id (of type `want`), checking that p lives. */
+static int rpc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, wire_msg **reply,
+                    wire_raw **raw, mill_err *e) {
+    *reply = NULL;
+    *raw = NULL;
     double t_end = now() + timeout_s;
     for (;;) {
         int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
@@ -419,6 +428,13 @@ static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char
         if (proc_check(p, what, e)) return -1;
         if (now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
     }
+}
+
+static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *want, double timeout_s,
+               wire_msg **reply, wire_raw **raw, mill_err *e) {
+    uint64_t id;
+    if (rpc_send(ps, p, what, b, &id, e)) return -1;
+    return rpc_wait(p, what, id, want, timeout_s, reply, raw, e);
 }
 
 static wire_builder *msg_new(procs *ps, const char *type) { return wire_builder_new(type, ps->next_id++); }
@@ -989,102 +1005,119 @@ static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err
 
 static const char *const step_keys[] = {"loss", "grad_norm", "lr", "clip_frac", "kl", "entropy", "max_dlogp", "tokens"};
 
-/* Step `step` (1-based): rollout, rewards, training, weight refresh; metrics into m, samples
- * into the ledger. */
-static int grpo_step(run_ctx *c, long step, json_t *m, mill_err *e) {
-    const grpo_recipe *r = c->r;
-    int P = r->prompts_per_step, G = r->samples_per_prompt, nd = 0, ng = 0, rc = -1;
+/* A step's training batch: its draws, the groups chosen for training, and its metrics. */
+typedef struct {
+    long step;
     draw dr[64];
-    group_ref *gr = malloc(sizeof *gr * (size_t)P);
-    void *bufs[5] = {0};
-    ledger_sample *ls = NULL;
-    if (!gr) return mill_errf(e, "out of memory");
-    double t0 = now(), rsum = 0, lsum = 0, nsamp = 0;
+    int nd, ng;
+    group_ref *gr;
+    json_t *m;
+    int64_t cursor_end; /* the dataset cursor after its prompts: what a checkpoint of this step saves */
+    double t0;          /* when it began (monotonic) */
+    void *bufs[5];      /* the train message's frames */
+    uint64_t train_id;  /* the train request in flight, 0 when none */
+} step_batch;
+
+static void batch_free(step_batch *b) {
+    for (int d = 0; d < b->nd; d++) draw_free(&b->dr[d]);
+    for (int i = 0; i < 5; i++) free(b->bufs[i]);
+    free(b->gr);
+    json_decref(b->m);
+    memset(b, 0, sizeof *b);
+}
+
+/* Rollout and rewards of step `step` (1-based), with dynamic sampling; every generated sample goes
+ * to the ledger, kept for training or not. */
+static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    int P = r->prompts_per_step, G = r->samples_per_prompt;
+    memset(b, 0, sizeof *b);
+    b->step = step;
+    b->t0 = now();
+    b->gr = malloc(sizeof *b->gr * (size_t)P);
+    b->m = json_object();
+    if (!b->gr || !b->m) return mill_errf(e, "out of memory");
+    double rsum = 0, lsum = 0, nsamp = 0;
     int max_draws = r->dynamic_sampling ? (r->max_draws < 64 ? r->max_draws : 64) : 1;
-    if (engines_turn(c, "resume", "resumed", e)) goto out;
+    if (engines_turn(c, "resume", "resumed", e)) return -1;
     /* dynamic sampling: groups whose rewards are all equal carry no signal; draw more prompts
      * until P informative groups are in or max_draws is reached */
-    while (ng < P && nd < max_draws) {
-        if (draw_make(c, &dr[nd], step, nd, e)) {
-            nd++;
-            goto out;
-        }
-        for (int p = 0; p < P && ng < P; p++)
-            if (!r->dynamic_sampling || group_informative(&dr[nd], p, G)) gr[ng++] = (group_ref){nd, p};
+    while (b->ng < P && b->nd < max_draws) {
+        draw *d = &b->dr[b->nd++];
+        if (draw_make(c, d, step, b->nd - 1, e)) return -1;
+        for (int p = 0; p < P && b->ng < P; p++)
+            if (!r->dynamic_sampling || group_informative(d, p, G)) b->gr[b->ng++] = (group_ref){b->nd - 1, p};
         for (int i = 0; i < P * G; i++) {
-            rsum += dr[nd].rewards[i];
-            lsum += dr[nd].s.out_len[i];
+            rsum += d->rewards[i];
+            lsum += d->s.out_len[i];
             nsamp++;
         }
-        nd++;
     }
-    double t_roll = now() - t0;
-    /* every generated sample goes to the ledger, kept for training or not */
-    ls = calloc((size_t)nd * P * G, sizeof *ls);
-    if (!ls) {
-        mill_errf(e, "out of memory");
-        goto out;
-    }
+    b->cursor_end = c->cursor;
+    ledger_sample *ls = calloc((size_t)b->nd * P * G, sizeof *ls);
+    if (!ls) return mill_errf(e, "out of memory");
     int nl = 0;
-    for (int d = 0; d < nd; d++)
+    for (int k = 0; k < b->nd; k++) {
+        const draw *d = &b->dr[k];
         for (int i = 0; i < P * G; i++)
             ls[nl++] = (ledger_sample){.run_id = c->run_id, .step = step, .attempt = c->attempt,
-                                       .prompt_id = (long)dr[d].cursor0 + i / G, .sample_idx = i % G,
-                                       .reward = dr[d].rewards[i], .prompt_len = dr[d].pp.len[i / G],
-                                       .response_len = dr[d].s.out_len[i], .weight_version = dr[d].s.version[i],
-                                       .finish = dr[d].s.finish[i] ? "stop" : "length", .text = dr[d].texts[i]};
-    if (ledger_samples_add(c->lg, ls, nl, e)) goto out;
-    json_object_set_new(m, "reward", json_real(rsum / nsamp));
-    json_object_set_new(m, "response_len", json_real(lsum / nsamp));
-    json_object_set_new(m, "rollout_s", json_real(t_roll));
-    json_object_set_new(m, "groups", json_integer(ng));
-    json_object_set_new(m, "draws", json_integer(nd));
+                                       .prompt_id = (long)d->cursor0 + i / G, .sample_idx = i % G,
+                                       .reward = d->rewards[i], .prompt_len = d->pp.len[i / G],
+                                       .response_len = d->s.out_len[i], .weight_version = d->s.version[i],
+                                       .finish = d->s.finish[i] ? "stop" : "length", .text = d->texts[i]};
+    }
+    int x = ledger_samples_add(c->lg, ls, nl, e);
+    free(ls);
+    if (x) return -1;
+    json_object_set_new(b->m, "reward", json_real(rsum / nsamp));
+    json_object_set_new(b->m, "response_len", json_real(lsum / nsamp));
+    json_object_set_new(b->m, "rollout_s", json_real(now() - b->t0));
+    json_object_set_new(b->m, "groups", json_integer(b->ng));
+    json_object_set_new(b->m, "draws", json_integer(b->nd));
+    return 0;
+}
+
+/* Sends the batch to the trainer (colocated: the engines give their memory back first). */
+static int batch_train_send(run_ctx *c, step_batch *b, mill_err *e) {
+    if (!b->ng) return 0;
+    if (engines_turn(c, "release_memory", "released", e)) return -1;
+    wire_builder *w = msg_new(&c->ps, "train");
+    if (!w) return mill_errf(e, "out of memory");
+    wire_put_int(w, "step", b->step);
+    if (train_batch(c, b->dr, b->gr, b->ng, w, b->bufs, e)) {
+        wire_builder_free(w);
+        return -1;
+    }
+    return rpc_send(&c->ps, &c->ps.trainer, "trainer worker", w, &b->train_id, e);
+}
+
+/* Waits for the step's training, then refreshes the engines' weights. */
+static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
     double t1 = now();
-    if (ng > 0) {
-        if (engines_turn(c, "release_memory", "released", e)) goto out;
-        wire_builder *b = msg_new(&c->ps, "train");
+    if (!b->ng) { /* no group with signal: no update; the version stays */
+        json_object_set_new(b->m, "skipped", json_true());
+    } else {
         wire_msg *rep;
         wire_raw *raw;
-        if (!b) {
-            mill_errf(e, "out of memory");
-            goto out;
-        }
-        wire_put_int(b, "step", step);
-        if (train_batch(c, dr, gr, ng, b, bufs, e)) {
-            wire_builder_free(b);
-            goto out;
-        }
-        if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "trained", 3600, &rep, &raw, e)) goto out;
-        for (size_t k = 0; k < sizeof step_keys / sizeof *step_keys; k++) {
+        if (rpc_wait(&c->ps.trainer, "trainer worker", b->train_id, "trained", 3600, &rep, &raw, e)) return -1;
+        b->train_id = 0;
+        int x = 0;
+        for (size_t k = 0; !x && k < sizeof step_keys / sizeof *step_keys; k++) {
             double v;
-            if (wire_get_num(rep, step_keys[k], 1, 0, -1e300, 1e300, &v, e)) {
-                wire_msg_free(rep);
-                wire_recv_free(raw);
-                goto out;
-            }
-            json_object_set_new(m, step_keys[k], json_real(v));
+            x = wire_get_num(rep, step_keys[k], 1, 0, -1e300, 1e300, &v, e);
+            if (!x) json_object_set_new(b->m, step_keys[k], json_real(v));
         }
         wire_msg_free(rep);
         wire_recv_free(raw);
-        if (rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
-            engines_turn(c, "resume", "resumed", e))
-            goto out;
         double tp;
-        if (publish(c, step, &tp, e)) goto out;
-        json_object_set_new(m, "publish_s", json_real(tp));
-    } else {
-        /* no group with signal: no update; the version stays */
-        json_object_set_new(m, "skipped", json_true());
+        if (x || rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
+            engines_turn(c, "resume", "resumed", e) || publish(c, b->step, &tp, e))
+            return -1;
+        json_object_set_new(b->m, "publish_s", json_real(tp));
     }
-    json_object_set_new(m, "train_s", json_real(now() - t1));
-    json_object_set_new(m, "step_s", json_real(now() - t0));
-    rc = 0;
-out:
-    for (int d = 0; d < nd; d++) draw_free(&dr[d]);
-    for (int i = 0; i < 5; i++) free(bufs[i]);
-    free(gr);
-    free(ls);
-    return rc;
+    json_object_set_new(b->m, "train_s", json_real(now() - t1));
+    json_object_set_new(b->m, "step_s", json_real(now() - b->t0));
+    return 0;
 }
 
 static double num(json_t *m, const char *k) { return json_number_value(json_object_get(m, k)); }
@@ -1116,7 +1149,7 @@ static int eval_into(run_ctx *c, long step, json_t *m, mill_err *e) {
     return 0;
 }
 
-static int checkpoint(run_ctx *c, long step, mill_err *e) {
+static int checkpoint(run_ctx *c, long step, int64_t cursor, mill_err *e) {
     char dir[1200], sum[LEDGER_CHECKSUM_LEN];
     snprintf(dir, sizeof dir, "%s/step-%06ld", c->run_dir, step);
     wire_builder *b = msg_new(&c->ps, "save");
@@ -1124,7 +1157,7 @@ static int checkpoint(run_ctx *c, long step, mill_err *e) {
     wire_raw *raw;
     if (!b) return mill_errf(e, "out of memory");
     wire_put_str(b, "dir", dir);
-    wire_put_int(b, "data_position", c->cursor);
+    wire_put_int(b, "data_position", cursor);
     if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "saved", 3600, &r, &raw, e)) return -1;
     wire_msg_free(r);
     wire_recv_free(raw);
@@ -1148,20 +1181,39 @@ static int loop(run_ctx *c, long start, mill_err *e) {
         json_decref(m);
         if (x) return -1;
     }
+    /* async (disaggregated): step s + 1 is generated while step s trains, by the weights before
+     * step s's update; the trainer's importance weights (TIS) correct the one-version lag */
+    step_batch cur = {0}, next = {0};
+    int rc = -1;
+    if (start < r->steps && batch_generate(c, start + 1, &cur, e)) goto out;
     for (long s = start + 1; s <= r->steps; s++) {
-        json_t *m = json_object();
         double t = wall();
-        int x = grpo_step(c, s, m, e);
-        if (!x) print_step(s, r->steps, m);
-        if (!x && ((r->eval_every && s % r->eval_every == 0) || s == r->steps)) x = eval_into(c, s, m, e);
-        char *js = x ? NULL : json_dumps(m, JSON_COMPACT);
-        if (!x) x = ledger_step_record(c->lg, c->run_id, s, c->attempt, t, c->version, c->cursor, NULL, 0, js, e);
+        if (batch_train_send(c, &cur, e)) goto out;
+        if (r->async && s < r->steps && batch_generate(c, s + 1, &next, e)) goto out;
+        if (batch_train_finish(c, &cur, e)) goto out;
+        print_step(s, r->steps, cur.m);
+        if (((r->eval_every && s % r->eval_every == 0) || s == r->steps) && eval_into(c, s, cur.m, e)) goto out;
+        char *js = json_dumps(cur.m, JSON_COMPACT);
+        int x = !js ? mill_errf(e, "out of memory")
+                    : ledger_step_record(c->lg, c->run_id, s, c->attempt, t, c->version, cur.cursor_end, NULL, 0, js, e);
         free(js);
-        json_decref(m);
-        if (!x && ((r->checkpoint_every && s % r->checkpoint_every == 0) || s == r->steps)) x = checkpoint(c, s, e);
-        if (x) return -1;
+        if (x) goto out;
+        if (((r->checkpoint_every && s % r->checkpoint_every == 0) || s == r->steps) &&
+            checkpoint(c, s, cur.cursor_end, e))
+            goto out;
+        batch_free(&cur);
+        if (r->async) {
+            cur = next;
+            memset(&next, 0, sizeof next);
+        } else if (s < r->steps && batch_generate(c, s + 1, &cur, e)) {
+            goto out;
+        }
     }
-    return 0;
+    rc = 0;
+out:
+    batch_free(&cur);
+    batch_free(&next);
+    return rc;
 }
 
 /* Starts the trainer worker (model_dir: the warm start, or a checkpoint when resume) and the
@@ -1308,8 +1360,9 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
     int rc = -1;
     mill_err le;
     if (open_inputs(c, e) || start_processes(c, model_dir, resume, start, e)) goto out;
-    printf("mill run %s (attempt %d): %s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
-           r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", c->ps.n_engines, r->steps,
+    printf("mill run %s (attempt %d): %s%s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
+           r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", r->async ? " async" : "",
+           c->ps.n_engines, r->steps,
            r->prompts_per_step, r->samples_per_prompt, start ? model_dir : r->init_from);
     fflush(stdout);
     rc = loop(c, start, e);

@@ -8,7 +8,8 @@
  * `mill resume RUN` continues from the last complete checkpoint bit for bit.
  * Layouts: colocated (one engine on this host; engine and trainer take turns and each releases
  * its memory while the other works) and disaggregated (engines as separate processes over TCP,
- * spawned here or started by hand with `mill rollout-server`). */
+ * spawned here or started by hand with `mill rollout-server`), optionally async: step s + 1 is
+ * generated while step s trains, by weights one version behind, which TIS corrects. */
 #ifndef MILL_GRPO_RUN_H
 #define MILL_GRPO_RUN_H
 
@@ -33,6 +34,7 @@ typedef struct {
     double temperature, top_p;
     uint64_t sample_seed;
     int disaggregated, n_engines, dynamic_sampling, max_draws;
+    int async; /* disaggregated: generate step s + 1 while step s trains (one version behind) */
     char engine_addrs[2048]; /* comma-separated external engines ("" = spawn n_engines) */
     double cache_mb, timeout_s;
     /* reward */

@@ -49,6 +49,12 @@ grep -q "disaggregated layout, 2 engine" "$T/dis.out" || fail "dis: layout line"
 [ "$(q "select status from runs where name='dis'")" = finished ] || fail "dis: not finished"
 echo "disaggregated: 3 steps on 2 engines"
 
+# 2a. async: step s + 1 is generated while step s trains, so its samples come from version s - 1
+run as --set rollout.layout=disaggregated --set rollout.async=true --set train.steps=4
+v=$(q "select group_concat(v, ',') from (select s.step, max(s.weight_version) v from samples s join runs r on r.id=s.run_id where r.name='as' group by s.step order by s.step)")
+[ "$v" = "0,0,1,2" ] || fail "async: sample versions by step are $v, expected 0,0,1,2"
+echo "async: sample versions by step $v (one version behind)"
+
 # 2b. KL penalty against the frozen reference (loaded because kl_coef != 0), entropy bonus, and
 # dynamic sampling (every sample drawn is in the ledger; groups with equal rewards are dropped)
 run kl --set train.steps=2 --set algorithm.kl_coef=0.05 --set algorithm.entropy_coef=0.01 --set optimizer.lr=1e-3 \
