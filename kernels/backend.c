@@ -1,6 +1,7 @@
 #include "backend.h"
 
 #include <cblas.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef MILL_CUDA
@@ -33,4 +34,32 @@ void kctx_free(kctx *k) {
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e) {
     if (k->device == DEVICE_CPU) return 0;
     return mill_errf(e, "%s: no CUDA implementation yet (run with the CPU backend)", op);
+}
+
+void *mem_alloc_copy(mill_device dev, const void *src, size_t bytes, mill_err *e) {
+    if (dev == DEVICE_CPU) {
+        void *p = src ? malloc(bytes ? bytes : 1) : calloc(bytes ? bytes : 1, 1);
+        if (!p) mill_errf(e, "out of memory for %zu bytes", bytes);
+        else if (src) memcpy(p, src, bytes);
+        return p;
+    }
+#ifdef MILL_CUDA
+    void *p = NULL;
+    if (src ? cuda_alloc(&p, bytes, e) : cuda_alloc_zero(&p, bytes, e)) return NULL;
+    if (src && bytes && cuda_copy_to_device(p, src, bytes, e)) {
+        cuda_free(p);
+        return NULL;
+    }
+    return p;
+#else
+    mill_errf(e, "this mill was built without CUDA (nvcc not found at configure time)");
+    return NULL;
+#endif
+}
+
+void mem_free(mill_device dev, void *p) {
+    if (dev == DEVICE_CPU) free(p);
+#ifdef MILL_CUDA
+    else if (p) cuda_free(p);
+#endif
 }

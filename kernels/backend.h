@@ -26,6 +26,11 @@ void kctx_free(kctx *k);
         if ((x) != 0) return -1; \
     } while (0)
 
+/* Memory on a device: a copy of bytes of host memory at src (NULL: zeroed), or NULL with e set;
+ * and its release (NULL is fine). CPU: malloc; CUDA: cudaMalloc. */
+void *mem_alloc_copy(mill_device dev, const void *src, size_t bytes, mill_err *e);
+void mem_free(mill_device dev, void *p);
+
 /* The CPU bodies start with this: anything but the CPU gets a clear error. */
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);
 

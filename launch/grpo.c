@@ -88,7 +88,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
                                          "tis_cap", "entropy_coef", NULL};
-    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", NULL};
+    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", "device", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
     static const char *const dbg_k[] = {"kill_engine_at_step", NULL};
@@ -104,7 +104,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir;
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
@@ -142,7 +142,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_num(y, "algorithm.entropy_coef", 0.0, &r->algo.entropy_coef, path, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
-        yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
+        yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
+        yamlcfg_str(y, "train.device", "cpu", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
@@ -172,6 +173,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     } else {
         return mill_errf(e, "%s: data.kind \"%s\" must be \"arithmetic\" or \"jsonl\"", path, kind);
     }
+    if (strcmp(dev, "cpu") && strcmp(dev, "cuda"))
+        return mill_errf(e, "%s: train.device \"%s\" must be \"cpu\" or \"cuda\"", path, dev);
+    r->train_gpu = !strcmp(dev, "cuda");
     if (!strcmp(layout, "disaggregated")) r->disaggregated = 1;
     else if (strcmp(layout, "colocated")) return mill_errf(e, "%s: rollout.layout \"%s\" must be \"colocated\" or \"disaggregated\"", path, layout);
     json_t *addrs = yamlcfg_get(y, "rollout.addresses");
@@ -1248,6 +1252,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_str(b, "model", model_dir);
     wire_put_bool(b, "resume", resume);
     wire_put_str(b, "ref_model", r->init_from); /* the frozen reference policy when kl_coef != 0 */
+    wire_put_str(b, "device", r->train_gpu ? "cuda" : "cpu");
     wire_put_int(b, "version", version);
     wire_put_num(b, "lr", o->lr);
     wire_put_num(b, "min_lr", o->min_lr);

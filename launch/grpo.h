@@ -47,6 +47,7 @@ typedef struct {
     int std_normalize;
     long steps;
     int updates_per_step, micro_batch;
+    int train_gpu; /* train.device: cuda (the trainer worker on the GPU; engines stay on the CPU for now) */
     optim_config optim;
     /* eval, checkpoints */
     int eval_every, eval_problems;

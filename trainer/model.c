@@ -6,9 +6,6 @@
 #include <string.h>
 
 #include "../common/rng.h"
-#ifdef MILL_CUDA
-#include "../common/cuda_util.h"
-#endif
 #include "../common/safetensors.h"
 #include "../kernels/attention.h"
 #include "../kernels/dense.h"
@@ -229,32 +226,12 @@ int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
 }
 
 /* The device-resident buffers of a model: host memory, or CUDA memory after model_to_device. */
-static void model_buf_free(const dsv4_model *m, void *p) {
-    if (m->device == DEVICE_CPU) free(p);
-#ifdef MILL_CUDA
-    else if (p) cuda_free(p);
-#endif
-}
+static void model_buf_free(const dsv4_model *m, void *p) { mem_free(m->device, p); }
 
 static void *model_buf_copy(const dsv4_model *dst, const void *src, size_t bytes, mill_err *e) {
-    if (dst->device == DEVICE_CPU) {
-        void *p = malloc(bytes ? bytes : 1);
-        if (!p) mill_errf(e, "model: out of memory for %zu bytes", bytes);
-        else memcpy(p, src, bytes);
-        return p;
-    }
-#ifdef MILL_CUDA
-    void *p = NULL;
-    if (cuda_alloc(&p, bytes, e)) return NULL;
-    if (bytes && cuda_copy_to_device(p, src, bytes, e)) {
-        cuda_free(p);
-        return NULL;
-    }
+    void *p = mem_alloc_copy(dst->device, src, bytes, e);
+    if (!p) mill_err_wrap(e, "model");
     return p;
-#else
-    mill_errf(e, "model_to_device: this build has no CUDA support");
-    return NULL;
-#endif
 }
 
 /* p re-pointed from one buffer to its copy: same offset. */

@@ -1,5 +1,7 @@
 #include "optimizer.h"
 
+#include "../kernels/dense.h"
+
 #include <fnmatch.h>
 #include <math.h>
 #include <stdlib.h>
@@ -24,6 +26,7 @@ int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, m
     memset(o, 0, sizeof *o);
     o->cfg = *cfg;
     o->n_floats = m->n_floats;
+    o->n_params = m->n_params;
     o->m = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
     o->v = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
     o->update = calloc((size_t)m->n_params, 1);
@@ -48,10 +51,36 @@ int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, m
 }
 
 void optimizer_free(optimizer *o) {
-    free(o->m);
-    free(o->v);
+    mem_free(o->device, o->m);
+    mem_free(o->device, o->v);
     free(o->update);
     memset(o, 0, sizeof *o);
+}
+
+int optimizer_to_device(optimizer *dst, const optimizer *src, const kctx *k, mill_err *e) {
+    size_t bytes = sizeof(float) * src->n_floats;
+    *dst = *src;
+    dst->device = k->device;
+    dst->update = malloc((size_t)src->n_params ? (size_t)src->n_params : 1);
+    dst->m = mem_alloc_copy(k->device, src->m, bytes, e);
+    dst->v = dst->m ? mem_alloc_copy(k->device, src->v, bytes, e) : NULL;
+    if (!dst->update || !dst->m || !dst->v) {
+        if (!dst->update) mill_errf(e, "out of memory");
+        optimizer_free(dst);
+        return mill_err_wrap(e, "optimizer_to_device");
+    }
+    memcpy(dst->update, src->update, (size_t)src->n_params);
+    return 0;
+}
+
+int optimizer_copy_to_host(optimizer *host, const optimizer *dev, const kctx *k, mill_err *e) {
+    size_t bytes = sizeof(float) * dev->n_floats;
+    if (host->device != DEVICE_CPU || host->n_floats != dev->n_floats)
+        return mill_errf(e, "optimizer_copy_to_host: the host optimizer does not match");
+    TRY(op_copy_to_host(k, host->m, dev->m, bytes, e));
+    TRY(op_copy_to_host(k, host->v, dev->v, bytes, e));
+    host->step = dev->step;
+    return 0;
 }
 
 double optimizer_lr(const optim_config *c, long s) {

@@ -25,15 +25,22 @@ typedef struct {
 
 typedef struct {
     optim_config cfg;
-    float *m, *v;     /* [n_floats] */
+    float *m, *v;     /* [n_floats], in `device` memory */
+    mill_device device;
     uint8_t *update;  /* per parameter-table entry: 1 when the step changes it */
     long step;        /* steps taken */
     size_t n_floats;
+    int n_params;
 } optimizer;
 
 void optim_config_default(optim_config *c);
 int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, mill_err *e);
 void optimizer_free(optimizer *o);
+/* dst = src with the moments copied to k's device (where its model trains); update flags and the
+ * step stay on the host. */
+int optimizer_to_device(optimizer *dst, const optimizer *src, const kctx *k, mill_err *e);
+/* The moments and step of a device optimizer into a host one of the same model (for checkpoints). */
+int optimizer_copy_to_host(optimizer *host, const optimizer *dev, const kctx *k, mill_err *e);
 /* Learning rate at 0-based step s: linear warm-up to lr, then constant or cosine to min_lr. */
 double optimizer_lr(const optim_config *c, long s);
 /* One step with grads [n_floats]: clips by global norm (over updated parameters), applies

@@ -9,6 +9,7 @@
 
 #include "../algos/grpo.h"
 #include "../common/wire.h"
+#include "../kernels/dense.h"
 #include "checkpoint.h"
 #include "model.h"
 #include "optimizer.h"
@@ -18,6 +19,10 @@ typedef struct {
     int ready;         /* model and optimizer loaded */
     kctx k;
     optimizer opt;
+    /* on a GPU: the copies that train (m and opt stay the host images that publish and save) */
+    int gpu;
+    dsv4_model dm, dref;
+    optimizer dopt;
     grpo_config algo;
     float temperature;
     int updates, micro_batch; /* optimizer steps per batch; sequences per forward (0: all) */
@@ -30,6 +35,17 @@ typedef struct {
     size_t peer_len;
     uint64_t id;
 } worker;
+
+static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
+static dsv4_model *ref_model(worker *w) { return w->gpu ? &w->dref : &w->ref; }
+static optimizer *train_opt(worker *w) { return w->gpu ? &w->dopt : &w->opt; }
+
+/* Brings the host images up to date with the GPU's weights (and moments, for checkpoints). */
+static int sync_host(worker *w, int moments, mill_err *e) {
+    if (!w->gpu) return 0;
+    TRY(op_copy_to_host(&w->k, w->m.data, w->dm.data, sizeof(float) * w->m.n_floats, e));
+    return moments ? optimizer_copy_to_host(&w->opt, &w->dopt, &w->k, e) : 0;
+}
 
 static double now(void) {
     struct timespec t;
@@ -49,7 +65,7 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 /* ---------------------------------------------------------------------- init */
 
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
-    char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96];
+    char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8];
     int resume, seqm;
     int64_t version, warm, total, kl, updates, mb;
     double temp;
@@ -59,6 +75,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     if (w->ready) return mill_errf(e, "init: the worker is already initialised");
     if (wire_get_str(msg, "model", 1, NULL, model, sizeof model, e) || wire_get_bool(msg, "resume", 0, 0, &resume, e) ||
         wire_get_str(msg, "ref_model", 0, "", ref, sizeof ref, e) ||
+        wire_get_str(msg, "device", 0, "cpu", device, sizeof device, e) ||
         wire_get_int(msg, "version", 0, 0, 0, INT64_MAX, &version, e) ||
         wire_get_num(msg, "lr", 1, 0, 0, 10, &oc.lr, e) || wire_get_num(msg, "min_lr", 0, 0, 0, 10, &oc.min_lr, e) ||
         wire_get_num(msg, "beta1", 0, oc.beta1, 0, 1, &oc.beta1, e) ||
@@ -82,6 +99,13 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e))
         return mill_err_wrap(e, "init");
     if (w->algo.kl_coef != 0 && !ref[0]) return mill_errf(e, "init: kl_coef != 0 needs ref_model (the reference policy)");
+    if (strcmp(device, "cpu") && strcmp(device, "cuda"))
+        return mill_errf(e, "init: device \"%s\" must be \"cpu\" or \"cuda\"", device);
+    if (!strcmp(device, "cuda")) { /* the ops run where the kctx says */
+        kctx_free(&w->k);
+        if (kctx_init(&w->k, DEVICE_CUDA, e)) return mill_err_wrap(e, "init: device cuda");
+        w->gpu = 1;
+    }
     if (!strcmp(sched, "cosine")) oc.schedule = LR_COSINE;
     else if (!strcmp(sched, "constant")) oc.schedule = LR_CONSTANT;
     else return mill_errf(e, "init: schedule \"%s\" must be \"cosine\" or \"constant\"", sched);
@@ -115,6 +139,15 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         model_free(&w->m);
         return mill_err_wrap(e, "init: reference model");
     }
+    if (w->gpu && (model_to_device(&w->dm, &w->m, &w->k, e) || optimizer_to_device(&w->dopt, &w->opt, &w->k, e) ||
+                   (w->algo.kl_coef != 0 && model_to_device(&w->dref, &w->ref, &w->k, e)))) {
+        model_free(&w->dm);
+        optimizer_free(&w->dopt);
+        optimizer_free(&w->opt);
+        model_free(&w->m);
+        if (w->algo.kl_coef != 0) model_free(&w->ref);
+        return mill_err_wrap(e, "init: to the GPU");
+    }
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
@@ -122,6 +155,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     wire_put_int(*reply, "version", w->version);
     wire_put_int(*reply, "optimizer_step", step);
     wire_put_int(*reply, "params", (int64_t)w->m.n_floats);
+    wire_put_str(*reply, "device", w->gpu ? "cuda" : "cpu");
     return 0;
 }
 
@@ -246,31 +280,32 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     if (w->algo.kl_coef != 0) { /* the reference policy's logprobs, with the same replayed experts */
         if (!(ref = malloc(sizeof(float) * (size_t)cnt))) goto oom;
     }
-    if (!w->grads && !(w->grads = malloc(sizeof(float) * w->m.n_floats))) goto oom;
-    if (!w->a.head && arena_init(&w->a, 16 << 20, e)) goto out;
+    size_t gbytes = sizeof(float) * w->m.n_floats;
+    if (!w->grads && !(w->grads = mem_alloc_copy(w->k.device, NULL, gbytes, e))) goto out;
+    if (!w->a.head && arena_init_device(&w->a, 16 << 20, w->k.device, w->k.stream, e)) goto out;
     double t_start = now(), loss = 0, gn = 0, lr = 0;
     grpo_stats st = {0};
     /* the old policy's logprobs: with several updates per batch they are computed first, with the
      * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
     for (int r0 = 0; ref && r0 < n; r0 += mb)
-        if (micro_step(w, &w->ref, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
+        if (micro_step(w, ref_model(w), &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
                        replay, e))
             goto out;
     if (w->updates > 1)
         for (int r0 = 0; r0 < n; r0 += mb)
-            if (micro_step(w, &w->m, &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, old, &st, &loss, seq,
+            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, old, &st, &loss, seq,
                            replay, e))
                 goto out;
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
         int nseqs = 0;
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
-        memset(w->grads, 0, sizeof(float) * w->m.n_floats);
+        if (op_zero(&w->k, w->grads, gbytes, e)) goto out;
         for (int r0 = u0; r0 < u1; r0 += mb)
-            if (micro_step(w, &w->m, &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, ref,
+            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, ref,
                            tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e))
                 goto out;
-        if (optimizer_step(&w->opt, &w->m, &w->k, w->grads, &gn, &lr, e)) goto out;
+        if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
     double maxd = 0;
     for (long t = 0; t < cnt; t++) maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
@@ -349,6 +384,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e))
         return -1;
+    if (sync_host(w, 0, e)) return -1;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
@@ -422,7 +458,8 @@ static int handle_save(worker *w, const wire_msg *msg, wire_builder **reply, mil
     if (wire_get_str(msg, "dir", 1, NULL, dir, sizeof dir, e) ||
         wire_get_int(msg, "data_position", 0, 0, 0, INT64_MAX, &pos, e))
         return -1;
-    train_state ts = {.step = w->opt.step, .data_position = (uint64_t)pos};
+    if (sync_host(w, 1, e)) return -1;
+    train_state ts = {.step = train_opt(w)->step, .data_position = (uint64_t)pos};
     const wire_frame *fr = wire_frame_named(msg, "rng");
     if (fr) {
         if (fr->dtype != DTYPE_U8 || fr->nbytes != sizeof ts.data_rng)
@@ -480,7 +517,7 @@ int trainer_worker_run(const char *bind, mill_err *e) {
         else if (!strcmp(t, "save")) x = handle_save(&w, msg, &reply, &me);
         else if (!strcmp(t, "release_memory")) { /* the engine's turn: give back activations and gradients */
             arena_free(&w.a);
-            free(w.grads);
+            mem_free(w.k.device, w.grads);
             w.grads = NULL;
             reply = simple("released", id, w.version);
         } else if (!strcmp(t, "resume")) {
@@ -501,12 +538,17 @@ int trainer_worker_run(const char *bind, mill_err *e) {
 out:
     if (w.sock) zmq_close(w.sock);
     if (w.zctx) zmq_ctx_term(w.zctx);
-    free(w.grads);
+    mem_free(w.k.device, w.grads);
     arena_free(&w.a);
     if (w.ready) {
         optimizer_free(&w.opt);
         model_free(&w.m);
         if (w.algo.kl_coef != 0) model_free(&w.ref);
+        if (w.gpu) {
+            optimizer_free(&w.dopt);
+            model_free(&w.dm);
+            if (w.algo.kl_coef != 0) model_free(&w.dref);
+        }
     }
     kctx_free(&w.k);
     return rc;
