@@ -5,6 +5,7 @@
 #endif
 
 #include <math.h>
+#include "shared_math.h"
 #include <string.h>
 
 #include "dense.h"
@@ -197,39 +198,10 @@ int op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, float
                 chain[r * n + c] = P[r * n + c] + dm.hc_eps;
             }
         }
-        /* step s normalises columns when s is even, rows when odd (cols, then rows/cols pairs) */
-        for (int st = 0; st < steps; st++) {
-            const float *in = chain + (long)st * nn;
-            float *out = chain + (long)(st + 1) * nn;
-            int cols = st % 2 == 0;
-            for (int a = 0; a < n; a++) {
-                float sum = 0.f;
-                for (int b = 0; b < n; b++) sum += cols ? in[b * n + a] : in[a * n + b];
-                for (int b = 0; b < n; b++) {
-                    int ix = cols ? b * n + a : a * n + b;
-                    out[ix] = in[ix] / (sum + dm.hc_eps);
-                }
-            }
-        }
+        sinkhorn_chain(chain, n, steps, dm.hc_eps);
         /* back through the chain: G holds d(out) */
         memcpy(G, dcomb + (long)t * nn, sizeof(float) * (size_t)nn);
-        for (int st = steps - 1; st >= 0; st--) {
-            const float *in = chain + (long)st * nn;
-            int cols = st % 2 == 0;
-            for (int a = 0; a < n; a++) {
-                float sum = 0.f, gd = 0.f;
-                for (int b = 0; b < n; b++) {
-                    int ix = cols ? b * n + a : a * n + b;
-                    sum += in[ix];
-                    gd += G[ix] * in[ix];
-                }
-                float z = sum + dm.hc_eps;
-                for (int b = 0; b < n; b++) {
-                    int ix = cols ? b * n + a : a * n + b;
-                    G[ix] = G[ix] / z - gd / (z * z);
-                }
-            }
-        }
+        sinkhorn_chain_backward(chain, G, n, steps, dm.hc_eps);
         for (int r = 0; r < n; r++) { /* softmax rows */
             float dot = 0.f;
             for (int c = 0; c < n; c++) dot += P[r * n + c] * G[r * n + c];

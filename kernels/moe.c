@@ -5,6 +5,7 @@
 #endif
 
 #include <math.h>
+#include "shared_math.h"
 #include <stdlib.h>
 #include <string.h>
 
@@ -41,25 +42,10 @@ int op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights, con
                     return mill_errf(e, "routing: expert id %d for token %d is outside [0, %d)", g, t, E);
                 id[j] = g;
             }
-        } else { /* top-k of s + bias, descending; ties keep the lower expert id */
-            for (int j = 0; j < K; j++) {
-                int best = -1;
-                float bv = -INFINITY;
-                for (int x = 0; x < E; x++) {
-                    int taken = 0;
-                    for (int q = 0; q < j; q++) taken |= id[q] == x;
-                    float v = s[x] + (bias ? bias[x] : 0.f);
-                    if (!taken && (best < 0 || v > bv)) {
-                        best = x;
-                        bv = v;
-                    }
-                }
-                id[j] = best;
-            }
+        } else {
+            route_topk(s, bias, E, K, id);
         }
-        float *w = weights + (long)t * K, sum = 0.f;
-        for (int j = 0; j < K; j++) sum += (w[j] = s[id[j]]);
-        for (int j = 0; j < K; j++) w[j] = (rc.norm_topk ? w[j] / (sum + 1e-20f) : w[j]) * rc.routed_scale;
+        route_weights(s, id, K, rc.norm_topk, rc.routed_scale, weights + (long)t * K);
     }
     return 0;
 }

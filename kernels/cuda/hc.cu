@@ -7,6 +7,7 @@
 #include "cuda_internal.cuh"
 
 #include <math.h>
+#include "../shared_math.h"
 
 __device__ __forceinline__ float hc_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
@@ -239,37 +240,9 @@ __global__ void hc_pre_bwd_token_kernel(float *dF, float *part, float *scr, cons
             chain[r * n + c] = P[r * n + c] + dm.hc_eps;
         }
     }
-    for (int st = 0; st < steps; st++) { /* even steps normalise columns, odd ones rows */
-        const float *in = chain + (long)st * nn;
-        float *out = chain + (long)(st + 1) * nn;
-        int cols = st % 2 == 0;
-        for (int a = 0; a < n; a++) {
-            float sum = 0.f;
-            for (int b = 0; b < n; b++) sum += cols ? in[b * n + a] : in[a * n + b];
-            for (int b = 0; b < n; b++) {
-                int ix = cols ? b * n + a : a * n + b;
-                out[ix] = in[ix] / (sum + dm.hc_eps);
-            }
-        }
-    }
+    sinkhorn_chain(chain, n, steps, dm.hc_eps);
     for (int i = 0; i < nn; i++) G[i] = dcomb[(long)t * nn + i];
-    for (int st = steps - 1; st >= 0; st--) {
-        const float *in = chain + (long)st * nn;
-        int cols = st % 2 == 0;
-        for (int a = 0; a < n; a++) {
-            float sum = 0.f, gd = 0.f;
-            for (int b = 0; b < n; b++) {
-                int ix = cols ? b * n + a : a * n + b;
-                sum += in[ix];
-                gd += G[ix] * in[ix];
-            }
-            float z = sum + dm.hc_eps;
-            for (int b = 0; b < n; b++) {
-                int ix = cols ? b * n + a : a * n + b;
-                G[ix] = G[ix] / z - gd / (z * z);
-            }
-        }
-    }
+    sinkhorn_chain_backward(chain, G, n, steps, dm.hc_eps);
     float ds0 = 0.f, ds1 = 0.f, ds2 = 0.f;
     for (int r = 0; r < n; r++) { /* softmax rows */
         float dot = 0.f;
