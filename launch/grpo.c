@@ -462,7 +462,6 @@ static int engine_wait_ready(procs *ps, proc *p, int idx, double tmo, mill_err *
 }
 
 static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, const char *model, int i, mill_err *e) {
-    ps->n_engines = ps->n_engines > i ? ps->n_engines : i + 1;
     proc *p = &ps->engines[i];
     snprintf(p->log, sizeof p->log, "%s/logs/engine-%d.log", run_dir, i);
     if (!p->addr[0]) {
