@@ -1352,10 +1352,12 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     return 0;
 }
 
-static void close_inputs(run_ctx *c) {
+static void close_inputs(run_ctx *c) { /* idempotent */
     dataset_free(c->data);
     dataset_free(c->eval_data);
     if (c->tok) tokenizer_free(c->tok);
+    c->data = c->eval_data = NULL;
+    c->tok = NULL;
 }
 
 static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill_err *e) {
@@ -1363,7 +1365,7 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
     double t0 = now();
     int rc = -1;
     mill_err le;
-    if (open_inputs(c, e) || start_processes(c, model_dir, resume, start, e)) goto out;
+    if (start_processes(c, model_dir, resume, start, e)) goto out;
     printf("mill run %s (attempt %d): %s%s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
            r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", r->async ? " async" : "",
            c->ps.n_engines, r->steps,
@@ -1386,10 +1388,13 @@ out:
 }
 
 int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e) {
-    run_ctx c = {.r = r, .attempt = 1};
-    if (ledger_open(&c.lg, r->ledger, e)) return -1;
     grpo_recipe rr = *r; /* the name the ledger gives it */
-    c.r = &rr;
+    run_ctx c = {.r = &rr, .attempt = 1};
+    /* bad inputs (model config, dataset rows) fail before the ledger records a run */
+    if (open_inputs(&c, e) || ledger_open(&c.lg, r->ledger, e)) {
+        close_inputs(&c);
+        return -1;
+    }
     int rc = ledger_run_create(c.lg, r->name[0] ? r->name : NULL, recipe_path, r->text, r->out_dir,
                                r->disaggregated ? "disaggregated" : "colocated", r->sample_seed, &c.run_id, e);
     if (!rc) {
@@ -1401,6 +1406,7 @@ int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e) {
     }
     if (!rc) rc = ledger_event(c.lg, c.run_id, -1, "start", recipe_path ? recipe_path : "", e);
     if (!rc) rc = drive(&c, r->init_from, 0, 0, e);
+    close_inputs(&c);
     ledger_close(c.lg);
     return rc;
 }
@@ -1451,10 +1457,13 @@ int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
     }
     char msg[1300];
     snprintf(msg, sizeof msg, "attempt %d from %s", c.attempt, found == 0 ? ck : "the start");
-    if (ledger_event(c.lg, run.id, start, "resume", msg, e) || ledger_run_set_status(c.lg, run.id, "running", e)) goto out;
+    if (open_inputs(&c, e) || ledger_event(c.lg, run.id, start, "resume", msg, e) ||
+        ledger_run_set_status(c.lg, run.id, "running", e))
+        goto out;
     printf("resuming run %s at step %ld (%s)\n", run.name, start, msg);
     rc = drive(&c, model_dir, found == 0, start, e);
 out:
+    close_inputs(&c);
     free(text);
     ledger_close(c.lg);
     return rc;

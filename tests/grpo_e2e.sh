@@ -105,7 +105,9 @@ echo "engine killed mid-step 2: restarted; step 2 has 16 samples, 16 distinct"
 if "$MILL" run $R --set ledger="$L" --set rollout.tempurature=1 2> "$T/bad.err"; then fail "bad key accepted"; fi
 grep -q "rollout.tempurature.*temperature" "$T/bad.err" || fail "bad key: $(cat "$T/bad.err")"
 printf '{"prompt":"What is 1 + 1?","label":"2"}\n{"prompt":"x"\n' > "$T/bad.jsonl"
+runs_before=$(q "select count(*) from runs")
 if "$MILL" run $R --set ledger="$L" --set data.kind=jsonl --set data.path="$T/bad.jsonl" 2> "$T/bad2.err"; then
     fail "bad row accepted"; fi
 grep -q "bad.jsonl:2:" "$T/bad2.err" || fail "bad row: $(cat "$T/bad2.err")"
+[ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "bad row: a run was recorded for a recipe that cannot start"
 echo "bad key and bad row: clear errors"
