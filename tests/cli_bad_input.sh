@@ -28,19 +28,8 @@ T=$(mktemp -d "${TMPDIR:-/tmp}/cli_bad_input.XXXXXX") || exit 2
 trap 'rm -rf "$T"' EXIT
 trap 'exit 130' INT TERM
 
-PASS=0
-FAIL=0
 OUT=$T/out.safetensors
-
-ok() {
-    PASS=$((PASS + 1))
-    echo "ok - $1"
-}
-
-not_ok() {
-    FAIL=$((FAIL + 1))
-    echo "not ok - $1: $2"
-}
+. "$(dirname "$0")/expect.sh"
 
 # model NAME SRC: a fresh copy of the checkpoint in DATA/SRC (config.json and
 # model*.safetensors*) as $T/NAME; prints the directory.
@@ -54,9 +43,6 @@ model() {
     done
     echo "$d"
 }
-
-# first line of stderr, for reasons
-first_err() { head -n 1 "$T/stderr" | cut -c 1-200; }
 
 # expect_fail CASE KEYWORD... :: ARGS...: runs `mill ARGS` and checks the failure.
 expect_fail() {
@@ -75,24 +61,7 @@ expect_fail() {
     shift
     rm -f "$OUT" "$OUT.tmp"
     "$MILL" "$@" >"$T/stdout" 2>"$T/stderr" </dev/null
-    st=$?
-    if [ "$st" -eq 0 ]; then
-        not_ok "$name" "exit status 0, expected an error"
-        return
-    fi
-    if [ "$st" -ge 128 ]; then
-        not_ok "$name" "exit status $st (killed by a signal?): $(first_err)"
-        return
-    fi
-    lines=$(($(wc -l <"$T/stderr")))
-    # a last line without its newline counts too
-    if [ -s "$T/stderr" ] && [ "$(tail -c 1 "$T/stderr" | wc -l)" -eq 0 ]; then
-        lines=$((lines + 1))
-    fi
-    if [ "$lines" -ne 1 ]; then
-        not_ok "$name" "stderr has $lines lines, expected 1: $(first_err)"
-        return
-    fi
+    one_error_line "$name" $? || return
     line=$(cat "$T/stderr")
     case $line in
     "mill forward: error:"*) ;;

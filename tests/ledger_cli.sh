@@ -21,6 +21,7 @@ done
 # absolute paths: the cases run in a scratch directory, where runs/ledger.db does not exist
 MILL=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
 POP=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+SRC_TESTS=$(cd "$(dirname "$0")" && pwd)
 unset MILL_LEDGER
 RUN_ENV= # one VAR=VALUE for the next case's mill, or empty
 
@@ -29,17 +30,7 @@ trap 'rm -rf "$T"' EXIT
 trap 'exit 130' INT TERM
 cd "$T" || exit 2
 
-PASS=0
-FAIL=0
-ok() {
-    PASS=$((PASS + 1))
-    echo "ok - $1"
-}
-not_ok() {
-    FAIL=$((FAIL + 1))
-    echo "not ok - $1: $2"
-}
-first_err() { head -n 1 "$T/stderr" | cut -c 1-200; }
+. "$SRC_TESTS/expect.sh"
 
 P=$T/ledger.db
 if ! "$POP" --populate "$P" >"$T/stdout" 2>"$T/stderr"; then
@@ -86,20 +77,7 @@ expect_fail() {
     text=$3
     shift 4
     env ${RUN_ENV:+"$RUN_ENV"} "$MILL" "$@" >"$T/stdout" 2>"$T/stderr" </dev/null
-    st=$?
-    if [ "$st" -eq 0 ]; then
-        not_ok "$name" "exit status 0, expected an error"
-        return
-    fi
-    if [ "$st" -ge 128 ]; then
-        not_ok "$name" "exit status $st (killed by a signal?): $(first_err)"
-        return
-    fi
-    lines=$(($(wc -l <"$T/stderr")))
-    if [ "$lines" -ne 1 ]; then
-        not_ok "$name" "stderr has $lines lines, expected 1: $(first_err)"
-        return
-    fi
+    one_error_line "$name" $? || return
     line=$(cat "$T/stderr")
     case $line in
     "mill $cmd: error: "*"$text"*) ok "$name" ;;
