@@ -60,20 +60,7 @@ int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, con
             }
             for (int c = 0; c < n; c++) row[c] = row[c] / den + dm.hc_eps;
         }
-        /* Sinkhorn: columns first, then (rows, columns) iters-1 more times. */
-        for (int it = 0; it < dm.sinkhorn_iters; it++) {
-            if (it > 0)
-                for (int r = 0; r < n; r++) {
-                    float s = 0.f;
-                    for (int c = 0; c < n; c++) s += C[r * n + c];
-                    for (int c = 0; c < n; c++) C[r * n + c] /= s + dm.hc_eps;
-                }
-            for (int c = 0; c < n; c++) {
-                float s = 0.f;
-                for (int r = 0; r < n; r++) s += C[r * n + c];
-                for (int r = 0; r < n; r++) C[r * n + c] /= s + dm.hc_eps;
-            }
-        }
+        sinkhorn_inplace(C, n, dm.sinkhorn_iters, dm.hc_eps);
     }
     collapse(x, h, pre, N, n, dm.D);
     return 0;

@@ -32,6 +32,24 @@ MILL_HD void sinkhorn_chain(float *chain, int n, int steps, float eps) {
     }
 }
 
+/* The forward's Sinkhorn in place on C [n*n]: columns first, then (rows, columns) iters - 1 more
+ * times; the same steps as sinkhorn_chain without keeping them. */
+MILL_HD void sinkhorn_inplace(float *C, int n, int iters, float eps) {
+    for (int it = 0; it < iters; it++) {
+        if (it > 0)
+            for (int r = 0; r < n; r++) {
+                float s = 0.f;
+                for (int c = 0; c < n; c++) s += C[r * n + c];
+                for (int c = 0; c < n; c++) C[r * n + c] /= s + eps;
+            }
+        for (int c = 0; c < n; c++) {
+            float s = 0.f;
+            for (int r = 0; r < n; r++) s += C[r * n + c];
+            for (int r = 0; r < n; r++) C[r * n + c] /= s + eps;
+        }
+    }
+}
+
 /* Back through the chain: G [n*n] holds d(chain[steps]) and leaves holding d(chain[0]). */
 MILL_HD void sinkhorn_chain_backward(const float *chain, float *G, int n, int steps, float eps) {
     int nn = n * n;
