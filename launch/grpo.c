@@ -1,17 +1,12 @@
 #include "grpo.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -26,6 +21,7 @@
 #include "../common/wire.h"
 #include "../common/yamlcfg.h"
 #include "../rollout/generate.h"
+#include "procs.h"
 #include "recipe.h"
 
 /* ==================================================================== recipe */
@@ -266,8 +262,6 @@ void grpo_recipe_free(grpo_recipe *r) {
     r->text = NULL;
 }
 
-/* ================================================================= processes */
-
 static double now(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -280,185 +274,12 @@ static double wall(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-typedef struct {
-    pid_t pid;        /* 0: external (not ours to restart) */
-    char addr[256];   /* where it listens */
-    char log[1200];   /* its stdout/stderr */
-    char *argv[16];   /* how it was started (for restarts) */
-    char argbuf[4096];
-    void *sock;       /* our DEALER to it */
-} proc;
-
-/* Starts `mill ARGS...` as a child that dies with us (PDEATHSIG), output appended to p->log. */
-static int proc_spawn(proc *p, const char *exe, mill_err *e) {
-    pid_t parent = getpid(), pid = fork();
-    if (pid < 0) return mill_errf(e, "cannot start %s: fork: %s", p->argv[1], strerror(errno));
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() != parent) _exit(127);
-        int fd = open(p->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-            close(fd);
-        }
-        execv(exe, p->argv);
-        _exit(127);
-    }
-    p->pid = pid;
-    return 0;
-}
-
-/* 0 while running; -1 with e naming how it ended. */
-static int proc_check(proc *p, const char *what, mill_err *e) {
-    if (p->pid <= 0) return 0;
-    int st;
-    pid_t r = waitpid(p->pid, &st, WNOHANG);
-    if (r == 0) return 0;
-    pid_t pid = p->pid;
-    p->pid = -1;
-    if (r < 0) return mill_errf(e, "%s (pid %d) is gone: %s", what, (int)pid, strerror(errno));
-    if (WIFSIGNALED(st)) return mill_errf(e, "%s (pid %d) was killed by signal %d (log: %s)", what, (int)pid, WTERMSIG(st), p->log);
-    return mill_errf(e, "%s (pid %d) exited with status %d (log: %s)", what, (int)pid, WEXITSTATUS(st), p->log);
-}
-
-static void proc_stop(proc *p) {
-    if (p->pid > 0) {
-        kill(p->pid, SIGKILL);
-        waitpid(p->pid, NULL, 0);
-    }
-    p->pid = 0;
-}
-
-static int proc_connect(proc *p, void *zctx, mill_err *e) {
-    int linger = 0;
-    if (p->sock) zmq_close(p->sock);
-    p->sock = zmq_socket(zctx, ZMQ_DEALER);
-    if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(p->sock, p->addr))
-        return mill_errf(e, "cannot connect to %s: %s", p->addr, zmq_strerror(zmq_errno()));
-    return 0;
-}
-
-/* A free loopback TCP port (the kernel's pick; the tiny race before the engine binds it is fine
- * on one host). */
-static int free_port(int *port, mill_err *e) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || getsockname(s, (struct sockaddr *)&a, &len)) {
-        if (s >= 0) close(s);
-        return mill_errf(e, "cannot find a free TCP port: %s", strerror(errno));
-    }
-    *port = ntohs(a.sin_port);
-    close(s);
-    return 0;
-}
-
-static void set_argv(proc *p, const char *const *args) {
-    size_t off = 0;
-    int i = 0;
-    for (; args[i] && i < 15; i++) {
-        size_t n = strlen(args[i]) + 1;
-        if (off + n > sizeof p->argbuf) break;
-        memcpy(p->argbuf + off, args[i], n);
-        p->argv[i] = p->argbuf + off;
-        off += n;
-    }
-    p->argv[i] = NULL;
-}
-
-/* ====================================================================== rpc */
-
-typedef struct {
-    void *zctx;
-    proc trainer;
-    proc engines[64];
-    int n_engines;
-    uint64_t next_id;
-    char exe[1024];
-} procs;
-
-/* Sends b (made by msg_new) to p; *id gets its request id. */
-static int rpc_send(procs *ps, proc *p, const char *what, wire_builder *b, uint64_t *id, mill_err *e) {
-    *id = ps->next_id - 1; /* the builder was made with next_id++ */
-    int rc = wire_send(p->sock, NULL, 0, b, e);
-    wire_builder_free(b);
-    return rc ? mill_err_wrap(e, "%s", what) : 0;
-}
-
-/* Waits for p's reply to request id (of type `want`), checking that p lives. */
-static int rpc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, wire_msg **reply,
-                    wire_raw **raw, mill_err *e) {
-    *reply = NULL;
-    *raw = NULL;
-    double t_end = now() + timeout_s;
-    for (;;) {
-        int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
-        if (x < 0) return mill_err_wrap(e, "%s sent a malformed reply", what);
-        if (x == 0) {
-            if (!strcmp(wire_type(*reply), "progress") && wire_id(*reply) == id) { /* training micro-batches */
-                int64_t done = 0, total = 1;
-                mill_err pe;
-                wire_get_int(*reply, "done", 0, 0, 0, INT64_MAX, &done, &pe);
-                wire_get_int(*reply, "total", 0, 1, 1, INT64_MAX, &total, &pe);
-                if (isatty(2)) fprintf(stderr, "\r  training: %lld/%lld sequences   ", (long long)done, (long long)total);
-                if (isatty(2) && done == total) fprintf(stderr, "\r%40s\r", "");
-                wire_msg_free(*reply);
-                wire_recv_free(*raw);
-                continue;
-            }
-            if (wire_id(*reply) != id) { /* a late reply to an earlier request */
-                wire_msg_free(*reply);
-                wire_recv_free(*raw);
-                continue;
-            }
-            if (!strcmp(wire_type(*reply), "error")) {
-                char why[900];
-                wire_get_str(*reply, "message", 0, "?", why, sizeof why, e);
-                wire_msg_free(*reply);
-                wire_recv_free(*raw);
-                *reply = NULL;
-                return mill_errf(e, "%s: %s", what, why);
-            }
-            if (strcmp(wire_type(*reply), want)) {
-                mill_errf(e, "%s answered \"%s\", expected \"%s\"", what, wire_type(*reply), want);
-                wire_msg_free(*reply);
-                wire_recv_free(*raw);
-                *reply = NULL;
-                return -1;
-            }
-            return 0;
-        }
-        if (proc_check(p, what, e)) return -1;
-        if (now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
-    }
-}
-
-static int rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *want, double timeout_s,
-               wire_msg **reply, wire_raw **raw, mill_err *e) {
-    uint64_t id;
-    if (rpc_send(ps, p, what, b, &id, e)) return -1;
-    return rpc_wait(p, what, id, want, timeout_s, reply, raw, e);
-}
-
-static wire_builder *msg_new(procs *ps, const char *type) { return wire_builder_new(type, ps->next_id++); }
-
-/* A request with no payload whose reply carries nothing we need. */
-static int rpc_simple(procs *ps, proc *p, const char *what, const char *type, const char *want, double tmo, mill_err *e) {
-    wire_builder *b = msg_new(ps, type);
-    wire_msg *r;
-    wire_raw *raw;
-    if (!b) return mill_errf(e, "out of memory");
-    if (rpc(ps, p, what, b, want, tmo, &r, &raw, e)) return -1;
-    wire_msg_free(r);
-    wire_recv_free(raw);
-    return 0;
-}
+/* ================================================================== engines */
 
 static int engine_wait_ready(procs *ps, proc *p, int idx, double tmo, mill_err *e) {
     char what[64];
     snprintf(what, sizeof what, "rollout engine %d", idx);
-    return rpc_simple(ps, p, what, "health", "health_ok", tmo, e);
+    return proc_rpc_simple(ps, p, what, "health", "health_ok", tmo, e);
 }
 
 static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, const char *model, int i, mill_err *e) {
@@ -467,7 +288,7 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     if (!p->addr[0]) {
         if (r->disaggregated) {
             int port;
-            if (free_port(&port, e)) return -1;
+            if (proc_free_port(&port, e)) return -1;
             snprintf(p->addr, sizeof p->addr, "tcp://127.0.0.1:%d", port);
         } else {
             snprintf(p->addr, sizeof p->addr, "ipc://%s/engine-%d.sock", run_dir, i);
@@ -476,7 +297,7 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     char cache[32];
     snprintf(cache, sizeof cache, "%g", r->cache_mb);
     const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, NULL};
-    set_argv(p, args);
+    proc_set_argv(p, args);
     if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, e)) return -1;
     return engine_wait_ready(ps, p, i, 60, e);
 }
@@ -572,7 +393,7 @@ static int send_block(run_ctx *c, int j, const prompt_set *pp, int G, float temp
     long total = 0;
     for (int p = p0; p < p1; p++) total += pp->len[p];
     int32_t *flat = malloc(sizeof(int32_t) * (size_t)total), *lens = malloc(sizeof(int32_t) * (size_t)(p1 - p0));
-    wire_builder *b = msg_new(&c->ps, "generate");
+    wire_builder *b = proc_msg(&c->ps, "generate");
     int rc = -1;
     if (!flat || !lens || !b) {
         mill_errf(e, "out of memory");
@@ -622,12 +443,12 @@ static int engine_restart(run_ctx *c, int j, long step, const char *why, mill_er
 }
 
 static int publish_to(run_ctx *c, const char *addrs, double *secs, mill_err *e) {
-    wire_builder *b = msg_new(&c->ps, "publish");
+    wire_builder *b = proc_msg(&c->ps, "publish");
     wire_msg *r;
     wire_raw *raw;
     if (!b) return mill_errf(e, "out of memory");
     wire_put_str(b, "engines", addrs);
-    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
+    if (proc_rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
     int64_t v;
     double s = 0;
     int x = wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, e) || wire_get_num(r, "seconds", 0, 0, 0, 1e9, &s, e);
@@ -1002,7 +823,7 @@ static int train_batch(run_ctx *c, draw *dr, const group_ref *gr, int n_groups, 
 static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err *e) {
     if (c->r->disaggregated) return 0; /* each side has its own memory */
     for (int j = 0; j < c->ps.n_engines; j++)
-        if (rpc_simple(&c->ps, &c->ps.engines[j], "rollout engine", type, want, 60, e)) return -1;
+        if (proc_rpc_simple(&c->ps, &c->ps.engines[j], "rollout engine", type, want, 60, e)) return -1;
     return 0;
 }
 
@@ -1084,14 +905,14 @@ static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
 static int batch_train_send(run_ctx *c, step_batch *b, mill_err *e) {
     if (!b->ng) return 0;
     if (engines_turn(c, "release_memory", "released", e)) return -1;
-    wire_builder *w = msg_new(&c->ps, "train");
+    wire_builder *w = proc_msg(&c->ps, "train");
     if (!w) return mill_errf(e, "out of memory");
     wire_put_int(w, "step", b->step);
     if (train_batch(c, b->dr, b->gr, b->ng, w, b->bufs, e)) {
         wire_builder_free(w);
         return -1;
     }
-    return rpc_send(&c->ps, &c->ps.trainer, "trainer worker", w, &b->train_id, e);
+    return proc_send(&c->ps, &c->ps.trainer, "trainer worker", w, &b->train_id, e);
 }
 
 /* Waits for the step's training, then refreshes the engines' weights. */
@@ -1102,7 +923,7 @@ static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
     } else {
         wire_msg *rep;
         wire_raw *raw;
-        if (rpc_wait(&c->ps.trainer, "trainer worker", b->train_id, "trained", 3600, &rep, &raw, e)) return -1;
+        if (proc_wait(&c->ps.trainer, "trainer worker", b->train_id, "trained", 3600, &rep, &raw, e)) return -1;
         b->train_id = 0;
         int x = 0;
         for (size_t k = 0; !x && k < sizeof step_keys / sizeof *step_keys; k++) {
@@ -1113,7 +934,7 @@ static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
         wire_msg_free(rep);
         wire_recv_free(raw);
         double tp;
-        if (x || rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
+        if (x || proc_rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
             engines_turn(c, "resume", "resumed", e) || publish(c, b->step, &tp, e))
             return -1;
         json_object_set_new(b->m, "publish_s", json_real(tp));
@@ -1155,13 +976,13 @@ static int eval_into(run_ctx *c, long step, json_t *m, mill_err *e) {
 static int checkpoint(run_ctx *c, long step, int64_t cursor, mill_err *e) {
     char dir[1200], sum[LEDGER_CHECKSUM_LEN];
     snprintf(dir, sizeof dir, "%s/step-%06ld", c->run_dir, step);
-    wire_builder *b = msg_new(&c->ps, "save");
+    wire_builder *b = proc_msg(&c->ps, "save");
     wire_msg *r;
     wire_raw *raw;
     if (!b) return mill_errf(e, "out of memory");
     wire_put_str(b, "dir", dir);
     wire_put_int(b, "data_position", cursor);
-    if (rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "saved", 3600, &r, &raw, e)) return -1;
+    if (proc_rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "saved", 3600, &r, &raw, e)) return -1;
     wire_msg_free(r);
     wire_recv_free(raw);
     int64_t bytes;
@@ -1234,13 +1055,13 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         snprintf(t->addr, sizeof t->addr, "ipc://%s/trainer.sock", c->run_dir);
     } else {
         int port;
-        if (free_port(&port, e)) return -1;
+        if (proc_free_port(&port, e)) return -1;
         snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
     }
     const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, NULL};
-    set_argv(t, targs);
+    proc_set_argv(t, targs);
     if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, e)) return -1;
-    wire_builder *b = msg_new(ps, "init");
+    wire_builder *b = proc_msg(ps, "init");
     if (!b) return mill_errf(e, "out of memory");
     const optim_config *o = &r->optim;
     char freeze[OPTIM_MAX_FREEZE * 96] = "";
@@ -1276,7 +1097,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "micro_batch", r->micro_batch);
     wire_msg *rep;
     wire_raw *raw;
-    if (rpc(ps, t, "trainer worker", b, "ready", 600, &rep, &raw, e)) return -1;
+    if (proc_rpc(ps, t, "trainer worker", b, "ready", 600, &rep, &raw, e)) return -1;
     wire_msg_free(rep);
     wire_recv_free(raw);
     ps->n_engines = r->n_engines;
@@ -1300,11 +1121,11 @@ static void stop_processes(run_ctx *c) {
     procs *ps = &c->ps;
     mill_err e;
     for (int j = 0; j < ps->n_engines; j++) {
-        if (ps->engines[j].pid > 0 && ps->engines[j].sock) rpc_simple(ps, &ps->engines[j], "engine", "shutdown", "bye", 5, &e);
+        if (ps->engines[j].pid > 0 && ps->engines[j].sock) proc_rpc_simple(ps, &ps->engines[j], "engine", "shutdown", "bye", 5, &e);
         proc_stop(&ps->engines[j]);
         if (ps->engines[j].sock) zmq_close(ps->engines[j].sock);
     }
-    if (ps->trainer.pid > 0 && ps->trainer.sock) rpc_simple(ps, &ps->trainer, "trainer", "shutdown", "bye", 5, &e);
+    if (ps->trainer.pid > 0 && ps->trainer.sock) proc_rpc_simple(ps, &ps->trainer, "trainer", "shutdown", "bye", 5, &e);
     proc_stop(&ps->trainer);
     if (ps->trainer.sock) zmq_close(ps->trainer.sock);
     if (ps->zctx) zmq_ctx_term(ps->zctx);
