@@ -9,7 +9,7 @@
 #include <string.h>
 
 /* One query's H heads over an explicit key list (the shared core of the full-sequence op and the
- * cached engine, so both compute a token identically). s: scratch of nk floats. */
+ * cached engine's op_cache_attend, so both compute a token identically). s: scratch of nk floats. */
 static void attend_one(float *out, const float *q, const float *const *keys, int nk, const float *sinks, int H, int d,
                        float scale, float *s) {
     for (int h = 0; h < H; h++) {
@@ -33,17 +33,6 @@ static void attend_one(float *out, const float *q, const float *const *keys, int
             for (int c = 0; c < d; c++) o[c] += p * keys[j][c];
         }
     }
-}
-
-int op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk, const float *sinks,
-                   int H, int d, float scale, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_attend_keys(k, out, q, keys, nk, sinks, H, d, scale, e));
-    TRY(kctx_require_cpu(k, "op_attend_keys", e));
-    float *s = malloc(sizeof(float) * (size_t)(nk > 0 ? nk : 1));
-    if (!s) return mill_errf(e, "op_attend_keys: out of memory");
-    attend_one(out, q, keys, nk, sinks, H, d, scale, s);
-    free(s);
-    return 0;
 }
 
 int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
@@ -153,14 +142,6 @@ int op_indexer_scores(const kctx *k, float *score, const float *q, const float *
     return 0;
 }
 
-int op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int pos,
-                        int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_indexer_score_at(k, score, q, keys, weights, pos, Tc, nh, hd, scale_qk, ratio, e));
-    TRY(kctx_require_cpu(k, "op_indexer_score_at", e));
-    index_row(score, q, keys, weights, Tc, nh, hd, scale_qk, (pos + 1) / ratio);
-    return 0;
-}
-
 /* Top `topk` of the first `visible` scores (descending, ties to the lower index), -1 padded. */
 static void topk_row(int32_t *row, const float *s, int visible, int topk) {
     for (int c = 0; c < topk; c++) row[c] = -1;
@@ -189,14 +170,6 @@ int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int 
         int visible = (i + 1) / ratio;
         topk_row(idx + (long)i * topk, score + (long)i * Tc, visible > Tc ? Tc : visible, topk);
     }
-    return 0;
-}
-
-int op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_topk_at(k, idx, score, pos, Tc, topk, ratio, e));
-    TRY(kctx_require_cpu(k, "op_topk_at", e));
-    int visible = (pos + 1) / ratio;
-    topk_row(idx, score, visible > Tc ? Tc : visible, topk);
     return 0;
 }
 
@@ -326,5 +299,127 @@ int op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, 
     free(lg);
     free(idx);
     free(apei);
+    return 0;
+}
+
+/* ---- The cached engine's wave ops: tokens of a wave belong to distinct sequences, so they run in
+ * parallel; each computes exactly what the full-sequence ops compute for its position. */
+
+int op_cache_push_kv(const kctx *k, attn_wave w, int layer, const float *kv, int d, int window, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_cache_push_kv(k, w, layer, kv, d, window, e));
+    TRY(kctx_require_cpu(k, "op_cache_push_kv", e));
+    for (int j = 0; j < w.n; j++)
+        memcpy(w.seq[j][layer].ring + (long)(w.pos[j] % window) * d, kv + (long)w.row[j] * d, sizeof(float) * (size_t)d);
+    return 0;
+}
+
+/* Pools one closing window straight from the cache, in op_compress_pool's arithmetic order. */
+static void cache_pool(float *out, const attn_comp_cache *cc, const float *ape, int ratio, int dim, int overlap,
+                       int has_prev, float *lg) {
+    int width = overlap ? 2 * dim : dim, off = overlap ? dim : 0;
+    for (int c = 0; c < dim; c++) {
+        int ns = 0;
+        if (has_prev)
+            for (int t = 0; t < ratio; t++) lg[ns++] = cc->prev_g[(long)t * width + c] + ape[(long)t * width + c];
+        for (int t = 0; t < ratio; t++) lg[ns++] = cc->cur_g[(long)t * width + off + c] + ape[(long)t * width + off + c];
+        float mx = lg[0];
+        for (int s = 1; s < ns; s++) mx = lg[s] > mx ? lg[s] : mx;
+        float den = 0.f, acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            lg[s] = expf(lg[s] - mx);
+            den += lg[s];
+        }
+        for (int s = 0; s < ns; s++) {
+            const float *v = has_prev && s < ratio ? cc->prev_a + (long)s * width + c
+                                                   : cc->cur_a + (long)(s - (has_prev ? ratio : 0)) * width + off + c;
+            acc += (lg[s] / den) * *v;
+        }
+        out[c] = acc;
+    }
+}
+
+int op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const float *a, const float *g,
+                       const float *ape, const float *norm, const float *inv_freq, int ratio, int dim, int overlap,
+                       int rope_dim, float eps, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_cache_push_comp(k, w, layer, index, a, g, ape, norm, inv_freq, ratio, dim, overlap,
+                                               rope_dim, eps, e));
+    TRY(kctx_require_cpu(k, "op_cache_push_comp", e));
+    int width = overlap ? 2 * dim : dim;
+    float *lg = malloc(sizeof(float) * (size_t)(2 * ratio + dim));
+    if (!lg) return mill_errf(e, "op_cache_push_comp: out of memory");
+    for (int j = 0; j < w.n; j++) {
+        attn_layer_cache *lc = &w.seq[j][layer];
+        const attn_comp_cache *cc = index ? &lc->index : &lc->comp;
+        int p = w.pos[j], slot = p % ratio, win = p / ratio;
+        memcpy(cc->cur_a + (long)slot * width, a + (long)w.row[j] * width, sizeof(float) * (size_t)width);
+        memcpy(cc->cur_g + (long)slot * width, g + (long)w.row[j] * width, sizeof(float) * (size_t)width);
+        if (slot != ratio - 1) continue;
+        float *pooled = lg + 2 * ratio, *entry = cc->entries + (long)win * dim;
+        int32_t wpos = win * ratio;
+        cache_pool(pooled, cc, ape, ratio, dim, overlap, overlap && win > 0, lg);
+        /* the same CPU ops the full forward applies to its pooled rows */
+        TRY(op_rmsnorm(k, entry, pooled, norm, 1, dim, 0, eps, e));
+        TRY(op_rope(k, entry, 1, 1, dim, rope_dim, &wpos, inv_freq, 1, e));
+        if (overlap) {
+            memcpy(cc->prev_a, cc->cur_a, sizeof(float) * (size_t)ratio * width);
+            memcpy(cc->prev_g, cc->cur_g, sizeof(float) * (size_t)ratio * width);
+        }
+    }
+    free(lg);
+    return 0;
+}
+
+int op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, int layer, const float *q,
+                        const float *weights, int nh, int hd, float scale_qk, int ratio, int max_entries, int topk,
+                        mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_cache_index_topk(k, sel, score, w, layer, q, weights, nh, hd, scale_qk, ratio,
+                                                max_entries, topk, e));
+    TRY(kctx_require_cpu(k, "op_cache_index_topk", e));
+#pragma omp parallel for schedule(static)
+    for (int j = 0; j < w.n; j++) {
+        int visible = (w.pos[j] + 1) / ratio, row = w.row[j];
+        if (visible > max_entries) visible = max_entries; /* callers size max_entries to avoid this */
+        float *s = score + (long)j * max_entries;
+        index_row(s, q + (long)row * nh * hd, w.seq[j][layer].index.entries, weights + (long)row * nh, visible, nh, hd,
+                  scale_qk, visible);
+        topk_row(sel + (long)j * topk, s, visible, topk);
+    }
+    return 0;
+}
+
+int op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w, int layer, const int32_t *sel, int topk,
+                    int ratio, int max_entries, const float *sinks, int H, int d, int window, float scale,
+                    mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_cache_attend(k, out, q, w, layer, sel, topk, ratio, max_entries, sinks, H, d, window,
+                                            scale, e));
+    TRY(kctx_require_cpu(k, "op_cache_attend", e));
+    size_t max_keys = (size_t)window + (size_t)(!ratio ? 0 : sel ? topk : max_entries);
+    int oom = 0;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * max_keys);
+        const float **keys = malloc(sizeof(float *) * max_keys);
+        if (!s || !keys) {
+#pragma omp atomic write
+            oom = 1;
+        }
+#pragma omp for schedule(static)
+        for (int j = 0; j < w.n; j++) {
+            if (!s || !keys) continue;
+            const attn_layer_cache *lc = &w.seq[j][layer];
+            int p = w.pos[j], nk = 0, visible = ratio ? (p + 1) / ratio : 0;
+            for (int i = p - window + 1 < 0 ? 0 : p - window + 1; i <= p; i++)
+                keys[nk++] = lc->ring + (long)(i % window) * d;
+            if (ratio && !sel)
+                for (int c = 0; c < visible && c < max_entries; c++) keys[nk++] = lc->comp.entries + (long)c * d;
+            if (ratio && sel)
+                for (int c = 0; c < topk; c++)
+                    if (sel[(long)j * topk + c] >= 0) keys[nk++] = lc->comp.entries + (long)sel[(long)j * topk + c] * d;
+            attend_one(out + (long)w.row[j] * H * d, q + (long)w.row[j] * H * d, keys, nk, sinks, H, d, scale, s);
+        }
+        free(s);
+        free(keys);
+    }
+    if (oom) return mill_errf(e, "op_cache_attend: out of memory");
     return 0;
 }

@@ -79,7 +79,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const data_k[] = {"kind", "levels", "seed", "pool", "path", "prompt_key", "label_key",
                                          "template", "skip_bad_rows", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
-                                         "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "timeout_s",
+                                         "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
                                          "dynamic_sampling", "max_draws", "async", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
@@ -100,7 +100,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev;
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
@@ -120,6 +120,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_str(y, "rollout.layout", "colocated", &layout, path, e) ||
         yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
         yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
+        yamlcfg_str(y, "rollout.device", "cpu", &rdev, path, e) ||
         yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
         yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
@@ -172,6 +173,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     if (strcmp(dev, "cpu") && strcmp(dev, "cuda"))
         return mill_errf(e, "%s: train.device \"%s\" must be \"cpu\" or \"cuda\"", path, dev);
     r->train_gpu = !strcmp(dev, "cuda");
+    if (strcmp(rdev, "cpu") && strcmp(rdev, "cuda"))
+        return mill_errf(e, "%s: rollout.device \"%s\" must be \"cpu\" or \"cuda\"", path, rdev);
+    r->rollout_gpu = !strcmp(rdev, "cuda");
     if (!strcmp(layout, "disaggregated")) r->disaggregated = 1;
     else if (strcmp(layout, "colocated")) return mill_errf(e, "%s: rollout.layout \"%s\" must be \"colocated\" or \"disaggregated\"", path, layout);
     json_t *addrs = yamlcfg_get(y, "rollout.addresses");
@@ -296,7 +300,8 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     }
     char cache[32];
     snprintf(cache, sizeof cache, "%g", r->cache_mb);
-    const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, NULL};
+    const char *args[] = {"mill",    "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache,
+                          "--device", r->rollout_gpu ? "cuda" : "cpu", NULL};
     proc_set_argv(p, args);
     if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, e)) return -1;
     return engine_wait_ready(ps, p, i, 60, e);

@@ -47,7 +47,8 @@ typedef struct {
     int std_normalize;
     long steps;
     int updates_per_step, micro_batch;
-    int train_gpu; /* train.device: cuda (the trainer worker on the GPU; engines stay on the CPU for now) */
+    int train_gpu;   /* train.device: cuda (the trainer worker on the GPU) */
+    int rollout_gpu; /* rollout.device: cuda (spawned engines on the GPU) */
     optim_config optim;
     /* eval, checkpoints */
     int eval_every, eval_problems;

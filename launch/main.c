@@ -30,10 +30,11 @@ static int usage(FILE *to) {
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
-            "          [--seed S] [--stop ID]... [--cache-mb MB] --output OUT.json [--routing ROUTING.safetensors]\n"
+            "          [--seed S] [--stop ID]... [--cache-mb MB] [--device cpu|cuda] --output OUT.json\n"
+            "          [--routing ROUTING.safetensors]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
-            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N]\n"
+            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device cpu|cuda]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
@@ -334,7 +335,8 @@ static int parse_num(const char *name, const char *v, double lo, double hi, doub
 
 static int cmd_generate(int argc, char **argv, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--max-new-tokens", "--temperature",
-                                        "--top-p", "--top-k", "--seed", "--stop", "--routing", "--cache-mb", NULL};
+                                        "--top-p", "--top-k", "--seed", "--stop", "--routing", "--cache-mb",
+                                        "--device", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     const char *mnt = opt(argc, argv, "--max-new-tokens"), *temp = opt(argc, argv, "--temperature");
@@ -361,7 +363,9 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
     double cache_mb = 1024;
     if (opt(argc, argv, "--cache-mb") && parse_num("--cache-mb", opt(argc, argv, "--cache-mb"), 1, 1 << 24, &cache_mb, e))
         return -1;
-    dsv4_model m;
+    mill_device dev;
+    if (opt_device(argc, argv, &dev, e)) return -1;
+    dsv4_model m, dm = {0};
     if (model_load(&m, dir, e)) return -1;
     for (int i = 2; i + 1 < argc; i += 2)
         if (strcmp(argv[i], "--stop") == 0) {
@@ -378,13 +382,13 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
     int rc = -1, B = 0, T = 0, *lens = NULL;
     int32_t *ids = NULL;
     const int32_t **rows = NULL;
-    arena a = {0};
     kctx k = {0};
     gen_result res = {0};
     json_t *o = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, DEVICE_CPU, e) || read_input_rows(in, m.cfg.vocab_size, &ids, &B, &T, &lens, e) ||
-        arena_init(&a, 16 << 20, e))
+    const dsv4_model *run = NULL;
+    if (kctx_init(&k, dev, e) || read_input_rows(in, m.cfg.vocab_size, &ids, &B, &T, &lens, e) ||
+        !(run = model_on(&m, &dm, &k, e)))
         goto done;
     rows = malloc(sizeof *rows * (size_t)B);
     if (!rows) {
@@ -392,7 +396,7 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
         goto done;
     }
     for (int b = 0; b < B; b++) rows[b] = ids + (long)b * T;
-    if (generate_cached(&m, &k, rows, lens, B, &sp, (size_t)(cache_mb * (1 << 20)), &res, e)) goto done;
+    if (generate_cached(run, &k, rows, lens, B, &sp, (size_t)(cache_mb * (1 << 20)), &res, e)) goto done;
     o = json_pack("{s:[], s:[], s:[]}", "output_ids", "logprobs", "finish_reason");
     for (int b = 0; b < B; b++) {
         json_t *oi = json_array(), *lp = json_array();
@@ -441,7 +445,7 @@ done:
     safetensors_writer_free(w);
     json_decref(o);
     gen_result_free(&res);
-    arena_free(&a);
+    model_free(&dm);
     kctx_free(&k);
     free(rows);
     free(ids);
@@ -451,7 +455,7 @@ done:
 }
 
 static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", NULL};
+    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
     if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
@@ -460,9 +464,11 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
         return -1;
     if (opt(argc, argv, "--max-batch") && parse_num("--max-batch", opt(argc, argv, "--max-batch"), 1, 1 << 16, &mbatch, e))
         return -1;
+    mill_device dev;
+    if (opt_device(argc, argv, &dev, e)) return -1;
     dsv4_model m;
     if (model_load(&m, dir, e)) return -1;
-    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch};
+    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev};
     int rc = rollout_server_run(&m, &sc, e);
     model_free(&m);
     return rc;

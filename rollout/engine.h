@@ -8,8 +8,10 @@
  * and the step that advances any set of sequences by any number of tokens each (prefill
  * chunks and single-token decode in one batch; sequences join and leave between steps).
  * A memory budget bounds the caches: a sequence is admitted only if its worst case fits.
- * Every token is computed by the same code as in the full forward (model_attn_project,
- * op_attend_keys, op_compress_pool, model_moe, ...), so cached logits equal full-forward ones. */
+ * The caches and activations live on k's device (CPU or GPU): the projections, MoE and head run
+ * batched over all the step's tokens through the same model code as the full forward
+ * (model_attn_project, model_moe, ...); the cache updates and attention run in waves of tokens
+ * of distinct sequences (kernels/attention.h op_cache_*), so a decode step is one wave. */
 #ifndef MILL_ENGINE_H
 #define MILL_ENGINE_H
 
@@ -24,7 +26,8 @@ typedef struct {
     const dsv4_model *m;
     const kctx *k;
     size_t budget, used; /* cache bytes */
-    arena a;             /* per-step activations */
+    arena a;             /* per-step activations, on k's device */
+    arena host;          /* per-step host scratch (the step's layout before it is copied over) */
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
@@ -40,8 +43,9 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e);
 void engine_seq_free(engine *en, engine_seq *s);
 int engine_seq_len(const engine_seq *s);
 
-/* Feeds seqs[i] its next n_tokens[i] tokens (tokens[i]); logits [sum n, vocab] receive every fed
- * position's logits in order (NULL: none); routing [layers, sum n, k] the experts used (NULL: none). */
+/* Feeds seqs[i] its next n_tokens[i] tokens (tokens[i], host arrays); logits [sum n, vocab] receive
+ * every fed position's logits in order (NULL: none); routing [layers, sum n, k] the experts used
+ * (NULL: none). logits and routing are HOST buffers on every device (the step waits for them). */
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
                 float *logits, int32_t *routing, mill_err *e);
 

@@ -6,6 +6,7 @@
 #include <zmq.h>
 
 #include "../common/wire.h"
+#include "../kernels/dense.h"
 #include "engine.h"
 #include "generate.h"
 
@@ -30,7 +31,8 @@ typedef struct {
 } sample;
 
 typedef struct {
-    dsv4_model *m;
+    dsv4_model *m;   /* the host weights: staging and swaps happen here */
+    const dsv4_model *run; /* what the engine runs: m, or its device copy */
     kctx k;
     engine en;
     void *sock;
@@ -328,6 +330,7 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     wire_builder *b;
     if (last) { /* swap between engine steps: no token sees a mix of versions */
         memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
+        if (s->run != m && op_copy_from_host(&s->k, s->run->data, m->data, sizeof(float) * m->n_floats, e)) return -1;
         s->version = version;
         free(s->staged);
         free(s->staged_set);
@@ -396,7 +399,19 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
     server s = {0};
     s.m = m;
     s.max_batch = sc->max_batch > 0 ? sc->max_batch : 64;
-    if (kctx_init(&s.k, DEVICE_CPU, e) || engine_init(&s.en, m, &s.k, sc->cache_budget, e)) return -1;
+    dsv4_model dm = {0};
+    s.run = m;
+    if (kctx_init(&s.k, sc->device, e)) return -1;
+    if (sc->device != DEVICE_CPU && model_to_device(&dm, m, &s.k, e)) {
+        kctx_free(&s.k);
+        return -1;
+    }
+    if (sc->device != DEVICE_CPU) s.run = &dm;
+    if (engine_init(&s.en, s.run, &s.k, sc->cache_budget, e)) {
+        model_free(&dm);
+        kctx_free(&s.k);
+        return -1;
+    }
     void *ctx = zmq_ctx_new();
     int rc = -1, linger = 0;
     if (!ctx) {
@@ -444,6 +459,7 @@ out:
     if (s.sock) zmq_close(s.sock);
     if (ctx) zmq_ctx_term(ctx);
     engine_free(&s.en);
+    model_free(&dm);
     kctx_free(&s.k);
     return rc;
 }

@@ -15,6 +15,7 @@ typedef struct {
     const char *bind;    /* e.g. tcp://127.0.0.1:5555 (loopback unless told otherwise) */
     size_t cache_budget; /* bytes of sequence caches */
     int max_batch;       /* sequences per engine step */
+    mill_device device;  /* where the engine runs (CUDA: a device copy of the weights, refreshed on each swap) */
 } server_config;
 
 /* Serves until a "shutdown" message; the model's weights may be replaced by update_weights. */

@@ -577,33 +577,6 @@ static void test_attention(void **state) {
         cmp(f, "op_sink_attention_backward dkv", name, dgkv, gkv, (long)T * d, TOL_FP32);
         if (nc) cmp(f, "op_sink_attention_backward dcomp", name, dgc, gc, (long)Tc * d, TOL_FP32);
         cmp(f, "op_sink_attention_backward dsinks", name, dgs, gs, H, TOL_FP32);
-        /* op_attend_keys: query T-1 over an explicit key list (device array of device pointers) */
-        int nk = 0;
-        const float **hk = malloc(sizeof(float *) * (size_t)(W + nc + 1));
-        const float **dk = malloc(sizeof(float *) * (size_t)(W + nc + 1));
-        assert_non_null(hk);
-        assert_non_null(dk);
-        for (int j = T - W; j < T; j++) {
-            hk[nk] = kv + (long)j * d;
-            dk[nk++] = dkv + (long)j * d;
-        }
-        for (int c = 0; c < nc; c++) {
-            int32_t w = cidx[(long)(T - 1) * nc + c];
-            if (w >= 0) {
-                hk[nk] = comp + (long)w * d;
-                dk[nk++] = dcomp + (long)w * d;
-            }
-        }
-        void *dkeys = dnew(sizeof(float *) * (size_t)nk);
-        mill_err e;
-        if (cuda_copy_to_device(dkeys, dk, sizeof(float *) * (size_t)nk, &e) || cuda_sync(&e)) fail_msg("%s", e.msg);
-        float *o1 = hnew((long)H * d), *do1 = poison((long)H * d);
-        OK(op_attend_keys(&f->cpu, o1, q + (long)(T - 1) * H * d, hk, nk, sinks, H, d, scale, ERR));
-        OK(op_attend_keys(&f->gpu, do1, dq + (long)(T - 1) * H * d, (const float *const *)dkeys, nk, dsinks, H, d,
-                          scale, ERR));
-        cmp(f, "op_attend_keys", name, do1, o1, (long)H * d, TOL_FP32);
-        free(hk), free(dk), free(o1);
-        cuda_free(dkeys), cuda_free(do1);
         free(q), free(kv), free(comp), free(sinks), free(out), free(cidx), free(go), free(gq), free(gkv), free(gc),
             free(gs);
         cuda_free(dq), cuda_free(dkv), cuda_free(dcomp), cuda_free(dsinks), cuda_free(dout), cuda_free(dcidx);
@@ -656,22 +629,16 @@ static void test_indexer_topk(void **state) {
         char name[64];
         snprintf(name, sizeof name, "T%d Tc%d nh%d hd%d ratio%d", T, Tc, nh, hd, ratio);
         float *q = hnew((long)T * nh * hd), *keys = hnew((long)Tc * hd), *wts = hnew((long)T * nh);
-        float *sc = hnew((long)T * Tc), sa[128];
+        float *sc = hnew((long)T * Tc);
         fill(f, q, (long)T * nh * hd, -1, 1);
         fill(f, keys, (long)Tc * hd, -1, 1);
         fill(f, wts, (long)T * nh, -0.5f, 1);
         float *dq = up(q, (long)T * nh * hd), *dk = up(keys, (long)Tc * hd), *dw = up(wts, (long)T * nh);
-        float *dsc = poison((long)T * Tc), *dsa = poison(Tc);
+        float *dsc = poison((long)T * Tc);
         float sqk = 1.0f / sqrtf((float)hd);
         OK(op_indexer_scores(&f->cpu, sc, q, keys, wts, T, Tc, nh, hd, sqk, ratio, ERR));
         OK(op_indexer_scores(&f->gpu, dsc, dq, dk, dw, T, Tc, nh, hd, sqk, ratio, ERR));
         cmp(f, "op_indexer_scores", name, dsc, sc, (long)T * Tc, TOL_FP32);
-        int pos = T - 7;
-        OK(op_indexer_score_at(&f->cpu, sa, q + (long)pos * nh * hd, keys, wts + (long)pos * nh, pos, Tc, nh, hd, sqk,
-                               ratio, ERR));
-        OK(op_indexer_score_at(&f->gpu, dsa, dq + (long)pos * nh * hd, dk, dw + (long)pos * nh, pos, Tc, nh, hd, sqk,
-                               ratio, ERR));
-        cmp(f, "op_indexer_score_at", name, dsa, sa, Tc, TOL_FP32);
         /* top-k on one score array for both (integer outputs must match exactly); quantised copies
          * force many ties, which must go to the lower index */
         for (int tie = 0; tie < 2; tie++) {
@@ -688,9 +655,6 @@ static void test_indexer_topk(void **state) {
                 OK(op_topk_visible(&f->cpu, idx, sc, T, Tc, topk, ratio, ERR));
                 OK(op_topk_visible(&f->gpu, didx, dsc2, T, Tc, topk, ratio, ERR));
                 cmpi(f, "op_topk_visible", nm, didx, idx, (long)T * topk);
-                OK(op_topk_at(&f->cpu, idx, sc + (long)pos * Tc, pos, Tc, topk, ratio, ERR));
-                OK(op_topk_at(&f->gpu, didx, dsc2 + (long)pos * Tc, pos, Tc, topk, ratio, ERR));
-                cmpi(f, "op_topk_at", nm, didx, idx, topk);
                 free(idx);
                 cuda_free(didx);
             }
@@ -701,7 +665,158 @@ static void test_indexer_topk(void **state) {
         OK(op_causal_entries(&f->gpu, dce, T, Tc, ratio, ERR));
         cmpi(f, "op_causal_entries", name, dce, ce, (long)T * Tc);
         free(q), free(keys), free(wts), free(sc), free(ce);
-        cuda_free(dq), cuda_free(dk), cuda_free(dw), cuda_free(dsc), cuda_free(dsa), cuda_free(dce);
+        cuda_free(dq), cuda_free(dk), cuda_free(dw), cuda_free(dsc), cuda_free(dce);
+    }
+    END_TEST(f);
+}
+
+/* ---- the cached engine's wave ops ----
+ * S sequences of different lengths fed position by position in waves (wave p: every sequence
+ * longer than p), on CPU caches and on GPU caches side by side; each wave's attention output and
+ * indexer selection are compared, and at the end every cache array. */
+
+typedef struct {
+    float *block;         /* one allocation (host or device) */
+    attn_layer_cache lc;  /* pointers into block */
+} cache_seq;
+
+static size_t cache_seq_floats(int W, int d, int ratio, int csa, int ih, int maxT) {
+    size_t f = (size_t)W * d, width = csa ? 2 * d : d, iw = 2 * ih;
+    if (ratio) f += (size_t)ratio * width * (csa ? 4 : 2) + (size_t)(maxT / ratio + 1) * d;
+    if (csa) f += (size_t)ratio * iw * 4 + (size_t)(maxT / ratio + 1) * ih;
+    return f;
+}
+static void cache_comp_at(attn_comp_cache *cc, float **p, int ratio, int width, int dim, int maxT, int overlap) {
+    cc->cur_a = *p, *p += (long)ratio * width;
+    cc->cur_g = *p, *p += (long)ratio * width;
+    if (overlap) cc->prev_a = *p, *p += (long)ratio * width, cc->prev_g = *p, *p += (long)ratio * width;
+    cc->entries = *p, *p += (long)(maxT / ratio + 1) * dim;
+}
+static void cache_layout(attn_layer_cache *lc, float *block, int W, int d, int ratio, int csa, int ih, int maxT) {
+    memset(lc, 0, sizeof *lc);
+    float *p = block;
+    lc->ring = p, p += (long)W * d;
+    if (ratio) cache_comp_at(&lc->comp, &p, ratio, csa ? 2 * d : d, d, maxT, csa);
+    if (csa) cache_comp_at(&lc->index, &p, ratio, 2 * ih, ih, maxT, 1);
+}
+
+static void test_cache_ops(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    struct {
+        int d, H, W, ratio, ih, nh, topk, rope, P;
+    } sh[] = {{64, 4, 8, 4, 32, 4, 4, 16, 70}, {512, 16, 128, 128, 0, 0, 0, 64, 300}, {96, 4, 16, 0, 0, 0, 0, 32, 40}};
+    enum { S = 5 };
+    for (int si = 0; si < 3; si++) {
+        int d = sh[si].d, H = sh[si].H, W = sh[si].W, ratio = sh[si].ratio, ih = sh[si].ih, nh = sh[si].nh;
+        int topk = sh[si].topk, rd = sh[si].rope, P = sh[si].P, csa = ratio == 4, width = csa ? 2 * d : d;
+        int maxT = P, me = ratio ? maxT / ratio + 1 : 0;
+        char name[64];
+        snprintf(name, sizeof name, "d%d H%d win%d ratio%d%s", d, H, W, ratio, csa ? " csa" : "");
+        size_t nf = cache_seq_floats(W, d, ratio, csa, ih, maxT);
+        cache_seq hs[S], ds[S];
+        attn_layer_cache hl[S], dl[S];
+        attn_layer_cache *hptr[S], *dptr[S], *dlay[S];
+        int len[S];
+        for (int i = 0; i < S; i++) {
+            len[i] = P - 13 * i;
+            hs[i].block = hnew((long)nf);
+            fillv(hs[i].block, (long)nf, 0);
+            ds[i].block = up(hs[i].block, (long)nf);
+            cache_layout(&hl[i], hs[i].block, W, d, ratio, csa, ih, maxT);
+            cache_layout(&dl[i], ds[i].block, W, d, ratio, csa, ih, maxT);
+            hptr[i] = &hl[i];
+            dlay[i] = dnew(sizeof(attn_layer_cache));
+            mill_err e;
+            if (cuda_copy_to_device(dlay[i], &dl[i], sizeof dl[i], &e)) fail_msg("%s", e.msg);
+            dptr[i] = dlay[i];
+        }
+        float *inv = hnew(rd / 2 > 0 ? rd / 2 : 1), *sinks = hnew(H), *cape = hnew((long)(ratio ? ratio : 1) * width);
+        float *cnorm = hnew(d), *iape = hnew((long)(csa ? ratio : 1) * 2 * (ih ? ih : 1)), *inorm = hnew(ih ? ih : 1);
+        rope_inv_freq(inv, rd, 10000.0, 0, 1, 1, 1, 1);
+        fill(f, sinks, H, -1, 1);
+        fill(f, cape, (long)(ratio ? ratio : 1) * width, -1, 1);
+        fill(f, cnorm, d, 0.5f, 1.5f);
+        fill(f, iape, (long)(csa ? ratio : 1) * 2 * (ih ? ih : 1), -1, 1);
+        fill(f, inorm, ih ? ih : 1, 0.5f, 1.5f);
+        float *dinv = up(inv, rd / 2 > 0 ? rd / 2 : 1), *dsinks = up(sinks, H);
+        float *dcape = up(cape, (long)(ratio ? ratio : 1) * width), *dcnorm = up(cnorm, d);
+        float *diape = up(iape, (long)(csa ? ratio : 1) * 2 * (ih ? ih : 1)), *dinorm = up(inorm, ih ? ih : 1);
+        double worst_att = 0.0;
+        long sel_diff = 0;
+        for (int p = 0; p < P; p++) {
+            int32_t row[S], pos[S];
+            attn_layer_cache *hseq[S], *dseq_h[S];
+            int n = 0;
+            for (int i = S - 1; i >= 0; i--) /* rows in reverse: row != wave index */
+                if (len[i] > p) {
+                    row[n] = n, pos[n] = p, hseq[n] = hptr[i], dseq_h[n] = dptr[i];
+                    n++;
+                }
+            for (int j = 0; j < n; j++) row[j] = n - 1 - j;
+            float *kv = hnew((long)n * d), *q = hnew((long)n * H * d), *ca = hnew((long)n * width), *cg = hnew((long)n * width);
+            float *ia = hnew((long)n * 2 * (ih ? ih : 1)), *ig = hnew((long)n * 2 * (ih ? ih : 1));
+            float *iq = hnew((long)n * (nh ? nh : 1) * (ih ? ih : 1)), *iw = hnew((long)n * (nh ? nh : 1));
+            float *out = hnew((long)n * H * d), *score = hnew((long)n * (me ? me : 1));
+            int32_t *sel = hnewi((long)n * (topk ? topk : 1));
+            fill(f, kv, (long)n * d, -2, 2), fill(f, q, (long)n * H * d, -1, 1);
+            fill(f, ca, (long)n * width, -2, 2), fill(f, cg, (long)n * width, -3, 3);
+            fill(f, ia, (long)n * 2 * (ih ? ih : 1), -2, 2), fill(f, ig, (long)n * 2 * (ih ? ih : 1), -3, 3);
+            fill(f, iq, (long)n * (nh ? nh : 1) * (ih ? ih : 1), -1, 1), fill(f, iw, (long)n * (nh ? nh : 1), -0.5f, 1);
+            int32_t *drow = upi(row, n), *dpos = upi(pos, n);
+            void *dseq = dnew(sizeof(void *) * S);
+            mill_err e;
+            if (cuda_copy_to_device(dseq, dseq_h, sizeof(void *) * (size_t)n, &e)) fail_msg("%s", e.msg);
+            attn_wave hw = {n, row, pos, hseq}, dw = {n, drow, dpos, (attn_layer_cache *const *)dseq};
+            float *dkv = up(kv, (long)n * d), *dq = up(q, (long)n * H * d), *dca = up(ca, (long)n * width);
+            float *dcg = up(cg, (long)n * width), *dia = up(ia, (long)n * 2 * (ih ? ih : 1));
+            float *dig = up(ig, (long)n * 2 * (ih ? ih : 1)), *diq = up(iq, (long)n * (nh ? nh : 1) * (ih ? ih : 1));
+            float *diw = up(iw, (long)n * (nh ? nh : 1)), *dout = poison((long)n * H * d), *dscore = poison((long)n * (me ? me : 1));
+            int32_t *dsel = upi(sel, (long)n * (topk ? topk : 1));
+            float scale = 1.0f / sqrtf((float)d), sqk = ih ? 1.0f / sqrtf((float)ih) : 1.0f;
+            const kctx *ks[2] = {&f->cpu, &f->gpu};
+            for (int g = 0; g < 2; g++) {
+                const kctx *k = ks[g];
+                attn_wave w = g ? dw : hw;
+                OK(op_cache_push_kv(k, w, 0, g ? dkv : kv, d, W, ERR));
+                if (ratio)
+                    OK(op_cache_push_comp(k, w, 0, 0, g ? dca : ca, g ? dcg : cg, g ? dcape : cape, g ? dcnorm : cnorm,
+                                          g ? dinv : inv, ratio, d, csa, rd, 1e-6f, ERR));
+                if (csa) {
+                    OK(op_cache_push_comp(k, w, 0, 1, g ? dia : ia, g ? dig : ig, g ? diape : iape, g ? dinorm : inorm,
+                                          g ? dinv : inv, ratio, ih, 1, rd, 1e-6f, ERR));
+                    OK(op_cache_index_topk(k, g ? dsel : sel, g ? dscore : score, w, 0, g ? diq : iq, g ? diw : iw, nh,
+                                           ih, sqk, ratio, me, topk, ERR));
+                }
+                OK(op_cache_attend(k, g ? dout : out, g ? dq : q, w, 0, csa ? (g ? dsel : sel) : NULL, topk, ratio, me,
+                                   g ? dsinks : sinks, H, d, W, scale, ERR));
+            }
+            float *hout = hnew((long)n * H * d);
+            down(hout, dout, sizeof(float) * (size_t)n * H * d);
+            double err = rel_err(hout, out, (long)n * H * d);
+            if (!(err <= worst_att)) worst_att = err;
+            if (csa) {
+                int32_t *hsel = hnewi((long)n * topk);
+                down(hsel, dsel, sizeof(int32_t) * (size_t)n * topk);
+                for (long i = 0; i < (long)n * topk; i++) sel_diff += hsel[i] != sel[i];
+                free(hsel);
+            }
+            free(hout), free(kv), free(q), free(ca), free(cg), free(ia), free(ig), free(iq), free(iw), free(out);
+            free(score), free(sel);
+            cuda_free(drow), cuda_free(dpos), cuda_free(dseq), cuda_free(dkv), cuda_free(dq), cuda_free(dca);
+            cuda_free(dcg), cuda_free(dia), cuda_free(dig), cuda_free(diq), cuda_free(diw), cuda_free(dout);
+            cuda_free(dscore), cuda_free(dsel);
+        }
+        record(f, "op_cache_attend (worst wave)", name, worst_att, TOL_FP32);
+        if (csa) record(f, "op_cache_index_topk sel", name, (double)sel_diff, 0.0);
+        for (int i = 0; i < S; i++) /* ring, windows and entries, all sequences */
+            cmp(f, "op_cache_push_kv/_comp caches", name, ds[i].block, hs[i].block, (long)nf, TOL_FP32);
+        for (int i = 0; i < S; i++) {
+            free(hs[i].block);
+            cuda_free(ds[i].block), cuda_free(dlay[i]);
+        }
+        free(inv), free(sinks), free(cape), free(cnorm), free(iape), free(inorm);
+        cuda_free(dinv), cuda_free(dsinks), cuda_free(dcape), cuda_free(dcnorm), cuda_free(diape), cuda_free(dinorm);
     }
     END_TEST(f);
 }
@@ -961,7 +1076,7 @@ int main(void) {
         cmocka_unit_test(test_gemm),          cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
-        cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
+        cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
         cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -38,6 +38,8 @@
 #include "common/cuda_util.h"
 #include "common/safetensors.h"
 #include "test_util.h"
+#include "rollout/engine.h"
+#include "rollout/generate.h"
 #include "trainer/model.h"
 
 #define TOL_LOGITS 1e-1
@@ -330,12 +332,154 @@ static void tokens_case(fixture *f, const char *cfg) {
     golden_free(&g);
 }
 
+/* ---- The cached engine on the GPU ---- */
+
+/* Feeds the golden's B sequences through an engine on k: `prefill` tokens each in one step (so
+ * prefill waves), then one token per sequence per step. logits [B, T, V] and routing [layers,
+ * B * T, k] come back in model_forward's layout. */
+static void engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int prefill, float *logits,
+                        int32_t *routing) {
+    mill_err e = {{0}};
+    const dsv4_config *c = &m->cfg;
+    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, B = g->B, T = g->T;
+    engine en;
+    engine_seq **seqs = calloc((size_t)B, sizeof *seqs);
+    const int32_t **toks = calloc((size_t)B, sizeof *toks);
+    int *nt = calloc((size_t)B, sizeof(int));
+    float *lg = malloc(sizeof(float) * (size_t)B * prefill * V);
+    int32_t *ro = malloc(sizeof(int32_t) * (size_t)L * B * prefill * K);
+    assert_true(seqs && toks && nt && lg && ro);
+    if (engine_init(&en, m, k, (size_t)1 << 30, &e)) fail_msg("%s", e.msg);
+    for (int b = 0; b < B; b++)
+        if (engine_seq_new(&en, T, &seqs[b], &e)) fail_msg("%s", e.msg);
+    for (int t0 = 0; t0 < T;) {
+        int n = t0 ? 1 : prefill, N = B * n;
+        for (int b = 0; b < B; b++) {
+            toks[b] = g->ids + (long)b * T + t0;
+            nt[b] = n;
+        }
+        if (engine_step(&en, seqs, toks, nt, B, lg, ro, &e)) fail_msg("%s", e.msg);
+        for (int b = 0; b < B; b++)
+            for (int j = 0; j < n; j++) {
+                long dst = (long)b * T + t0 + j, src = (long)b * n + j;
+                memcpy(logits + dst * V, lg + src * V, sizeof(float) * (size_t)V);
+                for (int l = 0; l < L; l++)
+                    memcpy(routing + ((long)l * B * T + dst) * K, ro + ((long)l * N + src) * K, sizeof(int32_t) * (size_t)K);
+            }
+        t0 += n;
+    }
+    for (int b = 0; b < B; b++) engine_seq_free(&en, seqs[b]);
+    engine_free(&en);
+    free(seqs), free(toks), free(nt), free(lg), free(ro);
+}
+
+/* Largest |log softmax(a)[y] - log softmax(b)[y]| over the golden's next-token targets. */
+static double max_dlogp(const float *a, const float *b, const golden *g, int V) {
+    double worst = 0;
+    for (int i = 0; i < g->N; i++) {
+        if (g->targets[i] < 0) continue;
+        double lp[2];
+        const float *rows[2] = {a + (long)i * V, b + (long)i * V};
+        for (int r = 0; r < 2; r++) {
+            double mx = rows[r][0], z = 0;
+            for (int v = 1; v < V; v++) mx = rows[r][v] > mx ? rows[r][v] : mx;
+            for (int v = 0; v < V; v++) z += exp(rows[r][v] - mx);
+            lp[r] = rows[r][g->targets[i]] - mx - log(z);
+        }
+        if (fabs(lp[0] - lp[1]) > worst) worst = fabs(lp[0] - lp[1]);
+    }
+    return worst;
+}
+
+/* The engine on the GPU against the engine on the CPU (logits, routing) and against the GPU's own
+ * full forward over the same tokens (the rollout/trainer gap on the GPU); then greedy generation
+ * on the GPU against HF generate()'s tokens from the golden prompts. */
+static void engine_case(fixture *f, const char *cfg) {
+    golden g;
+    golden_load(f, &g, cfg);
+    mill_err e = {{0}};
+    const dsv4_config *c = &g.m.cfg;
+    int V = c->vocab_size;
+    long nl = (long)g.N * V, nr = (long)c->num_hidden_layers * g.N * c->num_experts_per_tok;
+    float *gl = malloc(sizeof(float) * (size_t)nl), *cl = malloc(sizeof(float) * (size_t)nl);
+    float *fl = malloc(sizeof(float) * (size_t)nl), *dfl = dalloc(sizeof(float) * (size_t)nl);
+    int32_t *gr = malloc(sizeof(int32_t) * (size_t)nr), *cr = malloc(sizeof(int32_t) * (size_t)nr);
+    int32_t *fr = malloc(sizeof(int32_t) * (size_t)nr), *dfr = dalloc(sizeof(int32_t) * (size_t)nr);
+    int prefill = 37; /* an odd chunk: compressor windows close inside the prefill and during decode */
+    engine_feed(&g.dm, &f->gpu, &g, prefill, gl, gr);
+    engine_feed(&g.m, &f->cpu, &g, prefill, cl, cr);
+    arena a;
+    gpu_arena(f, &a);
+    if (model_forward(&g.dm, &f->gpu, g.ids, g.B, g.T, dfl, dfr, &a, &e)) fail_msg("%s", e.msg);
+    down(fl, dfl, sizeof(float) * (size_t)nl);
+    down(fr, dfr, sizeof(int32_t) * (size_t)nr);
+    long flips_cpu = 0, flips_fwd = 0;
+    for (long i = 0; i < nr; i++) {
+        flips_cpu += gr[i] != cr[i];
+        flips_fwd += gr[i] != fr[i];
+    }
+    double mx_cpu = 0, mx_fwd = 0;
+    double rel_cpu = rel_err(gl, cl, (size_t)nl, &mx_cpu), rel_fwd = rel_err(gl, fl, (size_t)nl, &mx_fwd);
+    double dlp_cpu = max_dlogp(gl, cl, &g, V), dlp_fwd = max_dlogp(gl, fl, &g, V);
+    printf("# %s engine on GPU (%d x %d tokens, prefill %d then decode): logits vs CPU engine rel err %.3e (max abs "
+           "%.3e, max |dlogp| %.3e), %ld of %ld expert ids differ; vs the GPU full forward rel err %.3e (max abs "
+           "%.3e, max |dlogp| %.3e), %ld expert ids differ\n",
+           cfg, g.B, g.T, prefill, rel_cpu, mx_cpu, dlp_cpu, flips_cpu, nr, rel_fwd, mx_fwd, dlp_fwd, flips_fwd);
+    fflush(stdout);
+    assert_true(rel_cpu <= TOL_LOGITS);
+    assert_true(rel_fwd <= TOL_LOGITS);
+
+    /* greedy from the golden prompts (generate.json: HF generate()'s tokens) */
+    char path[1100];
+    snprintf(path, sizeof path, "%s/generate.json", g.dir);
+    json_error_t je;
+    json_t *gj = json_load_file(path, 0, &je);
+    if (!gj) fail_msg("%s: %s", path, je.text);
+    json_t *in = json_object_get(gj, "input_ids"), *out = json_object_get(gj, "output_ids");
+    int B = (int)json_array_size(in), P = (int)json_array_size(json_array_get(in, 0));
+    int M = (int)json_integer_value(json_object_get(gj, "max_new_tokens"));
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)B * P);
+    const int32_t **rows = malloc(sizeof *rows * (size_t)B);
+    int *lens = malloc(sizeof(int) * (size_t)B);
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < P; t++)
+            prompt[b * P + t] = (int32_t)json_integer_value(json_array_get(json_array_get(in, (size_t)b), (size_t)t));
+        rows[b] = prompt + b * P;
+        lens[b] = P;
+    }
+    sample_params sp = {.temperature = 0, .top_p = 1, .max_new_tokens = M};
+    gen_result res, cres;
+    if (generate_cached(&g.dm, &f->gpu, rows, lens, B, &sp, (size_t)1 << 30, &res, &e)) fail_msg("%s", e.msg);
+    if (generate_cached(&g.m, &f->cpu, rows, lens, B, &sp, (size_t)1 << 30, &cres, &e)) fail_msg("%s", e.msg);
+    for (int b = 0; b < B; b++) {
+        int same_hf = 0, same_cpu = 0;
+        while (same_hf < M && res.out_ids[b * M + same_hf] ==
+                                  (int32_t)json_integer_value(json_array_get(json_array_get(out, (size_t)b), (size_t)same_hf)))
+            same_hf++;
+        while (same_cpu < M && res.out_ids[b * M + same_cpu] == cres.out_ids[b * M + same_cpu]) same_cpu++;
+        printf("# %s greedy on GPU, row %d: %d of %d tokens before the first difference from HF generate(), "
+               "%d from the CPU engine\n",
+               cfg, b, same_hf, M, same_cpu);
+        assert_true(same_hf > 0); /* the first token comes from prompt logits checked above */
+    }
+    gen_result_free(&res);
+    gen_result_free(&cres);
+    json_decref(gj);
+    free(prompt), free(rows), free(lens);
+    free(gl), free(cl), free(fl), free(gr), free(cr), free(fr);
+    cuda_free(dfl), cuda_free(dfr);
+    arena_free(&a);
+    golden_free(&g);
+}
+
 static void test_forward_tiny_a(void **s) { forward_case(*s, "tiny-a"); }
 static void test_forward_tiny_b(void **s) { forward_case(*s, "tiny-b"); }
 static void test_grads_tiny_a(void **s) { grads_case(*s, "tiny-a"); }
 static void test_grads_tiny_b(void **s) { grads_case(*s, "tiny-b"); }
 static void test_tokens_tiny_a(void **s) { tokens_case(*s, "tiny-a"); }
 static void test_tokens_tiny_b(void **s) { tokens_case(*s, "tiny-b"); }
+static void test_engine_tiny_a(void **s) { engine_case(*s, "tiny-a"); }
+static void test_engine_tiny_b(void **s) { engine_case(*s, "tiny-b"); }
 
 static int setup(void **state) {
     mill_err e;
@@ -370,6 +514,7 @@ int main(void) {
         cmocka_unit_test(test_forward_tiny_a), cmocka_unit_test(test_forward_tiny_b),
         cmocka_unit_test(test_grads_tiny_a),   cmocka_unit_test(test_grads_tiny_b),
         cmocka_unit_test(test_tokens_tiny_a),  cmocka_unit_test(test_tokens_tiny_b),
+        cmocka_unit_test(test_engine_tiny_a),  cmocka_unit_test(test_engine_tiny_b),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

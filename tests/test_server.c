@@ -71,7 +71,7 @@ static void test_server(void **st) {
     snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-%d.sock", (int)getpid());
     server_arg *a = calloc(1, sizeof *a);
     if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8};
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU};
     /* golden prompts and HF-checked greedy continuations */
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;

@@ -34,24 +34,56 @@ __device__ __forceinline__ const float *att_key(int code, const float *kv, const
     return code >= 0 ? kv + (long)code * d : comp + (long)(-1 - code) * d;
 }
 
-/* out[q, h] over its keys. LIST: keys come from a device array of row pointers (op_attend_keys);
- * otherwise from the window of kv plus comp_idx (op_sink_attention). Grid (queries, H). */
-template <bool LIST>
+/* Key list of wave token j in the engine's cache (op_cache_attend): ring rows as codes >= 0 (row
+ * i % window), then entries w as codes -1 - w: all visible ones, or the indexer's selection. */
+__device__ int att_build_cache_list(int *list, int p, const int32_t *sel, int topk, int ratio, int max_entries,
+                                    int window) {
+    __shared__ int nk_sh;
+    if (threadIdx.x == 0) {
+        int nk = 0;
+        for (int j = p - window + 1 < 0 ? 0 : p - window + 1; j <= p; j++) list[nk++] = j % window;
+        int visible = ratio ? (p + 1) / ratio : 0;
+        if (ratio && !sel)
+            for (int w = 0; w < visible && w < max_entries; w++) list[nk++] = -1 - w;
+        if (ratio && sel)
+            for (int c = 0; c < topk; c++)
+                if (sel[c] >= 0) list[nk++] = -1 - sel[c];
+        nk_sh = nk;
+    }
+    __syncthreads();
+    return nk_sh;
+}
+
+/* out[q, h] over its keys. CACHE: query j of an engine wave over its sequence's caches (layer
+ * `layer`); otherwise query i of a sequence over the window of kv plus comp_idx (op_sink_attention).
+ * Grid (queries, H). */
+template <bool CACHE>
 __global__ void attend_kernel(float *out, const float *q, const float *kv, const float *comp,
-                              const int32_t *comp_idx, int n_comp, const float *const *keys, int nk_list,
-                              const float *sinks, int H, int d, int window, int max_keys, float scale) {
+                              const int32_t *comp_idx, int n_comp, attn_wave wv, int layer, int ratio,
+                              int max_entries, const float *sinks, int H, int d, int window, int max_keys,
+                              float scale) {
     extern __shared__ float sm[];
     float *qs = sm, *s = qs + d;
     int *list = (int *)(s + max_keys);
     __shared__ float red[32];
     int i = blockIdx.x, h = blockIdx.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int nk;
+    if (CACHE) {
+        const attn_layer_cache *lc = &wv.seq[i][layer];
+        kv = lc->ring;
+        comp = lc->comp.entries;
+        nk = att_build_cache_list(list, wv.pos[i], comp_idx ? comp_idx + (long)i * n_comp : NULL, n_comp, ratio,
+                                  max_entries, window);
+        i = wv.row[i]; /* q and out rows */
+    } else {
+        nk = att_build_list(list, i, comp_idx, n_comp, window);
+    }
     const float *qi = q + ((long)i * H + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) qs[c] = qi[c];
-    int nk = LIST ? nk_list : att_build_list(list, i, comp_idx, n_comp, window);
     __syncthreads();
     for (int j = warp; j < nk; j += nw) {
-        const float *kj = LIST ? keys[j] : att_key(list[j], kv, comp, d);
+        const float *kj = att_key(list[j], kv, comp, d);
         float dot = 0.f;
         for (int c = lane; c < d; c += 32) dot += qs[c] * kj[c];
         dot = cu_warp_sum(dot);
@@ -71,10 +103,7 @@ __global__ void attend_kernel(float *out, const float *q, const float *kv, const
     float *o = out + ((long)i * H + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float acc = 0.f;
-        for (int j = 0; j < nk; j++) {
-            const float *kj = LIST ? keys[j] : att_key(list[j], kv, comp, d);
-            acc += (s[j] / den) * kj[c];
-        }
+        for (int j = 0; j < nk; j++) acc += (s[j] / den) * att_key(list[j], kv, comp, d)[c];
         o[c] = acc;
     }
 }
@@ -97,20 +126,24 @@ int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const floa
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
     size_t smem = sizeof(float) * (size_t)(d + max_keys) + sizeof(int) * (size_t)max_keys;
     TRY(att_smem_ok((const void *)attend_kernel<false>, smem, e));
-    attend_kernel<false><<<dim3(T, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, NULL, 0,
-                                                                         sinks, H, d, window, max_keys, scale);
+    attn_wave none = {0, NULL, NULL, NULL};
+    attend_kernel<false><<<dim3(T, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, none, 0,
+                                                                         0, 0, sinks, H, d, window, max_keys, scale);
     LAUNCH_CHECK("attend_kernel");
     return 0;
 }
 
-int cuda_op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk,
-                        const float *sinks, int H, int d, float scale, mill_err *e) {
-    if (H <= 0) return 0;
-    int max_keys = nk > 0 ? nk : 1;
-    size_t smem = sizeof(float) * (size_t)(d + max_keys);
+int cuda_op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w, int layer, const int32_t *sel,
+                         int topk, int ratio, int max_entries, const float *sinks, int H, int d, int window,
+                         float scale, mill_err *e) {
+    if (w.n <= 0 || H <= 0) return 0;
+    int max_keys = window + (!ratio ? 0 : sel ? topk : max_entries);
+    if (max_keys < 1) max_keys = 1;
+    size_t smem = sizeof(float) * (size_t)(d + max_keys) + sizeof(int) * (size_t)max_keys;
     TRY(att_smem_ok((const void *)attend_kernel<true>, smem, e));
-    attend_kernel<true><<<dim3(1, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, NULL, NULL, NULL, 0, keys, nk, sinks,
-                                                                        H, d, 0, max_keys, scale);
+    attend_kernel<true><<<dim3(w.n, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, NULL, NULL, sel, topk, w, layer,
+                                                                          ratio, max_entries, sinks, H, d, window,
+                                                                          max_keys, scale);
     LAUNCH_CHECK("attend_kernel");
     return 0;
 }
@@ -340,27 +373,46 @@ int cuda_op_compress_pool_backward(const kctx *k, float *da, float *dg, float *d
     return 0;
 }
 
-/* ---- Indexer: grid (queries, entry tiles); the query's heads in shared memory, one warp per entry. */
+/* ---- Indexer: grid (queries, entry tiles); the query's heads in shared memory, one warp per entry.
+ * Query i is row pos0 + i of one sequence, or (wv.seq set) token i of an engine wave, whose q and
+ * weights are at its row and whose keys are its sequence's index entries of `layer`. */
 #define IDX_TILE 64
 
+struct idx_query {
+    const float *q, *keys, *weights;
+    int visible;
+};
+
+__device__ __forceinline__ idx_query idx_query_at(int i, const float *q, const float *keys, const float *weights,
+                                                  int pos0, int nh, int hd, int ratio, int Tc, attn_wave wv,
+                                                  int layer) {
+    idx_query r;
+    int row = wv.seq ? wv.row[i] : i, pos = wv.seq ? wv.pos[i] : pos0 + i;
+    r.q = q + (long)row * nh * hd;
+    r.weights = weights + (long)row * nh;
+    r.keys = wv.seq ? wv.seq[i][layer].index.entries : keys;
+    r.visible = (pos + 1) / ratio;
+    if (r.visible > Tc) r.visible = Tc;
+    return r;
+}
+
 __global__ void indexer_kernel(float *score, const float *q, const float *keys, const float *weights, int pos0,
-                               int Tc, int nh, int hd, float scale_qk, int ratio) {
+                               int Tc, int nh, int hd, float scale_qk, int ratio, attn_wave wv, int layer) {
     extern __shared__ float qs[];
     int i = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const float *qi = q + (long)i * nh * hd;
-    for (int c = threadIdx.x; c < nh * hd; c += blockDim.x) qs[c] = qi[c];
+    idx_query iq = idx_query_at(i, q, keys, weights, pos0, nh, hd, ratio, Tc, wv, layer);
+    for (int c = threadIdx.x; c < nh * hd; c += blockDim.x) qs[c] = iq.q[c];
     __syncthreads();
-    int visible = (pos0 + i + 1) / ratio;
     int w1 = (blockIdx.y + 1) * IDX_TILE < Tc ? (blockIdx.y + 1) * IDX_TILE : Tc;
     for (int w = blockIdx.y * IDX_TILE + warp; w < w1; w += nw) {
         float acc = 0.f;
-        if (w < visible) {
-            const float *kw = keys + (long)w * hd;
+        if (w < iq.visible) {
+            const float *kw = iq.keys + (long)w * hd;
             for (int h = 0; h < nh; h++) {
                 float dot = 0.f;
                 for (int c = lane; c < hd; c += 32) dot += qs[h * hd + c] * kw[c];
                 dot = cu_warp_sum(dot);
-                acc += (dot > 0.f ? dot : 0.f) * scale_qk * weights[(long)i * nh + h];
+                acc += (dot > 0.f ? dot : 0.f) * scale_qk * iq.weights[h];
             }
         } else {
             acc = -INFINITY;
@@ -370,35 +422,33 @@ __global__ void indexer_kernel(float *score, const float *q, const float *keys, 
 }
 
 static int indexer_launch(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
-                          int pos0, int nq, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+                          int pos0, int nq, int Tc, int nh, int hd, float scale_qk, int ratio, attn_wave wv, int layer,
+                          mill_err *e) {
     if (nq <= 0 || Tc <= 0) return 0;
     size_t smem = sizeof(float) * (size_t)nh * hd;
     TRY(att_smem_ok((const void *)indexer_kernel, smem, e));
     indexer_kernel<<<dim3(nq, (Tc + IDX_TILE - 1) / IDX_TILE), 256, smem, cu_stream(k)>>>(
-        score, q, keys, weights, pos0, Tc, nh, hd, scale_qk, ratio);
+        score, q, keys, weights, pos0, Tc, nh, hd, scale_qk, ratio, wv, layer);
     LAUNCH_CHECK("indexer_kernel");
     return 0;
 }
 
 int cuda_op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
                            int T, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
-    return indexer_launch(k, score, q, keys, weights, 0, T, Tc, nh, hd, scale_qk, ratio, e);
-}
-
-int cuda_op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
-                             int pos, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
-    return indexer_launch(k, score, q, keys, weights, pos, 1, Tc, nh, hd, scale_qk, ratio, e);
+    attn_wave none = {0, NULL, NULL, NULL};
+    return indexer_launch(k, score, q, keys, weights, 0, T, Tc, nh, hd, scale_qk, ratio, none, 0, e);
 }
 
 /* ---- Top-k: one block per row. Entry w's rank is the number of entries before it in the order
  * (value descending, index ascending); ranks below topk are the answer, in the CPU's order. With
- * no more visible entries than topk the CPU lists them by index, and so does this. */
+ * no more visible entries than topk the CPU lists them by index, and so does this. Row i is
+ * position i of a sequence, or (pos set) a wave token at position pos[i]. */
 #define TOPK_SMEM_MAX 12288 /* row entries staged in shared memory (48 KB) */
 
-__global__ void topk_kernel(int32_t *idx, const float *score, int pos0, int Tc, int topk, int ratio) {
+__global__ void topk_kernel(int32_t *idx, const float *score, const int32_t *pos, int Tc, int topk, int ratio) {
     extern __shared__ float srow[];
     int i = blockIdx.x;
-    int visible = (pos0 + i + 1) / ratio;
+    int visible = ((pos ? pos[i] : i) + 1) / ratio;
     if (visible > Tc) visible = Tc;
     int32_t *row = idx + (long)i * topk;
     const float *s = score + (long)i * Tc;
@@ -422,24 +472,119 @@ __global__ void topk_kernel(int32_t *idx, const float *score, int pos0, int Tc, 
     }
 }
 
-static int topk_launch(const kctx *k, int32_t *idx, const float *score, int pos0, int nq, int Tc, int topk, int ratio,
-                       mill_err *e) {
+static int topk_launch(const kctx *k, int32_t *idx, const float *score, const int32_t *pos, int nq, int Tc, int topk,
+                       int ratio, mill_err *e) {
     if (nq <= 0 || topk <= 0) return 0;
     int vis_max = Tc < TOPK_SMEM_MAX ? Tc : TOPK_SMEM_MAX;
     size_t smem = sizeof(float) * (size_t)(vis_max > 0 ? vis_max : 1);
-    topk_kernel<<<nq, 256, smem, cu_stream(k)>>>(idx, score, pos0, Tc, topk, ratio);
+    topk_kernel<<<nq, 256, smem, cu_stream(k)>>>(idx, score, pos, Tc, topk, ratio);
     LAUNCH_CHECK("topk_kernel");
     return 0;
 }
 
 int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
                          mill_err *e) {
-    return topk_launch(k, idx, score, 0, T, Tc, topk, ratio, e);
+    return topk_launch(k, idx, score, NULL, T, Tc, topk, ratio, e);
 }
 
-int cuda_op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio,
-                    mill_err *e) {
-    return topk_launch(k, idx, score, pos, 1, Tc, topk, ratio, e);
+int cuda_op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, int layer, const float *q,
+                             const float *weights, int nh, int hd, float scale_qk, int ratio, int max_entries,
+                             int topk, mill_err *e) {
+    TRY(indexer_launch(k, score, q, NULL, weights, 0, w.n, max_entries, nh, hd, scale_qk, ratio, w, layer, e));
+    return topk_launch(k, sel, score, w.pos, w.n, max_entries, topk, ratio, e);
+}
+
+/* ---- The engine's cache writes: one block per wave token. */
+__global__ void cache_push_kv_kernel(attn_wave wv, int layer, const float *kv, int d, int window) {
+    int j = blockIdx.x;
+    float *dst = wv.seq[j][layer].ring + (long)(wv.pos[j] % window) * d;
+    const float *src = kv + (long)wv.row[j] * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dst[c] = src[c];
+}
+
+int cuda_op_cache_push_kv(const kctx *k, attn_wave w, int layer, const float *kv, int d, int window, mill_err *e) {
+    if (w.n <= 0) return 0;
+    cache_push_kv_kernel<<<w.n, 128, 0, cu_stream(k)>>>(w, layer, kv, d, window);
+    LAUNCH_CHECK("cache_push_kv_kernel");
+    return 0;
+}
+
+/* Window slot write; on a closing token the pooling (as pool_fwd_kernel: max, exp-sum, weighted
+ * sum per channel), the RMS norm (double sum, as op_rmsnorm), the rotation at w * ratio (as
+ * rope_kernel) and, on overlap layers, cur -> prev. The block's threads see each other's global
+ * writes after __syncthreads. Shared: the entry [dim]. */
+__global__ void cache_push_comp_kernel(attn_wave wv, int layer, int index, const float *a, const float *g,
+                                       const float *ape, const float *norm, const float *inv_freq, int ratio, int dim,
+                                       int overlap, int rope_dim, float eps) {
+    extern __shared__ float ent[];
+    __shared__ double red[32];
+    int j = blockIdx.x, p = wv.pos[j], slot = p % ratio, win = p / ratio;
+    int width = overlap ? 2 * dim : dim, off = overlap ? dim : 0;
+    attn_layer_cache *lc = &wv.seq[j][layer];
+    attn_comp_cache cc = index ? lc->index : lc->comp;
+    const float *ar = a + (long)wv.row[j] * width, *gr = g + (long)wv.row[j] * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) {
+        cc.cur_a[(long)slot * width + c] = ar[c];
+        cc.cur_g[(long)slot * width + c] = gr[c];
+    }
+    if (slot != ratio - 1) return; /* uniform over the block */
+    __syncthreads();
+    int has_prev = overlap && win > 0, ns = has_prev ? 2 * ratio : ratio;
+    double ss = 0.0;
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) {
+        float mx = -INFINITY;
+        for (int s = 0; s < ns; s++) {
+            int t = has_prev ? (s < ratio ? s : s - ratio) : s, own = !has_prev || s >= ratio;
+            float l = (own ? cc.cur_g[(long)t * width + off + c] : cc.prev_g[(long)t * width + c]) +
+                      ape[(long)t * width + (own ? off : 0) + c];
+            mx = s ? fmaxf(mx, l) : l;
+        }
+        float den = 0.f, acc = 0.f;
+        for (int s = 0; s < ns; s++) {
+            int t = has_prev ? (s < ratio ? s : s - ratio) : s, own = !has_prev || s >= ratio;
+            float l = (own ? cc.cur_g[(long)t * width + off + c] : cc.prev_g[(long)t * width + c]) +
+                      ape[(long)t * width + (own ? off : 0) + c];
+            den += expf(l - mx);
+        }
+        for (int s = 0; s < ns; s++) {
+            int t = has_prev ? (s < ratio ? s : s - ratio) : s, own = !has_prev || s >= ratio;
+            long at = own ? (long)t * width + off + c : (long)t * width + c;
+            float l = (own ? cc.cur_g[at] : cc.prev_g[at]) + ape[(long)t * width + (own ? off : 0) + c];
+            acc += (expf(l - mx) / den) * (own ? cc.cur_a[at] : cc.prev_a[at]);
+        }
+        ent[c] = acc;
+        ss += (double)acc * acc;
+    }
+    ss = cu_block_sum(ss, red);
+    float inv = 1.0f / sqrtf((float)(ss / dim) + eps);
+    for (int c = threadIdx.x; c < dim; c += blockDim.x) ent[c] = norm[c] * (ent[c] * inv);
+    __syncthreads();
+    float *out = cc.entries + (long)win * dim;
+    int half = rope_dim / 2, roff = dim - rope_dim;
+    for (int c = threadIdx.x; c < roff; c += blockDim.x) out[c] = ent[c];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float ang = (float)(win * ratio) * inv_freq[i];
+        float cs = cosf(ang), sn = sinf(ang);
+        float x0 = ent[roff + 2 * i], x1 = ent[roff + 2 * i + 1];
+        out[roff + 2 * i] = x0 * cs - x1 * sn;
+        out[roff + 2 * i + 1] = x1 * cs + x0 * sn;
+    }
+    if (!overlap) return;
+    __syncthreads(); /* every read of the window is done */
+    for (long c = threadIdx.x; c < (long)ratio * width; c += blockDim.x) {
+        cc.prev_a[c] = cc.cur_a[c];
+        cc.prev_g[c] = cc.cur_g[c];
+    }
+}
+
+int cuda_op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const float *a, const float *g,
+                            const float *ape, const float *norm, const float *inv_freq, int ratio, int dim,
+                            int overlap, int rope_dim, float eps, mill_err *e) {
+    if (w.n <= 0) return 0;
+    cache_push_comp_kernel<<<w.n, 128, sizeof(float) * (size_t)dim, cu_stream(k)>>>(
+        w, layer, index, a, g, ape, norm, inv_freq, ratio, dim, overlap, rope_dim, eps);
+    LAUNCH_CHECK("cache_push_comp_kernel");
+    return 0;
 }
 
 __global__ void causal_entries_kernel(int32_t *idx, int T, int Tc, int ratio) {

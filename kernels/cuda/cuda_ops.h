@@ -4,7 +4,8 @@
  * the size the CPU op documents) except these, which stay on the host:
  *   op_cross_entropy: loss_sum and count (the op waits for the stream to fill them);
  *   op_sumsq: acc (likewise);
- *   op_attend_keys: keys is a DEVICE array of nk DEVICE pointers (one per key row);
+ *   the op_cache_* ops: the attn_wave struct is passed by value; its arrays, and the caches
+ *     they point to, are DEVICE memory;
  *   op_token_logp: count (the op waits for the stream to fill it);
  *   op_copy_from_host: host_src; op_copy_to_host: host_dst (the op waits for the copy);
  *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
@@ -78,18 +79,22 @@ int cuda_op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
 int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
                            const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                            float scale, mill_err *e);
-int cuda_op_attend_keys(const kctx *k, float *out, const float *q, const float *const *keys, int nk,
-                        const float *sinks, int H, int d, float scale, mill_err *e);
 int cuda_op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
                           int ratio, int overlap, mill_err *e);
 int cuda_op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
                            int T, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
-int cuda_op_indexer_score_at(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
-                             int pos, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
 int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
                          mill_err *e);
-int cuda_op_topk_at(const kctx *k, int32_t *idx, const float *score, int pos, int Tc, int topk, int ratio,
-                    mill_err *e);
+int cuda_op_cache_push_kv(const kctx *k, attn_wave w, int layer, const float *kv, int d, int window, mill_err *e);
+int cuda_op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const float *a, const float *g,
+                            const float *ape, const float *norm, const float *inv_freq, int ratio, int dim,
+                            int overlap, int rope_dim, float eps, mill_err *e);
+int cuda_op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, int layer, const float *q,
+                             const float *weights, int nh, int hd, float scale_qk, int ratio, int max_entries,
+                             int topk, mill_err *e);
+int cuda_op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w, int layer, const int32_t *sel,
+                         int topk, int ratio, int max_entries, const float *sinks, int H, int d, int window,
+                         float scale, mill_err *e);
 int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e);
 int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks,
                                     const float *dout, const float *q, const float *kv, const float *comp,

@@ -1,0 +1,59 @@
+#!/bin/bash
+# The GPU checks of the CUDA backend in one device call (the GPU machine lacks ZeroMQ and msgpack-c
+# and cannot build: carry a build and the libraries, ../shared/device/README.md):
+#   cmake -B build-gpu -S . -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu -j2
+#   ../shared/device/pack-libs.sh
+#   device run, carry ["build-gpu", ".devlibs"]: bash tests/bench/gpu_devrun.sh [PART...]
+# PART: ops, model, cli, grpo, train, memcheck (default: all of them). Outputs go to stdout and $OUT.
+B=${MILL_BUILD:-build-gpu}/bin
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=$PWD/.devlibs:/usr/local/cuda/lib64:$LD_LIBRARY_PATH
+export MILL_TEST_DATA_DIR=$PWD/tests/data OMP_NUM_THREADS=8
+parts=${*:-ops model cli grpo train memcheck}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+ldd $B/mill | grep "not found"
+has() { [[ " $parts " == *" $1 "* ]]; }
+if has ops; then
+  echo "=== test_cuda_ops"; timeout 200 $B/test_cuda_ops > $OUT/test_cuda_ops.txt 2>&1; echo "rc $?"
+  grep -E "cache|FAIL|PASSED|FAILED" $OUT/test_cuda_ops.txt | tail -20
+fi
+if has model; then
+  echo "=== test_model_cuda"; timeout 300 $B/test_model_cuda 2>&1 | tee $OUT/test_model_cuda.txt | grep -E "^#|OK|FAIL|PASSED"
+fi
+if has cli; then
+  echo "=== mill generate --device cuda|cpu on tiny-a's golden prompts"
+  python3 -c "import json; g=json.load(open('tests/data/tiny-a/generate.json')); json.dump({'input_ids': g['input_ids']}, open('/tmp/gen-in.json','w'))"
+  for dev in cuda cpu; do
+    /usr/bin/time -f "$dev: %e s" timeout 60 $B/mill generate --model tests/data/tiny-a --input /tmp/gen-in.json \
+      --max-new-tokens 32 --temperature 0 --device $dev --output /tmp/gen-$dev.json 2>&1 | tail -1
+  done
+  python3 - <<'PY'
+import json
+a, b = json.load(open('/tmp/gen-cuda.json')), json.load(open('/tmp/gen-cpu.json'))
+for r, (x, y) in enumerate(zip(a['output_ids'], b['output_ids'])):
+    same = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x))
+    print(f"row {r}: {same} of {len(x)} greedy tokens equal on cuda and cpu; max |logprob diff| over those "
+          f"{max([abs(p - q) for p, q in zip(a['logprobs'][r][:same], b['logprobs'][r][:same])] or [0]):.2e}")
+PY
+fi
+if has grpo; then
+  echo "=== GRPO, colocated, trainer and engine on the GPU (6 steps) vs the same on CPU"
+  for dev in cuda cpu; do
+    rm -rf /tmp/grpo-$dev
+    timeout 200 $B/mill run configs/runs/grpo-arith-demo.yaml --set name=gpu-$dev --set ledger=/tmp/grpo-$dev/ledger.db \
+      --set checkpoint.dir=/tmp/grpo-$dev/ckpt --set train.steps=6 --set eval.every=3 --set eval.problems=64 \
+      --set train.device=$dev --set rollout.device=$dev 2>&1 | grep -E "step|accuracy|error" | tail -12
+  done
+fi
+if has train; then
+  echo "=== training step, dsv4-small, B=8 T=1024: mill then HF in the same call"
+  timeout 240 $B/bench_train --device cuda --config configs/models/dsv4-small.json --batch 8 --seq 1024 2>&1 | tee /tmp/bt.txt
+  tps=$(grep -oE "[0-9.]+ tokens/s" /tmp/bt.txt | head -1 | cut -d' ' -f1)
+  timeout 240 python3 tests/bench/hf_train.py configs/models/dsv4-small.json 8 1024 $tps 2>&1 | tail -5
+fi
+if has memcheck; then
+  echo "=== compute-sanitizer memcheck, test_cuda_ops"
+  timeout 240 compute-sanitizer --tool memcheck $B/test_cuda_ops > $OUT/memcheck.txt 2>&1; echo "rc $?"
+  grep -E "Invalid|ERROR SUMMARY" $OUT/memcheck.txt | sort | uniq -c | head
+fi
