@@ -39,7 +39,8 @@ static int usage(FILE *to) {
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
-            "  sft     RECIPE.yaml [--resume CHECKPOINT_DIR]   supervised fine-tuning (configs/runs/sft-*.yaml)\n"
+            "  sft     RECIPE.yaml [--device cpu|cuda] [--resume CHECKPOINT_DIR]   supervised fine-tuning\n"
+            "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default cpu)\n"
             "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
             "          worker and rollout engines, records every step in the run ledger\n"
             "  resume  RUN [--ledger PATH]   continue a stopped run from its last complete checkpoint\n"
@@ -316,13 +317,19 @@ static int cmd_init(int argc, char **argv, mill_err *e) {
 }
 
 static int cmd_sft(int argc, char **argv, mill_err *e) {
-    if (argc < 3 || argv[2][0] == '-') return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--resume DIR]");
+    if (argc < 3 || argv[2][0] == '-')
+        return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--device cpu|cuda] [--resume DIR]");
     for (int i = 3; i < argc; i += 2) {
-        if (strcmp(argv[i], "--resume") != 0) return mill_errf(e, "unknown option %s for mill sft", argv[i]);
-        if (i + 1 >= argc) return mill_errf(e, "option --resume needs a value");
+        if (strcmp(argv[i], "--resume") != 0 && strcmp(argv[i], "--device") != 0)
+            return mill_errf(e, "unknown option %s for mill sft", argv[i]);
+        if (i + 1 >= argc) return mill_errf(e, "option %s needs a value", argv[i]);
     }
+    const char *dev = opt(argc, argv, "--device"); /* overrides the recipe's train.device */
+    mill_device d = DEVICE_CPU;
+    if (dev && sft_device_parse(dev, &d)) return mill_errf(e, "--device must be cpu or cuda, got \"%s\"", dev);
     sft_recipe r;
     if (sft_recipe_load(argv[2], &r, e)) return -1;
+    if (dev) r.device = d;
     return sft_run(&r, opt(argc, argv, "--resume"), e);
 }
 

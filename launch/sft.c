@@ -10,12 +10,20 @@
 
 #include "../algos/sft_data.h"
 #include "../common/yamlcfg.h"
+#include "../kernels/dense.h"
 #include "recipe.h"
 #include "../rollout/generate.h"
 
 static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *file, mill_err *e) {
     if (strlen(src) >= cap) return mill_errf(e, "%s: %s is longer than %zu characters", file, what, cap - 1);
     memcpy(dst, src, strlen(src) + 1);
+    return 0;
+}
+
+int sft_device_parse(const char *name, mill_device *dev) {
+    if (!strcmp(name, "cpu")) *dev = DEVICE_CPU;
+    else if (!strcmp(name, "cuda")) *dev = DEVICE_CUDA;
+    else return -1;
     return 0;
 }
 
@@ -27,7 +35,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     int rc = -1;
     static const char *const top[] = {"model", "data", "train", "optimizer", "eval", "checkpoint", NULL};
     static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
-    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", NULL};
+    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", "device", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ckpt_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
@@ -35,7 +43,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
         yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e))
         goto done;
-    const char *cfg, *from, *dir;
+    const char *cfg, *from, *dir, *dev;
     long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
     if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
@@ -45,6 +53,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
         yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
         yamlcfg_int(y, "train.log_every", 10, 1, 1 << 30, &logev, path, e) ||
+        yamlcfg_str(y, "train.device", "cpu", &dev, path, e) ||
         recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 200, 1, 1 << 20, &evn, path, e) ||
@@ -54,6 +63,10 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         goto done;
     if (!yamlcfg_get(y, "train.steps")) {
         mill_errf(e, "%s: train.steps is required", path);
+        goto done;
+    }
+    if (sft_device_parse(dev, &r->device)) {
+        mill_errf(e, "%s: train.device \"%s\" must be \"cpu\" or \"cuda\"", path, dev);
         goto done;
     }
     if (!*cfg == !*from) {
@@ -80,28 +93,44 @@ done:
     return rc;
 }
 
+/* Model and optimizer on the host: fresh (or init_from), or the checkpoint in resume_dir. */
+static int open_host(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
+    if (resume_dir) return checkpoint_load(resume_dir, &s->model, &s->opt, &r->optim, &s->ts, e);
+    if (*r->init_from) {
+        if (model_load(&s->model, r->init_from, e)) return -1;
+    } else {
+        dsv4_config cfg;
+        if (config_load(r->model_config, &cfg, e) || model_init(&s->model, &cfg, e)) return -1;
+        model_init_random(&s->model, r->init_seed, (float)r->init_std);
+    }
+    if (optimizer_init(&s->opt, &s->model, &r->optim, e)) {
+        model_free(&s->model);
+        return -1;
+    }
+    rng_seed(&s->ts.data_rng, r->data_seed);
+    return 0;
+}
+
 int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
     memset(s, 0, sizeof *s);
-    if (kctx_init(&s->k, DEVICE_CPU, e)) return -1;
-    if (resume_dir) {
-        if (checkpoint_load(resume_dir, &s->model, &s->opt, &r->optim, &s->ts, e)) return -1;
-    } else {
-        if (*r->init_from) {
-            if (model_load(&s->model, r->init_from, e)) return -1;
-        } else {
-            dsv4_config cfg;
-            if (config_load(r->model_config, &cfg, e) || model_init(&s->model, &cfg, e)) return -1;
-            model_init_random(&s->model, r->init_seed, (float)r->init_std);
-        }
-        if (optimizer_init(&s->opt, &s->model, &r->optim, e)) {
-            model_free(&s->model);
-            return -1;
-        }
-        rng_seed(&s->ts.data_rng, r->data_seed);
+    /* the device first, so a machine without one fails before the model is built */
+    if (kctx_init(&s->k, r->device, e)) {
+        kctx_free(&s->k);
+        return mill_err_wrap(e, "device %s", r->device == DEVICE_CUDA ? "cuda" : "cpu");
     }
-    s->grads = calloc(s->model.n_floats, sizeof(float));
-    if (!s->grads || tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) || arena_init(&s->a, 16 << 20, e)) {
-        if (!s->grads) mill_errf(e, "sft: out of memory");
+    if (open_host(s, r, resume_dir, e)) {
+        kctx_free(&s->k);
+        return -1;
+    }
+    s->gpu = r->device != DEVICE_CPU;
+    if (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e))) {
+        mill_err_wrap(e, "sft: to the GPU");
+        sft_close(s);
+        return -1;
+    }
+    if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
+        tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) ||
+        arena_init_device(&s->a, 16 << 20, s->k.device, s->k.stream, e)) {
         sft_close(s);
         return -1;
     }
@@ -109,13 +138,32 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err
 }
 
 void sft_close(sft_state *s) {
-    free(s->grads);
+    mem_free(s->k.device, s->grads); /* before kctx_free, which forgets the device */
     if (s->tok) tokenizer_free(s->tok);
     arena_free(&s->a);
+    if (s->gpu) {
+        optimizer_free(&s->dopt);
+        model_free(&s->dm);
+    }
     optimizer_free(&s->opt);
     model_free(&s->model);
     kctx_free(&s->k);
     memset(s, 0, sizeof *s);
+}
+
+dsv4_model *sft_train_model(sft_state *s) { return s->gpu ? &s->dm : &s->model; }
+optimizer *sft_train_opt(sft_state *s) { return s->gpu ? &s->dopt : &s->opt; }
+
+int sft_sync_host(sft_state *s, int moments, mill_err *e) {
+    if (!s->gpu) return 0;
+    /* the flat buffer only: tid2eid and the RoPE tables never change */
+    TRY(op_copy_to_host(&s->k, s->model.data, s->dm.data, sizeof(float) * s->model.n_floats, e));
+    return moments ? optimizer_copy_to_host(&s->opt, &s->dopt, &s->k, e) : 0;
+}
+
+int sft_checkpoint(sft_state *s, const char *dir, mill_err *e) {
+    if (sft_sync_host(s, 1, e)) return mill_err_wrap(e, "checkpoint %s", dir);
+    return checkpoint_save(dir, &s->model, &s->opt, &s->ts, e);
 }
 
 static void draw(arith_problem *p, const sft_recipe *r, int heldout, rng *g) {
@@ -133,13 +181,16 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     int rc = sft_batch_make(&b, s->tok, probs, B, r->max_len, e);
     free(probs);
     if (rc) return -1;
-    memset(s->grads, 0, sizeof(float) * s->model.n_floats);
     model_loss loss;
-    rc = model_forward_backward(&s->model, &s->k, b.ids, b.targets, b.B, b.T, NULL, s->grads, &loss, &s->a, e);
-    if (!rc) rc = optimizer_step(&s->opt, &s->model, &s->k, s->grads, &st->grad_norm, &st->lr, e);
+    dsv4_model *m = sft_train_model(s);
+    optimizer *o = sft_train_opt(s);
+    /* ids and targets are host arrays (model.h); grads, like every op argument, are in k's memory */
+    rc = op_zero(&s->k, s->grads, sizeof(float) * m->n_floats, e);
+    if (!rc) rc = model_forward_backward(m, &s->k, b.ids, b.targets, b.B, b.T, NULL, s->grads, &loss, &s->a, e);
+    if (!rc) rc = optimizer_step(o, m, &s->k, s->grads, &st->grad_norm, &st->lr, e);
     sft_batch_free(&b);
     if (rc) return -1;
-    s->ts.step = s->opt.step;
+    s->ts.step = o->step;
     st->loss = loss.loss;
     st->tokens = loss.count;
     return 0;
@@ -207,7 +258,12 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 }
 
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
-    return arith_eval(&s->model, &s->k, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, NULL, e);
+    /* on the host model with a CPU kctx; it can move to the GPU rollout engine once that exists */
+    kctx hk;
+    if (sft_sync_host(s, 0, e) || kctx_init(&hk, DEVICE_CPU, e)) return -1;
+    int rc = arith_eval(&s->model, &hk, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, NULL, e);
+    kctx_free(&hk);
+    return rc;
 }
 
 static double now(void) {
@@ -251,7 +307,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
     printf("sft: %zu parameters, %d tensors / %zu values trained, %ld steps of %d problems (levels", s.model.n_trainable,
            nupd, upd, r->steps, r->batch_size);
     for (int i = 0; i < r->n_levels; i++) printf(" %d", r->levels[i]);
-    printf(")%s\n", resume_dir ? ", resumed" : "");
+    printf(") on %s%s\n", s.gpu ? "cuda" : "cpu", resume_dir ? ", resumed" : "");
     int rc = -1;
     double t0 = now(), loss_acc = 0;
     long tok_acc = 0, n_acc = 0;
@@ -283,7 +339,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
         }
         if ((r->checkpoint_every && s.ts.step % r->checkpoint_every == 0) || s.ts.step == r->steps) {
             snprintf(ck, sizeof ck, "%s/step-%06ld", r->out_dir, s.ts.step);
-            if (checkpoint_save(ck, &s.model, &s.opt, &s.ts, e)) goto out;
+            if (sft_checkpoint(&s, ck, e)) goto out;
             printf("step %6ld  checkpoint %s\n", s.ts.step, ck);
             t0 = now();
         }

@@ -1,7 +1,9 @@
 /* launch/sft.h — supervised fine-tuning on the synthetic arithmetic data.
  * Owns: the SFT recipe (YAML), the training loop (batches with loss on the response
  * only, AdamW, logging, periodic greedy evaluation on held-out problems, checkpoints)
- * and resume from a checkpoint, bit-identical to an uninterrupted run. */
+ * and resume from a checkpoint, bit-identical to an uninterrupted run. On a GPU (train.device
+ * cuda) the model, the Adam moments, the gradients and the step live on the device; the host
+ * model and optimizer are the images that checkpoints and the evaluation read. */
 #ifndef MILL_SFT_H
 #define MILL_SFT_H
 
@@ -24,19 +26,26 @@ typedef struct {
     int log_every, eval_every, eval_problems, checkpoint_every;
     uint64_t eval_seed;
     char out_dir[1024];
+    mill_device device; /* train.device: where the training step runs (the default, 0, is the CPU) */
 } sft_recipe;
 
+/* "cpu" or "cuda" into *dev; -1 for anything else (the caller names the file or option). */
+int sft_device_parse(const char *name, mill_device *dev);
 /* Reads and checks a recipe; unknown keys and wrong types are errors naming the key. */
 int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e);
 
 typedef struct {
-    dsv4_model model;
+    dsv4_model model; /* the host image: what checkpoints save and the evaluation runs */
     optimizer opt;
     train_state ts;
     tokenizer *tok;
-    kctx k;
-    arena a;
-    float *grads;
+    kctx k;      /* the training device's */
+    arena a;     /* activations, in k's memory */
+    float *grads; /* [n_floats] in k's memory */
+    /* on a GPU: the copies that train (model and opt are brought up to date by sft_sync_host) */
+    int gpu;
+    dsv4_model dm;
+    optimizer dopt;
 } sft_state;
 
 /* Fresh (or init_from) model, or the checkpoint in resume_dir when given. */
@@ -48,9 +57,18 @@ typedef struct {
     long tokens; /* response tokens trained on */
 } sft_step_stats;
 
+/* The model and optimizer the step trains: the device copies on a GPU, else the host ones. */
+dsv4_model *sft_train_model(sft_state *s);
+optimizer *sft_train_opt(sft_state *s);
+/* Brings s->model's weights (and with moments, s->opt) up to date with the device's; no-op on CPU. */
+int sft_sync_host(sft_state *s, int moments, mill_err *e);
+/* A checkpoint of the current state into dir (from the host images, synced first). */
+int sft_checkpoint(sft_state *s, const char *dir, mill_err *e);
+
 /* One optimizer step on the next batch of the data stream. */
 int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e);
-/* Greedy accuracy on n held-out problems (drawn from eval_seed, same every call). */
+/* Greedy accuracy on n held-out problems (drawn from eval_seed, same every call), on the CPU from
+ * the host model (synced first). */
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e);
 /* Greedy accuracy of a model on n held-out arithmetic problems (levels drawn uniformly, seed fixed);
  * per_level [4] (optional): the accuracy at each level 1..4, -1 where none was drawn. */

@@ -150,7 +150,7 @@ static void test_resume_bit_identical(void **st) {
     if (sft_open(&b, &r, NULL, &e)) fail_msg("%s", e.msg);
     for (int i = 0; i < 2; i++)
         if (sft_step(&b, &r, &s, &e)) fail_msg("%s", e.msg);
-    if (checkpoint_save(ck, &b.model, &b.opt, &b.ts, &e)) fail_msg("%s", e.msg);
+    if (sft_checkpoint(&b, ck, &e)) fail_msg("%s", e.msg);
     sft_close(&b);
     if (sft_open(&b, &r, ck, &e)) fail_msg("%s", e.msg);
     assert_int_equal(b.ts.step, 2);
