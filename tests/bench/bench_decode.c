@@ -250,6 +250,7 @@ int main(int argc, char **argv) {
     engine en = {0};
     int have_host = 0, have_engine = 0, rc = 1;
     const char *what = cfgp ? cfgp : dir;
+    if (kctx_init(&k, gpu ? DEVICE_CUDA : DEVICE_CPU, &e)) goto done; /* first: no device fails fast */
     if (cfgp) {
         dsv4_config cfg;
         if (config_load(cfgp, &cfg, &e) || model_init(&host, &cfg, &e)) goto done;
@@ -258,7 +259,6 @@ int main(int argc, char **argv) {
         goto done;
     }
     have_host = 1;
-    if (kctx_init(&k, gpu ? DEVICE_CUDA : DEVICE_CPU, &e)) goto done;
     if (gpu) { /* the engine runs on the model's device copy, as launch/main.c's model_on does */
         if (model_to_device(&dm, &host, &k, &e)) goto done;
         m = &dm;
@@ -307,6 +307,7 @@ int main(int argc, char **argv) {
         if (!ok) goto done;
     }
     printf("decode: P = %d prompt tokens, 1 untimed + %d timed steps per batch\n", P, S);
+    fflush(stdout); /* partial results survive a timeout (gpu_bench.sh) */
     for (int i = 0; i < nb; i++) {
         if (bench_batch(&bc, batches[i], &e)) goto done;
         fflush(stdout);
