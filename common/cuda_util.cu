@@ -61,6 +61,41 @@ void cuda_backend_free(void *cublas, void *stream) {
     if (stream) cudaStreamDestroy((cudaStream_t)stream);
 }
 
+/* The timed loop of cuda_time_d2d_copy (its caller owns and frees the buffers and events). */
+static int time_copies(void *dst, const void *src, size_t bytes, int reps, cudaEvent_t t0, cudaEvent_t t1,
+                       double *seconds, mill_err *e) {
+    float ms = 0;
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice)); /* untimed: first-touch costs */
+    CUDA_CHECK(cudaEventRecord(t0, 0));
+    for (int r = 0; r < reps; r++) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
+    CUDA_CHECK(cudaEventRecord(t1, 0));
+    CUDA_CHECK(cudaEventSynchronize(t1));
+    CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    *seconds = 1e-3 * (double)ms / reps;
+    return 0;
+}
+
+static int make_events(cudaEvent_t *t0, cudaEvent_t *t1, mill_err *e) {
+    CUDA_CHECK(cudaEventCreate(t0));
+    CUDA_CHECK(cudaEventCreate(t1));
+    return 0;
+}
+
+int cuda_time_d2d_copy(size_t bytes, int reps, double *seconds, mill_err *e) {
+    void *src = NULL, *dst = NULL;
+    cudaEvent_t t0 = NULL, t1 = NULL;
+    int rc = -1;
+    if (!bytes || reps < 1) return mill_errf(e, "cuda_time_d2d_copy: needs bytes > 0 and reps >= 1");
+    if (!cuda_alloc_zero(&src, bytes, e) && !cuda_alloc(&dst, bytes, e) && !make_events(&t0, &t1, e))
+        rc = time_copies(dst, src, bytes, reps, t0, t1, seconds, e);
+    /* teardown errors have no caller to report to (as in cuda_free) */
+    if (t0) cudaEventDestroy(t0);
+    if (t1) cudaEventDestroy(t1);
+    cuda_free(src);
+    cuda_free(dst);
+    return rc;
+}
+
 int cuda_device_describe(char *buf, size_t n, mill_err *e) {
     int count = 0, dev = 0;
     CUDA_CHECK(cudaGetDeviceCount(&count));

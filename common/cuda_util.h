@@ -24,6 +24,10 @@ int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e);
 int cuda_sync(mill_err *e);
 int cuda_backend_init(void **cublas, void **stream, mill_err *e);
 void cuda_backend_free(void *cublas, void *stream);
+/* Mean seconds of one device-to-device cudaMemcpy of `bytes` over reps copies (after one untimed
+ * copy), timed with CUDA events on the default stream; the buffers are allocated and freed here.
+ * For benchmarks: a copy reads and writes `bytes`, so 2 * bytes / seconds is the traffic rate. */
+int cuda_time_d2d_copy(size_t bytes, int reps, double *seconds, mill_err *e);
 /* "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" into buf; -1 when no device. */
 int cuda_device_describe(char *buf, size_t n, mill_err *e);
 
