@@ -7,6 +7,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* GEMMs are split across OpenMP threads here, each calling single-threaded OpenBLAS (kctx_init
@@ -15,6 +16,14 @@ static int gemm_chunks(int rows) {
     int nt = omp_get_max_threads();
     return nt > 1 && rows >= 2 * nt ? nt : 1;
 }
+
+/* op_linear is row-invariant: a row's result does not depend on how many rows share the call, so
+ * the rollout engine (1 row per decode step, a few per expert) and the trainer (B*T rows) give a
+ * token the same bits, and GRPO's rollout/trainer logprob gap is 0. OpenBLAS gives a row the same
+ * bits whenever the call's row count is a multiple of GEMM_ROWS (measured: M = 1 goes to gemv and
+ * M-tails to other micro-kernels, which sum in other orders), so every call covers whole blocks
+ * of GEMM_ROWS rows and a last partial block runs zero-padded from scratch. */
+#define GEMM_ROWS 16
 
 int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
               int accumulate, mill_err *e) {
@@ -26,14 +35,32 @@ int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, in
             for (int i = 0; i < M; i++) memset(y + (long)i * (ldy ? ldy : N), 0, sizeof(float) * (size_t)N);
         return 0;
     }
-    int lx = ldx ? ldx : K, ly = ldy ? ldy : N, nc = gemm_chunks(M);
+    int lx = ldx ? ldx : K, ly = ldy ? ldy : N, blocks = M / GEMM_ROWS, tail = M % GEMM_ROWS;
+    float beta = accumulate ? 1.0f : 0.0f;
+    int nc = gemm_chunks(blocks);
 #pragma omp parallel for schedule(static) if (nc > 1)
     for (int c = 0; c < nc; c++) {
-        int m0 = (int)((long)M * c / nc), m1 = (int)((long)M * (c + 1) / nc);
+        int m0 = (int)((long)blocks * c / nc) * GEMM_ROWS, m1 = (int)((long)blocks * (c + 1) / nc) * GEMM_ROWS;
         if (m1 > m0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, N, K, 1.0f, x + (long)m0 * lx, lx, w, K,
-                        accumulate ? 1.0f : 0.0f, y + (long)m0 * ly, ly);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, N, K, 1.0f, x + (long)m0 * lx, lx, w, K, beta,
+                        y + (long)m0 * ly, ly);
     }
+    if (!tail) return 0;
+    float *xs = calloc((size_t)GEMM_ROWS * K, sizeof(float)), *ys = calloc((size_t)GEMM_ROWS * N, sizeof(float));
+    if (!xs || !ys) {
+        free(xs);
+        free(ys);
+        return mill_errf(e, "op_linear: out of memory for a %d x %d padded block", GEMM_ROWS, K > N ? K : N);
+    }
+    long m0 = (long)blocks * GEMM_ROWS;
+    for (int i = 0; i < tail; i++) {
+        memcpy(xs + (long)i * K, x + (m0 + i) * lx, sizeof(float) * (size_t)K);
+        if (accumulate) memcpy(ys + (long)i * N, y + (m0 + i) * ly, sizeof(float) * (size_t)N);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, GEMM_ROWS, N, K, 1.0f, xs, K, w, K, beta, ys, N);
+    for (int i = 0; i < tail; i++) memcpy(y + (m0 + i) * ly, ys + (long)i * N, sizeof(float) * (size_t)N);
+    free(xs);
+    free(ys);
     return 0;
 }
 

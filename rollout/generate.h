@@ -61,7 +61,7 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
              const sample_params *sp, gen_result *res, arena *a, mill_err *e);
 /* The same through the cached engine (rollout/engine.h): one batched prefill, then one token per
  * unfinished row per step; finished rows leave the batch. Caches are admitted against
- * budget_bytes. Same tokens, logprobs within float rounding, same routing. */
+ * budget_bytes. Same tokens, logprobs (bit for bit on the CPU) and routing. */
 int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
                     const sample_params *sp, size_t budget_bytes, gen_result *res, mill_err *e);
 void gen_result_free(gen_result *res);

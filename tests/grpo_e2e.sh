@@ -41,7 +41,10 @@ run ref --set train.steps=6 --set checkpoint.every=1
 grep -q "step    6/6" "$T/ref.out" || fail "ref: no step 6 line"
 [ "$(q "select status from runs where name='ref'")" = finished ] || fail "ref: not finished"
 [ "$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='ref'")" = 96 ] || fail "ref: samples"
-echo "colocated: 6 steps, 96 samples, $(grep -c checkpoint "$T/ref.out") checkpoints"
+# the trainer's recomputed old logprobs equal the engine's to the bit (routing replayed, row-invariant GEMMs)
+g=$(q "select max(abs(json_extract(s.metrics, '$.max_dlogp'))) from steps s join runs r on r.id=s.run_id where r.name='ref' and s.step > 0")
+[ "$g" = "0.0" ] || fail "ref: largest rollout/trainer |dlogp| is $g, expected 0"
+echo "colocated: 6 steps, 96 samples, $(grep -c checkpoint "$T/ref.out") checkpoints, max|dlogp| $g"
 
 # 2. disaggregated: two engines over TCP
 run dis --set rollout.layout=disaggregated --set rollout.engines=2 --set train.steps=3
