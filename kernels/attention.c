@@ -1,5 +1,8 @@
 #include "attention.h"
 
+#include "dense.h"
+#include "rope.h"
+
 #ifdef MILL_CUDA
 #include "cuda/cuda_ops.h"
 #endif

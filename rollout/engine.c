@@ -38,7 +38,11 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     en->m = m;
     en->k = k;
     en->budget = budget_bytes;
-    return arena_init_device(&en->a, 8 << 20, k->device, k->stream, e) || arena_init(&en->host, 1 << 16, e);
+    if (arena_init_device(&en->a, 8 << 20, k->device, k->stream, e) || arena_init(&en->host, 1 << 16, e)) {
+        engine_free(en);
+        return -1;
+    }
+    return 0;
 }
 
 int engine_release(engine *en, mill_err *e) {
