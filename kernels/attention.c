@@ -38,16 +38,17 @@ static void attend_one(float *out, const float *q, const float *const *keys, int
     }
 }
 
-int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
-                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
-                      float scale, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
-    TRY(kctx_require_cpu(k, "op_sink_attention", e));
-    size_t max_keys = (size_t)(window + n_comp > 0 ? window + n_comp : 1);
+/* Runs attend_one for n queries in parallel with per-thread scratch; list(ctx, i, keys, &row) fills
+ * query i's keys and names its q/out row. */
+typedef int (*attend_list_fn)(const void *ctx, int i, const float **keys, long *row);
+
+static int attend_all(const char *op, int n, size_t max_keys, attend_list_fn list, const void *ctx, float *out,
+                      const float *q, const float *sinks, int H, int d, float scale, mill_err *e) {
     int oom = 0;
+    if (!max_keys) max_keys = 1;
 #pragma omp parallel
     {
-        /* per-thread scratch: each query writes only its own output rows */
+        /* each query writes only its own output row */
         float *s = malloc(sizeof(float) * max_keys);
         const float **keys = malloc(sizeof(float *) * max_keys);
         if (!s || !keys) {
@@ -55,21 +56,46 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
             oom = 1;
         }
 #pragma omp for schedule(static)
-        for (int i = 0; i < T; i++) {
+        for (int i = 0; i < n; i++) {
             if (!s || !keys) continue;
-            int nk = 0;
-            for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) keys[nk++] = kv + (long)j * d;
-            for (int c = 0; c < n_comp; c++) {
-                int32_t w = comp_idx[(long)i * n_comp + c];
-                if (w >= 0) keys[nk++] = comp + (long)w * d;
-            }
-            attend_one(out + (long)i * H * d, q + (long)i * H * d, keys, nk, sinks, H, d, scale, s);
+            long row;
+            int nk = list(ctx, i, keys, &row);
+            attend_one(out + row * H * d, q + row * H * d, keys, nk, sinks, H, d, scale, s);
         }
         free(s);
         free(keys);
     }
-    if (oom) return mill_errf(e, "op_sink_attention: out of memory");
+    if (oom) return mill_errf(e, "%s: out of memory", op);
     return 0;
+}
+
+typedef struct {
+    const float *kv, *comp;
+    const int32_t *comp_idx;
+    int n_comp, d, window;
+} seq_keys;
+
+/* Query i of a sequence: the window of kv rows, then the chosen compressed entries. */
+static int seq_key_list(const void *ctx, int i, const float **keys, long *row) {
+    const seq_keys *c = ctx;
+    int nk = 0;
+    for (int j = i - c->window + 1 < 0 ? 0 : i - c->window + 1; j <= i; j++) keys[nk++] = c->kv + (long)j * c->d;
+    for (int t = 0; t < c->n_comp; t++) {
+        int32_t w = c->comp_idx[(long)i * c->n_comp + t];
+        if (w >= 0) keys[nk++] = c->comp + (long)w * c->d;
+    }
+    *row = i;
+    return nk;
+}
+
+int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
+                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
+                      float scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
+    TRY(kctx_require_cpu(k, "op_sink_attention", e));
+    seq_keys c = {kv, comp, comp_idx, n_comp, d, window};
+    return attend_all("op_sink_attention", T, (size_t)(window + n_comp), seq_key_list, &c, out, q, sinks, H, d, scale,
+                      e);
 }
 
 int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
@@ -390,39 +416,39 @@ int op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, 
     return 0;
 }
 
+typedef struct {
+    const attn_wave *w;
+    int layer;
+    const int32_t *sel;
+    int topk, ratio, max_entries, d, window;
+} cache_keys;
+
+/* Wave token j: its ring's window rows in position order, then all visible entries (HCA) or the
+ * indexer's selection (CSA): op_sink_attention's order for the same position. */
+static int cache_key_list(const void *ctx, int j, const float **keys, long *row) {
+    const cache_keys *c = ctx;
+    const attn_layer_cache *lc = &c->w->seq[j][c->layer];
+    int p = c->w->pos[j], nk = 0, visible = c->ratio ? (p + 1) / c->ratio : 0;
+    for (int i = p - c->window + 1 < 0 ? 0 : p - c->window + 1; i <= p; i++)
+        keys[nk++] = lc->ring + (long)(i % c->window) * c->d;
+    if (c->ratio && !c->sel)
+        for (int t = 0; t < visible && t < c->max_entries; t++) keys[nk++] = lc->comp.entries + (long)t * c->d;
+    if (c->ratio && c->sel)
+        for (int t = 0; t < c->topk; t++) {
+            int32_t w = c->sel[(long)j * c->topk + t];
+            if (w >= 0) keys[nk++] = lc->comp.entries + (long)w * c->d;
+        }
+    *row = c->w->row[j];
+    return nk;
+}
+
 int op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w, int layer, const int32_t *sel, int topk,
                     int ratio, int max_entries, const float *sinks, int H, int d, int window, float scale,
                     mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_cache_attend(k, out, q, w, layer, sel, topk, ratio, max_entries, sinks, H, d, window,
                                             scale, e));
     TRY(kctx_require_cpu(k, "op_cache_attend", e));
-    size_t max_keys = (size_t)window + (size_t)(!ratio ? 0 : sel ? topk : max_entries);
-    int oom = 0;
-#pragma omp parallel
-    {
-        float *s = malloc(sizeof(float) * max_keys);
-        const float **keys = malloc(sizeof(float *) * max_keys);
-        if (!s || !keys) {
-#pragma omp atomic write
-            oom = 1;
-        }
-#pragma omp for schedule(static)
-        for (int j = 0; j < w.n; j++) {
-            if (!s || !keys) continue;
-            const attn_layer_cache *lc = &w.seq[j][layer];
-            int p = w.pos[j], nk = 0, visible = ratio ? (p + 1) / ratio : 0;
-            for (int i = p - window + 1 < 0 ? 0 : p - window + 1; i <= p; i++)
-                keys[nk++] = lc->ring + (long)(i % window) * d;
-            if (ratio && !sel)
-                for (int c = 0; c < visible && c < max_entries; c++) keys[nk++] = lc->comp.entries + (long)c * d;
-            if (ratio && sel)
-                for (int c = 0; c < topk; c++)
-                    if (sel[(long)j * topk + c] >= 0) keys[nk++] = lc->comp.entries + (long)sel[(long)j * topk + c] * d;
-            attend_one(out + (long)w.row[j] * H * d, q + (long)w.row[j] * H * d, keys, nk, sinks, H, d, scale, s);
-        }
-        free(s);
-        free(keys);
-    }
-    if (oom) return mill_errf(e, "op_cache_attend: out of memory");
-    return 0;
+    cache_keys c = {&w, layer, sel, topk, ratio, max_entries, d, window};
+    return attend_all("op_cache_attend", w.n, (size_t)window + (size_t)(!ratio ? 0 : sel ? topk : max_entries),
+                      cache_key_list, &c, out, q, sinks, H, d, scale, e);
 }
