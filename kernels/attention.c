@@ -98,6 +98,20 @@ int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv
                       e);
 }
 
+/* One channel's gated pool over ns slots: softmax(lg) . *val, in one fixed order (the full forward
+ * and the cached engine share it, so an entry has the same bits either way). lg is overwritten. */
+static float pool_slots(float *lg, const float *const *val, int ns) {
+    float mx = lg[0];
+    for (int s = 1; s < ns; s++) mx = lg[s] > mx ? lg[s] : mx;
+    float den = 0.f, acc = 0.f;
+    for (int s = 0; s < ns; s++) {
+        lg[s] = expf(lg[s] - mx);
+        den += lg[s];
+    }
+    for (int s = 0; s < ns; s++) acc += (lg[s] / den) * *val[s];
+    return acc;
+}
+
 int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
                      int ratio, int overlap, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_compress_pool(k, out, a, g, ape, T, d, ratio, overlap, e));
@@ -125,15 +139,7 @@ int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, 
                 lg[ns] = g[row * width + off + c] + ape[(long)t * width + off + c];
                 val[ns++] = a + row * width + off + c;
             }
-            float mx = lg[0];
-            for (int s = 1; s < ns; s++) mx = lg[s] > mx ? lg[s] : mx;
-            float den = 0.f, acc = 0.f;
-            for (int s = 0; s < ns; s++) {
-                lg[s] = expf(lg[s] - mx);
-                den += lg[s];
-            }
-            for (int s = 0; s < ns; s++) acc += (lg[s] / den) * *val[s];
-            out[(long)w * d + c] = acc;
+            out[(long)w * d + c] = pool_slots(lg, val, ns);
         }
     }
     free(lg);
@@ -342,28 +348,22 @@ int op_cache_push_kv(const kctx *k, attn_wave w, int layer, const float *kv, int
     return 0;
 }
 
-/* Pools one closing window straight from the cache, in op_compress_pool's arithmetic order. */
+/* Pools one closing window straight from the cache, as op_compress_pool pools it. lg, val: 2 ratio. */
 static void cache_pool(float *out, const attn_comp_cache *cc, const float *ape, int ratio, int dim, int overlap,
-                       int has_prev, float *lg) {
+                       int has_prev, float *lg, const float **val) {
     int width = overlap ? 2 * dim : dim, off = overlap ? dim : 0;
     for (int c = 0; c < dim; c++) {
         int ns = 0;
         if (has_prev)
-            for (int t = 0; t < ratio; t++) lg[ns++] = cc->prev_g[(long)t * width + c] + ape[(long)t * width + c];
-        for (int t = 0; t < ratio; t++) lg[ns++] = cc->cur_g[(long)t * width + off + c] + ape[(long)t * width + off + c];
-        float mx = lg[0];
-        for (int s = 1; s < ns; s++) mx = lg[s] > mx ? lg[s] : mx;
-        float den = 0.f, acc = 0.f;
-        for (int s = 0; s < ns; s++) {
-            lg[s] = expf(lg[s] - mx);
-            den += lg[s];
+            for (int t = 0; t < ratio; t++) {
+                lg[ns] = cc->prev_g[(long)t * width + c] + ape[(long)t * width + c];
+                val[ns++] = cc->prev_a + (long)t * width + c;
+            }
+        for (int t = 0; t < ratio; t++) {
+            lg[ns] = cc->cur_g[(long)t * width + off + c] + ape[(long)t * width + off + c];
+            val[ns++] = cc->cur_a + (long)t * width + off + c;
         }
-        for (int s = 0; s < ns; s++) {
-            const float *v = has_prev && s < ratio ? cc->prev_a + (long)s * width + c
-                                                   : cc->cur_a + (long)(s - (has_prev ? ratio : 0)) * width + off + c;
-            acc += (lg[s] / den) * *v;
-        }
-        out[c] = acc;
+        out[c] = pool_slots(lg, val, ns);
     }
 }
 
@@ -373,10 +373,11 @@ int op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const f
     MILL_CUDA_DISPATCH(cuda_op_cache_push_comp(k, w, layer, index, a, g, ape, norm, inv_freq, ratio, dim, overlap,
                                                rope_dim, eps, e));
     TRY(kctx_require_cpu(k, "op_cache_push_comp", e));
-    int width = overlap ? 2 * dim : dim;
+    int width = overlap ? 2 * dim : dim, rc = 0;
     float *lg = malloc(sizeof(float) * (size_t)(2 * ratio + dim));
-    if (!lg) return mill_errf(e, "op_cache_push_comp: out of memory");
-    for (int j = 0; j < w.n; j++) {
+    const float **val = malloc(sizeof(float *) * (size_t)(2 * ratio));
+    if (!lg || !val) rc = mill_errf(e, "op_cache_push_comp: out of memory");
+    for (int j = 0; !rc && j < w.n; j++) {
         attn_layer_cache *lc = &w.seq[j][layer];
         const attn_comp_cache *cc = index ? &lc->index : &lc->comp;
         int p = w.pos[j], slot = p % ratio, win = p / ratio;
@@ -385,17 +386,18 @@ int op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const f
         if (slot != ratio - 1) continue;
         float *pooled = lg + 2 * ratio, *entry = cc->entries + (long)win * dim;
         int32_t wpos = win * ratio;
-        cache_pool(pooled, cc, ape, ratio, dim, overlap, overlap && win > 0, lg);
+        cache_pool(pooled, cc, ape, ratio, dim, overlap, overlap && win > 0, lg, val);
         /* the same CPU ops the full forward applies to its pooled rows */
-        TRY(op_rmsnorm(k, entry, pooled, norm, 1, dim, 0, eps, e));
-        TRY(op_rope(k, entry, 1, 1, dim, rope_dim, &wpos, inv_freq, 1, e));
+        rc = op_rmsnorm(k, entry, pooled, norm, 1, dim, 0, eps, e) ||
+             op_rope(k, entry, 1, 1, dim, rope_dim, &wpos, inv_freq, 1, e);
         if (overlap) {
             memcpy(cc->prev_a, cc->cur_a, sizeof(float) * (size_t)ratio * width);
             memcpy(cc->prev_g, cc->cur_g, sizeof(float) * (size_t)ratio * width);
         }
     }
     free(lg);
-    return 0;
+    free(val);
+    return rc ? -1 : 0;
 }
 
 int op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, int layer, const float *q,
