@@ -4,6 +4,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "cuda_check.h"
 
@@ -44,6 +45,25 @@ int cuda_sync(mill_err *e) {
     CUDA_CHECK(cudaDeviceSynchronize());
     return 0;
 }
+
+static_assert(sizeof(cudaIpcMemHandle_t) == CUDA_IPC_HANDLE_BYTES, "CUDA IPC handle size");
+
+int cuda_ipc_handle(const void *p, unsigned char *handle, mill_err *e) {
+    cudaIpcMemHandle_t h;
+    CUDA_CHECK(cudaIpcGetMemHandle(&h, (void *)p));
+    memcpy(handle, &h, sizeof h);
+    return 0;
+}
+
+int cuda_ipc_open(const unsigned char *handle, void **p, mill_err *e) {
+    cudaIpcMemHandle_t h;
+    memcpy(&h, handle, sizeof h);
+    *p = NULL;
+    CUDA_CHECK(cudaIpcOpenMemHandle(p, h, cudaIpcMemLazyEnablePeerAccess));
+    return 0;
+}
+
+void cuda_ipc_close(void *p) { cudaIpcCloseMemHandle(p); } /* as cuda_free: nobody to tell */
 
 int cuda_backend_init(void **cublas, void **stream, mill_err *e) {
     cudaStream_t s;

@@ -22,6 +22,12 @@ int cuda_copy_to_host(void *dst, const void *src, size_t bytes, mill_err *e);
 /* Waits for all device work (every stream): the copies above use the default stream, while ops run
  * on kctx.stream, which does not wait for it. */
 int cuda_sync(mill_err *e);
+/* CUDA IPC (kernels/backend.h mem_ipc_*): the CUDA_IPC_HANDLE_BYTES-byte handle of memory from
+ * cuda_alloc, which another process on the same GPU opens (mapped until cuda_ipc_close). */
+#define CUDA_IPC_HANDLE_BYTES 64
+int cuda_ipc_handle(const void *p, unsigned char *handle, mill_err *e);
+int cuda_ipc_open(const unsigned char *handle, void **p, mill_err *e);
+void cuda_ipc_close(void *p);
 int cuda_backend_init(void **cublas, void **stream, mill_err *e);
 void cuda_backend_free(void *cublas, void *stream);
 /* Mean seconds of one device-to-device cudaMemcpy of `bytes` over reps copies (after one untimed

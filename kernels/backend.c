@@ -8,6 +8,8 @@
 #include "../common/cuda_util.h"
 #endif
 
+#define NO_CUDA_MSG "this mill was built without CUDA (nvcc was not found, or MILL_NO_CUDA was set)"
+
 int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     memset(k, 0, sizeof *k);
     k->device = dev;
@@ -20,7 +22,7 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
 #ifdef MILL_CUDA
     return cuda_backend_init(&k->cublas, &k->stream, e);
 #else
-    return mill_errf(e, "this mill was built without CUDA (nvcc not found at configure time)");
+    return mill_errf(e, NO_CUDA_MSG);
 #endif
 }
 
@@ -52,7 +54,7 @@ void *mem_alloc_copy(mill_device dev, const void *src, size_t bytes, mill_err *e
     }
     return p;
 #else
-    mill_errf(e, "this mill was built without CUDA (nvcc not found at configure time)");
+    mill_errf(e, NO_CUDA_MSG);
     return NULL;
 #endif
 }
@@ -62,4 +64,40 @@ void mem_free(mill_device dev, void *p) {
 #ifdef MILL_CUDA
     else if (p) cuda_free(p);
 #endif
+}
+
+int kctx_sync(const kctx *k, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_sync(e);
+#endif
+    (void)k;
+    (void)e;
+    return 0;
+}
+
+int mem_ipc_handle(mill_device dev, const void *p, unsigned char *handle, mill_err *e) {
+#ifdef MILL_CUDA
+    if (dev == DEVICE_CUDA) return cuda_ipc_handle(p, handle, e);
+#endif
+    (void)p;
+    (void)handle;
+    return mill_errf(e, "IPC handles are for CUDA memory (this is %s)", dev == DEVICE_CPU ? "CPU memory" : NO_CUDA_MSG);
+}
+
+void *mem_ipc_open(mill_device dev, const unsigned char *handle, mill_err *e) {
+#ifdef MILL_CUDA
+    void *p;
+    if (dev == DEVICE_CUDA) return cuda_ipc_open(handle, &p, e) ? NULL : p;
+#endif
+    (void)handle;
+    mill_errf(e, "IPC handles are for CUDA memory (this is %s)", dev == DEVICE_CPU ? "CPU memory" : NO_CUDA_MSG);
+    return NULL;
+}
+
+void mem_ipc_close(mill_device dev, void *p) {
+#ifdef MILL_CUDA
+    if (dev == DEVICE_CUDA && p) cuda_ipc_close(p);
+#endif
+    (void)dev;
+    (void)p;
 }

@@ -31,6 +31,17 @@ void kctx_free(kctx *k);
 void *mem_alloc_copy(mill_device dev, const void *src, size_t bytes, mill_err *e);
 void mem_free(mill_device dev, void *p);
 
+/* Waits for the work queued on k (CPU: returns at once). */
+int kctx_sync(const kctx *k, mill_err *e);
+
+/* Sharing device memory with another process on the same GPU (CUDA IPC): the MEM_IPC_HANDLE_BYTES
+ * handle of memory from mem_alloc_copy, the other side's mapping of it, and its release. Any
+ * other memory gets a clear error. */
+#define MEM_IPC_HANDLE_BYTES 64
+int mem_ipc_handle(mill_device dev, const void *p, unsigned char *handle, mill_err *e);
+void *mem_ipc_open(mill_device dev, const unsigned char *handle, mill_err *e);
+void mem_ipc_close(mill_device dev, void *p);
+
 /* The CPU bodies start with this: anything but the CPU gets a clear error. */
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);
 

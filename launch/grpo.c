@@ -453,6 +453,8 @@ static int publish_to(run_ctx *c, const char *addrs, double *secs, mill_err *e) 
     wire_raw *raw;
     if (!b) return mill_errf(e, "out of memory");
     wire_put_str(b, "engines", addrs);
+    /* trainer and engine on this host's GPU: the engine copies the weights device to device */
+    wire_put_bool(b, "ipc", !c->r->disaggregated && c->r->train_gpu && c->r->rollout_gpu);
     if (proc_rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
     int64_t v;
     double s = 0;

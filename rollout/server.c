@@ -45,6 +45,11 @@ typedef struct {
     uint8_t *staged_set;
     long staged_version;
     int max_batch;
+    /* CUDA IPC updates: the trainer's weight buffer mapped here (kept while its handle is the same);
+     * after one, the host copy m is stale until the next bucket update refreshes it */
+    void *ipc_src;
+    unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
+    int host_stale;
 } server;
 
 static void reply_error(server *s, const unsigned char *peer, size_t peer_len, uint64_t id, const char *msg) {
@@ -294,6 +299,10 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
         wire_get_int(msg, "bucket", 1, 0, 0, 1 << 30, &bucket, e) || wire_get_bool(msg, "last", 1, 0, &last, e))
         return -1;
     dsv4_model *m = s->m;
+    if (!s->staged && s->host_stale) { /* tensors not sent keep the values the engine runs */
+        if (op_copy_to_host(&s->k, m->data, s->run->data, sizeof(float) * m->n_floats, e)) return -1;
+        s->host_stale = 0;
+    }
     if (!s->staged) {
         s->staged = malloc(sizeof(float) * m->n_floats);
         s->staged_set = calloc((size_t)m->n_params, 1);
@@ -348,6 +357,42 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     return 0;
 }
 
+/* update_weights_ipc: copy a whole version from the trainer's device buffer on this GPU. */
+static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
+    int64_t version, floats;
+    if (wire_get_int(msg, "version", 1, 0, 0, INT64_MAX, &version, e) ||
+        wire_get_int(msg, "floats", 1, 0, 0, INT64_MAX, &floats, e))
+        return -1;
+    const wire_frame *h = wire_frame_named(msg, "handle");
+    if (!h || h->dtype != DTYPE_U8 || h->nbytes != MEM_IPC_HANDLE_BYTES)
+        return mill_errf(e, "update_weights_ipc: needs a frame \"handle\" of %d U8 bytes", MEM_IPC_HANDLE_BYTES);
+    if (s->k.device != DEVICE_CUDA)
+        return mill_errf(e, "update_weights_ipc: this engine runs on the CPU; send update_weights buckets");
+    if (s->staged)
+        return mill_errf(e, "update_weights_ipc: version %ld is being staged in buckets", s->staged_version);
+    if (floats != (int64_t)s->m->n_floats)
+        return mill_errf(e, "update_weights_ipc: %lld floats offered, this model has %zu", (long long)floats,
+                         s->m->n_floats);
+    if (!s->ipc_src || memcmp(s->ipc_handle, h->data, MEM_IPC_HANDLE_BYTES)) {
+        mem_ipc_close(s->k.device, s->ipc_src);
+        if (!(s->ipc_src = mem_ipc_open(s->k.device, h->data, e))) return mill_err_wrap(e, "update_weights_ipc");
+        memcpy(s->ipc_handle, h->data, MEM_IPC_HANDLE_BYTES);
+    }
+    /* between engine steps, like a bucket swap; done before the ack, since the trainer's next step
+     * overwrites the source */
+    if (op_copy(&s->k, (float *)s->run->data, s->ipc_src, sizeof(float) * s->m->n_floats, e) || kctx_sync(&s->k, e))
+        return -1;
+    s->version = version;
+    s->host_stale = 1;
+    wire_builder *b = wire_builder_new("weights_ok", wire_id(msg));
+    if (!b) return mill_errf(e, "update_weights_ipc: out of memory");
+    wire_put_int(b, "version", version);
+    wire_put_int(b, "bucket", 0);
+    wire_send(s->sock, peer, peer_len, b, e);
+    wire_builder_free(b);
+    return 0;
+}
+
 static void handle_stats(server *s, const unsigned char *peer, size_t peer_len, uint64_t id) {
     wire_builder *b = wire_builder_new("stats", id);
     mill_err e;
@@ -375,6 +420,7 @@ static void handle(server *s, const wire_msg *msg, const unsigned char *peer, si
     else if (!strcmp(t, "stats")) handle_stats(s, peer, peer_len, id);
     else if (!strcmp(t, "generate")) rc = handle_generate(s, msg, peer, peer_len, &e);
     else if (!strcmp(t, "update_weights")) rc = handle_update(s, msg, peer, peer_len, &e);
+    else if (!strcmp(t, "update_weights_ipc")) rc = handle_update_ipc(s, msg, peer, peer_len, &e);
     else if (!strcmp(t, "release_memory")) {
         if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
         else if (!(rc = engine_release(&s->en, &e))) {
@@ -459,6 +505,7 @@ out:
     if (s.sock) zmq_close(s.sock);
     if (ctx) zmq_ctx_term(ctx);
     engine_free(&s.en);
+    mem_ipc_close(s.k.device, s.ipc_src);
     model_free(&dm);
     kctx_free(&s.k);
     return rc;

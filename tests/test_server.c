@@ -192,6 +192,25 @@ static void test_server(void **st) {
     assert_true(differs);
     free(head);
 
+    /* a device-to-device update offered to this CPU engine: refused with the reason, weights kept;
+     * a malformed one (no handle frame) likewise */
+    for (int bad = 0; bad < 2; bad++) {
+        unsigned char handle[64] = {0};
+        int64_t hshape[1] = {64};
+        b = wire_builder_new("update_weights_ipc", 23);
+        wire_put_int(b, "version", 8);
+        wire_put_int(b, "floats", (int64_t)a->m.n_floats);
+        if (!bad && wire_put_frame(b, "handle", DTYPE_U8, 1, hshape, handle, &e)) fail_msg("%s", e.msg);
+        send_msg(c, b);
+        r = recv_msg(c, &raw);
+        assert_string_equal(wire_type(r), "error");
+        char why[256];
+        wire_get_str(r, "message", 1, NULL, why, sizeof why, &e);
+        assert_non_null(strstr(why, bad ? "needs a frame \"handle\"" : "runs on the CPU"));
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+
     /* release/resume */
     send_msg(c, wire_builder_new("release_memory", 30));
     r = recv_msg(c, &raw);
@@ -215,6 +234,9 @@ static void test_server(void **st) {
     wire_get_int(r, "requests", 1, 0, 0, 1 << 30, &reqs, &e);
     wire_get_int(r, "tokens_generated", 1, 0, 0, 1 << 30, &toks, &e);
     assert_int_equal(reqs, 4); /* quitter's, 10, 11, 22 */
+    int64_t ver;
+    wire_get_int(r, "weight_version", 1, 0, 0, 1 << 30, &ver, &e);
+    assert_int_equal(ver, 7); /* the refused IPC updates changed nothing */
     assert_int_equal(toks, (3 + 2 + 1 + 1) * N);
     wire_msg_free(r);
     wire_recv_free(raw);

@@ -34,6 +34,9 @@ typedef struct {
     unsigned char peer[256];
     size_t peer_len;
     uint64_t id;
+    /* CUDA IPC publish: the handle of dm.data, made once (the buffer never moves) */
+    unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
+    int ipc_ready;
 } worker;
 
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
@@ -376,15 +379,79 @@ fail:
     return -1;
 }
 
+/* (Re)connects a DEALER socket to each engine. */
+static int connect_engines(worker *w, void **socks, char *const *names, int n, mill_err *e) {
+    for (int i = 0; i < n; i++) {
+        if (socks[i]) zmq_close(socks[i]);
+        int linger = 0;
+        socks[i] = zmq_socket(w->zctx, ZMQ_DEALER);
+        if (!socks[i] || zmq_setsockopt(socks[i], ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(socks[i], names[i]))
+            return mill_errf(e, "publish: cannot connect to engine %s: %s", names[i], zmq_strerror(zmq_errno()));
+    }
+    return 0;
+}
+
+/* Waits for want[i] acknowledgements (bucket_ok / weights_ok) from each engine. */
+static int await_acks(worker *w, void *const *socks, char *const *names, const int *want, int n, double tmo,
+                      mill_err *e) {
+    for (int i = 0; i < n; i++)
+        for (int got = 0; got < want[i];) {
+            wire_msg *r = NULL;
+            wire_raw *raw = NULL;
+            int x = wire_recv(socks[i], 0, (int)(tmo * 1000), NULL, NULL, &r, &raw, e);
+            if (x == 1) mill_errf(e, "publish: engine %s did not acknowledge version %ld within %g s", names[i], w->version, tmo);
+            if (x) {
+                wire_recv_free(raw);
+                return -1;
+            }
+            const char *t = wire_type(r);
+            if (!strcmp(t, "error")) {
+                char why[512];
+                wire_get_str(r, "message", 0, "?", why, sizeof why, e);
+                mill_errf(e, "publish: engine %s refused version %ld: %s", names[i], w->version, why);
+            }
+            int bad = strcmp(t, "bucket_ok") && strcmp(t, "weights_ok");
+            got++;
+            wire_msg_free(r);
+            wire_recv_free(raw);
+            if (bad) return -1;
+        }
+    return 0;
+}
+
+/* Colocated on one GPU: each engine copies the weights straight from this process's device buffer
+ * (CUDA IPC), with no host round trip. */
+static int publish_ipc(worker *w, void *const *socks, char *const *names, int n, double tmo, mill_err *e) {
+    if (!w->ipc_ready) {
+        TRY(mem_ipc_handle(w->k.device, w->dm.data, w->ipc_handle, e));
+        w->ipc_ready = 1;
+    }
+    TRY(kctx_sync(&w->k, e)); /* the last update has landed before anyone reads */
+    int64_t shape[1] = {MEM_IPC_HANDLE_BYTES};
+    int want[64];
+    for (int i = 0; i < n; i++) {
+        wire_builder *b = wire_builder_new("update_weights_ipc", 0);
+        if (!b) return mill_errf(e, "publish: out of memory");
+        wire_put_int(b, "version", w->version);
+        wire_put_int(b, "floats", (int64_t)w->m.n_floats);
+        int x = wire_put_frame(b, "handle", DTYPE_U8, 1, shape, w->ipc_handle, e) || wire_send(socks[i], NULL, 0, b, e);
+        wire_builder_free(b);
+        if (x) return mill_err_wrap(e, "publish to %s", names[i]);
+        want[i] = 1;
+    }
+    return await_acks(w, socks, names, want, n, tmo, e);
+}
+
 static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     char engines[4096];
     double mb, tmo;
+    int ipc;
     if (!w->ready) return mill_errf(e, "publish: send init first");
     if (wire_get_str(msg, "engines", 1, NULL, engines, sizeof engines, e) ||
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
-        wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e))
+        wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
-    if (sync_host(w, 0, e)) return -1;
+    ipc = ipc && w->gpu;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
@@ -397,43 +464,27 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
             mill_errf(e, "publish: more than %d engines", MAX_ENGINES);
             goto out;
         }
-        int linger = 0;
-        void *s = zmq_socket(w->zctx, ZMQ_DEALER);
-        names[n_eng] = tok;
-        socks[n_eng++] = s;
-        if (!s || zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(s, tok)) {
-            mill_errf(e, "publish: cannot connect to engine %s: %s", tok, zmq_strerror(zmq_errno()));
-            goto out;
-        }
+        names[n_eng++] = tok;
     }
-    /* send to every engine, then collect: the engines stage in parallel */
-    for (int i = 0; i < n_eng; i++)
-        if (send_buckets(w, socks[i], w->version, (size_t)(mb * (1 << 20)), &buckets[i], &bytes, e)) {
-            mill_err_wrap(e, "publish to %s", names[i]);
-            goto out;
+    if (connect_engines(w, socks, names, n_eng, e)) goto out;
+    if (ipc && !publish_ipc(w, socks, names, n_eng, tmo, e)) {
+        bytes = w->m.n_floats * sizeof(float);
+    } else {
+        /* an engine that cannot map this GPU's memory (another GPU, the CPU) gets buckets: all do,
+         * on fresh sockets, so no late IPC reply is taken for a bucket's */
+        if (ipc) {
+            log_warn("publish: CUDA IPC refused (%s); sending version %ld in buckets", e->msg, w->version);
+            if (connect_engines(w, socks, names, n_eng, e)) goto out;
         }
-    for (int i = 0; i < n_eng; i++)
-        for (int got = 0; got < buckets[i];) {
-            wire_msg *r = NULL;
-            wire_raw *raw = NULL;
-            int x = wire_recv(socks[i], 0, (int)(tmo * 1000), NULL, NULL, &r, &raw, e);
-            if (x == 1) mill_errf(e, "publish: engine %s did not acknowledge version %ld within %g s", names[i], w->version, tmo);
-            if (x) {
-                wire_recv_free(raw);
+        ipc = 0;
+        if (sync_host(w, 0, e)) goto out;
+        for (int i = 0; i < n_eng; i++) /* send to every engine, then collect: they stage in parallel */
+            if (send_buckets(w, socks[i], w->version, (size_t)(mb * (1 << 20)), &buckets[i], &bytes, e)) {
+                mill_err_wrap(e, "publish to %s", names[i]);
                 goto out;
             }
-            const char *t = wire_type(r);
-            if (!strcmp(t, "error")) {
-                char why[512];
-                wire_get_str(r, "message", 0, "?", why, sizeof why, e);
-                mill_errf(e, "publish: engine %s refused version %ld: %s", names[i], w->version, why);
-            }
-            int bad = strcmp(t, "bucket_ok") && strcmp(t, "weights_ok");
-            got++;
-            wire_msg_free(r);
-            wire_recv_free(raw);
-            if (bad) goto out;
-        }
+        if (await_acks(w, socks, names, buckets, n_eng, tmo, e)) goto out;
+    }
     *reply = wire_builder_new("published", wire_id(msg));
     if (!*reply) {
         mill_errf(e, "publish: out of memory");
@@ -442,6 +493,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     wire_put_int(*reply, "version", w->version);
     wire_put_int(*reply, "bytes", (int64_t)bytes);
     wire_put_num(*reply, "seconds", now() - t0);
+    wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)

@@ -19,9 +19,18 @@
  * CPU): one copy of the weights, what a colocated engine sharing the device would need at least.
  * On CUDA the host memcpy floor is printed too, since today's path stages the bytes in host memory.
  *
+ * --ipc (with --device cuda): the colocated GPU path instead. The engine runs on the GPU in a child
+ * process (CUDA IPC maps memory of another process only; forked before this process touches CUDA)
+ * and publish offers it update_weights_ipc: one device-to-device copy from the trainer's weights.
+ * The engine's weights are then in another process, so the bit-for-bit check is not made here
+ * (tests/bench/gpu_devrun.sh's GRPO run checks the path end to end: max|dlogp| stays small only
+ * if each step's weights arrive).
+ *
  * usage: bench_refresh [--device cpu|cuda] [--config configs/models/NAME.json] [--reps R]
- *                      [--bucket-mb MB] [--copy-mib M] */
+ *                      [--bucket-mb MB] [--copy-mib M] [--ipc] */
 #include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,8 +118,11 @@ int main(int argc, char **argv) {
     int gpu = !strcmp(dev, "cuda"), reps = atoi(bench_arg(argc, argv, "--reps", "3")),
         mib = atoi(bench_arg(argc, argv, "--copy-mib", gpu ? "1024" : "256"));
     double bucket_mb = atof(bench_arg(argc, argv, "--bucket-mb", "64")); /* the publish default */
-    if ((!gpu && strcmp(dev, "cpu")) || reps < 1 || mib < 1 || bucket_mb <= 0) {
-        fprintf(stderr, "usage: bench_refresh [--device cpu|cuda] [--config FILE] [--reps R] [--bucket-mb MB] [--copy-mib M]\n");
+    int ipc = 0;
+    for (int i = 1; i < argc; i++) ipc |= !strcmp(argv[i], "--ipc");
+    if ((!gpu && strcmp(dev, "cpu")) || reps < 1 || mib < 1 || bucket_mb <= 0 || (ipc && !gpu)) {
+        fprintf(stderr, "usage: bench_refresh [--device cpu|cuda] [--config FILE] [--reps R] [--bucket-mb MB] [--copy-mib M] "
+                        "[--ipc (with cuda)]\n");
         return 2;
     }
     mill_err e = {{0}};
@@ -119,6 +131,7 @@ int main(int argc, char **argv) {
     server_thread st = {0};
     worker_thread wt = {0};
     pthread_t sth, wth;
+    pid_t child = 0; /* --ipc: the engine's process */
     int have_host = 0, have_srv = 0, srv_up = 0, wrk_up = 0, made_dir = 0, saved = 0, rc = 1;
     void *zctx = NULL, *wsock = NULL, *ssock = NULL;
     wire_msg *r = NULL;
@@ -126,9 +139,10 @@ int main(int argc, char **argv) {
     char dir[200], path[300], saddr[300];
     const char *tmp = getenv("TMPDIR");
     snprintf(dir, sizeof dir, "%s/mill-bench-refresh-XXXXXX", tmp && *tmp && strlen(tmp) < 60 ? tmp : "/tmp");
-    double copy_rate = 0, host_rate = 0; /* first: no device fails fast */
-    if (bench_copy_rate(gpu ? DEVICE_CUDA : DEVICE_CPU, (size_t)mib << 20, 5, &copy_rate, &e) ||
-        (gpu && bench_copy_rate(DEVICE_CPU, (size_t)256 << 20, 5, &host_rate, &e)))
+    double copy_rate = 0, host_rate = 0;
+    /* --ipc forks the engine before this process touches CUDA; otherwise a missing device fails fast */
+    if (!ipc && (bench_copy_rate(gpu ? DEVICE_CUDA : DEVICE_CPU, (size_t)mib << 20, 5, &copy_rate, &e) ||
+                 (gpu && bench_copy_rate(DEVICE_CPU, (size_t)256 << 20, 5, &host_rate, &e))))
         goto done;
     if (config_load(cfgp, &cfg, &e) || model_init(&host, &cfg, &e)) goto done;
     have_host = 1;
@@ -146,8 +160,23 @@ int main(int argc, char **argv) {
     snprintf(saddr, sizeof saddr, "ipc://%s/engine.sock", dir);
     snprintf(wt.bind, sizeof wt.bind, "ipc://%s/trainer.sock", dir);
     st.m = &srv;
-    st.sc = (server_config){.bind = saddr, .cache_budget = (size_t)16 << 20, .max_batch = 8};
-    if (pthread_create(&sth, NULL, server_main, &st)) {
+    st.sc = (server_config){.bind = saddr, .cache_budget = (size_t)16 << 20, .max_batch = 8,
+                            .device = ipc ? DEVICE_CUDA : DEVICE_CPU};
+    if (ipc) {
+        fflush(NULL);
+        if ((child = fork()) < 0) {
+            mill_errf(&e, "bench: cannot fork the engine's process");
+            goto done;
+        }
+        if (!child) {
+            int x = rollout_server_run(&srv, &st.sc, &st.e);
+            if (x) fprintf(stderr, "bench_refresh: engine: %s\n", st.e.msg);
+            _exit(x ? 1 : 0);
+        }
+        if (bench_copy_rate(DEVICE_CUDA, (size_t)mib << 20, 5, &copy_rate, &e) ||
+            bench_copy_rate(DEVICE_CPU, (size_t)256 << 20, 5, &host_rate, &e))
+            goto done;
+    } else if (pthread_create(&sth, NULL, server_main, &st)) {
         mill_errf(&e, "bench: cannot start the server thread");
         goto done;
     }
@@ -188,13 +217,20 @@ int main(int argc, char **argv) {
             wire_put_str(b, "engines", saddr);
             wire_put_num(b, "bucket_mb", bucket_mb);
             wire_put_num(b, "timeout_s", 600);
+            wire_put_bool(b, "ipc", ipc);
         }
         t0 = bench_now();
         double ws = 0;
+        char pathname[16];
         if (rpc(wsock, b, "published", 600000, &r, &raw, &e) ||
             wire_get_int(r, "bytes", 1, 0, 0, INT64_MAX, &bytes, &e) ||
-            wire_get_num(r, "seconds", 0, 0, 0, 1e9, &ws, &e)) {
+            wire_get_num(r, "seconds", 0, 0, 0, 1e9, &ws, &e) ||
+            wire_get_str(r, "path", 0, "buckets", pathname, sizeof pathname, &e)) {
             mill_err_wrap(&e, "publish");
+            goto done;
+        }
+        if (ipc && strcmp(pathname, "ipc")) {
+            mill_errf(&e, "publish took the %s path, not CUDA IPC (the worker's log says why)", pathname);
             goto done;
         }
         double dt = bench_now() - t0;
@@ -213,20 +249,28 @@ int main(int argc, char **argv) {
     shutdown_peer(wsock);
     shutdown_peer(ssock);
     pthread_join(wth, NULL);
-    pthread_join(sth, NULL);
+    int status = 0;
+    if (ipc) waitpid(child, &status, 0);
+    else pthread_join(sth, NULL);
     wrk_up = srv_up = 0;
-    if (wt.rc || st.rc) {
-        mill_errf(&e, "%s", wt.rc ? wt.e.msg : st.e.msg);
+    child = 0;
+    if (wt.rc || st.rc || (ipc && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))) {
+        mill_errf(&e, "%s", wt.rc ? wt.e.msg : ipc ? "the engine's process failed (its error is above)" : st.e.msg);
         goto done;
     }
-    if (memcmp(srv.data, host.data, sizeof(float) * host.n_floats)) {
+    if (!ipc && memcmp(srv.data, host.data, sizeof(float) * host.n_floats)) {
         mill_errf(&e, "after the publish the engine's weights differ from the trainer's");
         goto done;
     }
     double floor = (double)bytes / copy_rate;
-    printf("refresh: %.1f MiB of fp32 weights in buckets of %g MiB: %.3f s (mean of %d; the worker's own timing, "
-           "after %s: %.3f s); engine weights equal the trainer's\n",
-           (double)bytes / (1 << 20), bucket_mb, total, reps, gpu ? "its GPU->host sync" : "nothing", worker_s);
+    if (ipc)
+        printf("refresh: %.1f MiB of fp32 weights by CUDA IPC (one device-to-device copy into the engine's process): "
+               "%.3f s (mean of %d; the worker's own timing %.3f s)\n",
+               (double)bytes / (1 << 20), total, reps, worker_s);
+    else
+        printf("refresh: %.1f MiB of fp32 weights in buckets of %g MiB: %.3f s (mean of %d; the worker's own timing, "
+               "after %s: %.3f s); engine weights equal the trainer's\n",
+               (double)bytes / (1 << 20), bucket_mb, total, reps, gpu ? "its GPU->host sync" : "nothing", worker_s);
     printf("refresh floor: %.4f s = bytes / %s rate %.1f GB/s (fraction %.4f, %.0fx the floor)\n", floor,
            gpu ? "cudaMemcpy device-to-device" : "host memcpy", copy_rate / 1e9, floor / total, total / floor);
     if (gpu)
@@ -244,7 +288,11 @@ done:
     }
     if (srv_up && ssock) {
         shutdown_peer(ssock);
-        pthread_join(sth, NULL);
+        if (ipc) waitpid(child, NULL, 0);
+        else pthread_join(sth, NULL);
+    } else if (child > 0) {
+        kill(child, SIGTERM);
+        waitpid(child, NULL, 0);
     }
     if (wsock) zmq_close(wsock);
     if (ssock) zmq_close(ssock);

@@ -75,5 +75,6 @@ step hf_decode 110 "$PYTHON" tests/bench/hf_decode.py "$CONFIG" "$DEC_BATCHES" "
 
 # (c) weight refresh through the GRPO loop's publish path against the device-copy floor
 step bench_refresh 80 "$BIN/bench_refresh" --device cuda --config "$CONFIG" --reps 2
+step bench_refresh_ipc 60 "$BIN/bench_refresh" --device cuda --config "$CONFIG" --reps 3 --ipc
 
 echo "== done in $(($(date +%s) - START)) s"
