@@ -494,6 +494,8 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     wire_put_int(*reply, "bytes", (int64_t)bytes);
     wire_put_num(*reply, "seconds", now() - t0);
     wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
+    log_info("publish: version %ld to %d engine(s) by %s, %.1f MiB in %.3f s", w->version, n_eng,
+             ipc ? "CUDA IPC" : "buckets", (double)bytes / (1 << 20), now() - t0);
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)

@@ -44,6 +44,7 @@ if has grpo; then
     timeout 200 $B/mill run configs/runs/grpo-arith-demo.yaml --set name=gpu-$dev --set ledger=/tmp/grpo-$dev/ledger.db \
       --set checkpoint.dir=/tmp/grpo-$dev/ckpt --set train.steps=6 --set eval.every=3 --set eval.problems=64 \
       --set train.device=$dev --set rollout.device=$dev 2>&1 | grep -E "step|accuracy|error" | tail -12
+    grep -rh "publish:" /tmp/grpo-$dev 2>/dev/null | tail -2 # the weight refresh path (CUDA IPC on the GPU)
   done
 fi
 if has train; then
