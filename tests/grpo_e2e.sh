@@ -113,4 +113,6 @@ if "$MILL" run $R --set ledger="$L" --set data.kind=jsonl --set data.path="$T/ba
     fail "bad row accepted"; fi
 grep -q "bad.jsonl:2:" "$T/bad2.err" || fail "bad row: $(cat "$T/bad2.err")"
 [ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "bad row: a run was recorded for a recipe that cannot start"
-echo "bad key and bad row: clear errors"
+if "$MILL" run $R --set ledger="$L" --set rollout.device=gpu 2> "$T/bad3.err"; then fail "bad device accepted"; fi
+grep -q 'rollout.device "gpu" must be "cpu" or "cuda"' "$T/bad3.err" || fail "bad device: $(cat "$T/bad3.err")"
+echo "bad key, bad row, bad device: clear errors"
