@@ -8,12 +8,27 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* qsort_r comparator: indices by value, descending, ties by lower index. */
-static int by_value_desc(const void *a, const void *b, void *ctx) {
-    const float *v = ctx;
-    int i = *(const int *)a, j = *(const int *)b;
-    if (v[i] != v[j]) return v[i] > v[j] ? -1 : 1;
-    return i - j;
+/* order[0..V) = the indices of p (non-negative) by value, descending, ties by lower index. An LSD
+ * radix sort (stable, four 8-bit passes) on the complemented bit patterns, which order like the
+ * values for non-negative floats: O(V), where a comparison sort of a 129k vocabulary per sampled
+ * token costs milliseconds. tmp: V ints. */
+static void order_desc(int *order, int *tmp, const float *p, int V) {
+    for (int v = 0; v < V; v++) order[v] = v;
+    for (int shift = 0; shift < 32; shift += 8) {
+        int count[257] = {0};
+        for (int v = 0; v < V; v++) {
+            uint32_t b;
+            memcpy(&b, &p[order[v]], sizeof b);
+            count[((~b >> shift) & 0xFFu) + 1]++;
+        }
+        for (int d = 0; d < 256; d++) count[d + 1] += count[d];
+        for (int v = 0; v < V; v++) {
+            uint32_t b;
+            memcpy(&b, &p[order[v]], sizeof b);
+            tmp[count[(~b >> shift) & 0xFFu]++] = order[v];
+        }
+        memcpy(order, tmp, sizeof(int) * (size_t)V);
+    }
 }
 
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work) {
@@ -28,7 +43,7 @@ int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r
         return best;
     }
     float *p = work;
-    int *order = (int *)(work + V);
+    int *order = (int *)(work + V), *tmp = (int *)(work + 2 * (size_t)V);
     float mx = -INFINITY;
     for (int v = 0; v < V; v++) {
         p[v] = logits[v] / sp->temperature;
@@ -36,11 +51,8 @@ int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r
     }
     double den = 0;
     for (int v = 0; v < V; v++) den += (p[v] = expf(p[v] - mx));
-    for (int v = 0; v < V; v++) {
-        p[v] = (float)(p[v] / den);
-        order[v] = v;
-    }
-    qsort_r(order, (size_t)V, sizeof(int), by_value_desc, p);
+    for (int v = 0; v < V; v++) p[v] = (float)(p[v] / den);
+    order_desc(order, tmp, p, V);
     int keep = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
     double mass = 0;
     if (sp->top_p < 1.0f) {
@@ -177,7 +189,7 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
     if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
     int32_t *seq = malloc(sizeof(int32_t) * (size_t)n * (size_t)T), *batch = malloc(sizeof(int32_t) * (size_t)n * T);
     int *rows = malloc(sizeof(int) * (size_t)n), *done = calloc((size_t)n, sizeof(int));
-    float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V), *work = malloc(sizeof(float) * 2 * V);
+    float *logits = malloc(sizeof(float) * (size_t)n * (size_t)T * (size_t)V), *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V));
     int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)n * (size_t)T * (size_t)K);
     rng *rngs = malloc(sizeof(rng) * (size_t)n);
     int rc = -1;
@@ -257,7 +269,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
     const int32_t **toks = calloc((size_t)n, sizeof *toks);
     int *nt = calloc((size_t)n, sizeof(int)), *row = calloc((size_t)n, sizeof(int)), *state = calloc((size_t)n, sizeof(int));
     int32_t *last = calloc((size_t)n, sizeof(int32_t));
-    float *logits = malloc(sizeof(float) * (size_t)(total > n ? total : n) * V), *work = malloc(sizeof(float) * 2 * V);
+    float *logits = malloc(sizeof(float) * (size_t)(total > n ? total : n) * V), *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V));
     int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(total > n ? total : n) * K);
     rng *rngs = malloc(sizeof(rng) * (size_t)n);
     int rc = -1;

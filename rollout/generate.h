@@ -42,8 +42,9 @@ typedef struct {
     int32_t **routing;
 } gen_result;
 
-/* Samples one token from logits [V]; returns the id and its logprob (see above). work: [V] floats
- * plus [V] ints (as floats' worth). */
+/* Samples one token from logits [V]; returns the id and its logprob (see above). work:
+ * SAMPLE_WORK_FLOATS(V) floats of scratch. */
+#define SAMPLE_WORK_FLOATS(V) (3 * (size_t)(V))
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
 
 /* Whether a row whose n_out-th token is tok is finished: a stop id (FINISH_STOP) or the length

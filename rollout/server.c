@@ -1,5 +1,6 @@
 #include "server.h"
 
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -218,10 +219,12 @@ static int step(server *s, mill_err *e) {
     engine_seq **seqs = malloc(sizeof *seqs * (size_t)s->n_samples);
     const int32_t **toks = malloc(sizeof *toks * (size_t)s->n_samples);
     int *nt = malloc(sizeof(int) * (size_t)s->n_samples), *who = malloc(sizeof(int) * (size_t)s->n_samples);
-    int n = 0, total = 0, rc = -1;
-    float *logits = NULL, *work = malloc(sizeof(float) * 2 * (size_t)V);
-    int32_t *routing = NULL;
-    if (!seqs || !toks || !nt || !who || !work) {
+    int n = 0, total = 0, rc = -1, nthr = omp_get_max_threads();
+    float *logits = NULL, *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V) * (size_t)nthr);
+    float *lps = malloc(sizeof(float) * (size_t)s->n_samples);
+    int32_t *routing = NULL, *picks = malloc(sizeof(int32_t) * (size_t)s->n_samples);
+    int *offs = malloc(sizeof(int) * (size_t)s->n_samples);
+    if (!seqs || !toks || !nt || !who || !work || !lps || !picks || !offs) {
         mill_errf(e, "server: out of memory");
         goto out;
     }
@@ -252,6 +255,15 @@ static int step(server *s, mill_err *e) {
     }
     if (engine_step(&s->en, seqs, toks, nt, n, logits, routing, e)) goto out;
     s->steps++;
+    for (int j = 0, off = 0; j < n; off += nt[j], j++) offs[j] = off;
+    /* rows sample independently (each its own rng and logits row): in parallel, for a large vocabulary */
+#pragma omp parallel for schedule(dynamic)
+    for (int j = 0; j < n; j++) {
+        sample *sm = s->samples[who[j]];
+        if (sm->state == 3 || sm->req->sp.max_new_tokens == 0) continue;
+        picks[j] = sample_token(logits + (long)(offs[j] + nt[j] - 1) * V, V, &sm->req->sp, &sm->r, &lps[j],
+                                work + SAMPLE_WORK_FLOATS(V) * (size_t)omp_get_thread_num());
+    }
     for (int j = 0, off = 0; j < n; off += nt[j], j++) {
         sample *sm = s->samples[who[j]];
         int maxn = sm->req->sp.max_new_tokens, p0 = engine_seq_len(sm->seq) - nt[j];
@@ -263,10 +275,9 @@ static int step(server *s, mill_err *e) {
             sm->state = 4;
             continue;
         }
-        float lp;
-        int32_t tok = sample_token(logits + (long)(off + nt[j] - 1) * V, V, &sm->req->sp, &sm->r, &lp, work);
+        int32_t tok = picks[j];
         sm->tokens[sm->plen + sm->nout] = tok;
-        sm->logprobs[sm->nout++] = lp;
+        sm->logprobs[sm->nout++] = lps[j];
         sm->state = sample_finished(&sm->req->sp, tok, sm->nout, &sm->finish) ? 3 : 2;
     }
     int keep = 0; /* send and drop finished samples, keeping arrival order */
@@ -288,6 +299,9 @@ out:
     free(who);
     free(logits);
     free(work);
+    free(lps);
+    free(picks);
+    free(offs);
     free(routing);
     return rc;
 }
