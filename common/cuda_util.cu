@@ -33,6 +33,9 @@ void cuda_free(void *p) { cudaFree(p); } /* errors at free time have no caller t
 
 int cuda_copy_to_device(void *dst, const void *src, size_t bytes, mill_err *e) {
     CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+    /* from pageable memory cudaMemcpy may return before the DMA lands, and ops on a non-blocking
+     * kctx stream do not wait for the legacy stream: finish it here */
+    CUDA_CHECK(cudaStreamSynchronize(0));
     return 0;
 }
 

@@ -35,8 +35,8 @@ void mem_free(mill_device dev, void *p);
 int kctx_sync(const kctx *k, mill_err *e);
 
 /* Sharing device memory with another process on the same GPU (CUDA IPC): the MEM_IPC_HANDLE_BYTES
- * handle of memory from mem_alloc_copy, the other side's mapping of it, and its release. Any
- * other memory gets a clear error. */
+ * handle of a whole mem_alloc_copy allocation (the other side maps the allocation's start, so p
+ * must be where it begins), that mapping, and its release. CPU memory gets a clear error. */
 #define MEM_IPC_HANDLE_BYTES 64
 int mem_ipc_handle(mill_device dev, const void *p, unsigned char *handle, mill_err *e);
 void *mem_ipc_open(mill_device dev, const unsigned char *handle, mill_err *e);

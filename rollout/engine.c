@@ -109,8 +109,9 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
         if (r) comp_layout(&lc->comp, &p, r, csa ? 2 * c->head_dim : c->head_dim, c->head_dim, max_tokens, csa);
         if (csa) comp_layout(&lc->index, &p, r, 2 * c->index_head_dim, c->index_head_dim, max_tokens, 1);
     }
-    s->dev_layers = mem_alloc_copy(dev, s->layers, sizeof(attn_layer_cache) * (size_t)c->num_hidden_layers, e);
-    if (!s->dev_layers) {
+    size_t lbytes = sizeof(attn_layer_cache) * (size_t)c->num_hidden_layers;
+    s->dev_layers = mem_alloc_copy(dev, NULL, lbytes, e); /* filled on the engine's stream, where it is read */
+    if (!s->dev_layers || op_copy_from_host(en->k, s->dev_layers, s->layers, lbytes, e)) {
         engine_seq_free(en, s);
         return -1;
     }
@@ -147,6 +148,8 @@ typedef struct {
     int32_t *row, *pos;
     attn_layer_cache **seq;
     int max_tokens; /* the largest sequence admission of the step: bounds compressed entries */
+    float *score;   /* the indexer's scratch for the widest wave (wave 0): [off[1], max_tokens / 4 + 1] */
+    int32_t *sel;   /* [off[1], index_topk] */
 } step_waves;
 
 static attn_wave wave_at(const step_waves *sw, int i) {
@@ -167,8 +170,7 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
     int max_entries = ratio ? sw->max_tokens / ratio + 1 : 0;
     float eps = (float)c->rms_norm_eps;
     float *qr_raw, *qr, *q_raw, *q, *kv_raw, *kv, *o, *o_rot, *z, *ca = NULL, *cg = NULL, *ia = NULL, *ig = NULL,
-                                                                    *iq = NULL, *iw = NULL, *score = NULL;
-    int32_t *sel = NULL;
+                                                                    *iq = NULL, *iw = NULL;
     AF(qr_raw, (long)N * c->q_lora_rank);
     AF(qr, (long)N * c->q_lora_rank);
     AF(q_raw, (long)N * H * d);
@@ -190,8 +192,6 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
         AF(ig, (long)N * 2 * ih);
         AF(iq, (long)N * nh * ih);
         AF(iw, (long)N * nh);
-        AF(score, (long)N * max_entries);
-        AF(sel, (long)N * topk);
         TRY(op_linear(k, ia, xn, L->i_wkv, N, 2 * ih, D, 0, 0, 0, e));
         TRY(op_linear(k, ig, xn, L->i_wgate, N, 2 * ih, D, 0, 0, 0, e));
         TRY(op_linear(k, iq, qr, L->i_wq_b, N, nh * ih, c->q_lora_rank, 0, 0, 0, e));
@@ -208,10 +208,10 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
         if (csa) {
             TRY(op_cache_push_comp(k, w, l, 1, ia, ig, L->i_ape, L->i_norm, m->inv_freq_compress, ratio, ih, 1, rd, eps,
                                    e));
-            TRY(op_cache_index_topk(k, sel, score, w, l, iq, iw, nh, ih, 1.0f / sqrtf((float)ih), ratio, max_entries,
-                                    topk, e));
+            TRY(op_cache_index_topk(k, sw->sel, sw->score, w, l, iq, iw, nh, ih, 1.0f / sqrtf((float)ih), ratio,
+                                    max_entries, topk, e));
         }
-        TRY(op_cache_attend(k, o, q, w, l, sel, topk, ratio, max_entries, L->attn_sink, H, d, W,
+        TRY(op_cache_attend(k, o, q, w, l, csa ? sw->sel : NULL, topk, ratio, max_entries, L->attn_sink, H, d, W,
                             1.0f / sqrtf((float)d), e));
     }
     return model_attn_output(m, k, l, o, pos, N, o_rot, z, y, e);
@@ -283,6 +283,12 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
     int32_t *ids = NULL, *pos = NULL, *route;
     step_waves sw = {0};
     TRY(step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e));
+    int has_csa = 0;
+    for (int l = 0; l < c->num_hidden_layers; l++) has_csa |= m->layers[l].ratio == ATTN_CSA;
+    if (has_csa) { /* wave 0 is the widest: every sequence of the step feeds it */
+        AF(sw.score, (long)sw.off[1] * (sw.max_tokens / ATTN_CSA + 1));
+        AF(sw.sel, (long)sw.off[1] * c->index_topk);
+    }
     float *h, *h2, *x, *xn, *y, *pre, *post, *comb, *work, *mlog, *msc, *mw;
     AF(h, (long)N * n * D);
     AF(h2, (long)N * n * D);

@@ -352,8 +352,15 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     }
     wire_builder *b;
     if (last) { /* swap between engine steps: no token sees a mix of versions */
+        /* the device copy first: if it fails, the host copy still holds the running version */
+        if (s->run != m && op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
+            free(s->staged);
+            free(s->staged_set);
+            s->staged = NULL;
+            s->staged_set = NULL;
+            return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
+        }
         memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
-        if (s->run != m && op_copy_from_host(&s->k, s->run->data, m->data, sizeof(float) * m->n_floats, e)) return -1;
         s->version = version;
         free(s->staged);
         free(s->staged_set);

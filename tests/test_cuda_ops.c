@@ -671,9 +671,11 @@ static void test_indexer_topk(void **state) {
 }
 
 /* ---- the cached engine's wave ops ----
- * S sequences of different lengths fed position by position in waves (wave p: every sequence
- * longer than p), on CPU caches and on GPU caches side by side; each wave's attention output and
- * indexer selection are compared, and at the end every cache array. */
+ * S sequences of different lengths, joining at different waves (so a wave mixes positions), fed
+ * on CPU caches and on GPU caches side by side; each wave's attention output and indexer
+ * selection are compared, and at the end every cache array. The two sides' indexer scores differ
+ * in the last bits, so a selection may differ where two entries' scores are a near tie (within
+ * 1e-5 relative on the CPU); such a wave's attention is not compared, and the count is printed. */
 
 typedef struct {
     float *block;         /* one allocation (host or device) */
@@ -717,9 +719,10 @@ static void test_cache_ops(void **state) {
         cache_seq hs[S], ds[S];
         attn_layer_cache hl[S], dl[S];
         attn_layer_cache *hptr[S], *dptr[S], *dlay[S];
-        int len[S];
+        int len[S], start[S];
         for (int i = 0; i < S; i++) {
             len[i] = P - 13 * i;
+            start[i] = 3 * i; /* wave p holds position p - start[i] of sequence i */
             hs[i].block = hnew((long)nf);
             fillv(hs[i].block, (long)nf, 0);
             ds[i].block = up(hs[i].block, (long)nf);
@@ -743,16 +746,17 @@ static void test_cache_ops(void **state) {
         float *dcape = up(cape, (long)(ratio ? ratio : 1) * width), *dcnorm = up(cnorm, d);
         float *diape = up(iape, (long)(csa ? ratio : 1) * 2 * (ih ? ih : 1)), *dinorm = up(inorm, ih ? ih : 1);
         double worst_att = 0.0;
-        long sel_diff = 0;
-        for (int p = 0; p < P; p++) {
+        long sel_diff = 0, tie_waves = 0;
+        for (int p = 0; p < P + 3 * S; p++) {
             int32_t row[S], pos[S];
             attn_layer_cache *hseq[S], *dseq_h[S];
             int n = 0;
             for (int i = S - 1; i >= 0; i--) /* rows in reverse: row != wave index */
-                if (len[i] > p) {
-                    row[n] = n, pos[n] = p, hseq[n] = hptr[i], dseq_h[n] = dptr[i];
+                if (p >= start[i] && p - start[i] < len[i]) {
+                    row[n] = n, pos[n] = p - start[i], hseq[n] = hptr[i], dseq_h[n] = dptr[i];
                     n++;
                 }
+            if (!n) continue;
             for (int j = 0; j < n; j++) row[j] = n - 1 - j;
             float *kv = hnew((long)n * d), *q = hnew((long)n * H * d), *ca = hnew((long)n * width), *cg = hnew((long)n * width);
             float *ia = hnew((long)n * 2 * (ih ? ih : 1)), *ig = hnew((long)n * 2 * (ih ? ih : 1));
@@ -791,16 +795,31 @@ static void test_cache_ops(void **state) {
                 OK(op_cache_attend(k, g ? dout : out, g ? dq : q, w, 0, csa ? (g ? dsel : sel) : NULL, topk, ratio, me,
                                    g ? dsinks : sinks, H, d, W, scale, ERR));
             }
-            float *hout = hnew((long)n * H * d);
-            down(hout, dout, sizeof(float) * (size_t)n * H * d);
-            double err = rel_err(hout, out, (long)n * H * d);
-            if (!(err <= worst_att)) worst_att = err;
+            int tie = 0;
             if (csa) {
                 int32_t *hsel = hnewi((long)n * topk);
                 down(hsel, dsel, sizeof(int32_t) * (size_t)n * topk);
-                for (long i = 0; i < (long)n * topk; i++) sel_diff += hsel[i] != sel[i];
+                for (int j = 0; j < n; j++) {
+                    const float *sc = score + (long)j * me;
+                    float kth = 0; /* the CPU's last selected score: a flip within 1e-5 of it is a tie */
+                    for (int c = 0; c < topk; c++)
+                        if (sel[(long)j * topk + c] >= 0) kth = sc[sel[(long)j * topk + c]];
+                    for (int c = 0; c < topk; c++) {
+                        int32_t a = hsel[(long)j * topk + c], b = sel[(long)j * topk + c];
+                        if (a == b) continue;
+                        int near = a >= 0 && b >= 0 && fabsf(sc[a] - kth) <= 1e-5f * fabsf(kth) &&
+                                   fabsf(sc[b] - kth) <= 1e-5f * fabsf(kth);
+                        if (near) tie = 1;
+                        else sel_diff++;
+                    }
+                }
                 free(hsel);
             }
+            tie_waves += tie;
+            float *hout = hnew((long)n * H * d);
+            down(hout, dout, sizeof(float) * (size_t)n * H * d);
+            double err = rel_err(hout, out, (long)n * H * d);
+            if (!tie && !(err <= worst_att)) worst_att = err;
             free(hout), free(kv), free(q), free(ca), free(cg), free(ia), free(ig), free(iq), free(iw), free(out);
             free(score), free(sel);
             cuda_free(drow), cuda_free(dpos), cuda_free(dseq), cuda_free(dkv), cuda_free(dq), cuda_free(dca);
@@ -808,7 +827,10 @@ static void test_cache_ops(void **state) {
             cuda_free(dscore), cuda_free(dsel);
         }
         record(f, "op_cache_attend (worst wave)", name, worst_att, TOL_FP32);
-        if (csa) record(f, "op_cache_index_topk sel", name, (double)sel_diff, 0.0);
+        if (csa) {
+            record(f, "op_cache_index_topk sel", name, (double)sel_diff, 0.0);
+            printf("  (%ld waves with a near-tie selection flip, their attention not compared)\n", tie_waves);
+        }
         for (int i = 0; i < S; i++) /* ring, windows and entries, all sequences */
             cmp(f, "op_cache_push_kv/_comp caches", name, ds[i].block, hs[i].block, (long)nf, TOL_FP32);
         for (int i = 0; i < S; i++) {

@@ -473,7 +473,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         /* an engine that cannot map this GPU's memory (another GPU, the CPU) gets buckets: all do,
          * on fresh sockets, so no late IPC reply is taken for a bucket's */
         if (ipc) {
-            log_warn("publish: CUDA IPC refused (%s); sending version %ld in buckets", e->msg, w->version);
+            log_warn("publish: CUDA IPC refused or failed (%s); sending version %ld in buckets", e->msg, w->version);
             if (connect_engines(w, socks, names, n_eng, e)) goto out;
         }
         ipc = 0;
