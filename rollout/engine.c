@@ -142,7 +142,9 @@ int engine_seq_len(const engine_seq *s) { return s->len; }
 /* The step's tokens in waves: wave i holds the i-th token of every sequence that feeds more than
  * i tokens, so a wave's tokens belong to distinct sequences and the wave ops may run them in
  * parallel; waves run in order, so a token sees the caches as its predecessors left them.
- * row/pos/seq are in the engine's memory, wave-major; off[i] is wave i's first token. */
+ * row/pos/seq are in the engine's memory, wave-major; off[i] is wave i's first token.
+ * A fresh sequence (nothing cached yet) is not in the waves: its chunk runs through the full
+ * forward's ops at once, and its caches are filled from their results (prefill_fresh). */
 typedef struct {
     int n_waves, *off;
     int32_t *row, *pos;
@@ -150,11 +152,96 @@ typedef struct {
     int max_tokens; /* the largest sequence admission of the step: bounds compressed entries */
     float *score;   /* the indexer's scratch for the widest wave (wave 0): [off[1], max_tokens / 4 + 1] */
     int32_t *sel;   /* [off[1], index_topk] */
+    int n_fresh;    /* fresh sequences: their first row, token count and (host) cache table */
+    int *fresh_row, *fresh_n;
+    const attn_layer_cache **fresh;
 } step_waves;
 
 static attn_wave wave_at(const step_waves *sw, int i) {
     attn_wave w = {sw->off[i + 1] - sw->off[i], sw->row + sw->off[i], sw->pos + sw->off[i], sw->seq + sw->off[i]};
     return w;
+}
+
+/* A compressor's window state after positions 0..T-1, as T pushes leave it: the open window's rows
+ * (positions from the last closed window on) and, on overlap layers, the last closed window. */
+static int fill_window(const kctx *k, const attn_comp_cache *cc, const float *a, const float *g, int T, int ratio,
+                       int width, int overlap, mill_err *e) {
+    int closed = T / ratio, open = T - closed * ratio;
+    size_t row = sizeof(float) * (size_t)width;
+    TRY(op_copy(k, cc->cur_a, a + (long)closed * ratio * width, row * (size_t)open, e));
+    TRY(op_copy(k, cc->cur_g, g + (long)closed * ratio * width, row * (size_t)open, e));
+    if (!overlap || !closed) return 0;
+    TRY(op_copy(k, cc->prev_a, a + (long)(closed - 1) * ratio * width, row * (size_t)ratio, e));
+    return op_copy(k, cc->prev_g, g + (long)(closed - 1) * ratio * width, row * (size_t)ratio, e);
+}
+
+/* A compressor's entries for positions 0..T-1 (a, g: the chunk's rows), as the full forward makes
+ * them: pooled, normed and rotated at w * ratio (wpos), straight into the cache. */
+static int fill_entries(engine *en, const attn_comp_cache *cc, const float *a, const float *g, const float *ape,
+                        const float *norm, const int32_t *wpos, int T, int ratio, int dim, int overlap, mill_err *e) {
+    const dsv4_config *c = &en->m->cfg;
+    int Tc = T / ratio;
+    if (!Tc) return 0;
+    float *pooled = arena_floats(&en->a, (size_t)Tc * dim);
+    if (!pooled) return mill_errf(e, "engine: out of activation memory");
+    TRY(op_compress_pool(en->k, pooled, a, g, ape, T, dim, ratio, overlap, e));
+    TRY(op_rmsnorm(en->k, cc->entries, pooled, norm, Tc, dim, 0, (float)c->rms_norm_eps, e));
+    return op_rope(en->k, cc->entries, Tc, 1, dim, c->qk_rope_head_dim, wpos, en->m->inv_freq_compress, 1, e);
+}
+
+/* A fresh sequence's first T tokens (rows r0..) through layer l: its attention output rows of o
+ * and its caches, with the full forward's ops (model_forward computes the same calls for the
+ * same tokens, so the outputs and cached entries are the same bits). */
+static int prefill_fresh(engine *en, int l, const attn_layer_cache *lc, int r0, int T, const float *q, const float *kv,
+                         const float *ca, const float *cg, const float *ia, const float *ig, const float *iq,
+                         const float *iw, float *o, mill_err *e) {
+    const dsv4_model *m = en->m;
+    const dsv4_config *c = &m->cfg;
+    const dsv4_layer *L = &m->layers[l];
+    const kctx *k = en->k;
+    int H = c->num_attention_heads, d = c->head_dim, W = c->sliding_window, ratio = L->ratio;
+    int csa = ratio == ATTN_CSA, ih = c->index_head_dim, nh = c->index_n_heads, width = csa ? 2 * d : d;
+    int Tc = ratio ? T / ratio : 0, n_comp = 0;
+    int32_t *idx = NULL, *wpos = NULL;
+    if (Tc) { /* entry w sits at position w * ratio */
+        int32_t *hw = arena_alloc(&en->host, sizeof(int32_t) * (size_t)Tc);
+        wpos = (int32_t *)arena_floats(&en->a, (size_t)Tc);
+        if (!hw || !wpos) return mill_errf(e, "engine: out of memory for a prefill of %d tokens", T);
+        for (int w = 0; w < Tc; w++) hw[w] = w * ratio;
+        TRY(op_copy_from_host(k, wpos, hw, sizeof(int32_t) * (size_t)Tc, e));
+    }
+    if (ratio) {
+        TRY(fill_entries(en, &lc->comp, ca + (long)r0 * width, cg + (long)r0 * width, L->c_ape, L->c_norm, wpos, T,
+                         ratio, d, csa, e));
+        TRY(fill_window(k, &lc->comp, ca + (long)r0 * width, cg + (long)r0 * width, T, ratio, width, csa, e));
+    }
+    if (csa) {
+        TRY(fill_entries(en, &lc->index, ia + (long)r0 * 2 * ih, ig + (long)r0 * 2 * ih, L->i_ape, L->i_norm, wpos, T,
+                         ratio, ih, 1, e));
+        TRY(fill_window(k, &lc->index, ia + (long)r0 * 2 * ih, ig + (long)r0 * 2 * ih, T, ratio, 2 * ih, 1, e));
+    }
+    if (Tc) {
+        n_comp = csa ? (c->index_topk < Tc ? c->index_topk : Tc) : Tc;
+        idx = (int32_t *)arena_floats(&en->a, (size_t)T * n_comp);
+        if (!idx) return mill_errf(e, "engine: out of activation memory");
+        if (csa) {
+            float *score = arena_floats(&en->a, (size_t)T * Tc);
+            if (!score) return mill_errf(e, "engine: out of activation memory");
+            TRY(op_indexer_scores(k, score, iq + (long)r0 * nh * ih, lc->index.entries, iw + (long)r0 * nh, T, Tc, nh,
+                                  ih, 1.0f / sqrtf((float)ih), ratio, e));
+            TRY(op_topk_visible(k, idx, score, T, Tc, n_comp, ratio, e));
+        } else {
+            TRY(op_causal_entries(k, idx, T, Tc, ratio, e));
+        }
+    }
+    TRY(op_sink_attention(k, o + (long)r0 * H * d, q + (long)r0 * H * d, kv + (long)r0 * d, Tc ? lc->comp.entries : NULL,
+                          idx, n_comp, L->attn_sink, T, H, d, W, 1.0f / sqrtf((float)d), e));
+    for (int p = T - W > 0 ? T - W : 0; p < T;) { /* the ring keeps the last W rows, position p at p % W */
+        int slot = p % W, n = T - p < W - slot ? T - p : W - slot;
+        TRY(op_copy(k, lc->ring + (long)slot * d, kv + ((long)r0 + p) * d, sizeof(float) * (size_t)n * d, e));
+        p += n;
+    }
+    return 0;
 }
 
 /* Attention sublayer for the step's N tokens (xn: normed inputs; pos: each row's position). */
@@ -199,6 +286,8 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
         TRY(op_linear(k, iw, xn, L->i_wproj, N, nh, D, 0, 0, 0, e));
         TRY(op_scale(k, iw, (long)N * nh, 1.0f / sqrtf((float)nh), e));
     }
+    for (int i = 0; i < sw->n_fresh; i++)
+        TRY(prefill_fresh(en, l, &sw->fresh[i][l], sw->fresh_row[i], sw->fresh_n[i], q, kv, ca, cg, ia, ig, iq, iw, o, e));
     for (int i = 0; i < sw->n_waves; i++) {
         attn_wave w = wave_at(sw, i);
         TRY(op_cache_push_kv(k, w, l, kv, d, W, e));
@@ -225,9 +314,20 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
     arena_reset(h);
     int max_n = 0;
     sw->max_tokens = 0;
-    for (int i = 0; i < n_seqs; i++) {
-        if (n_tokens[i] > max_n) max_n = n_tokens[i];
+    sw->n_fresh = 0;
+    sw->fresh_row = arena_alloc(h, sizeof(int) * (size_t)n_seqs);
+    sw->fresh_n = arena_alloc(h, sizeof(int) * (size_t)n_seqs);
+    sw->fresh = arena_alloc(h, sizeof(attn_layer_cache *) * (size_t)n_seqs);
+    if (!sw->fresh_row || !sw->fresh_n || !sw->fresh) return mill_errf(e, "engine: out of memory");
+    for (int i = 0, t = 0; i < n_seqs; t += n_tokens[i], i++) {
         if (seqs[i]->max_tokens > sw->max_tokens) sw->max_tokens = seqs[i]->max_tokens;
+        if (!seqs[i]->len && n_tokens[i]) { /* fresh: the prefill path */
+            sw->fresh_row[sw->n_fresh] = t;
+            sw->fresh_n[sw->n_fresh] = n_tokens[i];
+            sw->fresh[sw->n_fresh++] = seqs[i]->layers;
+        } else if (n_tokens[i] > max_n) {
+            max_n = n_tokens[i];
+        }
     }
     size_t ints = 4 * (size_t)N, bytes = ints * sizeof(int32_t) + (size_t)N * sizeof(attn_layer_cache *);
     int32_t *hb = arena_alloc(h, bytes), *first = arena_alloc(h, sizeof(int32_t) * (size_t)n_seqs);
@@ -246,7 +346,7 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
     for (int w = 0; w < max_n; w++) {
         sw->off[w] = n;
         for (int i = 0; i < n_seqs; i++)
-            if (n_tokens[i] > w) {
+            if (n_tokens[i] > w && seqs[i]->len) {
                 hb[2 * N + n] = first[i] + w;
                 hb[3 * N + n] = seqs[i]->len + w;
                 hseq[n++] = seqs[i]->dev_layers;
@@ -285,7 +385,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
     TRY(step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e));
     int has_csa = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) has_csa |= m->layers[l].ratio == ATTN_CSA;
-    if (has_csa) { /* wave 0 is the widest: every sequence of the step feeds it */
+    if (has_csa && sw.n_waves) { /* wave 0 is the widest: every waved sequence feeds it */
         AF(sw.score, (long)sw.off[1] * (sw.max_tokens / ATTN_CSA + 1));
         AF(sw.sel, (long)sw.off[1] * c->index_topk);
     }

@@ -53,17 +53,19 @@ static void cached_matches_full(const char *cfg) {
     int32_t *rt = malloc(sizeof(int32_t) * (size_t)(L * 2 * 64 * K));
     double worst = 0;
     int route_diff = 0;
-    /* step 0: row 0 prefills 61 tokens alone; row 1 joins at step 1 with a 50-token prefill;
-     * then both decode one token per step until row 1 leaves at T1 and row 0 at T */
+    /* step 0: row 0 prefills 61 tokens alone (the fresh-prefill path); row 1 joins at step 1 with
+     * a 50-token prefill; row 0 continues with a 13-token chunk at step 2 and row 1 with a 9-token
+     * chunk at step 3 (waves that mix a chunk with the other's decode token); then both decode one
+     * token per step until row 1 leaves at T1 and row 0 at T */
     int p0 = 0, p1 = 0;
     for (int step = 0; p0 < T; step++) {
         engine_seq *seqs[2];
         const int32_t *toks[2];
         int nt[2], ns = 0, start[2];
-        int n0 = step == 0 ? 61 : 1;
+        int n0 = step == 0 ? 61 : step == 2 ? 13 : 1;
         seqs[ns] = s0, toks[ns] = ids + p0, nt[ns] = n0, start[ns] = p0, ns++;
         if (step >= 1 && p1 < T1) {
-            int n1 = step == 1 ? 50 : 1;
+            int n1 = step == 1 ? 50 : step == 3 ? 9 : 1;
             seqs[ns] = s1, toks[ns] = ids + T + p1, nt[ns] = n1, start[ns] = p1, ns++;
         }
         if (engine_step(&en, seqs, toks, nt, ns, lg, rt, &e)) fail_msg("step %d: %s", step, e.msg);
