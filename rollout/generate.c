@@ -8,11 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* order[0..V) = the indices of p (non-negative) by value, descending, ties by lower index. An LSD
- * radix sort (stable, four 8-bit passes) on the complemented bit patterns, which order like the
- * values for non-negative floats: O(V), where a comparison sort of a 129k vocabulary per sampled
- * token costs milliseconds. tmp: V ints. */
-static void order_desc(int *order, int *tmp, const float *p, int V) {
+/* An LSD radix sort (stable, four 8-bit passes) on the complemented bit patterns, which order like
+ * the values for non-negative floats: O(V), where a comparison sort of a 129k vocabulary per
+ * sampled token costs milliseconds. */
+void sample_order_desc(int *order, int *tmp, const float *p, int V) {
     for (int v = 0; v < V; v++) order[v] = v;
     for (int shift = 0; shift < 32; shift += 8) {
         int count[257] = {0};
@@ -52,7 +51,7 @@ int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r
     double den = 0;
     for (int v = 0; v < V; v++) den += (p[v] = expf(p[v] - mx));
     for (int v = 0; v < V; v++) p[v] = (float)(p[v] / den);
-    order_desc(order, tmp, p, V);
+    sample_order_desc(order, tmp, p, V);
     int keep = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
     double mass = 0;
     if (sp->top_p < 1.0f) {

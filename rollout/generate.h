@@ -45,6 +45,9 @@ typedef struct {
 /* Samples one token from logits [V]; returns the id and its logprob (see above). work:
  * SAMPLE_WORK_FLOATS(V) floats of scratch. */
 #define SAMPLE_WORK_FLOATS(V) (3 * (size_t)(V))
+/* order[0..V) = the indices of p (non-negative floats) by value, descending, ties to the lower
+ * index: the order the sampler scans. tmp: V ints. */
+void sample_order_desc(int *order, int *tmp, const float *p, int V);
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
 
 /* Whether a row whose n_out-th token is tok is finished: a stop id (FINISH_STOP) or the length
