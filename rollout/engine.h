@@ -10,8 +10,11 @@
  * A memory budget bounds the caches: a sequence is admitted only if its worst case fits.
  * The caches and activations live on k's device (CPU or GPU): the projections, MoE and head run
  * batched over all the step's tokens through the same model code as the full forward
- * (model_attn_project, model_moe, ...); the cache updates and attention run in waves of tokens
- * of distinct sequences (kernels/attention.h op_cache_*), so a decode step is one wave. */
+ * (model_attn_project, model_moe, ...); a fresh sequence's first chunk runs through the full
+ * forward's attention ops and fills its caches from their results; every other token's cache
+ * updates and attention run in waves of tokens of distinct sequences (kernels/attention.h
+ * op_cache_*), so a decode step is one wave. On the CPU every logit equals the full forward's bit
+ * for bit. */
 #ifndef MILL_ENGINE_H
 #define MILL_ENGINE_H
 
