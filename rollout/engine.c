@@ -13,6 +13,7 @@
 struct engine_seq {
     int len, max_tokens;
     size_t bytes;
+    engine_seq *next; /* in the engine's pool of freed sequences */
     attn_layer_cache *layers;     /* host array of pointers into block */
     attn_layer_cache *dev_layers; /* the same array in the engine's memory: what the wave ops read */
     float *block;                 /* every cache array, in the engine's memory */
@@ -45,8 +46,26 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     return 0;
 }
 
+/* Frees a sequence's memory for good (engine_seq_free only pools it). */
+static void seq_destroy(engine *en, engine_seq *s) {
+    mem_free(en->k->device, s->dev_layers);
+    mem_free(en->k->device, s->block);
+    free(s->layers);
+    free(s);
+}
+
+static void pool_drain(engine *en) {
+    while (en->pool) {
+        engine_seq *s = en->pool;
+        en->pool = s->next;
+        en->pooled -= s->bytes;
+        seq_destroy(en, s);
+    }
+}
+
 int engine_release(engine *en, mill_err *e) {
     if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
+    pool_drain(en);
     arena_free(&en->a);
     return 0;
 }
@@ -56,6 +75,7 @@ int engine_resume(engine *en, mill_err *e) {
 }
 
 void engine_free(engine *en) {
+    if (en->k) pool_drain(en);
     arena_free(&en->a);
     arena_free(&en->host);
     memset(en, 0, sizeof *en);
@@ -90,6 +110,20 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     if (en->used + bytes > en->budget)
         return mill_errf(e, "engine: a sequence of %d tokens needs %zu cache bytes; %zu of the %zu-byte budget are free",
                          max_tokens, bytes, en->budget - en->used, en->budget);
+    /* a freed sequence of the same size is reused as it is: every cache row is written before it
+     * is read (ring rows, window slots, entries and the previous window alike), so no zeroing */
+    for (engine_seq **pp = &en->pool; *pp; pp = &(*pp)->next)
+        if ((*pp)->max_tokens == max_tokens) {
+            engine_seq *s = *pp;
+            *pp = s->next;
+            en->pooled -= s->bytes;
+            s->next = NULL;
+            s->len = 0;
+            en->used += bytes;
+            *out = s;
+            return 0;
+        }
+    if (en->used + en->pooled + bytes > en->budget) pool_drain(en); /* the pool gives its memory back */
     engine_seq *s = calloc(1, sizeof *s);
     if (!s) return mill_errf(e, "engine: out of memory");
     mill_device dev = en->k->device;
@@ -98,7 +132,7 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     s->block = mem_alloc_copy(dev, NULL, floats * sizeof(float), e); /* zeroed */
     if (!s->layers || !s->block) {
         int said = s->layers != NULL; /* else mem_alloc_copy said why */
-        engine_seq_free(en, s);
+        seq_destroy(en, s);
         return said ? -1 : mill_errf(e, "engine: out of memory");
     }
     float *p = s->block;
@@ -112,7 +146,7 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     size_t lbytes = sizeof(attn_layer_cache) * (size_t)c->num_hidden_layers;
     s->dev_layers = mem_alloc_copy(dev, NULL, lbytes, e); /* filled on the engine's stream, where it is read */
     if (!s->dev_layers || op_copy_from_host(en->k, s->dev_layers, s->layers, lbytes, e)) {
-        engine_seq_free(en, s);
+        seq_destroy(en, s);
         return -1;
     }
     s->max_tokens = max_tokens;
@@ -125,10 +159,9 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
 void engine_seq_free(engine *en, engine_seq *s) {
     if (!s) return;
     en->used -= s->bytes;
-    mem_free(en->k->device, s->dev_layers);
-    mem_free(en->k->device, s->block);
-    free(s->layers);
-    free(s);
+    en->pooled += s->bytes;
+    s->next = en->pool;
+    en->pool = s;
 }
 
 int engine_seq_len(const engine_seq *s) { return s->len; }

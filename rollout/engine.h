@@ -29,6 +29,8 @@ typedef struct {
     const dsv4_model *m;
     const kctx *k;
     size_t budget, used; /* cache bytes */
+    engine_seq *pool;     /* freed sequences kept for reuse (cudaMalloc per admission is slow) */
+    size_t pooled;        /* their bytes: used + pooled stays within the budget */
     arena a;             /* per-step activations, on k's device */
     arena host;          /* per-step host scratch (the step's layout before it is copied over) */
 } engine;
@@ -41,7 +43,8 @@ int engine_resume(engine *en, mill_err *e);
 void engine_free(engine *en);
 /* Cache bytes a sequence of at most max_tokens needs (sized at admission: no growth later). */
 size_t engine_seq_bytes(const engine *en, int max_tokens);
-/* Admits a sequence of at most max_tokens; fails with an error naming the budget when it does not fit. */
+/* Admits a sequence of at most max_tokens (reusing a freed one of that size when the engine has
+ * one); fails with an error naming the budget when it does not fit. */
 int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e);
 void engine_seq_free(engine *en, engine_seq *s);
 int engine_seq_len(const engine_seq *s);
