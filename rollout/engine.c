@@ -397,7 +397,7 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
 }
 
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
-                float *logits, int32_t *routing, mill_err *e) {
+                float *logits, int last_only, int32_t *routing, mill_err *e) {
     const dsv4_model *m = en->m;
     const dsv4_config *c = &m->cfg;
     const kctx *k = en->k;
@@ -409,6 +409,8 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
                              seqs[i]->len + n_tokens[i], seqs[i]->max_tokens);
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i]) return mill_errf(e, "engine: sequence %d appears twice in one step", i);
+        if (last_only && logits && !n_tokens[i])
+            return mill_errf(e, "engine: sequence %d feeds no token, so it has no last logits", i);
         N += n_tokens[i];
     }
     if (!N) return 0;
@@ -454,10 +456,22 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
     for (int i = 0; i < n_seqs; i++) seqs[i]->len += n_tokens[i];
     if (routing) TRY(op_copy_to_host(k, routing, route, sizeof(int32_t) * (size_t)Lc * N * K, e));
     if (!logits) return 0;
+    int M = N; /* the head's rows: every fed position, or each sequence's last one (the head is
+                * row-invariant, so the same bits either way) */
+    const float *hh = h;
+    if (last_only) {
+        float *hl;
+        AF(hl, (long)n_seqs * n * D);
+        for (int i = 0, t = 0; i < n_seqs; t += n_tokens[i], i++)
+            TRY(op_copy(k, hl + (long)i * n * D, h + (long)(t + n_tokens[i] - 1) * n * D, sizeof(float) * (size_t)n * D,
+                        e));
+        hh = hl;
+        M = n_seqs;
+    }
     float *lg;
-    AF(lg, (long)N * V);
-    TRY(op_hc_head(k, x, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
-    TRY(op_rmsnorm(k, xn, x, m->norm, N, D, 0, eps, e));
-    TRY(op_linear(k, lg, xn, m->head, N, V, D, 0, 0, 0, e));
-    return op_copy_to_host(k, logits, lg, sizeof(float) * (size_t)N * V, e);
+    AF(lg, (long)M * V);
+    TRY(op_hc_head(k, x, hh, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, M, dm, work, e));
+    TRY(op_rmsnorm(k, xn, x, m->norm, M, D, 0, eps, e));
+    TRY(op_linear(k, lg, xn, m->head, M, V, D, 0, 0, 0, e));
+    return op_copy_to_host(k, logits, lg, sizeof(float) * (size_t)M * V, e);
 }

@@ -50,9 +50,11 @@ void engine_seq_free(engine *en, engine_seq *s);
 int engine_seq_len(const engine_seq *s);
 
 /* Feeds seqs[i] its next n_tokens[i] tokens (tokens[i], host arrays); logits [sum n, vocab] receive
- * every fed position's logits in order (NULL: none); routing [layers, sum n, k] the experts used
- * (NULL: none). logits and routing are HOST buffers on every device (the step waits for them). */
+ * every fed position's logits in order, or with last_only [n_seqs, vocab] each sequence's last
+ * position's (what sampling needs: the head is the largest GEMM of a prefill; every sequence must
+ * then feed a token) (NULL: none); routing [layers, sum n, k] the experts used (NULL: none).
+ * logits and routing are HOST buffers on every device (the step waits for them). */
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
-                float *logits, int32_t *routing, mill_err *e);
+                float *logits, int last_only, int32_t *routing, mill_err *e);
 
 #endif

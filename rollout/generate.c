@@ -268,7 +268,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
     const int32_t **toks = calloc((size_t)n, sizeof *toks);
     int *nt = calloc((size_t)n, sizeof(int)), *row = calloc((size_t)n, sizeof(int)), *state = calloc((size_t)n, sizeof(int));
     int32_t *last = calloc((size_t)n, sizeof(int32_t));
-    float *logits = malloc(sizeof(float) * (size_t)(total > n ? total : n) * V), *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V));
+    float *logits = malloc(sizeof(float) * (size_t)n * V), *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V));
     int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(total > n ? total : n) * K);
     rng *rngs = malloc(sizeof(rng) * (size_t)n);
     int rc = -1;
@@ -294,7 +294,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
         if (!na) break;
         int ntot = 0;
         for (int j = 0; j < na; j++) ntot += nt[j];
-        if (engine_step(&en, act, toks, nt, na, logits, routing, e)) goto out;
+        if (engine_step(&en, act, toks, nt, na, logits, 1, routing, e)) goto out;
         for (int j = 0, off = 0; j < na; off += nt[j], j++) {
             int i = row[j], p0 = engine_seq_len(act[j]) - nt[j];
             for (int l = 0; l < L; l++)
@@ -306,7 +306,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
                 continue;
             }
             float lp;
-            last[i] = sample_token(logits + (long)(off + nt[j] - 1) * V, V, sp, &rngs[i], &lp, work);
+            last[i] = sample_token(logits + (long)j * V, V, sp, &rngs[i], &lp, work);
             state[i] = record_token(res, sp, i, last[i], lp);
         }
     }

@@ -223,8 +223,7 @@ static int step(server *s, mill_err *e) {
     float *logits = NULL, *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V) * (size_t)nthr);
     float *lps = malloc(sizeof(float) * (size_t)s->n_samples);
     int32_t *routing = NULL, *picks = malloc(sizeof(int32_t) * (size_t)s->n_samples);
-    int *offs = malloc(sizeof(int) * (size_t)s->n_samples);
-    if (!seqs || !toks || !nt || !who || !work || !lps || !picks || !offs) {
+    if (!seqs || !toks || !nt || !who || !work || !lps || !picks) {
         mill_errf(e, "server: out of memory");
         goto out;
     }
@@ -247,21 +246,20 @@ static int step(server *s, mill_err *e) {
         rc = 0;
         goto out;
     }
-    logits = malloc(sizeof(float) * (size_t)total * V);
+    logits = malloc(sizeof(float) * (size_t)n * V);
     routing = malloc(sizeof(int32_t) * (size_t)L * total * K);
     if (!logits || !routing) {
         mill_errf(e, "server: out of memory");
         goto out;
     }
-    if (engine_step(&s->en, seqs, toks, nt, n, logits, routing, e)) goto out;
+    if (engine_step(&s->en, seqs, toks, nt, n, logits, 1, routing, e)) goto out;
     s->steps++;
-    for (int j = 0, off = 0; j < n; off += nt[j], j++) offs[j] = off;
     /* rows sample independently (each its own rng and logits row): in parallel, for a large vocabulary */
 #pragma omp parallel for schedule(dynamic)
     for (int j = 0; j < n; j++) {
         sample *sm = s->samples[who[j]];
         if (sm->state == 3 || sm->req->sp.max_new_tokens == 0) continue;
-        picks[j] = sample_token(logits + (long)(offs[j] + nt[j] - 1) * V, V, &sm->req->sp, &sm->r, &lps[j],
+        picks[j] = sample_token(logits + (long)j * V, V, &sm->req->sp, &sm->r, &lps[j],
                                 work + SAMPLE_WORK_FLOATS(V) * (size_t)omp_get_thread_num());
     }
     for (int j = 0, off = 0; j < n; off += nt[j], j++) {
@@ -301,7 +299,6 @@ out:
     free(work);
     free(lps);
     free(picks);
-    free(offs);
     free(routing);
     return rc;
 }

@@ -68,7 +68,7 @@ static void cached_matches_full(const char *cfg) {
             int n1 = step == 1 ? 50 : step == 3 ? 9 : 1;
             seqs[ns] = s1, toks[ns] = ids + T + p1, nt[ns] = n1, start[ns] = p1, ns++;
         }
-        if (engine_step(&en, seqs, toks, nt, ns, lg, rt, &e)) fail_msg("step %d: %s", step, e.msg);
+        if (engine_step(&en, seqs, toks, nt, ns, lg, 0, rt, &e)) fail_msg("step %d: %s", step, e.msg);
         int tot = nt[0] + (ns > 1 ? nt[1] : 0);
         for (int i = 0, off = 0; i < ns; off += nt[i], i++) {
             const float *ref = i == 0 ? full0 : full1;
@@ -105,7 +105,7 @@ static void cached_matches_full(const char *cfg) {
     /* a sequence cannot outgrow what it was admitted with */
     const int32_t *one = ids;
     int n1 = 1;
-    assert_int_equal(engine_step(&en, &s0, &one, &n1, 1, lg, NULL, &e), -1);
+    assert_int_equal(engine_step(&en, &s0, &one, &n1, 1, lg, 0, NULL, &e), -1);
     assert_non_null(strstr(e.msg, "admitted"));
     engine_seq_free(&en, s0);
     assert_int_equal(en.used, 0);

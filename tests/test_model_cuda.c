@@ -358,7 +358,7 @@ static void engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int
             toks[b] = g->ids + (long)b * T + t0;
             nt[b] = n;
         }
-        if (engine_step(&en, seqs, toks, nt, B, lg, ro, &e)) fail_msg("%s", e.msg);
+        if (engine_step(&en, seqs, toks, nt, B, lg, 0, ro, &e)) fail_msg("%s", e.msg);
         for (int b = 0; b < B; b++)
             for (int j = 0; j < n; j++) {
                 long dst = (long)b * T + t0 + j, src = (long)b * n + j;

@@ -176,7 +176,7 @@ static int bench_batch(const bench_ctx *bc, int B, mill_err *e) {
         tp[i] = toks + (size_t)i * len;
         nt[i] = P;
     }
-    if (engine_step(bc->en, s, tp, nt, B, NULL, NULL, e)) goto out; /* prefill, untimed, no logits */
+    if (engine_step(bc->en, s, tp, nt, B, NULL, 0, NULL, e)) goto out; /* prefill, untimed, no logits */
     double t0 = 0;
     for (int st = -1; st < S; st++) { /* st = -1: one untimed decode step */
         if (st == 0) t0 = bench_now();
@@ -184,7 +184,7 @@ static int bench_batch(const bench_ctx *bc, int B, mill_err *e) {
             tp[i] = toks + (size_t)i * len + P + 1 + st;
             nt[i] = 1;
         }
-        if (engine_step(bc->en, s, tp, nt, B, lg, NULL, e)) goto out; /* host logits: waits for the device */
+        if (engine_step(bc->en, s, tp, nt, B, lg, 1, NULL, e)) goto out; /* host logits: waits for the device */
     }
     double dt = bench_now() - t0, tok_s = (double)B * S / dt;
     /* floors: S steps of weight reads plus each sequence's cache reads at its length then */
@@ -298,7 +298,7 @@ int main(int argc, char **argv) {
             nt[i] = 256;
         }
         double t0 = bench_now();
-        if (ok && !engine_step(&en, s, tp, nt, 8, logits, NULL, &e))
+        if (ok && !engine_step(&en, s, tp, nt, 8, logits, 0, NULL, &e))
             printf("prefill 8 x 256 tokens: %.0f tokens/s\n", 8 * 256 / (bench_now() - t0));
         else ok = 0;
         for (int i = 0; i < 8; i++) engine_seq_free(&en, s[i]);
