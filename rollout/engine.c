@@ -39,7 +39,8 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     en->m = m;
     en->k = k;
     en->budget = budget_bytes;
-    if (arena_init_device(&en->a, 8 << 20, k->device, k->stream, e) || arena_init(&en->host, 1 << 16, e)) {
+    if (arena_init_device(&en->a, 8 << 20, k->device, k->stream, e) ||
+        arena_init_device(&en->scratch, 1 << 20, k->device, k->stream, e) || arena_init(&en->host, 1 << 16, e)) {
         engine_free(en);
         return -1;
     }
@@ -67,16 +68,19 @@ int engine_release(engine *en, mill_err *e) {
     if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
     pool_drain(en);
     arena_free(&en->a);
+    arena_free(&en->scratch);
     return 0;
 }
 
 int engine_resume(engine *en, mill_err *e) {
-    return en->a.head ? 0 : arena_init_device(&en->a, 8 << 20, en->k->device, en->k->stream, e);
+    if (!en->a.head && arena_init_device(&en->a, 8 << 20, en->k->device, en->k->stream, e)) return -1;
+    return en->scratch.head ? 0 : arena_init_device(&en->scratch, 1 << 20, en->k->device, en->k->stream, e);
 }
 
 void engine_free(engine *en) {
     if (en->k) pool_drain(en);
     arena_free(&en->a);
+    arena_free(&en->scratch);
     arena_free(&en->host);
     memset(en, 0, sizeof *en);
 }
@@ -215,7 +219,7 @@ static int fill_entries(engine *en, const attn_comp_cache *cc, const float *a, c
     const dsv4_config *c = &en->m->cfg;
     int Tc = T / ratio;
     if (!Tc) return 0;
-    float *pooled = arena_floats(&en->a, (size_t)Tc * dim);
+    float *pooled = arena_floats(&en->scratch, (size_t)Tc * dim);
     if (!pooled) return mill_errf(e, "engine: out of activation memory");
     TRY(op_compress_pool(en->k, pooled, a, g, ape, T, dim, ratio, overlap, e));
     TRY(op_rmsnorm(en->k, cc->entries, pooled, norm, Tc, dim, 0, (float)c->rms_norm_eps, e));
@@ -236,9 +240,10 @@ static int prefill_fresh(engine *en, int l, const attn_layer_cache *lc, int r0, 
     int csa = ratio == ATTN_CSA, ih = c->index_head_dim, nh = c->index_n_heads, width = csa ? 2 * d : d;
     int Tc = ratio ? T / ratio : 0, n_comp = 0;
     int32_t *idx = NULL, *wpos = NULL;
+    arena_reset(&en->scratch); /* reused layer after layer: stream order keeps earlier kernels' data */
     if (Tc) { /* entry w sits at position w * ratio */
         int32_t *hw = arena_alloc(&en->host, sizeof(int32_t) * (size_t)Tc);
-        wpos = (int32_t *)arena_floats(&en->a, (size_t)Tc);
+        wpos = (int32_t *)arena_floats(&en->scratch, (size_t)Tc);
         if (!hw || !wpos) return mill_errf(e, "engine: out of memory for a prefill of %d tokens", T);
         for (int w = 0; w < Tc; w++) hw[w] = w * ratio;
         TRY(op_copy_from_host(k, wpos, hw, sizeof(int32_t) * (size_t)Tc, e));
@@ -255,10 +260,10 @@ static int prefill_fresh(engine *en, int l, const attn_layer_cache *lc, int r0, 
     }
     if (Tc) {
         n_comp = csa ? (c->index_topk < Tc ? c->index_topk : Tc) : Tc;
-        idx = (int32_t *)arena_floats(&en->a, (size_t)T * n_comp);
+        idx = (int32_t *)arena_floats(&en->scratch, (size_t)T * n_comp);
         if (!idx) return mill_errf(e, "engine: out of activation memory");
         if (csa) {
-            float *score = arena_floats(&en->a, (size_t)T * Tc);
+            float *score = arena_floats(&en->scratch, (size_t)T * Tc);
             if (!score) return mill_errf(e, "engine: out of activation memory");
             TRY(op_indexer_scores(k, score, iq + (long)r0 * nh * ih, lc->index.entries, iw + (long)r0 * nh, T, Tc, nh,
                                   ih, 1.0f / sqrtf((float)ih), ratio, e));

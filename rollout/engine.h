@@ -32,6 +32,7 @@ typedef struct {
     engine_seq *pool;     /* freed sequences kept for reuse (cudaMalloc per admission is slow) */
     size_t pooled;        /* their bytes: used + pooled stays within the budget */
     arena a;             /* per-step activations, on k's device */
+    arena scratch;       /* per-layer prefill scratch (indexer scores, pooled rows), on k's device */
     arena host;          /* per-step host scratch (the step's layout before it is copied over) */
 } engine;
 
