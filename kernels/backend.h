@@ -13,6 +13,7 @@ typedef struct {
     mill_device device;
     void *cublas; /* cublasHandle_t on CUDA */
     void *stream; /* cudaStream_t on CUDA */
+    int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
 } kctx;
 
 /* CPU: also pins OpenBLAS to one thread, since ops split work across OpenMP threads

@@ -23,7 +23,9 @@
  *     bf16's ~4e-3 becomes ~0.4: measured 0.58 (tiny-a, layers.3.hc_attn_scale) and 0.32
  *     (tiny-b) against HF, 0.35 / 0.05 with the CPU's routing replayed. This bound only catches
  *     a wrong sign, a missing term or garbage; the whole-gradient figure is printed beside it.
- *   Routing of the hash layers must be exactly the tid2eid rows. */
+ *   Routing of the hash layers must be exactly the tid2eid rows.
+ *   With kctx.gemm_fp32 (every GEMM in fp32) the forward must meet the fp32 bound, TOL_LOGITS_FP32
+ *   1e-4 against HF, with no expert flipped: that isolates the kernels from bf16 rounding. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -43,6 +45,7 @@
 #include "trainer/model.h"
 
 #define TOL_LOGITS 1e-1
+#define TOL_LOGITS_FP32 1e-4 /* the project's fp32 bound (the CPU is 5e-7 from HF) */
 #define TOL_GRAD_WORST 1.0
 #define TOL_LOSS 2e-2
 #define TOL_LOGP 5e-2
@@ -160,6 +163,25 @@ static void forward_case(fixture *f, const char *cfg) {
     fflush(stdout);
     assert_int_equal(hash_bad, 0);
     assert_true(rel_hf <= TOL_LOGITS);
+
+    /* parity mode: the same GPU kernels with every GEMM in full fp32. What is left is summation
+     * order, so the logits must meet the CPU's fp32 bound against HF and no expert may flip (the
+     * goldens have no top-k decision closer than 1e-5): this separates kernel bugs from bf16. */
+    f->gpu.gemm_fp32 = 1;
+    int frc = model_forward(&g.dm, &f->gpu, g.ids, g.B, g.T, dlogits, drouting, &a, &e);
+    f->gpu.gemm_fp32 = 0;
+    if (frc) fail_msg("%s", e.msg);
+    down(logits, dlogits, sizeof(float) * (size_t)nl);
+    down(routing, drouting, sizeof(int32_t) * (size_t)nr);
+    long flips32 = 0;
+    for (long i = 0; i < nr; i++) flips32 += routing[i] != cpu_routing[i];
+    double mx32 = 0, rel32_hf = rel_err(logits, ref->data, (size_t)nl, NULL), rel32 = rel_err(logits, cpu_logits, (size_t)nl, &mx32);
+    printf("# %s forward with fp32 GEMMs: logits vs HF rel err %.3e, vs CPU %.3e (max abs %.3e); %ld expert ids differ "
+           "from the CPU's\n",
+           cfg, rel32_hf, rel32, mx32, flips32);
+    fflush(stdout);
+    assert_int_equal(flips32, 0);
+    assert_true(rel32_hf <= TOL_LOGITS_FP32);
     safetensors_close(st);
     free(logits), free(cpu_logits), free(routing), free(cpu_routing);
     cuda_free(dlogits), cuda_free(drouting);
@@ -434,6 +456,21 @@ static void engine_case(fixture *f, const char *cfg) {
     assert_int_equal(hash_bad, 0);
     assert_true(rel_cpu <= TOL_LOGITS);
     assert_true(rel_fwd <= TOL_LOGITS);
+
+    /* the engine's kernels in the parity mode (fp32 GEMMs) against the CPU engine: the fp32 bound,
+     * no flipped expert */
+    f->gpu.gemm_fp32 = 1;
+    engine_feed(&g.dm, &f->gpu, &g, prefill, gl, gr);
+    f->gpu.gemm_fp32 = 0;
+    long flips32 = 0;
+    for (long i = 0; i < nr; i++) flips32 += gr[i] != cr[i];
+    double mx32 = 0, rel32 = rel_err(gl, cl, (size_t)nl, &mx32);
+    printf("# %s engine on GPU with fp32 GEMMs: logits vs CPU engine rel err %.3e (max abs %.3e), %ld expert ids "
+           "differ\n",
+           cfg, rel32, mx32, flips32);
+    fflush(stdout);
+    assert_int_equal(flips32, 0);
+    assert_true(rel32 <= TOL_LOGITS_FP32);
 
     /* greedy from the golden prompts (generate.json: HF generate()'s tokens) */
     char path[1100];

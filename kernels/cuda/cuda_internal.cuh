@@ -94,7 +94,7 @@ __device__ __forceinline__ float cu_block_max(float v, float *sh) {
  * A and B are rounded to bf16 copies first (cu_gemm_bf16) because cuBLAS 13.0, given fp32 matrices
  * and CUBLAS_COMPUTE_32F_FAST_16BF, picks TF32 kernels instead (measured on an H100: the error is
  * TF32's 2.6e-4, not bf16's 2e-3). Otherwise full fp32 (the small precision-critical products:
- * hyper-connection logits). */
+ * hyper-connection logits), as every GEMM is when kctx.gemm_fp32 is set. */
 typedef enum { GEMM_NT = 0, GEMM_NN, GEMM_TN } cu_gemm_shape;
 
 typedef struct {
@@ -142,7 +142,7 @@ int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const floa
 static inline int cu_gemm(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda,
                           const float *B, int ldb, float *C, int ldc, float beta, int fast, mill_err *e) {
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    if (fast) return cu_gemm_bf16(k, s, M, N, K, A, lda, B, ldb, C, ldc, beta, e);
+    if (fast && !k->gemm_fp32) return cu_gemm_bf16(k, s, M, N, K, A, lda, B, ldb, C, ldc, beta, e);
     cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, A, lda, B, ldb, C, ldc);
     const float alpha = 1.0f;
     CUBLAS_CHECK(cublasGemmEx(cu_blas(k), g.ta, g.tb, g.m, g.n, g.k, &alpha, g.A, CUDA_R_32F, g.lda, g.B, CUDA_R_32F,

@@ -223,6 +223,17 @@ static long moe_rows(moe_operand o, const int32_t *offs_h, int E) {
  * one cublasGemmEx per expert with the same types. */
 static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, int E, int M, int N, int K,
                     moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped, mill_err *e) {
+    if (k->gemm_fp32) { /* parity mode: one full-fp32 GEMM per expert on the fp32 operands */
+        if (used_grouped) *used_grouped = 0;
+        for (int ex = 0; ex < E; ex++) {
+            int rows = offs_h[ex + 1] - offs_h[ex];
+            if (!rows) continue;
+            TRY(cu_gemm(k, shape, M < 0 ? rows : M, N < 0 ? rows : N, K < 0 ? rows : K,
+                        (const float *)A.base + moe_off(A, offs_h, ex), A.ld, (const float *)B.base + moe_off(B, offs_h, ex),
+                        B.ld, (float *)C.base + moe_off(C, offs_h, ex), C.ld, beta, 0, e));
+        }
+        return 0;
+    }
     int G = 0;
     for (int ex = 0; ex < E; ex++) G += offs_h[ex + 1] > offs_h[ex];
     if (!G) return 0;
