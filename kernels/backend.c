@@ -1,12 +1,13 @@
 #include "backend.h"
 
+#ifdef MILL_CUDA /* first: cblas.h pulls in complex.h, whose macro I would clash with op parameters */
+#include "../common/cuda_util.h"
+#include "cuda/cuda_ops.h"
+#endif
+
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
-
-#ifdef MILL_CUDA
-#include "../common/cuda_util.h"
-#endif
 
 #define NO_CUDA_MSG "this mill was built without CUDA (nvcc was not found, or MILL_NO_CUDA was set)"
 
@@ -20,7 +21,14 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
         return 0;
     }
 #ifdef MILL_CUDA
-    return cuda_backend_init(&k->cublas, &k->stream, e);
+    if (!(k->shadows = calloc(KCTX_SHADOWS, sizeof(kctx_shadow))))
+        return mill_errf(e, "kctx_init: out of memory");
+    if (cuda_backend_init(&k->cublas, &k->stream, e)) {
+        free(k->shadows);
+        k->shadows = NULL;
+        return -1;
+    }
+    return 0;
 #else
     return mill_errf(e, NO_CUDA_MSG);
 #endif
@@ -28,7 +36,12 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
 
 void kctx_free(kctx *k) {
 #ifdef MILL_CUDA
-    if (k->device == DEVICE_CUDA) cuda_backend_free(k->cublas, k->stream);
+    if (k->device == DEVICE_CUDA) {
+        for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++)
+            if (k->shadows[i].src) cuda_free(k->shadows[i].bf16);
+        free(k->shadows);
+        cuda_backend_free(k->cublas, k->stream);
+    }
 #endif
     memset(k, 0, sizeof *k);
 }
@@ -100,4 +113,25 @@ void mem_ipc_close(mill_device dev, void *p) {
 #endif
     (void)dev;
     (void)p;
+}
+
+int kctx_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_shadow_add(k, src, n, e);
+#endif
+    (void)k;
+    (void)src;
+    (void)n;
+    (void)e;
+    return 0;
+}
+
+void kctx_shadow_remove(const kctx *k, const float *src) {
+    for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++)
+        if (k->shadows[i].src == src) {
+#ifdef MILL_CUDA
+            cuda_free(k->shadows[i].bf16);
+#endif
+            memset(&k->shadows[i], 0, sizeof k->shadows[i]);
+        }
 }

@@ -9,11 +9,21 @@
 #include "../common/err.h"
 #include "../common/tensor.h"
 
+/* CUDA: bf16 copies of registered fp32 buffers (a device model's weights), which the GEMMs read
+ * instead of rounding the fp32 operand on every call (kctx_shadow_add). */
+#define KCTX_SHADOWS 4
+typedef struct {
+    const float *src; /* NULL: a free slot */
+    void *bf16;       /* n bf16 values, element i = bf16(src[i]) */
+    size_t n;
+} kctx_shadow;
+
 typedef struct {
     mill_device device;
     void *cublas; /* cublasHandle_t on CUDA */
     void *stream; /* cudaStream_t on CUDA */
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
+    kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
 } kctx;
 
 /* CPU: also pins OpenBLAS to one thread, since ops split work across OpenMP threads
@@ -34,6 +44,14 @@ void mem_free(mill_device dev, void *p);
 
 /* Waits for the work queued on k (CPU: returns at once). */
 int kctx_sync(const kctx *k, mill_err *e);
+
+/* CUDA: keeps a bf16 copy of the n floats at src (device memory: a model's weights) for the GEMMs,
+ * which then read it instead of rounding src on each call: the same bits, one rounding per update
+ * instead of one per GEMM. Writes into src through op_adamw, op_copy, op_copy_from_host, op_zero
+ * and op_scale keep it current; nothing else may write there. At most KCTX_SHADOWS buffers (more
+ * are simply not shadowed). Remove it before src is freed, and before kctx_free. CPU: no-ops. */
+int kctx_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e);
+void kctx_shadow_remove(const kctx *k, const float *src);
 
 /* Sharing device memory with another process on the same GPU (CUDA IPC): the MEM_IPC_HANDLE_BYTES
  * handle of a whole mem_alloc_copy allocation (the other side maps the allocation's start, so p

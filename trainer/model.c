@@ -283,10 +283,18 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
         for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) *fields[i] = rebase(*fields[i], f0, t0);
         D->tid2eid = S->tid2eid ? dst->index_data + (S->tid2eid - src->index_data) : NULL;
     }
+    if (dst->device != DEVICE_CPU) { /* the GEMMs read the weights' bf16 shadow */
+        if (kctx_shadow_add(k, dst->data, dst->n_floats, e)) {
+            model_free(dst);
+            return mill_err_wrap(e, "model_to_device: bf16 shadow");
+        }
+        dst->shadow_k = k;
+    }
     return 0;
 }
 
 void model_free(dsv4_model *m) {
+    if (m->shadow_k) kctx_shadow_remove(m->shadow_k, m->data);
     free(m->params);
     model_buf_free(m, m->data);
     model_buf_free(m, m->index_data);

@@ -68,6 +68,7 @@ typedef struct {
     model_extra *extra;
     int n_extra;
     mill_device device; /* where data, index_data and the inv_freq tables live */
+    const kctx *shadow_k; /* a device model: the kctx holding the bf16 shadow of data (model_to_device) */
 } dsv4_model;
 
 /* Builds the parameter table for cfg only (no buffers: works for any size, e.g. to count). */
@@ -80,7 +81,9 @@ void model_free(dsv4_model *m); /* either device */
 /* dst = a copy of src (a CPU model) on k's device: the fp32 master weights, buffers, tid2eid and
  * the RoPE tables are copied into device memory and every layer pointer re-pointed into them; the
  * parameter table stays on the host. mtp.* extras are not copied (nothing runs them). On a CPU
- * kctx dst is a plain host copy. Free dst with model_free. */
+ * kctx dst is a plain host copy. On CUDA the weights also get a bf16 shadow in k for the GEMMs
+ * (kctx_shadow_add): write them only through the ops that keep it current. Free dst with
+ * model_free, before kctx_free(k). */
 int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_err *e);
 /* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
 int model_save(const dsv4_model *m, const char *dir, mill_err *e);

@@ -136,6 +136,10 @@ static inline void cu_gemm_operand_rows(cu_gemm_shape s, int M, int N, int K, in
 
 /* dst[rows, cols] (compact) = bf16(src rows with stride ld); defined in dense.cu. */
 int cu_to_bf16(const kctx *k, void *dst, const float *src, long rows, int cols, int ld, mill_err *e);
+/* The registered bf16 shadow (kctx_shadow_add) of the floats [p, p + extent), or NULL when they are
+ * not all inside one; and the refresh after a write of bytes at dst (no-op outside every shadow). */
+const void *cu_shadow_of(const kctx *k, const float *p, long extent);
+int cu_shadow_refresh(const kctx *k, const void *dst, size_t bytes, mill_err *e);
 int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
                  int ldb, float *C, int ldc, float beta, mill_err *e);
 

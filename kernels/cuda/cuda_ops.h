@@ -12,7 +12,9 @@
  * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
  * ids) check on the device and read one flag back, so they also synchronise the stream.
  * Precision: GEMMs keep fp32 storage in and out and run on bf16 tensor cores with fp32 accumulation:
- * each GEMM rounds its two operands to bf16 scratch copies and calls cublasGemmEx with bf16 inputs
+ * each GEMM rounds its two operands to bf16 scratch copies (a model's weights are read from their
+ * bf16 shadow instead: kctx_shadow_add, kept current by the ops that write weights) and calls
+ * cublasGemmEx with bf16 inputs
  * (CUBLAS_COMPUTE_32F_FAST_16BF on fp32 matrices was tried first: cuBLAS 13.0 on an H100 ran TF32
  * kernels for it, not bf16). The hyper-connection logits stay full fp32 like the rest of the mHC
  * math; every other kernel is fp32 (doubles where the CPU path uses them). */
@@ -67,6 +69,9 @@ int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, 
                                  mill_err *e);
 int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width,
                        int rows, mill_err *e);
+
+/* the bf16 weight shadows of kctx (dense.cu) */
+int cuda_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e);
 
 /* rope_optim.cu */
 int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,

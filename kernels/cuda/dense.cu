@@ -21,20 +21,76 @@ int cu_to_bf16(const kctx *k, void *dst, const float *src, long rows, int cols, 
     return 0;
 }
 
-/* Both operands rounded to compact bf16 copies (stream-ordered scratch), then one bf16 x bf16 -> fp32
- * GEMM with fp32 accumulation on the tensor cores. */
+/* ---- bf16 shadows of registered weight buffers (kctx_shadow_add) */
+
+const void *cu_shadow_of(const kctx *k, const float *p, long extent) {
+    for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) {
+        const kctx_shadow *s = &k->shadows[i];
+        if (s->src && p >= s->src && p + extent <= s->src + s->n) return (const __nv_bfloat16 *)s->bf16 + (p - s->src);
+    }
+    return NULL;
+}
+
+/* Rounds floats [lo, hi) of shadow s again, in chunks of at most 2^30 (cu_to_bf16 takes int columns). */
+static int shadow_round(const kctx *k, const kctx_shadow *s, size_t lo, size_t hi, mill_err *e) {
+    for (size_t a = lo; a < hi;) {
+        size_t n = hi - a < ((size_t)1 << 30) ? hi - a : ((size_t)1 << 30);
+        TRY(cu_to_bf16(k, (__nv_bfloat16 *)s->bf16 + a, s->src + a, 1, (int)n, (int)n, e));
+        a += n;
+    }
+    return 0;
+}
+
+int cu_shadow_refresh(const kctx *k, const void *dst, size_t bytes, mill_err *e) {
+    const char *d0 = (const char *)dst, *d1 = d0 + bytes;
+    for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) {
+        const kctx_shadow *s = &k->shadows[i];
+        if (!s->src) continue;
+        const char *s0 = (const char *)s->src, *s1 = (const char *)(s->src + s->n);
+        if (d1 <= s0 || d0 >= s1) continue;
+        size_t lo = d0 > s0 ? (size_t)(d0 - s0) / sizeof(float) : 0;
+        size_t hi = d1 < s1 ? ((size_t)(d1 - s0) + sizeof(float) - 1) / sizeof(float) : s->n;
+        TRY(shadow_round(k, s, lo, hi, e));
+    }
+    return 0;
+}
+
+int cuda_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e) {
+    kctx_shadow *slot = NULL;
+    for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) {
+        if (k->shadows[i].src == src && k->shadows[i].n == n) return shadow_round(k, &k->shadows[i], 0, n, e);
+        if (!k->shadows[i].src && !slot) slot = &k->shadows[i];
+    }
+    if (!slot || !n) return 0; /* all slots taken: this buffer's GEMMs round it per call, as before */
+    void *p = NULL;
+    CU_CHECK(cudaMalloc(&p, sizeof(__nv_bfloat16) * n));
+    kctx_shadow s = {src, p, n};
+    if (shadow_round(k, &s, 0, n, e)) {
+        cudaFree(p);
+        return -1;
+    }
+    *slot = s;
+    return 0;
+}
+
+/* Both operands as bf16: a registered weight's shadow (kctx_shadow_add), else a compact copy rounded
+ * now (stream-ordered scratch); then one bf16 x bf16 -> fp32 GEMM with fp32 accumulation on the
+ * tensor cores. */
 int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
                  int ldb, float *C, int ldc, float beta, mill_err *e) {
     int ra, ca, rb, cb;
     cu_gemm_operand_rows(s, M, N, K, &ra, &ca, &rb, &cb);
-    size_t na = (size_t)ra * ca, nb = (size_t)rb * cb;
+    const __nv_bfloat16 *sa = (const __nv_bfloat16 *)cu_shadow_of(k, A, (long)(ra - 1) * lda + ca);
+    const __nv_bfloat16 *sb = (const __nv_bfloat16 *)cu_shadow_of(k, B, (long)(rb - 1) * ldb + cb);
+    size_t na = sa ? 0 : (size_t)ra * ca, nb = sb ? 0 : (size_t)rb * cb;
     __nv_bfloat16 *buf = NULL;
     TRY(cu_scratch((void **)&buf, sizeof(__nv_bfloat16) * (na + nb + 8), k, e));
     __nv_bfloat16 *a16 = buf, *b16 = buf + ((na + 7) / 8) * 8; /* 16-byte aligned */
-    int rc = cu_to_bf16(k, a16, A, ra, ca, lda, e);
-    if (!rc) rc = cu_to_bf16(k, b16, B, rb, cb, ldb, e);
+    int rc = sa ? 0 : cu_to_bf16(k, a16, A, ra, ca, lda, e);
+    if (!rc && !sb) rc = cu_to_bf16(k, b16, B, rb, cb, ldb, e);
     if (!rc) {
-        cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, a16, ca, b16, cb, C, ldc);
+        cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, sa ? (const void *)sa : a16, sa ? lda : ca,
+                                          sb ? (const void *)sb : b16, sb ? ldb : cb, C, ldc);
         const float alpha = 1.0f;
         cublasStatus_t st = cublasGemmEx(cu_blas(k), g.ta, g.tb, g.m, g.n, g.k, &alpha, g.A, CUDA_R_16BF, g.lda, g.B,
                                          CUDA_R_16BF, g.ldb, &beta, g.C, CUDA_R_32F, g.ldc, CUBLAS_COMPUTE_32F,
@@ -462,20 +518,21 @@ int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows
 }
 
 /* ---- Memory ops, all ordered on kctx.stream. */
+/* The writes below refresh any bf16 shadow they land in (kctx_shadow_add). */
 int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e) {
     if (bytes) CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cu_stream(k)));
-    return 0;
+    return cu_shadow_refresh(k, dst, bytes, e);
 }
 
 int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e) {
     if (bytes) CU_CHECK(cudaMemsetAsync(x, 0, bytes, cu_stream(k)));
-    return 0;
+    return cu_shadow_refresh(k, x, bytes, e);
 }
 
 /* From pageable memory the call returns once the source is staged, so the caller may free it. */
 int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e) {
     if (bytes) CU_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cu_stream(k)));
-    return 0;
+    return cu_shadow_refresh(k, dst, bytes, e);
 }
 
 int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e) {

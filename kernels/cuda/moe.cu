@@ -238,20 +238,23 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     for (int ex = 0; ex < E; ex++) G += offs_h[ex + 1] > offs_h[ex];
     if (!G) return 0;
     long ra = moe_rows(A, offs_h, E), rb = moe_rows(B, offs_h, E);
-    size_t na = (size_t)ra * A.ld, nb = (size_t)rb * B.ld, na_al = ((na + 7) / 8) * 8;
-    uint16_t *a16 = NULL; /* bf16 bits */
-    TRY(cu_scratch((void **)&a16, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
-    uint16_t *b16 = a16 + na_al;
-    void **dptrs = (void **)(((uintptr_t)(b16 + nb) + 15) & ~(uintptr_t)15);
-    int rc = cu_to_bf16(k, a16, A.base, ra, A.ld, A.ld, e);
-    if (!rc) rc = cu_to_bf16(k, b16, B.base, rb, B.ld, B.ld, e);
+    /* an operand inside a registered bf16 shadow (the experts' weights) is read from it */
+    const uint16_t *sa = (const uint16_t *)cu_shadow_of(k, A.base, ra * A.ld);
+    const uint16_t *sb = (const uint16_t *)cu_shadow_of(k, B.base, rb * B.ld);
+    size_t na = sa ? 0 : (size_t)ra * A.ld, nb = sb ? 0 : (size_t)rb * B.ld, na_al = ((na + 7) / 8) * 8;
+    uint16_t *buf = NULL; /* bf16 bits */
+    TRY(cu_scratch((void **)&buf, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
+    void **dptrs = (void **)(((uintptr_t)(buf + na_al + nb) + 15) & ~(uintptr_t)15);
+    const uint16_t *a16 = sa ? sa : buf, *b16 = sb ? sb : buf + na_al;
+    int rc = sa ? 0 : cu_to_bf16(k, buf, A.base, ra, A.ld, A.ld, e);
+    if (!rc && !sb) rc = cu_to_bf16(k, buf + na_al, B.base, rb, B.ld, B.ld, e);
     /* host arrays for the group shapes and the three pointer lists */
     int *iv = (int *)malloc(sizeof(int) * 6 * (size_t)G + sizeof(cublasOperation_t) * 2 * G +
                             sizeof(float) * 2 * G + sizeof(void *) * 3 * G + sizeof(int) * G);
     if (!rc && !iv) rc = mill_errf(e, "moe: out of memory");
     if (rc) {
         free(iv);
-        cu_scratch_free(a16, k);
+        cu_scratch_free(buf, k);
         return rc;
     }
     int *m = iv, *n = m + G, *kk = n + G, *lda = kk + G, *ldb = lda + G, *ldc = ldb + G;
@@ -305,7 +308,7 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     /* the grouped call reads the shape arrays on the host before it returns; the device pointer
      * list is freed stream-ordered */
     free(iv);
-    cu_scratch_free(a16, k);
+    cu_scratch_free(buf, k);
     return rc;
 }
 

@@ -3,6 +3,8 @@
  * fixed-order double reduction for the sum of squares. */
 #include "cuda_internal.cuh"
 
+#include <cuda_bf16.h>
+
 /* One thread per (token, pair, vector): the angle in fp32 as on the CPU. */
 __global__ void rope_kernel(float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,
                             const float *inv_freq, int sign) {
@@ -28,7 +30,9 @@ int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rop
     return 0;
 }
 
-__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, long n, adamw_hparams hp) {
+/* s16: p's bf16 shadow (kctx_shadow_add) or NULL, rounded as to_bf16_kernel rounds. */
+__global__ void adamw_kernel(float *p, const float *g, float *m, float *v, long n, adamw_hparams hp,
+                             __nv_bfloat16 *s16) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float decay = 1.0f - hp.lr * hp.weight_decay;
@@ -37,14 +41,17 @@ __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, long 
     m[i] = mi;
     v[i] = vi;
     float mh = mi / hp.bias_c1, vh = vi / hp.bias_c2;
-    p[i] = p[i] * decay - hp.lr * mh / (sqrtf(vh) + hp.eps);
+    float pi = p[i] * decay - hp.lr * mh / (sqrtf(vh) + hp.eps);
+    p[i] = pi;
+    if (s16) s16[i] = __float2bfloat16_rn(pi);
 }
 
 int cuda_op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e) {
     if (n <= 0) return 0;
-    adamw_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(p, g, m, v, n, hp);
+    __nv_bfloat16 *s16 = (__nv_bfloat16 *)cu_shadow_of(k, p, n);
+    adamw_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(p, g, m, v, n, hp, s16);
     LAUNCH_CHECK("adamw_kernel");
-    return 0;
+    return s16 ? 0 : cu_shadow_refresh(k, p, sizeof(float) * (size_t)n, e); /* a partial overlap */
 }
 
 #define SUMSQ_BLOCKS 1024
@@ -93,5 +100,5 @@ int cuda_op_scale(const kctx *k, float *x, long n, float s, mill_err *e) {
     if (n <= 0) return 0;
     scale_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(x, n, s);
     LAUNCH_CHECK("scale_kernel");
-    return 0;
+    return cu_shadow_refresh(k, x, sizeof(float) * (size_t)n, e);
 }
