@@ -16,11 +16,10 @@
  *     (min(length, window) rows), on HCA layers every compressed entry, on CSA layers the indexer
  *     keys of every entry plus the index_topk selected entries, and the open compressor windows,
  *     pooled when a window closes (amortised per token).
- * Floors: fp32 weights and cache (what the engine stores and its GEMMs read today: the headline),
- * bf16 weights and cache (an ideal engine), and on CUDA today's per-GEMM rounding (kernels/cuda
- * rounds each whole fp32 weight operand, all E experts of a MoE layer included, to a bf16 scratch
- * that the GEMM then reads: about 4 + 2 + 2 bytes moved per element). Activations and logits are
- * not counted, so every floor is a lower bound on the time.
+ * Floors: what the engine reads today (the headline): on the CPU fp32 weights and cache, on CUDA
+ * the weights' bf16 shadow (kctx_shadow_add) and the fp32 cache; and bf16 weights and cache (an
+ * ideal engine). Activations and logits are not counted, so every floor is a lower bound on the
+ * time.
  *
  * usage: bench_decode [MODEL_DIR | --model DIR | --config FILE] [--device cpu|cuda]
  *                     [--batches 1,8,32] [--prompt P] [--steps S] [--copy-mib M]
@@ -86,14 +85,6 @@ static double weight_bytes(const weight_split *w, int B, double bpe) {
     double rows = B < w->V ? B : w->V;
     return bpe * (w->dense + w->experts * distinct_experts(w, B) / w->E + rows * w->embed_row) +
            4.0 * B * w->k * w->hash_layers;
-}
-
-/* Bytes moved per step by today's CUDA GEMM path: each fp32 weight operand read and rounded to a
- * bf16 scratch (4 + 2), the GEMM reading the scratch (2), all routed experts rounded, only the
- * active ones multiplied. Approximate: norm and HC vectors are read directly, not rounded. */
-static double weight_bytes_cuda_today(const weight_split *w, int B) {
-    return 8.0 * w->dense + 6.0 * w->experts + 2.0 * w->experts * distinct_experts(w, B) / w->E +
-           4.0 * B * w->embed_row + 4.0 * B * w->k * w->hash_layers;
 }
 
 /* Cache floats attention reads for one token of a sequence that holds len tokens (this one included). */
@@ -190,21 +181,18 @@ static int bench_batch(const bench_ctx *bc, int B, mill_err *e) {
     /* floors: S steps of weight reads plus each sequence's cache reads at its length then */
     double cache_f = 0;
     for (int st = 0; st < S; st++) cache_f += cache_floats_read(c, P + 2 + st);
-    double w32 = weight_bytes(&bc->ws, B, 4), w16 = weight_bytes(&bc->ws, B, 2);
+    double w32 = weight_bytes(&bc->ws, B, bc->gpu ? 2 : 4), w16 = weight_bytes(&bc->ws, B, 2);
     double f32 = (double)B * S * bc->traffic / (S * w32 + 4.0 * B * cache_f);
     double f16 = (double)B * S * bc->traffic / (S * w16 + 2.0 * B * cache_f);
     printf("decode B=%d: %.1f tok/s, floor %.1f tok/s (fraction %.3f)\n", B, tok_s, f32, tok_s / f32);
-    printf("  %.2f ms/step; bytes read per step in fp32: weights %.1f MiB (%.2f of %d routed experts per MoE layer, "
+    printf("  %.2f ms/step; bytes read per step (weights in %s, cache in fp32): weights %.1f MiB (%.2f of %d routed "
+           "experts per MoE layer, "
            "expected E(1-(1-k/E)^B)), cache %.2f MiB (%d sequences, mean length %.0f; %.2f MiB allocated each); "
            "bf16 floor %.0f tok/s (fraction %.3f)\n",
-           1e3 * dt / S, w32 / (1 << 20), distinct_experts(&bc->ws, B), bc->ws.E, 4.0 * B * cache_f / S / (1 << 20), B,
+           1e3 * dt / S, bc->gpu ? "bf16" : "fp32", w32 / (1 << 20), distinct_experts(&bc->ws, B), bc->ws.E,
+           4.0 * B * cache_f / S / (1 << 20), B,
            P + 2 + (S - 1) / 2.0, (double)engine_seq_bytes(bc->en, len) / (1 << 20), f16, tok_s / f16);
-    if (bc->gpu) {
-        double wt = weight_bytes_cuda_today(&bc->ws, B), ft = (double)B * S * bc->traffic / (S * wt + 4.0 * B * cache_f);
-        printf("  today's per-GEMM fp32->bf16 rounding moves about %.1f MiB of weights per step: floor %.0f tok/s "
-               "(fraction %.3f)\n",
-               wt / (1 << 20), ft, tok_s / ft);
-    } else if ((double)B * len * V * sizeof(float) <= (double)(1u << 30)) {
+    if (!bc->gpu && (double)B * len * V * sizeof(float) <= (double)(1u << 30)) {
         double re;
         if (reforward_rate(bc->m, bc->k, B, len, &re, e)) goto out;
         printf("  re-forward path at this length: %.3g tokens/s\n", re);
