@@ -4,10 +4,12 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <msgpack.h>
 #include <zmq.h>
@@ -833,4 +835,70 @@ fail_drain:
 fail:
     wire_recv_free(w);
     return -1;
+}
+
+/* ------------------------------------------------------------------ CURVE */
+
+int wire_curve_new(wire_curve *c, mill_err *e) {
+    memset(c, 0, sizeof *c);
+    if (!zmq_has("curve")) return mill_errf(e, "this libzmq has no CURVE support (it needs libsodium)");
+    if (zmq_curve_keypair(c->server_public, c->server_secret) || zmq_curve_keypair(c->client_public, c->client_secret))
+        return mill_errf(e, "cannot make CURVE keys: %s", zmq_strerror(zmq_errno()));
+    c->on = 1;
+    return 0;
+}
+
+int wire_curve_save(const wire_curve *c, const char *path, mill_err *e) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    FILE *f = fd < 0 ? NULL : fdopen(fd, "w");
+    if (!f) {
+        if (fd >= 0) close(fd);
+        return mill_errf(e, "%s: cannot write the CURVE keys: %s", path, strerror(errno));
+    }
+    int bad = fprintf(f, "%s\n%s\n%s\n%s\n", c->server_public, c->server_secret, c->client_public, c->client_secret) < 0;
+    bad |= fclose(f) != 0;
+    return bad ? mill_errf(e, "%s: cannot write the CURVE keys", path) : 0;
+}
+
+int wire_curve_load(wire_curve *c, const char *path, mill_err *e) {
+    memset(c, 0, sizeof *c);
+    FILE *f = fopen(path, "r");
+    if (!f) return mill_errf(e, "%s: cannot read the CURVE keys: %s", path, strerror(errno));
+    char *keys[4] = {c->server_public, c->server_secret, c->client_public, c->client_secret};
+    static const char *const what[4] = {"server public", "server secret", "client public", "client secret"};
+    char line[128];
+    for (int i = 0; i < 4; i++) {
+        if (!fgets(line, sizeof line, f)) {
+            fclose(f);
+            return mill_errf(e, "%s: line %d (the %s key) is missing", path, i + 1, what[i]);
+        }
+        line[strcspn(line, "\r\n")] = 0;
+        uint8_t raw[32];
+        if (strlen(line) != 40 || !zmq_z85_decode(raw, line)) {
+            fclose(f);
+            return mill_errf(e, "%s: line %d is not a 40-character Z85 %s key", path, i + 1, what[i]);
+        }
+        memcpy(keys[i], line, 41);
+    }
+    fclose(f);
+    c->on = 1;
+    return 0;
+}
+
+int wire_curve_server(void *sock, const wire_curve *c, mill_err *e) {
+    int one = 1;
+    if (!c || !c->on) return 0;
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVER, &one, sizeof one) ||
+        zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, c->server_secret, 40))
+        return mill_errf(e, "cannot set the CURVE server keys: %s", zmq_strerror(zmq_errno()));
+    return 0;
+}
+
+int wire_curve_client(void *sock, const wire_curve *c, mill_err *e) {
+    if (!c || !c->on) return 0;
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, c->server_public, 40) ||
+        zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, c->client_public, 40) ||
+        zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, c->client_secret, 40))
+        return mill_errf(e, "cannot set the CURVE client keys: %s", zmq_strerror(zmq_errno()));
+    return 0;
 }

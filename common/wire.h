@@ -91,4 +91,23 @@ int wire_recv(void *sock, int is_router, int timeout_ms, unsigned char *identity
               wire_raw **raw, mill_err *e);
 void wire_recv_free(wire_raw *raw);
 
+/* CURVE (ZeroMQ's elliptic-curve encryption) for a run's sockets: every binding socket (trainer
+ * worker, rollout engines) uses the run's server keypair, every connecting socket the client
+ * keypair and the server's public key. A peer without the run's key file can neither read the
+ * traffic nor complete a handshake (it cannot know the server's public key). Keys are Z85 text. */
+typedef struct {
+    int on;
+    char server_public[41], server_secret[41], client_public[41], client_secret[41];
+} wire_curve;
+
+/* Fresh keys (fails when this libzmq was built without CURVE). */
+int wire_curve_new(wire_curve *c, mill_err *e);
+/* The key file: four lines (server public, server secret, client public, client secret); written
+ * with mode 0600, read back with every line checked. */
+int wire_curve_save(const wire_curve *c, const char *path, mill_err *e);
+int wire_curve_load(wire_curve *c, const char *path, mill_err *e);
+/* Before zmq_bind / zmq_connect; no-ops when c is NULL or off. */
+int wire_curve_server(void *sock, const wire_curve *c, mill_err *e);
+int wire_curve_client(void *sock, const wire_curve *c, mill_err *e);
+
 #endif

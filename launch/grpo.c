@@ -72,6 +72,15 @@ static int copy_str(char *dst, size_t cap, const char *src, const char *what, co
     return 0;
 }
 
+/* Whether an address list names another host over TCP (anything but loopback). */
+static int addrs_remote(const char *list) {
+    for (const char *a = list; (a = strstr(a, "tcp://")) != NULL; a += 6) {
+        const char *h = a + 6;
+        if (strncmp(h, "127.", 4) && strncmp(h, "localhost:", 10) && strncmp(h, "[::1]:", 6)) return 1;
+    }
+    return 0;
+}
+
 static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_err *e) {
     static const char *const top[] = {"name", "ledger", "model", "data", "rollout", "reward", "algorithm", "train",
                                       "optimizer", "eval", "checkpoint", "debug", NULL};
@@ -80,7 +89,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
                                          "template", "skip_bad_rows", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
-                                         "dynamic_sampling", "max_draws", "async", NULL};
+                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
                                          "tis_cap", "entropy_coef", NULL};
@@ -100,7 +109,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev;
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
@@ -121,6 +130,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
         yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
         yamlcfg_str(y, "rollout.device", "cpu", &rdev, path, e) ||
+        yamlcfg_str(y, "rollout.curve", "auto", &curve, path, e) ||
+        yamlcfg_str(y, "rollout.curve_keys", "", &ckeys, path, e) ||
         yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
         yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
@@ -176,6 +187,10 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     if (strcmp(rdev, "cpu") && strcmp(rdev, "cuda"))
         return mill_errf(e, "%s: rollout.device \"%s\" must be \"cpu\" or \"cuda\"", path, rdev);
     r->rollout_gpu = !strcmp(rdev, "cuda");
+    if (strcmp(curve, "auto") && strcmp(curve, "on") && strcmp(curve, "off"))
+        return mill_errf(e, "%s: rollout.curve \"%s\" must be \"auto\", \"on\" or \"off\"", path, curve);
+    r->curve = !strcmp(curve, "on") ? 1 : !strcmp(curve, "off") ? 0 : -1;
+    if (copy_str(r->curve_keys, sizeof r->curve_keys, ckeys, "rollout.curve_keys", path, e)) return -1;
     if (!strcmp(layout, "disaggregated")) r->disaggregated = 1;
     else if (strcmp(layout, "colocated")) return mill_errf(e, "%s: rollout.layout \"%s\" must be \"colocated\" or \"disaggregated\"", path, layout);
     json_t *addrs = yamlcfg_get(y, "rollout.addresses");
@@ -194,6 +209,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         }
         neng = (long long)json_array_size(addrs);
     }
+    if (r->engine_addrs[0] && !r->curve_keys[0] && (r->curve == 1 || (r->curve == -1 && addrs_remote(r->engine_addrs))))
+        return mill_errf(e, "%s: rollout.curve is on with external engines: make a key file with `mill keys --out FILE`, "
+                            "start each engine with --curve FILE, and set rollout.curve_keys: FILE", path);
     if (async && !r->disaggregated)
         return mill_errf(e, "%s: rollout.async needs rollout.layout: disaggregated (colocated engines take turns with "
                             "the trainer)", path);
@@ -300,10 +318,13 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     }
     char cache[32];
     snprintf(cache, sizeof cache, "%g", r->cache_mb);
-    const char *args[] = {"mill",    "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache,
-                          "--device", r->rollout_gpu ? "cuda" : "cpu", NULL};
+    char keys[1200];
+    snprintf(keys, sizeof keys, "%s/curve.keys", run_dir);
+    if (r->curve_keys[0]) snprintf(keys, sizeof keys, "%s", r->curve_keys);
+    const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, "--device",
+                          r->rollout_gpu ? "cuda" : "cpu", ps->curve.on ? "--curve" : NULL, keys, NULL};
     proc_set_argv(p, args);
-    if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, e)) return -1;
+    if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, &ps->curve, e)) return -1;
     return engine_wait_ready(ps, p, i, 60, e);
 }
 
@@ -441,7 +462,7 @@ static int engine_restart(run_ctx *c, int j, long step, const char *why, mill_er
     if (p->pid == 0) return mill_errf(e, "%s (an external engine: restart it, then mill resume)", msg);
     fprintf(stderr, "\nmill: %s; restarting it\n", msg);
     proc_stop(p);
-    if (proc_spawn(p, c->ps.exe, e) || proc_connect(p, c->ps.zctx, e) || engine_wait_ready(&c->ps, p, j, 60, e))
+    if (proc_spawn(p, c->ps.exe, e) || proc_connect(p, c->ps.zctx, &c->ps.curve, e) || engine_wait_ready(&c->ps, p, j, 60, e))
         return mill_err_wrap(e, "restarting rollout engine %d", j);
     ledger_event(c->lg, c->run_id, step, "restart", msg, &le);
     return 0;
@@ -1047,6 +1068,23 @@ out:
     return rc;
 }
 
+/* The run's CURVE keys when its sockets use them (rollout.curve; auto: when an engine is on another
+ * host): the recipe's key file, else the run directory's (made on the first start, reused on
+ * resume). keys receives the file's path. */
+static int run_curve(run_ctx *c, char *keys, size_t cap, mill_err *e) {
+    const grpo_recipe *r = c->r;
+    wire_curve *cv = &c->ps.curve;
+    memset(cv, 0, sizeof *cv);
+    if (!(r->curve == 1 || (r->curve == -1 && addrs_remote(r->engine_addrs)))) return 0;
+    if (r->curve_keys[0]) {
+        snprintf(keys, cap, "%s", r->curve_keys);
+        return wire_curve_load(cv, keys, e);
+    }
+    snprintf(keys, cap, "%s/curve.keys", c->run_dir);
+    if (access(keys, F_OK) == 0) return wire_curve_load(cv, keys, e);
+    return wire_curve_new(cv, e) || wire_curve_save(cv, keys, e); /* (external engines need curve_keys) */
+}
+
 /* Starts the trainer worker (model_dir: the warm start, or a checkpoint when resume) and the
  * engines, and brings the engines to the trainer's weights. */
 static int start_processes(run_ctx *c, const char *model_dir, int resume, long version, mill_err *e) {
@@ -1056,6 +1094,8 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     if (n <= 0) return mill_errf(e, "cannot find the mill executable (/proc/self/exe): %s", strerror(errno));
     ps->exe[n] = 0;
     if (!(ps->zctx = zmq_ctx_new())) return mill_errf(e, "cannot create a ZeroMQ context");
+    char keys[1200];
+    if (run_curve(c, keys, sizeof keys, e)) return -1;
     proc *t = &ps->trainer;
     snprintf(t->log, sizeof t->log, "%s/logs/trainer.log", c->run_dir);
     if (strlen(c->run_dir) < 80) {
@@ -1065,9 +1105,9 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         if (proc_free_port(&port, e)) return -1;
         snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
     }
-    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, NULL};
+    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL, keys, NULL};
     proc_set_argv(t, targs);
-    if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, e)) return -1;
+    if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
     wire_builder *b = proc_msg(ps, "init");
     if (!b) return mill_errf(e, "out of memory");
     const optim_config *o = &r->optim;
@@ -1114,7 +1154,8 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         int j = 0;
         for (char *p = list, *a; (a = strtok_r(p, ",", &p)) != NULL; j++) {
             snprintf(ps->engines[j].addr, sizeof ps->engines[j].addr, "%s", a);
-            if (proc_connect(&ps->engines[j], ps->zctx, e) || engine_wait_ready(ps, &ps->engines[j], j, r->timeout_s, e))
+            if (proc_connect(&ps->engines[j], ps->zctx, &ps->curve, e) ||
+                engine_wait_ready(ps, &ps->engines[j], j, r->timeout_s, e))
                 return -1;
         }
     } else {

@@ -35,6 +35,7 @@ static int usage(FILE *to) {
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
             "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device cpu|cuda]\n"
+            "          [--curve FILE]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
@@ -44,7 +45,8 @@ static int usage(FILE *to) {
             "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
             "          worker and rollout engines, records every step in the run ledger\n"
             "  resume  RUN [--ledger PATH]   continue a stopped run from its last complete checkpoint\n"
-            "  trainer-worker --bind ADDR    the trainer process a run starts (trainer/PROTOCOL.md)\n"
+            "  trainer-worker --bind ADDR [--curve FILE]    the trainer process a run starts (trainer/PROTOCOL.md)\n"
+            "  keys    --out FILE       CURVE keys for a run across hosts (rollout.curve_keys, --curve)\n"
             "  runs    [--ledger PATH]  the runs in the ledger: status, steps, last reward and accuracy\n"
             "  show    RUN [--ledger PATH] [--samples N]   a run's fields, step metrics, checkpoints, events\n"
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
@@ -146,6 +148,13 @@ static int opt_device(int argc, char **argv, mill_device *dev, mill_err *e) {
     else if (strcmp(d, "cuda") == 0) *dev = DEVICE_CUDA;
     else return mill_errf(e, "--device must be cpu or cuda, got \"%s\"", d);
     return 0;
+}
+
+/* --curve FILE: the run's CURVE keys (mill keys), or plain sockets. */
+static int opt_curve(int argc, char **argv, wire_curve *c, mill_err *e) {
+    const char *f = opt(argc, argv, "--curve");
+    memset(c, 0, sizeof *c);
+    return f ? wire_curve_load(c, f, e) : 0;
 }
 
 /* The model to run on k's device: m itself on the CPU, else a device copy in *dm. */
@@ -462,7 +471,7 @@ done:
 }
 
 static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", NULL};
+    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", "--curve", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
     if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
@@ -472,10 +481,11 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
     if (opt(argc, argv, "--max-batch") && parse_num("--max-batch", opt(argc, argv, "--max-batch"), 1, 1 << 16, &mbatch, e))
         return -1;
     mill_device dev;
-    if (opt_device(argc, argv, &dev, e)) return -1;
+    wire_curve curve;
+    if (opt_device(argc, argv, &dev, e) || opt_curve(argc, argv, &curve, e)) return -1;
     dsv4_model m;
     if (model_load(&m, dir, e)) return -1;
-    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev};
+    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve};
     int rc = rollout_server_run(&m, &sc, e);
     model_free(&m);
     return rc;
@@ -509,11 +519,24 @@ static int cmd_resume(int argc, char **argv, mill_err *e) {
 }
 
 static int cmd_trainer_worker(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--bind", NULL};
+    static const char *const known[] = {"--bind", "--curve", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *bind = opt(argc, argv, "--bind");
     if (!bind) return mill_errf(e, "mill trainer-worker needs --bind ADDR");
-    return trainer_worker_run(bind, e);
+    wire_curve c;
+    if (opt_curve(argc, argv, &c, e)) return -1;
+    return trainer_worker_run(bind, &c, e);
+}
+
+static int cmd_keys(int argc, char **argv, mill_err *e) {
+    static const char *const known[] = {"--out", NULL};
+    if (check_opts(argc, argv, known, e)) return -1;
+    const char *out = opt(argc, argv, "--out");
+    if (!out) return mill_errf(e, "mill keys needs --out FILE");
+    wire_curve c;
+    if (wire_curve_new(&c, e) || wire_curve_save(&c, out, e)) return -1;
+    log_info("keys: CURVE keys for a run's sockets -> %s (mode 0600; copy it to every host of the run)", out);
+    return 0;
 }
 
 static int cmd_info(int argc, char **argv, mill_err *e) {
@@ -588,6 +611,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "plot") == 0) return cli_plot(argc, argv);
     else if (strcmp(argv[1], "resume") == 0) rc = cmd_resume(argc, argv, &e);
     else if (strcmp(argv[1], "trainer-worker") == 0) rc = cmd_trainer_worker(argc, argv, &e);
+    else if (strcmp(argv[1], "keys") == 0) rc = cmd_keys(argc, argv, &e);
     else if (strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)
         return usage(stdout);
     else {

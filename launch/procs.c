@@ -62,12 +62,14 @@ void proc_stop(proc *p) {
     p->pid = 0;
 }
 
-int proc_connect(proc *p, void *zctx, mill_err *e) {
+int proc_connect(proc *p, void *zctx, const wire_curve *curve, mill_err *e) {
     int linger = 0;
     if (p->sock) zmq_close(p->sock);
     p->sock = zmq_socket(zctx, ZMQ_DEALER);
-    if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(p->sock, p->addr))
-        return mill_errf(e, "cannot connect to %s: %s", p->addr, zmq_strerror(zmq_errno()));
+    if (!p->sock || zmq_setsockopt(p->sock, ZMQ_LINGER, &linger, sizeof linger))
+        return mill_errf(e, "cannot make a socket for %s: %s", p->addr, zmq_strerror(zmq_errno()));
+    if (wire_curve_client(p->sock, curve, e)) return -1;
+    if (zmq_connect(p->sock, p->addr)) return mill_errf(e, "cannot connect to %s: %s", p->addr, zmq_strerror(zmq_errno()));
     return 0;
 }
 

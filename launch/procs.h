@@ -23,6 +23,7 @@ typedef struct {
 /* A run's processes: the trainer worker and up to 64 engines; next_id numbers requests. */
 typedef struct {
     void *zctx;
+    wire_curve curve; /* the run's keys when its sockets use CURVE (curve.on) */
     proc trainer;
     proc engines[64];
     int n_engines;
@@ -35,8 +36,8 @@ int proc_spawn(proc *p, const char *exe, mill_err *e);
 /* 0 while p runs (or is not ours); -1 with e naming how it ended. */
 int proc_check(proc *p, const char *what, mill_err *e);
 void proc_stop(proc *p);
-/* A fresh DEALER socket to p->addr. */
-int proc_connect(proc *p, void *zctx, mill_err *e);
+/* A fresh DEALER socket to p->addr (a CURVE client when curve is on). */
+int proc_connect(proc *p, void *zctx, const wire_curve *curve, mill_err *e);
 /* A free loopback TCP port. */
 int proc_free_port(int *port, mill_err *e);
 /* p->argv = args (NULL-terminated; copied). */

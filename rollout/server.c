@@ -483,11 +483,17 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
         goto out;
     }
     s.sock = zmq_socket(ctx, ZMQ_ROUTER);
-    if (!s.sock || zmq_setsockopt(s.sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_bind(s.sock, sc->bind)) {
+    if (!s.sock || zmq_setsockopt(s.sock, ZMQ_LINGER, &linger, sizeof linger)) {
+        mill_errf(e, "server: cannot make a socket: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    if (wire_curve_server(s.sock, sc->curve, e)) goto out;
+    if (zmq_bind(s.sock, sc->bind)) {
         mill_errf(e, "server: cannot bind %s: %s", sc->bind, zmq_strerror(zmq_errno()));
         goto out;
     }
-    log_info("rollout server on %s (cache budget %zu bytes)", sc->bind, sc->cache_budget);
+    log_info("rollout server on %s (cache budget %zu bytes%s)", sc->bind, sc->cache_budget,
+             sc->curve && sc->curve->on ? ", CURVE" : "");
     while (!s.stop) {
         /* drain what has arrived (wait only when there is nothing to generate) */
         for (int first = 1;; first = 0) {

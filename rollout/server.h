@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 
+#include "../common/wire.h"
 #include "../trainer/model.h"
 
 typedef struct {
@@ -16,6 +17,7 @@ typedef struct {
     size_t cache_budget; /* bytes of sequence caches */
     int max_batch;       /* sequences per engine step */
     mill_device device;  /* where the engine runs (CUDA: a device copy of the weights, refreshed on each swap) */
+    const wire_curve *curve; /* the run's CURVE keys (NULL: a plain socket) */
 } server_config;
 
 /* Serves until a "shutdown" message; the model's weights may be replaced by update_weights. */

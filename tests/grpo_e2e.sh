@@ -52,6 +52,19 @@ grep -q "disaggregated layout, 2 engine" "$T/dis.out" || fail "dis: layout line"
 [ "$(q "select status from runs where name='dis'")" = finished ] || fail "dis: not finished"
 echo "disaggregated: 3 steps on 2 engines"
 
+# 2c. CURVE on every socket (as across hosts): the run makes its key file (mode 0600) and passes it
+# to the processes it starts; an external engine needs a key file made beforehand (mill keys)
+run cu --set rollout.layout=disaggregated --set rollout.curve=on --set train.steps=2
+[ "$(q "select status from runs where name='cu'")" = finished ] || fail "curve: not finished"
+[ "$(stat -c %a "$T/cu/curve.keys")" = 600 ] || fail "curve: key file missing or not private"
+grep -q "CURVE" "$T/cu/logs/engine-0.log" || fail "curve: the engine did not serve over CURVE"
+"$MILL" keys --out "$T/run.keys" 2> /dev/null || fail "mill keys"
+[ "$(wc -l < "$T/run.keys")" = 4 ] || fail "mill keys: not four keys"
+if "$MILL" run $R --set ledger="$L" --set name=cu2 --set rollout.layout=disaggregated --set rollout.curve=on \
+    --set rollout.addresses='["tcp://10.0.0.1:5555"]' 2> "$T/cu2.err"; then fail "curve without keys accepted"; fi
+grep -q "mill keys --out FILE" "$T/cu2.err" || fail "curve without keys: $(cat "$T/cu2.err")"
+echo "curve: 2 steps over CURVE sockets, key file private; external engines need mill keys"
+
 # 2a. async: step s + 1 is generated while step s trains, so its samples come from version s - 1
 run as --set rollout.layout=disaggregated --set rollout.async=true --set train.steps=4
 v=$(q "select group_concat(v, ',') from (select s.step, max(s.weight_version) v from samples s join runs r on r.id=s.run_id where r.name='as' group by s.step order by s.step)")

@@ -30,11 +30,14 @@ static void *server_main(void *p) {
     return NULL;
 }
 
-static void *connect_client(void *ctx, const char *addr) {
+/* A client with the run's CURVE keys (the server runs with them too). */
+static void *connect_client(void *ctx, const char *addr, const wire_curve *curve) {
     void *s = zmq_socket(ctx, ZMQ_DEALER);
     int linger = 0, tmo = 120000;
+    mill_err e;
     zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof tmo);
+    if (wire_curve_client(s, curve, &e)) fail_msg("%s", e.msg);
     assert_int_equal(zmq_connect(s, addr), 0);
     return s;
 }
@@ -71,7 +74,15 @@ static void test_server(void **st) {
     snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-%d.sock", (int)getpid());
     server_arg *a = calloc(1, sizeof *a);
     if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU};
+    /* the whole session runs over CURVE with keys saved and loaded as a run's are */
+    wire_curve keys, other;
+    char kpath[128];
+    snprintf(kpath, sizeof kpath, "/tmp/mill-test-server-%d.keys", (int)getpid());
+    if (wire_curve_new(&keys, &a->e) || wire_curve_save(&keys, kpath, &a->e) || wire_curve_load(&keys, kpath, &a->e) ||
+        wire_curve_new(&other, &a->e))
+        fail_msg("%s", a->e.msg);
+    unlink(kpath);
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys};
     /* golden prompts and HF-checked greedy continuations */
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;
@@ -88,9 +99,21 @@ static void test_server(void **st) {
     pthread_t th;
     pthread_create(&th, NULL, server_main, a);
     void *ctx = zmq_ctx_new();
-    void *c = connect_client(ctx, addr);
+    void *c = connect_client(ctx, addr, &keys);
     wire_raw *raw;
     wire_msg *r;
+
+    /* a client holding other keys gets nothing: its handshake fails (the server's key is not its) */
+    void *stranger = connect_client(ctx, addr, &other);
+    send_msg(stranger, wire_builder_new("health", 99));
+    {
+        wire_msg *m = NULL;
+        wire_raw *rw = NULL;
+        mill_err e2 = {{0}};
+        assert_int_equal(wire_recv(stranger, 0, 500, NULL, NULL, &m, &rw, &e2), 1);
+        wire_recv_free(rw);
+    }
+    zmq_close(stranger);
 
     send_msg(c, wire_builder_new("health", 1));
     r = recv_msg(c, &raw);
@@ -123,7 +146,7 @@ static void test_server(void **st) {
     wire_recv_free(raw);
 
     /* a client that disconnects mid-request (linger so the request is delivered before it goes) */
-    void *quitter = connect_client(ctx, addr);
+    void *quitter = connect_client(ctx, addr, &keys);
     int linger = 2000;
     zmq_setsockopt(quitter, ZMQ_LINGER, &linger, sizeof linger);
     send_msg(quitter, gen_request(9, prompt[0], P, 3, N));

@@ -37,6 +37,7 @@ typedef struct {
     /* CUDA IPC publish: the handle of dm.data, made once (the buffer never moves) */
     unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
     int ipc_ready;
+    const wire_curve *curve; /* the run's keys (NULL: plain sockets) */
 } worker;
 
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
@@ -385,7 +386,10 @@ static int connect_engines(worker *w, void **socks, char *const *names, int n, m
         if (socks[i]) zmq_close(socks[i]);
         int linger = 0;
         socks[i] = zmq_socket(w->zctx, ZMQ_DEALER);
-        if (!socks[i] || zmq_setsockopt(socks[i], ZMQ_LINGER, &linger, sizeof linger) || zmq_connect(socks[i], names[i]))
+        if (!socks[i] || zmq_setsockopt(socks[i], ZMQ_LINGER, &linger, sizeof linger))
+            return mill_errf(e, "publish: cannot make a socket: %s", zmq_strerror(zmq_errno()));
+        if (wire_curve_client(socks[i], w->curve, e)) return -1;
+        if (zmq_connect(socks[i], names[i]))
             return mill_errf(e, "publish: cannot connect to engine %s: %s", names[i], zmq_strerror(zmq_errno()));
     }
     return 0;
@@ -536,13 +540,19 @@ static wire_builder *simple(const char *type, uint64_t id, long version) {
     return b;
 }
 
-int trainer_worker_run(const char *bind, mill_err *e) {
+int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
     worker w = {0};
     int rc = -1, linger = 0, stop = 0;
     if (kctx_init(&w.k, DEVICE_CPU, e)) return -1;
+    w.curve = curve;
     w.zctx = zmq_ctx_new();
     if (!w.zctx || !(w.sock = zmq_socket(w.zctx, ZMQ_ROUTER)) ||
-        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_bind(w.sock, bind)) {
+        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger)) {
+        mill_errf(e, "trainer: cannot make a socket: %s", zmq_strerror(zmq_errno()));
+        goto out;
+    }
+    if (wire_curve_server(w.sock, curve, e)) goto out;
+    if (zmq_bind(w.sock, bind)) {
         mill_errf(e, "trainer: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
         goto out;
     }

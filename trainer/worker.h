@@ -8,8 +8,10 @@
 #define MILL_WORKER_H
 
 #include "../common/err.h"
+#include "../common/wire.h"
 
-/* Serves on `bind` (a ROUTER socket; ipc:// or tcp://) until "shutdown". */
-int trainer_worker_run(const char *bind, mill_err *e);
+/* Serves on `bind` (a ROUTER socket; ipc:// or tcp://) until "shutdown"; with curve (not NULL and
+ * on) its socket and its publish connections to engines use the run's CURVE keys. */
+int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e);
 
 #endif

@@ -64,7 +64,7 @@ static void *server_main(void *p) {
 
 static void *worker_main(void *p) {
     worker_thread *w = p;
-    w->rc = trainer_worker_run(w->bind, &w->e);
+    w->rc = trainer_worker_run(w->bind, NULL, &w->e);
     return NULL;
 }
 
