@@ -4,6 +4,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
@@ -901,4 +902,80 @@ int wire_curve_client(void *sock, const wire_curve *c, mill_err *e) {
         zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, c->client_secret, 40))
         return mill_errf(e, "cannot set the CURVE client keys: %s", zmq_strerror(zmq_errno()));
     return 0;
+}
+
+/* ZAP (ZeroMQ RFC 27): requests [version, request id, domain, address, identity, mechanism,
+ * credentials...]; replies [version, request id, status code, status text, user id, metadata]. */
+struct wire_zap {
+    void *zctx, *sock;
+    uint8_t client_key[32];
+    pthread_t thread;
+};
+
+static void *zap_main(void *arg) {
+    wire_zap *z = arg;
+    for (;;) {
+        zmq_msg_t part[8];
+        int n = 0, more = 1, failed = 0;
+        while (more) { /* one request: up to 8 frames kept, the rest drained */
+            zmq_msg_t m;
+            zmq_msg_init(&m);
+            if (zmq_msg_recv(&m, z->sock, 0) < 0) {
+                zmq_msg_close(&m);
+                failed = 1;
+                break;
+            }
+            more = zmq_msg_more(&m);
+            if (n < 8) part[n++] = m;
+            else zmq_msg_close(&m);
+        }
+        if (failed) { /* the context is shutting down */
+            for (int i = 0; i < n; i++) zmq_msg_close(&part[i]);
+            break;
+        }
+        int ok = n >= 7 && zmq_msg_size(&part[5]) == 5 && !memcmp(zmq_msg_data(&part[5]), "CURVE", 5) &&
+                 zmq_msg_size(&part[6]) == 32 && !memcmp(zmq_msg_data(&part[6]), z->client_key, 32);
+        const char *code = ok ? "200" : "400", *text = ok ? "OK" : "not this run's client key";
+        if (n >= 2) { /* echo version and request id */
+            zmq_send(z->sock, zmq_msg_data(&part[0]), zmq_msg_size(&part[0]), ZMQ_SNDMORE);
+            zmq_send(z->sock, zmq_msg_data(&part[1]), zmq_msg_size(&part[1]), ZMQ_SNDMORE);
+            zmq_send(z->sock, code, 3, ZMQ_SNDMORE);
+            zmq_send(z->sock, text, strlen(text), ZMQ_SNDMORE);
+            zmq_send(z->sock, "", 0, ZMQ_SNDMORE);
+            zmq_send(z->sock, "", 0, 0);
+        }
+        for (int i = 0; i < n; i++) zmq_msg_close(&part[i]);
+    }
+    zmq_close(z->sock);
+    return NULL;
+}
+
+int wire_zap_start(void *zctx, const wire_curve *c, wire_zap **out, mill_err *e) {
+    *out = NULL;
+    if (!c || !c->on) return 0;
+    wire_zap *z = calloc(1, sizeof *z);
+    if (!z) return mill_errf(e, "ZAP: out of memory");
+    z->zctx = zctx;
+    int linger = 0;
+    if (!zmq_z85_decode(z->client_key, c->client_public) || !(z->sock = zmq_socket(zctx, ZMQ_REP)) ||
+        zmq_setsockopt(z->sock, ZMQ_LINGER, &linger, sizeof linger) || zmq_bind(z->sock, "inproc://zeromq.zap.01")) {
+        mill_errf(e, "ZAP: cannot start the handler: %s", zmq_strerror(zmq_errno()));
+        if (z->sock) zmq_close(z->sock);
+        free(z);
+        return -1;
+    }
+    if (pthread_create(&z->thread, NULL, zap_main, z)) {
+        zmq_close(z->sock);
+        free(z);
+        return mill_errf(e, "ZAP: cannot start the handler thread");
+    }
+    *out = z;
+    return 0;
+}
+
+void wire_zap_stop(wire_zap *z) {
+    if (!z) return;
+    zmq_ctx_shutdown(z->zctx); /* the handler's recv returns ETERM; it closes its socket and ends */
+    pthread_join(z->thread, NULL);
+    free(z);
 }

@@ -93,8 +93,9 @@ void wire_recv_free(wire_raw *raw);
 
 /* CURVE (ZeroMQ's elliptic-curve encryption) for a run's sockets: every binding socket (trainer
  * worker, rollout engines) uses the run's server keypair, every connecting socket the client
- * keypair and the server's public key. A peer without the run's key file can neither read the
- * traffic nor complete a handshake (it cannot know the server's public key). Keys are Z85 text. */
+ * keypair and the server's public key. A binding process also runs a ZAP handler (wire_zap) that
+ * admits only the run's client key, so a peer without the run's key file can neither read the
+ * traffic nor connect. Keys are Z85 text. */
 typedef struct {
     int on;
     char server_public[41], server_secret[41], client_public[41], client_secret[41];
@@ -109,5 +110,13 @@ int wire_curve_load(wire_curve *c, const char *path, mill_err *e);
 /* Before zmq_bind / zmq_connect; no-ops when c is NULL or off. */
 int wire_curve_server(void *sock, const wire_curve *c, mill_err *e);
 int wire_curve_client(void *sock, const wire_curve *c, mill_err *e);
+
+/* The ZAP handler of a ZeroMQ context (a thread answering inproc://zeromq.zap.01): CURVE clients
+ * with c's client key are admitted, every other one refused. Start it before binding a CURVE
+ * server socket in zctx; stop it before zmq_ctx_term (it shuts the context down). No-op (*out
+ * NULL) when c is NULL or off. */
+typedef struct wire_zap wire_zap;
+int wire_zap_start(void *zctx, const wire_curve *c, wire_zap **out, mill_err *e);
+void wire_zap_stop(wire_zap *z);
 
 #endif

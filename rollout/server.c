@@ -477,6 +477,7 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
         return -1;
     }
     void *ctx = zmq_ctx_new();
+    wire_zap *zap = NULL;
     int rc = -1, linger = 0;
     if (!ctx) {
         mill_errf(e, "server: cannot create a ZeroMQ context: %s", zmq_strerror(zmq_errno()));
@@ -487,7 +488,7 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
         mill_errf(e, "server: cannot make a socket: %s", zmq_strerror(zmq_errno()));
         goto out;
     }
-    if (wire_curve_server(s.sock, sc->curve, e)) goto out;
+    if (wire_curve_server(s.sock, sc->curve, e) || wire_zap_start(ctx, sc->curve, &zap, e)) goto out;
     if (zmq_bind(s.sock, sc->bind)) {
         mill_errf(e, "server: cannot bind %s: %s", sc->bind, zmq_strerror(zmq_errno()));
         goto out;
@@ -527,6 +528,7 @@ out:
     free(s.staged);
     free(s.staged_set);
     if (s.sock) zmq_close(s.sock);
+    wire_zap_stop(zap);
     if (ctx) zmq_ctx_term(ctx);
     engine_free(&s.en);
     mem_ipc_close(s.k.device, s.ipc_src);

@@ -545,13 +545,14 @@ int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
     int rc = -1, linger = 0, stop = 0;
     if (kctx_init(&w.k, DEVICE_CPU, e)) return -1;
     w.curve = curve;
+    wire_zap *zap = NULL;
     w.zctx = zmq_ctx_new();
     if (!w.zctx || !(w.sock = zmq_socket(w.zctx, ZMQ_ROUTER)) ||
         zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger)) {
         mill_errf(e, "trainer: cannot make a socket: %s", zmq_strerror(zmq_errno()));
         goto out;
     }
-    if (wire_curve_server(w.sock, curve, e)) goto out;
+    if (wire_curve_server(w.sock, curve, e) || wire_zap_start(w.zctx, curve, &zap, e)) goto out;
     if (zmq_bind(w.sock, bind)) {
         mill_errf(e, "trainer: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
         goto out;
@@ -601,6 +602,7 @@ int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
     rc = 0;
 out:
     if (w.sock) zmq_close(w.sock);
+    wire_zap_stop(zap);
     if (w.zctx) zmq_ctx_term(w.zctx);
     mem_free(w.k.device, w.grads);
     arena_free(&w.a);
