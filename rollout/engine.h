@@ -37,8 +37,8 @@ typedef struct {
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
-/* Colocated turns: give back the activation memory while the trainer works (no sequence may hold a
- * cache), and take it again. */
+/* Colocated turns: give back the activation memory and the pooled caches while the trainer works
+ * (no sequence may hold a cache), and take them again. The weights stay. */
 int engine_release(engine *en, mill_err *e);
 int engine_resume(engine *en, mill_err *e);
 void engine_free(engine *en);
