@@ -117,6 +117,15 @@ n=$(q "select count(*), count(distinct s.prompt_id || '/' || s.sample_idx) from 
     || fail "k3: no restart event"
 echo "engine killed mid-step 2: restarted; step 2 has 16 samples, 16 distinct"
 
+# 5b. the math-dataset recipe (dapo layout, math verifier) runs as shipped, on the CPU
+"$MILL" run configs/runs/grpo-math-dapo.yaml --set ledger="$L" --set checkpoint.dir="$T/dapo" --set train.steps=1 \
+    --set train.device=cpu --set rollout.device=cpu --set rollout.max_new_tokens=8 --set rollout.prompts_per_step=4 \
+    --set rollout.samples_per_prompt=2 > "$T/dapo.out" 2> "$T/dapo.err" || { cat "$T/dapo.err" >&2; fail "dapo recipe"; }
+[ "$(q "select status from runs where name='grpo-math-dapo'")" = finished ] || fail "dapo: not finished"
+[ "$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='grpo-math-dapo'")" -ge 8 ] ||
+    fail "dapo: samples"
+echo "dapo recipe: 1 step on the JSONL sample with the math verifier"
+
 # 6. bad input: a misspelt key, a bad dataset row
 if "$MILL" run $R --set ledger="$L" --set rollout.tempurature=1 2> "$T/bad.err"; then fail "bad key accepted"; fi
 grep -q "rollout.tempurature.*temperature" "$T/bad.err" || fail "bad key: $(cat "$T/bad.err")"
