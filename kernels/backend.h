@@ -23,6 +23,7 @@ typedef struct {
     void *cublas; /* cublasHandle_t on CUDA */
     void *stream; /* cudaStream_t on CUDA */
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
+    int gemm_rows; /* CPU: op_linear's row block (kernels/dense.c: a multiple of OpenBLAS's micro-kernel rows) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
 } kctx;
 

@@ -20,10 +20,10 @@ static int gemm_chunks(int rows) {
 /* op_linear is row-invariant: a row's result does not depend on how many rows share the call, so
  * the rollout engine (1 row per decode step, a few per expert) and the trainer (B*T rows) give a
  * token the same bits, and GRPO's rollout/trainer logprob gap is 0. OpenBLAS gives a row the same
- * bits whenever the call's row count is a multiple of GEMM_ROWS (measured: M = 1 goes to gemv and
- * M-tails to other micro-kernels, which sum in other orders), so every call covers whole blocks
- * of GEMM_ROWS rows and a last partial block runs zero-padded from scratch. */
-#define GEMM_ROWS 16
+ * bits whenever the call's row count is a multiple of the micro-kernel's rows (measured: M = 1
+ * goes to gemv and M-tails to other micro-kernels, which sum in other orders), so every call
+ * covers whole blocks of k->gemm_rows rows (kctx_init picks it) and a last partial block runs
+ * zero-padded from scratch. */
 
 int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
               int accumulate, mill_err *e) {
@@ -35,6 +35,7 @@ int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, in
             for (int i = 0; i < M; i++) memset(y + (long)i * (ldy ? ldy : N), 0, sizeof(float) * (size_t)N);
         return 0;
     }
+    const int GEMM_ROWS = k->gemm_rows > 0 ? k->gemm_rows : 16;
     int lx = ldx ? ldx : K, ly = ldy ? ldy : N, blocks = M / GEMM_ROWS, tail = M % GEMM_ROWS;
     float beta = accumulate ? 1.0f : 0.0f;
     int nc = gemm_chunks(blocks);
