@@ -43,8 +43,7 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
 void kctx_free(kctx *k) {
 #ifdef MILL_CUDA
     if (k->device == DEVICE_CUDA) {
-        for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++)
-            if (k->shadows[i].src) cuda_free(k->shadows[i].bf16);
+        for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) kctx_shadow_remove(k, k->shadows[i].src);
         free(k->shadows);
         cuda_backend_free(k->cublas, k->stream);
     }
@@ -133,7 +132,7 @@ int kctx_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e) {
 }
 
 void kctx_shadow_remove(const kctx *k, const float *src) {
-    for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++)
+    for (int i = 0; src && k->shadows && i < KCTX_SHADOWS; i++)
         if (k->shadows[i].src == src) {
 #ifdef MILL_CUDA
             cuda_free(k->shadows[i].bf16);

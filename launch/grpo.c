@@ -209,7 +209,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         }
         neng = (long long)json_array_size(addrs);
     }
-    if (r->engine_addrs[0] && !r->curve_keys[0] && (r->curve == 1 || (r->curve == -1 && addrs_remote(r->engine_addrs))))
+    if (r->curve == -1) r->curve = addrs_remote(r->engine_addrs); /* auto: on when an engine is on another host */
+    if (r->engine_addrs[0] && !r->curve_keys[0] && r->curve)
         return mill_errf(e, "%s: rollout.curve is on with external engines: make a key file with `mill keys --out FILE`, "
                             "start each engine with --curve FILE, and set rollout.curve_keys: FILE", path);
     if (async && !r->disaggregated)
@@ -318,11 +319,8 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     }
     char cache[32];
     snprintf(cache, sizeof cache, "%g", r->cache_mb);
-    char keys[1200];
-    snprintf(keys, sizeof keys, "%s/curve.keys", run_dir);
-    if (r->curve_keys[0]) snprintf(keys, sizeof keys, "%s", r->curve_keys);
     const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, "--device",
-                          r->rollout_gpu ? "cuda" : "cpu", ps->curve.on ? "--curve" : NULL, keys, NULL};
+                          r->rollout_gpu ? "cuda" : "cpu", ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
     proc_set_argv(p, args);
     if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, &ps->curve, e)) return -1;
     return engine_wait_ready(ps, p, i, 60, e);
@@ -1068,21 +1066,21 @@ out:
     return rc;
 }
 
-/* The run's CURVE keys when its sockets use them (rollout.curve; auto: when an engine is on another
- * host): the recipe's key file, else the run directory's (made on the first start, reused on
- * resume). keys receives the file's path. */
-static int run_curve(run_ctx *c, char *keys, size_t cap, mill_err *e) {
+/* The run's CURVE keys when its sockets use them (rollout.curve) into ps->curve, and their file into
+ * ps->curve_file: the recipe's key file, else the run directory's (made on the first start, reused
+ * on resume; external engines need the recipe's, which the recipe check enforces). */
+static int run_curve(run_ctx *c, mill_err *e) {
     const grpo_recipe *r = c->r;
-    wire_curve *cv = &c->ps.curve;
-    memset(cv, 0, sizeof *cv);
-    if (!(r->curve == 1 || (r->curve == -1 && addrs_remote(r->engine_addrs)))) return 0;
+    procs *ps = &c->ps;
+    memset(&ps->curve, 0, sizeof ps->curve);
+    if (!r->curve) return 0;
     if (r->curve_keys[0]) {
-        snprintf(keys, cap, "%s", r->curve_keys);
-        return wire_curve_load(cv, keys, e);
+        snprintf(ps->curve_file, sizeof ps->curve_file, "%s", r->curve_keys);
+        return wire_curve_load(&ps->curve, ps->curve_file, e);
     }
-    snprintf(keys, cap, "%s/curve.keys", c->run_dir);
-    if (access(keys, F_OK) == 0) return wire_curve_load(cv, keys, e);
-    return wire_curve_new(cv, e) || wire_curve_save(cv, keys, e); /* (external engines need curve_keys) */
+    snprintf(ps->curve_file, sizeof ps->curve_file, "%s/curve.keys", c->run_dir);
+    if (access(ps->curve_file, F_OK) == 0) return wire_curve_load(&ps->curve, ps->curve_file, e);
+    return wire_curve_new(&ps->curve, e) || wire_curve_save(&ps->curve, ps->curve_file, e);
 }
 
 /* Starts the trainer worker (model_dir: the warm start, or a checkpoint when resume) and the
@@ -1094,8 +1092,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     if (n <= 0) return mill_errf(e, "cannot find the mill executable (/proc/self/exe): %s", strerror(errno));
     ps->exe[n] = 0;
     if (!(ps->zctx = zmq_ctx_new())) return mill_errf(e, "cannot create a ZeroMQ context");
-    char keys[1200];
-    if (run_curve(c, keys, sizeof keys, e)) return -1;
+    if (run_curve(c, e)) return -1;
     proc *t = &ps->trainer;
     snprintf(t->log, sizeof t->log, "%s/logs/trainer.log", c->run_dir);
     if (strlen(c->run_dir) < 80) {
@@ -1105,7 +1102,8 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         if (proc_free_port(&port, e)) return -1;
         snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
     }
-    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL, keys, NULL};
+    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL, ps->curve_file,
+                           NULL};
     proc_set_argv(t, targs);
     if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
     wire_builder *b = proc_msg(ps, "init");

@@ -49,7 +49,7 @@ typedef struct {
     int updates_per_step, micro_batch;
     int train_gpu;   /* train.device: cuda (the trainer worker on the GPU) */
     int rollout_gpu; /* rollout.device: cuda (spawned engines on the GPU) */
-    int curve;       /* rollout.curve: 1 on, 0 off, -1 auto (on when an engine address is another host) */
+    int curve;       /* rollout.curve: on (1) or off (0); auto resolves to on when an engine address is another host */
     char curve_keys[1024]; /* rollout.curve_keys: the key file (mill keys); "" = one made in the run dir */
     optim_config optim;
     /* eval, checkpoints */

@@ -23,7 +23,8 @@ typedef struct {
 /* A run's processes: the trainer worker and up to 64 engines; next_id numbers requests. */
 typedef struct {
     void *zctx;
-    wire_curve curve; /* the run's keys when its sockets use CURVE (curve.on) */
+    wire_curve curve;     /* the run's keys when its sockets use CURVE (curve.on) */
+    char curve_file[1200]; /* and the file they come from (passed to the processes it starts) */
     proc trainer;
     proc engines[64];
     int n_engines;

@@ -39,8 +39,7 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     en->m = m;
     en->k = k;
     en->budget = budget_bytes;
-    if (arena_init_device(&en->a, 8 << 20, k->device, k->stream, e) ||
-        arena_init_device(&en->scratch, 1 << 20, k->device, k->stream, e) || arena_init(&en->host, 1 << 16, e)) {
+    if (arena_init(&en->host, 1 << 16, e) || engine_resume(en, e)) { /* resume makes the device arenas */
         engine_free(en);
         return -1;
     }
@@ -356,11 +355,13 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
     sw->fresh_row = arena_alloc(h, sizeof(int) * (size_t)n_seqs);
     sw->fresh_n = arena_alloc(h, sizeof(int) * (size_t)n_seqs);
     sw->fresh = arena_alloc(h, sizeof(attn_layer_cache *) * (size_t)n_seqs);
-    if (!sw->fresh_row || !sw->fresh_n || !sw->fresh) return mill_errf(e, "engine: out of memory");
+    int32_t *first = arena_alloc(h, sizeof(int32_t) * (size_t)n_seqs); /* each sequence's first row */
+    if (!sw->fresh_row || !sw->fresh_n || !sw->fresh || !first) return mill_errf(e, "engine: out of memory");
     for (int i = 0, t = 0; i < n_seqs; t += n_tokens[i], i++) {
+        first[i] = t;
         if (seqs[i]->max_tokens > sw->max_tokens) sw->max_tokens = seqs[i]->max_tokens;
         if (!seqs[i]->len && n_tokens[i]) { /* fresh: the prefill path */
-            sw->fresh_row[sw->n_fresh] = t;
+            sw->fresh_row[sw->n_fresh] = first[i];
             sw->fresh_n[sw->n_fresh] = n_tokens[i];
             sw->fresh[sw->n_fresh++] = seqs[i]->layers;
         } else if (n_tokens[i] > max_n) {
@@ -368,18 +369,16 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
         }
     }
     size_t ints = 4 * (size_t)N, bytes = ints * sizeof(int32_t) + (size_t)N * sizeof(attn_layer_cache *);
-    int32_t *hb = arena_alloc(h, bytes), *first = arena_alloc(h, sizeof(int32_t) * (size_t)n_seqs);
+    int32_t *hb = arena_alloc(h, bytes);
     sw->off = arena_alloc(h, sizeof(int) * (size_t)(max_n + 1));
     char *db = arena_alloc(&en->a, bytes);
-    if (!hb || !first || !sw->off || !db) return mill_errf(e, "engine: out of memory for a step of %d tokens", N);
+    if (!hb || !sw->off || !db) return mill_errf(e, "engine: out of memory for a step of %d tokens", N);
     attn_layer_cache **hseq = (attn_layer_cache **)(hb + ints);
-    for (int i = 0, t = 0; i < n_seqs; i++) {
-        first[i] = t;
-        for (int j = 0; j < n_tokens[i]; j++, t++) {
-            hb[t] = tokens[i][j];
-            hb[N + t] = seqs[i]->len + j;
+    for (int i = 0; i < n_seqs; i++)
+        for (int j = 0; j < n_tokens[i]; j++) {
+            hb[first[i] + j] = tokens[i][j];
+            hb[N + first[i] + j] = seqs[i]->len + j;
         }
-    }
     int n = 0;
     for (int w = 0; w < max_n; w++) {
         sw->off[w] = n;

@@ -303,6 +303,14 @@ out:
     return rc;
 }
 
+/* Forgets the version being staged (its buckets are dropped). */
+static void staged_drop(server *s) {
+    free(s->staged);
+    free(s->staged_set);
+    s->staged = NULL;
+    s->staged_set = NULL;
+}
+
 static int handle_update(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
     int64_t version, bucket;
     int last;
@@ -318,20 +326,14 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
         s->staged = malloc(sizeof(float) * m->n_floats);
         s->staged_set = calloc((size_t)m->n_params, 1);
         if (!s->staged || !s->staged_set) {
-            free(s->staged);
-            free(s->staged_set);
-            s->staged = NULL;
-            s->staged_set = NULL;
+            staged_drop(s);
             return mill_errf(e, "update_weights: out of memory for staging");
         }
         memcpy(s->staged, m->data, sizeof(float) * m->n_floats); /* tensors not sent keep their values */
         s->staged_version = version;
     }
     if (version != s->staged_version) {
-        free(s->staged);
-        free(s->staged_set);
-        s->staged = NULL;
-        s->staged_set = NULL;
+        staged_drop(s);
         return mill_errf(e, "update_weights: bucket of version %lld while version %lld is being staged (dropped both)",
                          (long long)version, (long long)s->staged_version);
     }
@@ -351,18 +353,12 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     if (last) { /* swap between engine steps: no token sees a mix of versions */
         /* the device copy first: if it fails, the host copy still holds the running version */
         if (s->run != m && op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
-            free(s->staged);
-            free(s->staged_set);
-            s->staged = NULL;
-            s->staged_set = NULL;
+            staged_drop(s);
             return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
         }
         memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
         s->version = version;
-        free(s->staged);
-        free(s->staged_set);
-        s->staged = NULL;
-        s->staged_set = NULL;
+        staged_drop(s);
         b = wire_builder_new("weights_ok", wire_id(msg));
     } else {
         b = wire_builder_new("bucket_ok", wire_id(msg));
@@ -466,11 +462,13 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
     dsv4_model dm = {0};
     s.run = m;
     if (kctx_init(&s.k, sc->device, e)) return -1;
-    if (sc->device != DEVICE_CPU && model_to_device(&dm, m, &s.k, e)) {
-        kctx_free(&s.k);
-        return -1;
+    if (sc->device != DEVICE_CPU) {
+        if (model_to_device(&dm, m, &s.k, e)) {
+            kctx_free(&s.k);
+            return -1;
+        }
+        s.run = &dm;
     }
-    if (sc->device != DEVICE_CPU) s.run = &dm;
     if (engine_init(&s.en, s.run, &s.k, sc->cache_budget, e)) {
         model_free(&dm);
         kctx_free(&s.k);
@@ -525,8 +523,7 @@ out:
         sample_free(&s, s.samples[i]);
     }
     free(s.samples);
-    free(s.staged);
-    free(s.staged_set);
+    staged_drop(&s);
     if (s.sock) zmq_close(s.sock);
     wire_zap_stop(zap);
     if (ctx) zmq_ctx_term(ctx);

@@ -4,13 +4,13 @@
 #   cmake -B build-gpu -S . -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu -j2
 #   ../shared/device/pack-libs.sh
 #   device run, carry ["build-gpu", ".devlibs"]: bash tests/bench/gpu_devrun.sh [PART...]
-# PART: ops, model, cli, grpo, train, memcheck (default: all of them). Outputs go to stdout and $OUT.
+# PART: ops, model, cli, grpo, memcheck (default: all of them). The benchmarks are gpu_bench.sh's. Outputs go to stdout and $OUT.
 B=${MILL_BUILD:-build-gpu}/bin
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.devlibs:/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 export MILL_TEST_DATA_DIR=$PWD/tests/data OMP_NUM_THREADS=8
-parts=${*:-ops model cli grpo train memcheck}
+parts=${*:-ops model cli grpo memcheck}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 ldd $B/mill | grep "not found"
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -46,12 +46,6 @@ if has grpo; then
       --set train.device=$dev --set rollout.device=$dev 2>&1 | grep -E "step|accuracy|error" | tail -12
     grep -rh "publish:" /tmp/grpo-$dev 2>/dev/null | tail -2 # the weight refresh path (CUDA IPC on the GPU)
   done
-fi
-if has train; then
-  echo "=== training step, dsv4-small, B=8 T=1024: mill then HF in the same call"
-  timeout 240 $B/bench_train --device cuda --config configs/models/dsv4-small.json --batch 8 --seq 1024 2>&1 | tee /tmp/bt.txt
-  tps=$(grep -oE "[0-9.]+ tokens/s" /tmp/bt.txt | head -1 | cut -d' ' -f1)
-  timeout 240 python3 tests/bench/hf_train.py configs/models/dsv4-small.json 8 1024 $tps 2>&1 | tail -5
 fi
 if has memcheck; then
   echo "=== compute-sanitizer memcheck, test_cuda_ops"
