@@ -6,10 +6,29 @@
 #endif
 
 #include <cblas.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define NO_CUDA_MSG "this mill was built without CUDA (nvcc was not found, or MILL_NO_CUDA was set)"
+
+#ifdef MILL_CUDA
+/* MILL_PROFILE's table: wall time per op name, each op bracketed by device syncs. */
+#define KPROF_OPS 128
+struct kprof {
+    const char *name[KPROF_OPS];
+    long calls[KPROF_OPS];
+    double sec[KPROF_OPS];
+    double t_start;
+};
+
+static double kprof_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#endif
 
 int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     memset(k, 0, sizeof *k);
@@ -34,15 +53,56 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
         k->shadows = NULL;
         return -1;
     }
+    const char *prof = getenv("MILL_PROFILE");
+    if (prof && !strcmp(prof, "1") && (k->prof = calloc(1, sizeof *k->prof))) k->prof->t_start = kprof_now();
     return 0;
 #else
     return mill_errf(e, NO_CUDA_MSG);
 #endif
 }
 
+#ifdef MILL_CUDA
+double kprof_begin(const kctx *k) {
+    mill_err e;
+    (void)k;
+    cuda_sync(&e);
+    return kprof_now();
+}
+
+int kprof_end(const kctx *k, const char *op, double t0, int rc) {
+    mill_err e;
+    cuda_sync(&e);
+    struct kprof *p = k->prof;
+    int i = 0;
+    while (i < KPROF_OPS - 1 && p->name[i] && strcmp(p->name[i], op)) i++;
+    p->name[i] = p->name[i] ? p->name[i] : op; /* the last slot collects any overflow */
+    p->calls[i]++;
+    p->sec[i] += kprof_now() - t0;
+    return rc;
+}
+
+static void kprof_print(struct kprof *p) {
+    double total = kprof_now() - p->t_start, in_ops = 0;
+    for (int i = 0; i < KPROF_OPS && p->name[i]; i++) in_ops += p->sec[i];
+    fprintf(stderr, "[mill profile] %.3f s since kctx_init, %.3f s in ops (device-synced):\n", total, in_ops);
+    for (;;) { /* largest first, printing each once */
+        int best = -1;
+        for (int i = 0; i < KPROF_OPS && p->name[i]; i++)
+            if (p->calls[i] > 0 && (best < 0 || p->sec[i] > p->sec[best])) best = i;
+        if (best < 0) break;
+        fprintf(stderr, "[mill profile] %-34s %9ld calls %9.3f s %5.1f%%  %8.1f us/call\n", p->name[best],
+                p->calls[best], p->sec[best], 100 * p->sec[best] / (in_ops > 0 ? in_ops : 1),
+                1e6 * p->sec[best] / (double)p->calls[best]);
+        p->calls[best] = 0;
+    }
+}
+#endif
+
 void kctx_free(kctx *k) {
 #ifdef MILL_CUDA
     if (k->device == DEVICE_CUDA) {
+        if (k->prof) kprof_print(k->prof);
+        free(k->prof);
         for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) kctx_shadow_remove(k, k->shadows[i].src);
         free(k->shadows);
         cuda_backend_free(k->cublas, k->stream);

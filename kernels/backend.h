@@ -25,10 +25,12 @@ typedef struct {
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
     int gemm_rows; /* CPU: op_linear's row block (kernels/dense.c: a multiple of OpenBLAS's micro-kernel rows) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
+    struct kprof *prof;   /* CUDA with MILL_PROFILE=1 in the environment: per-op times, else NULL */
 } kctx;
 
 /* CPU: also pins OpenBLAS to one thread, since ops split work across OpenMP threads
- * (OMP_NUM_THREADS sets how many). */
+ * (OMP_NUM_THREADS sets how many). CUDA: MILL_PROFILE=1 makes every op wait for the device before
+ * and after it and sum its time by name; kctx_free prints the table to stderr (slows everything). */
 int kctx_init(kctx *k, mill_device dev, mill_err *e);
 void kctx_free(kctx *k);
 
@@ -68,9 +70,15 @@ int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);
 /* First line of every op: on a CUDA kctx, hand the same arguments (device pointers) to its
  * kernels/cuda/ twin. Without MILL_CUDA the call is dropped unexpanded, so it need not exist. */
 #ifdef MILL_CUDA
-#define MILL_CUDA_DISPATCH(call)                          \
-    do {                                                  \
-        if (k->device == DEVICE_CUDA) return (call);      \
+double kprof_begin(const kctx *k);
+int kprof_end(const kctx *k, const char *op, double t0, int rc);
+#define MILL_CUDA_DISPATCH(call)                                                         \
+    do {                                                                                 \
+        if (k->device == DEVICE_CUDA) {                                                  \
+            if (!k->prof) return (call);                                                 \
+            double t0_ = kprof_begin(k);                                                 \
+            return kprof_end(k, __func__, t0_, (call));                                  \
+        }                                                                                \
     } while (0)
 #else
 #define MILL_CUDA_DISPATCH(call) \
