@@ -68,20 +68,27 @@ int cuda_ipc_open(const unsigned char *handle, void **p, mill_err *e) {
 
 void cuda_ipc_close(void *p) { cudaIpcCloseMemHandle(p); } /* as cuda_free: nobody to tell */
 
-int cuda_backend_init(void **cublas, void **stream, mill_err *e) {
+/* cuBLAS gets a workspace of its own up front: inside a CUDA graph capture it may not allocate one. */
+#define CUDA_BLAS_WORKSPACE (32u << 20)
+
+int cuda_backend_init(void **cublas, void **stream, void **workspace, mill_err *e) {
     cudaStream_t s;
     cublasHandle_t h;
+    *cublas = *stream = *workspace = NULL;
     CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    CUBLAS_CHECK(cublasCreate(&h));
-    CUBLAS_CHECK(cublasSetStream(h, s));
-    *cublas = h;
     *stream = s;
+    CUBLAS_CHECK(cublasCreate(&h));
+    *cublas = h;
+    CUBLAS_CHECK(cublasSetStream(h, s));
+    CUDA_CHECK(cudaMalloc(workspace, CUDA_BLAS_WORKSPACE));
+    CUBLAS_CHECK(cublasSetWorkspace(h, *workspace, CUDA_BLAS_WORKSPACE));
     return 0;
 }
 
-void cuda_backend_free(void *cublas, void *stream) {
+void cuda_backend_free(void *cublas, void *stream, void *workspace) {
     if (cublas) cublasDestroy((cublasHandle_t)cublas);
     if (stream) cudaStreamDestroy((cudaStream_t)stream);
+    if (workspace) cudaFree(workspace);
 }
 
 /* The timed loop of cuda_time_d2d_copy (its caller owns and frees the buffers and events). */

@@ -28,8 +28,10 @@ int cuda_sync(mill_err *e);
 int cuda_ipc_handle(const void *p, unsigned char *handle, mill_err *e);
 int cuda_ipc_open(const unsigned char *handle, void **p, mill_err *e);
 void cuda_ipc_close(void *p);
-int cuda_backend_init(void **cublas, void **stream, mill_err *e);
-void cuda_backend_free(void *cublas, void *stream);
+/* The op stream, its cuBLAS handle and that handle's workspace (freed by cuda_backend_free, also
+ * after a failed init). */
+int cuda_backend_init(void **cublas, void **stream, void **workspace, mill_err *e);
+void cuda_backend_free(void *cublas, void *stream, void *workspace);
 /* Mean seconds of one device-to-device cudaMemcpy of `bytes` over reps copies (after one untimed
  * copy), timed with CUDA events on the default stream; the buffers are allocated and freed here.
  * For benchmarks: a copy reads and writes `bytes`, so 2 * bytes / seconds is the traffic rate. */

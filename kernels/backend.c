@@ -46,11 +46,14 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
         return 0;
     }
 #ifdef MILL_CUDA
-    if (!(k->shadows = calloc(KCTX_SHADOWS, sizeof(kctx_shadow))))
-        return mill_errf(e, "kctx_init: out of memory");
-    if (cuda_backend_init(&k->cublas, &k->stream, e)) {
+    k->shadows = calloc(KCTX_SHADOWS, sizeof(kctx_shadow));
+    k->checks = calloc(1, sizeof(kctx_checks));
+    if (!k->shadows || !k->checks || cuda_backend_init(&k->cublas, &k->stream, &k->blas_ws, e)) {
+        if (!k->shadows || !k->checks) mill_errf(e, "kctx_init: out of memory");
+        cuda_backend_free(k->cublas, k->stream, k->blas_ws);
         free(k->shadows);
-        k->shadows = NULL;
+        free(k->checks);
+        memset(k, 0, sizeof *k);
         return -1;
     }
     const char *prof = getenv("MILL_PROFILE");
@@ -105,7 +108,8 @@ void kctx_free(kctx *k) {
         free(k->prof);
         for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) kctx_shadow_remove(k, k->shadows[i].src);
         free(k->shadows);
-        cuda_backend_free(k->cublas, k->stream);
+        cuda_checks_free(k->checks);
+        cuda_backend_free(k->cublas, k->stream, k->blas_ws);
     }
 #endif
     memset(k, 0, sizeof *k);
@@ -151,6 +155,82 @@ int kctx_sync(const kctx *k, mill_err *e) {
     (void)k;
     (void)e;
     return 0;
+}
+
+int kctx_defer_checks(const kctx *k, int on, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_checks_defer(k, on, e);
+#endif
+    (void)k;
+    (void)on;
+    (void)e;
+    return 0;
+}
+
+int kctx_check(const kctx *k, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_checks_report(k, e);
+#endif
+    (void)k;
+    (void)e;
+    return 0;
+}
+
+int kctx_graphs(const kctx *k) { return k->device == DEVICE_CUDA; }
+
+int kctx_graph_begin(const kctx *k, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_graph_begin(k, e);
+#endif
+    (void)k;
+    return mill_errf(e, "CUDA graphs need a CUDA kctx");
+}
+
+int kctx_graph_end(const kctx *k, void **graph, mill_err *e) {
+    *graph = NULL;
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_graph_end(k, graph, e);
+#endif
+    (void)k;
+    return mill_errf(e, "CUDA graphs need a CUDA kctx");
+}
+
+int kctx_graph_launch(const kctx *k, void *graph, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cuda_graph_launch(k, graph, e);
+#endif
+    (void)graph;
+    (void)k;
+    return mill_errf(e, "CUDA graphs need a CUDA kctx");
+}
+
+void kctx_graph_free(void *graph) {
+#ifdef MILL_CUDA
+    cuda_graph_free(graph);
+#else
+    (void)graph;
+#endif
+}
+
+void *mem_alloc_host(mill_device dev, size_t bytes, mill_err *e) {
+#ifdef MILL_CUDA
+    if (dev == DEVICE_CUDA) return cuda_alloc_host(bytes, e);
+#endif
+    (void)dev;
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p) mill_errf(e, "out of memory for %zu bytes", bytes);
+    return p;
+}
+
+void mem_free_host(mill_device dev, void *p) {
+#ifdef MILL_CUDA
+    if (dev == DEVICE_CUDA) {
+        cuda_free_host(p);
+        return;
+    }
+#endif
+    (void)dev;
+    free(p);
 }
 
 int mem_ipc_handle(mill_device dev, const void *p, unsigned char *handle, mill_err *e) {

@@ -18,14 +18,22 @@ typedef struct {
     size_t n;
 } kctx_shadow;
 
+/* CUDA: where deferred id checks land (kctx_defer_checks). */
+typedef struct {
+    int on;
+    void *slots; /* device memory: one record per checking op kind (kernels/cuda/graph.cu) */
+} kctx_checks;
+
 typedef struct {
     mill_device device;
     void *cublas; /* cublasHandle_t on CUDA */
     void *stream; /* cudaStream_t on CUDA */
+    void *blas_ws; /* CUDA: cuBLAS's workspace */
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
     int gemm_rows; /* CPU: op_linear's row block (kernels/dense.c: a multiple of OpenBLAS's micro-kernel rows) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
     struct kprof *prof;   /* CUDA with MILL_PROFILE=1 in the environment: per-op times, else NULL */
+    kctx_checks *checks;  /* CUDA: owned; mutable through a const kctx */
 } kctx;
 
 /* CPU: also pins OpenBLAS to one thread, since ops split work across OpenMP threads
@@ -63,6 +71,29 @@ void kctx_shadow_remove(const kctx *k, const float *src);
 int mem_ipc_handle(mill_device dev, const void *p, unsigned char *handle, mill_err *e);
 void *mem_ipc_open(mill_device dev, const unsigned char *handle, mill_err *e);
 void mem_ipc_close(mill_device dev, void *p);
+
+/* Ops that validate ids (token ids, hash-table rows, given and grouped expert ids) normally wait
+ * for the device to report a bad one at once. Deferred (CUDA), they record the first bad id per op
+ * kind in device memory and go on without waiting, which a captured CUDA graph needs; kctx_check
+ * waits and reports it with the op's usual message (the lowest bad position per kind), then clears.
+ * CPU: checks are immediate and both calls return 0. */
+int kctx_defer_checks(const kctx *k, int on, mill_err *e);
+int kctx_check(const kctx *k, mill_err *e);
+
+/* CUDA graphs: kctx_graph_begin starts capturing the ops queued on k (nothing runs), _end turns the
+ * capture into a launchable graph (*graph; -1 if an op could not be captured, e.g. one that waits
+ * for the device), _launch runs it again on k's stream, _free releases it (NULL is fine). A graph
+ * replays the same kernels on the same pointers with the same sizes: callers capture only work
+ * whose buffers and shapes repeat. kctx_graphs reports whether k can capture (CUDA only). */
+int kctx_graphs(const kctx *k);
+int kctx_graph_begin(const kctx *k, mill_err *e);
+int kctx_graph_end(const kctx *k, void **graph, mill_err *e);
+int kctx_graph_launch(const kctx *k, void *graph, mill_err *e);
+void kctx_graph_free(void *graph);
+
+/* Host memory the device copies into without staging (CUDA: pinned; CPU: malloc), and its release. */
+void *mem_alloc_host(mill_device dev, size_t bytes, mill_err *e);
+void mem_free_host(mill_device dev, void *p);
 
 /* The CPU bodies start with this: anything but the CPU gets a clear error. */
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);

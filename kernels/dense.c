@@ -326,6 +326,13 @@ int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes
     return 0;
 }
 
+int op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_copy_to_host_async(k, host_dst, src, bytes, e));
+    TRY(kctx_require_cpu(k, "op_copy_to_host_async", e));
+    if (bytes) memmove(host_dst, src, bytes);
+    return 0;
+}
+
 int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_repeat_rows(k, dst, src, rows, reps, dim, e));
     TRY(kctx_require_cpu(k, "op_repeat_rows", e));

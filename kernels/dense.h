@@ -74,6 +74,9 @@ int op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e
 int op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
 int op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
 int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+/* The same copy queued without waiting: the bytes are in host_dst after the next kctx_sync or
+ * op_copy_to_host (CUDA: truly asynchronous only into mem_alloc_host memory). */
+int op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
 /* dst[r, j, :] = src[r, :] for j < reps (dst [rows, reps, dim]): the hyper-connection streams
  * start as copies of the embedding. */
 int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,6 +19,31 @@ struct engine_seq {
     attn_layer_cache *dev_layers; /* the same array in the engine's memory: what the wave ops read */
     float *block;                 /* every cache array, in the engine's memory */
 };
+
+/* Where a step's results are in the engine's memory. */
+typedef struct {
+    const float *logits; /* [M, vocab] or NULL */
+    const int32_t *route; /* [layers, N, k] */
+    int M;
+} step_out;
+
+/* A decode step's shape, and its graph once captured. */
+#define ENGINE_GRAPHS 16
+struct engine_graph {
+    int n_seqs, max_tokens, flags;
+    const void *block; /* the activation block (en->a's only one) its pointers are in */
+    size_t block_cap;
+    void *exec;        /* NULL: seen (run op by op) but not captured yet */
+    int failed;        /* capture failed: this shape runs op by op */
+    step_out out;
+};
+
+static void graphs_free(engine *en) {
+    for (int i = 0; i < en->n_graph; i++) kctx_graph_free(en->graph[i].exec);
+    free(en->graph);
+    en->graph = NULL;
+    en->n_graph = 0;
+}
 
 static size_t comp_floats(int ratio, int width, int dim, int max_tokens, int overlap) {
     return (size_t)ratio * width * (overlap ? 4 : 2) + (size_t)(max_tokens / ratio + 1) * dim;
@@ -39,6 +65,7 @@ int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_by
     en->m = m;
     en->k = k;
     en->budget = budget_bytes;
+    en->graphs = 1;
     if (arena_init(&en->host, 1 << 16, e) || engine_resume(en, e)) { /* resume makes the device arenas */
         engine_free(en);
         return -1;
@@ -66,6 +93,7 @@ static void pool_drain(engine *en) {
 int engine_release(engine *en, mill_err *e) {
     if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
     pool_drain(en);
+    graphs_free(en); /* their pointers are into the arena */
     arena_free(&en->a);
     arena_free(&en->scratch);
     return 0;
@@ -77,7 +105,11 @@ int engine_resume(engine *en, mill_err *e) {
 }
 
 void engine_free(engine *en) {
-    if (en->k) pool_drain(en);
+    if (en->k) {
+        pool_drain(en);
+        mem_free_host(en->k->device, en->route_host);
+    }
+    graphs_free(en);
     arena_free(&en->a);
     arena_free(&en->scratch);
     arena_free(&en->host);
@@ -400,35 +432,22 @@ static int step_layout(engine *en, engine_seq *const *seqs, const int32_t *const
     return 0;
 }
 
-int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
-                float *logits, int last_only, int32_t *routing, mill_err *e) {
+/* The step's device work once its layout is there: every layer, then the head. */
+static int step_run(engine *en, step_waves *sw, const int32_t *ids, const int32_t *pos, const int *n_tokens,
+                    int n_seqs, int N, int want_logits, int last_only, step_out *out, mill_err *e) {
     const dsv4_model *m = en->m;
     const dsv4_config *c = &m->cfg;
     const kctx *k = en->k;
-    int N = 0, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, E = c->n_routed_experts;
+    int D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, E = c->n_routed_experts;
     int V = c->vocab_size, Lc = c->num_hidden_layers;
-    for (int i = 0; i < n_seqs; i++) {
-        if (n_tokens[i] < 0 || seqs[i]->len + n_tokens[i] > seqs[i]->max_tokens)
-            return mill_errf(e, "engine: sequence %d would hold %d tokens, more than the %d it was admitted with", i,
-                             seqs[i]->len + n_tokens[i], seqs[i]->max_tokens);
-        for (int j = 0; j < i; j++)
-            if (seqs[j] == seqs[i]) return mill_errf(e, "engine: sequence %d appears twice in one step", i);
-        if (last_only && logits && !n_tokens[i])
-            return mill_errf(e, "engine: sequence %d feeds no token, so it has no last logits", i);
-        N += n_tokens[i];
-    }
-    if (!N) return 0;
-    arena_reset(&en->a);
-    int32_t *ids = NULL, *pos = NULL, *route;
-    step_waves sw = {0};
-    TRY(step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e));
     int has_csa = 0;
-    for (int l = 0; l < c->num_hidden_layers; l++) has_csa |= m->layers[l].ratio == ATTN_CSA;
-    if (has_csa && sw.n_waves) { /* wave 0 is the widest: every waved sequence feeds it */
-        AF(sw.score, (long)sw.off[1] * (sw.max_tokens / ATTN_CSA + 1));
-        AF(sw.sel, (long)sw.off[1] * c->index_topk);
+    for (int l = 0; l < Lc; l++) has_csa |= m->layers[l].ratio == ATTN_CSA;
+    if (has_csa && sw->n_waves) { /* wave 0 is the widest: every waved sequence feeds it */
+        AF(sw->score, (long)sw->off[1] * (sw->max_tokens / ATTN_CSA + 1));
+        AF(sw->sel, (long)sw->off[1] * c->index_topk);
     }
     float *h, *h2, *x, *xn, *y, *pre, *post, *comb, *work, *mlog, *msc, *mw;
+    int32_t *route;
     AF(h, (long)N * n * D);
     AF(h2, (long)N * n * D);
     AF(x, (long)N * D);
@@ -450,32 +469,141 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
         const dsv4_layer *L = &m->layers[l];
         TRY(op_hc_pre(k, x, pre, post, comb, h, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, N, dm, work, e));
         TRY(op_rmsnorm(k, xn, x, L->attn_norm, N, D, 0, eps, e));
-        TRY(attention_step(en, l, &sw, pos, N, xn, y, e));
+        TRY(attention_step(en, l, sw, pos, N, xn, y, e));
         TRY(op_hc_post(k, h2, h, y, post, comb, N, n, D, e));
         TRY(op_hc_pre(k, x, pre, post, comb, h2, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, N, dm, work, e));
         TRY(op_rmsnorm(k, xn, x, L->ffn_norm, N, D, 0, eps, e));
         TRY(model_moe(m, k, l, xn, ids, N, NULL, y, mlog, msc, route + (long)l * N * K, mw, &en->a, e));
         TRY(op_hc_post(k, h, h2, y, post, comb, N, n, D, e));
     }
-    for (int i = 0; i < n_seqs; i++) seqs[i]->len += n_tokens[i];
-    if (routing) TRY(op_copy_to_host(k, routing, route, sizeof(int32_t) * (size_t)Lc * N * K, e));
-    if (!logits) return 0;
+    out->route = route;
+    out->logits = NULL;
+    out->M = 0;
+    if (!want_logits) return 0;
     int M = N; /* the head's rows: every fed position, or each sequence's last one (the head is
                 * row-invariant, so the same bits either way) */
     const float *hh = h;
-    if (last_only) {
+    if (last_only && M != n_seqs) { /* else every sequence fed one token: its rows are the last ones */
         float *hl;
         AF(hl, (long)n_seqs * n * D);
         for (int i = 0, t = 0; i < n_seqs; t += n_tokens[i], i++)
             TRY(op_copy(k, hl + (long)i * n * D, h + (long)(t + n_tokens[i] - 1) * n * D, sizeof(float) * (size_t)n * D,
                         e));
         hh = hl;
-        M = n_seqs;
     }
+    if (last_only) M = n_seqs;
     float *lg;
     AF(lg, (long)M * V);
     TRY(op_hc_head(k, x, hh, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, M, dm, work, e));
     TRY(op_rmsnorm(k, xn, x, m->norm, M, D, 0, eps, e));
     TRY(op_linear(k, lg, xn, m->head, M, V, D, 0, 0, 0, e));
-    return op_copy_to_host(k, logits, lg, sizeof(float) * (size_t)M * V, e);
+    out->logits = lg;
+    out->M = M;
+    return 0;
+}
+
+/* The one block of the activation arena (NULL when it has several: a step grew it). */
+static const void *arena_block_of(const arena *a, size_t *cap) {
+    *cap = a->head ? a->head->cap : 0;
+    return a->head && !a->head->next ? (const void *)a->head->data : NULL;
+}
+
+/* The shape's record (made on first sight), or NULL when the step is no graph candidate. */
+static engine_graph *graph_slot(engine *en, int n_seqs, int max_tokens, int flags) {
+    if (!en->graphs || !kctx_graphs(en->k)) return NULL;
+    if (!en->graph && !(en->graph = calloc(ENGINE_GRAPHS, sizeof(engine_graph)))) return NULL;
+    for (int i = 0; i < en->n_graph; i++) {
+        engine_graph *g = &en->graph[i];
+        if (g->n_seqs == n_seqs && g->max_tokens == max_tokens && g->flags == flags) return g;
+    }
+    engine_graph *g = &en->graph[en->n_graph < ENGINE_GRAPHS ? en->n_graph++ : (n_seqs + max_tokens) % ENGINE_GRAPHS];
+    kctx_graph_free(g->exec);
+    *g = (engine_graph){.n_seqs = n_seqs, .max_tokens = max_tokens, .flags = flags};
+    return g;
+}
+
+int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
+                float *logits, int last_only, int32_t *routing, mill_err *e) {
+    const dsv4_model *m = en->m;
+    const dsv4_config *c = &m->cfg;
+    const kctx *k = en->k;
+    int N = 0, K = c->num_experts_per_tok, V = c->vocab_size, Lc = c->num_hidden_layers, decode = 1;
+    for (int i = 0; i < n_seqs; i++) {
+        if (n_tokens[i] < 0 || seqs[i]->len + n_tokens[i] > seqs[i]->max_tokens)
+            return mill_errf(e, "engine: sequence %d would hold %d tokens, more than the %d it was admitted with", i,
+                             seqs[i]->len + n_tokens[i], seqs[i]->max_tokens);
+        for (int j = 0; j < i; j++)
+            if (seqs[j] == seqs[i]) return mill_errf(e, "engine: sequence %d appears twice in one step", i);
+        if (last_only && logits && !n_tokens[i])
+            return mill_errf(e, "engine: sequence %d feeds no token, so it has no last logits", i);
+        for (int j = 0; j < n_tokens[i]; j++) /* here, so the device's own check never has to stop a step */
+            if (tokens[i][j] < 0 || tokens[i][j] >= V)
+                return mill_errf(e, "engine: token id %d of sequence %d is outside the vocabulary [0, %d)", tokens[i][j],
+                                 i, V);
+        decode &= n_tokens[i] == 1 && seqs[i]->len > 0;
+        N += n_tokens[i];
+    }
+    if (!N) return 0;
+    size_t rbytes = sizeof(int32_t) * (size_t)Lc * N * K;
+    if (routing && rbytes > en->route_cap) {
+        mem_free_host(k->device, en->route_host);
+        en->route_cap = 0;
+        if (!(en->route_host = mem_alloc_host(k->device, rbytes, e))) return -1;
+        en->route_cap = rbytes;
+    }
+    arena_reset(&en->a);
+    size_t cap;
+    const void *block = arena_block_of(&en->a, &cap);
+    int32_t *ids = NULL, *pos = NULL;
+    step_waves sw = {0};
+    TRY(step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e));
+    engine_graph *g =
+        decode ? graph_slot(en, n_seqs, sw.max_tokens, (logits != NULL) | (last_only ? 2 : 0) | (routing ? 4 : 0)) : NULL;
+    if (g && (g->block != block || g->block_cap != cap)) { /* seen with other activation memory */
+        kctx_graph_free(g->exec);
+        g->exec = NULL;
+        g->failed = 0;
+        g->block = NULL;
+    }
+    TRY(kctx_defer_checks(k, 1, e));
+    step_out out;
+    int rc = 0;
+    if (g && g->exec) {
+        rc = kctx_graph_launch(k, g->exec, e);
+        out = g->out;
+        en->graph_steps++;
+    } else if (g && g->block && !g->failed) { /* the shape's second sighting in this memory: capture */
+        void *exec = NULL;
+        mill_err ce;
+        int crc = kctx_graph_begin(k, &ce);
+        if (!crc) {
+            crc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, &ce);
+            int erc = kctx_graph_end(k, &exec, crc ? &(mill_err){0} : &ce);
+            crc = crc ? crc : erc;
+        }
+        if (!crc) {
+            g->exec = exec;
+            g->out = out;
+            rc = kctx_graph_launch(k, exec, e);
+            en->graph_steps++;
+        } else { /* nothing ran: the same step op by op (and never a capture for this shape again) */
+            g->failed = 1;
+            fprintf(stderr, "[mill warn] engine: decode step of %d sequences runs without a CUDA graph: %s\n", n_seqs,
+                    ce.msg);
+            arena_reset(&en->a);
+            rc = step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e) ||
+                 step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, e);
+        }
+    } else {
+        rc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, e);
+        if (!rc && g) g->block = arena_block_of(&en->a, &g->block_cap); /* NULL if the step grew the arena */
+    }
+    if (!rc && routing) rc = op_copy_to_host_async(k, en->route_host, out.route, rbytes, e);
+    if (!rc && logits) rc = op_copy_to_host(k, logits, out.logits, sizeof(float) * (size_t)out.M * V, e);
+    if (!rc) rc = kctx_check(k, e); /* waits for the step */
+    int drc = kctx_defer_checks(k, 0, rc ? &(mill_err){0} : e);
+    if (rc || drc) return -1;
+    if (routing) memcpy(routing, en->route_host, rbytes);
+    for (int i = 0; i < n_seqs; i++) seqs[i]->len += n_tokens[i];
+    return 0;
 }

@@ -8,6 +8,10 @@
  * and the step that advances any set of sequences by any number of tokens each (prefill
  * chunks and single-token decode in one batch; sequences join and leave between steps).
  * A memory budget bounds the caches: a sequence is admitted only if its worst case fits.
+ * On CUDA nothing in a step waits for the host until its results are copied out (id checks are
+ * deferred to the step's end), and a decode step (one token per sequence, none fresh) is
+ * captured as a CUDA graph the second time its shape (batch, admission size, outputs) recurs and
+ * replayed from then on: one launch instead of a few thousand.
  * The caches and activations live on k's device (CPU or GPU): the projections, MoE and head run
  * batched over all the step's tokens through the same model code as the full forward
  * (model_attn_project, model_moe, ...); a fresh sequence's first chunk runs through the full
@@ -24,6 +28,7 @@
 #include "../trainer/model.h"
 
 typedef struct engine_seq engine_seq;
+typedef struct engine_graph engine_graph;
 
 typedef struct {
     const dsv4_model *m;
@@ -34,6 +39,12 @@ typedef struct {
     arena a;             /* per-step activations, on k's device */
     arena scratch;       /* per-layer prefill scratch (indexer scores, pooled rows), on k's device */
     arena host;          /* per-step host scratch (the step's layout before it is copied over) */
+    int graphs;          /* CUDA: replay decode steps as CUDA graphs (engine_init sets 1; 0 runs them op by op) */
+    engine_graph *graph; /* decode steps seen or captured, by shape (engine.c) */
+    int n_graph;
+    long graph_steps;    /* steps that ran as a CUDA graph */
+    int32_t *route_host; /* the step's routing, copied without a wait of its own (pinned on CUDA) */
+    size_t route_cap;
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);

@@ -359,7 +359,7 @@ static void tokens_case(fixture *f, const char *cfg) {
 /* Feeds the golden's B sequences through an engine on k: `prefill` tokens each in one step (so
  * prefill waves), then one token per sequence per step. logits [B, T, V] and routing [layers,
  * B * T, k] come back in model_forward's layout. */
-static void engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int prefill, float *logits,
+static long engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int prefill, int graphs, float *logits,
                         int32_t *routing) {
     mill_err e = {{0}};
     const dsv4_config *c = &m->cfg;
@@ -372,6 +372,7 @@ static void engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int
     int32_t *ro = malloc(sizeof(int32_t) * (size_t)L * B * prefill * K);
     assert_true(seqs && toks && nt && lg && ro);
     if (engine_init(&en, m, k, (size_t)1 << 30, &e)) fail_msg("%s", e.msg);
+    en.graphs = graphs;
     for (int b = 0; b < B; b++)
         if (engine_seq_new(&en, T, &seqs[b], &e)) fail_msg("%s", e.msg);
     for (int t0 = 0; t0 < T;) {
@@ -390,9 +391,11 @@ static void engine_feed(const dsv4_model *m, const kctx *k, const golden *g, int
             }
         t0 += n;
     }
+    long graph_steps = en.graph_steps;
     for (int b = 0; b < B; b++) engine_seq_free(&en, seqs[b]);
     engine_free(&en);
     free(seqs), free(toks), free(nt), free(lg), free(ro);
+    return graph_steps;
 }
 
 /* Largest |log softmax(a)[y] - log softmax(b)[y]| over the golden's next-token targets. */
@@ -428,8 +431,19 @@ static void engine_case(fixture *f, const char *cfg) {
     int32_t *gr = malloc(sizeof(int32_t) * (size_t)nr), *cr = malloc(sizeof(int32_t) * (size_t)nr);
     int32_t *fr = malloc(sizeof(int32_t) * (size_t)nr), *dfr = dalloc(sizeof(int32_t) * (size_t)nr);
     int prefill = 37; /* an odd chunk: compressor windows close inside the prefill and during decode */
-    engine_feed(&g.dm, &f->gpu, &g, prefill, gl, gr);
-    engine_feed(&g.m, &f->cpu, &g, prefill, cl, cr);
+    long graph_steps = engine_feed(&g.dm, &f->gpu, &g, prefill, 1, gl, gr);
+    engine_feed(&g.m, &f->cpu, &g, prefill, 1, cl, cr);
+    /* decode steps replayed as CUDA graphs give the op-by-op run's bits */
+    engine_feed(&g.dm, &f->gpu, &g, prefill, 0, fl, fr);
+    long graph_diff = 0;
+    for (long i = 0; i < nl; i++) graph_diff += memcmp(&gl[i], &fl[i], sizeof(float)) != 0;
+    for (long i = 0; i < nr; i++) graph_diff += gr[i] != fr[i];
+    printf("# %s engine on GPU: %ld of %d decode steps ran as CUDA graphs; %ld logits or expert ids differ from the "
+           "same steps run op by op\n",
+           cfg, graph_steps, g.T - prefill, graph_diff);
+    fflush(stdout);
+    assert_true(graph_steps >= g.T - prefill - 2); /* the first two sightings of the shape run op by op */
+    assert_int_equal(graph_diff, 0);
     arena a;
     gpu_arena(f, &a);
     if (model_forward(&g.dm, &f->gpu, g.ids, g.B, g.T, dfl, dfr, &a, &e)) fail_msg("%s", e.msg);
@@ -460,7 +474,7 @@ static void engine_case(fixture *f, const char *cfg) {
     /* the engine's kernels in the parity mode (fp32 GEMMs) against the CPU engine: the fp32 bound,
      * no flipped expert */
     f->gpu.gemm_fp32 = 1;
-    engine_feed(&g.dm, &f->gpu, &g, prefill, gl, gr);
+    engine_feed(&g.dm, &f->gpu, &g, prefill, 1, gl, gr);
     f->gpu.gemm_fp32 = 0;
     long flips32 = 0;
     for (long i = 0; i < nr; i++) flips32 += gr[i] != cr[i];

@@ -40,6 +40,23 @@ static inline void cu_scratch_free(void *p, const kctx *k) {
     if (p) cudaFreeAsync(p, cu_stream(k)); /* a failure here has no caller left to tell */
 }
 
+/* Deferred id checks (kctx_defer_checks): one record per op kind; `first` packs the lowest bad
+ * position (high word) with its id (low word), so one atomicMin keeps the first failure. */
+typedef struct {
+    unsigned long long first; /* all ones: none */
+    int bound, pad;           /* the id range [0, bound) the op expected */
+} cu_check;
+enum { CU_CHECK_EMBEDDING = 0, CU_CHECK_GATHER, CU_CHECK_ROUTE, CU_CHECK_EXPERTS, CU_CHECKS };
+
+/* The record for `kind` when k defers its checks, else NULL (the op then checks at once). */
+static inline cu_check *cu_deferred(const kctx *k, int kind) {
+    return k->checks && k->checks->on ? (cu_check *)k->checks->slots + kind : NULL;
+}
+__device__ __forceinline__ void cu_check_record(cu_check *c, long pos, int id, int bound) {
+    atomicMin(&c->first, ((unsigned long long)(unsigned)pos << 32) | (unsigned)id);
+    c->bound = bound; /* every writer stores the same value */
+}
+
 /* Host-side results (losses, norms, validity flags) need the stream drained first. */
 static inline int cu_copy_to_host_sync(void *dst, const void *src, size_t bytes, const kctx *k, mill_err *e) {
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu_stream(k)));

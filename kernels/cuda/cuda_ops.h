@@ -10,7 +10,8 @@
  *   op_copy_from_host: host_src; op_copy_to_host: host_dst (the op waits for the copy);
  *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
  * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
- * ids) check on the device and read one flag back, so they also synchronise the stream.
+ * ids) check on the device and read one flag back, so they also synchronise the stream; with
+ * kctx_defer_checks the embedding, gather, routing and expert-grouping ones record instead.
  * Precision: GEMMs keep fp32 storage in and out and run on bf16 tensor cores with fp32 accumulation:
  * each GEMM rounds its two operands to bf16 scratch copies (a model's weights are read from their
  * bf16 shadow instead: kctx_shadow_add, kept current by the ops that write weights) and calls
@@ -64,11 +65,23 @@ int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_e
 int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
 int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
 int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+int cuda_op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
 int cuda_op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);
 int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim,
                                  mill_err *e);
 int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width,
                        int rows, mill_err *e);
+
+/* deferred checks, CUDA graphs and pinned host memory behind kernels/backend.h (graph.cu) */
+int cuda_checks_defer(const kctx *k, int on, mill_err *e);
+int cuda_checks_report(const kctx *k, mill_err *e);
+void cuda_checks_free(kctx_checks *c);
+int cuda_graph_begin(const kctx *k, mill_err *e);
+int cuda_graph_end(const kctx *k, void **graph, mill_err *e);
+int cuda_graph_launch(const kctx *k, void *graph, mill_err *e);
+void cuda_graph_free(void *graph);
+void *cuda_alloc_host(size_t bytes, mill_err *e);
+void cuda_free_host(void *p);
 
 /* the bf16 weight shadows of kctx (dense.cu) */
 int cuda_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e);

@@ -204,15 +204,17 @@ int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *d
     return 0;
 }
 
-/* ---- Embedding. A bad id records its position (the lowest, like the CPU's first) and is skipped. */
+/* ---- Embedding. A bad id records its position (the lowest, like the CPU's first) and is skipped;
+ * deferred (dc), it is recorded with its id for kctx_check. */
 __global__ void embedding_kernel(float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
-                                 int *bad) {
+                                 int *bad, cu_check *dc) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)n * dim) return;
     int t = (int)(i / dim), c = (int)(i % dim);
     int id = ids[t];
     if (id < 0 || id >= vocab) {
-        if (c == 0) atomicMin(bad, t);
+        if (c == 0 && dc) cu_check_record(dc, t, id, vocab);
+        else if (c == 0) atomicMin(bad, t);
         return;
     }
     out[i] = table[(long)id * dim + c];
@@ -221,13 +223,21 @@ __global__ void embedding_kernel(float *out, const float *table, const int32_t *
 int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
                       mill_err *e) {
     if (n <= 0) return 0;
+    cu_check *dc = cu_deferred(k, CU_CHECK_EMBEDDING);
+    if (dc) { /* no wait: kctx_check reports */
+        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, NULL,
+                                                                                 dc);
+        LAUNCH_CHECK("embedding_kernel");
+        return 0;
+    }
     int *bad = NULL, hbad[2] = {n, 0};
     TRY(cu_scratch((void **)&bad, sizeof(int) * 2, k, e));
     int rc = 0;
     if (cudaMemcpyAsync(bad, hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc = mill_errf(e, "op_embedding: copy failed");
     if (!rc) {
-        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, bad);
+        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, bad,
+                                                                                 NULL);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "op_embedding: launch failed: %s", cudaGetErrorString(le));
     }
@@ -539,6 +549,11 @@ int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t 
     return bytes ? cu_copy_to_host_sync(host_dst, src, bytes, k, e) : 0;
 }
 
+int cuda_op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e) {
+    if (bytes) CU_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cu_stream(k)));
+    return 0;
+}
+
 __global__ void repeat_rows_kernel(float *dst, const float *src, int rows, int reps, int dim) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * reps * dim) return;
@@ -575,12 +590,13 @@ int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, 
 
 /* A bad id records its position (the lowest, like the CPU's first) and is skipped. */
 __global__ void gather_i32_kernel(int32_t *out, const int32_t *table, const int32_t *ids, int n, int width, int rows,
-                                  int *bad) {
+                                  int *bad, cu_check *dc) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)n * width) return;
     int t = (int)(i / width), c = (int)(i % width), id = ids[t];
     if (id < 0 || id >= rows) {
-        if (c == 0) atomicMin(bad, t);
+        if (c == 0 && dc) cu_check_record(dc, t, id, rows);
+        else if (c == 0) atomicMin(bad, t);
         return;
     }
     out[i] = table[(long)id * width + c];
@@ -589,6 +605,13 @@ __global__ void gather_i32_kernel(int32_t *out, const int32_t *table, const int3
 int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const int32_t *ids, int n, int width,
                        int rows, mill_err *e) {
     if (n <= 0 || width <= 0) return 0;
+    cu_check *dc = cu_deferred(k, CU_CHECK_GATHER);
+    if (dc) {
+        gather_i32_kernel<<<cu_blocks((long)n * width, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, width, rows,
+                                                                                   NULL, dc);
+        LAUNCH_CHECK("gather_i32_kernel");
+        return 0;
+    }
     int *bad = NULL, h[2] = {n, 0};
     TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
     int rc = 0;
@@ -596,7 +619,7 @@ int cuda_op_gather_i32(const kctx *k, int32_t *out, const int32_t *table, const 
         rc = mill_errf(e, "op_gather_i32: copy failed");
     if (!rc) {
         gather_i32_kernel<<<cu_blocks((long)n * width, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, width, rows,
-                                                                                   bad);
+                                                                                   bad, NULL);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "op_gather_i32: launch failed: %s", cudaGetErrorString(le));
     }

@@ -14,6 +14,8 @@
  * The weighted combine sums each token's K slots in slot order: no atomics. */
 #include "cuda_internal.cuh"
 
+#include <cuda_bf16.h>
+
 #include <math.h>
 #include "../shared_math.h"
 #include <stdio.h>
@@ -28,7 +30,7 @@ __device__ __forceinline__ float moe_score_fn(float x, dsv4_score_func f) {
 }
 
 __global__ void moe_route_kernel(float *scores, int32_t *ids, float *weights, const float *logits, const float *bias,
-                                 const int32_t *given_ids, int N, moe_route_cfg rc, int *bad) {
+                                 const int32_t *given_ids, int N, moe_route_cfg rc, int *bad, cu_check *dc) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= N) return;
     int E = rc.E, K = rc.K;
@@ -47,7 +49,8 @@ __global__ void moe_route_kernel(float *scores, int32_t *ids, float *weights, co
         for (int j = 0; j < K; j++) {
             int32_t g = given_ids[(long)t * K + j];
             if (g < 0 || g >= E) {
-                atomicMin(bad, t);
+                if (dc) cu_check_record(dc, t, g, E);
+                else atomicMin(bad, t);
                 g = 0; /* keeps the weights below in range; the op reports the error */
             }
             id[j] = g;
@@ -61,25 +64,31 @@ __global__ void moe_route_kernel(float *scores, int32_t *ids, float *weights, co
 int cuda_op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights, const float *logits,
                       const float *bias, const int32_t *given_ids, int N, moe_route_cfg rc, mill_err *e) {
     if (N <= 0) return 0;
+    cu_check *dc = given_ids ? cu_deferred(k, CU_CHECK_ROUTE) : NULL;
+    if (!given_ids || dc) { /* selection makes no bad ids; deferred, kctx_check reports given ones */
+        moe_route_kernel<<<cu_blocks(N, 128), 128, 0, cu_stream(k)>>>(scores, ids, weights, logits, bias, given_ids, N,
+                                                                      rc, NULL, dc);
+        LAUNCH_CHECK("moe_route_kernel");
+        return 0;
+    }
     int *bad = NULL, hbad = N, rc_ = 0;
     TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
     if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc_ = mill_errf(e, "op_moe_route: copy failed");
     if (!rc_) {
         moe_route_kernel<<<cu_blocks(N, 128), 128, 0, cu_stream(k)>>>(scores, ids, weights, logits, bias, given_ids, N,
-                                                                      rc, bad);
+                                                                      rc, bad, NULL);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc_ = mill_errf(e, "moe_route_kernel: launch failed: %s", cudaGetErrorString(le));
     }
-    /* only given ids can be bad: selection needs no read-back */
-    if (!rc_ && given_ids) rc_ = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
+    if (!rc_) rc_ = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
     int32_t row[64];
     int nrow = rc.K < 64 ? rc.K : 64;
-    if (!rc_ && given_ids && hbad < N)
+    if (!rc_ && hbad < N)
         rc_ = cu_copy_to_host_sync(row, given_ids + (long)hbad * rc.K, sizeof(int32_t) * (size_t)nrow, k, e);
     cu_scratch_free(bad, k);
     if (rc_) return rc_;
-    if (given_ids && hbad < N)
+    if (hbad < N)
         for (int j = 0; j < nrow; j++)
             if (row[j] < 0 || row[j] >= rc.E)
                 return mill_errf(e, "routing: expert id %d for token %d is outside [0, %d)", row[j], hbad, rc.E);
@@ -338,6 +347,174 @@ __global__ void moe_combine_kernel(float *out, const float *y, const float *weig
     out[id] = acc;
 }
 
+/* ---- Small batches (decode): the grouping and the expert GEMMs read the expert offsets on the
+ * device, so nothing waits for the host and a decode step can be captured in a CUDA graph. The
+ * products are the grouped path's (bf16 operands, fp32 accumulation), summed in another order. */
+#define MOE_SMALL_ROWS 1024 /* N * K up to this: one block groups them */
+#define MOE_SMALL_COLS 32   /* output columns per GEMM block: 4 warps x 8 */
+#define MOE_SMALL_R 8       /* rows per register tile */
+#define MOE_SMALL_KT 1024   /* inner-dimension tile staged in shared memory: 8 x 1024 floats = 32 KiB */
+
+/* Stable counting sort of the NK rows by expert in one block: slot_row[r] = offs[x] + the number of
+ * earlier rows of expert x. A bad id is recorded and its row is parked after offs[E], where no
+ * GEMM reads it and every index stays in bounds. */
+__global__ void moe_small_group_kernel(int32_t *slot_row, int32_t *offs, int *bad, cu_check *dc, const int32_t *ids,
+                                       int NK, int E, int K) {
+    extern __shared__ int sm[]; /* key [NK], cnt [E + 1], start [E + 1] */
+    int *key = sm, *cnt = key + NK, *start = cnt + E + 1;
+    for (int x = threadIdx.x; x <= E; x += blockDim.x) cnt[x] = 0;
+    __syncthreads();
+    for (int r = threadIdx.x; r < NK; r += blockDim.x) {
+        int x = ids[r];
+        if (x < 0 || x >= E) {
+            if (dc) cu_check_record(dc, r / K, x, E);
+            else atomicMin(bad, r);
+            x = E;
+        }
+        key[r] = x;
+        atomicAdd(&cnt[x], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int x = 0; x <= E; x++) {
+            start[x] = acc;
+            offs[x] = acc;
+            acc += cnt[x];
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < NK; r += blockDim.x) {
+        int x = key[r], rank = 0;
+        for (int q = 0; q < r; q++) rank += key[q] == x;
+        slot_row[r] = start[x] + rank;
+    }
+}
+
+__device__ __forceinline__ float moe_bf16r(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+/* Eight consecutive weights as floats (rounded to bf16 values when stored as fp32); VEC: p is
+ * 16-byte aligned, so one or two vector loads (a weight's place in the flat parameter buffer
+ * need not be). */
+template <bool VEC>
+__device__ __forceinline__ void moe_load8(const __nv_bfloat16 *p, float *w) {
+    if (VEC) {
+        uint4 v = *(const uint4 *)p;
+        const __nv_bfloat16 *h = (const __nv_bfloat16 *)&v;
+        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(h[q]);
+    } else {
+        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(p[q]);
+    }
+}
+template <bool VEC>
+__device__ __forceinline__ void moe_load8(const float *p, float *w) {
+    if (VEC) {
+        float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+    } else {
+        for (int q = 0; q < 8; q++) w[q] = p[q];
+    }
+    for (int q = 0; q < 8; q++) w[q] = moe_bf16r(w[q]);
+}
+
+/* Y[r, n] = sum_c X[r, c] W_e[n, c] for the rows r of expert e = blockIdx.y (offs[e] .. offs[e+1]),
+ * W_e = W + e * Nout * Kd. A warp owns 8 output columns; its lanes split the inner dimension in
+ * 8-element chunks and reduce at the end. Kd % 8 == 0. */
+template <typename WT, bool VEC>
+__global__ void moe_small_gemm_kernel(float *Y, const float *X, const WT *W, const int32_t *offs, int Nout, int Kd) {
+    extern __shared__ float xs[]; /* [MOE_SMALL_R][MOE_SMALL_KT] */
+    int ex = blockIdx.y, r0 = offs[ex], r1 = offs[ex + 1];
+    if (r0 >= r1) return; /* the same for the whole block: no barrier is skipped by part of it */
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = blockIdx.x * MOE_SMALL_COLS + warp * 8;
+    const WT *We = W + (long)ex * Nout * Kd;
+    for (int rb = r0; rb < r1; rb += MOE_SMALL_R) {
+        int nr = r1 - rb < MOE_SMALL_R ? r1 - rb : MOE_SMALL_R;
+        float acc[8][MOE_SMALL_R];
+        for (int j = 0; j < 8; j++)
+            for (int r = 0; r < MOE_SMALL_R; r++) acc[j][r] = 0.f;
+        for (int k0 = 0; k0 < Kd; k0 += MOE_SMALL_KT) {
+            int kt = Kd - k0 < MOE_SMALL_KT ? Kd - k0 : MOE_SMALL_KT;
+            __syncthreads(); /* the previous tile is consumed */
+            for (int i = threadIdx.x; i < MOE_SMALL_R * kt; i += blockDim.x) {
+                int r = i / kt, c = i - r * kt;
+                xs[r * MOE_SMALL_KT + c] = r < nr ? moe_bf16r(X[(long)(rb + r) * Kd + k0 + c]) : 0.f;
+            }
+            __syncthreads();
+            for (int c = lane * 8; c < kt; c += 256) {
+                for (int j = 0; j < 8; j++) {
+                    int n = n0 + j;
+                    if (n >= Nout) break;
+                    float w[8];
+                    moe_load8<VEC>(We + (long)n * Kd + k0 + c, w);
+                    for (int r = 0; r < MOE_SMALL_R; r++) {
+                        const float *xr = xs + r * MOE_SMALL_KT + c;
+                        float a = acc[j][r];
+                        for (int q = 0; q < 8; q++) a = fmaf(w[q], xr[q], a);
+                        acc[j][r] = a;
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < 8; j++)
+            for (int r = 0; r < MOE_SMALL_R; r++) {
+                float v = cu_warp_sum(acc[j][r]);
+                if (lane == 0 && r < nr && n0 + j < Nout) Y[(long)(rb + r) * Nout + n0 + j] = v;
+            }
+    }
+}
+
+static int moe_small_gemm(const kctx *k, float *Y, const float *X, const float *W, const int32_t *offs, int E, int Nout,
+                          int Kd, mill_err *e) {
+    const __nv_bfloat16 *w16 = (const __nv_bfloat16 *)cu_shadow_of(k, W, (long)E * Nout * Kd);
+    dim3 grid((unsigned)((Nout + MOE_SMALL_COLS - 1) / MOE_SMALL_COLS), (unsigned)E);
+    size_t smem = sizeof(float) * MOE_SMALL_R * MOE_SMALL_KT;
+    /* Kd % 8 == 0 keeps every row and expert start as aligned as the base */
+    int vec = ((uintptr_t)(w16 ? (const void *)w16 : (const void *)W) & 15) == 0;
+    if (w16 && vec)
+        moe_small_gemm_kernel<__nv_bfloat16, true><<<grid, 128, smem, cu_stream(k)>>>(Y, X, w16, offs, Nout, Kd);
+    else if (w16)
+        moe_small_gemm_kernel<__nv_bfloat16, false><<<grid, 128, smem, cu_stream(k)>>>(Y, X, w16, offs, Nout, Kd);
+    else if (vec)
+        moe_small_gemm_kernel<float, true><<<grid, 128, smem, cu_stream(k)>>>(Y, X, W, offs, Nout, Kd);
+    else
+        moe_small_gemm_kernel<float, false><<<grid, 128, smem, cu_stream(k)>>>(Y, X, W, offs, Nout, Kd);
+    LAUNCH_CHECK("moe_small_gemm_kernel");
+    return 0;
+}
+
+static int moe_small_ok(const kctx *k, long NK, int D, int I, int E) {
+    return !k->gemm_fp32 && NK <= MOE_SMALL_ROWS && D % 8 == 0 && I % 8 == 0 && E <= 65535;
+}
+
+/* Groups and gathers without waiting (deferred checks) or with one wait for the bad-id flag. */
+static int moe_small_group(const kctx *k, float *xg, int32_t *slot_row, int32_t *offs, const float *x,
+                           const int32_t *ids, int N, int D, int E, int K, mill_err *e) {
+    int NK = N * K;
+    cu_check *dc = cu_deferred(k, CU_CHECK_EXPERTS);
+    int *bad = NULL, hbad = NK, rc = 0;
+    size_t smem = sizeof(int) * ((size_t)NK + 2 * ((size_t)E + 1));
+    if (smem > 48 * 1024) return mill_errf(e, "moe: %d experts need too much shared memory for the small path", E);
+    if (!dc) {
+        TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
+        if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+            rc = mill_errf(e, "moe: copy failed");
+    }
+    if (!rc) {
+        moe_small_group_kernel<<<1, 1024, smem, cu_stream(k)>>>(slot_row, offs, bad, dc, ids, NK, E, K);
+        cudaError_t le = cudaGetLastError();
+        if (le != cudaSuccess) rc = mill_errf(e, "moe_small_group_kernel: launch failed: %s", cudaGetErrorString(le));
+    }
+    if (!rc && !dc) rc = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
+    int badid = 0;
+    if (!rc && !dc && hbad < NK) rc = cu_copy_to_host_sync(&badid, ids + hbad, sizeof(int), k, e);
+    cu_scratch_free(bad, k);
+    if (rc) return rc;
+    if (!dc && hbad < NK) return mill_errf(e, "moe: expert id %d outside [0, %d)", badid, E);
+    moe_gather_kernel<<<cu_blocks((long)NK * D, 256), 256, 0, cu_stream(k)>>>(xg, x, slot_row, NK, D, K);
+    LAUNCH_CHECK("moe_gather_kernel");
+    return 0;
+}
+
 int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
                         const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
                         float limit, int accumulate, float *work, mill_err *e) {
@@ -345,6 +522,17 @@ int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t
     long NK = (long)N * K;
     float *xg = work, *g = xg + NK * D, *u = g + NK * I, *y = u + NK * I;
     int32_t *slot_row = (int32_t *)(y + NK * D), *offs = slot_row + NK;
+    if (moe_small_ok(k, NK, D, I, E)) {
+        TRY(moe_small_group(k, xg, slot_row, offs, x, ids, N, D, E, K, e));
+        TRY(moe_small_gemm(k, g, xg, w1, offs, E, I, D, e));
+        TRY(moe_small_gemm(k, u, xg, w3, offs, E, I, D, e));
+        TRY(cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e));
+        TRY(moe_small_gemm(k, y, g, w2, offs, E, D, I, e));
+        moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, slot_row, N, D, K,
+                                                                                  accumulate);
+        LAUNCH_CHECK("moe_combine_kernel");
+        return 0;
+    }
     int32_t *offs_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)(E + 1));
     if (!offs_h) return mill_errf(e, "moe: out of memory");
     int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);

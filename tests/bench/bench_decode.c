@@ -1,7 +1,7 @@
 /* Cached-engine throughput on the CPU or CUDA (a benchmark: it prints, never fails on time), through
  * the engine API the rollout server uses (engine_init, engine_seq_new, engine_step with host logits):
  * prefill tokens/s for 8 prompts of 256 tokens, then for each batch size B: B sequences of P prompt
- * tokens (prefilled untimed), one untimed decode step, then S timed single-token decode steps,
+ * tokens (prefilled untimed), two untimed decode steps (a CUDA graph is captured at the second), then S timed single-token decode steps,
  * teacher-forced (every sequence's next token is fixed, so each run does the same work). Each
  * sequence has its own tokens, so the batch routes like B independent requests.
  *
@@ -148,9 +148,10 @@ typedef struct {
     int P, S, gpu;
 } bench_ctx;
 
-static int bench_batch(const bench_ctx *bc, int B, mill_err *e) {
+/* B sequences' decode rate; graphs = 0: every step op by op (CUDA), for the graphs' ratio. */
+static int bench_batch(const bench_ctx *bc, int B, int graphs, mill_err *e) {
     const dsv4_config *c = &bc->m->cfg;
-    int V = c->vocab_size, P = bc->P, S = bc->S, len = P + 1 + S, rc = -1;
+    int V = c->vocab_size, P = bc->P, S = bc->S, len = P + 2 + S, rc = -1;
     engine_seq **s = calloc((size_t)B, sizeof *s);
     const int32_t **tp = calloc((size_t)B, sizeof *tp);
     int *nt = calloc((size_t)B, sizeof(int));
@@ -168,30 +169,38 @@ static int bench_batch(const bench_ctx *bc, int B, mill_err *e) {
         nt[i] = P;
     }
     if (engine_step(bc->en, s, tp, nt, B, NULL, 0, NULL, e)) goto out; /* prefill, untimed, no logits */
+    bc->en->graphs = graphs;
+    long g0 = bc->en->graph_steps;
     double t0 = 0;
-    for (int st = -1; st < S; st++) { /* st = -1: one untimed decode step */
+    for (int st = -2; st < S; st++) { /* two untimed decode steps: a graph is captured at the second */
         if (st == 0) t0 = bench_now();
         for (int i = 0; i < B; i++) {
-            tp[i] = toks + (size_t)i * len + P + 1 + st;
+            tp[i] = toks + (size_t)i * len + P + 2 + st;
             nt[i] = 1;
         }
         if (engine_step(bc->en, s, tp, nt, B, lg, 1, NULL, e)) goto out; /* host logits: waits for the device */
     }
     double dt = bench_now() - t0, tok_s = (double)B * S / dt;
+    if (!graphs) {
+        printf("decode B=%d op by op (no CUDA graphs): %.1f tok/s, %.2f ms/step\n", B, tok_s, 1e3 * dt / S);
+        rc = 0;
+        goto out;
+    }
     /* floors: S steps of weight reads plus each sequence's cache reads at its length then */
     double cache_f = 0;
-    for (int st = 0; st < S; st++) cache_f += cache_floats_read(c, P + 2 + st);
+    for (int st = 0; st < S; st++) cache_f += cache_floats_read(c, P + 3 + st);
     double w32 = weight_bytes(&bc->ws, B, bc->gpu ? 2 : 4), w16 = weight_bytes(&bc->ws, B, 2);
     double f32 = (double)B * S * bc->traffic / (S * w32 + 4.0 * B * cache_f);
     double f16 = (double)B * S * bc->traffic / (S * w16 + 2.0 * B * cache_f);
-    printf("decode B=%d: %.1f tok/s, floor %.1f tok/s (fraction %.3f)\n", B, tok_s, f32, tok_s / f32);
+    printf("decode B=%d: %.1f tok/s, floor %.1f tok/s (fraction %.3f)%s\n", B, tok_s, f32, tok_s / f32,
+           bc->en->graph_steps - g0 >= S ? " (CUDA graphs)" : "");
     printf("  %.2f ms/step; bytes read per step (weights in %s, cache in fp32): weights %.1f MiB (%.2f of %d routed "
            "experts per MoE layer, "
            "expected E(1-(1-k/E)^B)), cache %.2f MiB (%d sequences, mean length %.0f; %.2f MiB allocated each); "
            "bf16 floor %.0f tok/s (fraction %.3f)\n",
            1e3 * dt / S, bc->gpu ? "bf16" : "fp32", w32 / (1 << 20), distinct_experts(&bc->ws, B), bc->ws.E,
            4.0 * B * cache_f / S / (1 << 20), B,
-           P + 2 + (S - 1) / 2.0, (double)engine_seq_bytes(bc->en, len) / (1 << 20), f16, tok_s / f16);
+           P + 3 + (S - 1) / 2.0, (double)engine_seq_bytes(bc->en, len) / (1 << 20), f16, tok_s / f16);
     if (!bc->gpu && (double)B * len * V * sizeof(float) <= (double)(1u << 30)) {
         double re;
         if (reforward_rate(bc->m, bc->k, B, len, &re, e)) goto out;
@@ -294,10 +303,10 @@ int main(int argc, char **argv) {
         free(logits);
         if (!ok) goto done;
     }
-    printf("decode: P = %d prompt tokens, 1 untimed + %d timed steps per batch\n", P, S);
+    printf("decode: P = %d prompt tokens, 2 untimed + %d timed steps per batch\n", P, S);
     fflush(stdout); /* partial results survive a timeout (gpu_bench.sh) */
     for (int i = 0; i < nb; i++) {
-        if (bench_batch(&bc, batches[i], &e)) goto done;
+        if (bench_batch(&bc, batches[i], 1, &e) || (gpu && bench_batch(&bc, batches[i], 0, &e))) goto done;
         fflush(stdout);
     }
     rc = 0;

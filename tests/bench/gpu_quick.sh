@@ -1,0 +1,9 @@
+#!/bin/bash
+# The lead's quick GPU round: parity tests, then decode (with and without CUDA graphs). OUT: logs.
+B=${MILL_BUILD:-build-gpu}/bin; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+export LD_LIBRARY_PATH=$PWD/.devlibs:$LD_LIBRARY_PATH MILL_TEST_DATA_DIR=$PWD/tests/data OMP_NUM_THREADS=8
+timeout 200 $B/test_cuda_ops > $OUT/test_cuda_ops.txt 2>&1; echo "test_cuda_ops rc $?"
+grep -E "FAIL|moe|PASSED|sample|sumsq|rmsnorm_b|sink" $OUT/test_cuda_ops.txt | head -30
+timeout 300 $B/test_model_cuda > $OUT/test_model_cuda.txt 2>&1; echo "test_model_cuda rc $?"
+grep -E "^#|FAIL|PASSED|Error|error" $OUT/test_model_cuda.txt | head -40
+timeout 200 $B/bench_decode --device cuda --config configs/models/dsv4-small.json --batches ${DEC_BATCHES:-1,32,128} --prompt 128 --steps 64 2>&1 | grep -v "^\s*$"
