@@ -538,8 +538,20 @@ static void test_attention(void **state) {
     f->fails = 0;
     struct {
         int T, H, d, window, n_comp, Tc;
-    } sh[] = {{256, 8, 512, 128, 64, 64}, {160, 16, 512, 128, 0, 0}, {96, 4, 64, 16, 8, 24}};
-    for (int s = 0; s < 3; s++) {
+    } sh[] = {/* the tiled kernels: d 512 (shared memory over 48 KB), window only, partial head chunks */
+              {256, 8, 512, 128, 64, 64},
+              {160, 16, 512, 128, 0, 0},
+              {96, 4, 64, 16, 8, 24},
+              /* the training shape's CSA (n_comp 256 with holes) and HCA layers, T off the 32-key tile */
+              {300, 16, 128, 128, 256, 75},
+              {200, 16, 128, 128, 3, 3},
+              /* Flash's 64 heads (four head chunks), at d 128 and d 512; 20 heads: a part-empty chunk */
+              {150, 64, 128, 128, 40, 37},
+              {130, 64, 512, 128, 16, 32},
+              {70, 20, 128, 32, 5, 12},
+              /* d not a multiple of 4: the per-head kernels */
+              {50, 3, 30, 16, 4, 10}};
+    for (int s = 0; s < (int)(sizeof sh / sizeof sh[0]); s++) {
         int T = sh[s].T, H = sh[s].H, d = sh[s].d, W = sh[s].window, nc = sh[s].n_comp, Tc = sh[s].Tc;
         long nq = (long)T * H * d;
         char name[64];

@@ -1,11 +1,15 @@
 /* kernels/cuda/attention.cu — CUDA paths of kernels/attention.h.
- * Sink attention: one block per (query, head) forward — the query in shared memory, one warp per
- * key for the scores, an exact (two-pass) softmax with the sink column, threads over channels for
- * the output; the backward runs one block per query over chunks of heads and adds key gradients
- * with float atomics (many queries share a key). Compressor pooling and the indexer are one thread
- * per output (channel-coalesced) and one warp per compressed entry; top-k ranks every visible
- * entry against the others, which reproduces the CPU order exactly (value descending, ties to the
- * lower index). Correctness first: none of these is tuned yet. */
+ * Sink attention (training path): one block per (query, chunk of 16 heads) — all heads of the
+ * chunk share each tile of 32 keys staged in shared memory (a query's keys are read once per chunk,
+ * not once per head); online softmax per head started from the sink, fp32 throughout. The backward
+ * uses the same blocks: a pass for each head's softmax sum and D = sum p dp, then a pass for dq and
+ * the tile's key gradients summed over the chunk's heads, added with float4 atomics (many queries
+ * share a key; so not bit-reproducible, as before). Rows that are not 16-byte aligned, d not a
+ * multiple of 4 or over 512, and the engine's decode (op_cache_attend) run the per-head kernels:
+ * one block per (query, head), a two-pass softmax; the backward one block per query over chunks of
+ * heads. Compressor pooling and the indexer are one thread per output (channel-coalesced) and one
+ * warp per compressed entry; top-k ranks every visible entry against the others, which reproduces
+ * the CPU order exactly (value descending, ties to the lower index). */
 #include "cuda_internal.cuh"
 
 #include <math.h>
@@ -119,11 +123,374 @@ static int att_smem_ok(const void *fn, size_t smem, mill_err *e) {
     return 0;
 }
 
+/* ---- Tiled sink attention for the training path: one block per (query, chunk of ATF_HEADS heads),
+ * so a query's keys are read once per chunk instead of once per head. Warp w owns heads
+ * 4w .. 4w+3 of the chunk: it computes their scores (lane = key of the tile), keeps their online
+ * softmax state (the sink starts it: max = sink, sum = 1) and accumulates their outputs (lane =
+ * channel quad). Keys are staged ATF_KT rows at a time in shared memory. fp32 throughout. */
+#define ATF_WARPS 4
+#define ATF_THREADS (32 * ATF_WARPS)
+#define ATF_HPW 4                       /* heads per warp */
+#define ATF_HEADS (ATF_WARPS * ATF_HPW) /* heads per block */
+#define ATF_KT 32                       /* keys per tile: one per lane for the scores */
+#define ATF_DMAX 512                    /* channel quads lane + 32 m, m < 4 */
+
+/* Row stride of the key tile in floats: an odd number of float4s, so the 8 lanes of a quarter-warp
+ * reading 8 different rows at one column hit 8 different 16-byte bank groups. */
+static __host__ __device__ __forceinline__ int att_ldk(int d) { return 4 * ((d >> 2) | 1); }
+
+/* The key list in the CPU's order, filled by the whole block: window rows lo .. lo + nwin - 1, then
+ * entry codes -1 - w for the >= 0 values w of idx[0, n_idx) in order (warp 0 compacts them 32 at a
+ * time with a ballot; one thread walking them serially would stall on every load). Returns the
+ * count; ends with a barrier. */
+__device__ int att_fill_list(int *list, int lo, int nwin, const int32_t *idx, int n_idx) {
+    __shared__ int nk_sh;
+    if (nwin < 0) nwin = 0; /* window <= 0: no window rows */
+    for (int t = threadIdx.x; t < nwin; t += blockDim.x) list[t] = lo + t;
+    if (threadIdx.x < 32) {
+        int lane = threadIdx.x, nk = nwin;
+        for (int c0 = 0; c0 < n_idx; c0 += 32) { /* bound uniform over warp 0 */
+            int32_t w = c0 + lane < n_idx ? idx[c0 + lane] : -1;
+            unsigned m = __ballot_sync(0xffffffffu, w >= 0);
+            if (w >= 0) list[nk + __popc(m & ((1u << lane) - 1u))] = -1 - w;
+            nk += __popc(m);
+        }
+        if (lane == 0) nk_sh = nk;
+    }
+    __syncthreads();
+    return nk_sh;
+}
+
+/* Ks[j, :] = key list[j] for j < nt, zero rows after (their scores stay finite; they are masked). */
+__device__ __forceinline__ void att_load_tile(float *Ks, const int *list, int nt, const float *kv, const float *comp,
+                                              int d, int ldk) {
+    int d4 = d >> 2;
+    for (int t = threadIdx.x; t < ATF_KT * d4; t += blockDim.x) {
+        int j = t / d4, c4 = t - j * d4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (j < nt) v = ((const float4 *)att_key(list[j], kv, comp, d))[c4];
+        *(float4 *)(Ks + (long)j * ldk + 4 * c4) = v;
+    }
+}
+
+/* rows [0, ATF_HEADS) of dst (stride d) = rows h0 + r of src ([H, d] from row 0), zero past H. */
+__device__ __forceinline__ void att_load_heads(float *dst, const float *src, int h0, int H, int d) {
+    int d4 = d >> 2;
+    for (int t = threadIdx.x; t < ATF_HEADS * d4; t += blockDim.x) {
+        int r = t / d4, c4 = t - r * d4;
+        ((float4 *)dst)[t] =
+            h0 + r < H ? ((const float4 *)src)[(long)(h0 + r) * d4 + c4] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+__device__ __forceinline__ float att_dot4(float4 a, float4 b, float acc) {
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+    acc = fmaf(a.z, b.z, acc);
+    return fmaf(a.w, b.w, acc);
+}
+
+__device__ __forceinline__ void att_axpy4(float4 &acc, float a, float4 x) {
+    acc.x = fmaf(a, x.x, acc.x);
+    acc.y = fmaf(a, x.y, acc.y);
+    acc.z = fmaf(a, x.z, acc.z);
+    acc.w = fmaf(a, x.w, acc.w);
+}
+
+__device__ __forceinline__ float att_pick(float4 v, int r) { return r == 0 ? v.x : r == 1 ? v.y : r == 2 ? v.z : v.w; }
+
+/* s[r] = row . Qw[r] for the warp's 4 heads (Qw: stride d), over d channels. */
+__device__ __forceinline__ void att_scores(float *s, const float *row, const float *Qw, int d) {
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) s[r] = 0.f;
+    for (int c = 0; c < d; c += 4) {
+        float4 k = *(const float4 *)(row + c);
+#pragma unroll
+        for (int r = 0; r < ATF_HPW; r++) s[r] = att_dot4(*(const float4 *)(Qw + (long)r * d + c), k, s[r]);
+    }
+}
+
+/* NC channel quads per lane (d <= 128 NC). Grid (T, ceil(H / ATF_HEADS)), ATF_THREADS threads. */
+template <int NC>
+__global__ void __launch_bounds__(ATF_THREADS)
+    attend_tiled_kernel(float *out, const float *q, const float *kv, const float *comp, const int32_t *comp_idx,
+                        int n_comp, const float *sinks, int H, int d, int window, float scale) {
+    extern __shared__ float4 sm4[]; /* float4: the base is 16-byte aligned */
+    int ldk = att_ldk(d), d4 = d >> 2;
+    float *Qs = (float *)sm4, *Ks = Qs + ATF_HEADS * d, *Ps = Ks + ATF_KT * ldk;
+    int *list = (int *)(Ps + ATF_KT * ATF_HEADS);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW;
+    int lo = i - window + 1 < 0 ? 0 : i - window + 1;
+    int nk = att_fill_list(list, lo, i - lo + 1, comp_idx + (long)i * n_comp, n_comp);
+    att_load_heads(Qs, q + (long)i * H * d, h0, H, d);
+    float m[ATF_HPW], l[ATF_HPW];
+    float4 acc[ATF_HPW][NC];
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) {
+        m[r] = h0 + hw + r < H ? sinks[h0 + hw + r] : 0.f;
+        l[r] = 1.f; /* exp(sink - max) with max = sink */
+#pragma unroll
+        for (int c = 0; c < NC; c++) acc[r][c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int t0 = 0; t0 < nk; t0 += ATF_KT) { /* nk is uniform: the barriers below are too */
+        int nt = nk - t0 < ATF_KT ? nk - t0 : ATF_KT;
+        __syncthreads(); /* the previous tile is consumed (first time: Qs is written) */
+        att_load_tile(Ks, list + t0, nt, kv, comp, d, ldk);
+        __syncthreads();
+        float s[ATF_HPW], p[ATF_HPW], alpha[ATF_HPW];
+        att_scores(s, Ks + (long)lane * ldk, Qs + (long)hw * d, d);
+#pragma unroll
+        for (int r = 0; r < ATF_HPW; r++) {
+            float sc = lane < nt ? s[r] * scale : -INFINITY;
+            float mn = fmaxf(m[r], cu_warp_max(sc));
+            alpha[r] = expf(m[r] - mn);
+            p[r] = expf(sc - mn); /* 0 for a masked lane */
+            l[r] = l[r] * alpha[r] + cu_warp_sum(p[r]);
+            m[r] = mn;
+        }
+        *(float4 *)(Ps + lane * ATF_HEADS + hw) = make_float4(p[0], p[1], p[2], p[3]);
+        __syncwarp(); /* the warp reads its own heads' columns only */
+#pragma unroll
+        for (int r = 0; r < ATF_HPW; r++)
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                acc[r][c].x *= alpha[r];
+                acc[r][c].y *= alpha[r];
+                acc[r][c].z *= alpha[r];
+                acc[r][c].w *= alpha[r];
+            }
+        for (int j = 0; j < nt; j++) {
+            float4 p4 = *(const float4 *)(Ps + j * ATF_HEADS + hw);
+            const float *kr = Ks + (long)j * ldk;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                int c4 = lane + 32 * c;
+                if (c4 < d4) {
+                    float4 k = *(const float4 *)(kr + 4 * c4);
+                    att_axpy4(acc[0][c], p4.x, k);
+                    att_axpy4(acc[1][c], p4.y, k);
+                    att_axpy4(acc[2][c], p4.z, k);
+                    att_axpy4(acc[3][c], p4.w, k);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) {
+        int h = h0 + hw + r;
+        if (h >= H) continue;
+        float inv = 1.f / l[r];
+        float4 *o = (float4 *)(out + ((long)i * H + h) * d);
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            int c4 = lane + 32 * c;
+            if (c4 < d4) o[c4] = make_float4(acc[r][c].x * inv, acc[r][c].y * inv, acc[r][c].z * inv, acc[r][c].w * inv);
+        }
+    }
+}
+
+__device__ __forceinline__ void att_atomic_add4(float *p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd((float4 *)p, v); /* one vector reduction instead of four */
+#else
+    atomicAdd(p, v.x);
+    atomicAdd(p + 1, v.y);
+    atomicAdd(p + 2, v.z);
+    atomicAdd(p + 3, v.w);
+#endif
+}
+
+/* Backward, same blocks and warp/head ownership. Pass 1 runs the forward's online softmax and
+ * carries D = sum_j p_j (do . k_j) the same way (rescaled with the max); pass 2 recomputes the
+ * scores, p and ds = p (dp - D) scale per tile: dq of the warp's heads from its own columns, then
+ * the tile's key gradients sum all ATF_HEADS heads (thread: rows warp + 4 r, one channel quad)
+ * before one float4 atomic per key quad (keys are shared between queries). The sink's gradient per
+ * (query, head) goes to dsink_part, summed in query order afterwards. */
+template <int NC>
+__global__ void __launch_bounds__(ATF_THREADS)
+    attend_bwd_tiled_kernel(float *dq, float *dkv, float *dcomp, float *dsink_part, const float *dout, const float *q,
+                            const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
+                            const float *sinks, int H, int d, int window, float scale) {
+    extern __shared__ float4 sm4[];
+    int ldk = att_ldk(d), d4 = d >> 2;
+    float *Qs = (float *)sm4, *Gs = Qs + ATF_HEADS * d, *Ks = Gs + ATF_HEADS * d;
+    float *Ps = Ks + ATF_KT * ldk, *DSs = Ps + ATF_KT * ATF_HEADS;
+    int *list = (int *)(DSs + ATF_KT * ATF_HEADS);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW;
+    int lo = i - window + 1 < 0 ? 0 : i - window + 1;
+    int nk = att_fill_list(list, lo, i - lo + 1, comp_idx + (long)i * n_comp, n_comp);
+    att_load_heads(Qs, q + (long)i * H * d, h0, H, d);
+    att_load_heads(Gs, dout + (long)i * H * d, h0, H, d);
+    float m[ATF_HPW], l[ATF_HPW], D[ATF_HPW];
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) {
+        m[r] = h0 + hw + r < H ? sinks[h0 + hw + r] : 0.f;
+        l[r] = 1.f;
+        D[r] = 0.f;
+    }
+    for (int t0 = 0; t0 < nk; t0 += ATF_KT) {
+        int nt = nk - t0 < ATF_KT ? nk - t0 : ATF_KT;
+        __syncthreads();
+        att_load_tile(Ks, list + t0, nt, kv, comp, d, ldk);
+        __syncthreads();
+        float s[ATF_HPW], g[ATF_HPW];
+        att_scores(s, Ks + (long)lane * ldk, Qs + (long)hw * d, d);
+        att_scores(g, Ks + (long)lane * ldk, Gs + (long)hw * d, d);
+#pragma unroll
+        for (int r = 0; r < ATF_HPW; r++) {
+            float sc = lane < nt ? s[r] * scale : -INFINITY;
+            float mn = fmaxf(m[r], cu_warp_max(sc));
+            float alpha = expf(m[r] - mn), ex = expf(sc - mn);
+            l[r] = l[r] * alpha + cu_warp_sum(ex);
+            D[r] = D[r] * alpha + cu_warp_sum(ex * g[r]); /* g is 0 on a zero row, so masked lanes add 0 */
+            m[r] = mn;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) {
+        int h = h0 + hw + r;
+        D[r] /= l[r];
+        if (h < H && lane == 0) dsink_part[(long)i * H + h] = -(expf(sinks[h] - m[r]) / l[r]) * D[r];
+    }
+    float4 dqa[ATF_HPW][NC];
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++)
+#pragma unroll
+        for (int c = 0; c < NC; c++) dqa[r][c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int t0 = 0; t0 < nk; t0 += ATF_KT) {
+        int nt = nk - t0 < ATF_KT ? nk - t0 : ATF_KT;
+        __syncthreads(); /* Ks, Ps, DSs of the previous tile are consumed */
+        att_load_tile(Ks, list + t0, nt, kv, comp, d, ldk);
+        __syncthreads();
+        float s[ATF_HPW], g[ATF_HPW], p[ATF_HPW], ds[ATF_HPW];
+        att_scores(s, Ks + (long)lane * ldk, Qs + (long)hw * d, d);
+        att_scores(g, Ks + (long)lane * ldk, Gs + (long)hw * d, d);
+#pragma unroll
+        for (int r = 0; r < ATF_HPW; r++) {
+            p[r] = lane < nt && h0 + hw + r < H ? expf(s[r] * scale - m[r]) / l[r] : 0.f;
+            ds[r] = p[r] * (g[r] - D[r]) * scale;
+        }
+        *(float4 *)(Ps + lane * ATF_HEADS + hw) = make_float4(p[0], p[1], p[2], p[3]);
+        *(float4 *)(DSs + lane * ATF_HEADS + hw) = make_float4(ds[0], ds[1], ds[2], ds[3]);
+        __syncthreads(); /* the key gradients read every warp's columns */
+        for (int j = 0; j < nt; j++) {
+            float4 d4s = *(const float4 *)(DSs + j * ATF_HEADS + hw);
+            const float *kr = Ks + (long)j * ldk;
+#pragma unroll
+            for (int c = 0; c < NC; c++) {
+                int c4 = lane + 32 * c;
+                if (c4 < d4) {
+                    float4 k = *(const float4 *)(kr + 4 * c4);
+                    att_axpy4(dqa[0][c], d4s.x, k);
+                    att_axpy4(dqa[1][c], d4s.y, k);
+                    att_axpy4(dqa[2][c], d4s.z, k);
+                    att_axpy4(dqa[3][c], d4s.w, k);
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            int c4 = lane + 32 * c;
+            if (c4 >= d4) continue; /* no barrier below */
+            float4 a[ATF_KT / ATF_WARPS];
+#pragma unroll
+            for (int rr = 0; rr < ATF_KT / ATF_WARPS; rr++) a[rr] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int hq = 0; hq < ATF_HEADS; hq += 4) {
+                float4 qv[4], gv[4];
+#pragma unroll
+                for (int x = 0; x < 4; x++) {
+                    qv[x] = *(const float4 *)(Qs + (long)(hq + x) * d + 4 * c4);
+                    gv[x] = *(const float4 *)(Gs + (long)(hq + x) * d + 4 * c4);
+                }
+#pragma unroll
+                for (int rr = 0; rr < ATF_KT / ATF_WARPS; rr++) {
+                    int j = warp + ATF_WARPS * rr;
+                    float4 dsv = *(const float4 *)(DSs + j * ATF_HEADS + hq);
+                    float4 pv = *(const float4 *)(Ps + j * ATF_HEADS + hq);
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        att_axpy4(a[rr], att_pick(dsv, x), qv[x]);
+                        att_axpy4(a[rr], att_pick(pv, x), gv[x]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int rr = 0; rr < ATF_KT / ATF_WARPS; rr++) {
+                int j = warp + ATF_WARPS * rr;
+                if (j >= nt) continue;
+                int code = list[t0 + j];
+                float *dk = code >= 0 ? dkv + (long)code * d : dcomp + (long)(-1 - code) * d;
+                att_atomic_add4(dk + 4 * c4, a[rr]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ATF_HPW; r++) {
+        int h = h0 + hw + r;
+        if (h >= H) continue;
+        float4 *o = (float4 *)(dq + ((long)i * H + h) * d);
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            int c4 = lane + 32 * c;
+            if (c4 >= d4) continue;
+            float4 v = o[c4];
+            v.x += dqa[r][c].x;
+            v.y += dqa[r][c].y;
+            v.z += dqa[r][c].z;
+            v.w += dqa[r][c].w;
+            o[c4] = v;
+        }
+    }
+}
+
+/* Channel quads per lane for the tiled kernels, or 0 when they do not apply (d not a multiple of 4
+ * or over ATF_DMAX, or a row pointer not 16-byte aligned): the per-head kernels run then. */
+static int att_tiled_nc(int d, const void *const *ptrs, int n) {
+    if (d < 4 || d % 4 || d > ATF_DMAX) return 0;
+    for (int t = 0; t < n; t++)
+        if ((uintptr_t)ptrs[t] % 16) return 0;
+    int nc = (d / 4 + 31) / 32;
+    return nc == 3 ? 4 : nc;
+}
+
+static size_t att_fwd_smem(int d, int max_keys) {
+    return sizeof(float) * ((size_t)ATF_HEADS * d + (size_t)ATF_KT * att_ldk(d) + ATF_KT * ATF_HEADS) +
+           sizeof(int) * (size_t)max_keys;
+}
+static size_t att_bwd_smem(int d, int max_keys) {
+    return sizeof(float) * (2 * (size_t)ATF_HEADS * d + (size_t)ATF_KT * att_ldk(d) + 2 * ATF_KT * ATF_HEADS) +
+           sizeof(int) * (size_t)max_keys;
+}
+
 int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
                            const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
                            float scale, mill_err *e) {
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
+    const void *rows[] = {out, q, kv, comp};
+    int nc = att_tiled_nc(d, rows, 4);
+    if (nc) {
+        size_t smem = att_fwd_smem(d, max_keys);
+        dim3 grid(T, (H + ATF_HEADS - 1) / ATF_HEADS);
+        const void *fn = nc == 1   ? (const void *)attend_tiled_kernel<1>
+                         : nc == 2 ? (const void *)attend_tiled_kernel<2>
+                                   : (const void *)attend_tiled_kernel<4>;
+        TRY(att_smem_ok(fn, smem, e));
+        if (nc == 1)
+            attend_tiled_kernel<1><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
+                                                                              sinks, H, d, window, scale);
+        else if (nc == 2)
+            attend_tiled_kernel<2><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
+                                                                              sinks, H, d, window, scale);
+        else
+            attend_tiled_kernel<4><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
+                                                                              sinks, H, d, window, scale);
+        LAUNCH_CHECK("attend_tiled_kernel");
+        return 0;
+    }
     size_t smem = sizeof(float) * (size_t)(d + max_keys) + sizeof(int) * (size_t)max_keys;
     TRY(att_smem_ok((const void *)attend_kernel<false>, smem, e));
     attn_wave none = {0, NULL, NULL, NULL};
@@ -239,12 +606,30 @@ int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float 
                                     int window, float scale, mill_err *e) {
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
-    size_t smem = sizeof(float) * 2 * ATT_BWD_HEADS * (size_t)max_keys + sizeof(int) * (size_t)max_keys;
-    TRY(att_smem_ok((const void *)attend_bwd_kernel, smem, e));
+    const void *rows[] = {dq, dkv, dcomp, dout, q, kv, comp};
+    int nc = att_tiled_nc(d, rows, 7);
+    size_t smem = nc ? att_bwd_smem(d, max_keys)
+                     : sizeof(float) * 2 * ATT_BWD_HEADS * (size_t)max_keys + sizeof(int) * (size_t)max_keys;
+    const void *fn = nc == 1   ? (const void *)attend_bwd_tiled_kernel<1>
+                     : nc == 2 ? (const void *)attend_bwd_tiled_kernel<2>
+                     : nc == 4 ? (const void *)attend_bwd_tiled_kernel<4>
+                               : (const void *)attend_bwd_kernel;
+    TRY(att_smem_ok(fn, smem, e));
     float *part = NULL;
     TRY(cu_scratch((void **)&part, sizeof(float) * (size_t)T * H, k, e));
-    attend_bwd_kernel<<<T, 256, smem, cu_stream(k)>>>(dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp,
-                                                      sinks, H, d, window, max_keys, scale);
+    dim3 grid(T, (H + ATF_HEADS - 1) / ATF_HEADS);
+    if (nc == 1)
+        attend_bwd_tiled_kernel<1><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+    else if (nc == 2)
+        attend_bwd_tiled_kernel<2><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+    else if (nc == 4)
+        attend_bwd_tiled_kernel<4><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+    else
+        attend_bwd_kernel<<<T, 256, smem, cu_stream(k)>>>(dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp,
+                                                          sinks, H, d, window, max_keys, scale);
     cudaError_t le = cudaGetLastError();
     if (le == cudaSuccess) {
         dsink_reduce_kernel<<<cu_blocks(H, 64), 64, 0, cu_stream(k)>>>(dsinks, part, T, H);
