@@ -28,6 +28,19 @@ int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e) {
     return 0;
 }
 
+int op_sumsq_segments(const kctx *k, const float *x, const long *offsets, const long *lengths, int n_seg,
+                      double *acc, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sumsq_segments(k, x, offsets, lengths, n_seg, acc, e));
+    TRY(kctx_require_cpu(k, "op_sumsq_segments", e));
+    for (int sg = 0; sg < n_seg; sg++) { /* op_sumsq's loop, segment by segment */
+        const float *p = x + offsets[sg];
+        double s = 0.0;
+        for (long i = 0; i < lengths[sg]; i++) s += (double)p[i] * p[i];
+        *acc += s;
+    }
+    return 0;
+}
+
 int op_scale(const kctx *k, float *x, long n, float s, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_scale(k, x, n, s, e));
     TRY(kctx_require_cpu(k, "op_scale", e));

@@ -14,6 +14,11 @@ typedef struct {
 int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e);
 /* sum of squares of n elements (double accumulation), added to *acc. */
 int op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e);
+/* The same over n_seg segments x[offsets[i], offsets[i] + lengths[i]) in one call: each segment
+ * summed in double as op_sumsq does, each sum added to *acc in segment order (the CPU gives the bits
+ * of a loop of op_sumsq calls). offsets and lengths are host arrays; on CUDA one sync for all. */
+int op_sumsq_segments(const kctx *k, const float *x, const long *offsets, const long *lengths, int n_seg,
+                      double *acc, mill_err *e);
 int op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
 
 #endif

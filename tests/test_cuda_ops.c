@@ -257,8 +257,8 @@ static void test_rmsnorm(void **state) {
     f->fails = 0;
     struct {
         int rows, dim, ld, weighted, alias;
-    } sh[] = {{37, 4096, 4100, 1, 0}, {16, 16384, 16384, 0, 0}, {9, 512, 512, 1, 1}};
-    for (int s = 0; s < 3; s++) {
+    } sh[] = {{37, 4096, 4100, 1, 0}, {16, 16384, 16384, 0, 0}, {9, 512, 512, 1, 1}, {6000, 1024, 1024, 1, 0}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) { /* 6000 rows: dw over many chunks, the last partial */
         int rows = sh[s].rows, dim = sh[s].dim, ld = sh[s].ld;
         long n = (long)rows * ld;
         char name[64];
@@ -523,6 +523,16 @@ static void test_optim(void **state) {
     OK(op_sumsq(&f->cpu, g, n, &a1, ERR));
     OK(op_sumsq(&f->gpu, dg, n, &a2, ERR));
     record(f, "op_sumsq", "n1000003 (double sums)", fabs(a2 - a1) / fabs(a1), 1e-12);
+    /* segments as the optimizer passes them (one per tensor): empty ones, one over several chunks,
+     * out of order, one ending at n; the CPU must give the bits of a loop of op_sumsq calls */
+    long off[] = {0, 17, 17, 300000, 5, 900000, 999000}, len[] = {17, 0, 200003, 1, 12, 99000, 1003};
+    int nseg = (int)(sizeof off / sizeof off[0]);
+    double l1 = 0.25, s1 = 0.25, s2 = 0.25;
+    for (int i = 0; i < nseg; i++) OK(op_sumsq(&f->cpu, g + off[i], len[i], &l1, ERR));
+    OK(op_sumsq_segments(&f->cpu, g, off, len, nseg, &s1, ERR));
+    record(f, "op_sumsq_segments cpu = op_sumsq loop", "7 segments (bits)", l1 == s1 ? 0.0 : 1.0, 0.0);
+    OK(op_sumsq_segments(&f->gpu, dg, off, len, nseg, &s2, ERR));
+    record(f, "op_sumsq_segments", "7 segments (double sums)", fabs(s2 - s1) / fabs(s1), 1e-12);
     OK(op_scale(&f->cpu, p, n, 0.37f, ERR));
     OK(op_scale(&f->gpu, dp, n, 0.37f, ERR));
     cmp(f, "op_scale", "n1000003", dp, p, n, TOL_FP32);
@@ -860,8 +870,8 @@ static void test_cache_ops(void **state) {
 static void test_hc(void **state) {
     fixture *f = *state;
     f->fails = 0;
-    int shN[] = {64, 7}, shD[] = {4096, 256};
-    for (int s = 0; s < 2; s++) {
+    int shN[] = {64, 7, 1024}, shD[] = {4096, 256, 256}; /* N 1024: dfn's product split over tokens too */
+    for (int s = 0; s < 3; s++) {
         hc_dims dm = {4, shD[s], 20, 1e-6f, 1e-6f};
         int N = shN[s], n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n;
         long nh = (long)N * n * D;
@@ -1012,8 +1022,8 @@ static void test_moe_experts(void **state) {
         printf("  cublasGemmGroupedBatchedEx accepts: %s\n", types);
     struct {
         int N, D, I, E, K, acc;
-    } sh[] = {{128, 256, 128, 8, 2, 0}, {96, 512, 256, 64, 6, 1}, {33, 128, 64, 16, 4, 0}};
-    for (int s = 0; s < 3; s++) {
+    } sh[] = {{128, 256, 128, 8, 2, 0}, {96, 512, 256, 64, 6, 1}, {33, 128, 64, 16, 4, 0}, {4096, 128, 64, 32, 4, 1}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) { /* N 4096 x K 4: the grouping over many chunks */
         int N = sh[s].N, D = sh[s].D, I = sh[s].I, Ex = sh[s].E, K = sh[s].K;
         char name[64];
         snprintf(name, sizeof name, "N%d D%d I%d E%d K%d acc%d", N, D, I, Ex, K, sh[s].acc);
@@ -1047,6 +1057,11 @@ static void test_moe_experts(void **state) {
         OK(op_moe_experts(&f->cpu, out, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, sh[s].acc, work, ERR));
         OK(op_moe_experts(&f->gpu, dout, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K, L, sh[s].acc, dwork, ERR));
         cmp(f, "op_moe_experts", name, dout, out, (long)N * D, TOL_MOE);
+        /* the grouping in work (slot_row [NK] then offs [E + 1], after xg, g, u, y) must be the CPU's
+         * exactly: a stable sort keeps each expert's rows in token order */
+        long NKs = (long)N * K, grp = NKs * (2L * D + 2L * I);
+        cmpi(f, "op_moe_experts grouping", name, (const int32_t *)(dwork + grp), (const int32_t *)(work + grp),
+             NKs + Ex + 1);
         float *go = hnew((long)N * D), *gx = hnew((long)N * D), *g1 = hnew((long)Ex * I * D);
         float *g3 = hnew((long)Ex * I * D), *g2 = hnew((long)Ex * D * I), *gw = hnew((long)N * K);
         fill(f, go, (long)N * D, -1, 1);
@@ -1060,6 +1075,9 @@ static void test_moe_experts(void **state) {
                                    ERR));
         OK(op_moe_experts_backward(&f->gpu, dgx, dg1, dg3, dg2, dgw, dgo, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K,
                                    L, dwork, ERR));
+        long bgrp = NKs * (4L * D + 5L * I);
+        cmpi(f, "op_moe_experts_backward grouping", name, (const int32_t *)(dwork + bgrp),
+             (const int32_t *)(work + bgrp), NKs + Ex + 1);
         cmp(f, "op_moe_experts_backward dx", name, dgx, gx, (long)N * D, TOL_MOE);
         cmp(f, "op_moe_experts_backward dw1", name, dg1, g1, (long)Ex * I * D, TOL_MOE);
         cmp(f, "op_moe_experts_backward dw3", name, dg3, g3, (long)Ex * I * D, TOL_MOE);

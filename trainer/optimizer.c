@@ -103,11 +103,34 @@ int optimizer_n_updated(const optimizer *o, const dsv4_model *m, size_t *floats)
     return n;
 }
 
+/* The end of the run of updated parameters that starts at i: the next ones follow it contiguously in
+ * the flat buffer and take the same weight decay. Elementwise ops over the run
+ * give the bits of one call per parameter, with a fraction of the launches on a GPU. */
+static int optim_run_end(const optimizer *o, const dsv4_model *m, int i) {
+    int j = i + 1;
+    while (j < m->n_params && o->update[j] &&
+           m->params[j].offset == m->params[j - 1].offset + m->params[j - 1].numel &&
+           (m->params[j].ndim >= 2) == (m->params[i].ndim >= 2))
+        j++;
+    return j;
+}
+
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e) {
-    double ss = 0.0;
+    /* the global norm: one segment per updated tensor, summed in table order (one sync on a GPU) */
+    long *seg = malloc(sizeof(long) * 2 * (size_t)(m->n_params ? m->n_params : 1));
+    if (!seg) return mill_errf(e, "optimizer: out of memory");
+    int n_seg = 0;
     for (int i = 0; i < m->n_params; i++)
-        if (o->update[i]) TRY(op_sumsq(k, grads + m->params[i].offset, (long)m->params[i].numel, &ss, e));
+        if (o->update[i]) {
+            seg[n_seg] = (long)m->params[i].offset;
+            seg[m->n_params + n_seg] = (long)m->params[i].numel;
+            n_seg++;
+        }
+    double ss = 0.0;
+    int rc = op_sumsq_segments(k, grads, seg, seg + m->n_params, n_seg, &ss, e);
+    free(seg);
+    if (rc) return rc;
     double norm = sqrt(ss);
     if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
     *grad_norm = norm;
@@ -118,13 +141,19 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
     long t = o->step + 1;
     adamw_hparams hp = {(float)lr, (float)o->cfg.beta1, (float)o->cfg.beta2, (float)o->cfg.eps, 0.0f,
                         (float)(1.0 - pow(o->cfg.beta1, (double)t)), (float)(1.0 - pow(o->cfg.beta2, (double)t))};
-    for (int i = 0; i < m->n_params; i++) {
-        if (!o->update[i]) continue;
-        const param_info *p = &m->params[i];
+    for (int i = 0; i < m->n_params;) {
+        if (!o->update[i]) {
+            i++;
+            continue;
+        }
+        int j = optim_run_end(o, m, i);
+        const param_info *p = &m->params[i], *last = &m->params[j - 1];
+        long n = (long)(last->offset + last->numel - p->offset);
         float *g = grads + p->offset;
-        if (clip != 1.0f) TRY(op_scale(k, g, (long)p->numel, clip, e));
+        if (clip != 1.0f) TRY(op_scale(k, g, n, clip, e));
         hp.weight_decay = p->ndim >= 2 ? (float)o->cfg.weight_decay : 0.0f; /* no decay on norms, scales, sinks */
-        TRY(op_adamw(k, m->data + p->offset, g, o->m + p->offset, o->v + p->offset, (long)p->numel, hp, e));
+        TRY(op_adamw(k, m->data + p->offset, g, o->m + p->offset, o->v + p->offset, n, hp, e));
+        i = j;
     }
     o->step = t;
     return 0;

@@ -174,6 +174,10 @@ static inline int cu_gemm(const kctx *k, cu_gemm_shape s, int M, int N, int K, c
 /* Row-major helpers shared between files (defined in dense.cu). */
 int cu_rmsnorm_rows(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
                     mill_err *e);
+/* dst0[i] += sum over rows of in[r, i] for i < n0, dst1[i - n0] likewise for n0 <= i < cols (in [rows, cols]
+ * compact); rows are summed in chunks, then the chunks in order: deterministic, no atomics. */
+int cu_colsum_add(const kctx *k, float *dst0, int n0, float *dst1, const float *in, long rows, int cols,
+                  mill_err *e);
 int cu_swiglu_backward_write(const kctx *k, float *dg, float *du, const float *dh, const float *g, const float *u,
                              long n, float limit, mill_err *e);
 

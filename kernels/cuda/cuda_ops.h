@@ -3,7 +3,7 @@
  * Every pointer is a DEVICE pointer (fp32 buffers, int32 ids; `work` buffers are device memory of
  * the size the CPU op documents) except these, which stay on the host:
  *   op_cross_entropy: loss_sum and count (the op waits for the stream to fill them);
- *   op_sumsq: acc (likewise);
+ *   op_sumsq: acc (likewise); op_sumsq_segments: acc, offsets and lengths (one sync for all);
  *   the op_cache_* ops: the attn_wave struct is passed by value; its arrays, and the caches
  *     they point to, are DEVICE memory;
  *   op_token_logp: count (the op waits for the stream to fill it);
@@ -91,6 +91,8 @@ int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rop
                  const float *inv_freq, int sign, mill_err *e);
 int cuda_op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n, adamw_hparams hp, mill_err *e);
 int cuda_op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *e);
+int cuda_op_sumsq_segments(const kctx *k, const float *x, const long *offsets, const long *lengths, int n_seg,
+                           double *acc, mill_err *e);
 int cuda_op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
 
 /* attention.cu */

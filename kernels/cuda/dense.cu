@@ -177,26 +177,82 @@ __global__ void rmsnorm_bwd_kernel(float *dx, float *inv_out, const float *dy, c
     if (inv_out && threadIdx.x == 0) inv_out[blockIdx.x] = inv;
 }
 
-/* dw[i] += sum over rows in row order (the CPU's order, and no float atomics). */
-__global__ void rmsnorm_dw_kernel(float *dw, const float *dy, const float *x, const float *inv, int rows, int dim,
-                                  int ld) {
+/* ---- Column sums in two fixed-order stages (no float atomics): rows are cut into chunks of
+ * `per` rows, one thread per (column, chunk) sums its chunk into part[chunk, col], then one thread per
+ * column adds the chunk partials in chunk order. Enough chunks to fill the GPU even when there
+ * are few columns (the RMSNorm weight gradient over 8192 rows used to be one serial loop per column). */
+static int colsum_chunks(long rows, int *per) {
+    long p = (rows + 255) / 256;
+    if (p < 32) p = 32;
+    *per = (int)p;
+    return (int)((rows + p - 1) / p);
+}
+
+/* dst0[i] += sum_c part[c, i] for i < n0, dst1[i - n0] likewise after (dst1 may be NULL if cols == n0). */
+__global__ void colsum_final_kernel(float *dst0, int n0, float *dst1, const float *part, int chunks, int cols) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= cols) return;
+    float *dst = i < n0 ? dst0 + i : dst1 + (i - n0);
+    float acc = 0.f;
+    for (int c = 0; c < chunks; c++) acc += part[(long)c * cols + i];
+    *dst += acc;
+}
+
+__global__ void colsum_part_kernel(float *part, const float *in, long rows, int cols, int per) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= cols) return;
+    long r0 = (long)blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float acc = 0.f;
+    for (long r = r0; r < r1; r++) acc += in[r * cols + i];
+    part[(long)blockIdx.y * cols + i] = acc;
+}
+
+int cu_colsum_add(const kctx *k, float *dst0, int n0, float *dst1, const float *in, long rows, int cols,
+                  mill_err *e) {
+    if (rows <= 0 || cols <= 0) return 0;
+    int per, chunks = colsum_chunks(rows, &per);
+    float *part = NULL;
+    TRY(cu_scratch((void **)&part, sizeof(float) * (size_t)chunks * cols, k, e));
+    colsum_part_kernel<<<dim3(cu_blocks(cols, 128), chunks), 128, 0, cu_stream(k)>>>(part, in, rows, cols, per);
+    cudaError_t le = cudaGetLastError();
+    if (le == cudaSuccess) {
+        colsum_final_kernel<<<cu_blocks(cols, 128), 128, 0, cu_stream(k)>>>(dst0, n0, dst1, part, chunks, cols);
+        le = cudaGetLastError();
+    }
+    cu_scratch_free(part, k);
+    if (le != cudaSuccess) return mill_errf(e, "cu_colsum_add: launch failed: %s", cudaGetErrorString(le));
+    return 0;
+}
+
+/* RMSNorm's dw, first stage: part[chunk, i] = sum over the chunk's rows of dy x inv (rows in order). */
+__global__ void rmsnorm_dw_part_kernel(float *part, const float *dy, const float *x, const float *inv, int rows,
+                                       int dim, int ld, int per) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= dim) return;
-    float acc = dw[i];
-    for (int r = 0; r < rows; r++) acc += dy[(long)r * ld + i] * x[(long)r * ld + i] * inv[r];
-    dw[i] = acc;
+    int r0 = blockIdx.y * per, r1 = r0 + per < rows ? r0 + per : rows;
+    float acc = 0.f;
+    for (int r = r0; r < r1; r++) acc += dy[(long)r * ld + i] * x[(long)r * ld + i] * inv[r];
+    part[(long)blockIdx.y * dim + i] = acc;
 }
 
 int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
                              int rows, int dim, int ld, float eps, mill_err *e) {
     if (rows <= 0 || dim <= 0) return 0;
     if (!ld) ld = dim;
-    float *inv = NULL;
-    if (dw) TRY(cu_scratch((void **)&inv, sizeof(float) * (size_t)rows, k, e));
+    float *inv = NULL, *part = NULL;
+    int per = 0, chunks = dw ? colsum_chunks(rows, &per) : 0;
+    /* scratch: the rows' inv [rows], then the dw partials [chunks, dim] */
+    if (dw) TRY(cu_scratch((void **)&inv, sizeof(float) * ((size_t)rows + (size_t)chunks * dim), k, e));
+    part = inv ? inv + rows : NULL;
     rmsnorm_bwd_kernel<<<rows, dim >= 1024 ? 1024 : 256, 0, cu_stream(k)>>>(dx, inv, dy, x, w, dim, ld, eps);
     cudaError_t le = cudaGetLastError();
     if (le == cudaSuccess && dw) {
-        rmsnorm_dw_kernel<<<cu_blocks(dim, 256), 256, 0, cu_stream(k)>>>(dw, dy, x, inv, rows, dim, ld);
+        rmsnorm_dw_part_kernel<<<dim3(cu_blocks(dim, 128), chunks), 128, 0, cu_stream(k)>>>(part, dy, x, inv, rows,
+                                                                                          dim, ld, per);
+        le = cudaGetLastError();
+    }
+    if (le == cudaSuccess && dw) {
+        colsum_final_kernel<<<cu_blocks(dim, 128), 128, 0, cu_stream(k)>>>(dw, dim, NULL, part, chunks, dim);
         le = cudaGetLastError();
     }
     cu_scratch_free(inv, k);

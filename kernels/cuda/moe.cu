@@ -2,20 +2,21 @@
  * Routing: one thread per token (scores, top-k with ties to the lower expert id, weights). The
  * scores' exp/log1p round through double so they land on the correctly rounded float the CPU's libm
  * gives: selection compares scores, and a one-ulp difference could flip a near tie.
- * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (one
- * block; per-expert counts, a scan, then each expert's rows in token order, exactly the CPU's
- * grouping); the expert starts come back to the host once (cuBLAS takes group shapes from host
- * memory); each projection over all experts is then tried as ONE cublasGemmGroupedBatchedEx call
- * with one group per non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
+ * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (a warp
+ * per chunk of rows: per-chunk counts, one scan block, then ranks within each chunk; each expert's
+ * rows in token order, exactly the CPU's grouping); the expert starts come back to the host once
+ * (cuBLAS takes group shapes from host memory); each projection over all experts is then tried as
+ * ONE cublasGemmGroupedBatchedEx call with one group per non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
  * accumulation and output), falling back to one cublasGemmEx per expert with the same types when
  * the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped bf16 x bf16 -> fp32 (it takes
  * bf16 -> bf16 and fp32 -> fp32 plain or TF32, see cuda_moe_grouped_gemm_types), so today the
  * per-expert path runs: E launches per projection, each a bf16 tensor-core GEMM.
- * The weighted combine sums each token's K slots in slot order: no atomics. */
+ * Grouped operands that several GEMMs read are rounded to bf16 once per op (the gather and the dy
+ * kernel write their bf16 copies as they go). The gather, the weighted combine and dx are one block
+ * per row; the combine sums each token's K slots in slot order: no atomics. */
 #include "cuda_internal.cuh"
 
 #include <cuda_bf16.h>
-
 #include <math.h>
 #include "../shared_math.h"
 #include <stdio.h>
@@ -144,68 +145,153 @@ int cuda_op_moe_route_backward(const kctx *k, float *dlogits, const float *dweig
     return 0;
 }
 
-/* ---- Grouping. One block: count per expert, exclusive scan, then each expert (one thread each)
- * walks the rows in order, so rows keep token order within an expert (a stable sort). */
-__global__ void moe_group_kernel(int32_t *slot_row, int32_t *offs, int *bad, const int32_t *ids, long NK, int E) {
-    extern __shared__ int cnt[];
-    for (int x = threadIdx.x; x < E; x += blockDim.x) cnt[x] = 0;
-    __syncthreads();
-    for (long r = threadIdx.x; r < NK; r += blockDim.x) {
+/* ---- Grouping: a stable counting sort of the N*K (token, slot) rows by expert, all of it parallel.
+ * The rows are cut into chunks of `ch` rows (a multiple of 32), one warp per chunk:
+ *  1. moe_count_kernel: each warp counts its chunk's rows per expert (shared int atomics: exact) and
+ *     records the lowest row with a bad id;
+ *  2. moe_scan_kernel (one block): the experts' totals -> their starts offs[E + 1] (a block scan),
+ *     then each expert's first slot in every chunk = its start + its rows in the earlier chunks;
+ *  3. moe_place_kernel: each warp walks its chunk 32 rows at a time, in order; lanes naming the same
+ *     expert (__match_any_sync) take consecutive slots in lane order after the earlier rounds' rows.
+ * So an expert's rows keep increasing r, exactly the CPU's grouping. (This replaced one block in
+ * which each expert's thread scanned all N*K ids.) */
+#define MOE_GROUP_SMEM 49152 /* per block: warps x E ints of counters */
+
+__global__ void moe_count_kernel(int32_t *cnt, int *bad, const int32_t *ids, long NK, int E, int ch, int nchunks) {
+    extern __shared__ int moe_hist[];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    long c = (long)blockIdx.x * (blockDim.x >> 5) + w;
+    if (c >= nchunks) return; /* the whole warp; no block-wide barrier below */
+    int *h = moe_hist + (long)w * E;
+    for (int x = lane; x < E; x += 32) h[x] = 0;
+    __syncwarp();
+    long r0 = c * ch, r1 = r0 + ch < NK ? r0 + ch : NK;
+    for (long r = r0 + lane; r < r1; r += 32) {
         int id = ids[r];
         if (id < 0 || id >= E)
             atomicMin(bad, (int)r);
         else
-            atomicAdd(&cnt[id], 1);
+            atomicAdd(&h[id], 1);
     }
+    __syncwarp();
+    for (int x = lane; x < E; x += 32) cnt[c * E + x] = h[x];
+}
+
+/* Inclusive sum over the block (blockDim.x a multiple of 32); sh: 32 ints. */
+__device__ __forceinline__ int moe_block_scan(int v, int *sh) {
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += y;
+    }
+    __syncthreads(); /* sh's previous readers are done */
+    if (lane == 31) sh[wid] = v;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        for (int x = 0; x < E; x++) {
-            int c = cnt[x];
-            offs[x] = acc;
-            cnt[x] = acc;
-            acc += c;
+    for (int i = 0; i < wid; i++) v += sh[i];
+    return v;
+}
+
+/* cnt [nchunks, E] of counts becomes each (chunk, expert)'s first slot; offs [E + 1] the starts. */
+__global__ void moe_scan_kernel(int32_t *offs, int32_t *cnt, int E, int nchunks) {
+    __shared__ int sh[32];
+    __shared__ int carry;
+    if (threadIdx.x == 0) carry = 0;
+    __syncthreads();
+    for (int x0 = 0; x0 < E; x0 += blockDim.x) { /* the same trip count for every thread */
+        int x = x0 + threadIdx.x, tot = 0;
+        if (x < E)
+            for (int c = 0; c < nchunks; c++) tot += cnt[(long)c * E + x];
+        int incl = moe_block_scan(tot, sh), start = carry + incl - tot;
+        if (x < E) {
+            offs[x] = start;
+            for (int c = 0; c < nchunks; c++) {
+                int v = cnt[(long)c * E + x];
+                cnt[(long)c * E + x] = start;
+                start += v;
+            }
         }
-        offs[E] = acc;
+        __syncthreads(); /* every thread has read carry */
+        if (threadIdx.x == blockDim.x - 1) carry += incl;
+        __syncthreads();
     }
-    __syncthreads();
-    for (int x = threadIdx.x; x < E; x += blockDim.x) {
-        int dst = cnt[x];
-        for (long r = 0; r < NK; r++)
-            if (ids[r] == x) slot_row[r] = dst++;
+    if (threadIdx.x == 0) offs[E] = carry;
+}
+
+__global__ void moe_place_kernel(int32_t *slot_row, const int32_t *first, const int32_t *ids, long NK, int E, int ch,
+                                 int nchunks) {
+    extern __shared__ int moe_next[];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    long c = (long)blockIdx.x * (blockDim.x >> 5) + w;
+    if (c >= nchunks) return; /* the whole warp */
+    int *next = moe_next + (long)w * E;
+    for (int x = lane; x < E; x += 32) next[x] = first[c * E + x];
+    __syncwarp();
+    long r0 = c * ch, r1 = r0 + ch < NK ? r0 + ch : NK;
+    for (long rb = r0; rb < r1; rb += 32) { /* warp-uniform: every lane reaches the match */
+        long r = rb + lane;
+        int id = r < r1 ? ids[r] : -1;
+        if (id < 0 || id >= E) id = -1; /* past the end, or bad (the op fails on it): no slot */
+        unsigned peers = __match_any_sync(0xffffffffu, id);
+        int rank = __popc(peers & ((1u << lane) - 1u));
+        if (id >= 0) slot_row[r] = next[id] + rank;
+        __syncwarp(); /* all reads of next[] before the leaders move it */
+        if (id >= 0 && rank == 0) next[id] += __popc(peers);
+        __syncwarp();
     }
 }
 
-__global__ void moe_gather_kernel(float *xg, const float *x, const int32_t *slot_row, long NK, int D, int K) {
-    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= NK * D) return;
-    long r = id / D;
-    int c = (int)(id % D);
-    xg[(long)slot_row[r] * D + c] = x[(r / K) * D + c];
+/* One block per (token, slot) row: its token's x row to grouped row slot_row[r] (and its bf16 copy
+ * for the GEMMs when xg16 is set). */
+__global__ void moe_gather_kernel(float *xg, __nv_bfloat16 *xg16, const float *x, const int32_t *slot_row, int D,
+                                  int K) {
+    long r = blockIdx.x, dst = (long)slot_row[r] * D;
+    const float *src = x + (r / K) * D;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float v = src[c];
+        xg[dst + c] = v;
+        if (xg16) xg16[dst + c] = __float2bfloat16_rn(v);
+    }
 }
 
-/* Groups the rows and gathers xg; offs_h gets the expert starts on the host. */
-static int moe_group(const kctx *k, float *xg, int32_t *slot_row, int32_t *offs, int32_t *offs_h, const float *x,
-                     const int32_t *ids, int N, int D, int E, int K, mill_err *e) {
+/* Groups the rows and gathers xg (and xg16 when not NULL); offs_h gets the expert starts on the host
+ * (one sync, which also brings the bad-id flag). */
+static int moe_group(const kctx *k, float *xg, __nv_bfloat16 *xg16, int32_t *slot_row, int32_t *offs,
+                     int32_t *offs_h, const float *x, const int32_t *ids, int N, int D, int E, int K, mill_err *e) {
     long NK = (long)N * K;
-    int *bad = NULL, hbad = (int)NK, rc = 0;
-    TRY(cu_scratch((void **)&bad, sizeof(int), k, e));
-    if (cudaMemcpyAsync(bad, &hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
-        rc = mill_errf(e, "moe: copy failed");
-    if (!rc) {
-        int threads = E < 1024 ? ((E + 31) / 32) * 32 : 1024;
-        moe_group_kernel<<<1, threads, sizeof(int) * (size_t)E, cu_stream(k)>>>(slot_row, offs, bad, ids, NK, E);
+    if (NK >= 0x7f7f7f7fL) return mill_errf(e, "moe: %ld (token, slot) rows is too many", NK);
+    if ((long)E * (long)sizeof(int) > MOE_GROUP_SMEM) return mill_errf(e, "moe: %d experts is too many", E);
+    long chl = (NK + 1023) / 1024; /* at most ~1024 chunks, so the scan's loops stay short */
+    int ch = (int)((chl < 256 ? 256 : chl + 31) / 32 * 32);
+    int nchunks = (int)((NK + ch - 1) / ch), wpb = 8;
+    while (wpb > 1 && (long)wpb * E * (long)sizeof(int) > MOE_GROUP_SMEM) wpb >>= 1;
+    size_t smem = sizeof(int) * (size_t)wpb * E;
+    unsigned blocks = (unsigned)((nchunks + wpb - 1) / wpb);
+    int *bad = NULL, hbad = 0, rc = 0;
+    TRY(cu_scratch((void **)&bad, sizeof(int) * (1 + (size_t)nchunks * E), k, e));
+    int32_t *cnt = (int32_t *)(bad + 1);
+    /* 0x7f7f7f7f: above every row index, so atomicMin keeps the lowest bad row */
+    if (cudaMemsetAsync(bad, 0x7f, sizeof(int), cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "moe: memset failed");
+    if (!rc && nchunks > 0) {
+        int threads = E < 1024 ? (E + 31) / 32 * 32 : 1024;
+        moe_count_kernel<<<blocks, wpb * 32, smem, cu_stream(k)>>>(cnt, bad, ids, NK, E, ch, nchunks);
+        moe_scan_kernel<<<1, threads, 0, cu_stream(k)>>>(offs, cnt, E, nchunks);
+        moe_place_kernel<<<blocks, wpb * 32, smem, cu_stream(k)>>>(slot_row, cnt, ids, NK, E, ch, nchunks);
         cudaError_t le = cudaGetLastError();
-        if (le != cudaSuccess) rc = mill_errf(e, "moe_group_kernel: launch failed: %s", cudaGetErrorString(le));
+        if (le != cudaSuccess) rc = mill_errf(e, "moe grouping: launch failed: %s", cudaGetErrorString(le));
+    } else if (!rc && cudaMemsetAsync(offs, 0, sizeof(int32_t) * (size_t)(E + 1), cu_stream(k)) != cudaSuccess) {
+        rc = mill_errf(e, "moe: memset failed");
     }
-    if (!rc) rc = cu_copy_to_host_sync(offs_h, offs, sizeof(int32_t) * (size_t)(E + 1), k, e);
+    if (!rc && (cudaMemcpyAsync(offs_h, offs, sizeof(int32_t) * (size_t)(E + 1), cudaMemcpyDeviceToHost,
+                                cu_stream(k)) != cudaSuccess))
+        rc = mill_errf(e, "moe: copy of the expert starts failed");
     if (!rc) rc = cu_copy_to_host_sync(&hbad, bad, sizeof(int), k, e);
     int badid = 0;
     if (!rc && hbad < NK) rc = cu_copy_to_host_sync(&badid, ids + hbad, sizeof(int), k, e);
     cu_scratch_free(bad, k);
     if (rc) return rc;
     if (hbad < NK) return mill_errf(e, "moe: expert id %d outside [0, %d)", badid, E);
-    moe_gather_kernel<<<cu_blocks(NK * D, 256), 256, 0, cu_stream(k)>>>(xg, x, slot_row, NK, D, K);
+    if (NK <= 0) return 0;
+    moe_gather_kernel<<<(unsigned)NK, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(xg, xg16, x, slot_row, D, K);
     LAUNCH_CHECK("moe_gather_kernel");
     return 0;
 }
@@ -216,6 +302,7 @@ typedef struct {
     const float *base;
     long stride;
     int grouped, ld;
+    const void *b16; /* NULL, or base's values already rounded to bf16 (same layout): no copy per GEMM */
 } moe_operand;
 
 static long moe_off(moe_operand o, const int32_t *offs_h, int ex) {
@@ -247,9 +334,10 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     for (int ex = 0; ex < E; ex++) G += offs_h[ex + 1] > offs_h[ex];
     if (!G) return 0;
     long ra = moe_rows(A, offs_h, E), rb = moe_rows(B, offs_h, E);
-    /* an operand inside a registered bf16 shadow (the experts' weights) is read from it */
-    const uint16_t *sa = (const uint16_t *)cu_shadow_of(k, A.base, ra * A.ld);
-    const uint16_t *sb = (const uint16_t *)cu_shadow_of(k, B.base, rb * B.ld);
+    /* an operand with its bf16 copy at hand, or inside a registered bf16 shadow (the experts' weights),
+     * is read from it */
+    const uint16_t *sa = (const uint16_t *)(A.b16 ? A.b16 : cu_shadow_of(k, A.base, ra * A.ld));
+    const uint16_t *sb = (const uint16_t *)(B.b16 ? B.b16 : cu_shadow_of(k, B.base, rb * B.ld));
     size_t na = sa ? 0 : (size_t)ra * A.ld, nb = sb ? 0 : (size_t)rb * B.ld, na_al = ((na + 7) / 8) * 8;
     uint16_t *buf = NULL; /* bf16 bits */
     TRY(cu_scratch((void **)&buf, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
@@ -328,23 +416,25 @@ int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e) {
     TRY(cu_scratch((void **)&buf, sizeof(float) * 64, k, e));
     int used = 0, rc = 0;
     if (cudaMemsetAsync(buf, 0, sizeof(float) * 64, cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: memset");
-    moe_operand X = {buf, 0, 1, 4}, W = {buf + 16, 16, 0, 4}, Y = {buf + 48, 0, 1, 4};
+    moe_operand X = {buf, 0, 1, 4, NULL}, W = {buf + 16, 16, 0, 4, NULL}, Y = {buf + 48, 0, 1, 4, NULL};
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, 2, -1, 4, 4, X, W, Y, 0.0f, &used, e);
     if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: sync failed");
     cu_scratch_free(buf, k);
     return rc ? -1 : used;
 }
 
-/* out[t, c] (+)= sum_k weights[t, k] y[slot_row[t, k], c] */
-__global__ void moe_combine_kernel(float *out, const float *y, const float *weights, const int32_t *slot_row, int N,
-                                   int D, int K, int accumulate) {
-    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= (long)N * D) return;
-    long t = id / D;
-    int c = (int)(id % D);
-    float acc = accumulate ? out[id] : 0.f;
-    for (int j = 0; j < K; j++) acc += weights[t * K + j] * y[(long)slot_row[t * K + j] * D + c];
-    out[id] = acc;
+/* One block per token: out[t, c] (+)= sum_k weights[t, k] y[slot_row[t, k], c], slots in order. */
+__global__ void moe_combine_kernel(float *out, const float *y, const float *weights, const int32_t *slot_row, int D,
+                                   int K, int accumulate) {
+    long t = blockIdx.x;
+    const int32_t *sr = slot_row + t * K;
+    const float *wt = weights + t * K;
+    float *o = out + t * D;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float acc = accumulate ? o[c] : 0.f;
+        for (int j = 0; j < K; j++) acc += wt[j] * y[(long)sr[j] * D + c];
+        o[c] = acc;
+    }
 }
 
 /* ---- Small batches (decode): the grouping and the expert GEMMs read the expert offsets on the
@@ -510,10 +600,19 @@ static int moe_small_group(const kctx *k, float *xg, int32_t *slot_row, int32_t 
     cu_scratch_free(bad, k);
     if (rc) return rc;
     if (!dc && hbad < NK) return mill_errf(e, "moe: expert id %d outside [0, %d)", badid, E);
-    moe_gather_kernel<<<cu_blocks((long)NK * D, 256), 256, 0, cu_stream(k)>>>(xg, x, slot_row, NK, D, K);
+    moe_gather_kernel<<<(unsigned)NK, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(xg, NULL, x, slot_row, D, K);
     LAUNCH_CHECK("moe_gather_kernel");
     return 0;
 }
+
+/* bf16 copies of grouped operands the experts' GEMMs read more than once (or that a kernel can write
+ * as it goes), so each is rounded once per op instead of once per GEMM; NULL in the fp32 parity mode. */
+static int moe_bf16_scratch(const kctx *k, __nv_bfloat16 **buf, long n, mill_err *e) {
+    *buf = NULL;
+    if (k->gemm_fp32) return 0;
+    return cu_scratch((void **)buf, sizeof(__nv_bfloat16) * (size_t)n, k, e);
+}
+static long moe_al8(long n) { return (n + 7) / 8 * 8; } /* keeps sub-buffers 16-byte aligned */
 
 int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
                         const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
@@ -528,51 +627,63 @@ int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t
         TRY(moe_small_gemm(k, u, xg, w3, offs, E, I, D, e));
         TRY(cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e));
         TRY(moe_small_gemm(k, y, g, w2, offs, E, D, I, e));
-        moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, slot_row, N, D, K,
-                                                                                  accumulate);
+        moe_combine_kernel<<<(unsigned)N, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(out, y, weights, slot_row, D, K,
+                                                                                    accumulate);
         LAUNCH_CHECK("moe_combine_kernel");
         return 0;
     }
     int32_t *offs_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)(E + 1));
     if (!offs_h) return mill_errf(e, "moe: out of memory");
-    int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
-    moe_operand XG = {xg, 0, 1, D}, G_ = {g, 0, 1, I}, U = {u, 0, 1, I}, Y = {y, 0, 1, D};
-    moe_operand W1 = {w1, (long)I * D, 0, D}, W3 = {w3, (long)I * D, 0, D}, W2 = {w2, (long)D * I, 0, I};
+    __nv_bfloat16 *xg16 = NULL; /* the gather writes it: the two first GEMMs share it */
+    int rc = moe_bf16_scratch(k, &xg16, NK * D, e);
+    if (!rc) rc = moe_group(k, xg, xg16, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
+    moe_operand XG = {xg, 0, 1, D, xg16}, G_ = {g, 0, 1, I, NULL}, U = {u, 0, 1, I, NULL}, Y = {y, 0, 1, D, NULL};
+    moe_operand W1 = {w1, (long)I * D, 0, D, NULL}, W3 = {w3, (long)I * D, 0, D, NULL};
+    moe_operand W2 = {w2, (long)D * I, 0, I, NULL};
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e);
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, G_, W2, Y, 0.0f, NULL, e);
     free(offs_h);
+    cu_scratch_free(xg16, k);
     if (rc) return rc;
-    moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, slot_row, N, D, K,
+    moe_combine_kernel<<<(unsigned)N, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(out, y, weights, slot_row, D, K,
                                                                               accumulate);
     LAUNCH_CHECK("moe_combine_kernel");
     return 0;
 }
 
-/* Block per (token, slot) row r: dweights[r] = dout[t] . y[row]; dy[row] = weights[r] dout[t]. */
-__global__ void moe_dweights_kernel(float *dweights, float *dy, const float *dout, const float *y,
-                                    const float *weights, const int32_t *slot_row, int D, int K) {
-    __shared__ float sh[32];
-    long r = blockIdx.x, t = r / K, row = slot_row[r];
-    const float *go = dout + t * D, *yr = y + row * D;
-    float *dyr = dy + row * D, wr = weights[r], dot = 0.f;
-    for (int c = threadIdx.x; c < D; c += blockDim.x) {
-        dot += go[c] * yr[c];
-        dyr[c] = wr * go[c];
+/* One warp per (token, slot) row r: dweights[r] = dout[t] . y[row]; dy[row] = weights[r] dout[t] (and
+ * its bf16 copy when dy16 is set). */
+__global__ void moe_dweights_kernel(float *dweights, float *dy, __nv_bfloat16 *dy16, const float *dout,
+                                    const float *y, const float *weights, const int32_t *slot_row, long NK, int D,
+                                    int K) {
+    long r = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= NK) return; /* the whole warp */
+    long t = r / K, row = (long)slot_row[r] * D;
+    const float *go = dout + t * D, *yr = y + row;
+    float wr = weights[r], dot = 0.f;
+    for (int c = lane; c < D; c += 32) {
+        float gv = go[c], v = wr * gv;
+        dot += gv * yr[c];
+        dy[row + c] = v;
+        if (dy16) dy16[row + c] = __float2bfloat16_rn(v);
     }
-    dot = cu_block_sum(dot, sh);
-    if (threadIdx.x == 0) dweights[r] = dot;
+    dot = cu_warp_sum(dot);
+    if (lane == 0) dweights[r] = dot;
 }
 
-__global__ void moe_dx_kernel(float *dx, const float *dxg, const int32_t *slot_row, int N, int D, int K) {
-    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= (long)N * D) return;
-    long t = id / D;
-    int c = (int)(id % D);
-    float acc = dx[id];
-    for (int j = 0; j < K; j++) acc += dxg[(long)slot_row[t * K + j] * D + c];
-    dx[id] = acc;
+/* One block per token: dx[t] += its K slots' grouped gradients, in slot order. */
+__global__ void moe_dx_kernel(float *dx, const float *dxg, const int32_t *slot_row, int D, int K) {
+    long t = blockIdx.x;
+    const int32_t *sr = slot_row + t * K;
+    float *o = dx + t * D;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float acc = o[c];
+        for (int j = 0; j < K; j++) acc += dxg[(long)sr[j] * D + c];
+        o[c] = acc;
+    }
 }
 
 int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, float *dw2, float *dweights,
@@ -586,32 +697,49 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
     int32_t *slot_row = (int32_t *)(du + NK * I), *offs = slot_row + NK;
     int32_t *offs_h = (int32_t *)malloc(sizeof(int32_t) * (size_t)(E + 1));
     if (!offs_h) return mill_errf(e, "moe: out of memory");
-    moe_operand XG = {xg, 0, 1, D}, G_ = {g, 0, 1, I}, U = {u, 0, 1, I}, ACT = {act, 0, 1, I}, Y = {y, 0, 1, D};
-    moe_operand DY = {dy, 0, 1, D}, DXG = {dxg, 0, 1, D}, DG = {dg, 0, 1, I}, DU = {du, 0, 1, I};
-    moe_operand W1 = {w1, (long)I * D, 0, D}, W3 = {w3, (long)I * D, 0, D}, W2 = {w2, (long)D * I, 0, I};
-    moe_operand DW1 = {dw1, (long)I * D, 0, D}, DW3 = {dw3, (long)I * D, 0, D}, DW2 = {dw2, (long)D * I, 0, I};
-    int rc = moe_group(k, xg, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
+    /* bf16 copies: xg16 (from the gather; 4 GEMMs read it), dy16 (from the dweights kernel; 2), a16
+     * (act for 2 GEMMs, then dg for 2), du16 (2) */
+    __nv_bfloat16 *b16 = NULL, *xg16 = NULL, *dy16 = NULL, *a16 = NULL, *du16 = NULL;
+    int rc = moe_bf16_scratch(k, &b16, 2 * moe_al8(NK * D) + 2 * moe_al8(NK * I), e);
+    if (b16) {
+        xg16 = b16;
+        dy16 = xg16 + moe_al8(NK * D);
+        a16 = dy16 + moe_al8(NK * D);
+        du16 = a16 + moe_al8(NK * I);
+    }
+    moe_operand XG = {xg, 0, 1, D, xg16}, G_ = {g, 0, 1, I, NULL}, U = {u, 0, 1, I, NULL}, ACT = {act, 0, 1, I, a16};
+    moe_operand Y = {y, 0, 1, D, NULL}, DY = {dy, 0, 1, D, dy16}, DXG = {dxg, 0, 1, D, NULL}, DG = {dg, 0, 1, I, a16};
+    moe_operand DU = {du, 0, 1, I, du16}, DACT = {act, 0, 1, I, NULL};
+    moe_operand W1 = {w1, (long)I * D, 0, D, NULL}, W3 = {w3, (long)I * D, 0, D, NULL};
+    moe_operand W2 = {w2, (long)D * I, 0, I, NULL}, DW2 = {dw2, (long)D * I, 0, I, NULL};
+    moe_operand DW1 = {dw1, (long)I * D, 0, D, NULL}, DW3 = {dw3, (long)I * D, 0, D, NULL};
+    if (!rc) rc = moe_group(k, xg, xg16, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
     /* recompute the forward per expert */
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, act, g, u, NK * I, limit, e);
+    if (!rc && a16) rc = cu_to_bf16(k, a16, act, NK, I, I, e);
     if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, ACT, W2, Y, 0.0f, NULL, e);
     if (!rc && NK > 0) {
-        moe_dweights_kernel<<<(unsigned)NK, 256, 0, cu_stream(k)>>>(dweights, dy, dout, y, weights, slot_row, D, K);
+        moe_dweights_kernel<<<cu_blocks(NK, 8), 256, 0, cu_stream(k)>>>(dweights, dy, dy16, dout, y, weights,
+                                                                         slot_row, NK, D, K);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "moe_dweights_kernel: launch failed: %s", cudaGetErrorString(le));
     }
-    /* dw2 += dy^T act, then act's rows become dact = dy @ w2 */
+    /* dw2 += dy^T act, then act's rows become dact = dy @ w2 (a16 still holds act until dg replaces it) */
     if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, D, I, -1, DY, ACT, DW2, 1.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, ACT, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, DACT, 0.0f, NULL, e);
     if (!rc) rc = cu_swiglu_backward_write(k, dg, du, act, g, u, NK * I, limit, e);
+    if (!rc && a16) rc = cu_to_bf16(k, a16, dg, NK, I, I, e);
+    if (!rc && du16) rc = cu_to_bf16(k, du16, du, NK, I, I, e);
     if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DG, W1, DXG, 0.0f, NULL, e);
     if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DU, W3, DXG, 1.0f, NULL, e);
     if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DG, XG, DW1, 1.0f, NULL, e);
     if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DU, XG, DW3, 1.0f, NULL, e);
     free(offs_h);
+    cu_scratch_free(b16, k);
     if (rc) return rc;
-    moe_dx_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(dx, dxg, slot_row, N, D, K);
+    moe_dx_kernel<<<(unsigned)N, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(dx, dxg, slot_row, D, K);
     LAUNCH_CHECK("moe_dx_kernel");
     return 0;
 }

@@ -1,9 +1,10 @@
 /* kernels/cuda/rope_optim.cu — CUDA paths of kernels/rope.h (interleaved partial RoPE) and
- * kernels/optim.h (AdamW, sum of squares, scale): elementwise fp32 kernels, and a two-pass
- * fixed-order double reduction for the sum of squares. */
+ * kernels/optim.h (AdamW, sum of squares, scale): elementwise fp32 kernels, and two-pass
+ * fixed-order double reductions for the sums of squares (one tensor, or many with one sync). */
 #include "cuda_internal.cuh"
 
 #include <cuda_bf16.h>
+#include <stdlib.h>
 
 /* One thread per (token, pair, vector): the angle in fp32 as on the CPU. */
 __global__ void rope_kernel(float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,
@@ -89,6 +90,81 @@ int cuda_op_sumsq(const kctx *k, const float *x, long n, double *acc, mill_err *
     if (rc) return rc;
     *acc += res;
     return 0;
+}
+
+/* Sum of squares over many segments with one read-back (the optimizer's global norm: one segment
+ * per parameter tensor). The segments are cut into chunks of at most SEGSQ_CHUNK floats; block c sums
+ * chunk c in double, then one thread per segment adds its chunks in order. The host adds the segment
+ * sums into *acc in segment order, as a loop of op_sumsq calls would. */
+#define SEGSQ_CHUNK 65536L
+
+__global__ void segsq_chunk_kernel(double *part, const float *x, const long *chunk_off, const int *chunk_len) {
+    __shared__ double sh[32];
+    const float *p = x + chunk_off[blockIdx.x];
+    int n = chunk_len[blockIdx.x];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)p[i] * p[i];
+    s = cu_block_sum(s, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void segsq_seg_kernel(double *seg, const double *part, const int *first, int n_seg) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_seg) return;
+    double s = 0.0;
+    for (int c = first[i]; c < first[i + 1]; c++) s += part[c];
+    seg[i] = s;
+}
+
+int cuda_op_sumsq_segments(const kctx *k, const float *x, const long *offsets, const long *lengths, int n_seg,
+                           double *acc, mill_err *e) {
+    if (n_seg <= 0) return 0;
+    long nch = 0;
+    for (int i = 0; i < n_seg; i++)
+        if (lengths[i] > 0) nch += (lengths[i] + SEGSQ_CHUNK - 1) / SEGSQ_CHUNK;
+    if (nch > 2147483647L - n_seg) return mill_errf(e, "op_sumsq_segments: %ld chunks is too many", nch);
+    /* one host table, one upload: chunk offsets [nch] (long), chunk lengths [nch], segment starts [n_seg + 1] */
+    size_t tab_bytes = sizeof(long) * (size_t)nch + sizeof(int) * (size_t)(nch + n_seg + 1);
+    char *tab = (char *)malloc(tab_bytes);
+    double *seg_h = (double *)malloc(sizeof(double) * (size_t)n_seg);
+    if (!tab || !seg_h) {
+        free(tab);
+        free(seg_h);
+        return mill_errf(e, "op_sumsq_segments: out of memory");
+    }
+    long *c_off = (long *)tab;
+    int *c_len = (int *)(c_off + nch), *first = c_len + nch;
+    long c = 0;
+    for (int i = 0; i < n_seg; i++) {
+        first[i] = (int)c;
+        for (long a = 0; a < lengths[i]; a += SEGSQ_CHUNK, c++) {
+            c_off[c] = offsets[i] + a;
+            c_len[c] = (int)(lengths[i] - a < SEGSQ_CHUNK ? lengths[i] - a : SEGSQ_CHUNK);
+        }
+    }
+    first[n_seg] = (int)c;
+    /* device: the table, then (8-aligned) chunk partials [nch] and segment sums [n_seg] */
+    size_t tab_al = (tab_bytes + 7) / 8 * 8;
+    char *dev = NULL;
+    int rc = cu_scratch((void **)&dev, tab_al + sizeof(double) * (size_t)(nch + n_seg), k, e);
+    if (!rc) {
+        double *part = (double *)(dev + tab_al), *seg = part + nch;
+        const long *d_off = (const long *)dev;
+        const int *d_len = (const int *)(d_off + nch), *d_first = d_len + nch;
+        if (cudaMemcpyAsync(dev, tab, tab_bytes, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+            rc = mill_errf(e, "op_sumsq_segments: table copy failed");
+        if (!rc && nch > 0) segsq_chunk_kernel<<<(unsigned)nch, 256, 0, cu_stream(k)>>>(part, x, d_off, d_len);
+        if (!rc) segsq_seg_kernel<<<cu_blocks(n_seg, 256), 256, 0, cu_stream(k)>>>(seg, part, d_first, n_seg);
+        cudaError_t le = cudaGetLastError();
+        if (!rc && le != cudaSuccess) rc = mill_errf(e, "op_sumsq_segments: launch failed: %s", cudaGetErrorString(le));
+        if (!rc) rc = cu_copy_to_host_sync(seg_h, seg, sizeof(double) * (size_t)n_seg, k, e);
+        cu_scratch_free(dev, k);
+    }
+    if (!rc)
+        for (int i = 0; i < n_seg; i++) *acc += seg_h[i];
+    free(tab); /* after the sync: the upload has read it */
+    free(seg_h);
+    return rc;
 }
 
 __global__ void scale_kernel(float *x, long n, float s) {

@@ -7,3 +7,5 @@ grep -E "FAIL|moe|PASSED|sample|sumsq|rmsnorm_b|sink" $OUT/test_cuda_ops.txt | h
 timeout 300 $B/test_model_cuda > $OUT/test_model_cuda.txt 2>&1; echo "test_model_cuda rc $?"
 grep -E "^#|FAIL|PASSED|Error|error" $OUT/test_model_cuda.txt | head -40
 timeout 200 $B/bench_decode --device cuda --config configs/models/dsv4-small.json --batches ${DEC_BATCHES:-1,32,128} --prompt 128 --steps 64 2>&1 | grep -v "^\s*$"
+timeout 120 $B/bench_train --device cuda --config configs/models/dsv4-small.json --batch 8 --seq 1024 2>&1 | tail -2
+MILL_PROFILE=1 timeout 120 $B/bench_train --device cuda --config configs/models/dsv4-small.json --batch 8 --seq 1024 --reps 2 2>&1 | grep "mill profile" | head -16
