@@ -84,6 +84,12 @@ int kprof_end(const kctx *k, const char *op, double t0, int rc) {
     return rc;
 }
 
+void kprof_reset(const kctx *k) {
+    if (!k->prof) return;
+    memset(k->prof, 0, sizeof *k->prof);
+    k->prof->t_start = kprof_now();
+}
+
 static void kprof_print(struct kprof *p) {
     double total = kprof_now() - p->t_start, in_ops = 0;
     for (int i = 0; i < KPROF_OPS && p->name[i]; i++) in_ops += p->sec[i];

@@ -103,6 +103,7 @@ int kctx_require_cpu(const kctx *k, const char *op, mill_err *e);
 #ifdef MILL_CUDA
 double kprof_begin(const kctx *k);
 int kprof_end(const kctx *k, const char *op, double t0, int rc);
+void kprof_reset(const kctx *k); /* MILL_PROFILE: forget what was timed so far (benchmarks' warm-up) */
 #define MILL_CUDA_DISPATCH(call)                                                         \
     do {                                                                                 \
         if (k->device == DEVICE_CUDA) {                                                  \
