@@ -8,76 +8,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* An LSD radix sort (stable, four 8-bit passes) on the complemented bit patterns, which order like
- * the values for non-negative floats: O(V), where a comparison sort of a 129k vocabulary per
- * sampled token costs milliseconds. */
-void sample_order_desc(int *order, int *tmp, const float *p, int V) {
-    for (int v = 0; v < V; v++) order[v] = v;
-    for (int shift = 0; shift < 32; shift += 8) {
-        int count[257] = {0};
-        for (int v = 0; v < V; v++) {
-            uint32_t b;
-            memcpy(&b, &p[order[v]], sizeof b);
-            count[((~b >> shift) & 0xFFu) + 1]++;
-        }
-        for (int d = 0; d < 256; d++) count[d + 1] += count[d];
-        for (int v = 0; v < V; v++) {
-            uint32_t b;
-            memcpy(&b, &p[order[v]], sizeof b);
-            tmp[count[(~b >> shift) & 0xFFu]++] = order[v];
-        }
-        memcpy(order, tmp, sizeof(int) * (size_t)V);
-    }
-}
-
+/* The row sampler lives in kernels/sample.c, shared with op_sample; the draw happens here, so a
+ * row's rng advances exactly as before: one rng_uniform per non-greedy token, none when greedy. */
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work) {
-    if (sp->temperature <= 0.0f) {
-        int best = 0;
-        double mx = logits[0], den = 0;
-        for (int v = 1; v < V; v++)
-            if (logits[v] > logits[best]) best = v;
-        mx = logits[best];
-        for (int v = 0; v < V; v++) den += exp((double)logits[v] - mx);
-        *logprob = (float)(-log(den));
-        return best;
-    }
-    float *p = work;
-    int *order = (int *)(work + V), *tmp = (int *)(work + 2 * (size_t)V);
-    float mx = -INFINITY;
-    for (int v = 0; v < V; v++) {
-        p[v] = logits[v] / sp->temperature;
-        mx = p[v] > mx ? p[v] : mx;
-    }
-    double den = 0;
-    for (int v = 0; v < V; v++) den += (p[v] = expf(p[v] - mx));
-    for (int v = 0; v < V; v++) p[v] = (float)(p[v] / den);
-    sample_order_desc(order, tmp, p, V);
-    int keep = sp->top_k > 0 && sp->top_k < V ? sp->top_k : V;
-    double mass = 0;
-    if (sp->top_p < 1.0f) {
-        int n = 0;
-        while (n < keep) {
-            mass += p[order[n++]];
-            if (mass >= sp->top_p) break;
-        }
-        keep = n;
-    }
-    mass = 0;
-    for (int j = 0; j < keep; j++) mass += p[order[j]];
-    double u = (double)rng_uniform(r) * mass, c = 0;
-    int pick = order[keep - 1];
-    for (int j = 0; j < keep; j++) {
-        c += p[order[j]];
-        if (u < c) {
-            pick = order[j];
-            break;
-        }
-    }
-    if (keep == V) /* untruncated: the trainer's formula, so both sides agree */
-        *logprob = (float)(logits[pick] / sp->temperature - logsumexp_t(logits, V, sp->temperature));
-    else
-        *logprob = (float)log(p[pick] / mass);
-    return pick;
+    sample_row sr = {.temperature = sp->temperature, .top_p = sp->top_p, .top_k = sp->top_k, .u = 0.0f};
+    if (!sample_greedy(sr.temperature)) sr.u = rng_uniform(r);
+    return sample_row_pick(logits, V, &sr, logprob, work);
 }
 
 void gen_result_free(gen_result *res) {

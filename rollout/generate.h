@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "../common/rng.h"
+#include "../kernels/sample.h"
 #include "../trainer/model.h"
 
 typedef struct {
@@ -43,11 +44,8 @@ typedef struct {
 } gen_result;
 
 /* Samples one token from logits [V]; returns the id and its logprob (see above). work:
- * SAMPLE_WORK_FLOATS(V) floats of scratch. */
-#define SAMPLE_WORK_FLOATS(V) (3 * (size_t)(V))
-/* order[0..V) = the indices of p (non-negative floats) by value, descending, ties to the lower
- * index: the order the sampler scans. tmp: V ints. */
-void sample_order_desc(int *order, int *tmp, const float *p, int V);
+ * SAMPLE_WORK_FLOATS(V) floats of scratch (kernels/sample.h, which also has sample_order_desc and
+ * the row sampler this calls with one rng_uniform draw from r; greedy rows draw nothing). */
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
 
 /* Whether a row whose n_out-th token is tok is finished: a stop id (FINISH_STOP) or the length

@@ -34,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -46,6 +47,7 @@
 #include "kernels/moe.h"
 #include "kernels/optim.h"
 #include "kernels/rope.h"
+#include "kernels/sample.h"
 
 #define TOL_GEMM 1e-2
 #define TOL_FP32 1e-5
@@ -1092,6 +1094,82 @@ static void test_moe_experts(void **state) {
     END_TEST(f);
 }
 
+/* ---- sampling ---- */
+
+/* Rows for op_sample: uniform logits (kind 0); every logit twice, the top included (1); eight
+ * levels only (2): tie groups of ~V/8, so top-k, top-p and the pick mostly land inside one and
+ * the tied indices after its first are found by the kernel's index-order scan. */
+static void sample_fill(fixture *f, float *l, int V, int kind) {
+    fill(f, l, V, -8, 8);
+    if (kind == 1)
+        for (int v = V / 2; v < V; v++) l[v] = l[v - V / 2];
+    if (kind == 2)
+        for (int v = 0; v < V; v++) l[v] = floorf((l[v] + 8.0f) / 2.0f) * 0.5f;
+}
+
+/* op_sample's radix selects against the CPU sampler on the same rows and u. Tokens must be equal:
+ * a different token needs top_p or u * mass within ~1e-13 of a running-mass boundary, or two p a
+ * float ulp apart ordered differently (kernels/cuda/sample.cu), practically never on these rows.
+ * Logprobs: the largest elementwise relative difference, TOL_FP32. 560 rows of 129280 run as two
+ * launches (the p scratch holds 519). */
+static void test_sample(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][2] = {{64, 129280}, {37, 1000}, {5, 1}, {560, 129280}};
+    float temps[] = {0.0f, 0.6f, 1.0f, 1.4f}, topp[] = {1.0f, 0.9f, 0.5f, 0.0f};
+    for (int s = 0; s < 4; s++) {
+        int M = sh[s][0], V = sh[s][1];
+        char name[64];
+        snprintf(name, sizeof name, "M%d vocab%d", M, V);
+        long n = (long)M * V;
+        float *l = hnew(n), *lc = hnew(M), *lg = hnew(M);
+        int32_t *tc = hnewi(M), *tg = hnewi(M);
+        sample_row *rows = malloc(sizeof(sample_row) * (size_t)M);
+        assert_non_null(rows);
+        int ks[] = {0, 1, 50, V / 3};
+        for (int i = 0; i < M; i++) {
+            sample_fill(f, l + (long)i * V, V, i % 3);
+            rows[i] = (sample_row){.temperature = temps[i % 4], .top_p = topp[(i / 4) % 4], .top_k = ks[(i / 2) % 4],
+                                   .u = rng_uniform(&f->r)};
+            tg[i] = -1;
+        }
+        float *dl = up(l, n), *dlp = poison(M);
+        int32_t *dtok = upi(tg, M);
+        OK(op_sample(&f->cpu, tc, lc, l, M, V, rows, ERR));
+        OK(op_sample(&f->gpu, dtok, dlp, dl, M, V, rows, ERR));
+        down(tg, dtok, sizeof(int32_t) * (size_t)M);
+        down(lg, dlp, sizeof(float) * (size_t)M);
+        long diff = 0;
+        double worst = 0;
+        for (int i = 0; i < M; i++) {
+            if (tg[i] != tc[i]) {
+                printf("  op_sample %s row %d (T %g top_k %d top_p %g u %.9g): gpu %d, cpu %d\n", name, i,
+                       rows[i].temperature, rows[i].top_k, rows[i].top_p, rows[i].u, tg[i], tc[i]);
+                diff++;
+                continue;
+            }
+            double d = lg[i] == lc[i] ? 0.0 : fabs((double)lg[i] - lc[i]) / fmax(fabs((double)lc[i]), 1e-30);
+            if (!(d <= worst)) worst = d; /* NaN stays */
+        }
+        printf("  op_sample %s: %ld of %d tokens differ\n", name, diff, M);
+        record(f, "op_sample tokens", name, (double)diff, 0.0);
+        record(f, "op_sample logprob", name, worst, TOL_FP32);
+        if (s == 0) { /* time the decode-sized case: wall clock per call, the stream drained */
+            struct timespec t0, t1;
+            OK(kctx_sync(&f->gpu, ERR));
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (int it = 0; it < 20; it++) OK(op_sample(&f->gpu, dtok, dlp, dl, M, V, rows, ERR));
+            OK(kctx_sync(&f->gpu, ERR));
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            printf("  op_sample %s: %.1f us per call on the GPU\n", name,
+                   ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / 20 / 1e3);
+        }
+        free(l), free(lc), free(lg), free(tc), free(tg), free(rows);
+        cuda_free(dl), cuda_free(dlp), cuda_free(dtok);
+    }
+    END_TEST(f);
+}
+
 static int setup(void **state) {
     static fixture fx; /* one per process; handed to the tests through cmocka's state */
     mill_err e;
@@ -1130,6 +1208,7 @@ int main(void) {
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
         cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
+        cmocka_unit_test(test_sample),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

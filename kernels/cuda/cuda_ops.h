@@ -8,6 +8,7 @@
  *     they point to, are DEVICE memory;
  *   op_token_logp: count (the op waits for the stream to fill it);
  *   op_copy_from_host: host_src; op_copy_to_host: host_dst (the op waits for the copy);
+ *   op_sample: rows, the per-row parameters (copied to the device on the stream);
  *   the by-value structs (hc_dims, moe_route_cfg, adamw_hparams) and scalars.
  * Ops whose CPU version validates ids (embedding, cross-entropy targets, routing's given_ids, expert
  * ids) check on the device and read one flag back, so they also synchronise the stream; with
@@ -36,6 +37,7 @@ extern "C" {
 #include "../moe.h"
 #include "../optim.h"
 #include "../rope.h"
+#include "../sample.h"
 
 /* dense.cu */
 int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
@@ -158,6 +160,10 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
 int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e);
 /* "bf16->fp32/32F:no fp32->fp32/FAST_TF32:ok ..." — what this cuBLAS takes for grouped GEMMs. */
 int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e);
+
+/* sample.cu */
+int cuda_op_sample(const kctx *k, int32_t *tok, float *logprob, const float *logits, int M, int V,
+                   const sample_row *rows, mill_err *e);
 
 #ifdef __cplusplus
 }
