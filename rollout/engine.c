@@ -10,6 +10,7 @@
 #include "../kernels/hc.h"
 #include "../kernels/optim.h"
 #include "../kernels/rope.h"
+#include "../kernels/sample.h"
 
 struct engine_seq {
     int len, max_tokens;
@@ -24,7 +25,7 @@ struct engine_seq {
 typedef struct {
     const float *logits; /* [M, vocab] or NULL */
     const int32_t *route; /* [layers, N, k] */
-    int M;
+    int M, N;
 } step_out;
 
 /* A decode step's shape, and its graph once captured. */
@@ -108,6 +109,7 @@ void engine_free(engine *en) {
     if (en->k) {
         pool_drain(en);
         mem_free_host(en->k->device, en->route_host);
+        mem_free(en->k->device, en->pick);
     }
     graphs_free(en);
     arena_free(&en->a);
@@ -522,10 +524,11 @@ static engine_graph *graph_slot(engine *en, int n_seqs, int max_tokens, int flag
     return g;
 }
 
-int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
-                float *logits, int last_only, int32_t *routing, mill_err *e) {
-    const dsv4_model *m = en->m;
-    const dsv4_config *c = &m->cfg;
+/* A step up to its results in the engine's memory (*out), checks deferred and the routing copy
+ * queued: validation, layout, then the layers and head op by op, or as a CUDA graph. */
+static int step_exec(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                     int n_seqs, int want_logits, int last_only, int routing, step_out *out, mill_err *e) {
+    const dsv4_config *c = &en->m->cfg;
     const kctx *k = en->k;
     int N = 0, K = c->num_experts_per_tok, V = c->vocab_size, Lc = c->num_hidden_layers, decode = 1;
     for (int i = 0; i < n_seqs; i++) {
@@ -534,7 +537,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
                              seqs[i]->len + n_tokens[i], seqs[i]->max_tokens);
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i]) return mill_errf(e, "engine: sequence %d appears twice in one step", i);
-        if (last_only && logits && !n_tokens[i])
+        if (last_only && want_logits && !n_tokens[i])
             return mill_errf(e, "engine: sequence %d feeds no token, so it has no last logits", i);
         for (int j = 0; j < n_tokens[i]; j++) /* here, so the device's own check never has to stop a step */
             if (tokens[i][j] < 0 || tokens[i][j] >= V)
@@ -543,6 +546,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
         decode &= n_tokens[i] == 1 && seqs[i]->len > 0;
         N += n_tokens[i];
     }
+    out->N = N;
     if (!N) return 0;
     size_t rbytes = sizeof(int32_t) * (size_t)Lc * N * K;
     if (routing && rbytes > en->route_cap) {
@@ -558,7 +562,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
     step_waves sw = {0};
     TRY(step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e));
     engine_graph *g =
-        decode ? graph_slot(en, n_seqs, sw.max_tokens, (logits != NULL) | (last_only ? 2 : 0) | (routing ? 4 : 0)) : NULL;
+        decode ? graph_slot(en, n_seqs, sw.max_tokens, want_logits | (last_only ? 2 : 0) | (routing ? 4 : 0)) : NULL;
     if (g && (g->block != block || g->block_cap != cap)) { /* seen with other activation memory */
         kctx_graph_free(g->exec);
         g->exec = NULL;
@@ -566,24 +570,23 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
         g->block = NULL;
     }
     TRY(kctx_defer_checks(k, 1, e));
-    step_out out;
     int rc = 0;
     if (g && g->exec) {
         rc = kctx_graph_launch(k, g->exec, e);
-        out = g->out;
+        *out = g->out;
         en->graph_steps++;
     } else if (g && g->block && !g->failed) { /* the shape's second sighting in this memory: capture */
         void *exec = NULL;
         mill_err ce;
         int crc = kctx_graph_begin(k, &ce);
         if (!crc) {
-            crc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, &ce);
+            crc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, want_logits, last_only, out, &ce);
             int erc = kctx_graph_end(k, &exec, crc ? &(mill_err){0} : &ce);
             crc = crc ? crc : erc;
         }
         if (!crc) {
             g->exec = exec;
-            g->out = out;
+            g->out = *out;
             rc = kctx_graph_launch(k, exec, e);
             en->graph_steps++;
         } else { /* nothing ran: the same step op by op (and never a capture for this shape again) */
@@ -592,18 +595,62 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
                     ce.msg);
             arena_reset(&en->a);
             rc = step_layout(en, seqs, tokens, n_tokens, n_seqs, N, &ids, &pos, &sw, e) ||
-                 step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, e);
+                 step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, want_logits, last_only, out, e);
         }
     } else {
-        rc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, logits != NULL, last_only, &out, e);
+        rc = step_run(en, &sw, ids, pos, n_tokens, n_seqs, N, want_logits, last_only, out, e);
         if (!rc && g) g->block = arena_block_of(&en->a, &g->block_cap); /* NULL if the step grew the arena */
     }
-    if (!rc && routing) rc = op_copy_to_host_async(k, en->route_host, out.route, rbytes, e);
-    if (!rc && logits) rc = op_copy_to_host(k, logits, out.logits, sizeof(float) * (size_t)out.M * V, e);
+    if (!rc && routing) rc = op_copy_to_host_async(k, en->route_host, out->route, rbytes, e);
+    out->N = N;
+    if (rc) kctx_defer_checks(k, 0, &(mill_err){0});
+    return rc;
+}
+
+/* After the result copies are queued: wait, report a deferred check, hand over the routing and
+ * advance the sequences. */
+static int step_finish(engine *en, engine_seq *const *seqs, const int *n_tokens, int n_seqs, int32_t *routing,
+                       int rc, mill_err *e) {
+    const kctx *k = en->k;
     if (!rc) rc = kctx_check(k, e); /* waits for the step */
     int drc = kctx_defer_checks(k, 0, rc ? &(mill_err){0} : e);
     if (rc || drc) return -1;
-    if (routing) memcpy(routing, en->route_host, rbytes);
+    int N = 0;
+    for (int i = 0; i < n_seqs; i++) N += n_tokens[i];
+    if (routing)
+        memcpy(routing, en->route_host,
+               sizeof(int32_t) * (size_t)en->m->cfg.num_hidden_layers * N * en->m->cfg.num_experts_per_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i]->len += n_tokens[i];
     return 0;
+}
+
+int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
+                float *logits, int last_only, int32_t *routing, mill_err *e) {
+    step_out out = {0};
+    TRY(step_exec(en, seqs, tokens, n_tokens, n_seqs, logits != NULL, last_only, routing != NULL, &out, e));
+    if (!out.N) return 0;
+    int rc = logits ? op_copy_to_host(en->k, logits, out.logits, sizeof(float) * (size_t)out.M * en->m->cfg.vocab_size, e)
+                    : 0;
+    return step_finish(en, seqs, n_tokens, n_seqs, routing, rc, e);
+}
+
+int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                       int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e) {
+    const kctx *k = en->k;
+    size_t need = (sizeof(int32_t) + sizeof(float)) * (size_t)n_seqs;
+    if (need > en->pick_cap) { /* its own memory: a replayed graph's buffers are in the arena */
+        mem_free(k->device, en->pick);
+        en->pick_cap = 0;
+        if (!(en->pick = mem_alloc_copy(k->device, NULL, need, e))) return -1;
+        en->pick_cap = need;
+    }
+    step_out out = {0};
+    TRY(step_exec(en, seqs, tokens, n_tokens, n_seqs, 1, 1, routing != NULL, &out, e));
+    if (!out.N) return 0;
+    int32_t *dtok = en->pick;
+    float *dlp = (float *)(dtok + n_seqs);
+    int rc = op_sample(k, dtok, dlp, out.logits, n_seqs, en->m->cfg.vocab_size, rows, e);
+    if (!rc) rc = op_copy_to_host_async(k, tok, dtok, sizeof(int32_t) * (size_t)n_seqs, e);
+    if (!rc) rc = op_copy_to_host(k, logprob, dlp, sizeof(float) * (size_t)n_seqs, e);
+    return step_finish(en, seqs, n_tokens, n_seqs, routing, rc, e);
 }

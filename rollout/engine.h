@@ -25,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../kernels/sample.h"
 #include "../trainer/model.h"
 
 typedef struct engine_seq engine_seq;
@@ -45,6 +46,8 @@ typedef struct {
     long graph_steps;    /* steps that ran as a CUDA graph */
     int32_t *route_host; /* the step's routing, copied without a wait of its own (pinned on CUDA) */
     size_t route_cap;
+    void *pick;          /* engine_step_sample's tokens and logprobs, in the engine's memory */
+    size_t pick_cap;
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
@@ -68,5 +71,10 @@ int engine_seq_len(const engine_seq *s);
  * logits and routing are HOST buffers on every device (the step waits for them). */
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
                 float *logits, int last_only, int32_t *routing, mill_err *e);
+/* The same step with each sequence's last position sampled where the logits are (op_sample with
+ * rows[i], a HOST array): only tok[i] and logprob[i] (host) come back, not [n_seqs, vocab] logits.
+ * Every sequence must feed a token. */
+int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                       int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e);
 
 #endif

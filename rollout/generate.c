@@ -10,9 +10,14 @@
 
 /* The row sampler lives in kernels/sample.c, shared with op_sample; the draw happens here, so a
  * row's rng advances exactly as before: one rng_uniform per non-greedy token, none when greedy. */
-int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work) {
+sample_row sample_draw(const sample_params *sp, rng *r) {
     sample_row sr = {.temperature = sp->temperature, .top_p = sp->top_p, .top_k = sp->top_k, .u = 0.0f};
     if (!sample_greedy(sr.temperature)) sr.u = rng_uniform(r);
+    return sr;
+}
+
+int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work) {
+    sample_row sr = sample_draw(sp, r);
     return sample_row_pick(logits, V, &sr, logprob, work);
 }
 
@@ -191,7 +196,7 @@ out:
 int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
                     const sample_params *sp, size_t budget_bytes, gen_result *res, mill_err *e) {
     const dsv4_config *c = &m->cfg;
-    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, total = 0;
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, total = 0;
     memset(res, 0, sizeof *res);
     TRY(check_request(lens, n, maxn, NULL, &total, e));
     if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
@@ -204,11 +209,13 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
     const int32_t **toks = calloc((size_t)n, sizeof *toks);
     int *nt = calloc((size_t)n, sizeof(int)), *row = calloc((size_t)n, sizeof(int)), *state = calloc((size_t)n, sizeof(int));
     int32_t *last = calloc((size_t)n, sizeof(int32_t));
-    float *logits = malloc(sizeof(float) * (size_t)n * V), *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V));
+    float *lps = malloc(sizeof(float) * (size_t)n);
+    int32_t *picks = malloc(sizeof(int32_t) * (size_t)n);
+    sample_row *rows = malloc(sizeof(sample_row) * (size_t)n);
     int32_t *routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(total > n ? total : n) * K);
     rng *rngs = malloc(sizeof(rng) * (size_t)n);
     int rc = -1;
-    if (!seqs || !act || !toks || !nt || !row || !state || !last || !logits || !work || !routing || !rngs) {
+    if (!seqs || !act || !toks || !nt || !row || !state || !last || !lps || !picks || !rows || !routing || !rngs) {
         mill_errf(e, "generate: out of memory");
         goto out;
     }
@@ -229,8 +236,13 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
         }
         if (!na) break;
         int ntot = 0;
-        for (int j = 0; j < na; j++) ntot += nt[j];
-        if (engine_step(&en, act, toks, nt, na, logits, 1, routing, e)) goto out;
+        for (int j = 0; j < na; j++) { /* a row that only routes its last token samples greedily, no draw */
+            ntot += nt[j];
+            int i = row[j];
+            rows[j] = state[i] == 1 || (step == 0 && maxn == 0) ? (sample_row){.temperature = 0.0f, .top_p = 1.0f}
+                                                                 : sample_draw(sp, &rngs[i]);
+        }
+        if (engine_step_sample(&en, act, toks, nt, na, rows, picks, lps, routing, e)) goto out;
         for (int j = 0, off = 0; j < na; off += nt[j], j++) {
             int i = row[j], p0 = engine_seq_len(act[j]) - nt[j];
             for (int l = 0; l < L; l++)
@@ -241,9 +253,8 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
                 state[i] = 2;
                 continue;
             }
-            float lp;
-            last[i] = sample_token(logits + (long)j * V, V, sp, &rngs[i], &lp, work);
-            state[i] = record_token(res, sp, i, last[i], lp);
+            last[i] = picks[j];
+            state[i] = record_token(res, sp, i, last[i], lps[j]);
         }
     }
     compact_routing(res, L, K, maxn);
@@ -259,8 +270,9 @@ out:
     free(row);
     free(state);
     free(last);
-    free(logits);
-    free(work);
+    free(lps);
+    free(picks);
+    free(rows);
     free(routing);
     free(rngs);
     if (rc) gen_result_free(res);

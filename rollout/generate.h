@@ -47,6 +47,9 @@ typedef struct {
  * SAMPLE_WORK_FLOATS(V) floats of scratch (kernels/sample.h, which also has sample_order_desc and
  * the row sampler this calls with one rng_uniform draw from r; greedy rows draw nothing). */
 int32_t sample_token(const float *logits, int V, const sample_params *sp, rng *r, float *logprob, float *work);
+/* The row sample_token samples with: sp's parameters and, unless greedy, one rng_uniform draw (for
+ * op_sample / engine_step_sample, which sample where the logits are). */
+sample_row sample_draw(const sample_params *sp, rng *r);
 
 /* Whether a row whose n_out-th token is tok is finished: a stop id (FINISH_STOP) or the length
  * limit (FINISH_LENGTH). Returns 1 and sets *why, or 0. */

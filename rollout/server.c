@@ -1,6 +1,5 @@
 #include "server.h"
 
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -215,15 +214,15 @@ static void send_sample(server *s, sample *sm) {
 /* One engine step over the samples that have (or can get) a cache; finished samples are sent. */
 static int step(server *s, mill_err *e) {
     const dsv4_config *c = &s->m->cfg;
-    int V = c->vocab_size, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
     engine_seq **seqs = malloc(sizeof *seqs * (size_t)s->n_samples);
     const int32_t **toks = malloc(sizeof *toks * (size_t)s->n_samples);
     int *nt = malloc(sizeof(int) * (size_t)s->n_samples), *who = malloc(sizeof(int) * (size_t)s->n_samples);
-    int n = 0, total = 0, rc = -1, nthr = omp_get_max_threads();
-    float *logits = NULL, *work = malloc(sizeof(float) * SAMPLE_WORK_FLOATS(V) * (size_t)nthr);
+    int n = 0, total = 0, rc = -1;
+    sample_row *rows = NULL;
     float *lps = malloc(sizeof(float) * (size_t)s->n_samples);
     int32_t *routing = NULL, *picks = malloc(sizeof(int32_t) * (size_t)s->n_samples);
-    if (!seqs || !toks || !nt || !who || !work || !lps || !picks) {
+    if (!seqs || !toks || !nt || !who || !lps || !picks) {
         mill_errf(e, "server: out of memory");
         goto out;
     }
@@ -246,22 +245,19 @@ static int step(server *s, mill_err *e) {
         rc = 0;
         goto out;
     }
-    logits = malloc(sizeof(float) * (size_t)n * V);
+    rows = malloc(sizeof(sample_row) * (size_t)n);
     routing = malloc(sizeof(int32_t) * (size_t)L * total * K);
-    if (!logits || !routing) {
+    if (!rows || !routing) {
         mill_errf(e, "server: out of memory");
         goto out;
     }
-    if (engine_step(&s->en, seqs, toks, nt, n, logits, 1, routing, e)) goto out;
-    s->steps++;
-    /* rows sample independently (each its own rng and logits row): in parallel, for a large vocabulary */
-#pragma omp parallel for schedule(dynamic)
-    for (int j = 0; j < n; j++) {
+    for (int j = 0; j < n; j++) { /* a finished sample only routes its last token: greedy, no draw, ignored */
         sample *sm = s->samples[who[j]];
-        if (sm->state == 3 || sm->req->sp.max_new_tokens == 0) continue;
-        picks[j] = sample_token(logits + (long)j * V, V, &sm->req->sp, &sm->r, &lps[j],
-                                work + SAMPLE_WORK_FLOATS(V) * (size_t)omp_get_thread_num());
+        int done = sm->state == 3 || sm->req->sp.max_new_tokens == 0;
+        rows[j] = done ? (sample_row){.temperature = 0.0f, .top_p = 1.0f} : sample_draw(&sm->req->sp, &sm->r);
     }
+    if (engine_step_sample(&s->en, seqs, toks, nt, n, rows, picks, lps, routing, e)) goto out;
+    s->steps++;
     for (int j = 0, off = 0; j < n; off += nt[j], j++) {
         sample *sm = s->samples[who[j]];
         int maxn = sm->req->sp.max_new_tokens, p0 = engine_seq_len(sm->seq) - nt[j];
@@ -295,8 +291,7 @@ out:
     free(toks);
     free(nt);
     free(who);
-    free(logits);
-    free(work);
+    free(rows);
     free(lps);
     free(picks);
     free(routing);

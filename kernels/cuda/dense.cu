@@ -101,6 +101,109 @@ int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const floa
     return rc;
 }
 
+/* ---- cu_rows_gemm (cuda_internal.cuh) */
+#define CU_ROWS_WARP_COLS 4
+#define CU_ROWS_WARPS 4
+#define CU_ROWS_R 8     /* rows per register tile */
+#define CU_ROWS_KT 1024 /* K tile staged in shared memory: 8 x 1024 floats = 32 KiB */
+
+__device__ __forceinline__ float cu_bf16r(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+/* Eight consecutive weights as floats; VEC: p is 16-byte aligned (a weight's place in the flat
+ * parameter buffer need not be); fp32 weights are rounded to bf16 values when ROUND. */
+template <bool VEC, bool ROUND>
+__device__ __forceinline__ void cu_load8(const __nv_bfloat16 *p, float *w) {
+    if (VEC) {
+        uint4 v = *(const uint4 *)p;
+        const __nv_bfloat16 *h = (const __nv_bfloat16 *)&v;
+        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(h[q]);
+    } else {
+        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(p[q]);
+    }
+}
+template <bool VEC, bool ROUND>
+__device__ __forceinline__ void cu_load8(const float *p, float *w) {
+    if (VEC) {
+        float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+    } else {
+        for (int q = 0; q < 8; q++) w[q] = p[q];
+    }
+    if (ROUND)
+        for (int q = 0; q < 8; q++) w[q] = cu_bf16r(w[q]);
+}
+
+template <typename WT, bool VEC, bool ROUND>
+__global__ void rows_gemm_kernel(float *Y, int ldy, const float *X, int ldx, const WT *W, long w_stride,
+                                 const int32_t *offs, int M, int N, int K, float beta) {
+    extern __shared__ float xs[]; /* [CU_ROWS_R][CU_ROWS_KT] */
+    int g = blockIdx.y, r0 = offs ? offs[g] : 0, r1 = offs ? offs[g + 1] : M;
+    if (r0 >= r1) return; /* the same for the whole block: no barrier is skipped by part of it */
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int n0 = (blockIdx.x * CU_ROWS_WARPS + warp) * CU_ROWS_WARP_COLS;
+    const WT *Wg = W + (long)g * w_stride;
+    for (int rb = r0; rb < r1; rb += CU_ROWS_R) {
+        int nr = r1 - rb < CU_ROWS_R ? r1 - rb : CU_ROWS_R;
+        float acc[CU_ROWS_WARP_COLS][CU_ROWS_R];
+        for (int j = 0; j < CU_ROWS_WARP_COLS; j++)
+            for (int r = 0; r < CU_ROWS_R; r++) acc[j][r] = 0.f;
+        for (int k0 = 0; k0 < K; k0 += CU_ROWS_KT) {
+            int kt = K - k0 < CU_ROWS_KT ? K - k0 : CU_ROWS_KT;
+            __syncthreads(); /* the previous tile is consumed */
+            for (int i = threadIdx.x; i < CU_ROWS_R * kt; i += blockDim.x) {
+                int r = i / kt, c = i - r * kt;
+                float v = r < nr ? X[(long)(rb + r) * ldx + k0 + c] : 0.f;
+                xs[r * CU_ROWS_KT + c] = ROUND ? cu_bf16r(v) : v;
+            }
+            __syncthreads();
+            for (int c = lane * 8; c < kt; c += 256) {
+                float w[CU_ROWS_WARP_COLS][8];
+                for (int j = 0; j < CU_ROWS_WARP_COLS; j++) /* every load first: they are in flight together */
+                    if (n0 + j < N) cu_load8<VEC, ROUND>(Wg + (long)(n0 + j) * K + k0 + c, w[j]);
+                for (int r = 0; r < CU_ROWS_R; r++) {
+                    const float *xr = xs + r * CU_ROWS_KT + c;
+                    float xv[8];
+                    for (int q = 0; q < 8; q++) xv[q] = xr[q];
+                    for (int j = 0; j < CU_ROWS_WARP_COLS; j++) {
+                        float a = acc[j][r];
+                        for (int q = 0; q < 8; q++) a = fmaf(w[j][q], xv[q], a);
+                        acc[j][r] = a;
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < CU_ROWS_WARP_COLS; j++)
+            for (int r = 0; r < CU_ROWS_R; r++) {
+                float v = cu_warp_sum(acc[j][r]);
+                if (lane == 0 && r < nr && n0 + j < N) {
+                    float *yp = Y + (long)(rb + r) * ldy + n0 + j;
+                    *yp = beta != 0.f ? *yp + v : v;
+                }
+            }
+    }
+}
+
+int cu_rows_gemm(const kctx *k, float *Y, int ldy, const float *X, int ldx, const float *W, long w_stride,
+                 const int32_t *offs, int groups, int M, int N, int K, float beta, int round, mill_err *e) {
+    if (N <= 0 || K <= 0 || groups <= 0 || groups > 65535 || K % 8) return mill_errf(e, "cu_rows_gemm: bad shape");
+    const __nv_bfloat16 *w16 =
+        round ? (const __nv_bfloat16 *)cu_shadow_of(k, W, (long)(groups - 1) * w_stride + (long)N * K) : NULL;
+    int vec = ((uintptr_t)(w16 ? (const void *)w16 : (const void *)W) & 15) == 0; /* K % 8: rows keep it */
+    int cols = CU_ROWS_WARPS * CU_ROWS_WARP_COLS;
+    dim3 grid((unsigned)((N + cols - 1) / cols), (unsigned)groups);
+    size_t smem = sizeof(float) * CU_ROWS_R * CU_ROWS_KT;
+    unsigned th = 32 * CU_ROWS_WARPS;
+    cudaStream_t st = cu_stream(k);
+    if (w16 && vec) rows_gemm_kernel<__nv_bfloat16, true, true><<<grid, th, smem, st>>>(Y, ldy, X, ldx, w16, w_stride, offs, M, N, K, beta);
+    else if (w16) rows_gemm_kernel<__nv_bfloat16, false, true><<<grid, th, smem, st>>>(Y, ldy, X, ldx, w16, w_stride, offs, M, N, K, beta);
+    else if (round && vec) rows_gemm_kernel<float, true, true><<<grid, th, smem, st>>>(Y, ldy, X, ldx, W, w_stride, offs, M, N, K, beta);
+    else if (round) rows_gemm_kernel<float, false, true><<<grid, th, smem, st>>>(Y, ldy, X, ldx, W, w_stride, offs, M, N, K, beta);
+    else if (vec) rows_gemm_kernel<float, true, false><<<grid, th, smem, st>>>(Y, ldy, X, ldx, W, w_stride, offs, M, N, K, beta);
+    else rows_gemm_kernel<float, false, false><<<grid, th, smem, st>>>(Y, ldy, X, ldx, W, w_stride, offs, M, N, K, beta);
+    LAUNCH_CHECK("rows_gemm_kernel");
+    return 0;
+}
+
 int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
                    int accumulate, mill_err *e) {
     if (M <= 0 || N <= 0) return 0;

@@ -441,9 +441,6 @@ __global__ void moe_combine_kernel(float *out, const float *y, const float *weig
  * device, so nothing waits for the host and a decode step can be captured in a CUDA graph. The
  * products are the grouped path's (bf16 operands, fp32 accumulation), summed in another order. */
 #define MOE_SMALL_ROWS 1024 /* N * K up to this: one block groups them */
-#define MOE_SMALL_COLS 32   /* output columns per GEMM block: 4 warps x 8 */
-#define MOE_SMALL_R 8       /* rows per register tile */
-#define MOE_SMALL_KT 1024   /* inner-dimension tile staged in shared memory: 8 x 1024 floats = 32 KiB */
 
 /* Stable counting sort of the NK rows by expert in one block: slot_row[r] = offs[x] + the number of
  * earlier rows of expert x. A bad id is recorded and its row is parked after offs[E], where no
@@ -479,97 +476,6 @@ __global__ void moe_small_group_kernel(int32_t *slot_row, int32_t *offs, int *ba
         for (int q = 0; q < r; q++) rank += key[q] == x;
         slot_row[r] = start[x] + rank;
     }
-}
-
-__device__ __forceinline__ float moe_bf16r(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
-/* Eight consecutive weights as floats (rounded to bf16 values when stored as fp32); VEC: p is
- * 16-byte aligned, so one or two vector loads (a weight's place in the flat parameter buffer
- * need not be). */
-template <bool VEC>
-__device__ __forceinline__ void moe_load8(const __nv_bfloat16 *p, float *w) {
-    if (VEC) {
-        uint4 v = *(const uint4 *)p;
-        const __nv_bfloat16 *h = (const __nv_bfloat16 *)&v;
-        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(h[q]);
-    } else {
-        for (int q = 0; q < 8; q++) w[q] = __bfloat162float(p[q]);
-    }
-}
-template <bool VEC>
-__device__ __forceinline__ void moe_load8(const float *p, float *w) {
-    if (VEC) {
-        float4 a = *(const float4 *)p, b = *(const float4 *)(p + 4);
-        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
-    } else {
-        for (int q = 0; q < 8; q++) w[q] = p[q];
-    }
-    for (int q = 0; q < 8; q++) w[q] = moe_bf16r(w[q]);
-}
-
-/* Y[r, n] = sum_c X[r, c] W_e[n, c] for the rows r of expert e = blockIdx.y (offs[e] .. offs[e+1]),
- * W_e = W + e * Nout * Kd. A warp owns 8 output columns; its lanes split the inner dimension in
- * 8-element chunks and reduce at the end. Kd % 8 == 0. */
-template <typename WT, bool VEC>
-__global__ void moe_small_gemm_kernel(float *Y, const float *X, const WT *W, const int32_t *offs, int Nout, int Kd) {
-    extern __shared__ float xs[]; /* [MOE_SMALL_R][MOE_SMALL_KT] */
-    int ex = blockIdx.y, r0 = offs[ex], r1 = offs[ex + 1];
-    if (r0 >= r1) return; /* the same for the whole block: no barrier is skipped by part of it */
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n0 = blockIdx.x * MOE_SMALL_COLS + warp * 8;
-    const WT *We = W + (long)ex * Nout * Kd;
-    for (int rb = r0; rb < r1; rb += MOE_SMALL_R) {
-        int nr = r1 - rb < MOE_SMALL_R ? r1 - rb : MOE_SMALL_R;
-        float acc[8][MOE_SMALL_R];
-        for (int j = 0; j < 8; j++)
-            for (int r = 0; r < MOE_SMALL_R; r++) acc[j][r] = 0.f;
-        for (int k0 = 0; k0 < Kd; k0 += MOE_SMALL_KT) {
-            int kt = Kd - k0 < MOE_SMALL_KT ? Kd - k0 : MOE_SMALL_KT;
-            __syncthreads(); /* the previous tile is consumed */
-            for (int i = threadIdx.x; i < MOE_SMALL_R * kt; i += blockDim.x) {
-                int r = i / kt, c = i - r * kt;
-                xs[r * MOE_SMALL_KT + c] = r < nr ? moe_bf16r(X[(long)(rb + r) * Kd + k0 + c]) : 0.f;
-            }
-            __syncthreads();
-            for (int c = lane * 8; c < kt; c += 256) {
-                for (int j = 0; j < 8; j++) {
-                    int n = n0 + j;
-                    if (n >= Nout) break;
-                    float w[8];
-                    moe_load8<VEC>(We + (long)n * Kd + k0 + c, w);
-                    for (int r = 0; r < MOE_SMALL_R; r++) {
-                        const float *xr = xs + r * MOE_SMALL_KT + c;
-                        float a = acc[j][r];
-                        for (int q = 0; q < 8; q++) a = fmaf(w[q], xr[q], a);
-                        acc[j][r] = a;
-                    }
-                }
-            }
-        }
-        for (int j = 0; j < 8; j++)
-            for (int r = 0; r < MOE_SMALL_R; r++) {
-                float v = cu_warp_sum(acc[j][r]);
-                if (lane == 0 && r < nr && n0 + j < Nout) Y[(long)(rb + r) * Nout + n0 + j] = v;
-            }
-    }
-}
-
-static int moe_small_gemm(const kctx *k, float *Y, const float *X, const float *W, const int32_t *offs, int E, int Nout,
-                          int Kd, mill_err *e) {
-    const __nv_bfloat16 *w16 = (const __nv_bfloat16 *)cu_shadow_of(k, W, (long)E * Nout * Kd);
-    dim3 grid((unsigned)((Nout + MOE_SMALL_COLS - 1) / MOE_SMALL_COLS), (unsigned)E);
-    size_t smem = sizeof(float) * MOE_SMALL_R * MOE_SMALL_KT;
-    /* Kd % 8 == 0 keeps every row and expert start as aligned as the base */
-    int vec = ((uintptr_t)(w16 ? (const void *)w16 : (const void *)W) & 15) == 0;
-    if (w16 && vec)
-        moe_small_gemm_kernel<__nv_bfloat16, true><<<grid, 128, smem, cu_stream(k)>>>(Y, X, w16, offs, Nout, Kd);
-    else if (w16)
-        moe_small_gemm_kernel<__nv_bfloat16, false><<<grid, 128, smem, cu_stream(k)>>>(Y, X, w16, offs, Nout, Kd);
-    else if (vec)
-        moe_small_gemm_kernel<float, true><<<grid, 128, smem, cu_stream(k)>>>(Y, X, W, offs, Nout, Kd);
-    else
-        moe_small_gemm_kernel<float, false><<<grid, 128, smem, cu_stream(k)>>>(Y, X, W, offs, Nout, Kd);
-    LAUNCH_CHECK("moe_small_gemm_kernel");
-    return 0;
 }
 
 static int moe_small_ok(const kctx *k, long NK, int D, int I, int E) {
@@ -623,10 +529,10 @@ int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t
     int32_t *slot_row = (int32_t *)(y + NK * D), *offs = slot_row + NK;
     if (moe_small_ok(k, NK, D, I, E)) {
         TRY(moe_small_group(k, xg, slot_row, offs, x, ids, N, D, E, K, e));
-        TRY(moe_small_gemm(k, g, xg, w1, offs, E, I, D, e));
-        TRY(moe_small_gemm(k, u, xg, w3, offs, E, I, D, e));
+        TRY(cu_rows_gemm(k, g, I, xg, D, w1, (long)I * D, offs, E, 0, I, D, 0.0f, 1, e));
+        TRY(cu_rows_gemm(k, u, I, xg, D, w3, (long)I * D, offs, E, 0, I, D, 0.0f, 1, e));
         TRY(cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e));
-        TRY(moe_small_gemm(k, y, g, w2, offs, E, D, I, e));
+        TRY(cu_rows_gemm(k, y, D, g, I, w2, (long)D * I, offs, E, 0, D, I, 0.0f, 1, e));
         moe_combine_kernel<<<(unsigned)N, D >= 256 ? 256 : 128, 0, cu_stream(k)>>>(out, y, weights, slot_row, D, K,
                                                                                     accumulate);
         LAUNCH_CHECK("moe_combine_kernel");

@@ -1,8 +1,9 @@
 /* Cached-engine throughput on the CPU or CUDA (a benchmark: it prints, never fails on time), through
- * the engine API the rollout server uses (engine_init, engine_seq_new, engine_step with host logits):
+ * the engine API the rollout server uses (engine_init, engine_seq_new, engine_step for prefill, engine_step_sample for decode):
  * prefill tokens/s for 8 prompts of 256 tokens, then for each batch size B: B sequences of P prompt
  * tokens (prefilled untimed), two untimed decode steps (a CUDA graph is captured at the second), then S timed single-token decode steps,
- * teacher-forced (every sequence's next token is fixed, so each run does the same work). Each
+ * teacher-forced (every sequence's next token is fixed, so each run does the same work; each step
+ * still samples every sequence at temperature 1 where the logits are, as the server does). Each
  * sequence has its own tokens, so the batch routes like B independent requests.
  *
  * Every decode figure is set against a memory-bandwidth floor: the bytes a decode step must read
@@ -156,8 +157,10 @@ static int bench_batch(const bench_ctx *bc, int B, int graphs, mill_err *e) {
     const int32_t **tp = calloc((size_t)B, sizeof *tp);
     int *nt = calloc((size_t)B, sizeof(int));
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)B * len);
-    float *lg = malloc(sizeof(float) * (size_t)B * V);
-    if (!s || !tp || !nt || !toks || !lg) {
+    sample_row *rows = malloc(sizeof(sample_row) * (size_t)B);
+    int32_t *pick = malloc(sizeof(int32_t) * (size_t)B);
+    float *lp = malloc(sizeof(float) * (size_t)B);
+    if (!s || !tp || !nt || !toks || !rows || !pick || !lp) {
         mill_errf(e, "bench: out of memory for batch %d", B);
         goto out;
     }
@@ -183,7 +186,9 @@ static int bench_batch(const bench_ctx *bc, int B, int graphs, mill_err *e) {
             tp[i] = toks + (size_t)i * len + P + 2 + st;
             nt[i] = 1;
         }
-        if (engine_step(bc->en, s, tp, nt, B, lg, 1, NULL, e)) goto out; /* host logits: waits for the device */
+        for (int i = 0; i < B; i++) /* what the rollout server does: sample at T = 1 where the logits are */
+            rows[i] = (sample_row){.temperature = 1.0f, .top_p = 1.0f, .top_k = 0, .u = 0.5f};
+        if (engine_step_sample(bc->en, s, tp, nt, B, rows, pick, lp, NULL, e)) goto out; /* waits for the device */
     }
     double dt = bench_now() - t0, tok_s = (double)B * S / dt;
     if (!graphs) {
@@ -218,7 +223,9 @@ out:
     free(tp);
     free(nt);
     free(toks);
-    free(lg);
+    free(rows);
+    free(pick);
+    free(lp);
     return rc;
 }
 
