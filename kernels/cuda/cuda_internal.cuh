@@ -160,21 +160,20 @@ int cu_shadow_refresh(const kctx *k, const void *dst, size_t bytes, mill_err *e)
 int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda, const float *B,
                  int ldb, float *C, int ldc, float beta, mill_err *e);
 
-/* Few rows against a large weight (decode): Y[r, n] = beta Y[r, n] + sum_c X[r, c] W_g[n, c] with
- * W_g = W + g * w_stride for the rows of group g: offs[g] .. offs[g+1] (device array; the MoE's
- * experts), or with offs NULL one group of rows 0 .. M. A warp owns CU_ROWS_WARP_COLS output
+/* Few rows against large weights (the MoE's experts in decode): Y[r, n] = beta Y[r, n] +
+ * sum_c X[r, c] W_g[n, c] with W_g = W + g * w_stride for the rows of group g: offs[g] .. offs[g+1]
+ * (a device array, so no host wait), or with offs NULL one group of rows 0 .. M. (Measured on an
+ * H100 as the decode step's plain linears too: slower than cuBLAS at 1 and 32 rows, so they stay
+ * on cuBLAS.) A warp owns CU_ROWS_WARP_COLS output
  * columns; its lanes split K in 8-element chunks (K % 8 == 0) and reduce in a fixed order, so a
  * row's bits do not depend on the other rows. round: bf16 operands (W's shadow when it has one),
  * fp32 accumulation, like cu_gemm_bf16; else full fp32. Needs no host wait (graph capture). */
-#define CU_ROWS_MAX_M 64
 int cu_rows_gemm(const kctx *k, float *Y, int ldy, const float *X, int ldx, const float *W, long w_stride,
                  const int32_t *offs, int groups, int M, int N, int K, float beta, int round, mill_err *e);
 
 static inline int cu_gemm(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda,
                           const float *B, int ldb, float *C, int ldc, float beta, int fast, mill_err *e) {
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    if (s == GEMM_NT && M <= CU_ROWS_MAX_M && K % 8 == 0 && ldb == K)
-        return cu_rows_gemm(k, C, ldc, A, lda, B, 0, NULL, 1, M, N, K, beta, fast && !k->gemm_fp32, e);
     if (fast && !k->gemm_fp32) return cu_gemm_bf16(k, s, M, N, K, A, lda, B, ldb, C, ldc, beta, e);
     cu_colmajor_gemm g = cu_gemm_plan(s, M, N, K, A, lda, B, ldb, C, ldc);
     const float alpha = 1.0f;

@@ -39,8 +39,7 @@ __global__ void hc_split_sum_kernel(float *C, const float *part, long n, int S, 
 static int hc_gemm_split(const kctx *k, cu_gemm_shape shape, int M, int Nc, int K, const float *A, int lda,
                          long sa, const float *B, int ldb, long sb, float *C, float beta, mill_err *e) {
     int S = hc_splits(K);
-    if (S == 1 || (long)M * Nc > (1L << 22) || (shape == GEMM_NT && M <= CU_ROWS_MAX_M)) /* few rows: cu_gemm's own kernel */
-        return cu_gemm(k, shape, M, Nc, K, A, lda, B, ldb, C, Nc, beta, 0, e);
+    if (S == 1 || (long)M * Nc > (1L << 22)) return cu_gemm(k, shape, M, Nc, K, A, lda, B, ldb, C, Nc, beta, 0, e);
     int Ks = K / S;
     long n = (long)M * Nc;
     float *part = NULL;
