@@ -3,6 +3,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -82,6 +83,14 @@ int cuda_backend_init(void **cublas, void **stream, void **workspace, mill_err *
     CUBLAS_CHECK(cublasSetStream(h, s));
     CUDA_CHECK(cudaMalloc(workspace, CUDA_BLAS_WORKSPACE));
     CUBLAS_CHECK(cublasSetWorkspace(h, *workspace, CUDA_BLAS_WORKSPACE));
+    /* the ops' stream-ordered scratch (cudaMallocAsync) keeps its memory across syncs: by default
+     * the pool gives it back at every sync, and each large scratch is then mapped anew */
+    int dev = 0;
+    cudaMemPool_t pool;
+    uint64_t keep = UINT64_MAX;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     return 0;
 }
 

@@ -49,9 +49,10 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
     if (kind == PARAM_INDEX) {
         p->offset = b->ints;
         b->ints += p->numel;
-    } else {
-        p->offset = b->floats;
-        b->floats += p->numel;
+    } else { /* each tensor on a 64-byte boundary (the gaps stay zero): cuBLAS's fast kernels and
+              * vector loads need aligned operands, and a GPU model's bf16 shadow mirrors these offsets */
+        p->offset = (b->floats + 15) / 16 * 16;
+        b->floats = p->offset + p->numel;
     }
     return 0;
 }

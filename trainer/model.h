@@ -58,7 +58,7 @@ typedef struct {
     dsv4_config cfg;
     param_info *params;
     int n_params;
-    float *data; /* the flat parameter buffer */
+    float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */
     size_t n_floats, n_trainable;
     int32_t *index_data;
     size_t n_index;

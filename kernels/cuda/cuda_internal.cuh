@@ -57,6 +57,13 @@ __device__ __forceinline__ void cu_check_record(cu_check *c, long pos, int id, i
     c->bound = bound; /* every writer stores the same value */
 }
 
+/* MILL_PROFILE: time a phase inside an op under its own name, device-synced like the ops:
+ * `double t = cu_phase(k); ...; cu_phase_end(k, "moe: group", t);` (no-ops otherwise). */
+static inline double cu_phase(const kctx *k) { return k->prof ? kprof_begin(k) : 0.0; }
+static inline void cu_phase_end(const kctx *k, const char *name, double t0) {
+    if (k->prof) kprof_end(k, name, t0, 0);
+}
+
 /* Host-side results (losses, norms, validity flags) need the stream drained first. */
 static inline int cu_copy_to_host_sync(void *dst, const void *src, size_t bytes, const kctx *k, mill_err *e) {
     CU_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cu_stream(k)));

@@ -343,8 +343,11 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     TRY(cu_scratch((void **)&buf, 2 * (na_al + nb + 8) + sizeof(void *) * 3 * (size_t)G + 16, k, e));
     void **dptrs = (void **)(((uintptr_t)(buf + na_al + nb) + 15) & ~(uintptr_t)15);
     const uint16_t *a16 = sa ? sa : buf, *b16 = sb ? sb : buf + na_al;
+    double tp = cu_phase(k);
     int rc = sa ? 0 : cu_to_bf16(k, buf, A.base, ra, A.ld, A.ld, e);
     if (!rc && !sb) rc = cu_to_bf16(k, buf + na_al, B.base, rb, B.ld, B.ld, e);
+    cu_phase_end(k, sa && sb ? "moe_gemm: no bf16 copy" : "moe_gemm: bf16 copies", tp);
+    tp = cu_phase(k);
     /* host arrays for the group shapes and the three pointer lists */
     int *iv = (int *)malloc(sizeof(int) * 6 * (size_t)G + sizeof(cublasOperation_t) * 2 * G +
                             sizeof(float) * 2 * G + sizeof(void *) * 3 * G + sizeof(int) * G);
@@ -384,11 +387,16 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     }
     if (cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc = mill_errf(e, "moe: pointer copy failed");
+    cu_phase_end(k, "moe_gemm: shapes and pointers", tp);
+    tp = cu_phase(k);
     if (!rc) {
-        cublasStatus_t st = cublasGemmGroupedBatchedEx(
-            cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs, CUDA_R_16BF, lda,
-            (const void *const *)(dptrs + G), CUDA_R_16BF, ldb, betas, dptrs + 2 * G, CUDA_R_32F, ldc, G, ones,
-            CUBLAS_COMPUTE_32F);
+        /* the grouped call only where its support is probed (used_grouped): the model's own GEMMs go
+         * one per expert */
+        cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
+        if (used_grouped)
+            st = cublasGemmGroupedBatchedEx(cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs,
+                                            CUDA_R_16BF, lda, (const void *const *)(dptrs + G), CUDA_R_16BF, ldb,
+                                            betas, dptrs + 2 * G, CUDA_R_32F, ldc, G, ones, CUBLAS_COMPUTE_32F);
         if (used_grouped) *used_grouped = st == CUBLAS_STATUS_SUCCESS;
         if (st == CUBLAS_STATUS_NOT_SUPPORTED) { /* one GEMM per expert instead */
             for (int i = 0; i < G && !rc; i++) {
@@ -401,6 +409,8 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
         } else if (st != CUBLAS_STATUS_SUCCESS) {
             rc = mill_errf(e, "moe: cublasGemmGroupedBatchedEx failed: cuBLAS status %d", (int)st);
         }
+        cu_phase_end(k, shape == GEMM_NT ? "moe_gemm: cuBLAS NT" : shape == GEMM_NN ? "moe_gemm: cuBLAS NN" : "moe_gemm: cuBLAS TN",
+                     tp);
     }
     /* the grouped call reads the shape arrays on the host before it returns; the device pointer
      * list is freed stream-ordered */
