@@ -135,6 +135,15 @@ int cuda_time_d2d_copy(size_t bytes, int reps, double *seconds, mill_err *e) {
     return rc;
 }
 
+int cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError(); /* no driver or no device: not an error for the caller */
+        return 0;
+    }
+    return n;
+}
+
 int cuda_device_describe(char *buf, size_t n, mill_err *e) {
     int count = 0, dev = 0;
     CUDA_CHECK(cudaGetDeviceCount(&count));

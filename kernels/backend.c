@@ -121,6 +121,18 @@ void kctx_free(kctx *k) {
     memset(k, 0, sizeof *k);
 }
 
+int kctx_device_parse(const char *name, mill_device *dev) {
+    if (!strcmp(name, "cpu")) *dev = DEVICE_CPU;
+    else if (!strcmp(name, "cuda")) *dev = DEVICE_CUDA;
+    else if (!strcmp(name, "auto")) {
+        *dev = DEVICE_CPU;
+#ifdef MILL_CUDA
+        if (cuda_device_count() > 0) *dev = DEVICE_CUDA;
+#endif
+    } else return -1;
+    return 0;
+}
+
 int kctx_require_cpu(const kctx *k, const char *op, mill_err *e) {
     if (k->device == DEVICE_CPU) return 0;
     return mill_errf(e, "%s: no CUDA implementation yet (run with the CPU backend)", op);

@@ -42,6 +42,10 @@ typedef struct {
 int kctx_init(kctx *k, mill_device dev, mill_err *e);
 void kctx_free(kctx *k);
 
+/* A device name: "cpu", "cuda", or "auto" (cuda when this mill has CUDA and a GPU is visible, else
+ * cpu); -1 for anything else. */
+int kctx_device_parse(const char *name, mill_device *dev);
+
 /* Propagate a failure: `TRY(op(...));` inside a function returning int. */
 #define TRY(x)                 \
     do {                       \

@@ -129,7 +129,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_str(y, "rollout.layout", "colocated", &layout, path, e) ||
         yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
         yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
-        yamlcfg_str(y, "rollout.device", "cpu", &rdev, path, e) ||
+        yamlcfg_str(y, "rollout.device", "auto", &rdev, path, e) ||
         yamlcfg_str(y, "rollout.curve", "auto", &curve, path, e) ||
         yamlcfg_str(y, "rollout.curve_keys", "", &ckeys, path, e) ||
         yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
@@ -151,7 +151,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
         yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
-        yamlcfg_str(y, "train.device", "cpu", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
+        yamlcfg_str(y, "train.device", "auto", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
@@ -181,12 +181,13 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     } else {
         return mill_errf(e, "%s: data.kind \"%s\" must be \"arithmetic\" or \"jsonl\"", path, kind);
     }
-    if (strcmp(dev, "cpu") && strcmp(dev, "cuda"))
-        return mill_errf(e, "%s: train.device \"%s\" must be \"cpu\" or \"cuda\"", path, dev);
-    r->train_gpu = !strcmp(dev, "cuda");
-    if (strcmp(rdev, "cpu") && strcmp(rdev, "cuda"))
-        return mill_errf(e, "%s: rollout.device \"%s\" must be \"cpu\" or \"cuda\"", path, rdev);
-    r->rollout_gpu = !strcmp(rdev, "cuda");
+    mill_device td, rd; /* auto: this machine's GPU when it has one */
+    if (kctx_device_parse(dev, &td))
+        return mill_errf(e, "%s: train.device \"%s\" must be \"auto\", \"cpu\" or \"cuda\"", path, dev);
+    r->train_gpu = td == DEVICE_CUDA;
+    if (kctx_device_parse(rdev, &rd))
+        return mill_errf(e, "%s: rollout.device \"%s\" must be \"auto\", \"cpu\" or \"cuda\"", path, rdev);
+    r->rollout_gpu = rd == DEVICE_CUDA;
     if (strcmp(curve, "auto") && strcmp(curve, "on") && strcmp(curve, "off"))
         return mill_errf(e, "%s: rollout.curve \"%s\" must be \"auto\", \"on\" or \"off\"", path, curve);
     r->curve = !strcmp(curve, "on") ? 1 : !strcmp(curve, "off") ? 0 : -1;

@@ -23,25 +23,25 @@
 static int usage(FILE *to) {
     fprintf(to,
             "usage: mill <command> [options]\n"
-            "  forward --model DIR --input IN.json --output OUT.safetensors [--device cpu|cuda]\n"
+            "  forward --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda]\n"
             "          IN.json: {\"input_ids\": [[...], ...]} (rows of equal length); OUT holds logits [B, T, vocab] f32\n"
             "          (and routing [layers, B, T, k] I32, the experts each token used)\n"
-            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device cpu|cuda]\n"
+            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda]\n"
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
-            "          [--seed S] [--stop ID]... [--cache-mb MB] [--device cpu|cuda] --output OUT.json\n"
+            "          [--seed S] [--stop ID]... [--cache-mb MB] [--device auto|cpu|cuda] --output OUT.json\n"
             "          [--routing ROUTING.safetensors]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
-            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device cpu|cuda]\n"
+            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device auto|cpu|cuda]\n"
             "          [--curve FILE]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR      config, layer schedule and parameter counts\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
-            "  sft     RECIPE.yaml [--device cpu|cuda] [--resume CHECKPOINT_DIR]   supervised fine-tuning\n"
-            "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default cpu)\n"
+            "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR]   supervised fine-tuning\n"
+            "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default auto)\n"
             "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
             "          worker and rollout engines, records every step in the run ledger\n"
             "  resume  RUN [--ledger PATH]   continue a stopped run from its last complete checkpoint\n"
@@ -141,12 +141,10 @@ static int read_input_ids(const char *path, int vocab, int32_t **ids_out, int *B
     return read_input_rows(path, vocab, ids_out, B, T, NULL, e);
 }
 
-/* --device cpu|cuda (default cpu). */
+/* --device auto|cpu|cuda (default auto: the GPU when there is one). */
 static int opt_device(int argc, char **argv, mill_device *dev, mill_err *e) {
     const char *d = opt(argc, argv, "--device");
-    if (!d || strcmp(d, "cpu") == 0) *dev = DEVICE_CPU;
-    else if (strcmp(d, "cuda") == 0) *dev = DEVICE_CUDA;
-    else return mill_errf(e, "--device must be cpu or cuda, got \"%s\"", d);
+    if (kctx_device_parse(d ? d : "auto", dev)) return mill_errf(e, "--device must be auto, cpu or cuda, got \"%s\"", d);
     return 0;
 }
 
@@ -327,7 +325,7 @@ static int cmd_init(int argc, char **argv, mill_err *e) {
 
 static int cmd_sft(int argc, char **argv, mill_err *e) {
     if (argc < 3 || argv[2][0] == '-')
-        return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--device cpu|cuda] [--resume DIR]");
+        return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--device auto|cpu|cuda] [--resume DIR]");
     for (int i = 3; i < argc; i += 2) {
         if (strcmp(argv[i], "--resume") != 0 && strcmp(argv[i], "--device") != 0)
             return mill_errf(e, "unknown option %s for mill sft", argv[i]);
@@ -335,7 +333,7 @@ static int cmd_sft(int argc, char **argv, mill_err *e) {
     }
     const char *dev = opt(argc, argv, "--device"); /* overrides the recipe's train.device */
     mill_device d = DEVICE_CPU;
-    if (dev && sft_device_parse(dev, &d)) return mill_errf(e, "--device must be cpu or cuda, got \"%s\"", dev);
+    if (dev && kctx_device_parse(dev, &d)) return mill_errf(e, "--device must be auto, cpu or cuda, got \"%s\"", dev);
     sft_recipe r;
     if (sft_recipe_load(argv[2], &r, e)) return -1;
     if (dev) r.device = d;

@@ -20,13 +20,6 @@ static int copy_str(char *dst, size_t cap, const char *src, const char *what, co
     return 0;
 }
 
-int sft_device_parse(const char *name, mill_device *dev) {
-    if (!strcmp(name, "cpu")) *dev = DEVICE_CPU;
-    else if (!strcmp(name, "cuda")) *dev = DEVICE_CUDA;
-    else return -1;
-    return 0;
-}
-
 int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     json_t *y = yamlcfg_load(path, e);
     if (!y) return -1;
@@ -53,7 +46,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
         yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
         yamlcfg_int(y, "train.log_every", 10, 1, 1 << 30, &logev, path, e) ||
-        yamlcfg_str(y, "train.device", "cpu", &dev, path, e) ||
+        yamlcfg_str(y, "train.device", "auto", &dev, path, e) ||
         recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 200, 1, 1 << 20, &evn, path, e) ||
@@ -65,8 +58,8 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         mill_errf(e, "%s: train.steps is required", path);
         goto done;
     }
-    if (sft_device_parse(dev, &r->device)) {
-        mill_errf(e, "%s: train.device \"%s\" must be \"cpu\" or \"cuda\"", path, dev);
+    if (kctx_device_parse(dev, &r->device)) {
+        mill_errf(e, "%s: train.device \"%s\" must be \"auto\", \"cpu\" or \"cuda\"", path, dev);
         goto done;
     }
     if (!*cfg == !*from) {

@@ -30,7 +30,6 @@ typedef struct {
 } sft_recipe;
 
 /* "cpu" or "cuda" into *dev; -1 for anything else (the caller names the file or option). */
-int sft_device_parse(const char *name, mill_device *dev);
 /* Reads and checks a recipe; unknown keys and wrong types are errors naming the key. */
 int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e);
 

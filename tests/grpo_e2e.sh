@@ -136,5 +136,5 @@ if "$MILL" run $R --set ledger="$L" --set data.kind=jsonl --set data.path="$T/ba
 grep -q "bad.jsonl:2:" "$T/bad2.err" || fail "bad row: $(cat "$T/bad2.err")"
 [ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "bad row: a run was recorded for a recipe that cannot start"
 if "$MILL" run $R --set ledger="$L" --set rollout.device=gpu 2> "$T/bad3.err"; then fail "bad device accepted"; fi
-grep -q 'rollout.device "gpu" must be "cpu" or "cuda"' "$T/bad3.err" || fail "bad device: $(cat "$T/bad3.err")"
+grep -q 'rollout.device "gpu" must be "auto", "cpu" or "cuda"' "$T/bad3.err" || fail "bad device: $(cat "$T/bad3.err")"
 echo "bad key, bad row, bad device: clear errors"
