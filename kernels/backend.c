@@ -6,6 +6,7 @@
 #endif
 
 #include <cblas.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +31,66 @@ static double kprof_now(void) {
 }
 #endif
 
+/* ---- op_linear's row blocks (kernels/dense.c), chosen for the OpenBLAS kernel this process loaded.
+ * A row's bits must not depend on its batch: the engine's decode and the trainer feed the same
+ * token in different company. Measured on one CPU through OPENBLAS_CORETYPE: Prescott (SSE3) gives
+ * a row the same bits in any call of 4k rows; Haswell only in calls of exactly 8 rows, since a
+ * 16-row call splits into tiles of 6 and a 32-row call runs yet another path; SkylakeX in calls of
+ * exactly 16, whose bits differ from longer calls'. So probe: the smallest R whose R-row calls
+ * give every row the same bits wherever it sits, and whether calls of several blocks agree. */
+#define BLAS_PROBE_MAX_R 32
+
+static uint32_t probe_next(uint32_t *s) {
+    *s = *s * 1664525u + 1013904223u;
+    return *s;
+}
+
+/* One shape: R-row calls at every shift agree row by row (and, in *batch, a 4R-row call agrees
+ * with four R-row calls). */
+static int probe_shape(int R, int N, int K, float *x, float *w, float *a, float *b, int *batch) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, N, K, 1.0f, x, K, w, K, 0.0f, a, N);
+    for (int s = 1; s < R; s++) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, N, K, 1.0f, x + (long)s * K, K, w, K, 0.0f, b, N);
+        for (int r = s; r < R; r++)
+            if (memcmp(a + (long)r * N, b + (long)(r - s) * N, sizeof(float) * (size_t)N)) return 0;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, 4 * R, N, K, 1.0f, x, K, w, K, 0.0f, a, N);
+    for (int i = 0; i < 4; i++)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, N, K, 1.0f, x + (long)i * R * K, K, w, K, 0.0f,
+                    b + (long)i * R * N, N);
+    if (memcmp(a, b, sizeof(float) * 4 * (size_t)R * N)) *batch = 0;
+    return 1;
+}
+
+static int blas_rows_probe(kctx *k, mill_err *e) {
+    static const int shapes[][2] = {{64, 64}, {40, 72}, {256, 256}, {24, 1024}}; /* (N, K): tails, sizes */
+    int maxn = 256, maxk = 1024;
+    float *x = malloc(sizeof(float) * 4 * BLAS_PROBE_MAX_R * maxk), *w = malloc(sizeof(float) * (size_t)maxn * maxk);
+    float *a = malloc(sizeof(float) * 4 * BLAS_PROBE_MAX_R * maxn), *b = malloc(sizeof(float) * 4 * BLAS_PROBE_MAX_R * maxn);
+    int rc = 0;
+    if (!x || !w || !a || !b) rc = mill_errf(e, "kctx_init: out of memory for the sgemm probe");
+    uint32_t seed = 12345;
+    for (long i = 0; !rc && i < 4L * BLAS_PROBE_MAX_R * maxk; i++) x[i] = (float)(probe_next(&seed) >> 8) / 16777216.0f - 0.5f;
+    for (long i = 0; !rc && i < (long)maxn * maxk; i++) w[i] = (float)(probe_next(&seed) >> 8) / 16777216.0f - 0.5f;
+    k->gemm_rows = 1; /* gemv per row: the same path for every row, whatever the kernel */
+    k->gemm_batch = 0;
+    for (int R = 4; !rc && R <= BLAS_PROBE_MAX_R; R *= 2) {
+        int ok = 1, batch = 1;
+        for (size_t i = 0; ok && i < sizeof shapes / sizeof *shapes; i++)
+            ok = probe_shape(R, shapes[i][0], shapes[i][1], x, w, a, b, &batch);
+        if (ok) {
+            k->gemm_rows = R;
+            k->gemm_batch = batch;
+            break;
+        }
+    }
+    free(x);
+    free(w);
+    free(a);
+    free(b);
+    return rc;
+}
+
 int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     memset(k, 0, sizeof *k);
     k->device = dev;
@@ -37,13 +98,7 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
      * library setting, made here because every CPU op goes through a kctx. */
     if (dev == DEVICE_CPU) {
         openblas_set_num_threads(1);
-        /* op_linear's row blocks must be a multiple of the sgemm micro-kernel's rows for a row to
-         * get the same bits in any batch: 16 covers the AVX2 / AVX-512 kernels; the SSE3 ones
-         * OpenBLAS falls back to on CPUs it does not know use 4 (measured: the same bits as 16
-         * there), which makes a 1-row decode step 4x cheaper than padding to 16 */
-        const char *core = openblas_get_corename();
-        k->gemm_rows = core && (!strcmp(core, "Prescott") || !strcmp(core, "Core2")) ? 4 : 16;
-        return 0;
+        return blas_rows_probe(k, e);
     }
 #ifdef MILL_CUDA
     k->shadows = calloc(KCTX_SHADOWS, sizeof(kctx_shadow));

@@ -30,7 +30,8 @@ typedef struct {
     void *stream; /* cudaStream_t on CUDA */
     void *blas_ws; /* CUDA: cuBLAS's workspace */
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
-    int gemm_rows; /* CPU: op_linear's row block (kernels/dense.c: a multiple of OpenBLAS's micro-kernel rows) */
+    int gemm_rows;  /* CPU: op_linear's row block, probed at kctx_init for the loaded OpenBLAS kernel */
+    int gemm_batch; /* CPU: 1 when one call may cover several blocks with the same bits (else one call per block) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
     struct kprof *prof;   /* CUDA with MILL_PROFILE=1 in the environment: per-op times, else NULL */
     kctx_checks *checks;  /* CUDA: owned; mutable through a const kctx */

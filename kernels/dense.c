@@ -19,11 +19,11 @@ static int gemm_chunks(int rows) {
 
 /* op_linear is row-invariant: a row's result does not depend on how many rows share the call, so
  * the rollout engine (1 row per decode step, a few per expert) and the trainer (B*T rows) give a
- * token the same bits, and GRPO's rollout/trainer logprob gap is 0. OpenBLAS gives a row the same
- * bits whenever the call's row count is a multiple of the micro-kernel's rows (measured: M = 1
- * goes to gemv and M-tails to other micro-kernels, which sum in other orders), so every call
- * covers whole blocks of k->gemm_rows rows (kctx_init picks it) and a last partial block runs
- * zero-padded from scratch. */
+ * token the same bits, and GRPO's rollout/trainer logprob gap is 0. OpenBLAS sums a row in an
+ * order that depends on the call's row count and the row's place in it (M = 1 goes to gemv,
+ * M-tails and some row counts to other micro-kernels), so every sgemm call here has exactly
+ * k->gemm_rows rows, or whole blocks of them where kctx_init measured that several blocks per
+ * call give the same bits (k->gemm_batch), and a last partial block runs zero-padded. */
 
 int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
               int accumulate, mill_err *e) {
@@ -39,12 +39,19 @@ int op_linear(const kctx *k, float *y, const float *x, const float *w, int M, in
     int lx = ldx ? ldx : K, ly = ldy ? ldy : N, blocks = M / GEMM_ROWS, tail = M % GEMM_ROWS;
     float beta = accumulate ? 1.0f : 0.0f;
     int nc = gemm_chunks(blocks);
+    if (k->gemm_batch) {
 #pragma omp parallel for schedule(static) if (nc > 1)
-    for (int c = 0; c < nc; c++) {
-        int m0 = (int)((long)blocks * c / nc) * GEMM_ROWS, m1 = (int)((long)blocks * (c + 1) / nc) * GEMM_ROWS;
-        if (m1 > m0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, N, K, 1.0f, x + (long)m0 * lx, lx, w, K, beta,
-                        y + (long)m0 * ly, ly);
+        for (int c = 0; c < nc; c++) {
+            int m0 = (int)((long)blocks * c / nc) * GEMM_ROWS, m1 = (int)((long)blocks * (c + 1) / nc) * GEMM_ROWS;
+            if (m1 > m0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, N, K, 1.0f, x + (long)m0 * lx, lx, w, K,
+                            beta, y + (long)m0 * ly, ly);
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (nc > 1)
+        for (int b = 0; b < blocks; b++)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, GEMM_ROWS, N, K, 1.0f, x + (long)b * GEMM_ROWS * lx, lx,
+                        w, K, beta, y + (long)b * GEMM_ROWS * ly, ly);
     }
     if (!tail) return 0;
     float *xs = calloc((size_t)GEMM_ROWS * K, sizeof(float)), *ys = calloc((size_t)GEMM_ROWS * N, sizeof(float));

@@ -26,6 +26,7 @@
  *                     [--batches 1,8,32] [--prompt P] [--steps S] [--copy-mib M]
  * Defaults: tests/data/tiny-a on the CPU, batches 1,8,32, P = S = 64; --config builds a randomly
  * initialised model from a config.json (as bench_train does). */
+#include <cblas.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -276,7 +277,9 @@ int main(int argc, char **argv) {
     double rate = 0;
     if (bench_copy_rate(k.device, (size_t)mib << 20, 5, &rate, &e)) goto done;
     bc.traffic = 2 * rate;
-    char desc[256] = "CPU";
+    char desc[256];
+    snprintf(desc, sizeof desc, "CPU, OpenBLAS %s kernels, op_linear in %s of %d rows", openblas_get_corename(),
+             k.gemm_batch ? "blocks" : "calls", k.gemm_rows);
 #ifdef MILL_CUDA
     if (gpu && cuda_device_describe(desc, sizeof desc, &e)) goto done;
 #endif
