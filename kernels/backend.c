@@ -33,10 +33,10 @@ static double kprof_now(void) {
 
 /* ---- op_linear's row blocks (kernels/dense.c), chosen for the OpenBLAS kernel this process loaded.
  * A row's bits must not depend on its batch: the engine's decode and the trainer feed the same
- * token in different company. Measured on one CPU through OPENBLAS_CORETYPE: Prescott (SSE3) gives
- * a row the same bits in any call of 4k rows; Haswell only in calls of exactly 8 rows, since a
- * 16-row call splits into tiles of 6 and a 32-row call runs yet another path; SkylakeX in calls of
- * exactly 16, whose bits differ from longer calls'. So probe: the smallest R whose R-row calls
+ * token in different company. Measured on one CPU through OPENBLAS_CORETYPE (0.3.21): the Prescott
+ * kernels give a row the same bits in any call of a multiple of 4 rows; the Haswell and SkylakeX
+ * ones only in calls of one fixed row count, since a row's place in a 16-row call and the call's
+ * length change its summation (16 vs 32 rows differ). So probe: the smallest R whose R-row calls
  * give every row the same bits wherever it sits, and whether calls of several blocks agree. */
 #define BLAS_PROBE_MAX_R 32
 
