@@ -240,15 +240,6 @@ int kctx_defer_checks(const kctx *k, int on, mill_err *e) {
     return 0;
 }
 
-int kctx_check(const kctx *k, mill_err *e) {
-#ifdef MILL_CUDA
-    if (k->device == DEVICE_CUDA) return cuda_checks_report(k, e);
-#endif
-    (void)k;
-    (void)e;
-    return 0;
-}
-
 int kctx_graphs(const kctx *k) { return k->device == DEVICE_CUDA; }
 
 int kctx_graph_begin(const kctx *k, mill_err *e) {

@@ -79,11 +79,10 @@ void mem_ipc_close(mill_device dev, void *p);
 
 /* Ops that validate ids (token ids, hash-table rows, given and grouped expert ids) normally wait
  * for the device to report a bad one at once. Deferred (CUDA), they record the first bad id per op
- * kind in device memory and go on without waiting, which a captured CUDA graph needs; kctx_check
- * waits and reports it with the op's usual message (the lowest bad position per kind), then clears.
- * CPU: checks are immediate and both calls return 0. */
+ * kind in device memory and go on without waiting, which a captured CUDA graph needs. Turning
+ * deferral off waits for the device and reports what was recorded with the op's usual message (the
+ * lowest bad position per kind), then clears it. CPU: checks are immediate; this returns 0. */
 int kctx_defer_checks(const kctx *k, int on, mill_err *e);
-int kctx_check(const kctx *k, mill_err *e);
 
 /* CUDA graphs: kctx_graph_begin starts capturing the ops queued on k (nothing runs), _end turns the
  * capture into a launchable graph (*graph; -1 if an op could not be captured, e.g. one that waits

@@ -602,21 +602,16 @@ static int step_exec(engine *en, engine_seq *const *seqs, const int32_t *const *
         if (!rc && g) g->block = arena_block_of(&en->a, &g->block_cap); /* NULL if the step grew the arena */
     }
     if (!rc && routing) rc = op_copy_to_host_async(k, en->route_host, out->route, rbytes, e);
-    out->N = N;
     if (rc) kctx_defer_checks(k, 0, &(mill_err){0});
     return rc;
 }
 
-/* After the result copies are queued: wait, report a deferred check, hand over the routing and
- * advance the sequences. */
-static int step_finish(engine *en, engine_seq *const *seqs, const int *n_tokens, int n_seqs, int32_t *routing,
+/* After the result copies are queued (N: the step's tokens): wait and report a deferred check,
+ * hand over the routing and advance the sequences. */
+static int step_finish(engine *en, engine_seq *const *seqs, const int *n_tokens, int n_seqs, int N, int32_t *routing,
                        int rc, mill_err *e) {
-    const kctx *k = en->k;
-    if (!rc) rc = kctx_check(k, e); /* waits for the step */
-    int drc = kctx_defer_checks(k, 0, rc ? &(mill_err){0} : e);
+    int drc = kctx_defer_checks(en->k, 0, rc ? &(mill_err){0} : e); /* waits for the step */
     if (rc || drc) return -1;
-    int N = 0;
-    for (int i = 0; i < n_seqs; i++) N += n_tokens[i];
     if (routing)
         memcpy(routing, en->route_host,
                sizeof(int32_t) * (size_t)en->m->cfg.num_hidden_layers * N * en->m->cfg.num_experts_per_tok);
@@ -631,7 +626,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
     if (!out.N) return 0;
     int rc = logits ? op_copy_to_host(en->k, logits, out.logits, sizeof(float) * (size_t)out.M * en->m->cfg.vocab_size, e)
                     : 0;
-    return step_finish(en, seqs, n_tokens, n_seqs, routing, rc, e);
+    return step_finish(en, seqs, n_tokens, n_seqs, out.N, routing, rc, e);
 }
 
 int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
@@ -652,5 +647,5 @@ int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const
     int rc = op_sample(k, dtok, dlp, out.logits, n_seqs, en->m->cfg.vocab_size, rows, e);
     if (!rc) rc = op_copy_to_host_async(k, tok, dtok, sizeof(int32_t) * (size_t)n_seqs, e);
     if (!rc) rc = op_copy_to_host(k, logprob, dlp, sizeof(float) * (size_t)n_seqs, e);
-    return step_finish(en, seqs, n_tokens, n_seqs, routing, rc, e);
+    return step_finish(en, seqs, n_tokens, n_seqs, out.N, routing, rc, e);
 }

@@ -364,7 +364,7 @@ int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *d
 }
 
 /* ---- Embedding. A bad id records its position (the lowest, like the CPU's first) and is skipped;
- * deferred (dc), it is recorded with its id for kctx_check. */
+ * deferred (dc), it is recorded with its id for kctx_defer_checks(k, 0) to report. */
 __global__ void embedding_kernel(float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
                                  int *bad, cu_check *dc) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -383,7 +383,7 @@ int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32
                       mill_err *e) {
     if (n <= 0) return 0;
     cu_check *dc = cu_deferred(k, CU_CHECK_EMBEDDING);
-    if (dc) { /* no wait: kctx_check reports */
+    if (dc) { /* no wait: reported when deferral ends */
         embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, NULL,
                                                                                  dc);
         LAUNCH_CHECK("embedding_kernel");

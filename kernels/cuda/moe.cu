@@ -66,7 +66,7 @@ int cuda_op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights
                       const float *bias, const int32_t *given_ids, int N, moe_route_cfg rc, mill_err *e) {
     if (N <= 0) return 0;
     cu_check *dc = given_ids ? cu_deferred(k, CU_CHECK_ROUTE) : NULL;
-    if (!given_ids || dc) { /* selection makes no bad ids; deferred, kctx_check reports given ones */
+    if (!given_ids || dc) { /* selection makes no bad ids; deferred, given ones are reported when deferral ends */
         moe_route_kernel<<<cu_blocks(N, 128), 128, 0, cu_stream(k)>>>(scores, ids, weights, logits, bias, given_ids, N,
                                                                       rc, NULL, dc);
         LAUNCH_CHECK("moe_route_kernel");
@@ -385,7 +385,10 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
         ptrs[2 * G + g] = p.C;
         g++;
     }
-    if (cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
+    /* the device pointer list is for the grouped call alone (its probe): the per-expert calls take
+     * the host one */
+    if (used_grouped &&
+        cudaMemcpyAsync(dptrs, ptrs, sizeof(void *) * 3 * G, cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc = mill_errf(e, "moe: pointer copy failed");
     cu_phase_end(k, "moe_gemm: shapes and pointers", tp);
     tp = cu_phase(k);
@@ -393,11 +396,12 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
         /* the grouped call only where its support is probed (used_grouped): the model's own GEMMs go
          * one per expert */
         cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
-        if (used_grouped)
+        if (used_grouped) {
             st = cublasGemmGroupedBatchedEx(cu_blas(k), ta, tb, m, n, kk, alpha, (const void *const *)dptrs,
                                             CUDA_R_16BF, lda, (const void *const *)(dptrs + G), CUDA_R_16BF, ldb,
                                             betas, dptrs + 2 * G, CUDA_R_32F, ldc, G, ones, CUBLAS_COMPUTE_32F);
-        if (used_grouped) *used_grouped = st == CUBLAS_STATUS_SUCCESS;
+            *used_grouped = st == CUBLAS_STATUS_SUCCESS;
+        }
         if (st == CUBLAS_STATUS_NOT_SUPPORTED) { /* one GEMM per expert instead */
             for (int i = 0; i < G && !rc; i++) {
                 cublasStatus_t s2 = cublasGemmEx(cu_blas(k), ta[i], tb[i], m[i], n[i], kk[i], &alpha[i], ptrs[i],

@@ -1,12 +1,10 @@
 #!/bin/bash
-# The lead's quick GPU round: parity tests, decode (with and without CUDA graphs), training, and
-# MILL_PROFILE tables of op-by-op decode and of a training step. OUT: logs.
-B=${MILL_BUILD:-build-gpu}/bin; OUT=${OUT:-/tmp/out}; mkdir -p $OUT; C=configs/models/dsv4-small.json
-export LD_LIBRARY_PATH=$PWD/.devlibs:$LD_LIBRARY_PATH MILL_TEST_DATA_DIR=$PWD/tests/data OMP_NUM_THREADS=8
-timeout 200 $B/test_cuda_ops > $OUT/test_cuda_ops.txt 2>&1; echo "test_cuda_ops rc $?"
-grep -E "FAIL|PASSED|moe|sumsq_seg|hc_pre.*N1024" $OUT/test_cuda_ops.txt | head -24
-timeout 300 $B/test_model_cuda > $OUT/test_model_cuda.txt 2>&1; echo "test_model_cuda rc $?"
-grep -E "FAIL|PASSED|Error|error|engine on GPU" $OUT/test_model_cuda.txt | head -20
+# The quick GPU round after a kernel change: gpu_devrun.sh's parity tests (ops, model), decode with
+# and without CUDA graphs, a training step, and the MILL_PROFILE tables of op-by-op decode and of a
+# training step. Same set-up as gpu_devrun.sh (build-gpu/bin and .devlibs carried); OUT: logs.
+B=${MILL_BUILD:-build-gpu}/bin; C=configs/models/dsv4-small.json
+export LD_LIBRARY_PATH=$PWD/.devlibs:$LD_LIBRARY_PATH OMP_NUM_THREADS=8
+bash tests/bench/gpu_devrun.sh ops model
 timeout 200 $B/bench_decode --device cuda --config $C --batches ${DEC_BATCHES:-1,32,128} --prompt 128 --steps 64 2>&1 | grep -v "^\s*$"
 timeout 120 $B/bench_train --device cuda --config $C --batch 8 --seq 1024 2>&1 | tail -1
 for b in 1 32; do
