@@ -111,6 +111,8 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
         memset(k, 0, sizeof *k);
         return -1;
     }
+    const char *moe = getenv("MILL_MOE_GEMM");
+    k->moe_cublas = moe && !strcmp(moe, "cublas");
     const char *prof = getenv("MILL_PROFILE");
     if (prof && !strcmp(prof, "1") && (k->prof = calloc(1, sizeof *k->prof))) k->prof->t_start = kprof_now();
     return 0;

@@ -18,6 +18,12 @@
  *     the other side of +-L than the CPU's, that element's gradient is passed on one side and
  *     zeroed on the other. About 0.1% of elements sit that close, which alone gives ~1e-2 norm-wise
  *     (an H100 run measured up to 9.6e-3 for dx); 3e-2 leaves room without hiding a wrong term.
+ *   TOL_MOE_PATHS 2e-3 — the experts through the grouped tensor-core kernel against the cuBLAS path
+ *     it replaced (kctx.moe_cublas): the same bf16 operands, fp32 sums in another order (~1e-7 per
+ *     element), so only a clamp decision within a few ulps of +-L can differ, rarely and by one
+ *     element; a grouped row computed wrong or not at all (1 of ~1000) is ~3e-2.
+ *   TOL_WMMA 1e-5 — cuda_moe_wmma_gemm against a double product of the same bf16 values: fp32
+ *     accumulation over K <= 1024 only (~1e-6).
  *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
  *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
  *     growing like sqrt(terms).
@@ -53,6 +59,8 @@
 #define TOL_FP32 1e-5
 #define TOL_HC 1e-4
 #define TOL_MOE 3e-2
+#define TOL_MOE_PATHS 2e-3
+#define TOL_WMMA 1e-5
 #define MAX_OPS 96
 
 typedef struct {
@@ -165,6 +173,13 @@ static void cmp(fixture *f, const char *op, const char *shape, const float *d, c
     float *h = hnew(n);
     down(h, d, sizeof(float) * (size_t)n);
     record(f, op, shape, rel_err(h, ref, n), tol);
+    free(h);
+}
+/* Two device results of the same op (e.g. two GEMM paths), b the reference. */
+static void cmp_dev(fixture *f, const char *op, const char *shape, const float *a, const float *b, long n, double tol) {
+    float *h = hnew(n);
+    down(h, b, sizeof(float) * (size_t)n);
+    cmp(f, op, shape, a, h, n, tol);
     free(h);
 }
 static void cmpi(fixture *f, const char *op, const char *shape, const int32_t *d, const int32_t *ref, long n) {
@@ -1011,6 +1026,107 @@ static void test_moe_route(void **state) {
     END_TEST(f);
 }
 
+/* cuda_moe_wmma_gemm (the experts' grouped tensor-core GEMM) on its own, against a double-precision
+ * product of the same bf16 values: the two differ only by fp32 accumulation (~1e-6 norm-wise), so a
+ * missed or doubled k step, a wrong row or column, or a mis-read fragment layout is far above
+ * TOL_WMMA. Experts of 0, 1, 15, 17, 129 and more rows (row tails of the 128-row tile, empty
+ * experts first, between and last), N and K multiples of 16 but not of 32 or 128 (column and K
+ * tails), padded strides whose padding holds NaN (read it and the result is NaN), and C rows and
+ * columns outside the experts that must keep their sentinel bits; beta 0 over NaN and beta 1. */
+static uint16_t bf16_bits(float v) { /* round to nearest even, as __float2bfloat16_rn (finite v) */
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float bf16_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static void test_moe_wmma_gemm(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    static const int counts_a[] = {0, 1, 15, 17, 129, 0, 300, 0};
+    static const int counts_b[] = {130, 0, 257, 64};
+    struct {
+        const int *counts;
+        int E, N, K, nn;
+        float beta;
+    } sh[] = {{counts_a, 8, 272, 80, 0, 0.0f}, {counts_a, 8, 80, 272, 0, 1.0f}, {counts_a, 8, 272, 80, 1, 1.0f},
+              {counts_a, 8, 80, 272, 1, 0.0f}, {counts_a, 8, 16, 16, 0, 0.0f}, {counts_a, 8, 16, 48, 1, 1.0f},
+              {counts_b, 4, 512, 1024, 0, 0.0f}, {counts_b, 4, 1024, 512, 1, 1.0f}};
+    const uint16_t NAN16 = 0x7fc0; /* a bf16 quiet NaN */
+    const float SENTINEL = 12345.0f;
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int E = sh[s].E, N = sh[s].N, K = sh[s].K, nn = sh[s].nn;
+        float beta = sh[s].beta;
+        int32_t *offs = hnewi(E + 1);
+        int max_rows = 0;
+        offs[0] = 0;
+        for (int x = 0; x < E; x++) {
+            offs[x + 1] = offs[x] + sh[s].counts[x];
+            max_rows = sh[s].counts[x] > max_rows ? sh[s].counts[x] : max_rows;
+        }
+        int R = offs[E], Rall = R + 3; /* 3 rows past the experts: never read (A) or written (C) */
+        int lda = K + 8, bro = nn ? K : N, bco = nn ? N : K, ldb = bco + 8, ldc = N + 16;
+        long bstr = (long)(bro + 1) * ldb; /* one padding row per expert */
+        char name[80];
+        snprintf(name, sizeof name, "%s E%d rows%d N%d K%d beta%g", nn ? "NN" : "NT", E, R, N, K, (double)beta);
+        uint16_t *a = malloc(sizeof(uint16_t) * (size_t)Rall * lda), *b = malloc(sizeof(uint16_t) * (size_t)E * bstr);
+        assert_non_null(a);
+        assert_non_null(b);
+        for (long i = 0; i < (long)Rall * lda; i++) a[i] = NAN16;
+        for (long i = 0; i < (long)E * bstr; i++) b[i] = NAN16;
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < K; c++) a[(long)r * lda + c] = bf16_bits(-1.0f + 2.0f * rng_uniform(&f->r));
+        for (int x = 0; x < E; x++)
+            for (int r = 0; r < bro; r++)
+                for (int c = 0; c < bco; c++)
+                    b[(long)x * bstr + (long)r * ldb + c] = bf16_bits(-1.0f + 2.0f * rng_uniform(&f->r));
+        float *c0 = hnew((long)Rall * ldc), *ref = hnew((long)R * N), *got = hnew((long)Rall * ldc);
+        for (long i = 0; i < (long)Rall * ldc; i++) c0[i] = SENTINEL;
+        for (int r = 0; r < R; r++)
+            for (int n = 0; n < N; n++) c0[(long)r * ldc + n] = beta != 0.0f ? -1.0f + 2.0f * rng_uniform(&f->r) : NAN;
+        for (int x = 0; x < E; x++)
+            for (int r = offs[x]; r < offs[x + 1]; r++)
+                for (int n = 0; n < N; n++) {
+                    double acc = beta != 0.0f ? (double)c0[(long)r * ldc + n] : 0.0;
+                    for (int q = 0; q < K; q++) {
+                        long bi = nn ? (long)q * ldb + n : (long)n * ldb + q;
+                        acc += (double)bf16_float(a[(long)r * lda + q]) * bf16_float(b[(long)x * bstr + bi]);
+                    }
+                    ref[(long)r * N + n] = (float)acc;
+                }
+        mill_err e;
+        void *da = dnew(sizeof(uint16_t) * (size_t)Rall * lda), *db = dnew(sizeof(uint16_t) * (size_t)E * bstr);
+        if (cuda_copy_to_device(da, a, sizeof(uint16_t) * (size_t)Rall * lda, &e) ||
+            cuda_copy_to_device(db, b, sizeof(uint16_t) * (size_t)E * bstr, &e))
+            fail_msg("%s", e.msg);
+        float *dc = up(c0, (long)Rall * ldc);
+        int32_t *doffs = upi(offs, E + 1);
+        OK(cuda_moe_wmma_gemm(&f->gpu, nn, doffs, E, max_rows, N, K, da, lda, db, bstr, ldb, dc, ldc, beta, ERR));
+        down(got, dc, sizeof(float) * (size_t)Rall * ldc);
+        long outside = 0; /* C elements outside [R, N] that changed */
+        for (int r = 0; r < Rall; r++)
+            for (int n = 0; n < ldc; n++)
+                if ((r >= R || n >= N) && memcmp(&got[(long)r * ldc + n], &SENTINEL, sizeof(float))) outside++;
+        for (int r = 0; r < R; r++) memmove(got + (long)r * N, got + (long)r * ldc, sizeof(float) * (size_t)N);
+        record(f, "cuda_moe_wmma_gemm", name, rel_err(got, ref, (long)R * N), TOL_WMMA);
+        record(f, "cuda_moe_wmma_gemm writes outside", name, (double)outside, 0.0);
+        free(offs), free(a), free(b), free(c0), free(ref), free(got);
+        cuda_free(da), cuda_free(db), cuda_free(dc), cuda_free(doffs);
+    }
+    /* a shape the kernel does not take is refused, not run */
+    mill_err e;
+    int32_t *doffs = upi((const int32_t[]){0, 0}, 2);
+    assert_int_equal(cuda_moe_wmma_gemm(&f->gpu, 0, doffs, 1, 1, 24, 16, NULL, 16, NULL, 384, 16, NULL, 24, 0.0f, &e), -1);
+    cuda_free(doffs);
+    END_TEST(f);
+}
+
 static void test_moe_experts(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -1022,13 +1138,21 @@ static void test_moe_experts(void **state) {
     char types[256];
     if (cuda_moe_grouped_gemm_types(&f->gpu, types, sizeof types, &e0) == 0)
         printf("  cublasGemmGroupedBatchedEx accepts: %s\n", types);
+    /* Experts' row counts for the tail shapes (N * K > MOE_SMALL_ROWS, so the forward takes the
+     * grouped path too): 0, 1, 15, 17 and 129 rows against the kernel's 128-row tile; D and I multiples
+     * of 16 but not of 32 or 128 (K steps and column tiles with tails). */
+    static const int counts_a[] = {0, 1, 15, 17, 129, 300, 400, 538}; /* 1400 = 700 x 2 */
+    static const int counts_b[] = {129, 17, 0, 15, 1, 470, 408};      /* 1040 = 520 x 2 */
     struct {
         int N, D, I, E, K, acc;
-    } sh[] = {{128, 256, 128, 8, 2, 0}, {96, 512, 256, 64, 6, 1}, {33, 128, 64, 16, 4, 0}, {4096, 128, 64, 32, 4, 1}};
+        const int *counts; /* NULL: random ids */
+    } sh[] = {{128, 256, 128, 8, 2, 0, NULL},   {96, 512, 256, 64, 6, 1, NULL},      {33, 128, 64, 16, 4, 0, NULL},
+              {4096, 128, 64, 32, 4, 1, NULL},  {700, 272, 80, 8, 2, 0, counts_a},   {520, 144, 208, 7, 2, 1, counts_b}};
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) { /* N 4096 x K 4: the grouping over many chunks */
         int N = sh[s].N, D = sh[s].D, I = sh[s].I, Ex = sh[s].E, K = sh[s].K;
         char name[64];
-        snprintf(name, sizeof name, "N%d D%d I%d E%d K%d acc%d", N, D, I, Ex, K, sh[s].acc);
+        snprintf(name, sizeof name, "N%d D%d I%d E%d K%d acc%d%s", N, D, I, Ex, K, sh[s].acc,
+                 sh[s].counts ? " tails" : "");
         float *x = hnew((long)N * D), *w1 = hnew((long)Ex * I * D), *w3 = hnew((long)Ex * I * D);
         float *w2 = hnew((long)Ex * D * I), *wt = hnew((long)N * K), *out = hnew((long)N * D);
         int32_t *ids = hnewi((long)N * K);
@@ -1049,16 +1173,42 @@ static void test_moe_experts(void **state) {
                 ids[(long)t * K + j] = id;
             }
         }
+        if (sh[s].counts) { /* exactly counts[x] rows of expert x: the experts in order, slot j of the
+                             * t-th token (in a shuffled order) taking entry j N + t; no count exceeds N,
+                             * so a token's K entries are K distinct experts */
+            long NKc = (long)N * K, at = 0;
+            int32_t *seq = hnewi(NKc), *perm = hnewi(N);
+            for (int x = 0; x < Ex; x++)
+                for (int c = 0; c < sh[s].counts[x]; c++) seq[at++] = x;
+            assert_int_equal(at, NKc);
+            for (int t = 0; t < N; t++) perm[t] = t;
+            for (int t = N - 1; t > 0; t--) {
+                int q = (int)rng_below(&f->r, (uint64_t)t + 1), v = perm[t];
+                perm[t] = perm[q], perm[q] = v;
+            }
+            for (int t = 0; t < N; t++)
+                for (int j = 0; j < K; j++) ids[(long)perm[t] * K + j] = seq[(long)j * N + t];
+            free(seq), free(perm);
+        }
         float L = 3.0f;
         long wf = moe_experts_backward_work_floats(N, D, I, Ex, K);
-        float *work = hnew(wf), *dwork = dnew(sizeof(float) * (size_t)wf);
+        /* the tail shapes start from NaN scratch: a grouped row no GEMM writes poisons the result */
+        float *work = hnew(wf), *dwork = sh[s].counts ? poison(wf) : dnew(sizeof(float) * (size_t)wf);
+        float *dwork2 = sh[s].counts ? poison(wf) : dnew(sizeof(float) * (size_t)wf);
         float *dx = up(x, (long)N * D), *dw1 = up(w1, (long)Ex * I * D), *dw3 = up(w3, (long)Ex * I * D);
         float *dw2 = up(w2, (long)Ex * D * I), *dwt = up(wt, (long)N * K);
         float *dout = sh[s].acc ? up(out, (long)N * D) : poison((long)N * D);
+        float *dout2 = sh[s].acc ? up(out, (long)N * D) : poison((long)N * D);
         int32_t *dids = upi(ids, (long)N * K);
         OK(op_moe_experts(&f->cpu, out, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, sh[s].acc, work, ERR));
+        int moe_cublas = f->gpu.moe_cublas;
+        f->gpu.moe_cublas = 0; /* the grouped tensor-core kernel, then the cuBLAS path it replaced */
         OK(op_moe_experts(&f->gpu, dout, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K, L, sh[s].acc, dwork, ERR));
+        f->gpu.moe_cublas = 1;
+        OK(op_moe_experts(&f->gpu, dout2, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K, L, sh[s].acc, dwork2, ERR));
+        f->gpu.moe_cublas = moe_cublas;
         cmp(f, "op_moe_experts", name, dout, out, (long)N * D, TOL_MOE);
+        cmp_dev(f, "op_moe_experts wmma~cuBLAS", name, dout, dout2, (long)N * D, TOL_MOE_PATHS);
         /* the grouping in work (slot_row [NK] then offs [E + 1], after xg, g, u, y) must be the CPU's
          * exactly: a stable sort keeps each expert's rows in token order */
         long NKs = (long)N * K, grp = NKs * (2L * D + 2L * I);
@@ -1073,10 +1223,18 @@ static void test_moe_experts(void **state) {
         fill(f, g2, (long)Ex * D * I, -1, 1);
         float *dgo = up(go, (long)N * D), *dgx = up(gx, (long)N * D), *dg1 = up(g1, (long)Ex * I * D);
         float *dg3 = up(g3, (long)Ex * I * D), *dg2 = up(g2, (long)Ex * D * I), *dgw = poison((long)N * K);
+        /* the same accumulating outputs again for the cuBLAS run */
+        float *cgx = up(gx, (long)N * D), *cg1 = up(g1, (long)Ex * I * D), *cg3 = up(g3, (long)Ex * I * D);
+        float *cg2 = up(g2, (long)Ex * D * I), *cgw = poison((long)N * K);
         OK(op_moe_experts_backward(&f->cpu, gx, g1, g3, g2, gw, go, x, ids, wt, w1, w3, w2, N, D, I, Ex, K, L, work,
                                    ERR));
+        f->gpu.moe_cublas = 0;
         OK(op_moe_experts_backward(&f->gpu, dgx, dg1, dg3, dg2, dgw, dgo, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K,
                                    L, dwork, ERR));
+        f->gpu.moe_cublas = 1;
+        OK(op_moe_experts_backward(&f->gpu, cgx, cg1, cg3, cg2, cgw, dgo, dx, dids, dwt, dw1, dw3, dw2, N, D, I, Ex, K,
+                                   L, dwork2, ERR));
+        f->gpu.moe_cublas = moe_cublas;
         long bgrp = NKs * (4L * D + 5L * I);
         cmpi(f, "op_moe_experts_backward grouping", name, (const int32_t *)(dwork + bgrp),
              (const int32_t *)(work + bgrp), NKs + Ex + 1);
@@ -1085,6 +1243,13 @@ static void test_moe_experts(void **state) {
         cmp(f, "op_moe_experts_backward dw3", name, dg3, g3, (long)Ex * I * D, TOL_MOE);
         cmp(f, "op_moe_experts_backward dw2", name, dg2, g2, (long)Ex * D * I, TOL_MOE);
         cmp(f, "op_moe_experts_backward dweights", name, dgw, gw, (long)N * K, TOL_MOE);
+        cmp_dev(f, "moe_experts_bwd wmma~cuBLAS dx", name, dgx, cgx, (long)N * D, TOL_MOE_PATHS);
+        cmp_dev(f, "moe_experts_bwd wmma~cuBLAS dw1", name, dg1, cg1, (long)Ex * I * D, TOL_MOE_PATHS);
+        cmp_dev(f, "moe_experts_bwd wmma~cuBLAS dw3", name, dg3, cg3, (long)Ex * I * D, TOL_MOE_PATHS);
+        cmp_dev(f, "moe_experts_bwd wmma~cuBLAS dw2", name, dg2, cg2, (long)Ex * D * I, TOL_MOE_PATHS);
+        cmp_dev(f, "moe_experts_bwd wmma~cuBLAS dwts", name, dgw, cgw, (long)N * K, TOL_MOE_PATHS);
+        cuda_free(dwork2), cuda_free(dout2), cuda_free(cgx), cuda_free(cg1), cuda_free(cg3), cuda_free(cg2),
+            cuda_free(cgw);
         free(x), free(w1), free(w3), free(w2), free(wt), free(out), free(ids), free(work), free(go), free(gx),
             free(g1), free(g3), free(g2), free(gw);
         cuda_free(dwork), cuda_free(dx), cuda_free(dw1), cuda_free(dw3), cuda_free(dw2), cuda_free(dwt),
@@ -1207,7 +1372,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
-        cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
+        cmocka_unit_test(test_moe_wmma_gemm), cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
         cmocka_unit_test(test_sample),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

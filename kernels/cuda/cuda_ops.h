@@ -160,6 +160,16 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
 int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e);
 /* "bf16->fp32/32F:no fp32->fp32/FAST_TF32:ok ..." — what this cuBLAS takes for grouped GEMMs. */
 int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e);
+/* The experts' grouped tensor-core GEMM on its own (op_moe_experts' NT/NN products; tests call it
+ * directly): for every expert e < E and its rows r of offs[e] .. offs[e + 1] (a DEVICE array [E + 1]),
+ *   nn 0: C[r, n] = beta C[r, n] + sum_k A[r, k] B_e[n, k]   (B_e [N, K] rows)
+ *   nn 1: C[r, n] = beta C[r, n] + sum_k A[r, k] B_e[k, n]   (B_e [K, N] rows)
+ * with B_e = B + e * b_stride; A and B are bf16 bit patterns in device memory (row strides lda, ldb),
+ * C fp32 (row stride ldc). max_rows: the largest offs[e + 1] - offs[e] (rows past it are not
+ * computed). Needs N and K multiples of 16, lda, ldb and b_stride multiples of 8, A and B 16-byte
+ * aligned; -1 with e set otherwise. No host wait. */
+int cuda_moe_wmma_gemm(const kctx *k, int nn, const int32_t *offs, int E, int max_rows, int N, int K, const void *A,
+                       int lda, const void *B, long b_stride, int ldb, float *C, int ldc, float beta, mill_err *e);
 
 /* sample.cu */
 int cuda_op_sample(const kctx *k, int32_t *tok, float *logprob, const float *logits, int M, int V,

@@ -5,12 +5,17 @@
  * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (a warp
  * per chunk of rows: per-chunk counts, one scan block, then ranks within each chunk; each expert's
  * rows in token order, exactly the CPU's grouping); the expert starts come back to the host once
- * (cuBLAS takes group shapes from host memory); each projection over all experts is then tried as
- * ONE cublasGemmGroupedBatchedEx call with one group per non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
+ * (the TN weight gradients take cuBLAS group shapes from host memory). The products over token rows
+ * (GEMM_NT: the forward's x w^T; GEMM_NN: the backward's dy w) run as ONE launch of our own grouped
+ * tensor-core kernel (moe_wmma_kernel: 128 x 128 tiles of wmma bf16 fragments, fp32 accumulation,
+ * each expert's rows read from the device offsets). The rest (GEMM_TN, shapes the kernel does not
+ * take, kctx.moe_cublas) is tried as ONE cublasGemmGroupedBatchedEx call with one group per
+ * non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
  * accumulation and output), falling back to one cublasGemmEx per expert with the same types when
  * the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped bf16 x bf16 -> fp32 (it takes
  * bf16 -> bf16 and fp32 -> fp32 plain or TF32, see cuda_moe_grouped_gemm_types), so today the
- * per-expert path runs: E launches per projection, each a bf16 tensor-core GEMM.
+ * per-expert path runs there: E launches per projection, each a bf16 tensor-core GEMM (measured on
+ * an H100 at 3-20 TFLOP/s for the NT/NN shapes of dsv4-small, which is why they moved).
  * Grouped operands that several GEMMs read are rounded to bf16 once per op (the gather and the dy
  * kernel write their bf16 copies as they go). The gather, the weighted combine and dx are one block
  * per row; the combine sums each token's K slots in slot order: no atomics. */
@@ -312,13 +317,214 @@ static long moe_rows(moe_operand o, const int32_t *offs_h, int E) {
     return o.grouped ? (long)offs_h[E] : (long)E * (o.stride / o.ld);
 }
 
+/* ---- The experts' grouped GEMM on tensor cores (moe_gemm's GEMM_NT and GEMM_NN).
+ * One launch covers every expert: block (bx, by, e) computes rows by * MOE_BM .. of expert e (its
+ * rows offs[e] .. offs[e + 1], read on the device) against output columns bx * MOE_BN ..; a block
+ * whose row tile starts past its expert's rows exits before any barrier. 8 warps in a 4 x 2 grid,
+ * each a 32 x 64 patch of 2 x 4 wmma 16x16x16 bf16 fragments with fp32 accumulators. K advances in
+ * steps of MOE_BK through a MOE_STAGES-deep ring of cp.async copies into shared memory; a 16-byte
+ * chunk past the expert's rows, N or K is zero-filled instead of read, so every fragment load sees
+ * defined values. Every output element is one fp32 accumulation in increasing k (16-wide tensor-core
+ * steps in a fixed order), whatever the grid or the other experts: deterministic. The tile is
+ * staged per warp through shared memory on the way out, so row tails and beta 1 are plain masked
+ * loads and stores. */
+#include <mma.h>
+
+#define MOE_BM 128
+#define MOE_BN 128
+#define MOE_BK 32
+#define MOE_STAGES 3
+#define MOE_THREADS 256                  /* 8 warps */
+#define MOE_LDA (MOE_BK + 8)             /* staged [m][k] rows (and NT's [n][k]): 80 bytes, 16-aligned, banks spread */
+#define MOE_LDB_NN (MOE_BN + 8)          /* NN's staged [k][n] rows: 272 bytes */
+#define MOE_A_ELEMS (MOE_BM * MOE_LDA)   /* 5120 */
+#define MOE_B_ELEMS (MOE_BN * MOE_LDA)   /* 5120 >= MOE_BK * MOE_LDB_NN = 4352 */
+#define MOE_STAGE_ELEMS (MOE_A_ELEMS + MOE_B_ELEMS)
+#define MOE_SMEM (MOE_STAGES * MOE_STAGE_ELEMS * 2) /* 61440 bytes: above 48 KiB, so opted in at launch */
+
+/* Every wmma pointer below is a multiple of 32 bytes from the ring's start: stage and B offsets are
+ * (multiples of 5120 elements), fragment rows step by 16 rows (16 x 80 or 16 x 272 bytes), columns by
+ * 16 elements (32 bytes). */
+static_assert(MOE_A_ELEMS * 2 % 32 == 0 && MOE_STAGE_ELEMS * 2 % 32 == 0, "stage offsets 32-byte aligned");
+static_assert(16 * MOE_LDA * 2 % 32 == 0 && 16 * MOE_LDB_NN * 2 % 32 == 0, "fragment rows 32-byte aligned");
+static_assert(MOE_LDA % 8 == 0 && MOE_LDB_NN % 8 == 0, "wmma bf16 leading dimensions are multiples of 8");
+static_assert(MOE_BK * MOE_LDB_NN <= MOE_B_ELEMS, "NN's B tile fits its slot");
+static_assert(MOE_THREADS / 32 * 256 * 4 <= MOE_SMEM, "the output staging fits in the ring");
+
+/* 16 bytes global -> shared without passing through registers; ok 0: 16 zero bytes, nothing read
+ * (src must still be a valid address). */
+__device__ __forceinline__ void moe_cp16(void *dst, const void *src, bool ok) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void moe_cp_commit(void) { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void moe_cp_wait(void) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+/* Queues one K step (k0 .. k0 + MOE_BK) of the A tile (mt valid rows at Ab, row stride lda) and of B
+ * (expert's matrix at Bb: NT [N, K] rows, NN [K, N] rows, stride ldb) into stage s. N, K and every
+ * chunk start are multiples of 8, so a 16-byte chunk is wholly inside or wholly outside. */
+template <bool NN>
+__device__ __forceinline__ void moe_wmma_stage(__nv_bfloat16 *s, const __nv_bfloat16 *Ab, int lda, int mt,
+                                               const __nv_bfloat16 *Bb, int ldb, int n0, int N, int K, int k0) {
+    __nv_bfloat16 *as = s, *bs = s + MOE_A_ELEMS;
+    for (int c = threadIdx.x; c < MOE_BM * (MOE_BK / 8); c += MOE_THREADS) {
+        int r = c / (MOE_BK / 8), kc = c % (MOE_BK / 8) * 8;
+        bool ok = r < mt && k0 + kc < K;
+        moe_cp16(as + r * MOE_LDA + kc, ok ? Ab + (long)r * lda + k0 + kc : Ab, ok);
+    }
+    if (NN) {
+        for (int c = threadIdx.x; c < MOE_BK * (MOE_BN / 8); c += MOE_THREADS) {
+            int kr = c / (MOE_BN / 8), nc = c % (MOE_BN / 8) * 8;
+            bool ok = k0 + kr < K && n0 + nc < N;
+            moe_cp16(bs + kr * MOE_LDB_NN + nc, ok ? Bb + (long)(k0 + kr) * ldb + n0 + nc : Bb, ok);
+        }
+    } else {
+        for (int c = threadIdx.x; c < MOE_BN * (MOE_BK / 8); c += MOE_THREADS) {
+            int nr = c / (MOE_BK / 8), kc = c % (MOE_BK / 8) * 8;
+            bool ok = n0 + nr < N && k0 + kc < K;
+            moe_cp16(bs + nr * MOE_LDA + kc, ok ? Bb + (long)(n0 + nr) * ldb + k0 + kc : Bb, ok);
+        }
+    }
+}
+
+/* NT stages B as [n][k]: the (k, n) fragment is column-major there; NN stages [k][n]: row-major. */
+template <bool NN>
+struct moe_blayout {
+    typedef nvcuda::wmma::col_major type;
+};
+template <>
+struct moe_blayout<true> {
+    typedef nvcuda::wmma::row_major type;
+};
+
+/* C[offs[e] + r, n] = beta C[...] + sum_k A[offs[e] + r, k] B_e(k, n), B_e = B + e * b_stride read as
+ * [N, K] rows (NT) or [K, N] rows (NN). */
+template <bool NN>
+__global__ void __launch_bounds__(MOE_THREADS, 2)
+    moe_wmma_kernel(float *C, int ldc, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B, long b_stride,
+                    int ldb, const int32_t *offs, int N, int K, float beta) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char moe_ring[];
+    int ex = blockIdx.z, r0 = offs[ex], rows = offs[ex + 1] - r0, m0 = blockIdx.y * MOE_BM;
+    if (m0 >= rows) return; /* the same for the whole block, before any barrier */
+    int mt = rows - m0 < MOE_BM ? rows - m0 : MOE_BM, n0 = blockIdx.x * MOE_BN;
+    const __nv_bfloat16 *Ab = A + (long)(r0 + m0) * lda, *Bb = B + (long)ex * b_stride;
+    __nv_bfloat16 *ring = (__nv_bfloat16 *)moe_ring;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;
+    int nk = (K + MOE_BK - 1) / MOE_BK;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    /* one commit group per K step (empty past the end), so "all but the newest STAGES - 2 groups
+     * done" always means "step kt has landed" */
+#pragma unroll
+    for (int s = 0; s < MOE_STAGES - 1; s++) {
+        if (s < nk) moe_wmma_stage<NN>(ring + s * MOE_STAGE_ELEMS, Ab, lda, mt, Bb, ldb, n0, N, K, s * MOE_BK);
+        moe_cp_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        moe_cp_wait<MOE_STAGES - 2>();
+        /* step kt is visible to every thread, and every warp is done with step kt - 1, whose stage
+         * the prefetch below overwrites */
+        __syncthreads();
+        int pf = kt + MOE_STAGES - 1;
+        if (pf < nk)
+            moe_wmma_stage<NN>(ring + pf % MOE_STAGES * MOE_STAGE_ELEMS, Ab, lda, mt, Bb, ldb, n0, N, K, pf * MOE_BK);
+        moe_cp_commit();
+        const __nv_bfloat16 *as = ring + kt % MOE_STAGES * MOE_STAGE_ELEMS, *bs = as + MOE_A_ELEMS;
+#pragma unroll
+        for (int kk = 0; kk < MOE_BK; kk += 16) {
+            if (kt * MOE_BK + kk >= K) break; /* K % 32 == 16: the last step's second half (block-uniform) */
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, typename moe_blayout<NN>::type> b[4];
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], as + (wm * 32 + i * 16) * MOE_LDA + kk, MOE_LDA);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                if (NN)
+                    wmma::load_matrix_sync(b[j], bs + kk * MOE_LDB_NN + wn * 64 + j * 16, MOE_LDB_NN);
+                else
+                    wmma::load_matrix_sync(b[j], bs + (wn * 64 + j * 16) * MOE_LDA + kk, MOE_LDA);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+    }
+    moe_cp_wait<0>(); /* only empty groups are left, but the ring is reused below */
+    __syncthreads();  /* every warp is done reading the ring */
+    float *st = (float *)moe_ring + warp * 256; /* this warp's 16 x 16 floats */
+    int cl = lane & 15;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            int col = n0 + wn * 64 + j * 16 + cl;
+            for (int rr = lane >> 4; rr < 16; rr += 2) {
+                int r = wm * 32 + i * 16 + rr;
+                if (r < mt && col < N) {
+                    float *cp = C + (long)(r0 + m0 + r) * ldc + col;
+                    float v = st[rr * 16 + cl];
+                    *cp = beta != 0.0f ? fmaf(beta, *cp, v) : v;
+                }
+            }
+            __syncwarp(); /* every lane has read st before the next fragment lands there */
+        }
+}
+
+/* Whether the kernel takes this shape: N and K multiples of 16 (whole fragments), row strides and
+ * expert strides multiples of 8 elements and both bf16 operands 16-byte aligned (16-byte copies),
+ * the grid within its limits. */
+static int moe_wmma_fits(int E, int max_rows, int N, int K, const void *A, int lda, const void *B, long b_stride,
+                         int ldb, int ldc, int nn) {
+    return E > 0 && E <= 65535 && max_rows >= 0 && (max_rows + MOE_BM - 1) / MOE_BM <= 65535 && N > 0 && K > 0 &&
+           N % 16 == 0 && K % 16 == 0 && lda % 8 == 0 && ldb % 8 == 0 && b_stride % 8 == 0 && lda >= K &&
+           ldb >= (nn ? N : K) && ldc >= N && ((uintptr_t)A & 15) == 0 && ((uintptr_t)B & 15) == 0;
+}
+
+int cuda_moe_wmma_gemm(const kctx *k, int nn, const int32_t *offs, int E, int max_rows, int N, int K, const void *A,
+                       int lda, const void *B, long b_stride, int ldb, float *C, int ldc, float beta, mill_err *e) {
+    if (!moe_wmma_fits(E, max_rows, N, K, A, lda, B, b_stride, ldb, ldc, nn))
+        return mill_errf(e, "moe: grouped tensor-core GEMM: unsupported shape (E %d, rows %d, N %d, K %d, lda %d, ldb %d)",
+                         E, max_rows, N, K, lda, ldb);
+    if (max_rows == 0) return 0;
+    dim3 grid((unsigned)((N + MOE_BN - 1) / MOE_BN), (unsigned)((max_rows + MOE_BM - 1) / MOE_BM), (unsigned)E);
+    const __nv_bfloat16 *a = (const __nv_bfloat16 *)A, *b = (const __nv_bfloat16 *)B;
+    if (nn) {
+        CU_CHECK(cudaFuncSetAttribute(moe_wmma_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_SMEM));
+        moe_wmma_kernel<true><<<grid, MOE_THREADS, MOE_SMEM, cu_stream(k)>>>(C, ldc, a, lda, b, b_stride, ldb, offs, N,
+                                                                             K, beta);
+    } else {
+        CU_CHECK(cudaFuncSetAttribute(moe_wmma_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_SMEM));
+        moe_wmma_kernel<false><<<grid, MOE_THREADS, MOE_SMEM, cu_stream(k)>>>(C, ldc, a, lda, b, b_stride, ldb, offs,
+                                                                              N, K, beta);
+    }
+    LAUNCH_CHECK("moe_wmma_kernel");
+    return 0;
+}
+
 /* For every non-empty expert: C_ex = shape(A_ex, B_ex) (+ C_ex when beta = 1), where M, N or K
  * given as -1 means "this expert's row count". A and B are rounded to bf16 copies (whole operands:
- * with fp32 storage that is one pass each; bf16 storage will remove it), then ONE grouped GEMM
- * (bf16 x bf16 -> fp32, fp32 accumulation) covers all experts; if cuBLAS refuses the grouped call,
- * one cublasGemmEx per expert with the same types. */
-static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, int E, int M, int N, int K,
-                    moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped, mill_err *e) {
+ * with fp32 storage that is one pass each; bf16 storage will remove it). Then GEMM_NT and GEMM_NN
+ * over grouped token rows (M = -1) go to moe_wmma_kernel, one launch for all experts reading the
+ * device starts offs_d, when the shape fits it (moe_wmma_fits) and kctx.moe_cublas is off; otherwise
+ * (GEMM_TN, odd shapes, offs_d NULL) ONE grouped cuBLAS GEMM (bf16 x bf16 -> fp32, fp32
+ * accumulation) covers all experts, and if cuBLAS refuses the grouped call, one cublasGemmEx per
+ * expert with the same types. */
+static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, const int32_t *offs_d, int E, int M,
+                    int N, int K, moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped,
+                    mill_err *e) {
     if (k->gemm_fp32) { /* parity mode: one full-fp32 GEMM per expert on the fp32 operands */
         if (used_grouped) *used_grouped = 0;
         for (int ex = 0; ex < E; ex++) {
@@ -347,6 +553,19 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, i
     int rc = sa ? 0 : cu_to_bf16(k, buf, A.base, ra, A.ld, A.ld, e);
     if (!rc && !sb) rc = cu_to_bf16(k, buf + na_al, B.base, rb, B.ld, B.ld, e);
     cu_phase_end(k, sa && sb ? "moe_gemm: no bf16 copy" : "moe_gemm: bf16 copies", tp);
+    int max_rows = 0;
+    for (int ex = 0; ex < E; ex++)
+        max_rows = offs_h[ex + 1] - offs_h[ex] > max_rows ? offs_h[ex + 1] - offs_h[ex] : max_rows;
+    if (!rc && offs_d && !k->moe_cublas && (shape == GEMM_NT || shape == GEMM_NN) && M < 0 && N > 0 && K > 0 &&
+        A.grouped && !B.grouped && C.grouped &&
+        moe_wmma_fits(E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld, C.ld, shape == GEMM_NN)) {
+        tp = cu_phase(k);
+        rc = cuda_moe_wmma_gemm(k, shape == GEMM_NN, offs_d, E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld,
+                                (float *)C.base, C.ld, beta, e);
+        cu_phase_end(k, shape == GEMM_NT ? "moe_gemm: wmma NT" : "moe_gemm: wmma NN", tp);
+        cu_scratch_free(buf, k); /* stream-ordered: after the kernel */
+        return rc;
+    }
     tp = cu_phase(k);
     /* host arrays for the group shapes and the three pointer lists */
     int *iv = (int *)malloc(sizeof(int) * 6 * (size_t)G + sizeof(cublasOperation_t) * 2 * G +
@@ -431,7 +650,7 @@ int cuda_moe_grouped_gemm_supported(const kctx *k, mill_err *e) {
     int used = 0, rc = 0;
     if (cudaMemsetAsync(buf, 0, sizeof(float) * 64, cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: memset");
     moe_operand X = {buf, 0, 1, 4, NULL}, W = {buf + 16, 16, 0, 4, NULL}, Y = {buf + 48, 0, 1, 4, NULL};
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, 2, -1, 4, 4, X, W, Y, 0.0f, &used, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, NULL, 2, -1, 4, 4, X, W, Y, 0.0f, &used, e);
     if (!rc && cudaStreamSynchronize(cu_stream(k)) != cudaSuccess) rc = mill_errf(e, "probe: sync failed");
     cu_scratch_free(buf, k);
     return rc ? -1 : used;
@@ -560,10 +779,10 @@ int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t
     moe_operand XG = {xg, 0, 1, D, xg16}, G_ = {g, 0, 1, I, NULL}, U = {u, 0, 1, I, NULL}, Y = {y, 0, 1, D, NULL};
     moe_operand W1 = {w1, (long)I * D, 0, D, NULL}, W3 = {w3, (long)I * D, 0, D, NULL};
     moe_operand W2 = {w2, (long)D * I, 0, I, NULL};
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, g, g, u, NK * I, limit, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, G_, W2, Y, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, D, I, G_, W2, Y, 0.0f, NULL, e);
     free(offs_h);
     cu_scratch_free(xg16, k);
     if (rc) return rc;
@@ -635,11 +854,11 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
     moe_operand DW1 = {dw1, (long)I * D, 0, D, NULL}, DW3 = {dw3, (long)I * D, 0, D, NULL};
     if (!rc) rc = moe_group(k, xg, xg16, slot_row, offs, offs_h, x, ids, N, D, E, K, e);
     /* recompute the forward per expert */
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, I, D, XG, W1, G_, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, I, D, XG, W3, U, 0.0f, NULL, e);
     if (!rc) rc = cuda_op_swiglu_clamp(k, act, g, u, NK * I, limit, e);
     if (!rc && a16) rc = cu_to_bf16(k, a16, act, NK, I, I, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, E, -1, D, I, ACT, W2, Y, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NT, offs_h, offs, E, -1, D, I, ACT, W2, Y, 0.0f, NULL, e);
     if (!rc && NK > 0) {
         moe_dweights_kernel<<<cu_blocks(NK, 8), 256, 0, cu_stream(k)>>>(dweights, dy, dy16, dout, y, weights,
                                                                          slot_row, NK, D, K);
@@ -647,15 +866,15 @@ int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw
         if (le != cudaSuccess) rc = mill_errf(e, "moe_dweights_kernel: launch failed: %s", cudaGetErrorString(le));
     }
     /* dw2 += dy^T act, then act's rows become dact = dy @ w2 (a16 still holds act until dg replaces it) */
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, D, I, -1, DY, ACT, DW2, 1.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, I, D, DY, W2, DACT, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, offs, E, D, I, -1, DY, ACT, DW2, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, offs, E, -1, I, D, DY, W2, DACT, 0.0f, NULL, e);
     if (!rc) rc = cu_swiglu_backward_write(k, dg, du, act, g, u, NK * I, limit, e);
     if (!rc && a16) rc = cu_to_bf16(k, a16, dg, NK, I, I, e);
     if (!rc && du16) rc = cu_to_bf16(k, du16, du, NK, I, I, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DG, W1, DXG, 0.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, E, -1, D, I, DU, W3, DXG, 1.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DG, XG, DW1, 1.0f, NULL, e);
-    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, E, I, D, -1, DU, XG, DW3, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, offs, E, -1, D, I, DG, W1, DXG, 0.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_NN, offs_h, offs, E, -1, D, I, DU, W3, DXG, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, offs, E, I, D, -1, DG, XG, DW1, 1.0f, NULL, e);
+    if (!rc) rc = moe_gemm(k, GEMM_TN, offs_h, offs, E, I, D, -1, DU, XG, DW3, 1.0f, NULL, e);
     free(offs_h);
     cu_scratch_free(b16, k);
     if (rc) return rc;
