@@ -17,7 +17,9 @@ typedef struct {
  * pre[N, n]  = sigmoid(f[:n] * scale0 + base[:n]) + eps
  * post[N, n] = 2 * sigmoid(f[n:2n] * scale1 + base[n:2n])
  * comb[N, n, n] = sinkhorn(softmax_row(f[2n:] * scale2 + base[2n:]) + eps)
- * x[N, D] = sum_j pre_j * h_j.   work: >= N * (n*D + (2+n)*n) floats. */
+ * x[N, D] = sum_j pre_j * h_j.   work: >= N * (n*D + (2+n)*n) floats; afterwards f [N, mix] is at
+ * work + N*n*D (op_hc_head: pre [N, n] there). The first N*n*D floats are scratch (the CPU leaves the
+ * normed rows there, CUDA's few-token path nothing): no backward reads them, each recomputes. */
 int op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, const float *h, const float *fn,
               const float *base, const float *scale, int N, hc_dims dm, float *work, mill_err *e);
 

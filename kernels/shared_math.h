@@ -32,21 +32,27 @@ MILL_HD void sinkhorn_chain(float *chain, int n, int steps, float eps) {
     }
 }
 
+/* One normalisation of C [n*n] in place: row r (or column c) divided by its sum + eps, the sum
+ * taken in index order. The forward's Sinkhorn is made of these alone, so a caller that runs the
+ * rows (columns) of one step on different threads gets sinkhorn_inplace's bits. */
+MILL_HD void sinkhorn_norm_row(float *C, int n, int r, float eps) {
+    float s = 0.f;
+    for (int c = 0; c < n; c++) s += C[r * n + c];
+    for (int c = 0; c < n; c++) C[r * n + c] /= s + eps;
+}
+MILL_HD void sinkhorn_norm_col(float *C, int n, int c, float eps) {
+    float s = 0.f;
+    for (int r = 0; r < n; r++) s += C[r * n + c];
+    for (int r = 0; r < n; r++) C[r * n + c] /= s + eps;
+}
+
 /* The forward's Sinkhorn in place on C [n*n]: columns first, then (rows, columns) iters - 1 more
  * times; the same steps as sinkhorn_chain without keeping them. */
 MILL_HD void sinkhorn_inplace(float *C, int n, int iters, float eps) {
     for (int it = 0; it < iters; it++) {
         if (it > 0)
-            for (int r = 0; r < n; r++) {
-                float s = 0.f;
-                for (int c = 0; c < n; c++) s += C[r * n + c];
-                for (int c = 0; c < n; c++) C[r * n + c] /= s + eps;
-            }
-        for (int c = 0; c < n; c++) {
-            float s = 0.f;
-            for (int r = 0; r < n; r++) s += C[r * n + c];
-            for (int r = 0; r < n; r++) C[r * n + c] /= s + eps;
-        }
+            for (int r = 0; r < n; r++) sinkhorn_norm_row(C, n, r, eps);
+        for (int c = 0; c < n; c++) sinkhorn_norm_col(C, n, c, eps);
     }
 }
 

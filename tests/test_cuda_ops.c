@@ -61,7 +61,7 @@
 #define TOL_MOE 3e-2
 #define TOL_MOE_PATHS 2e-3
 #define TOL_WMMA 1e-5
-#define MAX_OPS 96
+#define MAX_OPS 160
 
 typedef struct {
     kctx cpu, gpu;
@@ -130,6 +130,14 @@ static float *poison(long n) {
     float *d = up(h, n);
     free(h);
     return d;
+}
+/* Overwrites device buffer d [n] with NaN once the queued ops are done. */
+static void repoison(float *d, long n) {
+    mill_err e;
+    float *h = hnew(n);
+    fillv(h, n, NAN);
+    if (cuda_sync(&e) || cuda_copy_to_device(d, h, sizeof(float) * (size_t)n, &e)) fail_msg("%s", e.msg);
+    free(h);
 }
 static void down(void *h, const void *d, size_t bytes) {
     mill_err e;
@@ -884,16 +892,59 @@ static void test_cache_ops(void **state) {
 
 /* ---- hyper-connections ---- */
 
+/* Replays op_hc_pre and op_hc_head captured in a CUDA graph (outputs poisoned first) and counts
+ * the elements whose bits differ from the op-by-op run's (ref_*: device buffers it wrote). */
+static long hc_graph_diff(fixture *f, float *x, float *pre, float *post, float *comb, float *xh, const float *h,
+                          const float *fn, const float *base, const float *scale, int N, hc_dims dm, float *work,
+                          const float *ref_x, const float *ref_pre, const float *ref_post, const float *ref_comb,
+                          const float *ref_xh) {
+    int n = dm.n, D = dm.D;
+    long sz[5] = {(long)N * D, (long)N * n, (long)N * n, (long)N * n * n, (long)N * D};
+    float *out[5] = {x, pre, post, comb, xh};
+    const float *ref[5] = {ref_x, ref_pre, ref_post, ref_comb, ref_xh};
+    mill_err e = {{0}};
+    void *g = NULL;
+    if (kctx_graph_begin(&f->gpu, &e)) fail_msg("%s", e.msg);
+    int rc = op_hc_pre(&f->gpu, x, pre, post, comb, h, fn, base, scale, N, dm, work, &e);
+    if (!rc) rc = op_hc_head(&f->gpu, xh, h, fn, base, scale, N, dm, work, &e);
+    mill_err e2 = {{0}};
+    int rc2 = kctx_graph_end(&f->gpu, &g, &e2); /* ends the capture even when an op failed inside it */
+    if (rc) fail_msg("captured op: %s", e.msg);
+    if (rc2) fail_msg("%s", e2.msg);
+    for (int i = 0; i < 5; i++) repoison(out[i], sz[i]);
+    if (kctx_graph_launch(&f->gpu, g, &e)) fail_msg("%s", e.msg);
+    long diff = 0;
+    for (int i = 0; i < 5; i++) {
+        float *a = hnew(sz[i]), *b = hnew(sz[i]);
+        down(a, out[i], sizeof(float) * (size_t)sz[i]);
+        down(b, ref[i], sizeof(float) * (size_t)sz[i]);
+        for (long j = 0; j < sz[i]; j++) diff += memcmp(&a[j], &b[j], sizeof(float)) != 0;
+        free(a), free(b);
+    }
+    kctx_graph_free(g);
+    return diff;
+}
+
 static void test_hc(void **state) {
     fixture *f = *state;
     f->fails = 0;
-    int shN[] = {64, 7, 1024}, shD[] = {4096, 256, 256}; /* N 1024: dfn's product split over tokens too */
-    for (int s = 0; s < 3; s++) {
-        hc_dims dm = {4, shD[s], 20, 1e-6f, 1e-6f};
-        int N = shN[s], n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n;
+    /* N <= CUDA_HC_FUSED_MAX_TOKENS with n <= 4 take the fused one-kernel path of op_hc_pre / op_hc_head,
+     * larger N the general one: decode-like N 1, 7, 64 and the threshold itself at the DSV4-small
+     * width (n 4, D 1024), one past it; hc_mult 3 as tiny-b, n*D not a multiple of the block (300)
+     * or below it (192, 64); N 1024: dfn's product split over tokens too. */
+    struct {
+        int N, n, D;
+    } sh[] = {{1, 4, 1024},   {7, 4, 1024}, {64, 4, 1024}, {CUDA_HC_FUSED_MAX_TOKENS, 4, 1024},
+              {CUDA_HC_FUSED_MAX_TOKENS + 1, 4, 1024},      {64, 4, 4096}, {7, 4, 256},   {1024, 4, 256},
+              {5, 3, 1024},   {300, 3, 1024}, {9, 3, 100},  {3, 2, 96},    {2, 1, 64}};
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        hc_dims dm = {sh[s].n, sh[s].D, 20, 1e-6f, 1e-6f};
+        int N = sh[s].N, n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n;
+        int fused = N <= CUDA_HC_FUSED_MAX_TOKENS && n <= CUDA_HC_FUSED_MAX_STREAMS;
         long nh = (long)N * n * D;
         char name[64];
-        snprintf(name, sizeof name, "N%d n%d D%d sinkhorn%d", N, n, D, dm.sinkhorn_iters);
+        snprintf(name, sizeof name, "N%d n%d D%d sinkhorn%d %s", N, n, D, dm.sinkhorn_iters,
+                 fused ? "fused" : "general");
         float *h = hnew(nh), *fn = hnew((long)mix * n * D), *base = hnew(mix), *scale = hnew(3);
         fill(f, h, nh, -2, 2);
         fill(f, fn, (long)mix * n * D, -0.05f, 0.05f);
@@ -911,6 +962,8 @@ static void test_hc(void **state) {
         cmp(f, "op_hc_pre pre", name, d_pre, pre, (long)N * n, TOL_HC);
         cmp(f, "op_hc_pre post", name, d_post, post, (long)N * n, TOL_HC);
         cmp(f, "op_hc_pre comb", name, d_comb, comb, (long)N * nn, TOL_HC);
+        /* the logits f stay in work after the normed rows on both paths */
+        cmp(f, "op_hc_pre f (work)", name, dwork + nh, work + nh, (long)N * mix, TOL_HC);
         /* post: consume the CPU's pre/post/comb on both sides so only op_hc_post is measured */
         float *y = hnew((long)N * D), *ho = hnew(nh);
         fill(f, y, (long)N * D, -1, 1);
@@ -958,6 +1011,7 @@ static void test_hc(void **state) {
         OK(op_hc_head(&f->cpu, xh, h, fn, base, scale, N, dm, work, ERR));
         OK(op_hc_head(&f->gpu, d_xh, d_h, d_fn, d_base, d_scale, N, dm, dwork, ERR));
         cmp(f, "op_hc_head", name, d_xh, xh, (long)N * D, TOL_HC);
+        cmp(f, "op_hc_head pre (work)", name, dwork + nh, work + nh, (long)N * n, TOL_HC);
         OK(op_hc_head_backward(&f->cpu, gh2, gfn, gbase, gscale, gx, h, fn, base, scale, N, dm, work, ERR));
         OK(op_hc_head_backward(&f->gpu, d_gh2, d_gfn, d_gbase, d_gscale, d_gx, d_h, d_fn, d_base, d_scale, N, dm, dwork,
                                ERR));
@@ -965,6 +1019,14 @@ static void test_hc(void **state) {
         cmp(f, "op_hc_head_backward dfn", name, d_gfn, gfn, (long)n * n * D, TOL_HC);
         cmp(f, "op_hc_head_backward dbase", name, d_gbase, gbase, n, TOL_HC);
         cmp(f, "op_hc_head_backward dscale", name, d_gscale, gscale, 1, TOL_HC);
+        if (fused) { /* the decode path in a CUDA graph: capturable, and the same bits as op by op */
+            float *g_x = poison((long)N * D), *g_pre = poison((long)N * n), *g_post = poison((long)N * n);
+            float *g_comb = poison((long)N * nn), *g_xh = poison((long)N * D);
+            long diff = hc_graph_diff(f, g_x, g_pre, g_post, g_comb, g_xh, d_h, d_fn, d_base, d_scale, N, dm, dwork,
+                                      d_x, d_pre, d_post, d_comb, d_xh);
+            record(f, "op_hc_pre/_head graph != op by op", name, (double)diff, 0.0);
+            cuda_free(g_x), cuda_free(g_pre), cuda_free(g_post), cuda_free(g_comb), cuda_free(g_xh);
+        }
         free(h), free(fn), free(base), free(scale), free(work), free(x), free(pre), free(post), free(comb), free(y),
             free(ho), free(gho), free(gh), free(gy), free(gpost), free(gcomb), free(gx), free(gp), free(gc), free(gh2),
             free(gfn), free(gbase), free(gscale), free(xh);

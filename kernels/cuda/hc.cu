@@ -5,13 +5,34 @@
  * are one thread per element; dot products over D are one block each. Parameter gradients (base,
  * scale) are summed per token first, then over chunks of tokens and the chunks in order
  * (cu_colsum_add): no float atomics. The two products with a long reduction (the logits, dfn) are
- * split along it (hc_gemm_split); the Sinkhorn matrices live in shared memory (hc_token_smem). */
+ * split along it (hc_gemm_split); the Sinkhorn matrices live in shared memory (hc_token_smem).
+ * Up to CUDA_HC_FUSED_MAX_TOKENS tokens (decode), op_hc_pre and op_hc_head are instead one kernel,
+ * one block per token (hc_pre_fused_kernel / hc_head_fused_kernel). */
 #include "cuda_internal.cuh"
 
 #include <math.h>
 #include "../shared_math.h"
 
 __device__ __forceinline__ float hc_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* The per-token mixing formulas, written once for the general and the fused kernels. */
+__device__ __forceinline__ float hc_pre_weight(float f, float s0, float b, float eps) {
+    return hc_sigmoid(f * s0 + b) + eps;
+}
+__device__ __forceinline__ float hc_post_weight(float f, float s1, float b) { return 2.0f * hc_sigmoid(f * s1 + b); }
+/* row[c] = softmax_c(fr[c] * s2 + br[c]) + eps, c < n */
+__device__ __forceinline__ void hc_comb_row(float *row, const float *fr, const float *br, float s2, int n, float eps) {
+    float mx = -INFINITY, den = 0.f;
+    for (int c = 0; c < n; c++) {
+        row[c] = fr[c] * s2 + br[c];
+        mx = fmaxf(mx, row[c]);
+    }
+    for (int c = 0; c < n; c++) {
+        row[c] = expf(row[c] - mx);
+        den += row[c];
+    }
+    for (int c = 0; c < n; c++) row[c] = row[c] / den + eps;
+}
 
 /* ---- The fp32 products with a small output and a long reduction (the logits f = FL fn^T: K = n*D;
  * dfn += dF^T FL: K = tokens) get few output tiles, so one GEMM leaves most of the GPU idle. They
@@ -88,19 +109,187 @@ static int hc_collapse(const kctx *k, float *x, const float *h, const float *pre
     return 0;
 }
 
+/* ---- Few tokens (decode): op_hc_pre / op_hc_head as one kernel, one block per token.
+ * The general path is five launches (RMSNorm, split GEMM, slice sum, mix, collapse) plus scratch
+ * allocation, most of them nearly empty for a few tokens: measured on an H100, ~100 us of device
+ * time per op_hc_pre in decode, 24 calls per step. Here a block of HC_FUSED_THREADS does the token:
+ *   1. the row's inverse RMS over its n*D floats, the sum of squares in double (as the CPU and
+ *      cu_rmsnorm_rows);
+ *   2. the logits, scale then dot in fp32 like the GEMM on the normed rows: each thread keeps the
+ *      partial sums of every output over its strided slice of the row, then warp sums and the
+ *      warps in order (fixed order: deterministic, and a token's bits do not depend on N);
+ *   3. the mixing math on warp 0: lane j owns pre_j, post_j, row j of the softmax and row / column
+ *      j of each Sinkhorn step (sinkhorn_norm_row / _col, the very steps sinkhorn_inplace makes, so
+ *      the same bits as one thread running them, with a serial chain n times shorter);
+ *   4. the collapse x = sum_j pre_j h_j by all threads.
+ * It writes f [N, mix] into work (op_hc_head: pre [N, n], as the CPU's in-place sigmoid) like the
+ * general path; it does not write the normed rows (work's first N*n*D floats), which no caller
+ * reads: both backwards recompute them. Static shared memory (1.2 KB at n = 4, by ptxas), no
+ * attribute to set, no host wait, no scratch: a captured decode step replays it as is.
+ * Where the threshold comes from (an estimate, not yet measured): each block reads all of fn
+ * (mix x n*D floats: 384 KB at n = 4, D = 1024), from L2 after the first block, where the GEMM reads
+ * it once. The fused cost so grows ~linearly in N (at N = 256, ~100 MB of L2 reads: ~20 us at ~5
+ * TB/s), while the general path's is mostly fixed for small N; CUDA_HC_FUSED_MAX_TOKENS = 256
+ * keeps decode (N = batch: 1..128 in the benchmarks) fused with room to spare, and training and
+ * prefill chunks (thousands of rows) on the GEMM. Move it where a timing of both paths crosses. */
+#define HC_FUSED_THREADS 256
+#define HC_FUSED_WARPS (HC_FUSED_THREADS / 32)
+
+/* Steps 1 and 2 for the row ht [NH*D]: s_f[MIX] = (ht * inv) . fn[j] for j < MIX. s_ss [32] and
+ * s_part [HC_FUSED_WARPS * MIX] are the reductions' shared memory. Ends with a barrier. */
+template <int NH, int MIX>
+__device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float *s_part, const float *ht,
+                                                const float *fn, int D, float norm_eps) {
+    static_assert(MIX <= HC_FUSED_THREADS && HC_FUSED_THREADS % 32 == 0, "a thread per output; whole warps");
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nd = NH * D;
+    double ss = 0.0;
+    for (int c = tid; c < nd; c += HC_FUSED_THREADS) ss += (double)ht[c] * ht[c];
+    ss = cu_block_sum(ss, s_ss);
+    const float inv = 1.0f / sqrtf((float)(ss / nd) + norm_eps);
+    float acc[MIX];
+#pragma unroll
+    for (int j = 0; j < MIX; j++) acc[j] = 0.f;
+    for (int c = tid; c < nd; c += HC_FUSED_THREADS) {
+        const float v = ht[c] * inv; /* the normed element, rounded to fp32 as FL holds it */
+#pragma unroll
+        for (int j = 0; j < MIX; j++) acc[j] += v * fn[(long)j * nd + c];
+    }
+#pragma unroll
+    for (int j = 0; j < MIX; j++) {
+        const float s = cu_warp_sum(acc[j]); /* every lane gets the same sum */
+        if (lane == 0) s_part[warp * MIX + j] = s;
+    }
+    __syncthreads();
+    if (tid < MIX) {
+        float s = 0.f;
+        for (int w = 0; w < HC_FUSED_WARPS; w++) s += s_part[w * MIX + tid];
+        s_f[tid] = s;
+    }
+    __syncthreads();
+}
+
+/* Step 4: xt[c] = sum_j s_pre[j] ht[j*D + c], j in order from zero (as hc_collapse_kernel). */
+template <int NH>
+__device__ __forceinline__ void hc_fused_collapse(float *xt, const float *ht, const float *s_pre, int D) {
+    for (int c = threadIdx.x; c < D; c += HC_FUSED_THREADS) {
+        float a = 0.f;
+#pragma unroll
+        for (int j = 0; j < NH; j++) a += s_pre[j] * ht[(long)j * D + c];
+        xt[c] = a;
+    }
+}
+
+/* op_hc_pre for token blockIdx.x; f: work + N*NH*D, [N, mix]. x must not overlap h. */
+template <int NH>
+__global__ void __launch_bounds__(HC_FUSED_THREADS)
+    hc_pre_fused_kernel(float *x, float *pre, float *post, float *comb, float *f, const float *h, const float *fn,
+                        const float *base, const float *scale, hc_dims dm) {
+    constexpr int MIX = (2 + NH) * NH, NN = NH * NH;
+    static_assert(MIX <= 32 && NN <= 32, "warp 0 has a lane per logit and per comb entry");
+    __shared__ double s_ss[32];
+    __shared__ float s_part[HC_FUSED_WARPS * MIX];
+    __shared__ float s_f[MIX];
+    __shared__ float s_C[NN];
+    __shared__ float s_pre[NH];
+    const long t = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const float *ht = h + t * NH * dm.D;
+    hc_fused_logits<NH, MIX>(s_f, s_ss, s_part, ht, fn, dm.D, dm.norm_eps);
+    if (threadIdx.x < 32) { /* warp 0, whole: every lane reaches each __syncwarp */
+        if (lane < MIX) f[t * MIX + lane] = s_f[lane];
+        if (lane < NH) {
+            const float p = hc_pre_weight(s_f[lane], scale[0], base[lane], dm.hc_eps);
+            s_pre[lane] = p;
+            pre[t * NH + lane] = p;
+            post[t * NH + lane] = hc_post_weight(s_f[NH + lane], scale[1], base[NH + lane]);
+            hc_comb_row(s_C + lane * NH, s_f + 2 * NH + lane * NH, base + 2 * NH + lane * NH, scale[2], NH,
+                        dm.hc_eps);
+        }
+        __syncwarp();
+        for (int it = 0; it < dm.sinkhorn_iters; it++) { /* sinkhorn_inplace's steps, a row / column per lane */
+            if (it > 0) {
+                if (lane < NH) sinkhorn_norm_row(s_C, NH, lane, dm.hc_eps);
+                __syncwarp();
+            }
+            if (lane < NH) sinkhorn_norm_col(s_C, NH, lane, dm.hc_eps);
+            __syncwarp();
+        }
+        if (lane < NN) comb[t * NN + lane] = s_C[lane];
+    }
+    __syncthreads(); /* s_pre */
+    hc_fused_collapse<NH>(x + t * dm.D, ht, s_pre, dm.D);
+}
+
+/* op_hc_head for token blockIdx.x; f: work + N*NH*D, [N, NH], gets pre (as on the CPU). */
+template <int NH>
+__global__ void __launch_bounds__(HC_FUSED_THREADS)
+    hc_head_fused_kernel(float *x, float *f, const float *h, const float *fn, const float *base, const float *scale,
+                         hc_dims dm) {
+    __shared__ double s_ss[32];
+    __shared__ float s_part[HC_FUSED_WARPS * NH];
+    __shared__ float s_f[NH];
+    __shared__ float s_pre[NH];
+    const long t = blockIdx.x;
+    const float *ht = h + t * NH * dm.D;
+    hc_fused_logits<NH, NH>(s_f, s_ss, s_part, ht, fn, dm.D, dm.norm_eps);
+    if (threadIdx.x < NH) {
+        const float p = hc_pre_weight(s_f[threadIdx.x], scale[0], base[threadIdx.x], dm.hc_eps);
+        s_pre[threadIdx.x] = p;
+        f[t * NH + threadIdx.x] = p;
+    }
+    __syncthreads(); /* s_pre */
+    hc_fused_collapse<NH>(x + t * dm.D, ht, s_pre, dm.D);
+}
+
+/* Whether the fused kernels take these N tokens: few enough (see above), n with an instance below,
+ * and n*D an int like the general path's. */
+static int hc_fused_fits(int N, hc_dims dm) {
+    return N >= 1 && N <= CUDA_HC_FUSED_MAX_TOKENS && dm.n >= 1 && dm.n <= CUDA_HC_FUSED_MAX_STREAMS && dm.D >= 1 &&
+           (long)dm.n * dm.D <= 2147483647L;
+}
+
+template <int NH>
+static int hc_fused_launch(const kctx *k, int head, float *x, float *pre, float *post, float *comb, float *f,
+                           const float *h, const float *fn, const float *base, const float *scale, int N, hc_dims dm,
+                           mill_err *e) {
+    if (head) {
+        hc_head_fused_kernel<NH><<<N, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, f, h, fn, base, scale, dm);
+        LAUNCH_CHECK("hc_head_fused_kernel");
+    } else {
+        hc_pre_fused_kernel<NH><<<N, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, pre, post, comb, f, h, fn, base, scale,
+                                                                          dm);
+        LAUNCH_CHECK("hc_pre_fused_kernel");
+    }
+    return 0;
+}
+
+/* op_hc_pre (head 0) or op_hc_head (head 1; pre, post, comb unused) when hc_fused_fits. */
+static int hc_fused(const kctx *k, int head, float *x, float *pre, float *post, float *comb, float *f, const float *h,
+                    const float *fn, const float *base, const float *scale, int N, hc_dims dm, mill_err *e) {
+    switch (dm.n) { /* one instance per n: the per-thread accumulators are registers of a known count */
+    case 1: return hc_fused_launch<1>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 2: return hc_fused_launch<2>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 3: return hc_fused_launch<3>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 4: return hc_fused_launch<4>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    default: return mill_errf(e, "hc: no fused kernel for hc_mult %d", dm.n);
+    }
+}
+
 /* The per-token Sinkhorn kernels run their n x n matrices (and the backward's whole chain) in shared
  * memory, token i of the block at i * stride floats: the dependent loads and stores of the 40
  * normalisation steps then cost shared-memory latency instead of a round trip to L2 each (the chain
  * in global scratch was ~2.7 KB per token, uncoalesced). An odd stride puts the 32 lanes of a warp on
  * 32 different banks. hc_token_smem picks the block size that fits; stride 0: global memory, as
- * before (only for shapes too big for shared memory). */
-static int hc_token_smem(int per_token, int want_threads, int *threads, size_t *bytes, mill_err *e) {
-    int dev = 0, optin = 0;
-    CU_CHECK(cudaGetDevice(&dev));
-    CU_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+ * before (only for shapes too big for shared memory). A block stays within the 48 KB any kernel may
+ * use without cudaFuncSetAttribute, which was set on every call before (host work in every call,
+ * and inside a capture); the opt-in size bought no more tokens per SM (backward, n = 4, 20
+ * iterations: 2 blocks of 32 tokens at 86 KB then, 5 of 16 at 43 KB now, by the 228 KB per SM). */
+#define HC_TOKEN_SMEM_MAX (48 * 1024)
+
+static int hc_token_smem(int per_token, int want_threads, int *threads, size_t *bytes) {
     int stride = per_token | 1;
     for (int t = want_threads; t >= 1; t >>= 1)
-        if ((size_t)t * stride * sizeof(float) <= (size_t)optin) {
+        if ((size_t)t * stride * sizeof(float) <= (size_t)HC_TOKEN_SMEM_MAX) {
             *threads = t;
             *bytes = (size_t)t * stride * sizeof(float);
             return stride;
@@ -121,21 +310,10 @@ __global__ void hc_mix_kernel(float *pre, float *post, float *comb, const float 
     float *pr = pre + (long)t * n, *po = post + (long)t * n, *Cg = comb + (long)t * n * n;
     float *C = stride ? hc_sm + (long)threadIdx.x * stride : Cg;
     for (int j = 0; j < n; j++) {
-        pr[j] = hc_sigmoid(ft[j] * scale[0] + base[j]) + dm.hc_eps;
-        po[j] = 2.0f * hc_sigmoid(ft[n + j] * scale[1] + base[n + j]);
+        pr[j] = hc_pre_weight(ft[j], scale[0], base[j], dm.hc_eps);
+        po[j] = hc_post_weight(ft[n + j], scale[1], base[n + j]);
     }
-    for (int r = 0; r < n; r++) {
-        float *row = C + r * n, mx = -INFINITY, den = 0.f;
-        for (int c = 0; c < n; c++) {
-            row[c] = ft[2 * n + r * n + c] * scale[2] + base[2 * n + r * n + c];
-            mx = fmaxf(mx, row[c]);
-        }
-        for (int c = 0; c < n; c++) {
-            row[c] = expf(row[c] - mx);
-            den += row[c];
-        }
-        for (int c = 0; c < n; c++) row[c] = row[c] / den + dm.hc_eps;
-    }
+    for (int r = 0; r < n; r++) hc_comb_row(C + r * n, ft + 2 * n + r * n, base + 2 * n + r * n, scale[2], n, dm.hc_eps);
     sinkhorn_inplace(C, n, dm.sinkhorn_iters, dm.hc_eps);
     if (stride)
         for (int i = 0; i < n * n; i++) Cg[i] = C[i];
@@ -146,13 +324,11 @@ int cuda_op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb
     if (N <= 0) return 0;
     int n = dm.n, mix = (2 + n) * n;
     float *f = work + (long)N * n * dm.D;
+    if (hc_fused_fits(N, dm)) return hc_fused(k, 0, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
     TRY(hc_logits(k, f, work, h, fn, N, mix, dm, e));
     int threads;
     size_t smem;
-    int stride = hc_token_smem(n * n, 64, &threads, &smem, e);
-    if (stride < 0) return -1;
-    if (smem > 48 * 1024)
-        CU_CHECK(cudaFuncSetAttribute(hc_mix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    int stride = hc_token_smem(n * n, 64, &threads, &smem);
     hc_mix_kernel<<<cu_blocks(N, threads), threads, smem, cu_stream(k)>>>(pre, post, comb, f, base, scale, N, dm,
                                                                          stride);
     LAUNCH_CHECK("hc_mix_kernel");
@@ -188,7 +364,7 @@ __global__ void hc_pre_weights_kernel(float *pre, const float *f, int ldf, const
     if (id >= (long)N * n) return;
     long t = id / n;
     int j = (int)(id % n);
-    pre[id] = hc_sigmoid(f[t * ldf + j] * scale[0] + base[j]) + eps;
+    pre[id] = hc_pre_weight(f[t * ldf + j], scale[0], base[j], eps);
 }
 
 int cuda_op_hc_head(const kctx *k, float *x, const float *h, const float *fn, const float *base, const float *scale,
@@ -196,6 +372,7 @@ int cuda_op_hc_head(const kctx *k, float *x, const float *h, const float *fn, co
     if (N <= 0) return 0;
     int n = dm.n;
     float *f = work + (long)N * n * dm.D;
+    if (hc_fused_fits(N, dm)) return hc_fused(k, 1, x, NULL, NULL, NULL, f, h, fn, base, scale, N, dm, e);
     TRY(hc_logits(k, f, work, h, fn, N, n, dm, e));
     /* in place: element (t, j) reads only itself */
     hc_pre_weights_kernel<<<cu_blocks((long)N * n, 256), 256, 0, cu_stream(k)>>>(f, f, n, base, scale, N, n,
@@ -379,10 +556,7 @@ int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, 
     /* own scratch: pre, dpre [N, n]; part [N, mix + 3]; the per-token Sinkhorn chains */
     int threads;
     size_t smem;
-    int stride = hc_token_smem((steps + 3) * nn, 32, &threads, &smem, e);
-    if (stride < 0) return -1;
-    if (smem > 48 * 1024)
-        CU_CHECK(cudaFuncSetAttribute(hc_pre_bwd_token_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    int stride = hc_token_smem((steps + 3) * nn, 32, &threads, &smem);
     float *s = NULL; /* the chains need global scratch only when they do not fit in shared memory */
     long per_tok = 2L * n + (mix + 3) + (stride ? 0 : (long)(steps + 3) * nn);
     TRY(cu_scratch((void **)&s, sizeof(float) * (size_t)(N * per_tok), k, e));
