@@ -925,22 +925,47 @@ static long hc_graph_diff(fixture *f, float *x, float *pre, float *post, float *
     return diff;
 }
 
+/* Batch invariance of the fused path: the first m tokens run alone (a block per token) give the
+ * same bits as in the N-token call (a block per HC_FUSED_TOK tokens); returns differing floats. */
+static long hc_prefix_diff(fixture *f, int m, const float *h, const float *fn, const float *base, const float *scale,
+                           hc_dims dm, float *work, const float *ref_x, const float *ref_pre, const float *ref_post,
+                           const float *ref_comb) {
+    int n = dm.n, D = dm.D;
+    long sz[4] = {(long)m * D, (long)m * n, (long)m * n, (long)m * n * n};
+    float *out[4] = {poison(sz[0]), poison(sz[1]), poison(sz[2]), poison(sz[3])};
+    const float *ref[4] = {ref_x, ref_pre, ref_post, ref_comb};
+    mill_err e = {{0}};
+    if (op_hc_pre(&f->gpu, out[0], out[1], out[2], out[3], h, fn, base, scale, m, dm, work, &e)) fail_msg("%s", e.msg);
+    long diff = 0;
+    for (int i = 0; i < 4; i++) {
+        float *a = hnew(sz[i]), *b = hnew(sz[i]);
+        down(a, out[i], sizeof(float) * (size_t)sz[i]);
+        down(b, ref[i], sizeof(float) * (size_t)sz[i]);
+        for (long j = 0; j < sz[i]; j++) diff += memcmp(&a[j], &b[j], sizeof(float)) != 0;
+        free(a), free(b);
+        cuda_free(out[i]);
+    }
+    return diff;
+}
+
 static void test_hc(void **state) {
     fixture *f = *state;
     f->fails = 0;
-    /* N <= CUDA_HC_FUSED_MAX_TOKENS with n <= 4 take the fused one-kernel path of op_hc_pre / op_hc_head,
-     * larger N the general one: decode-like N 1, 7, 64 and the threshold itself at the DSV4-small
+    /* n <= 4 takes the fused one-kernel path of op_hc_pre / op_hc_head (a block per token up to
+     * CUDA_HC_FUSED_ONE_TOKEN_MAX tokens, per 4 tokens past it, N not a multiple of 4 included),
+     * larger n the general one: decode-like N 1, 7, 64 and the threshold itself at the DSV4-small
      * width (n 4, D 1024), one past it; hc_mult 3 as tiny-b, n*D not a multiple of the block (300)
-     * or below it (192, 64); N 1024: dfn's product split over tokens too. */
+     * or below it (192, 64); N 1024: dfn's product split over tokens too; n 5: the general path. */
     struct {
         int N, n, D;
-    } sh[] = {{1, 4, 1024},   {7, 4, 1024}, {64, 4, 1024}, {CUDA_HC_FUSED_MAX_TOKENS, 4, 1024},
-              {CUDA_HC_FUSED_MAX_TOKENS + 1, 4, 1024},      {64, 4, 4096}, {7, 4, 256},   {1024, 4, 256},
-              {5, 3, 1024},   {300, 3, 1024}, {9, 3, 100},  {3, 2, 96},    {2, 1, 64}};
+    } sh[] = {{1, 4, 1024},   {7, 4, 1024}, {64, 4, 1024}, {CUDA_HC_FUSED_ONE_TOKEN_MAX, 4, 1024},
+              {CUDA_HC_FUSED_ONE_TOKEN_MAX + 1, 4, 1024},      {64, 4, 4096}, {7, 4, 256},   {1024, 4, 256},
+              {5, 3, 1024},   {300, 3, 1024}, {9, 3, 100},  {3, 2, 96},    {2, 1, 64},
+              {300, 5, 64}};
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
         hc_dims dm = {sh[s].n, sh[s].D, 20, 1e-6f, 1e-6f};
         int N = sh[s].N, n = dm.n, D = dm.D, mix = (2 + n) * n, nn = n * n;
-        int fused = N <= CUDA_HC_FUSED_MAX_TOKENS && n <= CUDA_HC_FUSED_MAX_STREAMS;
+        int fused = n <= CUDA_HC_FUSED_MAX_STREAMS;
         long nh = (long)N * n * D;
         char name[64];
         snprintf(name, sizeof name, "N%d n%d D%d sinkhorn%d %s", N, n, D, dm.sinkhorn_iters,
@@ -1026,6 +1051,11 @@ static void test_hc(void **state) {
                                       d_x, d_pre, d_post, d_comb, d_xh);
             record(f, "op_hc_pre/_head graph != op by op", name, (double)diff, 0.0);
             cuda_free(g_x), cuda_free(g_pre), cuda_free(g_post), cuda_free(g_comb), cuda_free(g_xh);
+            if (N > 1) {
+                int m = N < 5 ? N - 1 : 5;
+                diff = hc_prefix_diff(f, m, d_h, d_fn, d_base, d_scale, dm, dwork, d_x, d_pre, d_post, d_comb);
+                record(f, "op_hc_pre first tokens alone != in the batch", name, (double)diff, 0.0);
+            }
         }
         free(h), free(fn), free(base), free(scale), free(work), free(x), free(pre), free(post), free(comb), free(y),
             free(ho), free(gho), free(gh), free(gy), free(gpost), free(gcomb), free(gx), free(gp), free(gc), free(gh2),

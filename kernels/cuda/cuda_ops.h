@@ -126,11 +126,12 @@ int cuda_op_compress_pool_backward(const kctx *k, float *da, float *dg, float *d
                                    const float *a, const float *g, const float *ape, int T, int d, int ratio,
                                    int overlap, mill_err *e);
 
-/* hc.cu. Up to CUDA_HC_FUSED_MAX_TOKENS tokens and hc_mult up to CUDA_HC_FUSED_MAX_STREAMS,
- * op_hc_pre and op_hc_head run as one kernel, one block per token (decode); more tokens take the
- * general path (RMSNorm, split fp32 GEMM, mixing, collapse). Both are fp32; the fused one writes f
- * (op_hc_head: pre) into work but not the normed rows, which no caller reads. */
-#define CUDA_HC_FUSED_MAX_TOKENS 256
+/* hc.cu. With hc_mult up to CUDA_HC_FUSED_MAX_STREAMS, op_hc_pre and op_hc_head run as one kernel:
+ * a block per token up to CUDA_HC_FUSED_ONE_TOKEN_MAX tokens (decode), a block per 4 tokens past it,
+ * a token's bits the same either way (batch-invariant); larger hc_mult takes the general path
+ * (RMSNorm, split fp32 GEMM, mixing, collapse). Both are fp32; the fused one writes f (op_hc_head:
+ * pre) into work but not the normed rows, which no caller reads. */
+#define CUDA_HC_FUSED_ONE_TOKEN_MAX 256
 #define CUDA_HC_FUSED_MAX_STREAMS 4
 int cuda_op_hc_pre(const kctx *k, float *x, float *pre, float *post, float *comb, const float *h, const float *fn,
                    const float *base, const float *scale, int N, hc_dims dm, float *work, mill_err *e);

@@ -6,8 +6,8 @@
  * scale) are summed per token first, then over chunks of tokens and the chunks in order
  * (cu_colsum_add): no float atomics. The two products with a long reduction (the logits, dfn) are
  * split along it (hc_gemm_split); the Sinkhorn matrices live in shared memory (hc_token_smem).
- * Up to CUDA_HC_FUSED_MAX_TOKENS tokens (decode), op_hc_pre and op_hc_head are instead one kernel,
- * one block per token (hc_pre_fused_kernel / hc_head_fused_kernel). */
+ * For hc_mult <= CUDA_HC_FUSED_MAX_STREAMS, op_hc_pre and op_hc_head are instead one kernel
+ * (hc_pre_fused_kernel / hc_head_fused_kernel), a token's bits independent of the batch. */
 #include "cuda_internal.cuh"
 
 #include <math.h>
@@ -88,8 +88,13 @@ static int hc_gemm_split(const kctx *k, cu_gemm_shape shape, int M, int Nc, int 
 static int hc_logits(const kctx *k, float *f, float *FL, const float *h, const float *fn, int N, int mix, hc_dims dm,
                      mill_err *e) {
     int nd = dm.n * dm.D;
+    double tp = cu_phase(k);
     TRY(cu_rmsnorm_rows(k, FL, h, NULL, N, nd, 0, dm.norm_eps, e));
-    return hc_gemm_split(k, GEMM_NT, N, mix, nd, FL, nd, 1, fn, nd, 1, f, 0.0f, e);
+    cu_phase_end(k, "hc: normed rows", tp);
+    tp = cu_phase(k);
+    int rc = hc_gemm_split(k, GEMM_NT, N, mix, nd, FL, nd, 1, fn, nd, 1, f, 0.0f, e);
+    cu_phase_end(k, "hc: logits = FL fn^T", tp);
+    return rc;
 }
 
 /* x[t, c] = sum_j pre[t, j] h[t, j, c] (j in order, from zero, as on the CPU). */
@@ -109,60 +114,79 @@ static int hc_collapse(const kctx *k, float *x, const float *h, const float *pre
     return 0;
 }
 
-/* ---- Few tokens (decode): op_hc_pre / op_hc_head as one kernel, one block per token.
- * The general path is five launches (RMSNorm, split GEMM, slice sum, mix, collapse) plus scratch
- * allocation, most of them nearly empty for a few tokens: measured on an H100, ~100 us of device
- * time per op_hc_pre in decode, 24 calls per step. Here a block of HC_FUSED_THREADS does the token:
- *   1. the row's inverse RMS over its n*D floats, the sum of squares in double (as the CPU and
+/* ---- op_hc_pre / op_hc_head as one kernel (hc_mult up to 4).
+ * The general path is five launches (RMSNorm, split GEMM, slice sum, mix, collapse) plus scratch:
+ * measured on an H100, ~100 us of device time per op_hc_pre in decode (24 calls per step), and on
+ * an H200 1.65 ms per call at 8,192 tokens (training). Here a block of HC_FUSED_THREADS does its tokens:
+ *   1. each row's inverse RMS over its n*D floats, the sum of squares in double (as the CPU and
  *      cu_rmsnorm_rows);
  *   2. the logits, scale then dot in fp32 like the GEMM on the normed rows: each thread keeps the
  *      partial sums of every output over its strided slice of the row, then warp sums and the
  *      warps in order (fixed order: deterministic, and a token's bits do not depend on N);
- *   3. the mixing math on warp 0: lane j owns pre_j, post_j, row j of the softmax and row / column
- *      j of each Sinkhorn step (sinkhorn_norm_row / _col, the very steps sinkhorn_inplace makes, so
- *      the same bits as one thread running them, with a serial chain n times shorter);
+ *   3. the mixing math, a warp per token: lane j owns pre_j, post_j, row j of the softmax and
+ *      row / column j of each Sinkhorn step (sinkhorn_norm_row / _col, the very steps
+ *      sinkhorn_inplace makes, so the same bits as one thread running them, with a serial chain n
+ *      times shorter);
  *   4. the collapse x = sum_j pre_j h_j by all threads.
  * It writes f [N, mix] into work (op_hc_head: pre [N, n], as the CPU's in-place sigmoid) like the
  * general path; it does not write the normed rows (work's first N*n*D floats), which no caller
- * reads: both backwards recompute them. Static shared memory (1.2 KB at n = 4, by ptxas), no
- * attribute to set, no host wait, no scratch: a captured decode step replays it as is.
- * Where the threshold comes from (an estimate, not yet measured): each block reads all of fn
- * (mix x n*D floats: 384 KB at n = 4, D = 1024), from L2 after the first block, where the GEMM reads
- * it once. The fused cost so grows ~linearly in N (at N = 256, ~100 MB of L2 reads: ~20 us at ~5
- * TB/s), while the general path's is mostly fixed for small N; CUDA_HC_FUSED_MAX_TOKENS = 256
- * keeps decode (N = batch: 1..128 in the benchmarks) fused with room to spare, and training and
- * prefill chunks (thousands of rows) on the GEMM. Move it where a timing of both paths crosses. */
+ * reads: both backwards recompute them. Static shared memory, no attribute to set, no host wait,
+ * no scratch: a captured decode step replays it as is.
+ * Every block reads all of fn (mix x n*D floats: 384 KB at n = 4, D = 1024), from L2 after the
+ * first: up to CUDA_HC_FUSED_ONE_TOKEN_MAX tokens a block takes one token (most blocks in flight for
+ * decode's few tokens), past it HC_FUSED_TOK (a quarter of the L2 reads for training's thousands). */
 #define HC_FUSED_THREADS 256
 #define HC_FUSED_WARPS (HC_FUSED_THREADS / 32)
+/* Tokens per block past the decode sizes: every fn value a thread loads serves HC_FUSED_TOK tokens
+ * (fn's L2 reads shrink that many times); each token's sums keep the one-token order below. */
+#define HC_FUSED_TOK 4
 
-/* Steps 1 and 2 for the row ht [NH*D]: s_f[MIX] = (ht * inv) . fn[j] for j < MIX. s_ss [32] and
- * s_part [HC_FUSED_WARPS * MIX] are the reductions' shared memory. Ends with a barrier. */
-template <int NH, int MIX>
-__device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float *s_part, const float *ht,
+/* Steps 1 and 2 for the rows of tokens t < ntok (<= TOK) at h0 + t*NH*D: s_f[t*MIX + j] =
+ * (ht * inv_t) . fn[j]. A token's sums run in the same order whatever TOK and N are (thread tid
+ * takes c = tid, tid + 256, ... in order; warp butterflies; warps in order), so its bits do not
+ * depend on the batch. s_ss [32], s_part [HC_FUSED_WARPS * TOK * MIX]. Ends with a barrier. */
+template <int NH, int MIX, int TOK>
+__device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float *s_part, const float *h0, int ntok,
                                                 const float *fn, int D, float norm_eps) {
-    static_assert(MIX <= HC_FUSED_THREADS && HC_FUSED_THREADS % 32 == 0, "a thread per output; whole warps");
+    static_assert(TOK * MIX <= HC_FUSED_THREADS && HC_FUSED_THREADS % 32 == 0, "a thread per output; whole warps");
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nd = NH * D;
-    double ss = 0.0;
-    for (int c = tid; c < nd; c += HC_FUSED_THREADS) ss += (double)ht[c] * ht[c];
-    ss = cu_block_sum(ss, s_ss);
-    const float inv = 1.0f / sqrtf((float)(ss / nd) + norm_eps);
-    float acc[MIX];
+    float inv[TOK];
 #pragma unroll
-    for (int j = 0; j < MIX; j++) acc[j] = 0.f;
+    for (int t = 0; t < TOK; t++) {
+        double ss = 0.0;
+        if (t < ntok)
+            for (int c = tid; c < nd; c += HC_FUSED_THREADS) ss += (double)h0[(long)t * nd + c] * h0[(long)t * nd + c];
+        ss = cu_block_sum(ss, s_ss);
+        inv[t] = 1.0f / sqrtf((float)(ss / nd) + norm_eps);
+    }
+    float acc[TOK][MIX];
+#pragma unroll
+    for (int t = 0; t < TOK; t++)
+#pragma unroll
+        for (int j = 0; j < MIX; j++) acc[t][j] = 0.f;
     for (int c = tid; c < nd; c += HC_FUSED_THREADS) {
-        const float v = ht[c] * inv; /* the normed element, rounded to fp32 as FL holds it */
+        float w[MIX];
 #pragma unroll
-        for (int j = 0; j < MIX; j++) acc[j] += v * fn[(long)j * nd + c];
+        for (int j = 0; j < MIX; j++) w[j] = fn[(long)j * nd + c];
+#pragma unroll
+        for (int t = 0; t < TOK; t++)
+            if (t < ntok) {
+                const float v = h0[(long)t * nd + c] * inv[t]; /* the normed element, rounded to fp32 as FL holds it */
+#pragma unroll
+                for (int j = 0; j < MIX; j++) acc[t][j] += v * w[j];
+            }
     }
 #pragma unroll
-    for (int j = 0; j < MIX; j++) {
-        const float s = cu_warp_sum(acc[j]); /* every lane gets the same sum */
-        if (lane == 0) s_part[warp * MIX + j] = s;
-    }
+    for (int t = 0; t < TOK; t++)
+#pragma unroll
+        for (int j = 0; j < MIX; j++) {
+            const float s = cu_warp_sum(acc[t][j]); /* every lane gets the same sum */
+            if (lane == 0) s_part[(warp * TOK + t) * MIX + j] = s;
+        }
     __syncthreads();
-    if (tid < MIX) {
+    if (tid < TOK * MIX) {
         float s = 0.f;
-        for (int w = 0; w < HC_FUSED_WARPS; w++) s += s_part[w * MIX + tid];
+        for (int w = 0; w < HC_FUSED_WARPS; w++) s += s_part[w * TOK * MIX + tid];
         s_f[tid] = s;
     }
     __syncthreads();
@@ -179,100 +203,146 @@ __device__ __forceinline__ void hc_fused_collapse(float *xt, const float *ht, co
     }
 }
 
-/* op_hc_pre for token blockIdx.x; f: work + N*NH*D, [N, mix]. x must not overlap h. */
-template <int NH>
+/* op_hc_pre for the TOK tokens from blockIdx.x * TOK (fewer in the last block); f: work + N*NH*D,
+ * [N, mix]. x must not overlap h. Warp w mixes token w. */
+template <int NH, int TOK>
 __global__ void __launch_bounds__(HC_FUSED_THREADS)
     hc_pre_fused_kernel(float *x, float *pre, float *post, float *comb, float *f, const float *h, const float *fn,
-                        const float *base, const float *scale, hc_dims dm) {
+                        const float *base, const float *scale, int N, hc_dims dm) {
     constexpr int MIX = (2 + NH) * NH, NN = NH * NH;
-    static_assert(MIX <= 32 && NN <= 32, "warp 0 has a lane per logit and per comb entry");
+    static_assert(MIX <= 32 && NN <= 32 && TOK <= HC_FUSED_WARPS, "a warp per token, a lane per logit / comb entry");
     __shared__ double s_ss[32];
-    __shared__ float s_part[HC_FUSED_WARPS * MIX];
-    __shared__ float s_f[MIX];
-    __shared__ float s_C[NN];
-    __shared__ float s_pre[NH];
-    const long t = blockIdx.x;
-    const int lane = threadIdx.x & 31;
-    const float *ht = h + t * NH * dm.D;
-    hc_fused_logits<NH, MIX>(s_f, s_ss, s_part, ht, fn, dm.D, dm.norm_eps);
-    if (threadIdx.x < 32) { /* warp 0, whole: every lane reaches each __syncwarp */
-        if (lane < MIX) f[t * MIX + lane] = s_f[lane];
+    __shared__ float s_part[HC_FUSED_WARPS * TOK * MIX];
+    __shared__ float s_f[TOK * MIX];
+    __shared__ float s_C[TOK * NN];
+    __shared__ float s_pre[TOK * NH];
+    const long t0 = (long)blockIdx.x * TOK;
+    const int ntok = N - t0 < TOK ? (int)(N - t0) : TOK, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    hc_fused_logits<NH, MIX, TOK>(s_f, s_ss, s_part, h + t0 * NH * dm.D, ntok, fn, dm.D, dm.norm_eps);
+    if (w < ntok) { /* a whole warp: every lane reaches each __syncwarp */
+        const long t = t0 + w;
+        const float *sf = s_f + w * MIX;
+        float *C = s_C + w * NN;
+        if (lane < MIX) f[t * MIX + lane] = sf[lane];
         if (lane < NH) {
-            const float p = hc_pre_weight(s_f[lane], scale[0], base[lane], dm.hc_eps);
-            s_pre[lane] = p;
+            const float p = hc_pre_weight(sf[lane], scale[0], base[lane], dm.hc_eps);
+            s_pre[w * NH + lane] = p;
             pre[t * NH + lane] = p;
-            post[t * NH + lane] = hc_post_weight(s_f[NH + lane], scale[1], base[NH + lane]);
-            hc_comb_row(s_C + lane * NH, s_f + 2 * NH + lane * NH, base + 2 * NH + lane * NH, scale[2], NH,
-                        dm.hc_eps);
+            post[t * NH + lane] = hc_post_weight(sf[NH + lane], scale[1], base[NH + lane]);
+            hc_comb_row(C + lane * NH, sf + 2 * NH + lane * NH, base + 2 * NH + lane * NH, scale[2], NH, dm.hc_eps);
         }
         __syncwarp();
         for (int it = 0; it < dm.sinkhorn_iters; it++) { /* sinkhorn_inplace's steps, a row / column per lane */
             if (it > 0) {
-                if (lane < NH) sinkhorn_norm_row(s_C, NH, lane, dm.hc_eps);
+                if (lane < NH) sinkhorn_norm_row(C, NH, lane, dm.hc_eps);
                 __syncwarp();
             }
-            if (lane < NH) sinkhorn_norm_col(s_C, NH, lane, dm.hc_eps);
+            if (lane < NH) sinkhorn_norm_col(C, NH, lane, dm.hc_eps);
             __syncwarp();
         }
-        if (lane < NN) comb[t * NN + lane] = s_C[lane];
+        if (lane < NN) comb[t * NN + lane] = C[lane];
     }
     __syncthreads(); /* s_pre */
-    hc_fused_collapse<NH>(x + t * dm.D, ht, s_pre, dm.D);
+    for (int t = 0; t < ntok; t++)
+        hc_fused_collapse<NH>(x + (t0 + t) * dm.D, h + (t0 + t) * NH * dm.D, s_pre + t * NH, dm.D);
 }
 
-/* op_hc_head for token blockIdx.x; f: work + N*NH*D, [N, NH], gets pre (as on the CPU). */
-template <int NH>
+/* op_hc_head for the TOK tokens from blockIdx.x * TOK; f: work + N*NH*D, [N, NH], gets pre (as on
+ * the CPU). */
+template <int NH, int TOK>
 __global__ void __launch_bounds__(HC_FUSED_THREADS)
     hc_head_fused_kernel(float *x, float *f, const float *h, const float *fn, const float *base, const float *scale,
-                         hc_dims dm) {
+                         int N, hc_dims dm) {
     __shared__ double s_ss[32];
-    __shared__ float s_part[HC_FUSED_WARPS * NH];
-    __shared__ float s_f[NH];
-    __shared__ float s_pre[NH];
-    const long t = blockIdx.x;
-    const float *ht = h + t * NH * dm.D;
-    hc_fused_logits<NH, NH>(s_f, s_ss, s_part, ht, fn, dm.D, dm.norm_eps);
-    if (threadIdx.x < NH) {
-        const float p = hc_pre_weight(s_f[threadIdx.x], scale[0], base[threadIdx.x], dm.hc_eps);
-        s_pre[threadIdx.x] = p;
-        f[t * NH + threadIdx.x] = p;
+    __shared__ float s_part[HC_FUSED_WARPS * TOK * NH];
+    __shared__ float s_f[TOK * NH];
+    __shared__ float s_pre[TOK * NH];
+    const long t0 = (long)blockIdx.x * TOK;
+    const int ntok = N - t0 < TOK ? (int)(N - t0) : TOK, tid = threadIdx.x;
+    hc_fused_logits<NH, NH, TOK>(s_f, s_ss, s_part, h + t0 * NH * dm.D, ntok, fn, dm.D, dm.norm_eps);
+    if (tid < ntok * NH) {
+        const int j = tid % NH;
+        const float p = hc_pre_weight(s_f[tid], scale[0], base[j], dm.hc_eps);
+        s_pre[tid] = p;
+        f[t0 * NH + tid] = p;
     }
     __syncthreads(); /* s_pre */
-    hc_fused_collapse<NH>(x + t * dm.D, ht, s_pre, dm.D);
+    for (int t = 0; t < ntok; t++)
+        hc_fused_collapse<NH>(x + (t0 + t) * dm.D, h + (t0 + t) * NH * dm.D, s_pre + t * NH, dm.D);
 }
 
-/* Whether the fused kernels take these N tokens: few enough (see above), n with an instance below,
- * and n*D an int like the general path's. */
+/* The head's logits alone, f [N, NH] (its backward's recomputation): the fused kernels' sums, so the
+ * same bits as the forward's. */
+template <int NH, int TOK>
+__global__ void __launch_bounds__(HC_FUSED_THREADS)
+    hc_head_logits_kernel(float *f, const float *h, const float *fn, int N, hc_dims dm) {
+    __shared__ double s_ss[32];
+    __shared__ float s_part[HC_FUSED_WARPS * TOK * NH];
+    __shared__ float s_f[TOK * NH];
+    const long t0 = (long)blockIdx.x * TOK;
+    const int ntok = N - t0 < TOK ? (int)(N - t0) : TOK;
+    hc_fused_logits<NH, NH, TOK>(s_f, s_ss, s_part, h + t0 * NH * dm.D, ntok, fn, dm.D, dm.norm_eps);
+    if (threadIdx.x < ntok * NH) f[t0 * NH + threadIdx.x] = s_f[threadIdx.x];
+}
+
+/* Whether the fused kernels take these N tokens: n with an instance below, and n*D an int like the
+ * general path's. */
 static int hc_fused_fits(int N, hc_dims dm) {
-    return N >= 1 && N <= CUDA_HC_FUSED_MAX_TOKENS && dm.n >= 1 && dm.n <= CUDA_HC_FUSED_MAX_STREAMS && dm.D >= 1 &&
-           (long)dm.n * dm.D <= 2147483647L;
+    return N >= 1 && dm.n >= 1 && dm.n <= CUDA_HC_FUSED_MAX_STREAMS && dm.D >= 1 && (long)dm.n * dm.D <= 2147483647L;
 }
 
-template <int NH>
+template <int NH, int TOK>
 static int hc_fused_launch(const kctx *k, int head, float *x, float *pre, float *post, float *comb, float *f,
                            const float *h, const float *fn, const float *base, const float *scale, int N, hc_dims dm,
                            mill_err *e) {
+    unsigned grid = (unsigned)((N + TOK - 1) / TOK);
     if (head) {
-        hc_head_fused_kernel<NH><<<N, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, f, h, fn, base, scale, dm);
+        hc_head_fused_kernel<NH, TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, f, h, fn, base, scale, N, dm);
         LAUNCH_CHECK("hc_head_fused_kernel");
     } else {
-        hc_pre_fused_kernel<NH><<<N, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, pre, post, comb, f, h, fn, base, scale,
-                                                                          dm);
+        hc_pre_fused_kernel<NH, TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(x, pre, post, comb, f, h, fn, base,
+                                                                                 scale, N, dm);
         LAUNCH_CHECK("hc_pre_fused_kernel");
     }
     return 0;
+}
+
+template <int NH>
+static int hc_fused_n(const kctx *k, int head, float *x, float *pre, float *post, float *comb, float *f,
+                      const float *h, const float *fn, const float *base, const float *scale, int N, hc_dims dm,
+                      mill_err *e) {
+    if (N <= CUDA_HC_FUSED_ONE_TOKEN_MAX) /* decode: a block per token, as many blocks as there are */
+        return hc_fused_launch<NH, 1>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    return hc_fused_launch<NH, HC_FUSED_TOK>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
 }
 
 /* op_hc_pre (head 0) or op_hc_head (head 1; pre, post, comb unused) when hc_fused_fits. */
 static int hc_fused(const kctx *k, int head, float *x, float *pre, float *post, float *comb, float *f, const float *h,
                     const float *fn, const float *base, const float *scale, int N, hc_dims dm, mill_err *e) {
     switch (dm.n) { /* one instance per n: the per-thread accumulators are registers of a known count */
-    case 1: return hc_fused_launch<1>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
-    case 2: return hc_fused_launch<2>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
-    case 3: return hc_fused_launch<3>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
-    case 4: return hc_fused_launch<4>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 1: return hc_fused_n<1>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 2: return hc_fused_n<2>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 3: return hc_fused_n<3>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
+    case 4: return hc_fused_n<4>(k, head, x, pre, post, comb, f, h, fn, base, scale, N, dm, e);
     default: return mill_errf(e, "hc: no fused kernel for hc_mult %d", dm.n);
     }
+}
+
+/* The head's backward: FL = the normed rows and f = its logits, f by the fused kernels' sums (the
+ * split fp32 GEMM took ~30 ms for these 4 outputs at 8,192 tokens on an H200). */
+static int hc_head_logits(const kctx *k, float *f, float *FL, const float *h, const float *fn, int N, hc_dims dm,
+                          mill_err *e) {
+    if (!hc_fused_fits(N, dm)) return hc_logits(k, f, FL, h, fn, N, dm.n, dm, e);
+    TRY(cu_rmsnorm_rows(k, FL, h, NULL, N, dm.n * dm.D, 0, dm.norm_eps, e));
+    unsigned grid = (unsigned)((N + HC_FUSED_TOK - 1) / HC_FUSED_TOK);
+    switch (dm.n) {
+    case 1: hc_head_logits_kernel<1, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
+    case 2: hc_head_logits_kernel<2, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
+    case 3: hc_head_logits_kernel<3, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
+    default: hc_head_logits_kernel<4, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm);
+    }
+    LAUNCH_CHECK("hc_head_logits_kernel");
+    return 0;
 }
 
 /* The per-token Sinkhorn kernels run their n x n matrices (and the backward's whole chain) in shared
@@ -542,9 +612,16 @@ __global__ void hc_head_bwd_token_kernel(float *dF, float *part, const float *F,
 static int hc_logits_backward(const kctx *k, float *dh, float *dfn, const float *dF, const float *FL, const float *h,
                               const float *fn, int N, int mix, hc_dims dm, float *dFL, mill_err *e) {
     int nd = dm.n * dm.D;
+    double tp = cu_phase(k);
     TRY(cu_gemm(k, GEMM_NN, N, nd, mix, dF, mix, fn, nd, dFL, nd, 0.0f, 0, e));
+    cu_phase_end(k, "hc bwd: dFL = dF fn", tp);
+    tp = cu_phase(k);
     TRY(hc_gemm_split(k, GEMM_TN, mix, nd, N, dF, mix, mix, FL, nd, nd, dfn, 1.0f, e));
-    return cuda_op_rmsnorm_backward(k, dh, NULL, dFL, h, NULL, N, nd, 0, dm.norm_eps, e);
+    cu_phase_end(k, "hc bwd: dfn += dF^T FL", tp);
+    tp = cu_phase(k);
+    int rc = cuda_op_rmsnorm_backward(k, dh, NULL, dFL, h, NULL, N, nd, 0, dm.norm_eps, e);
+    cu_phase_end(k, "hc bwd: rmsnorm backward", tp);
+    return rc;
 }
 
 int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, float *dscale, const float *dx,
@@ -561,14 +638,19 @@ int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, 
     long per_tok = 2L * n + (mix + 3) + (stride ? 0 : (long)(steps + 3) * nn);
     TRY(cu_scratch((void **)&s, sizeof(float) * (size_t)(N * per_tok), k, e));
     float *pre = s, *dpre = pre + (long)N * n, *part = dpre + (long)N * n, *chains = part + (long)N * (mix + 3);
+    double tp = cu_phase(k);
     int rc = hc_logits(k, F, FL, h, fn, N, mix, dm, e);
+    cu_phase_end(k, "hc_pre bwd: logits again", tp);
     if (!rc) {
         hc_pre_weights_kernel<<<cu_blocks((long)N * n, 256), 256, 0, cu_stream(k)>>>(pre, F, mix, base, scale, N, n,
                                                                                      dm.hc_eps);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "hc_pre_weights_kernel: launch failed: %s", cudaGetErrorString(le));
     }
+    tp = cu_phase(k);
     if (!rc) rc = hc_collapse_backward(k, dpre, dh, dx, h, pre, N, n, D, e);
+    cu_phase_end(k, "hc_pre bwd: collapse", tp);
+    tp = cu_phase(k);
     if (!rc) {
         hc_pre_bwd_token_kernel<<<cu_blocks(N, threads), threads, smem, cu_stream(k)>>>(
             dF, part, chains, F, pre, dpre, dpost, dcomb, base, scale, N, dm, stride);
@@ -577,6 +659,7 @@ int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, 
     }
     /* dbase, dscale += the tokens' shares, summed in chunks of tokens then chunk by chunk */
     if (!rc) rc = cu_colsum_add(k, dbase, mix, dscale, part, N, mix + 3, e);
+    cu_phase_end(k, "hc_pre bwd: mixing", tp);
     if (!rc) rc = hc_logits_backward(k, dh, dfn, dF, FL, h, fn, N, mix, dm, dFL, e);
     cu_scratch_free(s, k);
     return rc;
@@ -591,7 +674,7 @@ int cuda_op_hc_head_backward(const kctx *k, float *dh, float *dfn, float *dbase,
     float *s = NULL;
     TRY(cu_scratch((void **)&s, sizeof(float) * (size_t)N * (3 * n + 1), k, e));
     float *pre = s, *dpre = pre + (long)N * n, *part = dpre + (long)N * n;
-    int rc = hc_logits(k, F, FL, h, fn, N, n, dm, e);
+    int rc = hc_head_logits(k, F, FL, h, fn, N, dm, e);
     if (!rc) {
         hc_pre_weights_kernel<<<cu_blocks((long)N * n, 256), 256, 0, cu_stream(k)>>>(pre, F, n, base, scale, N, n,
                                                                                      dm.hc_eps);
