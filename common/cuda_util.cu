@@ -135,6 +135,11 @@ int cuda_time_d2d_copy(size_t bytes, int reps, double *seconds, mill_err *e) {
     return rc;
 }
 
+int cuda_mem_info(size_t *free_bytes, size_t *total_bytes, mill_err *e) {
+    CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+    return 0;
+}
+
 int cuda_device_count(void) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

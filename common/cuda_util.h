@@ -36,6 +36,9 @@ void cuda_backend_free(void *cublas, void *stream, void *workspace);
  * copy), timed with CUDA events on the default stream; the buffers are allocated and freed here.
  * For benchmarks: a copy reads and writes `bytes`, so 2 * bytes / seconds is the traffic rate. */
 int cuda_time_d2d_copy(size_t bytes, int reps, double *seconds, mill_err *e);
+/* The current GPU's free and total memory in bytes (cudaMemGetInfo): tests check what a release
+ * gives back. */
+int cuda_mem_info(size_t *free_bytes, size_t *total_bytes, mill_err *e);
 /* The GPUs this process sees (0 also when there is no driver). */
 int cuda_device_count(void);
 /* "NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB" into buf; -1 when no device. */

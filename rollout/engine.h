@@ -52,7 +52,9 @@ typedef struct {
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
 /* Colocated turns: give back the activation memory and the pooled caches while the trainer works
- * (no sequence may hold a cache), and take them again. The weights stay. */
+ * (no sequence may hold a cache), and take them again. The engine leaves the weights alone: the
+ * rollout server drops its device copy after engine_release and restores it before engine_resume
+ * (model_device_drop / _restore; the engine reads them through en->m, which stays valid). */
 int engine_release(engine *en, mill_err *e);
 int engine_resume(engine *en, mill_err *e);
 void engine_free(engine *en);

@@ -33,6 +33,7 @@ typedef struct {
 typedef struct {
     dsv4_model *m;   /* the host weights: staging and swaps happen here */
     const dsv4_model *run; /* what the engine runs: m, or its device copy */
+    dsv4_model *dev; /* that device copy (NULL on the CPU): released, its flat buffer is given back too */
     kctx k;
     engine en;
     void *sock;
@@ -50,7 +51,16 @@ typedef struct {
     void *ipc_src;
     unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
     int host_stale;
+    /* resumed with a stale host copy: the device buffer came back empty, and nothing is generated
+     * until an update brings a whole version (update_weights_ipc, or buckets of every parameter) */
+    int weights_missing;
 } server;
+
+/* The device copy's flat buffer is given back (released on a GPU). */
+static int weights_dropped(const server *s) { return s->dev && s->dev->dropped_base; }
+
+/* What dropping the device copy gives back: the fp32 weights and their bf16 shadow. */
+static double weights_mib(const server *s) { return (double)s->m->n_floats * (sizeof(float) + 2) / (1 << 20); }
 
 static void reply_error(server *s, const unsigned char *peer, size_t peer_len, uint64_t id, const char *msg) {
     wire_builder *b = wire_builder_new("error", id);
@@ -67,6 +77,7 @@ static void reply_simple(server *s, const unsigned char *peer, size_t peer_len, 
     if (!b) return;
     wire_put_int(b, "weight_version", s->version);
     wire_put_bool(b, "released", s->released);
+    wire_put_bool(b, "weights_missing", s->weights_missing);
     wire_send(s->sock, peer, peer_len, b, &e);
     wire_builder_free(b);
 }
@@ -82,6 +93,9 @@ static void sample_free(server *s, sample *sm) {
 static int handle_generate(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
     const dsv4_config *c = &s->m->cfg;
     if (s->released) return mill_errf(e, "generate: the engine's memory is released; send resume first");
+    if (s->weights_missing)
+        return mill_errf(e, "generate: the weights were given back with the engine's memory and the last version came "
+                            "over CUDA IPC; send update_weights_ipc or a full update_weights");
     int64_t n, maxn, topk, seed, stop[8];
     double temp, topp;
     int n_stop;
@@ -313,7 +327,10 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
         wire_get_int(msg, "bucket", 1, 0, 0, 1 << 30, &bucket, e) || wire_get_bool(msg, "last", 1, 0, &last, e))
         return -1;
     dsv4_model *m = s->m;
-    if (!s->staged && s->host_stale) { /* tensors not sent keep the values the engine runs */
+    /* tensors not sent keep the values the engine runs: after an IPC update only the device has
+     * them. Not while the device copy is given back or came back empty: the staging base is then
+     * stale, and the version must bring every float parameter (checked at its last bucket). */
+    if (!s->staged && s->host_stale && !weights_dropped(s) && !s->weights_missing) {
         if (op_copy_to_host(&s->k, m->data, s->run->data, sizeof(float) * m->n_floats, e)) return -1;
         s->host_stale = 0;
     }
@@ -346,13 +363,24 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     }
     wire_builder *b;
     if (last) { /* swap between engine steps: no token sees a mix of versions */
-        /* the device copy first: if it fails, the host copy still holds the running version */
-        if (s->run != m && op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
+        for (int i = 0; s->host_stale && i < m->n_params; i++) /* a stale base: all must have come */
+            if (m->params[i].kind != PARAM_INDEX && !s->staged_set[i]) {
+                staged_drop(s);
+                return mill_errf(e, "update_weights: version %lld did not send \"%s\"; the last version came over "
+                                    "CUDA IPC and the device copy was given back since, so a bucketed update must "
+                                    "send every float parameter (version dropped)",
+                                 (long long)version, m->params[i].name);
+            }
+        /* the device copy first: if it fails, the host copy still holds the running version. Given
+         * back (released), the host copy alone takes it, and resume copies it over. */
+        if (s->run != m && !weights_dropped(s) &&
+            op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
             staged_drop(s);
             return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
         }
         memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
         s->version = version;
+        s->host_stale = s->weights_missing = 0; /* the host holds the whole version now */
         staged_drop(s);
         b = wire_builder_new("weights_ok", wire_id(msg));
     } else {
@@ -377,6 +405,9 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
         return mill_errf(e, "update_weights_ipc: needs a frame \"handle\" of %d U8 bytes", MEM_IPC_HANDLE_BYTES);
     if (s->k.device != DEVICE_CUDA)
         return mill_errf(e, "update_weights_ipc: this engine runs on the CPU; send update_weights buckets");
+    if (s->released) /* the device buffer to copy into is given back */
+        return mill_errf(e, "update_weights_ipc: the engine's memory (its device weights too) is released; send "
+                            "resume first");
     if (s->staged)
         return mill_errf(e, "update_weights_ipc: version %ld is being staged in buckets", s->staged_version);
     if (floats != (int64_t)s->m->n_floats)
@@ -393,6 +424,7 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
         return -1;
     s->version = version;
     s->host_stale = 1;
+    s->weights_missing = 0; /* every float was copied */
     wire_builder *b = wire_builder_new("weights_ok", wire_id(msg));
     if (!b) return mill_errf(e, "update_weights_ipc: out of memory");
     wire_put_int(b, "version", version);
@@ -420,6 +452,25 @@ static void handle_stats(server *s, const unsigned char *peer, size_t peer_len, 
     wire_builder_free(b);
 }
 
+/* release_memory's part beyond the engine's: the device copy of the weights goes too. */
+static void weights_release(server *s) {
+    if (!s->dev || weights_dropped(s)) return;
+    model_device_drop(s->dev);
+    log_info("release_memory: gave back the device weights, %.1f MiB (fp32 and their bf16 shadow)", weights_mib(s));
+}
+
+/* resume's: the device copy comes back from the host copy when that is current (the engine runs what
+ * it ran before); after an IPC update only the trainer has the version, so it comes back empty. */
+static int weights_resume(server *s, mill_err *e) {
+    if (!weights_dropped(s)) return 0;
+    if (model_device_restore(s->dev, &s->k, s->host_stale ? NULL : s->m->data, e)) return mill_err_wrap(e, "resume");
+    s->weights_missing = s->host_stale;
+    log_info("resume: took %.1f MiB back for the device weights (%s)", weights_mib(s),
+             s->weights_missing ? "empty: the last version came over CUDA IPC, waiting for the next update"
+                                : "copied from the host copy");
+    return 0;
+}
+
 static void handle(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len) {
     mill_err e = {{0}};
     const char *t = wire_type(msg);
@@ -433,11 +484,12 @@ static void handle(server *s, const wire_msg *msg, const unsigned char *peer, si
     else if (!strcmp(t, "release_memory")) {
         if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
         else if (!(rc = engine_release(&s->en, &e))) {
+            weights_release(s);
             s->released = 1;
             reply_simple(s, peer, peer_len, "released", id);
         }
     } else if (!strcmp(t, "resume")) {
-        if (!(rc = engine_resume(&s->en, &e))) {
+        if (!(rc = weights_resume(s, &e)) && !(rc = engine_resume(&s->en, &e))) {
             s->released = 0;
             reply_simple(s, peer, peer_len, "resumed", id);
         }
@@ -462,7 +514,7 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
             kctx_free(&s.k);
             return -1;
         }
-        s.run = &dm;
+        s.run = s.dev = &dm;
     }
     if (engine_init(&s.en, s.run, &s.k, sc->cache_budget, e)) {
         model_free(&dm);

@@ -1,9 +1,10 @@
 /* rollout/server.h — the rollout server: the cached engine behind a ZeroMQ ROUTER socket.
  * Owns: the request loop, continuous batching across requests (samples join the engine as the
  * cache budget allows and leave when finished), weight updates applied between decode steps,
- * release/resume of the engine's memory, and the protocol (rollout/PROTOCOL.md). One thread; it
- * answers messages between engine steps, so a slow client never stalls generation and a
- * malformed message gets an error reply while the server keeps serving. */
+ * release/resume of the engine's memory (on a GPU the device copy of the weights too), and the
+ * protocol (rollout/PROTOCOL.md). One thread; it answers messages between engine steps, so a slow
+ * client never stalls generation and a malformed message gets an error reply while the server
+ * keeps serving. */
 #ifndef MILL_SERVER_H
 #define MILL_SERVER_H
 

@@ -1,7 +1,9 @@
 /* tests/test_model_cuda.c — the whole model on one GPU: the same trainer/compute.c code as the CPU
  * run, on a CUDA kctx with a model_to_device copy and a device arena, against the HF goldens
  * (tests/data/tiny-a, tiny-b: logits, loss and every parameter gradient from a float64 copy of
- * DeepseekV4ForCausalLM) and against the CPU path (logits, routing, gradients, token logprobs).
+ * DeepseekV4ForCausalLM) and against the CPU path (logits, routing, gradients, token logprobs);
+ * model_device_drop / _restore (a colocated engine's release / resume) give back the weights'
+ * memory and bring back the same bits.
  * Built with CUDA only; without a GPU it prints "no CUDA device: skipped" and passes.
  * Data: $MILL_TEST_DATA_DIR when set (the device machine gets a copy), else tests/data.
  *
@@ -39,6 +41,7 @@
 
 #include "common/cuda_util.h"
 #include "common/safetensors.h"
+#include "kernels/dense.h"
 #include "test_util.h"
 #include "rollout/engine.h"
 #include "rollout/generate.h"
@@ -531,6 +534,90 @@ static void engine_case(fixture *f, const char *cfg) {
     golden_free(&g);
 }
 
+/* Logits of the GPU forward of dm over ids, into host memory. */
+static void forward_logits(fixture *f, const dsv4_model *dm, const int32_t *ids, int B, int T, float *dlogits,
+                           float *logits, arena *a) {
+    mill_err e = {{0}};
+    if (model_forward(dm, &f->gpu, ids, B, T, dlogits, NULL, a, &e)) fail_msg("%s", e.msg);
+    down(logits, dlogits, sizeof(float) * (size_t)B * T * dm->cfg.vocab_size);
+}
+
+static long count_diff(const float *a, const float *b, long n) {
+    long d = 0;
+    for (long i = 0; i < n; i++) d += memcmp(&a[i], &b[i], sizeof(float)) != 0;
+    return d;
+}
+
+/* model_device_drop gives the flat buffer (and its bf16 shadow) back to the device, and
+ * model_device_restore brings back the same forward, bit for bit: from the host model, and zeroed
+ * then filled by op_copy_from_host (the rollout server's release / resume and its updates). The
+ * golden config with a 16384-token vocabulary (random weights): embed and head are then 4 MiB each,
+ * so the buffer is big enough for cudaMemGetInfo to see it go (small allocations share pages). */
+static void drop_case(fixture *f, const char *cfg) {
+    mill_err e = {{0}};
+    char dir[1024], path[1100];
+    snprintf(dir, sizeof dir, "%s/%s", data_dir(), cfg);
+    dsv4_config c;
+    if (config_load(dir, &c, &e)) fail_msg("%s", e.msg);
+    c.vocab_size = 16384;
+    dsv4_model m, dm;
+    if (model_init(&m, &c, &e)) fail_msg("%s", e.msg);
+    model_init_random(&m, 7, 0.02f);
+    if (model_to_device(&dm, &m, &f->gpu, &e)) fail_msg("%s", e.msg);
+    int B, T;
+    snprintf(path, sizeof path, "%s/input.json", dir);
+    int32_t *ids = test_load_ids(path, &B, &T);
+    assert_non_null(ids);
+    long nl = (long)B * T * c.vocab_size;
+    size_t bytes = sizeof(float) * dm.n_floats;
+    float *ref = malloc(sizeof(float) * (size_t)nl), *got = malloc(sizeof(float) * (size_t)nl);
+    float *dlogits = dalloc(sizeof(float) * (size_t)nl);
+    assert_true(ref && got);
+    arena a;
+    gpu_arena(f, &a);
+    forward_logits(f, &dm, ids, B, T, dlogits, ref, &a);
+    forward_logits(f, &dm, ids, B, T, dlogits, got, &a);
+    long again = count_diff(got, ref, nl); /* the premise: the forward repeats its bits */
+
+    /* a device model that is not dropped: restore does nothing */
+    const float *before = dm.data;
+    if (model_device_restore(&dm, &f->gpu, m.data, &e)) fail_msg("%s", e.msg);
+    assert_ptr_equal(dm.data, before);
+
+    size_t free0, free1, total;
+    if (cuda_sync(&e) || cuda_mem_info(&free0, &total, &e)) fail_msg("%s", e.msg);
+    model_device_drop(&dm);
+    model_device_drop(&dm); /* twice: a no-op */
+    if (cuda_mem_info(&free1, &total, &e)) fail_msg("%s", e.msg);
+    assert_null(dm.data);
+    if (model_device_restore(&dm, &f->gpu, m.data, &e)) fail_msg("%s", e.msg);
+    assert_non_null(dm.data);
+    forward_logits(f, &dm, ids, B, T, dlogits, got, &a);
+    long from_host = count_diff(got, ref, nl);
+
+    model_device_drop(&dm);
+    if (model_device_restore(&dm, &f->gpu, NULL, &e) ||
+        op_copy_from_host(&f->gpu, dm.data, m.data, bytes, &e)) /* keeps the bf16 shadow current */
+        fail_msg("%s", e.msg);
+    forward_logits(f, &dm, ids, B, T, dlogits, got, &a);
+    long zeroed_filled = count_diff(got, ref, nl);
+    long rose = (long)free1 - (long)free0;
+    printf("# %s (vocab %d) drop/restore: %zu weight bytes (+ %zu bf16), free device memory rose by %ld at the drop; "
+           "logits differing from the first forward: %ld repeated, %ld restored from the host, %ld restored zeroed "
+           "then copied in (of %ld)\n",
+           cfg, c.vocab_size, bytes, bytes / 2, rose, again, from_host, zeroed_filled, nl);
+    fflush(stdout);
+    assert_int_equal(again, 0);
+    assert_true(rose >= (long)bytes);
+    assert_int_equal(from_host, 0);
+    assert_int_equal(zeroed_filled, 0);
+    free(ref), free(got), free(ids);
+    cuda_free(dlogits);
+    arena_free(&a);
+    model_free(&dm);
+    model_free(&m);
+}
+
 static void test_forward_tiny_a(void **s) { forward_case(*s, "tiny-a"); }
 static void test_forward_tiny_b(void **s) { forward_case(*s, "tiny-b"); }
 static void test_grads_tiny_a(void **s) { grads_case(*s, "tiny-a"); }
@@ -539,6 +626,7 @@ static void test_tokens_tiny_a(void **s) { tokens_case(*s, "tiny-a"); }
 static void test_tokens_tiny_b(void **s) { tokens_case(*s, "tiny-b"); }
 static void test_engine_tiny_a(void **s) { engine_case(*s, "tiny-a"); }
 static void test_engine_tiny_b(void **s) { engine_case(*s, "tiny-b"); }
+static void test_drop_restore_tiny_a(void **s) { drop_case(*s, "tiny-a"); }
 
 static int setup(void **state) {
     mill_err e;
@@ -574,6 +662,7 @@ int main(void) {
         cmocka_unit_test(test_grads_tiny_a),   cmocka_unit_test(test_grads_tiny_b),
         cmocka_unit_test(test_tokens_tiny_a),  cmocka_unit_test(test_tokens_tiny_b),
         cmocka_unit_test(test_engine_tiny_a),  cmocka_unit_test(test_engine_tiny_b),
+        cmocka_unit_test(test_drop_restore_tiny_a),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

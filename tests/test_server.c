@@ -1,7 +1,8 @@
 /* The rollout server end to end over ZeroMQ on loopback: health, stats, greedy generation equal to
  * the HF-checked goldens (n samples, streamed), error replies to malformed and invalid messages
  * while it keeps serving, a client that disconnects mid-request, a bucketed weight update that
- * changes the output, release/resume, shutdown. The server runs in a thread of this process. */
+ * changes the output, release/resume (with a full update sent while released, which the engine runs
+ * after resume), shutdown. The server runs in a thread of this process. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -57,6 +58,17 @@ static wire_msg *recv_msg(void *s, wire_raw **raw) {
     return m;
 }
 
+/* A reply_simple's flags: released, and weights_missing (a GPU engine resumed without its weights;
+ * never on this CPU engine). */
+static void assert_flags(const wire_msg *r, int released, int missing) {
+    int rel, mis;
+    mill_err e;
+    if (wire_get_bool(r, "released", 1, 0, &rel, &e) || wire_get_bool(r, "weights_missing", 1, 0, &mis, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(rel, released);
+    assert_int_equal(mis, missing);
+}
+
 static wire_builder *gen_request(uint64_t id, const int32_t *prompt, int64_t plen, int n, int maxn) {
     wire_builder *b = wire_builder_new("generate", id);
     mill_err e;
@@ -95,6 +107,10 @@ static void test_server(void **st) {
         for (int t = 0; t < N; t++) want[b][t] = (int32_t)json_integer_value(json_array_get(json_array_get(out, b), t));
     }
     json_decref(g);
+    /* the LM head as loaded: a version sent while released puts it back */
+    const param_info *hp = model_find_param(&a->m, "head.weight");
+    float *head0 = malloc(sizeof(float) * hp->numel);
+    memcpy(head0, a->m.data + hp->offset, sizeof(float) * hp->numel);
 
     pthread_t th;
     pthread_create(&th, NULL, server_main, a);
@@ -124,6 +140,7 @@ static void test_server(void **st) {
     r = recv_msg(c, &raw);
     assert_string_equal(wire_type(r), "health_ok");
     assert_int_equal(wire_id(r), 1);
+    assert_flags(r, 0, 0);
     wire_msg_free(r);
     wire_recv_free(raw);
 
@@ -182,7 +199,6 @@ static void test_server(void **st) {
     assert_int_equal(samples, 3);
 
     /* weight update in two buckets (version 7): scaling the LM head changes greedy output */
-    const param_info *hp = model_find_param(&a->m, "head.weight");
     float *head = malloc(sizeof(float) * hp->numel);
     for (size_t i = 0; i < hp->numel; i++) head[i] = (float)((i * 2654435761u) % 1000) / 1000.0f - 0.5f;
     wire_builder *b = wire_builder_new("update_weights", 20);
@@ -243,6 +259,7 @@ static void test_server(void **st) {
     send_msg(c, wire_builder_new("release_memory", 30));
     r = recv_msg(c, &raw);
     assert_string_equal(wire_type(r), "released");
+    assert_flags(r, 1, 0);
     wire_msg_free(r);
     wire_recv_free(raw);
     send_msg(c, gen_request(31, prompt[0], P, 1, 2));
@@ -250,22 +267,49 @@ static void test_server(void **st) {
     assert_string_equal(wire_type(r), "error");
     wire_msg_free(r);
     wire_recv_free(raw);
-    send_msg(c, wire_builder_new("resume", 32));
+    /* a whole version (the head as loaded) in one bucket while released: taken now, run after resume */
+    b = wire_builder_new("update_weights", 33);
+    wire_put_int(b, "version", 8);
+    wire_put_int(b, "bucket", 0);
+    wire_put_bool(b, "last", 1);
+    if (wire_put_frame(b, "head.weight", DTYPE_F32, 2, hp->shape, head0, &e)) fail_msg("%s", e.msg);
+    send_msg(c, b);
     r = recv_msg(c, &raw);
-    assert_string_equal(wire_type(r), "resumed");
+    assert_string_equal(wire_type(r), "weights_ok");
     wire_msg_free(r);
     wire_recv_free(raw);
+    send_msg(c, wire_builder_new("resume", 34));
+    r = recv_msg(c, &raw);
+    assert_string_equal(wire_type(r), "resumed");
+    assert_flags(r, 0, 0);
+    wire_msg_free(r);
+    wire_recv_free(raw);
+    send_msg(c, gen_request(35, prompt[0], P, 1, N));
+    for (int got = 0; got < 2; got++) {
+        r = recv_msg(c, &raw);
+        if (!strcmp(wire_type(r), "sample")) {
+            int64_t v;
+            wire_get_int(r, "weight_version", 1, 0, 0, 1 << 30, &v, &e);
+            assert_int_equal(v, 8);
+            assert_memory_equal(wire_frame_named(r, "tokens")->data, want[0], sizeof(int32_t) * (size_t)N);
+        } else {
+            assert_string_equal(wire_type(r), "done");
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+    free(head0);
 
     send_msg(c, wire_builder_new("stats", 40));
     r = recv_msg(c, &raw);
     int64_t reqs, toks;
     wire_get_int(r, "requests", 1, 0, 0, 1 << 30, &reqs, &e);
     wire_get_int(r, "tokens_generated", 1, 0, 0, 1 << 30, &toks, &e);
-    assert_int_equal(reqs, 4); /* quitter's, 10, 11, 22 */
+    assert_int_equal(reqs, 5); /* quitter's, 10, 11, 22, 35 */
     int64_t ver;
     wire_get_int(r, "weight_version", 1, 0, 0, 1 << 30, &ver, &e);
-    assert_int_equal(ver, 7); /* the refused IPC updates changed nothing */
-    assert_int_equal(toks, (3 + 2 + 1 + 1) * N);
+    assert_int_equal(ver, 8); /* the refused IPC updates changed nothing; the one sent released did */
+    assert_int_equal(toks, (3 + 2 + 1 + 1 + 1) * N);
     wire_msg_free(r);
     wire_recv_free(raw);
 

@@ -235,8 +235,29 @@ static void *model_buf_copy(const dsv4_model *dst, const void *src, size_t bytes
     return p;
 }
 
-/* p re-pointed from one buffer to its copy: same offset. */
-static float *rebase(const float *p, const float *from, float *to) { return p ? to + (p - from) : NULL; }
+/* p re-pointed from a buffer that began at `from` to one at `to`: same offset. `from` is a number,
+ * not a pointer: after model_device_drop the old buffer is gone. */
+static float *rebase(const float *p, uintptr_t from, float *to) {
+    return p ? to + ((uintptr_t)p - from) / sizeof(float) : NULL;
+}
+
+/* Every float pointer into m->data, moved from a flat buffer at `from` to one at `to`: shared by
+ * model_to_device and model_device_restore, so this is the one list of them (a new float field of
+ * dsv4_model or dsv4_layer must be added here). */
+static void model_repoint(dsv4_model *m, uintptr_t from, float *to) {
+    float **top[] = {&m->embed, &m->head, &m->norm, &m->hc_head_fn, &m->hc_head_base, &m->hc_head_scale};
+    for (size_t i = 0; i < sizeof top / sizeof top[0]; i++) *top[i] = rebase(*top[i], from, to);
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
+        dsv4_layer *D = &m->layers[l];
+        float **fields[] = {&D->attn_norm, &D->ffn_norm, &D->hc_attn_fn, &D->hc_attn_base, &D->hc_attn_scale,
+                            &D->hc_ffn_fn, &D->hc_ffn_base, &D->hc_ffn_scale, &D->wq_a, &D->q_norm, &D->wq_b,
+                            &D->wkv, &D->kv_norm, &D->wo_a, &D->wo_b, &D->attn_sink, &D->c_wkv, &D->c_wgate,
+                            &D->c_ape, &D->c_norm, &D->i_wq_b, &D->i_wproj, &D->i_wkv, &D->i_wgate, &D->i_ape,
+                            &D->i_norm, &D->gate, &D->gate_bias, &D->w1, &D->w2, &D->w3, &D->sw1, &D->sw2,
+                            &D->sw3};
+        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) *fields[i] = rebase(*fields[i], from, to);
+    }
+}
 
 int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_err *e) {
     memset(dst, 0, sizeof *dst);
@@ -262,27 +283,18 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
         model_free(dst);
         return mill_err_wrap(e, "model_to_device");
     }
-    const float *f0 = src->data;
-    float *t0 = dst->data;
-    dst->embed = rebase(src->embed, f0, t0);
-    dst->head = rebase(src->head, f0, t0);
-    dst->norm = rebase(src->norm, f0, t0);
-    dst->hc_head_fn = rebase(src->hc_head_fn, f0, t0);
-    dst->hc_head_base = rebase(src->hc_head_base, f0, t0);
-    dst->hc_head_scale = rebase(src->hc_head_scale, f0, t0);
+    /* src's pointers, then moved onto the copy */
+    dst->embed = src->embed;
+    dst->head = src->head;
+    dst->norm = src->norm;
+    dst->hc_head_fn = src->hc_head_fn;
+    dst->hc_head_base = src->hc_head_base;
+    dst->hc_head_scale = src->hc_head_scale;
+    memcpy(dst->layers, src->layers, sizeof *dst->layers * (size_t)L);
+    model_repoint(dst, (uintptr_t)src->data, dst->data);
     for (int l = 0; l < L; l++) {
-        const dsv4_layer *S = &src->layers[l];
-        dsv4_layer *D = &dst->layers[l];
-        *D = *S;
-        /* every float pointer of dsv4_layer (a new field must be added here too) */
-        float **fields[] = {&D->attn_norm, &D->ffn_norm, &D->hc_attn_fn, &D->hc_attn_base, &D->hc_attn_scale,
-                            &D->hc_ffn_fn, &D->hc_ffn_base, &D->hc_ffn_scale, &D->wq_a, &D->q_norm, &D->wq_b,
-                            &D->wkv, &D->kv_norm, &D->wo_a, &D->wo_b, &D->attn_sink, &D->c_wkv, &D->c_wgate,
-                            &D->c_ape, &D->c_norm, &D->i_wq_b, &D->i_wproj, &D->i_wkv, &D->i_wgate, &D->i_ape,
-                            &D->i_norm, &D->gate, &D->gate_bias, &D->w1, &D->w2, &D->w3, &D->sw1, &D->sw2,
-                            &D->sw3};
-        for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) *fields[i] = rebase(*fields[i], f0, t0);
-        D->tid2eid = S->tid2eid ? dst->index_data + (S->tid2eid - src->index_data) : NULL;
+        const int32_t *t = src->layers[l].tid2eid;
+        dst->layers[l].tid2eid = t ? dst->index_data + (t - src->index_data) : NULL;
     }
     if (dst->device != DEVICE_CPU) { /* the GEMMs read the weights' bf16 shadow */
         if (kctx_shadow_add(k, dst->data, dst->n_floats, e)) {
@@ -291,6 +303,32 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
         }
         dst->shadow_k = k;
     }
+    return 0;
+}
+
+void model_device_drop(dsv4_model *m) {
+    if (m->device == DEVICE_CPU || !m->data) return; /* a host model, or dropped already */
+    if (m->shadow_k) kctx_shadow_remove(m->shadow_k, m->data);
+    m->dropped_base = (uintptr_t)m->data;
+    model_buf_free(m, m->data); /* as in model_free: cudaFree waits for the device's queued work */
+    m->data = NULL;
+}
+
+int model_device_restore(dsv4_model *m, const kctx *k, const float *host_src, mill_err *e) {
+    if (!m->dropped_base) return 0;
+    if (k->device != m->device) return mill_errf(e, "model_device_restore: the kctx is on the %s, the model on the %s",
+                         k->device == DEVICE_CPU ? "CPU" : "GPU", m->device == DEVICE_CPU ? "CPU" : "GPU");
+    float *d = mem_alloc_copy(m->device, host_src, sizeof(float) * m->n_floats, e);
+    if (!d) return mill_err_wrap(e, "model_device_restore: %zu floats", m->n_floats);
+    /* the shadow before anything moves: if it fails, the model is still dropped, as it was */
+    if (kctx_shadow_add(k, d, m->n_floats, e)) {
+        mem_free(m->device, d);
+        return mill_err_wrap(e, "model_device_restore: bf16 shadow");
+    }
+    model_repoint(m, m->dropped_base, d);
+    m->data = d;
+    m->dropped_base = 0;
+    m->shadow_k = k;
     return 0;
 }
 

@@ -7,7 +7,9 @@
  * slices for EP/PP/TP are offset ranges of the table. tid2eid tables are int32.
  * The same definition serves the trainer and the rollout engine. A model lives on
  * one device (model_to_device makes a CUDA copy: flat buffer, tid2eid and RoPE
- * tables in device memory, the parameter table and layer structs on the host). */
+ * tables in device memory, the parameter table and layer structs on the host); a
+ * device copy can give its flat buffer back and take it again (model_device_drop /
+ * _restore: a colocated engine's turn while the trainer works). */
 #ifndef MILL_MODEL_H
 #define MILL_MODEL_H
 
@@ -69,6 +71,8 @@ typedef struct {
     int n_extra;
     mill_device device; /* where data, index_data and the inv_freq tables live */
     const kctx *shadow_k; /* a device model: the kctx holding the bf16 shadow of data (model_to_device) */
+    uintptr_t dropped_base; /* after model_device_drop: where data was (the float pointers still point into
+                             * that range; restore moves them); 0 when data is there */
 } dsv4_model;
 
 /* Builds the parameter table for cfg only (no buffers: works for any size, e.g. to count). */
@@ -85,6 +89,15 @@ void model_free(dsv4_model *m); /* either device */
  * (kctx_shadow_add): write them only through the ops that keep it current. Free dst with
  * model_free, before kctx_free(k). */
 int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_err *e);
+/* A device model (model_to_device) gives back its flat parameter buffer and that buffer's bf16
+ * shadow: data becomes NULL, and until model_device_restore nothing may read the float parameters
+ * (tid2eid and the RoPE tables stay: they are small). A no-op on a CPU model or a dropped one. */
+void model_device_drop(dsv4_model *m);
+/* Takes the buffer again on k's device (the model's), filled from host_src (HOST memory of n_floats,
+ * e.g. the CPU model the copy was made from) or zeroed (NULL); every float pointer is re-pointed
+ * into it and the bf16 shadow is added again in k. A no-op (0) when m is not dropped. On failure m
+ * stays dropped. */
+int model_device_restore(dsv4_model *m, const kctx *k, const float *host_src, mill_err *e);
 /* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
 int model_save(const dsv4_model *m, const char *dir, mill_err *e);
 /* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
