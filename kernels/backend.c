@@ -18,7 +18,7 @@
 /* MILL_PROFILE's table: wall time per op name, each op bracketed by device syncs. */
 #define KPROF_OPS 128
 struct kprof {
-    const char *name[KPROF_OPS];
+    char *name[KPROF_OPS]; /* owned copies: callers may pass names built on the stack (per-shape rows) */
     long calls[KPROF_OPS];
     double sec[KPROF_OPS];
     double t_start;
@@ -135,14 +135,19 @@ int kprof_end(const kctx *k, const char *op, double t0, int rc) {
     struct kprof *p = k->prof;
     int i = 0;
     while (i < KPROF_OPS - 1 && p->name[i] && strcmp(p->name[i], op)) i++;
-    p->name[i] = p->name[i] ? p->name[i] : op; /* the last slot collects any overflow */
+    if (!p->name[i]) p->name[i] = strdup(op); /* the last slot collects any overflow */
     p->calls[i]++;
     p->sec[i] += kprof_now() - t0;
     return rc;
 }
 
+static void kprof_names_free(struct kprof *p) {
+    for (int i = 0; i < KPROF_OPS; i++) free(p->name[i]);
+}
+
 void kprof_reset(const kctx *k) {
     if (!k->prof) return;
+    kprof_names_free(k->prof);
     memset(k->prof, 0, sizeof *k->prof);
     k->prof->t_start = kprof_now();
 }
@@ -167,7 +172,10 @@ static void kprof_print(struct kprof *p) {
 void kctx_free(kctx *k) {
 #ifdef MILL_CUDA
     if (k->device == DEVICE_CUDA) {
-        if (k->prof) kprof_print(k->prof);
+        if (k->prof) {
+            kprof_print(k->prof);
+            kprof_names_free(k->prof);
+        }
         free(k->prof);
         for (int i = 0; k->shadows && i < KCTX_SHADOWS; i++) kctx_shadow_remove(k, k->shadows[i].src);
         free(k->shadows);

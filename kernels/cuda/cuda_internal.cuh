@@ -8,6 +8,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "cuda_ops.h"
 
@@ -62,6 +63,14 @@ __device__ __forceinline__ void cu_check_record(cu_check *c, long pos, int id, i
 static inline double cu_phase(const kctx *k) { return k->prof ? kprof_begin(k) : 0.0; }
 static inline void cu_phase_end(const kctx *k, const char *name, double t0) {
     if (k->prof) kprof_end(k, name, t0, 0);
+}
+/* A linear's phase named by its shape (x [M, K], w [N, K]): MILL_PROFILE's table then tells which
+ * GEMMs take the time. */
+static inline void cu_gemm_phase_end(const kctx *k, const char *what, int M, int N, int K, double t0) {
+    if (!k->prof) return;
+    char name[64];
+    snprintf(name, sizeof name, "%s M%d N%d K%d", what, M, N, K);
+    cu_phase_end(k, name, t0);
 }
 
 /* Host-side results (losses, norms, validity flags) need the stream drained first. */

@@ -214,7 +214,10 @@ int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int 
                                        cu_stream(k)));
         return 0;
     }
-    return cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
+    double tp = cu_phase(k);
+    int rc = cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
+    cu_gemm_phase_end(k, "y = x w^T", M, N, K, tp);
+    return rc;
 }
 
 int cuda_op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e) {
@@ -226,8 +229,12 @@ int cuda_op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy
                             int M, int N, int K, int ldx, int ldy, mill_err *e) {
     if (M <= 0 || N <= 0 || K <= 0) return 0;
     int lx = ldx ? ldx : K, ly = ldy ? ldy : N;
+    double tp = cu_phase(k);
     if (dx) TRY(cu_gemm(k, GEMM_NN, M, K, N, dy, ly, w, K, dx, lx, 1.0f, 1, e));
+    cu_gemm_phase_end(k, "dx += dy w", M, N, K, tp);
+    tp = cu_phase(k);
     if (dw) TRY(cu_gemm(k, GEMM_TN, N, K, M, dy, ly, x, lx, dw, K, 1.0f, 1, e));
+    cu_gemm_phase_end(k, "dw += dy^T x", M, N, K, tp);
     return 0;
 }
 

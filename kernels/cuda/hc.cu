@@ -164,6 +164,8 @@ __device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float 
     for (int t = 0; t < TOK; t++)
 #pragma unroll
         for (int j = 0; j < MIX; j++) acc[t][j] = 0.f;
+    /* one token (decode): four slices' loads in flight at once (the sums keep their order) */
+#pragma unroll(TOK == 1 ? 4 : 1)
     for (int c = tid; c < nd; c += HC_FUSED_THREADS) {
         float w[MIX];
 #pragma unroll
