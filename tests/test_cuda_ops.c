@@ -18,12 +18,13 @@
  *     the other side of +-L than the CPU's, that element's gradient is passed on one side and
  *     zeroed on the other. About 0.1% of elements sit that close, which alone gives ~1e-2 norm-wise
  *     (an H100 run measured up to 9.6e-3 for dx); 3e-2 leaves room without hiding a wrong term.
- *   TOL_MOE_PATHS 2e-3 — the experts through the grouped tensor-core kernel against the cuBLAS path
- *     it replaced (kctx.moe_cublas): the same bf16 operands, fp32 sums in another order (~1e-7 per
- *     element), so only a clamp decision within a few ulps of +-L can differ, rarely and by one
- *     element; a grouped row computed wrong or not at all (1 of ~1000) is ~3e-2.
- *   TOL_WMMA 1e-5 — cuda_moe_wmma_gemm against a double product of the same bf16 values: fp32
- *     accumulation over K <= 1024 only (~1e-6).
+ *   TOL_MOE_PATHS 2e-3 — the experts through the grouped tensor-core kernels (NT/NN, and TN for the
+ *     weight gradients) against the cuBLAS path they replaced (kctx.moe_cublas): the same bf16
+ *     operands, fp32 sums in another order (~1e-7 per element), so only a clamp decision within a
+ *     few ulps of +-L can differ, rarely and by one element; a grouped row computed wrong or not at
+ *     all (1 of ~1000) is ~3e-2.
+ *   TOL_WMMA 1e-5 — cuda_moe_wmma_gemm and cuda_moe_wmma_tn_gemm against a double product of the
+ *     same bf16 values: fp32 accumulation over K (TN: an expert's rows) <= 1024 only (~1e-6).
  *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
  *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
  *     growing like sqrt(terms).
@@ -1219,6 +1220,104 @@ static void test_moe_wmma_gemm(void **state) {
     END_TEST(f);
 }
 
+/* cuda_moe_wmma_tn_gemm (the experts' weight gradients on tensor cores: C_e += A_e^T B_e over each
+ * expert's rows) against a double-precision product of the same bf16 values, like the test above:
+ * experts of 0, 1, 31, 32, 33, 200 and 1000 rows (row tails of the 32-row step, last steps of at
+ * most 16 rows, empty experts first, between and last), M and N multiples of 8 but not of 16 or 128
+ * (fragments and tiles partly outside), padded strides and rows past the experts holding NaN (read
+ * one and the result is NaN), each expert's C block followed by a padding row and the last by a
+ * sentinel row, all of which must keep their bits; beta 0 over NaN (an empty expert's block becomes
+ * zeros) and beta 1 over known values (an empty expert's block keeps them); a second run must give
+ * the same bits (fixed order, no atomics). */
+static void test_moe_wmma_tn_gemm(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    static const int counts_a[] = {0, 1, 31, 32, 33, 200, 0};
+    static const int counts_b[] = {1000, 0, 77};
+    struct {
+        const int *counts;
+        int E, M, N;
+        float beta;
+    } sh[] = {{counts_a, 7, 136, 72, 0.0f},  {counts_a, 7, 72, 136, 1.0f}, {counts_a, 7, 8, 8, 1.0f},
+              {counts_a, 7, 264, 200, 0.0f}, {counts_b, 3, 256, 512, 1.0f}, {counts_b, 3, 512, 128, 0.0f}};
+    const uint16_t NAN16 = 0x7fc0; /* a bf16 quiet NaN */
+    const float SENTINEL = 12345.0f;
+    for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) {
+        int E = sh[s].E, M = sh[s].M, N = sh[s].N;
+        float beta = sh[s].beta;
+        int32_t *offs = hnewi(E + 1);
+        offs[0] = 0;
+        for (int x = 0; x < E; x++) offs[x + 1] = offs[x] + sh[s].counts[x];
+        int R = offs[E], Rall = R + 3; /* 3 rows past the experts: never read */
+        int lda = M + 8, ldb = N + 8, ldc = N + 16;
+        long cstr = (long)(M + 1) * ldc, cn = E * cstr + ldc; /* a padding row per expert, a sentinel row last */
+        char name[80];
+        snprintf(name, sizeof name, "TN E%d rows%d M%d N%d beta%g", E, R, M, N, (double)beta);
+        uint16_t *a = malloc(sizeof(uint16_t) * (size_t)Rall * lda), *b = malloc(sizeof(uint16_t) * (size_t)Rall * ldb);
+        assert_non_null(a);
+        assert_non_null(b);
+        for (long i = 0; i < (long)Rall * lda; i++) a[i] = NAN16;
+        for (long i = 0; i < (long)Rall * ldb; i++) b[i] = NAN16;
+        for (int r = 0; r < R; r++) {
+            for (int m = 0; m < M; m++) a[(long)r * lda + m] = bf16_bits(-1.0f + 2.0f * rng_uniform(&f->r));
+            for (int n = 0; n < N; n++) b[(long)r * ldb + n] = bf16_bits(-1.0f + 2.0f * rng_uniform(&f->r));
+        }
+        float *c0 = hnew(cn), *ref = hnew((long)E * M * N), *got = hnew(cn), *got2 = hnew(cn);
+        for (long i = 0; i < cn; i++) c0[i] = SENTINEL;
+        for (int x = 0; x < E; x++)
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                    c0[x * cstr + (long)m * ldc + n] = beta != 0.0f ? -1.0f + 2.0f * rng_uniform(&f->r) : NAN;
+        double *acc = malloc(sizeof(double) * (size_t)M * N);
+        assert_non_null(acc);
+        for (int x = 0; x < E; x++) { /* row by row into a double [M, N]: sequential reads */
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++)
+                    acc[(long)m * N + n] = beta != 0.0f ? (double)c0[x * cstr + (long)m * ldc + n] : 0.0;
+            for (int r = offs[x]; r < offs[x + 1]; r++)
+                for (int m = 0; m < M; m++) {
+                    double am = bf16_float(a[(long)r * lda + m]);
+                    for (int n = 0; n < N; n++) acc[(long)m * N + n] += am * bf16_float(b[(long)r * ldb + n]);
+                }
+            for (long i = 0; i < (long)M * N; i++) ref[(long)x * M * N + i] = (float)acc[i];
+        }
+        mill_err e;
+        void *da = dnew(sizeof(uint16_t) * (size_t)Rall * lda), *db = dnew(sizeof(uint16_t) * (size_t)Rall * ldb);
+        if (cuda_copy_to_device(da, a, sizeof(uint16_t) * (size_t)Rall * lda, &e) ||
+            cuda_copy_to_device(db, b, sizeof(uint16_t) * (size_t)Rall * ldb, &e))
+            fail_msg("%s", e.msg);
+        float *dc = up(c0, cn), *dc2 = up(c0, cn);
+        int32_t *doffs = upi(offs, E + 1);
+        OK(cuda_moe_wmma_tn_gemm(&f->gpu, doffs, E, M, N, da, lda, db, ldb, dc, cstr, ldc, beta, ERR));
+        OK(cuda_moe_wmma_tn_gemm(&f->gpu, doffs, E, M, N, da, lda, db, ldb, dc2, cstr, ldc, beta, ERR));
+        down(got, dc, sizeof(float) * (size_t)cn);
+        down(got2, dc2, sizeof(float) * (size_t)cn);
+        long outside = 0, rerun = 0; /* C elements outside the experts' [M, N] blocks that changed; bits
+                                      * that differ between the two runs */
+        for (long i = 0; i < cn; i++) {
+            long x = i / cstr, m = i % cstr / ldc, n = i % ldc;
+            if ((x >= E || m >= M || n >= N) && memcmp(&got[i], &SENTINEL, sizeof(float))) outside++;
+            rerun += memcmp(&got[i], &got2[i], sizeof(float)) != 0;
+        }
+        for (int x = 0; x < E; x++) /* compact the blocks to [E, M, N] like ref */
+            for (int m = 0; m < M; m++)
+                memmove(got + ((long)x * M + m) * N, got + x * cstr + (long)m * ldc, sizeof(float) * (size_t)N);
+        record(f, "cuda_moe_wmma_tn_gemm", name, rel_err(got, ref, (long)E * M * N), TOL_WMMA);
+        record(f, "cuda_moe_wmma_tn_gemm writes outside", name, (double)outside, 0.0);
+        record(f, "cuda_moe_wmma_tn_gemm rerun bits", name, (double)rerun, 0.0);
+        free(offs), free(a), free(b), free(c0), free(ref), free(got), free(got2), free(acc);
+        cuda_free(da), cuda_free(db), cuda_free(dc), cuda_free(dc2), cuda_free(doffs);
+    }
+    /* shapes the kernel does not take are refused, not run: M not a multiple of 8; experts' C blocks
+     * that overlap */
+    mill_err e;
+    int32_t *doffs = upi((const int32_t[]){0, 0, 0}, 3);
+    assert_int_equal(cuda_moe_wmma_tn_gemm(&f->gpu, doffs, 1, 12, 16, NULL, 16, NULL, 16, NULL, 192, 16, 0.0f, &e), -1);
+    assert_int_equal(cuda_moe_wmma_tn_gemm(&f->gpu, doffs, 2, 16, 16, NULL, 16, NULL, 16, NULL, 240, 16, 0.0f, &e), -1);
+    cuda_free(doffs);
+    END_TEST(f);
+}
+
 static void test_moe_experts(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -1231,15 +1330,20 @@ static void test_moe_experts(void **state) {
     if (cuda_moe_grouped_gemm_types(&f->gpu, types, sizeof types, &e0) == 0)
         printf("  cublasGemmGroupedBatchedEx accepts: %s\n", types);
     /* Experts' row counts for the tail shapes (N * K > MOE_SMALL_ROWS, so the forward takes the
-     * grouped path too): 0, 1, 15, 17 and 129 rows against the kernel's 128-row tile; D and I multiples
-     * of 16 but not of 32 or 128 (K steps and column tiles with tails). */
-    static const int counts_a[] = {0, 1, 15, 17, 129, 300, 400, 538}; /* 1400 = 700 x 2 */
-    static const int counts_b[] = {129, 17, 0, 15, 1, 470, 408};      /* 1040 = 520 x 2 */
+     * grouped path too): 0, 1, 15, 17 and 129 rows against the NT/NN kernel's 128-row tile, and 31, 32,
+     * 33 against the TN kernel's 32-row reduction step (15, 17 too: last steps of <= 16 rows); D and I
+     * multiples of 16 but not of 32 or 128 (K steps and column tiles with tails); D 136, I 72: multiples
+     * of 8 only, which the NT/NN kernel leaves to cuBLAS and the TN kernel takes (tails inside a
+     * fragment). The weight gradients' wmma~cuBLAS checks compare the TN kernel with cuBLAS. */
+    static const int counts_a[] = {0, 1, 15, 17, 129, 300, 400, 538};      /* 1400 = 700 x 2 */
+    static const int counts_b[] = {129, 17, 0, 15, 1, 470, 408};           /* 1040 = 520 x 2 */
+    static const int counts_c[] = {0, 1, 31, 32, 33, 200, 0, 263, 500};    /* 1060 = 530 x 2 */
     struct {
         int N, D, I, E, K, acc;
         const int *counts; /* NULL: random ids */
-    } sh[] = {{128, 256, 128, 8, 2, 0, NULL},   {96, 512, 256, 64, 6, 1, NULL},      {33, 128, 64, 16, 4, 0, NULL},
-              {4096, 128, 64, 32, 4, 1, NULL},  {700, 272, 80, 8, 2, 0, counts_a},   {520, 144, 208, 7, 2, 1, counts_b}};
+    } sh[] = {{128, 256, 128, 8, 2, 0, NULL},  {96, 512, 256, 64, 6, 1, NULL},    {33, 128, 64, 16, 4, 0, NULL},
+              {4096, 128, 64, 32, 4, 1, NULL}, {700, 272, 80, 8, 2, 0, counts_a}, {520, 144, 208, 7, 2, 1, counts_b},
+              {530, 136, 72, 9, 2, 1, counts_c}, {530, 144, 80, 9, 2, 0, counts_c}};
     for (size_t s = 0; s < sizeof sh / sizeof sh[0]; s++) { /* N 4096 x K 4: the grouping over many chunks */
         int N = sh[s].N, D = sh[s].D, I = sh[s].I, Ex = sh[s].E, K = sh[s].K;
         char name[64];
@@ -1464,7 +1568,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
-        cmocka_unit_test(test_moe_wmma_gemm), cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
+        cmocka_unit_test(test_moe_wmma_gemm), cmocka_unit_test(test_moe_wmma_tn_gemm), cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
         cmocka_unit_test(test_sample),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -176,6 +176,16 @@ int cuda_moe_grouped_gemm_types(const kctx *k, char *buf, size_t n, mill_err *e)
  * aligned; -1 with e set otherwise. No host wait. */
 int cuda_moe_wmma_gemm(const kctx *k, int nn, const int32_t *offs, int E, int max_rows, int N, int K, const void *A,
                        int lda, const void *B, long b_stride, int ldb, float *C, int ldc, float beta, mill_err *e);
+/* Its weight-gradient form (op_moe_experts_backward's GEMM_TN; tests call it directly): for every
+ * expert e < E, the reduction over its rows r of offs[e] .. offs[e + 1] (a DEVICE array [E + 1]),
+ *   C_e[m, n] = beta C_e[m, n] + sum_r A[r, m] B[r, n]   (m < M, n < N; C_e = C + e * c_stride)
+ * with A [rows, lda] and B [rows, ldb] bf16 bit patterns in device memory (grouped token rows), C_e
+ * fp32 with row stride ldc. Each element is one fp32 sum in increasing r (deterministic). An empty
+ * expert's C_e is left alone with beta 1, and becomes beta C_e (beta 0: zeros) otherwise. Needs M and
+ * N multiples of 8, lda and ldb multiples of 8, A and B 16-byte aligned, the C_e not overlapping;
+ * -1 with e set otherwise. No host wait. */
+int cuda_moe_wmma_tn_gemm(const kctx *k, const int32_t *offs, int E, int M, int N, const void *A, int lda,
+                          const void *B, int ldb, float *C, long c_stride, int ldc, float beta, mill_err *e);
 
 /* sample.cu */
 int cuda_op_sample(const kctx *k, int32_t *tok, float *logprob, const float *logits, int M, int V,

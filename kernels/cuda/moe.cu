@@ -5,17 +5,21 @@
  * Experts: a device-side stable counting sort groups the N*K (token, slot) rows by expert (a warp
  * per chunk of rows: per-chunk counts, one scan block, then ranks within each chunk; each expert's
  * rows in token order, exactly the CPU's grouping); the expert starts come back to the host once
- * (the TN weight gradients take cuBLAS group shapes from host memory). The products over token rows
- * (GEMM_NT: the forward's x w^T; GEMM_NN: the backward's dy w) run as ONE launch of our own grouped
- * tensor-core kernel (moe_wmma_kernel: 128 x 128 tiles of wmma bf16 fragments, fp32 accumulation,
- * each expert's rows read from the device offsets). The rest (GEMM_TN, shapes the kernel does not
- * take, kctx.moe_cublas) is tried as ONE cublasGemmGroupedBatchedEx call with one group per
- * non-empty expert, on bf16 copies of the operands (bf16 tensor cores, fp32
- * accumulation and output), falling back to one cublasGemmEx per expert with the same types when
- * the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped bf16 x bf16 -> fp32 (it takes
- * bf16 -> bf16 and fp32 -> fp32 plain or TF32, see cuda_moe_grouped_gemm_types), so today the
- * per-expert path runs there: E launches per projection, each a bf16 tensor-core GEMM (measured on
- * an H100 at 3-20 TFLOP/s for the NT/NN shapes of dsv4-small, which is why they moved).
+ * (the grid's row extent, and the cuBLAS fallback's group shapes). Every expert GEMM runs as ONE
+ * launch of our own grouped tensor-core kernels (128 x 128 tiles of wmma bf16 fragments, fp32
+ * accumulation, a 3-deep cp.async ring, each expert's rows read from the device offsets, fixed
+ * summation order): moe_wmma_kernel for the products over token rows (GEMM_NT: the forward's
+ * x w^T; GEMM_NN: the backward's dy w), moe_wmma_tn_kernel for the weight gradients (GEMM_TN:
+ * dw += dy^T act, the reduction over each expert's rows inside one block). The rest (shapes the
+ * kernels do not take, kctx.moe_cublas / MILL_MOE_GEMM=cublas) is tried as ONE
+ * cublasGemmGroupedBatchedEx call with one group per non-empty expert, on bf16 copies of the
+ * operands (bf16 tensor cores, fp32 accumulation and output), falling back to one cublasGemmEx per
+ * expert with the same types when the library refuses. cuBLAS 13.0 (H100, 2026-11) refuses grouped
+ * bf16 x bf16 -> fp32 (it takes bf16 -> bf16 and fp32 -> fp32 plain or TF32, see
+ * cuda_moe_grouped_gemm_types), so the per-expert path runs there: E launches per projection, each
+ * a bf16 tensor-core GEMM (measured at 3-20 TFLOP/s for the NT/NN shapes of dsv4-small on an H100;
+ * its TN ones took ~1.6 ms per projection, 32 expert calls, on an H200 under MILL_PROFILE: ~57 ms of
+ * a ~295 ms training step; which is why they moved).
  * Grouped operands that several GEMMs read are rounded to bf16 once per op (the gather and the dy
  * kernel write their bf16 copies as they go). The gather, the weighted combine and dx are one block
  * per row; the combine sums each token's K slots in slot order: no atomics. */
@@ -317,7 +321,8 @@ static long moe_rows(moe_operand o, const int32_t *offs_h, int E) {
     return o.grouped ? (long)offs_h[E] : (long)E * (o.stride / o.ld);
 }
 
-/* ---- The experts' grouped GEMM on tensor cores (moe_gemm's GEMM_NT and GEMM_NN).
+/* ---- The experts' grouped GEMM on tensor cores (moe_gemm's GEMM_NT and GEMM_NN; GEMM_TN's kernel
+ * below shares its tiles, ring and store).
  * One launch covers every expert: block (bx, by, e) computes rows by * MOE_BM .. of expert e (its
  * rows offs[e] .. offs[e + 1], read on the device) against output columns bx * MOE_BN ..; a block
  * whose row tile starts past its expert's rows exits before any barrier. 8 warps in a 4 x 2 grid,
@@ -401,6 +406,39 @@ struct moe_blayout<true> {
     typedef nvcuda::wmma::row_major type;
 };
 
+typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> moe_acc;
+
+/* The block's output tile, through shared memory one 16 x 16 fragment per warp at a time: tile row r
+ * (< mt), column n0 + c (< N) lands at C[(row0 + r) * ldc + n0 + c] as beta C[...] + acc (beta 0: C is
+ * not read, so NaN there goes). Warp (wm, wn) holds rows wm * 32 .., columns wn * 64 .. of the tile in
+ * acc[2][4]. Every thread of the block calls it (it waits and synchronises: the ring is reused). */
+__device__ __forceinline__ void moe_wmma_store(moe_acc (&acc)[2][4], unsigned char *ring, float *C, int row0, int ldc,
+                                               int mt, int n0, int N, float beta) {
+    using namespace nvcuda;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;
+    moe_cp_wait<0>(); /* only empty groups are left, but the ring is reused below */
+    __syncthreads();  /* every warp is done reading the ring */
+    float *st = (float *)ring + warp * 256; /* this warp's 16 x 16 floats */
+    int cl = lane & 15;
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            int col = n0 + wn * 64 + j * 16 + cl;
+            for (int rr = lane >> 4; rr < 16; rr += 2) {
+                int r = wm * 32 + i * 16 + rr;
+                if (r < mt && col < N) {
+                    float *cp = C + (long)(row0 + r) * ldc + col;
+                    float v = st[rr * 16 + cl];
+                    *cp = beta != 0.0f ? fmaf(beta, *cp, v) : v;
+                }
+            }
+            __syncwarp(); /* every lane has read st before the next fragment lands there */
+        }
+}
+
 /* C[offs[e] + r, n] = beta C[...] + sum_k A[offs[e] + r, k] B_e(k, n), B_e = B + e * b_stride read as
  * [N, K] rows (NT) or [K, N] rows (NN). */
 template <bool NN>
@@ -414,10 +452,10 @@ __global__ void __launch_bounds__(MOE_THREADS, 2)
     int mt = rows - m0 < MOE_BM ? rows - m0 : MOE_BM, n0 = blockIdx.x * MOE_BN;
     const __nv_bfloat16 *Ab = A + (long)(r0 + m0) * lda, *Bb = B + (long)ex * b_stride;
     __nv_bfloat16 *ring = (__nv_bfloat16 *)moe_ring;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;
+    int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
     int nk = (K + MOE_BK - 1) / MOE_BK;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+    moe_acc acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
@@ -460,27 +498,93 @@ __global__ void __launch_bounds__(MOE_THREADS, 2)
                 for (int j = 0; j < 4; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
     }
-    moe_cp_wait<0>(); /* only empty groups are left, but the ring is reused below */
-    __syncthreads();  /* every warp is done reading the ring */
-    float *st = (float *)moe_ring + warp * 256; /* this warp's 16 x 16 floats */
-    int cl = lane & 15;
+    moe_wmma_store(acc, moe_ring, C, r0 + m0, ldc, mt, n0, N, beta);
+}
+
+/* ---- The weight gradients (moe_gemm's GEMM_TN) on the same tiles: for every expert e,
+ *   C_e[m, n] = beta C_e[m, n] + sum_r A[offs[e] + r, m] B[offs[e] + r, n],  C_e = C + e * c_stride,
+ * the sum over the expert's token rows r < offs[e + 1] - offs[e] (read on the device). Block
+ * (bx, by, e) owns output rows by * MOE_BM .., columns bx * MOE_BN .. of C_e and reduces over ALL
+ * the expert's rows itself, MOE_BK rows a step through the same ring (no split over blocks, no
+ * atomics: each element is one fp32 accumulation in increasing r, whatever the grid). A step's rows
+ * of A (columns m0 ..) and of B (columns n0 ..) are staged as [row][col] with stride MOE_LDB_NN, so
+ * A^T's (m, k) fragment is column-major there and B's (k, n) row-major (NN's B layout). Rows past
+ * the expert's count are zero-filled (the next expert's rows, or padding, are never read); M and N
+ * need only be multiples of 8 (a 16-byte chunk is wholly in or out; a fragment past M or N computes
+ * zeros that the store masks). An empty expert's block returns at once with beta 1 (nothing to add)
+ * and writes beta C (zeros for beta 0) otherwise. */
+static_assert(MOE_BK * MOE_LDB_NN <= MOE_A_ELEMS && MOE_BK * MOE_LDB_NN <= MOE_B_ELEMS, "TN's tiles fit their slots");
+
+/* Queues rows k0 .. k0 + MOE_BK of the expert's A (Ab: its row 0; columns m0 .., M wide, stride lda)
+ * and B (Bb; columns n0 .., N wide, stride ldb) into stage s; a row at or past `rows`, or a chunk at
+ * or past M / N, is zero-filled. 16 consecutive threads copy one 256-byte row piece: coalesced. */
+__device__ __forceinline__ void moe_wmma_stage_tn(__nv_bfloat16 *s, const __nv_bfloat16 *Ab, int lda, int m0, int M,
+                                                  const __nv_bfloat16 *Bb, int ldb, int n0, int N, int rows, int k0) {
+    __nv_bfloat16 *as = s, *bs = s + MOE_A_ELEMS;
+    for (int c = threadIdx.x; c < MOE_BK * (MOE_BM / 8); c += MOE_THREADS) {
+        int kr = c / (MOE_BM / 8), mc = c % (MOE_BM / 8) * 8;
+        bool ok = k0 + kr < rows && m0 + mc < M;
+        moe_cp16(as + kr * MOE_LDB_NN + mc, ok ? Ab + (long)(k0 + kr) * lda + m0 + mc : Ab, ok);
+    }
+    for (int c = threadIdx.x; c < MOE_BK * (MOE_BN / 8); c += MOE_THREADS) {
+        int kr = c / (MOE_BN / 8), nc = c % (MOE_BN / 8) * 8;
+        bool ok = k0 + kr < rows && n0 + nc < N;
+        moe_cp16(bs + kr * MOE_LDB_NN + nc, ok ? Bb + (long)(k0 + kr) * ldb + n0 + nc : Bb, ok);
+    }
+}
+
+__global__ void __launch_bounds__(MOE_THREADS, 2)
+    moe_wmma_tn_kernel(float *C, long c_stride, int ldc, const __nv_bfloat16 *A, int lda, const __nv_bfloat16 *B,
+                       int ldb, const int32_t *offs, int M, int N, float beta) {
+    using namespace nvcuda;
+    extern __shared__ __align__(128) unsigned char moe_ring[];
+    int ex = blockIdx.z, r0 = offs[ex], rows = offs[ex + 1] - r0;
+    if (rows <= 0 && beta == 1.0f) return; /* adds nothing; the whole block, before any barrier */
+    int m0 = blockIdx.y * MOE_BM, n0 = blockIdx.x * MOE_BN, mt = M - m0 < MOE_BM ? M - m0 : MOE_BM;
+    /* Ab / Bb are read only when rows > 0, i.e. when they point at the expert's first row */
+    const __nv_bfloat16 *Ab = A + (long)r0 * lda, *Bb = B + (long)r0 * ldb;
+    __nv_bfloat16 *ring = (__nv_bfloat16 *)moe_ring;
+    int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+    int nk = rows > 0 ? (rows + MOE_BK - 1) / MOE_BK : 0;
+
+    moe_acc acc[2][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
-            __syncwarp();
-            int col = n0 + wn * 64 + j * 16 + cl;
-            for (int rr = lane >> 4; rr < 16; rr += 2) {
-                int r = wm * 32 + i * 16 + rr;
-                if (r < mt && col < N) {
-                    float *cp = C + (long)(r0 + m0 + r) * ldc + col;
-                    float v = st[rr * 16 + cl];
-                    *cp = beta != 0.0f ? fmaf(beta, *cp, v) : v;
-                }
-            }
-            __syncwarp(); /* every lane has read st before the next fragment lands there */
+        for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    /* the NT/NN kernel's pipeline: one commit group per step (empty past the end), wait for all
+     * but the newest MOE_STAGES - 2, one barrier per step */
+#pragma unroll
+    for (int s = 0; s < MOE_STAGES - 1; s++) {
+        if (s < nk) moe_wmma_stage_tn(ring + s * MOE_STAGE_ELEMS, Ab, lda, m0, M, Bb, ldb, n0, N, rows, s * MOE_BK);
+        moe_cp_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        moe_cp_wait<MOE_STAGES - 2>();
+        __syncthreads(); /* step kt visible to all; every warp done with step kt - 1's stage, refilled below */
+        int pf = kt + MOE_STAGES - 1;
+        if (pf < nk)
+            moe_wmma_stage_tn(ring + pf % MOE_STAGES * MOE_STAGE_ELEMS, Ab, lda, m0, M, Bb, ldb, n0, N, rows,
+                              pf * MOE_BK);
+        moe_cp_commit();
+        const __nv_bfloat16 *as = ring + kt % MOE_STAGES * MOE_STAGE_ELEMS, *bs = as + MOE_A_ELEMS;
+#pragma unroll
+        for (int kk = 0; kk < MOE_BK; kk += 16) {
+            if (kt * MOE_BK + kk >= rows) break; /* a last step of <= 16 rows: its zero half (block-uniform) */
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b[4];
+#pragma unroll
+            for (int i = 0; i < 2; i++) wmma::load_matrix_sync(a[i], as + kk * MOE_LDB_NN + wm * 32 + i * 16, MOE_LDB_NN);
+#pragma unroll
+            for (int j = 0; j < 4; j++) wmma::load_matrix_sync(b[j], bs + kk * MOE_LDB_NN + wn * 64 + j * 16, MOE_LDB_NN);
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
+    }
+    moe_wmma_store(acc, moe_ring, C + (long)ex * c_stride, m0, ldc, mt, n0, N, beta);
 }
 
 /* Whether the kernel takes this shape: N and K multiples of 16 (whole fragments), row strides and
@@ -514,14 +618,39 @@ int cuda_moe_wmma_gemm(const kctx *k, int nn, const int32_t *offs, int E, int ma
     return 0;
 }
 
+/* Whether the TN kernel takes this shape: M and N multiples of 8, row strides multiples of 8
+ * elements and both bf16 operands 16-byte aligned (16-byte copies), the experts' C blocks apart
+ * (an overlap would be a race), the grid within its limits. */
+static int moe_wmma_tn_fits(int E, int M, int N, const void *A, int lda, const void *B, int ldb, long c_stride,
+                            int ldc) {
+    return E > 0 && E <= 65535 && M > 0 && N > 0 && M % 8 == 0 && N % 8 == 0 && (M + MOE_BM - 1) / MOE_BM <= 65535 &&
+           lda % 8 == 0 && ldb % 8 == 0 && lda >= M && ldb >= N && ldc >= N &&
+           (E == 1 || c_stride >= (long)(M - 1) * ldc + N) && ((uintptr_t)A & 15) == 0 && ((uintptr_t)B & 15) == 0;
+}
+
+int cuda_moe_wmma_tn_gemm(const kctx *k, const int32_t *offs, int E, int M, int N, const void *A, int lda,
+                          const void *B, int ldb, float *C, long c_stride, int ldc, float beta, mill_err *e) {
+    if (!moe_wmma_tn_fits(E, M, N, A, lda, B, ldb, c_stride, ldc))
+        return mill_errf(e, "moe: grouped tensor-core TN GEMM: unsupported shape (E %d, M %d, N %d, lda %d, ldb %d, ldc %d)",
+                         E, M, N, lda, ldb, ldc);
+    dim3 grid((unsigned)((N + MOE_BN - 1) / MOE_BN), (unsigned)((M + MOE_BM - 1) / MOE_BM), (unsigned)E);
+    CU_CHECK(cudaFuncSetAttribute(moe_wmma_tn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, MOE_SMEM));
+    moe_wmma_tn_kernel<<<grid, MOE_THREADS, MOE_SMEM, cu_stream(k)>>>(C, c_stride, ldc, (const __nv_bfloat16 *)A, lda,
+                                                                      (const __nv_bfloat16 *)B, ldb, offs, M, N, beta);
+    LAUNCH_CHECK("moe_wmma_tn_kernel");
+    return 0;
+}
+
 /* For every non-empty expert: C_ex = shape(A_ex, B_ex) (+ C_ex when beta = 1), where M, N or K
  * given as -1 means "this expert's row count". A and B are rounded to bf16 copies (whole operands:
  * with fp32 storage that is one pass each; bf16 storage will remove it). Then GEMM_NT and GEMM_NN
- * over grouped token rows (M = -1) go to moe_wmma_kernel, one launch for all experts reading the
- * device starts offs_d, when the shape fits it (moe_wmma_fits) and kctx.moe_cublas is off; otherwise
- * (GEMM_TN, odd shapes, offs_d NULL) ONE grouped cuBLAS GEMM (bf16 x bf16 -> fp32, fp32
- * accumulation) covers all experts, and if cuBLAS refuses the grouped call, one cublasGemmEx per
- * expert with the same types. */
+ * over grouped token rows (M = -1) go to moe_wmma_kernel and GEMM_TN reducing over them (K = -1,
+ * C a weight-shaped [E, M, N]) to moe_wmma_tn_kernel, one launch for all experts reading the
+ * device starts offs_d, when the shape fits (moe_wmma_fits / moe_wmma_tn_fits) and kctx.moe_cublas
+ * is off. Unlike the cuBLAS path, the TN kernel also applies beta 0 to empty experts (zeros; the op
+ * passes beta 1, where both leave them alone). Otherwise (odd shapes, offs_d NULL,
+ * MILL_MOE_GEMM=cublas) ONE grouped cuBLAS GEMM (bf16 x bf16 -> fp32, fp32 accumulation) covers all
+ * experts, and if cuBLAS refuses the grouped call, one cublasGemmEx per expert with the same types. */
 static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, const int32_t *offs_d, int E, int M,
                     int N, int K, moe_operand A, moe_operand B, moe_operand C, float beta, int *used_grouped,
                     mill_err *e) {
@@ -556,13 +685,22 @@ static int moe_gemm(const kctx *k, cu_gemm_shape shape, const int32_t *offs_h, c
     int max_rows = 0;
     for (int ex = 0; ex < E; ex++)
         max_rows = offs_h[ex + 1] - offs_h[ex] > max_rows ? offs_h[ex + 1] - offs_h[ex] : max_rows;
-    if (!rc && offs_d && !k->moe_cublas && (shape == GEMM_NT || shape == GEMM_NN) && M < 0 && N > 0 && K > 0 &&
-        A.grouped && !B.grouped && C.grouped &&
-        moe_wmma_fits(E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld, C.ld, shape == GEMM_NN)) {
+    /* products over token rows (NT / NN: the rows are C's) or weight gradients (TN: the rows are the
+     * reduction) on our kernels, one launch for all experts */
+    int rows_nx = (shape == GEMM_NT || shape == GEMM_NN) && M < 0 && N > 0 && K > 0 && A.grouped && !B.grouped &&
+                  C.grouped && moe_wmma_fits(E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld, C.ld, shape == GEMM_NN);
+    int rows_tn = shape == GEMM_TN && M > 0 && N > 0 && K < 0 && A.grouped && B.grouped && !C.grouped &&
+                  moe_wmma_tn_fits(E, M, N, a16, A.ld, b16, B.ld, C.stride, C.ld);
+    if (!rc && offs_d && !k->moe_cublas && (rows_nx || rows_tn)) {
         tp = cu_phase(k);
-        rc = cuda_moe_wmma_gemm(k, shape == GEMM_NN, offs_d, E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld,
-                                (float *)C.base, C.ld, beta, e);
-        cu_phase_end(k, shape == GEMM_NT ? "moe_gemm: wmma NT" : "moe_gemm: wmma NN", tp);
+        if (rows_tn)
+            rc = cuda_moe_wmma_tn_gemm(k, offs_d, E, M, N, a16, A.ld, b16, B.ld, (float *)C.base, C.stride, C.ld, beta,
+                                       e);
+        else
+            rc = cuda_moe_wmma_gemm(k, shape == GEMM_NN, offs_d, E, max_rows, N, K, a16, A.ld, b16, B.stride, B.ld,
+                                    (float *)C.base, C.ld, beta, e);
+        cu_phase_end(k, shape == GEMM_NT ? "moe_gemm: wmma NT" : shape == GEMM_NN ? "moe_gemm: wmma NN" : "moe_gemm: wmma TN",
+                     tp);
         cu_scratch_free(buf, k); /* stream-ordered: after the kernel */
         return rc;
     }
