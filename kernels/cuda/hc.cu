@@ -470,6 +470,31 @@ __global__ void hc_post_bwd_elem_kernel(float *dh, float *dy, const float *dh_ou
     dy[id] = dyv;
 }
 
+/* The same for hc_mult NH <= 4 with dh's rows in registers: one load and one store each instead of a
+ * read-modify-write per (kk, j); the additions are the same, in the same order. */
+template <int NH>
+__global__ void hc_post_bwd_elem_n_kernel(float *dh, float *dy, const float *dh_out, const float *post,
+                                          const float *comb, int N, int D) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long)N * D) return;
+    long t = id / D;
+    int c = (int)(id % D);
+    const float *C = comb + t * NH * NH;
+    float dyv = dy[id], d[NH];
+#pragma unroll
+    for (int j = 0; j < NH; j++) d[j] = dh[(t * NH + j) * D + c];
+#pragma unroll
+    for (int kk = 0; kk < NH; kk++) {
+        float g = dh_out[(t * NH + kk) * D + c];
+        dyv += post[t * NH + kk] * g;
+#pragma unroll
+        for (int j = 0; j < NH; j++) d[j] += C[j * NH + kk] * g;
+    }
+#pragma unroll
+    for (int j = 0; j < NH; j++) dh[(t * NH + j) * D + c] = d[j];
+    dy[id] = dyv;
+}
+
 /* Grid (N, n + n*n): output o < n is dpost[t, o] = g_o . y_t; else dcomb[t, j, kk] = g_kk . h_j. */
 __global__ void hc_post_bwd_dot_kernel(float *dpost, float *dcomb, const float *dh_out, const float *h,
                                        const float *y, int n, int D) {
@@ -496,15 +521,93 @@ __global__ void hc_post_bwd_dot_kernel(float *dpost, float *dcomb, const float *
     }
 }
 
+/* The same dots for hc_mult NH <= 4, a block per token for all n + n*n of them: each input row is read
+ * once instead of once per dot (n + 1 times). Each dot keeps cu_block_sum's order (a thread's
+ * strided slice, warp butterfly, warps in order), so the bits equal hc_post_bwd_dot_kernel's. */
+#define HC_DOTS_THREADS 256
+template <int NO>
+__device__ __forceinline__ void hc_dots_store(float *out0, int n0, float *out1, const float *acc) {
+    __shared__ float sh[(HC_DOTS_THREADS / 32) * NO];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 0; o < NO; o++) {
+        float v = acc[o];
+        for (int x = 16; x > 0; x >>= 1) v += __shfl_xor_sync(0xffffffffu, v, x);
+        if (lane == 0) sh[w * NO + o] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < NO) {
+        float r = 0;
+        for (int i = 0; i < HC_DOTS_THREADS / 32; i++) r += sh[i * NO + threadIdx.x];
+        if (threadIdx.x < n0) out0[threadIdx.x] = r;
+        else out1[threadIdx.x - n0] = r;
+    }
+}
+
+template <int NH>
+__global__ void __launch_bounds__(HC_DOTS_THREADS)
+    hc_post_bwd_dots_kernel(float *dpost, float *dcomb, const float *dh_out, const float *h, const float *y, int D) {
+    constexpr int NO = NH + NH * NH;
+    const long t = blockIdx.x;
+    const float *g = dh_out + t * NH * D, *ht = h + t * NH * D, *yt = y + t * D;
+    float acc[NO];
+#pragma unroll
+    for (int o = 0; o < NO; o++) acc[o] = 0.f;
+    for (int c = threadIdx.x; c < D; c += HC_DOTS_THREADS) {
+        float gv[NH];
+#pragma unroll
+        for (int kk = 0; kk < NH; kk++) gv[kk] = g[(long)kk * D + c];
+        const float yv = yt[c];
+#pragma unroll
+        for (int kk = 0; kk < NH; kk++) acc[kk] += gv[kk] * yv;
+#pragma unroll
+        for (int j = 0; j < NH; j++) {
+            const float hv = ht[(long)j * D + c];
+#pragma unroll
+            for (int kk = 0; kk < NH; kk++) acc[NH + j * NH + kk] += gv[kk] * hv;
+        }
+    }
+    hc_dots_store<NO>(dpost + t * NH, NH, dcomb + t * NH * NH, acc);
+}
+
+/* d(collapse)'s dots likewise: dpre[t, j] = dx_t . h_j for all j in one block per token. */
+template <int NH>
+__global__ void __launch_bounds__(HC_DOTS_THREADS)
+    hc_collapse_bwd_dots_kernel(float *dpre, const float *dx, const float *h, int D) {
+    const long t = blockIdx.x;
+    const float *a = dx + t * D, *ht = h + t * NH * D;
+    float acc[NH];
+#pragma unroll
+    for (int j = 0; j < NH; j++) acc[j] = 0.f;
+    for (int c = threadIdx.x; c < D; c += HC_DOTS_THREADS) {
+        const float av = a[c];
+#pragma unroll
+        for (int j = 0; j < NH; j++) acc[j] += av * ht[(long)j * D + c];
+    }
+    hc_dots_store<NH>(dpre + t * NH, NH, NULL, acc);
+}
+
 int cuda_op_hc_post_backward(const kctx *k, float *dh, float *dy, float *dpost, float *dcomb, const float *dh_out,
                              const float *h, const float *y, const float *post, const float *comb, int N, int n,
                              int D, mill_err *e) {
     if (N <= 0 || n <= 0 || D <= 0) return 0;
-    hc_post_bwd_elem_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, n,
-                                                                                   D);
-    LAUNCH_CHECK("hc_post_bwd_elem_kernel");
-    hc_post_bwd_dot_kernel<<<dim3(N, n + n * n), 256, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, n, D);
-    LAUNCH_CHECK("hc_post_bwd_dot_kernel");
+    unsigned eb = cu_blocks((long)N * D, 256);
+    switch (n) {
+    case 1: hc_post_bwd_elem_n_kernel<1><<<eb, 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, D); break;
+    case 2: hc_post_bwd_elem_n_kernel<2><<<eb, 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, D); break;
+    case 3: hc_post_bwd_elem_n_kernel<3><<<eb, 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, D); break;
+    case 4: hc_post_bwd_elem_n_kernel<4><<<eb, 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, D); break;
+    default: hc_post_bwd_elem_kernel<<<eb, 256, 0, cu_stream(k)>>>(dh, dy, dh_out, post, comb, N, n, D);
+    }
+    LAUNCH_CHECK("hc_post_bwd_elem(_n)_kernel");
+    switch (n) {
+    case 1: hc_post_bwd_dots_kernel<1><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, D); break;
+    case 2: hc_post_bwd_dots_kernel<2><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, D); break;
+    case 3: hc_post_bwd_dots_kernel<3><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, D); break;
+    case 4: hc_post_bwd_dots_kernel<4><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, D); break;
+    default: hc_post_bwd_dot_kernel<<<dim3(N, n + n * n), 256, 0, cu_stream(k)>>>(dpost, dcomb, dh_out, h, y, n, D);
+    }
+    LAUNCH_CHECK("hc_post_bwd_dot(s)_kernel");
     return 0;
 }
 
@@ -530,8 +633,14 @@ __global__ void hc_collapse_bwd_elem_kernel(float *dh, const float *dx, const fl
 
 static int hc_collapse_backward(const kctx *k, float *dpre, float *dh, const float *dx, const float *h,
                                 const float *pre, int N, int n, int D, mill_err *e) {
-    hc_collapse_bwd_dot_kernel<<<dim3(N, n), 256, 0, cu_stream(k)>>>(dpre, dx, h, n, D);
-    LAUNCH_CHECK("hc_collapse_bwd_dot_kernel");
+    switch (n) {
+    case 1: hc_collapse_bwd_dots_kernel<1><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpre, dx, h, D); break;
+    case 2: hc_collapse_bwd_dots_kernel<2><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpre, dx, h, D); break;
+    case 3: hc_collapse_bwd_dots_kernel<3><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpre, dx, h, D); break;
+    case 4: hc_collapse_bwd_dots_kernel<4><<<N, HC_DOTS_THREADS, 0, cu_stream(k)>>>(dpre, dx, h, D); break;
+    default: hc_collapse_bwd_dot_kernel<<<dim3(N, n), 256, 0, cu_stream(k)>>>(dpre, dx, h, n, D);
+    }
+    LAUNCH_CHECK("hc_collapse_bwd_dot(s)_kernel");
     hc_collapse_bwd_elem_kernel<<<cu_blocks((long)N * n * D, 256), 256, 0, cu_stream(k)>>>(dh, dx, pre, N, n, D);
     LAUNCH_CHECK("hc_collapse_bwd_elem_kernel");
     return 0;
@@ -610,12 +719,26 @@ __global__ void hc_head_bwd_token_kernel(float *dF, float *part, const float *F,
     pt[n] = ds0;
 }
 
+/* dFL[t, c] = sum_j dF[t, j] fn[j, c], j in order: a reduction only mix (<= 24) long, which the fp32
+ * GEMM ran at ~40 ms for mix = 4 (the head) at 8,192 tokens on an H200; a thread per element reads
+ * each input once. */
+__global__ void hc_dfl_kernel(float *dFL, const float *dF, const float *fn, int N, int mix, int nd) {
+    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= (long)N * nd) return;
+    long t = id / nd;
+    int c = (int)(id - t * nd);
+    float a = 0.f;
+    for (int j = 0; j < mix; j++) a += dF[t * mix + j] * fn[(long)j * nd + c];
+    dFL[id] = a;
+}
+
 /* dFL = dF @ fn; dfn += dF^T FL; dh += rmsnorm backward of dFL (all fp32). */
 static int hc_logits_backward(const kctx *k, float *dh, float *dfn, const float *dF, const float *FL, const float *h,
                               const float *fn, int N, int mix, hc_dims dm, float *dFL, mill_err *e) {
     int nd = dm.n * dm.D;
     double tp = cu_phase(k);
-    TRY(cu_gemm(k, GEMM_NN, N, nd, mix, dF, mix, fn, nd, dFL, nd, 0.0f, 0, e));
+    hc_dfl_kernel<<<cu_blocks((long)N * nd, 256), 256, 0, cu_stream(k)>>>(dFL, dF, fn, N, mix, nd);
+    LAUNCH_CHECK("hc_dfl_kernel");
     cu_phase_end(k, "hc bwd: dFL = dF fn", tp);
     tp = cu_phase(k);
     TRY(hc_gemm_split(k, GEMM_TN, mix, nd, N, dF, mix, mix, FL, nd, nd, dfn, 1.0f, e));
