@@ -32,6 +32,8 @@ typedef struct {
     int gemm_fp32; /* CUDA: every GEMM in full fp32 instead of bf16 operands (parity checks; slower) */
     int moe_cublas; /* CUDA: the experts' NT/NN GEMMs on cuBLAS, one call per expert, instead of the grouped
                      * tensor-core kernel (A/B checks; MILL_MOE_GEMM=cublas in the environment sets it) */
+    int linear_cublas; /* CUDA: op_linear of <= 32 rows (decode) on cuBLAS too, instead of the few-row kernel
+                        * (A/B checks; MILL_SKINNY=0 in the environment sets it) */
     int gemm_rows;  /* CPU: op_linear's row block, probed at kctx_init for the loaded OpenBLAS kernel */
     int gemm_batch; /* CPU: 1 when one call may cover several blocks with the same bits (else one call per block) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */
