@@ -305,8 +305,8 @@ static void test_gemm(void **state) {
 /* op_linear at decode's few rows: cu_skinny_linear for M <= 32, and M = 33 through the cuBLAS path
  * it falls back to. Every M x N x K of {1,2,3,7,8,16,31,32,33} x {1,5,256,1000} x {8,100,1024,4096}
  * (K 8 and 100: part of one 32-wide chunk, 100 not a multiple of 8), and N x K 4100 x 1024,
- * 8200 x 100, 16400 x 1024, 32768 x 1024 (the kernel's 16-, 32- and 64-column blocks with a
- * partial last one; an LM head) for every M, with accumulate and three
+ * 8200 x 100, 16400 x 1024, 32768 x 256 (the kernel's 16-, 32- and 64-column blocks with a
+ * partial last one; an LM head's width) for every M, with accumulate and three
  * layouts rotating over the shapes: compact; padded aligned strides; odd strides with x and w one
  * float off alignment (the scalar path). Each shape runs with w unregistered (rounded in the kernel)
  * and with w's bf16 shadow (kctx_shadow_add): against a double product of the bf16-rounded operands
@@ -392,8 +392,9 @@ static void test_skinny_linear(void **state) {
     fixture *f = *state;
     f->fails = 0;
     static const int Ms[] = {1, 2, 3, 7, 8, 16, 31, 32, 33}, Ns[] = {1, 5, 256, 1000}, Ks[] = {8, 100, 1024, 4096};
-    /* then wider N, where a block covers 16, 32 or 64 columns (the last block partly), and an LM head */
-    static const int wide[][2] = {{4100, 1024}, {8200, 100}, {16400, 1024}, {32768, 1024}};
+    /* then wider N, where a block covers 16, 32 or 64 columns (the last block partly; 32768: an LM
+     * head's width, K kept small for the host's double product) */
+    static const int wide[][2] = {{4100, 1024}, {8200, 100}, {16400, 1024}, {32768, 256}};
     const int nnk = 16, nsh = nnk + (int)(sizeof wide / sizeof *wide);
     for (int mi = 0; mi < (int)(sizeof Ms / sizeof *Ms); mi++) {
         int M = Ms[mi];
