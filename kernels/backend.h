@@ -33,6 +33,8 @@ typedef struct {
     int moe_cublas; /* CUDA: the experts' GEMMs (NT/NN and the TN weight gradients) on cuBLAS, one call per
                      * expert, instead of the grouped tensor-core kernels (A/B checks; MILL_MOE_GEMM=cublas in
                      * the environment sets it) */
+    int linear_cublas; /* CUDA: op_linear of <= 32 rows (decode) on cuBLAS too, instead of the few-row kernel
+                        * (A/B checks; MILL_SKINNY=0 in the environment sets it) */
     int gemm_rows;  /* CPU: op_linear's row block, probed at kctx_init for the loaded OpenBLAS kernel */
     int gemm_batch; /* CPU: 1 when one call may cover several blocks with the same bits (else one call per block) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */

@@ -25,6 +25,11 @@
  *     all (1 of ~1000) is ~3e-2.
  *   TOL_WMMA 1e-5 — cuda_moe_wmma_gemm and cuda_moe_wmma_tn_gemm against a double product of the
  *     same bf16 values: fp32 accumulation over K (TN: an expert's rows) <= 1024 only (~1e-6).
+ *   TOL_SKINNY 1e-4 — op_linear's few-row kernel (cu_skinny_linear) against a double product of the
+ *     same bf16-rounded operands: only the fp32 accumulation on the tensor cores differs (~1e-6 at
+ *     K 4096; room left for their truncating adds), while one k of 4096 missed or doubled is ~1e-2.
+ *     Against the CPU op it gets TOL_GEMM like every GEMM (where N >= 256: a lone dot product of
+ *     8 terms can cancel to a relative error above it).
  *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
  *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
  *     growing like sqrt(terms).
@@ -62,6 +67,8 @@
 #define TOL_MOE 3e-2
 #define TOL_MOE_PATHS 2e-3
 #define TOL_WMMA 1e-5
+#define TOL_SKINNY 1e-4
+#define SKINNY_MAX_ROWS 32 /* CU_SKINNY_MAX_ROWS (kernels/cuda/cuda_internal.cuh): op_linear's few-row kernel */
 #define MAX_OPS 160
 
 typedef struct {
@@ -204,10 +211,24 @@ static void cmpi(fixture *f, const char *op, const char *shape, const int32_t *d
 
 /* ---- dense ---- */
 
+static uint16_t bf16_bits(float v) { /* round to nearest even, as __float2bfloat16_rn (finite v) */
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float bf16_float(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+
 /* Which operand precision op_linear's GEMM really uses: x[0,0] = 1 + 2^-10 survives TF32 (10
  * mantissa bits) but not bf16 (7); x[1,0] = 1 + 2^-13 survives only fp32. */
-static const char *gemm_precision(fixture *f) {
-    int M = 64, N = 64, K = 64;
+static const char *gemm_precision(fixture *f, int M) {
+    int N = 64, K = 64;
     float *x = hnew((long)M * K), *w = hnew((long)N * K), y[2];
     fillv(x, (long)M * K, 0);
     fillv(w, (long)N * K, 0);
@@ -228,9 +249,13 @@ static const char *gemm_precision(fixture *f) {
 static void test_gemm(void **state) {
     fixture *f = *state;
     f->fails = 0;
-    const char *prec = gemm_precision(f);
-    printf("  op_linear operand precision: %s\n", prec);
-    record(f, "op_linear runs bf16 tensor cores", prec, strcmp(prec, "bf16") ? 1.0 : 0.0, 0.0);
+    for (int M = 2; M <= 64; M += 62) { /* the few-row kernel, then cuBLAS */
+        const char *prec = gemm_precision(f, M);
+        char name[64];
+        snprintf(name, sizeof name, "M%d: %s", M, prec);
+        printf("  op_linear operand precision at M = %d: %s\n", M, prec);
+        record(f, "op_linear runs bf16 operands", name, strcmp(prec, "bf16") ? 1.0 : 0.0, 0.0);
+    }
     struct {
         int M, N, K, padx, pady, acc;
     } sh[] = {{64, 96, 128, 0, 0, 0}, {257, 512, 1024, 8, 4, 1}, {128, 4096, 512, 0, 0, 1}};
@@ -274,6 +299,121 @@ static void test_gemm(void **state) {
         cmp(f, "op_matmul_nn", name, dy, y, (long)M * N, TOL_GEMM);
         free(a), free(b), free(y);
         cuda_free(da), cuda_free(db), cuda_free(dy);
+    }
+    END_TEST(f);
+}
+
+/* op_linear at decode's few rows: cu_skinny_linear for M <= 32, and M = 33 through the cuBLAS path
+ * it falls back to. Every M x N x K of {1,2,3,7,8,16,31,32,33} x {1,5,256,1000} x {8,100,1024,4096}
+ * (K 8 and 100: part of one 32-wide chunk, 100 not a multiple of 8), and N x K 4100 x 1024,
+ * 8200 x 100, 16400 x 1024, 32768 x 256 (the kernel's 16-, 32- and 64-column blocks with a
+ * partial last one; an LM head's width) for every M, with accumulate and three
+ * layouts rotating over the shapes: compact; padded aligned strides; odd strides with x and w one
+ * float off alignment (the scalar path). Each shape runs with w unregistered (rounded in the kernel)
+ * and with w's bf16 shadow (kctx_shadow_add): against a double product of the bf16-rounded operands
+ * (TOL_SKINNY) and the CPU op (TOL_GEMM), the two runs bit-equal. For M <= 32 the rows must equal
+ * (memcmp) the same rows computed one per call: the batch invariance the kernel promises. x's and
+ * w's padding hold NaN (reading it shows); y's stride padding and 64 floats past y keep sentinel
+ * bits. The timing of the kernel is bench_decode's, not this test's. */
+typedef struct {
+    double worst_ref, worst_cpu;            /* vs the bf16 double product; vs the CPU op (N >= 256) */
+    long shadow_diff, batch_diff, outside; /* mismatching floats; floats changed outside y */
+} skinny_tally;
+
+/* One op_linear shape of test_skinny_linear. lay 0: compact; 1: padded strides (ldx K + 8, ldy
+ * N + 4); 2: ldx K + 1, ldy N + 1, x and w one float past a 16-byte boundary (the scalar path). */
+static void skinny_case(fixture *f, skinny_tally *t, int M, int N, int K, int acc, int lay) {
+    const float SENTINEL = 12345.0f;
+    const int TAIL = 64;
+    int lx = lay == 0 ? K : lay == 1 ? K + 8 : K + 1, ly = lay == 0 ? N : lay == 1 ? N + 4 : N + 1, off = lay == 2;
+    long nx = off + (long)M * lx, nw = off + (long)N * K + 8, ny = (long)M * ly + TAIL;
+    char name[96];
+    snprintf(name, sizeof name, "M%d N%d K%d ldx%d ldy%d acc%d%s", M, N, K, lx, ly, acc, off ? " unaligned" : "");
+    float *x = hnew(nx), *w = hnew(nw), *y0 = hnew(ny), *yc = hnew(ny), *got = hnew(ny), *g2 = hnew(ny);
+    double *ref = malloc(sizeof(double) * (size_t)M * N);
+    assert_non_null(ref);
+    fillv(x, nx, NAN), fillv(w, nw, NAN), fillv(y0, ny, SENTINEL); /* padding: NaN if read, sentinel if written */
+    for (int r = 0; r < M; r++) fill(f, x + off + (long)r * lx, K, -1, 1);
+    fill(f, w + off, (long)N * K, -1, 1);
+    for (int r = 0; r < M; r++)
+        for (int n = 0; n < N; n++) y0[(long)r * ly + n] = acc ? -1.0f + 2.0f * rng_uniform(&f->r) : NAN;
+    float *xr = hnew((long)M * K), *wr = hnew((long)N * K); /* the operands as bf16 values */
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < K; c++) xr[(long)r * K + c] = bf16_float(bf16_bits(x[off + (long)r * lx + c]));
+    for (long i = 0; i < (long)N * K; i++) wr[i] = bf16_float(bf16_bits(w[off + i]));
+    for (int r = 0; r < M; r++)
+        for (int n = 0; n < N; n++) {
+            double s = acc ? (double)y0[(long)r * ly + n] : 0.0;
+            for (int c = 0; c < K; c++) s += (double)xr[(long)r * K + c] * wr[(long)n * K + c];
+            ref[(long)r * N + n] = s;
+        }
+    free(xr), free(wr);
+    memcpy(yc, y0, sizeof(float) * (size_t)ny);
+    OK(op_linear(&f->cpu, yc, x + off, w + off, M, N, K, lx, ly, acc, ERR));
+    float *dx = up(x, nx), *dw = up(w, nw);
+    for (int sh = 0; sh < 2; sh++) { /* w unregistered, then through its bf16 shadow */
+        float *dy = up(y0, ny);
+        if (sh) OK(kctx_shadow_add(&f->gpu, dw, (size_t)nw, ERR));
+        OK(op_linear(&f->gpu, dy, dx + off, dw + off, M, N, K, lx, ly, acc, ERR));
+        down(sh ? g2 : got, dy, sizeof(float) * (size_t)ny);
+        if (sh) kctx_shadow_remove(&f->gpu, dw);
+        cuda_free(dy);
+    }
+    double num = 0, den = 0, cn = 0, cd = 0;
+    for (long i = 0; i < ny; i++) {
+        long r = i / ly, n = i % ly;
+        if (r < M && n < N) {
+            double d = (double)got[i] - ref[r * N + n], dc = (double)got[i] - yc[i];
+            num += d * d, den += ref[r * N + n] * ref[r * N + n];
+            cn += dc * dc, cd += (double)yc[i] * yc[i];
+            if (isnan(got[i])) num = cn = INFINITY;
+        } else if (memcmp(&got[i], &SENTINEL, sizeof(float)) || memcmp(&g2[i], &SENTINEL, sizeof(float))) {
+            t->outside++;
+        }
+        if (M <= SKINNY_MAX_ROWS) t->shadow_diff += memcmp(&got[i], &g2[i], sizeof(float)) != 0;
+    }
+    double er = den > 0 ? sqrt(num / den) : sqrt(num), ec = cd > 0 ? sqrt(cn / cd) : sqrt(cn);
+    if (!(er <= TOL_SKINNY) || (N >= 256 && !(ec <= TOL_GEMM)))
+        printf("  op_linear few rows %s: rel err %.3e vs bf16 double, %.3e vs CPU  FAIL\n", name, er, ec);
+    if (!(er <= t->worst_ref)) t->worst_ref = er;
+    if (N >= 256 && !(ec <= t->worst_cpu)) t->worst_cpu = ec;
+    if (M <= SKINNY_MAX_ROWS) { /* the same rows, one per call: the same bits */
+        float *d1 = up(y0, ny);
+        for (int r = 0; r < M; r++)
+            OK(op_linear(&f->gpu, d1 + (long)r * ly, dx + off + (long)r * lx, dw + off, 1, N, K, lx, ly, acc, ERR));
+        down(g2, d1, sizeof(float) * (size_t)ny);
+        for (long i = 0; i < ny; i++) t->batch_diff += memcmp(&got[i], &g2[i], sizeof(float)) != 0;
+        cuda_free(d1);
+    }
+    free(x), free(w), free(y0), free(yc), free(got), free(g2), free(ref);
+    cuda_free(dx), cuda_free(dw);
+}
+
+static void test_skinny_linear(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    static const int Ms[] = {1, 2, 3, 7, 8, 16, 31, 32, 33}, Ns[] = {1, 5, 256, 1000}, Ks[] = {8, 100, 1024, 4096};
+    /* then wider N, where a block covers 16, 32 or 64 columns (the last block partly; 32768: an LM
+     * head's width, K kept small for the host's double product) */
+    static const int wide[][2] = {{4100, 1024}, {8200, 100}, {16400, 1024}, {32768, 256}};
+    const int nnk = 16, nsh = nnk + (int)(sizeof wide / sizeof *wide);
+    for (int mi = 0; mi < (int)(sizeof Ms / sizeof *Ms); mi++) {
+        int M = Ms[mi];
+        skinny_tally t = {0};
+        for (int sp = 0; sp < nsh; sp++) {
+            int N = sp < nnk ? Ns[sp / 4] : wide[sp - nnk][0], K = sp < nnk ? Ks[sp % 4] : wide[sp - nnk][1];
+            int s6 = (mi + sp) % 6; /* (accumulate, layout): over the Ms each N x K meets all six */
+            skinny_case(f, &t, M, N, K, s6 & 1, s6 % 3);
+        }
+        char name[64];
+        snprintf(name, sizeof name, "M%d (%d N x K, %s)", M, nsh, M <= SKINNY_MAX_ROWS ? "few-row kernel" : "cuBLAS");
+        record(f, "op_linear few rows vs bf16 double", name, t.worst_ref, TOL_SKINNY);
+        record(f, "op_linear few rows vs CPU", name, t.worst_cpu, TOL_GEMM);
+        record(f, "op_linear few rows writes outside", name, (double)t.outside, 0.0);
+        if (M <= SKINNY_MAX_ROWS) { /* cuBLAS may pick other kernels for the shadow's alignment */
+            record(f, "op_linear few rows: shadow != fp32 w", name, (double)t.shadow_diff, 0.0);
+            record(f, "op_linear few rows: batch != 1 row", name, (double)t.batch_diff, 0.0);
+        }
     }
     END_TEST(f);
 }
@@ -1126,19 +1266,6 @@ static void test_moe_route(void **state) {
  * experts first, between and last), N and K multiples of 16 but not of 32 or 128 (column and K
  * tails), padded strides whose padding holds NaN (read it and the result is NaN), and C rows and
  * columns outside the experts that must keep their sentinel bits; beta 0 over NaN and beta 1. */
-static uint16_t bf16_bits(float v) { /* round to nearest even, as __float2bfloat16_rn (finite v) */
-    uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-static float bf16_float(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float v;
-    memcpy(&v, &u, sizeof v);
-    return v;
-}
-
 static void test_moe_wmma_gemm(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -1564,7 +1691,7 @@ int main(void) {
     }
     printf("device: %s\n", dev);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_gemm),          cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_gemm),          cmocka_unit_test(test_skinny_linear), cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),

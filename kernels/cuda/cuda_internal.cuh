@@ -179,13 +179,23 @@ int cu_gemm_bf16(const kctx *k, cu_gemm_shape s, int M, int N, int K, const floa
 /* Few rows against large weights (the MoE's experts in decode): Y[r, n] = beta Y[r, n] +
  * sum_c X[r, c] W_g[n, c] with W_g = W + g * w_stride for the rows of group g: offs[g] .. offs[g+1]
  * (a device array, so no host wait), or with offs NULL one group of rows 0 .. M. (Measured on an
- * H100 as the decode step's plain linears too: slower than cuBLAS at 1 and 32 rows, so they stay
- * on cuBLAS.) A warp owns CU_ROWS_WARP_COLS output
+ * H100 as the decode step's plain linears too: slower than cuBLAS at 1 and 32 rows; those now take
+ * cu_skinny_linear.) A warp owns CU_ROWS_WARP_COLS output
  * columns; its lanes split K in 8-element chunks (K % 8 == 0) and reduce in a fixed order, so a
  * row's bits do not depend on the other rows. round: bf16 operands (W's shadow when it has one),
  * fp32 accumulation, like cu_gemm_bf16; else full fp32. Needs no host wait (graph capture). */
 int cu_rows_gemm(const kctx *k, float *Y, int ldy, const float *X, int ldx, const float *W, long w_stride,
                  const int32_t *offs, int groups, int M, int N, int K, float beta, int round, mill_err *e);
+
+/* op_linear's few-row case (decode): y[m, n] = (y[m, n] +) sum_c bf16(x[m, c]) bf16(w[n, c]) for
+ * M <= CU_SKINNY_MAX_ROWS, one launch, no scratch, no host wait (graph capture): w's bf16 shadow
+ * when it has one, else w rounded in the kernel (the same values); fp32 accumulation on the tensor
+ * cores. A row's bits depend on K, its own x row and w only, never on M or the other rows
+ * (dense.cu states the order). K, ldx, ldy and the pointers need no alignment (a scalar path
+ * takes what 16-byte loads can't). */
+#define CU_SKINNY_MAX_ROWS 32
+int cu_skinny_linear(const kctx *k, float *Y, int ldy, const float *X, int ldx, const float *W, int M, int N, int K,
+                     int accumulate, mill_err *e);
 
 static inline int cu_gemm(const kctx *k, cu_gemm_shape s, int M, int N, int K, const float *A, int lda,
                           const float *B, int ldb, float *C, int ldc, float beta, int fast, mill_err *e) {

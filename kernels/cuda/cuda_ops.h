@@ -16,7 +16,8 @@
  * Precision: GEMMs keep fp32 storage in and out and run on bf16 tensor cores with fp32 accumulation:
  * each GEMM rounds its two operands to bf16 scratch copies (a model's weights are read from their
  * bf16 shadow instead: kctx_shadow_add, kept current by the ops that write weights) and calls
- * cublasGemmEx with bf16 inputs
+ * cublasGemmEx with bf16 inputs (op_linear of <= 32 rows: one kernel of dense.cu's that rounds x
+ * and reads the shadow itself, mma.sync bf16 -> fp32; kctx.linear_cublas sends it to cuBLAS too)
  * (CUBLAS_COMPUTE_32F_FAST_16BF on fp32 matrices was tried first: cuBLAS 13.0 on an H100 ran TF32
  * kernels for it, not bf16). The hyper-connection logits stay full fp32 like the rest of the mHC
  * math; every other kernel is fp32 (doubles where the CPU path uses them). */

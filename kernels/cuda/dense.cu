@@ -1,5 +1,7 @@
 /* kernels/cuda/dense.cu — CUDA paths of kernels/dense.h: linear / matmul / their backward on cuBLAS
- * (fp32 storage, bf16 tensor cores, fp32 accumulation), RMSNorm, embedding, clamped SwiGLU,
+ * (fp32 storage, bf16 tensor cores, fp32 accumulation), except op_linear of <= 32 rows (decode),
+ * which is one memory-bound kernel of its own (cu_skinny_linear: the same bf16 operands, a fixed
+ * summation order, so a row's bits do not depend on its batch), RMSNorm, embedding, clamped SwiGLU,
  * cross-entropy and the token head (log-softmax at targets + entropy) as fp32 kernels, and the
  * memory ops (copies on kctx.stream, row repeat, int32 gather). */
 #include "cuda_internal.cuh"
@@ -204,6 +206,280 @@ int cu_rows_gemm(const kctx *k, float *Y, int ldy, const float *X, int ldx, cons
     return 0;
 }
 
+/* ---- cu_skinny_linear (cuda_internal.cuh): op_linear for decode's few rows.
+ * Memory-bound: the weight is read once, 16 bytes per lane per load, SK_LOADS loads in flight per
+ * lane, while the products run on the tensor cores (mma.sync m16n8k16 bf16 -> fp32), which keeps
+ * 32 rows as cheap as one (fp32 FMAs would need 32 per weight, more than the SMs issue at HBM
+ * speed). Layout: a block is SK_WARPS warps over a tile of 8 T output columns; K is cut into chunks
+ * of 32 and chunk c belongs to warp c % SK_WARPS. In a chunk, lane (g = lane / 4, t = lane % 4)
+ * loads w[col0 + 8 j + g][kc + 8 t .. + 7] for each n-tile j (one 16-byte vector of the bf16
+ * shadow, or two of fp32 rounded as cu_to_bf16 does) and x[row][kc + 8 t .. + 7] for its rows g
+ * and g + 8 of each 16-row tile, rounded to bf16; the MMA's k slots {2t, 2t+1, 2t+8, 2t+9} take
+ * elements 0-3 of those eight, a second MMA elements 4-7: both operands use the same k
+ * permutation, so the product is the plain dot product. Rows past M, columns past N and k past K
+ * are zeros (predicated loads: nothing outside the operands is read).
+ * Latency: a warp takes its chunks U = 8 / T at a time and issues all U x T weight loads first,
+ * then the x loads of G chunks at once (G = U for up to 8 rows, fewer for more rows, to bound the
+ * registers), then their MMAs; so one iteration waits about one memory round trip, not U of them.
+ * Row bucket R (8, 16, 32: M <= R) sets what is loaded; rows g + 8 are not loaded at all for R 8.
+ * Summation order of y[m, n] (depends on K only, never on M, R, T or the other rows, so a token's
+ * output is the same bits in any batch, and with the shadow or fp32 weights alike): warp w sums
+ * its chunks w, w + 4, w + 8, ... in increasing order from 0, each chunk as two MMAs (elements
+ * 0-3, then 4-7, of each lane's eight; inside one MMA the tensor core's fixed order; the chunks
+ * past the end in a warp's last round add zeros); then ((p0 + p1) + p2) + p3 over the warps; then
+ * y + that when accumulating. ptxas (CUDA 13.0, sm_90): 90-250 registers by variant, no spills;
+ * static shared memory (the warps' partial sums) at most 24 KiB. */
+#define SK_WARPS 4 /* warps per block, each every 4th chunk of K */
+#define SK_LOADS 8 /* 16-byte weight vectors in flight per lane: T n-tiles x U chunks */
+#define SK_XREGS 64 /* registers for x loads in flight per lane: G chunks x rows x 8 floats */
+/* Blocks per SM that ptxas must fit: without a bound it trades the loads in flight for occupancy
+ * (32 registers: the loads wait one by one); 2 allows 255 (spill-free in every variant), and 3
+ * keeps R 32, T 1 (whose x loads it would otherwise hoist until 254) at 168. */
+#define SK_MIN_BLOCKS(R, T) ((R) == 32 && (T) == 1 ? 3 : 2)
+
+__device__ __forceinline__ uint32_t sk_pack(uint32_t lo, uint32_t hi) { /* two fp32 bit patterns */
+    __nv_bfloat162 h = __floats2bfloat162_rn(__uint_as_float(lo), __uint_as_float(hi)); /* lo: low half */
+    uint32_t u;
+    memcpy(&u, &h, sizeof u);
+    return u;
+}
+
+/* 16 bytes at p when ok, else zeros: one predicated load (p is not touched when !ok); volatile,
+ * so loads stay in issue order ahead of the MMAs that use them. STREAM (the weights, read once):
+ * past L1, which keeps x (every block reads it). */
+template <bool STREAM>
+__device__ __forceinline__ uint4 sk_ld16(const void *p, bool ok) {
+    uint4 v;
+    if (STREAM)
+        asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %5, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t"
+                     "mov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+                     "@q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p), "r"((int)ok));
+    else
+        asm volatile("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %5, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t"
+                     "mov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t@q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p), "r"((int)ok));
+    return v;
+}
+
+/* Eight consecutive fp32 values p[k0 .. k0 + 7] as bit patterns (zeros where !ok or past K), kept
+ * raw until the MMA needs them so no conversion waits on a load ahead of the other loads. VEC: the
+ * eight are in range and p + k0 is 16-byte aligned. */
+struct sk_f8 {
+    uint4 lo, hi;
+};
+template <bool VEC, bool STREAM>
+__device__ __forceinline__ sk_f8 sk_load8(const float *p, int k0, int K, bool ok) {
+    sk_f8 r;
+    if (VEC) {
+        r.lo = sk_ld16<STREAM>(p + k0, ok && k0 < K);
+        r.hi = sk_ld16<STREAM>(p + k0 + 4, ok && k0 < K);
+    } else {
+        uint32_t v[8];
+        for (int q = 0; q < 8; q++) v[q] = ok && k0 + q < K ? __float_as_uint(p[k0 + q]) : 0u;
+        r.lo = make_uint4(v[0], v[1], v[2], v[3]), r.hi = make_uint4(v[4], v[5], v[6], v[7]);
+    }
+    return r;
+}
+/* ... as four bf16 pairs, each rounded as cu_to_bf16 rounds (element 2q in the low half). */
+__device__ __forceinline__ uint4 sk_bf16x8(const sk_f8 &f) {
+    return make_uint4(sk_pack(f.lo.x, f.lo.y), sk_pack(f.lo.z, f.lo.w), sk_pack(f.hi.x, f.hi.y),
+                      sk_pack(f.hi.z, f.hi.w));
+}
+
+/* A weight row's eight elements, raw: the shadow's bf16 (already the MMA's format) or fp32. */
+template <typename WT>
+struct sk_w8;
+template <>
+struct sk_w8<__nv_bfloat16> {
+    uint4 v;
+};
+template <>
+struct sk_w8<float> {
+    sk_f8 v;
+};
+template <bool VEC>
+__device__ __forceinline__ sk_w8<__nv_bfloat16> sk_load_w(const __nv_bfloat16 *p, int k0, int K, bool ok) {
+    sk_w8<__nv_bfloat16> r;
+    if (VEC) {
+        r.v = sk_ld16<true>(p + k0, ok && k0 < K);
+    } else {
+        uint32_t h[4];
+        for (int q = 0; q < 4; q++) {
+            unsigned short lo = ok && k0 + 2 * q < K ? __bfloat16_as_ushort(p[k0 + 2 * q]) : 0;
+            unsigned short hi = ok && k0 + 2 * q + 1 < K ? __bfloat16_as_ushort(p[k0 + 2 * q + 1]) : 0;
+            h[q] = (uint32_t)lo | (uint32_t)hi << 16;
+        }
+        r.v = make_uint4(h[0], h[1], h[2], h[3]);
+    }
+    return r;
+}
+template <bool VEC>
+__device__ __forceinline__ sk_w8<float> sk_load_w(const float *p, int k0, int K, bool ok) {
+    sk_w8<float> r;
+    r.v = sk_load8<VEC, true>(p, k0, K, ok);
+    return r;
+}
+__device__ __forceinline__ uint4 sk_w_bf16(const sk_w8<__nv_bfloat16> &w) { return w.v; }
+__device__ __forceinline__ uint4 sk_w_bf16(const sk_w8<float> &w) { return sk_bf16x8(w.v); }
+
+/* d += a b: one m16n8k16 bf16 MMA with fp32 accumulators (a: rows g, g+8 at k slots 2t.., 2t+8..). */
+__device__ __forceinline__ void sk_mma(float *d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* R: row bucket (M <= R: 8, 16 or 32); T n-tiles of 8 columns per block; see the section comment. */
+template <int R, int T, bool VEC, typename WT>
+__global__ void __launch_bounds__(32 * SK_WARPS, SK_MIN_BLOCKS(R, T)) skinny_kernel(float *__restrict__ Y, int ldy,
+                                                              const float *__restrict__ X, int ldx,
+                                                              const WT *__restrict__ W, int M, int N, int K,
+                                                              int accumulate) {
+    constexpr int MT = R > 16 ? 2 : 1;                     /* 16-row tiles */
+    constexpr int HB = R > 8 ? 2 : 1;                      /* row halves loaded: g, and g + 8 */
+    constexpr int U = SK_LOADS / T;                        /* chunks per iteration */
+    constexpr int GX = SK_XREGS / (8 * MT * HB);           /* chunks whose x fits the register budget */
+    constexpr int G = GX < 1 ? 1 : GX > U ? U : GX;        /* chunks per x group */
+    static_assert(U % G == 0, "x groups must tile an iteration");
+    __shared__ float red[SK_WARPS - 1][MT * T * 4][32];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int col0 = blockIdx.x * 8 * T;
+    int nchunks = (K + 31) >> 5;
+    float acc[MT][T][4];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < T; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][j][q] = 0.f;
+    const WT *wrow[T];
+    bool wok[T];
+#pragma unroll
+    for (int j = 0; j < T; j++) {
+        int n = col0 + 8 * j + g;
+        wok[j] = n < N;
+        wrow[j] = W + (long)(wok[j] ? n : 0) * K;
+    }
+    const float *xrow[MT][HB]; /* this lane's rows (row 0 stands in for rows past M: never loaded) */
+    bool xok[MT][HB];
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int h = 0; h < HB; h++) {
+            int r = 16 * i + 8 * h + g;
+            xok[i][h] = r < M;
+            xrow[i][h] = X + (long)(r < M ? r : 0) * ldx;
+        }
+    for (int c0 = warp; c0 < nchunks; c0 += SK_WARPS * U) {
+        sk_w8<WT> wv[U][T];
+#pragma unroll
+        for (int u = 0; u < U; u++) /* every weight load first: they are in flight together */
+#pragma unroll
+            for (int j = 0; j < T; j++) {
+                int c = c0 + SK_WARPS * u;
+                wv[u][j] = sk_load_w<VEC>(wrow[j], c * 32 + 8 * t, K, wok[j] && c < nchunks);
+            }
+#pragma unroll
+        for (int u0 = 0; u0 < U; u0 += G) {
+            sk_f8 xv[G][MT][HB];
+#pragma unroll
+            for (int uu = 0; uu < G; uu++) { /* the group's x loads, all before its MMAs */
+                int c = c0 + SK_WARPS * (u0 + uu);
+#pragma unroll
+                for (int i = 0; i < MT; i++)
+#pragma unroll
+                    for (int h = 0; h < HB; h++)
+                        xv[uu][i][h] = sk_load8<VEC, false>(xrow[i][h], c * 32 + 8 * t, K, xok[i][h] && c < nchunks);
+            }
+#pragma unroll
+            for (int uu = 0; uu < G; uu++) /* a chunk past the end is zeros: it adds +0, no branch */
+#pragma unroll
+                for (int i = 0; i < MT; i++) {
+                    uint4 xa = sk_bf16x8(xv[uu][i][0]);
+                    uint4 xb = HB > 1 ? sk_bf16x8(xv[uu][i][HB - 1]) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int j = 0; j < T; j++) {
+                        uint4 b = sk_w_bf16(wv[u0 + uu][j]);
+                        sk_mma(acc[i][j], xa.x, xb.x, xa.y, xb.y, b.x, b.y);
+                        sk_mma(acc[i][j], xa.z, xb.z, xa.w, xb.w, b.z, b.w);
+                    }
+                }
+        }
+    }
+    /* the warps' partial sums, in warp order, by warp 0 */
+    if (warp > 0) {
+#pragma unroll
+        for (int i = 0; i < MT; i++)
+#pragma unroll
+            for (int j = 0; j < T; j++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) red[warp - 1][(i * T + j) * 4 + q][lane] = acc[i][j][q];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+        for (int j = 0; j < T; j++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                float v = acc[i][j][q];
+#pragma unroll
+                for (int p = 0; p < SK_WARPS - 1; p++) v += red[p][(i * T + j) * 4 + q][lane];
+                int row = 16 * i + g + (q >= 2 ? 8 : 0), col = col0 + 8 * j + 2 * t + (q & 1);
+                if (row < M && col < N) {
+                    float *yp = Y + (long)row * ldy + col;
+                    *yp = accumulate ? *yp + v : v;
+                }
+            }
+}
+
+template <int R, typename WT>
+static void skinny_launch(int T, bool vec, dim3 grid, cudaStream_t st, float *Y, int ldy, const float *X, int ldx,
+                          const WT *W, int M, int N, int K, int acc) {
+    dim3 th(32 * SK_WARPS);
+#define SK_CASE(TT)                                                                                        \
+    if (T == TT) {                                                                                         \
+        if (vec) skinny_kernel<R, TT, true, WT><<<grid, th, 0, st>>>(Y, ldy, X, ldx, W, M, N, K, acc);     \
+        else skinny_kernel<R, TT, false, WT><<<grid, th, 0, st>>>(Y, ldy, X, ldx, W, M, N, K, acc);        \
+        return;                                                                                            \
+    }
+    SK_CASE(8) SK_CASE(4) SK_CASE(2) SK_CASE(1)
+#undef SK_CASE
+}
+
+template <typename WT>
+static void skinny_rows(int T, bool vec, dim3 grid, cudaStream_t st, float *Y, int ldy, const float *X, int ldx,
+                        const WT *W, int M, int N, int K, int acc) {
+    if (M <= 8) skinny_launch<8>(T, vec, grid, st, Y, ldy, X, ldx, W, M, N, K, acc);
+    else if (M <= 16) skinny_launch<16>(T, vec, grid, st, Y, ldy, X, ldx, W, M, N, K, acc);
+    else skinny_launch<32>(T, vec, grid, st, Y, ldy, X, ldx, W, M, N, K, acc);
+}
+
+int cu_skinny_linear(const kctx *k, float *Y, int ldy, const float *X, int ldx, const float *W, int M, int N, int K,
+                     int accumulate, mill_err *e) {
+    if (M <= 0 || N <= 0) return 0;
+    if (M > CU_SKINNY_MAX_ROWS || K <= 0 || ldx < K || ldy < N)
+        return mill_errf(e, "cu_skinny_linear: bad shape M %d N %d K %d ldx %d ldy %d", M, N, K, ldx, ldy);
+    const __nv_bfloat16 *w16 = (const __nv_bfloat16 *)cu_shadow_of(k, W, (long)N * K);
+    const void *wp = w16 ? (const void *)w16 : (const void *)W;
+    /* 16-byte vectors: every weight row and x row starts aligned, K a multiple of 8 */
+    bool vec = K % 8 == 0 && ldx % 4 == 0 && ((uintptr_t)wp & 15) == 0 && ((uintptr_t)X & 15) == 0;
+    /* wider column tiles share each x load among more MMAs, but keep >= 256 blocks to fill the GPU
+     * (the summation order does not depend on T) */
+    int T = N >= 16384 ? 8 : N >= 8192 ? 4 : N >= 4096 ? 2 : 1;
+    dim3 grid((unsigned)((N + 8 * T - 1) / (8 * T)));
+    if (w16) skinny_rows(T, vec, grid, cu_stream(k), Y, ldy, X, ldx, w16, M, N, K, accumulate);
+    else skinny_rows(T, vec, grid, cu_stream(k), Y, ldy, X, ldx, W, M, N, K, accumulate);
+    LAUNCH_CHECK("skinny_kernel");
+    return 0;
+}
+
 int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
                    int accumulate, mill_err *e) {
     if (M <= 0 || N <= 0) return 0;
@@ -215,7 +491,12 @@ int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int 
         return 0;
     }
     double tp = cu_phase(k);
-    int rc = cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
+    int rc;
+    /* decode's few rows: one memory-bound kernel, the same bits for a row in any batch */
+    if (M <= CU_SKINNY_MAX_ROWS && !k->gemm_fp32 && !k->linear_cublas && lx >= K && ly >= N)
+        rc = cu_skinny_linear(k, y, ly, x, lx, w, M, N, K, accumulate, e);
+    else
+        rc = cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
     cu_gemm_phase_end(k, "y = x w^T", M, N, K, tp);
     return rc;
 }

@@ -22,6 +22,9 @@
  * ideal engine). Activations and logits are not counted, so every floor is a lower bound on the
  * time.
  *
+ * On CUDA it first times op_linear at decode's row counts, the few-row kernel against the cuBLAS
+ * path (bench_linear).
+ *
  * usage: bench_decode [MODEL_DIR | --model DIR | --config FILE] [--device cpu|cuda]
  *                     [--batches 1,8,32] [--prompt P] [--steps S] [--copy-mib M]
  * Defaults: tests/data/tiny-a on the CPU, batches 1,8,32, P = S = 64; --config builds a randomly
@@ -34,6 +37,7 @@
 #include <string.h>
 
 #include "bench_util.h"
+#include "kernels/dense.h"
 #include "rollout/engine.h"
 
 #define BENCH_MAX_BATCHES 16
@@ -230,6 +234,58 @@ out:
     return rc;
 }
 
+/* CUDA: op_linear at decode's row counts (M = 1, 8, 32; N = K = 1024, and N = 32768, K = 1024 as an
+ * LM head), through the few-row kernel (cu_skinny_linear) and through the cuBLAS path
+ * (kctx.linear_cublas, which MILL_SKINNY=0 sets for a whole run), each timed as a CUDA graph of 64
+ * calls replayed 10 times after one untimed replay (the engine replays its decode step as a graph).
+ * w is a registered buffer with a bf16 shadow, like a model's weights: 128 MiB of bf16, and the
+ * calls cycle through it, so they read more weight than L2 holds (as a decode step's ~185 distinct
+ * weights do). GB/s: bf16 weight bytes per second, then that over the memory traffic rate (2 x the
+ * copy rate): 1.00 would be a read at full bandwidth. Skipped under MILL_PROFILE (its syncs would
+ * break the capture). */
+static int bench_linear(kctx *k, double traffic, mill_err *e) {
+    enum { CALLS = 64, REPS = 10, KD = 1024, ROWS = 65536 };
+    static const int Ms[] = {1, 8, 32}, Ns[] = {1024, 32768};
+    if (k->prof || !kctx_graphs(k)) return 0;
+    float *w = mem_alloc_copy(k->device, NULL, sizeof(float) * (size_t)ROWS * KD, e);
+    float *x = w ? mem_alloc_copy(k->device, NULL, sizeof(float) * 32 * KD, e) : NULL;
+    float *y = x ? mem_alloc_copy(k->device, NULL, sizeof(float) * 32 * 32768, e) : NULL;
+    int rc = !y || kctx_shadow_add(k, w, (size_t)ROWS * KD, e) ? -1 : 0, was = k->linear_cublas;
+    for (size_t ni = 0; !rc && ni < sizeof Ns / sizeof *Ns; ni++)
+        for (size_t mi = 0; !rc && mi < sizeof Ms / sizeof *Ms; mi++) {
+            int M = Ms[mi], N = Ns[ni], slices = ROWS / N;
+            double us[2] = {0, 0};
+            for (int path = 0; !rc && path < 2; path++) {
+                k->linear_cublas = path; /* 0: the few-row kernel, 1: cuBLAS */
+                void *g = NULL;
+                rc = kctx_graph_begin(k, e);
+                for (int c = 0; !rc && c < CALLS; c++)
+                    rc = op_linear(k, y, x, w + (size_t)(c % slices) * N * KD, M, N, KD, 0, 0, 0, e);
+                mill_err ge;
+                if (kctx_graph_end(k, &g, rc ? &ge : e)) rc = -1; /* ends the capture even after a failure */
+                if (!rc) rc = kctx_graph_launch(k, g, e) || kctx_sync(k, e); /* untimed */
+                double t0 = bench_now();
+                for (int it = 0; !rc && it < REPS; it++) rc = kctx_graph_launch(k, g, e);
+                if (!rc) rc = kctx_sync(k, e);
+                us[path] = (bench_now() - t0) * 1e6 / ((double)REPS * CALLS);
+                kctx_graph_free(g);
+            }
+            if (rc) break;
+            double gb = 2.0 * N * KD / 1e3; /* bf16 weight bytes / 1e9 per microsecond */
+            printf("op_linear M=%d N=%d K=%d: few-row kernel %.2f us/call (%.0f GB/s of bf16 weights, %.2f of the "
+                   "memory rate), cuBLAS path %.2f us/call (%.0f GB/s, %.2f)\n",
+                   M, N, KD, us[0], gb / us[0], gb / us[0] * 1e9 / traffic, us[1], gb / us[1],
+                   gb / us[1] * 1e9 / traffic);
+        }
+    k->linear_cublas = was;
+    kctx_shadow_remove(k, w);
+    mem_free(k->device, y);
+    mem_free(k->device, x);
+    mem_free(k->device, w);
+    fflush(stdout);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     const char *dir = "tests/data/tiny-a", *cfgp = NULL, *dev = bench_arg(argc, argv, "--device", "cpu");
     int batches[BENCH_MAX_BATCHES], nb = 0;
@@ -287,6 +343,7 @@ int main(int argc, char **argv) {
            "(the floors' rate)\n",
            what, dev, desc, host.n_floats / 1e6, gpu ? "cudaMemcpy device-to-device" : "memcpy", mib, rate / 1e9,
            bc.traffic / 1e9);
+    if (gpu && bench_linear(&k, bc.traffic, &e)) goto done;
     /* a budget that admits the largest phase: 8 prefill sequences, or the largest batch */
     int maxB = 8;
     for (int i = 0; i < nb; i++) maxB = batches[i] > maxB ? batches[i] : maxB;
