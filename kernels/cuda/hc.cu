@@ -719,17 +719,76 @@ __global__ void hc_head_bwd_token_kernel(float *dF, float *part, const float *F,
     pt[n] = ds0;
 }
 
-/* dFL[t, c] = sum_j dF[t, j] fn[j, c], j in order: a reduction only mix (<= 24) long, which the fp32
- * GEMM ran at ~40 ms for mix = 4 (the head) at 8,192 tokens on an H200; a thread per element reads
- * each input once. */
+/* The logits backward's two products with mix (<= HC_MIX_MAX) outputs per token, as kernels of their
+ * own: the fp32 GEMMs took ~30-40 ms each at mix = 4 (the head) and 8,192 tokens on an H200.
+ * dFL[t, c] = sum_j dF[t, j] fn[j, c], j in order: a thread per column c keeps fn's column in
+ * registers for HC_ROWS tokens. */
+#define HC_MIX_MAX 24
+#define HC_ROWS 16
 __global__ void hc_dfl_kernel(float *dFL, const float *dF, const float *fn, int N, int mix, int nd) {
-    long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= (long)N * nd) return;
-    long t = id / nd;
-    int c = (int)(id - t * nd);
-    float a = 0.f;
-    for (int j = 0; j < mix; j++) a += dF[t * mix + j] * fn[(long)j * nd + c];
-    dFL[id] = a;
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    long t0 = (long)blockIdx.y * HC_ROWS;
+    if (c >= nd) return;
+    float w[HC_MIX_MAX];
+#pragma unroll
+    for (int j = 0; j < HC_MIX_MAX; j++) w[j] = j < mix ? fn[(long)j * nd + c] : 0.f;
+    for (long t = t0; t < t0 + HC_ROWS && t < N; t++) {
+        float a = 0.f;
+#pragma unroll
+        for (int j = 0; j < HC_MIX_MAX; j++)
+            if (j < mix) a += dF[t * mix + j] * w[j];
+        dFL[t * nd + c] = a;
+    }
+}
+
+/* dfn[j, c] += sum_t dF[t, j] FL[t, c]: chunk z of HC_DFN_CHUNK tokens, in token order, into
+ * part[z, j, c]; then the chunks in order (hc_dfn_sum_kernel). No atomics: the same bits every run. */
+#define HC_DFN_CHUNK 128
+__global__ void hc_dfn_part_kernel(float *part, const float *dF, const float *FL, int N, int mix, int nd) {
+    __shared__ float sdf[HC_DFN_CHUNK * HC_MIX_MAX];
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    long t0 = (long)blockIdx.y * HC_DFN_CHUNK;
+    int nt = N - t0 < HC_DFN_CHUNK ? (int)(N - t0) : HC_DFN_CHUNK;
+    for (int i = threadIdx.x; i < nt * mix; i += blockDim.x) sdf[i] = dF[t0 * mix + i];
+    __syncthreads();
+    if (c >= nd) return;
+    float acc[HC_MIX_MAX];
+#pragma unroll
+    for (int j = 0; j < HC_MIX_MAX; j++) acc[j] = 0.f;
+    for (int t = 0; t < nt; t++) {
+        const float f = FL[(t0 + t) * nd + c];
+#pragma unroll
+        for (int j = 0; j < HC_MIX_MAX; j++)
+            if (j < mix) acc[j] += sdf[t * mix + j] * f;
+    }
+    float *pz = part + (long)blockIdx.y * mix * nd;
+#pragma unroll
+    for (int j = 0; j < HC_MIX_MAX; j++)
+        if (j < mix) pz[(long)j * nd + c] = acc[j];
+}
+
+__global__ void hc_dfn_sum_kernel(float *dfn, const float *part, int chunks, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = 0.f;
+    for (int z = 0; z < chunks; z++) s += part[z * n + i];
+    dfn[i] += s;
+}
+
+static int hc_dfn_add(const kctx *k, float *dfn, const float *dF, const float *FL, int N, int mix, int nd, mill_err *e) {
+    int chunks = (N + HC_DFN_CHUNK - 1) / HC_DFN_CHUNK;
+    long n = (long)mix * nd;
+    float *part = NULL;
+    TRY(cu_scratch((void **)&part, sizeof(float) * (size_t)(chunks * n), k, e));
+    hc_dfn_part_kernel<<<dim3(cu_blocks(nd, 256), chunks), 256, 0, cu_stream(k)>>>(part, dF, FL, N, mix, nd);
+    cudaError_t le = cudaGetLastError();
+    if (le == cudaSuccess) {
+        hc_dfn_sum_kernel<<<cu_blocks(n, 256), 256, 0, cu_stream(k)>>>(dfn, part, chunks, n);
+        le = cudaGetLastError();
+    }
+    cu_scratch_free(part, k);
+    if (le != cudaSuccess) return mill_errf(e, "hc dfn kernels: launch failed: %s", cudaGetErrorString(le));
+    return 0;
 }
 
 /* dFL = dF @ fn; dfn += dF^T FL; dh += rmsnorm backward of dFL (all fp32). */
@@ -737,11 +796,17 @@ static int hc_logits_backward(const kctx *k, float *dh, float *dfn, const float 
                               const float *fn, int N, int mix, hc_dims dm, float *dFL, mill_err *e) {
     int nd = dm.n * dm.D;
     double tp = cu_phase(k);
-    hc_dfl_kernel<<<cu_blocks((long)N * nd, 256), 256, 0, cu_stream(k)>>>(dFL, dF, fn, N, mix, nd);
-    LAUNCH_CHECK("hc_dfl_kernel");
+    if (mix <= HC_MIX_MAX) {
+        hc_dfl_kernel<<<dim3(cu_blocks(nd, 256), (N + HC_ROWS - 1) / HC_ROWS), 256, 0, cu_stream(k)>>>(dFL, dF, fn, N,
+                                                                                                     mix, nd);
+        LAUNCH_CHECK("hc_dfl_kernel");
+    } else {
+        TRY(cu_gemm(k, GEMM_NN, N, nd, mix, dF, mix, fn, nd, dFL, nd, 0.0f, 0, e));
+    }
     cu_phase_end(k, "hc bwd: dFL = dF fn", tp);
     tp = cu_phase(k);
-    TRY(hc_gemm_split(k, GEMM_TN, mix, nd, N, dF, mix, mix, FL, nd, nd, dfn, 1.0f, e));
+    if (mix <= HC_MIX_MAX) TRY(hc_dfn_add(k, dfn, dF, FL, N, mix, nd, e));
+    else TRY(hc_gemm_split(k, GEMM_TN, mix, nd, N, dF, mix, mix, FL, nd, nd, dfn, 1.0f, e));
     cu_phase_end(k, "hc bwd: dfn += dF^T FL", tp);
     tp = cu_phase(k);
     int rc = cuda_op_rmsnorm_backward(k, dh, NULL, dFL, h, NULL, N, nd, 0, dm.norm_eps, e);
