@@ -144,10 +144,11 @@ static int hc_collapse(const kctx *k, float *x, const float *h, const float *pre
 /* Steps 1 and 2 for the rows of tokens t < ntok (<= TOK) at h0 + t*NH*D: s_f[t*MIX + j] =
  * (ht * inv_t) . fn[j]. A token's sums run in the same order whatever TOK and N are (thread tid
  * takes c = tid, tid + 256, ... in order; warp butterflies; warps in order), so its bits do not
- * depend on the batch. s_ss [32], s_part [HC_FUSED_WARPS * TOK * MIX]. Ends with a barrier. */
+ * depend on the batch. s_ss [32], s_part [HC_FUSED_WARPS * TOK * MIX]. FL0 (the backwards): the
+ * normed rows are written there too. Ends with a barrier. */
 template <int NH, int MIX, int TOK>
 __device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float *s_part, const float *h0, int ntok,
-                                                const float *fn, int D, float norm_eps) {
+                                                const float *fn, int D, float norm_eps, float *FL0 = NULL) {
     static_assert(TOK * MIX <= HC_FUSED_THREADS && HC_FUSED_THREADS % 32 == 0, "a thread per output; whole warps");
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nd = NH * D;
     float inv[TOK];
@@ -174,6 +175,7 @@ __device__ __forceinline__ void hc_fused_logits(float *s_f, double *s_ss, float 
         for (int t = 0; t < TOK; t++)
             if (t < ntok) {
                 const float v = h0[(long)t * nd + c] * inv[t]; /* the normed element, rounded to fp32 as FL holds it */
+                if (FL0) FL0[(long)t * nd + c] = v;
 #pragma unroll
                 for (int j = 0; j < MIX; j++) acc[t][j] += v * w[j];
             }
@@ -273,18 +275,19 @@ __global__ void __launch_bounds__(HC_FUSED_THREADS)
         hc_fused_collapse<NH>(x + (t0 + t) * dm.D, h + (t0 + t) * NH * dm.D, s_pre + t * NH, dm.D);
 }
 
-/* The head's logits alone, f [N, NH] (its backward's recomputation): the fused kernels' sums, so the
- * same bits as the forward's. */
-template <int NH, int TOK>
+/* The logits alone, f [N, MIX], and the normed rows FL (the backwards' recomputation): the fused
+ * kernels' sums, so the same bits as the forward's f. */
+template <int NH, int MIX, int TOK>
 __global__ void __launch_bounds__(HC_FUSED_THREADS)
-    hc_head_logits_kernel(float *f, const float *h, const float *fn, int N, hc_dims dm) {
+    hc_logits_fused_kernel(float *f, float *FL, const float *h, const float *fn, int N, hc_dims dm) {
     __shared__ double s_ss[32];
-    __shared__ float s_part[HC_FUSED_WARPS * TOK * NH];
-    __shared__ float s_f[TOK * NH];
+    __shared__ float s_part[HC_FUSED_WARPS * TOK * MIX];
+    __shared__ float s_f[TOK * MIX];
     const long t0 = (long)blockIdx.x * TOK;
     const int ntok = N - t0 < TOK ? (int)(N - t0) : TOK;
-    hc_fused_logits<NH, NH, TOK>(s_f, s_ss, s_part, h + t0 * NH * dm.D, ntok, fn, dm.D, dm.norm_eps);
-    if (threadIdx.x < ntok * NH) f[t0 * NH + threadIdx.x] = s_f[threadIdx.x];
+    hc_fused_logits<NH, MIX, TOK>(s_f, s_ss, s_part, h + t0 * NH * dm.D, ntok, fn, dm.D, dm.norm_eps,
+                                  FL + t0 * NH * dm.D);
+    if (threadIdx.x < ntok * MIX) f[t0 * MIX + threadIdx.x] = s_f[threadIdx.x];
 }
 
 /* Whether the fused kernels take these N tokens: n with an instance below, and n*D an int like the
@@ -330,20 +333,31 @@ static int hc_fused(const kctx *k, int head, float *x, float *pre, float *post, 
     }
 }
 
-/* The head's backward: FL = the normed rows and f = its logits, f by the fused kernels' sums (the
- * split fp32 GEMM took ~30 ms for these 4 outputs at 8,192 tokens on an H200). */
-static int hc_head_logits(const kctx *k, float *f, float *FL, const float *h, const float *fn, int N, hc_dims dm,
-                          mill_err *e) {
-    if (!hc_fused_fits(N, dm)) return hc_logits(k, f, FL, h, fn, N, dm.n, dm, e);
-    TRY(cu_rmsnorm_rows(k, FL, h, NULL, N, dm.n * dm.D, 0, dm.norm_eps, e));
+/* The backwards' FL (the normed rows) and f (the logits of the pre's mix, or of the head's n when
+ * head): one pass of the fused kernels' sums where they fit, so f has the forward's bits; the split
+ * fp32 GEMM otherwise (it took 0.13 to 1.9 ms for the pre and ~30 ms for the head at 8,192 tokens on
+ * an H200, varying from run to run). */
+template <int NH>
+static void hc_logits_fused_launch(const kctx *k, int head, float *f, float *FL, const float *h, const float *fn,
+                                   int N, hc_dims dm) {
     unsigned grid = (unsigned)((N + HC_FUSED_TOK - 1) / HC_FUSED_TOK);
+    if (head)
+        hc_logits_fused_kernel<NH, NH, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, FL, h, fn, N, dm);
+    else
+        hc_logits_fused_kernel<NH, (2 + NH) * NH, HC_FUSED_TOK>
+            <<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, FL, h, fn, N, dm);
+}
+
+static int hc_logits_bwd(const kctx *k, int head, float *f, float *FL, const float *h, const float *fn, int N,
+                         hc_dims dm, mill_err *e) {
+    if (!hc_fused_fits(N, dm)) return hc_logits(k, f, FL, h, fn, N, head ? dm.n : (2 + dm.n) * dm.n, dm, e);
     switch (dm.n) {
-    case 1: hc_head_logits_kernel<1, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
-    case 2: hc_head_logits_kernel<2, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
-    case 3: hc_head_logits_kernel<3, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm); break;
-    default: hc_head_logits_kernel<4, HC_FUSED_TOK><<<grid, HC_FUSED_THREADS, 0, cu_stream(k)>>>(f, h, fn, N, dm);
+    case 1: hc_logits_fused_launch<1>(k, head, f, FL, h, fn, N, dm); break;
+    case 2: hc_logits_fused_launch<2>(k, head, f, FL, h, fn, N, dm); break;
+    case 3: hc_logits_fused_launch<3>(k, head, f, FL, h, fn, N, dm); break;
+    default: hc_logits_fused_launch<4>(k, head, f, FL, h, fn, N, dm);
     }
-    LAUNCH_CHECK("hc_head_logits_kernel");
+    LAUNCH_CHECK("hc_logits_fused_kernel");
     return 0;
 }
 
@@ -829,7 +843,7 @@ int cuda_op_hc_pre_backward(const kctx *k, float *dh, float *dfn, float *dbase, 
     TRY(cu_scratch((void **)&s, sizeof(float) * (size_t)(N * per_tok), k, e));
     float *pre = s, *dpre = pre + (long)N * n, *part = dpre + (long)N * n, *chains = part + (long)N * (mix + 3);
     double tp = cu_phase(k);
-    int rc = hc_logits(k, F, FL, h, fn, N, mix, dm, e);
+    int rc = hc_logits_bwd(k, 0, F, FL, h, fn, N, dm, e);
     cu_phase_end(k, "hc_pre bwd: logits again", tp);
     if (!rc) {
         hc_pre_weights_kernel<<<cu_blocks((long)N * n, 256), 256, 0, cu_stream(k)>>>(pre, F, mix, base, scale, N, n,
@@ -864,7 +878,7 @@ int cuda_op_hc_head_backward(const kctx *k, float *dh, float *dfn, float *dbase,
     float *s = NULL;
     TRY(cu_scratch((void **)&s, sizeof(float) * (size_t)N * (3 * n + 1), k, e));
     float *pre = s, *dpre = pre + (long)N * n, *part = dpre + (long)N * n;
-    int rc = hc_head_logits(k, F, FL, h, fn, N, dm, e);
+    int rc = hc_logits_bwd(k, 1, F, FL, h, fn, N, dm, e);
     if (!rc) {
         hc_pre_weights_kernel<<<cu_blocks((long)N * n, 256), 256, 0, cu_stream(k)>>>(pre, F, n, base, scale, N, n,
                                                                                      dm.hc_eps);
