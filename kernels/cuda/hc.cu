@@ -1,13 +1,15 @@
 /* kernels/cuda/hc.cu — CUDA paths of kernels/hc.h (manifold-constrained hyper-connections).
- * All fp32 like the CPU path: the logits' product f = rms(flatten(h)) @ fn^T is a full-fp32 cuBLAS
- * GEMM (it is small, (2+n)*n outputs, and feeds Sinkhorn); the per-token mixing math (sigmoids,
- * softmax, Sinkhorn and its backward) is one thread per token, since n is 4; collapse / placement
- * are one thread per element; dot products over D are one block each. Parameter gradients (base,
- * scale) are summed per token first, then over chunks of tokens and the chunks in order
- * (cu_colsum_add): no float atomics. The two products with a long reduction (the logits, dfn) are
- * split along it (hc_gemm_split); the Sinkhorn matrices live in shared memory (hc_token_smem).
- * For hc_mult <= CUDA_HC_FUSED_MAX_STREAMS, op_hc_pre and op_hc_head are instead one kernel
- * (hc_pre_fused_kernel / hc_head_fused_kernel), a token's bits independent of the batch. */
+ * All fp32 like the CPU path. For hc_mult <= CUDA_HC_FUSED_MAX_STREAMS (DSV4's 4):
+ *   - op_hc_pre / op_hc_head are one kernel each (hc_pre_fused_kernel / hc_head_fused_kernel): RMS,
+ *     the logits f = rms(flatten(h)) @ fn^T, mixing, collapse; a token's bits do not depend on the
+ *     batch, and the backwards recompute f with the same sums (hc_logits_fused_kernel);
+ *   - the backwards' products with fn (dFL = dF fn, dfn += dF^T FL) and their per-token dots are
+ *     kernels of their own (hc_dfl_kernel, hc_dfn_part/_sum_kernel, the *_dots_kernels).
+ * Larger hc_mult takes the general path: the logits and dfn as full-fp32 cuBLAS GEMMs split along
+ * their long reduction (hc_gemm_split), a dot product over D per block. Either way the per-token
+ * Sinkhorn backward is a thread per token with its matrices in shared memory (hc_token_smem), and
+ * the parameter gradients (base, scale) are summed per token first, then over chunks of tokens and
+ * the chunks in order (cu_colsum_add): no float atomics anywhere. */
 #include "cuda_internal.cuh"
 
 #include <math.h>

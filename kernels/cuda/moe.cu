@@ -408,6 +408,14 @@ struct moe_blayout<true> {
 
 typedef nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> moe_acc;
 
+/* A warp's 2 x 4 accumulator tiles, zeroed. */
+__device__ __forceinline__ void moe_acc_zero(moe_acc (&acc)[2][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+}
+
 /* The block's output tile, through shared memory one 16 x 16 fragment per warp at a time: tile row r
  * (< mt), column n0 + c (< N) lands at C[(row0 + r) * ldc + n0 + c] as beta C[...] + acc (beta 0: C is
  * not read, so NaN there goes). Warp (wm, wn) holds rows wm * 32 .., columns wn * 64 .. of the tile in
@@ -456,10 +464,7 @@ __global__ void __launch_bounds__(MOE_THREADS, 2)
     int nk = (K + MOE_BK - 1) / MOE_BK;
 
     moe_acc acc[2][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    moe_acc_zero(acc);
 
     /* one commit group per K step (empty past the end), so "all but the newest STAGES - 2 groups
      * done" always means "step kt has landed" */
@@ -548,10 +553,7 @@ __global__ void __launch_bounds__(MOE_THREADS, 2)
     int nk = rows > 0 ? (rows + MOE_BK - 1) / MOE_BK : 0;
 
     moe_acc acc[2][4];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-        for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+    moe_acc_zero(acc);
 
     /* the NT/NN kernel's pipeline: one commit group per step (empty past the end), wait for all
      * but the newest MOE_STAGES - 2, one barrier per step */
