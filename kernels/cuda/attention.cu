@@ -197,6 +197,29 @@ __device__ __forceinline__ void att_axpy4(float4 &acc, float a, float4 x) {
     acc.w = fmaf(a, x.w, acc.w);
 }
 
+/* acc[r][c] += sum_j W[j][hw + r] K[j] over a staged key tile (j < nt, in order): the forward's
+ * p-weighted values and the backward's ds-weighted dq, for a warp's ATF_HPW heads and its lane's
+ * float4 columns c4 = lane + 32 c < d4. */
+template <int NC>
+__device__ __forceinline__ void att_tile_weighted_keys(float4 (&acc)[ATF_HPW][NC], const float *W, const float *Ks,
+                                                       int ldk, int nt, int hw, int lane, int d4) {
+    for (int j = 0; j < nt; j++) {
+        float4 w4 = *(const float4 *)(W + j * ATF_HEADS + hw);
+        const float *kr = Ks + (long)j * ldk;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            int c4 = lane + 32 * c;
+            if (c4 < d4) {
+                float4 k = *(const float4 *)(kr + 4 * c4);
+                att_axpy4(acc[0][c], w4.x, k);
+                att_axpy4(acc[1][c], w4.y, k);
+                att_axpy4(acc[2][c], w4.z, k);
+                att_axpy4(acc[3][c], w4.w, k);
+            }
+        }
+    }
+}
+
 __device__ __forceinline__ float att_pick(float4 v, int r) { return r == 0 ? v.x : r == 1 ? v.y : r == 2 ? v.z : v.w; }
 
 /* s[r] = row . Qw[r] for the warp's 4 heads (Qw: stride d), over d channels. */
@@ -260,21 +283,7 @@ __global__ void __launch_bounds__(ATF_THREADS)
                 acc[r][c].z *= alpha[r];
                 acc[r][c].w *= alpha[r];
             }
-        for (int j = 0; j < nt; j++) {
-            float4 p4 = *(const float4 *)(Ps + j * ATF_HEADS + hw);
-            const float *kr = Ks + (long)j * ldk;
-#pragma unroll
-            for (int c = 0; c < NC; c++) {
-                int c4 = lane + 32 * c;
-                if (c4 < d4) {
-                    float4 k = *(const float4 *)(kr + 4 * c4);
-                    att_axpy4(acc[0][c], p4.x, k);
-                    att_axpy4(acc[1][c], p4.y, k);
-                    att_axpy4(acc[2][c], p4.z, k);
-                    att_axpy4(acc[3][c], p4.w, k);
-                }
-            }
-        }
+        att_tile_weighted_keys<NC>(acc, Ps, Ks, ldk, nt, hw, lane, d4);
     }
 #pragma unroll
     for (int r = 0; r < ATF_HPW; r++) {
@@ -375,21 +384,7 @@ __global__ void __launch_bounds__(ATF_THREADS)
         *(float4 *)(Ps + lane * ATF_HEADS + hw) = make_float4(p[0], p[1], p[2], p[3]);
         *(float4 *)(DSs + lane * ATF_HEADS + hw) = make_float4(ds[0], ds[1], ds[2], ds[3]);
         __syncthreads(); /* the key gradients read every warp's columns */
-        for (int j = 0; j < nt; j++) {
-            float4 d4s = *(const float4 *)(DSs + j * ATF_HEADS + hw);
-            const float *kr = Ks + (long)j * ldk;
-#pragma unroll
-            for (int c = 0; c < NC; c++) {
-                int c4 = lane + 32 * c;
-                if (c4 < d4) {
-                    float4 k = *(const float4 *)(kr + 4 * c4);
-                    att_axpy4(dqa[0][c], d4s.x, k);
-                    att_axpy4(dqa[1][c], d4s.y, k);
-                    att_axpy4(dqa[2][c], d4s.z, k);
-                    att_axpy4(dqa[3][c], d4s.w, k);
-                }
-            }
-        }
+        att_tile_weighted_keys<NC>(dqa, DSs, Ks, ldk, nt, hw, lane, d4);
 #pragma unroll
         for (int c = 0; c < NC; c++) {
             int c4 = lane + 32 * c;
