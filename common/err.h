@@ -21,6 +21,12 @@ int mill_errf(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2
 /* Prepends "prefix: " to an existing message (adds context on the way up). */
 int mill_err_wrap(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Propagate a failure: `TRY(op(...));` inside a function returning int. */
+#define TRY(x)                   \
+    do {                         \
+        if ((x) != 0) return -1; \
+    } while (0)
+
 typedef enum { LOG_DEBUG = 0, LOG_INFO = 1, LOG_WARN = 2, LOG_ERROR = 3 } log_level;
 void log_msg(log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 #define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)

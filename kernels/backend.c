@@ -347,6 +347,14 @@ int kctx_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e) {
     return 0;
 }
 
+int kctx_shadow_touched(const kctx *k, const void *dst, size_t bytes, mill_err *e) {
+#ifdef MILL_CUDA
+    if (k->device == DEVICE_CUDA) return cu_shadow_refresh(k, dst, bytes, e);
+#endif
+    (void)k, (void)dst, (void)bytes, (void)e;
+    return 0;
+}
+
 void kctx_shadow_remove(const kctx *k, const float *src) {
     for (int i = 0; src && k->shadows && i < KCTX_SHADOWS; i++)
         if (k->shadows[i].src == src) {

@@ -52,11 +52,6 @@ void kctx_free(kctx *k);
  * cpu); -1 for anything else. */
 int kctx_device_parse(const char *name, mill_device *dev);
 
-/* Propagate a failure: `TRY(op(...));` inside a function returning int. */
-#define TRY(x)                 \
-    do {                       \
-        if ((x) != 0) return -1; \
-    } while (0)
 
 /* Memory on a device: a copy of bytes of host memory at src (NULL: zeroed), or NULL with e set;
  * and its release (NULL is fine). CPU: malloc; CUDA: cudaMalloc. */
@@ -73,6 +68,9 @@ int kctx_sync(const kctx *k, mill_err *e);
  * are simply not shadowed). Remove it before src is freed, and before kctx_free. CPU: no-ops. */
 int kctx_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e);
 void kctx_shadow_remove(const kctx *k, const float *src);
+/* After something other than the ops above wrote bytes at dst (an NCCL collective into a model's
+ * weights): round that part of any shadow again. CPU: a no-op. */
+int kctx_shadow_touched(const kctx *k, const void *dst, size_t bytes, mill_err *e);
 
 /* Sharing device memory with another process on the same GPU (CUDA IPC): the MEM_IPC_HANDLE_BYTES
  * handle of a whole mem_alloc_copy allocation (the other side maps the allocation's start, so p

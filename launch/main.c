@@ -15,6 +15,8 @@
 #include "../common/ledger.h"
 #include "../trainer/worker.h"
 #include "grpo.h"
+#include "ranks.h"
+#include "../trainer/dist.h"
 #include "runs_cli.h"
 #include "sft.h"
 #include <errno.h>
@@ -161,52 +163,109 @@ static const dsv4_model *model_on(const dsv4_model *m, dsv4_model *dm, const kct
     return model_to_device(dm, m, k, e) ? NULL : dm;
 }
 
-static int cmd_forward(int argc, char **argv, mill_err *e) {
+/* The known options of a command plus the layout options (--tp ... --dp). */
+static int check_opts_par(int argc, char **argv, const char *const *known, mill_err *e) {
+    const char *all[32];
+    int n = 0;
+    for (const char *const *k = known; *k && n < 26; k++) all[n++] = *k;
+    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
+    for (int i = 0; i < 5; i++) all[n++] = par[i];
+    all[n] = NULL;
+    return check_opts(argc, argv, all, e);
+}
+
+/* Joins (or starts: mpiexec) the ranks that the layout options ask for, once the layout has been
+ * checked against the model in dir and the input's rows (every bad layout fails here, on one line). */
+static int start_ranks(int argc, char **argv, const char *dir, const char *in, par_sizes *s, comm **world, mill_err *e) {
+    dsv4_config cfg;
+    int32_t *ids = NULL;
+    int B = 0, T = 0;
+    if (ranks_parse(argc, argv, s, e) || config_load(dir, &cfg, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e))
+        return -1;
+    free(ids);
+    return ranks_start(argc, argv, s, &cfg, B, world, e);
+}
+
+/* Every rank's rows of [rows, width] values (rank r's at rows_lo(r)) gathered on every rank, in place. */
+static int gather_rows(dist_ctx *d, void *buf, long rows, long width, mill_dtype dt, mill_err *e) {
+    comm *c = d->par.dp;
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
+    if (!cnt) return mill_errf(e, "out of memory");
+    for (int r = 0; r < c->size; r++) {
+        long lo, hi;
+        par_range(rows, r, c->size, &lo, &hi);
+        dsp[r] = (size_t)(lo * width);
+        cnt[r] = (size_t)((hi - lo) * width);
+    }
+    int rc = comm_all_gatherv(c, buf, cnt, dsp, dt, e);
+    free(cnt);
+    return rc;
+}
+
+static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
-    if (check_opts(argc, argv, known, e)) return -1;
+    if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     if (!dir || !in || !out) return mill_errf(e, "mill forward needs --model DIR --input IN.json --output OUT.safetensors");
     mill_device dev;
-    if (opt_device(argc, argv, &dev, e)) return -1;
+    par_sizes ps;
+    if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
     dsv4_model m, dm = {0};
     if (model_load(&m, dir, e)) return -1;
     int rc = -1, B = 0, T = 0;
-    int32_t *ids = NULL, *routing = NULL;
+    int32_t *ids = NULL, *routing = NULL, *rl = NULL;
     float *logits = NULL;
     arena a = {0};
     kctx k = {0};
+    dist_ctx d = {0};
     tensor tl = {0}, tr = {0}; /* logits and routing on the device */
     const dsv4_model *run = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
+    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e) ||
+        dist_init(&d, *world, &ps, &m.cfg, B, &k, e))
+        goto done;
     if (!(run = model_on(&m, &dm, &k, e))) goto done;
     const dsv4_config *c = &m.cfg;
-    long N = (long)B * T;
+    long N = (long)B * T, r0, r1;
+    dist_rows(&d, B, &r0, &r1); /* this rank's rows */
+    long Nl = (r1 - r0) * T, L = c->num_hidden_layers, K = c->num_experts_per_tok;
     logits = malloc(sizeof(float) * (size_t)N * (size_t)c->vocab_size);
-    routing = malloc(sizeof(int32_t) * (size_t)c->num_hidden_layers * (size_t)N * (size_t)c->num_experts_per_tok);
-    if (!logits || !routing) {
+    routing = malloc(sizeof(int32_t) * (size_t)(L * N * K));
+    rl = malloc(sizeof(int32_t) * (size_t)(L * N * K));
+    if (!logits || !routing || !rl) {
         mill_errf(e, "forward: out of memory for %ld x %d logits", N, c->vocab_size);
         goto done;
     }
-    int64_t nl = N * c->vocab_size, nr = (int64_t)c->num_hidden_layers * N * c->num_experts_per_tok;
+    int64_t nl = Nl * c->vocab_size, nr = L * Nl * K;
     if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tl, DTYPE_F32, dev, 1, &nl, e) ||
         tensor_alloc(&tr, DTYPE_I32, dev, 1, &nr, e))
         goto done;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (model_forward(run, &k, ids, B, T, tl.data, tr.data, &a, e) ||
-        op_copy_to_host(&k, logits, tl.data, tensor_nbytes(&tl), e) ||
-        op_copy_to_host(&k, routing, tr.data, tensor_nbytes(&tr), e))
+    if (model_forward(run, &k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a, e) ||
+        op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
+        op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e))
         goto done;
+    /* routing [L, rows * T, K]: each layer's rows gathered from the ranks */
+    for (long l = 0; l < L; l++) {
+        memcpy(routing + (l * N + r0 * T) * K, rl + l * Nl * K, sizeof(int32_t) * (size_t)(Nl * K));
+        if (gather_rows(&d, routing + l * N * K, B, T * K, DTYPE_I32, e)) goto done;
+    }
+    if (gather_rows(&d, logits, B, (long)T * c->vocab_size, DTYPE_F32, e)) goto done;
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double sec = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    if (d.par.rank != 0) { /* rank 0 writes the output */
+        rc = 0;
+        goto done;
+    }
     w = safetensors_writer_new();
     int64_t ls[3] = {B, T, c->vocab_size}, rs[4] = {c->num_hidden_layers, B, T, c->num_experts_per_tok};
     if (!w || safetensors_writer_add(w, "logits", DTYPE_F32, 3, ls, logits, e) ||
         safetensors_writer_add(w, "routing", DTYPE_I32, 4, rs, routing, e) ||
         safetensors_writer_save(w, out, e))
         goto done;
-    log_info("forward: %d x %d tokens in %.3f s (%.0f tokens/s) -> %s", B, T, sec, (double)N / sec, out);
+    log_info("forward: %d x %d tokens in %.3f s (%.0f tokens/s) on %d rank(s) -> %s", B, T, sec, (double)N / sec,
+             d.par.world, out);
     rc = 0;
 done:
     safetensors_writer_free(w);
@@ -214,10 +273,12 @@ done:
     tensor_free(&tl);
     tensor_free(&tr);
     model_free(&dm);
+    dist_free(&d);
     kctx_free(&k);
     free(ids);
     free(logits);
     free(routing);
+    free(rl);
     model_free(&m);
     return rc;
 }
@@ -234,13 +295,14 @@ static const char *human(double x, char *buf, size_t n) {
     return buf;
 }
 
-static int cmd_grad(int argc, char **argv, mill_err *e) {
+static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
-    if (check_opts(argc, argv, known, e)) return -1;
+    if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     if (!dir || !in || !out) return mill_errf(e, "mill grad needs --model DIR --input IN.json --output OUT.safetensors");
     mill_device dev;
-    if (opt_device(argc, argv, &dev, e)) return -1;
+    par_sizes ps;
+    if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
     dsv4_model m, dm = {0};
     if (model_load(&m, dir, e)) return -1;
     int rc = -1, B = 0, T = 0;
@@ -248,11 +310,14 @@ static int cmd_grad(int argc, char **argv, mill_err *e) {
     float *grads = NULL;
     arena a = {0};
     kctx k = {0};
+    dist_ctx d = {0};
     tensor tg = {0}; /* the gradients on the device */
-    const dsv4_model *run = NULL;
+    dsv4_model *run = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e)) goto done;
-    if (!(run = model_on(&m, &dm, &k, e))) goto done;
+    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e) ||
+        dist_init(&d, *world, &ps, &m.cfg, B, &k, e))
+        goto done;
+    if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
     if (T < 2) {
         mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
         goto done;
@@ -268,9 +333,17 @@ static int cmd_grad(int argc, char **argv, mill_err *e) {
     int64_t nf = (int64_t)m.n_floats;
     if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tg, DTYPE_F32, dev, 1, &nf, e)) goto done;
     model_loss loss;
-    if (model_forward_backward(run, &k, ids, targets, B, T, NULL, tg.data, &loss, &a, e) ||
-        op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
+    long r0, r1;
+    dist_rows(&d, B, &r0, &r1); /* this rank's rows; the gradients are summed over the ranks */
+    dist_hook(&d, run, tg.data);
+    if (dist_ce_step(&d, run, &k, ids + r0 * T, targets + r0 * T, (int)(r1 - r0), T, tg.data, &loss, &a, e) ||
+        comm_flush(d.dp, e) || op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
         goto done;
+    dist_unhook(run);
+    if (d.par.rank != 0) { /* rank 0 writes the output */
+        rc = 0;
+        goto done;
+    }
     w = safetensors_writer_new();
     int64_t one = 1;
     float lossf = (float)loss.loss;
@@ -285,13 +358,15 @@ static int cmd_grad(int argc, char **argv, mill_err *e) {
         n_out++;
     }
     if (safetensors_writer_save(w, out, e)) goto done;
-    log_info("grad: loss %.6f over %ld positions, %d gradient tensors -> %s", loss.loss, loss.count, n_out, out);
+    log_info("grad: loss %.6f over %ld positions, %d gradient tensors, %d rank(s) -> %s", loss.loss, loss.count, n_out,
+             d.par.world, out);
     rc = 0;
 done:
     safetensors_writer_free(w);
     arena_free(&a);
     tensor_free(&tg);
     model_free(&dm);
+    dist_free(&d);
     kctx_free(&k);
     free(ids);
     free(targets);
@@ -323,11 +398,12 @@ static int cmd_init(int argc, char **argv, mill_err *e) {
     return rc;
 }
 
-static int cmd_sft(int argc, char **argv, mill_err *e) {
+static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     if (argc < 3 || argv[2][0] == '-')
-        return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--device auto|cpu|cuda] [--resume DIR]");
+        return mill_errf(e, "mill sft needs a recipe: mill sft RECIPE.yaml [--device auto|cpu|cuda] [--resume DIR] "
+                            "[--tp N --pp N --ep N --cp N --dp N]");
     for (int i = 3; i < argc; i += 2) {
-        if (strcmp(argv[i], "--resume") != 0 && strcmp(argv[i], "--device") != 0)
+        if (strcmp(argv[i], "--resume") != 0 && strcmp(argv[i], "--device") != 0 && !ranks_is_option(argv[i]))
             return mill_errf(e, "unknown option %s for mill sft", argv[i]);
         if (i + 1 >= argc) return mill_errf(e, "option %s needs a value", argv[i]);
     }
@@ -335,9 +411,19 @@ static int cmd_sft(int argc, char **argv, mill_err *e) {
     mill_device d = DEVICE_CPU;
     if (dev && kctx_device_parse(dev, &d)) return mill_errf(e, "--device must be auto, cpu or cuda, got \"%s\"", dev);
     sft_recipe r;
-    if (sft_recipe_load(argv[2], &r, e)) return -1;
+    par_sizes ps;
+    if (sft_recipe_load(argv[2], &r, e) || ranks_parse(argc, argv, &ps, e)) return -1;
     if (dev) r.device = d;
-    return sft_run(&r, opt(argc, argv, "--resume"), e);
+    int *rp[5] = {&r.par.tp, &r.par.pp, &r.par.ep, &r.par.cp, &r.par.dp}, *cp[5] = {&ps.tp, &ps.pp, &ps.ep, &ps.cp, &ps.dp};
+    const char *names[5] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
+    for (int i = 0; i < 5; i++) /* the command line's sizes over the recipe's */
+        if (opt(argc, argv, names[i])) *rp[i] = *cp[i];
+    dsv4_config cfg; /* the layout is checked against the model before any rank starts */
+    const char *resume = opt(argc, argv, "--resume");
+    if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
+        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, world, e))
+        return -1;
+    return sft_run(&r, resume, *world, e);
 }
 
 static int parse_num(const char *name, const char *v, double lo, double hi, double *out, mill_err *e) {
@@ -596,13 +682,14 @@ int main(int argc, char **argv) {
     if (argc < 2) return usage(stderr);
     mill_err e = {{0}};
     int rc;
-    if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &e);
-    else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &e);
+    comm *world = NULL; /* the ranks of a parallel command (forward, grad, sft) */
+    if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &world, &e);
+    else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &world, &e);
     else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &e);
     else if (strcmp(argv[1], "rollout-server") == 0) rc = cmd_rollout_server(argc, argv, &e);
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
-    else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &e);
+    else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &world, &e);
     else if (strcmp(argv[1], "run") == 0) rc = cmd_run(argc, argv, &e);
     else if (strcmp(argv[1], "runs") == 0) return cli_runs(argc, argv);
     else if (strcmp(argv[1], "show") == 0) return cli_show(argc, argv);
@@ -617,8 +704,9 @@ int main(int argc, char **argv) {
         return usage(stderr);
     }
     if (rc) {
-        fprintf(stderr, "mill %s: error: %s\n", argv[1], e.msg);
-        return 1;
+        if (world && world->size > 1) fprintf(stderr, "mill %s: rank %d: error: %s\n", argv[1], world->rank, e.msg);
+        else fprintf(stderr, "mill %s: error: %s\n", argv[1], e.msg);
     }
-    return 0;
+    comm_world_end(world, rc != 0); /* a failed rank ends the whole job */
+    return rc ? 1 : 0;
 }

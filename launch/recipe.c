@@ -72,3 +72,18 @@ int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_
     }
     return 0;
 }
+
+int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
+    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", NULL};
+    int *dst[] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp};
+    *s = par_sizes_one();
+    TRY(yamlcfg_known_keys(y, "train.parallel", keys, path, e));
+    for (int i = 0; keys[i]; i++) {
+        char key[32];
+        long long v;
+        snprintf(key, sizeof key, "train.parallel.%s", keys[i]);
+        TRY(yamlcfg_int(y, key, 1, 1, 1 << 20, &v, path, e));
+        *dst[i] = (int)v;
+    }
+    return 0;
+}

@@ -28,13 +28,13 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     int rc = -1;
     static const char *const top[] = {"model", "data", "train", "optimizer", "eval", "checkpoint", NULL};
     static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
-    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", "device", NULL};
+    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", "device", "parallel", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ckpt_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
         yamlcfg_known_keys(y, "train", train_k, path, e) ||
         yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
-        yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e))
+        yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e) || recipe_parallel(y, path, &r->par, e))
         goto done;
     const char *cfg, *from, *dir, *dev;
     long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
@@ -86,9 +86,11 @@ done:
     return rc;
 }
 
-/* Model and optimizer on the host: fresh (or init_from), or the checkpoint in resume_dir. */
+/* Model and optimizer on the host: fresh (or init_from), or the checkpoint in resume_dir. The
+ * optimizer keeps this rank's shard of the moments. */
 static int open_host(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
-    if (resume_dir) return checkpoint_load(resume_dir, &s->model, &s->opt, &r->optim, &s->ts, e);
+    comm *dp = s->d.par.dp;
+    if (resume_dir) return checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, &s->ts, e);
     if (*r->init_from) {
         if (model_load(&s->model, r->init_from, e)) return -1;
     } else {
@@ -96,7 +98,7 @@ static int open_host(sft_state *s, const sft_recipe *r, const char *resume_dir, 
         if (config_load(r->model_config, &cfg, e) || model_init(&s->model, &cfg, e)) return -1;
         model_init_random(&s->model, r->init_seed, (float)r->init_std);
     }
-    if (optimizer_init(&s->opt, &s->model, &r->optim, e)) {
+    if (optimizer_init_shard(&s->opt, &s->model, &r->optim, dp, e)) {
         model_free(&s->model);
         return -1;
     }
@@ -104,23 +106,35 @@ static int open_host(sft_state *s, const sft_recipe *r, const char *resume_dir, 
     return 0;
 }
 
-int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
+int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *world, mill_err *e) {
     memset(s, 0, sizeof *s);
+    if (!world && comm_world_init(&s->own_world, e)) return -1;
+    s->world = world ? world : s->own_world;
     /* the device first, so a machine without one fails before the model is built */
     if (kctx_init(&s->k, r->device, e)) {
         kctx_free(&s->k);
+        comm_world_end(s->own_world, 0);
         return mill_err_wrap(e, "device %s", r->device == DEVICE_CUDA ? "cuda" : "cpu");
     }
-    if (open_host(s, r, resume_dir, e)) {
+    if (dist_init(&s->d, s->world, &r->par, NULL, r->batch_size, &s->k, e)) {
         kctx_free(&s->k);
+        comm_world_end(s->own_world, 0);
+        return -1;
+    }
+    if (open_host(s, r, resume_dir, e)) {
+        dist_free(&s->d);
+        kctx_free(&s->k);
+        comm_world_end(s->own_world, 0);
         return -1;
     }
     s->gpu = r->device != DEVICE_CPU;
-    if (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e))) {
-        mill_err_wrap(e, "sft: to the GPU");
+    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
+        (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e)))) {
+        mill_err_wrap(e, "sft");
         sft_close(s);
         return -1;
     }
+    s->dopt.dp = s->d.dp; /* the device optimizer gathers its shards over the device's comm */
     if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
         tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) ||
         arena_init_device(&s->a, 16 << 20, s->k.device, s->k.stream, e)) {
@@ -140,7 +154,9 @@ void sft_close(sft_state *s) {
     }
     optimizer_free(&s->opt);
     model_free(&s->model);
+    dist_free(&s->d);
     kctx_free(&s->k);
+    comm_world_end(s->own_world, 0);
     memset(s, 0, sizeof *s);
 }
 
@@ -177,9 +193,15 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     model_loss loss;
     dsv4_model *m = sft_train_model(s);
     optimizer *o = sft_train_opt(s);
+    long r0, r1; /* every rank draws the whole batch (one data stream) and trains its rows of it */
+    dist_rows(&s->d, b.B, &r0, &r1);
     /* ids and targets are host arrays (model.h); grads, like every op argument, are in k's memory */
     rc = op_zero(&s->k, s->grads, sizeof(float) * m->n_floats, e);
-    if (!rc) rc = model_forward_backward(m, &s->k, b.ids, b.targets, b.B, b.T, NULL, s->grads, &loss, &s->a, e);
+    dist_hook(&s->d, m, s->grads);
+    if (!rc)
+        rc = dist_ce_step(&s->d, m, &s->k, b.ids + r0 * b.T, b.targets + r0 * b.T, (int)(r1 - r0), b.T, s->grads,
+                          &loss, &s->a, e);
+    dist_unhook(m);
     if (!rc) rc = optimizer_step(o, m, &s->k, s->grads, &st->grad_norm, &st->lr, e);
     sft_batch_free(&b);
     if (rc) return -1;
@@ -288,19 +310,32 @@ static int make_dirs(const char *path) {
     return mkdir(buf, 0755) && errno != EEXIST ? -1 : 0;
 }
 
-int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
+/* What one rank holds, in bytes: parameters, gradients, Adam moments (its shard). */
+static void print_bytes(const sft_state *s) {
+    double mib = 1.0 / (1 << 20), p = (double)s->model.n_floats * sizeof(float);
+    printf("sft: per rank: parameters %.1f MiB, gradients %.1f MiB, optimizer state %.1f MiB (%s of the moments)\n",
+           p * mib, p * mib, 2.0 * (double)(s->opt.hi - s->opt.lo) * sizeof(float) * mib,
+           s->d.par.sz.dp > 1 ? "a 1/dp shard" : "all");
+}
+
+int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *e) {
     sft_state s;
-    if (sft_open(&s, r, resume_dir, e)) return -1;
+    if (sft_open(&s, r, resume_dir, world, e)) return -1;
+    int lead = s.d.par.rank == 0; /* rank 0 prints and evaluates */
     if (make_dirs(r->out_dir)) {
         sft_close(&s);
         return mill_errf(e, "%s: cannot create the checkpoint directory: %s", r->out_dir, strerror(errno));
     }
     size_t upd;
     int nupd = optimizer_n_updated(&s.opt, &s.model, &upd);
+    if (!lead && !freopen("/dev/null", "w", stdout)) log_warn("sft: rank %d keeps its stdout", s.d.par.rank); /* one rank speaks */
+    char lay[96];
     printf("sft: %zu parameters, %d tensors / %zu values trained, %ld steps of %d problems (levels", s.model.n_trainable,
            nupd, upd, r->steps, r->batch_size);
     for (int i = 0; i < r->n_levels; i++) printf(" %d", r->levels[i]);
-    printf(") on %s%s\n", s.gpu ? "cuda" : "cpu", resume_dir ? ", resumed" : "");
+    printf(") on %s, %d rank(s) (%s)%s\n", s.gpu ? "cuda" : "cpu", s.d.par.world, par_sizes_str(&r->par, lay, sizeof lay),
+           resume_dir ? ", resumed" : "");
+    print_bytes(&s);
     int rc = -1;
     double t0 = now(), loss_acc = 0;
     long tok_acc = 0, n_acc = 0;
@@ -312,7 +347,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
         tok_acc += st.tokens;
         n_acc++;
         double dt = now() - t0;
-        progress(s.ts.step, r->steps, st.loss, tok_acc / (dt > 0 ? dt : 1));
+        if (lead) progress(s.ts.step, r->steps, st.loss, tok_acc / (dt > 0 ? dt : 1));
         if (s.ts.step % r->log_every == 0 || s.ts.step == r->steps) {
             if (isatty(2)) fputc('\n', stderr);
             printf("step %6ld  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tokens/s\n", s.ts.step, loss_acc / n_acc, st.lr,
@@ -323,7 +358,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e) {
             tok_acc = 0;
             t0 = now();
         }
-        if ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps) {
+        if (lead && ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps)) {
             double acc;
             if (sft_eval(&s, r, r->eval_problems, &acc, e)) goto out;
             printf("step %6ld  held-out greedy accuracy %.3f (%d problems)\n", s.ts.step, acc, r->eval_problems);

@@ -12,6 +12,7 @@
 #include "../algos/arith.h"
 #include "../common/tokenizer.h"
 #include "../trainer/checkpoint.h"
+#include "../trainer/dist.h"
 
 typedef struct {
     char model_config[1024]; /* configs/models/NAME.json, for a fresh model */
@@ -27,6 +28,7 @@ typedef struct {
     uint64_t eval_seed;
     char out_dir[1024];
     mill_device device; /* train.device: where the training step runs (the default, 0, is the CPU) */
+    par_sizes par;      /* train.parallel.{tp,pp,ep,cp,dp} (the command line's --dp ... override them) */
 } sft_recipe;
 
 /* "cpu" or "cuda" into *dev; -1 for anything else (the caller names the file or option). */
@@ -45,10 +47,14 @@ typedef struct {
     int gpu;
     dsv4_model dm;
     optimizer dopt;
+    /* the rank layout: each dp rank trains its rows of every batch, keeps its shard of the moments */
+    comm *world, *own_world; /* own_world: made here when the caller gave none */
+    dist_ctx d;
 } sft_state;
 
-/* Fresh (or init_from) model, or the checkpoint in resume_dir when given. */
-int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e);
+/* Fresh (or init_from) model, or the checkpoint in resume_dir when given (made with any dp), as a
+ * rank of world under r->par (world NULL: this process alone). */
+int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *world, mill_err *e);
 void sft_close(sft_state *s);
 
 typedef struct {
@@ -76,7 +82,7 @@ int arith_eval(const dsv4_model *m, const kctx *k, const tokenizer *tok, const i
 /* The answer text of a generated response: its bytes up to the first non-byte id. */
 int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *text, size_t cap, mill_err *e);
 
-/* The whole run: steps, logs, evals, checkpoints under out_dir; prints to stdout. */
-int sft_run(const sft_recipe *r, const char *resume_dir, mill_err *e);
+/* The whole run: steps, logs, evals, checkpoints under out_dir; rank 0 prints to stdout. */
+int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *e);
 
 #endif

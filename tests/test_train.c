@@ -36,6 +36,7 @@ static void recipe(sft_recipe *r, const char *out_dir) {
     r->eval_problems = 8;
     r->eval_seed = 5;
     snprintf(r->out_dir, sizeof r->out_dir, "%s", out_dir);
+    r->par = par_sizes_one();
 }
 
 static void test_lr_schedule(void **st) {
@@ -144,15 +145,15 @@ static void test_resume_bit_identical(void **st) {
     recipe(&r, dir);
     sft_state a, b;
     sft_step_stats s;
-    if (sft_open(&a, &r, NULL, &e)) fail_msg("%s", e.msg);
+    if (sft_open(&a, &r, NULL, NULL, &e)) fail_msg("%s", e.msg);
     for (int i = 0; i < 4; i++)
         if (sft_step(&a, &r, &s, &e)) fail_msg("%s", e.msg);
-    if (sft_open(&b, &r, NULL, &e)) fail_msg("%s", e.msg);
+    if (sft_open(&b, &r, NULL, NULL, &e)) fail_msg("%s", e.msg);
     for (int i = 0; i < 2; i++)
         if (sft_step(&b, &r, &s, &e)) fail_msg("%s", e.msg);
     if (sft_checkpoint(&b, ck, &e)) fail_msg("%s", e.msg);
     sft_close(&b);
-    if (sft_open(&b, &r, ck, &e)) fail_msg("%s", e.msg);
+    if (sft_open(&b, &r, ck, NULL, &e)) fail_msg("%s", e.msg);
     assert_int_equal(b.ts.step, 2);
     for (int i = 0; i < 2; i++)
         if (sft_step(&b, &r, &s, &e)) fail_msg("%s", e.msg);
@@ -164,7 +165,7 @@ static void test_resume_bit_identical(void **st) {
     assert_memory_equal(a.opt.v, b.opt.v, sizeof(float) * a.model.n_floats);
     /* and training did move the weights */
     sft_state c;
-    if (sft_open(&c, &r, NULL, &e)) fail_msg("%s", e.msg);
+    if (sft_open(&c, &r, NULL, NULL, &e)) fail_msg("%s", e.msg);
     assert_memory_not_equal(a.model.data, c.model.data, sizeof(float) * a.model.n_floats);
     sft_close(&a);
     sft_close(&b);
@@ -184,7 +185,7 @@ static void test_sft_learns(void **st) {
     r.optim.warmup_steps = 5;
     sft_state a;
     sft_step_stats s;
-    if (sft_open(&a, &r, NULL, &e)) fail_msg("%s", e.msg);
+    if (sft_open(&a, &r, NULL, NULL, &e)) fail_msg("%s", e.msg);
     double first = 0, last = 0;
     for (int i = 0; i < 40; i++) {
         if (sft_step(&a, &r, &s, &e)) fail_msg("%s", e.msg);

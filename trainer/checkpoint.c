@@ -36,12 +36,12 @@ static int fsync_path(const char *path, mill_err *e) {
     return 0;
 }
 
-static int write_state(const char *path, const train_state *ts, const optimizer *o, mill_err *e) {
+static int write_state(const char *path, const train_state *ts, const optimizer *o, int shards, mill_err *e) {
     char rs[4][24];
     for (int i = 0; i < 4; i++) snprintf(rs[i], sizeof rs[i], "%016" PRIx64, ts->data_rng.s[i]);
-    json_t *j = json_pack("{s:I, s:I, s:[s,s,s,s], s:I}", "step", (json_int_t)ts->step, "data_position",
+    json_t *j = json_pack("{s:I, s:I, s:[s,s,s,s], s:I, s:i}", "step", (json_int_t)ts->step, "data_position",
                           (json_int_t)ts->data_position, "data_rng", rs[0], rs[1], rs[2], rs[3], "optimizer_step",
-                          (json_int_t)o->step);
+                          (json_int_t)o->step, "optimizer_shards", shards);
     if (!j) return mill_errf(e, "%s: cannot build state", path);
     int rc = json_dump_file(j, path, JSON_INDENT(2));
     json_decref(j);
@@ -49,50 +49,78 @@ static int write_state(const char *path, const train_state *ts, const optimizer 
     return fsync_path(path, e);
 }
 
+static void optim_file(char *buf, size_t n, const char *dir, int shard, int shards) {
+    if (shards == 1) snprintf(buf, n, "%s/optimizer.safetensors", dir);
+    else snprintf(buf, n, "%s/optimizer-%05d-of-%05d.safetensors", dir, shard + 1, shards);
+}
+
+/* Every rank of the optimizer's dp group takes part (a group of one: this process alone). Rank 0
+ * makes DIR.tmp; each rank writes and fsyncs its model and moment shards; once all have (a
+ * barrier), rank 0 writes state.json, renames DIR.tmp to DIR and fsyncs the parent; a last
+ * barrier, so no rank reports the checkpoint before it is complete. A rank that fails ends the
+ * job (comm_world_end), so the others never wait on it. */
 int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, mill_err *e) {
+    comm *c = o->dp ? o->dp->host : NULL;
+    int r = c ? c->rank : 0, k = c ? c->size : 1;
     char tmp[4096], path[4200], old[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
-    if (rm_tree(tmp)) return mill_errf(e, "%s: cannot clear a stale temporary checkpoint", tmp);
-    if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
-    if (model_save(m, tmp, e)) return mill_err_wrap(e, "checkpoint %s", dir);
+    if (r == 0) {
+        if (rm_tree(tmp)) return mill_errf(e, "%s: cannot clear a stale temporary checkpoint", tmp);
+        if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
+    }
+    if (c && comm_barrier(c, e)) return -1;
+    if (model_save_shard(m, tmp, r, k, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     safetensors_writer *w = safetensors_writer_new();
-    int64_t n = (int64_t)o->n_floats;
+    int64_t n = (int64_t)(o->hi - o->lo);
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
-    snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
+    optim_file(path, sizeof path, tmp, r, k);
     int rc = !w || safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &n, o->m, e) ||
              safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &n, o->v, e) ||
              safetensors_writer_set_metadata(w, "step", step, e) || safetensors_writer_save(w, path, e);
     safetensors_writer_free(w);
     if (rc) return -1;
-    snprintf(path, sizeof path, "%s/state.json", tmp);
-    if (write_state(path, ts, o, e)) return -1;
-    if (fsync_path(tmp, e)) return -1;
-    /* Replace an existing DIR only after the new one is complete. */
-    snprintf(old, sizeof old, "%s.old", dir);
-    struct stat sb;
-    if (stat(dir, &sb) == 0) {
-        if (rm_tree(old) || rename(dir, old)) return mill_errf(e, "%s: cannot move the previous checkpoint aside", dir);
+    if (c && comm_barrier(c, e)) return -1; /* every rank's files are on disk */
+    if (r == 0) {
+        snprintf(path, sizeof path, "%s/state.json", tmp);
+        if (write_state(path, ts, o, k, e)) return -1;
+        if (fsync_path(tmp, e)) return -1;
+        /* Replace an existing DIR only after the new one is complete. */
+        snprintf(old, sizeof old, "%s.old", dir);
+        struct stat sb;
+        if (stat(dir, &sb) == 0) {
+            if (rm_tree(old) || rename(dir, old))
+                return mill_errf(e, "%s: cannot move the previous checkpoint aside", dir);
+        }
+        if (rename(tmp, dir)) return mill_errf(e, "%s: cannot rename into place: %s", dir, strerror(errno));
+        rm_tree(old);
+        char parent[4096];
+        snprintf(parent, sizeof parent, "%s", dir);
+        if (fsync_path(dirname(parent), e)) return -1;
     }
-    if (rename(tmp, dir)) return mill_errf(e, "%s: cannot rename into place: %s", dir, strerror(errno));
-    rm_tree(old);
-    char parent[4096];
-    snprintf(parent, sizeof parent, "%s", dir);
-    return fsync_path(dirname(parent), e);
+    return c ? comm_barrier(c, e) : 0;
 }
 
-static int read_state(const char *path, train_state *ts, long *opt_step, mill_err *e) {
+static int read_state(const char *path, train_state *ts, long *opt_step, int *shards, mill_err *e) {
     json_error_t je;
     json_t *j = json_load_file(path, 0, &je);
     if (!j) return mill_errf(e, "%s: not valid JSON (line %d: %s)", path, je.line, je.text);
     json_int_t step, pos, ostep;
     const char *rs[4];
-    int rc = json_unpack_ex(j, &je, JSON_STRICT, "{s:I, s:I, s:[ssss], s:I}", "step", &step, "data_position", &pos,
-                            "data_rng", &rs[0], &rs[1], &rs[2], &rs[3], "optimizer_step", &ostep);
+    int ns = 1; /* checkpoints of one process before sharding have no optimizer_shards */
+    int rc = json_unpack_ex(j, &je, JSON_STRICT, "{s:I, s:I, s:[ssss], s:I, s?i}", "step", &step, "data_position",
+                            &pos, "data_rng", &rs[0], &rs[1], &rs[2], &rs[3], "optimizer_step", &ostep,
+                            "optimizer_shards", &ns);
     if (rc) {
         json_decref(j);
-        return mill_errf(e, "%s: %s (expected step, data_position, data_rng[4], optimizer_step)", path, je.text);
+        return mill_errf(e, "%s: %s (expected step, data_position, data_rng[4], optimizer_step, optimizer_shards)",
+                         path, je.text);
     }
+    if (ns < 1) {
+        json_decref(j);
+        return mill_errf(e, "%s: optimizer_shards must be at least 1, got %d", path, ns);
+    }
+    *shards = ns;
     for (int i = 0; i < 4; i++) {
         char *end;
         ts->data_rng.s[i] = strtoull(rs[i], &end, 16);
@@ -108,28 +136,47 @@ static int read_state(const char *path, train_state *ts, long *opt_step, mill_er
     return 0;
 }
 
+/* This rank's moments [o->lo, o->hi) from the checkpoint's shards (any count: resharding). */
+static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, mill_err *e) {
+    char path[4200];
+    for (int s = 0; s < shards; s++) {
+        size_t lo, hi;
+        model_shard_range(m, s, shards, &lo, &hi);
+        size_t a = lo > o->lo ? lo : o->lo, b = hi < o->hi ? hi : o->hi;
+        if (a >= b) continue; /* none of this rank's floats */
+        optim_file(path, sizeof path, dir, s, shards);
+        safetensors *st;
+        if (safetensors_open(path, &st, e)) return -1;
+        const char *names[2] = {"adam.m", "adam.v"};
+        float *dst[2] = {o->m, o->v};
+        for (int i = 0; i < 2; i++) {
+            const safetensors_entry *en = safetensors_find(st, names[i]);
+            if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (size_t)en->shape[0] != hi - lo) {
+                mill_errf(e, "%s: tensor %s must be F32 [%zu] (shard %d of %d of the model's %zu parameter floats)",
+                          path, names[i], hi - lo, s, shards, m->n_floats);
+                safetensors_close(st);
+                return -1;
+            }
+            memcpy(dst[i] + (a - o->lo), (const float *)en->data + (a - lo), sizeof(float) * (b - a));
+        }
+        safetensors_close(st);
+    }
+    return 0;
+}
+
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
                     mill_err *e) {
+    return checkpoint_load_shard(dir, m, o, cfg, NULL, ts, e);
+}
+
+int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
+                          train_state *ts, mill_err *e) {
     if (model_load(m, dir, e)) return -1;
-    if (optimizer_init(o, m, cfg, e)) goto fail_model;
+    if (optimizer_init_shard(o, m, cfg, dp, e)) goto fail_model;
     char path[4200];
-    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
-    safetensors *st;
-    if (safetensors_open(path, &st, e)) goto fail;
-    const char *names[2] = {"adam.m", "adam.v"};
-    float *dst[2] = {o->m, o->v};
-    for (int i = 0; i < 2; i++) {
-        const safetensors_entry *en = safetensors_find(st, names[i]);
-        if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (size_t)en->shape[0] != o->n_floats) {
-            mill_errf(e, "%s: tensor %s must be F32 [%zu] (the model's parameter count)", path, names[i], o->n_floats);
-            safetensors_close(st);
-            goto fail;
-        }
-        memcpy(dst[i], en->data, sizeof(float) * o->n_floats);
-    }
-    safetensors_close(st);
+    int shards = 1;
     snprintf(path, sizeof path, "%s/state.json", dir);
-    if (read_state(path, ts, &o->step, e)) goto fail;
+    if (read_state(path, ts, &o->step, &shards, e) || load_moments(dir, m, o, shards, e)) goto fail;
     return 0;
 fail:
     optimizer_free(o);

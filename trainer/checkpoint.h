@@ -2,8 +2,13 @@
  * Owns: the checkpoint directory format and its atomic write:
  *   DIR/config.json, DIR/model.safetensors   (model_save: original names)
  *   DIR/optimizer.safetensors                (Adam m and v, flat, parameter layout)
- *   DIR/state.json                           (step, data position, RNG state, lr schedule)
- * written into DIR.tmp, each file fsynced, then renamed to DIR and the parent fsynced. */
+ *   DIR/state.json                           (step, data position, RNG state, lr schedule,
+ *                                             optimizer_shards)
+ * written into DIR.tmp, each file fsynced, then renamed to DIR and the parent fsynced.
+ * Written by the K ranks of a data-parallel group, the model and the moments are sharded:
+ * model-RRRRR-of-KKKKK.safetensors + model.safetensors.index.json (HF's sharded layout: a model
+ * directory mill forward reads) and optimizer-RRRRR-of-KKKKK.safetensors holding the moments of
+ * model_shard_range(R - 1, K); optimizer_shards = K. */
 #ifndef MILL_CHECKPOINT_H
 #define MILL_CHECKPOINT_H
 
@@ -23,5 +28,9 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
  * it is initialised here with cfg (the run's optimizer settings). */
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
                     mill_err *e);
+/* The same for this rank's optimizer shard over dp (optimizer_init_shard), from a checkpoint made
+ * with any number of shards: each rank reads only the saved shards that overlap its own. */
+int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
+                          train_state *ts, mill_err *e);
 
 #endif

@@ -475,6 +475,15 @@ static int site_backward(fwd *f, const site_trace *s, const float *fn, const flo
                               scale, N, dm, work, f->e);
 }
 
+/* The gradients of layer l's group are final: hand them to the model's hook. */
+static int grads_ready(fwd *f, int l) {
+    const dsv4_model *m = f->m;
+    if (!m->grad_ready.fn) return 0;
+    size_t lo, hi;
+    model_layer_range(m, l, &lo, &hi);
+    return lo < hi ? m->grad_ready.fn(m->grad_ready.ctx, lo, hi, f->e) : 0;
+}
+
 /* Backward from dlogits [N, V] through the traced forward into grads. */
 static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     const dsv4_model *m = f->m;
@@ -498,6 +507,7 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
     TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx, f->h_final,
                             m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
+    TRY(grads_ready(f, c->num_hidden_layers));
     for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
         const dsv4_layer *L = &m->layers[l];
         const layer_trace *t = &f->lt[l];
@@ -508,11 +518,13 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
         TRY(op_zero(k, dh, sizeof(float) * (size_t)N * n * D, e));
         TRY(site_backward(f, &t->attn, L->hc_attn_fn, L->hc_attn_base, L->hc_attn_scale, L->attn_norm, dh, dh2, dxn,
                           grads, dy, dpost, dcomb, dx, work, 1, L, t));
+        TRY(grads_ready(f, l));
     }
     /* the n streams all started as the embedding */
     TRY(op_zero(k, dx, sizeof(float) * (size_t)N * D, e));
     TRY(op_repeat_rows_backward(k, dx, dh, N, n, D, e));
-    return op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e);
+    TRY(op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e));
+    return grads_ready(f, -1);
 }
 
 /* After the traced forward: the token head, the loss on the host, its backward into grads. */

@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include <jansson.h>
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,6 +132,20 @@ const param_info *model_find_param(const dsv4_model *m, const char *name) {
 
 int model_param_has_grad(const param_info *p) {
     return p->kind == PARAM_WEIGHT && !strstr(p->name, ".attn.indexer.");
+}
+
+void model_layer_range(const dsv4_model *m, int l, size_t *lo, size_t *hi) {
+    int L = m->cfg.num_hidden_layers, seen_layer = 0;
+    *lo = *hi = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        seen_layer |= p->layer >= 0;
+        if (p->kind != PARAM_WEIGHT) continue;
+        int mine = l >= 0 && l < L ? p->layer == l : p->layer < 0 && (l < 0 ? !seen_layer : seen_layer);
+        if (!mine) continue;
+        if (*lo == *hi) *lo = p->offset;
+        *hi = p->offset + p->numel;
+    }
 }
 
 static float *fp(const dsv4_model *m, const char *fmt, int l) {
@@ -449,16 +465,61 @@ done:
 }
 
 
-int model_save(const dsv4_model *m, const char *dir, mill_err *e) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    if (config_save(&m->cfg, path, e)) return -1;
+void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi) {
+    size_t units = (m->n_floats + 15) / 16, q = units / (size_t)k, rem = units % (size_t)k, rs = (size_t)r;
+    size_t u0 = rs * q + (rs < rem ? rs : rem), u1 = u0 + q + (rs < rem);
+    *lo = u0 * 16 < m->n_floats ? u0 * 16 : m->n_floats;
+    *hi = u1 * 16 < m->n_floats ? u1 * 16 : m->n_floats;
+}
+
+/* Shard of a tensor: the one whose floats hold its first; tid2eid tables and mtp.* go with 0. */
+static int param_shard(const dsv4_model *m, const param_info *p, int k) {
+    if (p->kind == PARAM_INDEX) return 0;
+    for (int r = 0; r < k; r++) {
+        size_t lo, hi;
+        model_shard_range(m, r, k, &lo, &hi);
+        if (p->offset >= lo && p->offset < hi) return r;
+    }
+    return 0;
+}
+
+static void shard_file(char *buf, size_t n, int shard, int n_shards) {
+    if (n_shards == 1) snprintf(buf, n, "model.safetensors");
+    else snprintf(buf, n, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
+}
+
+/* model.safetensors.index.json: every tensor's file. */
+static int save_index(const dsv4_model *m, const char *dir, int n_shards, mill_err *e) {
+    json_t *map = json_object(), *root = json_pack("{s:{s:I}, s:o}", "metadata", "total_size",
+                                                   (json_int_t)(m->n_floats * sizeof(float)), "weight_map", map);
+    if (!root) return mill_errf(e, "model_save: out of memory");
+    char file[64], path[4200];
+    for (int i = 0; i < m->n_params; i++) {
+        shard_file(file, sizeof file, param_shard(m, &m->params[i], n_shards), n_shards);
+        json_object_set_new(map, m->params[i].name, json_string(file));
+    }
+    shard_file(file, sizeof file, 0, n_shards);
+    for (int i = 0; i < m->n_extra; i++) json_object_set_new(map, m->extra[i].name, json_string(file));
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    int rc = json_dump_file(root, path, JSON_INDENT(1) | JSON_SORT_KEYS);
+    json_decref(root);
+    return rc ? mill_errf(e, "%s: cannot write", path) : 0;
+}
+
+int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shards, mill_err *e) {
+    char path[4200], file[64];
+    if (shard == 0) {
+        snprintf(path, sizeof path, "%s/config.json", dir);
+        if (config_save(&m->cfg, path, e)) return -1;
+        if (n_shards > 1 && save_index(m, dir, n_shards, e)) return -1;
+    }
     safetensors_writer *w = safetensors_writer_new();
     if (!w) return mill_errf(e, "model_save: out of memory");
     int rc = -1;
     int64_t *tmp = NULL;
     for (int i = 0; i < m->n_params; i++) {
         const param_info *p = &m->params[i];
+        if (param_shard(m, p, n_shards) != shard) continue;
         if (p->kind == PARAM_INDEX) {
             free(tmp);
             tmp = malloc(sizeof(int64_t) * p->numel);
@@ -472,17 +533,20 @@ int model_save(const dsv4_model *m, const char *dir, mill_err *e) {
             goto done;
         }
     }
-    for (int i = 0; i < m->n_extra; i++)
+    for (int i = 0; shard == 0 && i < m->n_extra; i++)
         if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
                                    m->extra[i].t.data, e))
             goto done;
-    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    shard_file(file, sizeof file, shard, n_shards);
+    snprintf(path, sizeof path, "%s/%s", dir, file);
     rc = safetensors_writer_save(w, path, e);
 done:
     free(tmp);
     safetensors_writer_free(w);
     return rc;
 }
+
+int model_save(const dsv4_model *m, const char *dir, mill_err *e) { return model_save_shard(m, dir, 0, 1, e); }
 
 void model_init_random(dsv4_model *m, uint64_t seed, float std) {
     rng r;

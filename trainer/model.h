@@ -56,6 +56,14 @@ typedef struct {
     tensor t; /* fp32 copy */
 } model_extra;
 
+/* Called by the backward as soon as the gradients of the floats [lo, hi) of the parameter layout
+ * are final for this call (the head group first, then each layer from the last, the embedding
+ * last): a data-parallel trainer starts their reduction there, while the backward goes on. */
+typedef struct {
+    int (*fn)(void *ctx, size_t lo, size_t hi, mill_err *e);
+    void *ctx;
+} model_grad_hook;
+
 typedef struct {
     dsv4_config cfg;
     param_info *params;
@@ -73,6 +81,7 @@ typedef struct {
     const kctx *shadow_k; /* a device model: the kctx holding the bf16 shadow of data (model_to_device) */
     uintptr_t dropped_base; /* after model_device_drop: where data was (the float pointers still point into
                              * that range; restore moves them); 0 when data is there */
+    model_grad_hook grad_ready; /* fn NULL: none (set by the trainer that owns the model, per call) */
 } dsv4_model;
 
 /* Builds the parameter table for cfg only (no buffers: works for any size, e.g. to count). */
@@ -100,6 +109,14 @@ void model_device_drop(dsv4_model *m);
 int model_device_restore(dsv4_model *m, const kctx *k, const float *host_src, mill_err *e);
 /* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
 int model_save(const dsv4_model *m, const char *dir, mill_err *e);
+/* Shard `shard` of n_shards of that directory, as n_shards writers (ranks) make it together: the
+ * tensors whose first float lies in model_shard_range(shard) go to model-SSSSS-of-NNNNN.safetensors
+ * (tid2eid and mtp.* with shard 0); shard 0 also writes config.json and
+ * model.safetensors.index.json (HF's sharded layout, which model_load reads). n_shards 1: model_save. */
+int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shards, mill_err *e);
+/* Shard r of k of the flat float layout: contiguous, in order, on 16-float boundaries (every tensor
+ * starts on one), sizes within 16 floats of each other. The data-parallel optimizer's shards. */
+void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi);
 /* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
  * HC scales, zeros for HC bases, sinks, position biases and the router bias), except tid2eid: HF
  * leaves it zero for a checkpoint to fill; here each token gets k distinct random experts. */
@@ -108,6 +125,10 @@ const param_info *model_find_param(const dsv4_model *m, const char *name);
 /* Whether the LM loss reaches a parameter: trainable weights outside the indexer
  * (its top-k selection is not differentiable). */
 int model_param_has_grad(const param_info *p);
+/* The floats [lo, hi) of the trainable weights of layer l (l = -1: those outside every layer
+ * before the first, i.e. the embedding; l = layers: those after the last, the final norm, HC head
+ * and LM head); lo == hi when there are none. */
+void model_layer_range(const dsv4_model *m, int l, size_t *lo, size_t *hi);
 
 /* Memory, for the three entry points below: m, the arena and k share one device. ids, targets and
  * replay are HOST arrays (copied to the device once per call with the positions); logits,

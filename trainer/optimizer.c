@@ -23,16 +23,24 @@ void optim_config_default(optim_config *c) {
 }
 
 int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, mill_err *e) {
+    return optimizer_init_shard(o, m, cfg, NULL, e);
+}
+
+int optimizer_init_shard(optimizer *o, const dsv4_model *m, const optim_config *cfg, comm *dp, mill_err *e) {
     memset(o, 0, sizeof *o);
     o->cfg = *cfg;
     o->n_floats = m->n_floats;
     o->n_params = m->n_params;
-    o->m = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
-    o->v = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
+    o->dp = dp;
+    if (dp) model_shard_range(m, dp->rank, dp->size, &o->lo, &o->hi);
+    else o->hi = m->n_floats;
+    size_t n = o->hi - o->lo;
+    o->m = calloc(n ? n : 1, sizeof(float));
+    o->v = calloc(n ? n : 1, sizeof(float));
     o->update = calloc((size_t)m->n_params, 1);
     if (!o->m || !o->v || !o->update) {
         optimizer_free(o);
-        return mill_errf(e, "optimizer: out of memory for %zu moments", m->n_floats);
+        return mill_errf(e, "optimizer: out of memory for %zu moments", n);
     }
     int matched[OPTIM_MAX_FREEZE] = {0};
     for (int i = 0; i < m->n_params; i++) {
@@ -58,7 +66,7 @@ void optimizer_free(optimizer *o) {
 }
 
 int optimizer_to_device(optimizer *dst, const optimizer *src, const kctx *k, mill_err *e) {
-    size_t bytes = sizeof(float) * src->n_floats;
+    size_t bytes = sizeof(float) * (src->hi - src->lo);
     *dst = *src;
     dst->device = k->device;
     dst->update = malloc((size_t)src->n_params ? (size_t)src->n_params : 1);
@@ -74,8 +82,8 @@ int optimizer_to_device(optimizer *dst, const optimizer *src, const kctx *k, mil
 }
 
 int optimizer_copy_to_host(optimizer *host, const optimizer *dev, const kctx *k, mill_err *e) {
-    size_t bytes = sizeof(float) * dev->n_floats;
-    if (host->device != DEVICE_CPU || host->n_floats != dev->n_floats)
+    size_t bytes = sizeof(float) * (dev->hi - dev->lo);
+    if (host->device != DEVICE_CPU || host->lo != dev->lo || host->hi != dev->hi)
         return mill_errf(e, "optimizer_copy_to_host: the host optimizer does not match");
     TRY(op_copy_to_host(k, host->m, dev->m, bytes, e));
     TRY(op_copy_to_host(k, host->v, dev->v, bytes, e));
@@ -115,22 +123,54 @@ static int optim_run_end(const optimizer *o, const dsv4_model *m, int i) {
     return j;
 }
 
+/* The floats of parameter i inside [lo, hi): [*a, *b), empty when a == b. */
+static void clip_range(const param_info *p, size_t lo, size_t hi, size_t *a, size_t *b) {
+    *a = p->offset > lo ? p->offset : lo;
+    *b = p->offset + p->numel < hi ? p->offset + p->numel : hi;
+    if (*b < *a) *b = *a;
+}
+
+/* Every rank's updated shard to every rank (and the bf16 shadow of what others wrote). */
+static int gather_shards(optimizer *o, dsv4_model *m, const kctx *k, mill_err *e) {
+    comm *c = o->dp;
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt + c->size;
+    if (!cnt) return mill_errf(e, "optimizer: out of memory");
+    for (int r = 0; r < c->size; r++) {
+        size_t lo, hi;
+        model_shard_range(m, r, c->size, &lo, &hi);
+        dsp[r] = lo;
+        cnt[r] = hi - lo;
+    }
+    int rc = comm_all_gatherv(c, m->data, cnt, dsp, DTYPE_F32, e);
+    for (int r = 0; !rc && r < c->size; r++)
+        if (r != c->rank) rc = kctx_shadow_touched(k, m->data + dsp[r], sizeof(float) * cnt[r], e);
+    free(cnt);
+    return rc ? mill_err_wrap(e, "optimizer: gathering the updated shards") : 0;
+}
+
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e) {
-    /* the global norm: one segment per updated tensor, summed in table order (one sync on a GPU) */
+    int sharded = o->dp && o->dp->size > 1;
+    if (o->dp && comm_flush(o->dp, e)) return mill_err_wrap(e, "optimizer: the gradients' reduction");
+    /* the global norm: one segment per updated tensor (its part in this shard), summed in table order
+     * (one sync on a GPU), then over the shards */
     long *seg = malloc(sizeof(long) * 2 * (size_t)(m->n_params ? m->n_params : 1));
     if (!seg) return mill_errf(e, "optimizer: out of memory");
     int n_seg = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (o->update[i]) {
-            seg[n_seg] = (long)m->params[i].offset;
-            seg[m->n_params + n_seg] = (long)m->params[i].numel;
+    for (int i = 0; i < m->n_params; i++) {
+        size_t a, b;
+        clip_range(&m->params[i], o->lo, o->hi, &a, &b);
+        if (o->update[i] && a < b) {
+            seg[n_seg] = (long)a;
+            seg[m->n_params + n_seg] = (long)(b - a);
             n_seg++;
         }
+    }
     double ss = 0.0;
     int rc = op_sumsq_segments(k, grads, seg, seg + m->n_params, n_seg, &ss, e);
     free(seg);
     if (rc) return rc;
+    if (sharded && comm_sum_f64(o->dp, &ss, 1, e)) return mill_err_wrap(e, "optimizer: the gradient norm");
     double norm = sqrt(ss);
     if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
     *grad_norm = norm;
@@ -148,13 +188,18 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
         }
         int j = optim_run_end(o, m, i);
         const param_info *p = &m->params[i], *last = &m->params[j - 1];
-        long n = (long)(last->offset + last->numel - p->offset);
-        float *g = grads + p->offset;
+        param_info run = *p; /* the run's floats, then their part in this shard */
+        run.numel = last->offset + last->numel - p->offset;
+        size_t a, b;
+        clip_range(&run, o->lo, o->hi, &a, &b);
+        i = j;
+        if (a >= b) continue;
+        long n = (long)(b - a);
+        float *g = grads + a;
         if (clip != 1.0f) TRY(op_scale(k, g, n, clip, e));
         hp.weight_decay = p->ndim >= 2 ? (float)o->cfg.weight_decay : 0.0f; /* no decay on norms, scales, sinks */
-        TRY(op_adamw(k, m->data + p->offset, g, o->m + p->offset, o->v + p->offset, n, hp, e));
-        i = j;
+        TRY(op_adamw(k, m->data + a, g, o->m + (a - o->lo), o->v + (a - o->lo), n, hp, e));
     }
     o->step = t;
-    return 0;
+    return sharded ? gather_shards(o, m, k, e) : 0;
 }

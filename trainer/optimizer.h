@@ -9,6 +9,7 @@
 
 #include <stdint.h>
 
+#include "comm.h"
 #include "model.h"
 
 typedef enum { LR_CONSTANT = 0, LR_COSINE } lr_schedule;
@@ -25,7 +26,12 @@ typedef struct {
 
 typedef struct {
     optim_config cfg;
-    float *m, *v;     /* [n_floats], in `device` memory */
+    /* The distributed optimizer (Megatron's, ZeRO-1): the dp ranks share the moments, rank r keeping
+     * those of the floats [lo, hi) = model_shard_range(r, dp); it updates only those parameters,
+     * then the updated shards are all-gathered. dp NULL or of one rank: the whole layout. */
+    comm *dp;         /* the group (NCCL on a GPU); not owned */
+    size_t lo, hi;
+    float *m, *v;     /* [hi - lo], in `device` memory: element i is parameter float lo + i */
     mill_device device;
     uint8_t *update;  /* per parameter-table entry: 1 when the step changes it */
     long step;        /* steps taken */
@@ -35,6 +41,8 @@ typedef struct {
 
 void optim_config_default(optim_config *c);
 int optimizer_init(optimizer *o, const dsv4_model *m, const optim_config *cfg, mill_err *e);
+/* The same for this rank's shard over dp (NULL: the whole layout, as optimizer_init). */
+int optimizer_init_shard(optimizer *o, const dsv4_model *m, const optim_config *cfg, comm *dp, mill_err *e);
 void optimizer_free(optimizer *o);
 /* dst = src with the moments copied to k's device (where its model trains); update flags and the
  * step stay on the host. */
@@ -43,9 +51,11 @@ int optimizer_to_device(optimizer *dst, const optimizer *src, const kctx *k, mil
 int optimizer_copy_to_host(optimizer *host, const optimizer *dev, const kctx *k, mill_err *e);
 /* Learning rate at 0-based step s: linear warm-up to lr, then constant or cosine to min_lr. */
 double optimizer_lr(const optim_config *c, long s);
-/* One step with grads [n_floats]: clips by global norm (over updated parameters), applies
- * AdamW (weight decay on matrices only), increments step. *grad_norm gets the norm before
- * clipping. grads are scaled in place when clipped. */
+/* One step with grads [n_floats] (summed over the dp ranks: the step first waits for the
+ * reductions the backward started on o->dp): clips by the global norm over updated parameters
+ * (each rank's shard summed once over dp), applies AdamW (weight decay on matrices only) to this
+ * rank's shard, all-gathers the shards over dp, increments step. *grad_norm gets the norm before
+ * clipping. This rank's shard of grads is scaled in place when clipped. */
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e);
 int optimizer_n_updated(const optimizer *o, const dsv4_model *m, size_t *floats);

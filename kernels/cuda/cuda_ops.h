@@ -88,6 +88,7 @@ void cuda_free_host(void *p);
 
 /* the bf16 weight shadows of kctx (dense.cu) */
 int cuda_shadow_add(const kctx *k, const float *src, size_t n, mill_err *e);
+int cu_shadow_refresh(const kctx *k, const void *dst, size_t bytes, mill_err *e);
 
 /* rope_optim.cu */
 int cuda_op_rope(const kctx *k, float *x, int n_tok, int n_vec, int dim, int rope_dim, const int32_t *pos,

@@ -1,0 +1,114 @@
+#!/bin/sh
+# tests/dist_cli.sh — data parallelism on CPU ranks over MPI, through the CLI as a user runs it
+# (each command starts its own ranks with mpiexec):
+#   - mill grad --dp 2 equals one process (and the HF goldens) on both golden models;
+#   - mill forward --dp 2 equals one process bit for bit (logits and routing);
+#   - mill sft --dp 2 for 20 steps against --dp 1; its sharded checkpoint resumed at dp 2 (bit for
+#     bit), at dp 1 and the reverse; the checkpoint is a model directory mill forward reads;
+#   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
+# usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
+# Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
+
+if [ $# -ne 3 ]; then
+    echo "usage: $0 PATH/TO/mill PATH/TO/st_diff SOURCE_DIR" >&2
+    exit 2
+fi
+MILL=$1
+DIFF=$2
+SRC=$3
+DATA=$SRC/tests/data
+T=$(mktemp -d "${TMPDIR:-/tmp}/dist_cli.XXXXXX") || exit 2
+trap 'rm -rf "$T"' EXIT
+trap 'exit 130' INT TERM
+. "$SRC/tests/expect.sh"
+cd "$SRC" || exit 2
+
+# same CASE A B TOL [PREFIX]: st_diff within TOL
+same() {
+    name=$1
+    shift
+    if out=$("$DIFF" "$@" 2>&1); then ok "$name ($out)"; else not_ok "$name" "$out"; fi
+}
+
+for m in tiny-a tiny-b; do
+    "$MILL" grad --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/g1.st" --device cpu 2>"$T/stderr" &&
+        "$MILL" grad --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/g2.st" --device cpu --dp 2 \
+            2>>"$T/stderr" || not_ok "grad $m" "$(first_err)"
+    same "grad --dp 2 = --dp 1 on $m" "$T/g2.st" "$T/g1.st" 1e-5
+    same "grad --dp 2 = HF goldens on $m" "$T/g2.st" "$DATA/$m/grads.safetensors" 1e-3 grad.
+    "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/f1.st" --device cpu 2>"$T/stderr" &&
+        "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/f2.st" --device cpu --dp 2 \
+            2>>"$T/stderr" || not_ok "forward $m" "$(first_err)"
+    same "forward --dp 2 = --dp 1 bit for bit on $m (logits, routing)" "$T/f2.st" "$T/f1.st" 0
+    same "forward --dp 2 = HF goldens on $m" "$T/f2.st" "$DATA/$m/expected.safetensors" 1e-4 logits
+done
+
+# SFT: 20 steps, checkpoints at 10 and 20 (tests/data/sft-dist.yaml writes runs/sft-dist)
+R=runs/sft-dist
+sft() { # sft OUTDIR ARGS...: a run whose checkpoints end up in $T/OUTDIR
+    out=$1
+    shift
+    rm -rf "$R"
+    if "$MILL" sft tests/data/sft-dist.yaml "$@" >"$T/stdout" 2>"$T/stderr"; then
+        mv "$R" "$T/$out"
+    else
+        not_ok "sft $*" "$(first_err)"
+    fi
+}
+sft dp1
+sft dp2 --dp 2
+grep "per rank" "$T/stdout"
+same "sft 20 steps --dp 2 against --dp 1 (final weights)" "$T/dp2/step-000020" "$T/dp1/step-000020" 1e-2
+if [ -f "$T/dp2/step-000020/optimizer-00002-of-00002.safetensors" ] &&
+    [ -f "$T/dp2/step-000020/model.safetensors.index.json" ]; then
+    ok "the dp 2 checkpoint is per-rank shards plus an index"
+else
+    not_ok "the dp 2 checkpoint is per-rank shards plus an index" "$(ls "$T/dp2/step-000020" | tr '\n' ' ')"
+fi
+sft r22 --dp 2 --resume "$T/dp2/step-000010"
+same "dp 2 checkpoint resumed at dp 2 = uninterrupted, bit for bit" "$T/r22/step-000020" "$T/dp2/step-000020" 0
+same "... and its optimizer shards too" "$T/r22/step-000020/optimizer-00002-of-00002.safetensors" \
+    "$T/dp2/step-000020/optimizer-00002-of-00002.safetensors" 0
+sft r21 --resume "$T/dp2/step-000010"
+same "dp 2 checkpoint resumed at dp 1 against the uninterrupted dp 2 run" "$T/r21/step-000020" "$T/dp2/step-000020" 1e-2
+sft r12 --dp 2 --resume "$T/dp1/step-000010"
+same "dp 1 checkpoint resumed at dp 2 against the uninterrupted dp 1 run" "$T/r12/step-000020" "$T/dp1/step-000020" 1e-2
+if "$MILL" forward --model "$T/dp2/step-000020" --input "$DATA/tiny-a/input.json" --output "$T/fc.st" --device cpu \
+    2>"$T/stderr"; then ok "mill forward reads the sharded checkpoint"; else not_ok "forward on the checkpoint" "$(first_err)"; fi
+
+# bad layouts: one line, before any rank starts
+bad() { # bad CASE PATTERN ARGS...
+    name=$1
+    pat=$2
+    shift 2
+    "$MILL" "$@" >"$T/stdout" 2>"$T/stderr"
+    st=$?
+    if one_error_line "$name" "$st"; then
+        if grep -q "$pat" "$T/stderr"; then ok "$name"; else not_ok "$name" "expected \"$pat\": $(first_err)"; fi
+    fi
+}
+G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st --device cpu"
+# shellcheck disable=SC2086
+{
+    bad "rows not divisible by dp" "the batch's 2 rows must divide evenly over dp 3" $G --dp 3
+    bad "pp not yet" "pp 2 is not supported yet" $G --pp 2
+    bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
+    bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
+    bad "a size of 0" "dp needs a positive integer" $G --dp 0
+}
+
+# a rank that fails ends the job: rank 1's optimizer shard is damaged, rank 0's is fine
+cp -r "$T/dp2/step-000010" "$T/broken"
+printf 'junk' >"$T/broken/optimizer-00002-of-00002.safetensors"
+start=$(date +%s)
+timeout 120 "$MILL" sft tests/data/sft-dist.yaml --dp 2 --resume "$T/broken" >"$T/stdout" 2>"$T/stderr"
+st=$?
+took=$(($(date +%s) - start))
+if [ "$st" -ne 0 ] && [ "$st" -ne 124 ] && grep -q "rank 1: error: .*optimizer-00002-of-00002.safetensors" "$T/stderr"; then
+    ok "a failing rank ends the job (exit $st in ${took} s, naming the rank and the file)"
+else
+    not_ok "a failing rank ends the job" "exit $st after ${took} s: $(first_err)"
+fi
+rm -rf "$R"
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" -eq 0 ]

@@ -1,0 +1,72 @@
+#include "dist.h"
+
+#include <string.h>
+
+int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
+              mill_err *e) {
+    memset(d, 0, sizeof *d);
+    TRY(par_validate(s, cfg, world->size, batch_rows, e));
+    TRY(par_init(&d->par, world, s, e));
+    d->dp = d->par.dp;
+    if (k->device == DEVICE_CUDA && d->par.dp->size > 1 && comm_nccl_from(d->par.dp, k->stream, &d->dp, e)) {
+        par_free(&d->par);
+        return mill_err_wrap(e, "dp group on the GPU");
+    }
+    return 0;
+}
+
+void dist_free(dist_ctx *d) {
+    if (d->dp && d->dp != d->par.dp) comm_free(d->dp);
+    par_free(&d->par);
+    memset(d, 0, sizeof *d);
+}
+
+void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->par.dp_rank, d->par.sz.dp, lo, hi); }
+
+static int reduce_layer(void *ctx, size_t lo, size_t hi, mill_err *e) {
+    dist_ctx *d = ctx;
+    return comm_all_reduce_async(d->dp, d->grads + lo, hi - lo, DTYPE_F32, e);
+}
+
+void dist_hook(dist_ctx *d, dsv4_model *m, float *grads) {
+    d->grads = grads;
+    m->grad_ready.fn = d->dp->size > 1 ? reduce_layer : NULL;
+    m->grad_ready.ctx = d;
+}
+
+void dist_unhook(dsv4_model *m) { memset(&m->grad_ready, 0, sizeof m->grad_ready); }
+
+typedef struct {
+    long count; /* the whole batch's counted positions */
+} ce_ctx;
+
+/* loss = -sum(logp) / global count over this rank's positions: the ranks' losses add up to the mean. */
+static int ce_global(void *ctx, const float *logp, const float *ent, int n, float *dlogp, float *dent, double *loss,
+                     mill_err *e) {
+    (void)ent, (void)dent, (void)e;
+    long cnt = ((ce_ctx *)ctx)->count;
+    double s = 0.0;
+    for (int i = 0; i < n; i++) {
+        s -= logp[i];
+        dlogp[i] = -1.0f / (float)cnt;
+    }
+    *loss = s / (double)cnt;
+    return 0;
+}
+
+int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                 int T, float *grads, model_loss *out, arena *a, mill_err *e) {
+    double cnt = 0;
+    for (long i = 0; i < (long)B * T; i++) cnt += targets[i] >= 0;
+    TRY(comm_sum_f64(d->par.dp, &cnt, 1, e));
+    if (cnt < 1) return mill_errf(e, "loss: no position of the batch has a target");
+    ce_ctx c = {(long)cnt};
+    double loss = 0;
+    long mine = 0;
+    TRY(model_forward_backward_tokens(m, k, ids, targets, B, T, NULL, 1.0f, grads, ce_global, &c, NULL, &loss, &mine,
+                                      a, e));
+    TRY(comm_sum_f64(d->par.dp, &loss, 1, e));
+    out->loss = loss;
+    out->count = c.count;
+    return 0;
+}

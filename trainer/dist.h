@@ -1,0 +1,38 @@
+/* trainer/dist.h — a trainer under a rank layout: what data parallelism adds to a step.
+ * Owns: dist_ctx (the layout's groups, and the dp group on the model's device: an NCCL twin on a
+ * GPU, the MPI comm on the CPU), the backward's per-layer gradient reduction (llm.c's idiom: each
+ * layer's all-reduce starts as soon as its gradients exist; the optimizer step waits for them),
+ * this rank's rows of a batch, and losses whose normaliser is global (token mean over the whole
+ * batch, as one process computes it). */
+#ifndef MILL_DIST_H
+#define MILL_DIST_H
+
+#include "model.h"
+#include "parallel.h"
+
+typedef struct {
+    par_state par;
+    comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU */
+    float *grads;   /* the buffer the hook reduces (dist_hook) */
+} dist_ctx;
+
+/* Groups of world for sizes s (validated against cfg and batch_rows, 0: unchecked); k: the device
+ * the trainer runs on (CUDA: the dp group gets an NCCL twin on k's stream). world stays the
+ * caller's. */
+int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
+              mill_err *e);
+void dist_free(dist_ctx *d);
+/* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
+void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
+/* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
+ * is final (m->grad_ready); dist_unhook stops it (micro-batches before the last one of a step). */
+void dist_hook(dist_ctx *d, dsv4_model *m, float *grads);
+void dist_unhook(dsv4_model *m);
+/* Mean next-token cross-entropy over the whole batch (every rank's rows, global token count) and
+ * its gradient for this rank's B rows, accumulated into grads: model_forward_backward's
+ * computation, normalised globally. out: the global loss and count. The gradients' dp reduction
+ * is started by the hook when set; the caller flushes (optimizer_step does). */
+int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
+                 int T, float *grads, model_loss *out, arena *a, mill_err *e);
+
+#endif

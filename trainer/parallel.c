@@ -1,0 +1,97 @@
+#include "parallel.h"
+
+#include <stdio.h>
+#include <string.h>
+
+par_sizes par_sizes_one(void) { return (par_sizes){1, 1, 1, 1, 1}; }
+
+const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
+    snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
+    return buf;
+}
+
+int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
+    const char *names[5] = {"tp", "pp", "ep", "cp", "dp"};
+    const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};
+    for (int i = 0; i < 5; i++)
+        if (v[i] < 1 || v[i] > 1 << 20) return mill_errf(e, "parallel: %s must be a positive size, got %d", names[i], v[i]);
+    long w = (long)s->tp * s->pp * s->cp * s->dp;
+    if (world > 0 && w != world)
+        return mill_errf(e, "parallel: tp x pp x cp x dp = %d x %d x %d x %d = %ld ranks, but the job has %d", s->tp,
+                         s->pp, s->cp, s->dp, w, world);
+    if (((long)s->dp * s->cp) % s->ep)
+        return mill_errf(e, "parallel: ep %d must divide dp x cp = %d (experts are spread over the data-parallel ranks)",
+                         s->ep, s->dp * s->cp);
+    if (cfg) {
+        if (cfg->num_attention_heads % s->tp)
+            return mill_errf(e, "parallel: tp %d must divide num_attention_heads %d", s->tp, cfg->num_attention_heads);
+        if (cfg->o_groups % s->tp)
+            return mill_errf(e, "parallel: tp %d must divide o_groups %d (wo_a is split by output groups)", s->tp,
+                             cfg->o_groups);
+        if (cfg->n_routed_experts % s->ep)
+            return mill_errf(e, "parallel: ep %d must divide n_routed_experts %d", s->ep, cfg->n_routed_experts);
+        if (cfg->num_hidden_layers < s->pp)
+            return mill_errf(e, "parallel: pp %d stages need at least as many layers; the model has %d", s->pp,
+                             cfg->num_hidden_layers);
+    }
+    if (batch_rows > 0 && batch_rows % s->dp)
+        return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
+    static const char *const later[3] = {"pp (Distributed trainer II)", "ep and tp (Distributed trainer III)",
+                                         "cp (Distributed trainer IV)"};
+    if (s->pp != 1) return mill_errf(e, "parallel: pp %d is not supported yet: %s; use pp 1", s->pp, later[0]);
+    if (s->ep != 1 || s->tp != 1)
+        return mill_errf(e, "parallel: %s %d is not supported yet: %s; use 1", s->ep != 1 ? "ep" : "tp",
+                         s->ep != 1 ? s->ep : s->tp, later[1]);
+    if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later[2]);
+    return 0;
+}
+
+void par_range(long n, int r, int k, long *lo, long *hi) {
+    long q = n / k, rem = n % k;
+    *lo = (long)r * q + (r < rem ? r : rem);
+    *hi = *lo + q + (r < rem);
+}
+
+int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e) {
+    memset(p, 0, sizeof *p);
+    TRY(par_validate(s, NULL, world->size, 0, e));
+    p->sz = *s;
+    p->world = world->size;
+    p->rank = world->rank;
+    p->world_c = world;
+    int tp = s->tp, cp = s->cp, dp = s->dp, ep = s->ep, r = world->rank;
+    p->tp_rank = r % tp;
+    p->cp_rank = r / tp % cp;
+    p->dp_rank = r / (tp * cp) % dp;
+    p->pp_rank = r / (tp * cp * dp);
+    int stage = tp * cp * dp, local = r % stage, edp = cp * dp / ep;
+    p->ep_rank = local / tp % ep;
+    p->edp_rank = local / (tp * ep);
+    int t = p->tp_rank, c = p->cp_rank, d = p->dp_rank, q = p->pp_rank;
+    struct {
+        comm **out;
+        const char *name;
+        int color, key;
+    } g[] = {
+        {&p->tp, "tp", r / tp, t},
+        {&p->cp, "cp", t + tp * (d + dp * q), c},
+        {&p->dp, "dp", t + tp * (c + cp * q), d},
+        {&p->pp, "pp", local, q},
+        {&p->dpcp, "dpcp", t + tp * q, c + cp * d},
+        {&p->mp, "mp", c + cp * d, t + tp * q},
+        {&p->ep, "ep", t + tp * (p->edp_rank + edp * q), p->ep_rank},
+        {&p->edp, "edp", t + tp * (p->ep_rank + ep * q), p->edp_rank},
+    };
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++)
+        if (comm_split(world, g[i].color, g[i].key, g[i].name, g[i].out, e)) {
+            par_free(p);
+            return mill_err_wrap(e, "parallel: group %s of rank %d", g[i].name, r);
+        }
+    return 0;
+}
+
+void par_free(par_state *p) {
+    comm *g[] = {p->tp, p->cp, p->dp, p->pp, p->ep, p->edp, p->dpcp, p->mp};
+    for (size_t i = 0; i < sizeof g / sizeof g[0]; i++) comm_free(g[i]);
+    memset(p, 0, sizeof *p);
+}

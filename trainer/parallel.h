@@ -1,0 +1,50 @@
+/* trainer/parallel.h — the rank layout: the one place that maps a rank to its groups.
+ * Owns: par_sizes {tp, pp, ep, cp, dp}, their validation against a model and a batch, this
+ * rank's coordinates and its communicators.
+ *
+ * Megatron-Core's rules and rank order: world = tp * pp * cp * dp; ranks are numbered tp first,
+ * then cp, then dp, then pp (rank = tp_r + tp * (cp_r + cp * (dp_r + dp * pp_r))). Experts are laid
+ * over the same ranks as tp, ep, expert-dp, pp with ep dividing dp * cp (expert-dp = dp * cp / ep).
+ * Groups: tp, cp, dp, pp, ep, edp (expert data parallel), dpcp (dense gradients are reduced over
+ * it: the ranks that hold the same dense weights) and mp (tp * pp: the ranks that together hold
+ * one copy of the model; the gradient norm is summed over it after each rank's own shard).
+ * Every group of size one is a comm of one rank (no calls), so the single-process layout runs the
+ * same code. Distributed trainer II-IV implement pp, ep / tp and cp; until then they must be 1. */
+#ifndef MILL_PARALLEL_H
+#define MILL_PARALLEL_H
+
+#include "../common/config.h"
+#include "comm.h"
+
+typedef struct {
+    int tp, pp, ep, cp, dp;
+} par_sizes;
+
+typedef struct {
+    par_sizes sz;
+    int world, rank;
+    int tp_rank, cp_rank, dp_rank, pp_rank, ep_rank, edp_rank;
+    /* host (MPI) comms; on a GPU the trainer makes NCCL twins of the ones it reduces over */
+    comm *world_c, *tp, *cp, *dp, *pp, *ep, *edp, *dpcp, *mp;
+} par_state;
+
+/* All ones. */
+par_sizes par_sizes_one(void);
+/* "tp 1, pp 1, ep 1, cp 1, dp 2" */
+const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
+/* Every rule in one place, each broken rule a one-line error naming the size and the model's value:
+ * sizes >= 1; world (0: not checked) = tp * pp * cp * dp; ep divides dp * cp; heads, o_groups (and
+ * the indexer's heads) divisible by tp; routed experts divisible by ep; at least pp layers;
+ * batch_rows (0: not checked) divisible by dp; and the sizes this build cannot run yet are 1
+ * (pp, ep, tp, cp: Distributed trainer II-IV).
+ * cfg may be NULL (no model rules). */
+int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+/* This rank's coordinates and groups over world (the caller keeps world; par_free frees the
+ * groups). Validates the sizes against world's size first. */
+int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);
+void par_free(par_state *p);
+/* The first and one-past-last of n items (rows, floats) that rank r of k takes: contiguous, in
+ * order, the remainder spread over the first ranks. */
+void par_range(long n, int r, int k, long *lo, long *hi);
+
+#endif
