@@ -98,8 +98,9 @@ int comm_split(comm *c, int color, int key, const char *name, comm **out, mill_e
 void comm_abort(comm *c, const char *why);
 void comm_free(comm *c);
 
-/* Sums n host doubles over the group (through c->host, so any backend's comm takes it). */
+/* Sums (maxes) n host doubles over the group, in place (through c->host: any backend's comm). */
 int comm_sum_f64(comm *c, double *v, int n, mill_err *e);
+int comm_max_f64(comm *c, double *v, int n, mill_err *e);
 
 /* The watchdog's view of a blocking op (the backends call these around each one). */
 void comm_watch_begin(comm *c, const char *op);

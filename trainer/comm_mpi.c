@@ -253,12 +253,15 @@ void comm_rt_finalize(comm_runtime *rt) {
     rt->mpi_on = 0;
 }
 
-int comm_sum_f64(comm *c, double *v, int n, mill_err *e) {
+static int reduce_f64(comm *c, double *v, int n, MPI_Op op, mill_err *e) {
     comm *h = c->host;
     if (h->size == 1 || n == 0) return 0;
-    MPI_CHECK(h, "all_reduce (f64)", MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, MPI_SUM, MC(h)));
+    MPI_CHECK(h, "all_reduce (f64)", MPI_Allreduce(MPI_IN_PLACE, v, n, MPI_DOUBLE, op, MC(h)));
     return 0;
 }
+
+int comm_sum_f64(comm *c, double *v, int n, mill_err *e) { return reduce_f64(c, v, n, MPI_SUM, e); }
+int comm_max_f64(comm *c, double *v, int n, mill_err *e) { return reduce_f64(c, v, n, MPI_MAX, e); }
 
 /* For comm_nccl.c: a byte broadcast over an MPI comm (the NCCL unique id). */
 int comm_mpi_bcast_bytes(comm *c, void *buf, int n, mill_err *e) {
