@@ -746,6 +746,15 @@ struct wire_raw {
     int n;
 };
 
+int wire_raw_parts(const wire_raw *raw, int is_router, const void **data, size_t *lens, int cap) {
+    int n = 0;
+    for (int i = is_router ? 1 : 0; i < raw->n && n < cap; i++, n++) {
+        data[n] = zmq_msg_data((zmq_msg_t *)&raw->parts[i]);
+        lens[n] = zmq_msg_size((zmq_msg_t *)&raw->parts[i]);
+    }
+    return n;
+}
+
 void wire_recv_free(wire_raw *raw) {
     if (!raw) return;
     for (int i = 0; i < raw->n; i++) zmq_msg_close(&raw->parts[i]);

@@ -90,6 +90,9 @@ typedef struct wire_raw wire_raw;
 int wire_recv(void *sock, int is_router, int timeout_ms, unsigned char *identity, size_t *identity_len, wire_msg **msg,
               wire_raw **raw, mill_err *e);
 void wire_recv_free(wire_raw *raw);
+/* The parts of a received message after the ROUTER identity (is_router): header, then data frames
+ * (at most cap; returns how many), to hand the same bytes to wire_decode elsewhere. */
+int wire_raw_parts(const wire_raw *raw, int is_router, const void **data, size_t *lens, int cap);
 
 /* CURVE (ZeroMQ's elliptic-curve encryption) for a run's sockets: every binding socket (trainer
  * worker, rollout engines) uses the run's server keypair, every connecting socket the client

@@ -1,4 +1,5 @@
 #include "grpo.h"
+#include "ranks.h"
 
 #include <errno.h>
 #include <math.h>
@@ -93,7 +94,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
                                          "tis_cap", "entropy_coef", NULL};
-    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", "device", NULL};
+    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", "device", "parallel", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
     static const char *const dbg_k[] = {"kill_engine_at_step", NULL};
@@ -152,6 +153,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
         yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
         yamlcfg_str(y, "train.device", "auto", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
+        recipe_parallel(y, path, &r->par, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
@@ -1103,10 +1105,17 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         if (proc_free_port(&port, e)) return -1;
         snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
     }
+    /* a trainer of several ranks starts under mpiexec (rank 0 binds the address) */
+    int world = r->par.tp * r->par.pp * r->par.cp * r->par.dp;
+    char np[16], mpiexec[4096];
+    snprintf(np, sizeof np, "%d", world);
     const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL, ps->curve_file,
                            NULL};
-    proc_set_argv(t, targs);
-    if (proc_spawn(t, ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
+    const char *margs[] = {"mpiexec", "-n", np, ps->exe, "trainer-worker", "--bind", t->addr,
+                           ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
+    if (world > 1 && ranks_mpiexec(mpiexec, sizeof mpiexec, e)) return -1;
+    proc_set_argv(t, world > 1 ? margs : targs);
+    if (proc_spawn(t, world > 1 ? mpiexec : ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
     wire_builder *b = proc_msg(ps, "init");
     if (!b) return mill_errf(e, "out of memory");
     const optim_config *o = &r->optim;
@@ -1141,6 +1150,11 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_num(b, "temperature", r->temperature);
     wire_put_int(b, "updates_per_step", r->updates_per_step);
     wire_put_int(b, "micro_batch", r->micro_batch);
+    wire_put_int(b, "tp", r->par.tp);
+    wire_put_int(b, "pp", r->par.pp);
+    wire_put_int(b, "ep", r->par.ep);
+    wire_put_int(b, "cp", r->par.cp);
+    wire_put_int(b, "dp", r->par.dp);
     wire_msg *rep;
     wire_raw *raw;
     if (proc_rpc(ps, t, "trainer worker", b, "ready", 600, &rep, &raw, e)) return -1;
@@ -1203,6 +1217,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
     if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
         return -1;
+    if (par_validate(&r->par, &c->cfg, 0, 0, e)) return mill_err_wrap(e, "train.parallel"); /* before any rank starts */
     const char *tmpl = r->template_[0] ? r->template_ : NULL;
     if (r->jsonl) {
         dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0};

@@ -15,6 +15,7 @@
 
 #include "../algos/grpo.h"
 #include "../trainer/optimizer.h"
+#include "../trainer/parallel.h"
 
 typedef enum { REWARD_ARITH = 0, REWARD_MATH, REWARD_REMOTE } reward_kind;
 
@@ -48,6 +49,7 @@ typedef struct {
     long steps;
     int updates_per_step, micro_batch;
     int train_gpu;   /* train.device: cuda (the trainer worker on the GPU) */
+    par_sizes par;   /* train.parallel: the trainer's rank layout (its ranks start under mpiexec when over 1) */
     int rollout_gpu; /* rollout.device: cuda (spawned engines on the GPU) */
     int curve;       /* rollout.curve: on (1) or off (0); auto resolves to on when an engine address is another host */
     char curve_keys[1024]; /* rollout.curve_keys: the key file (mill keys); "" = one made in the run dir */

@@ -36,6 +36,16 @@ void dist_hook(dist_ctx *d, dsv4_model *m, float *grads) {
 
 void dist_unhook(dsv4_model *m) { memset(&m->grad_ready, 0, sizeof m->grad_ready); }
 
+int dist_reduce_idle(dist_ctx *d, const dsv4_model *m, float *grads, mill_err *e) {
+    d->grads = grads;
+    for (int l = m->cfg.num_hidden_layers; l >= -1; l--) { /* head group, layers last to first, embedding */
+        size_t lo, hi;
+        model_layer_range(m, l, &lo, &hi);
+        if (lo < hi && d->dp->size > 1) TRY(reduce_layer(d, lo, hi, e));
+    }
+    return 0;
+}
+
 typedef struct {
     long count; /* the whole batch's counted positions */
 } ce_ctx;

@@ -28,6 +28,9 @@ void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
  * is final (m->grad_ready); dist_unhook stops it (micro-batches before the last one of a step). */
 void dist_hook(dist_ctx *d, dsv4_model *m, float *grads);
 void dist_unhook(dsv4_model *m);
+/* A rank with no tokens in a step takes part in the same reductions, in the backward's order,
+ * with its zero gradients (the others' hooked backward waits for them). */
+int dist_reduce_idle(dist_ctx *d, const dsv4_model *m, float *grads, mill_err *e);
 /* Mean next-token cross-entropy over the whole batch (every rank's rows, global token count) and
  * its gradient for this rank's B rows, accumulated into grads: model_forward_backward's
  * computation, normalised globally. out: the global loss and count. The gradients' dp reduction

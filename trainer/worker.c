@@ -11,6 +11,7 @@
 #include "../common/wire.h"
 #include "../kernels/dense.h"
 #include "checkpoint.h"
+#include "dist.h"
 #include "model.h"
 #include "optimizer.h"
 
@@ -38,6 +39,11 @@ typedef struct {
     unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
     int ipc_ready;
     const wire_curve *curve; /* the run's keys (NULL: plain sockets) */
+    /* the trainer's ranks: rank 0 talks to the controller and relays each request to the others;
+     * every rank runs it on its part (dist: the layout's groups, set by init) */
+    comm *world;
+    dist_ctx d;
+    int dist_on;
 } worker;
 
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
@@ -71,12 +77,16 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8];
     int resume, seqm;
-    int64_t version, warm, total, kl, updates, mb;
+    int64_t version, warm, total, kl, updates, mb, lay[5];
     double temp;
     optim_config oc;
     optim_config_default(&oc);
     grpo_config_default(&w->algo);
     if (w->ready) return mill_errf(e, "init: the worker is already initialised");
+    if (w->dist_on) { /* a failed init before: its groups go */
+        dist_free(&w->d);
+        w->dist_on = 0;
+    }
     if (wire_get_str(msg, "model", 1, NULL, model, sizeof model, e) || wire_get_bool(msg, "resume", 0, 0, &resume, e) ||
         wire_get_str(msg, "ref_model", 0, "", ref, sizeof ref, e) ||
         wire_get_str(msg, "device", 0, "cpu", device, sizeof device, e) ||
@@ -100,8 +110,12 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_num(msg, "entropy_coef", 0, 0, -1e3, 1e3, &w->algo.entropy_coef, e) ||
         wire_get_num(msg, "temperature", 0, 1.0, 1e-6, 100, &temp, e) ||
         wire_get_int(msg, "updates_per_step", 0, 1, 1, 1024, &updates, e) ||
-        wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e))
+        wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e) ||
+        wire_get_int(msg, "tp", 0, 1, 1, 1 << 20, &lay[0], e) || wire_get_int(msg, "pp", 0, 1, 1, 1 << 20, &lay[1], e) ||
+        wire_get_int(msg, "ep", 0, 1, 1, 1 << 20, &lay[2], e) || wire_get_int(msg, "cp", 0, 1, 1, 1 << 20, &lay[3], e) ||
+        wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e))
         return mill_err_wrap(e, "init");
+    par_sizes ps = {(int)lay[0], (int)lay[1], (int)lay[2], (int)lay[3], (int)lay[4]};
     if (w->algo.kl_coef != 0 && !ref[0]) return mill_errf(e, "init: kl_coef != 0 needs ref_model (the reference policy)");
     if (strcmp(device, "cpu") && strcmp(device, "cuda"))
         return mill_errf(e, "init: device \"%s\" must be \"cpu\" or \"cuda\"", device);
@@ -110,6 +124,8 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (kctx_init(&w->k, DEVICE_CUDA, e)) return mill_err_wrap(e, "init: device cuda");
         w->gpu = 1;
     }
+    if (dist_init(&w->d, w->world, &ps, NULL, 0, &w->k, e)) return mill_err_wrap(e, "init");
+    w->dist_on = 1;
     if (!strcmp(sched, "cosine")) oc.schedule = LR_COSINE;
     else if (!strcmp(sched, "constant")) oc.schedule = LR_CONSTANT;
     else return mill_errf(e, "init: schedule \"%s\" must be \"cosine\" or \"constant\"", sched);
@@ -127,16 +143,22 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     w->updates = (int)updates;
     w->micro_batch = (int)mb;
     long step = 0;
+    comm *dp = w->d.par.dp; /* each dp rank keeps its shard of the moments */
     if (resume) {
         train_state ts;
-        if (checkpoint_load(model, &w->m, &w->opt, &oc, &ts, e)) return -1;
+        if (checkpoint_load_shard(model, &w->m, &w->opt, &oc, dp, &ts, e)) return -1;
         step = ts.step;
     } else {
         if (model_load(&w->m, model, e)) return -1;
-        if (optimizer_init(&w->opt, &w->m, &oc, e)) {
+        if (optimizer_init_shard(&w->opt, &w->m, &oc, dp, e)) {
             model_free(&w->m);
             return -1;
         }
+    }
+    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
+        optimizer_free(&w->opt);
+        model_free(&w->m);
+        return mill_err_wrap(e, "init");
     }
     if (w->algo.kl_coef != 0 && model_load(&w->ref, ref, e)) {
         optimizer_free(&w->opt);
@@ -152,6 +174,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (w->algo.kl_coef != 0) model_free(&w->ref);
         return mill_err_wrap(e, "init: to the GPU");
     }
+    w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
@@ -160,6 +183,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     wire_put_int(*reply, "optimizer_step", step);
     wire_put_int(*reply, "params", (int64_t)w->m.n_floats);
     wire_put_str(*reply, "device", w->gpu ? "cuda" : "cpu");
+    wire_put_int(*reply, "ranks", w->world->size);
     return 0;
 }
 
@@ -215,7 +239,7 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         return -1;
     if (count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
     if (with_loss) {
-        wire_builder *pb = wire_builder_new("progress", w->id);
+        wire_builder *pb = w->sock ? wire_builder_new("progress", w->id) : NULL;
         mill_err pe;
         if (pb) { /* what a person sees: micro-batches done of the step's total */
             wire_put_int(pb, "done", r1);
@@ -289,30 +313,57 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     if (!w->a.head && arena_init_device(&w->a, 16 << 20, w->k.device, w->k.stream, e)) goto out;
     double t_start = now(), loss = 0, gn = 0, lr = 0;
     grpo_stats st = {0};
+    /* update u trains rows [u0, u1) of the batch; this dp rank takes rows [a[u], b[u]) of those */
+    int ranges[2 * 1024]; /* updates_per_step is at most 1024 (init) */
+    for (int u = 0; u < w->updates; u++) {
+        long u0 = (long)n * u / w->updates, u1 = (long)n * (u + 1) / w->updates, lo, hi;
+        dist_rows(&w->d, u1 - u0, &lo, &hi);
+        ranges[2 * u] = (int)(u0 + lo);
+        ranges[2 * u + 1] = (int)(u0 + hi);
+    }
     /* the old policy's logprobs: with several updates per batch they are computed first, with the
      * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
-    for (int r0 = 0; ref && r0 < n; r0 += mb)
-        if (micro_step(w, ref_model(w), &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
-                       replay, e))
-            goto out;
-    if (w->updates > 1)
-        for (int r0 = 0; r0 < n; r0 += mb)
-            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < n ? r0 + mb : n, NULL, NULL, 0, 0, 0, old, &st, &loss, seq,
+    for (int u = 0; u < w->updates; u++) {
+        int a = ranges[2 * u], b = ranges[2 * u + 1];
+        for (int r0 = a; ref && r0 < b; r0 += mb)
+            if (micro_step(w, ref_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
                            replay, e))
                 goto out;
+        for (int r0 = a; w->updates > 1 && r0 < b; r0 += mb)
+            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, old, &st, &loss,
+                           seq, replay, e))
+                goto out;
+    }
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
-        int nseqs = 0;
+        int a = ranges[2 * u], b = ranges[2 * u + 1], last = -1;
+        int nseqs = 0; /* the normalisers are the whole update's, over every rank's rows */
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
+        for (int r0 = a; r0 < b; r0 += mb) /* the last micro-batch with tokens starts the reduction */
+            if (tok0[r0 + mb < b ? r0 + mb : b] > tok0[r0]) last = r0;
         if (op_zero(&w->k, w->grads, gbytes, e)) goto out;
-        for (int r0 = u0; r0 < u1; r0 += mb)
-            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < u1 ? r0 + mb : u1, w->updates > 1 ? old : NULL, ref,
-                           tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e))
-                goto out;
+        for (int r0 = a; r0 < b; r0 += mb) {
+            if (r0 == last) dist_hook(&w->d, train_model(w), w->grads);
+            int x = micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, w->updates > 1 ? old : NULL, ref,
+                               tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e);
+            dist_unhook(train_model(w));
+            if (x) goto out;
+        }
+        if (last < 0 && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
         if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
     double maxd = 0;
-    for (long t = 0; t < cnt; t++) maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
+    for (int u = 0; u < w->updates; u++)
+        for (long t = tok0[ranges[2 * u]]; t < tok0[ranges[2 * u + 1]]; t++)
+            maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
+    double sums[5] = {loss, st.clip_frac, st.kl, st.entropy, (double)st.tokens}, maxes[2] = {maxd, st.max_ratio};
+    if (comm_sum_f64(w->d.par.dp, sums, 5, e) || comm_max_f64(w->d.par.dp, maxes, 2, e)) goto out;
+    loss = sums[0];
+    st.clip_frac = sums[1];
+    st.kl = sums[2];
+    st.entropy = sums[3];
+    st.tokens = (long)sums[4];
+    maxd = maxes[0];
     w->version++;
     *reply = wire_builder_new("trained", wire_id(msg));
     if (!*reply) goto oom;
@@ -343,30 +394,41 @@ out:
 
 /* ------------------------------------------------------------------- publish */
 
-/* Sends the float parameters to one engine in buckets of about bucket_bytes (at most
- * WIRE_MAX_FRAMES tensors each); the engine stages them and swaps at the last one. */
+/* Sends the float parameters this rank owns (model_shard_range over dp: a sharded trainer's ranks
+ * each send their part, by name) to one engine in buckets of about bucket_bytes (at most
+ * WIRE_MAX_FRAMES tensors each), every bucket naming the senders and this one; the engine stages
+ * them and swaps when every sender's last bucket is in. A rank that owns nothing sends one empty
+ * last bucket. */
 static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
                         mill_err *e) {
     const dsv4_model *m = &w->m;
-    int last_p = -1;
+    int senders = w->d.par.sz.dp, me = w->d.par.dp_rank, last_p = -1;
+    size_t lo, hi;
+    model_shard_range(m, me, senders, &lo, &hi);
+#define OWNED(p) (m->params[p].kind != PARAM_INDEX && m->params[p].offset >= lo && m->params[p].offset < hi)
     for (int p = 0; p < m->n_params; p++)
-        if (m->params[p].kind != PARAM_INDEX) last_p = p;
+        if (OWNED(p)) last_p = p;
     wire_builder *b = NULL;
     size_t in_bucket = 0;
     *n_buckets = 0;
     *bytes = 0;
-    for (int p = 0; p <= last_p; p++) {
-        const param_info *pi = &m->params[p];
-        if (pi->kind == PARAM_INDEX) continue;
+    for (int p = 0; p <= last_p || (last_p < 0 && p == 0); p++) {
+        int owned = last_p >= 0 && OWNED(p), end = p == last_p || last_p < 0;
+        if (!owned && !end) continue;
         if (!b && !(b = wire_builder_new("update_weights", (uint64_t)*n_buckets)))
             return mill_errf(e, "publish: out of memory");
-        if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, m->data + pi->offset, e)) goto fail;
-        in_bucket += pi->numel * sizeof(float);
-        *bytes += pi->numel * sizeof(float);
-        if (p == last_p || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
+        if (owned) {
+            const param_info *pi = &m->params[p];
+            if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, m->data + pi->offset, e)) goto fail;
+            in_bucket += pi->numel * sizeof(float);
+            *bytes += pi->numel * sizeof(float);
+        }
+        if (end || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
             wire_put_int(b, "version", version);
             wire_put_int(b, "bucket", *n_buckets);
-            wire_put_bool(b, "last", p == last_p);
+            wire_put_bool(b, "last", end);
+            wire_put_int(b, "senders", senders);
+            wire_put_int(b, "sender", me);
             if (wire_send(s, NULL, 0, b, e)) goto fail;
             wire_builder_free(b);
             b = NULL;
@@ -374,6 +436,7 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
             ++*n_buckets;
         }
     }
+#undef OWNED
     return 0;
 fail:
     wire_builder_free(b);
@@ -455,7 +518,9 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
-    ipc = ipc && w->gpu;
+    /* CUDA IPC hands over the whole flat buffer of one process: with several senders, buckets
+     * (per-rank IPC of each rank's part is the next step) */
+    ipc = ipc && w->gpu && w->d.par.sz.dp == 1;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
@@ -489,6 +554,10 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
             }
         if (await_acks(w, socks, names, buckets, n_eng, tmo, e)) goto out;
     }
+    /* every sender's part acknowledged (the engines swapped at the last one): then it is published */
+    double total = (double)bytes;
+    if (comm_sum_f64(w->d.par.dp, &total, 1, e) || comm_barrier(w->d.par.dp, e)) goto out;
+    bytes = (size_t)total;
     *reply = wire_builder_new("published", wire_id(msg));
     if (!*reply) {
         mill_errf(e, "publish: out of memory");
@@ -498,8 +567,9 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     wire_put_int(*reply, "bytes", (int64_t)bytes);
     wire_put_num(*reply, "seconds", now() - t0);
     wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
-    log_info("publish: version %ld to %d engine(s) by %s, %.1f MiB in %.3f s", w->version, n_eng,
-             ipc ? "CUDA IPC" : "buckets", (double)bytes / (1 << 20), now() - t0);
+    if (w->d.par.rank == 0)
+        log_info("publish: version %ld to %d engine(s) by %s from %d sender(s), %.1f MiB in %.3f s", w->version, n_eng,
+                 ipc ? "CUDA IPC" : "buckets", w->d.par.sz.dp, (double)bytes / (1 << 20), now() - t0);
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)
@@ -540,21 +610,104 @@ static wire_builder *simple(const char *type, uint64_t id, long version) {
     return b;
 }
 
+/* A request from rank 0 to the other ranks: the part count and sizes, then each part's bytes. */
+typedef struct {
+    void *buf;
+    const void *parts[WIRE_MAX_FRAMES + 1];
+    size_t lens[WIRE_MAX_FRAMES + 1];
+    int n;
+} relayed;
+
+static int relay(worker *w, const wire_raw *raw, relayed *rl, mill_err *e) {
+    int64_t hdr[WIRE_MAX_FRAMES + 2] = {0};
+    if (raw) {
+        rl->n = wire_raw_parts(raw, 1, rl->parts, rl->lens, WIRE_MAX_FRAMES + 1);
+        hdr[0] = rl->n;
+        for (int i = 0; i < rl->n; i++) hdr[1 + i] = (int64_t)rl->lens[i];
+    }
+    TRY(comm_broadcast(w->world, hdr, WIRE_MAX_FRAMES + 2, DTYPE_I64, 0, e));
+    size_t total = 0;
+    rl->n = (int)hdr[0];
+    for (int i = 0; i < rl->n; i++) total += (size_t)hdr[1 + i];
+    if (!raw && !(rl->buf = malloc(total ? total : 1))) return mill_errf(e, "trainer: out of memory for a request");
+    for (int i = 0, off = 0; i < rl->n; off += (int)hdr[1 + i], i++) {
+        if (!raw) {
+            rl->parts[i] = (char *)rl->buf + off;
+            rl->lens[i] = (size_t)hdr[1 + i];
+        }
+        TRY(comm_broadcast(w->world, (void *)rl->parts[i], rl->lens[i], DTYPE_U8, 0, e));
+    }
+    return 0;
+}
+
+/* Every rank ran the request: all failed alike (a bad request: rank 0 answers the error and the
+ * trainer goes on), none failed, or some did, when the ranks no longer agree and the job ends. */
+static int agree(worker *w, int failed, mill_err *me) {
+    double n = failed != 0;
+    mill_err e;
+    if (comm_sum_f64(w->world, &n, 1, &e)) return -1;
+    if (n > 0 && n < w->world->size) {
+        char why[1200];
+        snprintf(why, sizeof why, "%s", failed ? me->msg : "another rank failed the request");
+        comm_abort(w->world, why);
+    }
+    return 0;
+}
+
+static wire_builder *handle(worker *w, const wire_msg *msg, int *stop, mill_err *me) {
+    const char *t = wire_type(msg);
+    uint64_t id = wire_id(msg);
+    wire_builder *reply = NULL;
+    int x = 0;
+    if (!strcmp(t, "init")) x = handle_init(w, msg, &reply, me);
+    else if (!strcmp(t, "train")) x = handle_train(w, msg, &reply, me);
+    else if (!strcmp(t, "publish")) x = handle_publish(w, msg, &reply, me);
+    else if (!strcmp(t, "save")) x = handle_save(w, msg, &reply, me);
+    else if (!strcmp(t, "release_memory")) { /* the engine's turn: give back activations and gradients */
+        arena_free(&w->a);
+        mem_free(w->k.device, w->grads);
+        w->grads = NULL;
+        reply = simple("released", id, w->version);
+    } else if (!strcmp(t, "resume")) {
+        reply = simple("resumed", id, w->version);
+    } else if (!strcmp(t, "shutdown")) {
+        *stop = 1;
+        reply = simple("bye", id, w->version);
+    } else {
+        x = mill_errf(me, "unknown message type \"%s\" (see trainer/PROTOCOL.md)", t);
+    }
+    if (x) {
+        wire_builder_free(reply);
+        return NULL;
+    }
+    return reply;
+}
+
 int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
     worker w = {0};
     int rc = -1, linger = 0, stop = 0;
-    if (kctx_init(&w.k, DEVICE_CPU, e)) return -1;
+    if (comm_world_init(&w.world, e)) return -1;
+    int lead = w.world->rank == 0, many = w.world->size > 1;
+    if (kctx_init(&w.k, DEVICE_CPU, e)) {
+        comm_world_end(w.world, 1);
+        return -1;
+    }
     w.curve = curve;
     wire_zap *zap = NULL;
-    w.zctx = zmq_ctx_new();
-    if (!w.zctx || !(w.sock = zmq_socket(w.zctx, ZMQ_ROUTER)) ||
-        zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger)) {
-        mill_errf(e, "trainer: cannot make a socket: %s", zmq_strerror(zmq_errno()));
-        goto out;
-    }
-    if (wire_curve_server(w.sock, curve, e) || wire_zap_start(w.zctx, curve, &zap, e)) goto out;
-    if (zmq_bind(w.sock, bind)) {
-        mill_errf(e, "trainer: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
+    if (lead) { /* rank 0 talks to the controller */
+        w.zctx = zmq_ctx_new();
+        if (!w.zctx || !(w.sock = zmq_socket(w.zctx, ZMQ_ROUTER)) ||
+            zmq_setsockopt(w.sock, ZMQ_LINGER, &linger, sizeof linger)) {
+            mill_errf(e, "trainer: cannot make a socket: %s", zmq_strerror(zmq_errno()));
+            goto out;
+        }
+        if (wire_curve_server(w.sock, curve, e) || wire_zap_start(w.zctx, curve, &zap, e)) goto out;
+        if (zmq_bind(w.sock, bind)) {
+            mill_errf(e, "trainer: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
+            goto out;
+        }
+    } else if (!(w.zctx = zmq_ctx_new())) { /* the others open sockets to engines only (publish) */
+        mill_errf(e, "trainer: cannot make a ZeroMQ context");
         goto out;
     }
     while (!stop) {
@@ -562,42 +715,38 @@ int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
         size_t plen = 0;
         wire_msg *msg = NULL;
         wire_raw *raw = NULL;
+        relayed rl = {0};
         mill_err me = {{0}};
-        int r = wire_recv(w.sock, 1, -1, peer, &plen, &msg, &raw, &me);
-        if (r) {
-            if (r < 0 && plen) reply_error(&w, peer, plen, 0, me.msg);
-            wire_recv_free(raw);
-            continue;
+        if (lead) {
+            int r = wire_recv(w.sock, 1, -1, peer, &plen, &msg, &raw, &me);
+            if (r) { /* undecodable: answered here, never relayed */
+                if (r < 0 && plen) reply_error(&w, peer, plen, 0, me.msg);
+                wire_recv_free(raw);
+                continue;
+            }
         }
-        const char *t = wire_type(msg);
-        uint64_t id = wire_id(msg);
-        wire_builder *reply = NULL;
+        if (many) { /* the same bytes to every rank, decoded there */
+            if (relay(&w, raw, &rl, e)) goto out;
+            if (!lead && wire_decode(&msg, rl.parts[0], rl.lens[0], rl.parts + 1, rl.lens + 1, rl.n - 1, e)) {
+                free(rl.buf);
+                goto out;
+            }
+        }
         memcpy(w.peer, peer, plen);
         w.peer_len = plen;
-        w.id = id;
-        int x = 0;
-        if (!strcmp(t, "init")) x = handle_init(&w, msg, &reply, &me);
-        else if (!strcmp(t, "train")) x = handle_train(&w, msg, &reply, &me);
-        else if (!strcmp(t, "publish")) x = handle_publish(&w, msg, &reply, &me);
-        else if (!strcmp(t, "save")) x = handle_save(&w, msg, &reply, &me);
-        else if (!strcmp(t, "release_memory")) { /* the engine's turn: give back activations and gradients */
-            arena_free(&w.a);
-            mem_free(w.k.device, w.grads);
-            w.grads = NULL;
-            reply = simple("released", id, w.version);
-        } else if (!strcmp(t, "resume")) {
-            reply = simple("resumed", id, w.version);
-        } else if (!strcmp(t, "shutdown")) {
-            stop = 1;
-            reply = simple("bye", id, w.version);
-        } else {
-            x = mill_errf(&me, "unknown message type \"%s\" (see trainer/PROTOCOL.md)", t);
+        w.id = wire_id(msg);
+        wire_builder *reply = handle(&w, msg, &stop, &me);
+        if (many && agree(&w, !reply, &me)) goto out;
+        if (lead) {
+            if (!reply) reply_error(&w, peer, plen, w.id, me.msg);
+            else wire_send(w.sock, peer, plen, reply, &me);
+        } else if (!reply) {
+            log_error("trainer rank %d: %s", w.world->rank, me.msg);
         }
-        if (x) reply_error(&w, peer, plen, id, me.msg);
-        else if (reply) wire_send(w.sock, peer, plen, reply, &me);
         wire_builder_free(reply);
         wire_msg_free(msg);
         wire_recv_free(raw);
+        free(rl.buf);
     }
     rc = 0;
 out:
@@ -616,6 +765,8 @@ out:
             if (w.algo.kl_coef != 0) model_free(&w.dref);
         }
     }
+    if (w.dist_on) dist_free(&w.d);
     kctx_free(&w.k);
+    comm_world_end(w.world, rc != 0);
     return rc;
 }
