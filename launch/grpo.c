@@ -94,10 +94,11 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
                                          "tis_cap", "entropy_coef", NULL};
-    static const char *const train_k[] = {"steps", "updates_per_step", "micro_batch", "device", "parallel", NULL};
+    static const char *const train_k[] = {"steps",    "updates_per_step", "micro_batch", "device",
+                                          "parallel", "max_restarts",     "address",     NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
-    static const char *const dbg_k[] = {"kill_engine_at_step", NULL};
+    static const char *const dbg_k[] = {"kill_engine_at_step", "kill_trainer_at_step", "kill_trainer_rank", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
         yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
         yamlcfg_known_keys(y, "reward", rew_k, path, e) || yamlcfg_known_keys(y, "algorithm", algo_k, path, e) ||
@@ -110,8 +111,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys;
-    long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill;
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr;
+    long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
+        restarts, tkill, tkrank;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
         yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
@@ -153,14 +155,17 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
         yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
         yamlcfg_str(y, "train.device", "auto", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
-        recipe_parallel(y, path, &r->par, e) ||
+        recipe_parallel(y, path, &r->par, e) || yamlcfg_int(y, "train.max_restarts", 3, 0, 1000, &restarts, path, e) ||
+        yamlcfg_str(y, "train.address", "", &taddr, path, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
         yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
         yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
         yamlcfg_str(y, "eval.path", "", &evpath, path, e) ||
         yamlcfg_str(y, "checkpoint.dir", "runs/grpo", &dir, path, e) ||
         yamlcfg_int(y, "checkpoint.every", 10, 0, 1 << 30, &ckev, path, e) ||
-        yamlcfg_int(y, "debug.kill_engine_at_step", 0, 0, 1 << 30, &kill, path, e))
+        yamlcfg_int(y, "debug.kill_engine_at_step", 0, 0, 1 << 30, &kill, path, e) ||
+        yamlcfg_int(y, "debug.kill_trainer_at_step", 0, 0, 1 << 30, &tkill, path, e) ||
+        yamlcfg_int(y, "debug.kill_trainer_rank", 0, 0, 1 << 20, &tkrank, path, e))
         return -1;
     if (!*from) return mill_errf(e, "%s: model.init_from (the warm start's directory) is required", path);
     if (!yamlcfg_get(y, "train.steps")) return mill_errf(e, "%s: train.steps is required", path);
@@ -212,10 +217,14 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         }
         neng = (long long)json_array_size(addrs);
     }
-    if (r->curve == -1) r->curve = addrs_remote(r->engine_addrs); /* auto: on when an engine is on another host */
-    if (r->engine_addrs[0] && !r->curve_keys[0] && r->curve)
-        return mill_errf(e, "%s: rollout.curve is on with external engines: make a key file with `mill keys --out FILE`, "
-                            "start each engine with --curve FILE, and set rollout.curve_keys: FILE", path);
+    if (*taddr && (strncmp(taddr, "tcp://", 6) || strchr(taddr, ',')))
+        return mill_errf(e, "%s: train.address must be tcp://HOST:PORT (a trainer started outside the run)", path);
+    if (copy_str(r->trainer_addr, sizeof r->trainer_addr, taddr, "train.address", path, e)) return -1;
+    /* auto: on when an engine or the trainer is on another host */
+    if (r->curve == -1) r->curve = addrs_remote(r->engine_addrs) || addrs_remote(r->trainer_addr);
+    if ((r->engine_addrs[0] || r->trainer_addr[0]) && !r->curve_keys[0] && r->curve)
+        return mill_errf(e, "%s: rollout.curve is on with external engines or trainer: make a key file with `mill keys "
+                            "--out FILE`, start each of them with --curve FILE, and set rollout.curve_keys: FILE", path);
     if (async && !r->disaggregated)
         return mill_errf(e, "%s: rollout.async needs rollout.layout: disaggregated (colocated engines take turns with "
                             "the trainer)", path);
@@ -260,6 +269,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->eval_seed = (uint64_t)evseed;
     r->checkpoint_every = (int)ckev;
     r->kill_engine_at_step = (int)kill;
+    r->kill_trainer_at_step = (int)tkill;
+    r->kill_trainer_rank = (int)tkrank;
+    r->max_restarts = (int)restarts;
     return 0;
 }
 
@@ -1098,24 +1110,29 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     if (run_curve(c, e)) return -1;
     proc *t = &ps->trainer;
     snprintf(t->log, sizeof t->log, "%s/logs/trainer.log", c->run_dir);
-    if (strlen(c->run_dir) < 80) {
+    if (r->trainer_addr[0]) { /* started outside the run (e.g. srun under Slurm): connect */
+        snprintf(t->addr, sizeof t->addr, "%s", r->trainer_addr);
+        t->pid = 0;
+        if (proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
+    } else if (strlen(c->run_dir) < 80) {
         snprintf(t->addr, sizeof t->addr, "ipc://%s/trainer.sock", c->run_dir);
     } else {
         int port;
         if (proc_free_port(&port, e)) return -1;
         snprintf(t->addr, sizeof t->addr, "tcp://127.0.0.1:%d", port);
     }
-    /* a trainer of several ranks starts under mpiexec (rank 0 binds the address) */
-    int world = r->par.tp * r->par.pp * r->par.cp * r->par.dp;
-    char np[16], mpiexec[4096];
-    snprintf(np, sizeof np, "%d", world);
-    const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL, ps->curve_file,
-                           NULL};
-    const char *margs[] = {"mpiexec", "-n", np, ps->exe, "trainer-worker", "--bind", t->addr,
-                           ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
-    if (world > 1 && ranks_mpiexec(mpiexec, sizeof mpiexec, e)) return -1;
-    proc_set_argv(t, world > 1 ? margs : targs);
-    if (proc_spawn(t, world > 1 ? mpiexec : ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
+    if (!r->trainer_addr[0]) { /* a trainer of several ranks starts under mpiexec (rank 0 binds the address) */
+        int world = r->par.tp * r->par.pp * r->par.cp * r->par.dp;
+        char np[16], mpiexec[4096];
+        snprintf(np, sizeof np, "%d", world);
+        const char *targs[] = {"mill", "trainer-worker", "--bind", t->addr, ps->curve.on ? "--curve" : NULL,
+                               ps->curve_file, NULL};
+        const char *margs[] = {"mpiexec", "-n", np, ps->exe, "trainer-worker", "--bind", t->addr,
+                               ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
+        if (world > 1 && ranks_mpiexec(mpiexec, sizeof mpiexec, e)) return -1;
+        proc_set_argv(t, world > 1 ? margs : targs);
+        if (proc_spawn(t, world > 1 ? mpiexec : ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
+    }
     wire_builder *b = proc_msg(ps, "init");
     if (!b) return mill_errf(e, "out of memory");
     const optim_config *o = &r->optim;
@@ -1155,6 +1172,10 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "ep", r->par.ep);
     wire_put_int(b, "cp", r->par.cp);
     wire_put_int(b, "dp", r->par.dp);
+    if (r->kill_trainer_at_step && c->attempt == 1) { /* fault injection: the first attempt only */
+        wire_put_int(b, "debug_kill_step", r->kill_trainer_at_step);
+        wire_put_int(b, "debug_kill_rank", r->kill_trainer_rank);
+    }
     wire_msg *rep;
     wire_raw *raw;
     if (proc_rpc(ps, t, "trainer worker", b, "ready", 600, &rep, &raw, e)) return -1;
@@ -1243,19 +1264,76 @@ static void close_inputs(run_ctx *c) { /* idempotent */
     c->tok = NULL;
 }
 
+/* Where a run goes on from: the latest complete checkpoint in the ledger (0: found; *start, the
+ * data cursor and the weights' version set from its step record, *model_dir = ck) or the start
+ * (1: *start 0, the warm start). -1 on error. */
+static int restart_point(run_ctx *c, long *start, char *ck, size_t n, const char **model_dir, mill_err *e) {
+    int found = ledger_checkpoint_latest(c->lg, c->run_id, start, ck, n, NULL, 0, e);
+    if (found < 0) return -1;
+    *model_dir = c->r->init_from;
+    if (found == 0) {
+        int64_t cur;
+        size_t rl;
+        int att;
+        int s = ledger_step_state(c->lg, c->run_id, *start, &cur, NULL, 0, &rl, &att, e);
+        if (s < 0) return -1;
+        if (s == 1) return mill_errf(e, "run %s: checkpoint of step %ld has no step record in the ledger", c->r->name, *start);
+        c->cursor = cur;
+        c->version = *start;
+        *model_dir = ck;
+    } else {
+        *start = 0;
+        c->cursor = 0;
+        c->version = 0;
+    }
+    return found;
+}
+
+/* The trainer died (a rank killed, or its job ended by a failing rank): its group is started again
+ * from the last complete checkpoint, with the engines, as mill resume would; the steps after that
+ * checkpoint are redone under the next attempt number (the ledger keeps every sample once). */
+static int restart_trainer(run_ctx *c, const char *why, long *start, char *ck, size_t n, const char **model_dir,
+                           int *resume, mill_err *e) {
+    mill_err le;
+    fprintf(stderr, "\nmill: %s; restarting the trainer from the last checkpoint\n", why);
+    ledger_event(c->lg, c->run_id, -1, "fault", why, &le);
+    stop_processes(c);
+    int found = restart_point(c, start, ck, n, model_dir, e);
+    if (found < 0) return -1;
+    *resume = found == 0;
+    c->attempt++;
+    char msg[1300];
+    snprintf(msg, sizeof msg, "attempt %d from %s", c->attempt, found == 0 ? ck : "the start");
+    return ledger_event(c->lg, c->run_id, *start, "restart", msg, e);
+}
+
 static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill_err *e) {
     const grpo_recipe *r = c->r;
     double t0 = now();
     int rc = -1;
     mill_err le;
-    if (start_processes(c, model_dir, resume, start, e)) goto out;
-    printf("mill run %s (attempt %d): %s%s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
-           r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", r->async ? " async" : "",
-           c->ps.n_engines, r->steps,
-           r->prompts_per_step, r->samples_per_prompt, start ? model_dir : r->init_from);
-    fflush(stdout);
-    rc = loop(c, start, e);
-out:
+    char ck[1100];
+    for (int restarts = 0;; restarts++) {
+        rc = start_processes(c, model_dir, resume, start, e);
+        if (!rc) {
+            printf("mill run %s (attempt %d): %s%s layout, %d engine(s), %ld steps of %d prompts x %d samples, from %s\n",
+                   r->name, c->attempt, r->disaggregated ? "disaggregated" : "colocated", r->async ? " async" : "",
+                   c->ps.n_engines, r->steps, r->prompts_per_step, r->samples_per_prompt,
+                   start ? model_dir : r->init_from);
+            fflush(stdout);
+            rc = loop(c, start, e);
+        }
+        /* our trainer ended: reaped already (pid -1: e says how) or found ended now */
+        mill_err pe = *e;
+        int dead = c->ps.trainer.pid < 0 || (c->ps.trainer.pid > 0 && proc_check(&c->ps.trainer, "trainer worker", &pe));
+        if (!rc || !dead || restarts == r->max_restarts) break;
+        char why[1200];
+        snprintf(why, sizeof why, "%s", pe.msg);
+        if (restart_trainer(c, why, &start, ck, sizeof ck, &model_dir, &resume, e)) {
+            rc = -1;
+            break;
+        }
+    }
     if (rc) {
         ledger_event(c->lg, c->run_id, -1, "fault", e->msg, &le);
         ledger_run_set_status(c->lg, c->run_id, "failed", &le);
@@ -1319,25 +1397,9 @@ int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
     c.run_id = run.id;
     if (ledger_max_attempt(c.lg, run.id, &c.attempt, e)) goto out;
     c.attempt++;
-    int found = ledger_checkpoint_latest(c.lg, run.id, &start, ck, sizeof ck, NULL, 0, e);
+    const char *model_dir;
+    int found = restart_point(&c, &start, ck, sizeof ck, &model_dir, e);
     if (found < 0) goto out;
-    const char *model_dir = r.init_from;
-    if (found == 0) {
-        int64_t cur;
-        size_t rl;
-        int att;
-        int s = ledger_step_state(c.lg, run.id, start, &cur, NULL, 0, &rl, &att, e);
-        if (s < 0) goto out;
-        if (s == 1) {
-            mill_errf(e, "run %s: checkpoint of step %ld has no step record in the ledger", run.name, start);
-            goto out;
-        }
-        c.cursor = cur;
-        c.version = start;
-        model_dir = ck;
-    } else {
-        start = 0;
-    }
     char msg[1300];
     snprintf(msg, sizeof msg, "attempt %d from %s", c.attempt, found == 0 ? ck : "the start");
     if (open_inputs(&c, e) || ledger_event(c.lg, run.id, start, "resume", msg, e) ||

@@ -50,6 +50,7 @@ typedef struct {
     int updates_per_step, micro_batch;
     int train_gpu;   /* train.device: cuda (the trainer worker on the GPU) */
     par_sizes par;   /* train.parallel: the trainer's rank layout (its ranks start under mpiexec when over 1) */
+    char trainer_addr[256]; /* train.address: a trainer started outside the run (srun), "" = the run starts it */
     int rollout_gpu; /* rollout.device: cuda (spawned engines on the GPU) */
     int curve;       /* rollout.curve: on (1) or off (0); auto resolves to on when an engine address is another host */
     char curve_keys[1024]; /* rollout.curve_keys: the key file (mill keys); "" = one made in the run dir */
@@ -61,6 +62,9 @@ typedef struct {
     int checkpoint_every;
     char out_dir[1024];
     int kill_engine_at_step; /* fault injection for tests: SIGKILL engine 0 mid-rollout of that step */
+    int max_restarts;        /* train.max_restarts: how often a dead trainer is started again (default 3) */
+    int kill_trainer_at_step, kill_trainer_rank; /* fault injection for tests: that trainer rank SIGKILLs itself
+                                                  * when that step's training begins (first attempt only) */
     char *text;              /* the effective recipe as JSON (what the ledger keeps) */
 } grpo_recipe;
 

@@ -25,10 +25,10 @@
 static int usage(FILE *to) {
     fprintf(to,
             "usage: mill <command> [options]\n"
-            "  forward --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda]\n"
+            "  forward --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N]\n"
             "          IN.json: {\"input_ids\": [[...], ...]} (rows of equal length); OUT holds logits [B, T, vocab] f32\n"
             "          (and routing [layers, B, T, k] I32, the experts each token used)\n"
-            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda]\n"
+            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N]\n"
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
@@ -39,10 +39,10 @@ static int usage(FILE *to) {
             "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device auto|cpu|cuda]\n"
             "          [--curve FILE]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
-            "  info    --model DIR      config, layer schedule and parameter counts\n"
+            "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
-            "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR]   supervised fine-tuning\n"
+            "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR] [--dp N]   supervised fine-tuning\n"
             "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default auto)\n"
             "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
             "          worker and rollout engines, records every step in the run ledger\n"
@@ -53,6 +53,9 @@ static int usage(FILE *to) {
             "  show    RUN [--ledger PATH] [--samples N]   a run's fields, step metrics, checkpoints, events\n"
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
+            "  layout: --tp N --pp N --ep N --cp N --dp N on forward, grad and sft (recipes: train.parallel.*) start\n"
+            "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); only dp\n"
+            "          is implemented so far (Distributed trainer II-IV bring pp, ep/tp and cp)\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n");
     return to == stderr ? 2 : 0;
 }
@@ -623,9 +626,25 @@ static int cmd_keys(int argc, char **argv, mill_err *e) {
     return 0;
 }
 
+/* What one rank holds under data parallelism (the distributed optimizer's shards, model_shard_range):
+ * the largest shard's bytes, as sft and the trainer allocate them. */
+static void print_rank_bytes(const dsv4_model *m, int dp) {
+    size_t worst = 0;
+    for (int r = 0; r < dp; r++) {
+        size_t lo, hi;
+        model_shard_range(m, r, dp, &lo, &hi);
+        if (hi - lo > worst) worst = hi - lo;
+    }
+    double gib = 1.0 / (1 << 30), p = (double)m->n_floats * sizeof(float);
+    printf("per rank at dp %d: parameters %.3f GiB, gradients %.3f GiB, Adam moments %.3f GiB (fp32)\n", dp, p * gib,
+           p * gib, 2.0 * (double)worst * sizeof(float) * gib);
+}
+
 static int cmd_info(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", NULL};
+    static const char *const known[] = {"--model", "--dp", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
+    par_sizes ps;
+    if (ranks_parse(argc, argv, &ps, e)) return -1;
     const char *dir = opt(argc, argv, "--model");
     if (!dir) return mill_errf(e, "mill info needs --model DIR");
     /* A directory with only config.json gets the layout and counts (e.g. a full-size config). */
@@ -674,6 +693,7 @@ static int cmd_info(int argc, char **argv, mill_err *e) {
     printf("parameters: %zu trainable (%s; %s active per token, embedding excluded), %zu buffer floats, %zu tid2eid entries, %d tensors / %zu values of mtp.* "
            "(loaded, not run)\n",
            m.n_trainable, human((double)m.n_trainable, h1, sizeof h1), human((double)active, h2, sizeof h2), bufs, m.n_index, m.n_extra, extra);
+    if (opt(argc, argv, "--dp")) print_rank_bytes(&m, ps.dp);
     model_free(&m);
     return 0;
 }

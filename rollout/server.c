@@ -30,6 +30,23 @@ typedef struct {
     finish_reason finish;
 } sample;
 
+/* At most this many senders (trainer ranks) share one weight version. */
+#define UPDATE_MAX_SENDERS 65536
+
+/* One sender's device buffer mapped here over CUDA IPC, kept while its handle repeats. */
+typedef struct {
+    unsigned char handle[MEM_IPC_HANDLE_BYTES];
+    void *src; /* NULL: nothing mapped */
+} ipc_map;
+
+/* One sender's part of a version gathered over CUDA IPC: floats [offset, offset + floats) of the
+ * flat layout, read from src. floats is 0 until the sender has arrived. */
+typedef struct {
+    int64_t offset, floats;
+    int sender;
+    const void *src;
+} ipc_range;
+
 typedef struct {
     dsv4_model *m;   /* the host weights: staging and swaps happen here */
     const dsv4_model *run; /* what the engine runs: m, or its device copy */
@@ -41,15 +58,23 @@ typedef struct {
     int n_samples, cap_samples;
     long version, steps, tokens_out, requests;
     int released, stop;
-    /* staged weight update (applied when its last bucket arrives) */
+    /* staged weight update: buckets of one version from senders 0..staged_senders-1, applied when
+     * every sender has sent its last bucket */
     float *staged;
-    uint8_t *staged_set;
+    uint8_t *staged_set;  /* [n_params]: sent in this version */
+    uint8_t *staged_last; /* [staged_senders]: this sender's last bucket came */
     long staged_version;
+    int staged_senders, staged_n_last;
     int max_batch;
-    /* CUDA IPC updates: the trainer's weight buffer mapped here (kept while its handle is the same);
-     * after one, the host copy m is stale until the next bucket update refreshes it */
-    void *ipc_src;
-    unsigned char ipc_handle[MEM_IPC_HANDLE_BYTES];
+    /* CUDA IPC updates: each sender's buffer mapped here (slot = sender, kept while its handle
+     * repeats); after one, the host copy m is stale until the next bucket update refreshes it */
+    ipc_map *ipc_maps;
+    int ipc_n_maps;
+    /* a version gathered over CUDA IPC (ipc_got != NULL): one range per sender, copied to the
+     * device when all ipc_senders have arrived */
+    ipc_range *ipc_got;
+    int ipc_senders, ipc_n;
+    long ipc_version;
     int host_stale;
     /* resumed with a stale host copy: the device buffer came back empty, and nothing is generated
      * until an update brings a whole version (update_weights_ipc, or buckets of every parameter) */
@@ -316,20 +341,94 @@ out:
 static void staged_drop(server *s) {
     free(s->staged);
     free(s->staged_set);
+    free(s->staged_last);
     s->staged = NULL;
-    s->staged_set = NULL;
+    s->staged_set = s->staged_last = NULL;
+    s->staged_n_last = 0;
+}
+
+/* Forgets the version being gathered over CUDA IPC (the mappings stay cached). */
+static void ipc_gather_drop(server *s) {
+    free(s->ipc_got);
+    s->ipc_got = NULL;
+    s->ipc_n = 0;
+}
+
+/* Replies {version, bucket} with this type: bucket_ok, or weights_ok once the version is in. */
+static int reply_version(server *s, const unsigned char *peer, size_t peer_len, const char *type, uint64_t id,
+                         int64_t version, int64_t bucket, mill_err *e) {
+    wire_builder *b = wire_builder_new(type, id);
+    if (!b) return mill_errf(e, "%s: out of memory", type);
+    wire_put_int(b, "version", version);
+    wire_put_int(b, "bucket", bucket);
+    wire_send(s->sock, peer, peer_len, b, e); /* a peer that left cannot be told; keep serving */
+    wire_builder_free(b);
+    return 0;
+}
+
+/* Checks a bucket's frames before any is staged: a bad one leaves the staged version as it was. */
+static int update_check_frames(const server *s, const wire_msg *msg, const char *who, mill_err *e) {
+    for (int i = 0; i < wire_n_frames(msg); i++) {
+        const wire_frame *f = wire_frame_at(msg, i);
+        const param_info *p = model_find_param(s->m, f->name);
+        if (!p || p->kind == PARAM_INDEX)
+            return mill_errf(e, "%s: \"%s\" is not a float parameter of this model", who, f->name);
+        if (f->ndim != p->ndim || memcmp(f->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim))
+            return mill_errf(e, "%s: \"%s\" has the wrong shape", who, f->name);
+        if (f->dtype != DTYPE_F32 && f->dtype != DTYPE_BF16)
+            return mill_errf(e, "%s: \"%s\" must be F32 or BF16, got %s", who, f->name, dtype_name(f->dtype));
+    }
+    return 0;
 }
 
 static int handle_update(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
-    int64_t version, bucket;
+    int64_t version, bucket, senders, sender;
     int last;
+    /* sender: any integer here, so that one out of range is this version's error (below) */
     if (wire_get_int(msg, "version", 1, 0, 0, INT64_MAX, &version, e) ||
-        wire_get_int(msg, "bucket", 1, 0, 0, 1 << 30, &bucket, e) || wire_get_bool(msg, "last", 1, 0, &last, e))
+        wire_get_int(msg, "bucket", 1, 0, 0, 1 << 30, &bucket, e) || wire_get_bool(msg, "last", 1, 0, &last, e) ||
+        wire_get_int(msg, "senders", 0, 1, 1, UPDATE_MAX_SENDERS, &senders, e) ||
+        wire_get_int(msg, "sender", 0, 0, INT64_MIN, INT64_MAX, &sender, e))
         return -1;
     dsv4_model *m = s->m;
+    if (s->ipc_got) { /* buckets are the fallback of a refused IPC update: they win */
+        log_warn("update_weights: dropped version %ld, gathered over CUDA IPC from %d of %d senders, for buckets "
+                 "of version %lld", s->ipc_version, s->ipc_n, s->ipc_senders, (long long)version);
+        ipc_gather_drop(s);
+    }
+    if (s->staged && version != s->staged_version) {
+        long was = s->staged_version;
+        staged_drop(s);
+        return mill_errf(e, "update_weights: bucket of version %lld (sender %lld) while version %ld is being staged "
+                            "(dropped both)",
+                         (long long)version, (long long)sender, was);
+    }
+    /* every error below drops the version: its other senders' buckets cannot make it whole */
+    const char *dropped = s->staged ? " (version dropped)" : "";
+    if (sender < 0 || sender >= senders) {
+        staged_drop(s);
+        return mill_errf(e, "update_weights: version %lld, sender %lld: sender must be in [0, %lld)%s",
+                         (long long)version, (long long)sender, (long long)senders, dropped);
+    }
+    if (s->staged && senders != s->staged_senders) {
+        int was = s->staged_senders;
+        staged_drop(s);
+        return mill_errf(e, "update_weights: version %lld, sender %lld: senders = %lld, but earlier buckets of this "
+                            "version said %d (version dropped)",
+                         (long long)version, (long long)sender, (long long)senders, was);
+    }
+    if (s->staged && s->staged_last[sender]) {
+        staged_drop(s);
+        return mill_errf(e, "update_weights: version %lld, sender %lld: %s (version dropped)", (long long)version,
+                         (long long)sender, last ? "a second last bucket" : "a bucket after this sender's last one");
+    }
+    char who[96] = "update_weights";
+    if (senders > 1)
+        snprintf(who, sizeof who, "update_weights: version %lld, sender %lld", (long long)version, (long long)sender);
+    if (update_check_frames(s, msg, who, e)) return -1;
     /* tensors not sent keep the values the engine runs: after an IPC update only the device has
      * them. Not while the device copy is given back or came back empty: the staging base is then
-     * stale, and the version must bring every float parameter (checked at its last bucket). */
+     * stale, and the version must bring every float parameter (checked when it is complete). */
     if (!s->staged && s->host_stale && !weights_dropped(s) && !s->weights_missing) {
         if (op_copy_to_host(&s->k, m->data, s->run->data, sizeof(float) * m->n_floats, e)) return -1;
         s->host_stale = 0;
@@ -337,68 +436,128 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     if (!s->staged) {
         s->staged = malloc(sizeof(float) * m->n_floats);
         s->staged_set = calloc((size_t)m->n_params, 1);
-        if (!s->staged || !s->staged_set) {
+        s->staged_last = calloc((size_t)senders, 1);
+        if (!s->staged || !s->staged_set || !s->staged_last) {
             staged_drop(s);
             return mill_errf(e, "update_weights: out of memory for staging");
         }
         memcpy(s->staged, m->data, sizeof(float) * m->n_floats); /* tensors not sent keep their values */
         s->staged_version = version;
-    }
-    if (version != s->staged_version) {
-        staged_drop(s);
-        return mill_errf(e, "update_weights: bucket of version %lld while version %lld is being staged (dropped both)",
-                         (long long)version, (long long)s->staged_version);
+        s->staged_senders = (int)senders;
     }
     for (int i = 0; i < wire_n_frames(msg); i++) {
         const wire_frame *f = wire_frame_at(msg, i);
         const param_info *p = model_find_param(m, f->name);
-        if (!p || p->kind == PARAM_INDEX)
-            return mill_errf(e, "update_weights: \"%s\" is not a float parameter of this model", f->name);
-        if (f->ndim != p->ndim || memcmp(f->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim))
-            return mill_errf(e, "update_weights: \"%s\" has the wrong shape", f->name);
-        if (f->dtype != DTYPE_F32 && f->dtype != DTYPE_BF16)
-            return mill_errf(e, "update_weights: \"%s\" must be F32 or BF16, got %s", f->name, dtype_name(f->dtype));
+        /* one sender may overwrite its own tensor (as ever); of several, each tensor has one owner */
+        if (senders > 1 && s->staged_set[p - m->params]) {
+            staged_drop(s);
+            return mill_errf(e, "%s: \"%s\" was already sent in this version (version dropped)", who, f->name);
+        }
         if (dtype_convert_to_f32(f->dtype, f->data, s->staged + p->offset, p->numel, e)) return -1;
         s->staged_set[p - m->params] = 1;
     }
-    wire_builder *b;
-    if (last) { /* swap between engine steps: no token sees a mix of versions */
-        for (int i = 0; s->host_stale && i < m->n_params; i++) /* a stale base: all must have come */
-            if (m->params[i].kind != PARAM_INDEX && !s->staged_set[i]) {
-                staged_drop(s);
-                return mill_errf(e, "update_weights: version %lld did not send \"%s\"; the last version came over "
-                                    "CUDA IPC and the device copy was given back since, so a bucketed update must "
-                                    "send every float parameter (version dropped)",
-                                 (long long)version, m->params[i].name);
-            }
-        /* the device copy first: if it fails, the host copy still holds the running version. Given
-         * back (released), the host copy alone takes it, and resume copies it over. */
-        if (s->run != m && !weights_dropped(s) &&
-            op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
-            staged_drop(s);
-            return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
-        }
-        memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
-        s->version = version;
-        s->host_stale = s->weights_missing = 0; /* the host holds the whole version now */
-        staged_drop(s);
-        b = wire_builder_new("weights_ok", wire_id(msg));
-    } else {
-        b = wire_builder_new("bucket_ok", wire_id(msg));
+    if (last) {
+        s->staged_last[sender] = 1;
+        s->staged_n_last++;
     }
-    if (!b) return mill_errf(e, "update_weights: out of memory");
-    wire_put_int(b, "version", version);
-    wire_put_int(b, "bucket", bucket);
-    wire_send(s->sock, peer, peer_len, b, e);
-    wire_builder_free(b);
-    return 0;
+    if (s->staged_n_last < s->staged_senders)
+        return reply_version(s, peer, peer_len, "bucket_ok", wire_id(msg), version, bucket, e);
+    /* every sender's last bucket came: swap between engine steps, so no token sees a mix of versions */
+    for (int i = 0; s->host_stale && i < m->n_params; i++) /* a stale base: all must have come */
+        if (m->params[i].kind != PARAM_INDEX && !s->staged_set[i]) {
+            staged_drop(s);
+            return mill_errf(e, "update_weights: version %lld did not send \"%s\"; the last version came over "
+                                "CUDA IPC and the device copy was given back since, so a bucketed update must "
+                                "send every float parameter (version dropped)",
+                             (long long)version, m->params[i].name);
+        }
+    /* the device copy first: if it fails, the host copy still holds the running version. Given
+     * back (released), the host copy alone takes it, and resume copies it over. */
+    if (s->run != m && !weights_dropped(s) &&
+        op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
+        staged_drop(s);
+        return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
+    }
+    memcpy(m->data, s->staged, sizeof(float) * m->n_floats);
+    s->version = version;
+    s->host_stale = s->weights_missing = 0; /* the host holds the whole version now */
+    staged_drop(s);
+    return reply_version(s, peer, peer_len, "weights_ok", wire_id(msg), version, bucket, e);
 }
 
-/* update_weights_ipc: copy a whole version from the trainer's device buffer on this GPU. */
+/* Closes sender i's mapping unless another sender's slot maps the same buffer. */
+static void ipc_unmap(server *s, int i) {
+    void *p = s->ipc_maps[i].src;
+    s->ipc_maps[i].src = NULL;
+    for (int j = 0; p && j < s->ipc_n_maps; j++)
+        if (s->ipc_maps[j].src == p) return;
+    mem_ipc_close(s->k.device, p);
+}
+
+/* Sender's buffer mapped here: the cached mapping while its handle repeats, another sender's when it
+ * already maps that handle (CUDA opens a handle once per process), else opened now. */
+static const void *ipc_map_get(server *s, int sender, const unsigned char *h, mill_err *e) {
+    if (sender >= s->ipc_n_maps) {
+        ipc_map *nm = realloc(s->ipc_maps, sizeof *nm * (size_t)(sender + 1));
+        if (!nm) return mill_errf(e, "update_weights_ipc: out of memory"), NULL;
+        memset(nm + s->ipc_n_maps, 0, sizeof *nm * (size_t)(sender + 1 - s->ipc_n_maps));
+        s->ipc_maps = nm;
+        s->ipc_n_maps = sender + 1;
+    }
+    ipc_map *mp = &s->ipc_maps[sender];
+    if (mp->src && !memcmp(mp->handle, h, MEM_IPC_HANDLE_BYTES)) return mp->src;
+    void *src = NULL;
+    for (int j = 0; !src && j < s->ipc_n_maps; j++)
+        if (s->ipc_maps[j].src && !memcmp(s->ipc_maps[j].handle, h, MEM_IPC_HANDLE_BYTES)) src = s->ipc_maps[j].src;
+    ipc_unmap(s, sender); /* never one a gathered range reads: its sender has not arrived yet */
+    if (!src && !(src = mem_ipc_open(s->k.device, h, e))) return NULL;
+    memcpy(mp->handle, h, MEM_IPC_HANDLE_BYTES);
+    mp->src = src;
+    return src;
+}
+
+static int ipc_range_cmp(const void *a, const void *b) {
+    int64_t x = ((const ipc_range *)a)->offset, y = ((const ipc_range *)b)->offset;
+    return (x > y) - (x < y);
+}
+
+/* Every sender of the gathered version has arrived: their ranges must tile the flat layout exactly;
+ * then each is copied device to device (between engine steps, like a bucket swap), and waited for
+ * before the reply, since a sender's next step overwrites its buffer. */
+static int ipc_complete(server *s, mill_err *e) {
+    ipc_range *r = s->ipc_got;
+    int n = s->ipc_senders;
+    int64_t end = 0, nf = (int64_t)s->m->n_floats;
+    qsort(r, (size_t)n, sizeof *r, ipc_range_cmp);
+    for (int i = 0; i < n; end = r[i].offset + r[i].floats, i++) {
+        if (r[i].offset < end)
+            return mill_errf(e, "update_weights_ipc: version %ld: sender %d's floats [%lld, %lld) overlap sender %d's "
+                                "[%lld, %lld) (version dropped)",
+                             s->ipc_version, r[i].sender, (long long)r[i].offset,
+                             (long long)(r[i].offset + r[i].floats), r[i - 1].sender, (long long)r[i - 1].offset,
+                             (long long)end);
+        if (r[i].offset > end)
+            return mill_errf(e, "update_weights_ipc: version %ld: no sender sent floats [%lld, %lld) (version dropped)",
+                             s->ipc_version, (long long)end, (long long)r[i].offset);
+    }
+    if (end < nf)
+        return mill_errf(e, "update_weights_ipc: version %ld: no sender sent floats [%lld, %lld) (version dropped)",
+                         s->ipc_version, (long long)end, (long long)nf);
+    for (int i = 0; i < n; i++)
+        if (op_copy(&s->k, (float *)s->run->data + r[i].offset, r[i].src, sizeof(float) * (size_t)r[i].floats, e))
+            return mill_err_wrap(e, "update_weights_ipc: version %ld, sender %d", s->ipc_version, r[i].sender);
+    return kctx_sync(&s->k, e);
+}
+
+/* update_weights_ipc: a version copied from the trainer's device buffers on this GPU, one range of
+ * the flat layout per sender. */
 static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
-    int64_t version, floats;
+    int64_t version, floats, offset, senders, sender;
     if (wire_get_int(msg, "version", 1, 0, 0, INT64_MAX, &version, e) ||
-        wire_get_int(msg, "floats", 1, 0, 0, INT64_MAX, &floats, e))
+        wire_get_int(msg, "floats", 1, 0, 0, INT64_MAX, &floats, e) ||
+        wire_get_int(msg, "offset", 0, 0, 0, INT64_MAX, &offset, e) ||
+        wire_get_int(msg, "senders", 0, 1, 1, UPDATE_MAX_SENDERS, &senders, e) ||
+        wire_get_int(msg, "sender", 0, 0, INT64_MIN, INT64_MAX, &sender, e))
         return -1;
     const wire_frame *h = wire_frame_named(msg, "handle");
     if (!h || h->dtype != DTYPE_U8 || h->nbytes != MEM_IPC_HANDLE_BYTES)
@@ -410,28 +569,68 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
                             "resume first");
     if (s->staged)
         return mill_errf(e, "update_weights_ipc: version %ld is being staged in buckets", s->staged_version);
-    if (floats != (int64_t)s->m->n_floats)
-        return mill_errf(e, "update_weights_ipc: %lld floats offered, this model has %zu", (long long)floats,
-                         s->m->n_floats);
-    if (!s->ipc_src || memcmp(s->ipc_handle, h->data, MEM_IPC_HANDLE_BYTES)) {
-        mem_ipc_close(s->k.device, s->ipc_src);
-        if (!(s->ipc_src = mem_ipc_open(s->k.device, h->data, e))) return mill_err_wrap(e, "update_weights_ipc");
-        memcpy(s->ipc_handle, h->data, MEM_IPC_HANDLE_BYTES);
+    int64_t nf = (int64_t)s->m->n_floats;
+    if (s->ipc_got && version != s->ipc_version) {
+        long was = s->ipc_version;
+        ipc_gather_drop(s);
+        return mill_errf(e, "update_weights_ipc: version %lld (sender %lld) while version %ld is being gathered "
+                            "(dropped both)",
+                         (long long)version, (long long)sender, was);
     }
-    /* between engine steps, like a bucket swap; done before the ack, since the trainer's next step
-     * overwrites the source */
-    if (op_copy(&s->k, (float *)s->run->data, s->ipc_src, sizeof(float) * s->m->n_floats, e) || kctx_sync(&s->k, e))
-        return -1;
+    /* every error below drops the version gathered: it cannot be made whole */
+    const char *dropped = s->ipc_got ? " (version dropped)" : "";
+    if (sender < 0 || sender >= senders) {
+        ipc_gather_drop(s);
+        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: sender must be in [0, %lld)%s",
+                         (long long)version, (long long)sender, (long long)senders, dropped);
+    }
+    if (s->ipc_got && senders != s->ipc_senders) {
+        int was = s->ipc_senders;
+        ipc_gather_drop(s);
+        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: senders = %lld, but earlier senders of "
+                            "this version said %d (version dropped)",
+                         (long long)version, (long long)sender, (long long)senders, was);
+    }
+    if (s->ipc_got && s->ipc_got[sender].floats) {
+        ipc_gather_drop(s);
+        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: this sender already sent its range "
+                            "(version dropped)",
+                         (long long)version, (long long)sender);
+    }
+    if (senders == 1 && (offset || floats != nf))
+        return mill_errf(e, "update_weights_ipc: %lld floats offered at offset %lld, this model has %zu (a single "
+                            "sender sends them all)",
+                         (long long)floats, (long long)offset, s->m->n_floats);
+    if (floats < 1 || offset % 16 || offset > nf || floats > nf - offset) {
+        ipc_gather_drop(s);
+        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: floats [%lld, %lld) must be a non-empty "
+                            "range of the model's %lld, starting at a multiple of 16%s",
+                         (long long)version, (long long)sender, (long long)offset, (long long)(offset + floats),
+                         (long long)nf, dropped);
+    }
+    if (!s->ipc_got) {
+        if (!(s->ipc_got = calloc((size_t)senders, sizeof *s->ipc_got)))
+            return mill_errf(e, "update_weights_ipc: out of memory");
+        s->ipc_senders = (int)senders;
+        s->ipc_version = version;
+    }
+    const void *src = ipc_map_get(s, (int)sender, h->data, e);
+    if (!src) {
+        ipc_gather_drop(s);
+        return mill_err_wrap(e, "update_weights_ipc: version %lld, sender %lld (version dropped)", (long long)version,
+                             (long long)sender);
+    }
+    s->ipc_got[sender] = (ipc_range){offset, floats, (int)sender, src};
+    /* an earlier sender's range is only remembered: its buffer must hold until the version is in */
+    if (++s->ipc_n < s->ipc_senders)
+        return reply_version(s, peer, peer_len, "bucket_ok", wire_id(msg), version, sender, e);
+    int rc = ipc_complete(s, e);
+    ipc_gather_drop(s);
+    if (rc) return -1;
     s->version = version;
     s->host_stale = 1;
     s->weights_missing = 0; /* every float was copied */
-    wire_builder *b = wire_builder_new("weights_ok", wire_id(msg));
-    if (!b) return mill_errf(e, "update_weights_ipc: out of memory");
-    wire_put_int(b, "version", version);
-    wire_put_int(b, "bucket", 0);
-    wire_send(s->sock, peer, peer_len, b, e);
-    wire_builder_free(b);
-    return 0;
+    return reply_version(s, peer, peer_len, "weights_ok", wire_id(msg), version, sender, e);
 }
 
 static void handle_stats(server *s, const unsigned char *peer, size_t peer_len, uint64_t id) {
@@ -575,7 +774,9 @@ out:
     wire_zap_stop(zap);
     if (ctx) zmq_ctx_term(ctx);
     engine_free(&s.en);
-    mem_ipc_close(s.k.device, s.ipc_src);
+    ipc_gather_drop(&s);
+    for (int i = 0; i < s.ipc_n_maps; i++) ipc_unmap(&s, i);
+    free(s.ipc_maps);
     model_free(&dm);
     kctx_free(&s.k);
     return rc;

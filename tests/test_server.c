@@ -2,7 +2,8 @@
  * the HF-checked goldens (n samples, streamed), error replies to malformed and invalid messages
  * while it keeps serving, a client that disconnects mid-request, a bucketed weight update that
  * changes the output, release/resume (with a full update sent while released, which the engine runs
- * after resume), shutdown. The server runs in a thread of this process. */
+ * after resume), shutdown; and a version sent by several senders (test_server_senders). The server
+ * runs in a thread of this process. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -326,7 +327,259 @@ static void test_server(void **st) {
     free(a);
 }
 
+/* One update_weights message from sender `sender` of `senders`, with tensor p (NULL: none). */
+static void send_bucket(void *c, uint64_t id, int64_t version, int64_t bucket, int last, int64_t senders,
+                        int64_t sender, const param_info *p, const float *data) {
+    mill_err e;
+    wire_builder *b = wire_builder_new("update_weights", id);
+    wire_put_int(b, "version", version);
+    wire_put_int(b, "bucket", bucket);
+    wire_put_bool(b, "last", last);
+    if (senders != 1 || sender != 0) { /* a single sender leaves them out, as before */
+        wire_put_int(b, "senders", senders);
+        wire_put_int(b, "sender", sender);
+    }
+    if (p && wire_put_frame(b, p->name, DTYPE_F32, p->ndim, p->shape, data, &e)) fail_msg("%s", e.msg);
+    send_msg(c, b);
+}
+
+/* The next reply is of this type: an error naming the version and the sender (NULL: not checked),
+ * or an acknowledgement of this version. */
+static void expect_reply(void *c, const char *type, int64_t version, const char *sender) {
+    wire_raw *raw;
+    wire_msg *r = recv_msg(c, &raw);
+    char msg[512] = "", want[64];
+    mill_err e;
+    wire_get_str(r, "message", 0, "", msg, sizeof msg, &e);
+    if (strcmp(wire_type(r), type)) fail_msg("expected %s, got %s (%s)", type, wire_type(r), msg);
+    if (!strcmp(type, "error")) {
+        snprintf(want, sizeof want, "version %lld", (long long)version);
+        if (!strstr(msg, want) || (sender && !strstr(msg, sender))) fail_msg("error without version/sender: %s", msg);
+    } else if (strcmp(type, "bye")) {
+        int64_t v;
+        if (wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, &e)) fail_msg("%s", e.msg);
+        assert_int_equal(v, version);
+    }
+    wire_msg_free(r);
+    wire_recv_free(raw);
+}
+
+/* One greedy sample of N tokens: its tokens, logprobs and the version it was admitted under. */
+static int64_t generate_one(void *c, uint64_t id, const int32_t *prompt, int P, int N, int32_t *tokens,
+                            float *logprobs) {
+    wire_raw *raw;
+    int64_t v = -1;
+    mill_err e;
+    send_msg(c, gen_request(id, prompt, P, 1, N));
+    for (int got = 0; got < 2; got++) {
+        wire_msg *r = recv_msg(c, &raw);
+        if (!strcmp(wire_type(r), "sample")) {
+            const wire_frame *tk = wire_frame_named(r, "tokens"), *lp = wire_frame_named(r, "logprobs");
+            assert_int_equal(tk->shape[0], N);
+            memcpy(tokens, tk->data, sizeof(int32_t) * (size_t)N);
+            memcpy(logprobs, lp->data, sizeof(float) * (size_t)N);
+            wire_get_int(r, "weight_version", 1, 0, 0, INT64_MAX, &v, &e);
+        } else {
+            assert_string_equal(wire_type(r), "done");
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+    return v;
+}
+
+/* A correct two-sender version (one tensor each); the engine reports it as running. */
+static void two_senders(void *c0, void *c1, int64_t version, const param_info *p0, const float *d0,
+                        const param_info *p1, const float *d1) {
+    send_bucket(c0, 100, version, 0, 1, 2, 0, p0, d0);
+    expect_reply(c0, "bucket_ok", version, NULL);
+    send_bucket(c1, 101, version, 0, 1, 2, 1, p1, d1);
+    expect_reply(c1, "weights_ok", version, NULL);
+    send_msg(c0, wire_builder_new("health", 102));
+    wire_raw *raw;
+    wire_msg *r = recv_msg(c0, &raw);
+    int64_t v;
+    mill_err e;
+    if (wire_get_int(r, "weight_version", 1, 0, 0, INT64_MAX, &v, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(v, version);
+    wire_msg_free(r);
+    wire_recv_free(raw);
+}
+
+/* A version from two senders (the ranks of a sharded trainer): buckets interleave, the swap waits
+ * for both lasts (a generate in between runs the old version), and the result equals a one-sender
+ * update of the same tensors; each multi-sender error drops the version and the next one is taken. */
+static void test_server_senders(void **st) {
+    (void)st;
+    char dir[1024], path[1100], addr[128];
+    snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
+    snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-senders-%d.sock", (int)getpid());
+    server_arg *a = calloc(1, sizeof *a);
+    if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
+    wire_curve keys;
+    if (wire_curve_new(&keys, &a->e)) fail_msg("%s", a->e.msg);
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys};
+    snprintf(path, sizeof path, "%s/generate.json", dir);
+    json_error_t je;
+    json_t *g = json_load_file(path, 0, &je);
+    json_t *in = json_object_get(g, "input_ids"), *out = json_object_get(g, "output_ids");
+    int P = (int)json_array_size(json_array_get(in, 0)), N = (int)json_integer_value(json_object_get(g, "max_new_tokens"));
+    int32_t prompt[512], want[64];
+    for (int t = 0; t < P; t++) prompt[t] = (int32_t)json_integer_value(json_array_get(json_array_get(in, 0), t));
+    for (int t = 0; t < N; t++) want[t] = (int32_t)json_integer_value(json_array_get(json_array_get(out, 0), t));
+    json_decref(g);
+    /* four tensors: sender 0 owns the first two, sender 1 the others; new values change the output */
+    const char *names[4] = {"head.weight", "layers.0.attn_norm.weight", "layers.0.ffn_norm.weight",
+                            "layers.1.attn.compressor.wkv.weight"};
+    const param_info *tp[4];
+    float *orig[4], *next[4];
+    for (int i = 0; i < 4; i++) {
+        tp[i] = model_find_param(&a->m, names[i]);
+        assert_non_null(tp[i]);
+        orig[i] = malloc(sizeof(float) * tp[i]->numel);
+        next[i] = malloc(sizeof(float) * tp[i]->numel);
+        memcpy(orig[i], a->m.data + tp[i]->offset, sizeof(float) * tp[i]->numel);
+        for (size_t j = 0; j < tp[i]->numel; j++)
+            next[i][j] = i ? orig[i][j] * 1.25f + 0.01f : (float)((j * 2654435761u) % 1000) / 1000.0f - 0.5f;
+    }
+    float *poison = calloc(tp[0]->numel, sizeof(float)); /* what a dropped version would have put in the head */
+
+    pthread_t th;
+    pthread_create(&th, NULL, server_main, a);
+    void *ctx = zmq_ctx_new();
+    void *c0 = connect_client(ctx, addr, &keys), *c1 = connect_client(ctx, addr, &keys);
+    int32_t tok[64], tok7[64];
+    float lp[64], lp7[64];
+
+    /* version 7: sender 1's first bucket, sender 0's two, a generate (still version 0), sender 1's last */
+    send_bucket(c1, 1, 7, 0, 0, 2, 1, tp[2], next[2]);
+    expect_reply(c1, "bucket_ok", 7, NULL);
+    send_bucket(c0, 2, 7, 0, 0, 2, 0, tp[0], next[0]);
+    expect_reply(c0, "bucket_ok", 7, NULL);
+    send_bucket(c0, 3, 7, 1, 1, 2, 0, tp[1], next[1]);
+    expect_reply(c0, "bucket_ok", 7, NULL); /* its last, but sender 1's is still to come */
+    assert_int_equal(generate_one(c0, 4, prompt, P, N, tok, lp), 0);
+    assert_memory_equal(tok, want, sizeof(int32_t) * (size_t)N);
+    send_bucket(c1, 5, 7, 1, 1, 2, 1, tp[3], next[3]);
+    expect_reply(c1, "weights_ok", 7, NULL); /* to the sender that completed it */
+    assert_int_equal(generate_one(c0, 6, prompt, P, N, tok7, lp7), 7);
+    assert_true(memcmp(tok7, want, sizeof(int32_t) * (size_t)N) != 0);
+    float *w7 = malloc(sizeof(float) * a->m.n_floats); /* the host copy the engine runs (CPU) */
+    memcpy(w7, a->m.data, sizeof(float) * a->m.n_floats);
+
+    /* one sender: back to the loaded values (golden output), then the same four tensors as version 7 */
+    wire_builder *b = wire_builder_new("update_weights", 10);
+    mill_err e;
+    wire_put_int(b, "version", 8);
+    wire_put_int(b, "bucket", 0);
+    wire_put_bool(b, "last", 1);
+    for (int i = 0; i < 4; i++)
+        if (wire_put_frame(b, tp[i]->name, DTYPE_F32, tp[i]->ndim, tp[i]->shape, orig[i], &e)) fail_msg("%s", e.msg);
+    send_msg(c0, b);
+    expect_reply(c0, "weights_ok", 8, NULL);
+    assert_int_equal(generate_one(c0, 11, prompt, P, N, tok, lp), 8);
+    assert_memory_equal(tok, want, sizeof(int32_t) * (size_t)N);
+    for (int i = 0; i < 4; i++) send_bucket(c0, 12, 9, i, i == 3, 1, 0, tp[i], next[i]);
+    for (int i = 0; i < 4; i++) expect_reply(c0, i == 3 ? "weights_ok" : "bucket_ok", 9, NULL);
+    assert_int_equal(generate_one(c0, 13, prompt, P, N, tok, lp), 9);
+    assert_memory_equal(tok, tok7, sizeof(int32_t) * (size_t)N);
+    assert_memory_equal(lp, lp7, sizeof(float) * (size_t)N);
+    assert_memory_equal(a->m.data, w7, sizeof(float) * a->m.n_floats);
+
+    /* errors: each answers `error` naming the version and the sender, drops what was staged (the
+     * next version's first bucket would otherwise clash with it), and the next version is taken */
+    /* senders differing within a version */
+    send_bucket(c0, 20, 10, 0, 0, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 10, NULL);
+    send_bucket(c1, 21, 10, 0, 1, 3, 1, NULL, NULL);
+    expect_reply(c1, "error", 10, "sender 1");
+    two_senders(c0, c1, 11, tp[1], next[1], tp[2], next[2]);
+    /* sender out of range: one past the end while staging, a negative one with nothing staged */
+    send_bucket(c0, 22, 12, 0, 0, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 12, NULL);
+    send_bucket(c1, 23, 12, 0, 1, 2, 2, NULL, NULL);
+    expect_reply(c1, "error", 12, "sender 2");
+    send_bucket(c1, 24, 13, 0, 1, 2, -1, NULL, NULL);
+    expect_reply(c1, "error", 13, "sender -1");
+    two_senders(c0, c1, 14, tp[1], next[1], tp[2], next[2]);
+    /* a second last from one sender */
+    send_bucket(c0, 25, 15, 0, 1, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 15, NULL);
+    send_bucket(c0, 26, 15, 1, 1, 2, 0, NULL, NULL);
+    expect_reply(c0, "error", 15, "sender 0");
+    two_senders(c0, c1, 16, tp[1], next[1], tp[2], next[2]);
+    /* a bucket after the sender's last */
+    send_bucket(c1, 27, 17, 0, 1, 2, 1, tp[0], poison);
+    expect_reply(c1, "bucket_ok", 17, NULL);
+    send_bucket(c1, 28, 17, 1, 0, 2, 1, NULL, NULL);
+    expect_reply(c1, "error", 17, "sender 1");
+    two_senders(c0, c1, 18, tp[1], next[1], tp[2], next[2]);
+    /* one tensor from two senders, and twice from one sender */
+    send_bucket(c0, 29, 19, 0, 0, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 19, NULL);
+    send_bucket(c1, 30, 19, 0, 0, 2, 1, tp[0], poison);
+    expect_reply(c1, "error", 19, "sender 1");
+    two_senders(c0, c1, 20, tp[1], next[1], tp[2], next[2]);
+    send_bucket(c1, 31, 21, 0, 0, 2, 1, tp[0], poison);
+    expect_reply(c1, "bucket_ok", 21, NULL);
+    send_bucket(c1, 32, 21, 1, 1, 2, 1, tp[0], poison);
+    expect_reply(c1, "error", 21, "sender 1");
+    two_senders(c0, c1, 22, tp[1], next[1], tp[2], next[2]);
+    /* a bucket of another version while one is staged (the rule of one sender): both dropped */
+    send_bucket(c0, 33, 23, 0, 0, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 23, NULL);
+    send_bucket(c1, 34, 24, 0, 1, 2, 1, NULL, NULL);
+    expect_reply(c1, "error", 24, "sender 1");
+    two_senders(c0, c1, 25, tp[1], next[1], tp[2], next[2]);
+    /* one sender may still send a tensor twice in a version (the later one counts), as before */
+    send_bucket(c0, 35, 26, 0, 0, 1, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 26, NULL);
+    send_bucket(c0, 36, 26, 1, 1, 1, 0, tp[0], next[0]);
+    expect_reply(c0, "weights_ok", 26, NULL);
+    /* no poison landed: the weights are version 7's, and so is the output */
+    assert_memory_equal(a->m.data, w7, sizeof(float) * a->m.n_floats);
+    assert_int_equal(generate_one(c0, 37, prompt, P, N, tok, lp), 26);
+    assert_memory_equal(tok, tok7, sizeof(int32_t) * (size_t)N);
+    assert_memory_equal(lp, lp7, sizeof(float) * (size_t)N);
+
+    /* a sharded device-to-device update offered to this CPU engine: refused with the reason */
+    unsigned char handle[64] = {0};
+    int64_t hshape[1] = {64};
+    b = wire_builder_new("update_weights_ipc", 40);
+    wire_put_int(b, "version", 27);
+    wire_put_int(b, "floats", 64);
+    wire_put_int(b, "offset", 16);
+    wire_put_int(b, "senders", 2);
+    wire_put_int(b, "sender", 1);
+    if (wire_put_frame(b, "handle", DTYPE_U8, 1, hshape, handle, &e)) fail_msg("%s", e.msg);
+    send_msg(c1, b);
+    wire_raw *raw;
+    wire_msg *r = recv_msg(c1, &raw);
+    assert_string_equal(wire_type(r), "error");
+    char why[256];
+    wire_get_str(r, "message", 1, NULL, why, sizeof why, &e);
+    assert_non_null(strstr(why, "runs on the CPU"));
+    wire_msg_free(r);
+    wire_recv_free(raw);
+
+    send_msg(c0, wire_builder_new("shutdown", 50));
+    expect_reply(c0, "bye", 0, NULL);
+    pthread_join(th, NULL);
+    assert_int_equal(a->rc, 0);
+    zmq_close(c0);
+    zmq_close(c1);
+    zmq_ctx_term(ctx);
+    for (int i = 0; i < 4; i++) {
+        free(orig[i]);
+        free(next[i]);
+    }
+    free(poison);
+    free(w7);
+    model_free(&a->m);
+    free(a);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_server)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_server), cmocka_unit_test(test_server_senders)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

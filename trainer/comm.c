@@ -52,9 +52,13 @@ static void *watchdog_main(void *arg) {
     return NULL;
 }
 
+void comm_watch_idle(comm *c, int idle) {
+    if (c->rt) c->rt->idle = idle;
+}
+
 void comm_watch_begin(comm *c, const char *op) {
     comm_runtime *rt = c->rt;
-    if (!rt || !rt->wd_on) return;
+    if (!rt || !rt->wd_on || rt->idle) return;
     pthread_mutex_lock(&rt->mu);
     rt->op = op;
     snprintf(rt->group, sizeof rt->group, "%s", c->name);
@@ -92,6 +96,7 @@ int comm_world_init(comm **world, mill_err *e) {
     if ((*world)->size > 1) {
         if (pthread_create(&rt->wd, NULL, watchdog_main, rt)) {
             comm_world_end(*world, 1);
+            *world = NULL;
             return mill_errf(e, "comm: cannot start the watchdog thread");
         }
         rt->wd_on = 1;
@@ -203,7 +208,8 @@ int comm_broadcast(comm *c, void *buf, size_t count, mill_dtype dt, int root, mi
 int comm_barrier(comm *c, mill_err *e) { return c->size == 1 ? 0 : c->ops->barrier(c, e); }
 
 int comm_split(comm *c, int color, int key, const char *name, comm **out, mill_err *e) {
-    if (c->size == 1) return comm_local(c->rt, name, c->device, out, e);
+    /* a device comm of one keeps its backend (its all_to_all to itself is a device copy) */
+    if (c->size == 1 && c->device == DEVICE_CPU) return comm_local(c->rt, name, c->device, out, e);
     return c->ops->split(c, color, key, name, out, e);
 }
 

@@ -105,6 +105,9 @@ int comm_max_f64(comm *c, double *v, int n, mill_err *e);
 /* The watchdog's view of a blocking op (the backends call these around each one). */
 void comm_watch_begin(comm *c, const char *op);
 void comm_watch_end(comm *c);
+/* While idle (1), ops are not watched: a rank waiting for its next request may wait as long as
+ * the controller takes (rank 0 waits on its socket meanwhile). */
+void comm_watch_idle(comm *c, int idle);
 
 /* The MPI backend (comm_mpi.c) and the NCCL backend (comm_nccl.c, CUDA builds only). */
 extern const comm_ops comm_mpi_ops;

@@ -14,7 +14,7 @@ typedef struct comm_runtime {
     int abort_ok; /* MPI_Abort may be called from the watchdog's thread (MPI_THREAD_MULTIPLE) */
     /* watchdog: the op in progress (NULL: none), its group and when it began */
     pthread_t wd;
-    int wd_on, stop;
+    int wd_on, stop, idle;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     const char *op;

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "comm_impl.h"
 
@@ -182,6 +183,17 @@ static int m_sendrecv(comm *c, const comm_p2p *ops, int n, mill_dtype dt, mill_e
 
 static int m_broadcast(comm *c, void *buf, size_t n, mill_dtype dt, int root, mill_err *e) {
     TRY(count_ok(c, "broadcast", n, e));
+    if (c->rt && c->rt->idle) { /* a rank waiting for work: MPI's blocking wait spins a core; poll gently */
+        MPI_Request rq;
+        int done = 0, rc = MPI_(MPI_Ibcast)(buf, CNT(n), mpi_type(dt), root, MC(c), &rq);
+        for (long us = 50; rc == MPI_SUCCESS; us = us < 5000 ? 2 * us : 5000) {
+            rc = MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
+            if (done || rc != MPI_SUCCESS) break;
+            struct timespec ts = {0, us * 1000};
+            nanosleep(&ts, NULL);
+        }
+        return rc == MPI_SUCCESS ? 0 : mpi_fail(c, "broadcast", rc, e);
+    }
     MPI_CHECK(c, "broadcast", MPI_(MPI_Bcast)(buf, CNT(n), mpi_type(dt), root, MC(c)));
     return 0;
 }
@@ -233,14 +245,44 @@ const comm_ops comm_mpi_ops = {"mpi",      m_all_reduce, m_all_reduce_async, m_f
                                m_reduce_scatter, m_all_to_allv, m_sendrecv, m_broadcast, m_barrier,
                                m_split,    m_abort,      m_free};
 
+/* CUDA_VISIBLE_DEVICES for the local_rank-th rank of a machine: its entry of the list already
+ * there, or the GPU of that number. A list too short is left alone (CPU ranks need no GPU; GPU
+ * ranks sharing one are refused by NCCL, by name). */
+static void comm_pick_gpu(int local_rank) {
+    const char *v = getenv("CUDA_VISIBLE_DEVICES");
+    char pick[64];
+    if (!v || !*v) {
+        snprintf(pick, sizeof pick, "%d", local_rank);
+    } else {
+        const char *p = v;
+        for (int i = 0; i < local_rank && p; i++) {
+            p = strchr(p, ',');
+            if (p) p++;
+        }
+        if (!p || !*p) return;
+        size_t n = strcspn(p, ",");
+        snprintf(pick, sizeof pick, "%.*s", (int)(n < 63 ? n : 63), p);
+    }
+    setenv("CUDA_VISIBLE_DEVICES", pick, 1);
+}
+
 int comm_mpi_world(comm_runtime *rt, comm **world, mill_err *e) {
     int provided = 0, rc = MPI_Init_thread(NULL, NULL, MPI_THREAD_MULTIPLE, &provided);
     if (rc != MPI_SUCCESS) return mill_errf(e, "MPI_Init_thread failed (error %d)", rc);
     rt->mpi_on = 1;
     /* the watchdog ends the job from its own thread: MPI_Abort needs MPI_THREAD_MULTIPLE for that */
     rt->abort_ok = provided >= MPI_THREAD_MULTIPLE;
-    MPI_Comm mc;
+    MPI_Comm mc, node;
     if (MPI_Comm_dup(MPI_COMM_WORLD, &mc) != MPI_SUCCESS) return mill_errf(e, "MPI_Comm_dup of the world failed");
+    /* one GPU per rank: the i-th rank on a machine sees only the i-th of its visible GPUs (set
+     * before anything touches CUDA; CPU ranks ignore it) */
+    int lr = 0, ln = 1;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+        MPI_Comm_rank(node, &lr);
+        MPI_Comm_size(node, &ln);
+        MPI_Comm_free(&node);
+    }
+    if (ln > 1) comm_pick_gpu(lr);
     return wrap(rt, mc, "world", world, e);
 }
 

@@ -8,7 +8,9 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     TRY(par_validate(s, cfg, world->size, batch_rows, e));
     TRY(par_init(&d->par, world, s, e));
     d->dp = d->par.dp;
-    if (k->device == DEVICE_CUDA && d->par.dp->size > 1 && comm_nccl_from(d->par.dp, k->stream, &d->dp, e)) {
+    /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
+     * one runs the same setup as many) */
+    if (k->device == DEVICE_CUDA && comm_nccl_from(d->par.dp, k->stream, &d->dp, e)) {
         par_free(&d->par);
         return mill_err_wrap(e, "dp group on the GPU");
     }

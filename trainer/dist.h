@@ -12,7 +12,7 @@
 
 typedef struct {
     par_state par;
-    comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU */
+    comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
     float *grads;   /* the buffer the hook reduces (dist_hook) */
 } dist_ctx;
 

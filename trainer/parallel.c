@@ -15,19 +15,22 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};
     for (int i = 0; i < 5; i++)
         if (v[i] < 1 || v[i] > 1 << 20) return mill_errf(e, "parallel: %s must be a positive size, got %d", names[i], v[i]);
-    long w = (long)s->tp * s->pp * s->cp * s->dp;
+    double w = (double)s->tp * s->pp * s->cp * s->dp; /* up to 2^80: no long holds it */
     if (world > 0 && w != world)
-        return mill_errf(e, "parallel: tp x pp x cp x dp = %d x %d x %d x %d = %ld ranks, but the job has %d", s->tp,
+        return mill_errf(e, "parallel: tp x pp x cp x dp = %d x %d x %d x %d = %.0f ranks, but the job has %d", s->tp,
                          s->pp, s->cp, s->dp, w, world);
     if (((long)s->dp * s->cp) % s->ep)
-        return mill_errf(e, "parallel: ep %d must divide dp x cp = %d (experts are spread over the data-parallel ranks)",
-                         s->ep, s->dp * s->cp);
+        return mill_errf(e, "parallel: ep %d must divide dp x cp = %ld (experts are spread over the data-parallel ranks)",
+                         s->ep, (long)s->dp * s->cp);
     if (cfg) {
         if (cfg->num_attention_heads % s->tp)
             return mill_errf(e, "parallel: tp %d must divide num_attention_heads %d", s->tp, cfg->num_attention_heads);
         if (cfg->o_groups % s->tp)
             return mill_errf(e, "parallel: tp %d must divide o_groups %d (wo_a is split by output groups)", s->tp,
                              cfg->o_groups);
+        if (cfg->index_n_heads % s->tp)
+            return mill_errf(e, "parallel: tp %d must divide index_n_heads %d (the indexer's heads)", s->tp,
+                             cfg->index_n_heads);
         if (cfg->n_routed_experts % s->ep)
             return mill_errf(e, "parallel: ep %d must divide n_routed_experts %d", s->ep, cfg->n_routed_experts);
         if (cfg->num_hidden_layers < s->pp)

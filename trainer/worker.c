@@ -1,6 +1,7 @@
 #include "worker.h"
 
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,6 +45,7 @@ typedef struct {
     comm *world;
     dist_ctx d;
     int dist_on;
+    int64_t kill_step, kill_rank; /* fault injection (debug_kill_*): SIGKILL this rank when that step trains */
 } worker;
 
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
@@ -113,7 +115,9 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e) ||
         wire_get_int(msg, "tp", 0, 1, 1, 1 << 20, &lay[0], e) || wire_get_int(msg, "pp", 0, 1, 1, 1 << 20, &lay[1], e) ||
         wire_get_int(msg, "ep", 0, 1, 1, 1 << 20, &lay[2], e) || wire_get_int(msg, "cp", 0, 1, 1, 1 << 20, &lay[3], e) ||
-        wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e))
+        wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e) ||
+        wire_get_int(msg, "debug_kill_step", 0, 0, 0, 1 << 30, &w->kill_step, e) ||
+        wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e))
         return mill_err_wrap(e, "init");
     par_sizes ps = {(int)lay[0], (int)lay[1], (int)lay[2], (int)lay[3], (int)lay[4]};
     if (w->algo.kl_coef != 0 && !ref[0]) return mill_errf(e, "init: kl_coef != 0 needs ref_model (the reference policy)");
@@ -261,6 +265,12 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
 static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     const dsv4_config *c = &w->m.cfg;
     if (!w->ready) return mill_errf(e, "train: send init first");
+    int64_t step;
+    if (wire_get_int(msg, "step", 0, 0, 0, INT64_MAX, &step, e)) return -1;
+    if (w->kill_step && step == w->kill_step && w->world->rank == w->kill_rank) {
+        log_warn("trainer rank %d: debug_kill_step %lld: SIGKILL to itself", w->world->rank, (long long)step);
+        raise(SIGKILL); /* as kill -9 from outside, mid-step (the other ranks are in this step too) */
+    }
     const wire_frame *fi, *ft, *fr, *fa, *fl;
     if (!(fi = frame(msg, "ids", DTYPE_I32, 2, e)) || !(ft = frame(msg, "targets", DTYPE_I32, 2, e)) ||
         !(fr = frame(msg, "replay", DTYPE_I32, 4, e)) || !(fa = frame(msg, "adv", DTYPE_F32, 1, e)) ||
@@ -625,7 +635,10 @@ static int relay(worker *w, const wire_raw *raw, relayed *rl, mill_err *e) {
         hdr[0] = rl->n;
         for (int i = 0; i < rl->n; i++) hdr[1 + i] = (int64_t)rl->lens[i];
     }
-    TRY(comm_broadcast(w->world, hdr, WIRE_MAX_FRAMES + 2, DTYPE_I64, 0, e));
+    comm_watch_idle(w->world, 1); /* the next request may be long in coming */
+    int x = comm_broadcast(w->world, hdr, WIRE_MAX_FRAMES + 2, DTYPE_I64, 0, e);
+    comm_watch_idle(w->world, 0);
+    TRY(x);
     size_t total = 0;
     rl->n = (int)hdr[0];
     for (int i = 0; i < rl->n; i++) total += (size_t)hdr[1 + i];
