@@ -70,13 +70,6 @@ int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cf
         if (len <= 0) return mill_errf(e, "cannot find the mill executable (/proc/self/exe): %s", strerror(errno));
         self[len] = 0;
         snprintf(np, sizeof np, "%d", w);
-        /* the ranks share this machine's cores: each one's OpenMP pool gets its part */
-        if (!getenv("OMP_NUM_THREADS")) {
-            long cores = sysconf(_SC_NPROCESSORS_ONLN);
-            char th[24];
-            snprintf(th, sizeof th, "%ld", cores / w > 1 ? cores / w : 1);
-            setenv("OMP_NUM_THREADS", th, 1);
-        }
         char **av = calloc((size_t)argc + 5, sizeof *av);
         if (!av) return mill_errf(e, "out of memory");
         int k = 0;

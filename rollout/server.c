@@ -381,6 +381,30 @@ static int update_check_frames(const server *s, const wire_msg *msg, const char 
     return 0;
 }
 
+/* The checks every message of a version from several senders passes, buckets or IPC alike: the
+ * version being gathered (active: one is; cur_version, cur_senders) and the sender's number. Each
+ * failure drops what was gathered (drop): its other senders' parts cannot make it whole. */
+static int sender_check(server *s, const char *what, int64_t version, int64_t sender, int64_t senders, int active,
+                        long cur_version, int cur_senders, void (*drop)(server *), mill_err *e) {
+    if (active && version != cur_version) {
+        drop(s);
+        return mill_errf(e, "%s: version %lld (sender %lld) while version %ld is being gathered (dropped both)", what,
+                         (long long)version, (long long)sender, cur_version);
+    }
+    if (sender < 0 || sender >= senders) {
+        drop(s);
+        return mill_errf(e, "%s: version %lld, sender %lld: sender must be in [0, %lld)%s", what, (long long)version,
+                         (long long)sender, (long long)senders, active ? " (version dropped)" : "");
+    }
+    if (active && senders != cur_senders) {
+        drop(s);
+        return mill_errf(e, "%s: version %lld, sender %lld: senders = %lld, but earlier messages of this version said "
+                            "%d (version dropped)",
+                         what, (long long)version, (long long)sender, (long long)senders, cur_senders);
+    }
+    return 0;
+}
+
 static int handle_update(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
     int64_t version, bucket, senders, sender;
     int last;
@@ -396,27 +420,9 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
                  "of version %lld", s->ipc_version, s->ipc_n, s->ipc_senders, (long long)version);
         ipc_gather_drop(s);
     }
-    if (s->staged && version != s->staged_version) {
-        long was = s->staged_version;
-        staged_drop(s);
-        return mill_errf(e, "update_weights: bucket of version %lld (sender %lld) while version %ld is being staged "
-                            "(dropped both)",
-                         (long long)version, (long long)sender, was);
-    }
-    /* every error below drops the version: its other senders' buckets cannot make it whole */
-    const char *dropped = s->staged ? " (version dropped)" : "";
-    if (sender < 0 || sender >= senders) {
-        staged_drop(s);
-        return mill_errf(e, "update_weights: version %lld, sender %lld: sender must be in [0, %lld)%s",
-                         (long long)version, (long long)sender, (long long)senders, dropped);
-    }
-    if (s->staged && senders != s->staged_senders) {
-        int was = s->staged_senders;
-        staged_drop(s);
-        return mill_errf(e, "update_weights: version %lld, sender %lld: senders = %lld, but earlier buckets of this "
-                            "version said %d (version dropped)",
-                         (long long)version, (long long)sender, (long long)senders, was);
-    }
+    if (sender_check(s, "update_weights", version, sender, senders, s->staged != NULL, s->staged_version,
+                     s->staged_senders, staged_drop, e))
+        return -1;
     if (s->staged && s->staged_last[sender]) {
         staged_drop(s);
         return mill_errf(e, "update_weights: version %lld, sender %lld: %s (version dropped)", (long long)version,
@@ -570,27 +576,9 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
     if (s->staged)
         return mill_errf(e, "update_weights_ipc: version %ld is being staged in buckets", s->staged_version);
     int64_t nf = (int64_t)s->m->n_floats;
-    if (s->ipc_got && version != s->ipc_version) {
-        long was = s->ipc_version;
-        ipc_gather_drop(s);
-        return mill_errf(e, "update_weights_ipc: version %lld (sender %lld) while version %ld is being gathered "
-                            "(dropped both)",
-                         (long long)version, (long long)sender, was);
-    }
-    /* every error below drops the version gathered: it cannot be made whole */
-    const char *dropped = s->ipc_got ? " (version dropped)" : "";
-    if (sender < 0 || sender >= senders) {
-        ipc_gather_drop(s);
-        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: sender must be in [0, %lld)%s",
-                         (long long)version, (long long)sender, (long long)senders, dropped);
-    }
-    if (s->ipc_got && senders != s->ipc_senders) {
-        int was = s->ipc_senders;
-        ipc_gather_drop(s);
-        return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: senders = %lld, but earlier senders of "
-                            "this version said %d (version dropped)",
-                         (long long)version, (long long)sender, (long long)senders, was);
-    }
+    if (sender_check(s, "update_weights_ipc", version, sender, senders, s->ipc_got != NULL, s->ipc_version,
+                     s->ipc_senders, ipc_gather_drop, e))
+        return -1;
     if (s->ipc_got && s->ipc_got[sender].floats) {
         ipc_gather_drop(s);
         return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: this sender already sent its range "
@@ -602,6 +590,7 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
                             "sender sends them all)",
                          (long long)floats, (long long)offset, s->m->n_floats);
     if (floats < 1 || offset % 16 || offset > nf || floats > nf - offset) {
+        const char *dropped = s->ipc_got ? " (version dropped)" : "";
         ipc_gather_drop(s);
         return mill_errf(e, "update_weights_ipc: version %lld, sender %lld: floats [%lld, %lld) must be a non-empty "
                             "range of the model's %lld, starting at a multiple of 16%s",

@@ -3,10 +3,12 @@
  * fatal inside MPI, so each names its op, group and rank. Large counts use MPI-4's _c calls. */
 #include <limits.h>
 #include <mpi.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "comm_impl.h"
 
@@ -275,14 +277,19 @@ int comm_mpi_world(comm_runtime *rt, comm **world, mill_err *e) {
     MPI_Comm mc, node;
     if (MPI_Comm_dup(MPI_COMM_WORLD, &mc) != MPI_SUCCESS) return mill_errf(e, "MPI_Comm_dup of the world failed");
     /* one GPU per rank: the i-th rank on a machine sees only the i-th of its visible GPUs (set
-     * before anything touches CUDA; CPU ranks ignore it) */
+     * before anything touches CUDA; CPU ranks ignore it), and a part of its cores */
     int lr = 0, ln = 1;
     if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
         MPI_Comm_rank(node, &lr);
         MPI_Comm_size(node, &ln);
         MPI_Comm_free(&node);
     }
-    if (ln > 1) comm_pick_gpu(lr);
+    if (ln > 1) {
+        comm_pick_gpu(lr);
+        /* the ranks of a machine share its cores: each one's OpenMP pool gets its part */
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(cores / ln > 1 ? (int)(cores / ln) : 1);
+    }
     return wrap(rt, mc, "world", world, e);
 }
 

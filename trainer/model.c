@@ -472,8 +472,7 @@ void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi
     *hi = u1 * 16 < m->n_floats ? u1 * 16 : m->n_floats;
 }
 
-/* Shard of a tensor: the one whose floats hold its first; tid2eid tables and mtp.* go with 0. */
-static int param_shard(const dsv4_model *m, const param_info *p, int k) {
+int model_param_shard(const dsv4_model *m, const param_info *p, int k) {
     if (p->kind == PARAM_INDEX) return 0;
     for (int r = 0; r < k; r++) {
         size_t lo, hi;
@@ -495,7 +494,7 @@ static int save_index(const dsv4_model *m, const char *dir, int n_shards, mill_e
     if (!root) return mill_errf(e, "model_save: out of memory");
     char file[64], path[4200];
     for (int i = 0; i < m->n_params; i++) {
-        shard_file(file, sizeof file, param_shard(m, &m->params[i], n_shards), n_shards);
+        shard_file(file, sizeof file, model_param_shard(m, &m->params[i], n_shards), n_shards);
         json_object_set_new(map, m->params[i].name, json_string(file));
     }
     shard_file(file, sizeof file, 0, n_shards);
@@ -519,7 +518,7 @@ int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shar
     int64_t *tmp = NULL;
     for (int i = 0; i < m->n_params; i++) {
         const param_info *p = &m->params[i];
-        if (param_shard(m, p, n_shards) != shard) continue;
+        if (model_param_shard(m, p, n_shards) != shard) continue;
         if (p->kind == PARAM_INDEX) {
             free(tmp);
             tmp = malloc(sizeof(int64_t) * p->numel);

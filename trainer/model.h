@@ -117,6 +117,9 @@ int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shar
 /* Shard r of k of the flat float layout: contiguous, in order, on 16-float boundaries (every tensor
  * starts on one), sizes within 16 floats of each other. The data-parallel optimizer's shards. */
 void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi);
+/* The shard (of k) that owns a whole tensor, to save or publish it: the one whose range holds its
+ * first float; tid2eid tables go with shard 0. */
+int model_param_shard(const dsv4_model *m, const param_info *p, int k);
 /* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
  * HC scales, zeros for HC bases, sinks, position biases and the router bias), except tid2eid: HF
  * leaves it zero for a checkpoint to fill; here each token gets k distinct random experts. */

@@ -404,7 +404,7 @@ out:
 
 /* ------------------------------------------------------------------- publish */
 
-/* Sends the float parameters this rank owns (model_shard_range over dp: a sharded trainer's ranks
+/* Sends the float parameters this rank owns (model_param_shard over dp: a sharded trainer's ranks
  * each send their part, by name) to one engine in buckets of about bucket_bytes (at most
  * WIRE_MAX_FRAMES tensors each), every bucket naming the senders and this one; the engine stages
  * them and swaps when every sender's last bucket is in. A rank that owns nothing sends one empty
@@ -413,9 +413,7 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
                         mill_err *e) {
     const dsv4_model *m = &w->m;
     int senders = w->d.par.sz.dp, me = w->d.par.dp_rank, last_p = -1;
-    size_t lo, hi;
-    model_shard_range(m, me, senders, &lo, &hi);
-#define OWNED(p) (m->params[p].kind != PARAM_INDEX && m->params[p].offset >= lo && m->params[p].offset < hi)
+#define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], senders) == me)
     for (int p = 0; p < m->n_params; p++)
         if (OWNED(p)) last_p = p;
     wire_builder *b = NULL;

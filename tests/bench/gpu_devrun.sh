@@ -4,13 +4,13 @@
 #   cmake -B build-gpu -S . -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu -j2
 #   ../shared/device/pack-libs.sh
 #   device run, carry ["build-gpu", ".devlibs"]: bash tests/bench/gpu_devrun.sh [PART...]
-# PART: ops, model, cli, grpo, memcheck (default: all of them). The benchmarks are gpu_bench.sh's. Outputs go to stdout and $OUT.
+# PART: ops, model, cli, grpo, dist, memcheck (default: all of them). The benchmarks are gpu_bench.sh's. Outputs go to stdout and $OUT.
 B=${MILL_BUILD:-build-gpu}/bin
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=$PWD/.devlibs:/usr/local/cuda/lib64:$LD_LIBRARY_PATH
 export MILL_TEST_DATA_DIR=$PWD/tests/data OMP_NUM_THREADS=8
-parts=${*:-ops model cli grpo memcheck}
+parts=${*:-ops model cli grpo dist memcheck}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 ldd $B/mill | grep "not found"
 has() { [[ " $parts " == *" $1 "* ]]; }
@@ -46,6 +46,27 @@ if has grpo; then
       --set train.device=$dev --set rollout.device=$dev 2>&1 | grep -E "step|accuracy|error" | tail -12
     grep -rh "publish:" /tmp/grpo-$dev 2>/dev/null | tail -2 # the weight refresh path (CUDA IPC on the GPU)
   done
+fi
+if has dist; then
+  # the communicators on this machine: NCCL with a world of one (two ranks on one GPU are refused
+  # by NCCL), MPI over CPU ranks (mpiexec.hydra carried in .devlibs)
+  export PATH=$PWD/.devlibs/bin:$PATH NCCL_NVLS_ENABLE=0
+  echo "=== test_comm: a world of one (the NCCL backend's ops on this GPU), then 3 CPU ranks"
+  timeout 120 $B/test_comm 2>&1 | grep -E "PASSED|FAILED|SKIPPED|nccl" | tail -4
+  timeout 120 mpiexec.hydra -n 3 $B/test_comm 2>&1 | grep -E "PASSED|FAILED" | tail -2
+  echo "=== mill grad --device cuda (the dp group over NCCL, one rank), alone and under mpiexec -n 1, vs HF"
+  G="grad --model tests/data/tiny-a --input tests/data/tiny-a/input.json --device cuda"
+  timeout 120 $B/mill $G --output /tmp/gc1.st 2>&1 | tail -1
+  timeout 120 mpiexec.hydra -n 1 $B/mill $G --output /tmp/gc2.st 2>&1 | tail -1
+  $B/st_diff /tmp/gc1.st tests/data/tiny-a/grads.safetensors 1 grad.; $B/st_diff /tmp/gc2.st /tmp/gc1.st 0
+  echo "=== two ranks on one GPU: NCCL refuses, the job ends with an error (no hang)"
+  /usr/bin/time -f "%e s" timeout 120 $B/mill $G --output /tmp/gc3.st --dp 2 2>&1 | grep -E "error|s$" | head -3
+  echo "=== mill sft --device cuda, 20 steps (NCCL dp group of one) against the CPU"
+  rm -rf runs/sft-dist; timeout 200 $B/mill sft tests/data/sft-dist.yaml --device cuda 2>&1 | grep -E "step +20|per rank"
+  mv runs/sft-dist /tmp/sft-cuda; timeout 200 $B/mill sft tests/data/sft-dist.yaml --device cpu > /dev/null 2>&1
+  $B/st_diff /tmp/sft-cuda/step-000020 runs/sft-dist/step-000020 1
+  echo "=== tests/dist_cli.sh on this machine's CPU ranks"
+  OMP_NUM_THREADS=4 timeout 300 sh tests/dist_cli.sh $B/mill $B/st_diff $PWD 2>&1 | tail -3
 fi
 if has memcheck; then
   echo "=== compute-sanitizer memcheck, test_cuda_ops"
