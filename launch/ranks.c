@@ -1,6 +1,7 @@
 #include "ranks.h"
 
 #include <errno.h>
+#include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,8 +55,16 @@ int ranks_mpiexec(char *path, size_t n, mill_err *e) {
         if (on_path(env, path, n)) return 0;
         return mill_errf(e, "MILL_MPIEXEC=%s: not found on PATH", env);
     }
-    if (on_path("mpiexec", path, n) || on_path("mpiexec.hydra", path, n)) return 0;
-    return mill_errf(e, "no mpiexec on PATH to start the ranks (install MPICH: scripts/deps.sh; or set MILL_MPIEXEC)");
+    /* the launcher of the MPI this mill was built with first: a plain `mpiexec` may be another
+     * MPI's (Open MPI's beside MPICH), whose ranks would not find each other */
+#ifdef MPICH_VERSION
+    static const char *const names[] = {"mpiexec.hydra", "mpiexec.mpich", "mpiexec", NULL};
+#else
+    static const char *const names[] = {"mpiexec.openmpi", "mpiexec", NULL};
+#endif
+    for (const char *const *nm = names; *nm; nm++)
+        if (on_path(*nm, path, n)) return 0;
+    return mill_errf(e, "no %s on PATH to start the ranks (install MPICH: scripts/deps.sh; or set MILL_MPIEXEC)", names[0]);
 }
 
 int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cfg, long batch_rows, comm **world,

@@ -2,7 +2,8 @@
  * Owns: the --tp --pp --ep --cp --dp options, the choice between starting the ranks here (a
  * command whose world is over 1, run by hand, execs `mpiexec -n WORLD` on itself) and joining a
  * launch already made (mpiexec or srun started this process: comm_in_launch), and the mpiexec
- * that is used (MILL_MPIEXEC, else mpiexec, else mpiexec.hydra on PATH). */
+ * that is used (MILL_MPIEXEC, else the launcher of the MPI mill was built with, on PATH: MPICH's
+ * mpiexec.hydra or mpiexec.mpich, then plain mpiexec, which may be another MPI's). */
 #ifndef MILL_RANKS_H
 #define MILL_RANKS_H
 

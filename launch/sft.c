@@ -172,7 +172,7 @@ int sft_sync_host(sft_state *s, int moments, mill_err *e) {
 
 int sft_checkpoint(sft_state *s, const char *dir, mill_err *e) {
     if (sft_sync_host(s, 1, e)) return mill_err_wrap(e, "checkpoint %s", dir);
-    return checkpoint_save(dir, &s->model, &s->opt, &s->ts, e);
+    return checkpoint_save(dir, &s->model, &s->opt, &s->ts, NULL, e);
 }
 
 static void draw(arith_problem *p, const sft_recipe *r, int heldout, rng *g) {

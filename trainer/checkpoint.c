@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "../common/safetensors.h"
+#include "../kernels/dense.h"
 
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
     (void)sb;
@@ -59,7 +60,8 @@ static void optim_file(char *buf, size_t n, const char *dir, int shard, int shar
  * barrier), rank 0 writes state.json, renames DIR.tmp to DIR and fsyncs the parent; a last
  * barrier, so no rank reports the checkpoint before it is complete. A rank that fails ends the
  * job (comm_world_end), so the others never wait on it. */
-int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, mill_err *e) {
+int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, const kctx *kx,
+                    mill_err *e) {
     comm *c = o->dp ? o->dp->host : NULL;
     int r = c ? c->rank : 0, k = c ? c->size : 1;
     char tmp[4096], path[4200], old[4200];
@@ -69,16 +71,30 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
     }
     if (c && comm_barrier(c, e)) return -1;
-    if (model_save_shard(m, tmp, r, k, e)) return mill_err_wrap(e, "checkpoint %s", dir);
+    if (model_save_shard(m, kx, tmp, r, k, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     safetensors_writer *w = safetensors_writer_new();
     int64_t n = (int64_t)(o->hi - o->lo);
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
     optim_file(path, sizeof path, tmp, r, k);
-    int rc = !w || safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &n, o->m, e) ||
-             safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &n, o->v, e) ||
+    const float *mm = o->m, *vv = o->v;
+    float *stage = NULL; /* device moments: this rank's shard comes over */
+    if (o->device != DEVICE_CPU) {
+        if (!(stage = malloc(sizeof(float) * 2 * (size_t)(n ? n : 1)))) return mill_errf(e, "checkpoint: out of memory");
+        if (!kx || op_copy_to_host(kx, stage, o->m, sizeof(float) * (size_t)n, e) ||
+            op_copy_to_host(kx, stage + n, o->v, sizeof(float) * (size_t)n, e)) {
+            if (!kx) mill_errf(e, "checkpoint: device moments are saved through their kctx");
+            free(stage);
+            return -1;
+        }
+        mm = stage;
+        vv = stage + n;
+    }
+    int rc = !w || safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &n, mm, e) ||
+             safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &n, vv, e) ||
              safetensors_writer_set_metadata(w, "step", step, e) || safetensors_writer_save(w, path, e);
     safetensors_writer_free(w);
+    free(stage);
     if (rc) return -1;
     if (c && comm_barrier(c, e)) return -1; /* every rank's files are on disk */
     if (r == 0) {

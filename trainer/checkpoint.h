@@ -23,7 +23,10 @@ typedef struct {
     rng data_rng;           /* the data stream's generator */
 } train_state;
 
-int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, mill_err *e);
+/* m and o live in k's memory (k NULL: the host): a device model and its moments are copied to the
+ * host one shard at a time, so no rank ever stages more than what it writes. */
+int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, const kctx *k,
+                    mill_err *e);
 /* Loads the model (model_load), then the optimizer moments and state. o must be unset:
  * it is initialised here with cfg (the run's optimizer settings). */
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,

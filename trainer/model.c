@@ -505,32 +505,53 @@ static int save_index(const dsv4_model *m, const char *dir, int n_shards, mill_e
     return rc ? mill_errf(e, "%s: cannot write", path) : 0;
 }
 
-int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shards, mill_err *e) {
+int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e) {
     char path[4200], file[64];
+    if (m->device != DEVICE_CPU && (!k || k->device != m->device))
+        return mill_errf(e, "model_save: a device model is saved through its kctx");
     if (shard == 0) {
         snprintf(path, sizeof path, "%s/config.json", dir);
         if (config_save(&m->cfg, path, e)) return -1;
         if (n_shards > 1 && save_index(m, dir, n_shards, e)) return -1;
     }
-    safetensors_writer *w = safetensors_writer_new();
-    if (!w) return mill_errf(e, "model_save: out of memory");
-    int rc = -1;
-    int64_t *tmp = NULL;
+    /* a device model's tensors of this shard come over to one host buffer (the shard, not the model) */
+    size_t nf = 0, ni = 0;
     for (int i = 0; i < m->n_params; i++) {
         const param_info *p = &m->params[i];
         if (model_param_shard(m, p, n_shards) != shard) continue;
-        if (p->kind == PARAM_INDEX) {
-            free(tmp);
-            tmp = malloc(sizeof(int64_t) * p->numel);
-            if (!tmp) {
-                mill_errf(e, "model_save: out of memory");
-                goto done;
+        if (p->kind == PARAM_INDEX) ni = p->numel > ni ? p->numel : ni;
+        else nf += p->numel;
+    }
+    safetensors_writer *w = safetensors_writer_new();
+    float *stage = m->device != DEVICE_CPU ? malloc(sizeof(float) * (nf ? nf : 1)) : NULL;
+    int64_t *tmp = malloc(sizeof(int64_t) * (ni ? ni : 1));
+    int32_t *itmp = malloc(sizeof(int32_t) * (ni ? ni : 1));
+    int rc = -1;
+    if (!w || !tmp || !itmp || (m->device != DEVICE_CPU && !stage)) {
+        mill_errf(e, "model_save: out of memory");
+        goto done;
+    }
+    size_t at = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (model_param_shard(m, p, n_shards) != shard) continue;
+        if (p->kind == PARAM_INDEX) { /* written as I64; the writer copies it at add */
+            const int32_t *src = m->index_data + p->offset;
+            if (m->device != DEVICE_CPU) {
+                if (op_copy_to_host(k, itmp, src, sizeof(int32_t) * p->numel, e)) goto done;
+                src = itmp;
             }
-            for (size_t j = 0; j < p->numel; j++) tmp[j] = m->index_data[p->offset + j];
+            for (size_t j = 0; j < p->numel; j++) tmp[j] = src[j];
             if (safetensors_writer_add(w, p->name, DTYPE_I64, p->ndim, p->shape, tmp, e)) goto done;
-        } else if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, m->data + p->offset, e)) {
-            goto done;
+            continue;
         }
+        const float *src = m->data + p->offset;
+        if (stage) {
+            if (op_copy_to_host(k, stage + at, src, sizeof(float) * p->numel, e)) goto done;
+            src = stage + at;
+            at += p->numel;
+        }
+        if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, src, e)) goto done;
     }
     for (int i = 0; shard == 0 && i < m->n_extra; i++)
         if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
@@ -541,11 +562,20 @@ int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shar
     rc = safetensors_writer_save(w, path, e);
 done:
     free(tmp);
+    free(itmp);
+    free(stage);
     safetensors_writer_free(w);
     return rc;
 }
 
-int model_save(const dsv4_model *m, const char *dir, mill_err *e) { return model_save_shard(m, dir, 0, 1, e); }
+void model_move_extras(dsv4_model *dst, dsv4_model *src) {
+    dst->extra = src->extra;
+    dst->n_extra = src->n_extra;
+    src->extra = NULL;
+    src->n_extra = 0;
+}
+
+int model_save(const dsv4_model *m, const char *dir, mill_err *e) { return model_save_shard(m, NULL, dir, 0, 1, e); }
 
 void model_init_random(dsv4_model *m, uint64_t seed, float std) {
     rng r;

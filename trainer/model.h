@@ -112,8 +112,12 @@ int model_save(const dsv4_model *m, const char *dir, mill_err *e);
 /* Shard `shard` of n_shards of that directory, as n_shards writers (ranks) make it together: the
  * tensors whose first float lies in model_shard_range(shard) go to model-SSSSS-of-NNNNN.safetensors
  * (tid2eid and mtp.* with shard 0); shard 0 also writes config.json and
- * model.safetensors.index.json (HF's sharded layout, which model_load reads). n_shards 1: model_save. */
-int model_save_shard(const dsv4_model *m, const char *dir, int shard, int n_shards, mill_err *e);
+ * model.safetensors.index.json (HF's sharded layout, which model_load reads). n_shards 1: model_save.
+ * A device model (k: its kctx; NULL for a CPU one) is copied to the host one shard at a time. */
+int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e);
+/* dst takes src's mtp.* extras (host tensors, which model_to_device does not copy): a device model
+ * that saves checkpoints keeps them once its host image is freed. */
+void model_move_extras(dsv4_model *dst, dsv4_model *src);
 /* Shard r of k of the flat float layout: contiguous, in order, on 16-float boundaries (every tensor
  * starts on one), sizes within 16 floats of each other. The data-parallel optimizer's shards. */
 void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi);

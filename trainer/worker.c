@@ -17,11 +17,12 @@
 #include "optimizer.h"
 
 typedef struct {
-    dsv4_model m, ref; /* ref: the frozen reference policy, loaded only when kl_coef != 0 */
+    dsv4_model m, ref; /* ref: the frozen reference policy, loaded only when kl_coef != 0; on a GPU
+                        * both are freed once their device copies exist (no host image is kept) */
     int ready;         /* model and optimizer loaded */
     kctx k;
     optimizer opt;
-    /* on a GPU: the copies that train (m and opt stay the host images that publish and save) */
+    /* on a GPU: the copies that train, publish (staged a bucket at a time) and save (a shard at a time) */
     int gpu;
     dsv4_model dm, dref;
     optimizer dopt;
@@ -51,13 +52,6 @@ typedef struct {
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
 static dsv4_model *ref_model(worker *w) { return w->gpu ? &w->dref : &w->ref; }
 static optimizer *train_opt(worker *w) { return w->gpu ? &w->dopt : &w->opt; }
-
-/* Brings the host images up to date with the GPU's weights (and moments, for checkpoints). */
-static int sync_host(worker *w, int moments, mill_err *e) {
-    if (!w->gpu) return 0;
-    TRY(op_copy_to_host(&w->k, w->m.data, w->dm.data, sizeof(float) * w->m.n_floats, e));
-    return moments ? optimizer_copy_to_host(&w->opt, &w->dopt, &w->k, e) : 0;
-}
 
 static double now(void) {
     struct timespec t;
@@ -178,14 +172,20 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (w->algo.kl_coef != 0) model_free(&w->ref);
         return mill_err_wrap(e, "init: to the GPU");
     }
-    w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
+    if (w->gpu) { /* the device copies are all there is from now on: no host image of the model */
+        model_move_extras(&w->dm, &w->m); /* mtp.* (not run) still go into checkpoints */
+        model_free(&w->m);
+        optimizer_free(&w->opt);
+        model_free(&w->ref);
+        w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
+    }
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
     if (!*reply) return mill_errf(e, "init: out of memory");
     wire_put_int(*reply, "version", w->version);
     wire_put_int(*reply, "optimizer_step", step);
-    wire_put_int(*reply, "params", (int64_t)w->m.n_floats);
+    wire_put_int(*reply, "params", (int64_t)train_model(w)->n_floats);
     wire_put_str(*reply, "device", w->gpu ? "cuda" : "cpu");
     wire_put_int(*reply, "ranks", w->world->size);
     return 0;
@@ -263,7 +263,7 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
 }
 
 static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
-    const dsv4_config *c = &w->m.cfg;
+    const dsv4_config *c = &train_model(w)->cfg;
     if (!w->ready) return mill_errf(e, "train: send init first");
     int64_t step;
     if (wire_get_int(msg, "step", 0, 0, 0, INT64_MAX, &step, e)) return -1;
@@ -318,7 +318,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     if (w->algo.kl_coef != 0) { /* the reference policy's logprobs, with the same replayed experts */
         if (!(ref = malloc(sizeof(float) * (size_t)cnt))) goto oom;
     }
-    size_t gbytes = sizeof(float) * w->m.n_floats;
+    size_t gbytes = sizeof(float) * train_model(w)->n_floats;
     if (!w->grads && !(w->grads = mem_alloc_copy(w->k.device, NULL, gbytes, e))) goto out;
     if (!w->a.head && arena_init_device(&w->a, 16 << 20, w->k.device, w->k.stream, e)) goto out;
     double t_start = now(), loss = 0, gn = 0, lr = 0;
@@ -411,11 +411,22 @@ out:
  * last bucket. */
 static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
                         mill_err *e) {
-    const dsv4_model *m = &w->m;
+    const dsv4_model *m = train_model(w);
     int senders = w->d.par.sz.dp, me = w->d.par.dp_rank, last_p = -1;
 #define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], senders) == me)
+    size_t largest = 0;
     for (int p = 0; p < m->n_params; p++)
-        if (OWNED(p)) last_p = p;
+        if (OWNED(p)) {
+            last_p = p;
+            largest = m->params[p].numel > largest ? m->params[p].numel : largest;
+        }
+    /* device weights come over one bucket at a time into pinned memory (a bucket closes once it
+     * reaches bucket_bytes, so it never holds more than that plus one tensor) */
+    float *stage = NULL;
+    size_t staged = 0;
+    if (m->device != DEVICE_CPU &&
+        !(stage = mem_alloc_host(m->device, bucket_bytes + sizeof(float) * (largest ? largest : 1), e)))
+        return mill_err_wrap(e, "publish: staging");
     wire_builder *b = NULL;
     size_t in_bucket = 0;
     *n_buckets = 0;
@@ -427,7 +438,13 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
             return mill_errf(e, "publish: out of memory");
         if (owned) {
             const param_info *pi = &m->params[p];
-            if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, m->data + pi->offset, e)) goto fail;
+            const float *src = m->data + pi->offset;
+            if (stage) {
+                if (op_copy_to_host(&w->k, stage + staged, src, pi->numel * sizeof(float), e)) goto fail;
+                src = stage + staged;
+                staged += pi->numel;
+            }
+            if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, src, e)) goto fail;
             in_bucket += pi->numel * sizeof(float);
             *bytes += pi->numel * sizeof(float);
         }
@@ -437,17 +454,20 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
             wire_put_bool(b, "last", end);
             wire_put_int(b, "senders", senders);
             wire_put_int(b, "sender", me);
-            if (wire_send(s, NULL, 0, b, e)) goto fail;
+            if (wire_send(s, NULL, 0, b, e)) goto fail; /* the frames are copied: the staging is free again */
             wire_builder_free(b);
             b = NULL;
             in_bucket = 0;
+            staged = 0;
             ++*n_buckets;
         }
     }
 #undef OWNED
+    mem_free_host(m->device, stage);
     return 0;
 fail:
     wire_builder_free(b);
+    mem_free_host(m->device, stage);
     return -1;
 }
 
@@ -508,7 +528,7 @@ static int publish_ipc(worker *w, void *const *socks, char *const *names, int n,
         wire_builder *b = wire_builder_new("update_weights_ipc", 0);
         if (!b) return mill_errf(e, "publish: out of memory");
         wire_put_int(b, "version", w->version);
-        wire_put_int(b, "floats", (int64_t)w->m.n_floats);
+        wire_put_int(b, "floats", (int64_t)w->dm.n_floats);
         int x = wire_put_frame(b, "handle", DTYPE_U8, 1, shape, w->ipc_handle, e) || wire_send(socks[i], NULL, 0, b, e);
         wire_builder_free(b);
         if (x) return mill_err_wrap(e, "publish to %s", names[i]);
@@ -545,7 +565,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     }
     if (connect_engines(w, socks, names, n_eng, e)) goto out;
     if (ipc && !publish_ipc(w, socks, names, n_eng, tmo, e)) {
-        bytes = w->m.n_floats * sizeof(float);
+        bytes = w->dm.n_floats * sizeof(float);
     } else {
         /* an engine that cannot map this GPU's memory (another GPU, the CPU) gets buckets: all do,
          * on fresh sockets, so no late IPC reply is taken for a bucket's */
@@ -554,7 +574,6 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
             if (connect_engines(w, socks, names, n_eng, e)) goto out;
         }
         ipc = 0;
-        if (sync_host(w, 0, e)) goto out;
         for (int i = 0; i < n_eng; i++) /* send to every engine, then collect: they stage in parallel */
             if (send_buckets(w, socks[i], w->version, (size_t)(mb * (1 << 20)), &buckets[i], &bytes, e)) {
                 mill_err_wrap(e, "publish to %s", names[i]);
@@ -594,7 +613,6 @@ static int handle_save(worker *w, const wire_msg *msg, wire_builder **reply, mil
     if (wire_get_str(msg, "dir", 1, NULL, dir, sizeof dir, e) ||
         wire_get_int(msg, "data_position", 0, 0, 0, INT64_MAX, &pos, e))
         return -1;
-    if (sync_host(w, 1, e)) return -1;
     train_state ts = {.step = train_opt(w)->step, .data_position = (uint64_t)pos};
     const wire_frame *fr = wire_frame_named(msg, "rng");
     if (fr) {
@@ -602,7 +620,7 @@ static int handle_save(worker *w, const wire_msg *msg, wire_builder **reply, mil
             return mill_errf(e, "save: frame \"rng\" must be U8 [%zu]", sizeof ts.data_rng);
         memcpy(&ts.data_rng, fr->data, sizeof ts.data_rng);
     }
-    if (checkpoint_save(dir, &w->m, &w->opt, &ts, e)) return -1;
+    if (checkpoint_save(dir, train_model(w), train_opt(w), &ts, &w->k, e)) return -1;
     *reply = wire_builder_new("saved", wire_id(msg));
     if (!*reply) return mill_errf(e, "save: out of memory");
     wire_put_str(*reply, "dir", dir);

@@ -176,7 +176,7 @@ static int memcpy_rate(bench *b, size_t bytes, int iters, double *rate, mill_err
 }
 
 static int run(bench *b, const int *ops, size_t lo, size_t hi, int iters, int warmup, int *wrong, mill_err *e) {
-    char host[256] = "?", gpu_name[256] = "";
+    char host[256] = "?", gpu_name[300] = "";
     gethostname(host, sizeof host - 1);
     size_t maxf = hi / sizeof(float);
     b->counts = malloc(sizeof(size_t) * (size_t)b->n);
