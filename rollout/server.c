@@ -558,10 +558,11 @@ static int ipc_complete(server *s, mill_err *e) {
 /* update_weights_ipc: a version copied from the trainer's device buffers on this GPU, one range of
  * the flat layout per sender. */
 static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
-    int64_t version, floats, offset, senders, sender;
+    int64_t version, floats, offset, src_offset, senders, sender;
     if (wire_get_int(msg, "version", 1, 0, 0, INT64_MAX, &version, e) ||
         wire_get_int(msg, "floats", 1, 0, 0, INT64_MAX, &floats, e) ||
         wire_get_int(msg, "offset", 0, 0, 0, INT64_MAX, &offset, e) ||
+        wire_get_int(msg, "src_offset", 0, 0, 0, INT64_MAX / 4, &src_offset, e) ||
         wire_get_int(msg, "senders", 0, 1, 1, UPDATE_MAX_SENDERS, &senders, e) ||
         wire_get_int(msg, "sender", 0, 0, INT64_MIN, INT64_MAX, &sender, e))
         return -1;
@@ -609,7 +610,8 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
         return mill_err_wrap(e, "update_weights_ipc: version %lld, sender %lld (version dropped)", (long long)version,
                              (long long)sender);
     }
-    s->ipc_got[sender] = (ipc_range){offset, floats, (int)sender, src};
+    /* the range starts src_offset floats into the sender's buffer (a whole flat layout: its offset) */
+    s->ipc_got[sender] = (ipc_range){offset, floats, (int)sender, (const float *)src + src_offset};
     /* an earlier sender's range is only remembered: its buffer must hold until the version is in */
     if (++s->ipc_n < s->ipc_senders)
         return reply_version(s, peer, peer_len, "bucket_ok", wire_id(msg), version, sender, e);

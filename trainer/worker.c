@@ -514,8 +514,9 @@ static int await_acks(worker *w, void *const *socks, char *const *names, const i
     return 0;
 }
 
-/* Colocated on one GPU: each engine copies the weights straight from this process's device buffer
- * (CUDA IPC), with no host round trip. */
+/* Colocated: each engine copies the weights straight from the trainer's device buffers (CUDA IPC,
+ * this GPU or a peer of the same machine), with no host round trip. Several dp ranks each offer
+ * the part they own (model_shard_range) of their whole flat buffer; the engine swaps once all are in. */
 static int publish_ipc(worker *w, void *const *socks, char *const *names, int n, double tmo, mill_err *e) {
     if (!w->ipc_ready) {
         TRY(mem_ipc_handle(w->k.device, w->dm.data, w->ipc_handle, e));
@@ -523,12 +524,18 @@ static int publish_ipc(worker *w, void *const *socks, char *const *names, int n,
     }
     TRY(kctx_sync(&w->k, e)); /* the last update has landed before anyone reads */
     int64_t shape[1] = {MEM_IPC_HANDLE_BYTES};
-    int want[64];
+    int want[64], senders = w->d.par.sz.dp, me = w->d.par.dp_rank;
+    size_t lo, hi;
+    model_shard_range(&w->dm, me, senders, &lo, &hi);
     for (int i = 0; i < n; i++) {
         wire_builder *b = wire_builder_new("update_weights_ipc", 0);
         if (!b) return mill_errf(e, "publish: out of memory");
         wire_put_int(b, "version", w->version);
-        wire_put_int(b, "floats", (int64_t)w->dm.n_floats);
+        wire_put_int(b, "floats", (int64_t)(hi - lo));
+        wire_put_int(b, "offset", (int64_t)lo);
+        wire_put_int(b, "src_offset", (int64_t)lo);
+        wire_put_int(b, "senders", senders);
+        wire_put_int(b, "sender", me);
         int x = wire_put_frame(b, "handle", DTYPE_U8, 1, shape, w->ipc_handle, e) || wire_send(socks[i], NULL, 0, b, e);
         wire_builder_free(b);
         if (x) return mill_err_wrap(e, "publish to %s", names[i]);
@@ -546,9 +553,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
-    /* CUDA IPC hands over the whole flat buffer of one process: with several senders, buckets
-     * (per-rank IPC of each rank's part is the next step) */
-    ipc = ipc && w->gpu && w->d.par.sz.dp == 1;
+    ipc = ipc && w->gpu;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
@@ -564,13 +569,26 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         names[n_eng++] = tok;
     }
     if (connect_engines(w, socks, names, n_eng, e)) goto out;
-    if (ipc && !publish_ipc(w, socks, names, n_eng, tmo, e)) {
-        bytes = w->dm.n_floats * sizeof(float);
+    int ipc_ok = ipc && !publish_ipc(w, socks, names, n_eng, tmo, e);
+    if (ipc) { /* every rank by IPC, or every rank in buckets */
+        double bad = !ipc_ok;
+        mill_err ae;
+        if (comm_max_f64(w->d.par.dp, &bad, 1, &ae)) {
+            *e = ae;
+            goto out;
+        }
+        ipc_ok = bad == 0;
+    }
+    if (ipc_ok) {
+        size_t lo, hi;
+        model_shard_range(&w->dm, w->d.par.dp_rank, w->d.par.sz.dp, &lo, &hi);
+        bytes = (hi - lo) * sizeof(float);
     } else {
         /* an engine that cannot map this GPU's memory (another GPU, the CPU) gets buckets: all do,
          * on fresh sockets, so no late IPC reply is taken for a bucket's */
         if (ipc) {
-            log_warn("publish: CUDA IPC refused or failed (%s); sending version %ld in buckets", e->msg, w->version);
+            log_warn("publish: CUDA IPC refused or failed here or on another rank (%s); sending version %ld in buckets",
+                     e->msg, w->version);
             if (connect_engines(w, socks, names, n_eng, e)) goto out;
         }
         ipc = 0;
