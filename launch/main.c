@@ -186,7 +186,7 @@ static int start_ranks(int argc, char **argv, const char *dir, const char *in, p
     if (ranks_parse(argc, argv, s, e) || config_load(dir, &cfg, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e))
         return -1;
     free(ids);
-    return ranks_start(argc, argv, s, &cfg, B, world, e);
+    return ranks_start(argc, argv, s, &cfg, B, 1, world, e);
 }
 
 /* Every rank's rows of [rows, width] values (rank r's at rows_lo(r)) gathered on every rank, in place. */
@@ -213,8 +213,8 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     mill_device dev;
     par_sizes ps;
     if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
-    dsv4_model m, dm = {0};
-    if (model_load(&m, dir, e)) return -1;
+    dsv4_model m = {0}, dm = {0};
+    dsv4_config cfg;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *routing = NULL, *rl = NULL;
     float *logits = NULL;
@@ -222,12 +222,13 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     kctx k = {0};
     dist_ctx d = {0};
     tensor tl = {0}, tr = {0}; /* logits and routing on the device */
-    const dsv4_model *run = NULL;
+    dsv4_model *run = NULL;
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e) ||
-        dist_init(&d, *world, &ps, &m.cfg, B, &k, e))
+    if (config_load(dir, &cfg, e) || kctx_init(&k, dev, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e) ||
+        dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
-    if (!(run = model_on(&m, &dm, &k, e))) goto done;
+    if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
+    dist_stage_io(&d, run);
     const dsv4_config *c = &m.cfg;
     long N = (long)B * T, r0, r1;
     dist_rows(&d, B, &r0, &r1); /* this rank's rows */
@@ -248,6 +249,10 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     if (model_forward(run, &k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a, e) ||
         op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
         op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e))
+        goto done;
+    /* stages: each filled its layers' routing (the rest is zero) and the last one the logits */
+    if (comm_all_reduce(d.par.pp, rl, (size_t)(L * Nl * K), DTYPE_I32, e) ||
+        comm_all_reduce(d.par.pp, logits + r0 * T * c->vocab_size, (size_t)(Nl * c->vocab_size), DTYPE_F32, e))
         goto done;
     /* routing [L, rows * T, K]: each layer's rows gathered from the ranks */
     for (long l = 0; l < L; l++) {
@@ -306,8 +311,8 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     mill_device dev;
     par_sizes ps;
     if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
-    dsv4_model m, dm = {0};
-    if (model_load(&m, dir, e)) return -1;
+    dsv4_model m = {0}, dm = {0};
+    dsv4_config cfg;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *targets = NULL;
     float *grads = NULL;
@@ -315,12 +320,13 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     kctx k = {0};
     dist_ctx d = {0};
     tensor tg = {0}; /* the gradients on the device */
-    dsv4_model *run = NULL;
+    dsv4_model *run = NULL, *stages = NULL; /* stages: every stage's parameter table (the output's names) */
     safetensors_writer *w = NULL;
-    if (kctx_init(&k, dev, e) || read_input_ids(in, m.cfg.vocab_size, &ids, &B, &T, e) ||
-        dist_init(&d, *world, &ps, &m.cfg, B, &k, e))
+    if (config_load(dir, &cfg, e) || kctx_init(&k, dev, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e) ||
+        dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
     if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
+    dist_stage_io(&d, run);
     if (T < 2) {
         mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
         goto done;
@@ -343,24 +349,57 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         comm_flush(d.dp, e) || op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
         goto done;
     dist_unhook(run);
-    if (d.par.rank != 0) { /* rank 0 writes the output */
+    /* every stage's gradients (in its own layout) to every rank of the pp group, stage after stage */
+    int S = ps.pp, n_out = 0;
+    stages = calloc((size_t)S, sizeof *stages);
+    size_t *cnt = calloc((size_t)S * 2, sizeof(size_t)), *dsp = cnt ? cnt + S : NULL, total = 0;
+    if (!stages || !cnt) {
+        free(cnt);
+        mill_errf(e, "grad: out of memory");
+        goto done;
+    }
+    for (int st = 0; st < S; st++) {
+        model_stage sg = {0, 0, st == 0, st == S - 1};
+        par_stage_layers(cfg.num_hidden_layers, st, S, &sg.l0, &sg.l1);
+        if (model_layout_stage(&stages[st], &cfg, sg, e)) {
+            free(cnt);
+            goto done;
+        }
+        dsp[st] = total;
+        cnt[st] = stages[st].n_floats;
+        total += cnt[st];
+    }
+    float *all = S > 1 ? calloc(total ? total : 1, sizeof(float)) : grads;
+    if (!all) {
+        free(cnt);
+        mill_errf(e, "grad: out of memory");
+        goto done;
+    }
+    if (S > 1) memcpy(all + dsp[d.par.pp_rank], grads, sizeof(float) * m.n_floats);
+    int x = comm_all_gatherv(d.par.pp, all, cnt, dsp, DTYPE_F32, e);
+    if (!x && d.par.rank == 0) { /* rank 0 writes the output */
+        w = safetensors_writer_new();
+        int64_t one = 1;
+        float lossf = (float)loss.loss;
+        x = !w || safetensors_writer_add(w, "loss", DTYPE_F32, 1, &one, &lossf, e);
+        for (int st = 0; !x && st < S; st++)
+            for (int i = 0; !x && i < stages[st].n_params; i++) {
+                const param_info *p = &stages[st].params[i];
+                if (!model_param_has_grad(p)) continue;
+                char name[128];
+                snprintf(name, sizeof name, "grad.%s", p->name);
+                x = safetensors_writer_add(w, name, DTYPE_F32, p->ndim, p->shape, all + dsp[st] + p->offset, e);
+                n_out++;
+            }
+        if (!x) x = safetensors_writer_save(w, out, e);
+    }
+    if (all != grads) free(all);
+    free(cnt);
+    if (x) goto done;
+    if (d.par.rank != 0) {
         rc = 0;
         goto done;
     }
-    w = safetensors_writer_new();
-    int64_t one = 1;
-    float lossf = (float)loss.loss;
-    if (!w || safetensors_writer_add(w, "loss", DTYPE_F32, 1, &one, &lossf, e)) goto done;
-    int n_out = 0;
-    for (int i = 0; i < m.n_params; i++) {
-        const param_info *p = &m.params[i];
-        if (!model_param_has_grad(p)) continue;
-        char name[128];
-        snprintf(name, sizeof name, "grad.%s", p->name);
-        if (safetensors_writer_add(w, name, DTYPE_F32, p->ndim, p->shape, grads + p->offset, e)) goto done;
-        n_out++;
-    }
-    if (safetensors_writer_save(w, out, e)) goto done;
     log_info("grad: loss %.6f over %ld positions, %d gradient tensors, %d rank(s) -> %s", loss.loss, loss.count, n_out,
              d.par.world, out);
     rc = 0;
@@ -374,6 +413,8 @@ done:
     free(ids);
     free(targets);
     free(grads);
+    for (int st = 0; stages && st < ps.pp; st++) model_free(&stages[st]);
+    free(stages);
     model_free(&m);
     return rc;
 }
@@ -424,7 +465,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, world, e))
+        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 0, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

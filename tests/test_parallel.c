@@ -28,6 +28,10 @@ void lay_free(par_state *p);
 par_sizes lay_sizes_one(void);
 const char *lay_sizes_str(const par_sizes *s, char *buf, size_t n);
 void lay_range(long n, int r, int k, long *lo, long *hi);
+int lay_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+void lay_stage_layers(int n_layers, int r, int pp, int *l0, int *l1);
+#define par_validate_stages lay_validate_stages
+#define par_stage_layers lay_stage_layers
 #define par_sizes_one lay_sizes_one
 #define par_sizes_str lay_sizes_str
 #define par_validate lay_validate
@@ -36,6 +40,8 @@ void lay_range(long n, int r, int k, long *lo, long *hi);
 #define par_free lay_free
 #define mill_errf lay_errf
 #include "trainer/parallel.c"
+#undef par_validate_stages
+#undef par_stage_layers
 #undef par_sizes_one
 #undef par_sizes_str
 #undef par_validate
@@ -157,7 +163,7 @@ static void test_validate(void **st) {
     expect_validate(sizes(1, 1, 1, 1, 4), NULL, 0, 3, "the batch's 3 rows must divide evenly over dp 4");
 
     /* the sizes this build cannot run yet */
-    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, "parallel: pp 2 is not supported yet: pp (Distributed trainer II); use pp 1");
+    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, "parallel: pp 2 is not supported yet by this command (Distributed trainer II: mill forward and mill grad run stages so far); use pp 1");
     expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, "parallel: ep 2 is not supported yet: ep and tp (Distributed trainer III)");
     expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, "parallel: tp 2 is not supported yet: ep and tp (Distributed trainer III)");
     expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");

@@ -241,16 +241,21 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     mill_err *e = f->e;
     int N = f->N, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, L = c->num_hidden_layers;
     const int32_t *replay = f->replay;
-    float *work, *x0;
+    float *work, *h;
     ALLOC(work, (long)N * (n * D + (2 + n) * n));
-    ALLOC(x0, (long)N * D);
-    TRY(op_embedding(k, x0, m->embed, f->ids, N, D, c->vocab_size, e));
-    float *h;
     ALLOC(h, (long)N * n * D);
-    TRY(op_repeat_rows(k, h, x0, N, n, D, e));
+    if (m->stage.first) { /* the n streams all start as the embedding */
+        float *x0;
+        ALLOC(x0, (long)N * D);
+        TRY(op_embedding(k, x0, m->embed, f->ids, N, D, c->vocab_size, e));
+        TRY(op_repeat_rows(k, h, x0, N, n, D, e));
+    } else { /* the previous stage's streams */
+        TRY(m->io.recv(m->io.ctx, h, (size_t)N * n * D, 0, e));
+    }
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float eps = (float)c->rms_norm_eps;
-    for (int l = 0; l < L; l++) {
+    (void)L;
+    for (int l = m->stage.l0; l < m->stage.l1; l++) {
         const dsv4_layer *Ly = &m->layers[l];
         layer_trace *t = &f->lt[l];
         f->wpos = f->wpos_all + (long)l * T;
@@ -276,6 +281,7 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
         TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
     }
     f->h_final = h;
+    if (!m->stage.last) return m->io.send(m->io.ctx, h, (size_t)N * n * D, 0, e); /* on to the next stage */
     ALLOC(f->x_head, (long)N * D);
     ALLOC(f->xn_head, (long)N * D);
     TRY(op_hc_head(k, f->x_head, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
@@ -503,12 +509,16 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     ALLOC(dpost, (long)N * n);
     ALLOC(dcomb, (long)N * n * n);
     ALLOC(work, hc_backward_work_floats(N, dm));
-    TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, V, D, 0, 0, e));
-    TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
-    TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx, f->h_final,
-                            m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
-    TRY(grads_ready(f, c->num_hidden_layers));
-    for (int l = c->num_hidden_layers - 1; l >= 0; l--) {
+    if (m->stage.last) {
+        TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, V, D, 0, 0, e));
+        TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
+        TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx,
+                                f->h_final, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
+        TRY(grads_ready(f, c->num_hidden_layers));
+    } else { /* the gradient of this stage's output streams, from the next stage */
+        TRY(m->io.recv(m->io.ctx, dh, (size_t)N * n * D, 1, e));
+    }
+    for (int l = m->stage.l1 - 1; l >= m->stage.l0; l--) {
         const dsv4_layer *L = &m->layers[l];
         const layer_trace *t = &f->lt[l];
         /* dh: grad of this layer's output; dh2: of its middle; then dh again: of its input */
@@ -520,6 +530,7 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
                           grads, dy, dpost, dcomb, dx, work, 1, L, t));
         TRY(grads_ready(f, l));
     }
+    if (!m->stage.first) return m->io.send(m->io.ctx, dh, (size_t)N * n * D, 1, e); /* back to the previous stage */
     /* the n streams all started as the embedding */
     TRY(op_zero(k, dx, sizeof(float) * (size_t)N * D, e));
     TRY(op_repeat_rows_backward(k, dx, dh, N, n, D, e));
@@ -536,6 +547,12 @@ static int tokens_step(fwd *f, float temperature, float *grads, model_token_loss
     if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
     float *logits, *logp, *ent;
     int32_t *rows;
+    if (!f->m->stage.last) { /* the loss is the last stage's: forward, then the backward from its gradient */
+        TRY(forward_traced(f, NULL, NULL));
+        *count = 0;
+        *loss = 0;
+        return loss_fn ? backward_from_logits(f, NULL, grads) : 0;
+    }
     ALLOC(logits, (long)N * V);
     ALLOC(logp, N);
     ALLOC(ent, N);

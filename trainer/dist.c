@@ -5,22 +5,47 @@
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e) {
     memset(d, 0, sizeof *d);
-    TRY(par_validate(s, cfg, world->size, batch_rows, e));
+    TRY(par_validate_stages(s, cfg, world->size, batch_rows, e));
     TRY(par_init(&d->par, world, s, e));
     d->dp = d->par.dp;
+    d->pp = d->par.pp;
+    if (cfg) {
+        par_stage_layers(cfg->num_hidden_layers, d->par.pp_rank, s->pp, &d->stage.l0, &d->stage.l1);
+        d->stage.first = d->par.pp_rank == 0;
+        d->stage.last = d->par.pp_rank == s->pp - 1;
+    }
     /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
-     * one runs the same setup as many) */
-    if (k->device == DEVICE_CUDA && comm_nccl_from(d->par.dp, k->stream, &d->dp, e)) {
-        par_free(&d->par);
-        return mill_err_wrap(e, "dp group on the GPU");
+     * one runs the same setup as many); the pp group's when there are stages */
+    if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dp, k->stream, &d->dp, e) ||
+                                     (s->pp > 1 && comm_nccl_from(d->par.pp, k->stream, &d->pp, e)))) {
+        dist_free(d);
+        return mill_err_wrap(e, "groups on the GPU");
     }
     return 0;
 }
 
 void dist_free(dist_ctx *d) {
     if (d->dp && d->dp != d->par.dp) comm_free(d->dp);
+    if (d->pp && d->pp != d->par.pp) comm_free(d->pp);
     par_free(&d->par);
     memset(d, 0, sizeof *d);
+}
+
+/* The streams forward to the next stage and their gradients back to the previous one. */
+static int stage_recv(void *ctx, float *buf, size_t n, int grad, mill_err *e) {
+    dist_ctx *d = ctx;
+    comm_p2p op = {d->par.pp_rank + (grad ? 1 : -1), 0, buf, n};
+    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+}
+
+static int stage_send(void *ctx, const float *buf, size_t n, int grad, mill_err *e) {
+    dist_ctx *d = ctx;
+    comm_p2p op = {d->par.pp_rank + (grad ? -1 : 1), 1, (void *)buf, n};
+    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+}
+
+void dist_stage_io(dist_ctx *d, dsv4_model *m) {
+    m->io = (model_stage_io){stage_recv, stage_send, d};
 }
 
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->par.dp_rank, d->par.sz.dp, lo, hi); }
@@ -78,6 +103,7 @@ int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t 
     TRY(model_forward_backward_tokens(m, k, ids, targets, B, T, NULL, 1.0f, grads, ce_global, &c, NULL, &loss, &mine,
                                       a, e));
     TRY(comm_sum_f64(d->par.dp, &loss, 1, e));
+    TRY(comm_sum_f64(d->par.pp, &loss, 1, e)); /* the last stage's */
     out->loss = loss;
     out->count = c.count;
     return 0;

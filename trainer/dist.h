@@ -13,15 +13,21 @@
 typedef struct {
     par_state par;
     comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
+    comm *pp;       /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
+    model_stage stage; /* this rank's pipeline stage of the model (dist_init: set for cfg) */
     float *grads;   /* the buffer the hook reduces (dist_hook) */
 } dist_ctx;
 
-/* Groups of world for sizes s (validated against cfg and batch_rows, 0: unchecked); k: the device
- * the trainer runs on (CUDA: the dp group gets an NCCL twin on k's stream). world stays the
- * caller's. */
+/* Groups of world for sizes s (validated against cfg and batch_rows, 0: unchecked; pp over 1 is
+ * allowed here: commands that cannot run stages refuse it with par_validate first); k: the device
+ * the trainer runs on (CUDA: the dp and pp groups get NCCL twins on k's stream). cfg NULL: no stage
+ * is set. world stays the caller's. */
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e);
 void dist_free(dist_ctx *d);
+/* m (this rank's stage, model_load_stage with d->stage) sends and receives its boundary streams
+ * over the pp group (model_stage_io); a no-op with one stage. */
+void dist_stage_io(dist_ctx *d, dsv4_model *m);
 /* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
 /* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
@@ -32,8 +38,8 @@ void dist_unhook(dsv4_model *m);
  * with its zero gradients (the others' hooked backward waits for them). */
 int dist_reduce_idle(dist_ctx *d, const dsv4_model *m, float *grads, mill_err *e);
 /* Mean next-token cross-entropy over the whole batch (every rank's rows, global token count) and
- * its gradient for this rank's B rows, accumulated into grads: model_forward_backward's
- * computation, normalised globally. out: the global loss and count. The gradients' dp reduction
+ * its gradient for this rank's B rows and stage, accumulated into grads: model_forward_backward's
+ * computation, normalised globally. out: the global loss (summed over dp and the stages) and count. The gradients' dp reduction
  * is started by the hook when set; the caller flushes (optimizer_step does). */
 int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
                  int T, float *grads, model_loss *out, arena *a, mill_err *e);

@@ -21,6 +21,8 @@ typedef struct {
     param_info *p;
     int n, cap;
     size_t floats, ints;
+    model_stage st;  /* the layers (and ends) this model holds */
+    int seen_layer; /* a layer's tensor came: later layer -1 tensors are the tail (norm, HC head, head) */
 } layout_builder;
 
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -28,6 +30,9 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
                      mill_err *e, const char *fmt, ...) {
+    b->seen_layer |= layer >= 0;
+    int keep = layer >= 0 ? layer >= b->st.l0 && layer < b->st.l1 : b->seen_layer ? b->st.last : b->st.first;
+    if (!keep) return 0; /* another pipeline stage's */
     if (b->n == b->cap) {
         int cap = b->cap ? b->cap * 2 : 256;
         param_info *np = realloc(b->p, sizeof *np * (size_t)cap);
@@ -155,10 +160,21 @@ static float *fp(const dsv4_model *m, const char *fmt, int l) {
     return p && p->kind != PARAM_INDEX ? m->data + p->offset : NULL;
 }
 
+model_stage model_stage_all(const dsv4_config *cfg) { return (model_stage){0, cfg->num_hidden_layers, 1, 1}; }
+
 int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
+    return model_layout_stage(m, cfg, model_stage_all(cfg), e);
+}
+
+int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill_err *e) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
-    layout_builder b = {0};
+    if (st.l0 < 0 || st.l1 > cfg->num_hidden_layers || st.l0 > st.l1)
+        return mill_errf(e, "model: stage layers [%d, %d) outside the model's %d", st.l0, st.l1, cfg->num_hidden_layers);
+    if (cfg->tie_word_embeddings && st.first != st.last)
+        return mill_errf(e, "model: tied embeddings cannot be split over pipeline stages");
+    m->stage = st;
+    layout_builder b = {.st = st};
     if (build_layout(cfg, &b, e)) {
         free(b.p);
         return -1;
@@ -173,7 +189,11 @@ int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
 }
 
 int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
-    if (model_layout(m, cfg, e)) return -1;
+    return model_init_stage(m, cfg, model_stage_all(cfg), e);
+}
+
+int model_init_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill_err *e) {
+    if (model_layout_stage(m, cfg, st, e)) return -1;
     m->data = calloc(m->n_floats ? m->n_floats : 1, sizeof(float));
     m->index_data = calloc(m->n_index ? m->n_index : 1, sizeof(int32_t));
     m->layers = calloc((size_t)cfg->num_hidden_layers, sizeof(dsv4_layer));
@@ -233,7 +253,7 @@ int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
         L->sw1 = fp(m, "layers.%d.ffn.shared_experts.w1.weight", l);
         L->sw2 = fp(m, "layers.%d.ffn.shared_experts.w2.weight", l);
         L->sw3 = fp(m, "layers.%d.ffn.shared_experts.w3.weight", l);
-        if (L->is_hash) {
+        if (L->is_hash && l >= st.l0 && l < st.l1) {
             char name[96];
             snprintf(name, sizeof name, "layers.%d.ffn.gate.tid2eid", l);
             L->tid2eid = m->index_data + model_find_param(m, name)->offset;
@@ -279,6 +299,7 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
     memset(dst, 0, sizeof *dst);
     if (src->device != DEVICE_CPU) return mill_errf(e, "model_to_device: the source model must be on the CPU");
     dst->cfg = src->cfg;
+    dst->stage = src->stage;
     dst->n_params = src->n_params;
     dst->n_floats = src->n_floats;
     dst->n_trainable = src->n_trainable;
@@ -401,11 +422,24 @@ static int load_extra(dsv4_model *m, const safetensors_entry *en, const char *fi
     return 0;
 }
 
-int model_load(dsv4_model *m, const char *dir, mill_err *e) {
+/* A tensor of the checkpoint that another pipeline stage holds (not this one's, not unexpected). */
+static int other_stage(const model_stage *st, int n_layers, const char *name) {
+    int l, n = 0;
+    if (sscanf(name, "layers.%d.%n", &l, &n) == 1 && n > 0) return l >= 0 && l < n_layers && (l < st->l0 || l >= st->l1);
+    if (!strcmp(name, "embed.weight")) return !st->first;
+    static const char *const tail[] = {"norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight", NULL};
+    for (const char *const *t = tail; *t; t++)
+        if (!strcmp(name, *t)) return !st->last;
+    return !strncmp(name, "mtp.", 4) && !st->last; /* the MTP block follows the last layer */
+}
+
+int model_load(dsv4_model *m, const char *dir, mill_err *e) { return model_load_stage(m, dir, NULL, e); }
+
+int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, mill_err *e) {
     memset(m, 0, sizeof *m); /* model_free is safe on every failure path */
     dsv4_config cfg;
     if (config_load(dir, &cfg, e)) return -1;
-    if (model_init(m, &cfg, e)) return -1;
+    if (model_init_stage(m, &cfg, stage ? *stage : model_stage_all(&cfg), e)) return -1;
     safetensors *st = NULL;
     if (safetensors_open(dir, &st, e)) {
         model_free(m);
@@ -447,7 +481,7 @@ int model_load(dsv4_model *m, const char *dir, mill_err *e) {
     }
     for (int j = 0; j < safetensors_count(st); j++) {
         const safetensors_entry *en = safetensors_at(st, j);
-        if (seen[j]) continue;
+        if (seen[j] || other_stage(&m->stage, cfg.num_hidden_layers, en->name)) continue;
         if (strncmp(en->name, "mtp.", 4) == 0) {
             if (load_extra(m, en, safetensors_file_of(st, en), e)) goto done;
             continue;

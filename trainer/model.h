@@ -64,8 +64,28 @@ typedef struct {
     void *ctx;
 } model_grad_hook;
 
+/* The layers a model holds: [l0, l1), and the ends: first (the embedding and the stream expansion)
+ * and last (hc_head, the final norm, the head; mtp.*). A pipeline stage holds a range; one
+ * process holds them all (model_stage_all). */
+typedef struct {
+    int l0, l1, first, last;
+} model_stage;
+
+/* How a pipeline stage's boundary tensors travel (set by the trainer that runs the stage): the
+ * hyper-connection streams [B*T, hc_mult, hidden] (4-D: [micro_batch, seq, hc_mult, hidden]) come
+ * from the previous stage and go to the next one in the forward (grad 0), and their gradients come
+ * back from the next stage and go to the previous one in the backward (grad 1). Buffers are in the
+ * model's device memory. fn NULL on a model that holds every layer. */
+typedef struct {
+    int (*recv)(void *ctx, float *buf, size_t n, int grad, mill_err *e);
+    int (*send)(void *ctx, const float *buf, size_t n, int grad, mill_err *e);
+    void *ctx;
+} model_stage_io;
+
 typedef struct {
     dsv4_config cfg;
+    model_stage stage;
+    model_stage_io io;
     param_info *params;
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */
@@ -90,6 +110,13 @@ int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
 int model_init(dsv4_model *m, const dsv4_config *cfg, mill_err *e);
 /* config.json + safetensors (single file or sharded) from a directory. */
 int model_load(dsv4_model *m, const char *dir, mill_err *e);
+/* The same for one pipeline stage: only its tensors are in the table, the flat buffer and memory
+ * (in the canonical order, offsets of its own); the layer structs of other stages stay NULL. A
+ * checkpoint's tensors of other stages are skipped (stage NULL: the whole model). */
+model_stage model_stage_all(const dsv4_config *cfg);
+int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill_err *e);
+int model_init_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill_err *e);
+int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, mill_err *e);
 void model_free(dsv4_model *m); /* either device */
 /* dst = a copy of src (a CPU model) on k's device: the fp32 master weights, buffers, tid2eid and
  * the RoPE tables are copied into device memory and every layer pointer re-pointed into them; the

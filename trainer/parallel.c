@@ -10,7 +10,17 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
     return buf;
 }
 
+static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int allow_pp, mill_err *e);
+
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
+    return validate(s, cfg, world, batch_rows, 0, e);
+}
+
+int par_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
+    return validate(s, cfg, world, batch_rows, 1, e);
+}
+
+static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int allow_pp, mill_err *e) {
     const char *names[5] = {"tp", "pp", "ep", "cp", "dp"};
     const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};
     for (int i = 0; i < 5; i++)
@@ -39,14 +49,25 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     }
     if (batch_rows > 0 && batch_rows % s->dp)
         return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
-    static const char *const later[3] = {"pp (Distributed trainer II)", "ep and tp (Distributed trainer III)",
+    static const char *const later[3] = {"Distributed trainer II", "ep and tp (Distributed trainer III)",
                                          "cp (Distributed trainer IV)"};
-    if (s->pp != 1) return mill_errf(e, "parallel: pp %d is not supported yet: %s; use pp 1", s->pp, later[0]);
+    if (s->pp != 1 && !allow_pp)
+        return mill_errf(e, "parallel: pp %d is not supported yet by this command (%s: mill forward and mill grad "
+                            "run stages so far); use pp 1", s->pp, later[0]);
+    if (cfg && s->pp > 1 && cfg->tie_word_embeddings)
+        return mill_errf(e, "parallel: pp %d: a model with tied embeddings cannot be split into stages", s->pp);
     if (s->ep != 1 || s->tp != 1)
         return mill_errf(e, "parallel: %s %d is not supported yet: %s; use 1", s->ep != 1 ? "ep" : "tp",
                          s->ep != 1 ? s->ep : s->tp, later[1]);
     if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later[2]);
     return 0;
+}
+
+void par_stage_layers(int n_layers, int r, int pp, int *l0, int *l1) {
+    long lo, hi;
+    par_range(n_layers, r, pp, &lo, &hi);
+    *l0 = (int)lo;
+    *l1 = (int)hi;
 }
 
 void par_range(long n, int r, int k, long *lo, long *hi) {
@@ -57,7 +78,7 @@ void par_range(long n, int r, int k, long *lo, long *hi) {
 
 int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e) {
     memset(p, 0, sizeof *p);
-    TRY(par_validate(s, NULL, world->size, 0, e));
+    TRY(par_validate_stages(s, NULL, world->size, 0, e));
     p->sz = *s;
     p->world = world->size;
     p->rank = world->rank;

@@ -36,9 +36,13 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
  * sizes >= 1; world (0: not checked) = tp * pp * cp * dp; ep divides dp * cp; heads, o_groups (and
  * the indexer's heads) divisible by tp; routed experts divisible by ep; at least pp layers;
  * batch_rows (0: not checked) divisible by dp; and the sizes this build cannot run yet are 1
- * (pp, ep, tp, cp: Distributed trainer II-IV).
+ * (ep, tp, cp: Distributed trainer III-IV; pp only where par_validate_stages checks).
  * cfg may be NULL (no model rules). */
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+/* The same rules for a command that runs pipeline stages (pp over 1 allowed). */
+int par_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+/* Pipeline stage r of pp over n_layers: an even split in order, the remainder on the first stages. */
+void par_stage_layers(int n_layers, int r, int pp, int *l0, int *l1);
 /* This rank's coordinates and groups over world (the caller keeps world; par_free frees the
  * groups). Validates the sizes against world's size first. */
 int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);
