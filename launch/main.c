@@ -25,10 +25,11 @@
 static int usage(FILE *to) {
     fprintf(to,
             "usage: mill <command> [options]\n"
-            "  forward --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N]\n"
+            "  forward --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N] [--pp N]\n"
             "          IN.json: {\"input_ids\": [[...], ...]} (rows of equal length); OUT holds logits [B, T, vocab] f32\n"
             "          (and routing [layers, B, T, k] I32, the experts each token used)\n"
-            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N]\n"
+            "  grad    --model DIR --input IN.json --output OUT.safetensors [--device auto|cpu|cuda] [--dp N] [--pp N]\n"
+            "          [--micro-batches N]  (the rows of each rank in N micro-batches, through the stages by 1F1B)\n"
             "          mean next-token cross-entropy over all B*(T-1) positions (labels = inputs shifted by one):\n"
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
@@ -54,8 +55,8 @@ static int usage(FILE *to) {
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
             "  layout: --tp N --pp N --ep N --cp N --dp N on forward, grad and sft (recipes: train.parallel.*) start\n"
-            "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); only dp\n"
-            "          is implemented so far (Distributed trainer II-IV bring pp, ep/tp and cp)\n"
+            "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); dp\n"
+            "          everywhere, pp in forward and grad so far (Distributed trainer II-IV: pp, ep/tp, cp)\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n");
     return to == stderr ? 2 : 0;
 }
@@ -166,6 +167,8 @@ static const dsv4_model *model_on(const dsv4_model *m, dsv4_model *dm, const kct
     return model_to_device(dm, m, k, e) ? NULL : dm;
 }
 
+static int parse_num(const char *name, const char *v, double lo, double hi, double *out, mill_err *e);
+
 /* The known options of a command plus the layout options (--tp ... --dp). */
 static int check_opts_par(int argc, char **argv, const char *const *known, mill_err *e) {
     const char *all[32];
@@ -246,7 +249,7 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
         goto done;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (model_forward(run, &k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a, e) ||
+    if (model_forward(run, &k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a, e) || dist_stage_flush(&d, e) ||
         op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
         op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e))
         goto done;
@@ -304,19 +307,24 @@ static const char *human(double x, char *buf, size_t n) {
 }
 
 static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
-    static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
+    static const char *const known[] = {"--model", "--input", "--output", "--device", "--micro-batches", NULL};
     if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     if (!dir || !in || !out) return mill_errf(e, "mill grad needs --model DIR --input IN.json --output OUT.safetensors");
     mill_device dev;
     par_sizes ps;
+    double mbs = 1; /* micro-batches of this rank's rows, through the stages by 1F1B */
+    if (opt(argc, argv, "--micro-batches") &&
+        parse_num("--micro-batches", opt(argc, argv, "--micro-batches"), 1, 1 << 20, &mbs, e))
+        return -1;
     if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
+    int n_micro = (int)mbs;
     dsv4_model m = {0}, dm = {0};
     dsv4_config cfg;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *targets = NULL;
     float *grads = NULL;
-    arena a = {0};
+    arena *arenas = NULL; /* one per micro-batch */
     kctx k = {0};
     dist_ctx d = {0};
     tensor tg = {0}; /* the gradients on the device */
@@ -340,12 +348,23 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     for (int b = 0; b < B; b++) /* labels = inputs shifted by one; the last position has none */
         for (int t = 0; t < T; t++) targets[b * T + t] = t + 1 < T ? ids[b * T + t + 1] : -1;
     int64_t nf = (int64_t)m.n_floats;
-    if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tg, DTYPE_F32, dev, 1, &nf, e)) goto done;
+    if (n_micro > B / ps.dp) {
+        mill_errf(e, "--micro-batches %d: each rank has only %d rows", n_micro, B / ps.dp);
+        goto done;
+    }
+    if (!(arenas = calloc((size_t)n_micro, sizeof *arenas))) {
+        mill_errf(e, "grad: out of memory");
+        goto done;
+    }
+    for (int i = 0; i < n_micro; i++)
+        if (arena_init_device(&arenas[i], 64 << 20, dev, k.stream, e)) goto done;
+    if (tensor_alloc(&tg, DTYPE_F32, dev, 1, &nf, e)) goto done;
     model_loss loss;
     long r0, r1;
     dist_rows(&d, B, &r0, &r1); /* this rank's rows; the gradients are summed over the ranks */
     dist_hook(&d, run, tg.data);
-    if (dist_ce_step(&d, run, &k, ids + r0 * T, targets + r0 * T, (int)(r1 - r0), T, tg.data, &loss, &a, e) ||
+    if (dist_ce_step(&d, run, &k, ids + r0 * T, targets + r0 * T, (int)(r1 - r0), T, n_micro, tg.data, &loss, arenas,
+                     e) ||
         comm_flush(d.dp, e) || op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
         goto done;
     dist_unhook(run);
@@ -405,7 +424,8 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     rc = 0;
 done:
     safetensors_writer_free(w);
-    arena_free(&a);
+    for (int i = 0; arenas && i < n_micro; i++) arena_free(&arenas[i]);
+    free(arenas);
     tensor_free(&tg);
     model_free(&dm);
     dist_free(&d);

@@ -199,7 +199,7 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     rc = op_zero(&s->k, s->grads, sizeof(float) * m->n_floats, e);
     dist_hook(&s->d, m, s->grads);
     if (!rc)
-        rc = dist_ce_step(&s->d, m, &s->k, b.ids + r0 * b.T, b.targets + r0 * b.T, (int)(r1 - r0), b.T, s->grads,
+        rc = dist_ce_step(&s->d, m, &s->k, b.ids + r0 * b.T, b.targets + r0 * b.T, (int)(r1 - r0), b.T, 1, s->grads,
                           &loss, &s->a, e);
     dist_unhook(m);
     if (!rc) rc = optimizer_step(o, m, &s->k, s->grads, &st->grad_norm, &st->lr, e);

@@ -69,6 +69,17 @@ for m in tiny-a tiny-b; do
     done
 done
 
+# the 1F1B schedule: the rows in 2 micro-batches through 2, 3 and 4 stages give one process's bits
+# with the same micro-batches (the gradients accumulate micro-batch after micro-batch either way)
+G1="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --device cpu --micro-batches 2"
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gm1.st" 2>"$T/stderr" || not_ok "grad, 2 micro-batches" "$(first_err)"
+for pp in 2 3 4; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gm.st" --pp $pp 2>"$T/stderr" || not_ok "grad 1F1B pp $pp" "$(first_err)"
+    same "grad --pp $pp --micro-batches 2 (1F1B) = one process bit for bit" "$T/gm.st" "$T/gm1.st" 0
+done
+
 # SFT: 20 steps, checkpoints at 10 and 20 (tests/data/sft-dist.yaml writes runs/sft-dist)
 R=runs/sft-dist
 sft() { # sft OUTDIR ARGS...: a run whose checkpoints end up in $T/OUTDIR

@@ -49,6 +49,7 @@ typedef struct {
     mill_err *e;
     layer_trace *lt;                   /* [layers], host memory: pointers into the arena */
     float *host;                       /* host scratch of the token loss */
+    float *dlogits;                    /* the last stage's d loss / d logits (tokens_forward) */
     float *h_final, *x_head, *xn_head; /* HC head input [N,n,D], its output and the normed output */
 } fwd;
 
@@ -538,21 +539,19 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     return grads_ready(f, -1);
 }
 
-/* After the traced forward: the token head, the loss on the host, its backward into grads. */
-static int tokens_step(fwd *f, float temperature, float *grads, model_token_loss_fn loss_fn, void *ctx,
-                       float *logp_out, double *loss, long *count) {
+/* The traced forward, then on the last stage the token head and the loss on the host; with a loss,
+ * f->dlogits (the logits buffer, overwritten) holds its gradient for the backward. */
+static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn, void *ctx, float *logp_out,
+                          double *loss, long *count) {
     const kctx *k = f->k;
     mill_err *e = f->e;
     int N = f->N, V = f->m->cfg.vocab_size;
     if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
     float *logits, *logp, *ent;
     int32_t *rows;
-    if (!f->m->stage.last) { /* the loss is the last stage's: forward, then the backward from its gradient */
-        TRY(forward_traced(f, NULL, NULL));
-        *count = 0;
-        *loss = 0;
-        return loss_fn ? backward_from_logits(f, NULL, grads) : 0;
-    }
+    *count = 0;
+    *loss = 0;
+    if (!f->m->stage.last) return forward_traced(f, NULL, NULL); /* the loss is the last stage's */
     ALLOC(logits, (long)N * V);
     ALLOC(logp, N);
     ALLOC(ent, N);
@@ -577,17 +576,52 @@ static int tokens_step(fwd *f, float temperature, float *grads, model_token_loss
     TRY(op_copy_from_host(k, dlogp, hdlogp, sizeof(float) * (size_t)cnt, e));
     TRY(op_copy_from_host(k, dent, hdent, sizeof(float) * (size_t)cnt, e));
     TRY(op_token_logp_backward(k, logits, rows, cnt, dlogp, dent, ent, f->targets, N, V, temperature, e));
-    return backward_from_logits(f, logits, grads);
+    f->dlogits = logits;
+    return 0;
+}
+
+struct model_pass {
+    fwd f;
+};
+
+int model_pass_forward(model_pass **out, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets,
+                       int B, int T, const int32_t *replay, float temperature, model_token_loss_fn loss_fn, void *ctx,
+                       float *logp_out, double *loss, long *count, arena *a, mill_err *e) {
+    model_pass *p = calloc(1, sizeof *p);
+    *out = NULL;
+    if (!p) return mill_errf(e, "forward: out of memory");
+    if (fwd_begin(&p->f, m, k, ids, targets, replay, B, T, a, e)) {
+        free(p);
+        return -1;
+    }
+    if (tokens_forward(&p->f, temperature, loss_fn, ctx, logp_out, loss, count)) {
+        model_pass_free(p);
+        return -1;
+    }
+    *out = p;
+    return 0;
+}
+
+int model_pass_backward(model_pass *p, float *grads, mill_err *e) {
+    p->f.e = e;
+    return backward_from_logits(&p->f, p->f.dlogits, grads);
+}
+
+void model_pass_free(model_pass *p) {
+    if (!p) return;
+    fwd_end(&p->f);
+    free(p);
 }
 
 int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
                                   int T, const int32_t *replay, float temperature, float *grads,
                                   model_token_loss_fn loss_fn, void *ctx, float *logp_out, double *loss, long *count,
                                   arena *a, mill_err *e) {
-    fwd f;
-    TRY(fwd_begin(&f, m, k, ids, targets, replay, B, T, a, e));
-    int rc = tokens_step(&f, temperature, grads, loss_fn, ctx, logp_out, loss, count);
-    fwd_end(&f);
+    model_pass *p;
+    TRY(model_pass_forward(&p, m, k, ids, targets, B, T, replay, temperature, loss_fn, ctx, logp_out, loss, count, a,
+                           e));
+    int rc = loss_fn ? model_pass_backward(p, grads, e) : 0;
+    model_pass_free(p);
     return rc;
 }
 

@@ -1,5 +1,6 @@
 #include "dist.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
@@ -31,18 +32,34 @@ void dist_free(dist_ctx *d) {
     memset(d, 0, sizeof *d);
 }
 
-/* The streams forward to the next stage and their gradients back to the previous one. */
+/* The streams forward to the next stage and their gradients back to the previous one. A send waits
+ * for this stage's next receive and goes out in one batch with it (Megatron's send_forward_recv_backward
+ * pairing): two neighbours that both send before they receive cannot block each other. */
+static int pending_flush(dist_ctx *d, mill_err *e) {
+    if (!d->pend.buf) return 0;
+    comm_p2p op = {d->pend.peer, 1, d->pend.buf, d->pend.n};
+    d->pend.buf = NULL;
+    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+}
+
 static int stage_recv(void *ctx, float *buf, size_t n, int grad, mill_err *e) {
     dist_ctx *d = ctx;
-    comm_p2p op = {d->par.pp_rank + (grad ? 1 : -1), 0, buf, n};
-    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+    comm_p2p ops[2] = {{d->par.pp_rank + (grad ? 1 : -1), 0, buf, n}, {d->pend.peer, 1, d->pend.buf, d->pend.n}};
+    int rc = comm_sendrecv(d->pp, ops, d->pend.buf ? 2 : 1, DTYPE_F32, e);
+    d->pend.buf = NULL;
+    return rc;
 }
 
 static int stage_send(void *ctx, const float *buf, size_t n, int grad, mill_err *e) {
     dist_ctx *d = ctx;
-    comm_p2p op = {d->par.pp_rank + (grad ? -1 : 1), 1, (void *)buf, n};
-    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+    TRY(pending_flush(d, e)); /* one in waiting at most (the first and last stages send twice in a row) */
+    d->pend.buf = (float *)buf; /* in the micro-batch's arena, untouched until its pass is freed */
+    d->pend.n = n;
+    d->pend.peer = d->par.pp_rank + (grad ? -1 : 1);
+    return 0;
 }
+
+int dist_stage_flush(dist_ctx *d, mill_err *e) { return pending_flush(d, e); }
 
 void dist_stage_io(dist_ctx *d, dsv4_model *m) {
     m->io = (model_stage_io){stage_recv, stage_send, d};
@@ -91,20 +108,60 @@ static int ce_global(void *ctx, const float *logp, const float *ent, int n, floa
     return 0;
 }
 
+void dist_schedule_1f1b(int pp, int stage, int n_micro, int *order) {
+    int warm = pp - stage - 1 < n_micro ? pp - stage - 1 : n_micro, f = 0, b = 0, k = 0;
+    while (f < warm) order[k++] = f++;
+    while (f < n_micro) { /* steady state: one forward, one backward */
+        order[k++] = f++;
+        order[k++] = -1 - b++;
+    }
+    while (b < n_micro) order[k++] = -1 - b++;
+}
+
 int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
-                 int T, float *grads, model_loss *out, arena *a, mill_err *e) {
+                 int T, int n_micro, float *grads, model_loss *out, arena *arenas, mill_err *e) {
     double cnt = 0;
     for (long i = 0; i < (long)B * T; i++) cnt += targets[i] >= 0;
     TRY(comm_sum_f64(d->par.dp, &cnt, 1, e));
     if (cnt < 1) return mill_errf(e, "loss: no position of the batch has a target");
+    if (n_micro < 1 || n_micro > B) return mill_errf(e, "train: %d micro-batches of %d rows", n_micro, B);
     ce_ctx c = {(long)cnt};
     double loss = 0;
-    long mine = 0;
-    TRY(model_forward_backward_tokens(m, k, ids, targets, B, T, NULL, 1.0f, grads, ce_global, &c, NULL, &loss, &mine,
-                                      a, e));
-    TRY(comm_sum_f64(d->par.dp, &loss, 1, e));
-    TRY(comm_sum_f64(d->par.pp, &loss, 1, e)); /* the last stage's */
+    model_grad_hook hook = m->grad_ready; /* the reduction starts in the last backward only */
+    model_pass **pass = calloc((size_t)n_micro, sizeof *pass);
+    int *order = malloc(sizeof(int) * 2 * (size_t)n_micro), rc = -1;
+    if (!pass || !order) {
+        mill_errf(e, "train: out of memory");
+        goto out;
+    }
+    dist_schedule_1f1b(d->par.sz.pp, d->par.pp_rank, n_micro, order);
+    for (int s = 0; s < 2 * n_micro; s++) {
+        int i = order[s] >= 0 ? order[s] : -1 - order[s];
+        long r0 = (long)B * i / n_micro, r1 = (long)B * (i + 1) / n_micro, mine;
+        double l = 0;
+        if (order[s] >= 0) { /* forward of micro-batch i in its own arena */
+            if (model_pass_forward(&pass[i], m, k, ids + r0 * T, targets + r0 * T, (int)(r1 - r0), T, NULL, 1.0f,
+                                   ce_global, &c, NULL, &l, &mine, &arenas[i], e))
+                goto out;
+            loss += l;
+            continue;
+        }
+        ((dsv4_model *)m)->grad_ready = i == n_micro - 1 ? hook : (model_grad_hook){0};
+        int x = model_pass_backward(pass[i], grads, e);
+        model_pass_free(pass[i]);
+        pass[i] = NULL;
+        if (x) goto out;
+    }
+    if (dist_stage_flush(d, e) || comm_sum_f64(d->par.dp, &loss, 1, e) ||
+        comm_sum_f64(d->par.pp, &loss, 1, e)) /* the last stage's */
+        goto out;
     out->loss = loss;
     out->count = c.count;
-    return 0;
+    rc = 0;
+out:
+    ((dsv4_model *)m)->grad_ready = hook;
+    for (int i = 0; pass && i < n_micro; i++) model_pass_free(pass[i]);
+    free(pass);
+    free(order);
+    return rc;
 }

@@ -15,6 +15,11 @@ typedef struct {
     comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
     comm *pp;       /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
     model_stage stage; /* this rank's pipeline stage of the model (dist_init: set for cfg) */
+    struct {
+        float *buf; /* a send waiting for this stage's next receive (dist_stage_io) */
+        size_t n;
+        int peer;
+    } pend;
     float *grads;   /* the buffer the hook reduces (dist_hook) */
 } dist_ctx;
 
@@ -28,6 +33,11 @@ void dist_free(dist_ctx *d);
 /* m (this rank's stage, model_load_stage with d->stage) sends and receives its boundary streams
  * over the pp group (model_stage_io); a no-op with one stage. */
 void dist_stage_io(dist_ctx *d, dsv4_model *m);
+/* The send still waiting at the end of a schedule goes out now (a no-op with one stage). */
+int dist_stage_flush(dist_ctx *d, mill_err *e);
+/* 1F1B for stage `stage` of pp over n_micro micro-batches: order[2 * n_micro] lists forward i as i
+ * and backward i as -1 - i (warm-up forwards, then one forward and one backward, then cool-down). */
+void dist_schedule_1f1b(int pp, int stage, int n_micro, int *order);
 /* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
 /* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
@@ -39,9 +49,11 @@ void dist_unhook(dsv4_model *m);
 int dist_reduce_idle(dist_ctx *d, const dsv4_model *m, float *grads, mill_err *e);
 /* Mean next-token cross-entropy over the whole batch (every rank's rows, global token count) and
  * its gradient for this rank's B rows and stage, accumulated into grads: model_forward_backward's
- * computation, normalised globally. out: the global loss (summed over dp and the stages) and count. The gradients' dp reduction
- * is started by the hook when set; the caller flushes (optimizer_step does). */
+ * computation, normalised globally, in n_micro micro-batches run by the 1F1B schedule across the
+ * stages (arenas[n_micro]: one per micro-batch, as many may be in flight). out: the global loss
+ * (summed over dp and the stages) and count. The gradients' dp reduction is started by the hook
+ * (m->grad_ready), in the last micro-batch's backward only; the caller flushes (optimizer_step does). */
 int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
-                 int T, float *grads, model_loss *out, arena *a, mill_err *e);
+                 int T, int n_micro, float *grads, model_loss *out, arena *arenas, mill_err *e);
 
 #endif

@@ -217,4 +217,16 @@ int model_forward_backward_tokens(const dsv4_model *m, const kctx *k, const int3
                                   model_token_loss_fn loss_fn, void *ctx, float *logp_out, double *loss, long *count,
                                   arena *a, mill_err *e);
 
+/* The same step in two halves, for pipeline schedules that run other micro-batches in between: the
+ * forward (on the last stage also the loss and its gradient; on other stages the streams go on to
+ * the next one) keeps its trace in a, which must stay untouched until model_pass_backward (the
+ * gradient from the next stage, then the backward into grads); model_pass_free releases it
+ * either way. Without loss_fn there is no backward. */
+typedef struct model_pass model_pass;
+int model_pass_forward(model_pass **out, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets,
+                       int B, int T, const int32_t *replay, float temperature, model_token_loss_fn loss_fn, void *ctx,
+                       float *logp_out, double *loss, long *count, arena *a, mill_err *e);
+int model_pass_backward(model_pass *p, float *grads, mill_err *e);
+void model_pass_free(model_pass *p);
+
 #endif
