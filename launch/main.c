@@ -485,7 +485,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 0, world, e))
+        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 1, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

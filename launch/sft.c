@@ -28,7 +28,8 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     int rc = -1;
     static const char *const top[] = {"model", "data", "train", "optimizer", "eval", "checkpoint", NULL};
     static const char *const model_k[] = {"config", "init_from", "init_seed", "init_std", NULL};
-    static const char *const train_k[] = {"steps", "batch_size", "max_len", "log_every", "device", "parallel", NULL};
+    static const char *const train_k[] = {"steps",  "batch_size", "max_len", "log_every", "device",
+                                          "parallel", "micro_batches", NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", NULL};
     static const char *const ckpt_k[] = {"dir", "every", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
@@ -37,7 +38,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_known_keys(y, "checkpoint", ckpt_k, path, e) || recipe_parallel(y, path, &r->par, e))
         goto done;
     const char *cfg, *from, *dir, *dev;
-    long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev;
+    long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev, mbs;
     if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
         yamlcfg_num(y, "model.init_std", 0.02, &r->init_std, path, e) ||
@@ -46,6 +47,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||
         yamlcfg_int(y, "train.max_len", 64, 4, 1 << 20, &maxlen, path, e) ||
         yamlcfg_int(y, "train.log_every", 10, 1, 1 << 30, &logev, path, e) ||
+        yamlcfg_int(y, "train.micro_batches", 1, 1, 1 << 20, &mbs, path, e) ||
         yamlcfg_str(y, "train.device", "auto", &dev, path, e) ||
         recipe_optimizer(y, path, &r->optim, e) ||
         yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
@@ -75,6 +77,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     r->batch_size = (int)bs;
     r->max_len = (int)maxlen;
     r->log_every = (int)logev;
+    r->micro_batches = (int)mbs;
     r->optim.total_steps = steps;
     r->eval_every = (int)evev;
     r->eval_problems = (int)evn;
@@ -88,20 +91,31 @@ done:
 
 /* Model and optimizer on the host: fresh (or init_from), or the checkpoint in resume_dir. The
  * optimizer keeps this rank's shard of the moments. */
-static int open_host(sft_state *s, const sft_recipe *r, const char *resume_dir, mill_err *e) {
-    comm *dp = s->d.par.dp;
-    if (resume_dir) return checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, &s->ts, e);
+static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, const char *resume_dir, mill_err *e) {
+    comm *dp = s->d.par.dp, *pp = s->d.par.sz.pp > 1 ? s->d.par.pp : NULL; /* pp: the stages */
+    const model_stage *stage = &s->d.stage; /* this rank's layers */
+    if (resume_dir)
+        return checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, stage, pp, &s->ts, e);
     if (*r->init_from) {
-        if (model_load(&s->model, r->init_from, e)) return -1;
-    } else {
-        dsv4_config cfg;
-        if (config_load(r->model_config, &cfg, e) || model_init(&s->model, &cfg, e)) return -1;
-        model_init_random(&s->model, r->init_seed, (float)r->init_std);
+        if (model_load_stage(&s->model, r->init_from, stage, e)) return -1;
+    } else { /* the whole model's random values (one stream over its tensors), then this stage's part */
+        dsv4_model full;
+        if (model_init(&full, cfg, e)) return -1;
+        model_init_random(&full, r->init_seed, (float)r->init_std);
+        if (!pp) s->model = full;
+        else if (model_init_stage(&s->model, cfg, *stage, e) || model_copy_matching(&s->model, &full, e)) {
+            model_free(&full);
+            model_free(&s->model);
+            return -1;
+        } else {
+            model_free(&full);
+        }
     }
     if (optimizer_init_shard(&s->opt, &s->model, &r->optim, dp, e)) {
         model_free(&s->model);
         return -1;
     }
+    s->opt.pp = pp;
     rng_seed(&s->ts.data_rng, r->data_seed);
     return 0;
 }
@@ -116,38 +130,49 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         comm_world_end(s->own_world, 0);
         return mill_err_wrap(e, "device %s", r->device == DEVICE_CUDA ? "cuda" : "cpu");
     }
-    if (dist_init(&s->d, s->world, &r->par, NULL, r->batch_size, &s->k, e)) {
+    dsv4_config cfg; /* the layout's stages need the model's layers first */
+    if (config_load(resume_dir ? resume_dir : *r->init_from ? r->init_from : r->model_config, &cfg, e) ||
+        dist_init(&s->d, s->world, &r->par, &cfg, r->batch_size, &s->k, e)) {
         kctx_free(&s->k);
         comm_world_end(s->own_world, 0);
         return -1;
     }
-    if (open_host(s, r, resume_dir, e)) {
+    if (open_host(s, r, &cfg, resume_dir, e)) {
         dist_free(&s->d);
         kctx_free(&s->k);
         comm_world_end(s->own_world, 0);
         return -1;
     }
     s->gpu = r->device != DEVICE_CPU;
-    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
+    if (par_validate_stages(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
         (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e)))) {
         mill_err_wrap(e, "sft");
         sft_close(s);
         return -1;
     }
     s->dopt.dp = s->d.dp; /* the device optimizer gathers its shards over the device's comm */
+    dist_stage_io(&s->d, sft_train_model(s));
+    s->n_arenas = r->micro_batches;
     if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
         tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) ||
-        arena_init_device(&s->a, 16 << 20, s->k.device, s->k.stream, e)) {
+        !(s->arenas = calloc((size_t)s->n_arenas, sizeof *s->arenas))) {
+        if (!s->arenas) mill_errf(e, "sft: out of memory");
         sft_close(s);
         return -1;
     }
+    for (int i = 0; i < s->n_arenas; i++) /* one per micro-batch: 1F1B keeps several in flight */
+        if (arena_init_device(&s->arenas[i], 16 << 20, s->k.device, s->k.stream, e)) {
+            sft_close(s);
+            return -1;
+        }
     return 0;
 }
 
 void sft_close(sft_state *s) {
     mem_free(s->k.device, s->grads); /* before kctx_free, which forgets the device */
     if (s->tok) tokenizer_free(s->tok);
-    arena_free(&s->a);
+    for (int i = 0; s->arenas && i < s->n_arenas; i++) arena_free(&s->arenas[i]);
+    free(s->arenas);
     if (s->gpu) {
         optimizer_free(&s->dopt);
         model_free(&s->dm);
@@ -199,8 +224,8 @@ int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e)
     rc = op_zero(&s->k, s->grads, sizeof(float) * m->n_floats, e);
     dist_hook(&s->d, m, s->grads);
     if (!rc)
-        rc = dist_ce_step(&s->d, m, &s->k, b.ids + r0 * b.T, b.targets + r0 * b.T, (int)(r1 - r0), b.T, 1, s->grads,
-                          &loss, &s->a, e);
+        rc = dist_ce_step(&s->d, m, &s->k, b.ids + r0 * b.T, b.targets + r0 * b.T, (int)(r1 - r0), b.T,
+                          r->micro_batches, s->grads, &loss, s->arenas, e);
     dist_unhook(m);
     if (!rc) rc = optimizer_step(o, m, &s->k, s->grads, &st->grad_norm, &st->lr, e);
     sft_batch_free(&b);
@@ -274,11 +299,26 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
     /* on the host model with a CPU kctx; it can move to the GPU rollout engine once that exists */
-    kctx hk;
-    if (sft_sync_host(s, 0, e) || kctx_init(&hk, DEVICE_CPU, e)) return -1;
-    int rc = arith_eval(&s->model, &hk, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy, NULL, e);
-    kctx_free(&hk);
-    return rc;
+    *accuracy = 0;
+    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1;
+    if (!lead && !staged) return 0;
+    if (sft_sync_host(s, 0, e)) return -1;
+    dsv4_model full = {0}; /* with stages: the whole model, gathered from them */
+    if (staged && (model_init(&full, &s->model.cfg, e) ||
+                   dist_gather_stages(&s->d, s->model.data, s->model.index_data, &full, e))) {
+        model_free(&full);
+        return -1;
+    }
+    int rc = 0;
+    if (lead) {
+        kctx hk;
+        rc = kctx_init(&hk, DEVICE_CPU, e) ||
+             arith_eval(staged ? &full : &s->model, &hk, s->tok, r->levels, r->n_levels, r->eval_seed, n, accuracy,
+                        NULL, e);
+        kctx_free(&hk);
+    }
+    model_free(&full);
+    return rc ? -1 : 0;
 }
 
 static double now(void) {
@@ -358,8 +398,8 @@ int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *
             tok_acc = 0;
             t0 = now();
         }
-        if (lead && ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps)) {
-            double acc;
+        if ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps) {
+            double acc; /* rank 0's (every stage takes part in gathering the model) */
             if (sft_eval(&s, r, r->eval_problems, &acc, e)) goto out;
             printf("step %6ld  held-out greedy accuracy %.3f (%d problems)\n", s.ts.step, acc, r->eval_problems);
             fflush(stdout);

@@ -29,6 +29,8 @@ typedef struct {
     char out_dir[1024];
     mill_device device; /* train.device: where the training step runs (the default, 0, is the CPU) */
     par_sizes par;      /* train.parallel.{tp,pp,ep,cp,dp} (the command line's --dp ... override them) */
+    int micro_batches;  /* train.micro_batches: each rank's rows of a batch in this many, through the
+                         * pipeline stages by 1F1B (default 1) */
 } sft_recipe;
 
 /* "cpu" or "cuda" into *dev; -1 for anything else (the caller names the file or option). */
@@ -41,7 +43,8 @@ typedef struct {
     train_state ts;
     tokenizer *tok;
     kctx k;      /* the training device's */
-    arena a;     /* activations, in k's memory */
+    arena *arenas; /* activations, in k's memory: one per micro-batch */
+    int n_arenas;
     float *grads; /* [n_floats] in k's memory */
     /* on a GPU: the copies that train (model and opt are brought up to date by sft_sync_host) */
     int gpu;
@@ -73,7 +76,8 @@ int sft_checkpoint(sft_state *s, const char *dir, mill_err *e);
 /* One optimizer step on the next batch of the data stream. */
 int sft_step(sft_state *s, const sft_recipe *r, sft_step_stats *st, mill_err *e);
 /* Greedy accuracy on n held-out problems (drawn from eval_seed, same every call), on the CPU from
- * the host model (synced first). */
+ * the host model (synced first), in rank 0's *accuracy (0 elsewhere). With pipeline stages every
+ * rank calls it: they gather the whole model first. */
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e);
 /* Greedy accuracy of a model on n held-out arithmetic problems (levels drawn uniformly, seed fixed);
  * per_level [4] (optional): the accuracy at each level 1..4, -1 where none was drawn. */

@@ -7,6 +7,7 @@
 #     process (bit for bit at one thread) and the HF goldens;
 #   - mill sft --dp 2 for 20 steps against --dp 1; its sharded checkpoint resumed at dp 2 (bit for
 #     bit), at dp 1 and the reverse; the checkpoint is a model directory mill forward reads;
+#   - mill sft --pp 2 (with micro-batches through 1F1B, with --dp 2) against one process, resumed;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -128,12 +129,31 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
 # shellcheck disable=SC2086
 {
     bad "rows not divisible by dp" "the batch's 2 rows must divide evenly over dp 3" $G --dp 3
-    bad "pp not yet in sft" "pp 2 is not supported yet by this command" sft tests/data/sft-dist.yaml --pp 2
     bad "more stages than layers" "pp 5 stages need at least as many layers; the model has 4" $G --pp 5
     bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
     bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
 }
+
+# SFT over pipeline stages (1F1B; one thread everywhere, as the one-process reference):
+# bit for bit at pp 2 (also with 2 micro-batches against one process with 2), resume at pp 2 bit for
+# bit, at dp 2 x pp 2 against one process; a pp 2 checkpoint refused at pp 1 by name
+export OMP_NUM_THREADS=1
+sft t1
+sft p2 --pp 2
+same "sft --pp 2, 20 steps = one process bit for bit" "$T/p2/step-000020" "$T/t1/step-000020" 0
+sft p2r --pp 2 --resume "$T/p2/step-000010"
+same "pp 2 checkpoint resumed at pp 2 = uninterrupted, bit for bit" "$T/p2r/step-000020" "$T/p2/step-000020" 0
+sed 's/^  max_len: 48/  max_len: 48\n  micro_batches: 2/' tests/data/sft-dist.yaml > "$T/sft-mb2.yaml"
+sft_mb() { out=$1; shift; rm -rf "$R"; "$MILL" sft "$T/sft-mb2.yaml" "$@" >"$T/stdout" 2>"$T/stderr" && mv "$R" "$T/$out" ||
+    not_ok "sft (2 micro-batches) $*" "$(first_err)"; }
+sft_mb m1
+sft_mb m2 --pp 2
+same "sft --pp 2 with 2 micro-batches (1F1B) = one process with 2, bit for bit" "$T/m2/step-000020" "$T/m1/step-000020" 0
+sft p2d2 --pp 2 --dp 2
+same "sft --pp 2 --dp 2 against one process (final weights)" "$T/p2d2/step-000020" "$T/t1/step-000020" 3e-2
+bad "a pp 2 checkpoint at pp 1" "holds 2 pipeline stage(s), this run has 1" sft tests/data/sft-dist.yaml --resume "$T/p2/step-000010"
+unset OMP_NUM_THREADS
 
 # a rank that fails ends the job: rank 1's optimizer shard is damaged, rank 0's is fine
 cp -r "$T/dp2/step-000010" "$T/broken"

@@ -37,6 +37,7 @@ static void recipe(sft_recipe *r, const char *out_dir) {
     r->eval_seed = 5;
     snprintf(r->out_dir, sizeof r->out_dir, "%s", out_dir);
     r->par = par_sizes_one();
+    r->micro_batches = 1;
 }
 
 static void test_lr_schedule(void **st) {

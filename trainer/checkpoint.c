@@ -37,12 +37,13 @@ static int fsync_path(const char *path, mill_err *e) {
     return 0;
 }
 
-static int write_state(const char *path, const train_state *ts, const optimizer *o, int shards, mill_err *e) {
+static int write_state(const char *path, const train_state *ts, const optimizer *o, int shards, int stages,
+                       mill_err *e) {
     char rs[4][24];
     for (int i = 0; i < 4; i++) snprintf(rs[i], sizeof rs[i], "%016" PRIx64, ts->data_rng.s[i]);
-    json_t *j = json_pack("{s:I, s:I, s:[s,s,s,s], s:I, s:i}", "step", (json_int_t)ts->step, "data_position",
+    json_t *j = json_pack("{s:I, s:I, s:[s,s,s,s], s:I, s:i, s:i}", "step", (json_int_t)ts->step, "data_position",
                           (json_int_t)ts->data_position, "data_rng", rs[0], rs[1], rs[2], rs[3], "optimizer_step",
-                          (json_int_t)o->step, "optimizer_shards", shards);
+                          (json_int_t)o->step, "optimizer_shards", shards, "pipeline_stages", stages);
     if (!j) return mill_errf(e, "%s: cannot build state", path);
     int rc = json_dump_file(j, path, JSON_INDENT(2));
     json_decref(j);
@@ -50,9 +51,16 @@ static int write_state(const char *path, const train_state *ts, const optimizer 
     return fsync_path(path, e);
 }
 
-static void optim_file(char *buf, size_t n, const char *dir, int shard, int shards) {
-    if (shards == 1) snprintf(buf, n, "%s/optimizer.safetensors", dir);
-    else snprintf(buf, n, "%s/optimizer-%05d-of-%05d.safetensors", dir, shard + 1, shards);
+/* File f of nf: stage * shards + shard (the stages' shards in order). */
+static void optim_file(char *buf, size_t n, const char *dir, int f, int nf) {
+    if (nf == 1) snprintf(buf, n, "%s/optimizer.safetensors", dir);
+    else snprintf(buf, n, "%s/optimizer-%05d-of-%05d.safetensors", dir, f + 1, nf);
+}
+
+/* Every rank of the dp x pp grid has arrived (a barrier over dp, then over the stages). */
+static int all_here(comm *dp, comm *pp, mill_err *e) {
+    if (dp && comm_barrier(dp, e)) return -1;
+    return pp ? comm_barrier(pp, e) : 0;
 }
 
 /* Every rank of the optimizer's dp group takes part (a group of one: this process alone). Rank 0
@@ -62,21 +70,22 @@ static void optim_file(char *buf, size_t n, const char *dir, int shard, int shar
  * job (comm_world_end), so the others never wait on it. */
 int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, const kctx *kx,
                     mill_err *e) {
-    comm *c = o->dp ? o->dp->host : NULL;
-    int r = c ? c->rank : 0, k = c ? c->size : 1;
+    comm *c = o->dp ? o->dp->host : NULL, *pp = o->pp;
+    int r = c ? c->rank : 0, k = c ? c->size : 1, st = pp ? pp->rank : 0, ns = pp ? pp->size : 1;
+    int lead = r == 0 && st == 0;
     char tmp[4096], path[4200], old[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
-    if (r == 0) {
+    if (lead) {
         if (rm_tree(tmp)) return mill_errf(e, "%s: cannot clear a stale temporary checkpoint", tmp);
         if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
     }
-    if (c && comm_barrier(c, e)) return -1;
-    if (model_save_shard(m, kx, tmp, r, k, e)) return mill_err_wrap(e, "checkpoint %s", dir);
+    if (all_here(c, pp, e)) return -1;
+    if (model_save_stage_shard(m, kx, tmp, r, k, st, ns, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     safetensors_writer *w = safetensors_writer_new();
     int64_t n = (int64_t)(o->hi - o->lo);
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
-    optim_file(path, sizeof path, tmp, r, k);
+    optim_file(path, sizeof path, tmp, st * k + r, ns * k);
     const float *mm = o->m, *vv = o->v;
     float *stage = NULL; /* device moments: this rank's shard comes over */
     if (o->device != DEVICE_CPU) {
@@ -96,10 +105,10 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     safetensors_writer_free(w);
     free(stage);
     if (rc) return -1;
-    if (c && comm_barrier(c, e)) return -1; /* every rank's files are on disk */
-    if (r == 0) {
+    if (all_here(c, pp, e)) return -1; /* every rank's files are on disk */
+    if (lead) {
         snprintf(path, sizeof path, "%s/state.json", tmp);
-        if (write_state(path, ts, o, k, e)) return -1;
+        if ((ns > 1 && model_merge_index(tmp, ns, e)) || write_state(path, ts, o, k, ns, e)) return -1;
         if (fsync_path(tmp, e)) return -1;
         /* Replace an existing DIR only after the new one is complete. */
         snprintf(old, sizeof old, "%s.old", dir);
@@ -114,29 +123,30 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         snprintf(parent, sizeof parent, "%s", dir);
         if (fsync_path(dirname(parent), e)) return -1;
     }
-    return c ? comm_barrier(c, e) : 0;
+    return all_here(c, pp, e);
 }
 
-static int read_state(const char *path, train_state *ts, long *opt_step, int *shards, mill_err *e) {
+static int read_state(const char *path, train_state *ts, long *opt_step, int *shards, int *stages, mill_err *e) {
     json_error_t je;
     json_t *j = json_load_file(path, 0, &je);
     if (!j) return mill_errf(e, "%s: not valid JSON (line %d: %s)", path, je.line, je.text);
     json_int_t step, pos, ostep;
     const char *rs[4];
-    int ns = 1; /* checkpoints of one process before sharding have no optimizer_shards */
-    int rc = json_unpack_ex(j, &je, JSON_STRICT, "{s:I, s:I, s:[ssss], s:I, s?i}", "step", &step, "data_position",
-                            &pos, "data_rng", &rs[0], &rs[1], &rs[2], &rs[3], "optimizer_step", &ostep,
-                            "optimizer_shards", &ns);
+    int ns = 1, np = 1; /* checkpoints of one process before sharding have neither count */
+    int rc = json_unpack_ex(j, &je, JSON_STRICT, "{s:I, s:I, s:[ssss], s:I, s?i, s?i}", "step", &step,
+                            "data_position", &pos, "data_rng", &rs[0], &rs[1], &rs[2], &rs[3], "optimizer_step", &ostep,
+                            "optimizer_shards", &ns, "pipeline_stages", &np);
     if (rc) {
         json_decref(j);
         return mill_errf(e, "%s: %s (expected step, data_position, data_rng[4], optimizer_step, optimizer_shards)",
                          path, je.text);
     }
-    if (ns < 1) {
+    if (ns < 1 || np < 1) {
         json_decref(j);
-        return mill_errf(e, "%s: optimizer_shards must be at least 1, got %d", path, ns);
+        return mill_errf(e, "%s: optimizer_shards and pipeline_stages must be at least 1, got %d and %d", path, ns, np);
     }
     *shards = ns;
+    *stages = np;
     for (int i = 0; i < 4; i++) {
         char *end;
         ts->data_rng.s[i] = strtoull(rs[i], &end, 16);
@@ -153,14 +163,15 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
 }
 
 /* This rank's moments [o->lo, o->hi) from the checkpoint's shards (any count: resharding). */
-static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, mill_err *e) {
+static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stage, int stages,
+                        mill_err *e) {
     char path[4200];
     for (int s = 0; s < shards; s++) {
         size_t lo, hi;
         model_shard_range(m, s, shards, &lo, &hi);
         size_t a = lo > o->lo ? lo : o->lo, b = hi < o->hi ? hi : o->hi;
         if (a >= b) continue; /* none of this rank's floats */
-        optim_file(path, sizeof path, dir, s, shards);
+        optim_file(path, sizeof path, dir, stage * shards + s, stages * shards);
         safetensors *st;
         if (safetensors_open(path, &st, e)) return -1;
         const char *names[2] = {"adam.m", "adam.v"};
@@ -182,17 +193,24 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
 
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
                     mill_err *e) {
-    return checkpoint_load_shard(dir, m, o, cfg, NULL, ts, e);
+    return checkpoint_load_shard(dir, m, o, cfg, NULL, NULL, NULL, ts, e);
 }
 
 int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
-                          train_state *ts, mill_err *e) {
-    if (model_load(m, dir, e)) return -1;
+                          const model_stage *stage, comm *pp, train_state *ts, mill_err *e) {
+    if (model_load_stage(m, dir, stage, e)) return -1;
     if (optimizer_init_shard(o, m, cfg, dp, e)) goto fail_model;
+    o->pp = pp;
     char path[4200];
-    int shards = 1;
+    int shards = 1, stages = 1, ns = pp ? pp->size : 1;
     snprintf(path, sizeof path, "%s/state.json", dir);
-    if (read_state(path, ts, &o->step, &shards, e) || load_moments(dir, m, o, shards, e)) goto fail;
+    if (read_state(path, ts, &o->step, &shards, &stages, e)) goto fail;
+    if (stages != ns) {
+        mill_errf(e, "%s: the checkpoint holds %d pipeline stage(s), this run has %d (resuming into another pp is "
+                     "not supported yet)", dir, stages, ns);
+        goto fail;
+    }
+    if (load_moments(dir, m, o, shards, pp ? pp->rank : 0, stages, e)) goto fail;
     return 0;
 fail:
     optimizer_free(o);

@@ -8,7 +8,9 @@
  * Written by the K ranks of a data-parallel group, the model and the moments are sharded:
  * model-RRRRR-of-KKKKK.safetensors + model.safetensors.index.json (HF's sharded layout: a model
  * directory mill forward reads) and optimizer-RRRRR-of-KKKKK.safetensors holding the moments of
- * model_shard_range(R - 1, K); optimizer_shards = K. */
+ * model_shard_range(R - 1, K); optimizer_shards = K. P pipeline stages number their files after
+ * the earlier stages' (stage * K + R), the model index merged from the stages' parts;
+ * pipeline_stages = P. */
 #ifndef MILL_CHECKPOINT_H
 #define MILL_CHECKPOINT_H
 
@@ -32,8 +34,10 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
                     mill_err *e);
 /* The same for this rank's optimizer shard over dp (optimizer_init_shard), from a checkpoint made
- * with any number of shards: each rank reads only the saved shards that overlap its own. */
+ * with any number of shards: each rank reads only the saved shards that overlap its own; with
+ * pipeline stages (stage, pp: NULL for one), only its stage's tensors and moments (the checkpoint
+ * must have as many stages). */
 int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
-                          train_state *ts, mill_err *e);
+                          const model_stage *stage, comm *pp, train_state *ts, mill_err *e);
 
 #endif

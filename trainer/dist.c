@@ -108,6 +108,60 @@ static int ce_global(void *ctx, const float *logp, const float *ent, int n, floa
     return 0;
 }
 
+int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e) {
+    int S = d->par.sz.pp, me = d->par.pp_rank, rc = -1;
+    dsv4_model *st = calloc((size_t)S, sizeof *st);
+    size_t *cnt = calloc((size_t)S * 4, sizeof(size_t)), *dsp = cnt + S, *icnt = cnt + 2 * S, *idsp = cnt + 3 * S;
+    float *all = NULL;
+    int32_t *alli = NULL;
+    if (!st || !cnt) {
+        mill_errf(e, "gather: out of memory");
+        goto out;
+    }
+    size_t total = 0, itotal = 0;
+    for (int s = 0; s < S; s++) { /* every stage's table */
+        model_stage sg = {0, 0, s == 0, s == S - 1};
+        par_stage_layers(full->cfg.num_hidden_layers, s, S, &sg.l0, &sg.l1);
+        if (model_layout_stage(&st[s], &full->cfg, sg, e)) goto out;
+        dsp[s] = total;
+        cnt[s] = st[s].n_floats;
+        total += cnt[s];
+        idsp[s] = itotal;
+        icnt[s] = st[s].n_index;
+        itotal += icnt[s];
+    }
+    all = malloc(sizeof(float) * (total ? total : 1));
+    alli = malloc(sizeof(int32_t) * (itotal ? itotal : 1));
+    if (!all || !alli) {
+        mill_errf(e, "gather: out of memory");
+        goto out;
+    }
+    memcpy(all + dsp[me], mine, sizeof(float) * cnt[me]);
+    if (mine_index) memcpy(alli + idsp[me], mine_index, sizeof(int32_t) * icnt[me]);
+    if (comm_all_gatherv(d->par.pp, all, cnt, dsp, DTYPE_F32, e) ||
+        (mine_index && comm_all_gatherv(d->par.pp, alli, icnt, idsp, DTYPE_I32, e)))
+        goto out;
+    for (int s = 0; s < S; s++) { /* each stage's tensors, by name, into the whole model */
+        st[s].data = all + dsp[s];
+        st[s].index_data = mine_index ? alli + idsp[s] : NULL;
+        int32_t *keep = full->index_data;
+        if (!mine_index) full->index_data = NULL;
+        int x = model_copy_matching(full, &st[s], e);
+        full->index_data = keep;
+        st[s].data = NULL;
+        st[s].index_data = NULL;
+        if (x) goto out;
+    }
+    rc = 0;
+out:
+    for (int s = 0; st && s < S; s++) model_free(&st[s]);
+    free(st);
+    free(cnt);
+    free(all);
+    free(alli);
+    return rc;
+}
+
 void dist_schedule_1f1b(int pp, int stage, int n_micro, int *order) {
     int warm = pp - stage - 1 < n_micro ? pp - stage - 1 : n_micro, f = 0, b = 0, k = 0;
     while (f < warm) order[k++] = f++;

@@ -35,6 +35,10 @@ void dist_free(dist_ctx *d);
 void dist_stage_io(dist_ctx *d, dsv4_model *m);
 /* The send still waiting at the end of a schedule goes out now (a no-op with one stage). */
 int dist_stage_flush(dist_ctx *d, mill_err *e);
+/* Every stage's part of a flat buffer in its stage layout (mine: this rank's stage's floats, and
+ * mine_index its tid2eid tables or NULL) into full (model_init of the whole model: its data, and
+ * index_data when given), on every rank of the pp group (collective over it; a copy with one stage). */
+int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e);
 /* 1F1B for stage `stage` of pp over n_micro micro-batches: order[2 * n_micro] lists forward i as i
  * and backward i as -1 - i (warm-up forwards, then one forward and one backward, then cool-down). */
 void dist_schedule_1f1b(int pp, int stage, int n_micro, int *order);

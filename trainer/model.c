@@ -516,37 +516,77 @@ int model_param_shard(const dsv4_model *m, const param_info *p, int k) {
     return 0;
 }
 
-static void shard_file(char *buf, size_t n, int shard, int n_shards) {
-    if (n_shards == 1) snprintf(buf, n, "model.safetensors");
-    else snprintf(buf, n, "model-%05d-of-%05d.safetensors", shard + 1, n_shards);
+/* File f of nf (f counts the stages' shards in order: stage * n_shards + shard). */
+static void shard_file(char *buf, size_t n, int f, int nf) {
+    if (nf == 1) snprintf(buf, n, "model.safetensors");
+    else snprintf(buf, n, "model-%05d-of-%05d.safetensors", f + 1, nf);
 }
 
-/* model.safetensors.index.json: every tensor's file. */
-static int save_index(const dsv4_model *m, const char *dir, int n_shards, mill_err *e) {
+/* This stage's part of model.safetensors.index.json (every tensor's file): the whole index with one
+ * stage, else STAGE_INDEX_FMT for model_merge_index. */
+#define STAGE_INDEX_FMT "%s/model.safetensors.index.stage-%05d.json"
+static int save_index(const dsv4_model *m, const char *dir, int n_shards, int stage, int n_stages, mill_err *e) {
     json_t *map = json_object(), *root = json_pack("{s:{s:I}, s:o}", "metadata", "total_size",
                                                    (json_int_t)(m->n_floats * sizeof(float)), "weight_map", map);
     if (!root) return mill_errf(e, "model_save: out of memory");
     char file[64], path[4200];
+    int nf = n_stages * n_shards;
     for (int i = 0; i < m->n_params; i++) {
-        shard_file(file, sizeof file, model_param_shard(m, &m->params[i], n_shards), n_shards);
+        shard_file(file, sizeof file, stage * n_shards + model_param_shard(m, &m->params[i], n_shards), nf);
         json_object_set_new(map, m->params[i].name, json_string(file));
     }
-    shard_file(file, sizeof file, 0, n_shards);
+    shard_file(file, sizeof file, stage * n_shards, nf);
     for (int i = 0; i < m->n_extra; i++) json_object_set_new(map, m->extra[i].name, json_string(file));
-    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (n_stages == 1) snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    else snprintf(path, sizeof path, STAGE_INDEX_FMT, dir, stage);
     int rc = json_dump_file(root, path, JSON_INDENT(1) | JSON_SORT_KEYS);
     json_decref(root);
     return rc ? mill_errf(e, "%s: cannot write", path) : 0;
 }
 
+int model_merge_index(const char *dir, int n_stages, mill_err *e) {
+    json_t *map = json_object(), *root = json_pack("{s:{s:I}, s:o}", "metadata", "total_size", (json_int_t)0,
+                                                   "weight_map", map);
+    char path[4200];
+    json_int_t total = 0;
+    int rc = -1;
+    for (int st = 0; st < n_stages; st++) {
+        json_error_t je;
+        snprintf(path, sizeof path, STAGE_INDEX_FMT, dir, st);
+        json_t *part = json_load_file(path, 0, &je);
+        json_t *wm = part ? json_object_get(part, "weight_map") : NULL;
+        if (!wm) {
+            json_decref(part);
+            mill_errf(e, "%s: stage %d's index is missing or bad (%s)", path, st, part ? "no weight_map" : je.text);
+            goto done;
+        }
+        json_object_update(map, wm);
+        total += json_integer_value(json_object_get(json_object_get(part, "metadata"), "total_size"));
+        json_decref(part);
+        remove(path);
+    }
+    json_object_set_new(json_object_get(root, "metadata"), "total_size", json_integer(total));
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    if (json_dump_file(root, path, JSON_INDENT(1) | JSON_SORT_KEYS)) mill_errf(e, "%s: cannot write", path);
+    else rc = 0;
+done:
+    json_decref(root);
+    return rc;
+}
+
 int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e) {
+    return model_save_stage_shard(m, k, dir, shard, n_shards, 0, 1, e);
+}
+
+int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, int stage,
+                           int n_stages, mill_err *e) {
     char path[4200], file[64];
     if (m->device != DEVICE_CPU && (!k || k->device != m->device))
         return mill_errf(e, "model_save: a device model is saved through its kctx");
     if (shard == 0) {
         snprintf(path, sizeof path, "%s/config.json", dir);
-        if (config_save(&m->cfg, path, e)) return -1;
-        if (n_shards > 1 && save_index(m, dir, n_shards, e)) return -1;
+        if (stage == 0 && config_save(&m->cfg, path, e)) return -1;
+        if (n_shards * n_stages > 1 && save_index(m, dir, n_shards, stage, n_stages, e)) return -1;
     }
     /* a device model's tensors of this shard come over to one host buffer (the shard, not the model) */
     size_t nf = 0, ni = 0;
@@ -557,11 +597,11 @@ int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int sh
         else nf += p->numel;
     }
     safetensors_writer *w = safetensors_writer_new();
-    float *stage = m->device != DEVICE_CPU ? malloc(sizeof(float) * (nf ? nf : 1)) : NULL;
+    float *host = m->device != DEVICE_CPU ? malloc(sizeof(float) * (nf ? nf : 1)) : NULL;
     int64_t *tmp = malloc(sizeof(int64_t) * (ni ? ni : 1));
     int32_t *itmp = malloc(sizeof(int32_t) * (ni ? ni : 1));
     int rc = -1;
-    if (!w || !tmp || !itmp || (m->device != DEVICE_CPU && !stage)) {
+    if (!w || !tmp || !itmp || (m->device != DEVICE_CPU && !host)) {
         mill_errf(e, "model_save: out of memory");
         goto done;
     }
@@ -580,9 +620,9 @@ int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int sh
             continue;
         }
         const float *src = m->data + p->offset;
-        if (stage) {
-            if (op_copy_to_host(k, stage + at, src, sizeof(float) * p->numel, e)) goto done;
-            src = stage + at;
+        if (host) {
+            if (op_copy_to_host(k, host + at, src, sizeof(float) * p->numel, e)) goto done;
+            src = host + at;
             at += p->numel;
         }
         if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, src, e)) goto done;
@@ -591,15 +631,36 @@ int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int sh
         if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
                                    m->extra[i].t.data, e))
             goto done;
-    shard_file(file, sizeof file, shard, n_shards);
+    shard_file(file, sizeof file, stage * n_shards + shard, n_stages * n_shards);
     snprintf(path, sizeof path, "%s/%s", dir, file);
     rc = safetensors_writer_save(w, path, e);
 done:
     free(tmp);
     free(itmp);
-    free(stage);
+    free(host);
     safetensors_writer_free(w);
     return rc;
+}
+
+int model_copy_matching(dsv4_model *dst, const dsv4_model *src, mill_err *e) {
+    if (dst->device != DEVICE_CPU || src->device != DEVICE_CPU)
+        return mill_errf(e, "model_copy_matching: host models only");
+    /* the smaller table is a part of the larger, both in the canonical order: one pass over each */
+    int small_dst = dst->n_params <= src->n_params, ns = small_dst ? dst->n_params : src->n_params;
+    const dsv4_model *big = small_dst ? src : dst;
+    for (int i = 0, j = 0; i < ns; i++) {
+        const param_info *p = small_dst ? &dst->params[i] : &src->params[i];
+        while (j < big->n_params && strcmp(big->params[j].name, p->name)) j++;
+        if (j == big->n_params) return mill_errf(e, "model_copy_matching: %s is in one model only", p->name);
+        const param_info *d = small_dst ? p : &dst->params[j], *q = small_dst ? &src->params[j] : p;
+        if (p->kind == PARAM_INDEX) {
+            if (dst->index_data && src->index_data)
+                memcpy(dst->index_data + d->offset, src->index_data + q->offset, sizeof(int32_t) * p->numel);
+        } else {
+            memcpy(dst->data + d->offset, src->data + q->offset, sizeof(float) * p->numel);
+        }
+    }
+    return 0;
 }
 
 void model_move_extras(dsv4_model *dst, dsv4_model *src) {

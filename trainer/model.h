@@ -142,6 +142,17 @@ int model_save(const dsv4_model *m, const char *dir, mill_err *e);
  * model.safetensors.index.json (HF's sharded layout, which model_load reads). n_shards 1: model_save.
  * A device model (k: its kctx; NULL for a CPU one) is copied to the host one shard at a time. */
 int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e);
+/* The same for a pipeline stage (m holds stage `stage` of n_stages): its files are numbered after
+ * the earlier stages' (model-(stage * n_shards + shard + 1)-of-(n_stages * n_shards)), and its part
+ * of the index goes to a file of its own, which model_merge_index (once every stage has written)
+ * turns into model.safetensors.index.json. */
+int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, int stage,
+                           int n_stages, mill_err *e);
+int model_merge_index(const char *dir, int n_stages, mill_err *e);
+/* The tensors the two host models share, by name, from src into dst: one's table is a part of the
+ * other's (a stage's of the whole model's, either way round). tid2eid tables only where both have
+ * them. */
+int model_copy_matching(dsv4_model *dst, const dsv4_model *src, mill_err *e);
 /* dst takes src's mtp.* extras (host tensors, which model_to_device does not copy): a device model
  * that saves checkpoints keeps them once its host image is freed. */
 void model_move_extras(dsv4_model *dst, dsv4_model *src);

@@ -170,7 +170,8 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
     int rc = op_sumsq_segments(k, grads, seg, seg + m->n_params, n_seg, &ss, e);
     free(seg);
     if (rc) return rc;
-    if (sharded && comm_sum_f64(o->dp, &ss, 1, e)) return mill_err_wrap(e, "optimizer: the gradient norm");
+    if ((sharded && comm_sum_f64(o->dp, &ss, 1, e)) || (o->pp && comm_sum_f64(o->pp, &ss, 1, e)))
+        return mill_err_wrap(e, "optimizer: the gradient norm");
     double norm = sqrt(ss);
     if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
     *grad_norm = norm;

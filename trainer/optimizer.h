@@ -30,6 +30,8 @@ typedef struct {
      * those of the floats [lo, hi) = model_shard_range(r, dp); it updates only those parameters,
      * then the updated shards are all-gathered. dp NULL or of one rank: the whole layout. */
     comm *dp;         /* the group (NCCL on a GPU); not owned */
+    comm *pp;         /* the pipeline stages (host; NULL: one): the norm adds up over them, checkpoints
+                       * number the stages' files by its rank */
     size_t lo, hi;
     float *m, *v;     /* [hi - lo], in `device` memory: element i is parameter float lo + i */
     mill_device device;

@@ -144,7 +144,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     comm *dp = w->d.par.dp; /* each dp rank keeps its shard of the moments */
     if (resume) {
         train_state ts;
-        if (checkpoint_load_shard(model, &w->m, &w->opt, &oc, dp, &ts, e)) return -1;
+        if (checkpoint_load_shard(model, &w->m, &w->opt, &oc, dp, NULL, NULL, &ts, e)) return -1;
         step = ts.step;
     } else {
         if (model_load(&w->m, model, e)) return -1;
@@ -560,7 +560,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     enum { MAX_ENGINES = 64 };
     void *socks[MAX_ENGINES] = {0};
     char *names[MAX_ENGINES];
-    int buckets[MAX_ENGINES];
+    int buckets[MAX_ENGINES] = {0};
     for (char *p = engines, *tok; (tok = strtok_r(p, ",", &p)) != NULL;) {
         if (n_eng == MAX_ENGINES) {
             mill_errf(e, "publish: more than %d engines", MAX_ENGINES);
