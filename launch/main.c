@@ -328,7 +328,7 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     kctx k = {0};
     dist_ctx d = {0};
     tensor tg = {0}; /* the gradients on the device */
-    dsv4_model *run = NULL, *stages = NULL; /* stages: every stage's parameter table (the output's names) */
+    dsv4_model *run = NULL, full = {0}; /* full: the gradients in the whole model's layout */
     safetensors_writer *w = NULL;
     if (config_load(dir, &cfg, e) || kctx_init(&k, dev, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e) ||
         dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
@@ -368,53 +368,24 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         comm_flush(d.dp, e) || op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
         goto done;
     dist_unhook(run);
-    /* every stage's gradients (in its own layout) to every rank of the pp group, stage after stage */
-    int S = ps.pp, n_out = 0;
-    stages = calloc((size_t)S, sizeof *stages);
-    size_t *cnt = calloc((size_t)S * 2, sizeof(size_t)), *dsp = cnt ? cnt + S : NULL, total = 0;
-    if (!stages || !cnt) {
-        free(cnt);
-        mill_errf(e, "grad: out of memory");
-        goto done;
-    }
-    for (int st = 0; st < S; st++) {
-        model_stage sg = {0, 0, st == 0, st == S - 1};
-        par_stage_layers(cfg.num_hidden_layers, st, S, &sg.l0, &sg.l1);
-        if (model_layout_stage(&stages[st], &cfg, sg, e)) {
-            free(cnt);
-            goto done;
-        }
-        dsp[st] = total;
-        cnt[st] = stages[st].n_floats;
-        total += cnt[st];
-    }
-    float *all = S > 1 ? calloc(total ? total : 1, sizeof(float)) : grads;
-    if (!all) {
-        free(cnt);
-        mill_errf(e, "grad: out of memory");
-        goto done;
-    }
-    if (S > 1) memcpy(all + dsp[d.par.pp_rank], grads, sizeof(float) * m.n_floats);
-    int x = comm_all_gatherv(d.par.pp, all, cnt, dsp, DTYPE_F32, e);
-    if (!x && d.par.rank == 0) { /* rank 0 writes the output */
+    /* every stage's gradients (in its own layout) into the whole model's layout */
+    if (model_init(&full, &cfg, e) || dist_gather_stages(&d, grads, NULL, &full, e)) goto done;
+    int n_out = 0;
+    if (d.par.rank == 0) { /* rank 0 writes the output */
         w = safetensors_writer_new();
         int64_t one = 1;
         float lossf = (float)loss.loss;
-        x = !w || safetensors_writer_add(w, "loss", DTYPE_F32, 1, &one, &lossf, e);
-        for (int st = 0; !x && st < S; st++)
-            for (int i = 0; !x && i < stages[st].n_params; i++) {
-                const param_info *p = &stages[st].params[i];
-                if (!model_param_has_grad(p)) continue;
-                char name[128];
-                snprintf(name, sizeof name, "grad.%s", p->name);
-                x = safetensors_writer_add(w, name, DTYPE_F32, p->ndim, p->shape, all + dsp[st] + p->offset, e);
-                n_out++;
-            }
-        if (!x) x = safetensors_writer_save(w, out, e);
+        if (!w || safetensors_writer_add(w, "loss", DTYPE_F32, 1, &one, &lossf, e)) goto done;
+        for (int i = 0; i < full.n_params; i++) {
+            const param_info *p = &full.params[i];
+            if (!model_param_has_grad(p)) continue;
+            char name[128];
+            snprintf(name, sizeof name, "grad.%s", p->name);
+            if (safetensors_writer_add(w, name, DTYPE_F32, p->ndim, p->shape, full.data + p->offset, e)) goto done;
+            n_out++;
+        }
+        if (safetensors_writer_save(w, out, e)) goto done;
     }
-    if (all != grads) free(all);
-    free(cnt);
-    if (x) goto done;
     if (d.par.rank != 0) {
         rc = 0;
         goto done;
@@ -433,8 +404,7 @@ done:
     free(ids);
     free(targets);
     free(grads);
-    for (int st = 0; stages && st < ps.pp; st++) model_free(&stages[st]);
-    free(stages);
+    model_free(&full);
     model_free(&m);
     return rc;
 }
