@@ -1238,7 +1238,8 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
     if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
         return -1;
-    if (par_validate(&r->par, &c->cfg, 0, 0, e)) return mill_err_wrap(e, "train.parallel"); /* before any rank starts */
+    if (par_validate_stages(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
+        return mill_err_wrap(e, "train.parallel");
     const char *tmpl = r->template_[0] ? r->template_ : NULL;
     if (r->jsonl) {
         dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0};

@@ -122,7 +122,9 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (kctx_init(&w->k, DEVICE_CUDA, e)) return mill_err_wrap(e, "init: device cuda");
         w->gpu = 1;
     }
-    if (dist_init(&w->d, w->world, &ps, NULL, 0, &w->k, e)) return mill_err_wrap(e, "init");
+    dsv4_config mcfg; /* the stages need the model's layers */
+    if (config_load(model, &mcfg, e) || dist_init(&w->d, w->world, &ps, &mcfg, 0, &w->k, e))
+        return mill_err_wrap(e, "init");
     w->dist_on = 1;
     if (!strcmp(sched, "cosine")) oc.schedule = LR_COSINE;
     else if (!strcmp(sched, "constant")) oc.schedule = LR_CONSTANT;
@@ -141,24 +143,27 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     w->updates = (int)updates;
     w->micro_batch = (int)mb;
     long step = 0;
-    comm *dp = w->d.par.dp; /* each dp rank keeps its shard of the moments */
+    /* each dp rank keeps its shard of the moments, each pp rank its stage's layers */
+    comm *dp = w->d.par.dp, *pp = ps.pp > 1 ? w->d.par.pp : NULL;
+    const model_stage *stage = &w->d.stage;
     if (resume) {
         train_state ts;
-        if (checkpoint_load_shard(model, &w->m, &w->opt, &oc, dp, NULL, NULL, &ts, e)) return -1;
+        if (checkpoint_load_shard(model, &w->m, &w->opt, &oc, dp, stage, pp, &ts, e)) return -1;
         step = ts.step;
     } else {
-        if (model_load(&w->m, model, e)) return -1;
+        if (model_load_stage(&w->m, model, stage, e)) return -1;
         if (optimizer_init_shard(&w->opt, &w->m, &oc, dp, e)) {
             model_free(&w->m);
             return -1;
         }
+        w->opt.pp = pp;
     }
-    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
+    if (par_validate_stages(&ps, &w->m.cfg, w->world->size, 0, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init");
     }
-    if (w->algo.kl_coef != 0 && model_load(&w->ref, ref, e)) {
+    if (w->algo.kl_coef != 0 && model_load_stage(&w->ref, ref, stage, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init: reference model");
@@ -179,6 +184,8 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         model_free(&w->ref);
         w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
     }
+    dist_stage_io(&w->d, train_model(w)); /* the boundary streams of a stage, over the pp group */
+    dist_stage_io(&w->d, ref_model(w));
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
@@ -241,7 +248,8 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
                                       w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l,
                                       &count, &w->a, e))
         return -1;
-    if (count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
+    if (dist_stage_flush(&w->d, e)) return -1; /* micro-batches go through the stages one after another */
+    if (m->stage.last && count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
     if (with_loss) {
         wire_builder *pb = w->sock ? wire_builder_new("progress", w->id) : NULL;
         mill_err pe;
@@ -257,7 +265,7 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         st->kl += lc.b.stats.kl * cnt;
         st->entropy += lc.b.stats.entropy * cnt;
         st->max_ratio = fmax(st->max_ratio, lc.b.stats.max_ratio);
-        st->tokens += cnt;
+        st->tokens += m->stage.last ? cnt : 0; /* the loss and its statistics are the last stage's */
     }
     return 0;
 }
@@ -362,12 +370,14 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         if (last < 0 && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
         if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
-    double maxd = 0;
-    for (int u = 0; u < w->updates; u++)
+    double maxd = 0; /* the logprobs and the loss are the last stage's (the others' are zero) */
+    for (int u = 0; train_model(w)->stage.last && u < w->updates; u++)
         for (long t = tok0[ranges[2 * u]]; t < tok0[ranges[2 * u + 1]]; t++)
             maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
     double sums[5] = {loss, st.clip_frac, st.kl, st.entropy, (double)st.tokens}, maxes[2] = {maxd, st.max_ratio};
-    if (comm_sum_f64(w->d.par.dp, sums, 5, e) || comm_max_f64(w->d.par.dp, maxes, 2, e)) goto out;
+    if (comm_sum_f64(w->d.par.dp, sums, 5, e) || comm_max_f64(w->d.par.dp, maxes, 2, e) ||
+        comm_sum_f64(w->d.par.pp, sums, 5, e) || comm_max_f64(w->d.par.pp, maxes, 2, e))
+        goto out;
     loss = sums[0];
     st.clip_frac = sums[1];
     st.kl = sums[2];
@@ -412,8 +422,10 @@ out:
 static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
                         mill_err *e) {
     const dsv4_model *m = train_model(w);
-    int senders = w->d.par.sz.dp, me = w->d.par.dp_rank, last_p = -1;
-#define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], senders) == me)
+    /* every (stage, dp rank) sends its part: the stage's tensors split over its dp ranks */
+    int dp = w->d.par.sz.dp, senders = w->d.par.sz.pp * dp, me = w->d.par.pp_rank * dp + w->d.par.dp_rank;
+    int last_p = -1;
+#define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], dp) == w->d.par.dp_rank)
     size_t largest = 0;
     for (int p = 0; p < m->n_params; p++)
         if (OWNED(p)) {
@@ -553,7 +565,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
-    ipc = ipc && w->gpu;
+    ipc = ipc && w->gpu && w->d.par.sz.pp == 1; /* a stage's tensors are not one range of the whole layout */
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
@@ -601,7 +613,9 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     }
     /* every sender's part acknowledged (the engines swapped at the last one): then it is published */
     double total = (double)bytes;
-    if (comm_sum_f64(w->d.par.dp, &total, 1, e) || comm_barrier(w->d.par.dp, e)) goto out;
+    if (comm_sum_f64(w->d.par.dp, &total, 1, e) || comm_sum_f64(w->d.par.pp, &total, 1, e) ||
+        comm_barrier(w->d.par.dp, e) || comm_barrier(w->d.par.pp, e))
+        goto out;
     bytes = (size_t)total;
     *reply = wire_builder_new("published", wire_id(msg));
     if (!*reply) {
@@ -614,7 +628,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
     if (w->d.par.rank == 0)
         log_info("publish: version %ld to %d engine(s) by %s from %d sender(s), %.1f MiB in %.3f s", w->version, n_eng,
-                 ipc ? "CUDA IPC" : "buckets", w->d.par.sz.dp, (double)bytes / (1 << 20), now() - t0);
+                 ipc ? "CUDA IPC" : "buckets", w->d.par.sz.dp * w->d.par.sz.pp, (double)bytes / (1 << 20), now() - t0);
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)
