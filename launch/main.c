@@ -43,7 +43,8 @@ static int usage(FILE *to) {
             "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
-            "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR] [--dp N]   supervised fine-tuning\n"
+            "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR] [--dp N] [--pp N]   supervised\n"
+            "          fine-tuning\n"
             "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default auto)\n"
             "  run     RECIPE.yaml [--set key=value]...   a GRPO run (configs/runs/grpo-*.yaml): starts the trainer\n"
             "          worker and rollout engines, records every step in the run ledger\n"
@@ -56,7 +57,7 @@ static int usage(FILE *to) {
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
             "  layout: --tp N --pp N --ep N --cp N --dp N on forward, grad and sft (recipes: train.parallel.*) start\n"
             "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); dp\n"
-            "          everywhere, pp in forward and grad so far (Distributed trainer II-IV: pp, ep/tp, cp)\n"
+            "          and pp (stages, 1F1B) work; ep/tp and cp come with Distributed trainer III-IV\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n");
     return to == stderr ? 2 : 0;
 }

@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e) {
@@ -35,17 +36,28 @@ void dist_free(dist_ctx *d) {
 /* The streams forward to the next stage and their gradients back to the previous one. A send waits
  * for this stage's next receive and goes out in one batch with it (Megatron's send_forward_recv_backward
  * pairing): two neighbours that both send before they receive cannot block each other. */
+static double wall(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 static int pending_flush(dist_ctx *d, mill_err *e) {
     if (!d->pend.buf) return 0;
     comm_p2p op = {d->pend.peer, 1, d->pend.buf, d->pend.n};
     d->pend.buf = NULL;
-    return comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+    double t0 = wall();
+    int rc = comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+    d->t_wait += wall() - t0;
+    return rc;
 }
 
 static int stage_recv(void *ctx, float *buf, size_t n, int grad, mill_err *e) {
     dist_ctx *d = ctx;
     comm_p2p ops[2] = {{d->par.pp_rank + (grad ? 1 : -1), 0, buf, n}, {d->pend.peer, 1, d->pend.buf, d->pend.n}};
+    double t0 = wall();
     int rc = comm_sendrecv(d->pp, ops, d->pend.buf ? 2 : 1, DTYPE_F32, e);
+    d->t_wait += wall() - t0;
     d->pend.buf = NULL;
     return rc;
 }

@@ -15,6 +15,7 @@ typedef struct {
     comm *dp;       /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
     comm *pp;       /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
     model_stage stage; /* this rank's pipeline stage of the model (dist_init: set for cfg) */
+    double t_wait; /* seconds spent in this stage's boundary transfers (waits included): the bubble */
     struct {
         float *buf; /* a send waiting for this stage's next receive (dist_stage_io) */
         size_t n;
