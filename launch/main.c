@@ -55,10 +55,10 @@ static int usage(FILE *to) {
             "  show    RUN [--ledger PATH] [--samples N]   a run's fields, step metrics, checkpoints, events\n"
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
+            "          (mill run uses the recipe's `ledger:` key, with the same default)\n"
             "  layout: --tp N --pp N --ep N --cp N --dp N on forward, grad and sft (recipes: train.parallel.*) start\n"
             "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); dp\n"
-            "          and pp (stages, 1F1B) work; ep/tp and cp come with Distributed trainer III-IV\n"
-            "          (mill run uses the recipe's `ledger:` key, with the same default)\n");
+            "          and pp (stages, 1F1B) work; ep/tp and cp come with Distributed trainer III-IV\n");
     return to == stderr ? 2 : 0;
 }
 
