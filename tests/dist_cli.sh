@@ -152,7 +152,12 @@ sft_mb m2 --pp 2
 same "sft --pp 2 with 2 micro-batches (1F1B) = one process with 2, bit for bit" "$T/m2/step-000020" "$T/m1/step-000020" 0
 sft p2d2 --pp 2 --dp 2
 same "sft --pp 2 --dp 2 against one process (final weights)" "$T/p2d2/step-000020" "$T/t1/step-000020" 3e-2
-bad "a pp 2 checkpoint at pp 1" "holds 2 pipeline stage(s), this run has 1" sft tests/data/sft-dist.yaml --resume "$T/p2/step-000010"
+sft p21 --resume "$T/p2/step-000010"
+same "pp 2 checkpoint resumed at pp 1 = uninterrupted, bit for bit" "$T/p21/step-000020" "$T/t1/step-000020" 0
+sft p12 --pp 2 --resume "$T/t1/step-000010"
+same "pp 1 checkpoint resumed at pp 2 = uninterrupted, bit for bit" "$T/p12/step-000020" "$T/t1/step-000020" 0
+sft p2d2r --pp 2 --dp 2 --resume "$T/p2/step-000010"
+same "pp 2 checkpoint resumed at pp 2 x dp 2 against uninterrupted" "$T/p2d2r/step-000020" "$T/p2/step-000020" 3e-2
 unset OMP_NUM_THREADS
 
 # a rank that fails ends the job: rank 1's optimizer shard is damaged, rank 0's is fine

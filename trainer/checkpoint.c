@@ -82,16 +82,20 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     if (all_here(c, pp, e)) return -1;
     if (model_save_stage_shard(m, kx, tmp, r, k, st, ns, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     safetensors_writer *w = safetensors_writer_new();
-    int64_t n = (int64_t)(o->hi - o->lo);
-    char step[32];
+    /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
+     * any layout (other dp, other pp) can read; the buffers after them have none */
+    size_t hi = o->hi < m->n_span ? o->hi : m->n_span, lo = o->lo < hi ? o->lo : hi;
+    int64_t n = (int64_t)(hi - lo);
+    char step[32], goff[32];
     snprintf(step, sizeof step, "%ld", o->step);
+    snprintf(goff, sizeof goff, "%zu", m->global_base + lo);
     optim_file(path, sizeof path, tmp, st * k + r, ns * k);
     const float *mm = o->m, *vv = o->v;
     float *stage = NULL; /* device moments: this rank's shard comes over */
     if (o->device != DEVICE_CPU) {
         if (!(stage = malloc(sizeof(float) * 2 * (size_t)(n ? n : 1)))) return mill_errf(e, "checkpoint: out of memory");
-        if (!kx || op_copy_to_host(kx, stage, o->m, sizeof(float) * (size_t)n, e) ||
-            op_copy_to_host(kx, stage + n, o->v, sizeof(float) * (size_t)n, e)) {
+        if (!kx || op_copy_to_host(kx, stage, o->m + (lo - o->lo), sizeof(float) * (size_t)n, e) ||
+            op_copy_to_host(kx, stage + n, o->v + (lo - o->lo), sizeof(float) * (size_t)n, e)) {
             if (!kx) mill_errf(e, "checkpoint: device moments are saved through their kctx");
             free(stage);
             return -1;
@@ -99,9 +103,14 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         mm = stage;
         vv = stage + n;
     }
+    if (!stage) {
+        mm += lo - o->lo;
+        vv += lo - o->lo;
+    }
     int rc = !w || safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &n, mm, e) ||
              safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &n, vv, e) ||
-             safetensors_writer_set_metadata(w, "step", step, e) || safetensors_writer_save(w, path, e);
+             safetensors_writer_set_metadata(w, "step", step, e) ||
+             safetensors_writer_set_metadata(w, "global_offset", goff, e) || safetensors_writer_save(w, path, e);
     safetensors_writer_free(w);
     free(stage);
     if (rc) return -1;
@@ -162,33 +171,44 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
     return 0;
 }
 
-/* This rank's moments [o->lo, o->hi) from the checkpoint's shards (any count: resharding). */
-static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stage, int stages,
-                        mill_err *e) {
+/* This rank's moments [o->lo, o->hi) from the checkpoint's files, whatever layout wrote them (any dp,
+ * any pp): each file holds a run of the whole model's trainable floats from its global_offset (files
+ * of one process before that key: the saved shards of the whole model's layout, in order). */
+static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
-    for (int s = 0; s < shards; s++) {
-        size_t lo, hi;
-        model_shard_range(m, s, shards, &lo, &hi);
-        size_t a = lo > o->lo ? lo : o->lo, b = hi < o->hi ? hi : o->hi;
-        if (a >= b) continue; /* none of this rank's floats */
-        optim_file(path, sizeof path, dir, stage * shards + s, stages * shards);
+    size_t hi = o->hi < m->n_span ? o->hi : m->n_span, lo = o->lo < hi ? o->lo : hi;
+    size_t want0 = m->global_base + lo, want1 = m->global_base + hi; /* in the whole model's floats */
+    dsv4_model whole = {0};
+    if (model_layout(&whole, &m->cfg, e)) return -1;
+    int rc = -1;
+    for (int f = 0; f < stages * shards && want0 < want1; f++) {
+        optim_file(path, sizeof path, dir, f, stages * shards);
         safetensors *st;
-        if (safetensors_open(path, &st, e)) return -1;
+        if (safetensors_open(path, &st, e)) goto out;
+        const char *go = safetensors_metadata(st, "global_offset");
+        size_t g0, slo, shi;
+        model_shard_range(&whole, f, shards, &slo, &shi);
+        g0 = go ? strtoull(go, NULL, 10) : slo;
         const char *names[2] = {"adam.m", "adam.v"};
         float *dst[2] = {o->m, o->v};
         for (int i = 0; i < 2; i++) {
             const safetensors_entry *en = safetensors_find(st, names[i]);
-            if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (size_t)en->shape[0] != hi - lo) {
-                mill_errf(e, "%s: tensor %s must be F32 [%zu] (shard %d of %d of the model's %zu parameter floats)",
-                          path, names[i], hi - lo, s, shards, m->n_floats);
+            if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (!go && (size_t)en->shape[0] != shi - slo) ||
+                g0 + (size_t)en->shape[0] > whole.n_floats) {
+                mill_errf(e, "%s: tensor %s must be F32, one dimension, inside the model's %zu parameter floats", path,
+                          names[i], whole.n_floats);
                 safetensors_close(st);
-                return -1;
+                goto out;
             }
-            memcpy(dst[i] + (a - o->lo), (const float *)en->data + (a - lo), sizeof(float) * (b - a));
+            size_t g1 = g0 + (size_t)en->shape[0], a = g0 > want0 ? g0 : want0, b = g1 < want1 ? g1 : want1;
+            if (a < b) memcpy(dst[i] + (a - m->global_base - o->lo), (const float *)en->data + (a - g0), sizeof(float) * (b - a));
         }
         safetensors_close(st);
     }
-    return 0;
+    rc = 0;
+out:
+    model_free(&whole);
+    return rc;
 }
 
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
@@ -202,15 +222,10 @@ int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const op
     if (optimizer_init_shard(o, m, cfg, dp, e)) goto fail_model;
     o->pp = pp;
     char path[4200];
-    int shards = 1, stages = 1, ns = pp ? pp->size : 1;
+    int shards = 1, stages = 1;
     snprintf(path, sizeof path, "%s/state.json", dir);
     if (read_state(path, ts, &o->step, &shards, &stages, e)) goto fail;
-    if (stages != ns) {
-        mill_errf(e, "%s: the checkpoint holds %d pipeline stage(s), this run has %d (resuming into another pp is "
-                     "not supported yet)", dir, stages, ns);
-        goto fail;
-    }
-    if (load_moments(dir, m, o, shards, pp ? pp->rank : 0, stages, e)) goto fail;
+    if (load_moments(dir, m, o, shards, stages, e)) goto fail;
     return 0;
 fail:
     optimizer_free(o);

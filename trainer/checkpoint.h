@@ -8,9 +8,9 @@
  * Written by the K ranks of a data-parallel group, the model and the moments are sharded:
  * model-RRRRR-of-KKKKK.safetensors + model.safetensors.index.json (HF's sharded layout: a model
  * directory mill forward reads) and optimizer-RRRRR-of-KKKKK.safetensors holding the moments of
- * model_shard_range(R - 1, K); optimizer_shards = K. P pipeline stages number their files after
- * the earlier stages' (stage * K + R), the model index merged from the stages' parts;
- * pipeline_stages = P. */
+ * model_shard_range(R - 1, K) (their trainable part, at the whole model's float global_offset);
+ * optimizer_shards = K. P pipeline stages number their files after the earlier stages'
+ * (stage * K + R), the model index merged from the stages' parts; pipeline_stages = P. */
 #ifndef MILL_CHECKPOINT_H
 #define MILL_CHECKPOINT_H
 
@@ -33,10 +33,10 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
  * it is initialised here with cfg (the run's optimizer settings). */
 int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, train_state *ts,
                     mill_err *e);
-/* The same for this rank's optimizer shard over dp (optimizer_init_shard), from a checkpoint made
- * with any number of shards: each rank reads only the saved shards that overlap its own; with
- * pipeline stages (stage, pp: NULL for one), only its stage's tensors and moments (the checkpoint
- * must have as many stages). */
+/* The same for this rank's optimizer shard over dp (optimizer_init_shard) and its pipeline stage
+ * (stage, pp: NULL for the whole model), from a checkpoint made by any layout: the moments are
+ * saved in the whole model's coordinates (global_offset), so each rank reads the runs that overlap
+ * its own. */
 int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
                           const model_stage *stage, comm *pp, train_state *ts, mill_err *e);
 

@@ -23,6 +23,9 @@ typedef struct {
     size_t floats, ints;
     model_stage st;  /* the layers (and ends) this model holds */
     int seen_layer; /* a layer's tensor came: later layer -1 tensors are the tail (norm, HC head, head) */
+    size_t gfloats;  /* the whole model's float cursor (kept or not) */
+    size_t gbase, span; /* the global offset of the first kept float tensor; the end of the last kept weight */
+    int any;
 } layout_builder;
 
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -32,7 +35,16 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
                      mill_err *e, const char *fmt, ...) {
     b->seen_layer |= layer >= 0;
     int keep = layer >= 0 ? layer >= b->st.l0 && layer < b->st.l1 : b->seen_layer ? b->st.last : b->st.first;
+    size_t numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1), goff = 0;
+    if (kind != PARAM_INDEX) { /* where it sits in the whole model's layout */
+        goff = (b->gfloats + 15) / 16 * 16;
+        b->gfloats = goff + numel;
+    }
     if (!keep) return 0; /* another pipeline stage's */
+    if (kind != PARAM_INDEX && !b->any) {
+        b->gbase = goff;
+        b->any = 1;
+    }
     if (b->n == b->cap) {
         int cap = b->cap ? b->cap * 2 : 256;
         param_info *np = realloc(b->p, sizeof *np * (size_t)cap);
@@ -60,6 +72,7 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
               * vector loads need aligned operands, and a GPU model's bf16 shadow mirrors these offsets */
         p->offset = (b->floats + 15) / 16 * 16;
         b->floats = p->offset + p->numel;
+        if (kind == PARAM_WEIGHT) b->span = b->floats;
     }
     return 0;
 }
@@ -182,6 +195,8 @@ int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mi
     m->params = b.p;
     m->n_params = b.n;
     m->n_floats = b.floats;
+    m->global_base = b.gbase;
+    m->n_span = b.span;
     m->n_index = b.ints;
     for (int i = 0; i < b.n; i++)
         if (b.p[i].kind == PARAM_WEIGHT) m->n_trainable += b.p[i].numel;
@@ -300,6 +315,8 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
     if (src->device != DEVICE_CPU) return mill_errf(e, "model_to_device: the source model must be on the CPU");
     dst->cfg = src->cfg;
     dst->stage = src->stage;
+    dst->global_base = src->global_base;
+    dst->n_span = src->n_span;
     dst->n_params = src->n_params;
     dst->n_floats = src->n_floats;
     dst->n_trainable = src->n_trainable;

@@ -90,6 +90,10 @@ typedef struct {
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */
     size_t n_floats, n_trainable;
+    /* A stage's trainable weights are one run of the whole model's layout: floats [0, n_span) here
+     * are floats [global_base, global_base + n_span) there (buffers, after them, are not). 0 and
+     * the end of the head for the whole model. */
+    size_t global_base, n_span;
     int32_t *index_data;
     size_t n_index;
     float *embed, *head, *norm, *hc_head_fn, *hc_head_base, *hc_head_scale;
