@@ -1172,6 +1172,10 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "ep", r->par.ep);
     wire_put_int(b, "cp", r->par.cp);
     wire_put_int(b, "dp", r->par.dp);
+    int64_t split[PAR_MAX_STAGES];
+    int n_split = 0;
+    while (n_split < PAR_MAX_STAGES && r->par.pp_layers[n_split] > 0) split[n_split] = r->par.pp_layers[n_split], n_split++;
+    if (n_split) wire_put_int_array(b, "pp_layers", split, n_split);
     if (r->kill_trainer_at_step && c->attempt == 1) { /* fault injection: the first attempt only */
         wire_put_int(b, "debug_kill_step", r->kill_trainer_at_step);
         wire_put_int(b, "debug_kill_rank", r->kill_trainer_rank);

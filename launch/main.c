@@ -56,7 +56,8 @@ static int usage(FILE *to) {
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n"
-            "  layout: --tp N --pp N --ep N --cp N --dp N on forward, grad and sft (recipes: train.parallel.*) start\n"
+            "  layout: --tp N --pp N --ep N --cp N --dp N [--pp-layers 2,1,1] on forward, grad and sft (recipes:\n"
+            "          train.parallel.*; pp_layers: each stage's layer count, else an even split) start\n"
             "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); dp\n"
             "          and pp (stages, 1F1B) work; ep/tp and cp come with Distributed trainer III-IV\n");
     return to == stderr ? 2 : 0;
@@ -172,11 +173,11 @@ static int parse_num(const char *name, const char *v, double lo, double hi, doub
 
 /* The known options of a command plus the layout options (--tp ... --dp). */
 static int check_opts_par(int argc, char **argv, const char *const *known, mill_err *e) {
-    const char *all[32];
+    const char *all[40];
     int n = 0;
     for (const char *const *k = known; *k && n < 26; k++) all[n++] = *k;
-    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
-    for (int i = 0; i < 5; i++) all[n++] = par[i];
+    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--pp-layers"};
+    for (int i = 0; i < 6; i++) all[n++] = par[i];
     all[n] = NULL;
     return check_opts(argc, argv, all, e);
 }
@@ -453,6 +454,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     const char *names[5] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
     for (int i = 0; i < 5; i++) /* the command line's sizes over the recipe's */
         if (opt(argc, argv, names[i])) *rp[i] = *cp[i];
+    if (opt(argc, argv, "--pp-layers")) memcpy(r.par.pp_layers, ps.pp_layers, sizeof ps.pp_layers);
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||

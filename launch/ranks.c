@@ -12,12 +12,28 @@ static const char *const opts[5] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
 int ranks_is_option(const char *arg) {
     for (int i = 0; i < 5; i++)
         if (!strcmp(arg, opts[i])) return 1;
+    return !strcmp(arg, "--pp-layers");
+}
+
+/* --pp-layers 2,1,1: each stage's layer count, in order. */
+static int parse_split(const char *v, par_sizes *s, mill_err *e) {
+    int n = 0;
+    for (const char *p = v; *p; n++) {
+        char *end;
+        long x = strtol(p, &end, 10);
+        if (n == PAR_MAX_STAGES || end == p || x < 1 || x > 1 << 20 || (*end && *end != ','))
+            return mill_errf(e, "--pp-layers needs 1 to %d positive layer counts, e.g. 2,1,1; got \"%s\"", PAR_MAX_STAGES, v);
+        s->pp_layers[n] = (int)x;
+        p = *end ? end + 1 : end;
+    }
     return 0;
 }
 
 int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e) {
     *s = par_sizes_one();
     int *dst[5] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp}, seen[5] = {0};
+    for (int i = 2; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--pp-layers") && parse_split(argv[i + 1], s, e)) return -1;
     for (int i = 2; i < argc; i++)
         for (int j = 0; j < 5; j++) {
             if (strcmp(argv[i], opts[j])) continue;

@@ -74,11 +74,23 @@ int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_
 }
 
 int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
-    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", NULL};
+    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", "pp_layers", NULL};
     int *dst[] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp};
     *s = par_sizes_one();
     TRY(yamlcfg_known_keys(y, "train.parallel", keys, path, e));
-    for (int i = 0; keys[i]; i++) {
+    json_t *split = yamlcfg_get(y, "train.parallel.pp_layers"); /* each stage's layer count, in order */
+    if (split && !json_is_null(split)) {
+        if (!json_is_array(split) || json_array_size(split) < 1 || json_array_size(split) > PAR_MAX_STAGES)
+            return mill_errf(e, "%s: train.parallel.pp_layers must be a list of 1 to %d layer counts", path,
+                             PAR_MAX_STAGES);
+        for (size_t i = 0; i < json_array_size(split); i++) {
+            json_t *v = json_array_get(split, i);
+            if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 1 << 20)
+                return mill_errf(e, "%s: train.parallel.pp_layers[%zu] must be a positive layer count", path, i);
+            s->pp_layers[i] = (int)json_integer_value(v);
+        }
+    }
+    for (int i = 0; i < 5; i++) {
         char key[32];
         long long v;
         snprintf(key, sizeof key, "train.parallel.%s", keys[i]);

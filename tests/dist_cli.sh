@@ -54,8 +54,9 @@ for m in tiny-a tiny-b; do
         2>"$T/stderr" || not_ok "grad $m, one thread" "$(first_err)"
     OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/f1t.st" \
         --device cpu 2>"$T/stderr" || not_ok "forward $m, one thread" "$(first_err)"
-    for lay in "--pp 2" "--pp 3" "--pp 4" "--pp 2 --dp 2"; do
-        [ "$m" = tiny-b ] && [ "$lay" = "--pp 4" ] && continue # 3 layers
+    for lay in "--pp 2" "--pp 3" "--pp 4" "--pp 2 --dp 2" "--pp 3 --pp-layers 1,2,1" "--pp 2 --pp-layers 1,2"; do
+        [ "$m" = tiny-b ] && { [ "$lay" = "--pp 4" ] || [ "$lay" = "--pp 3 --pp-layers 1,2,1" ]; } && continue # 3 layers
+        [ "$m" = tiny-a ] && [ "$lay" = "--pp 2 --pp-layers 1,2" ] && continue # 4 layers
         tol=0
         [ "$lay" = "--pp 2 --dp 2" ] && tol=1e-5 # the rows' gradients summed in another order
         # shellcheck disable=SC2086
@@ -133,6 +134,8 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
     bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
+    bad "a stage split that misses layers" "pp_layers gives 2 stage(s) of 2 layers in all; pp is 2 and the model has 4" \
+        $G --pp 2 --pp-layers 1,1
 }
 
 # SFT over pipeline stages (1F1B; one thread everywhere, as the one-process reference):

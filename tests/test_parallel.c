@@ -29,7 +29,7 @@ par_sizes lay_sizes_one(void);
 const char *lay_sizes_str(const par_sizes *s, char *buf, size_t n);
 void lay_range(long n, int r, int k, long *lo, long *hi);
 int lay_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
-void lay_stage_layers(int n_layers, int r, int pp, int *l0, int *l1);
+void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
 #define par_validate_stages lay_validate_stages
 #define par_stage_layers lay_stage_layers
 #define par_sizes_one lay_sizes_one
@@ -83,7 +83,9 @@ static void agree(const char *test) {
     if (bad != 0) fail_msg("rank %d of %d: %s: %.0f checks failed over the ranks (printed above)", R, N, test, bad);
 }
 
-static par_sizes sizes(int tp, int pp, int ep, int cp, int dp) { return (par_sizes){tp, pp, ep, cp, dp}; }
+static par_sizes sizes(int tp, int pp, int ep, int cp, int dp) {
+    return (par_sizes){.tp = tp, .pp = pp, .ep = ep, .cp = cp, .dp = dp};
+}
 
 /* par_validate fails with a message holding want (one line), or passes (want NULL). */
 static void expect_validate(par_sizes s, const dsv4_config *cfg, int world, long rows, const char *want) {

@@ -12,7 +12,7 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     d->dp = d->par.dp;
     d->pp = d->par.pp;
     if (cfg) {
-        par_stage_layers(cfg->num_hidden_layers, d->par.pp_rank, s->pp, &d->stage.l0, &d->stage.l1);
+        par_stage_layers(s, cfg->num_hidden_layers, d->par.pp_rank, &d->stage.l0, &d->stage.l1);
         d->stage.first = d->par.pp_rank == 0;
         d->stage.last = d->par.pp_rank == s->pp - 1;
     }
@@ -133,7 +133,7 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
     size_t total = 0, itotal = 0;
     for (int s = 0; s < S; s++) { /* every stage's table */
         model_stage sg = {0, 0, s == 0, s == S - 1};
-        par_stage_layers(full->cfg.num_hidden_layers, s, S, &sg.l0, &sg.l1);
+        par_stage_layers(&d->par.sz, full->cfg.num_hidden_layers, s, &sg.l0, &sg.l1);
         if (model_layout_stage(&st[s], &full->cfg, sg, e)) goto out;
         dsp[s] = total;
         cnt[s] = st[s].n_floats;

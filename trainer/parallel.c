@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
-par_sizes par_sizes_one(void) { return (par_sizes){1, 1, 1, 1, 1}; }
+par_sizes par_sizes_one(void) { return (par_sizes){1, 1, 1, 1, 1, {0}}; }
 
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
     snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
@@ -46,11 +46,20 @@ static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long 
         if (cfg->num_hidden_layers < s->pp)
             return mill_errf(e, "parallel: pp %d stages need at least as many layers; the model has %d", s->pp,
                              cfg->num_hidden_layers);
+        if (s->pp_layers[0] > 0) { /* an explicit split: one count per stage, each at least 1, all the layers */
+            int sum = 0, n = 0;
+            for (; n < PAR_MAX_STAGES && s->pp_layers[n] > 0; n++) sum += s->pp_layers[n];
+            if (n != s->pp || sum != cfg->num_hidden_layers)
+                return mill_errf(e, "parallel: pp_layers gives %d stage(s) of %d layers in all; pp is %d and the model "
+                                    "has %d layers", n, sum, s->pp, cfg->num_hidden_layers);
+        }
     }
     if (batch_rows > 0 && batch_rows % s->dp)
         return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
     static const char *const later[3] = {"Distributed trainer II", "ep and tp (Distributed trainer III)",
                                          "cp (Distributed trainer IV)"};
+    if (s->pp > PAR_MAX_STAGES)
+        return mill_errf(e, "parallel: pp %d: at most %d pipeline stages", s->pp, PAR_MAX_STAGES);
     if (s->pp != 1 && !allow_pp)
         return mill_errf(e, "parallel: pp %d is not supported yet by this command (%s: mill forward and mill grad "
                             "run stages so far); use pp 1", s->pp, later[0]);
@@ -63,9 +72,15 @@ static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long 
     return 0;
 }
 
-void par_stage_layers(int n_layers, int r, int pp, int *l0, int *l1) {
+void par_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1) {
+    if (s->pp_layers[0] > 0) {
+        *l0 = 0;
+        for (int i = 0; i < r; i++) *l0 += s->pp_layers[i];
+        *l1 = *l0 + s->pp_layers[r];
+        return;
+    }
     long lo, hi;
-    par_range(n_layers, r, pp, &lo, &hi);
+    par_range(n_layers, r, s->pp, &lo, &hi);
     *l0 = (int)lo;
     *l1 = (int)hi;
 }

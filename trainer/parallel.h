@@ -16,8 +16,12 @@
 #include "../common/config.h"
 #include "comm.h"
 
+#define PAR_MAX_STAGES 16
+
 typedef struct {
     int tp, pp, ep, cp, dp;
+    int pp_layers[PAR_MAX_STAGES]; /* layers of each stage, in order (all 0: an even split, the
+                                    * remainder on the first stages) */
 } par_sizes;
 
 typedef struct {
@@ -41,8 +45,9 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 /* The same rules for a command that runs pipeline stages (pp over 1 allowed). */
 int par_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
-/* Pipeline stage r of pp over n_layers: an even split in order, the remainder on the first stages. */
-void par_stage_layers(int n_layers, int r, int pp, int *l0, int *l1);
+/* The layers [l0, l1) of pipeline stage r: s->pp_layers when given, else an even split in order
+ * with the remainder on the first stages. */
+void par_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
 /* This rank's coordinates and groups over world (the caller keeps world; par_free frees the
  * groups). Validates the sizes against world's size first. */
 int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);

@@ -113,7 +113,12 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "debug_kill_step", 0, 0, 0, 1 << 30, &w->kill_step, e) ||
         wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e))
         return mill_err_wrap(e, "init");
-    par_sizes ps = {(int)lay[0], (int)lay[1], (int)lay[2], (int)lay[3], (int)lay[4]};
+    par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4]};
+    int64_t split[WIRE_MAX_INTS];
+    int n_split = 0;
+    if (wire_get_int_array(msg, "pp_layers", 0, 1, 1 << 20, split, WIRE_MAX_INTS, &n_split, e))
+        return mill_err_wrap(e, "init");
+    for (int i = 0; i < n_split && i < PAR_MAX_STAGES; i++) ps.pp_layers[i] = (int)split[i];
     if (w->algo.kl_coef != 0 && !ref[0]) return mill_errf(e, "init: kl_coef != 0 needs ref_model (the reference policy)");
     if (strcmp(device, "cpu") && strcmp(device, "cuda"))
         return mill_errf(e, "init: device \"%s\" must be \"cpu\" or \"cuda\"", device);
