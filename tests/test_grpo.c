@@ -161,6 +161,13 @@ static void test_entropy_gradient(void **s) {
     long cnt;
     if (model_forward_backward_tokens(&m, &k, ids, tg, 1, 6, NULL, 0.7f, g, lin_loss, &lc, NULL, &loss, &cnt, &a, &e))
         fail_msg("%s", e.msg);
+    /* a forward only: no grads, no loss_fn, no loss (the trainer's logprob recomputation) */
+    float logp_only[5];
+    long cnt_only = 0;
+    if (model_forward_backward_tokens(&m, &k, ids, tg, 1, 6, NULL, 0.7f, NULL, NULL, NULL, logp_only, NULL, &cnt_only,
+                                      &a, &e))
+        fail_msg("%s", e.msg);
+    assert_int_equal(cnt_only, cnt);
     float *scratch = calloc(m.n_floats, sizeof(float));
     long idx[4] = {10 * 64 + 3, 20 * 64 + 7, 257 * 64 + 1, 100 * 64 + 60};
     for (int j = 0; j < 4; j++) {

@@ -550,7 +550,7 @@ static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn
     float *logits, *logp, *ent;
     int32_t *rows;
     *count = 0;
-    *loss = 0;
+    if (loss) *loss = 0; /* NULL with no loss_fn: a forward only */
     if (!f->m->stage.last) return forward_traced(f, NULL, NULL); /* the loss is the last stage's */
     ALLOC(logits, (long)N * V);
     ALLOC(logp, N);
