@@ -129,11 +129,12 @@ done
 for s in 1 2 3 4 5 6; do [ "$(step_samples k4 $s)" = "16|16" ] || fail "k4: step $s samples $(step_samples k4 $s)"; done
 echo "dp 2 trainer, rank 1 killed in step 3: group restarted from step 2; sharded weights and Adam state bit-identical"
 
-# 4c. two pipeline stages (train.parallel.pp 2): the same steps as one process at one thread each
+# 4c. two pipeline stages (train.parallel.pp 2, 1F1B over 4 micro-batches): the same steps as one
+# process with the same micro-batches, at one thread each
 # (a CPU kernel's sums may follow the thread count): equal metrics and final weights
 export OMP_NUM_THREADS=1
-run pp1 --set train.steps=3
-run pp2 --set train.steps=3 --set train.parallel.pp=2
+run pp1 --set train.steps=3 --set train.micro_batch=4
+run pp2 --set train.steps=3 --set train.parallel.pp=2 --set train.micro_batch=4 # 4 micro-batches by 1F1B
 unset OMP_NUM_THREADS
 m1=$(q "select group_concat(s.metrics, '|') from steps s join runs r on r.id=s.run_id where r.name='pp1' and s.step > 0")
 m2=$(q "select group_concat(s.metrics, '|') from steps s join runs r on r.id=s.run_id where r.name='pp2' and s.step > 0")

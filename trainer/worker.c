@@ -30,6 +30,8 @@ typedef struct {
     float temperature;
     int updates, micro_batch; /* optimizer steps per batch; sequences per forward (0: all) */
     arena a;
+    arena *arenas; /* 1F1B: one per micro-batch of an update (a: the forward-only passes) */
+    int n_arenas;
     float *grads;
     long version;
     void *zctx, *sock;
@@ -232,9 +234,13 @@ typedef struct {
 
 /* Forward (and backward, with loss) over sequences [r0, r1): gathers the rows' replay into
  * scratch, runs the token loss. old: the whole batch's old logprobs or NULL (on-policy). */
+/* keep NULL: forward (and with a loss, backward) now, micro-batches one after another through the
+ * stages; else the forward only, its pass kept in *keep (its trace in arena a) for the schedule's
+ * backward. */
 static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int r0, int r1, const float *old,
                       const float *ref, long norm_tokens, int norm_seqs, int with_loss, float *logp_out,
-                      grpo_stats *st, double *loss, int32_t *seq, int32_t *replay, mill_err *e) {
+                      grpo_stats *st, double *loss, int32_t *seq, int32_t *replay, model_pass **keep, arena *a,
+                      mill_err *e) {
     int nb = r1 - r0, T = tb->T, K = tb->K;
     for (int l = 0; l < tb->L; l++)
         memcpy(replay + (long)l * nb * T * K, tb->replay + ((long)l * tb->n + r0) * T * K,
@@ -249,11 +255,16 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
                          .norm_tokens = norm_tokens, .norm_seqs = norm_seqs}};
     long count;
     double l = 0;
-    if (model_forward_backward_tokens(m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
-                                      w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l,
-                                      &count, &w->a, e))
+    if (keep) { /* the replay and the loss's inputs are read in the forward: the buffers can be reused */
+        if (model_pass_forward(keep, m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
+                               w->temperature, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l, &count, a, e))
+            return -1;
+    } else if (model_forward_backward_tokens(m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T,
+                                             replay, w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc,
+                                             logp_out + t0, &l, &count, a, e) ||
+               dist_stage_flush(&w->d, e)) { /* one after another through the stages */
         return -1;
-    if (dist_stage_flush(&w->d, e)) return -1; /* micro-batches go through the stages one after another */
+    }
     if (m->stage.last && count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
     if (with_loss) {
         wire_builder *pb = w->sock ? wire_builder_new("progress", w->id) : NULL;
@@ -273,6 +284,26 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         st->tokens += m->stage.last ? cnt : 0; /* the loss and its statistics are the last stage's */
     }
     return 0;
+}
+
+/* n activation arenas (1F1B keeps a micro-batch's trace per arena until its backward). */
+static int worker_arenas(worker *w, int n, mill_err *e) {
+    if (n <= w->n_arenas) return 0;
+    arena *na = realloc(w->arenas, sizeof *na * (size_t)n);
+    if (!na) return mill_errf(e, "train: out of memory");
+    w->arenas = na;
+    for (; w->n_arenas < n; w->n_arenas++) {
+        memset(&w->arenas[w->n_arenas], 0, sizeof(arena));
+        if (arena_init_device(&w->arenas[w->n_arenas], 16 << 20, w->k.device, w->k.stream, e)) return -1;
+    }
+    return 0;
+}
+
+static void worker_arenas_free(worker *w) {
+    for (int i = 0; i < w->n_arenas; i++) arena_free(&w->arenas[i]);
+    free(w->arenas);
+    w->arenas = NULL;
+    w->n_arenas = 0;
 }
 
 static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
@@ -308,7 +339,9 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     long *tok0 = malloc(sizeof(long) * (size_t)(n + 1));
     float *old = NULL, *logp = NULL, *ref = NULL;
     int32_t *seq = NULL, *replay = malloc(sizeof(int32_t) * (size_t)tb.L * mb * T * tb.K);
-    if (!tok0 || !replay) goto oom;
+    int *mbs = malloc(sizeof(int) * 3 * (size_t)(n / mb + 2)), *order = mbs ? mbs + n / mb + 2 : NULL;
+    model_pass **passes = calloc((size_t)(n / mb + 2), sizeof *passes);
+    if (!tok0 || !replay || !mbs || !passes) goto oom;
     tok0[0] = 0;
     for (int r = 0; r < n; r++) {
         long k = 0;
@@ -350,29 +383,39 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         int a = ranges[2 * u], b = ranges[2 * u + 1];
         for (int r0 = a; ref && r0 < b; r0 += mb)
             if (micro_step(w, ref_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
-                           replay, e))
+                           replay, NULL, &w->a, e))
                 goto out;
         for (int r0 = a; w->updates > 1 && r0 < b; r0 += mb)
             if (micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, old, &st, &loss,
-                           seq, replay, e))
+                           seq, replay, NULL, &w->a, e))
                 goto out;
     }
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
-        int a = ranges[2 * u], b = ranges[2 * u + 1], last = -1;
+        int a = ranges[2 * u], b = ranges[2 * u + 1], nm = 0;
         int nseqs = 0; /* the normalisers are the whole update's, over every rank's rows */
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
-        for (int r0 = a; r0 < b; r0 += mb) /* the last micro-batch with tokens starts the reduction */
-            if (tok0[r0 + mb < b ? r0 + mb : b] > tok0[r0]) last = r0;
-        if (op_zero(&w->k, w->grads, gbytes, e)) goto out;
-        for (int r0 = a; r0 < b; r0 += mb) {
-            if (r0 == last) dist_hook(&w->d, train_model(w), w->grads);
-            int x = micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, w->updates > 1 ? old : NULL, ref,
-                               tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay, e);
-            dist_unhook(train_model(w));
+        for (int r0 = a; r0 < b; r0 += mb) /* the micro-batches with tokens (every stage sees the same) */
+            if (tok0[r0 + mb < b ? r0 + mb : b] > tok0[r0]) mbs[nm++] = r0;
+        if (op_zero(&w->k, w->grads, gbytes, e) || worker_arenas(w, nm, e)) goto out;
+        dist_schedule_1f1b(w->d.par.sz.pp, w->d.par.pp_rank, nm, order); /* 1F1B through the stages */
+        for (int s = 0; s < 2 * nm; s++) {
+            int i = order[s] >= 0 ? order[s] : -1 - order[s], r0 = mbs[i], x;
+            if (order[s] >= 0) {
+                x = micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, w->updates > 1 ? old : NULL, ref,
+                               tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay,
+                               &passes[i], &w->arenas[i], e);
+            } else { /* the last backward starts the dp reduction */
+                if (i == nm - 1) dist_hook(&w->d, train_model(w), w->grads);
+                x = model_pass_backward(passes[i], w->grads, e);
+                dist_unhook(train_model(w));
+                model_pass_free(passes[i]);
+                passes[i] = NULL;
+            }
             if (x) goto out;
         }
-        if (last < 0 && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
+        if (dist_stage_flush(&w->d, e)) goto out;
+        if (!nm && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
         if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
     double maxd = 0; /* the logprobs and the loss are the last stage's (the others' are zero) */
@@ -408,6 +451,9 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
 oom:
     mill_errf(e, "train: out of memory");
 out:
+    for (int i = 0; passes && i < n / mb + 2; i++) model_pass_free(passes[i]);
+    free(passes);
+    free(mbs);
     free(tok0);
     free(old);
     free(ref);
@@ -731,6 +777,7 @@ static wire_builder *handle(worker *w, const wire_msg *msg, int *stop, mill_err 
     else if (!strcmp(t, "save")) x = handle_save(w, msg, &reply, me);
     else if (!strcmp(t, "release_memory")) { /* the engine's turn: give back activations and gradients */
         arena_free(&w->a);
+        worker_arenas_free(w);
         mem_free(w->k.device, w->grads);
         w->grads = NULL;
         reply = simple("released", id, w->version);
@@ -821,6 +868,7 @@ out:
     if (w.zctx) zmq_ctx_term(w.zctx);
     mem_free(w.k.device, w.grads);
     arena_free(&w.a);
+    worker_arenas_free(&w);
     if (w.ready) {
         optimizer_free(&w.opt);
         model_free(&w.m);
