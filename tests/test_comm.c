@@ -25,36 +25,6 @@
 #include <cuda_runtime.h>
 #endif
 
-static comm *W;   /* the world */
-static int R, N;  /* its rank and size */
-static int n_bad; /* this rank's failed checks in the test under way */
-
-#define CHECK(cond, ...)                                                                              \
-    do {                                                                                              \
-        if (!(cond)) {                                                                                \
-            n_bad++;                                                                                  \
-            fprintf(stderr, "rank %d of %d: %s:%d: check failed (%s): ", R, N, __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                                             \
-            fputc('\n', stderr);                                                                      \
-        }                                                                                             \
-    } while (0)
-
-/* Ends the test on every rank alike: the failed checks summed over the world. */
-static void agree(const char *test) {
-    mill_err e = {{0}};
-    double bad = n_bad;
-    n_bad = 0;
-    if (comm_sum_f64(W, &bad, 1, &e)) {
-        print_error("rank %d: %s: summing the failed checks: %s\n", R, test, e.msg);
-        fail();
-    }
-    if (bad != 0) {
-        print_error("rank %d of %d: %s: %.0f checks failed over the ranks (each printed with its rank above)\n", R, N,
-                    test, bad);
-        fail();
-    }
-}
-
 static void *xmalloc(size_t n) {
     void *p = malloc(n ? n : 1);
     if (!p) comm_abort(W, "test_comm: out of memory"), abort();
@@ -136,7 +106,7 @@ static void test_all_reduce(void **st) {
             free(buf);
             free(want);
         }
-    agree("all_reduce");
+    mpi_test_agree("all_reduce");
 }
 
 /* 100 reductions in flight on disjoint parts of one buffer (past the first 64 requests' room),
@@ -168,7 +138,7 @@ static void test_all_reduce_async(void **st) {
         free(want);
     }
     CHECK(comm_flush(W, &e) == 0, "a second flush: %s", e.msg);
-    agree("all_reduce_async");
+    mpi_test_agree("all_reduce_async");
 }
 
 /* Uneven pieces (rank 1's empty), with gaps between them that must stay as they were, in rank
@@ -208,7 +178,7 @@ static void test_all_gatherv(void **st) {
     CHECK(comm_all_gatherv(W, &x, counts, displs, DTYPE_F32, &e) == 0 && x == 5, "all_gatherv of nothing: %s", e.msg);
     free(counts);
     free(displs);
-    agree("all_gatherv");
+    mpi_test_agree("all_gatherv");
 }
 
 /* In place: on exit buf[rank * count .. + count) holds this rank's piece summed over the ranks. */
@@ -240,7 +210,7 @@ static void test_reduce_scatter(void **st) {
     float x[4] = {1, 2, 3, 4};
     mill_err e = {{0}};
     CHECK(comm_reduce_scatter(W, x, 0, DTYPE_F32, &e) == 0 && x[0] == 1 && x[3] == 4, "reduce_scatter of 0: %s", e.msg);
-    agree("reduce_scatter");
+    mpi_test_agree("reduce_scatter");
 }
 
 /* Rank a sends rank b this many elements: uneven, zero for some pairs (rank 0 to itself). */
@@ -287,7 +257,7 @@ static void test_all_to_allv(void **st) {
     CHECK(comm_all_to_allv(W, &s, sc, sd, &r, rc, rd, DTYPE_I32, &e) == 0 && r == 2, "all_to_allv of nothing: %s",
           e.msg);
     free(sc), free(sd), free(rc), free(rd);
-    agree("all_to_allv");
+    mpi_test_agree("all_to_allv");
 }
 
 /* A ring in one batch: send to the next rank, receive from the previous; then two messages each
@@ -318,7 +288,7 @@ static void test_sendrecv(void **st) {
     }
     mill_err e = {{0}};
     CHECK(comm_sendrecv(W, NULL, 0, DTYPE_F32, &e) == 0, "an empty batch: %s", e.msg);
-    agree("sendrecv");
+    mpi_test_agree("sendrecv");
 }
 
 static void test_broadcast(void **st) {
@@ -343,14 +313,14 @@ static void test_broadcast(void **st) {
     float x = (float)R;
     mill_err e = {{0}};
     CHECK(comm_broadcast(W, &x, 0, DTYPE_F32, N - 1, &e) == 0 && x == (float)R, "broadcast of 0: %s", e.msg);
-    agree("broadcast");
+    mpi_test_agree("broadcast");
 }
 
 static void test_barrier(void **st) {
     (void)st;
     mill_err e = {{0}};
     for (int i = 0; i < 3; i++) CHECK(comm_barrier(W, &e) == 0, "barrier %d: %s", i, e.msg);
-    agree("barrier");
+    mpi_test_agree("barrier");
 }
 
 /* Even and odd world ranks, the key reversing the order: sub-rank 0 is the highest world rank. */
@@ -390,7 +360,7 @@ static void test_split(void **st) {
     rc = comm_broadcast(g, b, 1, DTYPE_F32, g->size, &e);
     CHECK(rc == -1 && strstr(e.msg, name), "a bad root on %s: rc %d, message \"%s\"", name, rc, e.msg);
     comm_free(g);
-    agree("split");
+    mpi_test_agree("split");
 }
 
 static void test_f64(void **st) {
@@ -406,7 +376,7 @@ static void test_f64(void **st) {
     CHECK(rc == 0 && m[0] == N - 1 && m[1] == 0 && m[2] == 1e300, "max_f64: %g %g %g (%s)", m[0], m[1], m[2], e.msg);
     double z = 3;
     CHECK(comm_sum_f64(W, &z, 0, &e) == 0 && comm_max_f64(W, &z, 0, &e) == 0 && z == 3, "f64 of 0: %s", e.msg);
-    agree("sum_f64 / max_f64");
+    mpi_test_agree("sum_f64 / max_f64");
 }
 
 /* Refused before any MPI call, on every rank alike: a failure names the group. */
@@ -445,7 +415,7 @@ static void test_errors(void **st) {
     int32_t one = 1;
     rc = comm_all_reduce(W, &one, 1, DTYPE_I32, &e);
     CHECK(rc == 0 && one == N, "all_reduce after the refusals: %d (%s)", one, e.msg);
-    agree("error paths");
+    mpi_test_agree("error paths");
 }
 
 /* ----------------------------------------------------------- a world of one */

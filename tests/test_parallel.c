@@ -61,29 +61,6 @@ static int lay_errf(mill_err *e, const char *fmt, ...) {
     return strstr(e->msg, "not supported yet") ? 0 : -1;
 }
 
-static comm *W; /* the world of this process */
-static int R, N;
-static int n_bad; /* failed checks of this rank in the test under way (the MPI tests) */
-
-#define CHECK(cond, ...)                                                                                   \
-    do {                                                                                                   \
-        if (!(cond)) {                                                                                     \
-            n_bad++;                                                                                       \
-            fprintf(stderr, "rank %d of %d: %s:%d: check failed (%s): ", R, N, __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                                                  \
-            fputc('\n', stderr);                                                                           \
-        }                                                                                                  \
-    } while (0)
-
-/* Ends a test on every rank alike: the failed checks summed over the world. */
-static void agree(const char *test) {
-    mill_err e = {{0}};
-    double bad = n_bad;
-    n_bad = 0;
-    if (comm_sum_f64(W, &bad, 1, &e)) fail_msg("rank %d: %s: summing the failed checks: %s", R, test, e.msg);
-    if (bad != 0) fail_msg("rank %d of %d: %s: %.0f checks failed over the ranks (printed above)", R, N, test, bad);
-}
-
 static par_sizes sizes(int tp, int pp, int ep, int cp, int dp) {
     return (par_sizes){.tp = tp, .pp = pp, .ep = ep, .cp = cp, .dp = dp};
 }
@@ -425,7 +402,7 @@ static void test_init_mpi(void **st) {
               v[2], e.msg);
         par_free(&p);
     }
-    agree("par_init dp N");
+    mpi_test_agree("par_init dp N");
 }
 
 static void test_init_mpi_mismatch(void **st) {
@@ -445,7 +422,7 @@ static void test_init_mpi_mismatch(void **st) {
     }
     mill_err e2 = {{0}};
     CHECK(comm_barrier(W, &e2) == 0, "barrier after the refusals: %s", e2.msg); /* every rank got here */
-    agree("par_init refused");
+    mpi_test_agree("par_init refused");
 }
 
 int main(void) {
