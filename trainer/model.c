@@ -591,10 +591,6 @@ done:
     return rc;
 }
 
-int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e) {
-    return model_save_stage_shard(m, k, dir, shard, n_shards, 0, 1, e);
-}
-
 int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, int stage,
                            int n_stages, mill_err *e) {
     char path[4200], file[64];
@@ -687,7 +683,9 @@ void model_move_extras(dsv4_model *dst, dsv4_model *src) {
     src->n_extra = 0;
 }
 
-int model_save(const dsv4_model *m, const char *dir, mill_err *e) { return model_save_shard(m, NULL, dir, 0, 1, e); }
+int model_save(const dsv4_model *m, const char *dir, mill_err *e) {
+    return model_save_stage_shard(m, NULL, dir, 0, 1, 0, 1, e);
+}
 
 void model_init_random(dsv4_model *m, uint64_t seed, float std) {
     rng r;

@@ -140,16 +140,14 @@ void model_device_drop(dsv4_model *m);
 int model_device_restore(dsv4_model *m, const kctx *k, const float *host_src, mill_err *e);
 /* config.json + model.safetensors (original names; tid2eid as I64; mtp.* kept) into dir. */
 int model_save(const dsv4_model *m, const char *dir, mill_err *e);
-/* Shard `shard` of n_shards of that directory, as n_shards writers (ranks) make it together: the
- * tensors whose first float lies in model_shard_range(shard) go to model-SSSSS-of-NNNNN.safetensors
- * (tid2eid and mtp.* with shard 0); shard 0 also writes config.json and
- * model.safetensors.index.json (HF's sharded layout, which model_load reads). n_shards 1: model_save.
- * A device model (k: its kctx; NULL for a CPU one) is copied to the host one shard at a time. */
-int model_save_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, mill_err *e);
-/* The same for a pipeline stage (m holds stage `stage` of n_stages): its files are numbered after
- * the earlier stages' (model-(stage * n_shards + shard + 1)-of-(n_stages * n_shards)), and its part
- * of the index goes to a file of its own, which model_merge_index (once every stage has written)
- * turns into model.safetensors.index.json. */
+/* Shard `shard` of n_shards of pipeline stage `stage` of n_stages of that directory (1 and 1: what
+ * model_save writes), as the writers (ranks) make it together: the stage's tensors whose first float
+ * lies in model_shard_range(shard) go to model-FFFFF-of-NNNNN.safetensors, numbered after the
+ * earlier stages' (stage * n_shards + shard + 1 of n_stages * n_shards; tid2eid and mtp.* with shard
+ * 0); shard 0 of stage 0 writes config.json; the index (model.safetensors.index.json, HF's sharded
+ * layout, which model_load reads) comes from shard 0 of a single stage, or from each stage's part
+ * (a file of its own) merged by model_merge_index once every stage has written. A device model (k:
+ * its kctx; NULL for a CPU one) is copied to the host one shard at a time. */
 int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, int stage,
                            int n_stages, mill_err *e);
 int model_merge_index(const char *dir, int n_stages, mill_err *e);
