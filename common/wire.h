@@ -68,7 +68,7 @@ typedef struct wire_builder wire_builder;
 wire_builder *wire_builder_new(const char *type, uint64_t id);
 void wire_put_int(wire_builder *b, const char *key, int64_t v);
 void wire_put_num(wire_builder *b, const char *key, double v);
-#define WIRE_MAX_INTS 16
+#define WIRE_MAX_INTS 64
 /* A short array of integers (at most WIRE_MAX_INTS, copied), e.g. stop token ids. */
 void wire_put_int_array(wire_builder *b, const char *key, const int64_t *v, int n);
 void wire_put_bool(wire_builder *b, const char *key, int v);

@@ -340,6 +340,20 @@ int op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t
     return 0;
 }
 
+int op_to_bf16(const kctx *k, uint16_t *dst, const float *src, size_t n, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_to_bf16(k, dst, src, n, e));
+    TRY(kctx_require_cpu(k, "op_to_bf16", e));
+    for (size_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    return 0;
+}
+
+int op_from_bf16(const kctx *k, float *dst, const uint16_t *src, size_t n, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_from_bf16(k, dst, src, n, e));
+    TRY(kctx_require_cpu(k, "op_from_bf16", e));
+    for (size_t i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    return 0;
+}
+
 int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_repeat_rows(k, dst, src, rows, reps, dim, e));
     TRY(kctx_require_cpu(k, "op_repeat_rows", e));

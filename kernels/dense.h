@@ -77,6 +77,10 @@ int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes
 /* The same copy queued without waiting: the bytes are in host_dst after the next kctx_sync or
  * op_copy_to_host (CUDA: truly asynchronous only into mem_alloc_host memory). */
 int op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+/* fp32 to bf16 (round to nearest even, NaN kept quiet: f32_to_bf16's bits) and back: a boundary
+ * tensor's wire format (the pipeline's streams). */
+int op_to_bf16(const kctx *k, uint16_t *dst, const float *src, size_t n, mill_err *e);
+int op_from_bf16(const kctx *k, float *dst, const uint16_t *src, size_t n, mill_err *e);
 /* dst[r, j, :] = src[r, :] for j < reps (dst [rows, reps, dim]): the hyper-connection streams
  * start as copies of the embedding. */
 int op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);

@@ -1172,6 +1172,9 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "ep", r->par.ep);
     wire_put_int(b, "cp", r->par.cp);
     wire_put_int(b, "dp", r->par.dp);
+    wire_put_int(b, "vpp", par_vpp(&r->par));
+    static const char *const wires[] = {"auto", "fp32", "bf16"}; /* PAR_WIRE_* */
+    wire_put_str(b, "pp_dtype", wires[r->par.pp_wire]);
     int64_t split[PAR_MAX_STAGES];
     int n_split = 0;
     while (n_split < PAR_MAX_STAGES && r->par.pp_layers[n_split] > 0) split[n_split] = r->par.pp_layers[n_split], n_split++;
@@ -1244,6 +1247,16 @@ static int open_inputs(run_ctx *c, mill_err *e) {
         return -1;
     if (par_validate_stages(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
+    long n = (long)r->prompts_per_step * r->samples_per_prompt; /* each update's micro-batches on each dp rank */
+    for (int u = 0; u < r->updates_per_step; u++)
+        for (int d = 0; d < r->par.dp; d++) {
+            long u0 = n * u / r->updates_per_step, u1 = n * (u + 1) / r->updates_per_step, lo, hi;
+            par_range(u1 - u0, d, r->par.dp, &lo, &hi);
+            long mb = r->micro_batch > 0 ? r->micro_batch : hi - lo;
+            if (hi > lo && par_validate_micro(&r->par, (hi - lo + mb - 1) / mb, e))
+                return mill_err_wrap(e, "train.micro_batch %d: update %d's %ld rows on dp rank %d", r->micro_batch, u,
+                                     hi - lo, d);
+        }
     const char *tmpl = r->template_[0] ? r->template_ : NULL;
     if (r->jsonl) {
         dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0};

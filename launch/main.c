@@ -56,10 +56,12 @@ static int usage(FILE *to) {
             "  plot    RUN --out FILE.png [--ledger PATH]  reward, accuracy, kl, entropy, response_len by step (gnuplot)\n"
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n"
-            "  layout: --tp N --pp N --ep N --cp N --dp N [--pp-layers 2,1,1] on forward, grad and sft (recipes:\n"
-            "          train.parallel.*; pp_layers: each stage's layer count, else an even split) start\n"
-            "          tp x pp x cp x dp ranks with mpiexec (or join the mpiexec / srun launch they run in); dp\n"
-            "          and pp (stages, 1F1B) work; ep/tp and cp come with Distributed trainer III-IV\n");
+            "  layout: --tp N --pp N --ep N --cp N --dp N [--vpp N] [--pp-layers 2,1,1] [--pp-dtype auto|fp32|bf16]\n"
+            "          on forward, grad and sft (recipes: train.parallel.*; vpp: model chunks per pipeline rank,\n"
+            "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
+            "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
+            "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
+            "          interleaved) work; ep/tp and cp come with Distributed trainer III-IV\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -176,8 +178,8 @@ static int check_opts_par(int argc, char **argv, const char *const *known, mill_
     const char *all[40];
     int n = 0;
     for (const char *const *k = known; *k && n < 26; k++) all[n++] = *k;
-    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--pp-layers"};
-    for (int i = 0; i < 6; i++) all[n++] = par[i];
+    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-layers", "--pp-dtype"};
+    for (int i = 0; i < 8; i++) all[n++] = par[i];
     all[n] = NULL;
     return check_opts(argc, argv, all, e);
 }
@@ -210,6 +212,22 @@ static int gather_rows(dist_ctx *d, void *buf, long rows, long width, mill_dtype
     return rc;
 }
 
+/* The forward of this rank's rows, one op of the pipeline at a time (forwards only). */
+typedef struct {
+    const kctx *k;
+    const int32_t *ids;
+    int B, T;
+    float *logits;
+    int32_t *routing;
+    arena *a;
+} fwd_run;
+
+static int forward_op(void *ctx, const pipe_op *op, const dsv4_model *chunk, mill_err *e) {
+    (void)op;
+    const fwd_run *r = ctx;
+    return model_forward(chunk, r->k, r->ids, r->B, r->T, r->logits, r->routing, r->a, e);
+}
+
 static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--device", NULL};
     if (check_opts_par(argc, argv, known, e)) return -1;
@@ -233,7 +251,6 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
         dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
     if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
-    dist_stage_io(&d, run);
     const dsv4_config *c = &m.cfg;
     long N = (long)B * T, r0, r1;
     dist_rows(&d, B, &r0, &r1); /* this rank's rows */
@@ -251,7 +268,9 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
         goto done;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (model_forward(run, &k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a, e) || dist_stage_flush(&d, e) ||
+    fwd_run fr = {&k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a};
+    size_t elems = (size_t)Nl * (size_t)c->hc_mult * (size_t)c->hidden_size; /* the streams between stages */
+    if (dist_pipeline(&d, run, 1, 0, &elems, forward_op, &fr, e) ||
         op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
         op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e))
         goto done;
@@ -319,14 +338,17 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     if (opt(argc, argv, "--micro-batches") &&
         parse_num("--micro-batches", opt(argc, argv, "--micro-batches"), 1, 1 << 20, &mbs, e))
         return -1;
-    if (opt_device(argc, argv, &dev, e) || start_ranks(argc, argv, dir, in, &ps, world, e)) return -1;
+    if (ranks_parse(argc, argv, &ps, e) || par_validate_micro(&ps, (long)mbs, e) || opt_device(argc, argv, &dev, e) ||
+        start_ranks(argc, argv, dir, in, &ps, world, e))
+        return -1;
     int n_micro = (int)mbs;
     dsv4_model m = {0}, dm = {0};
     dsv4_config cfg;
     int rc = -1, B = 0, T = 0;
     int32_t *ids = NULL, *targets = NULL;
     float *grads = NULL;
-    arena *arenas = NULL; /* one per micro-batch */
+    arena *arenas = NULL; /* one per micro-batch and model chunk */
+    int n_arenas = 0;
     kctx k = {0};
     dist_ctx d = {0};
     tensor tg = {0}; /* the gradients on the device */
@@ -336,7 +358,6 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
     if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
-    dist_stage_io(&d, run);
     if (T < 2) {
         mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
         goto done;
@@ -354,11 +375,12 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         mill_errf(e, "--micro-batches %d: each rank has only %d rows", n_micro, B / ps.dp);
         goto done;
     }
-    if (!(arenas = calloc((size_t)n_micro, sizeof *arenas))) {
+    n_arenas = n_micro * par_vpp(&ps);
+    if (!(arenas = calloc((size_t)n_arenas, sizeof *arenas))) {
         mill_errf(e, "grad: out of memory");
         goto done;
     }
-    for (int i = 0; i < n_micro; i++)
+    for (int i = 0; i < n_arenas; i++)
         if (arena_init_device(&arenas[i], 64 << 20, dev, k.stream, e)) goto done;
     if (tensor_alloc(&tg, DTYPE_F32, dev, 1, &nf, e)) goto done;
     model_loss loss;
@@ -397,7 +419,7 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     rc = 0;
 done:
     safetensors_writer_free(w);
-    for (int i = 0; arenas && i < n_micro; i++) arena_free(&arenas[i]);
+    for (int i = 0; arenas && i < n_arenas; i++) arena_free(&arenas[i]);
     free(arenas);
     tensor_free(&tg);
     model_free(&dm);
@@ -450,15 +472,16 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     par_sizes ps;
     if (sft_recipe_load(argv[2], &r, e) || ranks_parse(argc, argv, &ps, e)) return -1;
     if (dev) r.device = d;
-    int *rp[5] = {&r.par.tp, &r.par.pp, &r.par.ep, &r.par.cp, &r.par.dp}, *cp[5] = {&ps.tp, &ps.pp, &ps.ep, &ps.cp, &ps.dp};
-    const char *names[5] = {"--tp", "--pp", "--ep", "--cp", "--dp"};
-    for (int i = 0; i < 5; i++) /* the command line's sizes over the recipe's */
+    int *rp[7] = {&r.par.tp, &r.par.pp, &r.par.ep, &r.par.cp, &r.par.dp, &r.par.vpp, &r.par.pp_wire};
+    int *cp[7] = {&ps.tp, &ps.pp, &ps.ep, &ps.cp, &ps.dp, &ps.vpp, &ps.pp_wire};
+    const char *names[7] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-dtype"};
+    for (int i = 0; i < 7; i++) /* the command line's layout over the recipe's */
         if (opt(argc, argv, names[i])) *rp[i] = *cp[i];
     if (opt(argc, argv, "--pp-layers")) memcpy(r.par.pp_layers, ps.pp_layers, sizeof ps.pp_layers);
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 1, world, e))
+        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 1, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

@@ -1,5 +1,5 @@
 /* launch/ranks.h — starting and joining the ranks of a parallel command.
- * Owns: the --tp --pp --ep --cp --dp options, the choice between starting the ranks here (a
+ * Owns: the --tp --pp --ep --cp --dp --vpp --pp-layers --pp-dtype options, the choice between starting the ranks here (a
  * command whose world is over 1, run by hand, execs `mpiexec -n WORLD` on itself) and joining a
  * launch already made (mpiexec or srun started this process: comm_in_launch), and the mpiexec
  * that is used (MILL_MPIEXEC, else the launcher of the MPI mill was built with, on PATH: MPICH's
@@ -9,8 +9,11 @@
 
 #include "../trainer/parallel.h"
 
-/* Reads --tp/--pp/--ep/--cp/--dp N from argv (absent: 1; each at most once) into *s. */
+/* Reads --tp/--pp/--ep/--cp/--dp/--vpp N (absent: 1; each at most once), --pp-layers and
+ * --pp-dtype from argv into *s. */
 int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e);
+/* "auto", "fp32" or "bf16" into *wire (PAR_WIRE_*); -1 for anything else. */
+int ranks_wire_parse(const char *v, int *wire);
 /* 1 when argv[i] is one of the layout options. */
 int ranks_is_option(const char *arg);
 /* Checks the layout against the model (cfg, NULL: none) and the batch (batch_rows, 0: none) first,

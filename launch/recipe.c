@@ -1,4 +1,5 @@
 #include "recipe.h"
+#include "ranks.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -74,8 +75,8 @@ int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_
 }
 
 int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
-    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", "pp_layers", NULL};
-    int *dst[] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp};
+    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", "vpp", "pp_layers", "pp_dtype", NULL};
+    int *dst[] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp, &s->vpp};
     *s = par_sizes_one();
     TRY(yamlcfg_known_keys(y, "train.parallel", keys, path, e));
     json_t *split = yamlcfg_get(y, "train.parallel.pp_layers"); /* each stage's layer count, in order */
@@ -90,12 +91,15 @@ int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
             s->pp_layers[i] = (int)json_integer_value(v);
         }
     }
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         char key[32];
         long long v;
         snprintf(key, sizeof key, "train.parallel.%s", keys[i]);
         TRY(yamlcfg_int(y, key, 1, 1, 1 << 20, &v, path, e));
         *dst[i] = (int)v;
     }
+    json_t *wire = yamlcfg_get(y, "train.parallel.pp_dtype"); /* the streams between stages */
+    if (wire && !json_is_null(wire) && (!json_is_string(wire) || ranks_wire_parse(json_string_value(wire), &s->pp_wire)))
+        return mill_errf(e, "%s: train.parallel.pp_dtype must be auto, fp32 or bf16", path);
     return 0;
 }

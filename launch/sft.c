@@ -151,8 +151,7 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         return -1;
     }
     s->dopt.dp = s->d.dp; /* the device optimizer gathers its shards over the device's comm */
-    dist_stage_io(&s->d, sft_train_model(s));
-    s->n_arenas = r->micro_batches;
+    s->n_arenas = r->micro_batches * par_vpp(&r->par);
     if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
         tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) ||
         !(s->arenas = calloc((size_t)s->n_arenas, sizeof *s->arenas))) {
@@ -160,7 +159,7 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         sft_close(s);
         return -1;
     }
-    for (int i = 0; i < s->n_arenas; i++) /* one per micro-batch: 1F1B keeps several in flight */
+    for (int i = 0; i < s->n_arenas; i++) /* one per micro-batch and chunk: 1F1B keeps several in flight */
         if (arena_init_device(&s->arenas[i], 16 << 20, s->k.device, s->k.stream, e)) {
             sft_close(s);
             return -1;

@@ -8,6 +8,8 @@
 #   - mill sft --dp 2 for 20 steps against --dp 1; its sharded checkpoint resumed at dp 2 (bit for
 #     bit), at dp 1 and the reverse; the checkpoint is a model directory mill forward reads;
 #   - mill sft --pp 2 (with micro-batches through 1F1B, with --dp 2) against one process, resumed;
+#   - the interleaved schedule (--vpp 2) in grad, forward and sft, its checkpoints resumed at other
+#     layouts; bf16 streams between stages;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -76,11 +78,28 @@ done
 G1="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --device cpu --micro-batches 2"
 # shellcheck disable=SC2086
 OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gm1.st" 2>"$T/stderr" || not_ok "grad, 2 micro-batches" "$(first_err)"
-for pp in 2 3 4; do
+for pp in 2 3 4 "2 --vpp 2"; do
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gm.st" --pp $pp 2>"$T/stderr" || not_ok "grad 1F1B pp $pp" "$(first_err)"
-    same "grad --pp $pp --micro-batches 2 (1F1B) = one process bit for bit" "$T/gm.st" "$T/gm1.st" 0
+    same "grad --pp $pp --micro-batches 2 = one process bit for bit" "$T/gm.st" "$T/gm1.st" 0
 done
+# interleaved forwards (any micro-batch count), with an explicit split over the 4 virtual stages
+OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/tiny-a" --input "$DATA/tiny-a/input.json" --output "$T/fa1.st" \
+    --device cpu 2>"$T/stderr" || not_ok "forward tiny-a, one thread" "$(first_err)"
+for lay in "--vpp 2" "--vpp 2 --pp-layers 1,1,1,1"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/tiny-a" --input "$DATA/tiny-a/input.json" --output "$T/fv.st" \
+        --device cpu --pp 2 $lay 2>"$T/stderr" || not_ok "forward --pp 2 $lay" "$(first_err)"
+    same "forward --pp 2 $lay = one process bit for bit" "$T/fv.st" "$T/fa1.st" 0
+done
+# bf16 streams between the stages (the GPU's default): rounded once per hop, so not the fp32 bits,
+# but the same loss within bf16's rounding
+OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gbf.st" --pp 2 --pp-dtype bf16 2>"$T/stderr" || not_ok "grad bf16 streams" "$(first_err)"
+if "$DIFF" "$T/gbf.st" "$T/gm1.st" 0 >/dev/null 2>&1; then
+    not_ok "grad --pp 2 --pp-dtype bf16" "equal to fp32 bit for bit: the streams were not rounded"
+else
+    same "grad --pp 2 --pp-dtype bf16: the loss within bf16's rounding of fp32's" "$T/gbf.st" "$T/gm1.st" 1e-3 loss
+fi
 
 # SFT: 20 steps, checkpoints at 10 and 20 (tests/data/sft-dist.yaml writes runs/sft-dist)
 R=runs/sft-dist
@@ -136,6 +155,10 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
     bad "a stage split that misses layers" "pp_layers gives 2 stage(s) of 2 layers in all; pp is 2 and the model has 4" \
         $G --pp 2 --pp-layers 1,1
+    bad "interleaving without stages" "vpp 2 interleaves pipeline stages; it needs pp > 1" $G --vpp 2
+    bad "interleaved micro-batches not in groups of pp" "runs micro-batches in groups of pp 2; 1 micro-batches" \
+        $G --pp 2 --vpp 2
+    bad "a bad stream type" "pp-dtype must be auto, fp32 or bf16" $G --pp 2 --pp-dtype fp16
 }
 
 # SFT over pipeline stages (1F1B; one thread everywhere, as the one-process reference):
@@ -161,6 +184,16 @@ sft p12 --pp 2 --resume "$T/t1/step-000010"
 same "pp 1 checkpoint resumed at pp 2 = uninterrupted, bit for bit" "$T/p12/step-000020" "$T/t1/step-000020" 0
 sft p2d2r --pp 2 --dp 2 --resume "$T/p2/step-000010"
 same "pp 2 checkpoint resumed at pp 2 x dp 2 against uninterrupted" "$T/p2d2r/step-000020" "$T/p2/step-000020" 3e-2
+# interleaved (vpp 2: two chunks per stage, the moments in two pieces per rank): bit for bit, and its
+# checkpoint resumed by one process and by pp 2 without chunks
+sft_mb v2 --pp 2 --vpp 2
+same "sft --pp 2 --vpp 2 (interleaved 1F1B) = one process with 2 micro-batches, bit for bit" "$T/v2/step-000020" "$T/m1/step-000020" 0
+sft_mb v21 --resume "$T/v2/step-000010"
+same "pp 2 x vpp 2 checkpoint resumed by one process = uninterrupted, bit for bit" "$T/v21/step-000020" "$T/m1/step-000020" 0
+sft_mb v2p --pp 2 --resume "$T/v2/step-000010"
+same "pp 2 x vpp 2 checkpoint resumed at pp 2 = uninterrupted, bit for bit" "$T/v2p/step-000020" "$T/m1/step-000020" 0
+sft_mb v2d --pp 2 --vpp 2 --dp 2 --resume "$T/m1/step-000010"
+same "one process's checkpoint resumed at pp 2 x vpp 2 x dp 2 against uninterrupted" "$T/v2d/step-000020" "$T/m1/step-000020" 3e-2
 unset OMP_NUM_THREADS
 
 # a rank that fails ends the job: rank 1's optimizer shard is damaged, rank 0's is fine

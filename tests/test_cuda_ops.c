@@ -623,6 +623,21 @@ static void test_memory_ops(void **state) {
     OK(op_repeat_rows_backward(&f->cpu, acc, g, rows, reps, dim, ERR));
     OK(op_repeat_rows_backward(&f->gpu, dacc, dg, rows, reps, dim, ERR));
     cmp(f, "op_repeat_rows_backward", "rows300 reps4 dim257", dacc, acc, n, 0.0);
+    /* bf16 both ways (the pipeline's streams): the CPU's bits, NaN and infinities included */
+    x[0] = NAN, x[1] = INFINITY, x[2] = -INFINITY, x[3] = 1.00390625f; /* a tie: rounds to even */
+    uint16_t *hb = malloc(sizeof(uint16_t) * (size_t)n), *db = dnew(sizeof(uint16_t) * (size_t)n);
+    uint16_t *gb = malloc(sizeof(uint16_t) * (size_t)n);
+    float *hf = hnew(n), *gf = hnew(n);
+    OK(op_copy_from_host(&f->gpu, dx, x, sizeof(float) * (size_t)n, ERR));
+    OK(op_to_bf16(&f->cpu, hb, x, (size_t)n, ERR));
+    OK(op_to_bf16(&f->gpu, db, dx, (size_t)n, ERR));
+    down(gb, db, sizeof(uint16_t) * (size_t)n);
+    record(f, "op_to_bf16", "n77100", memcmp(hb, gb, sizeof(uint16_t) * (size_t)n) ? 1.0 : 0.0, 0.0);
+    OK(op_from_bf16(&f->cpu, hf, hb, (size_t)n, ERR));
+    OK(op_from_bf16(&f->gpu, dc, db, (size_t)n, ERR));
+    down(gf, dc, sizeof(float) * (size_t)n);
+    record(f, "op_from_bf16", "n77100", memcmp(hf, gf, sizeof(float) * (size_t)n) ? 1.0 : 0.0, 0.0);
+    free(hb), free(gb), free(hf), free(gf), cuda_free(db);
     int32_t *t = hnewi((long)tab * width), *ids = hnewi(rows), *o = hnewi((long)rows * width);
     for (long i = 0; i < (long)tab * width; i++) t[i] = (int32_t)rng_below(&f->r, 64);
     for (int i = 0; i < rows; i++) ids[i] = (int32_t)rng_below(&f->r, (uint64_t)tab);

@@ -121,6 +121,32 @@ static void ref_linear(double *y, const float *x, const float *w, int M, int N, 
         }
 }
 
+/* fp32 <-> bf16 (the pipeline's streams): round to nearest even, ties to even, NaN and infinities
+ * kept, and a round trip within half a bf16 ulp (at most 2^-8 relative). */
+static void test_bf16(void **state) {
+    (void)state;
+    mill_err e;
+    kctx k = cpu_ctx(&e);
+    float x[8] = {1.0f, 1.00390625f, 1.01171875f, -2.5f, NAN, INFINITY, -INFINITY, 0.0f};
+    uint16_t b[8], want[8] = {0x3f80, 0x3f80, 0x3f82, 0xc020, 0, 0x7f80, 0xff80, 0x0000};
+    assert_int_equal(op_to_bf16(&k, b, x, 8, &e), 0);
+    for (int i = 0; i < 8; i++)
+        if (i != 4) assert_int_equal(b[i], want[i]);
+    assert_true((b[4] & 0x7f80) == 0x7f80 && (b[4] & 0x7f)); /* still a NaN */
+    float y[8];
+    assert_int_equal(op_from_bf16(&k, y, b, 8, &e), 0);
+    assert_true(y[0] == 1.0f && y[1] == 1.0f && y[2] == 1.015625f && y[3] == -2.5f && isnan(y[4]) && isinf(y[5]));
+    rng_seed(3);
+    for (int i = 0; i < 1000; i++) {
+        float v = (float)((rng_uniform() * 2 - 1) * 1e3), w;
+        uint16_t h;
+        assert_int_equal(op_to_bf16(&k, &h, &v, 1, &e), 0);
+        assert_int_equal(op_from_bf16(&k, &w, &h, 1, &e), 0);
+        assert_true(fabs((double)w - v) <= fabs((double)v) * 0x1p-8);
+    }
+    kctx_free(&k);
+}
+
 static void test_linear(void **state) {
     (void)state;
     mill_err e = {0};
@@ -1100,6 +1126,7 @@ static void test_moe_experts(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_bf16),
         cmocka_unit_test(test_linear),
         cmocka_unit_test(test_matmul_nn),
         cmocka_unit_test(test_rmsnorm),

@@ -31,6 +31,10 @@ const char *lay_sizes_str(const par_sizes *s, char *buf, size_t n);
 void lay_range(long n, int r, int k, long *lo, long *hi);
 int lay_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
+int lay_vpp(const par_sizes *s);
+int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
+#define par_vpp lay_vpp
+#define par_validate_micro lay_validate_micro
 #define par_validate_stages lay_validate_stages
 #define par_stage_layers lay_stage_layers
 #define par_sizes_one lay_sizes_one
@@ -41,6 +45,8 @@ void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1)
 #define par_free lay_free
 #define mill_errf lay_errf
 #include "trainer/parallel.c"
+#undef par_vpp
+#undef par_validate_micro
 #undef par_validate_stages
 #undef par_stage_layers
 #undef par_sizes_one
@@ -134,6 +140,19 @@ static void test_validate(void **st) {
     expect_validate(sizes(4, 1, 1, 1, 1), &c2, 0, 0, "parallel: tp 4 must divide index_n_heads 2");
     expect_validate(sizes(1, 1, 4, 1, 4), &c, 0, 0, "parallel: ep 4 must divide n_routed_experts 6");
     expect_validate(sizes(1, 3, 1, 1, 1), &c, 0, 0, "parallel: pp 3 stages need at least as many layers; the model has 2");
+    /* interleaved stages: vpp chunks per pipeline rank, pp > 1, a layer per virtual stage */
+    par_sizes v = sizes(1, 1, 1, 1, 1);
+    v.vpp = 2;
+    expect_validate(v, &c, 0, 0, "parallel: vpp 2 interleaves pipeline stages; it needs pp > 1 (pp is 1)");
+    v.pp = 2;
+    expect_validate(v, &c, 0, 0, "parallel: pp 2 x vpp 2 = 4 stages need at least as many layers; the model has 2");
+    v.vpp = 17;
+    expect_validate(v, NULL, 0, 0, "parallel: vpp must be 1 to 16 model chunks per pipeline rank, got 17");
+    v.vpp = 2;
+    c2 = c;
+    c2.num_hidden_layers = 5;
+    v.pp_layers[0] = 2, v.pp_layers[1] = 3;
+    expect_validate(v, &c2, 0, 0, "parallel: pp_layers gives 2 stage(s) of 5 layers in all; pp x vpp is 4 and the model has 5 layers");
     /* ... which a NULL config skips */
     expect_validate(sizes(3, 1, 1, 1, 1), NULL, 0, 0, "tp 3 is not supported yet");
     expect_validate(sizes(1, 3, 1, 1, 1), NULL, 0, 0, "pp 3 is not supported yet");

@@ -57,6 +57,30 @@ static void optim_file(char *buf, size_t n, const char *dir, int f, int nf) {
     else snprintf(buf, n, "%s/optimizer-%05d-of-%05d.safetensors", dir, f + 1, nf);
 }
 
+/* A piece of this rank's moment shard: local floats [a, b), at global in the whole model's layout. */
+typedef struct {
+    size_t a, b, global;
+} moment_piece;
+
+/* The shard [o->lo, o->hi) met with each of m's runs (at least one piece, maybe empty). */
+static int moment_pieces(const dsv4_model *m, const optimizer *o, moment_piece *pc) {
+    int n = 0;
+    for (int i = 0; i < m->n_runs; i++) {
+        const model_run *r = &m->runs[i];
+        size_t a = o->lo > r->local ? o->lo : r->local, b = o->hi < r->local + r->n ? o->hi : r->local + r->n;
+        if (a < b) pc[n++] = (moment_piece){a, b, r->global + (a - r->local)};
+    }
+    if (!n) pc[n++] = (moment_piece){o->lo, o->lo, 0};
+    return n;
+}
+
+/* Piece j's tensor and metadata names: adam.m, adam.v, global_offset, then adam.m.1, ... */
+static void piece_names(int j, char *m, char *v, char *g, size_t n) {
+    snprintf(m, n, j ? "adam.m.%d" : "adam.m", j);
+    snprintf(v, n, j ? "adam.v.%d" : "adam.v", j);
+    snprintf(g, n, j ? "global_offset.%d" : "global_offset", j);
+}
+
 /* Every rank of the dp x pp grid has arrived (a barrier over dp, then over the stages). */
 static int all_here(comm *dp, comm *pp, mill_err *e) {
     if (dp && comm_barrier(dp, e)) return -1;
@@ -81,36 +105,45 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     }
     if (all_here(c, pp, e)) return -1;
     if (model_save_stage_shard(m, kx, tmp, r, k, st, ns, e)) return mill_err_wrap(e, "checkpoint %s", dir);
-    safetensors_writer *w = safetensors_writer_new();
     /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
-     * any layout (other dp, other pp) can read; the buffers after them have none */
-    size_t hi = o->hi < m->n_span ? o->hi : m->n_span, lo = o->lo < hi ? o->lo : hi;
-    int64_t n = (int64_t)(hi - lo);
-    char step[32], goff[32];
+     * any layout (other dp, other pp) can read; one piece per run of the whole layout the shard
+     * meets (an interleaved stage holds several), the buffers after them have none */
+    moment_piece pc[MODEL_MAX_CHUNKS];
+    int np = moment_pieces(m, o, pc);
+    size_t total = 0;
+    for (int j = 0; j < np; j++) total += pc[j].b - pc[j].a;
+    char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
-    snprintf(goff, sizeof goff, "%zu", m->global_base + lo);
     optim_file(path, sizeof path, tmp, st * k + r, ns * k);
-    const float *mm = o->m, *vv = o->v;
     float *stage = NULL; /* device moments: this rank's shard comes over */
     if (o->device != DEVICE_CPU) {
-        if (!(stage = malloc(sizeof(float) * 2 * (size_t)(n ? n : 1)))) return mill_errf(e, "checkpoint: out of memory");
-        if (!kx || op_copy_to_host(kx, stage, o->m + (lo - o->lo), sizeof(float) * (size_t)n, e) ||
-            op_copy_to_host(kx, stage + n, o->v + (lo - o->lo), sizeof(float) * (size_t)n, e)) {
-            if (!kx) mill_errf(e, "checkpoint: device moments are saved through their kctx");
-            free(stage);
-            return -1;
+        if (!kx) return mill_errf(e, "checkpoint: device moments are saved through their kctx");
+        if (!(stage = malloc(sizeof(float) * 2 * (total ? total : 1)))) return mill_errf(e, "checkpoint: out of memory");
+        size_t at = 0;
+        for (int j = 0; j < np; j++) {
+            size_t n = pc[j].b - pc[j].a;
+            if (op_copy_to_host(kx, stage + at, o->m + (pc[j].a - o->lo), sizeof(float) * n, e) ||
+                op_copy_to_host(kx, stage + total + at, o->v + (pc[j].a - o->lo), sizeof(float) * n, e)) {
+                free(stage);
+                return -1;
+            }
+            at += n;
         }
-        mm = stage;
-        vv = stage + n;
     }
-    if (!stage) {
-        mm += lo - o->lo;
-        vv += lo - o->lo;
+    safetensors_writer *w = safetensors_writer_new();
+    int rc = !w || safetensors_writer_set_metadata(w, "step", step, e);
+    size_t at = 0;
+    for (int j = 0; j < np && !rc; j++) {
+        int64_t n = (int64_t)(pc[j].b - pc[j].a);
+        char nm[32], nv[32], ng[32], goff[32];
+        piece_names(j, nm, nv, ng, sizeof nm);
+        snprintf(goff, sizeof goff, "%zu", pc[j].global);
+        const float *mm = stage ? stage + at : o->m + (pc[j].a - o->lo), *vv = stage ? stage + total + at : o->v + (pc[j].a - o->lo);
+        rc = safetensors_writer_add(w, nm, DTYPE_F32, 1, &n, mm, e) || safetensors_writer_add(w, nv, DTYPE_F32, 1, &n, vv, e) ||
+             safetensors_writer_set_metadata(w, ng, goff, e);
+        at += (size_t)n;
     }
-    int rc = !w || safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &n, mm, e) ||
-             safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &n, vv, e) ||
-             safetensors_writer_set_metadata(w, "step", step, e) ||
-             safetensors_writer_set_metadata(w, "global_offset", goff, e) || safetensors_writer_save(w, path, e);
+    rc = rc || safetensors_writer_save(w, path, e);
     safetensors_writer_free(w);
     free(stage);
     if (rc) return -1;
@@ -172,36 +205,46 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
 }
 
 /* This rank's moments [o->lo, o->hi) from the checkpoint's files, whatever layout wrote them (any dp,
- * any pp): each file holds a run of the whole model's trainable floats from its global_offset (files
- * of one process before that key: the saved shards of the whole model's layout, in order). */
+ * any pp, any vpp): each file holds pieces of the whole model's trainable floats, each from its
+ * global_offset (files of one process before that key: the saved shards of the whole layout, in order). */
 static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
-    size_t hi = o->hi < m->n_span ? o->hi : m->n_span, lo = o->lo < hi ? o->lo : hi;
-    size_t want0 = m->global_base + lo, want1 = m->global_base + hi; /* in the whole model's floats */
+    moment_piece want[MODEL_MAX_CHUNKS];
+    int nw = moment_pieces(m, o, want);
     dsv4_model whole = {0};
     if (model_layout(&whole, &m->cfg, e)) return -1;
     int rc = -1;
-    for (int f = 0; f < stages * shards && want0 < want1; f++) {
+    for (int f = 0; f < stages * shards; f++) {
         optim_file(path, sizeof path, dir, f, stages * shards);
         safetensors *st;
         if (safetensors_open(path, &st, e)) goto out;
-        const char *go = safetensors_metadata(st, "global_offset");
-        size_t g0, slo, shi;
+        size_t slo, shi;
         model_shard_range(&whole, f, shards, &slo, &shi);
-        g0 = go ? strtoull(go, NULL, 10) : slo;
-        const char *names[2] = {"adam.m", "adam.v"};
-        float *dst[2] = {o->m, o->v};
-        for (int i = 0; i < 2; i++) {
-            const safetensors_entry *en = safetensors_find(st, names[i]);
-            if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (!go && (size_t)en->shape[0] != shi - slo) ||
-                g0 + (size_t)en->shape[0] > whole.n_floats) {
-                mill_errf(e, "%s: tensor %s must be F32, one dimension, inside the model's %zu parameter floats", path,
-                          names[i], whole.n_floats);
-                safetensors_close(st);
-                goto out;
+        for (int j = 0;; j++) { /* the file's pieces */
+            char nm[32], nv[32], ng[32];
+            piece_names(j, nm, nv, ng, sizeof nm);
+            const char *go = safetensors_metadata(st, ng), *names[2] = {nm, nv};
+            if (j && !safetensors_find(st, nm)) break;
+            size_t g0 = go ? strtoull(go, NULL, 10) : slo;
+            float *dst[2] = {o->m, o->v};
+            for (int i = 0; i < 2; i++) {
+                const safetensors_entry *en = safetensors_find(st, names[i]);
+                if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (!go && (size_t)en->shape[0] != shi - slo) ||
+                    g0 + (size_t)en->shape[0] > whole.n_floats) {
+                    mill_errf(e, "%s: tensor %s must be F32, one dimension, inside the model's %zu parameter floats",
+                              path, names[i], whole.n_floats);
+                    safetensors_close(st);
+                    goto out;
+                }
+                size_t g1 = g0 + (size_t)en->shape[0];
+                for (int q = 0; q < nw; q++) { /* what of it this rank's pieces want */
+                    size_t w0 = want[q].global, w1 = w0 + (want[q].b - want[q].a);
+                    size_t a = g0 > w0 ? g0 : w0, b = g1 < w1 ? g1 : w1;
+                    if (a < b)
+                        memcpy(dst[i] + (want[q].a - o->lo) + (a - w0), (const float *)en->data + (a - g0),
+                               sizeof(float) * (b - a));
+                }
             }
-            size_t g1 = g0 + (size_t)en->shape[0], a = g0 > want0 ? g0 : want0, b = g1 < want1 ? g1 : want1;
-            if (a < b) memcpy(dst[i] + (a - m->global_base - o->lo), (const float *)en->data + (a - g0), sizeof(float) * (b - a));
         }
         safetensors_close(st);
     }

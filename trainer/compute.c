@@ -256,7 +256,7 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float eps = (float)c->rms_norm_eps;
     (void)L;
-    for (int l = m->stage.l0; l < m->stage.l1; l++) {
+    for (int l = m->stage.l0[0]; l < m->stage.l1[0]; l++) {
         const dsv4_layer *Ly = &m->layers[l];
         layer_trace *t = &f->lt[l];
         f->wpos = f->wpos_all + (long)l * T;
@@ -332,6 +332,8 @@ static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *
     if (B <= 0 || T <= 0) return mill_errf(e, "forward: empty batch (%d rows of %d tokens)", B, T);
     if (m->device != k->device || a->device != k->device)
         return mill_errf(e, "forward: the model, the arena and the kctx must be on one device");
+    if (m->stage.n_chunks != 1) /* an interleaved pipeline rank runs one chunk at a time (dist) */
+        return mill_errf(e, "forward: the model holds %d chunks of layers; run one (model_stage_chunk)", m->stage.n_chunks);
     arena_reset(a);
     f->m = m;
     f->k = k;
@@ -519,7 +521,7 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     } else { /* the gradient of this stage's output streams, from the next stage */
         TRY(m->io.recv(m->io.ctx, dh, (size_t)N * n * D, 1, e));
     }
-    for (int l = m->stage.l1 - 1; l >= m->stage.l0; l--) {
+    for (int l = m->stage.l1[0] - 1; l >= m->stage.l0[0]; l--) {
         const dsv4_layer *L = &m->layers[l];
         const layer_trace *t = &f->lt[l];
         /* dh: grad of this layer's output; dh2: of its middle; then dh again: of its input */

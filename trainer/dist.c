@@ -1,8 +1,16 @@
 #include "dist.h"
 
+#include "../kernels/dense.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+model_stage dist_rank_stage(const par_sizes *s, int n_layers, int r) {
+    model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1};
+    for (int c = 0; c < st.n_chunks; c++) par_stage_layers(s, n_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
+    return st;
+}
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e) {
@@ -11,11 +19,10 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     TRY(par_init(&d->par, world, s, e));
     d->dp = d->par.dp;
     d->pp = d->par.pp;
-    if (cfg) {
-        par_stage_layers(s, cfg->num_hidden_layers, d->par.pp_rank, &d->stage.l0, &d->stage.l1);
-        d->stage.first = d->par.pp_rank == 0;
-        d->stage.last = d->par.pp_rank == s->pp - 1;
-    }
+    d->k = k;
+    d->wire = s->pp_wire == PAR_WIRE_BF16 || (s->pp_wire == PAR_WIRE_AUTO && k->device == DEVICE_CUDA) ? DTYPE_BF16
+                                                                                                      : DTYPE_F32;
+    if (cfg) d->stage = dist_rank_stage(s, cfg->num_hidden_layers, d->par.pp_rank);
     /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
      * one runs the same setup as many); the pp group's when there are stages */
     if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dp, k->stream, &d->dp, e) ||
@@ -26,55 +33,147 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     return 0;
 }
 
+/* Four staging slots of cap elements in the wire type: the forward input and the backward gradient
+ * received, the forward output and the backward gradient to send. */
+struct dist_wire {
+    void *buf;
+    size_t cap;
+};
+
 void dist_free(dist_ctx *d) {
     if (d->dp && d->dp != d->par.dp) comm_free(d->dp);
     if (d->pp && d->pp != d->par.pp) comm_free(d->pp);
+    if (d->bufs) mem_free(d->k->device, d->bufs->buf);
+    free(d->bufs);
     par_free(&d->par);
     memset(d, 0, sizeof *d);
 }
 
-/* The streams forward to the next stage and their gradients back to the previous one. A send waits
- * for this stage's next receive and goes out in one batch with it (Megatron's send_forward_recv_backward
- * pairing): two neighbours that both send before they receive cannot block each other. */
 static double wall(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
-static int pending_flush(dist_ctx *d, mill_err *e) {
-    if (!d->pend.buf) return 0;
-    comm_p2p op = {d->pend.peer, 1, d->pend.buf, d->pend.n};
-    d->pend.buf = NULL;
+/* One run of dist_pipeline: the order, the op running now, and what the staging slots hold. */
+typedef struct {
+    dist_ctx *d;
+    const pipe_op *order;
+    int n, j, vpp;
+    const size_t *elems;
+    int recv_for[2]; /* the op whose input (0) or gradient (1) slot holds, -1: none */
+    struct {
+        int peer;
+        size_t n;
+    } send[2]; /* the forward output (0) and backward gradient (1) waiting for the next batch; n 0: none */
+    int order_sent[2], n_sent; /* their order of arrival (the batch keeps it) */
+} pipe_run;
+
+static void *slot(const dist_ctx *d, int i) {
+    return (char *)d->bufs->buf + (size_t)i * d->bufs->cap * dtype_size(d->wire);
+}
+
+static int pipe_recv(void *ctx, float *buf, size_t n, int grad, mill_err *e) {
+    pipe_run *p = ctx;
+    const dist_ctx *d = p->d;
+    if (p->recv_for[grad] != p->j || p->elems[p->order[p->j].micro] != n)
+        return mill_errf(e, "pipeline rank %d: op %d wants %zu boundary floats it has not received", d->par.pp_rank,
+                         p->j, n);
+    p->recv_for[grad] = -1;
+    return d->wire == DTYPE_BF16 ? op_from_bf16(d->k, buf, slot(d, grad), n, e)
+                                 : op_copy(d->k, buf, slot(d, grad), sizeof(float) * n, e);
+}
+
+static int pipe_send(void *ctx, const float *buf, size_t n, int grad, mill_err *e) {
+    pipe_run *p = ctx;
+    const dist_ctx *d = p->d;
+    int peer = pipe_send_peer(d->par.sz.pp, p->vpp, d->par.pp_rank, &p->order[p->j]);
+    if (peer < 0 || p->send[grad].n || n != p->elems[p->order[p->j].micro])
+        return mill_errf(e, "pipeline rank %d: op %d sends %zu boundary floats out of turn", d->par.pp_rank, p->j, n);
+    p->send[grad].peer = peer;
+    p->send[grad].n = n;
+    p->order_sent[p->n_sent++] = grad;
+    return d->wire == DTYPE_BF16 ? op_to_bf16(d->k, slot(d, 2 + grad), buf, n, e)
+                                 : op_copy(d->k, slot(d, 2 + grad), buf, sizeof(float) * n, e);
+}
+
+/* The batch after op j (pipe_batch): the waiting sends, then the next receives, at once. */
+static int pipe_transfer(pipe_run *p, pipe_plan *plan, mill_err *e) {
+    dist_ctx *d = p->d;
+    int rf, rb, want[2], k = 0;
+    if (!pipe_batch(p->order, p->n, p->j, plan, &rf, &rb)) return 0;
+    comm_p2p ops[4];
+    for (int i = 0; i < p->n_sent; i++) {
+        int g = p->order_sent[i];
+        ops[k++] = (comm_p2p){p->send[g].peer, 1, slot(d, 2 + g), p->send[g].n};
+        p->send[g].n = 0;
+    }
+    p->n_sent = 0;
+    want[0] = rf;
+    want[1] = rb;
+    for (int g = 0; g < 2; g++) {
+        int peer = want[g] < 0 ? -1 : pipe_recv_peer(d->par.sz.pp, p->vpp, d->par.pp_rank, &p->order[want[g]]);
+        if (peer < 0) continue;
+        if (p->recv_for[g] >= 0)
+            return mill_errf(e, "pipeline rank %d: op %d's input was never used", d->par.pp_rank, p->recv_for[g]);
+        p->recv_for[g] = want[g];
+        ops[k++] = (comm_p2p){peer, 0, slot(d, g), p->elems[p->order[want[g]].micro]};
+    }
+    if (!k) return 0;
     double t0 = wall();
-    int rc = comm_sendrecv(d->pp, &op, 1, DTYPE_F32, e);
+    int rc = comm_sendrecv(d->pp, ops, k, d->wire, e);
     d->t_wait += wall() - t0;
     return rc;
 }
 
-static int stage_recv(void *ctx, float *buf, size_t n, int grad, mill_err *e) {
-    dist_ctx *d = ctx;
-    comm_p2p ops[2] = {{d->par.pp_rank + (grad ? 1 : -1), 0, buf, n}, {d->pend.peer, 1, d->pend.buf, d->pend.n}};
-    double t0 = wall();
-    int rc = comm_sendrecv(d->pp, ops, d->pend.buf ? 2 : 1, DTYPE_F32, e);
-    d->t_wait += wall() - t0;
-    d->pend.buf = NULL;
+int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, const size_t *elems, dist_op_fn fn,
+                  void *ctx, mill_err *e) {
+    int pp = d->par.sz.pp, vpp = par_vpp(&d->par.sz), rc = -1;
+    if (m->stage.n_chunks != vpp)
+        return mill_errf(e, "pipeline: the model holds %d chunks of layers, the layout %d", m->stage.n_chunks, vpp);
+    pipe_op *order = malloc(sizeof *order * (size_t)(2 * n_micro * vpp + 1));
+    dsv4_model *views = malloc(sizeof *views * (size_t)vpp);
+    if (!order || !views) {
+        mill_errf(e, "pipeline: out of memory");
+        goto out;
+    }
+    int n = pipe_schedule(pp, vpp, d->par.pp_rank, n_micro, backward, order);
+    if (n < 0) {
+        mill_errf(e, "pipeline: the interleaved 1F1B (vpp %d) runs a multiple of pp %d micro-batches, not %d", vpp, pp,
+                  n_micro);
+        goto out;
+    }
+    size_t cap = 0;
+    for (int i = 0; i < n_micro; i++) cap = elems[i] > cap ? elems[i] : cap;
+    if (pp > 1 && (!d->bufs || d->bufs->cap < cap)) { /* the staging slots, grown to this run's largest */
+        if (!d->bufs && !(d->bufs = calloc(1, sizeof *d->bufs))) {
+            mill_errf(e, "pipeline: out of memory");
+            goto out;
+        }
+        mem_free(d->k->device, d->bufs->buf);
+        d->bufs->cap = 0;
+        if (!(d->bufs->buf = mem_alloc_copy(d->k->device, NULL, 4 * cap * dtype_size(d->wire), e))) goto out;
+        d->bufs->cap = cap;
+    }
+    pipe_run run = {d, order, n, -1, vpp, elems, {-1, -1}, {{0, 0}, {0, 0}}, {0, 0}, 0};
+    for (int c = 0; c < vpp; c++) { /* chunk c as a model of its own, its streams through run */
+        views[c] = *m;
+        views[c].stage = model_stage_chunk(&m->stage, c);
+        views[c].io = (model_stage_io){pipe_recv, pipe_send, &run};
+    }
+    pipe_plan plan = {0};
+    if (pipe_transfer(&run, &plan, e)) goto out;
+    for (run.j = 0; run.j < n; run.j++) {
+        const pipe_op *op = &order[run.j];
+        dsv4_model *v = &views[op->chunk];
+        v->grad_ready = op->backward && op->micro == n_micro - 1 ? m->grad_ready : (model_grad_hook){0};
+        if (fn(ctx, op, v, e) || pipe_transfer(&run, &plan, e)) goto out;
+    }
+    rc = 0;
+out:
+    free(order);
+    free(views);
     return rc;
-}
-
-static int stage_send(void *ctx, const float *buf, size_t n, int grad, mill_err *e) {
-    dist_ctx *d = ctx;
-    TRY(pending_flush(d, e)); /* one in waiting at most (the first and last stages send twice in a row) */
-    d->pend.buf = (float *)buf; /* in the micro-batch's arena, untouched until its pass is freed */
-    d->pend.n = n;
-    d->pend.peer = d->par.pp_rank + (grad ? -1 : 1);
-    return 0;
-}
-
-int dist_stage_flush(dist_ctx *d, mill_err *e) { return pending_flush(d, e); }
-
-void dist_stage_io(dist_ctx *d, dsv4_model *m) {
-    m->io = (model_stage_io){stage_recv, stage_send, d};
 }
 
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->par.dp_rank, d->par.sz.dp, lo, hi); }
@@ -132,9 +231,8 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
     }
     size_t total = 0, itotal = 0;
     for (int s = 0; s < S; s++) { /* every stage's table */
-        model_stage sg = {0, 0, s == 0, s == S - 1};
-        par_stage_layers(&d->par.sz, full->cfg.num_hidden_layers, s, &sg.l0, &sg.l1);
-        if (model_layout_stage(&st[s], &full->cfg, sg, e)) goto out;
+        if (model_layout_stage(&st[s], &full->cfg, dist_rank_stage(&d->par.sz, full->cfg.num_hidden_layers, s), e))
+            goto out;
         dsp[s] = total;
         cnt[s] = st[s].n_floats;
         total += cnt[s];
@@ -174,14 +272,32 @@ out:
     return rc;
 }
 
-void dist_schedule_1f1b(int pp, int stage, int n_micro, int *order) {
-    int warm = pp - stage - 1 < n_micro ? pp - stage - 1 : n_micro, f = 0, b = 0, k = 0;
-    while (f < warm) order[k++] = f++;
-    while (f < n_micro) { /* steady state: one forward, one backward */
-        order[k++] = f++;
-        order[k++] = -1 - b++;
+typedef struct {
+    const kctx *k;
+    const int32_t *ids, *targets;
+    int B, T, n_micro, vpp;
+    ce_ctx c;
+    double loss;
+    float *grads;
+    model_pass **pass; /* [n_micro x vpp] */
+    arena *arenas;
+} ce_run;
+
+static int ce_op(void *ctx, const pipe_op *op, const dsv4_model *chunk, mill_err *e) {
+    ce_run *r = ctx;
+    int i = op->micro, at = i * r->vpp + op->chunk;
+    long r0 = (long)r->B * i / r->n_micro, r1 = (long)r->B * (i + 1) / r->n_micro, mine;
+    if (!op->backward) { /* forward of micro-batch i in its own arena */
+        double l = 0;
+        TRY(model_pass_forward(&r->pass[at], chunk, r->k, r->ids + r0 * r->T, r->targets + r0 * r->T, (int)(r1 - r0),
+                               r->T, NULL, 1.0f, ce_global, &r->c, NULL, &l, &mine, &r->arenas[at], e));
+        r->loss += l;
+        return 0;
     }
-    while (b < n_micro) order[k++] = -1 - b++;
+    int x = model_pass_backward(r->pass[at], r->grads, e);
+    model_pass_free(r->pass[at]);
+    r->pass[at] = NULL;
+    return x;
 }
 
 int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t *ids, const int32_t *targets, int B,
@@ -191,43 +307,26 @@ int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t 
     TRY(comm_sum_f64(d->par.dp, &cnt, 1, e));
     if (cnt < 1) return mill_errf(e, "loss: no position of the batch has a target");
     if (n_micro < 1 || n_micro > B) return mill_errf(e, "train: %d micro-batches of %d rows", n_micro, B);
-    ce_ctx c = {(long)cnt};
-    double loss = 0;
-    model_grad_hook hook = m->grad_ready; /* the reduction starts in the last backward only */
-    model_pass **pass = calloc((size_t)n_micro, sizeof *pass);
-    int *order = malloc(sizeof(int) * 2 * (size_t)n_micro), rc = -1;
-    if (!pass || !order) {
+    int vpp = par_vpp(&d->par.sz), rc = -1;
+    ce_run r = {k, ids, targets, B, T, n_micro, vpp, {(long)cnt}, 0, grads, NULL, arenas};
+    size_t *elems = malloc(sizeof(size_t) * (size_t)n_micro);
+    r.pass = calloc((size_t)(n_micro * vpp), sizeof *r.pass);
+    if (!elems || !r.pass) {
         mill_errf(e, "train: out of memory");
         goto out;
     }
-    dist_schedule_1f1b(d->par.sz.pp, d->par.pp_rank, n_micro, order);
-    for (int s = 0; s < 2 * n_micro; s++) {
-        int i = order[s] >= 0 ? order[s] : -1 - order[s];
-        long r0 = (long)B * i / n_micro, r1 = (long)B * (i + 1) / n_micro, mine;
-        double l = 0;
-        if (order[s] >= 0) { /* forward of micro-batch i in its own arena */
-            if (model_pass_forward(&pass[i], m, k, ids + r0 * T, targets + r0 * T, (int)(r1 - r0), T, NULL, 1.0f,
-                                   ce_global, &c, NULL, &l, &mine, &arenas[i], e))
-                goto out;
-            loss += l;
-            continue;
-        }
-        ((dsv4_model *)m)->grad_ready = i == n_micro - 1 ? hook : (model_grad_hook){0};
-        int x = model_pass_backward(pass[i], grads, e);
-        model_pass_free(pass[i]);
-        pass[i] = NULL;
-        if (x) goto out;
-    }
-    if (dist_stage_flush(d, e) || comm_sum_f64(d->par.dp, &loss, 1, e) ||
-        comm_sum_f64(d->par.pp, &loss, 1, e)) /* the last stage's */
+    for (int i = 0; i < n_micro; i++) /* the streams [rows, T, hc_mult, hidden] */
+        elems[i] = (size_t)((long)B * (i + 1) / n_micro - (long)B * i / n_micro) * (size_t)T * (size_t)m->cfg.hc_mult *
+                   (size_t)m->cfg.hidden_size;
+    if (dist_pipeline(d, m, n_micro, 1, elems, ce_op, &r, e) || comm_sum_f64(d->par.dp, &r.loss, 1, e) ||
+        comm_sum_f64(d->par.pp, &r.loss, 1, e)) /* the last stage's */
         goto out;
-    out->loss = loss;
-    out->count = c.count;
+    out->loss = r.loss;
+    out->count = r.c.count;
     rc = 0;
 out:
-    ((dsv4_model *)m)->grad_ready = hook;
-    for (int i = 0; pass && i < n_micro; i++) model_pass_free(pass[i]);
-    free(pass);
-    free(order);
+    for (int i = 0; r.pass && i < n_micro * vpp; i++) model_pass_free(r.pass[i]);
+    free(r.pass);
+    free(elems);
     return rc;
 }

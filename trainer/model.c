@@ -24,8 +24,8 @@ typedef struct {
     model_stage st;  /* the layers (and ends) this model holds */
     int seen_layer; /* a layer's tensor came: later layer -1 tensors are the tail (norm, HC head, head) */
     size_t gfloats;  /* the whole model's float cursor (kept or not) */
-    size_t gbase, span; /* the global offset of the first kept float tensor; the end of the last kept weight */
-    int any;
+    model_run runs[MODEL_MAX_CHUNKS]; /* the kept weights' runs of the whole layout */
+    int n_runs;
 } layout_builder;
 
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -34,17 +34,13 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
                      mill_err *e, const char *fmt, ...) {
     b->seen_layer |= layer >= 0;
-    int keep = layer >= 0 ? layer >= b->st.l0 && layer < b->st.l1 : b->seen_layer ? b->st.last : b->st.first;
+    int keep = layer >= 0 ? model_stage_holds(&b->st, layer) : b->seen_layer ? b->st.last : b->st.first;
     size_t numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1), goff = 0;
     if (kind != PARAM_INDEX) { /* where it sits in the whole model's layout */
         goff = (b->gfloats + 15) / 16 * 16;
         b->gfloats = goff + numel;
     }
     if (!keep) return 0; /* another pipeline stage's */
-    if (kind != PARAM_INDEX && !b->any) {
-        b->gbase = goff;
-        b->any = 1;
-    }
     if (b->n == b->cap) {
         int cap = b->cap ? b->cap * 2 : 256;
         param_info *np = realloc(b->p, sizeof *np * (size_t)cap);
@@ -72,7 +68,13 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
               * vector loads need aligned operands, and a GPU model's bf16 shadow mirrors these offsets */
         p->offset = (b->floats + 15) / 16 * 16;
         b->floats = p->offset + p->numel;
-        if (kind == PARAM_WEIGHT) b->span = b->floats;
+        model_run *r = b->n_runs ? &b->runs[b->n_runs - 1] : NULL;
+        if (kind == PARAM_WEIGHT && (!r || goff - p->offset != r->global - r->local)) { /* after a skipped part */
+            if (b->n_runs == MODEL_MAX_CHUNKS) return mill_errf(e, "model: more than %d runs of layers", MODEL_MAX_CHUNKS);
+            r = &b->runs[b->n_runs++];
+            *r = (model_run){p->offset, goff, 0};
+        }
+        if (kind == PARAM_WEIGHT) r->n = p->offset + p->numel - r->local;
     }
     return 0;
 }
@@ -173,7 +175,20 @@ static float *fp(const dsv4_model *m, const char *fmt, int l) {
     return p && p->kind != PARAM_INDEX ? m->data + p->offset : NULL;
 }
 
-model_stage model_stage_all(const dsv4_config *cfg) { return (model_stage){0, cfg->num_hidden_layers, 1, 1}; }
+model_stage model_stage_all(const dsv4_config *cfg) {
+    return (model_stage){.n_chunks = 1, .first = 1, .last = 1, .l1 = {cfg->num_hidden_layers}};
+}
+
+int model_stage_holds(const model_stage *st, int l) {
+    for (int c = 0; c < st->n_chunks; c++)
+        if (l >= st->l0[c] && l < st->l1[c]) return 1;
+    return 0;
+}
+
+model_stage model_stage_chunk(const model_stage *st, int c) {
+    return (model_stage){.n_chunks = 1, .first = st->first && c == 0, .last = st->last && c == st->n_chunks - 1,
+                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}};
+}
 
 int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
     return model_layout_stage(m, cfg, model_stage_all(cfg), e);
@@ -182,8 +197,12 @@ int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
 int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill_err *e) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
-    if (st.l0 < 0 || st.l1 > cfg->num_hidden_layers || st.l0 > st.l1)
-        return mill_errf(e, "model: stage layers [%d, %d) outside the model's %d", st.l0, st.l1, cfg->num_hidden_layers);
+    if (st.n_chunks < 1 || st.n_chunks > MODEL_MAX_CHUNKS)
+        return mill_errf(e, "model: %d chunks of layers (1 to %d)", st.n_chunks, MODEL_MAX_CHUNKS);
+    for (int c = 0; c < st.n_chunks; c++)
+        if (st.l0[c] < (c ? st.l1[c - 1] : 0) || st.l1[c] > cfg->num_hidden_layers || st.l0[c] > st.l1[c])
+            return mill_errf(e, "model: chunk %d's layers [%d, %d) are outside the model's %d or out of order", c,
+                             st.l0[c], st.l1[c], cfg->num_hidden_layers);
     if (cfg->tie_word_embeddings && st.first != st.last)
         return mill_errf(e, "model: tied embeddings cannot be split over pipeline stages");
     m->stage = st;
@@ -195,8 +214,8 @@ int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mi
     m->params = b.p;
     m->n_params = b.n;
     m->n_floats = b.floats;
-    m->global_base = b.gbase;
-    m->n_span = b.span;
+    memcpy(m->runs, b.runs, sizeof b.runs);
+    m->n_runs = b.n_runs;
     m->n_index = b.ints;
     for (int i = 0; i < b.n; i++)
         if (b.p[i].kind == PARAM_WEIGHT) m->n_trainable += b.p[i].numel;
@@ -268,7 +287,7 @@ int model_init_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill
         L->sw1 = fp(m, "layers.%d.ffn.shared_experts.w1.weight", l);
         L->sw2 = fp(m, "layers.%d.ffn.shared_experts.w2.weight", l);
         L->sw3 = fp(m, "layers.%d.ffn.shared_experts.w3.weight", l);
-        if (L->is_hash && l >= st.l0 && l < st.l1) {
+        if (L->is_hash && model_stage_holds(&st, l)) {
             char name[96];
             snprintf(name, sizeof name, "layers.%d.ffn.gate.tid2eid", l);
             L->tid2eid = m->index_data + model_find_param(m, name)->offset;
@@ -315,8 +334,8 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
     if (src->device != DEVICE_CPU) return mill_errf(e, "model_to_device: the source model must be on the CPU");
     dst->cfg = src->cfg;
     dst->stage = src->stage;
-    dst->global_base = src->global_base;
-    dst->n_span = src->n_span;
+    memcpy(dst->runs, src->runs, sizeof src->runs);
+    dst->n_runs = src->n_runs;
     dst->n_params = src->n_params;
     dst->n_floats = src->n_floats;
     dst->n_trainable = src->n_trainable;
@@ -442,7 +461,7 @@ static int load_extra(dsv4_model *m, const safetensors_entry *en, const char *fi
 /* A tensor of the checkpoint that another pipeline stage holds (not this one's, not unexpected). */
 static int other_stage(const model_stage *st, int n_layers, const char *name) {
     int l, n = 0;
-    if (sscanf(name, "layers.%d.%n", &l, &n) == 1 && n > 0) return l >= 0 && l < n_layers && (l < st->l0 || l >= st->l1);
+    if (sscanf(name, "layers.%d.%n", &l, &n) == 1 && n > 0) return l >= 0 && l < n_layers && !model_stage_holds(st, l);
     if (!strcmp(name, "embed.weight")) return !st->first;
     static const char *const tail[] = {"norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight", NULL};
     for (const char *const *t = tail; *t; t++)

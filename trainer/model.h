@@ -64,12 +64,27 @@ typedef struct {
     void *ctx;
 } model_grad_hook;
 
-/* The layers a model holds: [l0, l1), and the ends: first (the embedding and the stream expansion)
- * and last (hc_head, the final norm, the head; mtp.*). A pipeline stage holds a range; one
- * process holds them all (model_stage_all). */
+/* The layers a model holds, in chunks: chunk c is layers [l0[c], l1[c]) (ascending, disjoint),
+ * and the ends: first (the embedding and the stream expansion, before chunk 0) and last (hc_head,
+ * the final norm, the head; mtp.*; after the last chunk). A pipeline stage holds one range, an
+ * interleaved pipeline rank one per virtual stage; one process holds them all (model_stage_all).
+ * The forward and backward run one chunk (model_stage_chunk). */
+#define MODEL_MAX_CHUNKS 16
 typedef struct {
-    int l0, l1, first, last;
+    int n_chunks, first, last;
+    int l0[MODEL_MAX_CHUNKS], l1[MODEL_MAX_CHUNKS];
 } model_stage;
+
+/* Whether st holds layer l. */
+int model_stage_holds(const model_stage *st, int l);
+/* Chunk c of st as a holding of its own (the embedding with chunk 0, the head with the last). */
+model_stage model_stage_chunk(const model_stage *st, int c);
+
+/* A run of a model's trainable floats that is one run of the whole model's layout too: floats
+ * [local, local + n) here are [global, global + n) there. */
+typedef struct {
+    size_t local, global, n;
+} model_run;
 
 /* How a pipeline stage's boundary tensors travel (set by the trainer that runs the stage): the
  * hyper-connection streams [B*T, hc_mult, hidden] (4-D: [micro_batch, seq, hc_mult, hidden]) come
@@ -90,10 +105,10 @@ typedef struct {
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */
     size_t n_floats, n_trainable;
-    /* A stage's trainable weights are one run of the whole model's layout: floats [0, n_span) here
-     * are floats [global_base, global_base + n_span) there (buffers, after them, are not). 0 and
-     * the end of the head for the whole model. */
-    size_t global_base, n_span;
+    /* Its trainable weights as runs of the whole model's layout, one per chunk at most, in order
+     * (buffers, after them, are in none): {0, 0, the end of the head} for the whole model. */
+    model_run runs[MODEL_MAX_CHUNKS];
+    int n_runs;
     int32_t *index_data;
     size_t n_index;
     float *embed, *head, *norm, *hc_head_fn, *hc_head_base, *hc_head_scale;

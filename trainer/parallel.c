@@ -3,14 +3,17 @@
 #include <stdio.h>
 #include <string.h>
 
-par_sizes par_sizes_one(void) { return (par_sizes){1, 1, 1, 1, 1, {0}}; }
+par_sizes par_sizes_one(void) { return (par_sizes){.tp = 1, .pp = 1, .ep = 1, .cp = 1, .dp = 1, .vpp = 1}; }
 
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
-    snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
+    int k = snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
+    if (s->vpp > 1 && k >= 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", vpp %d", s->vpp);
     return buf;
 }
 
 static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int allow_pp, mill_err *e);
+
+int par_vpp(const par_sizes *s) { return s->vpp > 1 ? s->vpp : 1; }
 
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
     return validate(s, cfg, world, batch_rows, 0, e);
@@ -25,6 +28,11 @@ static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long 
     const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};
     for (int i = 0; i < 5; i++)
         if (v[i] < 1 || v[i] > 1 << 20) return mill_errf(e, "parallel: %s must be a positive size, got %d", names[i], v[i]);
+    if (s->vpp < 0 || s->vpp > PAR_MAX_VPP)
+        return mill_errf(e, "parallel: vpp must be 1 to %d model chunks per pipeline rank, got %d", PAR_MAX_VPP, s->vpp);
+    if (s->vpp > 1 && s->pp < 2)
+        return mill_errf(e, "parallel: vpp %d interleaves pipeline stages; it needs pp > 1 (pp is %d)", s->vpp, s->pp);
+    int vs = s->pp * par_vpp(s); /* virtual stages */
     double w = (double)s->tp * s->pp * s->cp * s->dp; /* up to 2^80: no long holds it */
     if (world > 0 && w != world)
         return mill_errf(e, "parallel: tp x pp x cp x dp = %d x %d x %d x %d = %.0f ranks, but the job has %d", s->tp,
@@ -43,23 +51,27 @@ static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long 
                              cfg->index_n_heads);
         if (cfg->n_routed_experts % s->ep)
             return mill_errf(e, "parallel: ep %d must divide n_routed_experts %d", s->ep, cfg->n_routed_experts);
-        if (cfg->num_hidden_layers < s->pp)
+        if (cfg->num_hidden_layers < vs && vs == s->pp)
             return mill_errf(e, "parallel: pp %d stages need at least as many layers; the model has %d", s->pp,
                              cfg->num_hidden_layers);
+        if (cfg->num_hidden_layers < vs)
+            return mill_errf(e, "parallel: pp %d x vpp %d = %d stages need at least as many layers; the model has %d",
+                             s->pp, s->vpp, vs, cfg->num_hidden_layers);
         if (s->pp_layers[0] > 0) { /* an explicit split: one count per stage, each at least 1, all the layers */
             int sum = 0, n = 0;
             for (; n < PAR_MAX_STAGES && s->pp_layers[n] > 0; n++) sum += s->pp_layers[n];
-            if (n != s->pp || sum != cfg->num_hidden_layers)
-                return mill_errf(e, "parallel: pp_layers gives %d stage(s) of %d layers in all; pp is %d and the model "
-                                    "has %d layers", n, sum, s->pp, cfg->num_hidden_layers);
+            if (n != vs || sum != cfg->num_hidden_layers)
+                return mill_errf(e, "parallel: pp_layers gives %d stage(s) of %d layers in all; %s is %d and the "
+                                    "model has %d layers", n, sum, vs == s->pp ? "pp" : "pp x vpp", vs,
+                                 cfg->num_hidden_layers);
         }
     }
     if (batch_rows > 0 && batch_rows % s->dp)
         return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
     static const char *const later[3] = {"Distributed trainer II", "ep and tp (Distributed trainer III)",
                                          "cp (Distributed trainer IV)"};
-    if (s->pp > PAR_MAX_STAGES)
-        return mill_errf(e, "parallel: pp %d: at most %d pipeline stages", s->pp, PAR_MAX_STAGES);
+    if (vs > PAR_MAX_STAGES)
+        return mill_errf(e, "parallel: pp %d x vpp %d: at most %d pipeline stages", s->pp, par_vpp(s), PAR_MAX_STAGES);
     if (s->pp != 1 && !allow_pp)
         return mill_errf(e, "parallel: pp %d is not supported yet by this command (%s: mill forward and mill grad "
                             "run stages so far); use pp 1", s->pp, later[0]);
@@ -72,15 +84,22 @@ static int validate(const par_sizes *s, const dsv4_config *cfg, int world, long 
     return 0;
 }
 
-void par_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1) {
+int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e) {
+    if (par_vpp(s) > 1 && n_micro % s->pp)
+        return mill_errf(e, "parallel: the interleaved 1F1B (vpp %d) runs micro-batches in groups of pp %d; %ld "
+                            "micro-batches are not a multiple of %d", par_vpp(s), s->pp, n_micro, s->pp);
+    return 0;
+}
+
+void par_stage_layers(const par_sizes *s, int n_layers, int v, int *l0, int *l1) {
     if (s->pp_layers[0] > 0) {
         *l0 = 0;
-        for (int i = 0; i < r; i++) *l0 += s->pp_layers[i];
-        *l1 = *l0 + s->pp_layers[r];
+        for (int i = 0; i < v; i++) *l0 += s->pp_layers[i];
+        *l1 = *l0 + s->pp_layers[v];
         return;
     }
     long lo, hi;
-    par_range(n_layers, r, s->pp, &lo, &hi);
+    par_range(n_layers, v, s->pp * par_vpp(s), &lo, &hi);
     *l0 = (int)lo;
     *l1 = (int)hi;
 }

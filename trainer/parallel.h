@@ -16,12 +16,19 @@
 #include "../common/config.h"
 #include "comm.h"
 
-#define PAR_MAX_STAGES 16
+#define PAR_MAX_STAGES 64 /* virtual pipeline stages, pp x vpp */
+#define PAR_MAX_VPP 16     /* model chunks per pipeline rank (MODEL_MAX_CHUNKS) */
+
+enum { PAR_WIRE_AUTO, PAR_WIRE_F32, PAR_WIRE_BF16 }; /* auto: bf16 on a GPU, fp32 on the CPU */
 
 typedef struct {
     int tp, pp, ep, cp, dp;
-    int pp_layers[PAR_MAX_STAGES]; /* layers of each stage, in order (all 0: an even split, the
-                                    * remainder on the first stages) */
+    int pp_layers[PAR_MAX_STAGES]; /* layers of each virtual stage, in order (all 0: an even split,
+                                    * the remainder on the first stages) */
+    int vpp; /* model chunks per pipeline rank (Megatron's virtual pipeline stages; 0 or 1: 1F1B):
+              * virtual stage s = c * pp + r is chunk c of pp rank r, run by the interleaved 1F1B */
+    int pp_wire; /* the boundary streams' type between stages: PAR_WIRE_* (bf16: half the bytes,
+                  * rounded once per hop) */
 } par_sizes;
 
 typedef struct {
@@ -34,20 +41,25 @@ typedef struct {
 
 /* All ones. */
 par_sizes par_sizes_one(void);
-/* "tp 1, pp 1, ep 1, cp 1, dp 2" */
+/* s->vpp, 0 read as 1. */
+int par_vpp(const par_sizes *s);
+/* "tp 1, pp 1, ep 1, cp 1, dp 2" (", vpp 2" when interleaved) */
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
 /* Every rule in one place, each broken rule a one-line error naming the size and the model's value:
  * sizes >= 1; world (0: not checked) = tp * pp * cp * dp; ep divides dp * cp; heads, o_groups (and
  * the indexer's heads) divisible by tp; routed experts divisible by ep; at least pp layers;
- * batch_rows (0: not checked) divisible by dp; and the sizes this build cannot run yet are 1
+ * batch_rows (0: not checked) divisible by dp; vpp chunks only with pp > 1, at least one layer per
+ * virtual stage; and the sizes this build cannot run yet are 1
  * (ep, tp, cp: Distributed trainer III-IV; pp only where par_validate_stages checks).
  * cfg may be NULL (no model rules). */
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 /* The same rules for a command that runs pipeline stages (pp over 1 allowed). */
 int par_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
-/* The layers [l0, l1) of pipeline stage r: s->pp_layers when given, else an even split in order
- * with the remainder on the first stages. */
-void par_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
+/* The interleaved 1F1B (vpp > 1) runs micro-batches in groups of pp: n_micro must be a multiple. */
+int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
+/* The layers [l0, l1) of virtual pipeline stage v (of pp x vpp): s->pp_layers when given, else an
+ * even split in order with the remainder on the first stages. */
+void par_stage_layers(const par_sizes *s, int n_layers, int v, int *l0, int *l1);
 /* This rank's coordinates and groups over world (the caller keeps world; par_free frees the
  * groups). Validates the sizes against world's size first. */
 int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);

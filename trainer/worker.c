@@ -30,7 +30,7 @@ typedef struct {
     float temperature;
     int updates, micro_batch; /* optimizer steps per batch; sequences per forward (0: all) */
     arena a;
-    arena *arenas; /* 1F1B: one per micro-batch of an update (a: the forward-only passes) */
+    arena *arenas; /* 1F1B: one per micro-batch and chunk of an update (a: the forward-only passes) */
     int n_arenas;
     float *grads;
     long version;
@@ -73,9 +73,9 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 /* ---------------------------------------------------------------------- init */
 
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
-    char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8];
+    char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8], wire[8];
     int resume, seqm;
-    int64_t version, warm, total, kl, updates, mb, lay[5];
+    int64_t version, warm, total, kl, updates, mb, lay[6];
     double temp;
     optim_config oc;
     optim_config_default(&oc);
@@ -111,11 +111,15 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e) ||
         wire_get_int(msg, "tp", 0, 1, 1, 1 << 20, &lay[0], e) || wire_get_int(msg, "pp", 0, 1, 1, 1 << 20, &lay[1], e) ||
         wire_get_int(msg, "ep", 0, 1, 1, 1 << 20, &lay[2], e) || wire_get_int(msg, "cp", 0, 1, 1, 1 << 20, &lay[3], e) ||
-        wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e) ||
+        wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e) || wire_get_int(msg, "vpp", 0, 1, 1, PAR_MAX_VPP, &lay[5], e) ||
+        wire_get_str(msg, "pp_dtype", 0, "auto", wire, sizeof wire, e) ||
         wire_get_int(msg, "debug_kill_step", 0, 0, 0, 1 << 30, &w->kill_step, e) ||
         wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e))
         return mill_err_wrap(e, "init");
-    par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4]};
+    par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4],
+                    .vpp = (int)lay[5]};
+    if (!strcmp(wire, "fp32") || !strcmp(wire, "bf16")) ps.pp_wire = wire[0] == 'f' ? PAR_WIRE_F32 : PAR_WIRE_BF16;
+    else if (strcmp(wire, "auto")) return mill_errf(e, "init: pp_dtype \"%s\" must be auto, fp32 or bf16", wire);
     int64_t split[WIRE_MAX_INTS];
     int n_split = 0;
     if (wire_get_int_array(msg, "pp_layers", 0, 1, 1 << 20, split, WIRE_MAX_INTS, &n_split, e))
@@ -191,8 +195,6 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         model_free(&w->ref);
         w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
     }
-    dist_stage_io(&w->d, train_model(w)); /* the boundary streams of a stage, over the pp group */
-    dist_stage_io(&w->d, ref_model(w));
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
@@ -232,11 +234,9 @@ typedef struct {
     int n, T, L, K;
 } train_batch;
 
-/* Forward (and backward, with loss) over sequences [r0, r1): gathers the rows' replay into
- * scratch, runs the token loss. old: the whole batch's old logprobs or NULL (on-policy). */
-/* keep NULL: forward (and with a loss, backward) now, micro-batches one after another through the
- * stages; else the forward only, its pass kept in *keep (its trace in arena a) for the schedule's
- * backward. */
+/* The forward over sequences [r0, r1) (with a loss also its gradient, for the backward), its pass
+ * in *keep (its trace in arena a): gathers the rows' replay into scratch, runs the token loss.
+ * old: the whole batch's old logprobs or NULL (on-policy). m: the model chunk the op runs. */
 static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int r0, int r1, const float *old,
                       const float *ref, long norm_tokens, int norm_seqs, int with_loss, float *logp_out,
                       grpo_stats *st, double *loss, int32_t *seq, int32_t *replay, model_pass **keep, arena *a,
@@ -246,7 +246,6 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         memcpy(replay + (long)l * nb * T * K, tb->replay + ((long)l * tb->n + r0) * T * K,
                sizeof(int32_t) * (size_t)nb * T * K);
     long t0 = tb->tok0[r0], cnt = tb->tok0[r1] - t0;
-    if (!cnt) return 0;
     for (int r = r0; r < r1; r++)
         for (long t = tb->tok0[r]; t < tb->tok0[r + 1]; t++) seq[t - t0] = r - r0;
     loss_ctx lc = {.b = {.cfg = &w->algo, .seq = seq, .n_seqs = nb, .adv = tb->adv + r0,
@@ -255,19 +254,13 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
                          .norm_tokens = norm_tokens, .norm_seqs = norm_seqs}};
     long count;
     double l = 0;
-    if (keep) { /* the replay and the loss's inputs are read in the forward: the buffers can be reused */
-        if (model_pass_forward(keep, m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
-                               w->temperature, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l, &count, a, e))
-            return -1;
-    } else if (model_forward_backward_tokens(m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T,
-                                             replay, w->temperature, w->grads, with_loss ? loss_cb : NULL, &lc,
-                                             logp_out + t0, &l, &count, a, e) ||
-               dist_stage_flush(&w->d, e)) { /* one after another through the stages */
+    /* the replay and the loss's inputs are read in the forward: the buffers can be reused */
+    if (model_pass_forward(keep, m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
+                           w->temperature, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l, &count, a, e))
         return -1;
-    }
     if (m->stage.last && count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
     if (with_loss) {
-        wire_builder *pb = w->sock ? wire_builder_new("progress", w->id) : NULL;
+        wire_builder *pb = w->sock && m->stage.first ? wire_builder_new("progress", w->id) : NULL;
         mill_err pe;
         if (pb) { /* what a person sees: micro-batches done of the step's total */
             wire_put_int(pb, "done", r1);
@@ -284,6 +277,57 @@ static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int
         st->tokens += m->stage.last ? cnt : 0; /* the loss and its statistics are the last stage's */
     }
     return 0;
+}
+
+/* A pass of micro-batches through the stages: micro-batch i is rows [mbs[i], min(mbs[i] + mb, end)).
+ * Forwards only (keep 0: each pass is freed at once, in arena w->a), or the update's training 1F1B
+ * (each forward's pass kept, in an arena per micro-batch and chunk, for its backward). */
+typedef struct {
+    worker *w;
+    const train_batch *tb;
+    const int *mbs;
+    int mb, end, keep;
+    const float *old, *ref;
+    long norm_tokens;
+    int norm_seqs, with_loss;
+    float *logp_out;
+    grpo_stats *st;
+    double *loss;
+    int32_t *seq, *replay;
+    model_pass **passes; /* [micro-batches x vpp] */
+} pass_run;
+
+static int pass_op(void *ctx, const pipe_op *op, const dsv4_model *chunk, mill_err *e) {
+    pass_run *p = ctx;
+    worker *w = p->w;
+    int at = op->micro * par_vpp(&w->d.par.sz) + op->chunk, r0 = p->mbs[op->micro];
+    if (op->backward) {
+        int x = model_pass_backward(p->passes[at], w->grads, e);
+        model_pass_free(p->passes[at]);
+        p->passes[at] = NULL;
+        return x;
+    }
+    model_pass *pass = NULL;
+    if (micro_step(w, chunk, p->tb, r0, r0 + p->mb < p->end ? r0 + p->mb : p->end, p->old, p->ref, p->norm_tokens,
+                   p->norm_seqs, p->with_loss, p->logp_out, p->st, p->loss, p->seq, p->replay, &pass,
+                   p->keep ? &w->arenas[at] : &w->a, e))
+        return -1;
+    if (p->keep) p->passes[at] = pass;
+    else model_pass_free(pass);
+    return 0;
+}
+
+/* The micro-batches of rows [a, b) that hold target tokens (every stage sees the same): their
+ * first rows into mbs, and their streams' sizes into elems; returns the count. */
+static int micro_batches(const train_batch *tb, const dsv4_config *c, int a, int b, int mb, int *mbs, size_t *elems) {
+    int nm = 0;
+    for (int r0 = a; r0 < b; r0 += mb) {
+        int r1 = r0 + mb < b ? r0 + mb : b;
+        if (tb->tok0[r1] == tb->tok0[r0]) continue;
+        elems[nm] = (size_t)(r1 - r0) * (size_t)tb->T * (size_t)c->hc_mult * (size_t)c->hidden_size;
+        mbs[nm++] = r0;
+    }
+    return nm;
 }
 
 /* n activation arenas (1F1B keeps a micro-batch's trace per arena until its backward). */
@@ -339,9 +383,10 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     long *tok0 = malloc(sizeof(long) * (size_t)(n + 1));
     float *old = NULL, *logp = NULL, *ref = NULL;
     int32_t *seq = NULL, *replay = malloc(sizeof(int32_t) * (size_t)tb.L * mb * T * tb.K);
-    int *mbs = malloc(sizeof(int) * 3 * (size_t)(n / mb + 2)), *order = mbs ? mbs + n / mb + 2 : NULL;
-    model_pass **passes = calloc((size_t)(n / mb + 2), sizeof *passes);
-    if (!tok0 || !replay || !mbs || !passes) goto oom;
+    int vpp = par_vpp(&w->d.par.sz), cap = n / mb + 2, *mbs = malloc(sizeof(int) * (size_t)cap);
+    size_t *elems = malloc(sizeof(size_t) * (size_t)cap); /* each micro-batch's streams between stages */
+    model_pass **passes = calloc((size_t)(cap * vpp), sizeof *passes);
+    if (!tok0 || !replay || !mbs || !elems || !passes) goto oom;
     tok0[0] = 0;
     for (int r = 0; r < n; r++) {
         long k = 0;
@@ -349,9 +394,10 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         tok0[r + 1] = tok0[r] + k;
     }
     long cnt = tok0[n];
-    if (fl->shape[0] != cnt)
-        return free(tok0), free(replay),
-               mill_errf(e, "train: rollout_logp holds %lld values for %ld target tokens", (long long)fl->shape[0], cnt);
+    if (fl->shape[0] != cnt) {
+        mill_errf(e, "train: rollout_logp holds %lld values for %ld target tokens", (long long)fl->shape[0], cnt);
+        goto out;
+    }
     if (!cnt) {
         mill_errf(e, "train: the batch has no target tokens");
         goto out;
@@ -380,41 +426,28 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     /* the old policy's logprobs: with several updates per batch they are computed first, with the
      * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
     for (int u = 0; u < w->updates; u++) {
-        int a = ranges[2 * u], b = ranges[2 * u + 1];
-        for (int r0 = a; ref && r0 < b; r0 += mb)
-            if (micro_step(w, ref_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, ref, &st, &loss, seq,
-                           replay, NULL, &w->a, e))
-                goto out;
-        for (int r0 = a; w->updates > 1 && r0 < b; r0 += mb)
-            if (micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, NULL, NULL, 0, 0, 0, old, &st, &loss,
-                           seq, replay, NULL, &w->a, e))
-                goto out;
+        int b = ranges[2 * u + 1], nm = micro_batches(&tb, c, ranges[2 * u], b, mb, mbs, elems);
+        pass_run pr = {.w = w, .tb = &tb, .mbs = mbs, .mb = mb, .end = b, .logp_out = ref, .st = &st, .loss = &loss,
+                       .seq = seq, .replay = replay, .passes = passes};
+        if (ref && dist_pipeline(&w->d, ref_model(w), nm, 0, elems, pass_op, &pr, e)) goto out;
+        pr.logp_out = old;
+        if (w->updates > 1 && dist_pipeline(&w->d, train_model(w), nm, 0, elems, pass_op, &pr, e)) goto out;
     }
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
-        int a = ranges[2 * u], b = ranges[2 * u + 1], nm = 0;
+        int a = ranges[2 * u], b = ranges[2 * u + 1], nm = micro_batches(&tb, c, a, b, mb, mbs, elems);
         int nseqs = 0; /* the normalisers are the whole update's, over every rank's rows */
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
-        for (int r0 = a; r0 < b; r0 += mb) /* the micro-batches with tokens (every stage sees the same) */
-            if (tok0[r0 + mb < b ? r0 + mb : b] > tok0[r0]) mbs[nm++] = r0;
-        if (op_zero(&w->k, w->grads, gbytes, e) || worker_arenas(w, nm, e)) goto out;
-        dist_schedule_1f1b(w->d.par.sz.pp, w->d.par.pp_rank, nm, order); /* 1F1B through the stages */
-        for (int s = 0; s < 2 * nm; s++) {
-            int i = order[s] >= 0 ? order[s] : -1 - order[s], r0 = mbs[i], x;
-            if (order[s] >= 0) {
-                x = micro_step(w, train_model(w), &tb, r0, r0 + mb < b ? r0 + mb : b, w->updates > 1 ? old : NULL, ref,
-                               tok0[u1] - tok0[u0], nseqs, 1, w->updates > 1 ? logp : old, &st, &loss, seq, replay,
-                               &passes[i], &w->arenas[i], e);
-            } else { /* the last backward starts the dp reduction */
-                if (i == nm - 1) dist_hook(&w->d, train_model(w), w->grads);
-                x = model_pass_backward(passes[i], w->grads, e);
-                dist_unhook(train_model(w));
-                model_pass_free(passes[i]);
-                passes[i] = NULL;
-            }
-            if (x) goto out;
+        if (op_zero(&w->k, w->grads, gbytes, e) || worker_arenas(w, nm * vpp, e)) goto out;
+        pass_run pr = {w, &tb, mbs, mb, b, 1, w->updates > 1 ? old : NULL, ref, tok0[u1] - tok0[u0], nseqs, 1,
+                       w->updates > 1 ? logp : old, &st, &loss, seq, replay, passes};
+        dist_hook(&w->d, train_model(w), w->grads); /* in each chunk's last backward (dist_pipeline) */
+        int x = dist_pipeline(&w->d, train_model(w), nm, 1, elems, pass_op, &pr, e); /* 1F1B through the stages */
+        dist_unhook(train_model(w));
+        if (x) {
+            mill_err_wrap(e, "train: update %d (rows %d to %d of this rank in micro-batches of %d)", u, a, b, mb);
+            goto out;
         }
-        if (dist_stage_flush(&w->d, e)) goto out;
         if (!nm && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
         if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
@@ -451,9 +484,10 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
 oom:
     mill_errf(e, "train: out of memory");
 out:
-    for (int i = 0; passes && i < n / mb + 2; i++) model_pass_free(passes[i]);
+    for (int i = 0; passes && i < cap * vpp; i++) model_pass_free(passes[i]);
     free(passes);
     free(mbs);
+    free(elems);
     free(tok0);
     free(old);
     free(ref);

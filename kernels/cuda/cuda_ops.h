@@ -69,6 +69,8 @@ int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
 int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
 int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
 int cuda_op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+int cuda_op_to_bf16(const kctx *k, uint16_t *dst, const float *src, size_t n, mill_err *e);
+int cuda_op_from_bf16(const kctx *k, float *dst, const uint16_t *src, size_t n, mill_err *e);
 int cuda_op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e);
 int cuda_op_repeat_rows_backward(const kctx *k, float *dsrc, const float *ddst, int rows, int reps, int dim,
                                  mill_err *e);

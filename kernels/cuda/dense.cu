@@ -1008,6 +1008,33 @@ __global__ void repeat_rows_kernel(float *dst, const float *src, int rows, int r
     dst[i] = src[r * dim + i % dim];
 }
 
+/* f32_to_bf16's bit manipulation (not __float2bfloat16_rn, whose NaN differs): CPU and GPU agree. */
+__global__ void to_bf16_kernel(uint16_t *dst, const float *src, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    uint32_t u = __float_as_uint(src[i]);
+    dst[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+__global__ void from_bf16_kernel(float *dst, const uint16_t *src, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __uint_as_float((uint32_t)src[i] << 16);
+}
+
+int cuda_op_to_bf16(const kctx *k, uint16_t *dst, const float *src, size_t n, mill_err *e) {
+    if (!n) return 0;
+    to_bf16_kernel<<<cu_blocks((long)n, 256), 256, 0, cu_stream(k)>>>(dst, src, (long)n);
+    LAUNCH_CHECK("to_bf16_kernel");
+    return 0;
+}
+
+int cuda_op_from_bf16(const kctx *k, float *dst, const uint16_t *src, size_t n, mill_err *e) {
+    if (!n) return 0;
+    from_bf16_kernel<<<cu_blocks((long)n, 256), 256, 0, cu_stream(k)>>>(dst, src, (long)n);
+    LAUNCH_CHECK("from_bf16_kernel");
+    return 0;
+}
+
 int cuda_op_repeat_rows(const kctx *k, float *dst, const float *src, int rows, int reps, int dim, mill_err *e) {
     long n = (long)rows * reps * dim;
     if (n <= 0) return 0;

@@ -66,9 +66,13 @@ if has dist; then
   mv runs/sft-dist /tmp/sft-cuda; timeout 200 $B/mill sft tests/data/sft-dist.yaml --device cpu > /dev/null 2>&1
   $B/st_diff /tmp/sft-cuda/step-000020 runs/sft-dist/step-000020 1
   echo "=== GRPO on the GPU, disaggregated (buckets staged from the device weights; no host image), 3 steps"
+  echo "    (micro-batches of 4 rows through dist_pipeline), then colocated (CUDA IPC)"
   rm -rf /tmp/gd; timeout 200 $B/mill run tests/data/grpo-smoke.yaml --set name=gd --set ledger=/tmp/gd/l.db \
     --set checkpoint.dir=/tmp/gd/ck --set train.steps=3 --set train.device=cuda --set rollout.device=cuda \
-    --set rollout.layout=disaggregated 2>&1 | grep -E "step +[0-9]/|checkpoint|error" | tail -5
+    --set rollout.layout=disaggregated --set train.micro_batch=4 2>&1 | grep -E "step +[0-9]/|checkpoint|error" | tail -5
+  rm -rf /tmp/gc; timeout 200 $B/mill run tests/data/grpo-smoke.yaml --set name=gc --set ledger=/tmp/gc/l.db \
+    --set checkpoint.dir=/tmp/gc/ck --set train.steps=3 --set train.device=cuda --set rollout.device=cuda \
+    --set train.micro_batch=4 2>&1 | grep -E "step +[0-9]/|checkpoint|error" | tail -5
   grep -h "publish:" /tmp/gd/ck/logs/trainer.log | tail -1
   timeout 60 $B/mill forward --model /tmp/gd/ck/step-000003 --input tests/data/tiny-a/input.json --device cpu \
     --output /tmp/gd.st 2>&1 | tail -1
