@@ -50,7 +50,7 @@ static void plan_rank(int pp, int vpp, int r, int m, int backward, rank_plan *rp
         assert_int_equal(seen[id][order[j].backward]++, 0);
         if (order[j].backward) assert_int_equal(seen[id][0], 1);
     }
-    pipe_plan st = {0};
+    pipe_plan st = {.interleaved = vpp > 1};
     int asked[2 * MAXOPS] = {0};
     xfer pend[4];
     int np = 0;

@@ -161,7 +161,7 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
         views[c].stage = model_stage_chunk(&m->stage, c);
         views[c].io = (model_stage_io){pipe_recv, pipe_send, &run};
     }
-    pipe_plan plan = {0};
+    pipe_plan plan = {.interleaved = vpp > 1};
     if (pipe_transfer(&run, &plan, e)) goto out;
     for (run.j = 0; run.j < n; run.j++) {
         const pipe_op *op = &order[run.j];

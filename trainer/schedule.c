@@ -42,6 +42,10 @@ int pipe_send_peer(int pp, int vpp, int r, const pipe_op *op) {
 
 int pipe_batch(const pipe_op *order, int n, int j, pipe_plan *st, int *rf, int *rb) {
     *rf = *rb = -1;
+    if (!st->interleaved) { /* 1F1B: after every op, its sends and the next op's receive */
+        if (j + 1 < n) *(order[j + 1].backward ? rb : rf) = j + 1;
+        return 1;
+    }
     if (j >= 0 && !order[j].backward && order[j].steady) return 0; /* its backward comes first */
     int f = j + 1;
     while (f < n && order[f].backward) f++;

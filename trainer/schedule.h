@@ -29,13 +29,15 @@ int pipe_schedule(int pp, int vpp, int r, int n_micro, int backward, pipe_op *or
 int pipe_recv_peer(int pp, int vpp, int r, const pipe_op *op);
 int pipe_send_peer(int pp, int vpp, int r, const pipe_op *op);
 
-/* Batching (Megatron's): after op j (j = -1: before the first) a batch goes out unless op j is a
- * steady forward. It holds the sends of the ops since the last batch, then the receive of the next
- * forward's input not yet asked for (*rf, else -1), then that of the next backward's gradient once
- * it is due (*rb: op j + 1, or j + 2 after a steady forward; else -1). st starts zeroed. Returns
- * whether a batch goes out. */
+/* Batching (Megatron's): after op j (j = -1: before the first) a batch goes out with the sends of
+ * the ops since the last batch, then receives (*rf a forward's input, *rb a backward's gradient,
+ * op indices, else -1). 1F1B: after every op, with op j + 1's receive (a forward's output leaves
+ * before its backward partner runs). Interleaved: not after a steady forward; the receive of the
+ * next forward's input not yet asked for, then that of the next backward's gradient once it is due
+ * (op j + 1, or j + 2 after a steady forward). Returns whether a batch goes out. */
 typedef struct {
-    int next_f, next_b; /* the first op indices not yet asked for */
+    int interleaved;    /* set by the caller: vpp > 1 */
+    int next_f, next_b; /* the first op indices not yet asked for (start at 0) */
 } pipe_plan;
 int pipe_batch(const pipe_op *order, int n, int j, pipe_plan *st, int *rf, int *rb);
 
