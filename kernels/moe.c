@@ -104,6 +104,34 @@ int op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids
     return 0;
 }
 
+int op_moe_combine(const kctx *k, float *out, const float *y, const float *weights, int N, int K, int D, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_combine(k, out, y, weights, N, K, D, e));
+    TRY(kctx_require_cpu(k, "op_moe_combine", e));
+    memset(out, 0, sizeof(float) * (size_t)N * D); /* op_moe_experts' sum, term by term */
+    for (long r = 0; r < (long)N * K; r++) {
+        float wgt = weights[r], *o = out + (r / K) * D;
+        const float *yr = y + r * D;
+        for (int c = 0; c < D; c++) o[c] += wgt * yr[c];
+    }
+    return 0;
+}
+
+int op_moe_combine_backward(const kctx *k, float *dy, float *dweights, const float *dout, const float *y,
+                            const float *weights, int N, int K, int D, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_moe_combine_backward(k, dy, dweights, dout, y, weights, N, K, D, e));
+    TRY(kctx_require_cpu(k, "op_moe_combine_backward", e));
+    for (long r = 0; r < (long)N * K; r++) {
+        const float *g = dout + (r / K) * D, *yr = y + r * D;
+        float *d = dy + r * D, s = 0.f;
+        for (int c = 0; c < D; c++) {
+            d[c] = weights[r] * g[c];
+            s += g[c] * yr[c];
+        }
+        dweights[r] = s;
+    }
+    return 0;
+}
+
 static float score_grad(float l, float s, dsv4_score_func f) {
     if (f == SCORE_SIGMOID) return s * (1.0f - s);
     float sp_grad = l > 20.0f ? 1.0f : 1.0f / (1.0f + expf(-l)); /* softplus' (torch's threshold) */

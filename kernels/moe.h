@@ -45,4 +45,13 @@ int op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, fl
                             float limit, float *work, mill_err *e);
 long moe_experts_backward_work_floats(int N, int D, int I, int E, int K);
 
+/* The weighted sum of the experts' outputs, as op_moe_experts ends: out[t] = sum over k in order
+ * of weights[t, k] * y[t * K + k] (y [N * K, D]: each (token, slot)'s expert output, computed
+ * elsewhere: expert parallelism). Overwrites out [N, D]. */
+int op_moe_combine(const kctx *k, float *out, const float *y, const float *weights, int N, int K, int D, mill_err *e);
+/* Its backward: dy[t * K + k] = weights[t, k] * dout[t] and dweights[t, k] = dout[t] . y[t * K + k]
+ * (both overwritten). */
+int op_moe_combine_backward(const kctx *k, float *dy, float *dweights, const float *dout, const float *y,
+                            const float *weights, int N, int K, int D, mill_err *e);
+
 #endif

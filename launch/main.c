@@ -61,7 +61,8 @@ static int usage(FILE *to) {
             "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
             "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
             "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
-            "          interleaved) work; ep/tp and cp come with Distributed trainer III-IV\n");
+            "          interleaved) work; ep (experts over ranks) in forward and grad; tp and cp come with\n"
+            "          Distributed trainer III-IV\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -193,7 +194,7 @@ static int start_ranks(int argc, char **argv, const char *dir, const char *in, p
     if (ranks_parse(argc, argv, s, e) || config_load(dir, &cfg, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e))
         return -1;
     free(ids);
-    return ranks_start(argc, argv, s, &cfg, B, 1, world, e);
+    return ranks_start(argc, argv, s, &cfg, B, PAR_RUNS_PP | PAR_RUNS_EP, world, e);
 }
 
 /* Every rank's rows of [rows, width] values (rank r's at rows_lo(r)) gathered on every rank, in place. */
@@ -251,6 +252,7 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
         dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
     if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
+    dist_ep_io(&d, run); /* routed experts over the ep ranks */
     const dsv4_config *c = &m.cfg;
     long N = (long)B * T, r0, r1;
     dist_rows(&d, B, &r0, &r1); /* this rank's rows */
@@ -358,6 +360,7 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         dist_init(&d, *world, &ps, &cfg, B, &k, e) || model_load_stage(&m, dir, &d.stage, e)) /* this rank's layers */
         goto done;
     if (!(run = (dsv4_model *)model_on(&m, &dm, &k, e))) goto done;
+    dist_ep_io(&d, run); /* routed experts over the ep ranks */
     if (T < 2) {
         mill_errf(e, "%s: rows need at least 2 tokens for a next-token loss", in);
         goto done;
@@ -392,6 +395,10 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         comm_flush(d.dp, e) || op_copy_to_host(&k, grads, tg.data, tensor_nbytes(&tg), e))
         goto done;
     dist_unhook(run);
+    double ep_bytes = d.ep_bytes, ep_uniform = (double)B * T * cfg.num_experts_per_tok * (ps.ep - 1) / ps.ep *
+                                             (4.0 * cfg.hidden_size * sizeof(float) + sizeof(int32_t)) *
+                                             cfg.num_hidden_layers;
+    if (comm_sum_f64(*world, &ep_bytes, 1, e)) goto done;
     /* every stage's gradients (in its own layout) into the whole model's layout */
     if (model_init(&full, &cfg, e) || dist_gather_stages(&d, grads, NULL, &full, e)) goto done;
     int n_out = 0;
@@ -416,6 +423,9 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     }
     log_info("grad: loss %.6f over %ld positions, %d gradient tensors, %d rank(s) -> %s", loss.loss, loss.count, n_out,
              d.par.world, out);
+    if (ps.ep > 1) /* measured against what uniform routing sends: 4 row moves (x, y; dy, dx) and the expert ids */
+        log_info("grad: the expert all-to-alls sent %.3f MiB to other ranks; uniform routing: %.3f MiB (x%.3f)",
+                 ep_bytes / 1048576.0, ep_uniform / 1048576.0, ep_bytes / ep_uniform);
     rc = 0;
 done:
     safetensors_writer_free(w);
@@ -481,7 +491,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, 1, world, e))
+        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, PAR_RUNS_PP, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

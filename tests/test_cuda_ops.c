@@ -598,6 +598,31 @@ static void test_token_logp(void **state) {
 
 /* The memory ops the model uses between other ops: copy, zero, host round trip, the stream
  * repeat and its backward (same summation order: exact), the int32 gather (exact; bad id). */
+/* Expert parallelism's combine and its backward: the CPU's results (the same sums; FMA aside). */
+static void test_moe_combine(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int N = 300, K = 6, D = 257;
+    long NK = (long)N * K;
+    float *y = hnew(NK * D), *w = hnew(NK), *g = hnew((long)N * D), *out = hnew((long)N * D), *dy = hnew(NK * D),
+          *dw = hnew(NK);
+    fill(f, y, NK * D, -1, 1);
+    fill(f, w, NK, 0, 1);
+    fill(f, g, (long)N * D, -1, 1);
+    float *dY = up(y, NK * D), *dW = up(w, NK), *dG = up(g, (long)N * D), *dout = poison((long)N * D),
+          *ddy = poison(NK * D), *ddw = poison(NK);
+    OK(op_moe_combine(&f->cpu, out, y, w, N, K, D, ERR));
+    OK(op_moe_combine(&f->gpu, dout, dY, dW, N, K, D, ERR));
+    cmp(f, "op_moe_combine", "N300 K6 D257", dout, out, (long)N * D, 1e-6);
+    OK(op_moe_combine_backward(&f->cpu, dy, dw, g, y, w, N, K, D, ERR));
+    OK(op_moe_combine_backward(&f->gpu, ddy, ddw, dG, dY, dW, N, K, D, ERR));
+    cmp(f, "op_moe_combine_backward dy", "N300 K6 D257", ddy, dy, NK * D, 0.0);
+    cmp(f, "op_moe_combine_backward dweights", "N300 K6 D257", ddw, dw, NK, 1e-5);
+    free(y), free(w), free(g), free(out), free(dy), free(dw);
+    cuda_free(dY), cuda_free(dW), cuda_free(dG), cuda_free(dout), cuda_free(ddy), cuda_free(ddw);
+    END_TEST(f);
+}
+
 static void test_memory_ops(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -1711,7 +1736,7 @@ int main(void) {
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),
         cmocka_unit_test(test_moe_wmma_gemm), cmocka_unit_test(test_moe_wmma_tn_gemm), cmocka_unit_test(test_moe_experts),   cmocka_unit_test(test_token_logp),  cmocka_unit_test(test_memory_ops),
-        cmocka_unit_test(test_sample),
+        cmocka_unit_test(test_sample),        cmocka_unit_test(test_moe_combine),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

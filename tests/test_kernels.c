@@ -1118,6 +1118,30 @@ static void test_moe_experts(void **state) {
     assert_int_equal(op_moe_experts(&k, out, x, ids, wt, w1, w3, w2, N, D, I, E, K, L, 1, work, &e), 0);
     CHECK_NORM("op_moe_experts accumulate", out, ref, (long)N * D, TOL_F32);
 
+    /* expert parallelism's halves: each (token, slot)'s expert output alone (one slot, weight 1),
+     * then op_moe_combine: op_moe_experts' bits; and the combine's backward against its formulas */
+    float *xp = falloc((long)N * K * D), *one = falloc((long)N * K), *Y = falloc((long)N * K * D);
+    float *work2 = falloc(moe_experts_work_floats(N * K, D, I, E, 1)), *g = falloc((long)N * D), *dY = falloc((long)N * K * D);
+    float *dw = falloc((long)N * K);
+    for (long r = 0; r < (long)N * K; r++) memcpy(xp + r * D, x + (r / K) * D, sizeof(float) * (size_t)D);
+    fill_value(one, (long)N * K, 1.0f);
+    assert_int_equal(op_moe_experts(&k, Y, xp, ids, one, w1, w3, w2, N * K, D, I, E, 1, L, 0, work2, &e), 0);
+    float *out2 = falloc((long)N * D);
+    assert_int_equal(op_moe_experts(&k, out, x, ids, wt, w1, w3, w2, N, D, I, E, K, L, 0, work, &e), 0);
+    assert_int_equal(op_moe_combine(&k, out2, Y, wt, N, K, D, &e), 0);
+    assert_memory_equal(out2, out, sizeof(float) * (size_t)N * D);
+    fill_uniform(g, (long)N * D, -1, 1);
+    assert_int_equal(op_moe_combine_backward(&k, dY, dw, g, Y, wt, N, K, D, &e), 0);
+    for (long r = 0; r < (long)N * K; r++) {
+        double s = 0;
+        for (int c = 0; c < D; c++) {
+            assert_true(dY[r * D + c] == wt[r] * g[(r / K) * D + c]);
+            s += (double)g[(r / K) * D + c] * Y[r * D + c];
+        }
+        assert_true(fabs(dw[r] - s) <= 1e-5 * (1 + fabs(s)));
+    }
+    free(xp), free(one), free(Y), free(work2), free(g), free(dY), free(dw), free(out2);
+
     const int32_t bad[12] = {0, 1, 3, 0, 1, 5, 3, 1, 0, 3, 1, 0}; /* 5 == E */
     assert_int_equal(op_moe_experts(&k, out, x, bad, wt, w1, w3, w2, N, D, I, E, K, L, 0, work, &e), -1);
     free(x), free(w1), free(w3), free(w2), free(wt), free(out), free(prev), free(work), free(ref);

@@ -4,7 +4,7 @@
  * stand-in world comm whose split records the colour and key it is given, and the groups those
  * make are checked against Megatron-Core's order written out here independently (rank = tp_r +
  * tp * (cp_r + cp * (dp_r + dp * pp_r)); experts tp, ep, expert-dp within a stage). The real
- * par_init takes dp-only layouts (par_validate refuses tp, pp, cp, ep > 1 today); the other
+ * par_init takes the layouts the commands run (par_validate refuses tp and cp > 1 today); the other
  * layouts go through a second copy of trainer/parallel.c compiled below with its functions
  * renamed and only the "not supported yet" refusal let through, so its layout code is the real one.
  * Under mpiexec -n 4 (test_parallel_mpi4): par_init over MPI with dp 4, and a size that does not
@@ -23,19 +23,17 @@
 /* ------------------- trainer/parallel.c again, renamed, refusing no layout it can lay out */
 
 static int lay_errf(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int lay_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+int lay_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int runs, mill_err *e);
 int lay_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);
 void lay_free(par_state *p);
 par_sizes lay_sizes_one(void);
 const char *lay_sizes_str(const par_sizes *s, char *buf, size_t n);
 void lay_range(long n, int r, int k, long *lo, long *hi);
-int lay_validate_stages(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
 int lay_vpp(const par_sizes *s);
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #define par_vpp lay_vpp
 #define par_validate_micro lay_validate_micro
-#define par_validate_stages lay_validate_stages
 #define par_stage_layers lay_stage_layers
 #define par_sizes_one lay_sizes_one
 #define par_sizes_str lay_sizes_str
@@ -47,7 +45,6 @@ int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #include "trainer/parallel.c"
 #undef par_vpp
 #undef par_validate_micro
-#undef par_validate_stages
 #undef par_stage_layers
 #undef par_sizes_one
 #undef par_sizes_str
@@ -71,11 +68,12 @@ static par_sizes sizes(int tp, int pp, int ep, int cp, int dp) {
     return (par_sizes){.tp = tp, .pp = pp, .ep = ep, .cp = cp, .dp = dp};
 }
 
-/* par_validate fails with a message holding want (one line), or passes (want NULL). */
+/* par_validate for a command that runs dp only fails with a message holding want (one line), or
+ * passes (want NULL). */
 static void expect_validate(par_sizes s, const dsv4_config *cfg, int world, long rows, const char *want) {
     mill_err e = {{0}};
     char b[96];
-    int rc = par_validate(&s, cfg, world, rows, &e);
+    int rc = par_validate(&s, cfg, world, rows, 0, &e);
     if (!want) {
         if (rc) fail_msg("%s (world %d, rows %ld): unexpected error: %s", par_sizes_str(&s, b, sizeof b), world, rows, e.msg);
         return;
@@ -155,18 +153,18 @@ static void test_validate(void **st) {
     expect_validate(v, &c2, 0, 0, "parallel: pp_layers gives 2 stage(s) of 5 layers in all; pp x vpp is 4 and the model has 5 layers");
     /* ... which a NULL config skips */
     expect_validate(sizes(3, 1, 1, 1, 1), NULL, 0, 0, "tp 3 is not supported yet");
-    expect_validate(sizes(1, 3, 1, 1, 1), NULL, 0, 0, "pp 3 is not supported yet");
+    expect_validate(sizes(1, 3, 1, 1, 1), NULL, 0, 0, "pp 3 is not supported by this command");
 
     /* the batch's rows over dp */
     expect_validate(sizes(1, 1, 1, 1, 4), &c, 4, 6, "parallel: the batch's 6 rows must divide evenly over dp 4");
     expect_validate(sizes(1, 1, 1, 1, 4), NULL, 0, 3, "the batch's 3 rows must divide evenly over dp 4");
 
     /* the sizes this build cannot run yet */
-    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, "parallel: pp 2 is not supported yet by this command (Distributed trainer II: mill forward and mill grad run stages so far); use pp 1");
-    expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, "parallel: ep 2 is not supported yet: ep and tp (Distributed trainer III)");
-    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, "parallel: tp 2 is not supported yet: ep and tp (Distributed trainer III)");
+    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, "parallel: pp 2 is not supported by this command; use pp 1");
+    expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, "parallel: ep 2 is not supported by this command yet (mill forward and mill grad run experts over ranks so far); use ep 1");
+    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, "parallel: tp 2 is not supported yet: tp (Distributed trainer III)");
     expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");
-    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: pp 2 is not supported yet");
+    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: pp 2 is not supported by this command");
 
     /* the real tiny model with the sizes that run */
     dsv4_config tiny;

@@ -19,6 +19,14 @@
 #include "../kernels/rope.h"
 #include "model.h"
 
+/* Expert parallelism's trace of a layer: the rows this rank's experts received (x [R, D], their
+ * local expert ids, unit weights) and every (token, slot)'s expert output that came back (Y [N*K, D]). */
+typedef struct {
+    float *x, *ones, *Y;
+    int32_t *id;
+    long R;
+} moe_ep_trace;
+
 /* What one hyper-connection site keeps: its input streams and the mixing weights. */
 typedef struct {
     float *h_in, *pre, *post, *comb; /* [N,n,D], [N,n], [N,n], [N,n,n] */
@@ -35,6 +43,7 @@ typedef struct {
     /* MoE */
     float *logits, *scores, *wts;
     int32_t *ids;
+    moe_ep_trace ep; /* expert parallelism: what the backward needs */
 } layer_trace;
 
 typedef struct {
@@ -181,9 +190,157 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
     return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e);
 }
 
-int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
-              const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
-              mill_err *e) {
+/* ------------------------------------------------------- expert parallelism */
+
+/* Where each (token, slot) pair of this rank's routing goes: pairs sorted by owner rank (stable),
+ * with per-peer counts exchanged. Host: counts and displacements in pairs; device (the arena):
+ * send slot i's pair perm[i] and token tok[i], pair p's send slot inv[p], slot i's expert local to
+ * its owner lid[i]. */
+typedef struct {
+    long NK, R; /* pairs sent (all of this rank's), received */
+    size_t *sc, *sd, *rc, *rd;
+    int32_t *perm, *tok, *inv, *lid;
+} ep_plan;
+
+static void ep_plan_free(ep_plan *p) { free(p->sc); }
+
+static int ep_plan_make(const dsv4_model *m, const kctx *k, const int32_t *ids, int N, arena *a, ep_plan *p,
+                        mill_err *e) {
+    const model_ep_io *ep = &m->ep;
+    int P = ep->size, K = m->cfg.num_experts_per_tok, El = m->cfg.n_routed_experts / P;
+    long NK = (long)N * K;
+    memset(p, 0, sizeof *p);
+    p->NK = NK;
+    p->sc = calloc((size_t)P * 4, sizeof(size_t));
+    int32_t *h = malloc(sizeof(int32_t) * (size_t)(5 * NK + 1));
+    if (!p->sc || !h) {
+        free(h);
+        return mill_errf(e, "moe: out of memory for the expert-parallel plan");
+    }
+    p->sd = p->sc + P, p->rc = p->sc + 2 * P, p->rd = p->sc + 3 * P;
+    int32_t *hid = h, *perm = h + NK, *tok = h + 2 * NK, *inv = h + 3 * NK, *lid = h + 4 * NK;
+    int rc = op_copy_to_host(k, hid, ids, sizeof(int32_t) * (size_t)NK, e);
+    for (long i = 0; !rc && i < NK; i++) p->sc[hid[i] / El]++;
+    for (int q = 1; q < P; q++) p->sd[q] = p->sd[q - 1] + p->sc[q - 1];
+    size_t *at = p->rd; /* scratch until the exchange: each owner's next slot */
+    for (int q = 0; q < P; q++) at[q] = p->sd[q];
+    for (long i = 0; !rc && i < NK; i++) {
+        int q = hid[i] / El;
+        long s = (long)at[q]++;
+        perm[s] = (int32_t)i, tok[s] = (int32_t)(i / K), inv[i] = (int32_t)s, lid[s] = hid[i] - q * El;
+    }
+    size_t *one = malloc(sizeof(size_t) * 2 * (size_t)P), *idx = one + P; /* the counts, one per peer, over the host */
+    if (!rc && !one) rc = mill_errf(e, "moe: out of memory");
+    for (int q = 0; !rc && q < P; q++) one[q] = 1, idx[q] = (size_t)q;
+    if (!rc) rc = ep->a2a(ep->ctx, p->sc, one, idx, p->rc, one, idx, DTYPE_I64, 1, e);
+    free(one);
+    p->rd[0] = 0;
+    for (int q = 1; !rc && q < P; q++) p->rd[q] = p->rd[q - 1] + p->rc[q - 1];
+    for (int q = 0; !rc && q < P; q++) p->R += (long)p->rc[q];
+    if (!rc) {
+        int32_t *d = (int32_t *)arena_floats(a, (size_t)(4 * NK + 1));
+        if (!d) rc = mill_errf(e, "moe: out of activation memory");
+        else if (!(rc = op_copy_from_host(k, d, perm, sizeof(int32_t) * (size_t)(4 * NK), e)))
+            p->perm = d, p->tok = d + NK, p->inv = d + 2 * NK, p->lid = d + 3 * NK;
+    }
+    free(h);
+    if (rc) ep_plan_free(p);
+    return rc;
+}
+
+/* Rows of width elements from every send slot to its owner (back: from the owners to the slots). */
+static int ep_move(const dsv4_model *m, const ep_plan *p, const void *send, void *recv, int width, mill_dtype dt,
+                   int back, mill_err *e) {
+    int P = m->ep.size;
+    size_t *c = malloc(sizeof(size_t) * 4 * (size_t)P);
+    if (!c) return mill_errf(e, "moe: out of memory");
+    const size_t *sc = back ? p->rc : p->sc, *sd = back ? p->rd : p->sd, *rc = back ? p->sc : p->rc,
+                 *rd = back ? p->sd : p->rd;
+    for (int q = 0; q < P; q++)
+        c[q] = sc[q] * width, c[P + q] = sd[q] * width, c[2 * P + q] = rc[q] * width, c[3 * P + q] = rd[q] * width;
+    int rc_ = m->ep.a2a(m->ep.ctx, send, c, c + P, recv, c + 2 * P, c + 3 * P, dt, 0, e);
+    free(c);
+    return rc_;
+}
+
+#define EP_ALLOC(ptr, count)                                                                   \
+    do {                                                                                       \
+        (ptr) = (void *)arena_floats(a, (size_t)(count) > 0 ? (size_t)(count) : 1);           \
+        if (!(ptr)) return ep_plan_free(&p), mill_errf(e, "moe: out of activation memory"); \
+    } while (0)
+
+/* The routed experts of y = MoE(x) over the expert-parallel ranks: each (token, slot) row to the
+ * rank that holds its expert, the experts there (unweighted), the outputs back, then the weighted
+ * sum in slot order (op_moe_experts' own). tr (the training trace) or NULL. */
+static int moe_experts_ep(const dsv4_model *m, const kctx *k, const dsv4_layer *L, const float *x, const int32_t *ids,
+                          const float *wts, int N, float *y, moe_ep_trace *tr, arena *a, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    int D = c->hidden_size, K = c->num_experts_per_tok, I = c->moe_intermediate_size, El = c->n_routed_experts / m->ep.size;
+    ep_plan p;
+    TRY(ep_plan_make(m, k, ids, N, a, &p, e));
+    long NK = p.NK, R = p.R;
+    float *xs, *xr, *ones, *yr, *ys, *Y, *work, *h1;
+    int32_t *idr;
+    EP_ALLOC(xs, NK * D);
+    EP_ALLOC(xr, R * D);
+    EP_ALLOC(idr, R);
+    EP_ALLOC(ones, R);
+    EP_ALLOC(yr, R * D);
+    EP_ALLOC(ys, NK * D);
+    EP_ALLOC(Y, NK * D);
+    EP_ALLOC(work, moe_experts_work_floats((int)R, D, I, El, 1));
+    int rc = !(h1 = malloc(sizeof(float) * (size_t)(R > 0 ? R : 1)));
+    for (long i = 0; !rc && i < R; i++) h1[i] = 1.0f;
+    rc = rc ? mill_errf(e, "moe: out of memory")
+            : op_copy_from_host(k, ones, h1, sizeof(float) * (size_t)R, e) ||
+                  op_embedding(k, xs, x, p.tok, (int)NK, D, N, e) || ep_move(m, &p, xs, xr, D, DTYPE_F32, 0, e) ||
+                  ep_move(m, &p, p.lid, idr, 1, DTYPE_I32, 0, e) ||
+                  (R > 0 && op_moe_experts(k, yr, xr, idr, ones, L->w1, L->w3, L->w2, (int)R, D, I, El, 1,
+                                           (float)c->swiglu_limit, 0, work, e)) ||
+                  ep_move(m, &p, yr, ys, D, DTYPE_F32, 1, e) || op_embedding(k, Y, ys, p.inv, (int)NK, D, (int)NK, e) ||
+                  op_moe_combine(k, y, Y, wts, N, K, D, e);
+    free(h1);
+    if (!rc && tr) *tr = (moe_ep_trace){xr, ones, Y, idr, R};
+    ep_plan_free(&p);
+    return rc;
+}
+
+/* Its backward: dx [N, D] += d/dx, dwts [N, K] = d/d weights, the local experts' gradients into
+ * grads (their rows' gradients come from every rank). */
+static int moe_experts_ep_backward(const dsv4_model *m, const kctx *k, const dsv4_layer *L, const layer_trace *t,
+                                   const float *dy, int N, float *dx, float *dwts, float *grads, arena *a, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    int D = c->hidden_size, K = c->num_experts_per_tok, I = c->moe_intermediate_size, El = c->n_routed_experts / m->ep.size;
+    ep_plan p;
+    TRY(ep_plan_make(m, k, t->ids, N, a, &p, e));
+    long NK = p.NK, R = p.R;
+    if (R != t->ep.R) return ep_plan_free(&p), mill_errf(e, "moe: %ld rows came back for %ld sent", R, t->ep.R);
+    float *dY, *dys, *dyr, *dxr, *dwr, *dxs, *DX, *work;
+    EP_ALLOC(dY, NK * D);
+    EP_ALLOC(dys, NK * D);
+    EP_ALLOC(dyr, R * D);
+    EP_ALLOC(dxr, R * D);
+    EP_ALLOC(dwr, R);
+    EP_ALLOC(dxs, NK * D);
+    EP_ALLOC(DX, NK * D);
+    EP_ALLOC(work, moe_experts_backward_work_floats((int)R, D, I, El, 1));
+#define G(ptr) ((ptr) ? grads + ((ptr) - m->data) : NULL)
+    int rc = op_moe_combine_backward(k, dY, dwts, dy, t->ep.Y, t->wts, N, K, D, e) ||
+             op_embedding(k, dys, dY, p.perm, (int)NK, D, (int)NK, e) || ep_move(m, &p, dys, dyr, D, DTYPE_F32, 0, e) ||
+             op_zero(k, dxr, sizeof(float) * (size_t)(R * D), e) ||
+             (R > 0 && op_moe_experts_backward(k, dxr, G(L->w1), G(L->w3), G(L->w2), dwr, dyr, t->ep.x, t->ep.id,
+                                               t->ep.ones, L->w1, L->w3, L->w2, (int)R, D, I, El, 1,
+                                               (float)c->swiglu_limit, work, e)) ||
+             ep_move(m, &p, dxr, dxs, D, DTYPE_F32, 1, e) || op_embedding(k, DX, dxs, p.inv, (int)NK, D, (int)NK, e) ||
+             op_repeat_rows_backward(k, dx, DX, N, K, D, e);
+#undef G
+    ep_plan_free(&p);
+    return rc;
+}
+
+static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
+                            const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts,
+                            moe_ep_trace *tr, arena *a, mill_err *e) {
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
     int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
@@ -199,7 +356,8 @@ int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const i
     }
     moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
     TRY(op_moe_route(k, scores, ids, wts, logits, L->gate_bias, given, N, rc, e));
-    TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
+    if (m->ep.size > 1) TRY(moe_experts_ep(m, k, L, x, ids, wts, N, y, tr, a, e));
+    else TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
     if (L->sw1) {
         int Is = I * c->n_shared_experts;
         float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
@@ -212,6 +370,12 @@ int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const i
     return 0;
 }
 
+int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
+              const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
+              mill_err *e) {
+    return model_moe_traced(m, k, l, x, tokens, N, replay, y, logits, scores, ids, wts, NULL, a, e);
+}
+
 /* y[N, D] = MoE sublayer on x[N, D] (already ffn_norm'ed); replay [N, k] or NULL. */
 static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x, const int32_t *replay) {
     const dsv4_config *c = &f->m->cfg;
@@ -219,8 +383,8 @@ static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, co
     ALLOC(t->logits, (long)N * E);
     ALLOC(t->scores, (long)N * E);
     ALLOC(t->wts, (long)N * K);
-    return model_moe(f->m, f->k, (int)(L - f->m->layers), x, f->ids, N, replay, y, t->logits, t->scores, t->ids,
-                     t->wts, f->a, f->e);
+    return model_moe_traced(f->m, f->k, (int)(L - f->m->layers), x, f->ids, N, replay, y, t->logits, t->scores,
+                            t->ids, t->wts, &t->ep, f->a, f->e);
 }
 
 static int site_alloc(fwd *f, site_trace *s) {
@@ -440,8 +604,9 @@ static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float
     ALLOC(work, moe_experts_backward_work_floats(N, D, I, E, K));
     ALLOC(dwts, (long)N * K);
     ALLOC(dlogits, (long)N * E);
-    TRY(op_moe_experts_backward(k, dx, GRAD(L->w1), GRAD(L->w3), GRAD(L->w2), dwts, dy, x, t->ids, t->wts, L->w1, L->w3,
-                                L->w2, N, D, I, E, K, (float)c->swiglu_limit, work, e));
+    if (f->m->ep.size > 1) TRY(moe_experts_ep_backward(f->m, k, L, t, dy, N, dx, dwts, grads, f->a, e));
+    else TRY(op_moe_experts_backward(k, dx, GRAD(L->w1), GRAD(L->w3), GRAD(L->w2), dwts, dy, x, t->ids, t->wts, L->w1,
+                                     L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, work, e));
     moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
     TRY(op_moe_route_backward(k, dlogits, dwts, t->scores, t->logits, t->ids, N, rc, e));
     TRY(op_linear_backward(k, dx, GRAD(L->gate), dlogits, x, L->gate, N, E, D, 0, 0, e));
@@ -487,10 +652,7 @@ static int site_backward(fwd *f, const site_trace *s, const float *fn, const flo
 /* The gradients of layer l's group are final: hand them to the model's hook. */
 static int grads_ready(fwd *f, int l) {
     const dsv4_model *m = f->m;
-    if (!m->grad_ready.fn) return 0;
-    size_t lo, hi;
-    model_layer_range(m, l, &lo, &hi);
-    return lo < hi ? m->grad_ready.fn(m->grad_ready.ctx, lo, hi, f->e) : 0;
+    return m->grad_ready.fn ? m->grad_ready.fn(m->grad_ready.ctx, m, l, f->e) : 0;
 }
 
 /* Backward from dlogits [N, V] through the traced forward into grads. */

@@ -6,27 +6,49 @@
 #include <string.h>
 #include <time.h>
 
-model_stage dist_rank_stage(const par_sizes *s, int n_layers, int r) {
+model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q) {
     model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1};
-    for (int c = 0; c < st.n_chunks; c++) par_stage_layers(s, n_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
+    for (int c = 0; c < st.n_chunks; c++)
+        par_stage_layers(s, cfg->num_hidden_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
+    if (s->ep > 1) {
+        int El = cfg->n_routed_experts / s->ep;
+        st.x0 = q * El, st.x1 = (q + 1) * El;
+    }
     return st;
+}
+
+static int ep_a2a(void *ctx, const void *send, const size_t *sc, const size_t *sd, void *recv, const size_t *rc,
+                  const size_t *rd, mill_dtype dt, int host, mill_err *e) {
+    dist_ctx *d = ctx;
+    for (int q = 0; !host && q < d->ep->size; q++)
+        if (q != d->ep->rank) d->ep_bytes += (double)sc[q] * (double)dtype_size(dt);
+    return comm_all_to_allv(host ? d->par.ep : d->ep, send, sc, sd, recv, rc, rd, dt, e);
+}
+
+void dist_ep_io(dist_ctx *d, dsv4_model *m) {
+    m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
 }
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e) {
     memset(d, 0, sizeof *d);
-    TRY(par_validate_stages(s, cfg, world->size, batch_rows, e));
+    TRY(par_validate(s, cfg, world->size, batch_rows, PAR_RUNS_PP | PAR_RUNS_EP, e));
     TRY(par_init(&d->par, world, s, e));
     d->dp = d->par.dp;
     d->pp = d->par.pp;
+    d->ep = d->par.ep;
+    d->edp = d->par.edp;
     d->k = k;
     d->wire = s->pp_wire == PAR_WIRE_BF16 || (s->pp_wire == PAR_WIRE_AUTO && k->device == DEVICE_CUDA) ? DTYPE_BF16
                                                                                                       : DTYPE_F32;
-    if (cfg) d->stage = dist_rank_stage(s, cfg->num_hidden_layers, d->par.pp_rank);
+    if (cfg) d->stage = dist_rank_stage(s, cfg, d->par.pp_rank, d->par.ep_rank);
     /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
-     * one runs the same setup as many); the pp group's when there are stages */
+     * one runs the same setup as many); the pp group's when there are stages, ep and edp's with
+     * experts over ranks */
     if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dp, k->stream, &d->dp, e) ||
-                                     (s->pp > 1 && comm_nccl_from(d->par.pp, k->stream, &d->pp, e)))) {
+                                     (s->pp > 1 && comm_nccl_from(d->par.pp, k->stream, &d->pp, e)) ||
+                                     (s->ep > 1 && (comm_nccl_from(d->par.ep, k->stream, &d->ep, e) ||
+                                                    comm_nccl_from(d->par.edp, k->stream, &d->edp, e))))) {
         dist_free(d);
         return mill_err_wrap(e, "groups on the GPU");
     }
@@ -43,6 +65,8 @@ struct dist_wire {
 void dist_free(dist_ctx *d) {
     if (d->dp && d->dp != d->par.dp) comm_free(d->dp);
     if (d->pp && d->pp != d->par.pp) comm_free(d->pp);
+    if (d->ep && d->ep != d->par.ep) comm_free(d->ep);
+    if (d->edp && d->edp != d->par.edp) comm_free(d->edp);
     if (d->bufs) mem_free(d->k->device, d->bufs->buf);
     free(d->bufs);
     par_free(&d->par);
@@ -178,14 +202,23 @@ out:
 
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->par.dp_rank, d->par.sz.dp, lo, hi); }
 
-static int reduce_layer(void *ctx, size_t lo, size_t hi, mill_err *e) {
+/* Layer l's gradients over dp, its routed experts' inside it over edp (the ranks that hold the
+ * same experts). */
+static int reduce_layer(void *ctx, const dsv4_model *m, int l, mill_err *e) {
     dist_ctx *d = ctx;
-    return comm_all_reduce_async(d->dp, d->grads + lo, hi - lo, DTYPE_F32, e);
+    size_t lo, hi, x0, x1;
+    model_layer_range(m, l, &lo, &hi);
+    model_expert_range(m, l, &x0, &x1);
+    if (x0 == x1) x0 = x1 = hi;
+    if (x0 > lo && d->dp->size > 1) TRY(comm_all_reduce_async(d->dp, d->grads + lo, x0 - lo, DTYPE_F32, e));
+    if (x1 > x0 && d->edp->size > 1) TRY(comm_all_reduce_async(d->edp, d->grads + x0, x1 - x0, DTYPE_F32, e));
+    if (hi > x1 && d->dp->size > 1) TRY(comm_all_reduce_async(d->dp, d->grads + x1, hi - x1, DTYPE_F32, e));
+    return 0;
 }
 
 void dist_hook(dist_ctx *d, dsv4_model *m, float *grads) {
     d->grads = grads;
-    m->grad_ready.fn = d->dp->size > 1 ? reduce_layer : NULL;
+    m->grad_ready.fn = d->dp->size > 1 || d->edp->size > 1 ? reduce_layer : NULL;
     m->grad_ready.ctx = d;
 }
 
@@ -193,11 +226,8 @@ void dist_unhook(dsv4_model *m) { memset(&m->grad_ready, 0, sizeof m->grad_ready
 
 int dist_reduce_idle(dist_ctx *d, const dsv4_model *m, float *grads, mill_err *e) {
     d->grads = grads;
-    for (int l = m->cfg.num_hidden_layers; l >= -1; l--) { /* head group, layers last to first, embedding */
-        size_t lo, hi;
-        model_layer_range(m, l, &lo, &hi);
-        if (lo < hi && d->dp->size > 1) TRY(reduce_layer(d, lo, hi, e));
-    }
+    for (int l = m->cfg.num_hidden_layers; l >= -1; l--) /* head group, layers last to first, embedding */
+        TRY(reduce_layer(d, m, l, e));
     return 0;
 }
 
@@ -219,8 +249,11 @@ static int ce_global(void *ctx, const float *logp, const float *ent, int n, floa
     return 0;
 }
 
-int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e) {
-    int S = d->par.sz.pp, me = d->par.pp_rank, rc = -1;
+/* Every member of c's flat buffer (member i holds sts[i]; mine and mine_index: this one's) into
+ * out (its data, and index_data when mine_index is given) by tensor name. */
+static int gather_by_name(comm *c, const model_stage *sts, const float *mine, const int32_t *mine_index,
+                          dsv4_model *out, mill_err *e) {
+    int S = c->size, me = c->rank, rc = -1;
     dsv4_model *st = calloc((size_t)S, sizeof *st);
     size_t *cnt = calloc((size_t)S * 4, sizeof(size_t)), *dsp = cnt + S, *icnt = cnt + 2 * S, *idsp = cnt + 3 * S;
     float *all = NULL;
@@ -230,9 +263,8 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
         goto out;
     }
     size_t total = 0, itotal = 0;
-    for (int s = 0; s < S; s++) { /* every stage's table */
-        if (model_layout_stage(&st[s], &full->cfg, dist_rank_stage(&d->par.sz, full->cfg.num_hidden_layers, s), e))
-            goto out;
+    for (int s = 0; s < S; s++) { /* every member's table */
+        if (model_layout_stage(&st[s], &out->cfg, sts[s], e)) goto out;
         dsp[s] = total;
         cnt[s] = st[s].n_floats;
         total += cnt[s];
@@ -248,16 +280,16 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
     }
     memcpy(all + dsp[me], mine, sizeof(float) * cnt[me]);
     if (mine_index) memcpy(alli + idsp[me], mine_index, sizeof(int32_t) * icnt[me]);
-    if (comm_all_gatherv(d->par.pp, all, cnt, dsp, DTYPE_F32, e) ||
-        (mine_index && comm_all_gatherv(d->par.pp, alli, icnt, idsp, DTYPE_I32, e)))
+    if (comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e) ||
+        (mine_index && comm_all_gatherv(c, alli, icnt, idsp, DTYPE_I32, e)))
         goto out;
-    for (int s = 0; s < S; s++) { /* each stage's tensors, by name, into the whole model */
+    for (int s = 0; s < S; s++) { /* each member's tensors, by name, into out */
         st[s].data = all + dsp[s];
         st[s].index_data = mine_index ? alli + idsp[s] : NULL;
-        int32_t *keep = full->index_data;
-        if (!mine_index) full->index_data = NULL;
-        int x = model_copy_matching(full, &st[s], e);
-        full->index_data = keep;
+        int32_t *keep = out->index_data;
+        if (!mine_index) out->index_data = NULL;
+        int x = model_copy_matching(out, &st[s], e);
+        out->index_data = keep;
         st[s].data = NULL;
         st[s].index_data = NULL;
         if (x) goto out;
@@ -269,6 +301,28 @@ out:
     free(cnt);
     free(all);
     free(alli);
+    return rc;
+}
+
+int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e) {
+    const par_sizes *sz = &d->par.sz;
+    par_sizes whole = *sz; /* every expert: ep 1 */
+    whole.ep = 1;
+    model_stage *sts = malloc(sizeof *sts * (size_t)(sz->ep > sz->pp ? sz->ep : sz->pp));
+    if (!sts) return mill_errf(e, "gather: out of memory");
+    dsv4_model stage = {0}; /* with experts over ranks: this stage with every expert, gathered over ep first */
+    int rc = 0;
+    if (sz->ep > 1) {
+        for (int q = 0; q < sz->ep; q++) sts[q] = dist_rank_stage(sz, &full->cfg, d->par.pp_rank, q);
+        rc = model_init_stage(&stage, &full->cfg, dist_rank_stage(&whole, &full->cfg, d->par.pp_rank, 0), e) ||
+             gather_by_name(d->par.ep, sts, mine, mine_index, &stage, e);
+        mine = stage.data;
+        mine_index = mine_index ? stage.index_data : NULL;
+    }
+    for (int s = 0; !rc && s < sz->pp; s++) sts[s] = dist_rank_stage(&whole, &full->cfg, s, 0);
+    rc = rc || gather_by_name(d->par.pp, sts, mine, mine_index, full, e);
+    model_free(&stage);
+    free(sts);
     return rc;
 }
 

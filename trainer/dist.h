@@ -18,6 +18,8 @@ typedef struct {
     par_state par;
     comm *dp;          /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
     comm *pp;          /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
+    comm *ep, *edp;    /* par.ep and par.edp, NCCL twins on a GPU when ep > 1 (experts over ranks) */
+    double ep_bytes;   /* bytes the expert all-to-alls sent to other ranks (the experts' rows) */
     model_stage stage; /* this rank's chunks of the model (dist_init: set for cfg) */
     const kctx *k;
     mill_dtype wire;   /* the boundary streams' type between stages: DTYPE_F32 or DTYPE_BF16 */
@@ -33,9 +35,13 @@ typedef struct {
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e);
 void dist_free(dist_ctx *d);
-/* The chunks pipeline rank r holds under s: virtual stages r, r + pp, ... (the embedding with
- * virtual stage 0, the head with the last). */
-model_stage dist_rank_stage(const par_sizes *s, int n_layers, int r);
+/* What pipeline rank r and expert rank q hold under s: virtual stages r, r + pp, ... (the
+ * embedding with virtual stage 0, the head with the last) and the q-th of ep equal blocks of
+ * cfg's routed experts. */
+model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q);
+/* m (holding this rank's experts: d->stage) sends the rows of its routed experts over the ep
+ * group (model_ep_io); nothing with ep 1. */
+void dist_ep_io(dist_ctx *d, dsv4_model *m);
 /* Runs one op of a pipeline schedule on chunk (a view of the rank's model holding op->chunk's
  * layers, whose boundary streams travel between the stages). */
 typedef int (*dist_op_fn)(void *ctx, const pipe_op *op, const dsv4_model *chunk, mill_err *e);
@@ -53,7 +59,8 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
 /* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
 /* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
- * is final (m->grad_ready); dist_unhook stops it. */
+ * is final (m->grad_ready; a layer's routed experts over the expert-data-parallel group instead);
+ * dist_unhook stops it. */
 void dist_hook(dist_ctx *d, dsv4_model *m, float *grads);
 void dist_unhook(dsv4_model *m);
 /* A rank with no tokens in a step takes part in the same reductions, in the backward's order,

@@ -24,8 +24,10 @@ typedef struct {
     model_stage st;  /* the layers (and ends) this model holds */
     int seen_layer; /* a layer's tensor came: later layer -1 tensors are the tail (norm, HC head, head) */
     size_t gfloats;  /* the whole model's float cursor (kept or not) */
-    model_run runs[MODEL_MAX_CHUNKS]; /* the kept weights' runs of the whole layout */
-    int n_runs;
+    model_run *runs; /* the kept weights' runs of the whole layout */
+    int n_runs, cap_runs;
+    int expert; /* the routed expert whose tensors come now, -1: none */
+    int x0, x1; /* the routed experts kept */
 } layout_builder;
 
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -34,7 +36,8 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, int64_t d0, int64_t d1, int64_t d2,
                      mill_err *e, const char *fmt, ...) {
     b->seen_layer |= layer >= 0;
-    int keep = layer >= 0 ? model_stage_holds(&b->st, layer) : b->seen_layer ? b->st.last : b->st.first;
+    int keep = layer >= 0 ? model_stage_holds(&b->st, layer) && (b->expert < 0 || (b->expert >= b->x0 && b->expert < b->x1))
+                          : b->seen_layer ? b->st.last : b->st.first;
     size_t numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1), goff = 0;
     if (kind != PARAM_INDEX) { /* where it sits in the whole model's layout */
         goff = (b->gfloats + 15) / 16 * 16;
@@ -70,7 +73,13 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
         b->floats = p->offset + p->numel;
         model_run *r = b->n_runs ? &b->runs[b->n_runs - 1] : NULL;
         if (kind == PARAM_WEIGHT && (!r || goff - p->offset != r->global - r->local)) { /* after a skipped part */
-            if (b->n_runs == MODEL_MAX_CHUNKS) return mill_errf(e, "model: more than %d runs of layers", MODEL_MAX_CHUNKS);
+            if (b->n_runs == b->cap_runs) {
+                int cap = b->cap_runs ? 2 * b->cap_runs : 8;
+                model_run *nr = realloc(b->runs, sizeof *nr * (size_t)cap);
+                if (!nr) return mill_errf(e, "model: out of memory for the layout's runs");
+                b->runs = nr;
+                b->cap_runs = cap;
+            }
             r = &b->runs[b->n_runs++];
             *r = (model_run){p->offset, goff, 0};
         }
@@ -123,9 +132,10 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
             W1(l, ih, "layers.%d.attn.indexer.compressor.norm.weight", l);
         }
         W2(l, E, D, "layers.%d.ffn.gate.weight", l);
-        for (int x = 0; x < E; x++) W2(l, I, D, "layers.%d.ffn.experts.%d.w1.weight", l, x);
-        for (int x = 0; x < E; x++) W2(l, D, I, "layers.%d.ffn.experts.%d.w2.weight", l, x);
-        for (int x = 0; x < E; x++) W2(l, I, D, "layers.%d.ffn.experts.%d.w3.weight", l, x);
+        for (b->expert = 0; b->expert < E; b->expert++) W2(l, I, D, "layers.%d.ffn.experts.%d.w1.weight", l, b->expert);
+        for (b->expert = 0; b->expert < E; b->expert++) W2(l, D, I, "layers.%d.ffn.experts.%d.w2.weight", l, b->expert);
+        for (b->expert = 0; b->expert < E; b->expert++) W2(l, I, D, "layers.%d.ffn.experts.%d.w3.weight", l, b->expert);
+        b->expert = -1;
         if (Is) {
             W2(l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l);
             W2(l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
@@ -168,6 +178,16 @@ void model_layer_range(const dsv4_model *m, int l, size_t *lo, size_t *hi) {
     }
 }
 
+void model_expert_range(const dsv4_model *m, int l, size_t *lo, size_t *hi) {
+    *lo = *hi = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (p->layer != l || p->kind != PARAM_WEIGHT || !strstr(p->name, ".ffn.experts.")) continue;
+        if (*lo == *hi) *lo = p->offset;
+        *hi = p->offset + p->numel;
+    }
+}
+
 static float *fp(const dsv4_model *m, const char *fmt, int l) {
     char name[96];
     snprintf(name, sizeof name, fmt, l);
@@ -187,7 +207,12 @@ int model_stage_holds(const model_stage *st, int l) {
 
 model_stage model_stage_chunk(const model_stage *st, int c) {
     return (model_stage){.n_chunks = 1, .first = st->first && c == 0, .last = st->last && c == st->n_chunks - 1,
-                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}};
+                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}, .x0 = st->x0, .x1 = st->x1};
+}
+
+void model_stage_experts(const model_stage *st, const dsv4_config *cfg, int *x0, int *x1) {
+    *x0 = st->x1 ? st->x0 : 0;
+    *x1 = st->x1 ? st->x1 : cfg->n_routed_experts;
 }
 
 int model_layout(dsv4_model *m, const dsv4_config *cfg, mill_err *e) {
@@ -206,15 +231,20 @@ int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mi
     if (cfg->tie_word_embeddings && st.first != st.last)
         return mill_errf(e, "model: tied embeddings cannot be split over pipeline stages");
     m->stage = st;
-    layout_builder b = {.st = st};
+    layout_builder b = {.st = st, .expert = -1};
+    model_stage_experts(&st, cfg, &b.x0, &b.x1);
+    if (b.x0 < 0 || b.x1 > cfg->n_routed_experts || b.x0 >= b.x1) {
+        return mill_errf(e, "model: experts [%d, %d) outside the model's %d", b.x0, b.x1, cfg->n_routed_experts);
+    }
     if (build_layout(cfg, &b, e)) {
         free(b.p);
+        free(b.runs);
         return -1;
     }
     m->params = b.p;
     m->n_params = b.n;
     m->n_floats = b.floats;
-    memcpy(m->runs, b.runs, sizeof b.runs);
+    m->runs = b.runs;
     m->n_runs = b.n_runs;
     m->n_index = b.ints;
     for (int i = 0; i < b.n; i++)
@@ -249,6 +279,9 @@ int model_init_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill
     m->hc_head_base = fp(m, "hc_head_base", 0);
     m->hc_head_scale = fp(m, "hc_head_scale", 0);
     m->head = cfg->tie_word_embeddings ? m->embed : fp(m, "head.weight", 0);
+    int x0, x1;
+    model_stage_experts(&m->stage, cfg, &x0, &x1);
+    (void)x1;
     for (int l = 0; l < cfg->num_hidden_layers; l++) {
         dsv4_layer *L = &m->layers[l];
         L->ratio = cfg->compress_ratios[l];
@@ -281,9 +314,13 @@ int model_init_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mill
         L->i_norm = fp(m, "layers.%d.attn.indexer.compressor.norm.weight", l);
         L->gate = fp(m, "layers.%d.ffn.gate.weight", l);
         L->gate_bias = fp(m, "layers.%d.ffn.gate.bias", l);
-        L->w1 = fp(m, "layers.%d.ffn.experts.0.w1.weight", l);
-        L->w2 = fp(m, "layers.%d.ffn.experts.0.w2.weight", l);
-        L->w3 = fp(m, "layers.%d.ffn.experts.0.w3.weight", l);
+        char nm[96]; /* the first expert held */
+        snprintf(nm, sizeof nm, "layers.%%d.ffn.experts.%d.w1.weight", x0);
+        L->w1 = fp(m, nm, l);
+        snprintf(nm, sizeof nm, "layers.%%d.ffn.experts.%d.w2.weight", x0);
+        L->w2 = fp(m, nm, l);
+        snprintf(nm, sizeof nm, "layers.%%d.ffn.experts.%d.w3.weight", x0);
+        L->w3 = fp(m, nm, l);
         L->sw1 = fp(m, "layers.%d.ffn.shared_experts.w1.weight", l);
         L->sw2 = fp(m, "layers.%d.ffn.shared_experts.w2.weight", l);
         L->sw3 = fp(m, "layers.%d.ffn.shared_experts.w3.weight", l);
@@ -334,7 +371,9 @@ int model_to_device(dsv4_model *dst, const dsv4_model *src, const kctx *k, mill_
     if (src->device != DEVICE_CPU) return mill_errf(e, "model_to_device: the source model must be on the CPU");
     dst->cfg = src->cfg;
     dst->stage = src->stage;
-    memcpy(dst->runs, src->runs, sizeof src->runs);
+    dst->runs = malloc(sizeof *dst->runs * (size_t)(src->n_runs ? src->n_runs : 1));
+    if (!dst->runs) return mill_errf(e, "model_to_device: out of memory");
+    memcpy(dst->runs, src->runs, sizeof *dst->runs * (size_t)src->n_runs);
     dst->n_runs = src->n_runs;
     dst->n_params = src->n_params;
     dst->n_floats = src->n_floats;
@@ -408,6 +447,7 @@ int model_device_restore(dsv4_model *m, const kctx *k, const float *host_src, mi
 void model_free(dsv4_model *m) {
     if (m->shadow_k) kctx_shadow_remove(m->shadow_k, m->data);
     free(m->params);
+    free(m->runs);
     model_buf_free(m, m->data);
     model_buf_free(m, m->index_data);
     free(m->layers);
@@ -461,6 +501,10 @@ static int load_extra(dsv4_model *m, const safetensors_entry *en, const char *fi
 /* A tensor of the checkpoint that another pipeline stage holds (not this one's, not unexpected). */
 static int other_stage(const model_stage *st, int n_layers, const char *name) {
     int l, n = 0;
+    int x, n2 = 0;
+    if (sscanf(name, "layers.%d.ffn.experts.%d.%n", &l, &x, &n2) == 2 && n2 > 0 && l >= 0 && l < n_layers) {
+        return !model_stage_holds(st, l) || (st->x1 && (x < st->x0 || x >= st->x1)); /* another rank's experts too */
+    }
     if (sscanf(name, "layers.%d.%n", &l, &n) == 1 && n > 0) return l >= 0 && l < n_layers && !model_stage_holds(st, l);
     if (!strcmp(name, "embed.weight")) return !st->first;
     static const char *const tail[] = {"norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight", NULL};

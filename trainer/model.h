@@ -56,11 +56,13 @@ typedef struct {
     tensor t; /* fp32 copy */
 } model_extra;
 
-/* Called by the backward as soon as the gradients of the floats [lo, hi) of the parameter layout
- * are final for this call (the head group first, then each layer from the last, the embedding
- * last): a data-parallel trainer starts their reduction there, while the backward goes on. */
+struct dsv4_model;
+/* Called by the backward as soon as the gradients of layer l of m (model_layer_range: l = the
+ * layer count for the head group, -1 for the embedding) are final for this call (the head group
+ * first, then each layer from the last, the embedding last): a data-parallel trainer starts their
+ * reduction there, while the backward goes on. */
 typedef struct {
-    int (*fn)(void *ctx, size_t lo, size_t hi, mill_err *e);
+    int (*fn)(void *ctx, const struct dsv4_model *m, int l, mill_err *e);
     void *ctx;
 } model_grad_hook;
 
@@ -73,7 +75,11 @@ typedef struct {
 typedef struct {
     int n_chunks, first, last;
     int l0[MODEL_MAX_CHUNKS], l1[MODEL_MAX_CHUNKS];
+    int x0, x1; /* the routed experts held, [x0, x1) of every layer (expert parallelism); x1 0: all */
 } model_stage;
+
+/* The routed experts st holds: [*x0, *x1) of cfg's. */
+void model_stage_experts(const model_stage *st, const dsv4_config *cfg, int *x0, int *x1);
 
 /* Whether st holds layer l. */
 int model_stage_holds(const model_stage *st, int l);
@@ -97,17 +103,30 @@ typedef struct {
     void *ctx;
 } model_stage_io;
 
+/* How a model whose routed experts are spread over ranks (expert parallelism, stage.x0/x1) reaches
+ * the others: size ranks of which this is rank, experts in equal blocks (rank q holds q * E / size
+ * ...); a2a is an all-to-all with per-peer counts and displacements in elements (host 1: host
+ * memory, else the model's device memory). size 1 (or 0): every expert is here, no calls. */
 typedef struct {
+    int size, rank;
+    int (*a2a)(void *ctx, const void *send, const size_t *scounts, const size_t *sdispls, void *recv,
+               const size_t *rcounts, const size_t *rdispls, mill_dtype dt, int host, mill_err *e);
+    void *ctx;
+} model_ep_io;
+
+typedef struct dsv4_model {
     dsv4_config cfg;
     model_stage stage;
     model_stage_io io;
+    model_ep_io ep;
     param_info *params;
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */
     size_t n_floats, n_trainable;
-    /* Its trainable weights as runs of the whole model's layout, one per chunk at most, in order
-     * (buffers, after them, are in none): {0, 0, the end of the head} for the whole model. */
-    model_run runs[MODEL_MAX_CHUNKS];
+    /* Its trainable weights as runs of the whole model's layout, in order (buffers, after them,
+     * are in none): {0, 0, the end of the head} for the whole model; more for a pipeline chunk
+     * or a subset of the experts. */
+    model_run *runs;
     int n_runs;
     int32_t *index_data;
     size_t n_index;
@@ -191,6 +210,9 @@ int model_param_has_grad(const param_info *p);
  * before the first, i.e. the embedding; l = layers: those after the last, the final norm, HC head
  * and LM head); lo == hi when there are none. */
 void model_layer_range(const dsv4_model *m, int l, size_t *lo, size_t *hi);
+/* Floats [lo, hi) of layer l's routed experts held here (lo == hi: none): inside its layer range,
+ * reduced over the expert-data-parallel group where the rest of the layer is reduced over dp. */
+void model_expert_range(const dsv4_model *m, int l, size_t *lo, size_t *hi);
 
 /* Memory, for the three entry points below: m, the arena and k share one device. ids, targets and
  * replay are HOST arrays (copied to the device once per call with the positions); logits,

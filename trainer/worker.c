@@ -169,7 +169,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         }
         w->opt.pp = pp;
     }
-    if (par_validate_stages(&ps, &w->m.cfg, w->world->size, 0, e)) {
+    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, PAR_RUNS_PP, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init");

@@ -159,6 +159,10 @@ int cuda_op_moe_route(const kctx *k, float *scores, int32_t *ids, float *weights
 int cuda_op_moe_experts(const kctx *k, float *out, const float *x, const int32_t *ids, const float *weights,
                         const float *w1, const float *w3, const float *w2, int N, int D, int I, int E, int K,
                         float limit, int accumulate, float *work, mill_err *e);
+int cuda_op_moe_combine(const kctx *k, float *out, const float *y, const float *weights, int N, int K, int D,
+                        mill_err *e);
+int cuda_op_moe_combine_backward(const kctx *k, float *dy, float *dweights, const float *dout, const float *y,
+                                 const float *weights, int N, int K, int D, mill_err *e);
 int cuda_op_moe_route_backward(const kctx *k, float *dlogits, const float *dweights, const float *scores,
                                const float *logits, const int32_t *ids, int N, moe_route_cfg rc, mill_err *e);
 int cuda_op_moe_experts_backward(const kctx *k, float *dx, float *dw1, float *dw3, float *dw2, float *dweights,

@@ -154,6 +154,49 @@ int cuda_op_moe_route_backward(const kctx *k, float *dlogits, const float *dweig
     return 0;
 }
 
+/* The weighted sum in slot order per element (the CPU's order: the same bits). */
+__global__ void moe_combine_kernel(float *out, const float *y, const float *w, int N, int K, int D) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)N * D) return;
+    long t = i / D, c = i % D;
+    float s = 0.f;
+    for (int j = 0; j < K; j++) s += w[t * K + j] * y[(t * K + j) * D + c];
+    out[i] = s;
+}
+
+int cuda_op_moe_combine(const kctx *k, float *out, const float *y, const float *weights, int N, int K, int D,
+                        mill_err *e) {
+    if (N <= 0 || D <= 0) return 0;
+    moe_combine_kernel<<<cu_blocks((long)N * D, 256), 256, 0, cu_stream(k)>>>(out, y, weights, N, K, D);
+    LAUNCH_CHECK("moe_combine_kernel");
+    return 0;
+}
+
+/* One warp per (token, slot): dy = w * dout, dweights = dout . y (a warp sum). */
+__global__ void moe_combine_bwd_kernel(float *dy, float *dw, const float *dout, const float *y, const float *w, long NK,
+                                       int K, int D) {
+    long r = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (r >= NK) return;
+    const float *g = dout + (r / K) * D, *yr = y + r * D;
+    float s = 0.f, wr = w[r];
+    for (int c = lane; c < D; c += 32) {
+        dy[r * D + c] = wr * g[c];
+        s += g[c] * yr[c];
+    }
+    for (int o = 16; o; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    if (!lane) dw[r] = s;
+}
+
+int cuda_op_moe_combine_backward(const kctx *k, float *dy, float *dweights, const float *dout, const float *y,
+                                 const float *weights, int N, int K, int D, mill_err *e) {
+    long NK = (long)N * K;
+    if (NK <= 0) return 0;
+    moe_combine_bwd_kernel<<<cu_blocks(NK * 32, 256), 256, 0, cu_stream(k)>>>(dy, dweights, dout, y, weights, NK, K, D);
+    LAUNCH_CHECK("moe_combine_bwd_kernel");
+    return 0;
+}
+
 /* ---- Grouping: a stable counting sort of the N*K (token, slot) rows by expert, all of it parallel.
  * The rows are cut into chunks of `ch` rows (a multiple of 32), one warp per chunk:
  *  1. moe_count_kernel: each warp counts its chunk's rows per expert (shared int atomics: exact) and
