@@ -868,7 +868,8 @@ static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err
     return 0;
 }
 
-static const char *const step_keys[] = {"loss", "grad_norm", "lr", "clip_frac", "kl", "entropy", "max_dlogp", "tokens"};
+static const char *const step_keys[] = {"loss",      "grad_norm", "lr",     "clip_frac",        "kl",
+                                        "entropy",   "max_dlogp", "tokens", "expert_imbalance", "ep_imbalance"};
 
 /* A step's training batch: its draws, the groups chosen for training, and its metrics. */
 typedef struct {
@@ -1245,7 +1246,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
     if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
         return -1;
-    if (par_validate(&r->par, &c->cfg, 0, 0, PAR_RUNS_PP, e)) /* before any rank starts */
+    if (par_validate(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
     long n = (long)r->prompts_per_step * r->samples_per_prompt; /* each update's micro-batches on each dp rank */
     for (int u = 0; u < r->updates_per_step; u++)

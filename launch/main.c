@@ -61,8 +61,8 @@ static int usage(FILE *to) {
             "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
             "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
             "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
-            "          interleaved) work; ep (experts over ranks) in forward and grad; tp and cp come with\n"
-            "          Distributed trainer III-IV\n");
+            "          interleaved) and ep (experts over ranks) work; tp and cp come with Distributed trainer\n"
+            "          III-IV\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -194,7 +194,7 @@ static int start_ranks(int argc, char **argv, const char *dir, const char *in, p
     if (ranks_parse(argc, argv, s, e) || config_load(dir, &cfg, e) || read_input_ids(in, cfg.vocab_size, &ids, &B, &T, e))
         return -1;
     free(ids);
-    return ranks_start(argc, argv, s, &cfg, B, PAR_RUNS_PP | PAR_RUNS_EP, world, e);
+    return ranks_start(argc, argv, s, &cfg, B, world, e);
 }
 
 /* Every rank's rows of [rows, width] values (rank r's at rows_lo(r)) gathered on every rank, in place. */
@@ -491,7 +491,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, PAR_RUNS_PP, world, e))
+        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

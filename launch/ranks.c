@@ -93,10 +93,10 @@ int ranks_mpiexec(char *path, size_t n, mill_err *e) {
     return mill_errf(e, "no %s on PATH to start the ranks (install MPICH: scripts/deps.sh; or set MILL_MPIEXEC)", names[0]);
 }
 
-int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cfg, long batch_rows, int runs,
+int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cfg, long batch_rows,
                 comm **world, mill_err *e) {
     *world = NULL;
-    TRY(par_validate(s, cfg, 0, batch_rows, runs, e));
+    TRY(par_validate(s, cfg, 0, batch_rows, e));
     int w = s->tp * s->pp * s->cp * s->dp;
     if (w > 1 && !comm_in_launch()) {
         char mpiexec[4096], self[4096], np[16];

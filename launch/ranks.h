@@ -19,10 +19,9 @@ int ranks_is_option(const char *arg);
 /* Checks the layout against the model (cfg, NULL: none) and the batch (batch_rows, 0: none) first,
  * so a bad layout is one error line before any rank starts. world = tp * pp * cp * dp: over 1 and
  * outside a launch, execs mpiexec on this command (does not return unless that fails). Otherwise
- * joins: *world gets the job's world comm (one rank without a launch), checked against the sizes.
- * runs: what the command can run beyond dp (PAR_RUNS_*). */
-int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cfg, long batch_rows, int runs,
-                comm **world, mill_err *e);
+ * joins: *world gets the job's world comm (one rank without a launch), checked against the sizes. */
+int ranks_start(int argc, char **argv, const par_sizes *s, const dsv4_config *cfg, long batch_rows, comm **world,
+                mill_err *e);
 /* The mpiexec to start ranks with (a full path), or an error naming what was tried. */
 int ranks_mpiexec(char *path, size_t n, mill_err *e);
 

@@ -92,17 +92,22 @@ done:
 /* Model and optimizer on the host: fresh (or init_from), or the checkpoint in resume_dir. The
  * optimizer keeps this rank's shard of the moments. */
 static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, const char *resume_dir, mill_err *e) {
-    comm *dp = s->d.par.dp, *pp = s->d.par.sz.pp > 1 ? s->d.par.pp : NULL; /* pp: the stages */
-    const model_stage *stage = &s->d.stage; /* this rank's layers */
-    if (resume_dir)
-        return checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, stage, pp, &s->ts, e);
+    /* pp: the stages; the moments shard over the ranks with the same layout (dp; edp with experts
+     * over ranks) */
+    int ep = s->d.par.sz.ep > 1;
+    comm *dp = ep ? s->d.par.edp : s->d.par.dp, *pp = s->d.par.sz.pp > 1 ? s->d.par.pp : NULL;
+    const model_stage *stage = &s->d.stage; /* this rank's layers and experts */
+    if (resume_dir) {
+        TRY(checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, stage, pp, &s->ts, e));
+        goto layout;
+    }
     if (*r->init_from) {
         if (model_load_stage(&s->model, r->init_from, stage, e)) return -1;
     } else { /* the whole model's random values (one stream over its tensors), then this stage's part */
         dsv4_model full;
         if (model_init(&full, cfg, e)) return -1;
         model_init_random(&full, r->init_seed, (float)r->init_std);
-        if (!pp) s->model = full;
+        if (!pp && !ep) s->model = full;
         else if (model_init_stage(&s->model, cfg, *stage, e) || model_copy_matching(&s->model, &full, e)) {
             model_free(&full);
             model_free(&s->model);
@@ -115,8 +120,11 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
         model_free(&s->model);
         return -1;
     }
-    s->opt.pp = pp;
     rng_seed(&s->ts.data_rng, r->data_seed);
+layout:
+    s->opt.pp = pp;
+    if (ep) s->opt.ep = s->d.par.ep, s->opt.dense = s->d.par.dp;
+    dist_ep_io(&s->d, &s->model);
     return 0;
 }
 
@@ -144,13 +152,16 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         return -1;
     }
     s->gpu = r->device != DEVICE_CPU;
-    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, PAR_RUNS_PP, e) ||
+    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
         (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e)))) {
         mill_err_wrap(e, "sft");
         sft_close(s);
         return -1;
     }
-    s->dopt.dp = s->d.dp; /* the device optimizer gathers its shards over the device's comm */
+    /* the device optimizer gathers its shards over the device's comms */
+    s->dopt.dp = s->d.par.sz.ep > 1 ? s->d.edp : s->d.dp;
+    if (s->d.par.sz.ep > 1) s->dopt.ep = s->d.ep, s->dopt.dense = s->d.dp;
+    dist_ep_io(&s->d, &s->dm);
     s->n_arenas = r->micro_batches * par_vpp(&r->par);
     if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
         tokenizer_bytes_new(&s->tok, s->model.cfg.vocab_size, e) ||
@@ -299,10 +310,10 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
     /* on the host model with a CPU kctx; it can move to the GPU rollout engine once that exists */
     *accuracy = 0;
-    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1;
+    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1 || s->d.par.sz.ep > 1;
     if (!lead && !staged) return 0;
     if (sft_sync_host(s, 0, e)) return -1;
-    dsv4_model full = {0}; /* with stages: the whole model, gathered from them */
+    dsv4_model full = {0}; /* with stages or experts over ranks: the whole model, gathered */
     if (staged && (model_init(&full, &s->model.cfg, e) ||
                    dist_gather_stages(&s->d, s->model.data, s->model.index_data, &full, e))) {
         model_free(&full);
@@ -354,7 +365,7 @@ static void print_bytes(const sft_state *s) {
     double mib = 1.0 / (1 << 20), p = (double)s->model.n_floats * sizeof(float);
     printf("sft: per rank: parameters %.1f MiB, gradients %.1f MiB, optimizer state %.1f MiB (%s of the moments)\n",
            p * mib, p * mib, 2.0 * (double)(s->opt.hi - s->opt.lo) * sizeof(float) * mib,
-           s->d.par.sz.dp > 1 ? "a 1/dp shard" : "all");
+           s->opt.dp && s->opt.dp->size > 1 ? (s->opt.ep ? "a 1/edp shard" : "a 1/dp shard") : "all");
 }
 
 int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *e) {

@@ -11,6 +11,7 @@
 #   - the interleaved schedule (--vpp 2) in grad, forward and sft, its checkpoints resumed at other
 #     layouts; bf16 streams between stages;
 #   - experts over ranks (--ep 2 with dp 2, with stages; ep 2 and 4 over dp 4) in grad and forward;
+#     sft --ep 2 against dp 2, its checkpoints resumed at ep 2 and dp 2;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -195,7 +196,6 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "interleaved micro-batches not in groups of pp" "runs micro-batches in groups of pp 2; 1 micro-batches" \
         $G --pp 2 --vpp 2
     bad "a bad stream type" "pp-dtype must be auto, fp32 or bf16" $G --pp 2 --pp-dtype fp16
-    bad "experts over ranks in sft" "ep 2 is not supported by this command yet" sft tests/data/sft-dist.yaml --dp 2 --ep 2
 }
 
 # SFT over pipeline stages (1F1B; one thread everywhere, as the one-process reference):
@@ -221,6 +221,17 @@ sft p12 --pp 2 --resume "$T/t1/step-000010"
 same "pp 1 checkpoint resumed at pp 2 = uninterrupted, bit for bit" "$T/p12/step-000020" "$T/t1/step-000020" 0
 sft p2d2r --pp 2 --dp 2 --resume "$T/p2/step-000010"
 same "pp 2 checkpoint resumed at pp 2 x dp 2 against uninterrupted" "$T/p2d2r/step-000020" "$T/p2/step-000020" 3e-2
+# experts over ranks (ep 2 x dp 2: the moments sharded over the ranks that hold the same experts,
+# the experts' norm summed over ep, each rank's experts in its own checkpoint files): against dp 2,
+# resumed at ep 2 bit for bit, and across ep 2 <-> dp 2
+sft e22 --dp 2 --ep 2
+same "sft --dp 2 --ep 2 against --dp 2 (final weights)" "$T/e22/step-000020" "$T/dp2/step-000020" 1e-2
+sft e22r --dp 2 --ep 2 --resume "$T/e22/step-000010"
+same "ep 2 checkpoint resumed at ep 2 = uninterrupted, bit for bit" "$T/e22r/step-000020" "$T/e22/step-000020" 0
+sft e2d --dp 2 --resume "$T/e22/step-000010"
+same "ep 2 checkpoint resumed at dp 2 against uninterrupted" "$T/e2d/step-000020" "$T/e22/step-000020" 1e-2
+sft d2e --dp 2 --ep 2 --resume "$T/dp2/step-000010"
+same "dp 2 checkpoint resumed at ep 2 against uninterrupted" "$T/d2e/step-000020" "$T/dp2/step-000020" 1e-2
 # interleaved (vpp 2: two chunks per stage, the moments in two pieces per rank): bit for bit, and its
 # checkpoint resumed by one process and by pp 2 without chunks
 sft_mb v2 --pp 2 --vpp 2

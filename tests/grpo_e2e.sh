@@ -3,10 +3,12 @@
 # kill -9 of the controller followed by `mill resume`, kill -9 of the trainer (one process, or one
 # rank of two) restarted by the controller (weights and Adam state bit-identical to an uninterrupted
 # run), a rollout engine killed mid-step (restarted; the ledger holds every sample of the step
-# exactly once), and bad input.
-# usage: grpo_e2e.sh MILL SOURCE_DIR
+# exactly once), trainers over pipeline stages and with the experts over ranks against one
+# process or dp, and bad input.
+# usage: grpo_e2e.sh MILL SOURCE_DIR ST_DIFF
 set -eu
 MILL=$1
+MILL_DIFF=$3
 cd "$2"
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
@@ -128,6 +130,25 @@ for f in model-00001-of-00002 model-00002-of-00002 optimizer-00001-of-00002 opti
 done
 for s in 1 2 3 4 5 6; do [ "$(step_samples k4 $s)" = "16|16" ] || fail "k4: step $s samples $(step_samples k4 $s)"; done
 echo "dp 2 trainer, rank 1 killed in step 3: group restarted from step 2; sharded weights and Adam state bit-identical"
+
+# 4b'. the experts over the two trainer ranks (train.parallel.ep 2 with dp 2): every (token, slot)
+# row goes to its expert's rank and back; the same losses as dp 2, the gradient norm and final
+# logits within fp32 noise, the engine's logprobs equal to the trainer's (every rank's experts
+# published), and the routing balance in the ledger
+run ep2 --set train.steps=6 --set checkpoint.every=2 --set train.parallel.dp=2 --set train.parallel.ep=2
+col() { q "select group_concat(json_extract(s.metrics, '\$.$2'), ' ') from steps s join runs r on r.id=s.run_id where r.name='$1' and s.step > 0"; }
+[ "$(col ep2 loss)" = "$(col dp2 loss)" ] || fail "ep2: losses $(col ep2 loss) vs dp 2's $(col dp2 loss)"
+echo "$(col dp2 grad_norm) $(col ep2 grad_norm)" | awk '{ for (i = 1; i <= NF / 2; i++) { d = $i - $(i + NF / 2); if (d < 0) d = -d; if (d > 1e-5 * $i) exit 1 } }' ||
+    fail "ep2: gradient norms $(col ep2 grad_norm) vs dp 2's $(col dp2 grad_norm)"
+echo "$(col ep2 max_dlogp)" | awk '{ for (i = 1; i <= NF; i++) if ($i != 0) exit 1 }' ||
+    fail "ep2: engine and trainer logprobs differ: $(col ep2 max_dlogp)"
+echo "$(col ep2 ep_imbalance)" | awk '{ for (i = 1; i <= NF; i++) if ($i < 1) exit 1 }' || fail "ep2: ep_imbalance $(col ep2 ep_imbalance)"
+for r in dp2 ep2; do
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$T/$r/step-000006" --input tests/data/tiny-a/input.json --device cpu \
+        --output "$T/$r.fwd" 2>/dev/null || fail "ep: forward on $r's checkpoint"
+done
+"$MILL_DIFF" "$T/ep2.fwd" "$T/dp2.fwd" 1e-4 logits >/dev/null || fail "ep2: final logits differ from dp 2's"
+echo "ep 2 x dp 2 trainer: losses equal to dp 2, grad norms within 1e-5, max|dlogp| 0, ep imbalance $(col ep2 ep_imbalance)"
 
 # 4c. two pipeline stages (train.parallel.pp 2, 1F1B over 4 micro-batches), and the same with two
 # model chunks per stage (vpp 2: the interleaved 1F1B over 4 virtual stages): the same steps as one

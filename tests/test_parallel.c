@@ -23,7 +23,7 @@
 /* ------------------- trainer/parallel.c again, renamed, refusing no layout it can lay out */
 
 static int lay_errf(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-int lay_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int runs, mill_err *e);
+int lay_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 int lay_init(par_state *p, comm *world, const par_sizes *s, mill_err *e);
 void lay_free(par_state *p);
 par_sizes lay_sizes_one(void);
@@ -68,12 +68,11 @@ static par_sizes sizes(int tp, int pp, int ep, int cp, int dp) {
     return (par_sizes){.tp = tp, .pp = pp, .ep = ep, .cp = cp, .dp = dp};
 }
 
-/* par_validate for a command that runs dp only fails with a message holding want (one line), or
- * passes (want NULL). */
+/* par_validate fails with a message holding want (one line), or passes (want NULL). */
 static void expect_validate(par_sizes s, const dsv4_config *cfg, int world, long rows, const char *want) {
     mill_err e = {{0}};
     char b[96];
-    int rc = par_validate(&s, cfg, world, rows, 0, &e);
+    int rc = par_validate(&s, cfg, world, rows, &e);
     if (!want) {
         if (rc) fail_msg("%s (world %d, rows %ld): unexpected error: %s", par_sizes_str(&s, b, sizeof b), world, rows, e.msg);
         return;
@@ -153,18 +152,18 @@ static void test_validate(void **st) {
     expect_validate(v, &c2, 0, 0, "parallel: pp_layers gives 2 stage(s) of 5 layers in all; pp x vpp is 4 and the model has 5 layers");
     /* ... which a NULL config skips */
     expect_validate(sizes(3, 1, 1, 1, 1), NULL, 0, 0, "tp 3 is not supported yet");
-    expect_validate(sizes(1, 3, 1, 1, 1), NULL, 0, 0, "pp 3 is not supported by this command");
+    expect_validate(sizes(1, 1, 1, 3, 1), NULL, 0, 0, "cp 3 is not supported yet");
 
     /* the batch's rows over dp */
     expect_validate(sizes(1, 1, 1, 1, 4), &c, 4, 6, "parallel: the batch's 6 rows must divide evenly over dp 4");
     expect_validate(sizes(1, 1, 1, 1, 4), NULL, 0, 3, "the batch's 3 rows must divide evenly over dp 4");
 
     /* the sizes this build cannot run yet */
-    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, "parallel: pp 2 is not supported by this command; use pp 1");
-    expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, "parallel: ep 2 is not supported by this command yet (mill forward and mill grad run experts over ranks so far); use ep 1");
+    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, NULL); /* stages and experts over ranks run */
+    expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, NULL);
     expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, "parallel: tp 2 is not supported yet: tp (Distributed trainer III)");
     expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");
-    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: pp 2 is not supported by this command");
+    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: tp 2 is not supported yet");
 
     /* the real tiny model with the sizes that run */
     dsv4_config tiny;

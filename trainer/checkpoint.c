@@ -62,16 +62,19 @@ typedef struct {
     size_t a, b, global;
 } moment_piece;
 
-/* The shard [o->lo, o->hi) met with each of m's runs (at least one piece, maybe empty). */
-static int moment_pieces(const dsv4_model *m, const optimizer *o, moment_piece *pc) {
-    int n = 0;
+/* The shard [o->lo, o->hi) met with each of m's runs (at least one piece, maybe empty): *n of them
+ * (malloc'd), NULL when out of memory. */
+static moment_piece *moment_pieces(const dsv4_model *m, const optimizer *o, int *n, mill_err *e) {
+    moment_piece *pc = malloc(sizeof *pc * (size_t)(m->n_runs + 1));
+    if (!pc) return mill_errf(e, "checkpoint: out of memory"), NULL;
+    *n = 0;
     for (int i = 0; i < m->n_runs; i++) {
         const model_run *r = &m->runs[i];
         size_t a = o->lo > r->local ? o->lo : r->local, b = o->hi < r->local + r->n ? o->hi : r->local + r->n;
-        if (a < b) pc[n++] = (moment_piece){a, b, r->global + (a - r->local)};
+        if (a < b) pc[(*n)++] = (moment_piece){a, b, r->global + (a - r->local)};
     }
-    if (!n) pc[n++] = (moment_piece){o->lo, o->lo, 0};
-    return n;
+    if (!*n) pc[(*n)++] = (moment_piece){o->lo, o->lo, 0};
+    return pc;
 }
 
 /* Piece j's tensor and metadata names: adam.m, adam.v, global_offset, then adam.m.1, ... */
@@ -81,9 +84,9 @@ static void piece_names(int j, char *m, char *v, char *g, size_t n) {
     snprintf(g, n, j ? "global_offset.%d" : "global_offset", j);
 }
 
-/* Every rank of the dp x pp grid has arrived (a barrier over dp, then over the stages). */
-static int all_here(comm *dp, comm *pp, mill_err *e) {
-    if (dp && comm_barrier(dp, e)) return -1;
+/* Every rank of the dp x pp grid has arrived (a barrier over dp, over ep, then over the stages). */
+static int all_here(comm *dp, comm *ep, comm *pp, mill_err *e) {
+    if ((dp && comm_barrier(dp, e)) || (ep && comm_barrier(ep, e))) return -1;
     return pp ? comm_barrier(pp, e) : 0;
 }
 
@@ -94,37 +97,42 @@ static int all_here(comm *dp, comm *pp, mill_err *e) {
  * job (comm_world_end), so the others never wait on it. */
 int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, const train_state *ts, const kctx *kx,
                     mill_err *e) {
-    comm *c = o->dp ? o->dp->host : NULL, *pp = o->pp;
+    comm *c = o->dp ? o->dp->host : NULL, *pp = o->pp, *ep = o->ep ? o->ep->host : NULL;
     int r = c ? c->rank : 0, k = c ? c->size : 1, st = pp ? pp->rank : 0, ns = pp ? pp->size : 1;
-    int lead = r == 0 && st == 0;
+    int q = ep ? ep->rank : 0, P = ep ? ep->size : 1; /* experts over ranks: P x k writers a stage */
+    int lead = r == 0 && st == 0 && q == 0;
     char tmp[4096], path[4200], old[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
     if (lead) {
         if (rm_tree(tmp)) return mill_errf(e, "%s: cannot clear a stale temporary checkpoint", tmp);
         if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
     }
-    if (all_here(c, pp, e)) return -1;
+    if (all_here(c, ep, pp, e)) return -1;
     if (model_save_stage_shard(m, kx, tmp, r, k, st, ns, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
      * any layout (other dp, other pp) can read; one piece per run of the whole layout the shard
      * meets (an interleaved stage holds several), the buffers after them have none */
-    moment_piece pc[MODEL_MAX_CHUNKS];
-    int np = moment_pieces(m, o, pc);
+    int np;
+    moment_piece *pc = moment_pieces(m, o, &np, e);
+    if (!pc) return -1;
     size_t total = 0;
     for (int j = 0; j < np; j++) total += pc[j].b - pc[j].a;
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
-    optim_file(path, sizeof path, tmp, st * k + r, ns * k);
+    optim_file(path, sizeof path, tmp, (st * P + q) * k + r, ns * P * k);
     float *stage = NULL; /* device moments: this rank's shard comes over */
     if (o->device != DEVICE_CPU) {
-        if (!kx) return mill_errf(e, "checkpoint: device moments are saved through their kctx");
-        if (!(stage = malloc(sizeof(float) * 2 * (total ? total : 1)))) return mill_errf(e, "checkpoint: out of memory");
+        if (!kx || !(stage = malloc(sizeof(float) * 2 * (total ? total : 1)))) {
+            free(pc);
+            return mill_errf(e, kx ? "checkpoint: out of memory" : "checkpoint: device moments are saved through their kctx");
+        }
         size_t at = 0;
         for (int j = 0; j < np; j++) {
             size_t n = pc[j].b - pc[j].a;
             if (op_copy_to_host(kx, stage + at, o->m + (pc[j].a - o->lo), sizeof(float) * n, e) ||
                 op_copy_to_host(kx, stage + total + at, o->v + (pc[j].a - o->lo), sizeof(float) * n, e)) {
                 free(stage);
+                free(pc);
                 return -1;
             }
             at += n;
@@ -146,11 +154,12 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     rc = rc || safetensors_writer_save(w, path, e);
     safetensors_writer_free(w);
     free(stage);
+    free(pc);
     if (rc) return -1;
-    if (all_here(c, pp, e)) return -1; /* every rank's files are on disk */
+    if (all_here(c, ep, pp, e)) return -1; /* every rank's files are on disk */
     if (lead) {
         snprintf(path, sizeof path, "%s/state.json", tmp);
-        if ((ns > 1 && model_merge_index(tmp, ns, e)) || write_state(path, ts, o, k, ns, e)) return -1;
+        if ((ns > 1 && model_merge_index(tmp, ns, e)) || write_state(path, ts, o, P * k, ns, e)) return -1;
         if (fsync_path(tmp, e)) return -1;
         /* Replace an existing DIR only after the new one is complete. */
         snprintf(old, sizeof old, "%s.old", dir);
@@ -165,7 +174,7 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         snprintf(parent, sizeof parent, "%s", dir);
         if (fsync_path(dirname(parent), e)) return -1;
     }
-    return all_here(c, pp, e);
+    return all_here(c, ep, pp, e);
 }
 
 static int read_state(const char *path, train_state *ts, long *opt_step, int *shards, int *stages, mill_err *e) {
@@ -209,10 +218,10 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
  * global_offset (files of one process before that key: the saved shards of the whole layout, in order). */
 static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
-    moment_piece want[MODEL_MAX_CHUNKS];
-    int nw = moment_pieces(m, o, want);
+    int nw;
+    moment_piece *want = moment_pieces(m, o, &nw, e);
     dsv4_model whole = {0};
-    if (model_layout(&whole, &m->cfg, e)) return -1;
+    if (!want || model_layout(&whole, &m->cfg, e)) return free(want), -1;
     int rc = -1;
     for (int f = 0; f < stages * shards; f++) {
         optim_file(path, sizeof path, dir, f, stages * shards);
@@ -251,6 +260,7 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
     rc = 0;
 out:
     model_free(&whole);
+    free(want);
     return rc;
 }
 

@@ -32,7 +32,7 @@ void dist_ep_io(dist_ctx *d, dsv4_model *m) {
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e) {
     memset(d, 0, sizeof *d);
-    TRY(par_validate(s, cfg, world->size, batch_rows, PAR_RUNS_PP | PAR_RUNS_EP, e));
+    TRY(par_validate(s, cfg, world->size, batch_rows, e));
     TRY(par_init(&d->par, world, s, e));
     d->dp = d->par.dp;
     d->pp = d->par.pp;

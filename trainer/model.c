@@ -586,7 +586,10 @@ void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi
     *hi = u1 * 16 < m->n_floats ? u1 * 16 : m->n_floats;
 }
 
+static int is_expert(const param_info *p) { return strstr(p->name, ".ffn.experts.") != NULL; }
+
 int model_param_shard(const dsv4_model *m, const param_info *p, int k) {
+    if (m->ep.size > 1 && m->ep.rank != 0 && !is_expert(p)) return -1; /* ep rank 0's ranks save the rest */
     if (p->kind == PARAM_INDEX) return 0;
     for (int r = 0; r < k; r++) {
         size_t lo, hi;
@@ -606,16 +609,35 @@ static void shard_file(char *buf, size_t n, int f, int nf) {
  * stage, else STAGE_INDEX_FMT for model_merge_index. */
 #define STAGE_INDEX_FMT "%s/model.safetensors.index.stage-%05d.json"
 static int save_index(const dsv4_model *m, const char *dir, int n_shards, int stage, int n_stages, mill_err *e) {
-    json_t *map = json_object(), *root = json_pack("{s:{s:I}, s:o}", "metadata", "total_size",
-                                                   (json_int_t)(m->n_floats * sizeof(float)), "weight_map", map);
+    int P = m->ep.size > 1 ? m->ep.size : 1, El = m->cfg.n_routed_experts / P, per = P * n_shards; /* files a stage */
+    json_t *map = json_object(), *root = json_pack("{s:{s:I}, s:o}", "metadata", "total_size", (json_int_t)0,
+                                                   "weight_map", map);
     if (!root) return mill_errf(e, "model_save: out of memory");
     char file[64], path[4200];
-    int nf = n_stages * n_shards;
-    for (int i = 0; i < m->n_params; i++) {
-        shard_file(file, sizeof file, stage * n_shards + model_param_shard(m, &m->params[i], n_shards), nf);
-        json_object_set_new(map, m->params[i].name, json_string(file));
+    int nf = n_stages * per;
+    json_int_t total = 0;
+    for (int q = 0; q < P; q++) { /* every ep rank's tensors (its own layout) */
+        dsv4_model lay = {0};
+        const dsv4_model *mq = m;
+        if (P > 1) {
+            model_stage st = m->stage;
+            st.x0 = q * El, st.x1 = (q + 1) * El;
+            if (model_layout_stage(&lay, &m->cfg, st, e)) return json_decref(root), -1;
+            lay.ep = (model_ep_io){P, q, NULL, NULL};
+            mq = &lay;
+        }
+        for (int i = 0; i < mq->n_params; i++) {
+            const param_info *p = &mq->params[i];
+            int sh = model_param_shard(mq, p, n_shards);
+            if (sh < 0) continue;
+            shard_file(file, sizeof file, stage * per + q * n_shards + sh, nf);
+            json_object_set_new(map, p->name, json_string(file));
+            total += (json_int_t)(p->numel * (p->kind == PARAM_INDEX ? sizeof(int64_t) : sizeof(float)));
+        }
+        model_free(&lay);
     }
-    shard_file(file, sizeof file, stage * n_shards, nf);
+    json_object_set_new(json_object_get(root, "metadata"), "total_size", json_integer(total));
+    shard_file(file, sizeof file, stage * per, nf);
     for (int i = 0; i < m->n_extra; i++) json_object_set_new(map, m->extra[i].name, json_string(file));
     if (n_stages == 1) snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     else snprintf(path, sizeof path, STAGE_INDEX_FMT, dir, stage);
@@ -659,10 +681,11 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
     char path[4200], file[64];
     if (m->device != DEVICE_CPU && (!k || k->device != m->device))
         return mill_errf(e, "model_save: a device model is saved through its kctx");
-    if (shard == 0) {
+    int P = m->ep.size > 1 ? m->ep.size : 1, q = P > 1 ? m->ep.rank : 0, per = P * n_shards; /* files a stage */
+    if (shard == 0 && q == 0) {
         snprintf(path, sizeof path, "%s/config.json", dir);
         if (stage == 0 && config_save(&m->cfg, path, e)) return -1;
-        if (n_shards * n_stages > 1 && save_index(m, dir, n_shards, stage, n_stages, e)) return -1;
+        if (per * n_stages > 1 && save_index(m, dir, n_shards, stage, n_stages, e)) return -1;
     }
     /* a device model's tensors of this shard come over to one host buffer (the shard, not the model) */
     size_t nf = 0, ni = 0;
@@ -703,11 +726,11 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
         }
         if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, src, e)) goto done;
     }
-    for (int i = 0; shard == 0 && i < m->n_extra; i++)
+    for (int i = 0; shard == 0 && q == 0 && i < m->n_extra; i++)
         if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
                                    m->extra[i].t.data, e))
             goto done;
-    shard_file(file, sizeof file, stage * n_shards + shard, n_stages * n_shards);
+    shard_file(file, sizeof file, stage * per + q * n_shards + shard, n_stages * per);
     snprintf(path, sizeof path, "%s/%s", dir, file);
     rc = safetensors_writer_save(w, path, e);
 done:

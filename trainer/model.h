@@ -180,8 +180,11 @@ int model_save(const dsv4_model *m, const char *dir, mill_err *e);
  * earlier stages' (stage * n_shards + shard + 1 of n_stages * n_shards; tid2eid and mtp.* with shard
  * 0); shard 0 of stage 0 writes config.json; the index (model.safetensors.index.json, HF's sharded
  * layout, which model_load reads) comes from shard 0 of a single stage, or from each stage's part
- * (a file of its own) merged by model_merge_index once every stage has written. A device model (k:
- * its kctx; NULL for a CPU one) is copied to the host one shard at a time. */
+ * (a file of its own) merged by model_merge_index once every stage has written. With experts over
+ * ranks (m->ep of size P), each stage has P x n_shards files: ep rank q's shard s is file q x
+ * n_shards + s of the stage (ep rank 0's hold the other tensors too), and ep rank 0's shard 0 writes
+ * the stage's index with every rank's experts. A device model (k: its kctx; NULL for a CPU one) is
+ * copied to the host one shard at a time. */
 int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, int shard, int n_shards, int stage,
                            int n_stages, mill_err *e);
 int model_merge_index(const char *dir, int n_stages, mill_err *e);
@@ -196,7 +199,9 @@ void model_move_extras(dsv4_model *dst, dsv4_model *src);
  * starts on one), sizes within 16 floats of each other. The data-parallel optimizer's shards. */
 void model_shard_range(const dsv4_model *m, int r, int k, size_t *lo, size_t *hi);
 /* The shard (of k) that owns a whole tensor, to save or publish it: the one whose range holds its
- * first float; tid2eid tables go with shard 0. */
+ * first float; tid2eid tables go with shard 0. With experts over ranks (m->ep), k shards the ranks
+ * that hold the same experts, and a tensor that is not a routed expert's belongs to ep rank 0's
+ * ranks only: -1 on the others. */
 int model_param_shard(const dsv4_model *m, const param_info *p, int k);
 /* Random initialisation as HF's _init_weights does it (normal(0, std) matrices, ones for norms and
  * HC scales, zeros for HC bases, sinks, position biases and the router bias), except tid2eid: HF

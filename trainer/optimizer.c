@@ -150,29 +150,35 @@ static int gather_shards(optimizer *o, dsv4_model *m, const kctx *k, mill_err *e
 
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e) {
-    int sharded = o->dp && o->dp->size > 1;
-    if (o->dp && comm_flush(o->dp, e)) return mill_err_wrap(e, "optimizer: the gradients' reduction");
+    int sharded = o->dp && o->dp->size > 1, split = o->ep && o->ep->size > 1;
+    if ((o->dp && comm_flush(o->dp, e)) || (o->dense && comm_flush(o->dense, e)))
+        return mill_err_wrap(e, "optimizer: the gradients' reduction");
     /* the global norm: one segment per updated tensor (its part in this shard), summed in table order
-     * (one sync on a GPU), then over the shards */
+     * (one sync on a GPU), then over the shards; with experts over ranks the routed experts' part
+     * apart, summed over the ep ranks too (the rest is the same on each) */
     long *seg = malloc(sizeof(long) * 2 * (size_t)(m->n_params ? m->n_params : 1));
     if (!seg) return mill_errf(e, "optimizer: out of memory");
-    int n_seg = 0;
-    for (int i = 0; i < m->n_params; i++) {
-        size_t a, b;
-        clip_range(&m->params[i], o->lo, o->hi, &a, &b);
-        if (o->update[i] && a < b) {
-            seg[n_seg] = (long)a;
-            seg[m->n_params + n_seg] = (long)(b - a);
-            n_seg++;
+    double ss[2] = {0.0, 0.0};
+    int rc = 0;
+    for (int part = 0; part < 1 + split && !rc; part++) {
+        int n_seg = 0;
+        for (int i = 0; i < m->n_params; i++) {
+            size_t a, b;
+            clip_range(&m->params[i], o->lo, o->hi, &a, &b);
+            if (o->update[i] && a < b && (!split || (strstr(m->params[i].name, ".ffn.experts.") != NULL) == part)) {
+                seg[n_seg] = (long)a;
+                seg[m->n_params + n_seg] = (long)(b - a);
+                n_seg++;
+            }
         }
+        rc = op_sumsq_segments(k, grads, seg, seg + m->n_params, n_seg, &ss[part], e);
     }
-    double ss = 0.0;
-    int rc = op_sumsq_segments(k, grads, seg, seg + m->n_params, n_seg, &ss, e);
     free(seg);
     if (rc) return rc;
-    if ((sharded && comm_sum_f64(o->dp, &ss, 1, e)) || (o->pp && comm_sum_f64(o->pp, &ss, 1, e)))
+    if ((sharded && comm_sum_f64(o->dp, ss, 2, e)) || (o->pp && comm_sum_f64(o->pp, ss, 2, e)) ||
+        (split && comm_sum_f64(o->ep, ss + 1, 1, e)))
         return mill_err_wrap(e, "optimizer: the gradient norm");
-    double norm = sqrt(ss);
+    double norm = sqrt(ss[0] + ss[1]);
     if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
     *grad_norm = norm;
     float clip = 1.0f;

@@ -32,6 +32,10 @@ typedef struct {
     comm *dp;         /* the group (NCCL on a GPU); not owned */
     comm *pp;         /* the pipeline stages (host; NULL: one): the norm adds up over them, checkpoints
                        * number the stages' files by its rank */
+    comm *ep, *dense; /* experts over ranks (NULL: none): dp above is then the group that holds the
+                       * same experts (edp), ep the ranks that split them (the routed experts' part of
+                       * the norm adds up over it; checkpoints number its ranks' files), dense the
+                       * group the other gradients were reduced over (dp: the step waits for it too) */
     size_t lo, hi;
     float *m, *v;     /* [hi - lo], in `device` memory: element i is parameter float lo + i */
     mill_device device;

@@ -13,7 +13,7 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
 
 int par_vpp(const par_sizes *s) { return s->vpp > 1 ? s->vpp : 1; }
 
-int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, int runs, mill_err *e) {
+int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
     const char *names[5] = {"tp", "pp", "ep", "cp", "dp"};
     const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};
     for (int i = 0; i < 5; i++)
@@ -61,13 +61,8 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     static const char *const later[2] = {"tp (Distributed trainer III)", "cp (Distributed trainer IV)"};
     if (vs > PAR_MAX_STAGES)
         return mill_errf(e, "parallel: pp %d x vpp %d: at most %d pipeline stages", s->pp, par_vpp(s), PAR_MAX_STAGES);
-    if (s->pp != 1 && !(runs & PAR_RUNS_PP))
-        return mill_errf(e, "parallel: pp %d is not supported by this command; use pp 1", s->pp);
     if (cfg && s->pp > 1 && cfg->tie_word_embeddings)
         return mill_errf(e, "parallel: pp %d: a model with tied embeddings cannot be split into stages", s->pp);
-    if (s->ep != 1 && !(runs & PAR_RUNS_EP))
-        return mill_errf(e, "parallel: ep %d is not supported by this command yet (mill forward and mill grad run "
-                            "experts over ranks so far); use ep 1", s->ep);
     if (s->tp != 1) return mill_errf(e, "parallel: tp %d is not supported yet: %s; use tp 1", s->tp, later[0]);
     if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later[1]);
     return 0;
@@ -101,7 +96,7 @@ void par_range(long n, int r, int k, long *lo, long *hi) {
 
 int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e) {
     memset(p, 0, sizeof *p);
-    TRY(par_validate(s, NULL, world->size, 0, PAR_RUNS_PP | PAR_RUNS_EP, e));
+    TRY(par_validate(s, NULL, world->size, 0, e));
     p->sz = *s;
     p->world = world->size;
     p->rank = world->rank;

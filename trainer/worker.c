@@ -154,8 +154,10 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     w->updates = (int)updates;
     w->micro_batch = (int)mb;
     long step = 0;
-    /* each dp rank keeps its shard of the moments, each pp rank its stage's layers */
-    comm *dp = w->d.par.dp, *pp = ps.pp > 1 ? w->d.par.pp : NULL;
+    /* each dp rank keeps its shard of the moments (edp rank, with experts over ranks), each pp rank
+     * its stage's layers, each ep rank its experts */
+    int ep = ps.ep > 1;
+    comm *dp = ep ? w->d.par.edp : w->d.par.dp, *pp = ps.pp > 1 ? w->d.par.pp : NULL;
     const model_stage *stage = &w->d.stage;
     if (resume) {
         train_state ts;
@@ -167,9 +169,10 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
             model_free(&w->m);
             return -1;
         }
-        w->opt.pp = pp;
     }
-    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, PAR_RUNS_PP, e)) {
+    w->opt.pp = pp;
+    if (ep) w->opt.ep = w->d.par.ep, w->opt.dense = w->d.par.dp;
+    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init");
@@ -193,8 +196,11 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         model_free(&w->m);
         optimizer_free(&w->opt);
         model_free(&w->ref);
-        w->dopt.dp = w->d.dp; /* the device moments' shards are gathered over the device's comm */
+        w->dopt.dp = ep ? w->d.edp : w->d.dp; /* the device moments' shards are gathered over the device's comms */
+        if (ep) w->dopt.ep = w->d.ep, w->dopt.dense = w->d.dp;
     }
+    dist_ep_io(&w->d, train_model(w)); /* routed experts over the ep ranks */
+    dist_ep_io(&w->d, ref_model(w));
     w->ready = 1;
     w->version = version;
     *reply = wire_builder_new("ready", wire_id(msg));
@@ -328,6 +334,31 @@ static int micro_batches(const train_batch *tb, const dsv4_config *c, int a, int
         mbs[nm++] = r0;
     }
     return nm;
+}
+
+/* The batch's routing balance (its replay, every position the forward routes): per layer, the
+ * busiest expert's tokens over the mean, and the busiest ep rank's (its block of experts) over the
+ * mean; the worst layer's of each. */
+static int expert_balance(const train_batch *tb, int E, int ep, double *expert, double *rank, mill_err *e) {
+    long *cnt = calloc((size_t)E, sizeof(long));
+    if (!cnt) return mill_errf(e, "train: out of memory");
+    long per = (long)tb->n * tb->T * tb->K; /* a layer's (token, slot) pairs */
+    *expert = *rank = 0;
+    for (int l = 0; l < tb->L; l++) {
+        memset(cnt, 0, sizeof(long) * (size_t)E);
+        for (long i = 0; i < per; i++) cnt[tb->replay[(long)l * per + i]]++;
+        long mx = 0, rmx = 0;
+        for (int x = 0; x < E; x++) mx = cnt[x] > mx ? cnt[x] : mx;
+        for (int q = 0; q < ep; q++) {
+            long s = 0;
+            for (int x = q * (E / ep); x < (q + 1) * (E / ep); x++) s += cnt[x];
+            rmx = s > rmx ? s : rmx;
+        }
+        *expert = fmax(*expert, (double)mx * E / (double)per);
+        *rank = fmax(*rank, (double)rmx * ep / (double)per);
+    }
+    free(cnt);
+    return 0;
 }
 
 /* n activation arenas (1F1B keeps a micro-batch's trace per arena until its backward). */
@@ -465,6 +496,8 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     st.entropy = sums[3];
     st.tokens = (long)sums[4];
     maxd = maxes[0];
+    double bal_x = 0, bal_r = 0; /* routing balance: visible in the ledger, per step */
+    if (expert_balance(&tb, c->n_routed_experts, w->d.par.sz.ep, &bal_x, &bal_r, e)) goto out;
     w->version++;
     *reply = wire_builder_new("trained", wire_id(msg));
     if (!*reply) goto oom;
@@ -477,6 +510,8 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     wire_put_num(*reply, "kl", st.kl / tok);
     wire_put_num(*reply, "entropy", st.entropy / tok);
     wire_put_num(*reply, "max_dlogp", maxd);
+    wire_put_num(*reply, "expert_imbalance", bal_x);
+    wire_put_num(*reply, "ep_imbalance", bal_r);
     wire_put_int(*reply, "tokens", cnt);
     wire_put_num(*reply, "seconds", now() - t_start);
     rc = 0;
@@ -507,10 +542,12 @@ out:
 static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
                         mill_err *e) {
     const dsv4_model *m = train_model(w);
-    /* every (stage, dp rank) sends its part: the stage's tensors split over its dp ranks */
+    /* every (stage, dp rank) sends its part: the stage's tensors split over its dp ranks (with experts
+     * over ranks: each ep rank's experts over its edp ranks, the rest over ep rank 0's) */
     int dp = w->d.par.sz.dp, senders = w->d.par.sz.pp * dp, me = w->d.par.pp_rank * dp + w->d.par.dp_rank;
+    int ns = w->d.par.sz.ep > 1 ? w->d.par.edp->size : dp, r = w->d.par.sz.ep > 1 ? w->d.par.edp_rank : w->d.par.dp_rank;
     int last_p = -1;
-#define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], dp) == w->d.par.dp_rank)
+#define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], ns) == r)
     size_t largest = 0;
     for (int p = 0; p < m->n_params; p++)
         if (OWNED(p)) {
@@ -650,7 +687,8 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "bucket_mb", 0, 64, 0.001, 1e6, &mb, e) ||
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
-    ipc = ipc && w->gpu && w->d.par.sz.pp == 1; /* a stage's tensors are not one range of the whole layout */
+    /* a stage's tensors, or some of the experts, are not one range of the whole layout */
+    ipc = ipc && w->gpu && w->d.par.sz.pp == 1 && w->d.par.sz.ep == 1;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
