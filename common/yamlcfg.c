@@ -206,14 +206,17 @@ int yamlcfg_int(json_t *root, const char *path, long long def, long long lo, lon
     return 0;
 }
 
-int yamlcfg_num(json_t *root, const char *path, double def, double *out, const char *src, mill_err *e) {
+int yamlcfg_num(json_t *root, const char *path, double def, double lo, double hi, double *out, const char *src,
+                mill_err *e) {
     json_t *v = yamlcfg_get(root, path);
     if (!v || json_is_null(v)) {
         *out = def;
         return 0;
     }
     if (!json_is_number(v)) return mill_errf(e, "%s: %s must be a number", src, path);
-    *out = json_number_value(v);
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi)) return mill_errf(e, "%s: %s = %g is outside [%g, %g]", src, path, x, lo, hi);
+    *out = x;
     return 0;
 }
 

@@ -17,7 +17,9 @@ json_t *yamlcfg_parse(const char *text, size_t len, const char *source, mill_err
  * naming source and path. Integer-valued numbers are accepted for doubles. */
 int yamlcfg_int(json_t *root, const char *path, long long def, long long lo, long long hi, long long *out,
                 const char *source, mill_err *e);
-int yamlcfg_num(json_t *root, const char *path, double def, double *out, const char *source, mill_err *e);
+/* A number in [lo, hi] (absent or null: def). */
+int yamlcfg_num(json_t *root, const char *path, double def, double lo, double hi, double *out, const char *source,
+                mill_err *e);
 int yamlcfg_str(json_t *root, const char *path, const char *def, const char **out, const char *source, mill_err *e);
 int yamlcfg_bool(json_t *root, const char *path, int def, int *out, const char *source, mill_err *e);
 /* Keys of the mapping at path (NULL: root) not in the NULL-terminated `known` list are an error. */

@@ -126,31 +126,31 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "rollout.prompts_per_step", 16, 1, 4096, &pps, path, e) ||
         yamlcfg_int(y, "rollout.samples_per_prompt", 8, 2, 1024, &spp, path, e) ||
         yamlcfg_int(y, "rollout.max_new_tokens", 8, 1, 1 << 16, &mnt, path, e) ||
-        yamlcfg_num(y, "rollout.temperature", 1.0, &r->temperature, path, e) ||
-        yamlcfg_num(y, "rollout.top_p", 1.0, &r->top_p, path, e) ||
+        yamlcfg_num(y, "rollout.temperature", 1.0, 1e-6, 100, &r->temperature, path, e) ||
+        yamlcfg_num(y, "rollout.top_p", 1.0, 1e-9, 1, &r->top_p, path, e) ||
         yamlcfg_int(y, "rollout.seed", 1, 0, INT64_MAX / 2, &sseed, path, e) ||
         yamlcfg_str(y, "rollout.layout", "colocated", &layout, path, e) ||
         yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
-        yamlcfg_num(y, "rollout.cache_mb", 1024, &r->cache_mb, path, e) ||
+        yamlcfg_num(y, "rollout.cache_mb", 1024, 1, 1e7, &r->cache_mb, path, e) ||
         yamlcfg_str(y, "rollout.device", "auto", &rdev, path, e) ||
         yamlcfg_str(y, "rollout.curve", "auto", &curve, path, e) ||
         yamlcfg_str(y, "rollout.curve_keys", "", &ckeys, path, e) ||
-        yamlcfg_num(y, "rollout.timeout_s", 300, &r->timeout_s, path, e) ||
+        yamlcfg_num(y, "rollout.timeout_s", 300, 1e-3, 1e6, &r->timeout_s, path, e) ||
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
         yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
         yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
         yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
-        yamlcfg_num(y, "reward.timeout_s", 10, &r->reward_timeout_s, path, e) ||
+        yamlcfg_num(y, "reward.timeout_s", 10, 1e-3, 3600, &r->reward_timeout_s, path, e) ||
         yamlcfg_int(y, "reward.retries", 3, 0, 100, &retries, path, e) ||
-        yamlcfg_num(y, "reward.backoff_s", 0.5, &r->reward_backoff_s, path, e) ||
-        yamlcfg_num(y, "algorithm.eps_low", 0.2, &r->algo.eps_low, path, e) ||
-        yamlcfg_num(y, "algorithm.eps_high", 0.28, &r->algo.eps_high, path, e) ||
+        yamlcfg_num(y, "reward.backoff_s", 0.5, 0, 3600, &r->reward_backoff_s, path, e) ||
+        yamlcfg_num(y, "algorithm.eps_low", 0.2, 0, 1, &r->algo.eps_low, path, e) ||
+        yamlcfg_num(y, "algorithm.eps_high", 0.28, 0, 10, &r->algo.eps_high, path, e) ||
         yamlcfg_bool(y, "algorithm.std_normalize", 1, &stdn, path, e) ||
         yamlcfg_bool(y, "algorithm.seq_mean", 0, &seqm, path, e) ||
-        yamlcfg_num(y, "algorithm.kl_coef", 0.0, &r->algo.kl_coef, path, e) ||
+        yamlcfg_num(y, "algorithm.kl_coef", 0.0, 0, 1e6, &r->algo.kl_coef, path, e) ||
         yamlcfg_str(y, "algorithm.kl_type", "low_var_kl", &klt, path, e) ||
-        yamlcfg_num(y, "algorithm.tis_cap", 2.0, &r->algo.tis_cap, path, e) ||
-        yamlcfg_num(y, "algorithm.entropy_coef", 0.0, &r->algo.entropy_coef, path, e) ||
+        yamlcfg_num(y, "algorithm.tis_cap", 2.0, 0, 1e6, &r->algo.tis_cap, path, e) ||
+        yamlcfg_num(y, "algorithm.entropy_coef", 0.0, -1e3, 1e3, &r->algo.entropy_coef, path, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
         yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
@@ -244,7 +244,6 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     else if (!strcmp(klt, "k2")) r->algo.kl_type = KL_K2;
     else if (!strcmp(klt, "low_var_kl") || !strcmp(klt, "k3")) r->algo.kl_type = KL_K3;
     else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2 or low_var_kl", path, klt);
-    if (!(r->temperature > 0)) return mill_errf(e, "%s: rollout.temperature must be > 0 for GRPO sampling", path);
     if (r->eval_path[0] && !r->jsonl) return mill_errf(e, "%s: eval.path is for JSONL data", path);
     r->data_seed = (uint64_t)dseed;
     r->pool = pool;

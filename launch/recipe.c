@@ -14,15 +14,15 @@ int recipe_optimizer(json_t *y, const char *path, optim_config *o, mill_err *e) 
     const char *sched;
     long long warm;
     if (yamlcfg_known_keys(y, "optimizer", recipe_optimizer_keys, path, e) ||
-        yamlcfg_num(y, "optimizer.lr", o->lr, &o->lr, path, e) ||
-        yamlcfg_num(y, "optimizer.min_lr", o->min_lr, &o->min_lr, path, e) ||
+        yamlcfg_num(y, "optimizer.lr", o->lr, 0, 10, &o->lr, path, e) ||
+        yamlcfg_num(y, "optimizer.min_lr", o->min_lr, 0, 10, &o->min_lr, path, e) ||
         yamlcfg_str(y, "optimizer.schedule", o->schedule == LR_COSINE ? "cosine" : "constant", &sched, path, e) ||
         yamlcfg_int(y, "optimizer.warmup_steps", o->warmup_steps, 0, 1 << 30, &warm, path, e) ||
-        yamlcfg_num(y, "optimizer.weight_decay", o->weight_decay, &o->weight_decay, path, e) ||
-        yamlcfg_num(y, "optimizer.clip_grad", o->clip_grad, &o->clip_grad, path, e) ||
-        yamlcfg_num(y, "optimizer.beta1", o->beta1, &o->beta1, path, e) ||
-        yamlcfg_num(y, "optimizer.beta2", o->beta2, &o->beta2, path, e) ||
-        yamlcfg_num(y, "optimizer.eps", o->eps, &o->eps, path, e))
+        yamlcfg_num(y, "optimizer.weight_decay", o->weight_decay, 0, 10, &o->weight_decay, path, e) ||
+        yamlcfg_num(y, "optimizer.clip_grad", o->clip_grad, -1, 1e30, &o->clip_grad, path, e) ||
+        yamlcfg_num(y, "optimizer.beta1", o->beta1, 0, 1, &o->beta1, path, e) ||
+        yamlcfg_num(y, "optimizer.beta2", o->beta2, 0, 1, &o->beta2, path, e) ||
+        yamlcfg_num(y, "optimizer.eps", o->eps, 0, 1, &o->eps, path, e))
         return -1;
     if (strcmp(sched, "cosine") == 0) o->schedule = LR_COSINE;
     else if (strcmp(sched, "constant") == 0) o->schedule = LR_CONSTANT;

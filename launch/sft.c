@@ -41,7 +41,7 @@ int sft_recipe_load(const char *path, sft_recipe *r, mill_err *e) {
     long long iseed, steps, bs, maxlen, logev, evev, evn, evseed, ckev, mbs;
     if (yamlcfg_str(y, "model.config", "", &cfg, path, e) || yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_int(y, "model.init_seed", 1, 0, INT64_MAX, &iseed, path, e) ||
-        yamlcfg_num(y, "model.init_std", 0.02, &r->init_std, path, e) ||
+        yamlcfg_num(y, "model.init_std", 0.02, 1e-9, 10, &r->init_std, path, e) ||
         recipe_data(y, path, r->levels, &r->n_levels, &r->data_seed, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 100000000, &steps, path, e) ||
         yamlcfg_int(y, "train.batch_size", 32, 1, 1 << 20, &bs, path, e) ||

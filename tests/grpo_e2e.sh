@@ -203,4 +203,10 @@ grep -q "bad.jsonl:2:" "$T/bad2.err" || fail "bad row: $(cat "$T/bad2.err")"
 [ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "bad row: a run was recorded for a recipe that cannot start"
 if "$MILL" run $R --set ledger="$L" --set rollout.device=gpu 2> "$T/bad3.err"; then fail "bad device accepted"; fi
 grep -q 'rollout.device "gpu" must be "auto", "cpu" or "cuda"' "$T/bad3.err" || fail "bad device: $(cat "$T/bad3.err")"
-echo "bad key, bad row, bad device: clear errors"
+# a value out of range fails as the recipe is read, before any process starts or any run is recorded
+if "$MILL" run $R --set ledger="$L" --set algorithm.eps_low=5 2> "$T/bad4.err"; then fail "eps_low 5 accepted"; fi
+grep -q 'algorithm.eps_low = 5 is outside \[0, 1\]' "$T/bad4.err" || fail "eps_low 5: $(cat "$T/bad4.err")"
+if "$MILL" run $R --set ledger="$L" --set optimizer.beta2=1.5 2> "$T/bad5.err"; then fail "beta2 1.5 accepted"; fi
+grep -q 'optimizer.beta2 = 1.5 is outside \[0, 1\]' "$T/bad5.err" || fail "beta2 1.5: $(cat "$T/bad5.err")"
+[ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "a run was recorded for a recipe with a value out of range"
+echo "bad key, bad row, bad device, values out of range: clear errors, nothing recorded"
