@@ -15,12 +15,6 @@ int ranks_is_option(const char *arg) {
     return !strcmp(arg, "--pp-layers") || !strcmp(arg, "--pp-dtype");
 }
 
-int ranks_wire_parse(const char *v, int *wire) {
-    static const char *const names[] = {"auto", "fp32", "bf16"}; /* PAR_WIRE_* */
-    for (int i = 0; i < 3; i++)
-        if (!strcmp(v, names[i])) return *wire = i, 0;
-    return -1;
-}
 
 /* --pp-layers 2,1,1: each stage's layer count, in order. */
 static int parse_split(const char *v, par_sizes *s, mill_err *e) {
@@ -41,7 +35,7 @@ int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e) {
     int *dst[6] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp, &s->vpp}, seen[6] = {0};
     for (int i = 2; i + 1 < argc; i++) {
         if (!strcmp(argv[i], "--pp-layers") && parse_split(argv[i + 1], s, e)) return -1;
-        if (!strcmp(argv[i], "--pp-dtype") && ranks_wire_parse(argv[i + 1], &s->pp_wire))
+        if (!strcmp(argv[i], "--pp-dtype") && par_wire_parse(argv[i + 1], &s->pp_wire))
             return mill_errf(e, "--pp-dtype must be auto, fp32 or bf16, got \"%s\"", argv[i + 1]);
     }
     for (int i = 2; i < argc; i++)

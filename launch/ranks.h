@@ -12,8 +12,6 @@
 /* Reads --tp/--pp/--ep/--cp/--dp/--vpp N (absent: 1; each at most once), --pp-layers and
  * --pp-dtype from argv into *s. */
 int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e);
-/* "auto", "fp32" or "bf16" into *wire (PAR_WIRE_*); -1 for anything else. */
-int ranks_wire_parse(const char *v, int *wire);
 /* 1 when argv[i] is one of the layout options. */
 int ranks_is_option(const char *arg);
 /* Checks the layout against the model (cfg, NULL: none) and the batch (batch_rows, 0: none) first,

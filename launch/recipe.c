@@ -1,5 +1,4 @@
 #include "recipe.h"
-#include "ranks.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -99,7 +98,7 @@ int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
         *dst[i] = (int)v;
     }
     json_t *wire = yamlcfg_get(y, "train.parallel.pp_dtype"); /* the streams between stages */
-    if (wire && !json_is_null(wire) && (!json_is_string(wire) || ranks_wire_parse(json_string_value(wire), &s->pp_wire)))
+    if (wire && !json_is_null(wire) && (!json_is_string(wire) || par_wire_parse(json_string_value(wire), &s->pp_wire)))
         return mill_errf(e, "%s: train.parallel.pp_dtype must be auto, fp32 or bf16", path);
     return 0;
 }

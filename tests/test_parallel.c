@@ -31,6 +31,10 @@ const char *lay_sizes_str(const par_sizes *s, char *buf, size_t n);
 void lay_range(long n, int r, int k, long *lo, long *hi);
 void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1);
 int lay_vpp(const par_sizes *s);
+int lay_wire_parse(const char *v, int *wire);
+const char *lay_wire_name(int wire);
+#define par_wire_parse lay_wire_parse
+#define par_wire_name lay_wire_name
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #define par_vpp lay_vpp
 #define par_validate_micro lay_validate_micro
@@ -44,6 +48,8 @@ int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #define mill_errf lay_errf
 #include "trainer/parallel.c"
 #undef par_vpp
+#undef par_wire_parse
+#undef par_wire_name
 #undef par_validate_micro
 #undef par_stage_layers
 #undef par_sizes_one

@@ -13,6 +13,16 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
 
 int par_vpp(const par_sizes *s) { return s->vpp > 1 ? s->vpp : 1; }
 
+static const char *const wire_names[] = {"auto", "fp32", "bf16"}; /* PAR_WIRE_* */
+
+int par_wire_parse(const char *v, int *wire) {
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(v, wire_names[i])) return *wire = i, 0;
+    return -1;
+}
+
+const char *par_wire_name(int wire) { return wire >= 0 && wire < 3 ? wire_names[wire] : "?"; }
+
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e) {
     const char *names[5] = {"tp", "pp", "ep", "cp", "dp"};
     const int v[5] = {s->tp, s->pp, s->ep, s->cp, s->dp};

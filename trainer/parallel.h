@@ -20,6 +20,9 @@
 #define PAR_MAX_VPP 16     /* model chunks per pipeline rank (MODEL_MAX_CHUNKS) */
 
 enum { PAR_WIRE_AUTO, PAR_WIRE_F32, PAR_WIRE_BF16 }; /* auto: bf16 on a GPU, fp32 on the CPU */
+/* "auto", "fp32" or "bf16" into *wire (PAR_WIRE_*), -1 for anything else; and the name of one. */
+int par_wire_parse(const char *v, int *wire);
+const char *par_wire_name(int wire);
 
 typedef struct {
     int tp, pp, ep, cp, dp;

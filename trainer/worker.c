@@ -118,8 +118,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         return mill_err_wrap(e, "init");
     par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4],
                     .vpp = (int)lay[5]};
-    if (!strcmp(wire, "fp32") || !strcmp(wire, "bf16")) ps.pp_wire = wire[0] == 'f' ? PAR_WIRE_F32 : PAR_WIRE_BF16;
-    else if (strcmp(wire, "auto")) return mill_errf(e, "init: pp_dtype \"%s\" must be auto, fp32 or bf16", wire);
+    if (par_wire_parse(wire, &ps.pp_wire)) return mill_errf(e, "init: pp_dtype \"%s\" must be auto, fp32 or bf16", wire);
     int64_t split[WIRE_MAX_INTS];
     int n_split = 0;
     if (wire_get_int_array(msg, "pp_layers", 0, 1, 1 << 20, split, WIRE_MAX_INTS, &n_split, e))
