@@ -92,8 +92,9 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
                                          "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
-    static const char *const algo_k[] = {"eps_low", "eps_high", "std_normalize", "seq_mean", "kl_coef", "kl_type",
-                                         "tis_cap", "entropy_coef", NULL};
+    static const char *const algo_k[] = {"eps_low",      "eps_high",     "std_normalize", "seq_mean",
+                                         "kl_coef",      "kl_type",      "tis_cap",       "entropy_coef",
+                                         "loss_agg_mode", "policy_loss", "clip_ratio_c",  "log_ratio_clamp", NULL};
     static const char *const train_k[] = {"steps",    "updates_per_step", "micro_batch", "device",
                                           "parallel", "max_restarts",     "address",     NULL};
     static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
@@ -111,7 +112,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.lr = 1e-4;
     r->optim.weight_decay = 0.0;
     r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr;
+    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr, *aggm, *pol;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
         restarts, tkill, tkrank;
     int skip, dyn, stdn, seqm, async;
@@ -151,6 +152,10 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_str(y, "algorithm.kl_type", "low_var_kl", &klt, path, e) ||
         yamlcfg_num(y, "algorithm.tis_cap", 2.0, 0, 1e6, &r->algo.tis_cap, path, e) ||
         yamlcfg_num(y, "algorithm.entropy_coef", 0.0, -1e3, 1e3, &r->algo.entropy_coef, path, e) ||
+        yamlcfg_str(y, "algorithm.loss_agg_mode", "", &aggm, path, e) ||
+        yamlcfg_str(y, "algorithm.policy_loss", "vanilla", &pol, path, e) ||
+        yamlcfg_num(y, "algorithm.clip_ratio_c", 0.0, 0, 1e6, &r->algo.clip_ratio_c, path, e) ||
+        yamlcfg_num(y, "algorithm.log_ratio_clamp", 0.0, 0, 1e6, &r->algo.log_ratio_clamp, path, e) ||
         yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
         yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
         yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
@@ -243,7 +248,30 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     if (!strcmp(klt, "k1")) r->algo.kl_type = KL_K1;
     else if (!strcmp(klt, "k2")) r->algo.kl_type = KL_K2;
     else if (!strcmp(klt, "low_var_kl") || !strcmp(klt, "k3")) r->algo.kl_type = KL_K3;
-    else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2 or low_var_kl", path, klt);
+    else if (!strcmp(klt, "abs")) r->algo.kl_type = KL_ABS;
+    else if (!strcmp(klt, "unbiased")) r->algo.kl_type = KL_UNBIASED;
+    else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2, low_var_kl, abs or unbiased", path, klt);
+    static const char *const aggs[] = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                       "seq-mean-token-sum-norm"}; /* verl's names, grpo_agg's order */
+    r->algo.agg = AGG_TOKEN_MEAN;
+    if (*aggm) {
+        int k = 0;
+        while (k < 4 && strcmp(aggm, aggs[k])) k++;
+        if (k == 4)
+            return mill_errf(e, "%s: algorithm.loss_agg_mode \"%s\" must be token-mean, seq-mean-token-mean, "
+                                "seq-mean-token-sum or seq-mean-token-sum-norm", path, aggm);
+        if (yamlcfg_get(y, "algorithm.seq_mean"))
+            return mill_errf(e, "%s: algorithm.seq_mean and algorithm.loss_agg_mode both set: keep one", path);
+        r->algo.agg = (grpo_agg)k;
+        seqm = k == AGG_SEQ_MEAN_TOKEN_MEAN;
+    }
+    r->algo.agg_horizon = (double)mnt; /* seq-mean-token-sum-norm: the response budget */
+    if (!strcmp(pol, "gspo")) r->algo.ratio = RATIO_GSPO;
+    else if (!strcmp(pol, "vanilla")) r->algo.ratio = RATIO_TOKEN;
+    else return mill_errf(e, "%s: algorithm.policy_loss \"%s\" must be vanilla or gspo", path, pol);
+    if (r->algo.clip_ratio_c != 0 && !(r->algo.clip_ratio_c > 1))
+        return mill_errf(e, "%s: algorithm.clip_ratio_c = %g must be above 1 (dual-clip; 0: off)", path,
+                         r->algo.clip_ratio_c);
     if (r->eval_path[0] && !r->jsonl) return mill_errf(e, "%s: eval.path is for JSONL data", path);
     r->data_seed = (uint64_t)dseed;
     r->pool = pool;
@@ -1164,6 +1192,11 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "kl_type", r->algo.kl_type);
     wire_put_num(b, "tis_cap", r->algo.tis_cap);
     wire_put_num(b, "entropy_coef", r->algo.entropy_coef);
+    wire_put_int(b, "loss_agg", r->algo.agg);
+    wire_put_num(b, "agg_horizon", r->algo.agg_horizon);
+    wire_put_int(b, "ratio", r->algo.ratio);
+    wire_put_num(b, "clip_ratio_c", r->algo.clip_ratio_c);
+    wire_put_num(b, "log_ratio_clamp", r->algo.log_ratio_clamp);
     wire_put_num(b, "temperature", r->temperature);
     wire_put_int(b, "updates_per_step", r->updates_per_step);
     wire_put_int(b, "micro_batch", r->micro_batch);

@@ -192,6 +192,12 @@ echo "engine killed mid-step 2: restarted; step 2 has 16 samples, 16 distinct"
     fail "dapo: samples"
 echo "dapo recipe: 1 step on the JSONL sample with the math verifier"
 
+# the loss options reach the trainer (GSPO with Dr. GRPO's aggregation, dual-clip, the unbiased KL)
+run opts --set train.steps=2 --set algorithm.policy_loss=gspo --set algorithm.loss_agg_mode=seq-mean-token-sum \
+    --set algorithm.clip_ratio_c=3 --set algorithm.kl_coef=0.05 --set algorithm.kl_type=unbiased
+[ "$(q "select count(*) from steps s join runs r on r.id=s.run_id where r.name='opts' and s.step > 0")" = 2 ] ||
+    fail "opts: the run with the loss options did not train 2 steps"
+
 # 6. bad input: a misspelt key, a bad dataset row
 if "$MILL" run $R --set ledger="$L" --set rollout.tempurature=1 2> "$T/bad.err"; then fail "bad key accepted"; fi
 grep -q "rollout.tempurature.*temperature" "$T/bad.err" || fail "bad key: $(cat "$T/bad.err")"
@@ -203,6 +209,8 @@ grep -q "bad.jsonl:2:" "$T/bad2.err" || fail "bad row: $(cat "$T/bad2.err")"
 [ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "bad row: a run was recorded for a recipe that cannot start"
 if "$MILL" run $R --set ledger="$L" --set rollout.device=gpu 2> "$T/bad3.err"; then fail "bad device accepted"; fi
 grep -q 'rollout.device "gpu" must be "auto", "cpu" or "cuda"' "$T/bad3.err" || fail "bad device: $(cat "$T/bad3.err")"
+if "$MILL" run $R --set ledger="$L" --set algorithm.loss_agg_mode=token-sum 2> "$T/bad6.err"; then fail "token-sum accepted"; fi
+grep -q 'algorithm.loss_agg_mode "token-sum" must be' "$T/bad6.err" || fail "token-sum: $(cat "$T/bad6.err")"
 # a value out of range fails as the recipe is read, before any process starts or any run is recorded
 if "$MILL" run $R --set ledger="$L" --set algorithm.eps_low=5 2> "$T/bad4.err"; then fail "eps_low 5 accepted"; fi
 grep -q 'algorithm.eps_low = 5 is outside \[0, 1\]' "$T/bad4.err" || fail "eps_low 5: $(cat "$T/bad4.err")"

@@ -62,14 +62,18 @@ static void test_clipped_loss(void **s) {
     assert_float_equal(dl[2], 1.0 / 2, 1e-7);
 }
 
-/* d loss / d logp against central differences, with KL (each estimator) and clipping mixed in. */
+/* d loss / d logp against central differences, with KL (each estimator: k1, k2, k3, abs, unbiased)
+ * and clipping mixed in; then the aggregations (each) and GSPO's sequence ratio under
+ * seq-mean-token-mean, whose token-level gradient is the true gradient of the sequence objective. */
 static void test_gradient_fd(void **s) {
     (void)s;
-    for (int kt = 1; kt <= 3; kt++) {
+    for (int kt = 1; kt <= 5 + 4 + 1; kt++) {
         grpo_config c;
         grpo_config_default(&c);
         c.kl_coef = 0.3;
-        c.kl_type = (grpo_kl)kt;
+        c.kl_type = (grpo_kl)(kt <= 5 ? kt : KL_K3);
+        if (kt > 5 && kt <= 9) c.agg = (grpo_agg)(kt - 6), c.agg_horizon = 7;
+        if (kt == 10) c.ratio = RATIO_GSPO, c.agg = AGG_SEQ_MEAN_TOKEN_MEAN, c.kl_coef = 0;
         int32_t seq[6] = {0, 0, 1, 1, 1, 2};
         float adv[3] = {1.5f, -0.7f, 0.4f}, old[6] = {-1, -2, -0.5f, -1.2f, -3, -0.1f};
         float ref[6] = {-1.1f, -1.8f, -0.6f, -1.0f, -2.5f, -0.3f}, lp[6] = {-0.9f, -2.05f, -0.45f, -1.3f, -2.9f, -0.15f};
@@ -86,6 +90,72 @@ static void test_gradient_fd(void **s) {
             assert_float_equal(dl[t], fd, 2e-3 * (fabs(fd) + 1e-2));
         }
     }
+}
+
+/* The loss options against their reference formulas (verl's compute_policy_loss, agg_loss, kl_penalty,
+ * compute_policy_loss_gspo). */
+static void test_loss_options(void **s) {
+    (void)s;
+    grpo_config c;
+    grpo_config_default(&c);
+    int32_t seq[4] = {0, 0, 1, 1};
+    float adv[2] = {-1.0f, 2.0f}, old[4] = {-1, -1, -1, -1}, dl[4];
+    /* dual-clip: a negative advantage's loss is at most -A * c, with no gradient there */
+    float lp[4] = {-1 + logf(5.0f), -1 + logf(0.5f), -1 + logf(5.0f), -1 + logf(0.5f)};
+    c.clip_ratio_c = 3.0;
+    double l = run(&c, seq, 2, adv, old, NULL, lp, 4, dl, NULL);
+    /* tokens: A=-1 ratio 5: min(3, max(5, 1.28)) = 3; A=-1 ratio .5: max(.5, .8) = .8 (clipped);
+     * A=2 ratio 5: max(-10, -2.56) = -2.56 (clipped); A=2 ratio .5: max(-1, -1.6) = -1 */
+    assert_float_equal(l, (3 + 0.8 - 2.56 - 1) / 4, 1e-6);
+    assert_float_equal(dl[0], 0, 0);
+    assert_float_equal(dl[1], 0, 0);
+    assert_float_equal(dl[2], 0, 0);
+    assert_float_equal(dl[3], -2 * 0.5 / 4, 1e-6);
+    c.clip_ratio_c = 0; /* off: the first token's loss is 5 */
+    assert_float_equal(run(&c, seq, 2, adv, old, NULL, lp, 4, dl, NULL), (5 + 0.8 - 2.56 - 1) / 4, 1e-6);
+    /* aggregations of the token losses 5, .8 | -2.56, -1 over a 2- and a 2-token sequence; then 1 + 3 */
+    int32_t seq3[4] = {0, 1, 1, 1};
+    double tok[4] = {5, 0.8, -2.56, -1};
+    float adv3[2] = {-1.0f, -1.0f}, lp3[4] = {lp[0], lp[1], -1 + logf(1.28f), -1 + logf(1.0f)};
+    tok[2] = 1.28, tok[3] = 1.0;
+    double want[4] = {(tok[0] + tok[1] + tok[2] + tok[3]) / 4, (tok[0] + (tok[1] + tok[2] + tok[3]) / 3) / 2,
+                      (tok[0] + tok[1] + tok[2] + tok[3]) / 2, (tok[0] + tok[1] + tok[2] + tok[3]) / 10};
+    for (int a = 0; a < 4; a++) {
+        c.agg = (grpo_agg)a;
+        c.agg_horizon = 10;
+        assert_float_equal(run(&c, seq3, 2, adv3, old, NULL, lp3, 4, dl, NULL), want[a], 1e-6);
+    }
+    c.agg = AGG_TOKEN_MEAN;
+    /* a log-ratio clamp: ratio exp(c) past it, no gradient */
+    c.log_ratio_clamp = 0.1;
+    float lp4[4] = {-0.5f, -1.05f, -1, -1};
+    c.eps_low = c.eps_high = 10; /* no PPO clip in the way */
+    run(&c, seq, 2, adv, old, NULL, lp4, 4, dl, NULL);
+    assert_float_equal(dl[0], 0, 0);
+    assert_float_equal(dl[1], 1.0 * exp(-0.05) / 4, 1e-6);
+    c.log_ratio_clamp = 0;
+    /* GSPO: every token of a sequence has the sequence's ratio exp(mean log-ratio) */
+    c.ratio = RATIO_GSPO;
+    float lp5[4] = {-0.8f, -1.0f, -1.1f, -1.3f};
+    grpo_stats st;
+    run(&c, seq, 2, adv, old, NULL, lp5, 4, dl, &st);
+    assert_float_equal(st.max_ratio, exp(0.1), 1e-6);
+    assert_float_equal(dl[0], 1.0 * exp(0.1) / 4, 1e-6);
+    assert_float_equal(dl[1], dl[0], 0);
+    assert_float_equal(dl[2], -2.0 * exp(-0.2) / 4, 1e-6);
+    /* a NaN logprob fails, naming the token and its sequence */
+    lp5[3] = NAN;
+    grpo_batch b = {.cfg = &c, .seq = seq, .n_seqs = 2, .adv = adv, .old_logp = old};
+    double loss;
+    mill_err e;
+    assert_int_equal(grpo_loss(&b, lp5, NULL, 4, dl, NULL, &loss, &e), -1);
+    assert_non_null(strstr(e.msg, "token 3 of sequence 1 has a NaN logprob"));
+    lp5[3] = -1;
+    float ref[4] = {-1, -1, NAN, -1};
+    c.kl_coef = 0.1;
+    b.ref_logp = ref;
+    assert_int_equal(grpo_loss(&b, lp5, NULL, 4, dl, NULL, &loss, &e), -1);
+    assert_non_null(strstr(e.msg, "token 2 of sequence 1 has a NaN reference logprob"));
 }
 
 /* Entropy bonus and TIS against hand-computed values; old_logp NULL means on-policy. */
@@ -241,6 +311,7 @@ int main(void) {
         cmocka_unit_test(test_advantages),
         cmocka_unit_test(test_clipped_loss),
         cmocka_unit_test(test_gradient_fd),
+        cmocka_unit_test(test_loss_options),
         cmocka_unit_test(test_entropy_tis),
         cmocka_unit_test(test_entropy_gradient),
         cmocka_unit_test(test_policy_gradient_direction),

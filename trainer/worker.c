@@ -75,7 +75,7 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8], wire[8];
     int resume, seqm;
-    int64_t version, warm, total, kl, updates, mb, lay[6];
+    int64_t version, warm, total, kl, agg, ratio, updates, mb, lay[6];
     double temp;
     optim_config oc;
     optim_config_default(&oc);
@@ -103,7 +103,12 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_num(msg, "eps_high", 0, 0.28, 0, 10, &w->algo.eps_high, e) ||
         wire_get_bool(msg, "seq_mean", 0, 0, &seqm, e) ||
         wire_get_num(msg, "kl_coef", 0, 0, 0, 1e6, &w->algo.kl_coef, e) ||
-        wire_get_int(msg, "kl_type", 0, KL_K3, KL_K1, KL_K3, &kl, e) ||
+        wire_get_int(msg, "kl_type", 0, KL_K3, KL_K1, KL_UNBIASED, &kl, e) ||
+        wire_get_int(msg, "loss_agg", 0, AGG_TOKEN_MEAN, AGG_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM_NORM, &agg, e) ||
+        wire_get_num(msg, "agg_horizon", 0, 1, 1e-9, 1e9, &w->algo.agg_horizon, e) ||
+        wire_get_int(msg, "ratio", 0, RATIO_TOKEN, RATIO_TOKEN, RATIO_GSPO, &ratio, e) ||
+        wire_get_num(msg, "clip_ratio_c", 0, 0, 0, 1e6, &w->algo.clip_ratio_c, e) ||
+        wire_get_num(msg, "log_ratio_clamp", 0, 0, 0, 1e6, &w->algo.log_ratio_clamp, e) ||
         wire_get_num(msg, "tis_cap", 0, 0, 0, 1e6, &w->algo.tis_cap, e) ||
         wire_get_num(msg, "entropy_coef", 0, 0, -1e3, 1e3, &w->algo.entropy_coef, e) ||
         wire_get_num(msg, "temperature", 0, 1.0, 1e-6, 100, &temp, e) ||
@@ -149,6 +154,8 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     }
     w->algo.seq_mean = seqm;
     w->algo.kl_type = (grpo_kl)kl;
+    w->algo.agg = (grpo_agg)agg;
+    w->algo.ratio = (grpo_ratio)ratio;
     w->temperature = (float)temp;
     w->updates = (int)updates;
     w->micro_batch = (int)mb;
