@@ -152,7 +152,7 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         return -1;
     }
     s->gpu = r->device != DEVICE_CPU;
-    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
+    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) || par_validate_training(&r->par, e) ||
         (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e)))) {
         mill_err_wrap(e, "sft");
         sft_close(s);

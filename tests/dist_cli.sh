@@ -12,6 +12,8 @@
 #     layouts; bf16 streams between stages;
 #   - experts over ranks (--ep 2 with dp 2, with stages; ep 2 and 4 over dp 4) in grad and forward;
 #     sft --ep 2 against dp 2, its checkpoints resumed at ep 2 and dp 2;
+#   - heads over ranks (--tp 2, with ep x dp and with stages; --tp 3 on a 3-head model) in grad and
+#     forward against one process and the HF goldens;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -129,6 +131,35 @@ else
     not_ok "the expert all-to-alls' bytes" "no report: $(cat "$T/stderr")"
 fi
 
+# Heads over ranks (Distributed trainer III, tensor parallelism in forward and grad): each tp rank
+# holds a slice of the attention heads (wq_b, attn_sink), the output groups (wo_a rows, wo_b
+# columns) and the shared experts' hidden units; the partial sums are all-reduced over tp. Against
+# one process and HF on both golden models; with ep, dp and stages; tp 3 on a model with 3 heads
+# and 3 output groups (random weights: against one process only; its gradients are ~1e-6, so the
+# tolerance is relative to cancellation noise)
+for m in tiny-a tiny-b; do
+    for lay in "--tp 2" "--tp 2 --ep 2 --dp 2" "--tp 2 --pp 2"; do
+        # shellcheck disable=SC2086
+        OMP_NUM_THREADS=1 "$MILL" grad --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/gt.st" --device cpu \
+            $lay 2>"$T/stderr" || { not_ok "grad $lay on $m" "$(first_err)"; continue; }
+        same "grad $lay = one process on $m" "$T/gt.st" "$T/g1.st.$m" 3e-5
+        same "grad $lay = HF goldens on $m" "$T/gt.st" "$DATA/$m/grads.safetensors" 1e-3 grad.
+    done
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/ft.st" --device cpu \
+        --tp 2 2>"$T/stderr" || not_ok "forward --tp 2 on $m" "$(first_err)"
+    same "forward --tp 2 = HF goldens on $m" "$T/ft.st" "$DATA/$m/expected.safetensors" 1e-4 logits
+done
+"$MILL" init --config tests/data/tp3-config.json --out "$T/h3" --seed 5 >/dev/null 2>"$T/stderr" ||
+    not_ok "init the 3-head model" "$(first_err)"
+H3="grad --model $T/h3 --input $DATA/tiny-a/input.json --device cpu"
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 "$MILL" $H3 --output "$T/h3a.st" 2>"$T/stderr" || not_ok "grad on the 3-head model" "$(first_err)"
+for lay in "--tp 3" "--tp 3 --pp 2"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "$MILL" $H3 --output "$T/h3b.st" $lay 2>"$T/stderr" || not_ok "grad $lay, 3 heads" "$(first_err)"
+    same "grad $lay = one process on a model with 3 heads and 3 output groups" "$T/h3b.st" "$T/h3a.st" 1e-4
+done
+
 # bf16 streams between the stages (the GPU's default): rounded once per hop, so not the fp32 bits,
 # but the same loss within bf16's rounding
 OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gbf.st" --pp 2 --pp-dtype bf16 2>"$T/stderr" || not_ok "grad bf16 streams" "$(first_err)"
@@ -188,6 +219,7 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "rows not divisible by dp" "the batch's 2 rows must divide evenly over dp 3" $G --dp 3
     bad "more stages than layers" "pp 5 stages need at least as many layers; the model has 4" $G --pp 5
     bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
+    bad "heads over ranks in sft" "tp 2 runs in mill forward and mill grad so far" sft tests/data/sft-dist.yaml --tp 2
     bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
     bad "a stage split that misses layers" "pp_layers gives 2 stage(s) of 2 layers in all; pp is 2 and the model has 4" \

@@ -36,6 +36,8 @@ const char *lay_wire_name(int wire);
 #define par_wire_parse lay_wire_parse
 #define par_wire_name lay_wire_name
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
+int lay_validate_training(const par_sizes *s, mill_err *e);
+#define par_validate_training lay_validate_training
 #define par_vpp lay_vpp
 #define par_validate_micro lay_validate_micro
 #define par_stage_layers lay_stage_layers
@@ -51,6 +53,7 @@ int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #undef par_wire_parse
 #undef par_wire_name
 #undef par_validate_micro
+#undef par_validate_training
 #undef par_stage_layers
 #undef par_sizes_one
 #undef par_sizes_str
@@ -97,6 +100,8 @@ static void test_validate(void **st) {
     c.num_attention_heads = 8;
     c.o_groups = 4;
     c.index_n_heads = 8;
+    c.moe_intermediate_size = 4;
+    c.n_shared_experts = 1;
     c.n_routed_experts = 6;
     c.num_hidden_layers = 2;
 
@@ -139,8 +144,8 @@ static void test_validate(void **st) {
     c2.o_groups = 2;
     expect_validate(sizes(4, 1, 1, 1, 1), &c2, 0, 0, "parallel: tp 4 must divide o_groups 2");
     c2 = c;
-    c2.index_n_heads = 2;
-    expect_validate(sizes(4, 1, 1, 1, 1), &c2, 0, 0, "parallel: tp 4 must divide index_n_heads 2");
+    c2.moe_intermediate_size = 6;
+    expect_validate(sizes(4, 1, 1, 1, 1), &c2, 0, 0, "parallel: tp 4 must divide the shared experts' hidden units 6");
     expect_validate(sizes(1, 1, 4, 1, 4), &c, 0, 0, "parallel: ep 4 must divide n_routed_experts 6");
     expect_validate(sizes(1, 3, 1, 1, 1), &c, 0, 0, "parallel: pp 3 stages need at least as many layers; the model has 2");
     /* interleaved stages: vpp chunks per pipeline rank, pp > 1, a layer per virtual stage */
@@ -157,7 +162,7 @@ static void test_validate(void **st) {
     v.pp_layers[0] = 2, v.pp_layers[1] = 3;
     expect_validate(v, &c2, 0, 0, "parallel: pp_layers gives 2 stage(s) of 5 layers in all; pp x vpp is 4 and the model has 5 layers");
     /* ... which a NULL config skips */
-    expect_validate(sizes(3, 1, 1, 1, 1), NULL, 0, 0, "tp 3 is not supported yet");
+    expect_validate(sizes(1, 1, 1, 3, 1), NULL, 0, 0, "cp 3 is not supported yet");
     expect_validate(sizes(1, 1, 1, 3, 1), NULL, 0, 0, "cp 3 is not supported yet");
 
     /* the batch's rows over dp */
@@ -167,9 +172,13 @@ static void test_validate(void **st) {
     /* the sizes this build cannot run yet */
     expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, NULL); /* stages and experts over ranks run */
     expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, NULL);
-    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, "parallel: tp 2 is not supported yet: tp (Distributed trainer III)");
+    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, NULL); /* heads over ranks run (forward and grad) */
+    par_sizes t2 = sizes(2, 1, 1, 1, 1);
+    mill_err et = {{0}};
+    assert_int_equal(par_validate_training(&t2, &et), -1);
+    assert_non_null(strstr(et.msg, "tp 2 runs in mill forward and mill grad so far"));
     expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");
-    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: tp 2 is not supported yet");
+    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: cp 2 is not supported yet");
 
     /* the real tiny model with the sizes that run */
     dsv4_config tiny;
@@ -438,9 +447,9 @@ static void test_init_mpi_mismatch(void **st) {
     int rc = par_init(&p, W, &s, &e);
     CHECK(rc == -1 && strstr(e.msg, want) && !p.dp, "par_init with dp %d on %d ranks: rc %d, \"%s\"", dp, N, rc, e.msg);
     if (N % 2 == 0) { /* the world matches, the layout is refused */
-        s = sizes(2, 1, 1, 1, N / 2);
+        s = sizes(1, 1, 1, 2, N / 2);
         rc = par_init(&p, W, &s, &e);
-        CHECK(rc == -1 && strstr(e.msg, "tp 2 is not supported yet"), "par_init with tp 2: rc %d, \"%s\"", rc, e.msg);
+        CHECK(rc == -1 && strstr(e.msg, "cp 2 is not supported yet"), "par_init with cp 2: rc %d, \"%s\"", rc, e.msg);
     }
     mill_err e2 = {{0}};
     CHECK(comm_barrier(W, &e2) == 0, "barrier after the refusals: %s", e2.msg); /* every rank got here */

@@ -118,7 +118,7 @@ int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x
                        float *qr_raw, float *qr, float *q_raw, float *q, float *kv_raw, float *kv, mill_err *e) {
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
-    int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, r = c->qk_rope_head_dim, qlr = c->q_lora_rank;
+    int D = c->hidden_size, H = model_heads(m), d = c->head_dim, r = c->qk_rope_head_dim, qlr = c->q_lora_rank;
     float eps = (float)c->rms_norm_eps;
     const float *inv_freq = L->ratio ? m->inv_freq_compress : m->inv_freq_main;
     TRY(op_linear(k, qr_raw, x, L->wq_a, N, qlr, D, 0, 0, 0, e));
@@ -135,7 +135,7 @@ int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o,
                       float *o_rot, float *z, float *y, mill_err *e) {
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
-    int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, G = c->o_groups, R = c->o_lora_rank;
+    int D = c->hidden_size, H = model_heads(m), d = c->head_dim, G = model_groups(m), R = c->o_lora_rank;
     /* Values are the rotated keys: undo the rotation at the query position. */
     TRY(op_copy(k, o_rot, o, sizeof(float) * (size_t)N * H * d, e));
     TRY(op_rope(k, o_rot, N, H, d, c->qk_rope_head_dim, pos, L->ratio ? m->inv_freq_compress : m->inv_freq_main, -1,
@@ -147,11 +147,16 @@ int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o,
     return op_linear(k, y, z, L->wo_b, N, D, G * R, 0, 0, 0, e);
 }
 
+/* Tensor parallelism: a slice's partial sum completed over the tp ranks (nothing without). */
+static int tp_sum(const dsv4_model *m, float *buf, size_t n, mill_err *e) {
+    return m->stage.tp > 1 ? m->tp.all_reduce(m->tp.ctx, buf, n, e) : 0;
+}
+
 /* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
 static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
     const dsv4_config *c = &f->m->cfg;
-    int N = f->N, T = f->T, D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim;
-    int qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio, l = (int)(L - f->m->layers);
+    int N = f->N, T = f->T, D = c->hidden_size, H = model_heads(f->m), d = c->head_dim;
+    int qlr = c->q_lora_rank, G = model_groups(f->m), R = c->o_lora_rank, ratio = L->ratio, l = (int)(L - f->m->layers);
     ALLOC(t->qr_raw, (long)N * qlr);
     ALLOC(t->qr, (long)N * qlr);
     ALLOC(t->q_raw, (long)N * H * d);
@@ -187,7 +192,8 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
                               t->comp ? t->comp + (long)b * t->Tc * d : NULL, t->idx ? t->idx + t0 * t->n_comp : NULL,
                               t->n_comp, L->attn_sink, T, H, d, c->sliding_window, 1.0f / sqrtf((float)d), f->e));
     }
-    return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e);
+    TRY(model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e));
+    return tp_sum(f->m, y, (size_t)N * D, f->e); /* a slice of the heads: the partial wo_b products */
 }
 
 /* ------------------------------------------------------- expert parallelism */
@@ -358,14 +364,19 @@ static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const flo
     TRY(op_moe_route(k, scores, ids, wts, logits, L->gate_bias, given, N, rc, e));
     if (m->ep.size > 1) TRY(moe_experts_ep(m, k, L, x, ids, wts, N, y, tr, a, e));
     else TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
-    if (L->sw1) {
-        int Is = I * c->n_shared_experts;
+    if (L->sw1) { /* tensor parallelism: this rank's slice of the hidden units, summed over tp */
+        int Is = I * c->n_shared_experts / (m->stage.tp > 1 ? m->stage.tp : 1);
         float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
-        if (!g || !u) return mill_errf(e, "moe: out of activation memory");
+        float *sy = m->stage.tp > 1 ? arena_floats(a, (size_t)N * D) : y;
+        if (!g || !u || !sy) return mill_errf(e, "moe: out of activation memory");
         TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
         TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
         TRY(op_swiglu_clamp(k, g, g, u, (long)N * Is, (float)c->swiglu_limit, e));
-        TRY(op_linear(k, y, g, L->sw2, N, D, Is, 0, 0, 1, e));
+        TRY(op_linear(k, sy, g, L->sw2, N, D, Is, 0, 0, sy == y, e));
+        if (sy != y) { /* y += the completed sum (op_repeat_rows_backward with one repeat: an add) */
+            TRY(tp_sum(m, sy, (size_t)N * D, e));
+            TRY(op_repeat_rows_backward(k, y, sy, N, 1, D, e));
+        }
     }
     return 0;
 }
@@ -534,8 +545,8 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
     const dsv4_config *c = &f->m->cfg;
     const kctx *k = f->k;
     mill_err *e = f->e;
-    int N = f->N, T = f->T, D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim;
-    int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = c->o_groups, R = c->o_lora_rank, ratio = L->ratio;
+    int N = f->N, T = f->T, D = c->hidden_size, H = model_heads(f->m), d = c->head_dim;
+    int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = model_groups(f->m), R = c->o_lora_rank, ratio = L->ratio;
     float eps = (float)c->rms_norm_eps;
     const float *inv_freq = ratio ? f->m->inv_freq_compress : f->m->inv_freq_main;
     float *dz, *do_, *dq, *dkv, *dqr, *dq_raw, *dkv_raw, *dqr_raw, *dcomp = NULL;
@@ -610,9 +621,13 @@ static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float
     moe_route_cfg rc = {E, K, c->scoring_func, c->norm_topk_prob, (float)c->routed_scaling_factor};
     TRY(op_moe_route_backward(k, dlogits, dwts, t->scores, t->logits, t->ids, N, rc, e));
     TRY(op_linear_backward(k, dx, GRAD(L->gate), dlogits, x, L->gate, N, E, D, 0, 0, e));
-    if (L->sw1) {
-        int Is = I * c->n_shared_experts;
-        float *g, *u, *act, *dact, *dg, *du;
+    if (L->sw1) { /* tensor parallelism: the slice's part of dx apart, summed over tp, then added */
+        int Is = I * c->n_shared_experts / (f->m->stage.tp > 1 ? f->m->stage.tp : 1);
+        float *g, *u, *act, *dact, *dg, *du, *sdx = dx;
+        if (f->m->stage.tp > 1) {
+            ALLOC(sdx, (long)N * D);
+            TRY(op_zero(k, sdx, sizeof(float) * (size_t)N * D, e));
+        }
         ALLOC(g, (long)N * Is);
         ALLOC(u, (long)N * Is);
         ALLOC(act, (long)N * Is);
@@ -624,8 +639,12 @@ static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float
         TRY(op_swiglu_clamp(k, act, g, u, (long)N * Is, (float)c->swiglu_limit, e));
         TRY(op_linear_backward(k, dact, GRAD(L->sw2), dy, act, L->sw2, N, D, Is, 0, 0, e));
         TRY(op_swiglu_clamp_backward(k, dg, du, dact, g, u, (long)N * Is, (float)c->swiglu_limit, e));
-        TRY(op_linear_backward(k, dx, GRAD(L->sw1), dg, x, L->sw1, N, Is, D, 0, 0, e));
-        TRY(op_linear_backward(k, dx, GRAD(L->sw3), du, x, L->sw3, N, Is, D, 0, 0, e));
+        TRY(op_linear_backward(k, sdx, GRAD(L->sw1), dg, x, L->sw1, N, Is, D, 0, 0, e));
+        TRY(op_linear_backward(k, sdx, GRAD(L->sw3), du, x, L->sw3, N, Is, D, 0, 0, e));
+        if (sdx != dx) {
+            TRY(tp_sum(f->m, sdx, (size_t)N * D, e));
+            TRY(op_repeat_rows_backward(k, dx, sdx, N, 1, D, e));
+        }
     }
     return 0;
 }
@@ -642,7 +661,10 @@ static int site_backward(fwd *f, const site_trace *s, const float *fn, const flo
     TRY(op_zero(f->k, dxn_out, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_zero(f->k, dx, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_hc_post_backward(f->k, dh_in, dy, dpost, dcomb, dh_out, s->h_in, s->y, s->post, s->comb, N, n, D, f->e));
-    if (sublayer_is_attn) TRY(attention_backward(f, L, t, dxn_out, dy, s->xn, grads));
+    if (sublayer_is_attn) { /* a slice of the heads: its part of d input, summed over tp */
+        TRY(attention_backward(f, L, t, dxn_out, dy, s->xn, grads));
+        TRY(tp_sum(f->m, dxn_out, (size_t)N * D, f->e));
+    }
     else TRY(moe_backward(f, L, t, dxn_out, dy, s->xn, grads));
     TRY(op_rmsnorm_backward(f->k, dx, GRAD(norm_w), dxn_out, s->x, norm_w, N, D, 0, dm.norm_eps, f->e));
     return op_hc_pre_backward(f->k, dh_in, GRAD(fn), GRAD(base), GRAD(scale), dx, dpost, dcomb, s->h_in, fn, base,

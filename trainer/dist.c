@@ -6,8 +6,8 @@
 #include <string.h>
 #include <time.h>
 
-model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q) {
-    model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1};
+model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q, int t) {
+    model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1, .tp = s->tp, .tp_rank = t};
     for (int c = 0; c < st.n_chunks; c++)
         par_stage_layers(s, cfg->num_hidden_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
     if (s->ep > 1) {
@@ -25,8 +25,13 @@ static int ep_a2a(void *ctx, const void *send, const size_t *sc, const size_t *s
     return comm_all_to_allv(host ? d->par.ep : d->ep, send, sc, sd, recv, rc, rd, dt, e);
 }
 
+static int tp_all_reduce(void *ctx, float *buf, size_t n, mill_err *e) {
+    return comm_all_reduce(((dist_ctx *)ctx)->tp, buf, n, DTYPE_F32, e);
+}
+
 void dist_ep_io(dist_ctx *d, dsv4_model *m) {
     m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
+    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, d} : (model_tp_io){0};
 }
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
@@ -38,17 +43,19 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     d->pp = d->par.pp;
     d->ep = d->par.ep;
     d->edp = d->par.edp;
+    d->tp = d->par.tp;
     d->k = k;
     d->wire = s->pp_wire == PAR_WIRE_BF16 || (s->pp_wire == PAR_WIRE_AUTO && k->device == DEVICE_CUDA) ? DTYPE_BF16
                                                                                                       : DTYPE_F32;
-    if (cfg) d->stage = dist_rank_stage(s, cfg, d->par.pp_rank, d->par.ep_rank);
+    if (cfg) d->stage = dist_rank_stage(s, cfg, d->par.pp_rank, d->par.ep_rank, d->par.tp_rank);
     /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
      * one runs the same setup as many); the pp group's when there are stages, ep and edp's with
      * experts over ranks */
     if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dp, k->stream, &d->dp, e) ||
                                      (s->pp > 1 && comm_nccl_from(d->par.pp, k->stream, &d->pp, e)) ||
                                      (s->ep > 1 && (comm_nccl_from(d->par.ep, k->stream, &d->ep, e) ||
-                                                    comm_nccl_from(d->par.edp, k->stream, &d->edp, e))))) {
+                                                    comm_nccl_from(d->par.edp, k->stream, &d->edp, e))) ||
+                                     (s->tp > 1 && comm_nccl_from(d->par.tp, k->stream, &d->tp, e)))) {
         dist_free(d);
         return mill_err_wrap(e, "groups on the GPU");
     }
@@ -67,6 +74,7 @@ void dist_free(dist_ctx *d) {
     if (d->pp && d->pp != d->par.pp) comm_free(d->pp);
     if (d->ep && d->ep != d->par.ep) comm_free(d->ep);
     if (d->edp && d->edp != d->par.edp) comm_free(d->edp);
+    if (d->tp && d->tp != d->par.tp) comm_free(d->tp);
     if (d->bufs) mem_free(d->k->device, d->bufs->buf);
     free(d->bufs);
     par_free(&d->par);
@@ -207,6 +215,11 @@ void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->
 static int reduce_layer(void *ctx, const dsv4_model *m, int l, mill_err *e) {
     dist_ctx *d = ctx;
     size_t lo, hi, x0, x1;
+    for (int i = 0; d->tp->size > 1 && i < m->n_params; i++) { /* partial in each slice: summed over tp first */
+        const param_info *p = &m->params[i];
+        if (p->layer == l && p->split < 0 && model_param_has_grad(p) && strstr(p->name, ".attn."))
+            TRY(comm_all_reduce(d->tp, d->grads + p->offset, p->numel, DTYPE_F32, e));
+    }
     model_layer_range(m, l, &lo, &hi);
     model_expert_range(m, l, &x0, &x1);
     if (x0 == x1) x0 = x1 = hi;
@@ -218,7 +231,7 @@ static int reduce_layer(void *ctx, const dsv4_model *m, int l, mill_err *e) {
 
 void dist_hook(dist_ctx *d, dsv4_model *m, float *grads) {
     d->grads = grads;
-    m->grad_ready.fn = d->dp->size > 1 || d->edp->size > 1 ? reduce_layer : NULL;
+    m->grad_ready.fn = d->dp->size > 1 || d->edp->size > 1 || d->tp->size > 1 ? reduce_layer : NULL;
     m->grad_ready.ctx = d;
 }
 
@@ -304,23 +317,82 @@ out:
     return rc;
 }
 
+/* The tp ranks' slices (each holds st, its slice tp_rank) into out's whole tensors; the tensors
+ * every slice holds whole (equal on every tp rank) from this one. */
+static int gather_slices(comm *c, const model_stage *st, const float *mine, const int32_t *mine_index,
+                         dsv4_model *out, mill_err *e) {
+    dsv4_model lay = {0};
+    TRY(model_layout_stage(&lay, &out->cfg, *st, e));
+    int tp = c->size, rc = -1;
+    size_t nf = lay.n_floats, *cnt = malloc(sizeof(size_t) * 2 * (size_t)tp), *dsp = cnt ? cnt + tp : NULL;
+    float *all = malloc(sizeof(float) * (nf * (size_t)tp + 1));
+    if (!cnt || !all) {
+        mill_errf(e, "gather: out of memory");
+        goto out;
+    }
+    for (int r = 0; r < tp; r++) cnt[r] = nf, dsp[r] = (size_t)r * nf;
+    memcpy(all + (size_t)c->rank * nf, mine, sizeof(float) * nf);
+    if (comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e)) goto out;
+    for (int i = 0; i < lay.n_params; i++) {
+        const param_info *p = &lay.params[i], *q = model_find_param(out, p->name);
+        if (!q) {
+            mill_errf(e, "gather: %s is not in the whole layout", p->name);
+            goto out;
+        }
+        if (p->kind == PARAM_INDEX) {
+            if (mine_index && out->index_data) memcpy(out->index_data + q->offset, mine_index + p->offset, sizeof(int32_t) * p->numel);
+            continue;
+        }
+        if (p->split < 0) {
+            memcpy(out->data + q->offset, mine + p->offset, sizeof(float) * p->numel);
+            continue;
+        }
+        size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
+        for (int r = 0; r < tp; r++) { /* rows: block r; columns: block r of every row */
+            const float *src = all + (size_t)r * nf + p->offset;
+            if (p->split == 0) memcpy(out->data + q->offset + (size_t)r * p->numel, src, sizeof(float) * p->numel);
+            else
+                for (int64_t row = 0; row < p->shape[0]; row++)
+                    memcpy(out->data + q->offset + ((size_t)row * (size_t)tp + (size_t)r) * cols, src + (size_t)row * cols,
+                           sizeof(float) * cols);
+        }
+    }
+    rc = 0;
+out:
+    model_free(&lay);
+    free(cnt);
+    free(all);
+    return rc;
+}
+
 int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e) {
     const par_sizes *sz = &d->par.sz;
-    par_sizes whole = *sz; /* every expert: ep 1 */
-    whole.ep = 1;
+    par_sizes tp1 = *sz, whole = *sz; /* whole tensors (tp 1), and every expert too (ep 1) */
+    tp1.tp = 1;
+    whole.tp = whole.ep = 1;
+    const dsv4_config *cfg = &full->cfg;
+    int pr = d->par.pp_rank, er = d->par.ep_rank;
     model_stage *sts = malloc(sizeof *sts * (size_t)(sz->ep > sz->pp ? sz->ep : sz->pp));
     if (!sts) return mill_errf(e, "gather: out of memory");
-    dsv4_model stage = {0}; /* with experts over ranks: this stage with every expert, gathered over ep first */
+    /* over tp (the slices into whole tensors), then ep (every expert of this stage), then pp */
+    dsv4_model tpw = {0}, stage = {0};
     int rc = 0;
-    if (sz->ep > 1) {
-        for (int q = 0; q < sz->ep; q++) sts[q] = dist_rank_stage(sz, &full->cfg, d->par.pp_rank, q);
-        rc = model_init_stage(&stage, &full->cfg, dist_rank_stage(&whole, &full->cfg, d->par.pp_rank, 0), e) ||
+    if (sz->tp > 1) {
+        rc = model_init_stage(&tpw, cfg, dist_rank_stage(&tp1, cfg, pr, er, 0), e) ||
+             gather_slices(d->par.tp, &d->stage, mine, mine_index, &tpw, e);
+        mine = tpw.data;
+        mine_index = mine_index ? tpw.index_data : NULL;
+    }
+    if (!rc && sz->ep > 1) {
+        for (int q = 0; q < sz->ep; q++) sts[q] = dist_rank_stage(&tp1, cfg, pr, q, 0);
+        rc = model_init_stage(&stage, cfg, dist_rank_stage(&whole, cfg, pr, 0, 0), e) ||
              gather_by_name(d->par.ep, sts, mine, mine_index, &stage, e);
         mine = stage.data;
         mine_index = mine_index ? stage.index_data : NULL;
     }
-    for (int s = 0; !rc && s < sz->pp; s++) sts[s] = dist_rank_stage(&whole, &full->cfg, s, 0);
+    for (int s = 0; !rc && s < sz->pp; s++) sts[s] = dist_rank_stage(&whole, cfg, s, 0, 0);
     rc = rc || gather_by_name(d->par.pp, sts, mine, mine_index, full, e);
+    model_free(&tpw);
     model_free(&stage);
     free(sts);
     return rc;

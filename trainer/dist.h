@@ -19,6 +19,7 @@ typedef struct {
     comm *dp;          /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
     comm *pp;          /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
     comm *ep, *edp;    /* par.ep and par.edp, NCCL twins on a GPU when ep > 1 (experts over ranks) */
+    comm *tp;          /* par.tp, its NCCL twin on a GPU when tp > 1 (heads over ranks) */
     double ep_bytes;   /* bytes the expert all-to-alls sent to other ranks (the experts' rows) */
     model_stage stage; /* this rank's chunks of the model (dist_init: set for cfg) */
     const kctx *k;
@@ -35,12 +36,13 @@ typedef struct {
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
               mill_err *e);
 void dist_free(dist_ctx *d);
-/* What pipeline rank r and expert rank q hold under s: virtual stages r, r + pp, ... (the
- * embedding with virtual stage 0, the head with the last) and the q-th of ep equal blocks of
- * cfg's routed experts. */
-model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q);
-/* m (holding this rank's experts: d->stage) sends the rows of its routed experts over the ep
- * group (model_ep_io); nothing with ep 1. */
+/* What pipeline rank r, expert rank q and tensor-parallel rank t hold under s: virtual stages r,
+ * r + pp, ... (the embedding with virtual stage 0, the head with the last), the q-th of ep equal
+ * blocks of cfg's routed experts, and slice t of tp of the heads, output groups and shared experts. */
+model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q, int t);
+/* m (holding this rank's experts and slices: d->stage) sends the rows of its routed experts over
+ * the ep group (model_ep_io) and sums its slices' partial results over the tp group
+ * (model_tp_io); nothing with ep and tp 1. */
 void dist_ep_io(dist_ctx *d, dsv4_model *m);
 /* Runs one op of a pipeline schedule on chunk (a view of the rank's model holding op->chunk's
  * layers, whose boundary streams travel between the stages). */
@@ -59,8 +61,9 @@ int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index
 /* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
 /* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
- * is final (m->grad_ready; a layer's routed experts over the expert-data-parallel group instead);
- * dist_unhook stops it. */
+ * is final (m->grad_ready; a layer's routed experts over the expert-data-parallel group instead;
+ * with tp, the attention's replicated weights, whose gradients each slice has in part, over tp
+ * first); dist_unhook stops it. */
 void dist_hook(dist_ctx *d, dsv4_model *m, float *grads);
 void dist_unhook(dsv4_model *m);
 /* A rank with no tokens in a step takes part in the same reductions, in the backward's order,

@@ -27,6 +27,7 @@ typedef struct {
     model_run *runs; /* the kept weights' runs of the whole layout */
     int n_runs, cap_runs;
     int expert; /* the routed expert whose tensors come now, -1: none */
+    int split;  /* the dimension the next tensor is sliced along under tp, -1: none */
     int x0, x1; /* the routed experts kept */
 } layout_builder;
 
@@ -64,6 +65,12 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
     p->numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
     p->kind = kind;
     p->layer = layer;
+    p->split = -1;
+    if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor */
+        p->split = b->split;
+        p->shape[b->split] /= b->st.tp;
+        p->numel /= (size_t)b->st.tp;
+    }
     if (kind == PARAM_INDEX) {
         p->offset = b->ints;
         b->ints += p->numel;
@@ -72,6 +79,7 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
         p->offset = (b->floats + 15) / 16 * 16;
         b->floats = p->offset + p->numel;
         model_run *r = b->n_runs ? &b->runs[b->n_runs - 1] : NULL;
+        if (b->st.tp > 1) return 0; /* slices: no runs of the whole layout */
         if (kind == PARAM_WEIGHT && (!r || goff - p->offset != r->global - r->local)) { /* after a skipped part */
             if (b->n_runs == b->cap_runs) {
                 int cap = b->cap_runs ? 2 * b->cap_runs : 8;
@@ -90,6 +98,13 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 
 #define W1(L, d0, ...) TRY(add_param(b, L, PARAM_WEIGHT, 1, d0, 0, 0, e, __VA_ARGS__))
 #define W2(L, d0, d1, ...) TRY(add_param(b, L, PARAM_WEIGHT, 2, d0, d1, 0, e, __VA_ARGS__))
+/* The same for a tensor sliced along dimension dim under tensor parallelism. */
+#define W2S(dim, L, d0, d1, ...)                                      \
+    do {                                                              \
+        b->split = (dim);                                             \
+        TRY(add_param(b, L, PARAM_WEIGHT, 2, d0, d1, 0, e, __VA_ARGS__)); \
+        b->split = -1;                                                \
+    } while (0)
 
 /* The canonical order: buffers of one kind (all trainable weights, then router biases) are
  * contiguous so the optimizer and freezing can work on ranges. */
@@ -109,12 +124,14 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
         W1(l, 3, "layers.%d.hc_ffn_scale", l);
         W2(l, c->q_lora_rank, D, "layers.%d.attn.wq_a.weight", l);
         W1(l, c->q_lora_rank, "layers.%d.attn.q_norm.weight", l);
-        W2(l, (int64_t)H * d, c->q_lora_rank, "layers.%d.attn.wq_b.weight", l);
+        W2S(0, l, (int64_t)H * d, c->q_lora_rank, "layers.%d.attn.wq_b.weight", l);
         W2(l, d, D, "layers.%d.attn.wkv.weight", l);
         W1(l, d, "layers.%d.attn.kv_norm.weight", l);
-        W2(l, (int64_t)c->o_groups * c->o_lora_rank, (int64_t)H * d / c->o_groups, "layers.%d.attn.wo_a.weight", l);
-        W2(l, D, (int64_t)c->o_groups * c->o_lora_rank, "layers.%d.attn.wo_b.weight", l);
+        W2S(0, l, (int64_t)c->o_groups * c->o_lora_rank, (int64_t)H * d / c->o_groups, "layers.%d.attn.wo_a.weight", l);
+        W2S(1, l, D, (int64_t)c->o_groups * c->o_lora_rank, "layers.%d.attn.wo_b.weight", l);
+        b->split = 0;
         W1(l, H, "layers.%d.attn.attn_sink", l);
+        b->split = -1;
         if (ratio) {
             int cw = ratio == ATTN_CSA ? 2 * d : d;
             W2(l, cw, D, "layers.%d.attn.compressor.wkv.weight", l);
@@ -137,9 +154,9 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
         for (b->expert = 0; b->expert < E; b->expert++) W2(l, I, D, "layers.%d.ffn.experts.%d.w3.weight", l, b->expert);
         b->expert = -1;
         if (Is) {
-            W2(l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l);
-            W2(l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
-            W2(l, Is, D, "layers.%d.ffn.shared_experts.w3.weight", l);
+            W2S(0, l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l);
+            W2S(1, l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
+            W2S(0, l, Is, D, "layers.%d.ffn.shared_experts.w3.weight", l);
         }
     }
     W1(-1, D, "norm.weight");
@@ -207,8 +224,12 @@ int model_stage_holds(const model_stage *st, int l) {
 
 model_stage model_stage_chunk(const model_stage *st, int c) {
     return (model_stage){.n_chunks = 1, .first = st->first && c == 0, .last = st->last && c == st->n_chunks - 1,
-                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}, .x0 = st->x0, .x1 = st->x1};
+                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}, .x0 = st->x0, .x1 = st->x1, .tp = st->tp,
+                         .tp_rank = st->tp_rank};
 }
+
+int model_heads(const dsv4_model *m) { return m->cfg.num_attention_heads / (m->stage.tp > 1 ? m->stage.tp : 1); }
+int model_groups(const dsv4_model *m) { return m->cfg.o_groups / (m->stage.tp > 1 ? m->stage.tp : 1); }
 
 void model_stage_experts(const model_stage *st, const dsv4_config *cfg, int *x0, int *x1) {
     *x0 = st->x1 ? st->x0 : 0;
@@ -228,10 +249,15 @@ int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mi
         if (st.l0[c] < (c ? st.l1[c - 1] : 0) || st.l1[c] > cfg->num_hidden_layers || st.l0[c] > st.l1[c])
             return mill_errf(e, "model: chunk %d's layers [%d, %d) are outside the model's %d or out of order", c,
                              st.l0[c], st.l1[c], cfg->num_hidden_layers);
+    if (st.tp > 1 && (cfg->num_attention_heads % st.tp || cfg->o_groups % st.tp ||
+                      (cfg->moe_intermediate_size * cfg->n_shared_experts) % st.tp))
+        return mill_errf(e, "model: tp %d must divide the heads (%d), output groups (%d) and shared experts' hidden "
+                            "units (%d)", st.tp, cfg->num_attention_heads, cfg->o_groups,
+                         cfg->moe_intermediate_size * cfg->n_shared_experts);
     if (cfg->tie_word_embeddings && st.first != st.last)
         return mill_errf(e, "model: tied embeddings cannot be split over pipeline stages");
     m->stage = st;
-    layout_builder b = {.st = st, .expert = -1};
+    layout_builder b = {.st = st, .expert = -1, .split = -1};
     model_stage_experts(&st, cfg, &b.x0, &b.x1);
     if (b.x0 < 0 || b.x1 > cfg->n_routed_experts || b.x0 >= b.x1) {
         return mill_errf(e, "model: experts [%d, %d) outside the model's %d", b.x0, b.x1, cfg->n_routed_experts);
@@ -513,6 +539,20 @@ static int other_stage(const model_stage *st, int n_layers, const char *name) {
     return !strncmp(name, "mtp.", 4) && !st->last; /* the MTP block follows the last layer */
 }
 
+/* This rank's tensor-parallel slice of en: rows (split 0) or columns (split 1) block tp_rank of tp. */
+static int load_slice(dsv4_model *m, const param_info *p, const safetensors_entry *en, mill_err *e) {
+    int tp = m->stage.tp, r = m->stage.tp_rank;
+    float *whole = malloc(sizeof(float) * p->numel * (size_t)tp), *dst = m->data + p->offset;
+    if (!whole) return mill_errf(e, "model: out of memory for %s", p->name);
+    int rc = dtype_convert_to_f32(en->dtype, en->data, whole, p->numel * (size_t)tp, e);
+    size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
+    if (!rc && p->split == 0) memcpy(dst, whole + (size_t)r * p->numel, sizeof(float) * p->numel);
+    for (int64_t row = 0; !rc && p->split == 1 && row < p->shape[0]; row++)
+        memcpy(dst + (size_t)row * cols, whole + ((size_t)row * (size_t)tp + (size_t)r) * cols, sizeof(float) * cols);
+    free(whole);
+    return rc;
+}
+
 int model_load(dsv4_model *m, const char *dir, mill_err *e) { return model_load_stage(m, dir, NULL, e); }
 
 int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, mill_err *e) {
@@ -541,10 +581,12 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
             goto done;
         }
         const char *file = safetensors_file_of(st, en);
-        if (en->ndim != p->ndim || memcmp(en->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim) != 0) {
+        int64_t full[3] = {p->shape[0], p->shape[1], p->shape[2]}; /* a tensor-parallel slice's whole tensor */
+        if (p->split >= 0) full[p->split] *= m->stage.tp;
+        if (en->ndim != p->ndim || memcmp(en->shape, full, sizeof(int64_t) * (size_t)p->ndim) != 0) {
             mill_errf(e, "%s: tensor %s has shape %s, expected %s", file, p->name,
                       tensor_shape_str(en->ndim, en->shape, got, sizeof got),
-                      tensor_shape_str(p->ndim, p->shape, want, sizeof want));
+                      tensor_shape_str(p->ndim, full, want, sizeof want));
             goto done;
         }
         for (int j = 0; j < safetensors_count(st); j++)
@@ -555,6 +597,8 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
             mill_errf(e, "%s: tensor %s has dtype %s, expected F32, BF16 or F16 (FP8/FP4 checkpoints are not "
                       "supported yet)", file, p->name, dtype_name(en->dtype));
             goto done;
+        } else if (p->split >= 0) {
+            if (load_slice(m, p, en, e)) goto done;
         } else if (dtype_convert_to_f32(en->dtype, en->data, m->data + p->offset, p->numel, e)) {
             goto done;
         }

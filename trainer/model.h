@@ -34,6 +34,7 @@ typedef struct {
     size_t numel;
     param_kind kind;
     int layer; /* -1 for embed/head/norm/hc_head */
+    int split; /* tensor parallelism: the dimension this rank holds 1/tp of (shape is the slice), -1: whole */
 } param_info;
 
 typedef struct {
@@ -76,7 +77,14 @@ typedef struct {
     int n_chunks, first, last;
     int l0[MODEL_MAX_CHUNKS], l1[MODEL_MAX_CHUNKS];
     int x0, x1; /* the routed experts held, [x0, x1) of every layer (expert parallelism); x1 0: all */
+    int tp, tp_rank; /* tensor parallelism (tp > 1): slice tp_rank of the attention heads (wq_b,
+                      * attn_sink), output groups (wo_a rows, wo_b columns) and the shared experts'
+                      * hidden units (sw1, sw3 rows, sw2 columns) */
 } model_stage;
+
+/* The attention heads and output groups this model computes (its tensor-parallel slice's). */
+int model_heads(const struct dsv4_model *m);
+int model_groups(const struct dsv4_model *m);
 
 /* The routed experts st holds: [*x0, *x1) of cfg's. */
 void model_stage_experts(const model_stage *st, const dsv4_config *cfg, int *x0, int *x1);
@@ -114,11 +122,19 @@ typedef struct {
     void *ctx;
 } model_ep_io;
 
+/* How a tensor-parallel slice (stage.tp > 1) completes its partial sums: all_reduce sums n floats
+ * of the model's device memory over the tp ranks, in place. */
+typedef struct {
+    int (*all_reduce)(void *ctx, float *buf, size_t n, mill_err *e);
+    void *ctx;
+} model_tp_io;
+
 typedef struct dsv4_model {
     dsv4_config cfg;
     model_stage stage;
     model_stage_io io;
     model_ep_io ep;
+    model_tp_io tp;
     param_info *params;
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */

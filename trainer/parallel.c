@@ -46,9 +46,9 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
         if (cfg->o_groups % s->tp)
             return mill_errf(e, "parallel: tp %d must divide o_groups %d (wo_a is split by output groups)", s->tp,
                              cfg->o_groups);
-        if (cfg->index_n_heads % s->tp)
-            return mill_errf(e, "parallel: tp %d must divide index_n_heads %d (the indexer's heads)", s->tp,
-                             cfg->index_n_heads);
+        if ((cfg->moe_intermediate_size * cfg->n_shared_experts) % s->tp)
+            return mill_errf(e, "parallel: tp %d must divide the shared experts' hidden units %d", s->tp,
+                             cfg->moe_intermediate_size * cfg->n_shared_experts);
         if (cfg->n_routed_experts % s->ep)
             return mill_errf(e, "parallel: ep %d must divide n_routed_experts %d", s->ep, cfg->n_routed_experts);
         if (cfg->num_hidden_layers < vs && vs == s->pp)
@@ -68,13 +68,19 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     }
     if (batch_rows > 0 && batch_rows % s->dp)
         return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
-    static const char *const later[2] = {"tp (Distributed trainer III)", "cp (Distributed trainer IV)"};
+    static const char *const later = "cp (Distributed trainer IV)";
     if (vs > PAR_MAX_STAGES)
         return mill_errf(e, "parallel: pp %d x vpp %d: at most %d pipeline stages", s->pp, par_vpp(s), PAR_MAX_STAGES);
     if (cfg && s->pp > 1 && cfg->tie_word_embeddings)
         return mill_errf(e, "parallel: pp %d: a model with tied embeddings cannot be split into stages", s->pp);
-    if (s->tp != 1) return mill_errf(e, "parallel: tp %d is not supported yet: %s; use tp 1", s->tp, later[0]);
-    if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later[1]);
+    if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later);
+    return 0;
+}
+
+int par_validate_training(const par_sizes *s, mill_err *e) {
+    if (s->tp > 1)
+        return mill_errf(e, "parallel: tp %d runs in mill forward and mill grad so far (training needs the optimizer and "
+                            "checkpoints over slices, next); use tp 1", s->tp);
     return 0;
 }
 

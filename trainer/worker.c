@@ -178,7 +178,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     }
     w->opt.pp = pp;
     if (ep) w->opt.ep = w->d.par.ep, w->opt.dense = w->d.par.dp;
-    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
+    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e) || par_validate_training(&ps, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init");
