@@ -1277,7 +1277,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
     if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
         return -1;
-    if (par_validate(&r->par, &c->cfg, 0, 0, e) || par_validate_training(&r->par, e)) /* before any rank starts */
+    if (par_validate(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
     long n = (long)r->prompts_per_step * r->samples_per_prompt; /* each update's micro-batches on each dp rank */
     for (int u = 0; u < r->updates_per_step; u++)

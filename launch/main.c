@@ -61,8 +61,8 @@ static int usage(FILE *to) {
             "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
             "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
             "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
-            "          interleaved) and ep (experts over ranks) work; tp (heads over ranks) in forward and grad;\n"
-            "          cp comes with Distributed trainer IV\n");
+            "          interleaved), ep (experts over ranks) and tp (heads over ranks) work; cp comes with\n"
+            "          Distributed trainer IV\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -492,7 +492,7 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */
     const char *resume = opt(argc, argv, "--resume");
     if (config_load(resume ? resume : *r.init_from ? r.init_from : r.model_config, &cfg, e) ||
-        par_validate_micro(&r.par, r.micro_batches, e) || par_validate_training(&r.par, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, world, e))
+        par_validate_micro(&r.par, r.micro_batches, e) || ranks_start(argc, argv, &r.par, &cfg, r.batch_size, world, e))
         return -1;
     return sft_run(&r, resume, *world, e);
 }

@@ -107,7 +107,7 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
         dsv4_model full;
         if (model_init(&full, cfg, e)) return -1;
         model_init_random(&full, r->init_seed, (float)r->init_std);
-        if (!pp && !ep) s->model = full;
+        if (!pp && !ep && s->d.par.sz.tp == 1) s->model = full;
         else if (model_init_stage(&s->model, cfg, *stage, e) || model_copy_matching(&s->model, &full, e)) {
             model_free(&full);
             model_free(&s->model);
@@ -124,6 +124,7 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
 layout:
     s->opt.pp = pp;
     if (ep) s->opt.ep = s->d.par.ep, s->opt.dense = s->d.par.dp;
+    if (s->d.par.sz.tp > 1) s->opt.tp = s->d.par.tp;
     dist_ep_io(&s->d, &s->model);
     return 0;
 }
@@ -152,7 +153,7 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
         return -1;
     }
     s->gpu = r->device != DEVICE_CPU;
-    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) || par_validate_training(&r->par, e) ||
+    if (par_validate(&r->par, &s->model.cfg, s->world->size, r->batch_size, e) ||
         (s->gpu && (model_to_device(&s->dm, &s->model, &s->k, e) || optimizer_to_device(&s->dopt, &s->opt, &s->k, e)))) {
         mill_err_wrap(e, "sft");
         sft_close(s);
@@ -161,6 +162,7 @@ int sft_open(sft_state *s, const sft_recipe *r, const char *resume_dir, comm *wo
     /* the device optimizer gathers its shards over the device's comms */
     s->dopt.dp = s->d.par.sz.ep > 1 ? s->d.edp : s->d.dp;
     if (s->d.par.sz.ep > 1) s->dopt.ep = s->d.ep, s->dopt.dense = s->d.dp;
+    if (s->d.par.sz.tp > 1) s->dopt.tp = s->d.tp;
     dist_ep_io(&s->d, &s->dm);
     s->n_arenas = r->micro_batches * par_vpp(&r->par);
     if (!(s->grads = mem_alloc_copy(s->k.device, NULL, sizeof(float) * s->model.n_floats, e)) ||
@@ -310,7 +312,7 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
     /* on the host model with a CPU kctx; it can move to the GPU rollout engine once that exists */
     *accuracy = 0;
-    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1 || s->d.par.sz.ep > 1;
+    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1 || s->d.par.sz.ep > 1 || s->d.par.sz.tp > 1;
     if (!lead && !staged) return 0;
     if (sft_sync_host(s, 0, e)) return -1;
     dsv4_model full = {0}; /* with stages or experts over ranks: the whole model, gathered */

@@ -219,7 +219,6 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "rows not divisible by dp" "the batch's 2 rows must divide evenly over dp 3" $G --dp 3
     bad "more stages than layers" "pp 5 stages need at least as many layers; the model has 4" $G --pp 5
     bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
-    bad "heads over ranks in sft" "tp 2 runs in mill forward and mill grad so far" sft tests/data/sft-dist.yaml --tp 2
     bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
     bad "a stage split that misses layers" "pp_layers gives 2 stage(s) of 2 layers in all; pp is 2 and the model has 4" \
@@ -264,6 +263,14 @@ sft e2d --dp 2 --resume "$T/e22/step-000010"
 same "ep 2 checkpoint resumed at dp 2 against uninterrupted" "$T/e2d/step-000020" "$T/e22/step-000020" 1e-2
 sft d2e --dp 2 --ep 2 --resume "$T/dp2/step-000010"
 same "dp 2 checkpoint resumed at ep 2 against uninterrupted" "$T/d2e/step-000020" "$T/dp2/step-000020" 1e-2
+# heads over ranks (tp 2: the tp ranks gather each sliced tensor whole into the checkpoint, each
+# keeps its moments in its own layout's coordinates): against one process, resumed at tp 2 bit for
+# bit, read whole by mill forward; its moments refused at tp 1 by name
+sft t2 --tp 2
+same "sft --tp 2 against one process (final weights)" "$T/t2/step-000020" "$T/t1/step-000020" 3e-2
+sft t2r --tp 2 --resume "$T/t2/step-000010"
+same "tp 2 checkpoint resumed at tp 2 = uninterrupted, bit for bit" "$T/t2r/step-000020" "$T/t2/step-000020" 0
+bad "tp 2 moments at tp 1" "resume only into the layout that saved them" sft tests/data/sft-dist.yaml --resume "$T/t2/step-000010"
 # interleaved (vpp 2: two chunks per stage, the moments in two pieces per rank): bit for bit, and its
 # checkpoint resumed by one process and by pp 2 without chunks
 sft_mb v2 --pp 2 --vpp 2

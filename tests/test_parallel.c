@@ -36,8 +36,7 @@ const char *lay_wire_name(int wire);
 #define par_wire_parse lay_wire_parse
 #define par_wire_name lay_wire_name
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
-int lay_validate_training(const par_sizes *s, mill_err *e);
-#define par_validate_training lay_validate_training
+
 #define par_vpp lay_vpp
 #define par_validate_micro lay_validate_micro
 #define par_stage_layers lay_stage_layers
@@ -53,7 +52,6 @@ int lay_validate_training(const par_sizes *s, mill_err *e);
 #undef par_wire_parse
 #undef par_wire_name
 #undef par_validate_micro
-#undef par_validate_training
 #undef par_stage_layers
 #undef par_sizes_one
 #undef par_sizes_str
@@ -172,11 +170,7 @@ static void test_validate(void **st) {
     /* the sizes this build cannot run yet */
     expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, NULL); /* stages and experts over ranks run */
     expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, NULL);
-    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, NULL); /* heads over ranks run (forward and grad) */
-    par_sizes t2 = sizes(2, 1, 1, 1, 1);
-    mill_err et = {{0}};
-    assert_int_equal(par_validate_training(&t2, &et), -1);
-    assert_non_null(strstr(et.msg, "tp 2 runs in mill forward and mill grad so far"));
+    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, NULL); /* heads over ranks run */
     expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");
     expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: cp 2 is not supported yet");
 

@@ -84,10 +84,18 @@ static void piece_names(int j, char *m, char *v, char *g, size_t n) {
     snprintf(g, n, j ? "global_offset.%d" : "global_offset", j);
 }
 
-/* Every rank of the dp x pp grid has arrived (a barrier over dp, over ep, then over the stages). */
-static int all_here(comm *dp, comm *ep, comm *pp, mill_err *e) {
-    if ((dp && comm_barrier(dp, e)) || (ep && comm_barrier(ep, e))) return -1;
+/* Every rank of the grid has arrived (a barrier over dp, tp, ep, then over the stages). */
+static int all_here(comm *dp, comm *tp, comm *ep, comm *pp, mill_err *e) {
+    if ((dp && comm_barrier(dp, e)) || (tp && comm_barrier(tp, e)) || (ep && comm_barrier(ep, e))) return -1;
     return pp ? comm_barrier(pp, e) : 0;
+}
+
+/* A tensor-parallel rank's moments are saved in its own layout's coordinates (a slice is not a run
+ * of the whole layout): this names the layout, and only the same one reads them back. */
+static void layout_key(const dsv4_model *m, char *buf, size_t n) {
+    const model_stage *s = &m->stage;
+    int k = snprintf(buf, n, "tp %d/%d experts %d-%d layers", s->tp_rank, s->tp, s->x0, s->x1);
+    for (int c = 0; c < s->n_chunks && k > 0 && (size_t)k < n; c++) k += snprintf(buf + k, n - (size_t)k, " %d-%d", s->l0[c], s->l1[c]);
 }
 
 /* Every rank of the optimizer's dp group takes part (a group of one: this process alone). Rank 0
@@ -100,14 +108,16 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     comm *c = o->dp ? o->dp->host : NULL, *pp = o->pp, *ep = o->ep ? o->ep->host : NULL;
     int r = c ? c->rank : 0, k = c ? c->size : 1, st = pp ? pp->rank : 0, ns = pp ? pp->size : 1;
     int q = ep ? ep->rank : 0, P = ep ? ep->size : 1; /* experts over ranks: P x k writers a stage */
-    int lead = r == 0 && st == 0 && q == 0;
+    comm *tpc = o->tp && o->tp->size > 1 ? o->tp->host : NULL; /* heads over ranks: T x P x k moment files */
+    int t = tpc ? tpc->rank : 0, T = tpc ? tpc->size : 1;
+    int lead = r == 0 && st == 0 && q == 0 && t == 0;
     char tmp[4096], path[4200], old[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
     if (lead) {
         if (rm_tree(tmp)) return mill_errf(e, "%s: cannot clear a stale temporary checkpoint", tmp);
         if (mkdir(tmp, 0755)) return mill_errf(e, "%s: cannot create: %s", tmp, strerror(errno));
     }
-    if (all_here(c, ep, pp, e)) return -1;
+    if (all_here(c, tpc, ep, pp, e)) return -1;
     if (model_save_stage_shard(m, kx, tmp, r, k, st, ns, e)) return mill_err_wrap(e, "checkpoint %s", dir);
     /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
      * any layout (other dp, other pp) can read; one piece per run of the whole layout the shard
@@ -115,11 +125,17 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     int np;
     moment_piece *pc = moment_pieces(m, o, &np, e);
     if (!pc) return -1;
+    char key[1024] = "";
+    if (T > 1) { /* the shard in this layout's coordinates */
+        pc[0] = (moment_piece){o->lo, o->hi, o->lo};
+        np = 1;
+        layout_key(m, key, sizeof key);
+    }
     size_t total = 0;
     for (int j = 0; j < np; j++) total += pc[j].b - pc[j].a;
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
-    optim_file(path, sizeof path, tmp, (st * P + q) * k + r, ns * P * k);
+    optim_file(path, sizeof path, tmp, ((st * P + q) * T + t) * k + r, ns * P * T * k);
     float *stage = NULL; /* device moments: this rank's shard comes over */
     if (o->device != DEVICE_CPU) {
         if (!kx || !(stage = malloc(sizeof(float) * 2 * (total ? total : 1)))) {
@@ -139,7 +155,7 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         }
     }
     safetensors_writer *w = safetensors_writer_new();
-    int rc = !w || safetensors_writer_set_metadata(w, "step", step, e);
+    int rc = !w || safetensors_writer_set_metadata(w, "step", step, e) || (*key && safetensors_writer_set_metadata(w, "layout", key, e));
     size_t at = 0;
     for (int j = 0; j < np && !rc; j++) {
         int64_t n = (int64_t)(pc[j].b - pc[j].a);
@@ -156,10 +172,10 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     free(stage);
     free(pc);
     if (rc) return -1;
-    if (all_here(c, ep, pp, e)) return -1; /* every rank's files are on disk */
+    if (all_here(c, tpc, ep, pp, e)) return -1; /* every rank's files are on disk */
     if (lead) {
         snprintf(path, sizeof path, "%s/state.json", tmp);
-        if ((ns > 1 && model_merge_index(tmp, ns, e)) || write_state(path, ts, o, P * k, ns, e)) return -1;
+        if ((ns > 1 && model_merge_index(tmp, ns, e)) || write_state(path, ts, o, P * T * k, ns, e)) return -1;
         if (fsync_path(tmp, e)) return -1;
         /* Replace an existing DIR only after the new one is complete. */
         snprintf(old, sizeof old, "%s.old", dir);
@@ -174,7 +190,7 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
         snprintf(parent, sizeof parent, "%s", dir);
         if (fsync_path(dirname(parent), e)) return -1;
     }
-    return all_here(c, ep, pp, e);
+    return all_here(c, tpc, ep, pp, e);
 }
 
 static int read_state(const char *path, train_state *ts, long *opt_step, int *shards, int *stages, mill_err *e) {
@@ -222,11 +238,31 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
     moment_piece *want = moment_pieces(m, o, &nw, e);
     dsv4_model whole = {0};
     if (!want || model_layout(&whole, &m->cfg, e)) return free(want), -1;
-    int rc = -1;
+    int rc = -1, keyed = 0, matched = 0;
+    char mine[1024];
+    layout_key(m, mine, sizeof mine);
     for (int f = 0; f < stages * shards; f++) {
         optim_file(path, sizeof path, dir, f, stages * shards);
         safetensors *st;
         if (safetensors_open(path, &st, e)) goto out;
+        const char *lay = safetensors_metadata(st, "layout");
+        if (lay || m->stage.tp > 1) { /* a tensor-parallel layout's own coordinates: the same layout only */
+            keyed |= lay != NULL;
+            const safetensors_entry *em = safetensors_find(st, "adam.m"), *ev = safetensors_find(st, "adam.v");
+            const char *lo = safetensors_metadata(st, "global_offset");
+            if (lay && !strcmp(lay, mine) && em && ev && lo && em->dtype == DTYPE_F32 && ev->dtype == DTYPE_F32 &&
+                em->shape[0] == ev->shape[0]) {
+                size_t g0 = strtoull(lo, NULL, 10), g1 = g0 + (size_t)em->shape[0];
+                size_t a = g0 > o->lo ? g0 : o->lo, b = g1 < o->hi ? g1 : o->hi;
+                if (a < b) {
+                    memcpy(o->m + (a - o->lo), (const float *)em->data + (a - g0), sizeof(float) * (b - a));
+                    memcpy(o->v + (a - o->lo), (const float *)ev->data + (a - g0), sizeof(float) * (b - a));
+                }
+                matched = 1;
+            }
+            safetensors_close(st);
+            continue;
+        }
         size_t slo, shi;
         model_shard_range(&whole, f, shards, &slo, &shi);
         for (int j = 0;; j++) { /* the file's pieces */
@@ -256,6 +292,11 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
             }
         }
         safetensors_close(st);
+    }
+    if ((keyed || m->stage.tp > 1) && !matched) {
+        mill_errf(e, "%s: the Adam moments of heads over ranks resume only into the layout that saved them (this "
+                     "rank: %s)%s", dir, mine, keyed ? "" : "; the checkpoint has none");
+        goto out;
     }
     rc = 0;
 out:

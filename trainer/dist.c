@@ -29,9 +29,20 @@ static int tp_all_reduce(void *ctx, float *buf, size_t n, mill_err *e) {
     return comm_all_reduce(((dist_ctx *)ctx)->tp, buf, n, DTYPE_F32, e);
 }
 
+static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_err *e) {
+    comm *c = ((dist_ctx *)ctx)->par.tp; /* host memory: the MPI comm */
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
+    if (!cnt) return mill_errf(e, "tp: out of memory");
+    for (int r = 0; r < c->size; r++) cnt[r] = n, dsp[r] = (size_t)r * n;
+    memcpy(all + (size_t)c->rank * n, mine, sizeof(float) * n);
+    int rc = comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e);
+    free(cnt);
+    return rc;
+}
+
 void dist_ep_io(dist_ctx *d, dsv4_model *m) {
     m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
-    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, d} : (model_tp_io){0};
+    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_gather, d} : (model_tp_io){0};
 }
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
@@ -347,15 +358,7 @@ static int gather_slices(comm *c, const model_stage *st, const float *mine, cons
             memcpy(out->data + q->offset, mine + p->offset, sizeof(float) * p->numel);
             continue;
         }
-        size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
-        for (int r = 0; r < tp; r++) { /* rows: block r; columns: block r of every row */
-            const float *src = all + (size_t)r * nf + p->offset;
-            if (p->split == 0) memcpy(out->data + q->offset + (size_t)r * p->numel, src, sizeof(float) * p->numel);
-            else
-                for (int64_t row = 0; row < p->shape[0]; row++)
-                    memcpy(out->data + q->offset + ((size_t)row * (size_t)tp + (size_t)r) * cols, src + (size_t)row * cols,
-                           sizeof(float) * cols);
-        }
+        for (int r = 0; r < tp; r++) model_slice_copy(p, tp, r, all + (size_t)r * nf + p->offset, out->data + q->offset, 1);
     }
     rc = 0;
 out:

@@ -65,6 +65,7 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
     p->numel = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
     p->kind = kind;
     p->layer = layer;
+    p->goffset = goff;
     p->split = -1;
     if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor */
         p->split = b->split;
@@ -539,16 +540,26 @@ static int other_stage(const model_stage *st, int n_layers, const char *name) {
     return !strncmp(name, "mtp.", 4) && !st->last; /* the MTP block follows the last layer */
 }
 
-/* This rank's tensor-parallel slice of en: rows (split 0) or columns (split 1) block tp_rank of tp. */
-static int load_slice(dsv4_model *m, const param_info *p, const safetensors_entry *en, mill_err *e) {
-    int tp = m->stage.tp, r = m->stage.tp_rank;
-    float *whole = malloc(sizeof(float) * p->numel * (size_t)tp), *dst = m->data + p->offset;
-    if (!whole) return mill_errf(e, "model: out of memory for %s", p->name);
-    int rc = dtype_convert_to_f32(en->dtype, en->data, whole, p->numel * (size_t)tp, e);
+void model_slice_copy(const param_info *p, int tp, int r, float *dst, const float *whole, int to_whole) {
     size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
-    if (!rc && p->split == 0) memcpy(dst, whole + (size_t)r * p->numel, sizeof(float) * p->numel);
-    for (int64_t row = 0; !rc && p->split == 1 && row < p->shape[0]; row++)
-        memcpy(dst + (size_t)row * cols, whole + ((size_t)row * (size_t)tp + (size_t)r) * cols, sizeof(float) * cols);
+    if (p->split == 0) { /* rows: block r */
+        if (to_whole) memcpy((float *)whole + (size_t)r * p->numel, dst, sizeof(float) * p->numel);
+        else memcpy(dst, whole + (size_t)r * p->numel, sizeof(float) * p->numel);
+        return;
+    }
+    for (int64_t row = 0; row < p->shape[0]; row++) { /* columns: block r of every row */
+        float *w = (float *)whole + ((size_t)row * (size_t)tp + (size_t)r) * cols, *s = dst + (size_t)row * cols;
+        if (to_whole) memcpy(w, s, sizeof(float) * cols);
+        else memcpy(s, w, sizeof(float) * cols);
+    }
+}
+
+/* This rank's tensor-parallel slice of en. */
+static int load_slice(dsv4_model *m, const param_info *p, const safetensors_entry *en, mill_err *e) {
+    float *whole = malloc(sizeof(float) * p->numel * (size_t)m->stage.tp);
+    if (!whole) return mill_errf(e, "model: out of memory for %s", p->name);
+    int rc = dtype_convert_to_f32(en->dtype, en->data, whole, p->numel * (size_t)m->stage.tp, e);
+    if (!rc) model_slice_copy(p, m->stage.tp, m->stage.tp_rank, m->data + p->offset, whole, 0);
     free(whole);
     return rc;
 }
@@ -726,29 +737,33 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
     if (m->device != DEVICE_CPU && (!k || k->device != m->device))
         return mill_errf(e, "model_save: a device model is saved through its kctx");
     int P = m->ep.size > 1 ? m->ep.size : 1, q = P > 1 ? m->ep.rank : 0, per = P * n_shards; /* files a stage */
-    if (shard == 0 && q == 0) {
+    /* heads over ranks: the tp ranks gather each sliced tensor whole, and tp rank 0 writes */
+    int tp = m->stage.tp > 1 ? m->stage.tp : 1, writer = tp == 1 || m->stage.tp_rank == 0;
+    if (shard == 0 && q == 0 && writer) {
         snprintf(path, sizeof path, "%s/config.json", dir);
         if (stage == 0 && config_save(&m->cfg, path, e)) return -1;
         if (per * n_stages > 1 && save_index(m, dir, n_shards, stage, n_stages, e)) return -1;
     }
     /* a device model's tensors of this shard come over to one host buffer (the shard, not the model) */
-    size_t nf = 0, ni = 0;
+    size_t nf = 0, ni = 0, nw = 0, big = 0; /* nw: the whole sliced tensors; big: the largest slice x tp */
     for (int i = 0; i < m->n_params; i++) {
         const param_info *p = &m->params[i];
         if (model_param_shard(m, p, n_shards) != shard) continue;
         if (p->kind == PARAM_INDEX) ni = p->numel > ni ? p->numel : ni;
         else nf += p->numel;
+        if (p->split >= 0 && tp > 1) nw += p->numel * (size_t)tp, big = p->numel * (size_t)tp > big ? p->numel * (size_t)tp : big;
     }
     safetensors_writer *w = safetensors_writer_new();
     float *host = m->device != DEVICE_CPU ? malloc(sizeof(float) * (nf ? nf : 1)) : NULL;
+    float *wholes = nw ? malloc(sizeof(float) * nw) : NULL, *all = big ? malloc(sizeof(float) * big) : NULL;
     int64_t *tmp = malloc(sizeof(int64_t) * (ni ? ni : 1));
     int32_t *itmp = malloc(sizeof(int32_t) * (ni ? ni : 1));
     int rc = -1;
-    if (!w || !tmp || !itmp || (m->device != DEVICE_CPU && !host)) {
+    if (!w || !tmp || !itmp || (m->device != DEVICE_CPU && !host) || (nw && (!wholes || !all))) {
         mill_errf(e, "model_save: out of memory");
         goto done;
     }
-    size_t at = 0;
+    size_t at = 0, wat = 0;
     for (int i = 0; i < m->n_params; i++) {
         const param_info *p = &m->params[i];
         if (model_param_shard(m, p, n_shards) != shard) continue;
@@ -768,7 +783,19 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
             src = host + at;
             at += p->numel;
         }
-        if (safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, p->shape, src, e)) goto done;
+        int64_t shape[3] = {p->shape[0], p->shape[1], p->shape[2]};
+        if (p->split >= 0 && tp > 1) { /* every slice, whole, in its place */
+            if (m->tp.gather(m->tp.ctx, src, all, p->numel, e)) goto done;
+            for (int r = 0; r < tp; r++) model_slice_copy(p, tp, r, (float *)all + (size_t)r * p->numel, wholes + wat, 1);
+            src = wholes + wat;
+            wat += p->numel * (size_t)tp;
+            shape[p->split] *= tp;
+        }
+        if (writer && safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, shape, src, e)) goto done;
+    }
+    if (!writer) { /* its slices went to tp rank 0 */
+        rc = 0;
+        goto done;
     }
     for (int i = 0; shard == 0 && q == 0 && i < m->n_extra; i++)
         if (safetensors_writer_add(w, m->extra[i].name, DTYPE_F32, m->extra[i].t.ndim, m->extra[i].t.shape,
@@ -781,6 +808,8 @@ done:
     free(tmp);
     free(itmp);
     free(host);
+    free(wholes);
+    free(all);
     safetensors_writer_free(w);
     return rc;
 }
@@ -799,8 +828,12 @@ int model_copy_matching(dsv4_model *dst, const dsv4_model *src, mill_err *e) {
         if (p->kind == PARAM_INDEX) {
             if (dst->index_data && src->index_data)
                 memcpy(dst->index_data + d->offset, src->index_data + q->offset, sizeof(int32_t) * p->numel);
+        } else if (d->split >= 0 && q->split < 0) { /* a tensor-parallel slice of the whole tensor */
+            model_slice_copy(d, dst->stage.tp, dst->stage.tp_rank, dst->data + d->offset, src->data + q->offset, 0);
+        } else if (d->split < 0 && q->split >= 0) {
+            return mill_errf(e, "model_copy_matching: %s is a slice in the source (gather it first)", p->name);
         } else {
-            memcpy(dst->data + d->offset, src->data + q->offset, sizeof(float) * p->numel);
+            memcpy(dst->data + d->offset, src->data + q->offset, sizeof(float) * d->numel);
         }
     }
     return 0;

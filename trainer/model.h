@@ -35,7 +35,12 @@ typedef struct {
     param_kind kind;
     int layer; /* -1 for embed/head/norm/hc_head */
     int split; /* tensor parallelism: the dimension this rank holds 1/tp of (shape is the slice), -1: whole */
+    size_t goffset; /* where the whole tensor starts in the whole model's float layout */
 } param_info;
+
+/* Slice r of tp of tensor p (p: the slice's entry, split >= 0): copied from the whole tensor at whole
+ * into dst, or (to_whole) from dst into its place in whole. */
+void model_slice_copy(const param_info *p, int tp, int r, float *dst, const float *whole, int to_whole);
 
 typedef struct {
     int ratio, is_hash;
@@ -123,9 +128,11 @@ typedef struct {
 } model_ep_io;
 
 /* How a tensor-parallel slice (stage.tp > 1) completes its partial sums: all_reduce sums n floats
- * of the model's device memory over the tp ranks, in place. */
+ * of the model's device memory over the tp ranks, in place; gather puts every rank's n host floats
+ * (mine) into all [tp x n] in rank order (to save or publish whole tensors). */
 typedef struct {
     int (*all_reduce)(void *ctx, float *buf, size_t n, mill_err *e);
+    int (*gather)(void *ctx, const float *mine, float *all, size_t n, mill_err *e);
     void *ctx;
 } model_tp_io;
 

@@ -150,22 +150,26 @@ static int gather_shards(optimizer *o, dsv4_model *m, const kctx *k, mill_err *e
 
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e) {
-    int sharded = o->dp && o->dp->size > 1, split = o->ep && o->ep->size > 1;
+    int sharded = o->dp && o->dp->size > 1, split = o->ep && o->ep->size > 1, sliced = o->tp && o->tp->size > 1;
     if ((o->dp && comm_flush(o->dp, e)) || (o->dense && comm_flush(o->dense, e)))
         return mill_err_wrap(e, "optimizer: the gradients' reduction");
     /* the global norm: one segment per updated tensor (its part in this shard), summed in table order
      * (one sync on a GPU), then over the shards; with experts over ranks the routed experts' part
-     * apart, summed over the ep ranks too (the rest is the same on each) */
+     * apart, summed over the ep ranks too, and with heads over ranks the sliced tensors' over tp
+     * (the rest is the same on each) */
     long *seg = malloc(sizeof(long) * 2 * (size_t)(m->n_params ? m->n_params : 1));
     if (!seg) return mill_errf(e, "optimizer: out of memory");
-    double ss[2] = {0.0, 0.0};
+    double ss[3] = {0.0, 0.0, 0.0};
     int rc = 0;
-    for (int part = 0; part < 1 + split && !rc; part++) {
+    for (int part = 0; part < 3 && !rc; part++) {
+        if ((part == 1 && !split) || (part == 2 && !sliced)) continue;
         int n_seg = 0;
         for (int i = 0; i < m->n_params; i++) {
             size_t a, b;
             clip_range(&m->params[i], o->lo, o->hi, &a, &b);
-            if (o->update[i] && a < b && (!split || (strstr(m->params[i].name, ".ffn.experts.") != NULL) == part)) {
+            const param_info *p = &m->params[i];
+            int which = split && strstr(p->name, ".ffn.experts.") ? 1 : sliced && p->split >= 0 ? 2 : 0;
+            if (o->update[i] && a < b && which == part) {
                 seg[n_seg] = (long)a;
                 seg[m->n_params + n_seg] = (long)(b - a);
                 n_seg++;
@@ -175,10 +179,10 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
     }
     free(seg);
     if (rc) return rc;
-    if ((sharded && comm_sum_f64(o->dp, ss, 2, e)) || (o->pp && comm_sum_f64(o->pp, ss, 2, e)) ||
-        (split && comm_sum_f64(o->ep, ss + 1, 1, e)))
+    if ((sharded && comm_sum_f64(o->dp, ss, 3, e)) || (o->pp && comm_sum_f64(o->pp, ss, 3, e)) ||
+        (split && comm_sum_f64(o->ep, ss + 1, 1, e)) || (sliced && comm_sum_f64(o->tp, ss + 2, 1, e)))
         return mill_err_wrap(e, "optimizer: the gradient norm");
-    double norm = sqrt(ss[0] + ss[1]);
+    double norm = sqrt(ss[0] + ss[1] + ss[2]);
     if (!isfinite(norm)) return mill_errf(e, "optimizer: gradient norm is %g at step %ld (not finite)", norm, o->step);
     *grad_norm = norm;
     float clip = 1.0f;

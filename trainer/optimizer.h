@@ -32,6 +32,8 @@ typedef struct {
     comm *dp;         /* the group (NCCL on a GPU); not owned */
     comm *pp;         /* the pipeline stages (host; NULL: one): the norm adds up over them, checkpoints
                        * number the stages' files by its rank */
+    comm *tp;         /* heads over ranks (NULL: none): the sliced tensors' part of the norm adds up over
+                       * it; checkpoints number its ranks' moment files */
     comm *ep, *dense; /* experts over ranks (NULL: none): dp above is then the group that holds the
                        * same experts (edp), ep the ranks that split them (the routed experts' part of
                        * the norm adds up over it; checkpoints number its ranks' files), dense the

@@ -77,13 +77,6 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     return 0;
 }
 
-int par_validate_training(const par_sizes *s, mill_err *e) {
-    if (s->tp > 1)
-        return mill_errf(e, "parallel: tp %d runs in mill forward and mill grad so far (training needs the optimizer and "
-                            "checkpoints over slices, next); use tp 1", s->tp);
-    return 0;
-}
-
 int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e) {
     if (par_vpp(s) > 1 && n_micro % s->pp)
         return mill_errf(e, "parallel: the interleaved 1F1B (vpp %d) runs micro-batches in groups of pp %d; %ld "

@@ -9,8 +9,7 @@
  * it: the ranks that hold the same dense weights) and mp (tp * pp: the ranks that together hold
  * one copy of the model; the gradient norm is summed over it after each rank's own shard).
  * Every group of size one is a comm of one rank (no calls), so the single-process layout runs the
- * same code. pp (with vpp), ep, dp and tp (forward and grad) run; cp must be 1 until Distributed
- * trainer IV. */
+ * same code. pp (with vpp), ep, dp and tp run; cp must be 1 until Distributed trainer IV. */
 #ifndef MILL_PARALLEL_H
 #define MILL_PARALLEL_H
 
@@ -55,8 +54,6 @@ const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
  * batch_rows (0: not checked) divisible by dp; vpp chunks only with pp > 1, at least one layer per
  * virtual stage; and cp is 1 (Distributed trainer IV). cfg may be NULL (no model rules). */
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
-/* What the trainers (sft, run) cannot run yet: tp over 1. */
-int par_validate_training(const par_sizes *s, mill_err *e);
 /* The interleaved 1F1B (vpp > 1) runs micro-batches in groups of pp: n_micro must be a multiple. */
 int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 /* The layers [l0, l1) of virtual pipeline stage v (of pp x vpp): s->pp_layers when given, else an

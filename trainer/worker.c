@@ -178,7 +178,8 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     }
     w->opt.pp = pp;
     if (ep) w->opt.ep = w->d.par.ep, w->opt.dense = w->d.par.dp;
-    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e) || par_validate_training(&ps, e)) {
+    if (ps.tp > 1) w->opt.tp = w->d.par.tp;
+    if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
         optimizer_free(&w->opt);
         model_free(&w->m);
         return mill_err_wrap(e, "init");
@@ -204,6 +205,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         model_free(&w->ref);
         w->dopt.dp = ep ? w->d.edp : w->d.dp; /* the device moments' shards are gathered over the device's comms */
         if (ep) w->dopt.ep = w->d.ep, w->dopt.dense = w->d.dp;
+        if (ps.tp > 1) w->dopt.tp = w->d.tp;
     }
     dist_ep_io(&w->d, train_model(w)); /* routed experts over the ep ranks */
     dist_ep_io(&w->d, ref_model(w));
@@ -552,21 +554,28 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
      * over ranks: each ep rank's experts over its edp ranks, the rest over ep rank 0's) */
     int dp = w->d.par.sz.dp, senders = w->d.par.sz.pp * dp, me = w->d.par.pp_rank * dp + w->d.par.dp_rank;
     int ns = w->d.par.sz.ep > 1 ? w->d.par.edp->size : dp, r = w->d.par.sz.ep > 1 ? w->d.par.edp_rank : w->d.par.dp_rank;
+    /* heads over ranks: the tp ranks gather each sliced tensor whole; tp rank 0 sends */
+    int tp = w->d.par.sz.tp, lead = tp == 1 || w->d.par.tp_rank == 0;
     int last_p = -1;
 #define OWNED(p) (m->params[p].kind != PARAM_INDEX && model_param_shard(m, &m->params[p], ns) == r)
-    size_t largest = 0;
+    size_t largest = 0, sliced = 0;
     for (int p = 0; p < m->n_params; p++)
         if (OWNED(p)) {
             last_p = p;
             largest = m->params[p].numel > largest ? m->params[p].numel : largest;
+            if (tp > 1 && m->params[p].split >= 0) sliced = m->params[p].numel > sliced ? m->params[p].numel : sliced;
         }
+    float *all = sliced ? malloc(sizeof(float) * sliced * (size_t)tp * 2) : NULL, *whole = all ? all + sliced * tp : NULL;
+    if (sliced && !all) return mill_errf(e, "publish: out of memory");
     /* device weights come over one bucket at a time into pinned memory (a bucket closes once it
      * reaches bucket_bytes, so it never holds more than that plus one tensor) */
     float *stage = NULL;
     size_t staged = 0;
     if (m->device != DEVICE_CPU &&
-        !(stage = mem_alloc_host(m->device, bucket_bytes + sizeof(float) * (largest ? largest : 1), e)))
+        !(stage = mem_alloc_host(m->device, bucket_bytes + sizeof(float) * (largest ? largest : 1), e))) {
+        free(all);
         return mill_err_wrap(e, "publish: staging");
+    }
     wire_builder *b = NULL;
     size_t in_bucket = 0;
     *n_buckets = 0;
@@ -574,8 +583,11 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
     for (int p = 0; p <= last_p || (last_p < 0 && p == 0); p++) {
         int owned = last_p >= 0 && OWNED(p), end = p == last_p || last_p < 0;
         if (!owned && !end) continue;
-        if (!b && !(b = wire_builder_new("update_weights", (uint64_t)*n_buckets)))
-            return mill_errf(e, "publish: out of memory");
+        if (lead && !b && !(b = wire_builder_new("update_weights", (uint64_t)*n_buckets))) {
+            mill_errf(e, "publish: out of memory");
+            goto fail;
+        }
+        int whole_sent = 0; /* a gathered tensor closes its bucket (whole is reused) */
         if (owned) {
             const param_info *pi = &m->params[p];
             const float *src = m->data + pi->offset;
@@ -584,11 +596,21 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
                 src = stage + staged;
                 staged += pi->numel;
             }
-            if (wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, pi->shape, src, e)) goto fail;
-            in_bucket += pi->numel * sizeof(float);
-            *bytes += pi->numel * sizeof(float);
+            int64_t shape[3] = {pi->shape[0], pi->shape[1], pi->shape[2]};
+            if (tp > 1 && pi->split >= 0) {
+                if (m->tp.gather(m->tp.ctx, src, all, pi->numel, e)) goto fail;
+                for (int q = 0; q < tp; q++) model_slice_copy(pi, tp, q, all + (size_t)q * pi->numel, whole, 1);
+                src = whole;
+                shape[pi->split] *= tp;
+                whole_sent = 1;
+            }
+            size_t n = pi->numel * (size_t)(whole_sent ? tp : 1);
+            if (lead && wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, shape, src, e)) goto fail;
+            in_bucket += n * sizeof(float);
+            *bytes += lead ? n * sizeof(float) : 0;
         }
-        if (end || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
+        if (!lead) continue;
+        if (end || whole_sent || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
             wire_put_int(b, "version", version);
             wire_put_int(b, "bucket", *n_buckets);
             wire_put_bool(b, "last", end);
@@ -604,10 +626,12 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
     }
 #undef OWNED
     mem_free_host(m->device, stage);
+    free(all);
     return 0;
 fail:
     wire_builder_free(b);
     mem_free_host(m->device, stage);
+    free(all);
     return -1;
 }
 
@@ -694,7 +718,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         wire_get_num(msg, "timeout_s", 0, 60, 0.1, 1e5, &tmo, e) || wire_get_bool(msg, "ipc", 0, 0, &ipc, e))
         return -1;
     /* a stage's tensors, or some of the experts, are not one range of the whole layout */
-    ipc = ipc && w->gpu && w->d.par.sz.pp == 1 && w->d.par.sz.ep == 1;
+    ipc = ipc && w->gpu && w->d.par.sz.pp == 1 && w->d.par.sz.ep == 1 && w->d.par.sz.tp == 1;
     double t0 = now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
