@@ -609,7 +609,10 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
             in_bucket += n * sizeof(float);
             *bytes += lead ? n * sizeof(float) : 0;
         }
-        if (!lead) continue;
+        if (!lead) { /* its slices went to tp rank 0: the staging is free again */
+            staged = 0;
+            continue;
+        }
         if (end || whole_sent || in_bucket >= bucket_bytes || wire_builder_n_frames(b) == WIRE_MAX_FRAMES) {
             wire_put_int(b, "version", version);
             wire_put_int(b, "bucket", *n_buckets);
