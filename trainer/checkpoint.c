@@ -230,8 +230,10 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
 }
 
 /* This rank's moments [o->lo, o->hi) from the checkpoint's files, whatever layout wrote them (any dp,
- * any pp, any vpp): each file holds pieces of the whole model's trainable floats, each from its
- * global_offset (files of one process before that key: the saved shards of the whole layout, in order). */
+ * any pp, any vpp, any ep): each file holds pieces of the whole model's trainable floats, each from
+ * its global_offset (files of one process before that key: the saved shards of the whole layout, in
+ * order). Files with a layout key (heads over ranks) hold a shard in their layout's own coordinates:
+ * only a rank of the same layout reads them, and a tp rank reads nothing else. */
 static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
     int nw;
