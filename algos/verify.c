@@ -366,12 +366,15 @@ static void v_pass_units(const char *s, size_t n, vbuf *o) {
     vb_put(o, s, cut);
 }
 
-/* Blanks go, except one between a command word and a letter ("\pi r" is not "\pir"). */
+/* Blanks go, except one between a command word and a letter ("\pi r" is not "\pir"); a blank
+ * after a digit's comma leaves a mark (V_LIST) so "32, 349" is never read as 32349. */
+#define V_LIST '\x01'
 static void v_pass_squeeze(const char *s, size_t n, vbuf *o) {
     int st = 0; /* 0 text, 1 just after a backslash, 2 inside a command word */
     for (size_t i = 0; i < n;) {
         char ch = s[i];
         if (v_space(ch) && st != 1) {
+            if (i >= 2 && s[i - 1] == ',' && v_digit(s[i - 2])) vb_putc(o, V_LIST);
             while (i < n && v_space(s[i])) i++;
             if (st == 2 && i < n && v_alpha(s[i])) {
                 vb_putc(o, ' ');
@@ -660,6 +663,11 @@ int verify_normalize(const char *in, char *out, size_t cap) {
         if (v_apply(early[p], &cur, &tmp, &n, wcap)) goto done;
     n = v_fix_ends(cur, n);
     n = v_fix_thousands(cur, n);
+    size_t w = 0; /* the list marks have done their work */
+    for (size_t r = 0; r < n; r++)
+        if (cur[r] != V_LIST) cur[w++] = cur[r];
+    cur[w] = 0;
+    n = w;
     if (v_apply(v_pass_decimals, &cur, &tmp, &n, wcap) || v_apply(v_pass_fraction, &cur, &tmp, &n, wcap)) goto done;
     rc = v_copy_out(out, cap, cur, n) == 1 ? 0 : -1;
 done:

@@ -17,6 +17,7 @@
 #include "grpo.h"
 #include "ranks.h"
 #include "../trainer/dist.h"
+#include "reward_cli.h"
 #include "runs_cli.h"
 #include "sft.h"
 #include <errno.h>
@@ -41,6 +42,9 @@ static int usage(FILE *to) {
             "          [--curve FILE]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
+            "  reward  --input IN.jsonl --output OUT.jsonl [--remote URL] [--timeout S]   score responses against\n"
+            "          labels ({\"response\", \"label\"} per line -> {\"reward\", \"extracted\"}) with the math\n"
+            "          verifier, or an HTTP scorer: a dataset and a reward checked before a run\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
             "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR] [--dp N] [--pp N]   supervised\n"
@@ -780,6 +784,7 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &world, &e);
     else if (strcmp(argv[1], "run") == 0) rc = cmd_run(argc, argv, &e);
     else if (strcmp(argv[1], "runs") == 0) return cli_runs(argc, argv);
+    else if (strcmp(argv[1], "reward") == 0) return cli_reward(argc, argv);
     else if (strcmp(argv[1], "show") == 0) return cli_show(argc, argv);
     else if (strcmp(argv[1], "plot") == 0) return cli_plot(argc, argv);
     else if (strcmp(argv[1], "resume") == 0) rc = cmd_resume(argc, argv, &e);

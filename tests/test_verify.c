@@ -134,6 +134,11 @@ static const vcase cases[] = {
     {"\\boxed{-12,345.50}", "-12345.5", 1},
     {"\\boxed{1,2}", "12", 0},
     {"\\boxed{1,0000}", "10000", 0},
+    /* a list is never one number: a blank after the comma keeps the parts apart */
+    {"\\boxed{32, 349}", "32349", 0},
+    {"\\boxed{1, 000}", "1000", 0},
+    {"\\boxed{(3, 2)}", "(3,2)", 1},
+    {"\\boxed{3, 5}", "3, 5", 1},
     /* decimals */
     {"\\boxed{2.50}", "2.5", 1},
     {"\\boxed{3.0}", "3", 1},
