@@ -62,16 +62,35 @@ typedef struct {
     size_t a, b, global;
 } moment_piece;
 
+/* [lo, hi) met with [a, b), as a piece at global g + (start - a) when not empty. */
+static void add_piece(moment_piece *pc, int *n, size_t lo, size_t hi, size_t a, size_t b, size_t g) {
+    size_t x = lo > a ? lo : a, y = hi < b ? hi : b;
+    if (x < y) pc[(*n)++] = (moment_piece){x, y, g + (x - a)};
+}
+
 /* The shard [o->lo, o->hi) met with each of m's runs (at least one piece, maybe empty): *n of them
- * (malloc'd), NULL when out of memory. */
+ * (malloc'd), NULL when out of memory. A tensor-parallel slice is no run: there each tensor maps on
+ * its own (a column slice row by row). */
 static moment_piece *moment_pieces(const dsv4_model *m, const optimizer *o, int *n, mill_err *e) {
-    moment_piece *pc = malloc(sizeof *pc * (size_t)(m->n_runs + 1));
+    int tp = m->stage.tp > 1 ? m->stage.tp : 1, r = m->stage.tp_rank;
+    size_t cap = (size_t)m->n_runs + 1;
+    for (int i = 0; tp > 1 && i < m->n_params; i++)
+        cap += m->params[i].split == 1 ? (size_t)m->params[i].shape[0] : 1;
+    moment_piece *pc = malloc(sizeof *pc * cap);
     if (!pc) return mill_errf(e, "checkpoint: out of memory"), NULL;
     *n = 0;
-    for (int i = 0; i < m->n_runs; i++) {
-        const model_run *r = &m->runs[i];
-        size_t a = o->lo > r->local ? o->lo : r->local, b = o->hi < r->local + r->n ? o->hi : r->local + r->n;
-        if (a < b) pc[(*n)++] = (moment_piece){a, b, r->global + (a - r->local)};
+    for (int i = 0; tp == 1 && i < m->n_runs; i++)
+        add_piece(pc, n, o->lo, o->hi, m->runs[i].local, m->runs[i].local + m->runs[i].n, m->runs[i].global);
+    for (int i = 0; tp > 1 && i < m->n_params; i++) {
+        const param_info *p = &m->params[i];
+        if (p->kind != PARAM_WEIGHT) continue;
+        size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
+        if (p->split < 0) add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + p->numel, p->goffset);
+        else if (p->split == 0) add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + p->numel, p->goffset + (size_t)r * p->numel);
+        else
+            for (int64_t row = 0; row < p->shape[0]; row++)
+                add_piece(pc, n, o->lo, o->hi, p->offset + (size_t)row * cols, p->offset + (size_t)(row + 1) * cols,
+                          p->goffset + ((size_t)row * (size_t)tp + (size_t)r) * cols);
     }
     if (!*n) pc[(*n)++] = (moment_piece){o->lo, o->lo, 0};
     return pc;
@@ -233,7 +252,8 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
  * any pp, any vpp, any ep): each file holds pieces of the whole model's trainable floats, each from
  * its global_offset (files of one process before that key: the saved shards of the whole layout, in
  * order). Files with a layout key (heads over ranks) hold a shard in their layout's own coordinates:
- * only a rank of the same layout reads them, and a tp rank reads nothing else. */
+ * only a rank of the same layout reads them. A tp rank reads the others by its slices' places in the
+ * whole layout. */
 static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
     int nw;
@@ -248,7 +268,7 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
         safetensors *st;
         if (safetensors_open(path, &st, e)) goto out;
         const char *lay = safetensors_metadata(st, "layout");
-        if (lay || m->stage.tp > 1) { /* a tensor-parallel layout's own coordinates: the same layout only */
+        if (lay) { /* a tensor-parallel layout's own coordinates: the same layout only */
             keyed |= lay != NULL;
             const safetensors_entry *em = safetensors_find(st, "adam.m"), *ev = safetensors_find(st, "adam.v");
             const char *lo = safetensors_metadata(st, "global_offset");
@@ -295,9 +315,9 @@ static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int 
         }
         safetensors_close(st);
     }
-    if ((keyed || m->stage.tp > 1) && !matched) {
+    if (keyed && !matched) {
         mill_errf(e, "%s: the Adam moments of heads over ranks resume only into the layout that saved them (this "
-                     "rank: %s)%s", dir, mine, keyed ? "" : "; the checkpoint has none");
+                     "rank: %s)", dir, mine);
         goto out;
     }
     rc = 0;
