@@ -156,15 +156,24 @@ static void every_layout(void **state) {
     assert_true(runs > 100);
 }
 
+/* "F0 F1 B0 ..." (with chunks: "F0.1 ..."): the order as text. */
+static void order_text(const pipe_op *o, int n, int chunks, char *buf) {
+    char *p = buf;
+    *p = 0;
+    for (int j = 0; j < n; j++) {
+        p += sprintf(p, "%s%c%d", j ? " " : "", o[j].backward ? 'B' : 'F', o[j].micro);
+        if (chunks) p += sprintf(p, ".%d", o[j].chunk);
+    }
+}
+
 /* The plain 1F1B of pp 4, rank 1, 5 micro-batches: 2 warm-up forwards, steady pairs, cool-down. */
 static void one_f_one_b(void **state) {
     (void)state;
     pipe_op o[10];
     assert_int_equal(pipe_schedule(4, 1, 1, 5, 1, o), 10);
-    const char *want = "F0 F1 F2 B0 F3 B1 F4 B2 B3 B4";
-    char got[64] = "", *p = got;
-    for (int j = 0; j < 10; j++) p += sprintf(p, "%s%c%d", j ? " " : "", o[j].backward ? 'B' : 'F', o[j].micro);
-    assert_string_equal(got, want);
+    char got[64];
+    order_text(o, 10, 0, got);
+    assert_string_equal(got, "F0 F1 F2 B0 F3 B1 F4 B2 B3 B4");
     assert_false(o[1].steady);
     assert_true(o[2].steady);
 }
@@ -174,11 +183,9 @@ static void interleaved_order(void **state) {
     (void)state;
     pipe_op o[16];
     assert_int_equal(pipe_schedule(2, 2, 0, 4, 1, o), 16);
-    const char *want = "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0";
-    char got[160] = "", *p = got;
-    for (int j = 0; j < 16; j++)
-        p += sprintf(p, "%s%c%d.%d", j ? " " : "", o[j].backward ? 'B' : 'F', o[j].micro, o[j].chunk);
-    assert_string_equal(got, want);
+    char got[160];
+    order_text(o, 16, 1, got);
+    assert_string_equal(got, "F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1 B0.0 F3.1 B1.0 B2.1 B3.1 B2.0 B3.0");
 }
 
 int main(void) {

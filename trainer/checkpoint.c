@@ -141,13 +141,12 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
      * any layout (other dp, other pp) can read; one piece per run of the whole layout the shard
      * meets (an interleaved stage holds several), the buffers after them have none */
-    int np;
-    moment_piece *pc = moment_pieces(m, o, &np, e);
-    if (!pc) return -1;
+    int np = 1; /* tp: the shard in this layout's coordinates, as one piece */
+    moment_piece *pc = T > 1 ? malloc(sizeof *pc) : moment_pieces(m, o, &np, e);
+    if (!pc) return T > 1 ? mill_errf(e, "checkpoint: out of memory") : -1;
     char key[1024] = "";
-    if (T > 1) { /* the shard in this layout's coordinates */
+    if (T > 1) {
         pc[0] = (moment_piece){o->lo, o->hi, o->lo};
-        np = 1;
         layout_key(m, key, sizeof key);
     }
     size_t total = 0;

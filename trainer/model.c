@@ -554,6 +554,13 @@ void model_slice_copy(const param_info *p, int tp, int r, float *dst, const floa
     }
 }
 
+int model_gather_slices(const dsv4_model *m, const param_info *p, const float *mine, float *all, float *whole,
+                        mill_err *e) {
+    TRY(m->tp.gather(m->tp.ctx, mine, all, p->numel, e));
+    for (int r = 0; r < m->stage.tp; r++) model_slice_copy(p, m->stage.tp, r, all + (size_t)r * p->numel, whole, 1);
+    return 0;
+}
+
 /* This rank's tensor-parallel slice of en. */
 static int load_slice(dsv4_model *m, const param_info *p, const safetensors_entry *en, mill_err *e) {
     float *whole = malloc(sizeof(float) * p->numel * (size_t)m->stage.tp);
@@ -785,8 +792,7 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
         }
         int64_t shape[3] = {p->shape[0], p->shape[1], p->shape[2]};
         if (p->split >= 0 && tp > 1) { /* every slice, whole, in its place */
-            if (m->tp.gather(m->tp.ctx, src, all, p->numel, e)) goto done;
-            for (int r = 0; r < tp; r++) model_slice_copy(p, tp, r, (float *)all + (size_t)r * p->numel, wholes + wat, 1);
+            if (model_gather_slices(m, p, src, all, wholes + wat, e)) goto done;
             src = wholes + wat;
             wat += p->numel * (size_t)tp;
             shape[p->split] *= tp;

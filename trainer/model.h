@@ -215,6 +215,10 @@ int model_merge_index(const char *dir, int n_stages, mill_err *e);
  * other's (a stage's of the whole model's, either way round). tid2eid tables only where both have
  * them. */
 int model_copy_matching(dsv4_model *dst, const dsv4_model *src, mill_err *e);
+/* Tensor p of m whole: every tp rank's slice (mine: this rank's, host memory) gathered through
+ * m->tp into whole [p->numel x tp] (all: scratch of that size). Collective over the tp ranks. */
+int model_gather_slices(const dsv4_model *m, const param_info *p, const float *mine, float *all, float *whole,
+                        mill_err *e);
 /* dst takes src's mtp.* extras (host tensors, which model_to_device does not copy): a device model
  * that saves checkpoints keeps them once its host image is freed. */
 void model_move_extras(dsv4_model *dst, dsv4_model *src);

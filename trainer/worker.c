@@ -598,8 +598,7 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
             }
             int64_t shape[3] = {pi->shape[0], pi->shape[1], pi->shape[2]};
             if (tp > 1 && pi->split >= 0) {
-                if (m->tp.gather(m->tp.ctx, src, all, pi->numel, e)) goto fail;
-                for (int q = 0; q < tp; q++) model_slice_copy(pi, tp, q, all + (size_t)q * pi->numel, whole, 1);
+                if (model_gather_slices(m, pi, src, all, whole, e)) goto fail;
                 src = whole;
                 shape[pi->split] *= tp;
                 whole_sent = 1;
