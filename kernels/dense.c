@@ -1,10 +1,12 @@
 #include "dense.h"
+#include "shared_math.h"
 
 #ifdef MILL_CUDA
 #include "cuda/cuda_ops.h"
 #endif
 
 #include <cblas.h>
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -106,12 +108,19 @@ int op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows
 
 int op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
                  mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_embedding(k, out, table, ids, n, dim, vocab, e));
+    return op_embedding_part(k, out, table, ids, n, dim, vocab, 0, vocab, e);
+}
+
+int op_embedding_part(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
+                      int v0, int v1, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_embedding_part(k, out, table, ids, n, dim, vocab, v0, v1, e));
     TRY(kctx_require_cpu(k, "op_embedding", e));
     for (int t = 0; t < n; t++) {
         if (ids[t] < 0 || ids[t] >= vocab)
             return mill_errf(e, "token id %d at position %d is outside the vocabulary [0, %d)", ids[t], t, vocab);
-        memcpy(out + (long)t * dim, table + (long)ids[t] * dim, sizeof(float) * (size_t)dim);
+        if (ids[t] >= v0 && ids[t] < v1)
+            memcpy(out + (long)t * dim, table + (long)(ids[t] - v0) * dim, sizeof(float) * (size_t)dim);
+        else memset(out + (long)t * dim, 0, sizeof(float) * (size_t)dim);
     }
     return 0;
 }
@@ -182,10 +191,16 @@ int op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, co
 
 int op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
                           mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_embedding_backward(k, dtable, dout, ids, n, dim, e));
+    return op_embedding_part_backward(k, dtable, dout, ids, n, dim, 0, INT_MAX, e);
+}
+
+int op_embedding_part_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
+                               int v0, int v1, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_embedding_part_backward(k, dtable, dout, ids, n, dim, v0, v1, e));
     TRY(kctx_require_cpu(k, "op_embedding_backward", e));
     for (int t = 0; t < n; t++) {
-        float *row = dtable + (long)ids[t] * dim;
+        if (ids[t] < v0 || ids[t] >= v1) continue;
+        float *row = dtable + (long)(ids[t] - v0) * dim;
         const float *g = dout + (long)t * dim;
         for (int i = 0; i < dim; i++) row[i] += g[i];
     }
@@ -249,26 +264,44 @@ double logsumexp_t(const float *logits, int V, float temperature) {
     return log(den) + mx;
 }
 
+int op_token_logp_part(const kctx *k, const float *logits, double *part, const int32_t *targets, int n, int vl, int v0,
+                       int vocab, float temperature, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_token_logp_part(k, logits, part, targets, n, vl, v0, vocab, temperature, e));
+    TRY(kctx_require_cpu(k, "op_token_logp_part", e));
+    for (int t = 0; t < n; t++) {
+        const float *l = logits + (long)t * vl;
+        int y = targets[t];
+        if (y < 0 || y >= vocab) continue; /* op_token_logp reports a target past the vocabulary */
+        double lse = vl ? logsumexp_t(l, vl, temperature) : -INFINITY, pz = 0.0;
+        for (int v = 0; v < vl; v++) {
+            double z = (double)(l[v] / temperature);
+            pz += exp(z - lse) * z;
+        }
+        part[3L * t] = lse;
+        part[3L * t + 1] = pz;
+        part[3L * t + 2] = y >= v0 && y < v0 + vl ? (double)(l[y - v0] / temperature) : 0.0;
+    }
+    return 0;
+}
+
 int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
-                  const int32_t *targets, int n, int vocab, float temperature, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_token_logp(k, logits, logp, ent, rows, count, targets, n, vocab, temperature, e));
+                  const double *parts, int n_parts, const int32_t *targets, int n, int vl, int vocab,
+                  float temperature, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_token_logp(k, logits, logp, ent, rows, count, parts, n_parts, targets, n, vl, vocab,
+                                          temperature, e));
     TRY(kctx_require_cpu(k, "op_token_logp", e));
-    int N = n, V = vocab;
     /* log-softmax of logits / T and the entropy at each counted target; logits become softmax
      * probabilities */
     long cnt = 0;
-    for (int t = 0; t < N; t++) {
-        float *l = logits + (long)t * V;
+    for (int t = 0; t < n; t++) {
+        float *l = logits + (long)t * vl;
         int y = targets[t];
         if (y < 0) continue;
-        if (y >= V) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, V);
-        double lse = logsumexp_t(l, V, temperature), pz = 0.0;
-        logp[cnt] = (float)(l[y] / temperature - lse);
-        for (int v = 0; v < V; v++) {
-            double z = (double)(l[v] / temperature), p = exp(z - lse);
-            pz += p * z;
-            l[v] = (float)p;
-        }
+        if (y >= vocab) return mill_errf(e, "loss: target %d at position %d is outside [0, %d)", y, t, vocab);
+        double lse, pz, zy;
+        token_logp_combine(parts, n_parts, n, t, &lse, &pz, &zy);
+        logp[cnt] = (float)(zy - lse);
+        for (int v = 0; v < vl; v++) l[v] = (float)exp((double)(l[v] / temperature) - lse);
         ent[cnt] = (float)(lse - pz); /* H = -sum p log p = lse - sum p z */
         rows[cnt++] = t;
     }
@@ -277,29 +310,26 @@ int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t
 }
 
 int op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
-                           const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                           const float *dent, const float *ent, const int32_t *targets, int n, int vl, int v0,
                            float temperature, mill_err *e) {
     MILL_CUDA_DISPATCH(
-        cuda_op_token_logp_backward(k, probs, rows, count, dlogp, dent, ent, targets, n, vocab, temperature, e));
+        cuda_op_token_logp_backward(k, probs, rows, count, dlogp, dent, ent, targets, n, vl, v0, temperature, e));
     TRY(kctx_require_cpu(k, "op_token_logp_backward", e));
-    int N = n, V = vocab;
-    long cnt = count;
     /* d logp_y / d z = onehot_y - p and d H / d z_v = -p_v (log p_v + H), with z = logits / T;
      * rows without a target get no gradient */
-    float *dl = probs;
     int next = 0;
-    for (int t = 0; t < N; t++) {
-        float *row = dl + (long)t * V;
-        if (next < cnt && rows[next] == t) {
+    for (int t = 0; t < n; t++) {
+        float *row = probs + (long)t * vl;
+        if (next < count && rows[next] == t) {
             float g = dlogp[next] / temperature, gh = dent[next] / temperature, H = ent[next];
             next++;
-            for (int v = 0; v < V; v++) {
+            for (int v = 0; v < vl; v++) {
                 float p = row[v];
                 row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
             }
-            row[targets[t]] += g;
+            if (targets[t] >= v0 && targets[t] < v0 + vl) row[targets[t] - v0] += g;
         } else {
-            memset(row, 0, sizeof(float) * (size_t)V);
+            memset(row, 0, sizeof(float) * (size_t)vl);
         }
     }
     return 0;

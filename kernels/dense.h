@@ -24,6 +24,10 @@ int op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows
 /* out[t, :] = table[ids[t], :]; ids checked against vocab. */
 int op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
                  mill_err *e);
+/* The same over a slice of the vocabulary (a tensor-parallel rank's rows [v0, v1) of the table, at
+ * table's row 0): out[t, :] = table[ids[t] - v0, :] for ids in the slice, zeros for the others. */
+int op_embedding_part(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
+                      int v0, int v1, mill_err *e);
 
 /* SwiGLU with DeepSeek-V4's clamp: h = silu(min(g, L)) * clamp(u, -L, L); g, u, h are [n]. */
 int op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e);
@@ -36,9 +40,11 @@ int op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, con
 /* y = rmsnorm(x) * w: dx += ..., dw += sum_rows dy * x * r (w, dw NULL: unweighted). */
 int op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w, int rows,
                         int dim, int ld, float eps, mill_err *e);
-/* dtable[ids[t]] += dout[t]. */
+/* dtable[ids[t]] += dout[t]; over a slice: dtable[ids[t] - v0] += dout[t] for ids in [v0, v1). */
 int op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
                           mill_err *e);
+int op_embedding_part_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
+                               int v0, int v1, mill_err *e);
 /* h = silu(min(g, L)) * clamp(u, -L, L): dg += ..., du += ... */
 int op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *dh, const float *g, const float *u,
                              long n, float limit, mill_err *e);
@@ -53,19 +59,30 @@ int op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *coun
  * rollout's sampler uses it too, so engine and trainer logprobs share one formula. */
 double logsumexp_t(const float *logits, int V, float temperature);
 
-/* Log-probabilities and entropies of logits / temperature at the rows whose target is >= 0
- * (a target >= vocab is an error). Counted rows, in order, get logp[i] = log_softmax at the
- * target, ent[i] = entropy of the row's distribution and rows[i] = the row; *count (host) = how
- * many. Counted rows of logits are replaced by their softmax probabilities (the backward's
- * input); the others are left alone. logp, ent, rows: [n] capacity. */
+/* Log-probabilities and entropies of logits / temperature at the rows whose target is >= 0, over
+ * a slice of the vocabulary: logits [n, vl] hold columns [v0, v0 + vl) of rows of vocab (tensor
+ * parallelism, where no rank forms a whole row; one process: v0 0, vl vocab). Two steps around
+ * an exchange of three doubles a row:
+ *   op_token_logp_part: at each row whose target is in [0, vocab), part[3t .. 3t + 2] = the slice's
+ *     log-sum-exp of z = logits / T, its sum of exp(z - that) * z, and z at the target when the
+ *     slice holds it (else 0); the other rows are left alone.
+ *   op_token_logp: given every slice's parts [n_parts][n][3] (in one order on every rank), the
+ *     counted rows in order get logp[i] = log_softmax at the target, ent[i] = the entropy of the
+ *     whole row's distribution and rows[i] = the row; *count (host) = how many (a target >= vocab
+ *     is an error). Counted rows of logits are replaced by their softmax probabilities (the
+ *     backward's input); the others are left alone. logp, ent, rows: [n] capacity. One slice
+ *     gives the single-process numbers bit for bit. */
+int op_token_logp_part(const kctx *k, const float *logits, double *part, const int32_t *targets, int n, int vl, int v0,
+                       int vocab, float temperature, mill_err *e);
 int op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
-                  const int32_t *targets, int n, int vocab, float temperature, mill_err *e);
+                  const double *parts, int n_parts, const int32_t *targets, int n, int vl, int vocab,
+                  float temperature, mill_err *e);
 /* Its backward, in place: probs (op_token_logp's logits) become dlogits given dlogp and dent
  * ([count], d loss / d logp and / d entropy): d logp_y / d z = onehot_y - p, d H / d z_v =
- * -p_v (log p_v + H), z = logits / temperature; rows without a target get 0. Overwrites, unlike
- * the other backward ops. */
+ * -p_v (log p_v + H), z = logits / temperature (the onehot where the slice holds the target);
+ * rows without a target get 0. Overwrites, unlike the other backward ops. */
 int op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
-                           const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                           const float *dent, const float *ent, const int32_t *targets, int n, int vl, int v0,
                            float temperature, mill_err *e);
 
 /* Memory ops (bytes of any element type). The from/to_host pair moves between host memory and

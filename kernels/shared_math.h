@@ -103,4 +103,22 @@ MILL_HD void route_weights(const float *s, const int32_t *id, int K, int norm, f
     for (int j = 0; j < K; j++) w[j] = (norm ? w[j] / (sum + 1e-20f) : w[j]) * scale;
 }
 
+/* The token head's slices joined (op_token_logp): parts [n_parts][n][3] hold, for row t, each
+ * vocabulary slice's log-sum-exp of z, sum of exp(z - that) * z, and z at the target (0 where the
+ * slice lacks it); out: the whole row's log-sum-exp, sum p z and z at the target. One slice gives
+ * its own numbers back bit for bit (exp(0) = 1, log(1) = 0). */
+MILL_HD void token_logp_combine(const double *parts, int n_parts, int n, int t, double *lse, double *pz, double *zy) {
+    double mx = parts[3L * t], s = 0.0;
+    for (int q = 1; q < n_parts; q++) mx = parts[(3L * q * n) + 3L * t] > mx ? parts[(3L * q * n) + 3L * t] : mx;
+    for (int q = 0; q < n_parts; q++) s += exp(parts[3L * q * n + 3L * t] - mx);
+    *lse = mx + log(s);
+    *pz = 0.0;
+    *zy = 0.0;
+    for (int q = 0; q < n_parts; q++) {
+        const double *p = parts + 3L * q * n + 3L * t;
+        *pz += exp(p[0] - *lse) * p[1];
+        *zy += p[2];
+    }
+}
+
 #endif

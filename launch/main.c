@@ -217,6 +217,29 @@ static int gather_rows(dist_ctx *d, void *buf, long rows, long width, mill_dtype
     return rc;
 }
 
+/* Every tp rank's columns of rows x cols floats (rank r's slice of cols, [rows, its width], at buf
+ * on entry) into whole rows [rows, cols] at buf on every rank: the output of `mill forward`. */
+static int gather_columns(comm *c, float *buf, long rows, int cols, mill_err *e) {
+    if (c->size == 1 || rows == 0) return 0;
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
+    float *all = malloc(sizeof(float) * (size_t)rows * (size_t)cols);
+    int rc = !cnt || !all ? mill_errf(e, "forward: out of memory for the logits") : 0;
+    for (int r = 0; !rc && r < c->size; r++) {
+        int64_t lo, hi;
+        model_split_range(cols, c->size, r, &lo, &hi);
+        cnt[r] = (size_t)(rows * (hi - lo)), dsp[r] = (size_t)(rows * lo);
+        if (r == c->rank) memcpy(all + dsp[r], buf, sizeof(float) * cnt[r]);
+    }
+    rc = rc || comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e);
+    for (int r = 0; !rc && r < c->size; r++) { /* [rows, width] blocks into whole rows */
+        long w = (long)cnt[r] / rows, lo = (long)dsp[r] / rows;
+        for (long i = 0; i < rows; i++) memcpy(buf + i * cols + lo, all + dsp[r] + i * w, sizeof(float) * (size_t)w);
+    }
+    free(cnt);
+    free(all);
+    return rc;
+}
+
 /* The forward of this rank's rows, one op of the pipeline at a time (forwards only). */
 typedef struct {
     const kctx *k;
@@ -268,7 +291,9 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
         mill_errf(e, "forward: out of memory for %ld x %d logits", N, c->vocab_size);
         goto done;
     }
-    int64_t nl = Nl * c->vocab_size, nr = L * Nl * K;
+    int v0, v1; /* tensor parallelism: this rank's columns of the logits */
+    model_vocab_range(run, &v0, &v1);
+    int64_t nl = Nl * (v1 - v0), nr = L * Nl * K;
     if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tl, DTYPE_F32, dev, 1, &nl, e) ||
         tensor_alloc(&tr, DTYPE_I32, dev, 1, &nr, e))
         goto done;
@@ -278,7 +303,8 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     size_t elems = (size_t)Nl * (size_t)c->hc_mult * (size_t)c->hidden_size; /* the streams between stages */
     if (dist_pipeline(&d, run, 1, 0, &elems, forward_op, &fr, e) ||
         op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
-        op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e))
+        op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e) ||
+        gather_columns(d.par.tp, logits + r0 * T * c->vocab_size, Nl, c->vocab_size, e))
         goto done;
     /* stages: each filled its layers' routing (the rest is zero) and the last one the logits */
     if (comm_all_reduce(d.par.pp, rl, (size_t)(L * Nl * K), DTYPE_I32, e) ||

@@ -133,9 +133,11 @@ fi
 
 # Heads over ranks (Distributed trainer III, tensor parallelism in forward and grad): each tp rank
 # holds a slice of the attention heads (wq_b, attn_sink), the output groups (wo_a rows, wo_b
-# columns) and the shared experts' hidden units; the partial sums are all-reduced over tp. Against
-# one process and HF on both golden models; with ep, dp and stages; tp 3 on a model with 3 heads
-# and 3 output groups (random weights: against one process only; its gradients are ~1e-6, so the
+# columns), the shared experts' hidden units and the vocabulary (embedding and head rows: log-softmax,
+# logprobs and entropy joined from three numbers a row, no rank forms a whole row of logits); the
+# partial sums are all-reduced over tp. Against one process and HF on both golden models; with ep,
+# dp and stages; tp 3 on a model with 3 heads and 3 output groups, its 256-row vocabulary in slices
+# of 85, 85 and 86 (random weights: against one process only; its gradients are ~1e-6, so the
 # tolerance is relative to cancellation noise)
 for m in tiny-a tiny-b; do
     for lay in "--tp 2" "--tp 2 --ep 2 --dp 2" "--tp 2 --pp 2"; do
@@ -159,6 +161,11 @@ for lay in "--tp 3" "--tp 3 --pp 2"; do
     OMP_NUM_THREADS=1 "$MILL" $H3 --output "$T/h3b.st" $lay 2>"$T/stderr" || not_ok "grad $lay, 3 heads" "$(first_err)"
     same "grad $lay = one process on a model with 3 heads and 3 output groups" "$T/h3b.st" "$T/h3a.st" 1e-4
 done
+OMP_NUM_THREADS=1 "$MILL" forward --model "$T/h3" --input "$DATA/tiny-a/input.json" --device cpu --output "$T/h3f1.st" \
+    2>"$T/stderr" || not_ok "forward on the 3-head model" "$(first_err)"
+OMP_NUM_THREADS=1 "$MILL" forward --model "$T/h3" --input "$DATA/tiny-a/input.json" --device cpu --output "$T/h3f3.st" \
+    --tp 3 2>"$T/stderr" || not_ok "forward --tp 3, 3 heads" "$(first_err)"
+same "forward --tp 3 = one process (a vocabulary of 256 in 3 slices)" "$T/h3f3.st" "$T/h3f1.st" 1e-5 logits
 
 # bf16 streams between the stages (the GPU's default): rounded once per hop, so not the fp32 bits,
 # but the same loss within bf16's rounding

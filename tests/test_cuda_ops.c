@@ -544,28 +544,50 @@ static void test_cross_entropy(void **state) {
     END_TEST(f);
 }
 
+/* The token head over a vocabulary of V in one slice: the slice's numbers, then the join (parts:
+ * [3 n] doubles in k's memory). */
+static int head_logp(const kctx *k, float *l, float *lp, float *en, int32_t *rows, long *c, const int32_t *y, int n,
+                     int V, float T, double *parts, mill_err *e) {
+    if (op_token_logp_part(k, l, parts, y, n, V, 0, V, T, e)) return -1;
+    return op_token_logp(k, l, lp, en, rows, c, parts, 1, y, n, V, V, T, e);
+}
+
 /* The token head (log-softmax at targets + entropy, in place -> probabilities) and its backward,
- * at two temperatures, with uncounted rows; then a target >= vocab is an error on both paths. */
+ * at two temperatures, with uncounted rows, whole and in three vocabulary slices joined (tensor
+ * parallelism's path, all on the GPU, against the CPU's whole row); then a target >= vocab is an
+ * error on both paths. */
 static void test_token_logp(void **state) {
     fixture *f = *state;
     f->fails = 0;
     int sh[][2] = {{64, 32000}, {37, 1000}};
     float temps[] = {1.0f, 0.7f};
     for (int s = 0; s < 2; s++) {
-        int n = sh[s][0], V = sh[s][1];
+        int n = sh[s][0], V = sh[s][1], S = 3;
         float temp = temps[s];
         char name[64];
         snprintf(name, sizeof name, "n%d vocab%d T%.1f", n, V, temp);
         long nv = (long)n * V;
         float *l = hnew(nv), *lp = hnew(n), *en = hnew(n), *dlp = hnew(n), *den = hnew(n);
         int32_t *y = hnewi(n), *rows = hnewi(n);
+        double *parts = calloc(3 * (size_t)n, sizeof(double));
         fill(f, l, nv, -8, 8);
         for (int t = 0; t < n; t++) y[t] = t % 5 == 3 ? -1 : (int32_t)rng_below(&f->r, (uint64_t)V);
-        float *dl = up(l, nv), *dlpd = poison(n), *dend = poison(n);
+        float *dl = up(l, nv), *dlpd = poison(n), *dend = poison(n), *dparts = poison(6L * n * S);
         int32_t *dy = upi(y, n), *drows = upi(y, n);
+        /* the slices' logits, each [n, vl], uploaded before the whole row turns into probabilities */
+        float *dsl[3];
+        int lo[4];
+        for (int q = 0; q <= S; q++) lo[q] = V * q / S;
+        for (int q = 0; q < S; q++) {
+            int vl = lo[q + 1] - lo[q];
+            float *h = hnew((long)n * vl);
+            for (int t = 0; t < n; t++) memcpy(h + (long)t * vl, l + (long)t * V + lo[q], sizeof(float) * (size_t)vl);
+            dsl[q] = up(h, (long)n * vl);
+            free(h);
+        }
         long c1 = 0, c2 = 0;
-        OK(op_token_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, ERR));
-        OK(op_token_logp(&f->gpu, dl, dlpd, dend, drows, &c2, dy, n, V, temp, ERR));
+        OK(head_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, parts, ERR));
+        OK(head_logp(&f->gpu, dl, dlpd, dend, drows, &c2, dy, n, V, temp, (double *)dparts, ERR));
         record(f, "op_token_logp count", name, (double)labs(c2 - c1), 0.0);
         cmp(f, "op_token_logp logp", name, dlpd, lp, c1, TOL_FP32);
         cmp(f, "op_token_logp entropy", name, dend, en, c1, TOL_FP32);
@@ -574,24 +596,47 @@ static void test_token_logp(void **state) {
         fill(f, dlp, c1, -1, 1);
         fill(f, den, c1, -1, 1);
         float *d_dlp = up(dlp, c1), *d_den = up(den, c1);
-        OK(op_token_logp_backward(&f->cpu, l, rows, c1, dlp, den, en, y, n, V, temp, ERR));
-        OK(op_token_logp_backward(&f->gpu, dl, drows, c1, d_dlp, d_den, dend, dy, n, V, temp, ERR));
+        float *probs = hnew(nv);
+        memcpy(probs, l, sizeof(float) * (size_t)nv);
+        OK(op_token_logp_backward(&f->cpu, l, rows, c1, dlp, den, en, y, n, V, 0, temp, ERR));
+        OK(op_token_logp_backward(&f->gpu, dl, drows, c1, d_dlp, d_den, dend, dy, n, V, 0, temp, ERR));
         cmp(f, "op_token_logp_backward", name, dl, l, nv, TOL_FP32);
+        /* three slices on the GPU: each slice's numbers, then each joins all three */
+        for (int q = 0; q < S; q++)
+            OK(op_token_logp_part(&f->gpu, dsl[q], (double *)dparts + 3L * n * q, dy, n, lo[q + 1] - lo[q], lo[q], V,
+                                  temp, ERR));
+        for (int q = 0; q < S; q++) {
+            int vl = lo[q + 1] - lo[q];
+            float *want = hnew((long)n * vl), *wantd = hnew((long)n * vl);
+            for (int t = 0; t < n; t++) {
+                memcpy(want + (long)t * vl, probs + (long)t * V + lo[q], sizeof(float) * (size_t)vl);
+                memcpy(wantd + (long)t * vl, l + (long)t * V + lo[q], sizeof(float) * (size_t)vl);
+            }
+            OK(op_token_logp(&f->gpu, dsl[q], dlpd, dend, drows, &c2, (double *)dparts, S, dy, n, vl, V, temp, ERR));
+            record(f, "op_token_logp slices count", name, (double)labs(c2 - c1), 0.0);
+            cmp(f, "op_token_logp slices logp", name, dlpd, lp, c1, TOL_FP32);
+            cmp(f, "op_token_logp slices entropy", name, dend, en, c1, TOL_FP32);
+            cmp(f, "op_token_logp slices probs", name, dsl[q], want, (long)n * vl, TOL_FP32);
+            OK(op_token_logp_backward(&f->gpu, dsl[q], drows, c1, d_dlp, d_den, dend, dy, n, vl, lo[q], temp, ERR));
+            cmp(f, "op_token_logp_backward slices", name, dsl[q], wantd, (long)n * vl, TOL_FP32);
+            free(want), free(wantd);
+            cuda_free(dsl[q]);
+        }
         if (s == 1) { /* a target past the vocabulary */
             y[5] = V;
             int32_t *dbad = upi(y, n);
             mill_err e1, e2;
             fill(f, l, nv, -8, 8);
             float *dl2 = up(l, nv);
-            int r1 = op_token_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, &e1);
-            int r2 = op_token_logp(&f->gpu, dl2, dlpd, dend, drows, &c2, dbad, n, V, temp, &e2);
+            int r1 = head_logp(&f->cpu, l, lp, en, rows, &c1, y, n, V, temp, parts, &e1);
+            int r2 = head_logp(&f->gpu, dl2, dlpd, dend, drows, &c2, dbad, n, V, temp, (double *)dparts, &e2);
             printf("  op_token_logp bad target: cpu \"%s\" / gpu \"%s\"\n", r1 ? e1.msg : "ok", r2 ? e2.msg : "ok");
             record(f, "op_token_logp bad target", name, (r1 && r2 && !strcmp(e1.msg, e2.msg)) ? 0.0 : 1.0, 0.0);
             cuda_free(dbad), cuda_free(dl2);
         }
-        free(l), free(lp), free(en), free(dlp), free(den), free(y), free(rows);
+        free(l), free(lp), free(en), free(dlp), free(den), free(y), free(rows), free(parts), free(probs);
         cuda_free(dl), cuda_free(dlpd), cuda_free(dend), cuda_free(dy), cuda_free(drows), cuda_free(d_dlp),
-            cuda_free(d_den);
+            cuda_free(d_den), cuda_free(dparts);
     }
     END_TEST(f);
 }

@@ -310,7 +310,102 @@ static void test_embedding(void **state) {
 
     const int32_t edge[1] = {10}; /* == vocab: just outside */
     assert_int_equal(op_embedding(&k, out, table, edge, 1, dim, vocab, &e), -1);
-    free(table), free(out);
+
+    /* a slice of the vocabulary (rows [4, 8) at row 0): its ids copied, the others zero, and the
+     * sum over the slices the whole lookup; the backward lands only in the slice's rows */
+    float *sum = falloc(5L * dim), *dt = falloc(4L * dim), *g = falloc(5L * dim);
+    fill_value(sum, 5L * dim, 0.0f);
+    for (int lo = 0; lo < vocab; lo += 4) {
+        int hi = lo + 4 < vocab ? lo + 4 : vocab;
+        assert_int_equal(op_embedding_part(&k, out, table + (long)lo * dim, ids, 5, dim, vocab, lo, hi, &e), 0);
+        for (int t = 0; t < 5; t++)
+            for (int c = 0; c < dim; c++) {
+                float want = ids[t] >= lo && ids[t] < hi ? table[ids[t] * dim + c] : 0.0f;
+                assert_true(out[t * dim + c] == want);
+                sum[t * dim + c] += out[t * dim + c];
+            }
+    }
+    for (int i = 0; i < 5 * dim; i++) assert_true(sum[i] == table[ids[i / dim] * dim + i % dim]);
+    assert_int_equal(op_embedding_part(&k, out, table, bad_hi, 3, dim, vocab, 0, 4, &e), -1); /* still checked */
+    fill_uniform(g, 5L * dim, -1, 1);
+    fill_value(dt, 4L * dim, 0.0f);
+    assert_int_equal(op_embedding_part_backward(&k, dt, g, ids, 5, dim, 3, 7, &e), 0); /* ids 3, 3: row 0 */
+    for (int c = 0; c < dim; c++) {
+        assert_true(fabsf(dt[c] - (g[c] + g[3 * dim + c])) < 1e-6f);
+        assert_true(dt[dim + c] == 0.0f && dt[2 * dim + c] == 0.0f); /* ids 4, 5: none */
+        assert_true(dt[3 * dim + c] == 0.0f);                        /* id 6: none */
+    }
+    free(table), free(out), free(sum), free(dt), free(g);
+    kctx_free(&k);
+}
+
+/* The token head: log-softmax at the target and entropy of logits / T against double sums, the
+ * whole row in one slice and in three uneven slices joined (every slice gets the same numbers; its
+ * probabilities and backward are the whole row's columns); a target past the vocabulary is an error. */
+static void test_token_logp(void **state) {
+    (void)state;
+    mill_err e = {0};
+    kctx k = cpu_ctx(&e);
+    rng_seed(15);
+    enum { N = 6, V = 50, S = 3 };
+    float T = 0.8f, *l = falloc((long)N * V), *whole = falloc((long)N * V), *lp = falloc(N), *en = falloc(N);
+    float *dlp = falloc(N), *den = falloc(N);
+    int32_t y[N] = {3, -1, 49, 0, 17, 33}, rows[N];
+    double *part = dalloc(3L * N * S), ref_lp[N], ref_en[N];
+    fill_uniform(l, (long)N * V, -6, 6);
+    memcpy(whole, l, sizeof(float) * N * V);
+    long cnt = 0, c = 0;
+    for (int t = 0; t < N; t++) { /* double reference */
+        if (y[t] < 0) continue;
+        double mx = -INFINITY, s = 0, pz = 0;
+        for (int v = 0; v < V; v++) mx = fmax(mx, (double)l[t * V + v] / T);
+        for (int v = 0; v < V; v++) s += exp((double)l[t * V + v] / T - mx);
+        for (int v = 0; v < V; v++) {
+            double z = (double)l[t * V + v] / T;
+            pz += exp(z - mx) / s * z;
+        }
+        ref_lp[c] = (double)l[t * V + y[t]] / T - mx - log(s);
+        ref_en[c++] = mx + log(s) - pz;
+    }
+    assert_int_equal(op_token_logp_part(&k, whole, part, y, N, V, 0, V, T, &e), 0);
+    assert_int_equal(op_token_logp(&k, whole, lp, en, rows, &cnt, part, 1, y, N, V, V, T, &e), 0);
+    assert_int_equal(cnt, c);
+    CHECK_ELEM("token logp", lp, ref_lp, cnt, 1e-6);
+    CHECK_NORM("token entropy", en, ref_en, cnt, 1e-6);
+    fill_uniform(dlp, cnt, -1, 1);
+    fill_uniform(den, cnt, -1, 1);
+    float *slice[S];
+    int lo[S + 1];
+    for (int q = 0; q <= S; q++) lo[q] = V * q / S; /* 16, 17, 17 columns */
+    for (int q = 0; q < S; q++) {
+        int vl = lo[q + 1] - lo[q];
+        slice[q] = falloc((long)N * vl);
+        for (int t = 0; t < N; t++) memcpy(slice[q] + t * vl, l + t * V + lo[q], sizeof(float) * (size_t)vl);
+        assert_int_equal(op_token_logp_part(&k, slice[q], part + 3L * N * q, y, N, vl, lo[q], V, T, &e), 0);
+    }
+    float *slp = falloc(N), *sen = falloc(N);
+    double wlp[N], wen[N], wd[V];
+    for (int i = 0; i < cnt; i++) wlp[i] = lp[i], wen[i] = en[i];
+    assert_int_equal(op_token_logp_backward(&k, whole, rows, cnt, dlp, den, en, y, N, V, 0, T, &e), 0);
+    for (int q = 0; q < S; q++) {
+        int vl = lo[q + 1] - lo[q];
+        long sc = 0;
+        int32_t srows[N];
+        assert_int_equal(op_token_logp(&k, slice[q], slp, sen, srows, &sc, part, S, y, N, vl, V, T, &e), 0);
+        assert_int_equal(sc, cnt);
+        CHECK_ELEM("sliced logp", slp, wlp, cnt, 1e-6);
+        CHECK_NORM("sliced entropy", sen, wen, cnt, 1e-6);
+        assert_int_equal(op_token_logp_backward(&k, slice[q], srows, sc, dlp, den, sen, y, N, vl, lo[q], T, &e), 0);
+        for (int t = 0; t < N; t++) {
+            for (int v = 0; v < vl; v++) wd[v] = whole[t * V + lo[q] + v];
+            CHECK_NORM("sliced dlogits", slice[q] + t * vl, wd, vl, 1e-5);
+        }
+        free(slice[q]);
+    }
+    y[2] = V;
+    assert_int_equal(op_token_logp(&k, whole, lp, en, rows, &cnt, part, 1, y, N, V, V, T, &e), -1);
+    if (!strstr(e.msg, "50")) fail_msg("error does not name the target: '%s'", e.msg);
+    free(l), free(whole), free(lp), free(en), free(dlp), free(den), free(part), free(slp), free(sen);
     kctx_free(&k);
 }
 
@@ -1155,6 +1250,7 @@ int main(void) {
         cmocka_unit_test(test_matmul_nn),
         cmocka_unit_test(test_rmsnorm),
         cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_token_logp),
         cmocka_unit_test(test_swiglu_clamp),
         cmocka_unit_test(test_rope_inv_freq_plain),
         cmocka_unit_test(test_rope_inv_freq_yarn),

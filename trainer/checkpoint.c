@@ -85,12 +85,16 @@ static moment_piece *moment_pieces(const dsv4_model *m, const optimizer *o, int 
         const param_info *p = &m->params[i];
         if (p->kind != PARAM_WEIGHT) continue;
         size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
+        int64_t lo, hi; /* the slice's part of the split dimension (its padding is in no piece) */
+        if (p->split >= 0) model_split_range(p->whole, tp, r, &lo, &hi);
         if (p->split < 0) add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + p->numel, p->goffset);
-        else if (p->split == 0) add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + p->numel, p->goffset + (size_t)r * p->numel);
+        else if (p->split == 0)
+            add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + (size_t)(hi - lo) * cols, p->goffset + (size_t)lo * cols);
         else
             for (int64_t row = 0; row < p->shape[0]; row++)
-                add_piece(pc, n, o->lo, o->hi, p->offset + (size_t)row * cols, p->offset + (size_t)(row + 1) * cols,
-                          p->goffset + ((size_t)row * (size_t)tp + (size_t)r) * cols);
+                add_piece(pc, n, o->lo, o->hi, p->offset + (size_t)row * cols,
+                          p->offset + (size_t)row * cols + (size_t)(hi - lo),
+                          p->goffset + (size_t)row * (size_t)p->whole + (size_t)lo);
     }
     if (!*n) pc[(*n)++] = (moment_piece){o->lo, o->lo, 0};
     return pc;

@@ -422,8 +422,11 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     ALLOC(h, (long)N * n * D);
     if (m->stage.first) { /* the n streams all start as the embedding */
         float *x0;
+        int v0, v1;
+        model_vocab_range(m, &v0, &v1);
         ALLOC(x0, (long)N * D);
-        TRY(op_embedding(k, x0, m->embed, f->ids, N, D, c->vocab_size, e));
+        TRY(op_embedding_part(k, x0, m->embed, f->ids, N, D, c->vocab_size, v0, v1, e));
+        TRY(tp_sum(m, x0, (size_t)N * D, e)); /* a slice of the vocabulary: other slices' tokens are 0 here */
         TRY(op_repeat_rows(k, h, x0, N, n, D, e));
     } else { /* the previous stage's streams */
         TRY(m->io.recv(m->io.ctx, h, (size_t)N * n * D, 0, e));
@@ -462,7 +465,9 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     ALLOC(f->xn_head, (long)N * D);
     TRY(op_hc_head(k, f->x_head, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
     TRY(op_rmsnorm(k, f->xn_head, f->x_head, m->norm, N, D, 0, eps, e));
-    return op_linear(k, logits, f->xn_head, m->head, N, c->vocab_size, D, 0, 0, 0, e);
+    int v0, v1;
+    model_vocab_range(m, &v0, &v1);
+    return op_linear(k, logits, f->xn_head, m->head, N, v1 - v0, D, 0, 0, 0, e); /* this slice's columns */
 }
 
 /* The host index arrays, built into one host buffer and copied to the arena at once. */
@@ -684,7 +689,8 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     const kctx *k = f->k;
     mill_err *e = f->e;
     const int32_t *ids = f->ids;
-    int N = f->N, D = c->hidden_size, n = c->hc_mult, V = c->vocab_size;
+    int N = f->N, D = c->hidden_size, n = c->hc_mult, v0, v1;
+    model_vocab_range(m, &v0, &v1);
     float *logits = (float *)dlogits; /* op_linear_backward reads it as dy */
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float *dxn, *dx, *dh, *dh2, *dy, *dpost, *dcomb, *work;
@@ -697,7 +703,8 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     ALLOC(dcomb, (long)N * n * n);
     ALLOC(work, hc_backward_work_floats(N, dm));
     if (m->stage.last) {
-        TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, V, D, 0, 0, e));
+        TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, v1 - v0, D, 0, 0, e));
+        TRY(tp_sum(m, dxn, (size_t)N * D, e)); /* each vocabulary slice's part */
         TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
         TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx,
                                 f->h_final, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
@@ -721,7 +728,7 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     /* the n streams all started as the embedding */
     TRY(op_zero(k, dx, sizeof(float) * (size_t)N * D, e));
     TRY(op_repeat_rows_backward(k, dx, dh, N, n, D, e));
-    TRY(op_embedding_backward(k, GRAD(m->embed), dx, ids, N, D, e));
+    TRY(op_embedding_part_backward(k, GRAD(m->embed), dx, ids, N, D, v0, v1, e));
     return grads_ready(f, -1);
 }
 
@@ -731,20 +738,29 @@ static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn
                           double *loss, long *count) {
     const kctx *k = f->k;
     mill_err *e = f->e;
-    int N = f->N, V = f->m->cfg.vocab_size;
+    const dsv4_model *m = f->m;
+    int N = f->N, V = m->cfg.vocab_size, tp = m->stage.tp > 1 ? m->stage.tp : 1, v0, v1;
     if (!(temperature > 0)) return mill_errf(e, "loss: temperature must be positive, got %g", temperature);
     float *logits, *logp, *ent;
+    double *parts;
     int32_t *rows;
     *count = 0;
     if (loss) *loss = 0; /* NULL with no loss_fn: a forward only */
-    if (!f->m->stage.last) return forward_traced(f, NULL, NULL); /* the loss is the last stage's */
-    ALLOC(logits, (long)N * V);
+    if (!m->stage.last) return forward_traced(f, NULL, NULL); /* the loss is the last stage's */
+    model_vocab_range(m, &v0, &v1);
+    ALLOC(logits, (long)N * (v1 - v0));
     ALLOC(logp, N);
     ALLOC(ent, N);
     ALLOC(rows, N);
+    ALLOC(parts, 2L * 3 * N * tp); /* doubles */
     TRY(forward_traced(f, logits, NULL));
+    /* no rank forms a whole row: each slice's three numbers a row go to every tp rank (as 8-byte
+     * words: moved, never summed), and each joins them in rank order */
     long cnt = 0;
-    TRY(op_token_logp(k, logits, logp, ent, rows, &cnt, f->targets, N, V, temperature, e)); /* logits -> probs */
+    TRY(op_token_logp_part(k, logits, parts + 3L * N * (tp > 1 ? m->stage.tp_rank : 0), f->targets, N, v1 - v0, v0, V,
+                           temperature, e));
+    if (tp > 1) TRY(m->tp.all_gather(m->tp.ctx, parts, 3L * N, DTYPE_I64, e));
+    TRY(op_token_logp(k, logits, logp, ent, rows, &cnt, parts, tp, f->targets, N, v1 - v0, V, temperature, e));
     if (!cnt) return mill_errf(e, "loss: no position has a target");
     /* the loss runs on the host: logp and entropies come over, d loss / d (logp, entropy) go back */
     f->host = calloc((size_t)cnt * 4, sizeof(float));
@@ -761,7 +777,7 @@ static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn
     TRY(loss_fn(ctx, hlogp, hent, (int)cnt, hdlogp, hdent, loss, e));
     TRY(op_copy_from_host(k, dlogp, hdlogp, sizeof(float) * (size_t)cnt, e));
     TRY(op_copy_from_host(k, dent, hdent, sizeof(float) * (size_t)cnt, e));
-    TRY(op_token_logp_backward(k, logits, rows, cnt, dlogp, dent, ent, f->targets, N, V, temperature, e));
+    TRY(op_token_logp_backward(k, logits, rows, cnt, dlogp, dent, ent, f->targets, N, v1 - v0, v0, temperature, e));
     f->dlogits = logits;
     return 0;
 }

@@ -29,20 +29,29 @@ static int tp_all_reduce(void *ctx, float *buf, size_t n, mill_err *e) {
     return comm_all_reduce(((dist_ctx *)ctx)->tp, buf, n, DTYPE_F32, e);
 }
 
-static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_err *e) {
-    comm *c = ((dist_ctx *)ctx)->par.tp; /* host memory: the MPI comm */
+/* buf [size x n]: every rank's n elements, its own at rank x n on entry. */
+static int gather_equal(comm *c, void *buf, size_t n, mill_dtype dt, mill_err *e) {
     size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
-    if (!cnt) return mill_errf(e, "tp: out of memory");
+    if (!cnt) return mill_errf(e, "%s: out of memory", c->name);
     for (int r = 0; r < c->size; r++) cnt[r] = n, dsp[r] = (size_t)r * n;
-    memcpy(all + (size_t)c->rank * n, mine, sizeof(float) * n);
-    int rc = comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e);
+    int rc = comm_all_gatherv(c, buf, cnt, dsp, dt, e);
     free(cnt);
     return rc;
 }
 
+static int tp_all_gather(void *ctx, void *buf, size_t n, mill_dtype dt, mill_err *e) {
+    return gather_equal(((dist_ctx *)ctx)->tp, buf, n, dt, e);
+}
+
+static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_err *e) {
+    comm *c = ((dist_ctx *)ctx)->par.tp; /* host memory: the MPI comm */
+    memcpy(all + (size_t)c->rank * n, mine, sizeof(float) * n);
+    return gather_equal(c, all, n, DTYPE_F32, e);
+}
+
 void dist_ep_io(dist_ctx *d, dsv4_model *m) {
     m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
-    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_gather, d} : (model_tp_io){0};
+    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_all_gather, tp_gather, d} : (model_tp_io){0};
 }
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
@@ -335,15 +344,14 @@ static int gather_slices(comm *c, const model_stage *st, const float *mine, cons
     dsv4_model lay = {0};
     TRY(model_layout_stage(&lay, &out->cfg, *st, e));
     int tp = c->size, rc = -1;
-    size_t nf = lay.n_floats, *cnt = malloc(sizeof(size_t) * 2 * (size_t)tp), *dsp = cnt ? cnt + tp : NULL;
+    size_t nf = lay.n_floats;
     float *all = malloc(sizeof(float) * (nf * (size_t)tp + 1));
-    if (!cnt || !all) {
+    if (!all) {
         mill_errf(e, "gather: out of memory");
         goto out;
     }
-    for (int r = 0; r < tp; r++) cnt[r] = nf, dsp[r] = (size_t)r * nf;
     memcpy(all + (size_t)c->rank * nf, mine, sizeof(float) * nf);
-    if (comm_all_gatherv(c, all, cnt, dsp, DTYPE_F32, e)) goto out;
+    if (gather_equal(c, all, nf, DTYPE_F32, e)) goto out;
     for (int i = 0; i < lay.n_params; i++) {
         const param_info *p = &lay.params[i], *q = model_find_param(out, p->name);
         if (!q) {
@@ -363,7 +371,6 @@ static int gather_slices(comm *c, const model_stage *st, const float *mine, cons
     rc = 0;
 out:
     model_free(&lay);
-    free(cnt);
     free(all);
     return rc;
 }

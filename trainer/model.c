@@ -67,10 +67,11 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
     p->layer = layer;
     p->goffset = goff;
     p->split = -1;
-    if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor */
+    if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor, in ceil(whole / tp) */
         p->split = b->split;
-        p->shape[b->split] /= b->st.tp;
-        p->numel /= (size_t)b->st.tp;
+        p->whole = p->shape[b->split];
+        p->shape[b->split] = (p->whole + b->st.tp - 1) / b->st.tp;
+        p->numel = p->numel / (size_t)p->whole * (size_t)p->shape[b->split];
     }
     if (kind == PARAM_INDEX) {
         p->offset = b->ints;
@@ -112,7 +113,7 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
     int D = c->hidden_size, n = c->hc_mult, mix = (2 + n) * n, H = c->num_attention_heads, d = c->head_dim;
     int E = c->n_routed_experts, I = c->moe_intermediate_size, Is = I * c->n_shared_experts;
-    W2(-1, c->vocab_size, D, "embed.weight");
+    W2S(0, -1, c->vocab_size, D, "embed.weight");
     for (int l = 0; l < c->num_hidden_layers; l++) {
         int ratio = c->compress_ratios[l];
         W1(l, D, "layers.%d.attn_norm.weight", l);
@@ -164,7 +165,7 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
     W2(-1, n, (int64_t)n * D, "hc_head_fn");
     W1(-1, n, "hc_head_base");
     W1(-1, 1, "hc_head_scale");
-    if (!c->tie_word_embeddings) W2(-1, c->vocab_size, D, "head.weight");
+    if (!c->tie_word_embeddings) W2S(0, -1, c->vocab_size, D, "head.weight");
     for (int l = c->num_hash_layers; l < c->num_hidden_layers; l++)
         TRY(add_param(b, l, PARAM_BUFFER, 1, E, 0, 0, e, "layers.%d.ffn.gate.bias", l));
     for (int l = 0; l < c->num_hash_layers; l++)
@@ -229,6 +230,28 @@ model_stage model_stage_chunk(const model_stage *st, int c) {
                          .tp_rank = st->tp_rank};
 }
 
+void model_split_range(int64_t n, int tp, int r, int64_t *lo, int64_t *hi) {
+    tp = tp > 1 ? tp : 1;
+    *lo = n * r / tp;
+    *hi = n * (r + 1) / tp;
+}
+
+void model_whole_shape(const param_info *p, int64_t shape[3]) {
+    memcpy(shape, p->shape, sizeof(int64_t) * 3);
+    if (p->split >= 0) shape[p->split] = p->whole;
+}
+
+size_t model_whole_numel(const param_info *p) {
+    return p->split < 0 ? p->numel : p->numel / (size_t)p->shape[p->split] * (size_t)p->whole;
+}
+
+void model_vocab_range(const dsv4_model *m, int *v0, int *v1) {
+    int64_t lo, hi;
+    model_split_range(m->cfg.vocab_size, m->stage.tp, m->stage.tp > 1 ? m->stage.tp_rank : 0, &lo, &hi);
+    *v0 = (int)lo;
+    *v1 = (int)hi;
+}
+
 int model_heads(const dsv4_model *m) { return m->cfg.num_attention_heads / (m->stage.tp > 1 ? m->stage.tp : 1); }
 int model_groups(const dsv4_model *m) { return m->cfg.o_groups / (m->stage.tp > 1 ? m->stage.tp : 1); }
 
@@ -255,6 +278,9 @@ int model_layout_stage(dsv4_model *m, const dsv4_config *cfg, model_stage st, mi
         return mill_errf(e, "model: tp %d must divide the heads (%d), output groups (%d) and shared experts' hidden "
                             "units (%d)", st.tp, cfg->num_attention_heads, cfg->o_groups,
                          cfg->moe_intermediate_size * cfg->n_shared_experts);
+    if (st.tp > cfg->vocab_size)
+        return mill_errf(e, "model: tp %d is more than the vocabulary's %d rows (each rank holds a slice)", st.tp,
+                         cfg->vocab_size);
     if (cfg->tie_word_embeddings && st.first != st.last)
         return mill_errf(e, "model: tied embeddings cannot be split over pipeline stages");
     m->stage = st;
@@ -541,16 +567,24 @@ static int other_stage(const model_stage *st, int n_layers, const char *name) {
 }
 
 void model_slice_copy(const param_info *p, int tp, int r, float *dst, const float *whole, int to_whole) {
-    size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
-    if (p->split == 0) { /* rows: block r */
-        if (to_whole) memcpy((float *)whole + (size_t)r * p->numel, dst, sizeof(float) * p->numel);
-        else memcpy(dst, whole + (size_t)r * p->numel, sizeof(float) * p->numel);
+    int64_t lo, hi;
+    model_split_range(p->whole, tp, r, &lo, &hi);
+    size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1, n = (size_t)(hi - lo);
+    if (p->split == 0) { /* rows [lo, hi) */
+        if (to_whole) memcpy((float *)whole + (size_t)lo * cols, dst, sizeof(float) * n * cols);
+        else {
+            memcpy(dst, whole + (size_t)lo * cols, sizeof(float) * n * cols);
+            memset(dst + n * cols, 0, sizeof(float) * (p->numel - n * cols));
+        }
         return;
     }
-    for (int64_t row = 0; row < p->shape[0]; row++) { /* columns: block r of every row */
-        float *w = (float *)whole + ((size_t)row * (size_t)tp + (size_t)r) * cols, *s = dst + (size_t)row * cols;
-        if (to_whole) memcpy(w, s, sizeof(float) * cols);
-        else memcpy(s, w, sizeof(float) * cols);
+    for (int64_t row = 0; row < p->shape[0]; row++) { /* columns [lo, hi) of every row */
+        float *w = (float *)whole + (size_t)row * (size_t)p->whole + (size_t)lo, *s = dst + (size_t)row * cols;
+        if (to_whole) memcpy(w, s, sizeof(float) * n);
+        else {
+            memcpy(s, w, sizeof(float) * n);
+            memset(s + n, 0, sizeof(float) * (cols - n));
+        }
     }
 }
 
@@ -563,9 +597,9 @@ int model_gather_slices(const dsv4_model *m, const param_info *p, const float *m
 
 /* This rank's tensor-parallel slice of en. */
 static int load_slice(dsv4_model *m, const param_info *p, const safetensors_entry *en, mill_err *e) {
-    float *whole = malloc(sizeof(float) * p->numel * (size_t)m->stage.tp);
+    float *whole = malloc(sizeof(float) * model_whole_numel(p));
     if (!whole) return mill_errf(e, "model: out of memory for %s", p->name);
-    int rc = dtype_convert_to_f32(en->dtype, en->data, whole, p->numel * (size_t)m->stage.tp, e);
+    int rc = dtype_convert_to_f32(en->dtype, en->data, whole, model_whole_numel(p), e);
     if (!rc) model_slice_copy(p, m->stage.tp, m->stage.tp_rank, m->data + p->offset, whole, 0);
     free(whole);
     return rc;
@@ -599,8 +633,8 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
             goto done;
         }
         const char *file = safetensors_file_of(st, en);
-        int64_t full[3] = {p->shape[0], p->shape[1], p->shape[2]}; /* a tensor-parallel slice's whole tensor */
-        if (p->split >= 0) full[p->split] *= m->stage.tp;
+        int64_t full[3]; /* a tensor-parallel slice's whole tensor */
+        model_whole_shape(p, full);
         if (en->ndim != p->ndim || memcmp(en->shape, full, sizeof(int64_t) * (size_t)p->ndim) != 0) {
             mill_errf(e, "%s: tensor %s has shape %s, expected %s", file, p->name,
                       tensor_shape_str(en->ndim, en->shape, got, sizeof got),
@@ -758,7 +792,7 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
         if (model_param_shard(m, p, n_shards) != shard) continue;
         if (p->kind == PARAM_INDEX) ni = p->numel > ni ? p->numel : ni;
         else nf += p->numel;
-        if (p->split >= 0 && tp > 1) nw += p->numel * (size_t)tp, big = p->numel * (size_t)tp > big ? p->numel * (size_t)tp : big;
+        if (p->split >= 0) nw += model_whole_numel(p), big = p->numel * (size_t)tp > big ? p->numel * (size_t)tp : big;
     }
     safetensors_writer *w = safetensors_writer_new();
     float *host = m->device != DEVICE_CPU ? malloc(sizeof(float) * (nf ? nf : 1)) : NULL;
@@ -790,12 +824,12 @@ int model_save_stage_shard(const dsv4_model *m, const kctx *k, const char *dir, 
             src = host + at;
             at += p->numel;
         }
-        int64_t shape[3] = {p->shape[0], p->shape[1], p->shape[2]};
-        if (p->split >= 0 && tp > 1) { /* every slice, whole, in its place */
+        int64_t shape[3];
+        model_whole_shape(p, shape);
+        if (p->split >= 0) { /* every slice, whole, in its place */
             if (model_gather_slices(m, p, src, all, wholes + wat, e)) goto done;
             src = wholes + wat;
-            wat += p->numel * (size_t)tp;
-            shape[p->split] *= tp;
+            wat += model_whole_numel(p);
         }
         if (writer && safetensors_writer_add(w, p->name, DTYPE_F32, p->ndim, shape, src, e)) goto done;
     }

@@ -34,12 +34,20 @@ typedef struct {
     size_t numel;
     param_kind kind;
     int layer; /* -1 for embed/head/norm/hc_head */
-    int split; /* tensor parallelism: the dimension this rank holds 1/tp of (shape is the slice), -1: whole */
+    int split; /* tensor parallelism: the dimension this rank holds a slice of (shape is the slice), -1: whole */
+    int64_t whole; /* split >= 0: the whole tensor's extent along split */
     size_t goffset; /* where the whole tensor starts in the whole model's float layout */
 } param_info;
 
+/* Slice r of tp of an extent n: [n * r / tp, n * (r + 1) / tp). Heads, groups and hidden units
+ * divide evenly; the vocabulary need not: its slices differ by one row at most, each stored in
+ * ceil(n / tp) rows, the padding after the shorter ones zero (never read, never trained). */
+void model_split_range(int64_t n, int tp, int r, int64_t *lo, int64_t *hi);
+/* The whole tensor's shape and element count of p (p itself when not split). */
+void model_whole_shape(const param_info *p, int64_t shape[3]);
+size_t model_whole_numel(const param_info *p);
 /* Slice r of tp of tensor p (p: the slice's entry, split >= 0): copied from the whole tensor at whole
- * into dst, or (to_whole) from dst into its place in whole. */
+ * into dst (its padding zeroed), or (to_whole) from dst into its place in whole. */
 void model_slice_copy(const param_info *p, int tp, int r, float *dst, const float *whole, int to_whole);
 
 typedef struct {
@@ -83,13 +91,16 @@ typedef struct {
     int l0[MODEL_MAX_CHUNKS], l1[MODEL_MAX_CHUNKS];
     int x0, x1; /* the routed experts held, [x0, x1) of every layer (expert parallelism); x1 0: all */
     int tp, tp_rank; /* tensor parallelism (tp > 1): slice tp_rank of the attention heads (wq_b,
-                      * attn_sink), output groups (wo_a rows, wo_b columns) and the shared experts'
-                      * hidden units (sw1, sw3 rows, sw2 columns) */
+                      * attn_sink), output groups (wo_a rows, wo_b columns), the shared experts'
+                      * hidden units (sw1, sw3 rows, sw2 columns) and the vocabulary (embedding and
+                      * head rows: model_vocab_range) */
 } model_stage;
 
 /* The attention heads and output groups this model computes (its tensor-parallel slice's). */
 int model_heads(const struct dsv4_model *m);
 int model_groups(const struct dsv4_model *m);
+/* The vocabulary rows [*v0, *v1) of m's embedding and head (tensor parallelism: its slice). */
+void model_vocab_range(const struct dsv4_model *m, int *v0, int *v1);
 
 /* The routed experts st holds: [*x0, *x1) of cfg's. */
 void model_stage_experts(const model_stage *st, const dsv4_config *cfg, int *x0, int *x1);
@@ -128,10 +139,13 @@ typedef struct {
 } model_ep_io;
 
 /* How a tensor-parallel slice (stage.tp > 1) completes its partial sums: all_reduce sums n floats
- * of the model's device memory over the tp ranks, in place; gather puts every rank's n host floats
- * (mine) into all [tp x n] in rank order (to save or publish whole tensors). */
+ * of the model's device memory over the tp ranks, in place; all_gather fills buf [tp x n] of the
+ * device memory (n elements of dt) with every rank's piece, its own at rank x n on entry; gather
+ * puts every rank's n host floats (mine) into all [tp x n] in rank order (to save or publish whole
+ * tensors). */
 typedef struct {
     int (*all_reduce)(void *ctx, float *buf, size_t n, mill_err *e);
+    int (*all_gather)(void *ctx, void *buf, size_t n, mill_dtype dt, mill_err *e);
     int (*gather)(void *ctx, const float *mine, float *all, size_t n, mill_err *e);
     void *ctx;
 } model_tp_io;
@@ -252,7 +266,8 @@ void model_expert_range(const dsv4_model *m, int l, size_t *lo, size_t *hi);
  * loss, count, logp_out and the loss_fn arrays are host memory.
  *
  * Forward over B rows of T tokens (positions 0..T-1).
- * logits: [B*T, vocab] out. routing (optional): [layers, B*T, k] expert ids used.
+ * logits: [B*T, v1 - v0] out, the columns of m's vocabulary slice [v0, v1) (model_vocab_range: all of
+ * it without tensor parallelism). routing (optional): [layers, B*T, k] expert ids used.
  * Activations come from the arena, which is reset first. */
 int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
                   int32_t *routing, arena *a, mill_err *e);

@@ -596,14 +596,14 @@ static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, i
                 src = stage + staged;
                 staged += pi->numel;
             }
-            int64_t shape[3] = {pi->shape[0], pi->shape[1], pi->shape[2]};
-            if (tp > 1 && pi->split >= 0) {
+            int64_t shape[3];
+            model_whole_shape(pi, shape);
+            if (pi->split >= 0) {
                 if (model_gather_slices(m, pi, src, all, whole, e)) goto fail;
                 src = whole;
-                shape[pi->split] *= tp;
                 whole_sent = 1;
             }
-            size_t n = pi->numel * (size_t)(whole_sent ? tp : 1);
+            size_t n = model_whole_numel(pi);
             if (lead && wire_put_frame(b, pi->name, DTYPE_F32, pi->ndim, shape, src, e)) goto fail;
             in_bucket += n * sizeof(float);
             *bytes += lead ? n * sizeof(float) : 0;

@@ -46,23 +46,26 @@ int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int 
 int cuda_op_matmul_nn(const kctx *k, float *y, const float *a, const float *b, int M, int N, int K, mill_err *e);
 int cuda_op_rmsnorm(const kctx *k, float *y, const float *x, const float *w, int rows, int dim, int ld, float eps,
                     mill_err *e);
-int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
-                      mill_err *e);
+int cuda_op_embedding_part(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim,
+                           int vocab, int v0, int v1, mill_err *e);
 int cuda_op_swiglu_clamp(const kctx *k, float *h, const float *g, const float *u, long n, float limit, mill_err *e);
 int cuda_op_linear_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
                             int M, int N, int K, int ldx, int ldy, mill_err *e);
 int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *dy, const float *x, const float *w,
                              int rows, int dim, int ld, float eps, mill_err *e);
-int cuda_op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
-                               mill_err *e);
+int cuda_op_embedding_part_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n,
+                                    int dim, int v0, int v1, mill_err *e);
 int cuda_op_swiglu_clamp_backward(const kctx *k, float *dg, float *du, const float *dh, const float *g,
                                   const float *u, long n, float limit, mill_err *e);
 int cuda_op_cross_entropy(const kctx *k, float *dlogits, double *loss_sum, long *count, const float *logits,
                           const int32_t *targets, int n, int vocab, float grad_scale, mill_err *e);
+int cuda_op_token_logp_part(const kctx *k, const float *logits, double *part, const int32_t *targets, int n, int vl,
+                            int v0, int vocab, float temperature, mill_err *e);
 int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
-                       const int32_t *targets, int n, int vocab, float temperature, mill_err *e);
+                       const double *parts, int n_parts, const int32_t *targets, int n, int vl, int vocab,
+                       float temperature, mill_err *e);
 int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
-                                const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                                const float *dent, const float *ent, const int32_t *targets, int n, int vl, int v0,
                                 float temperature, mill_err *e);
 int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e);
 int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);

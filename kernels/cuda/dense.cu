@@ -5,6 +5,7 @@
  * cross-entropy and the token head (log-softmax at targets + entropy) as fp32 kernels, and the
  * memory ops (copies on kctx.stream, row repeat, int32 gather). */
 #include "cuda_internal.cuh"
+#include "../shared_math.h"
 
 #include <cuda_bf16.h>
 #include <math.h>
@@ -654,7 +655,7 @@ int cuda_op_rmsnorm_backward(const kctx *k, float *dx, float *dw, const float *d
 /* ---- Embedding. A bad id records its position (the lowest, like the CPU's first) and is skipped;
  * deferred (dc), it is recorded with its id for kctx_defer_checks(k, 0) to report. */
 __global__ void embedding_kernel(float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
-                                 int *bad, cu_check *dc) {
+                                 int v0, int v1, int *bad, cu_check *dc) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)n * dim) return;
     int t = (int)(i / dim), c = (int)(i % dim);
@@ -664,16 +665,16 @@ __global__ void embedding_kernel(float *out, const float *table, const int32_t *
         else if (c == 0) atomicMin(bad, t);
         return;
     }
-    out[i] = table[(long)id * dim + c];
+    out[i] = id >= v0 && id < v1 ? table[(long)(id - v0) * dim + c] : 0.0f; /* another rank's slice: 0 */
 }
 
-int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim, int vocab,
-                      mill_err *e) {
+int cuda_op_embedding_part(const kctx *k, float *out, const float *table, const int32_t *ids, int n, int dim,
+                           int vocab, int v0, int v1, mill_err *e) {
     if (n <= 0) return 0;
     cu_check *dc = cu_deferred(k, CU_CHECK_EMBEDDING);
     if (dc) { /* no wait: reported when deferral ends */
-        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, NULL,
-                                                                                 dc);
+        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, v0,
+                                                                                 v1, NULL, dc);
         LAUNCH_CHECK("embedding_kernel");
         return 0;
     }
@@ -683,8 +684,8 @@ int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32
     if (cudaMemcpyAsync(bad, hbad, sizeof(int), cudaMemcpyHostToDevice, cu_stream(k)) != cudaSuccess)
         rc = mill_errf(e, "op_embedding: copy failed");
     if (!rc) {
-        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, bad,
-                                                                                 NULL);
+        embedding_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(out, table, ids, n, dim, vocab, v0,
+                                                                                 v1, bad, NULL);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "op_embedding: launch failed: %s", cudaGetErrorString(le));
     }
@@ -698,17 +699,18 @@ int cuda_op_embedding(const kctx *k, float *out, const float *table, const int32
 }
 
 /* Rows of one id collide: float atomics (gradient sums need not be bitwise reproducible). */
-__global__ void embedding_bwd_kernel(float *dtable, const float *dout, const int32_t *ids, int n, int dim) {
+__global__ void embedding_bwd_kernel(float *dtable, const float *dout, const int32_t *ids, int n, int dim, int v0,
+                                     int v1) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)n * dim) return;
     int t = (int)(i / dim), c = (int)(i % dim);
-    atomicAdd(dtable + (long)ids[t] * dim + c, dout[i]);
+    if (ids[t] >= v0 && ids[t] < v1) atomicAdd(dtable + (long)(ids[t] - v0) * dim + c, dout[i]);
 }
 
-int cuda_op_embedding_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n, int dim,
-                               mill_err *e) {
+int cuda_op_embedding_part_backward(const kctx *k, float *dtable, const float *dout, const int32_t *ids, int n,
+                                    int dim, int v0, int v1, mill_err *e) {
     if (n <= 0 || dim <= 0) return 0;
-    embedding_bwd_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(dtable, dout, ids, n, dim);
+    embedding_bwd_kernel<<<cu_blocks((long)n * dim, 256), 256, 0, cu_stream(k)>>>(dtable, dout, ids, n, dim, v0, v1);
     LAUNCH_CHECK("embedding_bwd_kernel");
     return 0;
 }
@@ -886,36 +888,61 @@ __global__ void token_slots_kernel(int32_t *slot, int32_t *rows, int *total, int
     }
 }
 
-__global__ void token_logp_kernel(float *logits, float *logp, float *ent, const int32_t *slot,
-                                  const int32_t *targets, int vocab, float temperature) {
+/* One block per row with a target in [0, vocab): the slice's three numbers, as the CPU loop. */
+__global__ void token_logp_part_kernel(const float *logits, double *part, const int32_t *targets, int vl, int v0,
+                                       int vocab, float temperature) {
     __shared__ float shf[32];
     __shared__ double shd[32];
     long t = blockIdx.x;
-    int s = slot[t], y = targets[t];
-    if (s < 0 || y >= vocab) return; /* uniform over the block */
-    float *l = logits + t * vocab;
-    float zy = l[y] / temperature; /* read before the row is overwritten (barriers below) */
+    int y = targets[t];
+    if (y < 0 || y >= vocab) return; /* uniform over the block */
+    const float *l = logits + t * vl;
     float mx = -INFINITY;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) mx = fmaxf(mx, l[v] / temperature);
+    for (int v = threadIdx.x; v < vl; v += blockDim.x) mx = fmaxf(mx, l[v] / temperature);
     mx = cu_block_max(mx, shf);
     double den = 0.0;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) den += exp((double)(l[v] / temperature - mx));
+    for (int v = threadIdx.x; v < vl; v += blockDim.x) den += exp((double)(l[v] / temperature - mx));
     den = cu_block_sum(den, shd);
     double lse = log(den) + mx, pz = 0.0;
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        double z = (double)(l[v] / temperature), p = exp(z - lse);
-        pz += p * z;
-        l[v] = (float)p;
+    for (int v = threadIdx.x; v < vl; v += blockDim.x) {
+        double z = (double)(l[v] / temperature);
+        pz += exp(z - lse) * z;
     }
     pz = cu_block_sum(pz, shd);
     if (threadIdx.x == 0) {
-        logp[s] = (float)((double)zy - lse);
+        part[3 * t] = lse;
+        part[3 * t + 1] = pz;
+        part[3 * t + 2] = y >= v0 && y < v0 + vl ? (double)(l[y - v0] / temperature) : 0.0;
+    }
+}
+
+int cuda_op_token_logp_part(const kctx *k, const float *logits, double *part, const int32_t *targets, int n, int vl,
+                            int v0, int vocab, float temperature, mill_err *e) {
+    if (n <= 0) return 0;
+    token_logp_part_kernel<<<n, 1024, 0, cu_stream(k)>>>(logits, part, targets, vl, v0, vocab, temperature);
+    LAUNCH_CHECK("token_logp_part_kernel");
+    return 0;
+}
+
+/* One block per counted row: the slices joined (every thread alike), then the row's probabilities. */
+__global__ void token_logp_kernel(float *logits, float *logp, float *ent, const int32_t *slot, const double *parts,
+                                  int n_parts, int n, const int32_t *targets, int vl, int vocab, float temperature) {
+    long t = blockIdx.x;
+    int s = slot[t], y = targets[t];
+    if (s < 0 || y >= vocab) return; /* uniform over the block */
+    double lse, pz, zy;
+    token_logp_combine(parts, n_parts, n, (int)t, &lse, &pz, &zy);
+    float *l = logits + t * vl;
+    for (int v = threadIdx.x; v < vl; v += blockDim.x) l[v] = (float)exp((double)(l[v] / temperature) - lse);
+    if (threadIdx.x == 0) {
+        logp[s] = (float)(zy - lse);
         ent[s] = (float)(lse - pz);
     }
 }
 
 int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, int32_t *rows, long *count,
-                       const int32_t *targets, int n, int vocab, float temperature, mill_err *e) {
+                       const double *parts, int n_parts, const int32_t *targets, int n, int vl, int vocab,
+                       float temperature, mill_err *e) {
     *count = 0;
     if (n <= 0) return 0;
     /* scratch: [0] total, [1] bad row, then slot[n] */
@@ -926,7 +953,8 @@ int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, in
         rc = mill_errf(e, "op_token_logp: copy failed");
     if (!rc) {
         token_slots_kernel<<<1, 1024, 0, cu_stream(k)>>>(buf + 2, rows, buf, buf + 1, targets, n, vocab);
-        token_logp_kernel<<<n, 1024, 0, cu_stream(k)>>>(logits, logp, ent, buf + 2, targets, vocab, temperature);
+        token_logp_kernel<<<n, 1024, 0, cu_stream(k)>>>(logits, logp, ent, buf + 2, parts, n_parts, n, targets, vl,
+                                                        vocab, temperature);
         cudaError_t le = cudaGetLastError();
         if (le != cudaSuccess) rc = mill_errf(e, "op_token_logp: launch failed: %s", cudaGetErrorString(le));
     }
@@ -941,10 +969,10 @@ int cuda_op_token_logp(const kctx *k, float *logits, float *logp, float *ent, in
 
 /* One block per row; a row finds its slot by binary search in the sorted rows list. */
 __global__ void token_logp_bwd_kernel(float *probs, const int32_t *rows, long count, const float *dlogp,
-                                      const float *dent, const float *ent, const int32_t *targets, int vocab,
+                                      const float *dent, const float *ent, const int32_t *targets, int vl, int v0,
                                       float temperature) {
     long t = blockIdx.x;
-    float *row = probs + t * vocab;
+    float *row = probs + t * vl;
     long lo = 0, hi = count;
     while (lo < hi) {
         long mid = (lo + hi) / 2;
@@ -952,23 +980,23 @@ __global__ void token_logp_bwd_kernel(float *probs, const int32_t *rows, long co
         else hi = mid;
     }
     if (lo >= count || rows[lo] != t) {
-        for (int v = threadIdx.x; v < vocab; v += blockDim.x) row[v] = 0.0f;
+        for (int v = threadIdx.x; v < vl; v += blockDim.x) row[v] = 0.0f;
         return;
     }
     float g = dlogp[lo] / temperature, gh = dent[lo] / temperature, H = ent[lo];
-    for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
+    for (int v = threadIdx.x; v < vl; v += blockDim.x) {
         float p = row[v];
         row[v] = -g * p - (gh != 0.0f && p > 0.0f ? gh * p * (logf(p) + H) : 0.0f);
     }
     __syncthreads();
-    if (threadIdx.x == 0) row[targets[t]] += g;
+    if (threadIdx.x == 0 && targets[t] >= v0 && targets[t] < v0 + vl) row[targets[t] - v0] += g;
 }
 
 int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows, long count, const float *dlogp,
-                                const float *dent, const float *ent, const int32_t *targets, int n, int vocab,
+                                const float *dent, const float *ent, const int32_t *targets, int n, int vl, int v0,
                                 float temperature, mill_err *e) {
     if (n <= 0) return 0;
-    token_logp_bwd_kernel<<<n, 256, 0, cu_stream(k)>>>(probs, rows, count, dlogp, dent, ent, targets, vocab,
+    token_logp_bwd_kernel<<<n, 256, 0, cu_stream(k)>>>(probs, rows, count, dlogp, dent, ent, targets, vl, v0,
                                                        temperature);
     LAUNCH_CHECK("token_logp_bwd_kernel");
     return 0;
