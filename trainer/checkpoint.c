@@ -100,25 +100,49 @@ static moment_piece *moment_pieces(const dsv4_model *m, const optimizer *o, int 
     return pc;
 }
 
-/* Piece j's tensor and metadata names: adam.m, adam.v, global_offset, then adam.m.1, ... */
-static void piece_names(int j, char *m, char *v, char *g, size_t n) {
-    snprintf(m, n, j ? "adam.m.%d" : "adam.m", j);
-    snprintf(v, n, j ? "adam.v.%d" : "adam.v", j);
-    snprintf(g, n, j ? "global_offset.%d" : "global_offset", j);
-}
-
 /* Every rank of the grid has arrived (a barrier over dp, tp, ep, then over the stages). */
 static int all_here(comm *dp, comm *tp, comm *ep, comm *pp, mill_err *e) {
     if ((dp && comm_barrier(dp, e)) || (tp && comm_barrier(tp, e)) || (ep && comm_barrier(ep, e))) return -1;
     return pp ? comm_barrier(pp, e) : 0;
 }
 
-/* A tensor-parallel rank's moments are saved in its own layout's coordinates (a slice is not a run
- * of the whole layout): this names the layout, and only the same one reads them back. */
-static void layout_key(const dsv4_model *m, char *buf, size_t n) {
-    const model_stage *s = &m->stage;
-    int k = snprintf(buf, n, "tp %d/%d experts %d-%d layers", s->tp_rank, s->tp, s->x0, s->x1);
-    for (int c = 0; c < s->n_chunks && k > 0 && (size_t)k < n; c++) k += snprintf(buf + k, n - (size_t)k, " %d-%d", s->l0[c], s->l1[c]);
+/* The moments of this rank's pieces into path: adam.m and adam.v, the pieces one after another, and
+ * pieces [np, 2] (I64: each one's global offset and length), so any layout finds its own in them.
+ * Device moments come over as the rank's whole shard at once (k: their kctx). */
+static int write_moments(const char *path, const char *step, const optimizer *o, const moment_piece *pc, int np,
+                         const kctx *k, mill_err *e) {
+    size_t total = 0, shard = o->hi - o->lo;
+    for (int j = 0; j < np; j++) total += pc[j].b - pc[j].a;
+    float *mv = malloc(sizeof(float) * 2 * (total ? total : 1)), *host = NULL;
+    int64_t *idx = malloc(sizeof(int64_t) * 2 * (size_t)np);
+    const float *hm = o->m, *hv = o->v;
+    int rc = !mv || !idx ? mill_errf(e, "checkpoint: out of memory") : 0;
+    if (!rc && o->device != DEVICE_CPU) {
+        if (!k) rc = mill_errf(e, "checkpoint: device moments are saved through their kctx");
+        else if (!(host = malloc(sizeof(float) * 2 * (shard ? shard : 1)))) rc = mill_errf(e, "checkpoint: out of memory");
+        else rc = op_copy_to_host(k, host, o->m, sizeof(float) * shard, e) ||
+                  op_copy_to_host(k, host + shard, o->v, sizeof(float) * shard, e);
+        hm = host, hv = host + shard;
+    }
+    size_t at = 0;
+    for (int j = 0; !rc && j < np; j++) {
+        size_t n = pc[j].b - pc[j].a;
+        memcpy(mv + at, hm + (pc[j].a - o->lo), sizeof(float) * n);
+        memcpy(mv + total + at, hv + (pc[j].a - o->lo), sizeof(float) * n);
+        idx[2 * j] = (int64_t)pc[j].global, idx[2 * j + 1] = (int64_t)n;
+        at += n;
+    }
+    safetensors_writer *w = rc ? NULL : safetensors_writer_new();
+    int64_t nt = (int64_t)total, ni[2] = {np, 2};
+    rc = rc || !w || safetensors_writer_set_metadata(w, "step", step, e) ||
+         safetensors_writer_add(w, "adam.m", DTYPE_F32, 1, &nt, mv, e) ||
+         safetensors_writer_add(w, "adam.v", DTYPE_F32, 1, &nt, mv + total, e) ||
+         safetensors_writer_add(w, "pieces", DTYPE_I64, 2, ni, idx, e) || safetensors_writer_save(w, path, e);
+    safetensors_writer_free(w);
+    free(mv);
+    free(idx);
+    free(host);
+    return rc ? -1 : 0;
 }
 
 /* Every rank of the optimizer's dp group takes part (a group of one: this process alone). Rank 0
@@ -145,53 +169,13 @@ int checkpoint_save(const char *dir, const dsv4_model *m, const optimizer *o, co
     /* the moments of this shard's trainable floats, in the whole model's coordinates: a checkpoint
      * any layout (other dp, other pp) can read; one piece per run of the whole layout the shard
      * meets (an interleaved stage holds several), the buffers after them have none */
-    int np = 1; /* tp: the shard in this layout's coordinates, as one piece */
-    moment_piece *pc = T > 1 ? malloc(sizeof *pc) : moment_pieces(m, o, &np, e);
-    if (!pc) return T > 1 ? mill_errf(e, "checkpoint: out of memory") : -1;
-    char key[1024] = "";
-    if (T > 1) {
-        pc[0] = (moment_piece){o->lo, o->hi, o->lo};
-        layout_key(m, key, sizeof key);
-    }
-    size_t total = 0;
-    for (int j = 0; j < np; j++) total += pc[j].b - pc[j].a;
+    int np;
+    moment_piece *pc = moment_pieces(m, o, &np, e);
+    if (!pc) return -1;
     char step[32];
     snprintf(step, sizeof step, "%ld", o->step);
     optim_file(path, sizeof path, tmp, ((st * P + q) * T + t) * k + r, ns * P * T * k);
-    float *stage = NULL; /* device moments: this rank's shard comes over */
-    if (o->device != DEVICE_CPU) {
-        if (!kx || !(stage = malloc(sizeof(float) * 2 * (total ? total : 1)))) {
-            free(pc);
-            return mill_errf(e, kx ? "checkpoint: out of memory" : "checkpoint: device moments are saved through their kctx");
-        }
-        size_t at = 0;
-        for (int j = 0; j < np; j++) {
-            size_t n = pc[j].b - pc[j].a;
-            if (op_copy_to_host(kx, stage + at, o->m + (pc[j].a - o->lo), sizeof(float) * n, e) ||
-                op_copy_to_host(kx, stage + total + at, o->v + (pc[j].a - o->lo), sizeof(float) * n, e)) {
-                free(stage);
-                free(pc);
-                return -1;
-            }
-            at += n;
-        }
-    }
-    safetensors_writer *w = safetensors_writer_new();
-    int rc = !w || safetensors_writer_set_metadata(w, "step", step, e) || (*key && safetensors_writer_set_metadata(w, "layout", key, e));
-    size_t at = 0;
-    for (int j = 0; j < np && !rc; j++) {
-        int64_t n = (int64_t)(pc[j].b - pc[j].a);
-        char nm[32], nv[32], ng[32], goff[32];
-        piece_names(j, nm, nv, ng, sizeof nm);
-        snprintf(goff, sizeof goff, "%zu", pc[j].global);
-        const float *mm = stage ? stage + at : o->m + (pc[j].a - o->lo), *vv = stage ? stage + total + at : o->v + (pc[j].a - o->lo);
-        rc = safetensors_writer_add(w, nm, DTYPE_F32, 1, &n, mm, e) || safetensors_writer_add(w, nv, DTYPE_F32, 1, &n, vv, e) ||
-             safetensors_writer_set_metadata(w, ng, goff, e);
-        at += (size_t)n;
-    }
-    rc = rc || safetensors_writer_save(w, path, e);
-    safetensors_writer_free(w);
-    free(stage);
+    int rc = write_moments(path, step, o, pc, np, kx, e);
     free(pc);
     if (rc) return -1;
     if (all_here(c, tpc, ep, pp, e)) return -1; /* every rank's files are on disk */
@@ -251,77 +235,111 @@ static int read_state(const char *path, train_state *ts, long *opt_step, int *sh
     return 0;
 }
 
+/* A run of saved moments: n floats at global, in m and v (the file's memory). */
+typedef struct {
+    size_t global, n;
+    const float *m, *v;
+} saved_run;
+
+static int by_global(const void *a, const void *b) {
+    size_t x = ((const moment_piece *)a)->global, y = ((const moment_piece *)b)->global;
+    return x < y ? -1 : x > y;
+}
+
+static int saved_by_global(const void *a, const void *b) {
+    size_t x = ((const saved_run *)a)->global, y = ((const saved_run *)b)->global;
+    return x < y ? -1 : x > y;
+}
+
+/* A file's runs: its pieces index (pieces [np, 2] into adam.m / adam.v), or the earlier format (adam.m.j
+ * at metadata global_offset.j; the first files had none: shard [slo, shi) of the whole layout).
+ * *out malloc'd, sorted by global. */
+static int saved_runs(safetensors *st, const char *path, size_t slo, size_t shi, size_t n_floats, saved_run **out,
+                      int *n_out, mill_err *e) {
+    const safetensors_entry *ix = safetensors_find(st, "pieces"), *em = safetensors_find(st, "adam.m"),
+                            *ev = safetensors_find(st, "adam.v");
+    int cap = ix && ix->ndim == 2 ? (int)ix->shape[0] : 1, n = 0;
+    for (char nm[32]; !ix && safetensors_find(st, (snprintf(nm, sizeof nm, "adam.m.%d", cap), nm));) cap++;
+    saved_run *r = malloc(sizeof *r * (size_t)(cap ? cap : 1));
+    if (!r) return mill_errf(e, "checkpoint: out of memory");
+    if (ix) {
+        if (ix->ndim != 2 || ix->shape[1] != 2 || ix->dtype != DTYPE_I64 || !em || !ev || em->dtype != DTYPE_F32 ||
+            ev->dtype != DTYPE_F32 || em->ndim != 1 || ev->ndim != 1 || em->shape[0] != ev->shape[0]) {
+            free(r);
+            return mill_errf(e, "%s: expected pieces [n, 2] I64 and adam.m, adam.v of one F32 length", path);
+        }
+        const int64_t *p = ix->data;
+        size_t at = 0;
+        for (; n < cap; n++) {
+            if (p[2 * n] < 0 || p[2 * n + 1] < 0 || (size_t)(p[2 * n] + p[2 * n + 1]) > n_floats ||
+                at + (size_t)p[2 * n + 1] > (size_t)em->shape[0]) {
+                free(r);
+                return mill_errf(e, "%s: piece %d (%" PRId64 " floats at %" PRId64 ") lies outside adam.m or the "
+                                    "model's %zu parameter floats", path, n, p[2 * n + 1], p[2 * n], n_floats);
+            }
+            r[n] = (saved_run){(size_t)p[2 * n], (size_t)p[2 * n + 1], (const float *)em->data + at,
+                               (const float *)ev->data + at};
+            at += (size_t)p[2 * n + 1];
+        }
+    }
+    for (int j = 0; !ix && j < cap; j++) {
+        char nm[32], nv[32], ng[32];
+        snprintf(nm, sizeof nm, j ? "adam.m.%d" : "adam.m", j);
+        snprintf(nv, sizeof nv, j ? "adam.v.%d" : "adam.v", j);
+        snprintf(ng, sizeof ng, j ? "global_offset.%d" : "global_offset", j);
+        const char *go = safetensors_metadata(st, ng);
+        const safetensors_entry *a = safetensors_find(st, nm), *b = safetensors_find(st, nv);
+        size_t g0 = go ? strtoull(go, NULL, 10) : slo;
+        if (!a || !b || a->dtype != DTYPE_F32 || b->dtype != DTYPE_F32 || a->ndim != 1 || b->ndim != 1 ||
+            a->shape[0] != b->shape[0] || (!go && (size_t)a->shape[0] != shi - slo) || g0 + (size_t)a->shape[0] > n_floats) {
+            free(r);
+            return mill_errf(e, "%s: tensors %s and %s must be F32, one dimension of one length, inside the model's %zu "
+                                "parameter floats", path, nm, nv, n_floats);
+        }
+        r[n++] = (saved_run){g0, (size_t)a->shape[0], a->data, b->data};
+    }
+    qsort(r, (size_t)n, sizeof *r, saved_by_global);
+    *out = r;
+    *n_out = n;
+    return 0;
+}
+
 /* This rank's moments [o->lo, o->hi) from the checkpoint's files, whatever layout wrote them (any dp,
- * any pp, any vpp, any ep): each file holds pieces of the whole model's trainable floats, each from
- * its global_offset (files of one process before that key: the saved shards of the whole layout, in
- * order). Files with a layout key (heads over ranks) hold a shard in their layout's own coordinates:
- * only a rank of the same layout reads them. A tp rank reads the others by its slices' places in the
- * whole layout. */
+ * pp, vpp, ep or tp): each file holds runs of the whole model's trainable floats at their global
+ * offsets, and this rank's pieces (a tp slice's: a column slice row by row) are met with them in one
+ * pass over both, sorted by global offset. */
 static int load_moments(const char *dir, const dsv4_model *m, optimizer *o, int shards, int stages, mill_err *e) {
     char path[4200];
     int nw;
     moment_piece *want = moment_pieces(m, o, &nw, e);
     dsv4_model whole = {0};
     if (!want || model_layout(&whole, &m->cfg, e)) return free(want), -1;
-    int rc = -1, keyed = 0, matched = 0;
-    char mine[1024];
-    layout_key(m, mine, sizeof mine);
+    qsort(want, (size_t)nw, sizeof *want, by_global);
+    int rc = -1;
     for (int f = 0; f < stages * shards; f++) {
         optim_file(path, sizeof path, dir, f, stages * shards);
         safetensors *st;
-        if (safetensors_open(path, &st, e)) goto out;
-        const char *lay = safetensors_metadata(st, "layout");
-        if (lay) { /* a tensor-parallel layout's own coordinates: the same layout only */
-            keyed |= lay != NULL;
-            const safetensors_entry *em = safetensors_find(st, "adam.m"), *ev = safetensors_find(st, "adam.v");
-            const char *lo = safetensors_metadata(st, "global_offset");
-            if (lay && !strcmp(lay, mine) && em && ev && lo && em->dtype == DTYPE_F32 && ev->dtype == DTYPE_F32 &&
-                em->shape[0] == ev->shape[0]) {
-                size_t g0 = strtoull(lo, NULL, 10), g1 = g0 + (size_t)em->shape[0];
-                size_t a = g0 > o->lo ? g0 : o->lo, b = g1 < o->hi ? g1 : o->hi;
-                if (a < b) {
-                    memcpy(o->m + (a - o->lo), (const float *)em->data + (a - g0), sizeof(float) * (b - a));
-                    memcpy(o->v + (a - o->lo), (const float *)ev->data + (a - g0), sizeof(float) * (b - a));
-                }
-                matched = 1;
-            }
-            safetensors_close(st);
-            continue;
-        }
+        saved_run *sr = NULL;
+        int ns = 0;
         size_t slo, shi;
         model_shard_range(&whole, f, shards, &slo, &shi);
-        for (int j = 0;; j++) { /* the file's pieces */
-            char nm[32], nv[32], ng[32];
-            piece_names(j, nm, nv, ng, sizeof nm);
-            const char *go = safetensors_metadata(st, ng), *names[2] = {nm, nv};
-            if (j && !safetensors_find(st, nm)) break;
-            size_t g0 = go ? strtoull(go, NULL, 10) : slo;
-            float *dst[2] = {o->m, o->v};
-            for (int i = 0; i < 2; i++) {
-                const safetensors_entry *en = safetensors_find(st, names[i]);
-                if (!en || en->dtype != DTYPE_F32 || en->ndim != 1 || (!go && (size_t)en->shape[0] != shi - slo) ||
-                    g0 + (size_t)en->shape[0] > whole.n_floats) {
-                    mill_errf(e, "%s: tensor %s must be F32, one dimension, inside the model's %zu parameter floats",
-                              path, names[i], whole.n_floats);
-                    safetensors_close(st);
-                    goto out;
-                }
-                size_t g1 = g0 + (size_t)en->shape[0];
-                for (int q = 0; q < nw; q++) { /* what of it this rank's pieces want */
-                    size_t w0 = want[q].global, w1 = w0 + (want[q].b - want[q].a);
-                    size_t a = g0 > w0 ? g0 : w0, b = g1 < w1 ? g1 : w1;
-                    if (a < b)
-                        memcpy(dst[i] + (want[q].a - o->lo) + (a - w0), (const float *)en->data + (a - g0),
-                               sizeof(float) * (b - a));
-                }
-            }
+        if (safetensors_open(path, &st, e)) goto out;
+        if (saved_runs(st, path, slo, shi, whole.n_floats, &sr, &ns, e)) {
+            safetensors_close(st);
+            goto out;
         }
+        for (int i = 0, q = 0; i < ns && q < nw;) { /* the overlaps, both lists by global offset */
+            size_t g0 = sr[i].global, g1 = g0 + sr[i].n, w0 = want[q].global, w1 = w0 + (want[q].b - want[q].a);
+            size_t a = g0 > w0 ? g0 : w0, b = g1 < w1 ? g1 : w1;
+            if (a < b) {
+                memcpy(o->m + (want[q].a - o->lo) + (a - w0), sr[i].m + (a - g0), sizeof(float) * (b - a));
+                memcpy(o->v + (want[q].a - o->lo) + (a - w0), sr[i].v + (a - g0), sizeof(float) * (b - a));
+            }
+            if (g1 < w1) i++;
+            else q++;
+        }
+        free(sr);
         safetensors_close(st);
-    }
-    if (keyed && !matched) {
-        mill_errf(e, "%s: the Adam moments of heads over ranks resume only into the layout that saved them (this "
-                     "rank: %s)", dir, mine);
-        goto out;
     }
     rc = 0;
 out:

@@ -8,9 +8,11 @@
  * Written by the K ranks of a data-parallel group, the model and the moments are sharded:
  * model-RRRRR-of-KKKKK.safetensors + model.safetensors.index.json (HF's sharded layout: a model
  * directory mill forward reads) and optimizer-RRRRR-of-KKKKK.safetensors holding the moments of
- * model_shard_range(R - 1, K) (their trainable part, at the whole model's float global_offset);
- * optimizer_shards = K. P pipeline stages number their files after the earlier stages'
- * (stage * K + R), the model index merged from the stages' parts; pipeline_stages = P. */
+ * the rank's optimizer shard: adam.m and adam.v, runs of the whole model's trainable floats one
+ * after another, and pieces [n, 2] (I64: each run's global offset and length), so a checkpoint of any
+ * layout (dp, pp, vpp, ep, tp) resumes in any other; optimizer_shards = K. P pipeline stages number
+ * their files after the earlier stages' (stage * K + R), the model index merged from the stages'
+ * parts; pipeline_stages = P. Expert and tensor parallelism multiply the files a stage writes. */
 #ifndef MILL_CHECKPOINT_H
 #define MILL_CHECKPOINT_H
 
@@ -35,8 +37,7 @@ int checkpoint_load(const char *dir, dsv4_model *m, optimizer *o, const optim_co
                     mill_err *e);
 /* The same for this rank's optimizer shard over dp (optimizer_init_shard) and its pipeline stage
  * (stage, pp: NULL for the whole model), from a checkpoint made by any layout: the moments are
- * saved in the whole model's coordinates (global_offset), so each rank reads the runs that overlap
- * its own. */
+ * saved in the whole model's coordinates, so each rank reads the runs that overlap its own. */
 int checkpoint_load_shard(const char *dir, dsv4_model *m, optimizer *o, const optim_config *cfg, comm *dp,
                           const model_stage *stage, comm *pp, train_state *ts, mill_err *e);
 
