@@ -1207,6 +1207,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_int(b, "dp", r->par.dp);
     wire_put_int(b, "vpp", par_vpp(&r->par));
     wire_put_str(b, "pp_dtype", par_wire_name(r->par.pp_wire));
+    wire_put_bool(b, "sp", r->par.sp);
     int64_t split[PAR_MAX_STAGES];
     int n_split = 0;
     while (n_split < PAR_MAX_STAGES && r->par.pp_layers[n_split] > 0) split[n_split] = r->par.pp_layers[n_split], n_split++;

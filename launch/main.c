@@ -61,11 +61,13 @@ static int usage(FILE *to) {
             "          RUN: a run name or id; the ledger: --ledger, else $MILL_LEDGER, else runs/ledger.db\n"
             "          (mill run uses the recipe's `ledger:` key, with the same default)\n"
             "  layout: --tp N --pp N --ep N --cp N --dp N [--vpp N] [--pp-layers 2,1,1] [--pp-dtype auto|fp32|bf16]\n"
+            "          [--sp on|off] (sequence parallelism over the tp ranks)\n"
             "          on forward, grad and sft (recipes: train.parallel.*; vpp: model chunks per pipeline rank,\n"
             "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
             "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
             "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
-            "          interleaved), ep (experts over ranks) and tp (heads over ranks) work; cp comes with\n"
+            "          interleaved), ep (experts over ranks), tp (heads and vocabulary over ranks) and sp work;\n"
+            "          cp comes with\n"
             "          Distributed trainer IV\n");
     return to == stderr ? 2 : 0;
 }
@@ -183,8 +185,8 @@ static int check_opts_par(int argc, char **argv, const char *const *known, mill_
     const char *all[40];
     int n = 0;
     for (const char *const *k = known; *k && n < 26; k++) all[n++] = *k;
-    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-layers", "--pp-dtype"};
-    for (int i = 0; i < 8; i++) all[n++] = par[i];
+    const char *par[] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-layers", "--pp-dtype", "--sp"};
+    for (int i = 0; i < 9; i++) all[n++] = par[i];
     all[n] = NULL;
     return check_opts(argc, argv, all, e);
 }
@@ -513,10 +515,10 @@ static int cmd_sft(int argc, char **argv, comm **world, mill_err *e) {
     par_sizes ps;
     if (sft_recipe_load(argv[2], &r, e) || ranks_parse(argc, argv, &ps, e)) return -1;
     if (dev) r.device = d;
-    int *rp[7] = {&r.par.tp, &r.par.pp, &r.par.ep, &r.par.cp, &r.par.dp, &r.par.vpp, &r.par.pp_wire};
-    int *cp[7] = {&ps.tp, &ps.pp, &ps.ep, &ps.cp, &ps.dp, &ps.vpp, &ps.pp_wire};
-    const char *names[7] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-dtype"};
-    for (int i = 0; i < 7; i++) /* the command line's layout over the recipe's */
+    int *rp[8] = {&r.par.tp, &r.par.pp, &r.par.ep, &r.par.cp, &r.par.dp, &r.par.vpp, &r.par.pp_wire, &r.par.sp};
+    int *cp[8] = {&ps.tp, &ps.pp, &ps.ep, &ps.cp, &ps.dp, &ps.vpp, &ps.pp_wire, &ps.sp};
+    const char *names[8] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--vpp", "--pp-dtype", "--sp"};
+    for (int i = 0; i < 8; i++) /* the command line's layout over the recipe's */
         if (opt(argc, argv, names[i])) *rp[i] = *cp[i];
     if (opt(argc, argv, "--pp-layers")) memcpy(r.par.pp_layers, ps.pp_layers, sizeof ps.pp_layers);
     dsv4_config cfg; /* the layout is checked against the model before any rank starts */

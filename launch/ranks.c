@@ -12,7 +12,7 @@ static const char *const opts[6] = {"--tp", "--pp", "--ep", "--cp", "--dp", "--v
 int ranks_is_option(const char *arg) {
     for (int i = 0; i < 6; i++)
         if (!strcmp(arg, opts[i])) return 1;
-    return !strcmp(arg, "--pp-layers") || !strcmp(arg, "--pp-dtype");
+    return !strcmp(arg, "--pp-layers") || !strcmp(arg, "--pp-dtype") || !strcmp(arg, "--sp");
 }
 
 
@@ -37,6 +37,8 @@ int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e) {
         if (!strcmp(argv[i], "--pp-layers") && parse_split(argv[i + 1], s, e)) return -1;
         if (!strcmp(argv[i], "--pp-dtype") && par_wire_parse(argv[i + 1], &s->pp_wire))
             return mill_errf(e, "--pp-dtype must be auto, fp32 or bf16, got \"%s\"", argv[i + 1]);
+        if (!strcmp(argv[i], "--sp") && par_switch_parse(argv[i + 1], &s->sp))
+            return mill_errf(e, "--sp (sequence parallelism) must be on or off, got \"%s\"", argv[i + 1]);
     }
     for (int i = 2; i < argc; i++)
         for (int j = 0; j < 6; j++) {

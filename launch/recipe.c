@@ -74,7 +74,7 @@ int recipe_levels(json_t *y, const char *path, int *levels, int *n_levels, mill_
 }
 
 int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
-    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", "vpp", "pp_layers", "pp_dtype", NULL};
+    static const char *const keys[] = {"tp", "pp", "ep", "cp", "dp", "vpp", "pp_layers", "pp_dtype", "sp", NULL};
     int *dst[] = {&s->tp, &s->pp, &s->ep, &s->cp, &s->dp, &s->vpp};
     *s = par_sizes_one();
     TRY(yamlcfg_known_keys(y, "train.parallel", keys, path, e));
@@ -100,5 +100,9 @@ int recipe_parallel(json_t *y, const char *path, par_sizes *s, mill_err *e) {
     json_t *wire = yamlcfg_get(y, "train.parallel.pp_dtype"); /* the streams between stages */
     if (wire && !json_is_null(wire) && (!json_is_string(wire) || par_wire_parse(json_string_value(wire), &s->pp_wire)))
         return mill_errf(e, "%s: train.parallel.pp_dtype must be auto, fp32 or bf16", path);
+    json_t *sp = yamlcfg_get(y, "train.parallel.sp"); /* sequence parallelism over the tp ranks */
+    if (sp && !json_is_null(sp) && !json_is_boolean(sp))
+        return mill_errf(e, "%s: train.parallel.sp must be true or false", path);
+    s->sp = sp && json_is_true(sp);
     return 0;
 }

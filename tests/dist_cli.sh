@@ -12,8 +12,10 @@
 #     layouts; bf16 streams between stages;
 #   - experts over ranks (--ep 2 with dp 2, with stages; ep 2 and 4 over dp 4) in grad and forward;
 #     sft --ep 2 against dp 2, its checkpoints resumed at ep 2 and dp 2;
-#   - heads over ranks (--tp 2, with ep x dp and with stages; --tp 3 on a 3-head model) in grad and
-#     forward against one process and the HF goldens;
+#   - heads and vocabulary over ranks (--tp 2, with ep x dp and with stages; --tp 3 on a 3-head
+#     model), also with sequence parallelism (--sp on; 14 tokens over 3 ranks), in grad and forward
+#     against one process and the HF goldens; sft --tp 2 (--sp on), its checkpoints resumed at other
+#     layouts;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -140,7 +142,8 @@ fi
 # of 85, 85 and 86 (random weights: against one process only; its gradients are ~1e-6, so the
 # tolerance is relative to cancellation noise)
 for m in tiny-a tiny-b; do
-    for lay in "--tp 2" "--tp 2 --ep 2 --dp 2" "--tp 2 --pp 2"; do
+    for lay in "--tp 2" "--tp 2 --ep 2 --dp 2" "--tp 2 --pp 2" "--tp 2 --sp on" "--tp 2 --sp on --ep 2 --dp 2" \
+        "--tp 2 --sp on --pp 2"; do
         # shellcheck disable=SC2086
         OMP_NUM_THREADS=1 "$MILL" grad --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/gt.st" --device cpu \
             $lay 2>"$T/stderr" || { not_ok "grad $lay on $m" "$(first_err)"; continue; }
@@ -150,6 +153,9 @@ for m in tiny-a tiny-b; do
     OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/ft.st" --device cpu \
         --tp 2 2>"$T/stderr" || not_ok "forward --tp 2 on $m" "$(first_err)"
     same "forward --tp 2 = HF goldens on $m" "$T/ft.st" "$DATA/$m/expected.safetensors" 1e-4 logits
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/ft.st" --device cpu \
+        --tp 2 --sp on 2>"$T/stderr" || not_ok "forward --tp 2 --sp on on $m" "$(first_err)"
+    same "forward --tp 2 --sp on = HF goldens on $m" "$T/ft.st" "$DATA/$m/expected.safetensors" 1e-4
 done
 "$MILL" init --config tests/data/tp3-config.json --out "$T/h3" --seed 5 >/dev/null 2>"$T/stderr" ||
     not_ok "init the 3-head model" "$(first_err)"
@@ -166,6 +172,22 @@ OMP_NUM_THREADS=1 "$MILL" forward --model "$T/h3" --input "$DATA/tiny-a/input.js
 OMP_NUM_THREADS=1 "$MILL" forward --model "$T/h3" --input "$DATA/tiny-a/input.json" --device cpu --output "$T/h3f3.st" \
     --tp 3 2>"$T/stderr" || not_ok "forward --tp 3, 3 heads" "$(first_err)"
 same "forward --tp 3 = one process (a vocabulary of 256 in 3 slices)" "$T/h3f3.st" "$T/h3f1.st" 1e-5 logits
+# sequence parallelism over 3 ranks with 14 tokens (slices of 4, 5 and 5: gathered unevenly, summed
+# whole instead of reduce-scattered), with and without stages; the routing gathered too
+printf '{"input_ids": [[5, 77, 130, 2, 255, 9, 40], [18, 0, 201, 99, 3, 160, 71]]}\n' >"$T/in7.json"
+H3S="--model $T/h3 --input $T/in7.json --device cpu"
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 "$MILL" grad $H3S --output "$T/h3s1.st" 2>"$T/stderr" || not_ok "grad, 14 tokens" "$(first_err)"
+for lay in "--tp 3 --sp on" "--tp 3 --sp on --pp 2"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "$MILL" grad $H3S --output "$T/h3s.st" $lay 2>"$T/stderr" || not_ok "grad $lay, 14 tokens" "$(first_err)"
+    same "grad $lay = one process on 14 tokens" "$T/h3s.st" "$T/h3s1.st" 1e-4
+done
+# shellcheck disable=SC2086
+OMP_NUM_THREADS=1 "$MILL" forward $H3S --output "$T/h3sf1.st" 2>"$T/stderr" &&
+    OMP_NUM_THREADS=1 "$MILL" forward $H3S --output "$T/h3sf.st" --tp 3 --sp on 2>>"$T/stderr" ||
+    not_ok "forward --tp 3 --sp on, 14 tokens" "$(first_err)"
+same "forward --tp 3 --sp on = one process on 14 tokens (logits and routing)" "$T/h3sf.st" "$T/h3sf1.st" 1e-5
 
 # bf16 streams between the stages (the GPU's default): rounded once per hop, so not the fp32 bits,
 # but the same loss within bf16's rounding
@@ -217,7 +239,7 @@ bad() { # bad CASE PATTERN ARGS...
     "$MILL" "$@" >"$T/stdout" 2>"$T/stderr"
     st=$?
     if one_error_line "$name" "$st"; then
-        if grep -q "$pat" "$T/stderr"; then ok "$name"; else not_ok "$name" "expected \"$pat\": $(first_err)"; fi
+        if grep -q -e "$pat" "$T/stderr"; then ok "$name"; else not_ok "$name" "expected \"$pat\": $(first_err)"; fi
     fi
 }
 G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st --device cpu"
@@ -226,6 +248,7 @@ G="grad --model $DATA/tiny-a --input $DATA/tiny-a/input.json --output $T/bad.st 
     bad "rows not divisible by dp" "the batch's 2 rows must divide evenly over dp 3" $G --dp 3
     bad "more stages than layers" "pp 5 stages need at least as many layers; the model has 4" $G --pp 5
     bad "tp must divide heads" "tp 3 must divide num_attention_heads" $G --tp 3
+    bad "a bad sequence-parallel switch" "--sp (sequence parallelism) must be on or off" $G --tp 2 --sp yes
     bad "experts divisible by ep" "ep 3 must divide" $G --dp 3 --ep 3
     bad "a size of 0" "dp needs a positive integer" $G --dp 0
     bad "a stage split that misses layers" "pp_layers gives 2 stage(s) of 2 layers in all; pp is 2 and the model has 4" \
@@ -283,6 +306,8 @@ sft t21 --resume "$T/t2/step-000010"
 same "tp 2 checkpoint resumed by one process against uninterrupted" "$T/t21/step-000020" "$T/t2/step-000020" 1e-2
 sft t2p --tp 2 --pp 2 --resume "$T/t2/step-000010"
 same "tp 2 checkpoint resumed at tp 2 x pp 2 against uninterrupted" "$T/t2p/step-000020" "$T/t2/step-000020" 1e-2
+sft t2s --tp 2 --sp on
+same "sft --tp 2 --sp on against --tp 2 (final weights)" "$T/t2s/step-000020" "$T/t2/step-000020" 1e-2
 sft t12 --tp 2 --pp 2 --resume "$T/t1/step-000010" # each slice's moments from their places in the whole layout
 same "one process's checkpoint resumed at tp 2 x pp 2 against uninterrupted" "$T/t12/step-000020" "$T/t1/step-000020" 1e-2
 # interleaved (vpp 2: two chunks per stage, the moments in two pieces per rank): bit for bit, and its

@@ -174,20 +174,25 @@ for r in pp2 pp2v2; do
     cmp -s "$T/pp1.fwd" "$T/$r.fwd" || fail "$r: final weights differ from one process"
 done
 echo "pp 2 trainer (1F1B; and interleaved, vpp 2): step metrics and final weights equal to one process"
-# 4d. heads over the two trainer ranks (train.parallel.tp 2): whole tensors published (gathered from
-# the slices), so the engine's logprobs match the trainer's to fp32 noise; losses and final logits
-# within fp32 noise of one process (the slices' partial sums add in another order)
-export OMP_NUM_THREADS=1
-run tp2 --set train.steps=3 --set train.parallel.tp=2 --set train.micro_batch=4
-unset OMP_NUM_THREADS
-echo "$(col tp2 max_dlogp)" | awk '{ for (i = 1; i <= NF; i++) if ($i > 1e-4) exit 1 }' ||
-    fail "tp2: engine and trainer logprobs differ: $(col tp2 max_dlogp)"
-echo "$(col pp1 loss) $(col tp2 loss)" | awk '{ for (i = 1; i <= NF / 2; i++) { d = $i - $(i + NF / 2); if (d < 0) d = -d; if (d > 1e-4) exit 1 } }' ||
-    fail "tp2: losses $(col tp2 loss) vs one process $(col pp1 loss)"
-OMP_NUM_THREADS=1 "$MILL" forward --model "$T/tp2/step-000003" --input tests/data/tiny-a/input.json --device cpu \
-    --output "$T/tp2.fwd" 2>/dev/null || fail "tp2: forward on its checkpoint"
-"$MILL_DIFF" "$T/tp2.fwd" "$T/pp1.fwd" 1e-3 logits >/dev/null || fail "tp2: final logits differ from one process's"
-echo "tp 2 trainer: max|dlogp| $(col tp2 max_dlogp), losses and final logits within fp32 noise of one process"
+# 4d. heads over the two trainer ranks (train.parallel.tp 2), and with sequence parallelism (sp):
+# whole tensors published (gathered from the slices), so the engine's logprobs match the trainer's to
+# fp32 noise; losses and final logits within fp32 noise of one process (the slices' partial sums add
+# in another order)
+for r in tp2 tp2sp; do
+    sp=false
+    [ $r = tp2sp ] && sp=true
+    export OMP_NUM_THREADS=1
+    run $r --set train.steps=3 --set train.parallel.tp=2 --set train.parallel.sp=$sp --set train.micro_batch=4
+    unset OMP_NUM_THREADS
+    echo "$(col $r max_dlogp)" | awk '{ for (i = 1; i <= NF; i++) if ($i > 1e-4) exit 1 }' ||
+        fail "$r: engine and trainer logprobs differ: $(col $r max_dlogp)"
+    echo "$(col pp1 loss) $(col $r loss)" | awk '{ for (i = 1; i <= NF / 2; i++) { d = $i - $(i + NF / 2); if (d < 0) d = -d; if (d > 1e-4) exit 1 } }' ||
+        fail "$r: losses $(col $r loss) vs one process $(col pp1 loss)"
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$T/$r/step-000003" --input tests/data/tiny-a/input.json --device cpu \
+        --output "$T/$r.fwd" 2>/dev/null || fail "$r: forward on its checkpoint"
+    "$MILL_DIFF" "$T/$r.fwd" "$T/pp1.fwd" 1e-3 logits >/dev/null || fail "$r: final logits differ from one process's"
+    echo "tp 2 trainer (sp $sp): max|dlogp| $(col $r max_dlogp), losses and final logits within fp32 noise of one process"
+done
 
 # 5. a rollout engine killed mid-step: restarted, the step completes, no sample lost or repeated
 run k3 --set rollout.layout=disaggregated --set rollout.engines=2 --set train.steps=3 --set debug.kill_engine_at_step=2

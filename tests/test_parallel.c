@@ -33,6 +33,8 @@ void lay_stage_layers(const par_sizes *s, int n_layers, int r, int *l0, int *l1)
 int lay_vpp(const par_sizes *s);
 int lay_wire_parse(const char *v, int *wire);
 const char *lay_wire_name(int wire);
+int lay_switch_parse(const char *v, int *on);
+#define par_switch_parse lay_switch_parse
 #define par_wire_parse lay_wire_parse
 #define par_wire_name lay_wire_name
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
@@ -50,6 +52,7 @@ int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #include "trainer/parallel.c"
 #undef par_vpp
 #undef par_wire_parse
+#undef par_switch_parse
 #undef par_wire_name
 #undef par_validate_micro
 #undef par_stage_layers

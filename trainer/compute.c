@@ -29,8 +29,9 @@ typedef struct {
 
 /* What one hyper-connection site keeps: its input streams and the mixing weights. */
 typedef struct {
-    float *h_in, *pre, *post, *comb; /* [N,n,D], [N,n], [N,n], [N,n,n] */
-    float *x, *xn, *y;               /* collapsed input, normed input, sublayer output [N,D] */
+    float *h_in, *pre, *post, *comb; /* [N,n,D], [N,n], [N,n], [N,n,n] (this rank's tokens under sp) */
+    float *x, *xn, *y;               /* collapsed input, normed input, sublayer output [N,D] (the same) */
+    float *xf; /* the normed input of every token (sp: gathered; else xn) for attention, shared experts */
 } site_trace;
 
 typedef struct {
@@ -51,6 +52,7 @@ typedef struct {
     const kctx *k;
     arena *a;
     int B, T, N;
+    int sp, n0, Nl; /* sequence parallelism: this rank's tokens [n0, n0 + Nl) (without: 0 and N) */
     /* in the arena (device memory on CUDA): token ids [N], positions [N], per-layer compressed
      * entry positions wpos_all [layers, T] (entry w of layer l at w * ratio), targets [N] and
      * replay [layers, N, k] when given; wpos: the current layer's row */
@@ -59,7 +61,8 @@ typedef struct {
     layer_trace *lt;                   /* [layers], host memory: pointers into the arena */
     float *host;                       /* host scratch of the token loss */
     float *dlogits;                    /* the last stage's d loss / d logits (tokens_forward) */
-    float *h_final, *x_head, *xn_head; /* HC head input [N,n,D], its output and the normed output */
+    float *h_final, *x_head, *xn_head; /* HC head input [Nl,n,D], its output and the normed output */
+    float *xnf_head;                   /* the normed output of every token (sp: gathered) */
 } fwd;
 
 #define ALLOC(ptr, count)                                                          \
@@ -152,6 +155,25 @@ static int tp_sum(const dsv4_model *m, float *buf, size_t n, mill_err *e) {
     return m->stage.tp > 1 ? m->tp.all_reduce(m->tp.ctx, buf, n, e) : 0;
 }
 
+/* Sequence parallelism's two crossings, on [tokens, D] floats. tp_enter: every token's rows from this
+ * rank's [Nl, D] (an all-gather into a new [N, D]; without sp the local rows are all of them).
+ * tp_leave: a slice's partial [N, D] sums completed, and this rank's rows of them (a reduce-scatter;
+ * without sp an all-reduce, every row). */
+static int tp_enter(fwd *f, const float *local, float **full) {
+    int D = f->m->cfg.hidden_size;
+    if (!f->sp) return *full = (float *)local, 0;
+    ALLOC(*full, (long)f->N * D);
+    TRY(op_copy(f->k, *full + (long)f->n0 * D, local, sizeof(float) * (size_t)f->Nl * (size_t)D, f->e));
+    return f->m->tp.gather_rows(f->m->tp.ctx, *full, f->N, (size_t)D, DTYPE_F32, f->e);
+}
+
+static int tp_leave(fwd *f, float *full, float **local) {
+    int D = f->m->cfg.hidden_size;
+    *local = full + (long)f->n0 * D;
+    if (!f->sp) return tp_sum(f->m, full, (size_t)f->N * D, f->e);
+    return f->m->tp.scatter_rows(f->m->tp.ctx, full, f->N, (size_t)D, f->e);
+}
+
 /* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
 static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
     const dsv4_config *c = &f->m->cfg;
@@ -192,8 +214,7 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
                               t->comp ? t->comp + (long)b * t->Tc * d : NULL, t->idx ? t->idx + t0 * t->n_comp : NULL,
                               t->n_comp, L->attn_sink, T, H, d, c->sliding_window, 1.0f / sqrtf((float)d), f->e));
     }
-    TRY(model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e));
-    return tp_sum(f->m, y, (size_t)N * D, f->e); /* a slice of the heads: the partial wo_b products */
+    return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e); /* partial: a slice of the heads */
 }
 
 /* ------------------------------------------------------- expert parallelism */
@@ -344,9 +365,24 @@ static int moe_experts_ep_backward(const dsv4_model *m, const kctx *k, const dsv
     return rc;
 }
 
+/* y [N, D] (+= with accumulate) the shared experts on x [N, D]; a tp slice's hidden units give its
+ * partial products. */
+static int shared_forward(const dsv4_model *m, const kctx *k, const dsv4_layer *L, const float *x, int N, float *y,
+                          int accumulate, arena *a, mill_err *e) {
+    const dsv4_config *c = &m->cfg;
+    int D = c->hidden_size, Is = c->moe_intermediate_size * c->n_shared_experts / (m->stage.tp > 1 ? m->stage.tp : 1);
+    float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
+    if (!g || !u) return mill_errf(e, "moe: out of activation memory");
+    TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
+    TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
+    TRY(op_swiglu_clamp(k, g, g, u, (long)N * Is, (float)c->swiglu_limit, e));
+    return op_linear(k, y, g, L->sw2, N, D, Is, 0, 0, accumulate, e);
+}
+
+/* The router and the routed experts, then (shared) the shared experts, on N tokens. */
 static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
                             const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts,
-                            moe_ep_trace *tr, arena *a, mill_err *e) {
+                            int shared, moe_ep_trace *tr, arena *a, mill_err *e) {
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
     int D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
@@ -364,15 +400,10 @@ static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const flo
     TRY(op_moe_route(k, scores, ids, wts, logits, L->gate_bias, given, N, rc, e));
     if (m->ep.size > 1) TRY(moe_experts_ep(m, k, L, x, ids, wts, N, y, tr, a, e));
     else TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
-    if (L->sw1) { /* tensor parallelism: this rank's slice of the hidden units, summed over tp */
-        int Is = I * c->n_shared_experts / (m->stage.tp > 1 ? m->stage.tp : 1);
-        float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
+    if (shared && L->sw1) { /* tensor parallelism: this rank's slice of the hidden units, summed over tp */
         float *sy = m->stage.tp > 1 ? arena_floats(a, (size_t)N * D) : y;
-        if (!g || !u || !sy) return mill_errf(e, "moe: out of activation memory");
-        TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
-        TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
-        TRY(op_swiglu_clamp(k, g, g, u, (long)N * Is, (float)c->swiglu_limit, e));
-        TRY(op_linear(k, sy, g, L->sw2, N, D, Is, 0, 0, sy == y, e));
+        if (!sy) return mill_errf(e, "moe: out of activation memory");
+        TRY(shared_forward(m, k, L, x, N, sy, sy == y, a, e));
         if (sy != y) { /* y += the completed sum (op_repeat_rows_backward with one repeat: an add) */
             TRY(tp_sum(m, sy, (size_t)N * D, e));
             TRY(op_repeat_rows_backward(k, y, sy, N, 1, D, e));
@@ -384,22 +415,33 @@ static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const flo
 int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,
               const int32_t *replay, float *y, float *logits, float *scores, int32_t *ids, float *wts, arena *a,
               mill_err *e) {
-    return model_moe_traced(m, k, l, x, tokens, N, replay, y, logits, scores, ids, wts, NULL, a, e);
+    return model_moe_traced(m, k, l, x, tokens, N, replay, y, logits, scores, ids, wts, 1, NULL, a, e);
 }
 
-/* y[N, D] = MoE sublayer on x[N, D] (already ffn_norm'ed); replay [N, k] or NULL. */
-static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x, const int32_t *replay) {
+/* y = MoE sublayer on the site's normed input (this rank's tokens); replay [N, k] or NULL. Under
+ * sequence parallelism the router and the routed experts see this rank's tokens, the shared experts
+ * every token (their hidden units are split over tp). */
+static int moe_forward(fwd *f, const dsv4_layer *L, layer_trace *t, site_trace *s, const int32_t *replay) {
     const dsv4_config *c = &f->m->cfg;
-    int N = f->N, E = c->n_routed_experts, K = c->num_experts_per_tok;
-    ALLOC(t->logits, (long)N * E);
-    ALLOC(t->scores, (long)N * E);
-    ALLOC(t->wts, (long)N * K);
-    return model_moe_traced(f->m, f->k, (int)(L - f->m->layers), x, f->ids, N, replay, y, t->logits, t->scores,
-                            t->ids, t->wts, &t->ep, f->a, f->e);
+    int Nl = f->Nl, E = c->n_routed_experts, K = c->num_experts_per_tok, D = c->hidden_size;
+    ALLOC(t->logits, (long)Nl * E);
+    ALLOC(t->scores, (long)Nl * E);
+    ALLOC(t->wts, (long)Nl * K);
+    TRY(model_moe_traced(f->m, f->k, (int)(L - f->m->layers), s->xn, f->ids + f->n0, Nl,
+                         replay ? replay + (long)f->n0 * K : NULL, s->y, t->logits, t->scores, t->ids, t->wts, !f->sp,
+                         &t->ep, f->a, f->e));
+    s->xf = s->xn;
+    if (!f->sp || !L->sw1) return 0;
+    float *sy, *syl;
+    ALLOC(sy, (long)f->N * D);
+    TRY(tp_enter(f, s->xn, &s->xf));
+    TRY(shared_forward(f->m, f->k, L, s->xf, f->N, sy, 0, f->a, f->e));
+    TRY(tp_leave(f, sy, &syl));
+    return op_repeat_rows_backward(f->k, s->y, syl, Nl, 1, D, f->e); /* y += this rank's rows: an add */
 }
 
 static int site_alloc(fwd *f, site_trace *s) {
-    int N = f->N, n = f->m->cfg.hc_mult, D = f->m->cfg.hidden_size;
+    int N = f->Nl, n = f->m->cfg.hc_mult, D = f->m->cfg.hidden_size;
     ALLOC(s->pre, (long)N * n);
     ALLOC(s->post, (long)N * n);
     ALLOC(s->comb, (long)N * n * n);
@@ -409,65 +451,72 @@ static int site_alloc(fwd *f, site_trace *s) {
     return 0;
 }
 
-/* Runs the model; the trace (f->lt etc.) stays in the arena. logits: [N, vocab]. */
+/* Runs the model; the trace (f->lt etc.) stays in the arena. logits: [N, the vocabulary slice]. The
+ * streams h and the per-token ops cover this rank's Nl tokens (all N without sequence parallelism). */
 static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     const dsv4_model *m = f->m;
     const dsv4_config *c = &m->cfg;
     const kctx *k = f->k;
     mill_err *e = f->e;
-    int N = f->N, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok, L = c->num_hidden_layers;
+    int N = f->N, Nl = f->Nl, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok;
     const int32_t *replay = f->replay;
     float *work, *h;
-    ALLOC(work, (long)N * (n * D + (2 + n) * n));
-    ALLOC(h, (long)N * n * D);
+    ALLOC(work, (long)Nl * (n * D + (2 + n) * n));
+    ALLOC(h, (long)Nl * n * D);
     if (m->stage.first) { /* the n streams all start as the embedding */
-        float *x0;
+        float *x0, *x0l;
         int v0, v1;
         model_vocab_range(m, &v0, &v1);
         ALLOC(x0, (long)N * D);
         TRY(op_embedding_part(k, x0, m->embed, f->ids, N, D, c->vocab_size, v0, v1, e));
-        TRY(tp_sum(m, x0, (size_t)N * D, e)); /* a slice of the vocabulary: other slices' tokens are 0 here */
-        TRY(op_repeat_rows(k, h, x0, N, n, D, e));
+        TRY(tp_leave(f, x0, &x0l)); /* a slice of the vocabulary: other slices' tokens are 0 here */
+        TRY(op_repeat_rows(k, h, x0l, Nl, n, D, e));
     } else { /* the previous stage's streams */
-        TRY(m->io.recv(m->io.ctx, h, (size_t)N * n * D, 0, e));
+        TRY(m->io.recv(m->io.ctx, h, (size_t)Nl * n * D, 0, e));
     }
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float eps = (float)c->rms_norm_eps;
-    (void)L;
     for (int l = m->stage.l0[0]; l < m->stage.l1[0]; l++) {
         const dsv4_layer *Ly = &m->layers[l];
         layer_trace *t = &f->lt[l];
         f->wpos = f->wpos_all + (long)l * T;
         TRY(site_alloc(f, &t->attn));
         TRY(site_alloc(f, &t->ffn));
-        ALLOC(t->ids, (long)N * K);
+        ALLOC(t->ids, (long)Nl * K);
         site_trace *s = &t->attn;
         s->h_in = h;
-        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_attn_fn, Ly->hc_attn_base, Ly->hc_attn_scale, N, dm,
-                      work, e));
-        TRY(op_rmsnorm(k, s->xn, s->x, Ly->attn_norm, N, D, 0, eps, e));
-        TRY(attention_forward(f, Ly, t, s->y, s->xn));
-        ALLOC(h, (long)N * n * D);
-        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
+        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_attn_fn, Ly->hc_attn_base, Ly->hc_attn_scale, Nl,
+                      dm, work, e));
+        TRY(op_rmsnorm(k, s->xn, s->x, Ly->attn_norm, Nl, D, 0, eps, e));
+        float *yf;
+        ALLOC(yf, (long)N * D);
+        TRY(tp_enter(f, s->xn, &s->xf));
+        TRY(attention_forward(f, Ly, t, yf, s->xf));
+        TRY(tp_leave(f, yf, &s->y)); /* a slice of the heads: the partial wo_b products */
+        ALLOC(h, (long)Nl * n * D);
+        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, Nl, n, D, e));
         s = &t->ffn;
         s->h_in = h;
-        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_ffn_fn, Ly->hc_ffn_base, Ly->hc_ffn_scale, N, dm,
+        TRY(op_hc_pre(k, s->x, s->pre, s->post, s->comb, h, Ly->hc_ffn_fn, Ly->hc_ffn_base, Ly->hc_ffn_scale, Nl, dm,
                       work, e));
-        TRY(op_rmsnorm(k, s->xn, s->x, Ly->ffn_norm, N, D, 0, eps, e));
-        TRY(moe_forward(f, Ly, t, s->y, s->xn, replay ? replay + (long)l * N * K : NULL));
-        if (routing) TRY(op_copy(k, routing + (long)l * N * K, t->ids, sizeof(int32_t) * (size_t)N * K, e));
-        ALLOC(h, (long)N * n * D);
-        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, N, n, D, e));
+        TRY(op_rmsnorm(k, s->xn, s->x, Ly->ffn_norm, Nl, D, 0, eps, e));
+        TRY(moe_forward(f, Ly, t, s, replay ? replay + (long)l * N * K : NULL));
+        if (routing) TRY(op_copy(k, routing + ((long)l * N + f->n0) * K, t->ids, sizeof(int32_t) * (size_t)Nl * K, e));
+        ALLOC(h, (long)Nl * n * D);
+        TRY(op_hc_post(k, h, s->h_in, s->y, s->post, s->comb, Nl, n, D, e));
     }
+    for (int l = m->stage.l0[0]; routing && f->sp && l < m->stage.l1[0]; l++) /* every rank's tokens' experts */
+        TRY(m->tp.gather_rows(m->tp.ctx, routing + (long)l * N * K, N, (size_t)K, DTYPE_I32, e));
     f->h_final = h;
-    if (!m->stage.last) return m->io.send(m->io.ctx, h, (size_t)N * n * D, 0, e); /* on to the next stage */
-    ALLOC(f->x_head, (long)N * D);
-    ALLOC(f->xn_head, (long)N * D);
-    TRY(op_hc_head(k, f->x_head, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
-    TRY(op_rmsnorm(k, f->xn_head, f->x_head, m->norm, N, D, 0, eps, e));
+    if (!m->stage.last) return m->io.send(m->io.ctx, h, (size_t)Nl * n * D, 0, e); /* on to the next stage */
+    ALLOC(f->x_head, (long)Nl * D);
+    ALLOC(f->xn_head, (long)Nl * D);
+    TRY(op_hc_head(k, f->x_head, h, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, Nl, dm, work, e));
+    TRY(op_rmsnorm(k, f->xn_head, f->x_head, m->norm, Nl, D, 0, eps, e));
+    TRY(tp_enter(f, f->xn_head, &f->xnf_head));
     int v0, v1;
     model_vocab_range(m, &v0, &v1);
-    return op_linear(k, logits, f->xn_head, m->head, N, v1 - v0, D, 0, 0, 0, e); /* this slice's columns */
+    return op_linear(k, logits, f->xnf_head, m->head, N, v1 - v0, D, 0, 0, 0, e); /* this slice's columns */
 }
 
 /* The host index arrays, built into one host buffer and copied to the arena at once. */
@@ -522,6 +571,14 @@ static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *
     f->T = T;
     f->N = B * T;
     f->e = e;
+    f->sp = m->stage.sp && m->stage.tp > 1;
+    int64_t lo = 0, hi = f->N;
+    if (f->sp) model_split_range(f->N, m->stage.tp, m->stage.tp_rank, &lo, &hi);
+    f->n0 = (int)lo;
+    f->Nl = (int)(hi - lo);
+    if (f->Nl < 1)
+        return mill_errf(e, "forward: sequence parallelism over tp %d needs at least %d tokens a micro-batch, got %d",
+                         m->stage.tp, m->stage.tp, f->N);
     f->lt = calloc((size_t)(m->cfg.num_hidden_layers ? m->cfg.num_hidden_layers : 1), sizeof(layer_trace));
     if (!f->lt) return mill_errf(e, "forward: out of memory");
     if (fwd_upload(f, ids, targets, replay)) {
@@ -609,13 +666,15 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
     return op_linear_backward(k, dx, GRAD(L->wq_a), dqr_raw, x, L->wq_a, N, qlr, D, 0, 0, e);
 }
 
-/* dx[N, D] += d(MoE sublayer)/dx given dy. */
-static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float *dx, const float *dy, const float *x,
-                        float *grads) {
+/* dx [Nl, D] += d(MoE sublayer)/dx given dy (this rank's tokens); the shared experts' part from every
+ * token under sequence parallelism (dy gathered, their dx reduce-scattered). */
+static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, const site_trace *s, float *dx,
+                        const float *dy, float *grads) {
     const dsv4_config *c = &f->m->cfg;
     const kctx *k = f->k;
     mill_err *e = f->e;
-    int N = f->N, D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
+    const float *x = s->xn;
+    int N = f->Nl, D = c->hidden_size, E = c->n_routed_experts, K = c->num_experts_per_tok, I = c->moe_intermediate_size;
     float *work, *dwts, *dlogits;
     ALLOC(work, moe_experts_backward_work_floats(N, D, I, E, K));
     ALLOC(dwts, (long)N * K);
@@ -627,50 +686,53 @@ static int moe_backward(fwd *f, const dsv4_layer *L, const layer_trace *t, float
     TRY(op_moe_route_backward(k, dlogits, dwts, t->scores, t->logits, t->ids, N, rc, e));
     TRY(op_linear_backward(k, dx, GRAD(L->gate), dlogits, x, L->gate, N, E, D, 0, 0, e));
     if (L->sw1) { /* tensor parallelism: the slice's part of dx apart, summed over tp, then added */
-        int Is = I * c->n_shared_experts / (f->m->stage.tp > 1 ? f->m->stage.tp : 1);
-        float *g, *u, *act, *dact, *dg, *du, *sdx = dx;
-        if (f->m->stage.tp > 1) {
-            ALLOC(sdx, (long)N * D);
-            TRY(op_zero(k, sdx, sizeof(float) * (size_t)N * D, e));
-        }
-        ALLOC(g, (long)N * Is);
-        ALLOC(u, (long)N * Is);
-        ALLOC(act, (long)N * Is);
-        ALLOC(dact, (long)N * Is);
-        ALLOC(dg, (long)N * Is);
-        ALLOC(du, (long)N * Is);
-        TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
-        TRY(op_linear(k, u, x, L->sw3, N, Is, D, 0, 0, 0, e));
-        TRY(op_swiglu_clamp(k, act, g, u, (long)N * Is, (float)c->swiglu_limit, e));
-        TRY(op_linear_backward(k, dact, GRAD(L->sw2), dy, act, L->sw2, N, D, Is, 0, 0, e));
-        TRY(op_swiglu_clamp_backward(k, dg, du, dact, g, u, (long)N * Is, (float)c->swiglu_limit, e));
-        TRY(op_linear_backward(k, sdx, GRAD(L->sw1), dg, x, L->sw1, N, Is, D, 0, 0, e));
-        TRY(op_linear_backward(k, sdx, GRAD(L->sw3), du, x, L->sw3, N, Is, D, 0, 0, e));
+        int Nf = f->N, Is = I * c->n_shared_experts / (f->m->stage.tp > 1 ? f->m->stage.tp : 1);
+        float *g, *u, *act, *dact, *dg, *du, *dyf, *sdx = dx, *sdxl;
+        if (f->m->stage.tp > 1) ALLOC(sdx, (long)Nf * D);
+        TRY(tp_enter(f, dy, &dyf));
+        ALLOC(g, (long)Nf * Is);
+        ALLOC(u, (long)Nf * Is);
+        ALLOC(act, (long)Nf * Is);
+        ALLOC(dact, (long)Nf * Is);
+        ALLOC(dg, (long)Nf * Is);
+        ALLOC(du, (long)Nf * Is);
+        TRY(op_linear(k, g, s->xf, L->sw1, Nf, Is, D, 0, 0, 0, e));
+        TRY(op_linear(k, u, s->xf, L->sw3, Nf, Is, D, 0, 0, 0, e));
+        TRY(op_swiglu_clamp(k, act, g, u, (long)Nf * Is, (float)c->swiglu_limit, e));
+        TRY(op_linear_backward(k, dact, GRAD(L->sw2), dyf, act, L->sw2, Nf, D, Is, 0, 0, e));
+        TRY(op_swiglu_clamp_backward(k, dg, du, dact, g, u, (long)Nf * Is, (float)c->swiglu_limit, e));
+        TRY(op_linear_backward(k, sdx, GRAD(L->sw1), dg, s->xf, L->sw1, Nf, Is, D, 0, 0, e));
+        TRY(op_linear_backward(k, sdx, GRAD(L->sw3), du, s->xf, L->sw3, Nf, Is, D, 0, 0, e));
         if (sdx != dx) {
-            TRY(tp_sum(f->m, sdx, (size_t)N * D, e));
-            TRY(op_repeat_rows_backward(k, dx, sdx, N, 1, D, e));
+            TRY(tp_leave(f, sdx, &sdxl));
+            TRY(op_repeat_rows_backward(k, dx, sdxl, N, 1, D, e));
         }
     }
     return 0;
 }
 
-/* One hyper-connection site backward: given dh_out, accumulates into dh_in (and the site's params). */
+/* One hyper-connection site backward: given dh_out, accumulates into dh_in (and the site's params).
+ * Every buffer is of this rank's tokens; the attention runs on all of them (dy gathered, its dx
+ * reduce-scattered under sequence parallelism; summed over tp without). */
 static int site_backward(fwd *f, const site_trace *s, const float *fn, const float *base, const float *scale,
                          const float *norm_w, float *dh_in, const float *dh_out, float *dxn_out, float *grads,
                          float *dy, float *dpost, float *dcomb, float *dx, float *work, int sublayer_is_attn,
                          const dsv4_layer *L, const layer_trace *t) {
     const dsv4_config *c = &f->m->cfg;
-    int N = f->N, n = c->hc_mult, D = c->hidden_size;
+    int N = f->Nl, n = c->hc_mult, D = c->hidden_size;
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     TRY(op_zero(f->k, dy, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_zero(f->k, dxn_out, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_zero(f->k, dx, sizeof(float) * (size_t)N * D, f->e));
     TRY(op_hc_post_backward(f->k, dh_in, dy, dpost, dcomb, dh_out, s->h_in, s->y, s->post, s->comb, N, n, D, f->e));
     if (sublayer_is_attn) { /* a slice of the heads: its part of d input, summed over tp */
-        TRY(attention_backward(f, L, t, dxn_out, dy, s->xn, grads));
-        TRY(tp_sum(f->m, dxn_out, (size_t)N * D, f->e));
-    }
-    else TRY(moe_backward(f, L, t, dxn_out, dy, s->xn, grads));
+        float *dyf, *dxf = dxn_out, *dxl;
+        if (f->sp) ALLOC(dxf, (long)f->N * D);
+        TRY(tp_enter(f, dy, &dyf));
+        TRY(attention_backward(f, L, t, dxf, dyf, s->xf, grads));
+        TRY(tp_leave(f, dxf, &dxl));
+        if (dxl != dxn_out) TRY(op_copy(f->k, dxn_out, dxl, sizeof(float) * (size_t)N * D, f->e));
+    } else TRY(moe_backward(f, L, t, s, dxn_out, dy, grads));
     TRY(op_rmsnorm_backward(f->k, dx, GRAD(norm_w), dxn_out, s->x, norm_w, N, D, 0, dm.norm_eps, f->e));
     return op_hc_pre_backward(f->k, dh_in, GRAD(fn), GRAD(base), GRAD(scale), dx, dpost, dcomb, s->h_in, fn, base,
                               scale, N, dm, work, f->e);
@@ -689,12 +751,12 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     const kctx *k = f->k;
     mill_err *e = f->e;
     const int32_t *ids = f->ids;
-    int N = f->N, D = c->hidden_size, n = c->hc_mult, v0, v1;
+    int Nf = f->N, N = f->Nl, D = c->hidden_size, n = c->hc_mult, v0, v1;
     model_vocab_range(m, &v0, &v1);
     float *logits = (float *)dlogits; /* op_linear_backward reads it as dy */
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
-    float *dxn, *dx, *dh, *dh2, *dy, *dpost, *dcomb, *work;
-    ALLOC(dxn, (long)N * D);
+    float *dxn, *dxnl, *dx, *dxf, *dh, *dh2, *dy, *dpost, *dcomb, *work;
+    ALLOC(dxn, (long)Nf * D);
     ALLOC(dx, (long)N * D);
     ALLOC(dh, (long)N * n * D);
     ALLOC(dh2, (long)N * n * D);
@@ -703,9 +765,9 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     ALLOC(dcomb, (long)N * n * n);
     ALLOC(work, hc_backward_work_floats(N, dm));
     if (m->stage.last) {
-        TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xn_head, m->head, N, v1 - v0, D, 0, 0, e));
-        TRY(tp_sum(m, dxn, (size_t)N * D, e)); /* each vocabulary slice's part */
-        TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxn, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
+        TRY(op_linear_backward(k, dxn, GRAD(m->head), logits, f->xnf_head, m->head, Nf, v1 - v0, D, 0, 0, e));
+        TRY(tp_leave(f, dxn, &dxnl)); /* each vocabulary slice's part */
+        TRY(op_rmsnorm_backward(k, dx, GRAD(m->norm), dxnl, f->x_head, m->norm, N, D, 0, dm.norm_eps, e));
         TRY(op_hc_head_backward(k, dh, GRAD(m->hc_head_fn), GRAD(m->hc_head_base), GRAD(m->hc_head_scale), dx,
                                 f->h_final, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, N, dm, work, e));
         TRY(grads_ready(f, c->num_hidden_layers));
@@ -728,7 +790,8 @@ static int backward_from_logits(fwd *f, const float *dlogits, float *grads) {
     /* the n streams all started as the embedding */
     TRY(op_zero(k, dx, sizeof(float) * (size_t)N * D, e));
     TRY(op_repeat_rows_backward(k, dx, dh, N, n, D, e));
-    TRY(op_embedding_part_backward(k, GRAD(m->embed), dx, ids, N, D, v0, v1, e));
+    TRY(tp_enter(f, dx, &dxf)); /* every token's, for this rank's vocabulary rows */
+    TRY(op_embedding_part_backward(k, GRAD(m->embed), dxf, ids, Nf, D, v0, v1, e));
     return grads_ready(f, -1);
 }
 

@@ -7,7 +7,8 @@
 #include <time.h>
 
 model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q, int t) {
-    model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1, .tp = s->tp, .tp_rank = t};
+    model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1, .tp = s->tp, .tp_rank = t,
+                      .sp = s->sp && s->tp > 1};
     for (int c = 0; c < st.n_chunks; c++)
         par_stage_layers(s, cfg->num_hidden_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
     if (s->ep > 1) {
@@ -43,6 +44,28 @@ static int tp_all_gather(void *ctx, void *buf, size_t n, mill_dtype dt, mill_err
     return gather_equal(((dist_ctx *)ctx)->tp, buf, n, dt, e);
 }
 
+static int tp_gather_rows(void *ctx, void *buf, long rows, size_t width, mill_dtype dt, mill_err *e) {
+    comm *c = ((dist_ctx *)ctx)->tp;
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
+    if (!cnt) return mill_errf(e, "tp: out of memory");
+    for (int r = 0; r < c->size; r++) {
+        int64_t lo, hi;
+        model_split_range(rows, c->size, r, &lo, &hi);
+        cnt[r] = (size_t)(hi - lo) * width, dsp[r] = (size_t)lo * width;
+    }
+    int rc = comm_all_gatherv(c, buf, cnt, dsp, dt, e);
+    free(cnt);
+    return rc;
+}
+
+/* Rows in equal blocks are the reduce-scatter's own layout; uneven ones are summed whole (the
+ * all-reduce: twice the bytes, the same sums). */
+static int tp_scatter_rows(void *ctx, float *buf, long rows, size_t width, mill_err *e) {
+    comm *c = ((dist_ctx *)ctx)->tp;
+    if (rows % c->size) return comm_all_reduce(c, buf, (size_t)rows * width, DTYPE_F32, e);
+    return comm_reduce_scatter(c, buf, (size_t)(rows / c->size) * width, DTYPE_F32, e);
+}
+
 static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_err *e) {
     comm *c = ((dist_ctx *)ctx)->par.tp; /* host memory: the MPI comm */
     memcpy(all + (size_t)c->rank * n, mine, sizeof(float) * n);
@@ -51,7 +74,7 @@ static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_er
 
 void dist_ep_io(dist_ctx *d, dsv4_model *m) {
     m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
-    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_all_gather, tp_gather, d} : (model_tp_io){0};
+    m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_all_gather, tp_gather_rows, tp_scatter_rows, tp_gather, d} : (model_tp_io){0};
 }
 
 int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *cfg, long batch_rows, const kctx *k,
@@ -181,6 +204,7 @@ static int pipe_transfer(pipe_run *p, pipe_plan *plan, mill_err *e) {
 int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, const size_t *elems, dist_op_fn fn,
                   void *ctx, mill_err *e) {
     int pp = d->par.sz.pp, vpp = par_vpp(&d->par.sz), rc = -1;
+    size_t *mine = NULL; /* sequence parallelism: elems of this rank's tokens */
     if (m->stage.n_chunks != vpp)
         return mill_errf(e, "pipeline: the model holds %d chunks of layers, the layout %d", m->stage.n_chunks, vpp);
     pipe_op *order = malloc(sizeof *order * (size_t)(2 * n_micro * vpp + 1));
@@ -196,6 +220,19 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
         goto out;
     }
     size_t cap = 0;
+    if (m->stage.sp) { /* sequence parallelism: each tp rank's tokens of the streams */
+        size_t tok = (size_t)m->cfg.hc_mult * (size_t)m->cfg.hidden_size;
+        if (!(mine = malloc(sizeof(size_t) * (size_t)(n_micro ? n_micro : 1)))) {
+            mill_errf(e, "pipeline: out of memory");
+            goto out;
+        }
+        for (int i = 0; i < n_micro; i++) {
+            int64_t lo, hi;
+            model_split_range((int64_t)(elems[i] / tok), m->stage.tp, m->stage.tp_rank, &lo, &hi);
+            mine[i] = (size_t)(hi - lo) * tok;
+        }
+        elems = mine;
+    }
     for (int i = 0; i < n_micro; i++) cap = elems[i] > cap ? elems[i] : cap;
     if (pp > 1 && (!d->bufs || d->bufs->cap < cap)) { /* the staging slots, grown to this run's largest */
         if (!d->bufs && !(d->bufs = calloc(1, sizeof *d->bufs))) {
@@ -225,6 +262,7 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
 out:
     free(order);
     free(views);
+    free(mine);
     return rc;
 }
 
@@ -235,12 +273,16 @@ void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->
 static int reduce_layer(void *ctx, const dsv4_model *m, int l, mill_err *e) {
     dist_ctx *d = ctx;
     size_t lo, hi, x0, x1;
-    for (int i = 0; d->tp->size > 1 && i < m->n_params; i++) { /* partial in each slice: summed over tp first */
+    /* partial in each slice, summed over tp first: the attention's whole tensors (their inputs come
+     * from a slice of the heads), and under sequence parallelism every whole tensor (each rank saw
+     * its own tokens) */
+    model_layer_range(m, l, &lo, &hi);
+    for (int i = 0; d->tp->size > 1 && i < m->n_params; i++) {
         const param_info *p = &m->params[i];
-        if (p->layer == l && p->split < 0 && model_param_has_grad(p) && strstr(p->name, ".attn."))
+        if (p->offset >= lo && p->offset < hi && p->split < 0 && model_param_has_grad(p) &&
+            (m->stage.sp || strstr(p->name, ".attn.")))
             TRY(comm_all_reduce(d->tp, d->grads + p->offset, p->numel, DTYPE_F32, e));
     }
-    model_layer_range(m, l, &lo, &hi);
     model_expert_range(m, l, &x0, &x1);
     if (x0 == x1) x0 = x1 = hi;
     if (x0 > lo && d->dp->size > 1) TRY(comm_all_reduce_async(d->dp, d->grads + lo, x0 - lo, DTYPE_F32, e));

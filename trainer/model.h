@@ -94,6 +94,10 @@ typedef struct {
                       * attn_sink), output groups (wo_a rows, wo_b columns), the shared experts'
                       * hidden units (sw1, sw3 rows, sw2 columns) and the vocabulary (embedding and
                       * head rows: model_vocab_range) */
+    int sp;          /* sequence parallelism (with tp > 1): the streams between the sublayers and the
+                      * per-token ops (hyper-connections, norms, the router, the routed experts) hold
+                      * tokens [N r / tp, N (r+1) / tp) of each micro-batch; the attention, the shared
+                      * experts and the head see every token (gathered before, reduce-scattered after) */
 } model_stage;
 
 /* The attention heads and output groups this model computes (its tensor-parallel slice's). */
@@ -146,6 +150,11 @@ typedef struct {
 typedef struct {
     int (*all_reduce)(void *ctx, float *buf, size_t n, mill_err *e);
     int (*all_gather)(void *ctx, void *buf, size_t n, mill_dtype dt, mill_err *e);
+    /* sequence parallelism, on buf [rows, width] of the device memory, rank r's rows those of
+     * model_split_range(rows, tp, r): gather_rows fills every rank's rows from their owner;
+     * scatter_rows sums the ranks' partial buffers into each rank's own rows (the others: garbage) */
+    int (*gather_rows)(void *ctx, void *buf, long rows, size_t width, mill_dtype dt, mill_err *e);
+    int (*scatter_rows)(void *ctx, float *buf, long rows, size_t width, mill_err *e);
     int (*gather)(void *ctx, const float *mine, float *all, size_t n, mill_err *e);
     void *ctx;
 } model_tp_io;

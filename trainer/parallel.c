@@ -7,8 +7,18 @@ par_sizes par_sizes_one(void) { return (par_sizes){.tp = 1, .pp = 1, .ep = 1, .c
 
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
     int k = snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
-    if (s->vpp > 1 && k >= 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", vpp %d", s->vpp);
+    if (s->vpp > 1 && k >= 0 && (size_t)k < n) k += snprintf(buf + k, n - (size_t)k, ", vpp %d", s->vpp);
+    if (s->sp && s->tp > 1 && k >= 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", sp");
     return buf;
+}
+
+int par_switch_parse(const char *v, int *on) {
+    static const char *const yes[] = {"on", "true", "1"}, *const no[] = {"off", "false", "0"};
+    for (int i = 0; i < 3; i++) {
+        if (!strcmp(v, yes[i])) return *on = 1, 0;
+        if (!strcmp(v, no[i])) return *on = 0, 0;
+    }
+    return -1;
 }
 
 int par_vpp(const par_sizes *s) { return s->vpp > 1 ? s->vpp : 1; }

@@ -32,6 +32,8 @@ typedef struct {
               * virtual stage s = c * pp + r is chunk c of pp rank r, run by the interleaved 1F1B */
     int pp_wire; /* the boundary streams' type between stages: PAR_WIRE_* (bf16: half the bytes,
                   * rounded once per hop) */
+    int sp; /* sequence parallelism (Megatron's, with tp > 1; a no-op without): each tp rank keeps the
+             * hyper-connection streams and runs the per-token ops of its slice of the tokens only */
 } par_sizes;
 
 typedef struct {
@@ -46,8 +48,10 @@ typedef struct {
 par_sizes par_sizes_one(void);
 /* s->vpp, 0 read as 1. */
 int par_vpp(const par_sizes *s);
-/* "tp 1, pp 1, ep 1, cp 1, dp 2" (", vpp 2" when interleaved) */
+/* "tp 1, pp 1, ep 1, cp 1, dp 2" (", vpp 2" when interleaved, ", sp" with sequence parallelism) */
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n);
+/* "on" / "off" (also true / false, 1 / 0) into *on, -1 for anything else. */
+int par_switch_parse(const char *v, int *on);
 /* Every rule in one place, each broken rule a one-line error naming the size and the model's value:
  * sizes >= 1; world (0: not checked) = tp * pp * cp * dp; ep divides dp * cp; heads, o_groups (and
  * the shared experts' hidden units) divisible by tp; routed experts divisible by ep; at least pp layers;

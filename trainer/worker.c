@@ -74,7 +74,7 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8], wire[8];
-    int resume, seqm;
+    int resume, seqm, sp;
     int64_t version, warm, total, kl, agg, ratio, updates, mb, lay[6];
     double temp;
     optim_config oc;
@@ -117,12 +117,12 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "tp", 0, 1, 1, 1 << 20, &lay[0], e) || wire_get_int(msg, "pp", 0, 1, 1, 1 << 20, &lay[1], e) ||
         wire_get_int(msg, "ep", 0, 1, 1, 1 << 20, &lay[2], e) || wire_get_int(msg, "cp", 0, 1, 1, 1 << 20, &lay[3], e) ||
         wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e) || wire_get_int(msg, "vpp", 0, 1, 1, PAR_MAX_VPP, &lay[5], e) ||
-        wire_get_str(msg, "pp_dtype", 0, "auto", wire, sizeof wire, e) ||
+        wire_get_str(msg, "pp_dtype", 0, "auto", wire, sizeof wire, e) || wire_get_bool(msg, "sp", 0, 0, &sp, e) ||
         wire_get_int(msg, "debug_kill_step", 0, 0, 0, 1 << 30, &w->kill_step, e) ||
         wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e))
         return mill_err_wrap(e, "init");
     par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4],
-                    .vpp = (int)lay[5]};
+                    .vpp = (int)lay[5], .sp = sp};
     if (par_wire_parse(wire, &ps.pp_wire)) return mill_errf(e, "init: pp_dtype \"%s\" must be auto, fp32 or bf16", wire);
     int64_t split[WIRE_MAX_INTS];
     int n_split = 0;
