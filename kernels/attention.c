@@ -72,14 +72,15 @@ static int attend_all(const char *op, int n, size_t max_keys, attend_list_fn lis
 typedef struct {
     const float *kv, *comp;
     const int32_t *comp_idx;
-    int n_comp, d, window;
+    int n_comp, d, window, q0;
 } seq_keys;
 
-/* Query i of a sequence: the window of kv rows, then the chosen compressed entries. */
+/* Query row i (position q0 + i) of a sequence: the window of kv rows, then the chosen compressed
+ * entries. */
 static int seq_key_list(const void *ctx, int i, const float **keys, long *row) {
     const seq_keys *c = ctx;
-    int nk = 0;
-    for (int j = i - c->window + 1 < 0 ? 0 : i - c->window + 1; j <= i; j++) keys[nk++] = c->kv + (long)j * c->d;
+    int nk = 0, p = c->q0 + i;
+    for (int j = p - c->window + 1 < 0 ? 0 : p - c->window + 1; j <= p; j++) keys[nk++] = c->kv + (long)j * c->d;
     for (int t = 0; t < c->n_comp; t++) {
         int32_t w = c->comp_idx[(long)i * c->n_comp + t];
         if (w >= 0) keys[nk++] = c->comp + (long)w * c->d;
@@ -89,11 +90,12 @@ static int seq_key_list(const void *ctx, int i, const float **keys, long *row) {
 }
 
 int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
-                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
+                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d, int window,
                       float scale, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
+    MILL_CUDA_DISPATCH(
+        cuda_op_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, q0, H, d, window, scale, e));
     TRY(kctx_require_cpu(k, "op_sink_attention", e));
-    seq_keys c = {kv, comp, comp_idx, n_comp, d, window};
+    seq_keys c = {kv, comp, comp_idx, n_comp, d, window, q0};
     return attend_all("op_sink_attention", T, (size_t)(window + n_comp), seq_key_list, &c, out, q, sinks, H, d, scale,
                       e);
 }
@@ -167,13 +169,13 @@ static void index_row(float *score, const float *q, const float *keys, const flo
 }
 
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
-                      int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_indexer_scores(k, score, q, keys, weights, T, Tc, nh, hd, scale_qk, ratio, e));
+                      int q0, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_indexer_scores(k, score, q, keys, weights, T, q0, Tc, nh, hd, scale_qk, ratio, e));
     TRY(kctx_require_cpu(k, "op_indexer_scores", e));
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++)
         index_row(score + (long)i * Tc, q + (long)i * nh * hd, keys, weights + (long)i * nh, Tc, nh, hd, scale_qk,
-                  (i + 1) / ratio);
+                  (q0 + i + 1) / ratio);
     return 0;
 }
 
@@ -196,23 +198,23 @@ static void topk_row(int32_t *row, const float *s, int visible, int topk) {
     }
 }
 
-int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int q0, int Tc, int topk, int ratio,
                     mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_topk_visible(k, idx, score, T, Tc, topk, ratio, e));
+    MILL_CUDA_DISPATCH(cuda_op_topk_visible(k, idx, score, T, q0, Tc, topk, ratio, e));
     TRY(kctx_require_cpu(k, "op_topk_visible", e));
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < T; i++) {
-        int visible = (i + 1) / ratio;
+        int visible = (q0 + i + 1) / ratio;
         topk_row(idx + (long)i * topk, score + (long)i * Tc, visible > Tc ? Tc : visible, topk);
     }
     return 0;
 }
 
-int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_causal_entries(k, idx, T, Tc, ratio, e));
+int op_causal_entries(const kctx *k, int32_t *idx, int T, int q0, int Tc, int ratio, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_causal_entries(k, idx, T, q0, Tc, ratio, e));
     TRY(kctx_require_cpu(k, "op_causal_entries", e));
     for (int i = 0; i < T; i++) {
-        int visible = (i + 1) / ratio;
+        int visible = (q0 + i + 1) / ratio;
         for (int w = 0; w < Tc; w++) idx[(long)i * Tc + w] = w < visible ? w : -1;
     }
     return 0;
@@ -220,8 +222,9 @@ int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mil
 
 int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks, const float *dout,
                                const float *q, const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
-                               const float *sinks, int T, int H, int d, int window, float scale, mill_err *e) {
-    MILL_CUDA_DISPATCH(cuda_op_sink_attention_backward(k, dq, dkv, dcomp, dsinks, dout, q, kv, comp, comp_idx, n_comp, sinks, T, H, d, window, scale, e));
+                               const float *sinks, int T, int q0, int H, int d, int window, float scale, mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_sink_attention_backward(k, dq, dkv, dcomp, dsinks, dout, q, kv, comp, comp_idx, n_comp,
+                                                       sinks, T, q0, H, d, window, scale, e));
     TRY(kctx_require_cpu(k, "op_sink_attention_backward", e));
     int max_keys = window + n_comp;
     size_t nk_alloc = (size_t)(max_keys > 0 ? max_keys : 1);
@@ -236,8 +239,8 @@ int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcom
         return mill_errf(e, "op_sink_attention_backward: out of memory");
     }
     for (int i = 0; i < T; i++) {
-        int nk = 0;
-        for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) {
+        int nk = 0, pos = q0 + i; /* row i of q, dout, comp_idx; row pos of kv */
+        for (int j = pos - window + 1 < 0 ? 0 : pos - window + 1; j <= pos; j++) {
             keys[nk] = kv + (long)j * d;
             dkeys[nk++] = dkv + (long)j * d;
         }

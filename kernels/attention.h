@@ -1,7 +1,9 @@
 /* kernels/attention.h — DeepSeek-V4 attention pieces: the sink attention over
  * one shared K=V head (sliding window plus chosen compressed entries), the
  * compressor's gated pooling, and the lightning indexer's scores and top-k.
- * Shapes are per sequence; the caller loops over the batch. */
+ * Shapes are per sequence; the caller loops over the batch. The full-sequence ops take q0: their T
+ * query rows sit at positions q0 .. q0+T-1 of the sequence, so a rank holding a slice of its queries
+ * (context parallelism) runs them against the whole sequence's keys; q0 = 0 is the whole sequence. */
 #ifndef MILL_ATTENTION_H
 #define MILL_ATTENTION_H
 
@@ -9,12 +11,13 @@
 
 #include "backend.h"
 
-/* out[T, H, d] = softmax([q.k * scale, sink_h]) @ k (values are the keys), per query i over
- *   the window keys kv[j], max(0, i-window+1) <= j <= i, and the compressed entries
- *   comp[comp_idx[i, c]] for c < n_comp with comp_idx >= 0 (-1 marks an empty slot).
- * q: [T, H, d]; kv: [T, d]; comp: [Tc, d] (may be NULL when n_comp == 0); sinks: [H]. */
+/* out[T, H, d] = softmax([q.k * scale, sink_h]) @ k (values are the keys), per query row i at
+ *   position p = q0 + i over the window keys kv[j], max(0, p-window+1) <= j <= p, and the compressed
+ *   entries comp[comp_idx[i, c]] for c < n_comp with comp_idx >= 0 (-1 marks an empty slot).
+ * q: [T, H, d]; kv: [q0 + T, d] from the sequence's row 0; comp: [Tc, d] (may be NULL when
+ * n_comp == 0); comp_idx: [T, n_comp]; sinks: [H]. */
 int op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
-                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
+                      const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d, int window,
                       float scale, mill_err *e);
 
 /* Gated pooling of windows of `ratio` tokens into n_win = T / ratio entries, before the norm.
@@ -26,23 +29,24 @@ int op_compress_pool(const kctx *k, float *out, const float *a, const float *g, 
                      int ratio, int overlap, mill_err *e);
 
 /* score[i, w] = sum_h weights[i, h] * relu(q[i, h, :] . keys[w, :]) * scale_qk, masked to -inf
- * where w >= (i + 1) / ratio. q: [T, nh, hd]; keys: [Tc, hd]; weights: [T, nh] (already scaled). */
+ * where w >= (q0 + i + 1) / ratio (row i at position q0 + i). q: [T, nh, hd]; keys: [Tc, hd] (the
+ * whole sequence's); weights: [T, nh] (already scaled). */
 int op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights, int T,
-                      int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
+                      int q0, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
 
 /* For each query row of score [T, Tc], the indices of its top `topk` visible entries
- * (visible: w < (i + 1) / ratio) in idx[T, topk], -1 padded; all visible ones when fewer. */
-int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+ * (visible: w < (q0 + i + 1) / ratio) in idx[T, topk], -1 padded; all visible ones when fewer. */
+int op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int q0, int Tc, int topk, int ratio,
                     mill_err *e);
 
-/* idx[T, n] = the causal compressed entries for HCA: entry w for w < (i + 1) / ratio, -1 padded. */
-int op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e);
+/* idx[T, n] = the causal compressed entries for HCA: entry w for w < (q0 + i + 1) / ratio, -1 padded. */
+int op_causal_entries(const kctx *k, int32_t *idx, int T, int q0, int Tc, int ratio, mill_err *e);
 
 /* Backward of op_sink_attention (probabilities recomputed). Accumulates into dq [T,H,d],
- * dkv [T,d], dcomp [Tc,d] (may be NULL when n_comp == 0) and dsinks [H]. */
+ * dkv [q0 + T, d] (kv's rows), dcomp [Tc,d] (may be NULL when n_comp == 0) and dsinks [H]. */
 int op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks, const float *dout,
                                const float *q, const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
-                               const float *sinks, int T, int H, int d, int window, float scale, mill_err *e);
+                               const float *sinks, int T, int q0, int H, int d, int window, float scale, mill_err *e);
 
 /* Backward of op_compress_pool: accumulates into da, dg ([T, width]) and dape ([ratio, width]). */
 int op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, const float *dout, const float *a,

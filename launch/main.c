@@ -66,9 +66,8 @@ static int usage(FILE *to) {
             "          the interleaved 1F1B; pp_layers: each (virtual) stage's layer count, else an even split;\n"
             "          pp_dtype: the streams between stages, auto = bf16 on a GPU) start tp x pp x cp x dp ranks\n"
             "          with mpiexec (or join the mpiexec / srun launch they run in); dp and pp (stages, 1F1B,\n"
-            "          interleaved), ep (experts over ranks), tp (heads and vocabulary over ranks) and sp work;\n"
-            "          cp comes with\n"
-            "          Distributed trainer IV\n");
+            "          interleaved), ep (experts over ranks), tp (heads and vocabulary over ranks), sp and cp\n"
+            "          (positions over ranks; forward, grad and sft) work\n");
     return to == stderr ? 2 : 0;
 }
 
@@ -242,6 +241,31 @@ static int gather_columns(comm *c, float *buf, long rows, int cols, mill_err *e)
     return rc;
 }
 
+/* Every cp rank's positions of rows rows (rank r's [rows, its slice of T, width] at mine) into whole
+ * rows [rows, T, width] at out, on every rank: the output of `mill forward`. */
+static int gather_positions(comm *c, const void *mine, void *out, long rows, int T, size_t width, mill_dtype dt,
+                            mill_err *e) {
+    size_t es = dtype_size(dt), *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
+    char *all = malloc(es * (size_t)rows * (size_t)T * width + 1);
+    int rc = !cnt || !all ? mill_errf(e, "forward: out of memory for the outputs") : 0;
+    for (int r = 0; !rc && r < c->size; r++) {
+        int64_t lo, hi;
+        model_split_range(T, c->size, r, &lo, &hi);
+        cnt[r] = (size_t)(rows * (hi - lo)) * width, dsp[r] = (size_t)(rows * lo) * width;
+        if (r == c->rank) memcpy(all + dsp[r] * es, mine, es * cnt[r]);
+    }
+    rc = rc || comm_all_gatherv(c, all, cnt, dsp, dt, e);
+    for (int r = 0; !rc && r < c->size; r++) { /* [rows, n, width] blocks into whole rows */
+        size_t n = cnt[r] / (size_t)rows / width, lo = dsp[r] / (size_t)rows / width;
+        for (long i = 0; i < rows; i++)
+            memcpy((char *)out + es * ((size_t)i * (size_t)T + lo) * width, all + es * (dsp[r] + (size_t)i * n * width),
+                   es * n * width);
+    }
+    free(cnt);
+    free(all);
+    return rc;
+}
+
 /* The forward of this rank's rows, one op of the pipeline at a time (forwards only). */
 typedef struct {
     const kctx *k;
@@ -269,8 +293,8 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     dsv4_model m = {0}, dm = {0};
     dsv4_config cfg;
     int rc = -1, B = 0, T = 0;
-    int32_t *ids = NULL, *routing = NULL, *rl = NULL;
-    float *logits = NULL;
+    int32_t *ids = NULL, *routing = NULL, *rl = NULL, *rc_ = NULL;
+    float *logits = NULL, *lc = NULL; /* lc, rc_: this rank's positions' logits and routing */
     arena a = {0};
     kctx k = {0};
     dist_ctx d = {0};
@@ -285,29 +309,34 @@ static int cmd_forward(int argc, char **argv, comm **world, mill_err *e) {
     const dsv4_config *c = &m.cfg;
     long N = (long)B * T, r0, r1;
     dist_rows(&d, B, &r0, &r1); /* this rank's rows */
-    long Nl = (r1 - r0) * T, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    int64_t p0, p1; /* context parallelism: this rank's positions of its rows */
+    model_split_range(T, d.par.sz.cp, d.par.cp_rank, &p0, &p1);
+    long Nl = (r1 - r0) * T, Nc = (r1 - r0) * (p1 - p0), L = c->num_hidden_layers, K = c->num_experts_per_tok;
     logits = malloc(sizeof(float) * (size_t)N * (size_t)c->vocab_size);
     routing = malloc(sizeof(int32_t) * (size_t)(L * N * K));
     rl = malloc(sizeof(int32_t) * (size_t)(L * N * K));
-    if (!logits || !routing || !rl) {
+    lc = malloc(sizeof(float) * (size_t)Nc * (size_t)c->vocab_size);
+    rc_ = malloc(sizeof(int32_t) * (size_t)(L * Nc * K));
+    if (!logits || !routing || !rl || !lc || !rc_) {
         mill_errf(e, "forward: out of memory for %ld x %d logits", N, c->vocab_size);
         goto done;
     }
     int v0, v1; /* tensor parallelism: this rank's columns of the logits */
     model_vocab_range(run, &v0, &v1);
-    int64_t nl = Nl * (v1 - v0), nr = L * Nl * K;
+    int64_t nl = Nc * (v1 - v0), nr = L * Nc * K;
     if (arena_init_device(&a, 64 << 20, dev, k.stream, e) || tensor_alloc(&tl, DTYPE_F32, dev, 1, &nl, e) ||
         tensor_alloc(&tr, DTYPE_I32, dev, 1, &nr, e))
         goto done;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     fwd_run fr = {&k, ids + r0 * T, (int)(r1 - r0), T, tl.data, tr.data, &a};
-    size_t elems = (size_t)Nl * (size_t)c->hc_mult * (size_t)c->hidden_size; /* the streams between stages */
-    if (dist_pipeline(&d, run, 1, 0, &elems, forward_op, &fr, e) ||
-        op_copy_to_host(&k, logits + r0 * T * c->vocab_size, tl.data, tensor_nbytes(&tl), e) ||
-        op_copy_to_host(&k, rl, tr.data, tensor_nbytes(&tr), e) ||
-        gather_columns(d.par.tp, logits + r0 * T * c->vocab_size, Nl, c->vocab_size, e))
+    size_t elems = dist_stream_elems(&d, run, r1 - r0, T); /* the streams between stages */
+    if (dist_pipeline(&d, run, 1, 0, &elems, forward_op, &fr, e) || op_copy_to_host(&k, lc, tl.data, tensor_nbytes(&tl), e) ||
+        op_copy_to_host(&k, rc_, tr.data, tensor_nbytes(&tr), e) || gather_columns(d.par.tp, lc, Nc, c->vocab_size, e) ||
+        gather_positions(d.par.cp, lc, logits + r0 * T * c->vocab_size, r1 - r0, T, (size_t)c->vocab_size, DTYPE_F32, e))
         goto done;
+    for (long l = 0; l < L; l++)
+        if (gather_positions(d.par.cp, rc_ + l * Nc * K, rl + l * Nl * K, r1 - r0, T, (size_t)K, DTYPE_I32, e)) goto done;
     /* stages: each filled its layers' routing (the rest is zero) and the last one the logits */
     if (comm_all_reduce(d.par.pp, rl, (size_t)(L * Nl * K), DTYPE_I32, e) ||
         comm_all_reduce(d.par.pp, logits + r0 * T * c->vocab_size, (size_t)(Nl * c->vocab_size), DTYPE_F32, e))
@@ -345,6 +374,8 @@ done:
     free(logits);
     free(routing);
     free(rl);
+    free(lc);
+    free(rc_);
     model_free(&m);
     return rc;
 }
@@ -431,7 +462,9 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
     double ep_bytes = d.ep_bytes, ep_uniform = (double)B * T * cfg.num_experts_per_tok * (ps.ep - 1) / ps.ep *
                                              (4.0 * cfg.hidden_size * sizeof(float) + sizeof(int32_t)) *
                                              cfg.num_hidden_layers * ps.tp;
-    if (comm_sum_f64(*world, &ep_bytes, 1, e)) goto done;
+    double act = 0; /* activation memory: the arenas' peaks (micro-batches in flight at once), the largest rank's */
+    for (int i = 0; i < n_arenas; i++) act += (double)arenas[i].peak;
+    if (comm_sum_f64(*world, &ep_bytes, 1, e) || comm_max_f64(*world, &act, 1, e)) goto done;
     /* every stage's gradients (in its own layout) into the whole model's layout */
     if (model_init(&full, &cfg, e) || dist_gather_stages(&d, grads, NULL, &full, e)) goto done;
     int n_out = 0;
@@ -454,8 +487,8 @@ static int cmd_grad(int argc, char **argv, comm **world, mill_err *e) {
         rc = 0;
         goto done;
     }
-    log_info("grad: loss %.6f over %ld positions, %d gradient tensors, %d rank(s) -> %s", loss.loss, loss.count, n_out,
-             d.par.world, out);
+    log_info("grad: loss %.6f over %ld positions, %d gradient tensors, %d rank(s) -> %s; activations %.1f MiB on the "
+             "largest rank", loss.loss, loss.count, n_out, d.par.world, out, act / 1048576.0);
     if (ps.ep > 1) /* measured against what uniform routing sends: 4 row moves (x, y; dy, dx) and the expert ids */
         log_info("grad: the expert all-to-alls sent %.3f MiB to other ranks; uniform routing: %.3f MiB (x%.3f)",
                  ep_bytes / 1048576.0, ep_uniform / 1048576.0, ep_bytes / ep_uniform);

@@ -95,7 +95,7 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
     /* pp: the stages; the moments shard over the ranks with the same layout (dp; edp with experts
      * over ranks) */
     int ep = s->d.par.sz.ep > 1;
-    comm *dp = ep ? s->d.par.edp : s->d.par.dp, *pp = s->d.par.sz.pp > 1 ? s->d.par.pp : NULL;
+    comm *dp = ep ? s->d.par.edp : s->d.par.dpcp, *pp = s->d.par.sz.pp > 1 ? s->d.par.pp : NULL;
     const model_stage *stage = &s->d.stage; /* this rank's layers and experts */
     if (resume_dir) {
         TRY(checkpoint_load_shard(resume_dir, &s->model, &s->opt, &r->optim, dp, stage, pp, &s->ts, e));
@@ -107,7 +107,10 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
         dsv4_model full;
         if (model_init(&full, cfg, e)) return -1;
         model_init_random(&full, r->init_seed, (float)r->init_std);
-        if (!pp && !ep && s->d.par.sz.tp == 1) s->model = full;
+        if (!pp && !ep && s->d.par.sz.tp == 1) { /* every tensor: the whole model, under this rank's stage (cp) */
+            s->model = full;
+            s->model.stage = *stage;
+        }
         else if (model_init_stage(&s->model, cfg, *stage, e) || model_copy_matching(&s->model, &full, e)) {
             model_free(&full);
             model_free(&s->model);
@@ -123,7 +126,7 @@ static int open_host(sft_state *s, const sft_recipe *r, const dsv4_config *cfg, 
     rng_seed(&s->ts.data_rng, r->data_seed);
 layout:
     s->opt.pp = pp;
-    if (ep) s->opt.ep = s->d.par.ep, s->opt.dense = s->d.par.dp;
+    if (ep) s->opt.ep = s->d.par.ep, s->opt.dense = s->d.par.dpcp;
     if (s->d.par.sz.tp > 1) s->opt.tp = s->d.par.tp;
     dist_ep_io(&s->d, &s->model);
     return 0;
@@ -312,7 +315,8 @@ int arith_decode_answer(const tokenizer *tok, const int32_t *ids, int n, char *t
 int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_err *e) {
     /* on the host model with a CPU kctx; it can move to the GPU rollout engine once that exists */
     *accuracy = 0;
-    int lead = s->d.par.rank == 0, staged = s->d.par.sz.pp > 1 || s->d.par.sz.ep > 1 || s->d.par.sz.tp > 1;
+    int lead = s->d.par.rank == 0,
+        staged = s->d.par.sz.pp > 1 || s->d.par.sz.ep > 1 || s->d.par.sz.tp > 1 || s->d.par.sz.cp > 1;
     if (!lead && !staged) return 0;
     if (sft_sync_host(s, 0, e)) return -1;
     dsv4_model full = {0}; /* with stages or experts over ranks: the whole model, gathered */

@@ -298,15 +298,16 @@ static int prefill_fresh(engine *en, int l, const attn_layer_cache *lc, int r0, 
         if (csa) {
             float *score = arena_floats(&en->scratch, (size_t)T * Tc);
             if (!score) return mill_errf(e, "engine: out of activation memory");
-            TRY(op_indexer_scores(k, score, iq + (long)r0 * nh * ih, lc->index.entries, iw + (long)r0 * nh, T, Tc, nh,
-                                  ih, 1.0f / sqrtf((float)ih), ratio, e));
-            TRY(op_topk_visible(k, idx, score, T, Tc, n_comp, ratio, e));
+            TRY(op_indexer_scores(k, score, iq + (long)r0 * nh * ih, lc->index.entries, iw + (long)r0 * nh, T, 0, Tc,
+                                  nh, ih, 1.0f / sqrtf((float)ih), ratio, e));
+            TRY(op_topk_visible(k, idx, score, T, 0, Tc, n_comp, ratio, e));
         } else {
-            TRY(op_causal_entries(k, idx, T, Tc, ratio, e));
+            TRY(op_causal_entries(k, idx, T, 0, Tc, ratio, e));
         }
     }
+    /* r0 is the sequence's first row in the step's activations; its queries start at position 0 */
     TRY(op_sink_attention(k, o + (long)r0 * H * d, q + (long)r0 * H * d, kv + (long)r0 * d, Tc ? lc->comp.entries : NULL,
-                          idx, n_comp, L->attn_sink, T, H, d, W, 1.0f / sqrtf((float)d), e));
+                          idx, n_comp, L->attn_sink, T, 0, H, d, W, 1.0f / sqrtf((float)d), e));
     for (int p = T - W > 0 ? T - W : 0; p < T;) { /* the ring keeps the last W rows, position p at p % W */
         int slot = p % W, n = T - p < W - slot ? T - p : W - slot;
         TRY(op_copy(k, lc->ring + (long)slot * d, kv + ((long)r0 + p) * d, sizeof(float) * (size_t)n * d, e));

@@ -16,6 +16,8 @@
 #     model), also with sequence parallelism (--sp on; 14 tokens over 3 ranks), in grad and forward
 #     against one process and the HF goldens; sft --tp 2 (--sp on), its checkpoints resumed at other
 #     layouts;
+#   - positions over ranks (--cp 2, 3, 4; with stages, experts, tp and sp) in grad and forward against
+#     one process and the HF goldens; sft --cp 2, resumed;
 #   - bad layouts fail on one line before any rank starts; a rank that fails ends the job.
 # usage: tests/dist_cli.sh PATH/TO/mill PATH/TO/st_diff SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case and the figures, then "N passed, M failed".
@@ -189,6 +191,32 @@ OMP_NUM_THREADS=1 "$MILL" forward $H3S --output "$T/h3sf1.st" 2>"$T/stderr" &&
     not_ok "forward --tp 3 --sp on, 14 tokens" "$(first_err)"
 same "forward --tp 3 --sp on = one process on 14 tokens (logits and routing)" "$T/h3sf.st" "$T/h3sf1.st" 1e-5
 
+# Positions over ranks (Distributed trainer IV, context parallelism): each cp rank holds a slice of
+# every row's positions (300 and 280 positions: no multiple of anything), its queries against the
+# whole rows' keys (the window's KV, the compressor's and the indexer's projections gathered), the
+# key side's gradients summed back to their owners. Against one process and HF; with stages, with
+# experts over ranks, with tp and sp; uneven slices (cp 3 over 280); the forward bit for bit.
+for m in tiny-a tiny-b; do
+    for lay in "--cp 2" "--cp 4" "--cp 2 --pp 2" "--cp 2 --ep 2 --dp 2"; do
+        # shellcheck disable=SC2086
+        OMP_NUM_THREADS=1 "$MILL" grad --model "$DATA/$m" --input "$DATA/$m/input.json" --output "$T/gc.st" --device cpu \
+            $lay 2>"$T/stderr" || { not_ok "grad $lay on $m" "$(first_err)"; continue; }
+        same "grad $lay = one process on $m" "$T/gc.st" "$T/g1.st.$m" 3e-5
+        same "grad $lay = HF goldens on $m" "$T/gc.st" "$DATA/$m/grads.safetensors" 1e-3 grad.
+    done
+done
+for lay in "--cp 3" "--cp 2 --tp 2 --sp on"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=1 "$MILL" grad --model "$DATA/tiny-b" --input "$DATA/tiny-b/input.json" --output "$T/gc.st" \
+        --device cpu $lay 2>"$T/stderr" || not_ok "grad $lay on tiny-b" "$(first_err)"
+    same "grad $lay = one process on tiny-b" "$T/gc.st" "$T/g1.st.tiny-b" 3e-5
+done
+OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/tiny-b" --input "$DATA/tiny-b/input.json" --output "$T/fc1.st" \
+    --device cpu 2>"$T/stderr" &&
+    OMP_NUM_THREADS=1 "$MILL" forward --model "$DATA/tiny-b" --input "$DATA/tiny-b/input.json" --output "$T/fc3.st" \
+        --device cpu --cp 3 2>>"$T/stderr" || not_ok "forward --cp 3 on tiny-b" "$(first_err)"
+same "forward --cp 3 = one process bit for bit (logits and routing)" "$T/fc3.st" "$T/fc1.st" 0
+
 # bf16 streams between the stages (the GPU's default): rounded once per hop, so not the fp32 bits,
 # but the same loss within bf16's rounding
 OMP_NUM_THREADS=1 "$MILL" $G1 --output "$T/gbf.st" --pp 2 --pp-dtype bf16 2>"$T/stderr" || not_ok "grad bf16 streams" "$(first_err)"
@@ -306,6 +334,14 @@ sft t21 --resume "$T/t2/step-000010"
 same "tp 2 checkpoint resumed by one process against uninterrupted" "$T/t21/step-000020" "$T/t2/step-000020" 1e-2
 sft t2p --tp 2 --pp 2 --resume "$T/t2/step-000010"
 same "tp 2 checkpoint resumed at tp 2 x pp 2 against uninterrupted" "$T/t2p/step-000020" "$T/t2/step-000020" 1e-2
+# positions over ranks (cp 2: every rank's prompt-only slices add nothing but join the exchanges):
+# against one process, resumed at cp 2 bit for bit, and by one process
+sft c2 --cp 2
+same "sft --cp 2 against one process (final weights)" "$T/c2/step-000020" "$T/t1/step-000020" 3e-2
+sft c2r --cp 2 --resume "$T/c2/step-000010"
+same "cp 2 checkpoint resumed at cp 2 = uninterrupted, bit for bit" "$T/c2r/step-000020" "$T/c2/step-000020" 0
+sft c21 --resume "$T/c2/step-000010"
+same "cp 2 checkpoint resumed by one process against uninterrupted" "$T/c21/step-000020" "$T/c2/step-000020" 1e-2
 sft t2s --tp 2 --sp on
 same "sft --tp 2 --sp on against --tp 2 (final weights)" "$T/t2s/step-000020" "$T/t2/step-000020" 1e-2
 sft t12 --tp 2 --pp 2 --resume "$T/t1/step-000010" # each slice's moments from their places in the whole layout

@@ -429,7 +429,7 @@ typedef struct {
 
 static double attn_loss(void *p) {
     attn_ctx *c = p;
-    OK(op_sink_attention(&g_k, c->out, c->q, c->kv, c->comp, c->comp_idx, c->n_comp, c->sinks, c->T, c->H, c->d,
+    OK(op_sink_attention(&g_k, c->out, c->q, c->kv, c->comp, c->comp_idx, c->n_comp, c->sinks, c->T, 0, c->H, c->d,
                          c->window, c->scale, &g_e));
     return dotd(c->dout, c->out, (long)c->T * c->H * c->d);
 }
@@ -451,7 +451,7 @@ static void attn_case(const char *op, attn_ctx c, uint64_t seed) {
 
     float *dq = falloc(nq), *dkv = falloc(nkv), *dcomp = c.n_comp ? falloc(nc) : NULL, *ds = falloc(c.H);
     OK(op_sink_attention_backward(&g_k, dq, dkv, dcomp, ds, c.dout, c.q, c.kv, c.comp, c.comp_idx, c.n_comp, c.sinks,
-                                  c.T, c.H, c.d, c.window, c.scale, &g_e));
+                                  c.T, 0, c.H, c.d, c.window, c.scale, &g_e));
     fd_check(op, "q", attn_loss, &c, c.q, nq, dq);
     fd_check(op, "kv", attn_loss, &c, c.kv, nkv, dkv);
     if (c.n_comp) fd_check(op, "comp", attn_loss, &c, c.comp, nc, dcomp);
@@ -463,7 +463,7 @@ static void attn_case(const char *op, attn_ctx c, uint64_t seed) {
     if (dcomp1) fill_value(dcomp1, nc, 1.0f);
     fill_value(ds1, c.H, 1.0f);
     OK(op_sink_attention_backward(&g_k, dq1, dkv1, dcomp1, ds1, c.dout, c.q, c.kv, c.comp, c.comp_idx, c.n_comp,
-                                  c.sinks, c.T, c.H, c.d, c.window, c.scale, &g_e));
+                                  c.sinks, c.T, 0, c.H, c.d, c.window, c.scale, &g_e));
     accum_check(op, "q", dq, dq1, nq, 0);
     accum_check(op, "kv", dkv, dkv1, nkv, 0);
     if (c.n_comp) accum_check(op, "comp", dcomp, dcomp1, nc, 0);

@@ -829,8 +829,9 @@ static void test_attention(void **state) {
         float *dq = up(q, nq), *dkv = up(kv, (long)T * d), *dcomp = nc ? up(comp, (long)Tc * d) : NULL;
         float *dsinks = up(sinks, H), *dout = poison(nq);
         int32_t *dcidx = nc ? upi(cidx, (long)T * nc) : NULL;
-        OK(op_sink_attention(&f->cpu, out, q, kv, nc ? comp : NULL, nc ? cidx : NULL, nc, sinks, T, H, d, W, scale, ERR));
-        OK(op_sink_attention(&f->gpu, dout, dq, dkv, dcomp, dcidx, nc, dsinks, T, H, d, W, scale, ERR));
+        OK(op_sink_attention(&f->cpu, out, q, kv, nc ? comp : NULL, nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale,
+                             ERR));
+        OK(op_sink_attention(&f->gpu, dout, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d, W, scale, ERR));
         cmp(f, "op_sink_attention", name, dout, out, nq, TOL_FP32);
         /* backward: gradients accumulate onto random values */
         float *go = hnew(nq), *gq = hnew(nq), *gkv = hnew((long)T * d), *gc = hnew((long)(Tc ? Tc : 1) * d);
@@ -843,13 +844,40 @@ static void test_attention(void **state) {
         float *dgo = up(go, nq), *dgq = up(gq, nq), *dgkv = up(gkv, (long)T * d);
         float *dgc = nc ? up(gc, (long)Tc * d) : NULL, *dgs = up(gs, H);
         OK(op_sink_attention_backward(&f->cpu, gq, gkv, nc ? gc : NULL, gs, go, q, kv, nc ? comp : NULL,
-                                      nc ? cidx : NULL, nc, sinks, T, H, d, W, scale, ERR));
-        OK(op_sink_attention_backward(&f->gpu, dgq, dgkv, dgc, dgs, dgo, dq, dkv, dcomp, dcidx, nc, dsinks, T, H, d, W,
-                                      scale, ERR));
+                                      nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale, ERR));
+        OK(op_sink_attention_backward(&f->gpu, dgq, dgkv, dgc, dgs, dgo, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d,
+                                      W, scale, ERR));
         cmp(f, "op_sink_attention_backward dq", name, dgq, gq, nq, TOL_FP32);
         cmp(f, "op_sink_attention_backward dkv", name, dgkv, gkv, (long)T * d, TOL_FP32);
         if (nc) cmp(f, "op_sink_attention_backward dcomp", name, dgc, gc, (long)Tc * d, TOL_FP32);
         cmp(f, "op_sink_attention_backward dsinks", name, dgs, gs, H, TOL_FP32);
+        /* a slice of the queries, rows [a, b) at positions q0 = a (context parallelism), against the
+         * whole sequence's keys; kv rows from b on are NaN, so a read past q0 + T shows */
+        int a = T / 3 + 1, b = a + (T - a) / 2 + 1, Ts = b - a;
+        long at = (long)a * H * d, ns = (long)Ts * H * d;
+        char sname[96];
+        snprintf(sname, sizeof sname, "%s rows %d..%d", name, a, b);
+        float *kvs = hnew((long)T * d);
+        memcpy(kvs, kv, sizeof(float) * (size_t)T * d);
+        fillv(kvs + (long)b * d, (long)(T - b) * d, NAN);
+        float *dkvs = up(kvs, (long)T * d), *dsout = poison(ns);
+        const int32_t *sidx = nc ? cidx + (long)a * nc : NULL, *dsidx = nc ? dcidx + (long)a * nc : NULL;
+        OK(op_sink_attention(&f->cpu, out, q + at, kvs, nc ? comp : NULL, sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
+        OK(op_sink_attention(&f->gpu, dsout, dq + at, dkvs, dcomp, dsidx, nc, dsinks, Ts, a, H, d, W, scale, ERR));
+        cmp(f, "op_sink_attention", sname, dsout, out, ns, TOL_FP32);
+        /* both sides accumulate onto the CPU's gradients so far */
+        float *sgq = up(gq, nq), *sgkv = up(gkv, (long)T * d), *sgc = nc ? up(gc, (long)Tc * d) : NULL;
+        float *sgs = up(gs, H);
+        OK(op_sink_attention_backward(&f->cpu, gq + at, gkv, nc ? gc : NULL, gs, go + at, q + at, kvs, nc ? comp : NULL,
+                                      sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
+        OK(op_sink_attention_backward(&f->gpu, sgq + at, sgkv, sgc, sgs, dgo + at, dq + at, dkvs, dcomp, dsidx, nc,
+                                      dsinks, Ts, a, H, d, W, scale, ERR));
+        cmp(f, "op_sink_attention_backward dq", sname, sgq + at, gq + at, ns, TOL_FP32);
+        cmp(f, "op_sink_attention_backward dkv", sname, sgkv, gkv, (long)b * d, TOL_FP32);
+        if (nc) cmp(f, "op_sink_attention_backward dcomp", sname, sgc, gc, (long)Tc * d, TOL_FP32);
+        cmp(f, "op_sink_attention_backward dsinks", sname, sgs, gs, H, TOL_FP32);
+        free(kvs);
+        cuda_free(dkvs), cuda_free(dsout), cuda_free(sgq), cuda_free(sgkv), cuda_free(sgc), cuda_free(sgs);
         free(q), free(kv), free(comp), free(sinks), free(out), free(cidx), free(go), free(gq), free(gkv), free(gc),
             free(gs);
         cuda_free(dq), cuda_free(dkv), cuda_free(dcomp), cuda_free(dsinks), cuda_free(dout), cuda_free(dcidx);
@@ -909,8 +937,8 @@ static void test_indexer_topk(void **state) {
         float *dq = up(q, (long)T * nh * hd), *dk = up(keys, (long)Tc * hd), *dw = up(wts, (long)T * nh);
         float *dsc = poison((long)T * Tc);
         float sqk = 1.0f / sqrtf((float)hd);
-        OK(op_indexer_scores(&f->cpu, sc, q, keys, wts, T, Tc, nh, hd, sqk, ratio, ERR));
-        OK(op_indexer_scores(&f->gpu, dsc, dq, dk, dw, T, Tc, nh, hd, sqk, ratio, ERR));
+        OK(op_indexer_scores(&f->cpu, sc, q, keys, wts, T, 0, Tc, nh, hd, sqk, ratio, ERR));
+        OK(op_indexer_scores(&f->gpu, dsc, dq, dk, dw, T, 0, Tc, nh, hd, sqk, ratio, ERR));
         cmp(f, "op_indexer_scores", name, dsc, sc, (long)T * Tc, TOL_FP32);
         /* top-k on one score array for both (integer outputs must match exactly); quantised copies
          * force many ties, which must go to the lower index */
@@ -925,8 +953,8 @@ static void test_indexer_topk(void **state) {
                 char nm[96];
                 snprintf(nm, sizeof nm, "%s topk%d%s", name, topk, tie ? " ties" : "");
                 int32_t *idx = hnewi((long)T * topk), *didx = upi(idx, (long)T * topk);
-                OK(op_topk_visible(&f->cpu, idx, sc, T, Tc, topk, ratio, ERR));
-                OK(op_topk_visible(&f->gpu, didx, dsc2, T, Tc, topk, ratio, ERR));
+                OK(op_topk_visible(&f->cpu, idx, sc, T, 0, Tc, topk, ratio, ERR));
+                OK(op_topk_visible(&f->gpu, didx, dsc2, T, 0, Tc, topk, ratio, ERR));
                 cmpi(f, "op_topk_visible", nm, didx, idx, (long)T * topk);
                 free(idx);
                 cuda_free(didx);
@@ -934,9 +962,31 @@ static void test_indexer_topk(void **state) {
             cuda_free(dsc2);
         }
         int32_t *ce = hnewi((long)T * Tc), *dce = upi(ce, (long)T * Tc);
-        OK(op_causal_entries(&f->cpu, ce, T, Tc, ratio, ERR));
-        OK(op_causal_entries(&f->gpu, dce, T, Tc, ratio, ERR));
+        OK(op_causal_entries(&f->cpu, ce, T, 0, Tc, ratio, ERR));
+        OK(op_causal_entries(&f->gpu, dce, T, 0, Tc, ratio, ERR));
         cmpi(f, "op_causal_entries", name, dce, ce, (long)T * Tc);
+        /* a slice of the queries, rows [a, b) at positions q0 = a, over the whole sequence's entries */
+        int a = T / 3 + 1, b = a + (T - a) / 2 + 1, Ts = b - a, topk = 16;
+        char sname[128];
+        snprintf(sname, sizeof sname, "%s rows %d..%d", name, a, b);
+        float *ssc = hnew((long)Ts * Tc), *dssc = poison((long)Ts * Tc);
+        OK(op_indexer_scores(&f->cpu, ssc, q + (long)a * nh * hd, keys, wts + (long)a * nh, Ts, a, Tc, nh, hd, sqk,
+                             ratio, ERR));
+        OK(op_indexer_scores(&f->gpu, dssc, dq + (long)a * nh * hd, dk, dw + (long)a * nh, Ts, a, Tc, nh, hd, sqk,
+                             ratio, ERR));
+        cmp(f, "op_indexer_scores", sname, dssc, ssc, (long)Ts * Tc, TOL_FP32);
+        float *dssc2 = up(ssc, (long)Ts * Tc); /* one score array for both, as above */
+        int32_t *sidx = hnewi((long)Ts * topk), *dsidx = upi(sidx, (long)Ts * topk);
+        OK(op_topk_visible(&f->cpu, sidx, ssc, Ts, a, Tc, topk, ratio, ERR));
+        OK(op_topk_visible(&f->gpu, dsidx, dssc2, Ts, a, Tc, topk, ratio, ERR));
+        snprintf(sname, sizeof sname, "%s rows %d..%d topk%d", name, a, b, topk);
+        cmpi(f, "op_topk_visible", sname, dsidx, sidx, (long)Ts * topk);
+        OK(op_causal_entries(&f->cpu, ce, Ts, a, Tc, ratio, ERR));
+        OK(op_causal_entries(&f->gpu, dce, Ts, a, Tc, ratio, ERR));
+        snprintf(sname, sizeof sname, "%s rows %d..%d", name, a, b);
+        cmpi(f, "op_causal_entries", sname, dce, ce, (long)Ts * Tc);
+        free(ssc), free(sidx);
+        cuda_free(dssc), cuda_free(dssc2), cuda_free(dsidx);
         free(q), free(keys), free(wts), free(sc), free(ce);
         cuda_free(dq), cuda_free(dk), cuda_free(dw), cuda_free(dsc), cuda_free(dce);
     }

@@ -642,30 +642,30 @@ static void test_sink_attention(void **state) {
 
     /* window only */
     fill_value(out, nq, NAN);
-    assert_int_equal(op_sink_attention(&k, out, q, kv, NULL, NULL, 0, sinks, T, H, d, window, scale, &e), 0);
+    assert_int_equal(op_sink_attention(&k, out, q, kv, NULL, NULL, 0, sinks, T, 0, H, d, window, scale, &e), 0);
     ref_sink_attention(ref, q, kv, NULL, NULL, 0, sinks, T, H, d, window, scale, 1);
     CHECK_NORM("op_sink_attention n_comp=0", out, ref, nq, TOL_F32);
 
     /* window plus compressed entries */
     fill_value(out, nq, NAN);
-    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, sinks, T, H, d, window, scale, &e), 0);
+    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, sinks, T, 0, H, d, window, scale, &e), 0);
     ref_sink_attention(ref, q, kv, comp, cidx, n_comp, sinks, T, H, d, window, scale, 1);
     CHECK_NORM("op_sink_attention with compressed", out, ref, nq, TOL_F32);
 
     /* window larger than T: every query sees its whole prefix */
-    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, sinks, T, H, d, 64, scale, &e), 0);
+    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, sinks, T, 0, H, d, 64, scale, &e), 0);
     ref_sink_attention(ref, q, kv, comp, cidx, n_comp, sinks, T, H, d, 64, scale, 1);
     CHECK_NORM("op_sink_attention window > T", out, ref, nq, TOL_F32);
 
     /* a huge negative sink: plain softmax over the keys */
     float neg[3] = {-1e30f, -1e30f, -1e30f};
-    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, neg, T, H, d, window, scale, &e), 0);
+    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, neg, T, 0, H, d, window, scale, &e), 0);
     ref_sink_attention(ref_plain, q, kv, comp, cidx, n_comp, NULL, T, H, d, window, scale, 0);
     CHECK_NORM("op_sink_attention sink -> -inf is plain softmax", out, ref_plain, nq, TOL_F32);
 
     /* a huge positive sink takes all the mass: the output goes to ~0 */
     float pos_s[3] = {80.0f, 80.0f, 80.0f};
-    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, pos_s, T, H, d, window, scale, &e), 0);
+    assert_int_equal(op_sink_attention(&k, out, q, kv, comp, cidx, n_comp, pos_s, T, 0, H, d, window, scale, &e), 0);
     for (long i = 0; i < nq; i++)
         if (!(fabsf(out[i]) < 1e-20f)) fail_msg("op_sink_attention sink=+80: out[%ld] = %g, expected ~0", i, out[i]);
     /* and the ordinary sink really matters (sink vs no-sink references differ) */
@@ -748,7 +748,7 @@ static void test_indexer_scores(void **state) {
     fill_uniform(keys, (long)Tc * hd, -1, 1);
     fill_uniform(wts, (long)T * nh, -1, 1);
     fill_value(score, (long)T * Tc, NAN);
-    assert_int_equal(op_indexer_scores(&k, score, q, keys, wts, T, Tc, nh, hd, scale_qk, ratio, &e), 0);
+    assert_int_equal(op_indexer_scores(&k, score, q, keys, wts, T, 0, Tc, nh, hd, scale_qk, ratio, &e), 0);
     long nvis = 0;
     int saw_negative_dot = 0;
     for (int i = 0; i < T; i++)
@@ -808,7 +808,7 @@ static void test_topk_visible(void **state) {
             score[(long)i * Tc + w] = w < vis ? (float)perm[w] - 2.5f + 0.1f * (float)rng_uniform() : 1e30f;
     }
     for (long i = 0; i < (long)T * topk; i++) idx[i] = 0x7777; /* garbage: the op must pad itself */
-    assert_int_equal(op_topk_visible(&k, idx, score, T, Tc, topk, ratio, &e), 0);
+    assert_int_equal(op_topk_visible(&k, idx, score, T, 0, Tc, topk, ratio, &e), 0);
     int rows_full = 0, rows_partial = 0;
     for (int i = 0; i < T; i++) {
         int vis = (i + 1) / ratio < Tc ? (i + 1) / ratio : Tc;
@@ -844,7 +844,7 @@ static void test_topk_visible(void **state) {
     const int *expects[3] = {ex_all, ex_edge, ex_late};
     for (int c = 0; c < 3; c++) {
         for (int r = 0; r < 5; r++) memcpy(sc + r * 5, cases[c], sizeof(float) * 5);
-        assert_int_equal(op_topk_visible(&k, id5, sc, 5, 5, 2, 1, &e), 0);
+        assert_int_equal(op_topk_visible(&k, id5, sc, 5, 0, 5, 2, 1, &e), 0);
         memcpy(r2, id5 + 4 * 2, sizeof r2);
         check_topk_row(r2, 2, expects[c], 2, c);
     }
@@ -859,7 +859,7 @@ static void test_causal_entries(void **state) {
     int T = 10, Tc = 4, ratio = 3;
     int32_t idx[10 * 4];
     memset(idx, 0x55, sizeof idx);
-    assert_int_equal(op_causal_entries(&k, idx, T, Tc, ratio, &e), 0);
+    assert_int_equal(op_causal_entries(&k, idx, T, 0, Tc, ratio, &e), 0);
     /* hand-checked: rows 0-1 see nothing, 2-4 entry 0, 5-7 entries 0-1, 8-9 entries 0-2 */
     const int32_t expect[10][4] = {{-1, -1, -1, -1}, {-1, -1, -1, -1}, {0, -1, -1, -1}, {0, -1, -1, -1},
                                    {0, -1, -1, -1},  {0, 1, -1, -1},   {0, 1, -1, -1},  {0, 1, -1, -1},
@@ -868,6 +868,151 @@ static void test_causal_entries(void **state) {
         for (int w = 0; w < Tc; w++)
             if (idx[i * Tc + w] != expect[i][w])
                 fail_msg("op_causal_entries[%d,%d] = %d, expected %d", i, w, idx[i * Tc + w], expect[i][w]);
+    kctx_free(&k);
+}
+
+/* ---------------------------------------------------------------- query slices (q0)
+ * A rank holding a slice [a, b) of a sequence's queries (context parallelism) runs the ops with
+ * q0 = a against the whole sequence's keys. The CPU computes each query on its own, so every
+ * slice's rows must be the whole run's bit for bit; the backward's key and sink gradients, summed
+ * over the slices (as ranks would sum them), must match the whole run's. kv rows from b on are NaN
+ * in a slice's run, so a read past q0 + T shows. */
+
+typedef struct {
+    int n, cut[4]; /* slices [cut[s], cut[s + 1]) */
+} slicing;
+
+static const slicing g_slicings[] = {{3, {0, 5, 11, 17}}, {2, {0, 12, 17}}};
+#define SLICE_T 17
+#define N_SLICINGS (int)(sizeof g_slicings / sizeof g_slicings[0])
+
+static void check_same(const char *what, const void *got, const void *want, size_t bytes, int slicing_i) {
+    if (memcmp(got, want, bytes))
+        fail_msg("%s (slicing %d): the slices' rows differ from the whole run's", what, slicing_i);
+}
+
+static void test_attention_slices(void **state) {
+    (void)state;
+    mill_err e = {0};
+    kctx k = cpu_ctx(&e);
+    rng_seed(24);
+    const struct {
+        int window, n_comp;
+    } cases[] = {{3, 0}, {8, 3}, {3, 4}, {20, 2}}; /* window under every slice, over some, over T */
+    int T = SLICE_T, H = 3, d = 8, Tc = 5;
+    float scale = 1.0f / sqrtf((float)d);
+    long nq = (long)T * H * d, nkv = (long)T * d, ncp = (long)Tc * d;
+    float *q = falloc(nq), *kv = falloc(nkv), *kvs = falloc(nkv), *comp = falloc(ncp), *sinks = falloc(H);
+    float *go = falloc(nq), *whole = falloc(nq), *got = falloc(nq), *dq0 = falloc(nq);
+    float *dq_w = falloc(nq), *dkv_w = falloc(nkv), *dc_w = falloc(ncp), *ds_w = falloc(H);
+    float *dq_s = falloc(nq), *dkv_s = falloc(nkv), *dc_s = falloc(ncp), *ds_s = falloc(H);
+    float *dkv_sum = falloc(nkv), *dc_sum = falloc(ncp), *ds_sum = falloc(H);
+    double *ref = dalloc(nkv > ncp ? nkv : ncp);
+    int32_t *cidx = malloc(sizeof(int32_t) * (size_t)T * 4);
+    assert_non_null(cidx);
+    fill_uniform(q, nq, -2, 2);
+    fill_uniform(kv, nkv, -2, 2);
+    fill_uniform(comp, ncp, -2, 2);
+    fill_uniform(sinks, H, -1, 1);
+    fill_uniform(go, nq, -1, 1);
+    fill_uniform(dq0, nq, -1, 1); /* dq accumulates: onto the same values in both runs */
+    for (int ci = 0; ci < (int)(sizeof cases / sizeof cases[0]); ci++) {
+        int W = cases[ci].window, nc = cases[ci].n_comp;
+        const float *cp = nc ? comp : NULL;
+        const int32_t *ip = nc ? cidx : NULL;
+        for (long i = 0; i < (long)T * nc; i++) cidx[i] = rng_int(Tc + 1) - 1;
+        char what[96];
+        assert_int_equal(op_sink_attention(&k, whole, q, kv, cp, ip, nc, sinks, T, 0, H, d, W, scale, &e), 0);
+        memcpy(dq_w, dq0, sizeof(float) * (size_t)nq);
+        fill_value(dkv_w, nkv, 0.f), fill_value(dc_w, ncp, 0.f), fill_value(ds_w, H, 0.f);
+        assert_int_equal(op_sink_attention_backward(&k, dq_w, dkv_w, nc ? dc_w : NULL, ds_w, go, q, kv, cp, ip, nc,
+                                                    sinks, T, 0, H, d, W, scale, &e),
+                         0);
+        for (int si = 0; si < N_SLICINGS; si++) {
+            const slicing *sl = &g_slicings[si];
+            fill_value(got, nq, NAN);
+            memcpy(dq_s, dq0, sizeof(float) * (size_t)nq);
+            fill_value(dkv_sum, nkv, 0.f), fill_value(dc_sum, ncp, 0.f), fill_value(ds_sum, H, 0.f);
+            for (int s = 0; s < sl->n; s++) {
+                int a = sl->cut[s], b = sl->cut[s + 1];
+                long at = (long)a * H * d;
+                memcpy(kvs, kv, sizeof(float) * (size_t)nkv);
+                fill_value(kvs + (long)b * d, (long)(T - b) * d, NAN); /* rows this slice must not read */
+                assert_int_equal(op_sink_attention(&k, got + at, q + at, kvs, cp, nc ? cidx + (long)a * nc : NULL, nc,
+                                                   sinks, b - a, a, H, d, W, scale, &e),
+                                 0);
+                fill_value(dkv_s, nkv, 0.f), fill_value(dc_s, ncp, 0.f), fill_value(ds_s, H, 0.f);
+                assert_int_equal(op_sink_attention_backward(&k, dq_s + at, dkv_s, nc ? dc_s : NULL, ds_s, go + at,
+                                                            q + at, kvs, cp, nc ? cidx + (long)a * nc : NULL, nc, sinks,
+                                                            b - a, a, H, d, W, scale, &e),
+                                 0);
+                for (long x = (long)b * d; x < nkv; x++) /* dkv: rows [0, q0 + T) only */
+                    if (dkv_s[x] != 0.f) fail_msg("slice [%d, %d): dkv[%ld] = %g past its rows", a, b, x, dkv_s[x]);
+                for (long x = 0; x < nkv; x++) dkv_sum[x] += dkv_s[x];
+                for (long x = 0; x < ncp; x++) dc_sum[x] += dc_s[x];
+                for (int h = 0; h < H; h++) ds_sum[h] += ds_s[h];
+            }
+            snprintf(what, sizeof what, "op_sink_attention window=%d n_comp=%d", W, nc);
+            check_same(what, got, whole, sizeof(float) * (size_t)nq, si);
+            snprintf(what, sizeof what, "op_sink_attention_backward dq window=%d n_comp=%d", W, nc);
+            check_same(what, dq_s, dq_w, sizeof(float) * (size_t)nq, si);
+            snprintf(what, sizeof what, "op_sink_attention_backward dkv summed, window=%d n_comp=%d", W, nc);
+            for (long x = 0; x < nkv; x++) ref[x] = dkv_w[x];
+            CHECK_NORM(what, dkv_sum, ref, nkv, 1e-6);
+            if (nc) {
+                snprintf(what, sizeof what, "op_sink_attention_backward dcomp summed, window=%d n_comp=%d", W, nc);
+                for (long x = 0; x < ncp; x++) ref[x] = dc_w[x];
+                CHECK_NORM(what, dc_sum, ref, ncp, 1e-6);
+            }
+            snprintf(what, sizeof what, "op_sink_attention_backward dsinks summed, window=%d n_comp=%d", W, nc);
+            for (int h = 0; h < H; h++) ref[h] = ds_w[h];
+            CHECK_NORM(what, ds_sum, ref, H, 1e-6);
+        }
+    }
+    free(q), free(kv), free(kvs), free(comp), free(sinks), free(go), free(whole), free(got), free(dq0);
+    free(dq_w), free(dkv_w), free(dc_w), free(ds_w), free(dq_s), free(dkv_s), free(dc_s), free(ds_s);
+    free(dkv_sum), free(dc_sum), free(ds_sum), free(ref), free(cidx);
+    kctx_free(&k);
+}
+
+static void test_indexer_slices(void **state) {
+    (void)state;
+    mill_err e = {0};
+    kctx k = cpu_ctx(&e);
+    rng_seed(25);
+    int T = SLICE_T, ratio = 3, Tc = 6, nh = 2, hd = 6, topk = 2; /* entry 5 is never visible */
+    float scale_qk = 0.3f;
+    float *q = falloc((long)T * nh * hd), *keys = falloc((long)Tc * hd), *wts = falloc((long)T * nh);
+    float *score = falloc((long)T * Tc), *got = falloc((long)T * Tc);
+    int32_t *sel = malloc(sizeof(int32_t) * (size_t)T * topk), *sel_s = malloc(sizeof(int32_t) * (size_t)T * topk);
+    int32_t *ce = malloc(sizeof(int32_t) * (size_t)T * Tc), *ce_s = malloc(sizeof(int32_t) * (size_t)T * Tc);
+    assert_true(sel && sel_s && ce && ce_s);
+    fill_uniform(q, (long)T * nh * hd, -1, 1);
+    fill_uniform(keys, (long)Tc * hd, -1, 1);
+    fill_uniform(wts, (long)T * nh, -1, 1);
+    assert_int_equal(op_indexer_scores(&k, score, q, keys, wts, T, 0, Tc, nh, hd, scale_qk, ratio, &e), 0);
+    assert_int_equal(op_topk_visible(&k, sel, score, T, 0, Tc, topk, ratio, &e), 0);
+    assert_int_equal(op_causal_entries(&k, ce, T, 0, Tc, ratio, &e), 0);
+    for (int si = 0; si < N_SLICINGS; si++) {
+        const slicing *sl = &g_slicings[si];
+        fill_value(got, (long)T * Tc, NAN);
+        memset(sel_s, 0x55, sizeof(int32_t) * (size_t)T * topk);
+        memset(ce_s, 0x55, sizeof(int32_t) * (size_t)T * Tc);
+        for (int s = 0; s < sl->n; s++) {
+            int a = sl->cut[s], b = sl->cut[s + 1];
+            assert_int_equal(op_indexer_scores(&k, got + (long)a * Tc, q + (long)a * nh * hd, keys, wts + (long)a * nh,
+                                               b - a, a, Tc, nh, hd, scale_qk, ratio, &e),
+                             0);
+            /* top-k of the whole run's scores, so it is checked on its own */
+            assert_int_equal(
+                op_topk_visible(&k, sel_s + (long)a * topk, score + (long)a * Tc, b - a, a, Tc, topk, ratio, &e), 0);
+            assert_int_equal(op_causal_entries(&k, ce_s + (long)a * Tc, b - a, a, Tc, ratio, &e), 0);
+        }
+        check_same("op_indexer_scores", got, score, sizeof(float) * (size_t)T * Tc, si);
+        check_same("op_topk_visible", sel_s, sel, sizeof(int32_t) * (size_t)T * topk, si);
+        check_same("op_causal_entries", ce_s, ce, sizeof(int32_t) * (size_t)T * Tc, si);
+    }
+    free(q), free(keys), free(wts), free(score), free(got), free(sel), free(sel_s), free(ce), free(ce_s);
     kctx_free(&k);
 }
 
@@ -1260,6 +1405,8 @@ int main(void) {
         cmocka_unit_test(test_indexer_scores),
         cmocka_unit_test(test_topk_visible),
         cmocka_unit_test(test_causal_entries),
+        cmocka_unit_test(test_attention_slices),
+        cmocka_unit_test(test_indexer_slices),
         cmocka_unit_test(test_hc_pre_post),
         cmocka_unit_test(test_hc_head),
         cmocka_unit_test(test_moe_route),

@@ -163,19 +163,18 @@ static void test_validate(void **st) {
     v.pp_layers[0] = 2, v.pp_layers[1] = 3;
     expect_validate(v, &c2, 0, 0, "parallel: pp_layers gives 2 stage(s) of 5 layers in all; pp x vpp is 4 and the model has 5 layers");
     /* ... which a NULL config skips */
-    expect_validate(sizes(1, 1, 1, 3, 1), NULL, 0, 0, "cp 3 is not supported yet");
-    expect_validate(sizes(1, 1, 1, 3, 1), NULL, 0, 0, "cp 3 is not supported yet");
+    expect_validate(v, NULL, 0, 0, NULL);
 
     /* the batch's rows over dp */
     expect_validate(sizes(1, 1, 1, 1, 4), &c, 4, 6, "parallel: the batch's 6 rows must divide evenly over dp 4");
     expect_validate(sizes(1, 1, 1, 1, 4), NULL, 0, 3, "the batch's 3 rows must divide evenly over dp 4");
 
-    /* the sizes this build cannot run yet */
-    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, NULL); /* stages and experts over ranks run */
+    /* every kind of parallelism runs */
+    expect_validate(sizes(1, 2, 1, 1, 1), &c, 2, 0, NULL); /* stages and experts over ranks */
     expect_validate(sizes(1, 1, 2, 1, 2), &c, 2, 0, NULL);
-    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, NULL); /* heads over ranks run */
-    expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, "parallel: cp 2 is not supported yet: cp (Distributed trainer IV); use cp 1");
-    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, "parallel: cp 2 is not supported yet");
+    expect_validate(sizes(2, 1, 1, 1, 1), &c, 2, 0, NULL); /* heads over ranks */
+    expect_validate(sizes(1, 1, 1, 2, 1), &c, 2, 0, NULL); /* positions over ranks */
+    expect_validate(sizes(2, 2, 2, 2, 2), &c, 16, 8, NULL);
 
     /* the real tiny model with the sizes that run */
     dsv4_config tiny;
@@ -443,11 +442,11 @@ static void test_init_mpi_mismatch(void **st) {
     snprintf(want, sizeof want, "= %d ranks, but the job has %d", dp, N);
     int rc = par_init(&p, W, &s, &e);
     CHECK(rc == -1 && strstr(e.msg, want) && !p.dp, "par_init with dp %d on %d ranks: rc %d, \"%s\"", dp, N, rc, e.msg);
-    if (N % 2 == 0) { /* the world matches, the layout is refused */
-        s = sizes(1, 1, 1, 2, N / 2);
-        rc = par_init(&p, W, &s, &e);
-        CHECK(rc == -1 && strstr(e.msg, "cp 2 is not supported yet"), "par_init with cp 2: rc %d, \"%s\"", rc, e.msg);
-    }
+    /* the world matches, the layout is refused */
+    s = sizes(1, 1, 1, 1, N);
+    s.vpp = 2;
+    rc = par_init(&p, W, &s, &e);
+    CHECK(rc == -1 && strstr(e.msg, "it needs pp > 1"), "par_init with vpp 2, pp 1: rc %d, \"%s\"", rc, e.msg);
     mill_err e2 = {{0}};
     CHECK(comm_barrier(W, &e2) == 0, "barrier after the refusals: %s", e2.msg); /* every rank got here */
     mpi_test_agree("par_init refused");

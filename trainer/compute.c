@@ -39,6 +39,7 @@ typedef struct {
     /* attention */
     float *qr_raw, *qr, *q_raw, *q, *kv_raw, *kv, *o, *o_rot, *z;
     float *ca, *cg, *pooled, *comp; /* compressor: projections [N,width], pooled/entries [B,Tc,d] */
+    float *kvf, *caf, *cgf; /* kv, ca, cg of the whole rows [B, Tf, .] (context parallelism: gathered) */
     int32_t *idx;                    /* [N, n_comp] compressed entries per query */
     int Tc, n_comp;
     /* MoE */
@@ -51,10 +52,11 @@ typedef struct {
     const dsv4_model *m;
     const kctx *k;
     arena *a;
-    int B, T, N;
+    int B, T, N; /* rows, this rank's positions of each (context parallelism: a slice), tokens B * T */
+    int cp, p0, Tf; /* context parallelism: positions [p0, p0 + T) of rows of Tf (without: 1, 0, T) */
     int sp, n0, Nl; /* sequence parallelism: this rank's tokens [n0, n0 + Nl) (without: 0 and N) */
     /* in the arena (device memory on CUDA): token ids [N], positions [N], per-layer compressed
-     * entry positions wpos_all [layers, T] (entry w of layer l at w * ratio), targets [N] and
+     * entry positions wpos_all [layers, Tf] (entry w of layer l at w * ratio), targets [N] and
      * replay [layers, N, k] when given; wpos: the current layer's row */
     const int32_t *ids, *pos, *wpos, *wpos_all, *targets, *replay;
     mill_err *e;
@@ -73,10 +75,50 @@ typedef struct {
 
 /* ------------------------------------------------------------------- forward */
 
+/* Context parallelism's key side, on w floats a position. cp_enter: the whole rows [B, Tf, w] of
+ * this rank's positions [B, T, w] (every cp rank's gathered, then put in row order; without cp the
+ * local rows are the whole ones). cp_leave: whole-row gradients [B, Tf, w], each rank's from its own
+ * queries, summed over cp, and this rank's positions of them [B, T, w] (without cp: the same). */
+static int cp_enter(fwd *f, const float *local, float **full, int w) {
+    if (f->cp == 1) return *full = (float *)local, 0;
+    int B = f->B, Tf = f->Tf, cp = f->cp;
+    float *stage;
+    ALLOC(stage, (long)B * Tf * w);
+    ALLOC(*full, (long)B * Tf * w);
+    size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)cp), *dsp = cnt ? cnt + cp : NULL;
+    if (!cnt) return mill_errf(f->e, "cp: out of memory");
+    for (int r = 0; r < cp; r++) { /* rank r's [B, its positions, w], in rank order */
+        int64_t lo, hi;
+        model_split_range(Tf, cp, r, &lo, &hi);
+        cnt[r] = (size_t)B * (size_t)(hi - lo) * (size_t)w, dsp[r] = (size_t)B * (size_t)lo * (size_t)w;
+    }
+    int rc = op_copy(f->k, stage + dsp[f->m->stage.cp_rank], local, sizeof(float) * cnt[f->m->stage.cp_rank], f->e) ||
+             f->m->cp.gather(f->m->cp.ctx, stage, cnt, dsp, DTYPE_F32, f->e);
+    for (int r = 0; !rc && r < cp; r++) {
+        long n = (long)(cnt[r] / (size_t)B / (size_t)w), lo = (long)(dsp[r] / (size_t)B / (size_t)w);
+        for (int b = 0; !rc && b < B; b++)
+            rc = op_copy(f->k, *full + ((long)b * Tf + lo) * w, stage + dsp[r] + (long)b * n * w,
+                         sizeof(float) * (size_t)(n * w), f->e);
+    }
+    free(cnt);
+    return rc ? -1 : 0;
+}
+
+static int cp_leave(fwd *f, float *full, float **local, int w) {
+    if (f->cp == 1) return *local = full, 0;
+    int B = f->B, T = f->T;
+    TRY(f->m->cp.all_reduce(f->m->cp.ctx, full, (size_t)B * f->Tf * w, f->e));
+    ALLOC(*local, (long)B * T * w);
+    for (int b = 0; b < B; b++)
+        TRY(op_copy(f->k, *local + (long)b * T * w, full + ((long)b * f->Tf + f->p0) * w,
+                    sizeof(float) * (size_t)T * w, f->e));
+    return 0;
+}
+
 static int compress_pool(fwd *f, float *pooled, float *comp, const float *a, const float *g, const float *ape,
                          const float *norm, int d, int ratio, int overlap) {
     const dsv4_config *c = &f->m->cfg;
-    int T = f->T, Tc = T / ratio, width = overlap ? 2 * d : d;
+    int T = f->Tf, Tc = T / ratio, width = overlap ? 2 * d : d; /* whole rows */
     for (int b = 0; b < f->B; b++) {
         float *pb = pooled + (long)b * Tc * d, *cb = comp + (long)b * Tc * d;
         TRY(op_compress_pool(f->k, pb, a + (long)b * T * width, g + (long)b * T * width, ape, T, d, ratio, overlap,
@@ -87,12 +129,13 @@ static int compress_pool(fwd *f, float *pooled, float *comp, const float *a, con
     return 0;
 }
 
-/* Indexer of a CSA layer: sel[B*T, topk_eff]. It takes no gradient (top-k is a selection). */
+/* Indexer of a CSA layer: sel[B*T, topk_eff] for this rank's queries against the whole rows' keys
+ * (context parallelism: the key projections gathered). It takes no gradient (top-k is a selection). */
 static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_eff, const float *x, const float *qr) {
     const dsv4_config *c = &f->m->cfg;
     int N = f->N, T = f->T, D = c->hidden_size, ih = c->index_head_dim, nh = c->index_n_heads, ratio = L->ratio;
-    int Tc = T / ratio;
-    float *ia, *ig, *pooled, *keys, *iq, *iw, *score;
+    int Tc = f->Tf / ratio;
+    float *ia, *ig, *iaf, *igf, *pooled, *keys, *iq, *iw, *score;
     ALLOC(ia, (long)N * 2 * ih);
     ALLOC(ig, (long)N * 2 * ih);
     ALLOC(pooled, (long)f->B * Tc * ih);
@@ -102,7 +145,9 @@ static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_ef
     ALLOC(score, (long)T * Tc);
     TRY(op_linear(f->k, ia, x, L->i_wkv, N, 2 * ih, D, 0, 0, 0, f->e));
     TRY(op_linear(f->k, ig, x, L->i_wgate, N, 2 * ih, D, 0, 0, 0, f->e));
-    TRY(compress_pool(f, pooled, keys, ia, ig, L->i_ape, L->i_norm, ih, ratio, 1));
+    TRY(cp_enter(f, ia, &iaf, 2 * ih));
+    TRY(cp_enter(f, ig, &igf, 2 * ih));
+    TRY(compress_pool(f, pooled, keys, iaf, igf, L->i_ape, L->i_norm, ih, ratio, 1));
     TRY(op_linear(f->k, iq, qr, L->i_wq_b, N, nh * ih, c->q_lora_rank, 0, 0, 0, f->e));
     TRY(op_rope(f->k, iq, N, nh, ih, c->qk_rope_head_dim, f->pos, f->m->inv_freq_compress, 1, f->e));
     TRY(op_linear(f->k, iw, x, L->i_wproj, N, nh, D, 0, 0, 0, f->e));
@@ -110,9 +155,9 @@ static int indexer_select(fwd *f, const dsv4_layer *L, int32_t *sel, int topk_ef
     TRY(op_scale(f->k, iw, (long)N * nh, wscale, f->e));
     for (int b = 0; b < f->B; b++) {
         long t0 = (long)b * T;
-        TRY(op_indexer_scores(f->k, score, iq + t0 * nh * ih, keys + (long)b * Tc * ih, iw + t0 * nh, T, Tc, nh, ih,
-                              1.0f / sqrtf((float)ih), ratio, f->e));
-        TRY(op_topk_visible(f->k, sel + t0 * topk_eff, score, T, Tc, topk_eff, ratio, f->e));
+        TRY(op_indexer_scores(f->k, score, iq + t0 * nh * ih, keys + (long)b * Tc * ih, iw + t0 * nh, T, f->p0, Tc, nh,
+                              ih, 1.0f / sqrtf((float)ih), ratio, f->e));
+        TRY(op_topk_visible(f->k, sel + t0 * topk_eff, score, T, f->p0, Tc, topk_eff, ratio, f->e));
     }
     return 0;
 }
@@ -174,6 +219,7 @@ static int tp_leave(fwd *f, float *full, float **local) {
     return f->m->tp.scatter_rows(f->m->tp.ctx, full, f->N, (size_t)D, f->e);
 }
 
+
 /* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
 static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
     const dsv4_config *c = &f->m->cfg;
@@ -189,8 +235,9 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
     ALLOC(t->o_rot, (long)N * H * d);
     ALLOC(t->z, (long)N * G * R);
     TRY(model_attn_project(f->m, f->k, l, x, f->pos, N, t->qr_raw, t->qr, t->q_raw, t->q, t->kv_raw, t->kv, f->e));
+    TRY(cp_enter(f, t->kv, &t->kvf, d)); /* the window's keys: the whole rows' */
 
-    t->Tc = ratio ? T / ratio : 0;
+    t->Tc = ratio ? f->Tf / ratio : 0;
     t->n_comp = 0;
     if (t->Tc) {
         int overlap = ratio == ATTN_CSA, width = overlap ? 2 * d : d, Tc = t->Tc;
@@ -200,19 +247,22 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
         ALLOC(t->comp, (long)f->B * Tc * d);
         TRY(op_linear(f->k, t->ca, x, L->c_wkv, N, width, D, 0, 0, 0, f->e));
         TRY(op_linear(f->k, t->cg, x, L->c_wgate, N, width, D, 0, 0, 0, f->e));
-        TRY(compress_pool(f, t->pooled, t->comp, t->ca, t->cg, L->c_ape, L->c_norm, d, ratio, overlap));
+        TRY(cp_enter(f, t->ca, &t->caf, width)); /* entries pool the whole rows */
+        TRY(cp_enter(f, t->cg, &t->cgf, width));
+        TRY(compress_pool(f, t->pooled, t->comp, t->caf, t->cgf, L->c_ape, L->c_norm, d, ratio, overlap));
         t->n_comp = overlap ? (c->index_topk < Tc ? c->index_topk : Tc) : Tc;
         ALLOC(t->idx, (long)N * t->n_comp);
         if (overlap) TRY(indexer_select(f, L, t->idx, t->n_comp, x, t->qr));
         else
             for (int b = 0; b < f->B; b++)
-                TRY(op_causal_entries(f->k, t->idx + (long)b * T * Tc, T, Tc, ratio, f->e));
+                TRY(op_causal_entries(f->k, t->idx + (long)b * T * Tc, T, f->p0, Tc, ratio, f->e));
     }
-    for (int b = 0; b < f->B; b++) {
+    for (int b = 0; b < f->B; b++) { /* this rank's queries, at positions p0 .. of the whole rows */
         long t0 = (long)b * T;
-        TRY(op_sink_attention(f->k, t->o + t0 * H * d, t->q + t0 * H * d, t->kv + t0 * d,
+        TRY(op_sink_attention(f->k, t->o + t0 * H * d, t->q + t0 * H * d, t->kvf + (long)b * f->Tf * d,
                               t->comp ? t->comp + (long)b * t->Tc * d : NULL, t->idx ? t->idx + t0 * t->n_comp : NULL,
-                              t->n_comp, L->attn_sink, T, H, d, c->sliding_window, 1.0f / sqrtf((float)d), f->e));
+                              t->n_comp, L->attn_sink, T, f->p0, H, d, c->sliding_window, 1.0f / sqrtf((float)d),
+                              f->e));
     }
     return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e); /* partial: a slice of the heads */
 }
@@ -458,7 +508,7 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     const dsv4_config *c = &m->cfg;
     const kctx *k = f->k;
     mill_err *e = f->e;
-    int N = f->N, Nl = f->Nl, T = f->T, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok;
+    int N = f->N, Nl = f->Nl, D = c->hidden_size, n = c->hc_mult, K = c->num_experts_per_tok;
     const int32_t *replay = f->replay;
     float *work, *h;
     ALLOC(work, (long)Nl * (n * D + (2 + n) * n));
@@ -479,7 +529,7 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     for (int l = m->stage.l0[0]; l < m->stage.l1[0]; l++) {
         const dsv4_layer *Ly = &m->layers[l];
         layer_trace *t = &f->lt[l];
-        f->wpos = f->wpos_all + (long)l * T;
+        f->wpos = f->wpos_all + (long)l * f->Tf;
         TRY(site_alloc(f, &t->attn));
         TRY(site_alloc(f, &t->ffn));
         ALLOC(t->ids, (long)Nl * K);
@@ -519,12 +569,14 @@ static int forward_traced(fwd *f, float *logits, int32_t *routing) {
     return op_linear(k, logits, f->xnf_head, m->head, N, v1 - v0, D, 0, 0, 0, e); /* this slice's columns */
 }
 
-/* The host index arrays, built into one host buffer and copied to the arena at once. */
+/* The host index arrays, built into one host buffer and copied to the arena at once: of rows of Tf
+ * positions given, this rank's [p0, p0 + T) of each (token ids, targets, replay), their positions,
+ * and every layer's compressed entry positions over the whole rows. */
 static int fwd_upload(fwd *f, const int32_t *ids, const int32_t *targets, const int32_t *replay) {
     const dsv4_config *c = &f->m->cfg;
-    int N = f->N, T = f->T, L = c->num_hidden_layers;
-    long n_rep = replay ? (long)L * N * c->num_experts_per_tok : 0, n_tgt = targets ? N : 0;
-    long n = 2L * N + (long)L * T + n_tgt + n_rep;
+    int N = f->N, T = f->T, Tf = f->Tf, L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    long n_rep = replay ? (long)L * N * K : 0, n_tgt = targets ? N : 0;
+    long n = 2L * N + (long)L * Tf + n_tgt + n_rep;
     int32_t *dev, *h = malloc(sizeof(int32_t) * (size_t)n);
     if (!h) return mill_errf(f->e, "forward: out of memory for %ld indices", n);
     dev = (int32_t *)arena_floats(f->a, (size_t)n);
@@ -532,19 +584,24 @@ static int fwd_upload(fwd *f, const int32_t *ids, const int32_t *targets, const 
         free(h);
         return mill_errf(f->e, "forward: out of activation memory");
     }
-    memcpy(h, ids, sizeof(int32_t) * (size_t)N);
-    for (int i = 0; i < N; i++) h[N + i] = i % T;
+    int32_t *hp = h + N, *hw = h + 2L * N, *ht = hw + (long)L * Tf, *hr = ht + n_tgt;
+    for (int b = 0; b < f->B; b++) {
+        long src = (long)b * Tf + f->p0, dst = (long)b * T;
+        memcpy(h + dst, ids + src, sizeof(int32_t) * (size_t)T);
+        if (targets) memcpy(ht + dst, targets + src, sizeof(int32_t) * (size_t)T);
+        for (int l = 0; replay && l < L; l++)
+            memcpy(hr + ((long)l * N + dst) * K, replay + ((long)l * f->B * Tf + src) * K, sizeof(int32_t) * (size_t)T * K);
+    }
+    for (int i = 0; i < N; i++) hp[i] = f->p0 + i % T;
     for (int l = 0; l < L; l++) /* compressed entry w sits at position w * ratio */
-        for (int w = 0; w < T; w++) h[2L * N + (long)l * T + w] = w * c->compress_ratios[l];
-    if (targets) memcpy(h + 2L * N + (long)L * T, targets, sizeof(int32_t) * (size_t)n_tgt);
-    if (replay) memcpy(h + 2L * N + (long)L * T + n_tgt, replay, sizeof(int32_t) * (size_t)n_rep);
+        for (int w = 0; w < Tf; w++) hw[(long)l * Tf + w] = w * c->compress_ratios[l];
     int rc = op_copy_from_host(f->k, dev, h, sizeof(int32_t) * (size_t)n, f->e);
     free(h);
     f->ids = dev;
     f->pos = dev + N;
     f->wpos_all = dev + 2L * N;
-    f->targets = targets ? dev + 2L * N + (long)L * T : NULL;
-    f->replay = replay ? dev + 2L * N + (long)L * T + n_tgt : NULL;
+    f->targets = targets ? dev + 2L * N + (long)L * Tf : NULL;
+    f->replay = replay ? dev + 2L * N + (long)L * Tf + n_tgt : NULL;
     return rc;
 }
 
@@ -568,11 +625,19 @@ static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *
     f->k = k;
     f->a = a;
     f->B = B;
-    f->T = T;
-    f->N = B * T;
+    f->Tf = T;
+    f->cp = m->stage.cp > 1 ? m->stage.cp : 1;
+    int64_t lo = 0, hi = T;
+    model_split_range(T, f->cp, f->cp > 1 ? m->stage.cp_rank : 0, &lo, &hi);
+    if (hi == lo)
+        return mill_errf(e, "forward: context parallelism over cp %d needs rows of at least %d positions, got %d",
+                         f->cp, f->cp, T);
+    f->p0 = (int)lo;
+    f->T = (int)(hi - lo);
+    f->N = B * f->T;
     f->e = e;
     f->sp = m->stage.sp && m->stage.tp > 1;
-    int64_t lo = 0, hi = f->N;
+    lo = 0, hi = f->N;
     if (f->sp) model_split_range(f->N, m->stage.tp, m->stage.tp_rank, &lo, &hi);
     f->n0 = (int)lo;
     f->Nl = (int)(hi - lo);
@@ -611,11 +676,12 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
     int r = c->qk_rope_head_dim, qlr = c->q_lora_rank, G = model_groups(f->m), R = c->o_lora_rank, ratio = L->ratio;
     float eps = (float)c->rms_norm_eps;
     const float *inv_freq = ratio ? f->m->inv_freq_compress : f->m->inv_freq_main;
-    float *dz, *do_, *dq, *dkv, *dqr, *dq_raw, *dkv_raw, *dqr_raw, *dcomp = NULL;
+    int Tf = f->Tf;
+    float *dz, *do_, *dq, *dkv, *dkvf, *dqr, *dq_raw, *dkv_raw, *dqr_raw, *dcomp = NULL;
     ALLOC(dz, (long)N * G * R);
     ALLOC(do_, (long)N * H * d);
     ALLOC(dq, (long)N * H * d);
-    ALLOC(dkv, (long)N * d);
+    ALLOC(dkvf, (long)f->B * Tf * d); /* the whole rows' (each rank's queries' part under cp) */
     ALLOC(dqr, (long)N * qlr);
     ALLOC(dq_raw, (long)N * H * d);
     ALLOC(dkv_raw, (long)N * d);
@@ -626,36 +692,40 @@ static int attention_backward(fwd *f, const dsv4_layer *L, const layer_trace *t,
         TRY(op_linear_backward(k, do_ + (long)g * gw, GRAD(L->wo_a) + (long)g * R * gw, dz + (long)g * R,
                                t->o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, e));
     TRY(op_rope(k, do_, N, H, d, r, f->pos, inv_freq, 1, e)); /* back through the inverse rotation */
-    const int32_t *wp = f->wpos_all + (long)(L - f->m->layers) * T; /* the forward's entry positions */
+    const int32_t *wp = f->wpos_all + (long)(L - f->m->layers) * Tf; /* the forward's entry positions */
     if (t->n_comp) ALLOC(dcomp, (long)f->B * t->Tc * d);
     for (int b = 0; b < f->B; b++) {
         long t0 = (long)b * T;
-        TRY(op_sink_attention_backward(k, dq + t0 * H * d, dkv + t0 * d, dcomp ? dcomp + (long)b * t->Tc * d : NULL,
-                                       GRAD(L->attn_sink), do_ + t0 * H * d, t->q + t0 * H * d, t->kv + t0 * d,
+        TRY(op_sink_attention_backward(k, dq + t0 * H * d, dkvf + (long)b * Tf * d,
+                                       dcomp ? dcomp + (long)b * t->Tc * d : NULL, GRAD(L->attn_sink), do_ + t0 * H * d,
+                                       t->q + t0 * H * d, t->kvf + (long)b * Tf * d,
                                        t->comp ? t->comp + (long)b * t->Tc * d : NULL,
-                                       t->idx ? t->idx + t0 * t->n_comp : NULL, t->n_comp, L->attn_sink, T, H, d,
+                                       t->idx ? t->idx + t0 * t->n_comp : NULL, t->n_comp, L->attn_sink, T, f->p0, H, d,
                                        c->sliding_window, 1.0f / sqrtf((float)d), e));
     }
     if (t->Tc) { /* compressor: entries = rope(rmsnorm(pool(x Wkv, x Wgate))) */
         int overlap = ratio == ATTN_CSA, width = overlap ? 2 * d : d, Tc = t->Tc;
-        float *dpooled, *dca, *dcg;
+        float *dpooled, *dcaf, *dcgf, *dca, *dcg;
         ALLOC(dpooled, (long)f->B * Tc * d);
-        ALLOC(dca, (long)N * width);
-        ALLOC(dcg, (long)N * width);
+        ALLOC(dcaf, (long)f->B * Tf * width);
+        ALLOC(dcgf, (long)f->B * Tf * width);
         if (dcomp) {
             for (int b = 0; b < f->B; b++) {
                 float *dc = dcomp + (long)b * Tc * d;
                 TRY(op_rope(k, dc, Tc, 1, d, r, wp, f->m->inv_freq_compress, -1, e));
                 TRY(op_rmsnorm_backward(k, dpooled + (long)b * Tc * d, GRAD(L->c_norm), dc,
                                         t->pooled + (long)b * Tc * d, L->c_norm, Tc, d, 0, eps, e));
-                TRY(op_compress_pool_backward(k, dca + (long)b * T * width, dcg + (long)b * T * width, GRAD(L->c_ape),
-                                              dpooled + (long)b * Tc * d, t->ca + (long)b * T * width,
-                                              t->cg + (long)b * T * width, L->c_ape, T, d, ratio, overlap, e));
+                TRY(op_compress_pool_backward(k, dcaf + (long)b * Tf * width, dcgf + (long)b * Tf * width,
+                                              GRAD(L->c_ape), dpooled + (long)b * Tc * d, t->caf + (long)b * Tf * width,
+                                              t->cgf + (long)b * Tf * width, L->c_ape, Tf, d, ratio, overlap, e));
             }
         }
+        TRY(cp_leave(f, dcaf, &dca, width)); /* each position's gradient to its rank */
+        TRY(cp_leave(f, dcgf, &dcg, width));
         TRY(op_linear_backward(k, dx, GRAD(L->c_wkv), dca, x, L->c_wkv, N, width, D, 0, 0, e));
         TRY(op_linear_backward(k, dx, GRAD(L->c_wgate), dcg, x, L->c_wgate, N, width, D, 0, 0, e));
     }
+    TRY(cp_leave(f, dkvf, &dkv, d));
     TRY(op_rope(k, dkv, N, 1, d, r, f->pos, inv_freq, -1, e));
     TRY(op_rmsnorm_backward(k, dkv_raw, GRAD(L->kv_norm), dkv, t->kv_raw, L->kv_norm, N, d, 0, eps, e));
     TRY(op_linear_backward(k, dx, GRAD(L->wkv), dkv_raw, x, L->wkv, N, d, D, 0, 0, e));
@@ -824,9 +894,11 @@ static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn
                            temperature, e));
     if (tp > 1) TRY(m->tp.all_gather(m->tp.ctx, parts, 3L * N, DTYPE_I64, e));
     TRY(op_token_logp(k, logits, logp, ent, rows, &cnt, parts, tp, f->targets, N, v1 - v0, V, temperature, e));
-    if (!cnt) return mill_errf(e, "loss: no position has a target");
+    /* under context parallelism a rank's positions may hold none (a prompt): it adds nothing, but
+     * takes part in the backward's exchanges */
+    if (!cnt && f->cp == 1) return mill_errf(e, "loss: no position has a target");
     /* the loss runs on the host: logp and entropies come over, d loss / d (logp, entropy) go back */
-    f->host = calloc((size_t)cnt * 4, sizeof(float));
+    f->host = calloc((size_t)cnt * 4 + 1, sizeof(float));
     if (!f->host) return mill_errf(e, "loss: out of memory");
     float *hlogp = f->host, *hent = hlogp + cnt, *hdlogp = hent + cnt, *hdent = hdlogp + cnt;
     TRY(op_copy_to_host(k, hlogp, logp, sizeof(float) * (size_t)cnt, e));
@@ -835,8 +907,8 @@ static int tokens_forward(fwd *f, float temperature, model_token_loss_fn loss_fn
     *count = cnt;
     if (!loss_fn) return 0;
     float *dlogp, *dent;
-    ALLOC(dlogp, cnt);
-    ALLOC(dent, cnt);
+    ALLOC(dlogp, cnt + 1);
+    ALLOC(dent, cnt + 1);
     TRY(loss_fn(ctx, hlogp, hent, (int)cnt, hdlogp, hdent, loss, e));
     TRY(op_copy_from_host(k, dlogp, hdlogp, sizeof(float) * (size_t)cnt, e));
     TRY(op_copy_from_host(k, dent, hdent, sizeof(float) * (size_t)cnt, e));

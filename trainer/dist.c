@@ -8,7 +8,7 @@
 
 model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q, int t) {
     model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1, .tp = s->tp, .tp_rank = t,
-                      .sp = s->sp && s->tp > 1};
+                      .sp = s->sp && s->tp > 1, .cp = s->cp};
     for (int c = 0; c < st.n_chunks; c++)
         par_stage_layers(s, cfg->num_hidden_layers, c * s->pp + r, &st.l0[c], &st.l1[c]);
     if (s->ep > 1) {
@@ -72,7 +72,16 @@ static int tp_gather(void *ctx, const float *mine, float *all, size_t n, mill_er
     return gather_equal(c, all, n, DTYPE_F32, e);
 }
 
+static int cp_gather(void *ctx, void *buf, const size_t *counts, const size_t *displs, mill_dtype dt, mill_err *e) {
+    return comm_all_gatherv(((dist_ctx *)ctx)->cp, buf, counts, displs, dt, e);
+}
+
+static int cp_all_reduce(void *ctx, float *buf, size_t n, mill_err *e) {
+    return comm_all_reduce(((dist_ctx *)ctx)->cp, buf, n, DTYPE_F32, e);
+}
+
 void dist_ep_io(dist_ctx *d, dsv4_model *m) {
+    m->cp = d->par.sz.cp > 1 ? (model_cp_io){cp_gather, cp_all_reduce, d} : (model_cp_io){0};
     m->ep = d->par.sz.ep > 1 ? (model_ep_io){d->par.sz.ep, d->par.ep_rank, ep_a2a, d} : (model_ep_io){0};
     m->tp = d->par.sz.tp > 1 ? (model_tp_io){tp_all_reduce, tp_all_gather, tp_gather_rows, tp_scatter_rows, tp_gather, d} : (model_tp_io){0};
 }
@@ -82,7 +91,8 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     memset(d, 0, sizeof *d);
     TRY(par_validate(s, cfg, world->size, batch_rows, e));
     TRY(par_init(&d->par, world, s, e));
-    d->dp = d->par.dp;
+    d->dp = d->par.dpcp;
+    d->cp = d->par.cp;
     d->pp = d->par.pp;
     d->ep = d->par.ep;
     d->edp = d->par.edp;
@@ -91,10 +101,12 @@ int dist_init(dist_ctx *d, comm *world, const par_sizes *s, const dsv4_config *c
     d->wire = s->pp_wire == PAR_WIRE_BF16 || (s->pp_wire == PAR_WIRE_AUTO && k->device == DEVICE_CUDA) ? DTYPE_BF16
                                                                                                       : DTYPE_F32;
     if (cfg) d->stage = dist_rank_stage(s, cfg, d->par.pp_rank, d->par.ep_rank, d->par.tp_rank);
+    d->stage.cp_rank = d->par.cp_rank;
     /* on a GPU the dp group is NCCL's, one rank included (its ops are no-ops there, but a world of
      * one runs the same setup as many); the pp group's when there are stages, ep and edp's with
      * experts over ranks */
-    if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dp, k->stream, &d->dp, e) ||
+    if (k->device == DEVICE_CUDA && (comm_nccl_from(d->par.dpcp, k->stream, &d->dp, e) ||
+                                     (s->cp > 1 && comm_nccl_from(d->par.cp, k->stream, &d->cp, e)) ||
                                      (s->pp > 1 && comm_nccl_from(d->par.pp, k->stream, &d->pp, e)) ||
                                      (s->ep > 1 && (comm_nccl_from(d->par.ep, k->stream, &d->ep, e) ||
                                                     comm_nccl_from(d->par.edp, k->stream, &d->edp, e))) ||
@@ -113,7 +125,8 @@ struct dist_wire {
 };
 
 void dist_free(dist_ctx *d) {
-    if (d->dp && d->dp != d->par.dp) comm_free(d->dp);
+    if (d->dp && d->dp != d->par.dpcp) comm_free(d->dp);
+    if (d->cp && d->cp != d->par.cp) comm_free(d->cp);
     if (d->pp && d->pp != d->par.pp) comm_free(d->pp);
     if (d->ep && d->ep != d->par.ep) comm_free(d->ep);
     if (d->edp && d->edp != d->par.edp) comm_free(d->edp);
@@ -204,7 +217,6 @@ static int pipe_transfer(pipe_run *p, pipe_plan *plan, mill_err *e) {
 int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, const size_t *elems, dist_op_fn fn,
                   void *ctx, mill_err *e) {
     int pp = d->par.sz.pp, vpp = par_vpp(&d->par.sz), rc = -1;
-    size_t *mine = NULL; /* sequence parallelism: elems of this rank's tokens */
     if (m->stage.n_chunks != vpp)
         return mill_errf(e, "pipeline: the model holds %d chunks of layers, the layout %d", m->stage.n_chunks, vpp);
     pipe_op *order = malloc(sizeof *order * (size_t)(2 * n_micro * vpp + 1));
@@ -220,19 +232,6 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
         goto out;
     }
     size_t cap = 0;
-    if (m->stage.sp) { /* sequence parallelism: each tp rank's tokens of the streams */
-        size_t tok = (size_t)m->cfg.hc_mult * (size_t)m->cfg.hidden_size;
-        if (!(mine = malloc(sizeof(size_t) * (size_t)(n_micro ? n_micro : 1)))) {
-            mill_errf(e, "pipeline: out of memory");
-            goto out;
-        }
-        for (int i = 0; i < n_micro; i++) {
-            int64_t lo, hi;
-            model_split_range((int64_t)(elems[i] / tok), m->stage.tp, m->stage.tp_rank, &lo, &hi);
-            mine[i] = (size_t)(hi - lo) * tok;
-        }
-        elems = mine;
-    }
     for (int i = 0; i < n_micro; i++) cap = elems[i] > cap ? elems[i] : cap;
     if (pp > 1 && (!d->bufs || d->bufs->cap < cap)) { /* the staging slots, grown to this run's largest */
         if (!d->bufs && !(d->bufs = calloc(1, sizeof *d->bufs))) {
@@ -262,11 +261,19 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
 out:
     free(order);
     free(views);
-    free(mine);
     return rc;
 }
 
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi) { par_range(n, d->par.dp_rank, d->par.sz.dp, lo, hi); }
+
+size_t dist_stream_elems(const dist_ctx *d, const dsv4_model *m, long rows, int T) {
+    int64_t lo, hi;
+    model_split_range(T, d->par.sz.cp, d->par.cp_rank, &lo, &hi);
+    long tokens = rows * (long)(hi - lo);
+    if (m->stage.sp) model_split_range(tokens, m->stage.tp, m->stage.tp_rank, &lo, &hi);
+    else lo = 0, hi = tokens;
+    return (size_t)(hi - lo) * (size_t)m->cfg.hc_mult * (size_t)m->cfg.hidden_size;
+}
 
 /* Layer l's gradients over dp, its routed experts' inside it over edp (the ranks that hold the
  * same experts). */
@@ -494,9 +501,8 @@ int dist_ce_step(dist_ctx *d, const dsv4_model *m, const kctx *k, const int32_t 
         goto out;
     }
     for (int i = 0; i < n_micro; i++) /* the streams [rows, T, hc_mult, hidden] */
-        elems[i] = (size_t)((long)B * (i + 1) / n_micro - (long)B * i / n_micro) * (size_t)T * (size_t)m->cfg.hc_mult *
-                   (size_t)m->cfg.hidden_size;
-    if (dist_pipeline(d, m, n_micro, 1, elems, ce_op, &r, e) || comm_sum_f64(d->par.dp, &r.loss, 1, e) ||
+        elems[i] = dist_stream_elems(d, m, (long)B * (i + 1) / n_micro - (long)B * i / n_micro, T);
+    if (dist_pipeline(d, m, n_micro, 1, elems, ce_op, &r, e) || comm_sum_f64(d->par.dpcp, &r.loss, 1, e) ||
         comm_sum_f64(d->par.pp, &r.loss, 1, e)) /* the last stage's */
         goto out;
     out->loss = r.loss;

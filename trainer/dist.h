@@ -16,7 +16,9 @@ typedef struct dist_wire dist_wire;
 
 typedef struct {
     par_state par;
-    comm *dp;          /* par.dp on the CPU; its NCCL twin (owned) on a GPU, one rank too */
+    comm *dp;          /* the ranks holding the same dense weights, par.dpcp (dp x cp; par.dp without
+                        * context parallelism) on the CPU; its NCCL twin (owned) on a GPU, one rank too */
+    comm *cp;          /* par.cp, its NCCL twin on a GPU when cp > 1 (positions over ranks) */
     comm *pp;          /* par.pp on the CPU; its NCCL twin (owned) on a GPU when pp > 1 */
     comm *ep, *edp;    /* par.ep and par.edp, NCCL twins on a GPU when ep > 1 (experts over ranks) */
     comm *tp;          /* par.tp, its NCCL twin on a GPU when tp > 1 (heads over ranks) */
@@ -58,8 +60,12 @@ int dist_pipeline(dist_ctx *d, const dsv4_model *m, int n_micro, int backward, c
  * mine_index its tid2eid tables or NULL) into full (model_init of the whole model: its data, and
  * index_data when given), on every rank of the pp group (collective over it; a copy with one stage). */
 int dist_gather_stages(dist_ctx *d, const float *mine, const int32_t *mine_index, dsv4_model *full, mill_err *e);
-/* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order). */
+/* This rank's rows [lo, hi) of a batch of n rows (dp splits them in order; the cp ranks of a dp
+ * rank share its rows, each with a slice of their positions). */
 void dist_rows(const dist_ctx *d, long n, long *lo, long *hi);
+/* The floats of the boundary streams [rows, T, hc_mult, hidden] this rank sends and receives for a
+ * micro-batch of rows rows of T positions: its positions' (cp), of them its tokens' (sp). */
+size_t dist_stream_elems(const dist_ctx *d, const dsv4_model *m, long rows, int T);
 /* From now on m's backward starts the dp all-reduce of each layer's part of grads as soon as it
  * is final (m->grad_ready; a layer's routed experts over the expert-data-parallel group instead;
  * with tp, the attention's replicated weights, whose gradients each slice has in part, over tp

@@ -225,9 +225,15 @@ int model_stage_holds(const model_stage *st, int l) {
 }
 
 model_stage model_stage_chunk(const model_stage *st, int c) {
-    return (model_stage){.n_chunks = 1, .first = st->first && c == 0, .last = st->last && c == st->n_chunks - 1,
-                         .l0 = {st->l0[c]}, .l1 = {st->l1[c]}, .x0 = st->x0, .x1 = st->x1, .tp = st->tp,
-                         .tp_rank = st->tp_rank, .sp = st->sp};
+    model_stage s = *st; /* the same slices of heads, experts and positions */
+    memset(s.l0, 0, sizeof s.l0);
+    memset(s.l1, 0, sizeof s.l1);
+    s.n_chunks = 1;
+    s.first = st->first && c == 0;
+    s.last = st->last && c == st->n_chunks - 1;
+    s.l0[0] = st->l0[c];
+    s.l1[0] = st->l1[c];
+    return s;
 }
 
 void model_split_range(int64_t n, int tp, int r, int64_t *lo, int64_t *hi) {

@@ -94,6 +94,10 @@ typedef struct {
                       * attn_sink), output groups (wo_a rows, wo_b columns), the shared experts'
                       * hidden units (sw1, sw3 rows, sw2 columns) and the vocabulary (embedding and
                       * head rows: model_vocab_range) */
+    int cp, cp_rank; /* context parallelism (cp > 1): positions [T r / cp, T (r+1) / cp) of every row are
+                      * this rank's (its queries and per-token work); the attention's key side (the
+                      * window's KV rows, the compressor's and the indexer's projections) is gathered
+                      * whole from the cp ranks and its gradients summed back */
     int sp;          /* sequence parallelism (with tp > 1): the streams between the sublayers and the
                       * per-token ops (hyper-connections, norms, the router, the routed experts) hold
                       * tokens [N r / tp, N (r+1) / tp) of each micro-batch; the attention, the shared
@@ -159,12 +163,22 @@ typedef struct {
     void *ctx;
 } model_tp_io;
 
+/* How a context-parallel rank (stage.cp > 1) reaches the others holding the same rows: gather fills
+ * buf (the model's device memory, n elements of dt) with every cp rank's piece (counts, displs in
+ * elements, rank order), its own in place on entry; all_reduce sums n floats in place. */
+typedef struct {
+    int (*gather)(void *ctx, void *buf, const size_t *counts, const size_t *displs, mill_dtype dt, mill_err *e);
+    int (*all_reduce)(void *ctx, float *buf, size_t n, mill_err *e);
+    void *ctx;
+} model_cp_io;
+
 typedef struct dsv4_model {
     dsv4_config cfg;
     model_stage stage;
     model_stage_io io;
     model_ep_io ep;
     model_tp_io tp;
+    model_cp_io cp;
     param_info *params;
     int n_params;
     float *data; /* the flat parameter buffer: each tensor at a multiple of 16 floats, the gaps zero */

@@ -78,12 +78,10 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     }
     if (batch_rows > 0 && batch_rows % s->dp)
         return mill_errf(e, "parallel: the batch's %ld rows must divide evenly over dp %d", batch_rows, s->dp);
-    static const char *const later = "cp (Distributed trainer IV)";
     if (vs > PAR_MAX_STAGES)
         return mill_errf(e, "parallel: pp %d x vpp %d: at most %d pipeline stages", s->pp, par_vpp(s), PAR_MAX_STAGES);
     if (cfg && s->pp > 1 && cfg->tie_word_embeddings)
         return mill_errf(e, "parallel: pp %d: a model with tied embeddings cannot be split into stages", s->pp);
-    if (s->cp != 1) return mill_errf(e, "parallel: cp %d is not supported yet: %s; use cp 1", s->cp, later);
     return 0;
 }
 

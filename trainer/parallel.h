@@ -9,7 +9,7 @@
  * it: the ranks that hold the same dense weights) and mp (tp * pp: the ranks that together hold
  * one copy of the model; the gradient norm is summed over it after each rank's own shard).
  * Every group of size one is a comm of one rank (no calls), so the single-process layout runs the
- * same code. pp (with vpp), ep, dp and tp run; cp must be 1 until Distributed trainer IV. */
+ * same code. pp (with vpp), ep, dp, tp and cp run. */
 #ifndef MILL_PARALLEL_H
 #define MILL_PARALLEL_H
 
@@ -56,7 +56,7 @@ int par_switch_parse(const char *v, int *on);
  * sizes >= 1; world (0: not checked) = tp * pp * cp * dp; ep divides dp * cp; heads, o_groups (and
  * the shared experts' hidden units) divisible by tp; routed experts divisible by ep; at least pp layers;
  * batch_rows (0: not checked) divisible by dp; vpp chunks only with pp > 1, at least one layer per
- * virtual stage; and cp is 1 (Distributed trainer IV). cfg may be NULL (no model rules). */
+ * virtual stage. cfg may be NULL (no model rules). */
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
 /* The interleaved 1F1B (vpp > 1) runs micro-batches in groups of pp: n_micro must be a multiple. */
 int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e);

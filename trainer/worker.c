@@ -138,6 +138,9 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         w->gpu = 1;
     }
     dsv4_config mcfg; /* the stages need the model's layers */
+    if (ps.cp > 1)
+        return mill_errf(e, "init: cp %d: the GRPO trainer has no context parallelism yet (mill forward, grad and "
+                            "sft have)", ps.cp);
     if (config_load(model, &mcfg, e) || dist_init(&w->d, w->world, &ps, &mcfg, 0, &w->k, e))
         return mill_err_wrap(e, "init");
     w->dist_on = 1;
@@ -163,7 +166,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
     /* each dp rank keeps its shard of the moments (edp rank, with experts over ranks), each pp rank
      * its stage's layers, each ep rank its experts */
     int ep = ps.ep > 1;
-    comm *dp = ep ? w->d.par.edp : w->d.par.dp, *pp = ps.pp > 1 ? w->d.par.pp : NULL;
+    comm *dp = ep ? w->d.par.edp : w->d.par.dpcp, *pp = ps.pp > 1 ? w->d.par.pp : NULL;
     const model_stage *stage = &w->d.stage;
     if (resume) {
         train_state ts;
@@ -177,7 +180,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         }
     }
     w->opt.pp = pp;
-    if (ep) w->opt.ep = w->d.par.ep, w->opt.dense = w->d.par.dp;
+    if (ep) w->opt.ep = w->d.par.ep, w->opt.dense = w->d.par.dpcp;
     if (ps.tp > 1) w->opt.tp = w->d.par.tp;
     if (par_validate(&ps, &w->m.cfg, w->world->size, 0, e)) {
         optimizer_free(&w->opt);
@@ -333,12 +336,13 @@ static int pass_op(void *ctx, const pipe_op *op, const dsv4_model *chunk, mill_e
 
 /* The micro-batches of rows [a, b) that hold target tokens (every stage sees the same): their
  * first rows into mbs, and their streams' sizes into elems; returns the count. */
-static int micro_batches(const train_batch *tb, const dsv4_config *c, int a, int b, int mb, int *mbs, size_t *elems) {
+static int micro_batches(const train_batch *tb, const dist_ctx *d, const dsv4_model *m, int a, int b, int mb, int *mbs,
+                         size_t *elems) {
     int nm = 0;
     for (int r0 = a; r0 < b; r0 += mb) {
         int r1 = r0 + mb < b ? r0 + mb : b;
         if (tb->tok0[r1] == tb->tok0[r0]) continue;
-        elems[nm] = (size_t)(r1 - r0) * (size_t)tb->T * (size_t)c->hc_mult * (size_t)c->hidden_size;
+        elems[nm] = dist_stream_elems(d, m, r1 - r0, tb->T);
         mbs[nm++] = r0;
     }
     return nm;
@@ -465,7 +469,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     /* the old policy's logprobs: with several updates per batch they are computed first, with the
      * weights that generated it (modulo the engine's kernels); with one, the first forward is it */
     for (int u = 0; u < w->updates; u++) {
-        int b = ranges[2 * u + 1], nm = micro_batches(&tb, c, ranges[2 * u], b, mb, mbs, elems);
+        int b = ranges[2 * u + 1], nm = micro_batches(&tb, &w->d, train_model(w), ranges[2 * u], b, mb, mbs, elems);
         pass_run pr = {.w = w, .tb = &tb, .mbs = mbs, .mb = mb, .end = b, .logp_out = ref, .st = &st, .loss = &loss,
                        .seq = seq, .replay = replay, .passes = passes};
         if (ref && dist_pipeline(&w->d, ref_model(w), nm, 0, elems, pass_op, &pr, e)) goto out;
@@ -474,7 +478,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     }
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
-        int a = ranges[2 * u], b = ranges[2 * u + 1], nm = micro_batches(&tb, c, a, b, mb, mbs, elems);
+        int a = ranges[2 * u], b = ranges[2 * u + 1], nm = micro_batches(&tb, &w->d, train_model(w), a, b, mb, mbs, elems);
         int nseqs = 0; /* the normalisers are the whole update's, over every rank's rows */
         for (int r = u0; r < u1; r++) nseqs += tok0[r + 1] > tok0[r];
         if (op_zero(&w->k, w->grads, gbytes, e) || worker_arenas(w, nm * vpp, e)) goto out;

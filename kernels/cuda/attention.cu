@@ -17,13 +17,13 @@
 #define ATT_THREADS 128
 #define ATT_BWD_HEADS 8 /* heads per chunk in the backward: bounds shared memory for any H */
 
-/* Key list of query i, in the CPU's order: window rows as codes j >= 0, then the chosen compressed
- * entries w as codes -1 - w. Written by thread 0 (at most window + n_comp entries). */
-__device__ int att_build_list(int *list, int i, const int32_t *comp_idx, int n_comp, int window) {
+/* Key list of query row i at position p, in the CPU's order: window rows as codes j >= 0, then the
+ * chosen compressed entries w as codes -1 - w. Written by thread 0 (at most window + n_comp entries). */
+__device__ int att_build_list(int *list, int i, int p, const int32_t *comp_idx, int n_comp, int window) {
     __shared__ int nk_sh;
     if (threadIdx.x == 0) {
         int nk = 0;
-        for (int j = i - window + 1 < 0 ? 0 : i - window + 1; j <= i; j++) list[nk++] = j;
+        for (int j = p - window + 1 < 0 ? 0 : p - window + 1; j <= p; j++) list[nk++] = j;
         for (int c = 0; c < n_comp; c++) {
             int32_t w = comp_idx[(long)i * n_comp + c];
             if (w >= 0) list[nk++] = -1 - w;
@@ -59,11 +59,11 @@ __device__ int att_build_cache_list(int *list, int p, const int32_t *sel, int to
 }
 
 /* out[q, h] over its keys. CACHE: query j of an engine wave over its sequence's caches (layer
- * `layer`); otherwise query i of a sequence over the window of kv plus comp_idx (op_sink_attention).
- * Grid (queries, H). */
+ * `layer`); otherwise query row i at position q0 + i of a sequence over the window of kv plus
+ * comp_idx (op_sink_attention). Grid (queries, H). */
 template <bool CACHE>
 __global__ void attend_kernel(float *out, const float *q, const float *kv, const float *comp,
-                              const int32_t *comp_idx, int n_comp, attn_wave wv, int layer, int ratio,
+                              const int32_t *comp_idx, int n_comp, int q0, attn_wave wv, int layer, int ratio,
                               int max_entries, const float *sinks, int H, int d, int window, int max_keys,
                               float scale) {
     extern __shared__ float sm[];
@@ -81,7 +81,7 @@ __global__ void attend_kernel(float *out, const float *q, const float *kv, const
                                   max_entries, window);
         i = wv.row[i]; /* q and out rows */
     } else {
-        nk = att_build_list(list, i, comp_idx, n_comp, window);
+        nk = att_build_list(list, i, q0 + i, comp_idx, n_comp, window);
     }
     const float *qi = q + ((long)i * H + h) * d;
     for (int c = threadIdx.x; c < d; c += blockDim.x) qs[c] = qi[c];
@@ -233,19 +233,20 @@ __device__ __forceinline__ void att_scores(float *s, const float *row, const flo
     }
 }
 
-/* NC channel quads per lane (d <= 128 NC). Grid (T, ceil(H / ATF_HEADS)), ATF_THREADS threads. */
+/* NC channel quads per lane (d <= 128 NC). Grid (T, ceil(H / ATF_HEADS)), ATF_THREADS threads; block
+ * x is query row x at position q0 + x. */
 template <int NC>
 __global__ void __launch_bounds__(ATF_THREADS)
     attend_tiled_kernel(float *out, const float *q, const float *kv, const float *comp, const int32_t *comp_idx,
-                        int n_comp, const float *sinks, int H, int d, int window, float scale) {
+                        int n_comp, const float *sinks, int q0, int H, int d, int window, float scale) {
     extern __shared__ float4 sm4[]; /* float4: the base is 16-byte aligned */
     int ldk = att_ldk(d), d4 = d >> 2;
     float *Qs = (float *)sm4, *Ks = Qs + ATF_HEADS * d, *Ps = Ks + ATF_KT * ldk;
     int *list = (int *)(Ps + ATF_KT * ATF_HEADS);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW;
-    int lo = i - window + 1 < 0 ? 0 : i - window + 1;
-    int nk = att_fill_list(list, lo, i - lo + 1, comp_idx + (long)i * n_comp, n_comp);
+    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW, pos = q0 + i;
+    int lo = pos - window + 1 < 0 ? 0 : pos - window + 1;
+    int nk = att_fill_list(list, lo, pos - lo + 1, comp_idx + (long)i * n_comp, n_comp);
     att_load_heads(Qs, q + (long)i * H * d, h0, H, d);
     float m[ATF_HPW], l[ATF_HPW];
     float4 acc[ATF_HPW][NC];
@@ -320,16 +321,16 @@ template <int NC>
 __global__ void __launch_bounds__(ATF_THREADS)
     attend_bwd_tiled_kernel(float *dq, float *dkv, float *dcomp, float *dsink_part, const float *dout, const float *q,
                             const float *kv, const float *comp, const int32_t *comp_idx, int n_comp,
-                            const float *sinks, int H, int d, int window, float scale) {
+                            const float *sinks, int q0, int H, int d, int window, float scale) {
     extern __shared__ float4 sm4[];
     int ldk = att_ldk(d), d4 = d >> 2;
     float *Qs = (float *)sm4, *Gs = Qs + ATF_HEADS * d, *Ks = Gs + ATF_HEADS * d;
     float *Ps = Ks + ATF_KT * ldk, *DSs = Ps + ATF_KT * ATF_HEADS;
     int *list = (int *)(DSs + ATF_KT * ATF_HEADS);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW;
-    int lo = i - window + 1 < 0 ? 0 : i - window + 1;
-    int nk = att_fill_list(list, lo, i - lo + 1, comp_idx + (long)i * n_comp, n_comp);
+    int i = blockIdx.x, h0 = blockIdx.y * ATF_HEADS, hw = warp * ATF_HPW, pos = q0 + i;
+    int lo = pos - window + 1 < 0 ? 0 : pos - window + 1;
+    int nk = att_fill_list(list, lo, pos - lo + 1, comp_idx + (long)i * n_comp, n_comp);
     att_load_heads(Qs, q + (long)i * H * d, h0, H, d);
     att_load_heads(Gs, dout + (long)i * H * d, h0, H, d);
     float m[ATF_HPW], l[ATF_HPW], D[ATF_HPW];
@@ -461,8 +462,8 @@ static size_t att_bwd_smem(int d, int max_keys) {
 }
 
 int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
-                           const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
-                           float scale, mill_err *e) {
+                           const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d,
+                           int window, float scale, mill_err *e) {
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
     const void *rows[] = {out, q, kv, comp};
@@ -476,21 +477,21 @@ int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const floa
         TRY(att_smem_ok(fn, smem, e));
         if (nc == 1)
             attend_tiled_kernel<1><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
-                                                                              sinks, H, d, window, scale);
+                                                                              sinks, q0, H, d, window, scale);
         else if (nc == 2)
             attend_tiled_kernel<2><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
-                                                                              sinks, H, d, window, scale);
+                                                                              sinks, q0, H, d, window, scale);
         else
             attend_tiled_kernel<4><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp,
-                                                                              sinks, H, d, window, scale);
+                                                                              sinks, q0, H, d, window, scale);
         LAUNCH_CHECK("attend_tiled_kernel");
         return 0;
     }
     size_t smem = sizeof(float) * (size_t)(d + max_keys) + sizeof(int) * (size_t)max_keys;
     TRY(att_smem_ok((const void *)attend_kernel<false>, smem, e));
     attn_wave none = {0, NULL, NULL, NULL};
-    attend_kernel<false><<<dim3(T, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, none, 0,
-                                                                         0, 0, sinks, H, d, window, max_keys, scale);
+    attend_kernel<false><<<dim3(T, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, q0, none,
+                                                                         0, 0, 0, sinks, H, d, window, max_keys, scale);
     LAUNCH_CHECK("attend_kernel");
     return 0;
 }
@@ -503,19 +504,20 @@ int cuda_op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w,
     if (max_keys < 1) max_keys = 1;
     size_t smem = sizeof(float) * (size_t)(d + max_keys) + sizeof(int) * (size_t)max_keys;
     TRY(att_smem_ok((const void *)attend_kernel<true>, smem, e));
-    attend_kernel<true><<<dim3(w.n, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, NULL, NULL, sel, topk, w, layer,
+    attend_kernel<true><<<dim3(w.n, H), ATT_THREADS, smem, cu_stream(k)>>>(out, q, NULL, NULL, sel, topk, 0, w, layer,
                                                                           ratio, max_entries, sinks, H, d, window,
                                                                           max_keys, scale);
     LAUNCH_CHECK("attend_kernel");
     return 0;
 }
 
-/* Backward, one block per query. Per head of a chunk: p, ds = p (dp - D) scale, dq; then the chunk's
- * key gradients sum over its heads before one atomic add per key element. The sink's gradient per
- * (query, head) goes to dsink_part, summed per head in query order afterwards. */
+/* Backward, one block per query (row i at position q0 + i). Per head of a chunk: p, ds = p (dp - D)
+ * scale, dq; then the chunk's key gradients sum over its heads before one atomic add per key
+ * element. The sink's gradient per (query, head) goes to dsink_part, summed per head in query order
+ * afterwards. */
 __global__ void attend_bwd_kernel(float *dq, float *dkv, float *dcomp, float *dsink_part, const float *dout,
                                   const float *q, const float *kv, const float *comp, const int32_t *comp_idx,
-                                  int n_comp, const float *sinks, int H, int d, int window, int max_keys,
+                                  int n_comp, const float *sinks, int q0, int H, int d, int window, int max_keys,
                                   float scale) {
     extern __shared__ float sm[];
     float *P = sm, *DS = P + ATT_BWD_HEADS * max_keys;
@@ -523,7 +525,7 @@ __global__ void attend_bwd_kernel(float *dq, float *dkv, float *dcomp, float *ds
     __shared__ float red[32];
     int i = blockIdx.x;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    int nk = att_build_list(list, i, comp_idx, n_comp, window);
+    int nk = att_build_list(list, i, q0 + i, comp_idx, n_comp, window);
     for (int h0 = 0; h0 < H; h0 += ATT_BWD_HEADS) {
         int nh = H - h0 < ATT_BWD_HEADS ? H - h0 : ATT_BWD_HEADS;
         for (int hh = 0; hh < nh; hh++) {
@@ -597,8 +599,8 @@ __global__ void dsink_reduce_kernel(float *dsinks, const float *part, int T, int
 
 int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks,
                                     const float *dout, const float *q, const float *kv, const float *comp,
-                                    const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d,
-                                    int window, float scale, mill_err *e) {
+                                    const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H,
+                                    int d, int window, float scale, mill_err *e) {
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
     const void *rows[] = {dq, dkv, dcomp, dout, q, kv, comp};
@@ -615,16 +617,16 @@ int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float 
     dim3 grid(T, (H + ATF_HEADS - 1) / ATF_HEADS);
     if (nc == 1)
         attend_bwd_tiled_kernel<1><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
-            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, q0, H, d, window, scale);
     else if (nc == 2)
         attend_bwd_tiled_kernel<2><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
-            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, q0, H, d, window, scale);
     else if (nc == 4)
         attend_bwd_tiled_kernel<4><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
-            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, H, d, window, scale);
+            dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, q0, H, d, window, scale);
     else
         attend_bwd_kernel<<<T, 256, smem, cu_stream(k)>>>(dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp,
-                                                          sinks, H, d, window, max_keys, scale);
+                                                          sinks, q0, H, d, window, max_keys, scale);
     cudaError_t le = cudaGetLastError();
     if (le == cudaSuccess) {
         dsink_reduce_kernel<<<cu_blocks(H, 64), 64, 0, cu_stream(k)>>>(dsinks, part, T, H);
@@ -754,8 +756,9 @@ int cuda_op_compress_pool_backward(const kctx *k, float *da, float *dg, float *d
 }
 
 /* ---- Indexer: grid (queries, entry tiles); the query's heads in shared memory, one warp per entry.
- * Query i is row pos0 + i of one sequence, or (wv.seq set) token i of an engine wave, whose q and
- * weights are at its row and whose keys are its sequence's index entries of `layer`. */
+ * Query i is row i of one sequence's slice, at position pos0 + i, or (wv.seq set) token i of an
+ * engine wave, whose q and weights are at its row and whose keys are its sequence's index entries
+ * of `layer`. */
 #define IDX_TILE 64
 
 struct idx_query {
@@ -814,21 +817,21 @@ static int indexer_launch(const kctx *k, float *score, const float *q, const flo
 }
 
 int cuda_op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
-                           int T, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
+                           int T, int q0, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e) {
     attn_wave none = {0, NULL, NULL, NULL};
-    return indexer_launch(k, score, q, keys, weights, 0, T, Tc, nh, hd, scale_qk, ratio, none, 0, e);
+    return indexer_launch(k, score, q, keys, weights, q0, T, Tc, nh, hd, scale_qk, ratio, none, 0, e);
 }
 
 /* ---- Top-k: one block per row. Entry w's rank is the number of entries before it in the order
  * (value descending, index ascending); ranks below topk are the answer, in the CPU's order. With
  * no more visible entries than topk the CPU lists them by index, and so does this. Row i is
- * position i of a sequence, or (pos set) a wave token at position pos[i]. */
+ * position q0 + i of a sequence, or (pos set) a wave token at position pos[i]. */
 #define TOPK_SMEM_MAX 12288 /* row entries staged in shared memory (48 KB) */
 
-__global__ void topk_kernel(int32_t *idx, const float *score, const int32_t *pos, int Tc, int topk, int ratio) {
+__global__ void topk_kernel(int32_t *idx, const float *score, const int32_t *pos, int q0, int Tc, int topk, int ratio) {
     extern __shared__ float srow[];
     int i = blockIdx.x;
-    int visible = ((pos ? pos[i] : i) + 1) / ratio;
+    int visible = ((pos ? pos[i] : q0 + i) + 1) / ratio;
     if (visible > Tc) visible = Tc;
     int32_t *row = idx + (long)i * topk;
     const float *s = score + (long)i * Tc;
@@ -852,26 +855,26 @@ __global__ void topk_kernel(int32_t *idx, const float *score, const int32_t *pos
     }
 }
 
-static int topk_launch(const kctx *k, int32_t *idx, const float *score, const int32_t *pos, int nq, int Tc, int topk,
-                       int ratio, mill_err *e) {
+static int topk_launch(const kctx *k, int32_t *idx, const float *score, const int32_t *pos, int q0, int nq, int Tc,
+                       int topk, int ratio, mill_err *e) {
     if (nq <= 0 || topk <= 0) return 0;
     int vis_max = Tc < TOPK_SMEM_MAX ? Tc : TOPK_SMEM_MAX;
     size_t smem = sizeof(float) * (size_t)(vis_max > 0 ? vis_max : 1);
-    topk_kernel<<<nq, 256, smem, cu_stream(k)>>>(idx, score, pos, Tc, topk, ratio);
+    topk_kernel<<<nq, 256, smem, cu_stream(k)>>>(idx, score, pos, q0, Tc, topk, ratio);
     LAUNCH_CHECK("topk_kernel");
     return 0;
 }
 
-int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int q0, int Tc, int topk, int ratio,
                          mill_err *e) {
-    return topk_launch(k, idx, score, NULL, T, Tc, topk, ratio, e);
+    return topk_launch(k, idx, score, NULL, q0, T, Tc, topk, ratio, e);
 }
 
 int cuda_op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wave w, int layer, const float *q,
                              const float *weights, int nh, int hd, float scale_qk, int ratio, int max_entries,
                              int topk, mill_err *e) {
     TRY(indexer_launch(k, score, q, NULL, weights, 0, w.n, max_entries, nh, hd, scale_qk, ratio, w, layer, e));
-    return topk_launch(k, sel, score, w.pos, w.n, max_entries, topk, ratio, e);
+    return topk_launch(k, sel, score, w.pos, 0, w.n, max_entries, topk, ratio, e);
 }
 
 /* ---- The engine's cache writes: one block per wave token. */
@@ -967,16 +970,16 @@ int cuda_op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, co
     return 0;
 }
 
-__global__ void causal_entries_kernel(int32_t *idx, int T, int Tc, int ratio) {
+__global__ void causal_entries_kernel(int32_t *idx, int T, int q0, int Tc, int ratio) {
     long id = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (id >= (long)T * Tc) return;
     int i = (int)(id / Tc), w = (int)(id % Tc);
-    idx[id] = w < (i + 1) / ratio ? w : -1;
+    idx[id] = w < (q0 + i + 1) / ratio ? w : -1;
 }
 
-int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e) {
+int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int q0, int Tc, int ratio, mill_err *e) {
     if (T <= 0 || Tc <= 0) return 0;
-    causal_entries_kernel<<<cu_blocks((long)T * Tc, 256), 256, 0, cu_stream(k)>>>(idx, T, Tc, ratio);
+    causal_entries_kernel<<<cu_blocks((long)T * Tc, 256), 256, 0, cu_stream(k)>>>(idx, T, q0, Tc, ratio);
     LAUNCH_CHECK("causal_entries_kernel");
     return 0;
 }

@@ -106,13 +106,13 @@ int cuda_op_scale(const kctx *k, float *x, long n, float s, mill_err *e);
 
 /* attention.cu */
 int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
-                           const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d, int window,
-                           float scale, mill_err *e);
+                           const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d,
+                           int window, float scale, mill_err *e);
 int cuda_op_compress_pool(const kctx *k, float *out, const float *a, const float *g, const float *ape, int T, int d,
                           int ratio, int overlap, mill_err *e);
 int cuda_op_indexer_scores(const kctx *k, float *score, const float *q, const float *keys, const float *weights,
-                           int T, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
-int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int Tc, int topk, int ratio,
+                           int T, int q0, int Tc, int nh, int hd, float scale_qk, int ratio, mill_err *e);
+int cuda_op_topk_visible(const kctx *k, int32_t *idx, const float *score, int T, int q0, int Tc, int topk, int ratio,
                          mill_err *e);
 int cuda_op_cache_push_kv(const kctx *k, attn_wave w, int layer, const float *kv, int d, int window, mill_err *e);
 int cuda_op_cache_push_comp(const kctx *k, attn_wave w, int layer, int index, const float *a, const float *g,
@@ -124,11 +124,11 @@ int cuda_op_cache_index_topk(const kctx *k, int32_t *sel, float *score, attn_wav
 int cuda_op_cache_attend(const kctx *k, float *out, const float *q, attn_wave w, int layer, const int32_t *sel,
                          int topk, int ratio, int max_entries, const float *sinks, int H, int d, int window,
                          float scale, mill_err *e);
-int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int Tc, int ratio, mill_err *e);
+int cuda_op_causal_entries(const kctx *k, int32_t *idx, int T, int q0, int Tc, int ratio, mill_err *e);
 int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dcomp, float *dsinks,
                                     const float *dout, const float *q, const float *kv, const float *comp,
-                                    const int32_t *comp_idx, int n_comp, const float *sinks, int T, int H, int d,
-                                    int window, float scale, mill_err *e);
+                                    const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H,
+                                    int d, int window, float scale, mill_err *e);
 int cuda_op_compress_pool_backward(const kctx *k, float *da, float *dg, float *dape, const float *dout,
                                    const float *a, const float *g, const float *ape, int T, int d, int ratio,
                                    int overlap, mill_err *e);
