@@ -55,12 +55,8 @@ int grpo_loss(grpo_batch *b, const float *logp, const float *ent, int n, float *
     if (agg == AGG_SEQ_MEAN_TOKEN_SUM_NORM && !(c->agg_horizon > 0))
         return mill_errf(e, "grpo: seq-mean-token-sum-norm needs a positive horizon, got %g", c->agg_horizon);
     /* per sequence: its token count and (GSPO) the sum of its log-ratios */
-    int *len = calloc((size_t)b->n_seqs, sizeof(int));
-    double *slr = calloc((size_t)b->n_seqs, sizeof(double));
-    if (!len || !slr) {
-        free(len), free(slr);
-        return mill_errf(e, "grpo: out of memory");
-    }
+    double *len = calloc(2 * (size_t)b->n_seqs + 1, sizeof(double)), *slr = len ? len + b->n_seqs : NULL;
+    if (!len) return mill_errf(e, "grpo: out of memory");
     for (int t = 0; t < n; t++) {
         int s = b->seq[t];
         const char *bad = isnan(logp[t]) ? "logprob" : isnan(old[t]) ? "old-policy logprob"
@@ -68,12 +64,16 @@ int grpo_loss(grpo_batch *b, const float *logp, const float *ent, int n, float *
                           : b->ref_logp && isnan(b->ref_logp[t]) ? "reference logprob"
                           : ent && isnan(ent[t]) ? "entropy" : NULL;
         if (s < 0 || s >= b->n_seqs || bad) {
-            free(len), free(slr);
+            free(len);
             return bad ? mill_errf(e, "grpo: token %d of sequence %d has a NaN %s", t, s, bad)
                        : mill_errf(e, "grpo: token %d belongs to sequence %d of %d", t, s, b->n_seqs);
         }
         len[s]++;
         slr[s] += (double)logp[t] - old[t];
+    }
+    if (b->share && b->share(b->share_ctx, len, 2 * b->n_seqs, e)) {
+        free(len);
+        return -1;
     }
     int used = 0;
     for (int s = 0; s < b->n_seqs; s++) used += len[s] > 0;
@@ -131,7 +131,6 @@ int grpo_loss(grpo_batch *b, const float *logp, const float *ent, int n, float *
         dlogp[t] = (float)(w * g);
     }
     free(len);
-    free(slr);
     st.loss = total;
     st.tokens = n;
     b->stats = st;

@@ -64,6 +64,11 @@ typedef struct {
      * (token mean) or sequences with tokens (sequence mean) of the whole minibatch; 0: this call's */
     long norm_tokens;
     int norm_seqs;
+    /* context parallelism: a sequence's tokens lie on several ranks; share (NULL: none) sums v [2 x
+     * n_seqs] (each sequence's token count, then its log-ratio sum) over them, in place, before the
+     * per-sequence terms (sequence means, GSPO's ratio) use them */
+    int (*share)(void *ctx, double *v, int n, mill_err *e);
+    void *share_ctx;
     grpo_stats stats;
 } grpo_batch;
 

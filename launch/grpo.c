@@ -1278,9 +1278,6 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
     if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
         return -1;
-    if (r->par.cp > 1) /* the worker's loss does not yet pack samples over cp ranks */
-        return mill_errf(e, "train.parallel.cp %d: context parallelism runs in mill forward, grad and sft; the GRPO "
-                            "trainer's is not built yet (use cp 1)", r->par.cp);
     if (par_validate(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
     long n = (long)r->prompts_per_step * r->samples_per_prompt; /* each update's micro-batches on each dp rank */

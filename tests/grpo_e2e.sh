@@ -137,17 +137,22 @@ echo "dp 2 trainer, rank 1 killed in step 3: group restarted from step 2; sharde
 # published), and the routing balance in the ledger
 run ep2 --set train.steps=6 --set checkpoint.every=2 --set train.parallel.dp=2 --set train.parallel.ep=2
 col() { q "select group_concat(json_extract(s.metrics, '\$.$2'), ' ') from steps s join runs r on r.id=s.run_id where r.name='$1' and s.step > 0"; }
-[ "$(col ep2 loss)" = "$(col dp2 loss)" ] || fail "ep2: losses $(col ep2 loss) vs dp 2's $(col dp2 loss)"
-echo "$(col dp2 grad_norm) $(col ep2 grad_norm)" | awk '{ for (i = 1; i <= NF / 2; i++) { d = $i - $(i + NF / 2); if (d < 0) d = -d; if (d > 1e-5 * $i) exit 1 } }' ||
-    fail "ep2: gradient norms $(col ep2 grad_norm) vs dp 2's $(col dp2 grad_norm)"
+# run RUN against REF: losses equal, gradient norms within 1e-5 relative, the logits of their step-STEP
+# checkpoints within TOL
+like() { # like RUN REF STEP TOL
+    [ "$(col "$1" loss)" = "$(col "$2" loss)" ] || fail "$1: losses $(col "$1" loss) vs $2's $(col "$2" loss)"
+    echo "$(col "$2" grad_norm) $(col "$1" grad_norm)" | awk '{ for (i = 1; i <= NF / 2; i++) { d = $i - $(i + NF / 2); if (d < 0) d = -d; if (d > 1e-5 * $i) exit 1 } }' ||
+        fail "$1: gradient norms $(col "$1" grad_norm) vs $2's $(col "$2" grad_norm)"
+    for r in "$2" "$1"; do
+        OMP_NUM_THREADS=1 "$MILL" forward --model "$T/$r/step-00000$3" --input tests/data/tiny-a/input.json --device cpu \
+            --output "$T/$r.fwd" 2>/dev/null || fail "forward on $r's checkpoint"
+    done
+    "$MILL_DIFF" "$T/$1.fwd" "$T/$2.fwd" "$4" logits >/dev/null || fail "$1: final logits differ from $2's"
+}
+like ep2 dp2 6 1e-4
 echo "$(col ep2 max_dlogp)" | awk '{ for (i = 1; i <= NF; i++) if ($i != 0) exit 1 }' ||
     fail "ep2: engine and trainer logprobs differ: $(col ep2 max_dlogp)"
 echo "$(col ep2 ep_imbalance)" | awk '{ for (i = 1; i <= NF; i++) if ($i < 1) exit 1 }' || fail "ep2: ep_imbalance $(col ep2 ep_imbalance)"
-for r in dp2 ep2; do
-    OMP_NUM_THREADS=1 "$MILL" forward --model "$T/$r/step-000006" --input tests/data/tiny-a/input.json --device cpu \
-        --output "$T/$r.fwd" 2>/dev/null || fail "ep: forward on $r's checkpoint"
-done
-"$MILL_DIFF" "$T/ep2.fwd" "$T/dp2.fwd" 1e-4 logits >/dev/null || fail "ep2: final logits differ from dp 2's"
 echo "ep 2 x dp 2 trainer: losses equal to dp 2, grad norms within 1e-5, max|dlogp| 0, ep imbalance $(col ep2 ep_imbalance)"
 
 # 4c. two pipeline stages (train.parallel.pp 2, 1F1B over 4 micro-batches), and the same with two
@@ -193,6 +198,22 @@ for r in tp2 tp2sp; do
     "$MILL_DIFF" "$T/$r.fwd" "$T/pp1.fwd" 1e-3 logits >/dev/null || fail "$r: final logits differ from one process's"
     echo "tp 2 trainer (sp $sp): max|dlogp| $(col $r max_dlogp), losses and final logits within fp32 noise of one process"
 done
+
+# 4e. positions over the two trainer ranks (train.parallel.cp 2), with GSPO's sequence ratio and the
+# sequence-mean aggregation (a sequence's tokens on both ranks: its counts and log-ratio sums shared):
+# losses equal to one process with the same options, gradient norms within 1e-5, the engine's
+# logprobs equal to the trainer's, final logits within fp32 noise
+export OMP_NUM_THREADS=1
+G="--set train.steps=3 --set train.micro_batch=4 --set algorithm.policy_loss=gspo --set algorithm.loss_agg_mode=seq-mean-token-mean"
+# shellcheck disable=SC2086
+run gs1 $G
+# shellcheck disable=SC2086
+run cp2 $G --set train.parallel.cp=2
+unset OMP_NUM_THREADS
+like cp2 gs1 3 1e-3
+echo "$(col cp2 max_dlogp)" | awk '{ for (i = 1; i <= NF; i++) if ($i > 1e-6) exit 1 }' ||
+    fail "cp2: engine and trainer logprobs differ: $(col cp2 max_dlogp)"
+echo "cp 2 trainer (GSPO, seq-mean-token-mean): losses equal to one process, grad norms $(col cp2 grad_norm) vs $(col gs1 grad_norm)"
 
 # 5. a rollout engine killed mid-step: restarted, the step completes, no sample lost or repeated
 run k3 --set rollout.layout=disaggregated --set rollout.engines=2 --set train.steps=3 --set debug.kill_engine_at_step=2

@@ -259,6 +259,63 @@ static void test_entropy_gradient(void **s) {
     model_free(&m);
 }
 
+/* Context parallelism's split of a batch: each "rank" holds some tokens of every sequence, and the
+ * share hook sums the sequences' counts and log-ratio sums over the ranks (here: adds the other
+ * half's, captured beforehand). The halves' gradients are the whole batch's, their losses add up to
+ * its loss, under GSPO's sequence ratio with the sequence-mean aggregation; without the hook they
+ * are not (the test can fail). */
+typedef struct {
+    double v[8];
+    const double *other;
+} share_ctx;
+static int share_capture(void *ctx, double *v, int n, mill_err *e) {
+    (void)e;
+    memcpy(((share_ctx *)ctx)->v, v, sizeof(double) * (size_t)n);
+    return 0;
+}
+static int share_add(void *ctx, double *v, int n, mill_err *e) {
+    (void)e;
+    for (int i = 0; i < n; i++) v[i] += ((share_ctx *)ctx)->other[i];
+    return 0;
+}
+
+static void test_share_over_ranks(void **s) {
+    (void)s;
+    grpo_config c;
+    grpo_config_default(&c);
+    c.ratio = RATIO_GSPO;
+    c.agg = AGG_SEQ_MEAN_TOKEN_MEAN;
+    enum { N = 9 };
+    int32_t seq[N] = {0, 0, 0, 1, 1, 2, 2, 2, 2};
+    float adv[3] = {0.7f, -1.1f, 0.4f}, old[N], logp[N], dw[N], dh[N];
+    for (int t = 0; t < N; t++) old[t] = -1.0f - 0.1f * t, logp[t] = old[t] + 0.05f * (t % 3) - 0.04f;
+    double whole = run(&c, seq, 3, adv, old, NULL, logp, N, dw, NULL);
+    /* rank 0: each sequence's first token(s); rank 1: the rest */
+    int a[4] = {0, 3, 5, 6}, b[5] = {1, 2, 4, 7, 8};
+    int32_t sa[4], sb[5];
+    float oa[4], ob[5], la[4], lb[5], da[4], db[5];
+    for (int i = 0; i < 4; i++) sa[i] = seq[a[i]], oa[i] = old[a[i]], la[i] = logp[a[i]];
+    for (int i = 0; i < 5; i++) sb[i] = seq[b[i]], ob[i] = old[b[i]], lb[i] = logp[b[i]];
+    share_ctx ca = {{0}, NULL}, cb = {{0}, NULL};
+    grpo_batch ba = {.cfg = &c, .seq = sa, .n_seqs = 3, .adv = adv, .old_logp = oa, .norm_seqs = 3,
+                     .share = share_capture, .share_ctx = &ca};
+    grpo_batch bb = {.cfg = &c, .seq = sb, .n_seqs = 3, .adv = adv, .old_logp = ob, .norm_seqs = 3,
+                     .share = share_capture, .share_ctx = &cb};
+    double la_, lb_;
+    mill_err e;
+    assert_int_equal(grpo_loss(&ba, la, NULL, 4, da, NULL, &la_, &e), 0); /* each half's own sums */
+    assert_int_equal(grpo_loss(&bb, lb, NULL, 5, db, NULL, &lb_, &e), 0);
+    double wrong = fabs(la_ + lb_ - whole);
+    ca.other = cb.v, cb.other = ca.v;
+    ba.share = bb.share = share_add;
+    assert_int_equal(grpo_loss(&ba, la, NULL, 4, da, NULL, &la_, &e), 0);
+    assert_int_equal(grpo_loss(&bb, lb, NULL, 5, db, NULL, &lb_, &e), 0);
+    assert_true(fabs(la_ + lb_ - whole) < 1e-12 && wrong > 1e-6);
+    for (int i = 0; i < 4; i++) dh[a[i]] = da[i];
+    for (int i = 0; i < 5; i++) dh[b[i]] = db[i];
+    for (int t = 0; t < N; t++) assert_float_equal(dh[t], dw[t], 1e-7);
+}
+
 /* One small policy-gradient step through the model moves probability toward the sample with the
  * positive advantage and away from the negative one (the sign of the whole chain). */
 typedef struct {
@@ -315,6 +372,7 @@ int main(void) {
         cmocka_unit_test(test_entropy_tis),
         cmocka_unit_test(test_entropy_gradient),
         cmocka_unit_test(test_policy_gradient_direction),
+        cmocka_unit_test(test_share_over_ranks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

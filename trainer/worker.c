@@ -138,9 +138,6 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         w->gpu = 1;
     }
     dsv4_config mcfg; /* the stages need the model's layers */
-    if (ps.cp > 1)
-        return mill_errf(e, "init: cp %d: the GRPO trainer has no context parallelism yet (mill forward, grad and "
-                            "sft have)", ps.cp);
     if (config_load(model, &mcfg, e) || dist_init(&w->d, w->world, &ps, &mcfg, 0, &w->k, e))
         return mill_err_wrap(e, "init");
     w->dist_on = 1;
@@ -251,31 +248,55 @@ typedef struct {
     int n, T, L, K;
 } train_batch;
 
+/* A sequence's token counts and log-ratio sums over the cp ranks that hold its positions. */
+static int cp_share(void *ctx, double *v, int n, mill_err *e) { return comm_sum_f64((comm *)ctx, v, n, e); }
+
 /* The forward over sequences [r0, r1) (with a loss also its gradient, for the backward), its pass
- * in *keep (its trace in arena a): gathers the rows' replay into scratch, runs the token loss.
- * old: the whole batch's old logprobs or NULL (on-policy). m: the model chunk the op runs. */
+ * in *keep (its trace in arena a): gathers the rows' replay into scratch, runs the token loss over
+ * this rank's counted tokens (context parallelism: those at its positions; each one's place in the
+ * batch's order in gi). old: the whole batch's old logprobs or NULL (on-policy). logp_out: the
+ * batch's [count] (this rank's tokens written). m: the model chunk the op runs. */
 static int micro_step(worker *w, const dsv4_model *m, const train_batch *tb, int r0, int r1, const float *old,
                       const float *ref, long norm_tokens, int norm_seqs, int with_loss, float *logp_out,
                       grpo_stats *st, double *loss, int32_t *seq, int32_t *replay, model_pass **keep, arena *a,
                       mill_err *e) {
-    int nb = r1 - r0, T = tb->T, K = tb->K;
+    int nb = r1 - r0, T = tb->T, K = tb->K, cp = m->stage.cp > 1 ? m->stage.cp : 1;
     for (int l = 0; l < tb->L; l++)
         memcpy(replay + (long)l * nb * T * K, tb->replay + ((long)l * tb->n + r0) * T * K,
                sizeof(int32_t) * (size_t)nb * T * K);
-    long t0 = tb->tok0[r0], cnt = tb->tok0[r1] - t0;
-    for (int r = r0; r < r1; r++)
-        for (long t = tb->tok0[r]; t < tb->tok0[r + 1]; t++) seq[t - t0] = r - r0;
-    loss_ctx lc = {.b = {.cfg = &w->algo, .seq = seq, .n_seqs = nb, .adv = tb->adv + r0,
-                         .old_logp = old ? old + t0 : NULL, .rollout_logp = tb->rollout + t0,
-                         .ref_logp = ref ? ref + t0 : NULL,
-                         .norm_tokens = norm_tokens, .norm_seqs = norm_seqs}};
+    int64_t p0, p1;
+    model_split_range(T, cp, cp > 1 ? m->stage.cp_rank : 0, &p0, &p1);
+    long all = tb->tok0[r1] - tb->tok0[r0], cnt = 0;
+    long *gi = malloc(sizeof(long) * (size_t)(all + 1));
+    float *lo = malloc(sizeof(float) * 4 * (size_t)(all + 1)), *lr = lo + all + 1, *lf = lr + all + 1, *lp = lf + all + 1;
+    if (!gi || !lo) {
+        free(gi), free(lo);
+        return mill_errf(e, "train: out of memory");
+    }
+    for (int r = r0; r < r1; r++) /* counted tokens in row order, as the batch numbers them */
+        for (long t = 0, g = tb->tok0[r]; t < T; t++)
+            if (tb->targets[(long)r * T + t] >= 0) {
+                if (t >= p0 && t < p1) gi[cnt] = g, seq[cnt++] = r - r0;
+                g++;
+            }
+    for (long j = 0; j < cnt; j++) {
+        lr[j] = tb->rollout[gi[j]];
+        if (old) lo[j] = old[gi[j]];
+        if (ref) lf[j] = ref[gi[j]];
+    }
+    loss_ctx lc = {.b = {.cfg = &w->algo, .seq = seq, .n_seqs = nb, .adv = tb->adv + r0, .old_logp = old ? lo : NULL,
+                         .rollout_logp = lr, .ref_logp = ref ? lf : NULL, .norm_tokens = norm_tokens,
+                         .norm_seqs = norm_seqs, .share = cp > 1 ? cp_share : NULL, .share_ctx = w->d.par.cp}};
     long count;
     double l = 0;
     /* the replay and the loss's inputs are read in the forward: the buffers can be reused */
-    if (model_pass_forward(keep, m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
-                           w->temperature, with_loss ? loss_cb : NULL, &lc, logp_out + t0, &l, &count, a, e))
-        return -1;
-    if (m->stage.last && count != cnt) return mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
+    int rc = model_pass_forward(keep, m, &w->k, tb->ids + (long)r0 * T, tb->targets + (long)r0 * T, nb, T, replay,
+                                w->temperature, with_loss ? loss_cb : NULL, &lc, lp, &l, &count, a, e);
+    if (!rc && m->stage.last && count != cnt) rc = mill_errf(e, "train: %ld counted tokens, expected %ld", count, cnt);
+    for (long j = 0; !rc && logp_out && m->stage.last && j < cnt; j++) logp_out[gi[j]] = lp[j];
+    free(gi);
+    free(lo);
+    if (rc) return -1;
     if (with_loss) {
         wire_builder *pb = w->sock && m->stage.first ? wire_builder_new("progress", w->id) : NULL;
         mill_err pe;
@@ -446,7 +467,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         goto out;
     }
     tb.tok0 = tok0;
-    old = malloc(sizeof(float) * (size_t)cnt);
+    old = calloc((size_t)cnt, sizeof(float)); /* each rank writes its own tokens' (cp: its positions') */
     logp = malloc(sizeof(float) * (size_t)cnt);
     seq = malloc(sizeof(int32_t) * (size_t)cnt);
     if (!old || !logp || !seq) goto oom;
@@ -476,6 +497,8 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         pr.logp_out = old;
         if (w->updates > 1 && dist_pipeline(&w->d, train_model(w), nm, 0, elems, pass_op, &pr, e)) goto out;
     }
+    /* context parallelism: every rank's tokens' old logprobs on every rank (the others' are zero here) */
+    if (w->updates > 1 && comm_all_reduce(w->d.par.cp, old, (size_t)cnt, DTYPE_F32, e)) goto out;
     for (int u = 0; u < w->updates; u++) {
         int u0 = (int)((long)n * u / w->updates), u1 = (int)((long)n * (u + 1) / w->updates);
         int a = ranges[2 * u], b = ranges[2 * u + 1], nm = micro_batches(&tb, &w->d, train_model(w), a, b, mb, mbs, elems);
@@ -494,12 +517,13 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
         if (!nm && dist_reduce_idle(&w->d, train_model(w), w->grads, e)) goto out; /* no tokens here */
         if (optimizer_step(train_opt(w), train_model(w), &w->k, w->grads, &gn, &lr, e)) goto out;
     }
+    if (w->updates == 1 && comm_all_reduce(w->d.par.cp, old, (size_t)cnt, DTYPE_F32, e)) goto out;
     double maxd = 0; /* the logprobs and the loss are the last stage's (the others' are zero) */
     for (int u = 0; train_model(w)->stage.last && u < w->updates; u++)
         for (long t = tok0[ranges[2 * u]]; t < tok0[ranges[2 * u + 1]]; t++)
             maxd = fmax(maxd, fabs((double)old[t] - tb.rollout[t]));
     double sums[5] = {loss, st.clip_frac, st.kl, st.entropy, (double)st.tokens}, maxes[2] = {maxd, st.max_ratio};
-    if (comm_sum_f64(w->d.par.dp, sums, 5, e) || comm_max_f64(w->d.par.dp, maxes, 2, e) ||
+    if (comm_sum_f64(w->d.par.dpcp, sums, 5, e) || comm_max_f64(w->d.par.dpcp, maxes, 2, e) ||
         comm_sum_f64(w->d.par.pp, sums, 5, e) || comm_max_f64(w->d.par.pp, maxes, 2, e))
         goto out;
     loss = sums[0];
@@ -554,10 +578,10 @@ out:
 static int send_buckets(worker *w, void *s, long version, size_t bucket_bytes, int *n_buckets, size_t *bytes,
                         mill_err *e) {
     const dsv4_model *m = train_model(w);
-    /* every (stage, dp rank) sends its part: the stage's tensors split over its dp ranks (with experts
-     * over ranks: each ep rank's experts over its edp ranks, the rest over ep rank 0's) */
-    int dp = w->d.par.sz.dp, senders = w->d.par.sz.pp * dp, me = w->d.par.pp_rank * dp + w->d.par.dp_rank;
-    int ns = w->d.par.sz.ep > 1 ? w->d.par.edp->size : dp, r = w->d.par.sz.ep > 1 ? w->d.par.edp_rank : w->d.par.dp_rank;
+    /* every (stage, dp x cp rank) sends its part: the stage's tensors split over its dp x cp ranks (with
+     * experts over ranks: each ep rank's experts over its edp ranks, the rest over ep rank 0's) */
+    int dp = w->d.par.dpcp->size, senders = w->d.par.sz.pp * dp, me = w->d.par.pp_rank * dp + w->d.par.dpcp->rank;
+    int ns = w->d.par.sz.ep > 1 ? w->d.par.edp->size : dp, r = w->d.par.sz.ep > 1 ? w->d.par.edp_rank : w->d.par.dpcp->rank;
     /* heads over ranks: the tp ranks gather each sliced tensor whole; tp rank 0 sends */
     int tp = w->d.par.sz.tp, lead = tp == 1 || w->d.par.tp_rank == 0;
     int last_p = -1;
@@ -694,7 +718,7 @@ static int publish_ipc(worker *w, void *const *socks, char *const *names, int n,
     }
     TRY(kctx_sync(&w->k, e)); /* the last update has landed before anyone reads */
     int64_t shape[1] = {MEM_IPC_HANDLE_BYTES};
-    int want[64], senders = w->d.par.sz.dp, me = w->d.par.dp_rank;
+    int want[64], senders = w->d.par.dpcp->size, me = w->d.par.dpcp->rank;
     size_t lo, hi;
     model_shard_range(&w->dm, me, senders, &lo, &hi);
     for (int i = 0; i < n; i++) {
@@ -744,7 +768,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     if (ipc) { /* every rank by IPC, or every rank in buckets */
         double bad = !ipc_ok;
         mill_err ae;
-        if (comm_max_f64(w->d.par.dp, &bad, 1, &ae)) {
+        if (comm_max_f64(w->d.par.dpcp, &bad, 1, &ae)) {
             *e = ae;
             goto out;
         }
@@ -752,7 +776,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     }
     if (ipc_ok) {
         size_t lo, hi;
-        model_shard_range(&w->dm, w->d.par.dp_rank, w->d.par.sz.dp, &lo, &hi);
+        model_shard_range(&w->dm, w->d.par.dpcp->rank, w->d.par.dpcp->size, &lo, &hi);
         bytes = (hi - lo) * sizeof(float);
     } else {
         /* an engine that cannot map this GPU's memory (another GPU, the CPU) gets buckets: all do,
@@ -772,8 +796,8 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     }
     /* every sender's part acknowledged (the engines swapped at the last one): then it is published */
     double total = (double)bytes;
-    if (comm_sum_f64(w->d.par.dp, &total, 1, e) || comm_sum_f64(w->d.par.pp, &total, 1, e) ||
-        comm_barrier(w->d.par.dp, e) || comm_barrier(w->d.par.pp, e))
+    if (comm_sum_f64(w->d.par.dpcp, &total, 1, e) || comm_sum_f64(w->d.par.pp, &total, 1, e) ||
+        comm_barrier(w->d.par.dpcp, e) || comm_barrier(w->d.par.pp, e))
         goto out;
     bytes = (size_t)total;
     *reply = wire_builder_new("published", wire_id(msg));
@@ -787,7 +811,8 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
     if (w->d.par.rank == 0)
         log_info("publish: version %ld to %d engine(s) by %s from %d sender(s), %.1f MiB in %.3f s", w->version, n_eng,
-                 ipc ? "CUDA IPC" : "buckets", w->d.par.sz.dp * w->d.par.sz.pp, (double)bytes / (1 << 20), now() - t0);
+                 ipc ? "CUDA IPC" : "buckets", w->d.par.dpcp->size * w->d.par.sz.pp, (double)bytes / (1 << 20),
+                 now() - t0);
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)
