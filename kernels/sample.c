@@ -76,10 +76,9 @@ int32_t sample_row_pick(const float *logits, int V, const sample_row *sr, float 
             break;
         }
     }
-    if (keep == V) /* untruncated: the trainer's formula, so both sides agree */
-        *logprob = (float)(logits[pick] / sr->temperature - logsumexp_t(logits, V, sr->temperature));
-    else
-        *logprob = (float)log(p[pick] / mass);
+    /* under the whole distribution, truncated or not (the trainer's formula, so both sides agree,
+     * and truncated importance sampling compares like with like) */
+    *logprob = (float)(logits[pick] / sr->temperature - logsumexp_t(logits, V, sr->temperature));
     return pick;
 }
 

@@ -9,8 +9,9 @@
  *   otherwise p = softmax(logits / temperature); the order is p descending, ties to the lower
  *   index; keep the first top_k (0 or >= V: all), then the shortest prefix of those whose running
  *   mass reaches top_p (top_p < 1); pick by inverse CDF: the first kept token whose running mass
- *   exceeds u * (mass kept). logprob = log(p / mass kept), or, when nothing was cut, the trainer's
- *   logits[pick] / T - logsumexp_t (kernels/dense.h), so engine and trainer share one formula. */
+ *   exceeds u * (mass kept). logprob: under the whole distribution, the trainer's logits[pick] / T -
+ *   logsumexp_t (kernels/dense.h), truncated or not, so engine and trainer share one formula (vLLM's
+ *   raw logprobs; the renormalised truncated one would bias truncated importance sampling). */
 #ifndef MILL_SAMPLE_H
 #define MILL_SAMPLE_H
 

@@ -4,12 +4,12 @@
  * and window-closed compression make a row's last-position logits independent of the padding
  * after it). The cached decode engine must reproduce this path token for token.
  *
- * Logprobs: for each generated token, log p(token) under the distribution it was sampled from:
- * softmax(logits / temperature) restricted to the top-k tokens (k > 0), then to the smallest
- * set whose probability reaches top_p (top_p < 1), renormalised. temperature 0 is greedy: the
- * argmax is taken and its logprob is reported under softmax(logits) (temperature 1, no
- * truncation). A trainer reproducing these numbers applies the same temperature and
- * truncation to its logits. */
+ * Sampling: softmax(logits / temperature) restricted to the top-k tokens (k > 0), then to the
+ * smallest set whose probability reaches top_p (top_p < 1), renormalised. Logprobs: for each
+ * generated token, log p(token) under the whole softmax(logits / temperature), truncation or not
+ * (what the trainer computes from the same logits, so truncated importance sampling weighs only
+ * the engine's numerical difference; vLLM's raw logprobs). temperature 0 is greedy: the argmax,
+ * its logprob under softmax(logits) (temperature 1). */
 #ifndef MILL_GENERATE_H
 #define MILL_GENERATE_H
 

@@ -103,10 +103,7 @@ static int32_t ref_pick(const float *l, int V, const sample_row *sr, float *logp
             pick = order[j];
             break;
         }
-    if (keep == V)
-        *logprob = (float)(l[pick] / sr->temperature - logsumexp_t(l, V, sr->temperature));
-    else
-        *logprob = (float)log(p[pick] / mass);
+    *logprob = (float)(l[pick] / sr->temperature - logsumexp_t(l, V, sr->temperature)); /* the whole distribution's */
     free(p);
     free(order);
     return pick;
@@ -198,7 +195,7 @@ static void test_tie_order(void **state) {
     float l[5] = {1.0f, 3.0f, 3.0f, 3.0f, 1.0f}, work[SAMPLE_WORK_FLOATS(5)], lp;
     sample_row sr = {.temperature = 1.0f, .top_p = 1.0f, .top_k = 2, .u = 0.0f};
     assert_int_equal(sample_row_pick(l, 5, &sr, &lp, work), 1);
-    assert_float_equal(lp, logf(0.5f), 1e-6);
+    assert_float_equal(lp, 3.0 - log(2 * exp(1.0) + 3 * exp(3.0)), 1e-6); /* the whole distribution's, not log 1/2 */
     sr.u = 0.49f;
     assert_int_equal(sample_row_pick(l, 5, &sr, &lp, work), 1);
     sr.u = 0.51f;

@@ -318,14 +318,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
         pick = edge;
     }
     if (pick < 0 || pick >= V) pick = 0; /* not reached; keeps the reads below inside the row */
-    if (tid == 0) {
-        float lp;
-        if (keep == V) /* untruncated: the trainer's logits / T - logsumexp_t, as the CPU */
-            lp = (float)((double)__fdiv_rn(l[pick], T) - (log(den_t) + (double)mx));
-        else
-            lp = (float)log((double)p[pick] / ((double)mass * 0x1p-63));
+    if (tid == 0) { /* the whole distribution's: the trainer's logits / T - logsumexp_t, as the CPU */
         tok[r] = pick;
-        logprob[r] = lp;
+        logprob[r] = (float)((double)__fdiv_rn(l[pick], T) - (log(den_t) + (double)mx));
     }
 }
 
