@@ -219,7 +219,6 @@ static int tp_leave(fwd *f, float *full, float **local) {
     return f->m->tp.scatter_rows(f->m->tp.ctx, full, f->N, (size_t)D, f->e);
 }
 
-
 /* y[N, D] = attention sublayer on x[N, D] (already attn_norm'ed). */
 static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float *y, const float *x) {
     const dsv4_config *c = &f->m->cfg;

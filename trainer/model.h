@@ -290,7 +290,9 @@ void model_expert_range(const dsv4_model *m, int l, size_t *lo, size_t *hi);
  *
  * Forward over B rows of T tokens (positions 0..T-1).
  * logits: [B*T, v1 - v0] out, the columns of m's vocabulary slice [v0, v1) (model_vocab_range: all of
- * it without tensor parallelism). routing (optional): [layers, B*T, k] expert ids used.
+ * it without tensor parallelism). routing (optional): [layers, B*T, k] expert ids used. Under context
+ * parallelism ids (targets, replay) are whole rows, and logits and routing hold the rank's
+ * positions of each row (T there: the slice's length).
  * Activations come from the arena, which is reset first. */
 int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B, int T, float *logits,
                   int32_t *routing, arena *a, mill_err *e);
