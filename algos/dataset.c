@@ -312,6 +312,10 @@ static int ds_prompt(dataset *d, json_t *v, const char *key, const char *path, l
         if (!json_is_string(c))
             return ds_bad(e, path, line, "prompt \"%s\"[%zu] has %s \"content\"; " DS_CHAT_EXPECT, key, i,
                           c ? ds_type_name(c) : "no");
+        json_t *r = json_object_get(m, "role"); /* optional; when given, a role's name */
+        if (r && !json_is_string(r))
+            return ds_bad(e, path, line, "prompt \"%s\"[%zu] has %s \"role\"; " DS_CHAT_EXPECT, key, i,
+                          ds_type_name(r));
         total += json_string_length(c) + (i ? 2 : 0);
         any |= !ds_blank(json_string_value(c), json_string_length(c));
     }

@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <math.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,6 +108,12 @@ static int parse_rope_scaling(json_t *o, dsv4_config *c, const char *src, mill_e
     if (get_num(v, "factor", 0.0, &rs->factor, src, e) || get_num(v, "beta_fast", 32.0, &rs->beta_fast, src, e) ||
         get_num(v, "beta_slow", 1.0, &rs->beta_slow, src, e))
         return mill_err_wrap(e, "in rope_scaling");
+    json_t *fv = json_object_get(v, "factor"); /* given: a stretch of the context, so positive */
+    if (fv && !json_is_null(fv) && !(rs->factor > 0.0))
+        return mill_errf(e, "%s: rope_scaling.factor = %g must be positive", src, rs->factor);
+    if (rs->beta_fast < 0.0 || rs->beta_slow < 0.0)
+        return mill_errf(e, "%s: rope_scaling.beta_fast = %g and beta_slow = %g must not be negative", src,
+                         rs->beta_fast, rs->beta_slow);
     /* HF: a missing factor falls back to max_position_embeddings / original. */
     if (rs->factor <= 0.0) rs->factor = (double)c->max_position_embeddings / (double)omax;
     /* HF treats 0 as unset ("or 32", "or 1"). */
@@ -232,6 +239,22 @@ int config_validate(const dsv4_config *c, const char *src, mill_err *e) {
     if (c->n_routed_experts > 65536)
         return mill_errf(e, "%s: n_routed_experts = %d exceeds 65536 (routing records are uint16)", src,
                          c->n_routed_experts);
+    /* the numbers a forward divides by, takes the log of or clamps with */
+    const struct {
+        const char *key;
+        double v;
+        int zero_ok;
+    } pos[] = {{"rope_theta", c->rope_theta, 0},       {"compress_rope_theta", c->compress_rope_theta, 0},
+               {"rms_norm_eps", c->rms_norm_eps, 0},   {"hc_eps", c->hc_eps, 1},
+               {"swiglu_limit", c->swiglu_limit, 0},   {"routed_scaling_factor", c->routed_scaling_factor, 0}};
+    for (size_t i = 0; i < sizeof pos / sizeof pos[0]; i++)
+        if (!(pos[i].zero_ok ? pos[i].v >= 0.0 : pos[i].v > 0.0) || !isfinite(pos[i].v))
+            return mill_errf(e, "%s: %s = %g must be %s", src, pos[i].key, pos[i].v,
+                             pos[i].zero_ok ? "finite and not negative" : "finite and positive");
+    if (c->bos_token_id >= c->vocab_size || c->eos_token_id >= c->vocab_size || c->bos_token_id < -1 ||
+        c->eos_token_id < -1)
+        return mill_errf(e, "%s: bos_token_id = %d and eos_token_id = %d must lie inside the vocabulary [0, %d) (or be "
+                            "null)", src, c->bos_token_id, c->eos_token_id, c->vocab_size);
     return 0;
 }
 

@@ -429,6 +429,31 @@ static void test_scoring_relu(void **state) {
     parse_fails(o, "scoring_func", "relu");
 }
 
+/* The numbers a forward divides by or takes the log of, and the special token ids, refused out of
+ * range at parse time, each naming its key. */
+static void test_value_ranges(void **state) {
+    (void)state;
+    const char *keys[] = {"rope_theta", "compress_rope_theta", "rms_norm_eps", "swiglu_limit", "routed_scaling_factor"};
+    for (int i = 0; i < 5; i++) {
+        json_t *o = base_json();
+        json_object_set_new(o, keys[i], json_real(i % 2 ? 0.0 : -1.0));
+        parse_fails(o, keys[i], "positive");
+    }
+    json_t *o = base_json();
+    json_object_set_new(o, "hc_eps", json_real(-1e-6));
+    parse_fails(o, "hc_eps", "not negative");
+    o = base_json();
+    json_object_set_new(o, "rope_scaling", json_pack("{s:s, s:f, s:i}", "type", "yarn", "factor", -4.0,
+                                                     "original_max_position_embeddings", 64));
+    parse_fails(o, "rope_scaling.factor", "positive");
+    o = base_json();
+    set_int(o, "eos_token_id", 256); /* the vocabulary is 256 */
+    parse_fails(o, "eos_token_id", "vocabulary");
+    o = base_json();
+    set_int(o, "bos_token_id", -5);
+    parse_fails(o, "bos_token_id", "vocabulary");
+}
+
 static void test_nonexistent_file(void **state) {
     (void)state;
     const char *path = MILL_TEST_DATA "/no-such-model/config.json";
@@ -487,6 +512,7 @@ int main(void) {
         cmocka_unit_test(test_experts_per_tok),
         cmocka_unit_test(test_rope_linear),
         cmocka_unit_test(test_scoring_relu),
+        cmocka_unit_test(test_value_ranges),
         cmocka_unit_test(test_nonexistent_file),
         cmocka_unit_test(test_load_error_names_path),
     };

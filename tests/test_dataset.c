@@ -293,6 +293,7 @@ static const struct {
     {"{\"prompt\":[\"hi\"],\"label\":\"l\"}", "prompt \"prompt\"[0] is a string"},
     {"{\"prompt\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"user\"}],\"label\":\"l\"}",
      "prompt \"prompt\"[1] has no \"content\""},
+    {"{\"prompt\":[{\"role\":7,\"content\":\"a\"}],\"label\":\"l\"}", "prompt \"prompt\"[0] has a number \"role\""},
     {"{\"prompt\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\"}]}],\"label\":\"l\"}",
      "prompt \"prompt\"[0] has a list \"content\""},
     {"{\"prompt\":[{\"role\":\"user\",\"content\":\"  \"}],\"label\":\"l\"}", "only empty messages"},
