@@ -755,6 +755,28 @@ int wire_raw_parts(const wire_raw *raw, int is_router, const void **data, size_t
     return n;
 }
 
+uint64_t wire_peek_id(const void *header, size_t header_len) {
+    mill_err e;
+    if (!header || !header_len || header_len > WIRE_MAX_HEADER || wire_prescan(header, header_len, &e)) return 0;
+    msgpack_unpacked up;
+    msgpack_unpacked_init(&up);
+    size_t off = 0;
+    uint64_t id = 0;
+    msgpack_unpack_return r = msgpack_unpack_next(&up, header, header_len, &off);
+    if ((r == MSGPACK_UNPACK_SUCCESS || r == MSGPACK_UNPACK_EXTRA_BYTES) && up.data.type == MSGPACK_OBJECT_MAP) {
+        const msgpack_object *o = map_find(&up.data.via.map, "id");
+        if (o && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) id = o->via.u64;
+    }
+    msgpack_unpacked_destroy(&up);
+    return id;
+}
+
+uint64_t wire_raw_id(const wire_raw *raw, int is_router) {
+    const void *data[1];
+    size_t len[1];
+    return raw && wire_raw_parts(raw, is_router, data, len, 1) == 1 ? wire_peek_id(data[0], len[0]) : 0;
+}
+
 void wire_recv_free(wire_raw *raw) {
     if (!raw) return;
     for (int i = 0; i < raw->n; i++) zmq_msg_close(&raw->parts[i]);
@@ -837,7 +859,11 @@ int wire_recv(void *sock, int is_router, int timeout_ms, unsigned char *identity
         frames[i] = zmq_msg_data(&w->parts[h + 1 + i]);
         lens[i] = zmq_msg_size(&w->parts[h + 1 + i]);
     }
-    if (wire_decode(msg, zmq_msg_data(&w->parts[h]), zmq_msg_size(&w->parts[h]), frames, lens, nf, e)) goto fail;
+    if (wire_decode(msg, zmq_msg_data(&w->parts[h]), zmq_msg_size(&w->parts[h]), frames, lens, nf, e)) {
+        if (!is_router) goto fail;
+        *raw = w; /* a server's error reply names the request when its id is readable (wire_raw_id) */
+        return -1;
+    }
     *raw = w;
     return 0;
 fail_drain:

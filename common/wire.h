@@ -85,7 +85,9 @@ void wire_builder_free(wire_builder *b);
 int wire_send(void *sock, const void *identity, size_t identity_len, wire_builder *b, mill_err *e);
 /* Receives one multipart message and decodes it. *raw keeps the frames alive (wire_recv_free).
  * Returns 0, or -1 with e set (the message was consumed; reply with an error), or 1 when no
- * message arrived within timeout_ms (-1 blocks). identity (cap 256) gets the peer frame on ROUTER. */
+ * message arrived within timeout_ms (-1 blocks). identity (cap 256) gets the peer frame on ROUTER;
+ * there a header that arrived whole but does not decode leaves its frames in *raw too (-1), so the
+ * error reply can carry its request id (wire_raw_id); free them either way. */
 typedef struct wire_raw wire_raw;
 int wire_recv(void *sock, int is_router, int timeout_ms, unsigned char *identity, size_t *identity_len, wire_msg **msg,
               wire_raw **raw, mill_err *e);
@@ -93,6 +95,12 @@ void wire_recv_free(wire_raw *raw);
 /* The parts of a received message after the ROUTER identity (is_router): header, then data frames
  * (at most cap; returns how many), to hand the same bytes to wire_decode elsewhere. */
 int wire_raw_parts(const wire_raw *raw, int is_router, const void **data, size_t *lens, int cap);
+/* The request id of a header wire_decode refused (a wrong version, a missing type, a bad frame...),
+ * when it holds a well-formed unsigned "id": so the error reply names the request it answers.
+ * Returns 0 otherwise (the id of no request). */
+uint64_t wire_peek_id(const void *header, size_t header_len);
+/* The same for a received message's header (wire_recv's raw). */
+uint64_t wire_raw_id(const wire_raw *raw, int is_router);
 
 /* CURVE (ZeroMQ's elliptic-curve encryption) for a run's sockets: every binding socket (trainer
  * worker, rollout engines) uses the run's server keypair, every connecting socket the client

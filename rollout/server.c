@@ -741,7 +741,7 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
             int r = wire_recv(s.sock, 1, first && !s.n_samples ? 100 : 0, peer, &peer_len, &msg, &raw, &re);
             if (r == 1) break;
             if (r < 0) {
-                if (peer_len) reply_error(&s, peer, peer_len, 0, re.msg);
+                if (peer_len) reply_error(&s, peer, peer_len, wire_raw_id(raw, 1), re.msg); /* its id, if readable */
                 wire_recv_free(raw);
                 continue;
             }

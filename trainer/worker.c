@@ -966,7 +966,7 @@ int trainer_worker_run(const char *bind, const wire_curve *curve, mill_err *e) {
         if (lead) {
             int r = wire_recv(w.sock, 1, -1, peer, &plen, &msg, &raw, &me);
             if (r) { /* undecodable: answered here, never relayed */
-                if (r < 0 && plen) reply_error(&w, peer, plen, 0, me.msg);
+                if (r < 0 && plen) reply_error(&w, peer, plen, wire_raw_id(raw, 1), me.msg); /* its id, if readable */
                 wire_recv_free(raw);
                 continue;
             }
