@@ -366,7 +366,7 @@ static int reply_version(server *s, const unsigned char *peer, size_t peer_len, 
     return 0;
 }
 
-/* Checks a bucket's frames before any is staged: a bad one leaves the staged version as it was. */
+/* Checks a bucket's frames before any is staged (the caller drops the version a bad one belongs to). */
 static int update_check_frames(const server *s, const wire_msg *msg, const char *who, mill_err *e) {
     for (int i = 0; i < wire_n_frames(msg); i++) {
         const wire_frame *f = wire_frame_at(msg, i);
@@ -431,7 +431,13 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     char who[96] = "update_weights";
     if (senders > 1)
         snprintf(who, sizeof who, "update_weights: version %lld, sender %lld", (long long)version, (long long)sender);
-    if (update_check_frames(s, msg, who, e)) return -1;
+    if (update_check_frames(s, msg, who, e)) { /* the version cannot come whole: the next one is taken */
+        if (!s->staged) return -1;
+        char why[sizeof e->msg];
+        snprintf(why, sizeof why, "%s", e->msg);
+        staged_drop(s);
+        return mill_errf(e, "%s (version dropped)", why);
+    }
     /* tensors not sent keep the values the engine runs: after an IPC update only the device has
      * them. Not while the device copy is given back or came back empty: the staging base is then
      * stale, and the version must bring every float parameter (checked when it is complete). */

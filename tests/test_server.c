@@ -531,6 +531,27 @@ static void test_server_senders(void **st) {
     send_bucket(c1, 34, 24, 0, 1, 2, 1, NULL, NULL);
     expect_reply(c1, "error", 24, "sender 1");
     two_senders(c0, c1, 25, tp[1], next[1], tp[2], next[2]);
+    /* a bucket with a bad frame (a wrong shape) drops the version it belongs to: the next is taken */
+    send_bucket(c0, 38, 27, 0, 0, 2, 0, tp[0], poison);
+    expect_reply(c0, "bucket_ok", 27, NULL);
+    {
+        mill_err e;
+        int64_t bad[1] = {1};
+        b = wire_builder_new("update_weights", 39);
+        wire_put_int(b, "version", 27), wire_put_int(b, "bucket", 0), wire_put_bool(b, "last", 1);
+        wire_put_int(b, "senders", 2), wire_put_int(b, "sender", 1);
+        if (wire_put_frame(b, tp[1]->name, DTYPE_F32, 1, bad, poison, &e)) fail_msg("%s", e.msg);
+        send_msg(c1, b);
+        wire_raw *raw;
+        wire_msg *r = recv_msg(c1, &raw);
+        char msg[512] = "";
+        assert_string_equal(wire_type(r), "error");
+        wire_get_str(r, "message", 1, NULL, msg, sizeof msg, &e);
+        if (!strstr(msg, "wrong shape") || !strstr(msg, "version dropped")) fail_msg("bad frame: %s", msg);
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+    two_senders(c0, c1, 28, tp[1], next[1], tp[2], next[2]);
     /* one sender may still send a tensor twice in a version (the later one counts), as before */
     send_bucket(c0, 35, 26, 0, 0, 1, 0, tp[0], poison);
     expect_reply(c0, "bucket_ok", 26, NULL);
