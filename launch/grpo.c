@@ -1399,6 +1399,16 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
     return rc;
 }
 
+
+/* "controller HOST PID": who drives the run now, so `mill runs` on that host can tell a dead
+ * controller's run (interrupted) from a live one (runs_cli's controller_alive). */
+static int controller_event(ledger *lg, int64_t run_id, mill_err *e) {
+    char host[256] = "?", msg[320];
+    if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "?");
+    host[sizeof host - 1] = 0;
+    snprintf(msg, sizeof msg, "%s %ld", host, (long)getpid());
+    return ledger_event(lg, run_id, -1, "controller", msg, e);
+}
 int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e) {
     grpo_recipe rr = *r; /* the name the ledger gives it */
     run_ctx c = {.r = &rr, .attempt = 1};
@@ -1417,6 +1427,7 @@ int grpo_run(const grpo_recipe *r, const char *recipe_path, mill_err *e) {
         if (!rc) snprintf(rr.name, sizeof rr.name, "%s", run.name);
     }
     if (!rc) rc = ledger_event(c.lg, c.run_id, -1, "start", recipe_path ? recipe_path : "", e);
+    if (!rc) rc = controller_event(c.lg, c.run_id, e);
     if (!rc) rc = drive(&c, r->init_from, 0, 0, e);
     close_inputs(&c);
     ledger_close(c.lg);
@@ -1454,7 +1465,7 @@ int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
     char msg[1300];
     snprintf(msg, sizeof msg, "attempt %d from %s", c.attempt, found == 0 ? ck : "the start");
     if (open_inputs(&c, e) || ledger_event(c.lg, run.id, start, "resume", msg, e) ||
-        ledger_run_set_status(c.lg, run.id, "running", e))
+        controller_event(c.lg, run.id, e) || ledger_run_set_status(c.lg, run.id, "running", e))
         goto out;
     printf("resuming run %s at step %ld (%s)\n", run.name, start, msg);
     rc = drive(&c, model_dir, found == 0, start, e);

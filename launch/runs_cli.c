@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,39 @@ typedef struct {
 } cli_args;
 
 /* Options come as "--name VALUE"; `known` lists the ones this command takes. */
+/* The last "controller HOST PID" event of a run (grpo.c records one at every start and resume). */
+typedef struct {
+    char host[256];
+    long pid;
+} cli_controller;
+
+static int cli_controller_event(void *ctx, const ledger_event_row *row, mill_err *e) {
+    (void)e;
+    cli_controller *c = ctx;
+    if (!strcmp(row->kind, "controller") && sscanf(row->message, "%255s %ld", c->host, &c->pid) != 2) c->pid = 0;
+    return 0;
+}
+
+/* A run the ledger says is running whose controller was on this host and is gone (killed, the
+ * machine restarted) is shown interrupted: `mill resume` picks it up. A controller on another host
+ * cannot be checked from here: its run shows as recorded. */
+static const char *cli_status(ledger *l, const ledger_run *r) {
+    cli_controller c = {{0}, 0};
+    char here[256] = "", path[64], cmd[256];
+    mill_err e;
+    if (strcmp(r->status, "running") || ledger_events_each(l, r->id, cli_controller_event, &c, &e) < 0 || c.pid <= 0 ||
+        gethostname(here, sizeof here - 1) || strcmp(here, c.host))
+        return r->status;
+    if (kill((pid_t)c.pid, 0) && errno == ESRCH) return "interrupted";
+    snprintf(path, sizeof path, "/proc/%ld/cmdline", c.pid); /* a pid taken since by another program */
+    FILE *f = fopen(path, "rb");
+    if (!f) return r->status;
+    size_t n = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    cmd[n] = 0;
+    return strstr(cmd, "mill") ? r->status : "interrupted";
+}
+
 static int cli_parse(int argc, char **argv, const char *const *known, int want_run, cli_args *a, mill_err *e) {
     memset(a, 0, sizeof *a);
     for (int i = 2; i < argc; i++) {
@@ -218,8 +252,8 @@ int cli_runs(int argc, char **argv) {
         else snprintf(steps, sizeof steps, "-");
         if (x.have_reward) snprintf(rew, sizeof rew, "%.4f", x.reward);
         if (x.have_acc) snprintf(acc, sizeof acc, "%.4f", x.acc);
-        printf("%4lld  %-*s  %-11s  %6s  %8s  %8s  %-20s  %s\n", (long long)r->id, wn, r->name, r->status, steps, rew, acc,
-               r->created_at, r->out_dir[0] ? r->out_dir : "-");
+        printf("%4lld  %-*s  %-11s  %6s  %8s  %8s  %-20s  %s\n", (long long)r->id, wn, r->name, cli_status(l, r), steps,
+               rew, acc, r->created_at, r->out_dir[0] ? r->out_dir : "-");
     }
     free(runs);
     ledger_close(l);
@@ -329,7 +363,7 @@ int cli_show(int argc, char **argv) {
 
     printf("run %lld  %s\n", (long long)r.id, r.name);
     printf("  status     %s\n  created    %s\n  recipe     %s\n  out_dir    %s\n  layout     %s\n  seed       %llu\n",
-           r.status, r.created_at, r.recipe_path[0] ? r.recipe_path : "-", r.out_dir[0] ? r.out_dir : "-",
+           cli_status(l, &r), r.created_at, r.recipe_path[0] ? r.recipe_path : "-", r.out_dir[0] ? r.out_dir : "-",
            r.layout[0] ? r.layout : "-", (unsigned long long)r.seed);
     if (r.last_step >= 0) printf("  last step  %ld\n", r.last_step);
     else printf("  last step  - (none recorded)\n");

@@ -95,7 +95,11 @@ wait_step k1 3
 kill -9 $ctl; wait $ctl 2>/dev/null || true
 sleep 0.5
 pid_of "$T/k1/trainer.sock" >/dev/null && fail "k1: the trainer outlived its controller"
+# the ledger still says running; mill runs sees the controller gone and shows it interrupted
+[ "$(q "select status from runs where name='k1'")" = running ] || fail "k1: ledger status $(q "select status from runs where name='k1'")"
+"$MILL" runs --ledger "$L" | grep -E "^ *[0-9]+ +k1 +interrupted " >/dev/null || fail "k1: mill runs: $("$MILL" runs --ledger "$L" | grep k1)"
 "$MILL" resume k1 --ledger "$L" > "$T/k1r.out" 2>&1 || { cat "$T/k1r.out" >&2; fail "k1: resume"; }
+"$MILL" runs --ledger "$L" | grep -E "^ *[0-9]+ +k1 +finished " >/dev/null || fail "k1: after resume: $("$MILL" runs --ledger "$L" | grep k1)"
 same_state "$T/ref/step-000006" "$T/k1/step-000006" "controller kill"
 echo "controller killed after step 3: resumed, final weights and Adam state bit-identical"
 
