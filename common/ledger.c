@@ -53,6 +53,7 @@ static const char lg_schema[] =
     " data_cursor INTEGER NOT NULL,"
     " rng_state BLOB,"
     " metrics TEXT NOT NULL,"
+    " superseded INTEGER NOT NULL DEFAULT 0 CHECK (superseded IN (0, 1)),"
     " PRIMARY KEY (run_id, step, attempt));"
     "CREATE TABLE samples("
     " run_id INTEGER NOT NULL REFERENCES runs(id),"
@@ -66,6 +67,7 @@ static const char lg_schema[] =
     " weight_version INTEGER NOT NULL,"
     " finish TEXT,"
     " text TEXT,"
+    " superseded INTEGER NOT NULL DEFAULT 0 CHECK (superseded IN (0, 1)),"
     " UNIQUE (run_id, step, attempt, prompt_id, sample_idx));"
     "CREATE TABLE checkpoints("
     " id INTEGER PRIMARY KEY,"
@@ -244,6 +246,30 @@ static int lg_check_identity(ledger *l, int app, int ver, int nobj, mill_err *e)
     return 0;
 }
 
+/* Version 1 -> 2: steps and samples gain `superseded`, filled as version 1 read them (a row is
+ * stale when a later attempt began at or before its step), in one transaction. */
+static int lg_migrate(ledger *l, int ver, mill_err *e) {
+    static const char sql[] =
+        "ALTER TABLE steps ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0 CHECK (superseded IN (0, 1));"
+        "ALTER TABLE samples ADD COLUMN superseded INTEGER NOT NULL DEFAULT 0 CHECK (superseded IN (0, 1));"
+        "CREATE TEMP TABLE firsts AS SELECT run_id, attempt, min(step) AS first FROM"
+        " (SELECT run_id, attempt, step FROM steps UNION ALL SELECT run_id, attempt, step FROM samples)"
+        " GROUP BY run_id, attempt;"
+        "UPDATE steps SET superseded = 1 WHERE EXISTS (SELECT 1 FROM firsts f WHERE f.run_id = steps.run_id"
+        " AND f.attempt > steps.attempt AND f.first <= steps.step);"
+        "UPDATE samples SET superseded = 1 WHERE EXISTS (SELECT 1 FROM firsts f WHERE f.run_id = samples.run_id"
+        " AND f.attempt > samples.attempt AND f.first <= samples.step);"
+        "DROP TABLE firsts;"
+        "PRAGMA user_version = 2;";
+    if (ver != 1) return 0;
+    if (lg_begin(l, e)) return -1;
+    if (lg_exec(l, sql, "migrating the ledger to schema version 2", e)) {
+        lg_rollback(l);
+        return -1;
+    }
+    return lg_commit(l, e);
+}
+
 static int lg_open(ledger **out, const char *path, int create, mill_err *e) {
     *out = NULL;
     if (!path || !*path) return mill_errf(e, "ledger: empty path");
@@ -296,6 +322,7 @@ static int lg_open(ledger **out, const char *path, int create, mill_err *e) {
         lg_exec(l, "PRAGMA foreign_keys=ON", "enabling foreign keys", e))
         goto fail;
 
+    if (!fresh && lg_migrate(l, ver, e)) goto fail;
     if (fresh) {
         /* Another process may be creating the same file: decide again under the write lock. */
         if (lg_begin(l, e) || lg_identity(l, &app, &ver, &nobj, e)) goto fail_tx;
@@ -653,12 +680,35 @@ int ledger_max_attempt(ledger *l, int64_t run_id, int *attempt, mill_err *e) {
     return out;
 }
 
-/* Live rows only: a row is stale when a later attempt began at or before its step (first = the
- * lowest step an attempt recorded). Attempts are few, so the check is cheap per row. */
-#define LG_LIVE_STEPS                                                                                           \
-    "WITH firsts(attempt, first) AS (SELECT attempt, min(step) FROM steps WHERE run_id = ?1 GROUP BY attempt) " \
-    "SELECT step, attempt, weight_version, data_cursor, started_at, finished_at, metrics FROM steps s "        \
-    "WHERE run_id = ?1 AND NOT EXISTS (SELECT 1 FROM firsts f WHERE f.attempt > s.attempt AND f.first <= s.step) "
+int ledger_supersede(ledger *l, int64_t run_id, long from_step, int attempt, mill_err *e) {
+    static const char *const sql[2] = {
+        "UPDATE steps SET superseded = 1 WHERE run_id = ?1 AND step >= ?2 AND attempt < ?3 AND superseded = 0",
+        "UPDATE samples SET superseded = 1 WHERE run_id = ?1 AND step >= ?2 AND attempt < ?3 AND superseded = 0"};
+    if (lg_begin(l, e)) return -1;
+    for (int i = 0; i < 2; i++) {
+        sqlite3_stmt *st;
+        if (lg_prepare(l, sql[i], &st, "marking superseded rows", e)) {
+            lg_rollback(l);
+            return -1;
+        }
+        int rc = sqlite3_bind_int64(st, 1, run_id);
+        if (rc == SQLITE_OK) rc = sqlite3_bind_int64(st, 2, from_step);
+        if (rc == SQLITE_OK) rc = sqlite3_bind_int(st, 3, attempt);
+        if (rc == SQLITE_OK) rc = sqlite3_step(st);
+        lg_finalize(st);
+        if (rc != SQLITE_DONE) {
+            lg_fail(l, e, "marking superseded rows");
+            lg_rollback(l);
+            return -1;
+        }
+    }
+    return lg_commit(l, e);
+}
+
+/* Live rows only (not superseded by a later attempt that went back past them). */
+#define LG_LIVE_STEPS                                                                                     \
+    "SELECT step, attempt, weight_version, data_cursor, started_at, finished_at, metrics FROM steps "    \
+    "WHERE run_id = ?1 AND superseded = 0 "
 
 /* The end of an _each reader's loop: the callback's stop value, or an error if SQLite stopped early. */
 static int lg_each_end(ledger *l, int rc, int stop, const char *what, mill_err *e) {
@@ -735,7 +785,7 @@ int ledger_samples_recent(ledger *l, int64_t run_id, int limit, ledger_sample_fn
     sqlite3_stmt *st;
     if (lg_prepare(l,
                    "SELECT step, attempt, prompt_id, sample_idx, reward, prompt_len, response_len, weight_version, finish, "
-                   "text FROM samples WHERE run_id = ?1 "
+                   "text FROM samples WHERE run_id = ?1 AND superseded = 0 "
                    "ORDER BY step DESC, attempt DESC, prompt_id DESC, sample_idx DESC LIMIT ?2",
                    &st, "reading samples", e))
         return -1;

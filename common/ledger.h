@@ -9,17 +9,19 @@
  *   runs(id INTEGER PRIMARY KEY, name TEXT UNIQUE, created_at, status, recipe_path, recipe_text,
  *        out_dir, layout, seed, last_step)   status: running | finished | failed | interrupted
  *   steps(run_id, step, attempt, started_at, finished_at, weight_version, data_cursor,
- *         rng_state BLOB, metrics TEXT (a JSON object), PRIMARY KEY(run_id, step, attempt))
+ *         rng_state BLOB, metrics TEXT (a JSON object), superseded, PRIMARY KEY(run_id, step, attempt))
  *   samples(run_id, step, attempt, prompt_id, sample_idx, reward, prompt_len, response_len,
- *           weight_version, finish, text, UNIQUE(run_id, step, attempt, prompt_id, sample_idx))
+ *           weight_version, finish, text, superseded, UNIQUE(run_id, step, attempt, prompt_id, sample_idx))
  *   checkpoints(id, run_id, step, path, checksum, bytes, complete, created_at, UNIQUE(run_id, path))
  *   events(id, run_id, at, step, kind, message)
  * Times are UTC text, "YYYY-MM-DDTHH:MM:SSZ". Every child row references runs(id).
  *
  * Attempts: a resumed run re-does the steps after its checkpoint under a new attempt number
- * (ledger_max_attempt + 1), so nothing recorded is overwritten. A step row is live unless a later
- * attempt recorded the same or an earlier step (that attempt rewound past it); the reads below
- * that say "live" return only those rows, which form the run's one effective history.
+ * (ledger_max_attempt + 1), so nothing recorded is overwritten: the rows of earlier attempts it
+ * goes back past are marked superseded = 1 (ledger_supersede), so `WHERE superseded = 0` sees each
+ * step and its samples once; the reads below that say "live" return only those rows, the run's one
+ * effective history. Version 1 ledgers gain the column on open, filled by the rule version 1 read
+ * them with (a row is stale when a later attempt began at or before its step).
  *
  * Durability: WAL with synchronous=NORMAL. A write is one transaction; a process killed at any
  * point loses nothing it committed, and a power loss may lose the last commits but never corrupts
@@ -35,7 +37,7 @@
 
 #include "err.h"
 
-#define LEDGER_SCHEMA_VERSION 1
+#define LEDGER_SCHEMA_VERSION 2
 #define LEDGER_APP_ID 0x6d696c6c /* "mill" */
 /* Where mill looks when no --ledger is given: $MILL_LEDGER if set, else this, relative to the
  * working directory. */
@@ -99,6 +101,9 @@ int ledger_step_state(ledger *l, int64_t run_id, long step, int64_t *data_cursor
                       size_t *rng_len, int *attempt, mill_err *e);
 /* The highest attempt number recorded for the run in steps or samples (0 when none). */
 int ledger_max_attempt(ledger *l, int64_t run_id, int *attempt, mill_err *e);
+/* Attempt `attempt` goes back to from_step: the steps and samples of earlier attempts at from_step or
+ * later are superseded (kept, marked), so the live rows are each step once. One transaction. */
+int ledger_supersede(ledger *l, int64_t run_id, long from_step, int attempt, mill_err *e);
 
 typedef struct {
     long step;

@@ -1355,7 +1355,8 @@ static int restart_trainer(run_ctx *c, const char *why, long *start, char *ck, s
     c->attempt++;
     char msg[1300];
     snprintf(msg, sizeof msg, "attempt %d from %s", c->attempt, found == 0 ? ck : "the start");
-    return ledger_event(c->lg, c->run_id, *start, "restart", msg, e);
+    return ledger_supersede(c->lg, c->run_id, found == 0 ? *start + 1 : 0, c->attempt, e) ||
+           ledger_event(c->lg, c->run_id, *start, "restart", msg, e);
 }
 
 static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill_err *e) {
@@ -1464,7 +1465,8 @@ int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
     if (found < 0) goto out;
     char msg[1300];
     snprintf(msg, sizeof msg, "attempt %d from %s", c.attempt, found == 0 ? ck : "the start");
-    if (open_inputs(&c, e) || ledger_event(c.lg, run.id, start, "resume", msg, e) ||
+    if (open_inputs(&c, e) || ledger_supersede(c.lg, run.id, found == 0 ? start + 1 : 0, c.attempt, e) ||
+        ledger_event(c.lg, run.id, start, "resume", msg, e) ||
         controller_event(c.lg, run.id, e) || ledger_run_set_status(c.lg, run.id, "running", e))
         goto out;
     printf("resuming run %s at step %ld (%s)\n", run.name, start, msg);

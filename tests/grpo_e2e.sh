@@ -100,6 +100,9 @@ pid_of "$T/k1/trainer.sock" >/dev/null && fail "k1: the trainer outlived its con
 "$MILL" runs --ledger "$L" | grep -E "^ *[0-9]+ +k1 +interrupted " >/dev/null || fail "k1: mill runs: $("$MILL" runs --ledger "$L" | grep k1)"
 "$MILL" resume k1 --ledger "$L" > "$T/k1r.out" 2>&1 || { cat "$T/k1r.out" >&2; fail "k1: resume"; }
 "$MILL" runs --ledger "$L" | grep -E "^ *[0-9]+ +k1 +finished " >/dev/null || fail "k1: after resume: $("$MILL" runs --ledger "$L" | grep k1)"
+# the redone steps' first-attempt samples are kept but superseded: each step's live samples are one batch
+n=$(q "select group_concat(c, ' ') from (select count(*) c from samples s join runs r on r.id=s.run_id where r.name='k1' and s.superseded=0 group by s.step)")
+[ "$n" = "16 16 16 16 16 16" ] || fail "k1: live samples per step: $n"
 same_state "$T/ref/step-000006" "$T/k1/step-000006" "controller kill"
 echo "controller killed after step 3: resumed, final weights and Adam state bit-identical"
 

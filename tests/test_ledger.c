@@ -198,9 +198,10 @@ static void test_steps(void **state) {
     assert_int_equal(ledger_run_find(l, "s", &r, &e), 0);
     assert_int_equal(r.last_step, 5);
 
-    /* resume from step 3 under attempt 2: steps 4 and 5 of attempt 1 are no longer live */
+    /* resume from step 3 under attempt 2: steps 4 and 5 of attempt 1 are superseded */
     assert_int_equal(ledger_max_attempt(l, run, &att, &e), 0);
     assert_int_equal(att, 1);
+    assert_int_equal(ledger_supersede(l, run, 4, 2, &e), 0);
     step_ok(l, run, 4, 2, "{\"reward\": 0.75}");
     assert_int_equal(ledger_step_state(l, run, 4, &cursor, rng, sizeof rng, &rlen, &attempt, &e), 0);
     assert_int_equal(attempt, 2);
@@ -365,6 +366,47 @@ static void raw_sql(const char *path, const char *sql) {
     assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
     if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) fail_msg("%s: %s", sql, sqlite3_errmsg(db));
     assert_int_equal(sqlite3_close(db), SQLITE_OK);
+}
+
+/* Samples of an abandoned attempt: superseded when a later attempt goes back past their step, kept,
+ * and no longer among the live ones; a version 1 ledger (no superseded column) gains the column on
+ * open, filled as version 1 read it. */
+static void test_superseded(void **state) {
+    test_dir *f = *state;
+    mill_err e = {{0}};
+    ledger *l = open_ok(f->path);
+    int64_t run = new_run(l, "sup");
+    ledger_sample a[6];
+    for (int i = 0; i < 6; i++) /* attempt 1: steps 1..3, two samples each */
+        a[i] = (ledger_sample){run, 1 + i / 2, 1, 0, i % 2, 1.0, 1, 1, 1, "stop", "a1"};
+    assert_int_equal(ledger_samples_add(l, a, 6, &e), 0);
+    assert_int_equal(ledger_supersede(l, run, 2, 2, &e), 0); /* attempt 2 goes back to step 2 */
+    for (int i = 0; i < 4; i++) a[i] = (ledger_sample){run, 2 + i / 2, 2, 0, i % 2, 0.5, 1, 1, 2, "stop", "a2"};
+    assert_int_equal(ledger_samples_add(l, a, 4, &e), 0);
+    sample_list s = {0};
+    assert_int_equal(ledger_samples_recent(l, run, 100, collect_sample, &s, &e), 0);
+    assert_int_equal(s.n, 6); /* steps 1 (attempt 1), 2 and 3 (attempt 2): each step once */
+    for (int i = 0; i < 4; i++) assert_string_equal(s.text[i], "a2");
+    ledger_close(l);
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_prepare_v2(db, "SELECT count(*), sum(superseded) FROM samples", -1, &st, NULL), SQLITE_OK);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    assert_int_equal(sqlite3_column_int(st, 0), 10); /* nothing recorded is lost */
+    assert_int_equal(sqlite3_column_int(st, 1), 4);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+
+    /* version 1: the same rows without the column (dropped here), then opened by this mill */
+    raw_sql(f->path, "ALTER TABLE samples DROP COLUMN superseded; ALTER TABLE steps DROP COLUMN superseded;"
+                     "PRAGMA user_version = 1;");
+    l = open_ok(f->path);
+    memset(&s, 0, sizeof s);
+    assert_int_equal(ledger_samples_recent(l, run, 100, collect_sample, &s, &e), 0);
+    assert_int_equal(s.n, 6);
+    for (int i = 0; i < 4; i++) assert_string_equal(s.text[i], "a2");
+    ledger_close(l);
 }
 
 static void expect_open_error(const char *path, const char *part) {
@@ -645,6 +687,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test_setup_teardown(test_runs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_steps, setup, teardown),
         cmocka_unit_test_setup_teardown(test_samples, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_superseded, setup, teardown),
         cmocka_unit_test_setup_teardown(test_checkpoints_events, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wal_reader, setup, teardown),
