@@ -38,7 +38,7 @@ static int usage(FILE *to) {
             "          [--routing ROUTING.safetensors]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
-            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--device auto|cpu|cuda]\n"
+            "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--queue-mb MB] [--device auto|cpu|cuda]\n"
             "          [--curve FILE]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
             "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
@@ -691,12 +691,15 @@ done:
 }
 
 static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
-    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", "--curve", NULL};
+    static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", "--curve",
+                                        "--queue-mb", NULL};
     if (check_opts(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
     if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
-    double mb = 1024, mbatch = 64;
+    double mb = 1024, mbatch = 64, qmb = 16384;
     if (opt(argc, argv, "--cache-mb") && parse_num("--cache-mb", opt(argc, argv, "--cache-mb"), 1, 1 << 24, &mb, e))
+        return -1;
+    if (opt(argc, argv, "--queue-mb") && parse_num("--queue-mb", opt(argc, argv, "--queue-mb"), 1, 1 << 24, &qmb, e))
         return -1;
     if (opt(argc, argv, "--max-batch") && parse_num("--max-batch", opt(argc, argv, "--max-batch"), 1, 1 << 16, &mbatch, e))
         return -1;
@@ -705,7 +708,7 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
     if (opt_device(argc, argv, &dev, e) || opt_curve(argc, argv, &curve, e)) return -1;
     dsv4_model m;
     if (model_load(&m, dir, e)) return -1;
-    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve};
+    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve, (size_t)(qmb * (1 << 20))};
     int rc = rollout_server_run(&m, &sc, e);
     model_free(&m);
     return rc;

@@ -24,6 +24,7 @@ typedef struct {
     int32_t *tokens;               /* [plen + max_new] */
     float *logprobs;               /* [max_new] */
     int32_t *routing;              /* [layers, plen + max_new, k] */
+    size_t bytes;                  /* of the three buffers above (the queue's budget counts them) */
     engine_seq *seq;
     rng r;
     long version_start;
@@ -56,6 +57,7 @@ typedef struct {
     void *sock;
     sample **samples;
     int n_samples, cap_samples;
+    size_t queued_bytes, queue_budget; /* the samples' buffers, and their bound */
     long version, steps, tokens_out, requests;
     int released, stop;
     /* staged weight update: buckets of one version from senders 0..staged_senders-1, applied when
@@ -109,6 +111,7 @@ static void reply_simple(server *s, const unsigned char *peer, size_t peer_len, 
 
 static void sample_free(server *s, sample *sm) {
     if (sm->seq) engine_seq_free(&s->en, sm->seq);
+    s->queued_bytes -= sm->bytes;
     free(sm->tokens);
     free(sm->logprobs);
     free(sm->routing);
@@ -167,6 +170,16 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
     if (engine_seq_bytes(&s->en, maxplen + (int)maxn) > s->en.budget)
         return mill_errf(e, "generate: one sample of %lld tokens needs %zu cache bytes, more than the %zu-byte budget",
                          (long long)(maxplen + maxn), engine_seq_bytes(&s->en, maxplen + (int)maxn), s->en.budget);
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
+    size_t need = 0; /* backpressure: a request that would take the queue past its budget waits outside */
+    for (int p = 0; p < P; p++)
+        need += (size_t)n * (sizeof(int32_t) * (size_t)(plens[p] + maxn) * (size_t)(1 + L * K) +
+                             sizeof(float) * (size_t)(maxn ? maxn : 1));
+    if (s->queued_bytes + need > s->queue_budget)
+        return mill_errf(e, "generate: busy: %d samples queued take %.1f MiB, this request's %lld need %.1f MiB more "
+                            "than the %.1f MiB queue budget; retry once some finish",
+                         s->n_samples, (double)s->queued_bytes / 1048576.0, (long long)(n * P), (double)need / 1048576.0,
+                         (double)s->queue_budget / 1048576.0);
     request *rq = calloc(1, sizeof *rq);
     if (!rq) return mill_errf(e, "generate: out of memory");
     memcpy(rq->peer, peer, peer_len);
@@ -176,7 +189,6 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
     rq->sp = (sample_params){.temperature = (float)temp, .top_p = (float)topp, .top_k = (int)topk,
                              .seed = (uint64_t)seed, .max_new_tokens = (int)maxn, .n_stop = n_stop};
     for (int i = 0; i < n_stop; i++) rq->sp.stop[i] = (int32_t)stop[i];
-    int L = c->num_hidden_layers, K = c->num_experts_per_tok;
     const int32_t *pp = prompt;
     for (int i = 0; i < rq->n; i++) {
         int plen = plens[i / n];
@@ -185,6 +197,9 @@ static int handle_generate(server *s, const wire_msg *msg, const unsigned char *
             sm->tokens = malloc(sizeof(int32_t) * (size_t)(plen + maxn));
             sm->logprobs = malloc(sizeof(float) * (size_t)(maxn ? maxn : 1));
             sm->routing = malloc(sizeof(int32_t) * (size_t)L * (size_t)(plen + maxn) * K);
+            sm->bytes = sizeof(int32_t) * (size_t)(plen + maxn) * (size_t)(1 + L * K) +
+                        sizeof(float) * (size_t)(maxn ? maxn : 1);
+            s->queued_bytes += sm->bytes;
         }
         if (s->n_samples == s->cap_samples) {
             int cap = s->cap_samples ? 2 * s->cap_samples : 64;
@@ -702,6 +717,7 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
     server s = {0};
     s.m = m;
     s.max_batch = sc->max_batch > 0 ? sc->max_batch : 64;
+    s.queue_budget = sc->queue_budget ? sc->queue_budget : (size_t)16 << 30;
     dsv4_model dm = {0};
     s.run = m;
     if (kctx_init(&s.k, sc->device, e)) return -1;

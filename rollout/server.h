@@ -19,6 +19,8 @@ typedef struct {
     int max_batch;       /* sequences per engine step */
     mill_device device;  /* where the engine runs (CUDA: a device copy of the weights, refreshed on each swap) */
     const wire_curve *curve; /* the run's CURVE keys (NULL: a plain socket) */
+    size_t queue_budget; /* bytes the queued samples' buffers may take (0: 16 GiB); a generate past it
+                          * answers error "busy" (backpressure) and queues nothing */
 } server_config;
 
 /* Serves until a "shutdown" message; the model's weights may be replaced by update_weights. */

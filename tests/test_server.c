@@ -95,7 +95,7 @@ static void test_server(void **st) {
         wire_curve_new(&other, &a->e))
         fail_msg("%s", a->e.msg);
     unlink(kpath);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys};
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0};
     /* golden prompts and HF-checked greedy continuations */
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;
@@ -418,7 +418,7 @@ static void test_server_senders(void **st) {
     if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
     wire_curve keys;
     if (wire_curve_new(&keys, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys};
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0};
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;
     json_t *g = json_load_file(path, 0, &je);
@@ -600,7 +600,79 @@ static void test_server_senders(void **st) {
     free(a);
 }
 
+/* This process's resident memory in KiB (the server runs in it, on a thread). */
+static long rss_kib(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long kib = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6)) kib = strtol(line + 6, NULL, 10);
+    if (f) fclose(f);
+    return kib;
+}
+
+/* A flood: 10,000 generate requests sent at once to a server whose queue may take 256 KiB. Each
+ * request gets one answer: its sample and done, or error "busy" (backpressure) with nothing
+ * queued; the server's memory stays bounded, and it serves again once the queue drains. */
+static void test_server_flood(void **st) {
+    (void)st;
+    char dir[512], addr[128];
+    snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
+    snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-flood-%d.sock", (int)getpid());
+    server_arg *a = calloc(1, sizeof *a);
+    if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
+    wire_curve keys;
+    if (wire_curve_new(&keys, &a->e)) fail_msg("%s", a->e.msg);
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, (size_t)256 << 10};
+    pthread_t th;
+    pthread_create(&th, NULL, server_main, a);
+    void *ctx = zmq_ctx_new(), *c = connect_client(ctx, addr, &keys);
+    int hwm = 0; /* no queue limits this side: the flood reaches the server, and none of the replies the
+                  * client reads only afterwards is dropped at a full queue */
+    zmq_setsockopt(c, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(c, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    int32_t prompt[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    long before = rss_kib(), peak = before;
+    enum { R = 10000 };
+    for (int i = 0; i < R; i++) send_msg(c, gen_request((uint64_t)(1000 + i), prompt, 8, 1, 4));
+    int done = 0, busy = 0, other = 0;
+    while (done + busy + other < R) {
+        wire_raw *raw;
+        wire_msg *r = recv_msg(c, &raw);
+        const char *t = wire_type(r);
+        char msg[512] = "";
+        mill_err e;
+        if (!strcmp(t, "done")) done++;
+        else if (!strcmp(t, "error")) {
+            wire_get_str(r, "message", 0, "", msg, sizeof msg, &e);
+            if (strstr(msg, "busy")) busy++;
+            else other++, fprintf(stderr, "flood: %s\n", msg);
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+        long now = rss_kib();
+        peak = now > peak ? now : peak;
+    }
+    printf("# flood: %d requests, %d served, %d refused busy; RSS %ld KiB before, peak %ld KiB (+%ld)\n", R, done, busy,
+           before, peak, peak - before);
+    assert_int_equal(other, 0);
+    assert_true(done > 0 && busy > 0);
+    assert_true(peak - before < 64 * 1024); /* the 10,000 requests never all sit in memory */
+    int32_t tok[4];
+    float lp[4];
+    (void)generate_one(c, 99999, prompt, 8, 4, tok, lp); /* drained: served again */
+    send_msg(c, wire_builder_new("shutdown", 100000));
+    expect_reply(c, "bye", 0, NULL);
+    pthread_join(th, NULL);
+    assert_int_equal(a->rc, 0);
+    zmq_close(c);
+    zmq_ctx_term(ctx);
+    model_free(&a->m);
+    free(a);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_server), cmocka_unit_test(test_server_senders)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_server), cmocka_unit_test(test_server_senders),
+                                       cmocka_unit_test(test_server_flood)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
