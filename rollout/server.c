@@ -741,7 +741,12 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
         goto out;
     }
     s.sock = zmq_socket(ctx, ZMQ_ROUTER);
-    if (!s.sock || zmq_setsockopt(s.sock, ZMQ_LINGER, &linger, sizeof linger)) {
+    /* a reply waits (up to a second) for a client still reading rather than being dropped at a full
+     * queue; one to a client that has gone is dropped at once (mandatory routing says so) */
+    int mandatory = 1, send_ms = 1000;
+    if (!s.sock || zmq_setsockopt(s.sock, ZMQ_LINGER, &linger, sizeof linger) ||
+        zmq_setsockopt(s.sock, ZMQ_ROUTER_MANDATORY, &mandatory, sizeof mandatory) ||
+        zmq_setsockopt(s.sock, ZMQ_SNDTIMEO, &send_ms, sizeof send_ms)) {
         mill_errf(e, "server: cannot make a socket: %s", zmq_strerror(zmq_errno()));
         goto out;
     }
