@@ -24,7 +24,21 @@ typedef struct {
     server_config sc;
     int rc;
     mill_err e;
+    char addr[128];
+    wire_curve keys;
 } server_arg;
+
+/* A server of tiny-a on an ipc socket named after tag, with fresh CURVE keys and this queue budget
+ * (0: the default); started by the caller (server_main). */
+static server_arg *tiny_a_server(const char *tag, size_t queue_budget) {
+    char dir[512];
+    server_arg *a = calloc(1, sizeof *a);
+    snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
+    snprintf(a->addr, sizeof a->addr, "ipc:///tmp/mill-test-server-%s-%d.sock", tag, (int)getpid());
+    if (model_load(&a->m, dir, &a->e) || wire_curve_new(&a->keys, &a->e)) fail_msg("%s", a->e.msg);
+    a->sc = (server_config){a->addr, (size_t)64 << 20, 8, DEVICE_CPU, &a->keys, queue_budget};
+    return a;
+}
 
 static void *server_main(void *p) {
     server_arg *a = p;
@@ -420,14 +434,9 @@ static void two_senders(void *c0, void *c1, int64_t version, const param_info *p
  * update of the same tensors; each multi-sender error drops the version and the next one is taken. */
 static void test_server_senders(void **st) {
     (void)st;
-    char dir[1024], path[1100], addr[128];
+    char dir[1024], path[1100];
     snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
-    snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-senders-%d.sock", (int)getpid());
-    server_arg *a = calloc(1, sizeof *a);
-    if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
-    wire_curve keys;
-    if (wire_curve_new(&keys, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0};
+    server_arg *a = tiny_a_server("senders", 0);
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;
     json_t *g = json_load_file(path, 0, &je);
@@ -456,7 +465,7 @@ static void test_server_senders(void **st) {
     pthread_t th;
     pthread_create(&th, NULL, server_main, a);
     void *ctx = zmq_ctx_new();
-    void *c0 = connect_client(ctx, addr, &keys), *c1 = connect_client(ctx, addr, &keys);
+    void *c0 = connect_client(ctx, a->addr, &a->keys), *c1 = connect_client(ctx, a->addr, &a->keys);
     int32_t tok[64], tok7[64];
     float lp[64], lp7[64];
 
@@ -625,18 +634,11 @@ static long rss_kib(void) {
  * queued; the server's memory stays bounded, and it serves again once the queue drains. */
 static void test_server_flood(void **st) {
     (void)st;
-    char dir[512], addr[128];
-    snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
-    snprintf(addr, sizeof addr, "ipc:///tmp/mill-test-server-flood-%d.sock", (int)getpid());
-    server_arg *a = calloc(1, sizeof *a);
-    if (model_load(&a->m, dir, &a->e)) fail_msg("%s", a->e.msg);
-    wire_curve keys;
-    if (wire_curve_new(&keys, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, (size_t)256 << 10};
+    server_arg *a = tiny_a_server("flood", (size_t)256 << 10);
     pthread_t th;
     pthread_create(&th, NULL, server_main, a);
     /* no queue limit on the client's side: the flood reaches the server as fast as it can take it */
-    void *ctx = zmq_ctx_new(), *c = connect_client_hwm(ctx, addr, &keys, 1);
+    void *ctx = zmq_ctx_new(), *c = connect_client_hwm(ctx, a->addr, &a->keys, 1);
     int32_t prompt[8] = {1, 2, 3, 4, 5, 6, 7, 8};
     long before = rss_kib(), peak = before;
     enum { R = 10000 };
