@@ -342,6 +342,14 @@ int op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e
     return 0;
 }
 
+int op_copy_2d(const kctx *k, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, long rows,
+               mill_err *e) {
+    MILL_CUDA_DISPATCH(cuda_op_copy_2d(k, dst, dpitch, src, spitch, width, rows, e));
+    TRY(kctx_require_cpu(k, "op_copy_2d", e));
+    for (long r = 0; width && r < rows; r++) memmove((char *)dst + r * dpitch, (const char *)src + r * spitch, width);
+    return 0;
+}
+
 int op_zero(const kctx *k, void *x, size_t bytes, mill_err *e) {
     MILL_CUDA_DISPATCH(cuda_op_zero(k, x, bytes, e));
     TRY(kctx_require_cpu(k, "op_zero", e));

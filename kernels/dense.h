@@ -94,6 +94,10 @@ int op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes
 /* The same copy queued without waiting: the bytes are in host_dst after the next kctx_sync or
  * op_copy_to_host (CUDA: truly asynchronous only into mem_alloc_host memory). */
 int op_copy_to_host_async(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);
+/* rows rows of width bytes from src (rows spitch bytes apart) to dst (dpitch apart), in k's memory: a
+ * block of columns moved between row-major matrices (tensor-parallel pieces into whole rows). */
+int op_copy_2d(const kctx *k, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, long rows,
+               mill_err *e);
 /* fp32 to bf16 (round to nearest even, NaN kept quiet: f32_to_bf16's bits) and back: a boundary
  * tensor's wire format (the pipeline's streams). */
 int op_to_bf16(const kctx *k, uint16_t *dst, const float *src, size_t n, mill_err *e);

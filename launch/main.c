@@ -569,11 +569,11 @@ static int parse_num(const char *name, const char *v, double lo, double hi, doub
     return 0;
 }
 
-static int cmd_generate(int argc, char **argv, mill_err *e) {
+static int cmd_generate(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--input", "--output", "--max-new-tokens", "--temperature",
                                         "--top-p", "--top-k", "--seed", "--stop", "--routing", "--cache-mb",
                                         "--device", NULL};
-    if (check_opts(argc, argv, known, e)) return -1;
+    if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *in = opt(argc, argv, "--input"), *out = opt(argc, argv, "--output");
     const char *mnt = opt(argc, argv, "--max-new-tokens"), *temp = opt(argc, argv, "--temperature");
     if (!dir || !in || !out || !mnt || !temp)
@@ -600,21 +600,18 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
     if (opt(argc, argv, "--cache-mb") && parse_num("--cache-mb", opt(argc, argv, "--cache-mb"), 1, 1 << 24, &cache_mb, e))
         return -1;
     mill_device dev;
-    if (opt_device(argc, argv, &dev, e)) return -1;
-    dsv4_model m, dm = {0};
-    if (model_load(&m, dir, e)) return -1;
+    dsv4_config cfg;
+    par_sizes ps; /* the engine's ranks: --tp, --ep (rollout/group.h) */
+    if (opt_device(argc, argv, &dev, e) || config_load(dir, &cfg, e) || ranks_engine_sizes(argc, argv, &ps, e))
+        return -1;
     for (int i = 2; i + 1 < argc; i += 2)
         if (strcmp(argv[i], "--stop") == 0) {
-            if (sp.n_stop == 8) {
-                model_free(&m);
-                return mill_errf(e, "at most 8 --stop ids");
-            }
-            if (parse_num("--stop", argv[i + 1], 0, m.cfg.vocab_size - 1, &v, e)) {
-                model_free(&m);
-                return -1;
-            }
+            if (sp.n_stop == 8) return mill_errf(e, "at most 8 --stop ids");
+            if (parse_num("--stop", argv[i + 1], 0, cfg.vocab_size - 1, &v, e)) return -1;
             sp.stop[sp.n_stop++] = (int32_t)v;
         }
+    if (ranks_start(argc, argv, &ps, &cfg, 0, world, e)) return -1;
+    dsv4_model m = {0}, dm = {0};
     int rc = -1, B = 0, T = 0, *lens = NULL;
     int32_t *ids = NULL;
     const int32_t **rows = NULL;
@@ -623,16 +620,25 @@ static int cmd_generate(int argc, char **argv, mill_err *e) {
     json_t *o = NULL;
     safetensors_writer *w = NULL;
     const dsv4_model *run = NULL;
-    if (kctx_init(&k, dev, e) || read_input_rows(in, m.cfg.vocab_size, &ids, &B, &T, &lens, e) ||
+    engine_group g = {0};
+    engine en = {0};
+    if (kctx_init(&k, dev, e) || read_input_rows(in, cfg.vocab_size, &ids, &B, &T, &lens, e) ||
+        group_init(&g, *world, ps.tp, ps.ep, &cfg, &k, e) || model_load_stage(&m, dir, &g.stage, e) ||
         !(run = model_on(&m, &dm, &k, e)))
         goto done;
+    group_model_io(&g, (dsv4_model *)run);
+    if (engine_init_group(&en, run, &k, (size_t)(cache_mb * (1 << 20)), &g, e)) goto done;
+    if (g.rank > 0) { /* a follower: the leader's steps until it is done */
+        rc = generate_follow(&en, e);
+        goto done;
+    }
     rows = malloc(sizeof *rows * (size_t)B);
     if (!rows) {
         mill_errf(e, "generate: out of memory");
         goto done;
     }
     for (int b = 0; b < B; b++) rows[b] = ids + (long)b * T;
-    if (generate_cached(run, &k, rows, lens, B, &sp, (size_t)(cache_mb * (1 << 20)), &res, e)) goto done;
+    if (generate_engine(&en, rows, lens, B, &sp, &res, e) || group_cast(&g, GROUP_STOP, NULL, 0, e)) goto done;
     o = json_pack("{s:[], s:[], s:[]}", "output_ids", "logprobs", "finish_reason");
     for (int b = 0; b < B; b++) {
         json_t *oi = json_array(), *lp = json_array();
@@ -681,12 +687,14 @@ done:
     safetensors_writer_free(w);
     json_decref(o);
     gen_result_free(&res);
+    engine_free(&en);
     model_free(&dm);
     kctx_free(&k);
     free(rows);
     free(ids);
     free(lens);
     model_free(&m);
+    group_free(&g);
     return rc;
 }
 
@@ -841,7 +849,7 @@ int main(int argc, char **argv) {
     comm *world = NULL; /* the ranks of a parallel command (forward, grad, sft) */
     if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &world, &e);
     else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &world, &e);
-    else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &e);
+    else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &world, &e);
     else if (strcmp(argv[1], "rollout-server") == 0) rc = cmd_rollout_server(argc, argv, &e);
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);

@@ -12,6 +12,10 @@
 /* Reads --tp/--pp/--ep/--cp/--dp/--vpp N (absent: 1; each at most once), --pp-layers and
  * --pp-dtype from argv into *s. */
 int ranks_parse(int argc, char **argv, par_sizes *s, mill_err *e);
+/* The same for a rollout engine (rollout/group.h): --tp and --ep only (any other layout option is an
+ * error), both dividing the larger, laid out as tp x attention groups (dp) with the experts folded
+ * over them (par_sizes.fold): world = max(tp, ep). */
+int ranks_engine_sizes(int argc, char **argv, par_sizes *s, mill_err *e);
 /* 1 when argv[i] is one of the layout options. */
 int ranks_is_option(const char *arg);
 /* Checks the layout against the model (cfg, NULL: none) and the batch (batch_rows, 0: none) first,

@@ -14,6 +14,8 @@
 
 struct engine_seq {
     int len, max_tokens;
+    int id, att;  /* an engine of several ranks: its number there, and the attention group holding it */
+    int remote;   /* the leader's record of a sequence another attention group holds (no caches here) */
     size_t bytes;
     engine_seq *next; /* in the engine's pool of freed sequences */
     attn_layer_cache *layers;     /* host array of pointers into block */
@@ -61,17 +63,34 @@ static size_t seq_floats(const dsv4_config *c, int max_tokens) {
     return f;
 }
 
-int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e) {
+/* The device arenas (made at init and at resume). */
+static int arenas_make(engine *en, mill_err *e) {
+    if (!en->a.head && arena_init_device(&en->a, 8 << 20, en->k->device, en->k->stream, e)) return -1;
+    return en->scratch.head ? 0 : arena_init_device(&en->scratch, 1 << 20, en->k->device, en->k->stream, e);
+}
+
+/* An engine of several ranks (with one, every group call is a no-op and nothing here differs). */
+static int grouped(const engine *en) { return en->g && en->g->size > 1; }
+
+int engine_init_group(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, engine_group *g,
+                      mill_err *e) {
     memset(en, 0, sizeof *en);
     en->m = m;
     en->k = k;
     en->budget = budget_bytes;
-    en->graphs = 1;
-    if (arena_init(&en->host, 1 << 16, e) || engine_resume(en, e)) { /* resume makes the device arenas */
+    en->g = g;
+    en->graphs = !grouped(en);
+    if (arena_init(&en->host, 1 << 16, e) || arenas_make(en, e) ||
+        (grouped(en) && !(en->att_used = calloc((size_t)g->n_att, sizeof(size_t))) &&
+         mill_errf(e, "engine: out of memory"))) {
         engine_free(en);
         return -1;
     }
     return 0;
+}
+
+int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e) {
+    return engine_init_group(en, m, k, budget_bytes, NULL, e);
 }
 
 /* Frees a sequence's memory for good (engine_seq_free only pools it). */
@@ -91,21 +110,12 @@ static void pool_drain(engine *en) {
     }
 }
 
-int engine_release(engine *en, mill_err *e) {
-    if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
-    pool_drain(en);
-    graphs_free(en); /* their pointers are into the arena */
-    arena_free(&en->a);
-    arena_free(&en->scratch);
-    return 0;
-}
-
-int engine_resume(engine *en, mill_err *e) {
-    if (!en->a.head && arena_init_device(&en->a, 8 << 20, en->k->device, en->k->stream, e)) return -1;
-    return en->scratch.head ? 0 : arena_init_device(&en->scratch, 1 << 20, en->k->device, en->k->stream, e);
-}
-
 void engine_free(engine *en) {
+    for (int i = 0; i < en->n_ids; i++) /* a group's records of sequences still held */
+        if (en->by_id[i] && en->by_id[i]->remote) free(en->by_id[i]);
+    free(en->by_id);
+    free(en->att_used);
+    free(en->pend);
     if (en->k) {
         pool_drain(en);
         mem_free_host(en->k->device, en->route_host);
@@ -139,7 +149,8 @@ static void comp_layout(attn_comp_cache *cc, float **p, int ratio, int width, in
     cc->entries = take(p, (size_t)(max_tokens / ratio + 1) * dim);
 }
 
-int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
+/* This rank's caches for a sequence (the budget checked here). */
+static int seq_admit(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     const dsv4_config *c = &en->m->cfg;
     *out = NULL;
     if (max_tokens <= 0) return mill_errf(e, "engine: a sequence needs room for at least one token");
@@ -193,13 +204,133 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     return 0;
 }
 
-void engine_seq_free(engine *en, engine_seq *s) {
-    if (!s) return;
+/* Its caches back to the pool. */
+static void seq_release(engine *en, engine_seq *s) {
     en->used -= s->bytes;
     en->pooled += s->bytes;
     s->next = en->pool;
     en->pool = s;
 }
+
+/* ---- an engine of several ranks: the leader's bookkeeping of where each sequence is */
+
+enum { PEND_NEW = 1, PEND_FREE };
+#define PEND_INTS 4 /* kind, id, attention group, max_tokens */
+
+/* Room for the records of one admission and its free (a free must never fail to be recorded). */
+static int pend_room(engine *en, mill_err *e) {
+    if (en->n_pend + 2 <= en->cap_pend) return 0;
+    int cap = en->cap_pend ? 2 * en->cap_pend : 64;
+    int32_t *np = realloc(en->pend, sizeof(int32_t) * PEND_INTS * (size_t)cap);
+    if (!np) return mill_errf(e, "engine: out of memory");
+    en->pend = np;
+    en->cap_pend = cap;
+    return 0;
+}
+
+static void pend_add(engine *en, int kind, int id, int att, int max_tokens) {
+    int32_t *r = en->pend + PEND_INTS * en->n_pend++;
+    r[0] = kind, r[1] = id, r[2] = att, r[3] = max_tokens;
+}
+
+/* Slot id of by_id, grown to hold it. */
+static int ids_room(engine *en, int id, mill_err *e) {
+    if (id < en->n_ids) return 0;
+    int n = id + 1 > 2 * en->n_ids ? id + 1 : 2 * en->n_ids;
+    engine_seq **nb = realloc(en->by_id, sizeof *nb * (size_t)n);
+    if (!nb) return mill_errf(e, "engine: out of memory");
+    memset(nb + en->n_ids, 0, sizeof *nb * (size_t)(n - en->n_ids));
+    en->by_id = nb;
+    en->n_ids = n;
+    return 0;
+}
+
+int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
+    if (!grouped(en)) return seq_admit(en, max_tokens, out, e);
+    *out = NULL;
+    if (max_tokens <= 0) return mill_errf(e, "engine: a sequence needs room for at least one token");
+    size_t bytes = engine_seq_bytes(en, max_tokens);
+    int a = -1, least = 0; /* the attention group with the most free cache */
+    for (int i = 0; i < en->g->n_att; i++) {
+        if (en->att_used[i] < en->att_used[least]) least = i;
+        if (en->att_used[i] + bytes <= en->budget && (a < 0 || en->att_used[i] < en->att_used[a])) a = i;
+    }
+    if (a < 0)
+        return mill_errf(e, "engine: a sequence of %d tokens needs %zu cache bytes; %zu of the %zu-byte budget are free "
+                            "in the emptiest of the %d attention groups", max_tokens, bytes,
+                         en->budget - en->att_used[least], en->budget, en->g->n_att);
+    int id = 0;
+    while (id < en->n_ids && en->by_id[id]) id++;
+    TRY(pend_room(en, e));
+    TRY(ids_room(en, id, e));
+    engine_seq *s = NULL;
+    if (a == en->g->att) TRY(seq_admit(en, max_tokens, &s, e));
+    else if (!(s = calloc(1, sizeof *s))) return mill_errf(e, "engine: out of memory");
+    else s->max_tokens = max_tokens, s->bytes = bytes, s->remote = 1;
+    s->id = id, s->att = a;
+    en->by_id[id] = s;
+    en->att_used[a] += bytes;
+    pend_add(en, PEND_NEW, id, a, max_tokens);
+    *out = s;
+    return 0;
+}
+
+void engine_seq_free(engine *en, engine_seq *s) {
+    if (!s) return;
+    if (grouped(en)) { /* the followers free theirs with the next step (room was kept at admission) */
+        en->att_used[s->att] -= s->bytes;
+        en->by_id[s->id] = NULL;
+        pend_add(en, PEND_FREE, s->id, s->att, 0);
+        if (s->remote) {
+            free(s);
+            return;
+        }
+    }
+    seq_release(en, s);
+}
+
+/* A follower takes the leader's admissions and frees (n records), those of its attention group. */
+static int pend_apply(engine *en, const int32_t *pend, int n, mill_err *e) {
+    for (int i = 0; i < n; i++) {
+        const int32_t *r = pend + PEND_INTS * i;
+        if (r[2] != en->g->att) continue;
+        TRY(ids_room(en, r[1], e));
+        if (r[0] == PEND_NEW) TRY(seq_admit(en, r[3], &en->by_id[r[1]], e));
+        else if (en->by_id[r[1]]) seq_release(en, en->by_id[r[1]]), en->by_id[r[1]] = NULL;
+    }
+    return 0;
+}
+
+/* The leader of a group tells the followers op (release or resume) with the pending records. */
+static int pend_cast(engine *en, int op, mill_err *e) {
+    if (!grouped(en) || en->g->rank) return 0;
+    TRY(group_cast(en->g, op, en->pend, sizeof(int32_t) * PEND_INTS * (size_t)en->n_pend, e));
+    en->n_pend = 0;
+    return 0;
+}
+
+int engine_follow_memory(engine *en, int op, const void *cmd, size_t n, mill_err *e) {
+    int rc = pend_apply(en, cmd, (int)(n / (sizeof(int32_t) * PEND_INTS)), e) ||
+             (op == GROUP_RELEASE ? engine_release(en, e) : engine_resume(en, e));
+    if (rc) comm_abort(en->g->d.par.world_c, e->msg); /* the ranks no longer agree */
+    return rc;
+}
+
+int engine_release(engine *en, mill_err *e) {
+    if (en->used) return mill_errf(e, "engine: %zu cache bytes are in use", en->used);
+    TRY(pend_cast(en, GROUP_RELEASE, e));
+    pool_drain(en);
+    graphs_free(en); /* their pointers are into the arena */
+    arena_free(&en->a);
+    arena_free(&en->scratch);
+    return 0;
+}
+
+int engine_resume(engine *en, mill_err *e) {
+    TRY(pend_cast(en, GROUP_RESUME, e));
+    return arenas_make(en, e);
+}
+
 
 int engine_seq_len(const engine_seq *s) { return s->len; }
 
@@ -269,7 +400,7 @@ static int prefill_fresh(engine *en, int l, const attn_layer_cache *lc, int r0, 
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
     const kctx *k = en->k;
-    int H = c->num_attention_heads, d = c->head_dim, W = c->sliding_window, ratio = L->ratio;
+    int H = model_heads(m), d = c->head_dim, W = c->sliding_window, ratio = L->ratio; /* tp: this slice's heads */
     int csa = ratio == ATTN_CSA, ih = c->index_head_dim, nh = c->index_n_heads, width = csa ? 2 * d : d;
     int Tc = ratio ? T / ratio : 0, n_comp = 0;
     int32_t *idx = NULL, *wpos = NULL;
@@ -323,13 +454,13 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
     const kctx *k = en->k;
-    int D = c->hidden_size, H = c->num_attention_heads, d = c->head_dim, W = c->sliding_window, ratio = L->ratio;
+    int D = c->hidden_size, H = model_heads(m), d = c->head_dim, W = c->sliding_window, ratio = L->ratio;
     int csa = ratio == ATTN_CSA, ih = c->index_head_dim, nh = c->index_n_heads, G = c->o_groups, R = c->o_lora_rank;
     int width = csa ? 2 * d : d, rd = c->qk_rope_head_dim, topk = c->index_topk;
     int max_entries = ratio ? sw->max_tokens / ratio + 1 : 0;
     float eps = (float)c->rms_norm_eps;
-    float *qr_raw, *qr, *q_raw, *q, *kv_raw, *kv, *o, *o_rot, *z, *ca = NULL, *cg = NULL, *ia = NULL, *ig = NULL,
-                                                                    *iq = NULL, *iw = NULL;
+    float *qr_raw, *qr, *q_raw, *q, *kv_raw, *kv, *o, *o_rot, *z, *zg = NULL, *ca = NULL, *cg = NULL, *ia = NULL,
+                                                                             *ig = NULL, *iq = NULL, *iw = NULL;
     AF(qr_raw, (long)N * c->q_lora_rank);
     AF(qr, (long)N * c->q_lora_rank);
     AF(q_raw, (long)N * H * d);
@@ -338,7 +469,8 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
     AF(kv, (long)N * d);
     AF(o, (long)N * H * d);
     AF(o_rot, (long)N * H * d);
-    AF(z, (long)N * G * R);
+    AF(z, (long)N * G * R); /* every group's: tp gathers them (model_attn_output) */
+    if (m->stage.tp > 1) AF(zg, (long)N * G * R);
     TRY(model_attn_project(m, k, l, xn, pos, N, qr_raw, qr, q_raw, q, kv_raw, kv, e));
     if (ratio) {
         AF(ca, (long)N * width);
@@ -375,7 +507,7 @@ static int attention_step(engine *en, int l, const step_waves *sw, const int32_t
         TRY(op_cache_attend(k, o, q, w, l, csa ? sw->sel : NULL, topk, ratio, max_entries, L->attn_sink, H, d, W,
                             1.0f / sqrtf((float)d), e));
     }
-    return model_attn_output(m, k, l, o, pos, N, o_rot, z, y, e);
+    return model_attn_output(m, k, l, o, pos, N, o_rot, z, zg, y, e);
 }
 
 /* Lays out the step's rows and waves on the host and copies them to the engine's memory in one go:
@@ -464,7 +596,14 @@ static int step_run(engine *en, step_waves *sw, const int32_t *ids, const int32_
     AF(msc, (long)N * E);
     AF(mw, (long)N * K);
     AF(route, (long)Lc * N * K);
-    TRY(op_embedding(k, x, m->embed, ids, N, D, V, e));
+    int tp = m->stage.tp > 1 ? m->stage.tp : 1, v0, v1;
+    model_vocab_range(m, &v0, &v1);
+    if (tp > 1) { /* this slice's rows of the table, the others' zeros: the sum is every row exactly */
+        TRY(op_embedding_part(k, x, m->embed, ids, N, D, V, v0, v1, e));
+        TRY(m->tp.all_reduce(m->tp.ctx, x, (size_t)N * D, e));
+    } else {
+        TRY(op_embedding(k, x, m->embed, ids, N, D, V, e));
+    }
     TRY(op_repeat_rows(k, h, x, N, n, D, e));
     hc_dims dm = {n, D, c->hc_sinkhorn_iters, (float)c->hc_eps, (float)c->rms_norm_eps};
     float eps = (float)c->rms_norm_eps;
@@ -476,7 +615,13 @@ static int step_run(engine *en, step_waves *sw, const int32_t *ids, const int32_
         TRY(op_hc_post(k, h2, h, y, post, comb, N, n, D, e));
         TRY(op_hc_pre(k, x, pre, post, comb, h2, L->hc_ffn_fn, L->hc_ffn_base, L->hc_ffn_scale, N, dm, work, e));
         TRY(op_rmsnorm(k, xn, x, L->ffn_norm, N, D, 0, eps, e));
-        TRY(model_moe(m, k, l, xn, ids, N, NULL, y, mlog, msc, route + (long)l * N * K, mw, &en->a, e));
+        int64_t n0 = 0, n1 = N; /* tp: each slice routes its share of the tokens, then all are gathered */
+        if (tp > 1) model_split_range(N, tp, m->stage.tp_rank, &n0, &n1);
+        TRY(model_moe(m, k, l, xn + n0 * D, ids + n0, (int)(n1 - n0), NULL, y + n0 * D, mlog, msc,
+                      route + (long)l * N * K + n0 * K, mw, &en->a, e));
+        if (tp > 1 && (m->tp.gather_rows(m->tp.ctx, y, N, (size_t)D, DTYPE_F32, e) ||
+                       m->tp.gather_rows(m->tp.ctx, route + (long)l * N * K, N, (size_t)K, DTYPE_I32, e)))
+            return -1;
         TRY(op_hc_post(k, h, h2, y, post, comb, N, n, D, e));
     }
     out->route = route;
@@ -499,7 +644,21 @@ static int step_run(engine *en, step_waves *sw, const int32_t *ids, const int32_
     AF(lg, (long)M * V);
     TRY(op_hc_head(k, x, hh, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, M, dm, work, e));
     TRY(op_rmsnorm(k, xn, x, m->norm, M, D, 0, eps, e));
-    TRY(op_linear(k, lg, xn, m->head, M, V, D, 0, 0, 0, e));
+    if (tp > 1) { /* each slice's columns (in ceil(V / tp) rows of the head), gathered into whole rows */
+        int Vp = (V + tp - 1) / tp;
+        float *lp;
+        AF(lp, (long)tp * M * Vp);
+        TRY(op_linear(k, lp + (long)m->stage.tp_rank * M * Vp, xn, m->head, M, Vp, D, 0, 0, 0, e));
+        TRY(m->tp.all_gather(m->tp.ctx, lp, (size_t)M * Vp, DTYPE_F32, e));
+        for (int t = 0; t < tp; t++) {
+            int64_t lo, hi;
+            model_split_range(V, tp, t, &lo, &hi);
+            TRY(op_copy_2d(k, lg + lo, sizeof(float) * V, lp + (long)t * M * Vp, sizeof(float) * Vp,
+                           sizeof(float) * (size_t)(hi - lo), M, e));
+        }
+    } else {
+        TRY(op_linear(k, lg, xn, m->head, M, V, D, 0, 0, 0, e));
+    }
     out->logits = lg;
     out->M = M;
     return 0;
@@ -527,28 +686,39 @@ static engine_graph *graph_slot(engine *en, int n_seqs, int max_tokens, int flag
 
 /* A step up to its results in the engine's memory (*out), checks deferred and the routing copy
  * queued: validation, layout, then the layers and head op by op, or as a CUDA graph. */
-static int step_exec(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
-                     int n_seqs, int want_logits, int last_only, int routing, step_out *out, mill_err *e) {
-    const dsv4_config *c = &en->m->cfg;
-    const kctx *k = en->k;
-    int N = 0, K = c->num_experts_per_tok, V = c->vocab_size, Lc = c->num_hidden_layers, decode = 1;
+/* A step's arguments checked (by the leader for every rank's sequences before any runs it); *N: its
+ * token count, *decode: one token for each sequence, none fresh. */
+static int step_check(const engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                      int n_seqs, int need_last, int *N, int *decode, mill_err *e) {
+    int V = en->m->cfg.vocab_size;
+    *N = 0;
+    *decode = 1;
     for (int i = 0; i < n_seqs; i++) {
         if (n_tokens[i] < 0 || seqs[i]->len + n_tokens[i] > seqs[i]->max_tokens)
             return mill_errf(e, "engine: sequence %d would hold %d tokens, more than the %d it was admitted with", i,
                              seqs[i]->len + n_tokens[i], seqs[i]->max_tokens);
         for (int j = 0; j < i; j++)
             if (seqs[j] == seqs[i]) return mill_errf(e, "engine: sequence %d appears twice in one step", i);
-        if (last_only && want_logits && !n_tokens[i])
+        if (need_last && !n_tokens[i])
             return mill_errf(e, "engine: sequence %d feeds no token, so it has no last logits", i);
         for (int j = 0; j < n_tokens[i]; j++) /* here, so the device's own check never has to stop a step */
             if (tokens[i][j] < 0 || tokens[i][j] >= V)
                 return mill_errf(e, "engine: token id %d of sequence %d is outside the vocabulary [0, %d)", tokens[i][j],
                                  i, V);
-        decode &= n_tokens[i] == 1 && seqs[i]->len > 0;
-        N += n_tokens[i];
+        *decode &= n_tokens[i] == 1 && seqs[i]->len > 0;
+        *N += n_tokens[i];
     }
+    return 0;
+}
+
+static int step_exec(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                     int n_seqs, int want_logits, int last_only, int routing, step_out *out, mill_err *e) {
+    const dsv4_config *c = &en->m->cfg;
+    const kctx *k = en->k;
+    int N, K = c->num_experts_per_tok, Lc = c->num_hidden_layers, decode;
+    TRY(step_check(en, seqs, tokens, n_tokens, n_seqs, last_only && want_logits, &N, &decode, e));
     out->N = N;
-    if (!N) return 0;
+    if (!N && !grouped(en)) return 0; /* a rank of a group takes part in every step, with tokens or not */
     size_t rbytes = sizeof(int32_t) * (size_t)Lc * N * K;
     if (routing && rbytes > en->route_cap) {
         mem_free_host(k->device, en->route_host);
@@ -613,40 +783,204 @@ static int step_finish(engine *en, engine_seq *const *seqs, const int *n_tokens,
                        int rc, mill_err *e) {
     int drc = kctx_defer_checks(en->k, 0, rc ? &(mill_err){0} : e); /* waits for the step */
     if (rc || drc) return -1;
-    if (routing)
+    if (routing && N)
         memcpy(routing, en->route_host,
                sizeof(int32_t) * (size_t)en->m->cfg.num_hidden_layers * N * en->m->cfg.num_experts_per_tok);
     for (int i = 0; i < n_seqs; i++) seqs[i]->len += n_tokens[i];
     return 0;
 }
 
-int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
-                float *logits, int last_only, int32_t *routing, mill_err *e) {
-    step_out out = {0};
-    TRY(step_exec(en, seqs, tokens, n_tokens, n_seqs, logits != NULL, last_only, routing != NULL, &out, e));
-    if (!out.N) return 0;
-    int rc = logits ? op_copy_to_host(en->k, logits, out.logits, sizeof(float) * (size_t)out.M * en->m->cfg.vocab_size, e)
-                    : 0;
-    return step_finish(en, seqs, n_tokens, n_seqs, out.N, routing, rc, e);
-}
-
-int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
-                       int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e) {
+/* This rank's step: with rows, each sequence's last position sampled (tok, logprob), else the logits
+ * (NULL: none; last_only as engine_step) copied out; routing as engine_step. */
+static int step_local(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                      int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, float *logits, int last_only,
+                      int32_t *routing, mill_err *e) {
     const kctx *k = en->k;
     size_t need = (sizeof(int32_t) + sizeof(float)) * (size_t)n_seqs;
-    if (need > en->pick_cap) { /* its own memory: a replayed graph's buffers are in the arena */
+    if (rows && need > en->pick_cap) { /* its own memory: a replayed graph's buffers are in the arena */
         mem_free(k->device, en->pick);
         en->pick_cap = 0;
         if (!(en->pick = mem_alloc_copy(k->device, NULL, need, e))) return -1;
         en->pick_cap = need;
     }
     step_out out = {0};
-    TRY(step_exec(en, seqs, tokens, n_tokens, n_seqs, 1, 1, routing != NULL, &out, e));
-    if (!out.N) return 0;
-    int32_t *dtok = en->pick;
-    float *dlp = (float *)(dtok + n_seqs);
-    int rc = op_sample(k, dtok, dlp, out.logits, n_seqs, en->m->cfg.vocab_size, rows, e);
-    if (!rc) rc = op_copy_to_host_async(k, tok, dtok, sizeof(int32_t) * (size_t)n_seqs, e);
-    if (!rc) rc = op_copy_to_host(k, logprob, dlp, sizeof(float) * (size_t)n_seqs, e);
+    TRY(step_exec(en, seqs, tokens, n_tokens, n_seqs, rows || logits, rows ? 1 : last_only, routing != NULL, &out, e));
+    if (!out.N && !grouped(en)) return 0;
+    int rc = 0;
+    if (rows && n_seqs) {
+        int32_t *dtok = en->pick;
+        float *dlp = (float *)(dtok + n_seqs);
+        rc = op_sample(k, dtok, dlp, out.logits, n_seqs, en->m->cfg.vocab_size, rows, e);
+        if (!rc) rc = op_copy_to_host_async(k, tok, dtok, sizeof(int32_t) * (size_t)n_seqs, e);
+        if (!rc) rc = op_copy_to_host(k, logprob, dlp, sizeof(float) * (size_t)n_seqs, e);
+    } else if (!rows && logits && out.M) {
+        rc = op_copy_to_host(k, logits, out.logits, sizeof(float) * (size_t)out.M * en->m->cfg.vocab_size, e);
+    }
     return step_finish(en, seqs, n_tokens, n_seqs, out.N, routing, rc, e);
+}
+
+/* ---- an engine of several ranks: a step, told by the leader, run by every rank
+ * The command: {flags, pending records, sequences, tokens}, then the records [PEND_INTS each], each
+ * sequence's {id, attention group, token count}, the tokens, and with STEP_SAMPLE the sample rows.
+ * Each attention group's first rank sends its sequences' results to the leader: ints (sampled
+ * tokens, then routing [layers, its tokens, k]) and floats (logprobs, or logits rows). */
+enum { STEP_LOGITS = 1, STEP_LAST = 2, STEP_ROUTING = 4, STEP_SAMPLE = 8 };
+
+typedef struct {
+    int flags, n_pend, n_seqs, N;
+    const int32_t *pend, *seq, *tokens;
+    const sample_row *rows;
+} step_cmd;
+
+static int cmd_parse(const engine *en, const void *buf, size_t n, step_cmd *c, mill_err *e) {
+    const int32_t *h = buf;
+    if (n < 4 * sizeof(int32_t)) return mill_errf(e, "engine: rank %d: a step command of %zu bytes", en->g->rank, n);
+    *c = (step_cmd){h[0], h[1], h[2], h[3], h + 4, NULL, NULL, NULL};
+    c->seq = c->pend + (size_t)PEND_INTS * c->n_pend;
+    c->tokens = c->seq + 3 * (size_t)c->n_seqs;
+    c->rows = (const sample_row *)(c->tokens + c->N);
+    size_t want = (size_t)((const char *)c->rows - (const char *)buf) +
+                  (c->flags & STEP_SAMPLE ? sizeof(sample_row) * (size_t)c->n_seqs : 0);
+    if (c->n_pend < 0 || c->n_seqs < 0 || c->N < 0 || want != n)
+        return mill_errf(e, "engine: rank %d: a step command of %zu bytes, %zu expected", en->g->rank, n, want);
+    return 0;
+}
+
+/* The sizes of attention group a's results: ints and floats. */
+static void result_sizes(const engine *en, const step_cmd *c, int a, size_t *ni, size_t *nf) {
+    const dsv4_config *cfg = &en->m->cfg;
+    long n = 0, N = 0;
+    for (int i = 0; i < c->n_seqs; i++)
+        if (c->seq[3 * i + 1] == a) n++, N += c->seq[3 * i + 2];
+    int sample = c->flags & STEP_SAMPLE, last = sample || (c->flags & STEP_LAST);
+    *ni = (size_t)(sample ? n : 0) + (c->flags & STEP_ROUTING ? (size_t)cfg->num_hidden_layers * N * cfg->num_experts_per_tok : 0);
+    *nf = sample ? (size_t)n : c->flags & STEP_LOGITS ? (size_t)(last ? n : N) * cfg->vocab_size : 0;
+}
+
+/* Every rank's part of a step command; on the leader, the results in the caller's order into tok,
+ * logprob, logits and routing (engine_step's and engine_step_sample's arrays). */
+static int cmd_run(engine *en, const step_cmd *c, int32_t *tok, float *logprob, float *logits, int32_t *routing,
+                   mill_err *e) {
+    const dsv4_config *cfg = &en->m->cfg;
+    engine_group *g = en->g;
+    int L = cfg->num_hidden_layers, K = cfg->num_experts_per_tok, V = cfg->vocab_size, lead = g->rank == 0;
+    int sample = c->flags & STEP_SAMPLE, last = sample || (c->flags & STEP_LAST), routes = c->flags & STEP_ROUTING;
+    if (!lead && pend_apply(en, c->pend, c->n_pend, e)) { /* the leader made its own as they came */
+        comm_abort(g->d.par.world_c, e->msg);
+        return -1;
+    }
+    /* this attention group's sequences, in the command's order */
+    int nl = 0, *nt = malloc(sizeof(int) * (size_t)(c->n_seqs + 1));
+    engine_seq **ls = malloc(sizeof *ls * (size_t)(c->n_seqs + 1));
+    const int32_t **lt = malloc(sizeof *lt * (size_t)(c->n_seqs + 1));
+    sample_row *lr = malloc(sizeof *lr * (size_t)(c->n_seqs + 1));
+    size_t ni[2], nf[2], mi = 0, mf = 0; /* this group's result sizes; the largest of any group */
+    for (int a = 0; a < g->n_att; a++) {
+        result_sizes(en, c, a, &ni[0], &nf[0]);
+        mi = ni[0] > mi ? ni[0] : mi, mf = nf[0] > mf ? nf[0] : mf;
+    }
+    result_sizes(en, c, g->att, &ni[1], &nf[1]);
+    int32_t *ri = malloc(sizeof(int32_t) * (mi + 1));
+    float *rf = malloc(sizeof(float) * (mf + 1));
+    int rc = !nt || !ls || !lt || !lr || !ri || !rf ? mill_errf(e, "engine: out of memory") : 0;
+    for (int i = 0, off = 0; !rc && i < c->n_seqs; off += c->seq[3 * i + 2], i++) {
+        int id = c->seq[3 * i], a = c->seq[3 * i + 1];
+        if (a != g->att) continue;
+        if (id < 0 || id >= en->n_ids || !en->by_id[id] || en->by_id[id]->remote)
+            rc = mill_errf(e, "engine: rank %d: sequence %d of the step is not held here", g->rank, id);
+        else {
+            if (sample) lr[nl] = c->rows[i];
+            ls[nl] = en->by_id[id], lt[nl] = c->tokens + off, nt[nl++] = c->seq[3 * i + 2];
+        }
+    }
+    if (!rc)
+        rc = step_local(en, ls, lt, nt, nl, sample ? lr : NULL, ri, rf, sample || !(c->flags & STEP_LOGITS) ? NULL : rf,
+                        c->flags & STEP_LAST, routes ? ri + (sample ? nl : 0) : NULL, e);
+    /* the results to the leader, one attention group's at a time (its first rank sends them; the
+     * leader's own group, 0, is in ri and rf already) */
+    for (int a = 0; !rc && a < g->n_att; a++) {
+        comm_p2p op[2] = {{0, 1, ri, ni[1]}, {0, 1, rf, nf[1]}};
+        if (lead && a != g->att) {
+            result_sizes(en, c, a, &ni[0], &nf[0]);
+            op[0] = (comm_p2p){a * g->tp, 0, ri, ni[0]}, op[1] = (comm_p2p){a * g->tp, 0, rf, nf[0]};
+        }
+        if ((lead && a != g->att) || (!lead && a == g->att && g->rank == a * g->tp))
+            rc = comm_sendrecv(g->d.par.world_c, &op[0], 1, DTYPE_I32, e) ||
+                 comm_sendrecv(g->d.par.world_c, &op[1], 1, DTYPE_F32, e);
+        if (rc || !lead) continue;
+        long na = 0, Na = 0; /* group a's sequences and tokens */
+        for (int i = 0; i < c->n_seqs; i++)
+            if (c->seq[3 * i + 1] == a) na++, Na += c->seq[3 * i + 2];
+        const int32_t *rr = ri + (sample ? na : 0); /* its routing [layers, Na, k] */
+        for (int i = 0, off = 0, j = 0, goff = 0; i < c->n_seqs; off += c->seq[3 * i + 2], i++) {
+            int n_i = c->seq[3 * i + 2];
+            if (c->seq[3 * i + 1] != a) continue;
+            if (sample) tok[i] = ri[j], logprob[i] = rf[j];
+            else if (logits && last) memcpy(logits + (long)i * V, rf + (long)j * V, sizeof(float) * (size_t)V);
+            else if (logits) memcpy(logits + (long)off * V, rf + (long)goff * V, sizeof(float) * (size_t)n_i * V);
+            for (int l = 0; routes && l < L; l++)
+                memcpy(routing + ((long)l * c->N + off) * K, rr + ((long)l * Na + goff) * K,
+                       sizeof(int32_t) * (size_t)n_i * K);
+            j++, goff += n_i;
+        }
+    }
+    free(nt), free(ls), free(lt), free(lr), free(ri), free(rf);
+    if (rc) { /* the ranks no longer agree on the sequences: the engine cannot go on */
+        char why[sizeof e->msg + 32];
+        snprintf(why, sizeof why, "engine rank %d: %s", g->rank, e->msg);
+        comm_abort(g->d.par.world_c, why);
+    }
+    return rc;
+}
+
+int engine_follow(engine *en, const void *cmd, size_t n, mill_err *e) {
+    step_cmd c;
+    if (cmd_parse(en, cmd, n, &c, e)) {
+        comm_abort(en->g->d.par.world_c, e->msg);
+        return -1;
+    }
+    return cmd_run(en, &c, NULL, NULL, NULL, NULL, e);
+}
+
+/* The leader's step of a whole engine: checked here, told to every rank, run, results gathered. */
+static int group_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                      int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, float *logits, int last_only,
+                      int32_t *routing, mill_err *e) {
+    int N, decode;
+    TRY(step_check(en, seqs, tokens, n_tokens, n_seqs, rows || (logits && last_only), &N, &decode, e));
+    size_t ints = 4 + (size_t)PEND_INTS * en->n_pend + 3 * (size_t)n_seqs + (size_t)N;
+    size_t bytes = sizeof(int32_t) * ints + (rows ? sizeof(sample_row) * (size_t)n_seqs : 0);
+    int32_t *b = malloc(bytes);
+    if (!b) return mill_errf(e, "engine: out of memory for a step of %d tokens", N);
+    b[0] = (logits ? STEP_LOGITS : 0) | (last_only ? STEP_LAST : 0) | (routing ? STEP_ROUTING : 0) | (rows ? STEP_SAMPLE : 0);
+    b[1] = en->n_pend, b[2] = n_seqs, b[3] = N;
+    memcpy(b + 4, en->pend, sizeof(int32_t) * PEND_INTS * (size_t)en->n_pend);
+    int32_t *sq = b + 4 + PEND_INTS * en->n_pend, *tk = sq + 3 * n_seqs;
+    for (int i = 0; i < n_seqs; i++) {
+        sq[3 * i] = seqs[i]->id, sq[3 * i + 1] = seqs[i]->att, sq[3 * i + 2] = n_tokens[i];
+        memcpy(tk, tokens[i], sizeof(int32_t) * (size_t)n_tokens[i]);
+        tk += n_tokens[i];
+    }
+    if (rows) memcpy(tk, rows, sizeof(sample_row) * (size_t)n_seqs);
+    step_cmd c;
+    int rc = group_cast(en->g, GROUP_STEP, b, bytes, e) || cmd_parse(en, b, bytes, &c, e) ||
+             cmd_run(en, &c, tok, logprob, logits, routing, e);
+    free(b);
+    if (rc) return -1;
+    en->n_pend = 0;
+    for (int i = 0; i < n_seqs; i++) /* the leader's records of sequences held elsewhere */
+        if (seqs[i]->remote) seqs[i]->len += n_tokens[i];
+    return 0;
+}
+
+int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
+                float *logits, int last_only, int32_t *routing, mill_err *e) {
+    return grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e)
+                       : step_local(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e);
+}
+
+int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
+                       int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e) {
+    return grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e)
+                       : step_local(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e);
 }

@@ -27,6 +27,7 @@
 
 #include "../kernels/sample.h"
 #include "../trainer/model.h"
+#include "group.h"
 
 typedef struct engine_seq engine_seq;
 typedef struct engine_graph engine_graph;
@@ -48,9 +49,30 @@ typedef struct {
     size_t route_cap;
     void *pick;          /* engine_step_sample's tokens and logprobs, in the engine's memory */
     size_t pick_cap;
+    engine_group *g;     /* the engine's ranks (engine_init_group; NULL: this process alone) */
+    size_t *att_used;    /* the leader's: cache bytes admitted in each attention group */
+    int32_t *pend;       /* the leader's admissions and frees the followers learn with the next step */
+    int n_pend, cap_pend;
+    engine_seq **by_id;  /* sequences by id: the leader's every one, a follower's own */
+    int n_ids;
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);
+/* The same on one rank of an engine of several (rollout/group.h; m loaded with g->stage and wired
+ * with group_model_io; budget_bytes: each rank's). On the leader (rank 0) the functions below are the
+ * whole engine's: a new sequence goes to the attention group with the most free cache, a step runs
+ * on every rank (each attention group's sequences where their caches are, the experts' rows through
+ * the all-to-all) and the results come back to the leader; the followers run engine_follow. Decode
+ * steps run op by op there (a CUDA graph cannot hold the experts' host-side plan). */
+int engine_init_group(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, engine_group *g,
+                      mill_err *e);
+/* A follower's share of the leader's GROUP_STEP command (cmd: its n bytes): the admissions and frees
+ * since the last step, its attention group's sequences through the step, and, on an attention
+ * group's first rank, their results to the leader. */
+int engine_follow(engine *en, const void *cmd, size_t n, mill_err *e);
+/* A follower's GROUP_RELEASE or GROUP_RESUME (op), which the leader's engine_release and
+ * engine_resume cast with the admissions and frees since the last step (cmd: n bytes). */
+int engine_follow_memory(engine *en, int op, const void *cmd, size_t n, mill_err *e);
 /* Colocated turns: give back the activation memory and the pooled caches while the trainer works
  * (no sequence may hold a cache), and take them again. The engine leaves the weights alone: the
  * rollout server drops its device copy after engine_release and restores it before engine_resume

@@ -195,16 +195,35 @@ out:
 
 int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
                     const sample_params *sp, size_t budget_bytes, gen_result *res, mill_err *e) {
-    const dsv4_config *c = &m->cfg;
+    engine en;
+    memset(res, 0, sizeof *res);
+    TRY(engine_init(&en, m, k, budget_bytes, e));
+    int rc = generate_engine(&en, prompts, lens, n, sp, res, e);
+    engine_free(&en);
+    return rc;
+}
+
+int generate_follow(engine *en, mill_err *e) {
+    for (;;) {
+        int op;
+        void *cmd;
+        size_t n;
+        TRY(group_take(en->g, &op, &cmd, &n, e));
+        int rc = op == GROUP_STEP ? engine_follow(en, cmd, n, e)
+                 : op == GROUP_STOP ? 0
+                                    : mill_errf(e, "generate: rank %d: command %d from the leader", en->g->rank, op);
+        free(cmd);
+        if (rc || op == GROUP_STOP) return rc;
+    }
+}
+
+int generate_engine(engine *en, const int32_t *const *prompts, const int *lens, int n, const sample_params *sp,
+                    gen_result *res, mill_err *e) {
+    const dsv4_config *c = &en->m->cfg;
     int L = c->num_hidden_layers, K = c->num_experts_per_tok, maxn = sp->max_new_tokens, total = 0;
     memset(res, 0, sizeof *res);
     TRY(check_request(lens, n, maxn, NULL, &total, e));
     if (result_alloc(res, n, lens, maxn, L * K, e)) return -1;
-    engine en;
-    if (engine_init(&en, m, k, budget_bytes, e)) {
-        gen_result_free(res);
-        return -1;
-    }
     engine_seq **seqs = calloc((size_t)n, sizeof *seqs), **act = calloc((size_t)n, sizeof *act);
     const int32_t **toks = calloc((size_t)n, sizeof *toks);
     int *nt = calloc((size_t)n, sizeof(int)), *row = calloc((size_t)n, sizeof(int)), *state = calloc((size_t)n, sizeof(int));
@@ -220,7 +239,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
         goto out;
     }
     for (int i = 0; i < n; i++) {
-        if (engine_seq_new(&en, lens[i] + maxn, &seqs[i], e)) goto out;
+        if (engine_seq_new(en, lens[i] + maxn, &seqs[i], e)) goto out;
         rng_seed(&rngs[i], sp->seed + (uint64_t)i);
     }
     /* state: 0 generating, 1 finished but its last token not yet routed, 2 done */
@@ -242,7 +261,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
             rows[j] = state[i] == 1 || (step == 0 && maxn == 0) ? (sample_row){.temperature = 0.0f, .top_p = 1.0f}
                                                                  : sample_draw(sp, &rngs[i]);
         }
-        if (engine_step_sample(&en, act, toks, nt, na, rows, picks, lps, routing, e)) goto out;
+        if (engine_step_sample(en, act, toks, nt, na, rows, picks, lps, routing, e)) goto out;
         for (int j = 0, off = 0; j < na; off += nt[j], j++) {
             int i = row[j], p0 = engine_seq_len(act[j]) - nt[j];
             for (int l = 0; l < L; l++)
@@ -261,8 +280,7 @@ int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *pr
     rc = 0;
 out:
     if (seqs)
-        for (int i = 0; i < n; i++) engine_seq_free(&en, seqs[i]);
-    engine_free(&en);
+        for (int i = 0; i < n; i++) engine_seq_free(en, seqs[i]);
     free(seqs);
     free(act);
     free(toks);

@@ -18,6 +18,7 @@
 #include "../common/rng.h"
 #include "../kernels/sample.h"
 #include "../trainer/model.h"
+#include "engine.h"
 
 typedef struct {
     float temperature; /* 0: greedy */
@@ -69,6 +70,12 @@ int generate(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, 
  * budget_bytes. Same tokens, logprobs (bit for bit on the CPU) and routing. */
 int generate_cached(const dsv4_model *m, const kctx *k, const int32_t *const *prompts, const int *lens, int n,
                     const sample_params *sp, size_t budget_bytes, gen_result *res, mill_err *e);
+/* The same on an engine made by the caller: on an engine of several ranks, its leader (the followers
+ * run generate_follow until the leader casts GROUP_STOP). */
+int generate_engine(engine *en, const int32_t *const *prompts, const int *lens, int n, const sample_params *sp,
+                    gen_result *res, mill_err *e);
+/* A follower rank of an engine: runs the leader's steps until GROUP_STOP. */
+int generate_follow(engine *en, mill_err *e);
 void gen_result_free(gen_result *res);
 
 #endif

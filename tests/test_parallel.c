@@ -138,6 +138,15 @@ static void test_validate(void **st) {
     expect_validate(sizes(1, 1, 3, 1, 2), &c, 0, 0, "parallel: ep 3 must divide dp x cp = 2");
     expect_validate(sizes(1, 1, 4, 2, 3), NULL, 6, 0, "parallel: ep 4 must divide dp x cp = 6");
     expect_validate(sizes(1, 1, 3, 1 << 20, 1 << 20), NULL, 0, 0, "ep 3 must divide dp x cp = 1099511627776");
+    {   /* folded, ep may span tp: 2 x 3 ranks take ep 6 (c's 6 experts) and ep 3, not ep 4 */
+        par_sizes f = sizes(2, 1, 6, 1, 3);
+        f.fold = 1;
+        expect_validate(f, &c, 6, 0, NULL);
+        f.ep = 3;
+        expect_validate(f, &c, 6, 0, NULL);
+        f.ep = 4;
+        expect_validate(f, NULL, 6, 0, "parallel: ep 4 must divide tp x dp x cp = 6");
+    }
 
     /* the model's rules (before the sizes not supported yet, so each shows) */
     expect_validate(sizes(3, 1, 1, 1, 1), &c, 0, 0, "parallel: tp 3 must divide num_attention_heads 8");
@@ -286,10 +295,11 @@ typedef void (*free_fn)(par_state *);
 
 /* Every rank of layout s through init on the stand-in world, against Megatron-Core's order. */
 static void check_layout(par_sizes s, init_fn init, free_fn pfree) {
-    int tp = s.tp, pp = s.pp, ep = s.ep, cp = s.cp, dp = s.dp, w = tp * pp * cp * dp, edp = dp * cp / ep;
+    int tp = s.tp, pp = s.pp, ep = s.ep, cp = s.cp, dp = s.dp, w = tp * pp * cp * dp;
+    int edp = (s.fold ? tp : 1) * dp * cp / ep, et = s.fold ? 1 : tp; /* folded: the experts over tp too */
     char b[96];
     par_sizes_str(&s, b, sizeof b);
-    assert_true(w <= MAXW && (dp * cp) % ep == 0);
+    assert_true(w <= MAXW && ((s.fold ? tp : 1) * dp * cp) % ep == 0);
     /* the coordinates each rank should get, by walking them in order */
     int crd[MAXW][6], seen[MAXW] = {0}; /* tp cp dp pp ep edp */
     for (int q = 0; q < pp; q++)
@@ -303,8 +313,8 @@ static void check_layout(par_sizes s, init_fn init, free_fn pfree) {
     for (int q = 0; q < pp; q++)
         for (int x = 0; x < edp; x++)
             for (int y = 0; y < ep; y++)
-                for (int t = 0; t < tp; t++) {
-                    int r = q * tp * cp * dp + t + tp * (y + ep * x);
+                for (int t = 0; t < et; t++) {
+                    int r = q * tp * cp * dp + t + et * (y + ep * x);
                     crd[r][4] = y, crd[r][5] = x;
                     seen[r]++;
                 }
@@ -355,8 +365,9 @@ static void check_layout(par_sizes s, init_fn init, free_fn pfree) {
                 case 3: same = y[0] == x[0] && y[1] == x[1] && y[2] == x[2]; break; /* pp: same tp, cp, dp */
                 case 4: same = y[0] == x[0] && y[3] == x[3]; break;                 /* dpcp: same tp, pp */
                 case 5: same = y[1] == x[1] && y[2] == x[2]; break;                 /* mp: same cp, dp */
-                case 6: same = y[0] == x[0] && y[3] == x[3] && y[5] == x[5]; break; /* ep: same tp, pp, edp */
-                default: same = y[0] == x[0] && y[3] == x[3] && y[4] == x[4]; break; /* edp: same tp, pp, ep */
+                /* ep: same tp (unless folded), pp, edp; edp: same tp (unless folded), pp, ep */
+                case 6: same = (s.fold || y[0] == x[0]) && y[3] == x[3] && y[5] == x[5]; break;
+                default: same = (s.fold || y[0] == x[0]) && y[3] == x[3] && y[4] == x[4]; break;
                 }
                 int same_color = rec_color[bb][g] == rec_color[a][g];
                 if (same != same_color)
@@ -390,6 +401,14 @@ static void test_layout_all(void **st) {
         sizes(2, 2, 1, 2, 3), sizes(3, 1, 6, 2, 3), sizes(2, 2, 2, 1, 4), sizes(1, 2, 3, 1, 3),
     };
     for (size_t i = 0; i < sizeof ls / sizeof ls[0]; i++) check_layout(ls[i], lay_init, lay_free);
+    /* folded: the experts over tp x cp x dp (the rollout engine's tp x dp with ep up to their product) */
+    const par_sizes fs[] = {sizes(2, 1, 2, 1, 1), sizes(2, 1, 4, 1, 2), sizes(4, 1, 2, 1, 1), sizes(3, 1, 3, 1, 1),
+                            sizes(2, 2, 6, 1, 3), sizes(1, 1, 3, 1, 3), sizes(2, 1, 1, 1, 2), sizes(2, 2, 4, 2, 1)};
+    for (size_t i = 0; i < sizeof fs / sizeof fs[0]; i++) {
+        par_sizes f = fs[i];
+        f.fold = 1;
+        check_layout(f, lay_init, lay_free);
+    }
     /* the copy still refuses what it should */
     par_state p;
     mill_err e = {{0}};

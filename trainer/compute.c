@@ -180,19 +180,26 @@ int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x
 }
 
 int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o, const int32_t *pos, int N,
-                      float *o_rot, float *z, float *y, mill_err *e) {
+                      float *o_rot, float *z, float *zg, float *y, mill_err *e) {
     const dsv4_config *c = &m->cfg;
     const dsv4_layer *L = &m->layers[l];
     int D = c->hidden_size, H = model_heads(m), d = c->head_dim, G = model_groups(m), R = c->o_lora_rank;
+    int tp = m->stage.tp > 1 && m->stage.tp_exact ? m->stage.tp : 1;
+    float *zl = tp > 1 ? zg + (long)m->stage.tp_rank * N * G * R : z; /* exact: this slice's piece of the gather */
     /* Values are the rotated keys: undo the rotation at the query position. */
     TRY(op_copy(k, o_rot, o, sizeof(float) * (size_t)N * H * d, e));
     TRY(op_rope(k, o_rot, N, H, d, c->qk_rope_head_dim, pos, L->ratio ? m->inv_freq_compress : m->inv_freq_main, -1,
                 e));
     int gw = H * d / G; /* each group's rows of wo_a see only that group's heads */
     for (int g = 0; g < G; g++)
-        TRY(op_linear(k, z + (long)g * R, o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, 0,
+        TRY(op_linear(k, zl + (long)g * R, o_rot + (long)g * gw, L->wo_a + (long)g * R * gw, N, R, gw, H * d, G * R, 0,
                       e));
-    return op_linear(k, y, z, L->wo_b, N, D, G * R, 0, 0, 0, e);
+    if (tp > 1) { /* every slice's [N, G R] piece, then side by side in each row: the whole z */
+        size_t w = sizeof(float) * (size_t)G * R;
+        TRY(m->tp.all_gather(m->tp.ctx, zg, (size_t)N * G * R, DTYPE_F32, e));
+        for (int t = 0; t < tp; t++) TRY(op_copy_2d(k, z + (long)t * G * R, w * tp, zg + (long)t * N * G * R, w, w, N, e));
+    }
+    return op_linear(k, y, z, L->wo_b, N, D, tp * G * R, 0, 0, 0, e);
 }
 
 /* Tensor parallelism: a slice's partial sum completed over the tp ranks (nothing without). */
@@ -263,7 +270,7 @@ static int attention_forward(fwd *f, const dsv4_layer *L, layer_trace *t, float 
                               t->n_comp, L->attn_sink, T, f->p0, H, d, c->sliding_window, 1.0f / sqrtf((float)d),
                               f->e));
     }
-    return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, y, f->e); /* partial: a slice of the heads */
+    return model_attn_output(f->m, f->k, l, t->o, f->pos, N, t->o_rot, t->z, NULL, y, f->e); /* partial: a slice of the heads */
 }
 
 /* ------------------------------------------------------- expert parallelism */
@@ -414,12 +421,15 @@ static int moe_experts_ep_backward(const dsv4_model *m, const kctx *k, const dsv
     return rc;
 }
 
+/* Whether the shared experts' hidden units are split over tp (whole in the engine's exact layout). */
+static int shared_split(const dsv4_model *m) { return m->stage.tp > 1 && !m->stage.tp_exact; }
+
 /* y [N, D] (+= with accumulate) the shared experts on x [N, D]; a tp slice's hidden units give its
  * partial products. */
 static int shared_forward(const dsv4_model *m, const kctx *k, const dsv4_layer *L, const float *x, int N, float *y,
                           int accumulate, arena *a, mill_err *e) {
     const dsv4_config *c = &m->cfg;
-    int D = c->hidden_size, Is = c->moe_intermediate_size * c->n_shared_experts / (m->stage.tp > 1 ? m->stage.tp : 1);
+    int D = c->hidden_size, Is = c->moe_intermediate_size * c->n_shared_experts / (shared_split(m) ? m->stage.tp : 1);
     float *g = arena_floats(a, (size_t)N * Is), *u = arena_floats(a, (size_t)N * Is);
     if (!g || !u) return mill_errf(e, "moe: out of activation memory");
     TRY(op_linear(k, g, x, L->sw1, N, Is, D, 0, 0, 0, e));
@@ -450,7 +460,7 @@ static int model_moe_traced(const dsv4_model *m, const kctx *k, int l, const flo
     if (m->ep.size > 1) TRY(moe_experts_ep(m, k, L, x, ids, wts, N, y, tr, a, e));
     else TRY(op_moe_experts(k, y, x, ids, wts, L->w1, L->w3, L->w2, N, D, I, E, K, (float)c->swiglu_limit, 0, work, e));
     if (shared && L->sw1) { /* tensor parallelism: this rank's slice of the hidden units, summed over tp */
-        float *sy = m->stage.tp > 1 ? arena_floats(a, (size_t)N * D) : y;
+        float *sy = shared_split(m) ? arena_floats(a, (size_t)N * D) : y;
         if (!sy) return mill_errf(e, "moe: out of activation memory");
         TRY(shared_forward(m, k, L, x, N, sy, sy == y, a, e));
         if (sy != y) { /* y += the completed sum (op_repeat_rows_backward with one repeat: an add) */
@@ -619,6 +629,8 @@ static int fwd_begin(fwd *f, const dsv4_model *m, const kctx *k, const int32_t *
         return mill_errf(e, "forward: the model, the arena and the kctx must be on one device");
     if (m->stage.n_chunks != 1) /* an interleaved pipeline rank runs one chunk at a time (dist) */
         return mill_errf(e, "forward: the model holds %d chunks of layers; run one (model_stage_chunk)", m->stage.n_chunks);
+    if (m->stage.tp > 1 && m->stage.tp_exact) /* its whole row-parallel weights have no training path */
+        return mill_errf(e, "forward: the exact tensor-parallel layout (stage.tp_exact) is the rollout engine's");
     arena_reset(a);
     f->m = m;
     f->k = k;

@@ -100,12 +100,18 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 
 #define W1(L, d0, ...) TRY(add_param(b, L, PARAM_WEIGHT, 1, d0, 0, 0, e, __VA_ARGS__))
 #define W2(L, d0, d1, ...) TRY(add_param(b, L, PARAM_WEIGHT, 2, d0, d1, 0, e, __VA_ARGS__))
-/* The same for a tensor sliced along dimension dim under tensor parallelism. */
+/* The same for a tensor sliced along dimension dim under tensor parallelism; W2R for a row-parallel
+ * product's weight, whole under stage.tp_exact (its input is gathered instead of its output summed). */
 #define W2S(dim, L, d0, d1, ...)                                      \
     do {                                                              \
         b->split = (dim);                                             \
         TRY(add_param(b, L, PARAM_WEIGHT, 2, d0, d1, 0, e, __VA_ARGS__)); \
         b->split = -1;                                                \
+    } while (0)
+#define W2R(dim, L, d0, d1, ...)                                               \
+    do {                                                                       \
+        if (b->st.tp_exact) W2(L, d0, d1, __VA_ARGS__);                         \
+        else W2S(dim, L, d0, d1, __VA_ARGS__);                                  \
     } while (0)
 
 /* The canonical order: buffers of one kind (all trainable weights, then router biases) are
@@ -130,7 +136,7 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
         W2(l, d, D, "layers.%d.attn.wkv.weight", l);
         W1(l, d, "layers.%d.attn.kv_norm.weight", l);
         W2S(0, l, (int64_t)c->o_groups * c->o_lora_rank, (int64_t)H * d / c->o_groups, "layers.%d.attn.wo_a.weight", l);
-        W2S(1, l, D, (int64_t)c->o_groups * c->o_lora_rank, "layers.%d.attn.wo_b.weight", l);
+        W2R(1, l, D, (int64_t)c->o_groups * c->o_lora_rank, "layers.%d.attn.wo_b.weight", l);
         b->split = 0;
         W1(l, H, "layers.%d.attn.attn_sink", l);
         b->split = -1;
@@ -156,9 +162,9 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
         for (b->expert = 0; b->expert < E; b->expert++) W2(l, I, D, "layers.%d.ffn.experts.%d.w3.weight", l, b->expert);
         b->expert = -1;
         if (Is) {
-            W2S(0, l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l);
-            W2S(1, l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
-            W2S(0, l, Is, D, "layers.%d.ffn.shared_experts.w3.weight", l);
+            W2R(0, l, Is, D, "layers.%d.ffn.shared_experts.w1.weight", l); /* whole with w2 */
+            W2R(1, l, D, Is, "layers.%d.ffn.shared_experts.w2.weight", l);
+            W2R(0, l, Is, D, "layers.%d.ffn.shared_experts.w3.weight", l);
         }
     }
     W1(-1, D, "norm.weight");

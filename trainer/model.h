@@ -98,6 +98,10 @@ typedef struct {
                       * this rank's (its queries and per-token work); the attention's key side (the
                       * window's KV rows, the compressor's and the indexer's projections) is gathered
                       * whole from the cp ranks and its gradients summed back */
+    int tp_exact;    /* with tp > 1, the rollout engine's layout: the row-parallel products (wo_b, the shared
+                      * experts) stay whole, and their inputs are gathered over tp instead of their
+                      * outputs summed, so every output has the single-process bits (model_attn_output);
+                      * the caller runs the MoE on its slice of the tokens (model_split_range) */
     int sp;          /* sequence parallelism (with tp > 1): the streams between the sublayers and the
                       * per-token ops (hyper-connections, norms, the router, the routed experts) hold
                       * tokens [N r / tp, N (r+1) / tp) of each micro-batch; the attention, the shared
@@ -303,9 +307,12 @@ int model_forward(const dsv4_model *m, const kctx *k, const int32_t *ids, int B,
  * the _raw buffers keep the pre-norm values for the backward. */
 int model_attn_project(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *pos, int N,
                        float *qr_raw, float *qr, float *q_raw, float *q, float *kv_raw, float *kv, mill_err *e);
-/* From attention outputs o [N, H, d]: inverse RoPE (o_rot), grouped wo_a (z), wo_b -> y [N, D]. */
+/* From attention outputs o [N, H, d]: inverse RoPE (o_rot), grouped wo_a (z), wo_b -> y [N, D].
+ * Under tensor parallelism y is the slice's partial product (summed over tp by the caller), except
+ * with stage.tp_exact: then z [N, o_groups * o_lora_rank] receives every slice's groups, gathered
+ * over tp through zg (scratch of z's size; NULL otherwise), and y is whole. */
 int model_attn_output(const dsv4_model *m, const kctx *k, int l, const float *o, const int32_t *pos, int N,
-                      float *o_rot, float *z, float *y, mill_err *e);
+                      float *o_rot, float *z, float *zg, float *y, mill_err *e);
 /* MoE sublayer of layer l on x [N, D] (ffn-normed) -> y [N, D]; tokens [N] feed the hash layers'
  * tid2eid; replay [N, k] forces the experts (both in k's memory, like every argument here). logits, scores [N, E], ids, wts [N, k] are outputs. */
 int model_moe(const dsv4_model *m, const kctx *k, int l, const float *x, const int32_t *tokens, int N,

@@ -8,7 +8,8 @@ par_sizes par_sizes_one(void) { return (par_sizes){.tp = 1, .pp = 1, .ep = 1, .c
 const char *par_sizes_str(const par_sizes *s, char *buf, size_t n) {
     int k = snprintf(buf, n, "tp %d, pp %d, ep %d, cp %d, dp %d", s->tp, s->pp, s->ep, s->cp, s->dp);
     if (s->vpp > 1 && k >= 0 && (size_t)k < n) k += snprintf(buf + k, n - (size_t)k, ", vpp %d", s->vpp);
-    if (s->sp && s->tp > 1 && k >= 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", sp");
+    if (s->sp && s->tp > 1 && k >= 0 && (size_t)k < n) k += snprintf(buf + k, n - (size_t)k, ", sp");
+    if (s->fold && s->ep > 1 && k >= 0 && (size_t)k < n) snprintf(buf + k, n - (size_t)k, ", folded");
     return buf;
 }
 
@@ -47,7 +48,10 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     if (world > 0 && w != world)
         return mill_errf(e, "parallel: tp x pp x cp x dp = %d x %d x %d x %d = %.0f ranks, but the job has %d", s->tp,
                          s->pp, s->cp, s->dp, w, world);
-    if (((long)s->dp * s->cp) % s->ep)
+    if (s->fold && ((long)s->tp * s->dp * s->cp) % s->ep)
+        return mill_errf(e, "parallel: ep %d must divide tp x dp x cp = %ld (experts are spread over the ranks of a "
+                            "stage)", s->ep, (long)s->tp * s->dp * s->cp);
+    if (!s->fold && ((long)s->dp * s->cp) % s->ep)
         return mill_errf(e, "parallel: ep %d must divide dp x cp = %ld (experts are spread over the data-parallel ranks)",
                          s->ep, (long)s->dp * s->cp);
     if (cfg) {
@@ -123,10 +127,10 @@ int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e) {
     p->cp_rank = r / tp % cp;
     p->dp_rank = r / (tp * cp) % dp;
     p->pp_rank = r / (tp * cp * dp);
-    int stage = tp * cp * dp, local = r % stage, edp = cp * dp / ep;
-    p->ep_rank = local / tp % ep;
-    p->edp_rank = local / (tp * ep);
-    int t = p->tp_rank, c = p->cp_rank, d = p->dp_rank, q = p->pp_rank;
+    int stage = tp * cp * dp, local = r % stage, edp = s->fold ? stage / ep : cp * dp / ep, et = s->fold ? 1 : tp;
+    p->ep_rank = local / et % ep;
+    p->edp_rank = local / (et * ep);
+    int t = p->tp_rank, c = p->cp_rank, d = p->dp_rank, q = p->pp_rank, ft = s->fold ? 0 : t; /* folded: over tp */
     struct {
         comm **out;
         const char *name;
@@ -138,8 +142,8 @@ int par_init(par_state *p, comm *world, const par_sizes *s, mill_err *e) {
         {&p->pp, "pp", local, q},
         {&p->dpcp, "dpcp", t + tp * q, c + cp * d},
         {&p->mp, "mp", c + cp * d, t + tp * q},
-        {&p->ep, "ep", t + tp * (p->edp_rank + edp * q), p->ep_rank},
-        {&p->edp, "edp", t + tp * (p->ep_rank + ep * q), p->edp_rank},
+        {&p->ep, "ep", ft + tp * (p->edp_rank + edp * q), p->ep_rank},
+        {&p->edp, "edp", ft + tp * (p->ep_rank + ep * q), p->edp_rank},
     };
     for (size_t i = 0; i < sizeof g / sizeof g[0]; i++)
         if (comm_split(world, g[i].color, g[i].key, g[i].name, g[i].out, e)) {

@@ -9,7 +9,8 @@
  * it: the ranks that hold the same dense weights) and mp (tp * pp: the ranks that together hold
  * one copy of the model; the gradient norm is summed over it after each rank's own shard).
  * Every group of size one is a comm of one rank (no calls), so the single-process layout runs the
- * same code. pp (with vpp), ep, dp, tp and cp run. */
+ * same code. pp (with vpp), ep, dp, tp and cp run. With fold, the experts are laid over tp too
+ * (rank = ep_r + ep * edp_r within a pipeline stage). */
 #ifndef MILL_PARALLEL_H
 #define MILL_PARALLEL_H
 
@@ -34,6 +35,10 @@ typedef struct {
                   * rounded once per hop) */
     int sp; /* sequence parallelism (Megatron's, with tp > 1; a no-op without): each tp rank keeps the
              * hyper-connection streams and runs the per-token ops of its slice of the tokens only */
+    int fold; /* MoE parallel folding (Megatron-Core's, expert tensor parallelism 1): the ep ranks are laid
+               * over tp x cp x dp in rank order (ep divides that; edp = tp x cp x dp / ep), each tp rank
+               * routing its own slice of the tokens. The rollout engine's layout (SGLang's DP-attention
+               * with EP); the trainer's experts lie over dp x cp */
 } par_sizes;
 
 typedef struct {

@@ -68,6 +68,8 @@ int cuda_op_token_logp_backward(const kctx *k, float *probs, const int32_t *rows
                                 const float *dent, const float *ent, const int32_t *targets, int n, int vl, int v0,
                                 float temperature, mill_err *e);
 int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_err *e);
+int cuda_op_copy_2d(const kctx *k, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, long rows,
+                    mill_err *e);
 int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e);
 int cuda_op_copy_from_host(const kctx *k, void *dst, const void *host_src, size_t bytes, mill_err *e);
 int cuda_op_copy_to_host(const kctx *k, void *host_dst, const void *src, size_t bytes, mill_err *e);

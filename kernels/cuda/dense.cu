@@ -1009,6 +1009,13 @@ int cuda_op_copy(const kctx *k, void *dst, const void *src, size_t bytes, mill_e
     return cu_shadow_refresh(k, dst, bytes, e);
 }
 
+int cuda_op_copy_2d(const kctx *k, void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, long rows,
+                    mill_err *e) {
+    if (!width || rows <= 0) return 0;
+    CU_CHECK(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, (size_t)rows, cudaMemcpyDeviceToDevice, cu_stream(k)));
+    return cu_shadow_refresh(k, dst, dpitch * (size_t)(rows - 1) + width, e);
+}
+
 int cuda_op_zero(const kctx *k, void *x, size_t bytes, mill_err *e) {
     if (bytes) CU_CHECK(cudaMemsetAsync(x, 0, bytes, cu_stream(k)));
     return cu_shadow_refresh(k, x, bytes, e);
