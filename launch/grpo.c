@@ -90,7 +90,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
                                          "template", "skip_bad_rows", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
-                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", NULL};
+                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", "parallel", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low",      "eps_high",     "std_normalize", "seq_mean",
                                          "kl_coef",      "kl_type",      "tis_cap",       "entropy_coef",
@@ -100,11 +100,13 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
     static const char *const ck_k[] = {"dir", "every", NULL};
     static const char *const dbg_k[] = {"kill_engine_at_step", "kill_trainer_at_step", "kill_trainer_rank", NULL};
+    static const char *const eng_k[] = {"tp", "ep", NULL};
     if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
         yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
         yamlcfg_known_keys(y, "reward", rew_k, path, e) || yamlcfg_known_keys(y, "algorithm", algo_k, path, e) ||
         yamlcfg_known_keys(y, "train", train_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
-        yamlcfg_known_keys(y, "checkpoint", ck_k, path, e) || yamlcfg_known_keys(y, "debug", dbg_k, path, e))
+        yamlcfg_known_keys(y, "checkpoint", ck_k, path, e) || yamlcfg_known_keys(y, "debug", dbg_k, path, e) ||
+        yamlcfg_known_keys(y, "rollout.parallel", eng_k, path, e))
         return -1;
     optim_config_default(&r->optim);
     grpo_config_default(&r->algo);
@@ -114,7 +116,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.min_lr = r->optim.lr;
     const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr, *aggm, *pol;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
-        restarts, tkill, tkrank;
+        restarts, tkill, tkrank, etp, eep;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
         yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
@@ -140,6 +142,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
         yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
         yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
+        yamlcfg_int(y, "rollout.parallel.tp", 1, 1, 1 << 20, &etp, path, e) ||
+        yamlcfg_int(y, "rollout.parallel.ep", 1, 1, 1 << 20, &eep, path, e) ||
         yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
         yamlcfg_num(y, "reward.timeout_s", 10, 1e-3, 3600, &r->reward_timeout_s, path, e) ||
         yamlcfg_int(y, "reward.retries", 3, 0, 100, &retries, path, e) ||
@@ -173,6 +177,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "debug.kill_trainer_rank", 0, 0, 1 << 20, &tkrank, path, e))
         return -1;
     if (!*from) return mill_errf(e, "%s: model.init_from (the warm start's directory) is required", path);
+    if (par_engine((int)etp, (int)eep, &r->engine_par, e)) return mill_err_wrap(e, "%s: rollout.parallel", path);
     if (!yamlcfg_get(y, "train.steps")) return mill_errf(e, "%s: train.steps is required", path);
     if (copy_str(r->name, sizeof r->name, name, "name", path, e) ||
         copy_str(r->ledger, sizeof r->ledger, ledger, "ledger", path, e) ||
@@ -359,12 +364,16 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
             snprintf(p->addr, sizeof p->addr, "ipc://%s/engine-%d.sock", run_dir, i);
         }
     }
-    char cache[32];
+    char cache[32], tp[16], ep[16];
     snprintf(cache, sizeof cache, "%g", r->cache_mb);
-    const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache, "--device",
-                          r->rollout_gpu ? "cuda" : "cpu", ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
-    proc_set_argv(p, args);
-    if (proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, &ps->curve, e)) return -1;
+    snprintf(tp, sizeof tp, "%d", r->engine_par.tp);
+    snprintf(ep, sizeof ep, "%d", r->engine_par.ep);
+    /* an engine of several ranks starts them itself (mpiexec); its rank 0 serves the address */
+    const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache,
+                          "--tp", tp, "--ep", ep, "--device", r->rollout_gpu ? "cuda" : "cpu",
+                          ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
+    if (proc_set_argv(p, args, e) || proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, &ps->curve, e))
+        return -1;
     return engine_wait_ready(ps, p, i, 60, e);
 }
 
@@ -1158,8 +1167,9 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
         const char *margs[] = {"mpiexec", "-n", np, ps->exe, "trainer-worker", "--bind", t->addr,
                                ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
         if (world > 1 && ranks_mpiexec(mpiexec, sizeof mpiexec, e)) return -1;
-        proc_set_argv(t, world > 1 ? margs : targs);
-        if (proc_spawn(t, world > 1 ? mpiexec : ps->exe, e) || proc_connect(t, ps->zctx, &ps->curve, e)) return -1;
+        if (proc_set_argv(t, world > 1 ? margs : targs, e) || proc_spawn(t, world > 1 ? mpiexec : ps->exe, e) ||
+            proc_connect(t, ps->zctx, &ps->curve, e))
+            return -1;
     }
     wire_builder *b = proc_msg(ps, "init");
     if (!b) return mill_errf(e, "out of memory");
@@ -1280,6 +1290,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
         return -1;
     if (par_validate(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
+    if (par_validate(&r->engine_par, &c->cfg, 0, 0, e)) return mill_err_wrap(e, "rollout.parallel");
     long n = (long)r->prompts_per_step * r->samples_per_prompt; /* each update's micro-batches on each dp rank */
     for (int u = 0; u < r->updates_per_step; u++)
         for (int d = 0; d < r->par.dp; d++) {

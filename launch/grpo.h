@@ -38,6 +38,7 @@ typedef struct {
     int async; /* disaggregated: generate step s + 1 while step s trains (one version behind) */
     char engine_addrs[2048]; /* comma-separated external engines ("" = spawn n_engines) */
     double cache_mb, timeout_s;
+    par_sizes engine_par; /* rollout.parallel.{tp, ep}: each spawned engine's ranks (par_engine) */
     /* reward */
     reward_kind reward;
     char reward_url[512];

@@ -35,12 +35,14 @@ static int usage(FILE *to) {
             "          OUT holds loss [1] and grad.<original tensor name> (f32) for every tensor the loss reaches\n"
             "  generate --model DIR --input IN.json --max-new-tokens N --temperature T [--top-p P] [--top-k K]\n"
             "          [--seed S] [--stop ID]... [--cache-mb MB] [--device auto|cpu|cuda] --output OUT.json\n"
-            "          [--routing ROUTING.safetensors]\n"
+            "          [--routing ROUTING.safetensors] [--tp N] [--ep N]\n"
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
             "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--queue-mb MB] [--device auto|cpu|cuda]\n"
-            "          [--curve FILE]\n"
+            "          [--curve FILE] [--tp N] [--ep N]\n"
             "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
+            "          generate and rollout-server on an engine of max(tp, ep) ranks (started with mpiexec): tp\n"
+            "          splits the heads and vocabulary, ep the experts; the tp groups run attention data-parallel\n"
             "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
             "  reward  --input IN.jsonl --output OUT.jsonl [--remote URL] [--timeout S]   score responses against\n"
             "          labels ({\"response\", \"label\"} per line -> {\"reward\", \"extracted\"}) with the math\n"
@@ -227,7 +229,7 @@ static int gather_columns(comm *c, float *buf, long rows, int cols, mill_err *e)
     int rc = !cnt || !all ? mill_errf(e, "forward: out of memory for the logits") : 0;
     for (int r = 0; !rc && r < c->size; r++) {
         int64_t lo, hi;
-        model_split_range(cols, c->size, r, &lo, &hi);
+        model_vocab_split(cols, c->size, r, &lo, &hi);
         cnt[r] = (size_t)(rows * (hi - lo)), dsp[r] = (size_t)(rows * lo);
         if (r == c->rank) memcpy(all + dsp[r], buf, sizeof(float) * cnt[r]);
     }
@@ -628,8 +630,8 @@ static int cmd_generate(int argc, char **argv, comm **world, mill_err *e) {
         goto done;
     group_model_io(&g, (dsv4_model *)run);
     if (engine_init_group(&en, run, &k, (size_t)(cache_mb * (1 << 20)), &g, e)) goto done;
-    if (g.rank > 0) { /* a follower: the leader's steps until it is done */
-        rc = generate_follow(&en, e);
+    if (g.rank > 0) { /* a follower: the leader's steps until it is done, then its bytes to the leader */
+        rc = generate_follow(&en, e) || comm_sum_f64(*world, en.sent, 2, e);
         goto done;
     }
     rows = malloc(sizeof *rows * (size_t)B);
@@ -639,6 +641,14 @@ static int cmd_generate(int argc, char **argv, comm **world, mill_err *e) {
     }
     for (int b = 0; b < B; b++) rows[b] = ids + (long)b * T;
     if (generate_engine(&en, rows, lens, B, &sp, &res, e) || group_cast(&g, GROUP_STOP, NULL, 0, e)) goto done;
+    if (g.size > 1 && comm_sum_f64(*world, en.sent, 2, e)) goto done; /* what moved, summed over the ranks */
+    long toks = 0;
+    for (int b = 0; b < B; b++) toks += res.out_len[b];
+    double ds = en.step_s[1] > 0 ? en.step_s[1] : 1e-9, dtoks = (double)(toks - B); /* the first token: prefill's */
+    log_info("generate: engine of %d rank(s) (tp %d, ep %d, %d attention group(s)): %ld decode steps in %.3f s, %.1f "
+             "tokens/s (%.1f a rank), %.1f KiB a decode step between ranks; %ld prefill step(s) in %.3f s, %.1f KiB",
+             g.size, g.tp, g.ep, g.n_att, en.steps[1], en.step_s[1], dtoks / ds, dtoks / ds / g.size,
+             en.sent[1] / 1024.0 / (double)(en.steps[1] ? en.steps[1] : 1), en.steps[0], en.step_s[0], en.sent[0] / 1024.0);
     o = json_pack("{s:[], s:[], s:[]}", "output_ids", "logprobs", "finish_reason");
     for (int b = 0; b < B; b++) {
         json_t *oi = json_array(), *lp = json_array();
@@ -698,10 +708,10 @@ done:
     return rc;
 }
 
-static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
+static int cmd_rollout_server(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", "--curve",
                                         "--queue-mb", NULL};
-    if (check_opts(argc, argv, known, e)) return -1;
+    if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
     if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
     double mb = 1024, mbatch = 64, qmb = 16384;
@@ -713,12 +723,23 @@ static int cmd_rollout_server(int argc, char **argv, mill_err *e) {
         return -1;
     mill_device dev;
     wire_curve curve;
-    if (opt_device(argc, argv, &dev, e) || opt_curve(argc, argv, &curve, e)) return -1;
-    dsv4_model m;
-    if (model_load(&m, dir, e)) return -1;
-    server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve, (size_t)(qmb * (1 << 20))};
-    int rc = rollout_server_run(&m, &sc, e);
+    dsv4_config cfg;
+    par_sizes ps; /* the engine's ranks: --tp, --ep (rollout/group.h) */
+    if (opt_device(argc, argv, &dev, e) || opt_curve(argc, argv, &curve, e) || config_load(dir, &cfg, e) ||
+        ranks_engine_sizes(argc, argv, &ps, e) || ranks_start(argc, argv, &ps, &cfg, 0, world, e))
+        return -1;
+    dsv4_model m = {0};
+    kctx k = {0};
+    engine_group g = {0};
+    int rc = -1;
+    if (!kctx_init(&k, dev, e) && !group_init(&g, *world, ps.tp, ps.ep, &cfg, &k, e) &&
+        !model_load_stage(&m, dir, &g.stage, e)) { /* this rank's heads, experts and vocabulary rows */
+        server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve, (size_t)(qmb * (1 << 20)), &k, &g};
+        rc = rollout_server_run(&m, &sc, e);
+    }
     model_free(&m);
+    group_free(&g);
+    kctx_free(&k);
     return rc;
 }
 
@@ -850,7 +871,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "forward") == 0) rc = cmd_forward(argc, argv, &world, &e);
     else if (strcmp(argv[1], "grad") == 0) rc = cmd_grad(argc, argv, &world, &e);
     else if (strcmp(argv[1], "generate") == 0) rc = cmd_generate(argc, argv, &world, &e);
-    else if (strcmp(argv[1], "rollout-server") == 0) rc = cmd_rollout_server(argc, argv, &e);
+    else if (strcmp(argv[1], "rollout-server") == 0) rc = cmd_rollout_server(argc, argv, &world, &e);
     else if (strcmp(argv[1], "info") == 0) rc = cmd_info(argc, argv, &e);
     else if (strcmp(argv[1], "init") == 0) rc = cmd_init(argc, argv, &e);
     else if (strcmp(argv[1], "sft") == 0) rc = cmd_sft(argc, argv, &world, &e);

@@ -88,17 +88,20 @@ int proc_free_port(int *port, mill_err *e) {
     return 0;
 }
 
-void proc_set_argv(proc *p, const char *const *args) {
+int proc_set_argv(proc *p, const char *const *args, mill_err *e) {
     size_t off = 0;
     int i = 0;
-    for (; args[i] && i < 15; i++) {
+    for (; args[i]; i++) {
         size_t n = strlen(args[i]) + 1;
-        if (off + n > sizeof p->argbuf) break;
+        if (i == PROC_MAX_ARGS || off + n > sizeof p->argbuf)
+            return mill_errf(e, "%s: more than %d arguments or %zu bytes of them", args[0], PROC_MAX_ARGS,
+                             sizeof p->argbuf);
         memcpy(p->argbuf + off, args[i], n);
         p->argv[i] = p->argbuf + off;
         off += n;
     }
     p->argv[i] = NULL;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ requests */

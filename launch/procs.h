@@ -11,11 +11,13 @@
 
 #include "../common/wire.h"
 
+#define PROC_MAX_ARGS 31
+
 typedef struct {
     pid_t pid;        /* 0: external (not ours to restart) */
     char addr[256];   /* where it listens */
     char log[1200];   /* its stdout/stderr */
-    char *argv[16];   /* how it was started (for restarts) */
+    char *argv[PROC_MAX_ARGS + 1]; /* how it was started (for restarts) */
     char argbuf[4096];
     void *sock;       /* our DEALER to it */
 } proc;
@@ -41,8 +43,8 @@ void proc_stop(proc *p);
 int proc_connect(proc *p, void *zctx, const wire_curve *curve, mill_err *e);
 /* A free loopback TCP port. */
 int proc_free_port(int *port, mill_err *e);
-/* p->argv = args (NULL-terminated; copied). */
-void proc_set_argv(proc *p, const char *const *args);
+/* p->argv = args (NULL-terminated; copied); an error when they do not fit. */
+int proc_set_argv(proc *p, const char *const *args, mill_err *e);
 
 /* A new request (free it only if it is not sent). */
 wire_builder *proc_msg(procs *ps, const char *type);

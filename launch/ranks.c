@@ -58,13 +58,7 @@ int ranks_engine_sizes(int argc, char **argv, par_sizes *s, mill_err *e) {
     for (int i = 2; i < argc; i++)
         if (ranks_is_option(argv[i]) && strcmp(argv[i], "--tp") && strcmp(argv[i], "--ep"))
             return mill_errf(e, "%s: an engine is spread over ranks by --tp and --ep only", argv[i]);
-    int W = s->tp > s->ep ? s->tp : s->ep;
-    if (W % s->tp || W % s->ep)
-        return mill_errf(e, "--tp %d and --ep %d must both divide the engine's %d ranks (the larger of the two)", s->tp,
-                         s->ep, W);
-    s->dp = W / s->tp; /* the attention groups */
-    s->fold = 1;
-    return 0;
+    return par_engine(s->tp, s->ep, s, e);
 }
 
 static int on_path(const char *name, char *path, size_t n) {

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "../kernels/attention.h"
 #include "../kernels/dense.h"
@@ -644,15 +645,15 @@ static int step_run(engine *en, step_waves *sw, const int32_t *ids, const int32_
     AF(lg, (long)M * V);
     TRY(op_hc_head(k, x, hh, m->hc_head_fn, m->hc_head_base, m->hc_head_scale, M, dm, work, e));
     TRY(op_rmsnorm(k, xn, x, m->norm, M, D, 0, eps, e));
-    if (tp > 1) { /* each slice's columns (in ceil(V / tp) rows of the head), gathered into whole rows */
-        int Vp = (V + tp - 1) / tp;
+    if (tp > 1) { /* each slice's columns (in the head's model_vocab_rows), gathered into whole rows */
+        int Vp = (int)model_vocab_rows(V, tp);
         float *lp;
         AF(lp, (long)tp * M * Vp);
         TRY(op_linear(k, lp + (long)m->stage.tp_rank * M * Vp, xn, m->head, M, Vp, D, 0, 0, 0, e));
         TRY(m->tp.all_gather(m->tp.ctx, lp, (size_t)M * Vp, DTYPE_F32, e));
         for (int t = 0; t < tp; t++) {
             int64_t lo, hi;
-            model_split_range(V, tp, t, &lo, &hi);
+            model_vocab_split(V, tp, t, &lo, &hi);
             TRY(op_copy_2d(k, lg + lo, sizeof(float) * V, lp + (long)t * M * Vp, sizeof(float) * Vp,
                            sizeof(float) * (size_t)(hi - lo), M, e));
         }
@@ -830,12 +831,13 @@ typedef struct {
     int flags, n_pend, n_seqs, N;
     const int32_t *pend, *seq, *tokens;
     const sample_row *rows;
+    size_t bytes; /* the whole command's */
 } step_cmd;
 
 static int cmd_parse(const engine *en, const void *buf, size_t n, step_cmd *c, mill_err *e) {
     const int32_t *h = buf;
     if (n < 4 * sizeof(int32_t)) return mill_errf(e, "engine: rank %d: a step command of %zu bytes", en->g->rank, n);
-    *c = (step_cmd){h[0], h[1], h[2], h[3], h + 4, NULL, NULL, NULL};
+    *c = (step_cmd){h[0], h[1], h[2], h[3], h + 4, NULL, NULL, NULL, n};
     c->seq = c->pend + (size_t)PEND_INTS * c->n_pend;
     c->tokens = c->seq + 3 * (size_t)c->n_seqs;
     c->rows = (const sample_row *)(c->tokens + c->N);
@@ -857,12 +859,19 @@ static void result_sizes(const engine *en, const step_cmd *c, int a, size_t *ni,
     *nf = sample ? (size_t)n : c->flags & STEP_LOGITS ? (size_t)(last ? n : N) * cfg->vocab_size : 0;
 }
 
+static double wall(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
 /* Every rank's part of a step command; on the leader, the results in the caller's order into tok,
  * logprob, logits and routing (engine_step's and engine_step_sample's arrays). */
 static int cmd_run(engine *en, const step_cmd *c, int32_t *tok, float *logprob, float *logits, int32_t *routing,
                    mill_err *e) {
     const dsv4_config *cfg = &en->m->cfg;
     engine_group *g = en->g;
+    double b0 = g->d.ep_bytes + g->d.tp_bytes;
     int L = cfg->num_hidden_layers, K = cfg->num_experts_per_tok, V = cfg->vocab_size, lead = g->rank == 0;
     int sample = c->flags & STEP_SAMPLE, last = sample || (c->flags & STEP_LAST), routes = c->flags & STEP_ROUTING;
     if (!lead && pend_apply(en, c->pend, c->n_pend, e)) { /* the leader made its own as they came */
@@ -904,9 +913,11 @@ static int cmd_run(engine *en, const step_cmd *c, int32_t *tok, float *logprob, 
             result_sizes(en, c, a, &ni[0], &nf[0]);
             op[0] = (comm_p2p){a * g->tp, 0, ri, ni[0]}, op[1] = (comm_p2p){a * g->tp, 0, rf, nf[0]};
         }
-        if ((lead && a != g->att) || (!lead && a == g->att && g->rank == a * g->tp))
+        int sends = !lead && a == g->att && g->rank == a * g->tp;
+        if ((lead && a != g->att) || sends)
             rc = comm_sendrecv(g->d.par.world_c, &op[0], 1, DTYPE_I32, e) ||
                  comm_sendrecv(g->d.par.world_c, &op[1], 1, DTYPE_F32, e);
+        if (sends) b0 -= 4.0 * (double)(ni[1] + nf[1]); /* counted as sent */
         if (rc || !lead) continue;
         long na = 0, Na = 0; /* group a's sequences and tokens */
         for (int i = 0; i < c->n_seqs; i++)
@@ -925,6 +936,9 @@ static int cmd_run(engine *en, const step_cmd *c, int32_t *tok, float *logprob, 
         }
     }
     free(nt), free(ls), free(lt), free(lr), free(ri), free(rf);
+    int decode = c->N == c->n_seqs;
+    en->sent[decode] += g->d.ep_bytes + g->d.tp_bytes - b0;
+    if (lead) en->sent[decode] += (double)(g->size - 1) * (double)c->bytes; /* the command, to each follower */
     if (rc) { /* the ranks no longer agree on the sequences: the engine cannot go on */
         char why[sizeof e->msg + 32];
         snprintf(why, sizeof why, "engine rank %d: %s", g->rank, e->msg);
@@ -973,14 +987,32 @@ static int group_step(engine *en, engine_seq *const *seqs, const int32_t *const 
     return 0;
 }
 
+/* A step timed into en->steps and en->step_s: decode when every sequence feeds one token. */
+static int timed(engine *en, int decode, int rc, double t0) {
+    en->steps[decode]++;
+    en->step_s[decode] += wall() - t0;
+    return rc;
+}
+
+static int one_each(const int *n_tokens, int n) {
+    for (int i = 0; i < n; i++)
+        if (n_tokens[i] != 1) return 0;
+    return 1;
+}
+
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
                 float *logits, int last_only, int32_t *routing, mill_err *e) {
-    return grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e)
-                       : step_local(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e);
+    double t0 = wall();
+    int rc = grouped(en)
+                 ? group_step(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e)
+                 : step_local(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e);
+    return timed(en, one_each(n_tokens, n_seqs), rc, t0);
 }
 
 int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
                        int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e) {
-    return grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e)
-                       : step_local(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e);
+    double t0 = wall();
+    int rc = grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e)
+                         : step_local(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e);
+    return timed(en, one_each(n_tokens, n_seqs), rc, t0);
 }

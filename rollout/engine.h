@@ -55,6 +55,11 @@ typedef struct {
     int n_pend, cap_pend;
     engine_seq **by_id;  /* sequences by id: the leader's every one, a follower's own */
     int n_ids;
+    /* the steps, [0] prefill or mixed, [1] decode (one token a sequence): how many, their seconds, and
+     * on a rank of a group the bytes they sent to other ranks (the experts' all-to-all, the tp
+     * collectives, the leader's commands, the results) */
+    long steps[2];
+    double step_s[2], sent[2];
 } engine;
 
 int engine_init(engine *en, const dsv4_model *m, const kctx *k, size_t budget_bytes, mill_err *e);

@@ -5,31 +5,23 @@
 
 int group_init(engine_group *g, comm *world, int tp, int ep, const dsv4_config *cfg, const kctx *k, mill_err *e) {
     memset(g, 0, sizeof *g);
-    if (tp < 1 || ep < 1) return mill_errf(e, "engine: tp and ep must be positive, got tp %d, ep %d", tp, ep);
-    int W = tp > ep ? tp : ep;
-    if (W % tp || W % ep)
-        return mill_errf(e, "engine: tp %d and ep %d must both divide the engine's %d ranks (the larger of the two)", tp,
-                         ep, W);
+    par_sizes s;
+    TRY(par_engine(tp, ep, &s, e));
+    int W = s.tp * s.dp;
     if (world->size != W)
         return mill_errf(e, "engine: tp %d, ep %d make an engine of %d ranks, but the job has %d", tp, ep, W,
                          world->size);
     if (W == 1) { /* the engine alone: no groups to make (nor NCCL's, on a GPU) */
-        g->size = 1;
-        g->tp = g->ep = g->n_att = 1;
+        g->size = g->tp = g->ep = g->n_att = 1;
         g->stage = model_stage_all(cfg);
         return 0;
     }
-    par_sizes s = par_sizes_one();
-    s.tp = tp;
-    s.dp = W / tp; /* the attention groups */
-    s.ep = ep;
-    s.fold = 1;
     TRY(dist_init(&g->d, world, &s, cfg, 0, k, e));
     g->size = W;
     g->rank = world->rank;
     g->tp = tp;
     g->ep = ep;
-    g->n_att = W / tp;
+    g->n_att = s.dp;
     g->att = g->d.par.dp_rank;
     g->stage = g->d.stage;
     g->stage.tp_exact = 1;
@@ -46,7 +38,7 @@ void group_model_io(engine_group *g, dsv4_model *m) {
 }
 
 int group_cast(engine_group *g, int op, const void *buf, size_t n, mill_err *e) {
-    if (g->size < 2) return 0;
+    if (!g || g->size < 2) return 0;
     comm *w = g->d.par.world_c;
     int64_t hdr[2] = {op, (int64_t)n};
     comm_watch_idle(w, 1); /* the followers wait for it idle: the same (non-blocking) broadcast here, as MPI

@@ -32,7 +32,7 @@ void group_free(engine_group *g);
 /* m (loaded with g->stage) reaches the other ranks through g: the tp gathers and the experts'
  * all-to-all (model_tp_io, model_ep_io). */
 void group_model_io(engine_group *g, dsv4_model *m);
-/* Leader: command op with n bytes of buf to every follower (none on one rank). */
+/* Leader: command op with n bytes of buf to every follower (none on one rank, or g NULL). */
 int group_cast(engine_group *g, int op, const void *buf, size_t n, mill_err *e);
 /* Follower: the next command; *buf (malloc'd, the caller frees it) holds its *n bytes. Waits as long
  * as the leader takes (the watchdog is idle meanwhile). */

@@ -9,6 +9,7 @@
 #include "../kernels/dense.h"
 #include "engine.h"
 #include "generate.h"
+#include "group.h"
 
 typedef struct {
     unsigned char peer[256];
@@ -49,10 +50,13 @@ typedef struct {
 } ipc_range;
 
 typedef struct {
-    dsv4_model *m;   /* the host weights: staging and swaps happen here */
+    dsv4_model *m;   /* the host weights (this rank's part of an engine of several): staging and swaps happen here */
+    dsv4_model table; /* the whole model's parameter table (no buffers): what an update is checked against */
+    engine_group *g;  /* the engine's ranks (NULL or one: this process alone) */
     const dsv4_model *run; /* what the engine runs: m, or its device copy */
     dsv4_model *dev; /* that device copy (NULL on the CPU): released, its flat buffer is given back too */
-    kctx k;
+    kctx kown;     /* the kctx the server made (k points at it), unless the caller gave one */
+    const kctx *k;
     engine en;
     void *sock;
     sample **samples;
@@ -90,6 +94,7 @@ static int weights_dropped(const server *s) { return s->dev && s->dev->dropped_b
 static double weights_mib(const server *s) { return (double)s->m->n_floats * (sizeof(float) + 2) / (1 << 20); }
 
 static void reply_error(server *s, const unsigned char *peer, size_t peer_len, uint64_t id, const char *msg) {
+    if (!s->sock) return; /* a follower rank: the leader answers */
     wire_builder *b = wire_builder_new("error", id);
     mill_err e;
     if (!b) return;
@@ -372,6 +377,7 @@ static void ipc_gather_drop(server *s) {
 /* Replies {version, bucket} with this type: bucket_ok, or weights_ok once the version is in. */
 static int reply_version(server *s, const unsigned char *peer, size_t peer_len, const char *type, uint64_t id,
                          int64_t version, int64_t bucket, mill_err *e) {
+    if (!s->sock) return 0; /* a follower rank: the leader answers */
     wire_builder *b = wire_builder_new(type, id);
     if (!b) return mill_errf(e, "%s: out of memory", type);
     wire_put_int(b, "version", version);
@@ -385,7 +391,7 @@ static int reply_version(server *s, const unsigned char *peer, size_t peer_len, 
 static int update_check_frames(const server *s, const wire_msg *msg, const char *who, mill_err *e) {
     for (int i = 0; i < wire_n_frames(msg); i++) {
         const wire_frame *f = wire_frame_at(msg, i);
-        const param_info *p = model_find_param(s->m, f->name);
+        const param_info *p = model_find_param(&s->table, f->name);
         if (!p || p->kind == PARAM_INDEX)
             return mill_errf(e, "%s: \"%s\" is not a float parameter of this model", who, f->name);
         if (f->ndim != p->ndim || memcmp(f->shape, p->shape, sizeof(int64_t) * (size_t)p->ndim))
@@ -418,6 +424,21 @@ static int sender_check(server *s, const char *what, int64_t version, int64_t se
                          what, (long long)version, (long long)sender, (long long)senders, cur_senders);
     }
     return 0;
+}
+
+/* A checked frame (a whole tensor) into the staged version: all of it, or on a rank of an engine of
+ * several the part this rank holds (its tensor-parallel slice; nothing of another rank's experts). */
+static int update_take(server *s, const wire_frame *f, mill_err *e) {
+    const param_info *p = model_find_param(s->m, f->name);
+    if (!p) return 0;
+    if (p->split < 0) return dtype_convert_to_f32(f->dtype, f->data, s->staged + p->offset, p->numel, e);
+    size_t n = model_whole_numel(p);
+    float *whole = malloc(sizeof(float) * n);
+    if (!whole) return mill_errf(e, "update_weights: out of memory for \"%s\"", f->name);
+    int rc = dtype_convert_to_f32(f->dtype, f->data, whole, n, e);
+    if (!rc) model_slice_copy(p, s->m->stage.tp, s->m->stage.tp_rank, s->staged + p->offset, whole, 0);
+    free(whole);
+    return rc;
 }
 
 static int handle_update(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len, mill_err *e) {
@@ -457,12 +478,12 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
      * them. Not while the device copy is given back or came back empty: the staging base is then
      * stale, and the version must bring every float parameter (checked when it is complete). */
     if (!s->staged && s->host_stale && !weights_dropped(s) && !s->weights_missing) {
-        if (op_copy_to_host(&s->k, m->data, s->run->data, sizeof(float) * m->n_floats, e)) return -1;
+        if (op_copy_to_host(s->k, m->data, s->run->data, sizeof(float) * m->n_floats, e)) return -1;
         s->host_stale = 0;
     }
     if (!s->staged) {
         s->staged = malloc(sizeof(float) * m->n_floats);
-        s->staged_set = calloc((size_t)m->n_params, 1);
+        s->staged_set = calloc((size_t)s->table.n_params, 1);
         s->staged_last = calloc((size_t)senders, 1);
         if (!s->staged || !s->staged_set || !s->staged_last) {
             staged_drop(s);
@@ -474,14 +495,14 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     }
     for (int i = 0; i < wire_n_frames(msg); i++) {
         const wire_frame *f = wire_frame_at(msg, i);
-        const param_info *p = model_find_param(m, f->name);
+        const param_info *p = model_find_param(&s->table, f->name);
         /* one sender may overwrite its own tensor (as ever); of several, each tensor has one owner */
-        if (senders > 1 && s->staged_set[p - m->params]) {
+        if (senders > 1 && s->staged_set[p - s->table.params]) {
             staged_drop(s);
             return mill_errf(e, "%s: \"%s\" was already sent in this version (version dropped)", who, f->name);
         }
-        if (dtype_convert_to_f32(f->dtype, f->data, s->staged + p->offset, p->numel, e)) return -1;
-        s->staged_set[p - m->params] = 1;
+        s->staged_set[p - s->table.params] = 1;
+        if (update_take(s, f, e)) return -1;
     }
     if (last) {
         s->staged_last[sender] = 1;
@@ -490,18 +511,18 @@ static int handle_update(server *s, const wire_msg *msg, const unsigned char *pe
     if (s->staged_n_last < s->staged_senders)
         return reply_version(s, peer, peer_len, "bucket_ok", wire_id(msg), version, bucket, e);
     /* every sender's last bucket came: swap between engine steps, so no token sees a mix of versions */
-    for (int i = 0; s->host_stale && i < m->n_params; i++) /* a stale base: all must have come */
-        if (m->params[i].kind != PARAM_INDEX && !s->staged_set[i]) {
+    for (int i = 0; s->host_stale && i < s->table.n_params; i++) /* a stale base: all must have come */
+        if (s->table.params[i].kind != PARAM_INDEX && !s->staged_set[i]) {
             staged_drop(s);
             return mill_errf(e, "update_weights: version %lld did not send \"%s\"; the last version came over "
                                 "CUDA IPC and the device copy was given back since, so a bucketed update must "
                                 "send every float parameter (version dropped)",
-                             (long long)version, m->params[i].name);
+                             (long long)version, s->table.params[i].name);
         }
     /* the device copy first: if it fails, the host copy still holds the running version. Given
      * back (released), the host copy alone takes it, and resume copies it over. */
     if (s->run != m && !weights_dropped(s) &&
-        op_copy_from_host(&s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
+        op_copy_from_host(s->k, s->run->data, s->staged, sizeof(float) * m->n_floats, e)) {
         staged_drop(s);
         return mill_err_wrap(e, "update_weights: version %lld", (long long)version);
     }
@@ -518,7 +539,7 @@ static void ipc_unmap(server *s, int i) {
     s->ipc_maps[i].src = NULL;
     for (int j = 0; p && j < s->ipc_n_maps; j++)
         if (s->ipc_maps[j].src == p) return;
-    mem_ipc_close(s->k.device, p);
+    mem_ipc_close(s->k->device, p);
 }
 
 /* Sender's buffer mapped here: the cached mapping while its handle repeats, another sender's when it
@@ -537,7 +558,7 @@ static const void *ipc_map_get(server *s, int sender, const unsigned char *h, mi
     for (int j = 0; !src && j < s->ipc_n_maps; j++)
         if (s->ipc_maps[j].src && !memcmp(s->ipc_maps[j].handle, h, MEM_IPC_HANDLE_BYTES)) src = s->ipc_maps[j].src;
     ipc_unmap(s, sender); /* never one a gathered range reads: its sender has not arrived yet */
-    if (!src && !(src = mem_ipc_open(s->k.device, h, e))) return NULL;
+    if (!src && !(src = mem_ipc_open(s->k->device, h, e))) return NULL;
     memcpy(mp->handle, h, MEM_IPC_HANDLE_BYTES);
     mp->src = src;
     return src;
@@ -571,9 +592,9 @@ static int ipc_complete(server *s, mill_err *e) {
         return mill_errf(e, "update_weights_ipc: version %ld: no sender sent floats [%lld, %lld) (version dropped)",
                          s->ipc_version, (long long)end, (long long)nf);
     for (int i = 0; i < n; i++)
-        if (op_copy(&s->k, (float *)s->run->data + r[i].offset, r[i].src, sizeof(float) * (size_t)r[i].floats, e))
+        if (op_copy(s->k, (float *)s->run->data + r[i].offset, r[i].src, sizeof(float) * (size_t)r[i].floats, e))
             return mill_err_wrap(e, "update_weights_ipc: version %ld, sender %d", s->ipc_version, r[i].sender);
-    return kctx_sync(&s->k, e);
+    return kctx_sync(s->k, e);
 }
 
 /* update_weights_ipc: a version copied from the trainer's device buffers on this GPU, one range of
@@ -590,7 +611,7 @@ static int handle_update_ipc(server *s, const wire_msg *msg, const unsigned char
     const wire_frame *h = wire_frame_named(msg, "handle");
     if (!h || h->dtype != DTYPE_U8 || h->nbytes != MEM_IPC_HANDLE_BYTES)
         return mill_errf(e, "update_weights_ipc: needs a frame \"handle\" of %d U8 bytes", MEM_IPC_HANDLE_BYTES);
-    if (s->k.device != DEVICE_CUDA)
+    if (s->k->device != DEVICE_CUDA)
         return mill_errf(e, "update_weights_ipc: this engine runs on the CPU; send update_weights buckets");
     if (s->released) /* the device buffer to copy into is given back */
         return mill_errf(e, "update_weights_ipc: the engine's memory (its device weights too) is released; send "
@@ -674,7 +695,7 @@ static void weights_release(server *s) {
  * it ran before); after an IPC update only the trainer has the version, so it comes back empty. */
 static int weights_resume(server *s, mill_err *e) {
     if (!weights_dropped(s)) return 0;
-    if (model_device_restore(s->dev, &s->k, s->host_stale ? NULL : s->m->data, e)) return mill_err_wrap(e, "resume");
+    if (model_device_restore(s->dev, s->k, s->host_stale ? NULL : s->m->data, e)) return mill_err_wrap(e, "resume");
     s->weights_missing = s->host_stale;
     log_info("resume: took %.1f MiB back for the device weights (%s)", weights_mib(s),
              s->weights_missing ? "empty: the last version came over CUDA IPC, waiting for the next update"
@@ -682,7 +703,26 @@ static int weights_resume(server *s, mill_err *e) {
     return 0;
 }
 
-static void handle(server *s, const wire_msg *msg, const unsigned char *peer, size_t peer_len) {
+/* An engine of several ranks: the leader hands a received message to the followers (its parts packed
+ * as {count, lengths, bytes}), which decode and handle it as the leader does (without replying). */
+static int relay(server *s, const wire_raw *raw, mill_err *e) {
+    const void *parts[WIRE_MAX_FRAMES + 1];
+    size_t lens[WIRE_MAX_FRAMES + 1], total = 0;
+    int n = wire_raw_parts(raw, 1, parts, lens, WIRE_MAX_FRAMES + 1);
+    for (int i = 0; i < n; i++) total += lens[i];
+    int64_t *b = malloc(sizeof(int64_t) * (size_t)(n + 1) + total);
+    if (!b) return mill_errf(e, "server: out of memory to relay a message");
+    b[0] = n;
+    char *p = (char *)(b + n + 1);
+    for (int i = 0; i < n; p += lens[i], i++) b[1 + i] = (int64_t)lens[i], memcpy(p, parts[i], lens[i]);
+    int rc = group_cast(s->g, GROUP_RELAY, b, sizeof(int64_t) * (size_t)(n + 1) + total, e);
+    free(b);
+    return rc;
+}
+
+static int grouped(const server *s) { return s->g && s->g->size > 1; }
+
+static void handle(server *s, const wire_msg *msg, const wire_raw *raw, const unsigned char *peer, size_t peer_len) {
     mill_err e = {{0}};
     const char *t = wire_type(msg);
     uint64_t id = wire_id(msg);
@@ -690,7 +730,12 @@ static void handle(server *s, const wire_msg *msg, const unsigned char *peer, si
     if (!strcmp(t, "health")) reply_simple(s, peer, peer_len, "health_ok", id);
     else if (!strcmp(t, "stats")) handle_stats(s, peer, peer_len, id);
     else if (!strcmp(t, "generate")) rc = handle_generate(s, msg, peer, peer_len, &e);
-    else if (!strcmp(t, "update_weights")) rc = handle_update(s, msg, peer, peer_len, &e);
+    else if (!strcmp(t, "update_weights")) { /* every rank stages its part of each bucket alike */
+        if (grouped(s) && relay(s, raw, &e)) comm_abort(s->g->d.par.world_c, e.msg);
+        rc = handle_update(s, msg, peer, peer_len, &e);
+    } else if (!strcmp(t, "update_weights_ipc") && grouped(s))
+        rc = mill_errf(&e, "update_weights_ipc: an engine of %d ranks takes weights in update_weights buckets",
+                       s->g->size);
     else if (!strcmp(t, "update_weights_ipc")) rc = handle_update_ipc(s, msg, peer, peer_len, &e);
     else if (!strcmp(t, "release_memory")) {
         if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
@@ -713,30 +758,68 @@ static void handle(server *s, const wire_msg *msg, const unsigned char *peer, si
     if (rc) reply_error(s, peer, peer_len, id, e.msg);
 }
 
+/* A follower rank of an engine of several: the leader's steps, memory turns and relayed updates,
+ * until GROUP_STOP. A command that fails here ends the job (the ranks would no longer agree). */
+static int follow(server *s, mill_err *e) {
+    for (int op = 0; op != GROUP_STOP;) {
+        void *cmd;
+        size_t n;
+        TRY(group_take(s->g, &op, &cmd, &n, e));
+        int rc = 0;
+        if (op == GROUP_STEP) rc = engine_follow(&s->en, cmd, n, e);
+        else if (op == GROUP_RELEASE) {
+            if (!(rc = engine_follow_memory(&s->en, op, cmd, n, e))) weights_release(s), s->released = 1;
+        } else if (op == GROUP_RESUME) {
+            if (!(rc = weights_resume(s, e) || engine_follow_memory(&s->en, op, cmd, n, e))) s->released = 0;
+        } else if (op == GROUP_RELAY) { /* {count, lengths, bytes}: a message the leader received */
+            const int64_t *h = cmd;
+            const void *parts[WIRE_MAX_FRAMES + 1];
+            size_t lens[WIRE_MAX_FRAMES + 1];
+            const char *p = (const char *)(h + h[0] + 1);
+            for (int i = 0; i < h[0] && i <= WIRE_MAX_FRAMES; p += h[1 + i], i++) parts[i] = p, lens[i] = (size_t)h[1 + i];
+            wire_msg *msg = NULL;
+            if (!(rc = wire_decode(&msg, parts[0], lens[0], parts + 1, lens + 1, (int)h[0] - 1, e))) {
+                mill_err me = {{0}}; /* a bad update fails alike on every rank: the leader answers it */
+                if (handle_update(s, msg, NULL, 0, &me)) log_info("rank %d: %s", s->g->rank, me.msg);
+            }
+            wire_msg_free(msg);
+        } else if (op != GROUP_STOP) {
+            rc = mill_errf(e, "server rank %d: command %d from the leader", s->g->rank, op);
+        }
+        free(cmd);
+        if (rc) {
+            comm_abort(s->g->d.par.world_c, e->msg);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
     server s = {0};
     s.m = m;
+    s.g = sc->group;
     s.max_batch = sc->max_batch > 0 ? sc->max_batch : 64;
     s.queue_budget = sc->queue_budget ? sc->queue_budget : (size_t)16 << 30;
     dsv4_model dm = {0};
     s.run = m;
-    if (kctx_init(&s.k, sc->device, e)) return -1;
-    if (sc->device != DEVICE_CPU) {
-        if (model_to_device(&dm, m, &s.k, e)) {
-            kctx_free(&s.k);
-            return -1;
-        }
+    void *ctx = NULL;
+    wire_zap *zap = NULL;
+    int rc = -1, linger = 0, lead = !grouped(&s) || s.g->rank == 0;
+    if (!sc->k && kctx_init(&s.kown, sc->device, e)) return -1;
+    s.k = sc->k ? sc->k : &s.kown;
+    if (model_layout(&s.table, &m->cfg, e)) goto out; /* the whole model's names and shapes */
+    if (s.k->device != DEVICE_CPU) {
+        if (model_to_device(&dm, m, s.k, e)) goto out;
         s.run = s.dev = &dm;
     }
-    if (engine_init(&s.en, s.run, &s.k, sc->cache_budget, e)) {
-        model_free(&dm);
-        kctx_free(&s.k);
-        return -1;
+    if (s.g) group_model_io(s.g, (dsv4_model *)s.run);
+    if (engine_init_group(&s.en, s.run, s.k, sc->cache_budget, s.g, e)) goto out;
+    if (!lead) {
+        rc = follow(&s, e);
+        goto out;
     }
-    void *ctx = zmq_ctx_new();
-    wire_zap *zap = NULL;
-    int rc = -1, linger = 0;
-    if (!ctx) {
+    if (!(ctx = zmq_ctx_new())) {
         mill_errf(e, "server: cannot create a ZeroMQ context: %s", zmq_strerror(zmq_errno()));
         goto out;
     }
@@ -755,8 +838,8 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
         mill_errf(e, "server: cannot bind %s: %s", sc->bind, zmq_strerror(zmq_errno()));
         goto out;
     }
-    log_info("rollout server on %s (cache budget %zu bytes%s)", sc->bind, sc->cache_budget,
-             sc->curve && sc->curve->on ? ", CURVE" : "");
+    log_info("rollout server on %s (cache budget %zu bytes%s; %d rank(s))", sc->bind, sc->cache_budget,
+             sc->curve && sc->curve->on ? ", CURVE" : "", s.g ? s.g->size : 1);
     while (!s.stop) {
         /* drain what has arrived (wait only when there is nothing to generate) */
         for (int first = 1;; first = 0) {
@@ -772,14 +855,14 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
                 wire_recv_free(raw);
                 continue;
             }
-            handle(&s, msg, peer, peer_len);
+            handle(&s, msg, raw, peer, peer_len);
             wire_msg_free(msg);
             wire_recv_free(raw);
             if (s.stop) break;
         }
         if (!s.stop && s.n_samples && step(&s, e)) goto out;
     }
-    rc = 0;
+    rc = group_cast(s.g, GROUP_STOP, NULL, 0, e);
 out:
     for (int i = 0; i < s.n_samples; i++) {
         request *rq = s.samples[i]->req;
@@ -796,6 +879,7 @@ out:
     for (int i = 0; i < s.ipc_n_maps; i++) ipc_unmap(&s, i);
     free(s.ipc_maps);
     model_free(&dm);
-    kctx_free(&s.k);
+    model_free(&s.table);
+    if (s.k == &s.kown) kctx_free(&s.kown);
     return rc;
 }

@@ -12,6 +12,7 @@
 
 #include "../common/wire.h"
 #include "../trainer/model.h"
+#include "group.h"
 
 typedef struct {
     const char *bind;    /* e.g. tcp://127.0.0.1:5555 (loopback unless told otherwise) */
@@ -21,9 +22,14 @@ typedef struct {
     const wire_curve *curve; /* the run's CURVE keys (NULL: a plain socket) */
     size_t queue_budget; /* bytes the queued samples' buffers may take (0: 16 GiB); a generate past it
                           * answers error "busy" (backpressure) and queues nothing */
+    const kctx *k;       /* the kctx to run on (NULL: the server makes one for device) */
+    engine_group *group; /* an engine of several ranks (rollout/group.h; m holds this rank's part, loaded
+                          * with its stage; NULL: this process alone): rank 0 serves the socket and leads,
+                          * the others follow until it shuts down */
 } server_config;
 
-/* Serves until a "shutdown" message; the model's weights may be replaced by update_weights. */
+/* Serves until a "shutdown" message; the model's weights may be replaced by update_weights (on an
+ * engine of several ranks every rank stages its part of each bucket, and swaps at the same step). */
 int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e);
 
 #endif

@@ -141,7 +141,7 @@ fi
 # logprobs and entropy joined from three numbers a row, no rank forms a whole row of logits); the
 # partial sums are all-reduced over tp. Against one process and HF on both golden models; with ep,
 # dp and stages; tp 3 on a model with 3 heads and 3 output groups, its 256-row vocabulary in slices
-# of 85, 85 and 86 (random weights: against one process only; its gradients are ~1e-6, so the
+# of 80, 80 and 96 (model_vocab_split; random weights: against one process only; its gradients are ~1e-6, so the
 # tolerance is relative to cancellation noise)
 for m in tiny-a tiny-b; do
     for lay in "--tp 2" "--tp 2 --ep 2 --dp 2" "--tp 2 --pp 2" "--tp 2 --sp on" "--tp 2 --sp on --ep 2 --dp 2" \

@@ -6,7 +6,7 @@
 #     logprobs and routing bit for bit the single-process engine's;
 #   - sampled (temperature, top-k, top-p) the same;
 #   - --ep 3 --tp 3 and --tp 3, --ep 3 on a model of 6 heads, 3 output groups, 9 experts and a
-#     250-row vocabulary (slices of 83, 83, 84);
+#     250-row vocabulary (slices of 80, 80, 90: model_vocab_split);
 #   - bad layouts fail on one line before any rank starts.
 # usage: tests/engine_cli.sh PATH/TO/mill SOURCE_DIR
 # Prints "ok - CASE" or "not ok - CASE: REASON" per case, then "N passed, M failed".
@@ -94,7 +94,7 @@ bad() {
         if grep -q "$want" "$T/stderr"; then ok "generate $* refused: $(first_err)"; else not_ok "generate $*" "$(first_err)"; fi
     fi
 }
-want="must both divide" bad --tp 2 --ep 3
+want="must both divide its 3 ranks" bad --tp 2 --ep 3
 want="by --tp and --ep only" bad --pp 2
 want="tp 3 must divide num_attention_heads" bad --tp 3
 want="ep 3 must divide n_routed_experts" bad --ep 3

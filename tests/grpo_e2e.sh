@@ -230,6 +230,30 @@ n=$(q "select count(*), count(distinct s.prompt_id || '/' || s.sample_idx) from 
     || fail "k3: no restart event"
 echo "engine killed mid-step 2: restarted; step 2 has 16 samples, 16 distinct"
 
+# 5a. engines of several ranks (rollout.parallel): tp 2 x ep 2 (one attention group over two ranks,
+# the experts over both) gives the one-engine run bit for bit; a killed rank of an ep 2 engine (two
+# attention groups) takes its engine down, and the controller restarts the whole group
+run eg --set train.steps=3 --set checkpoint.every=1 --set rollout.parallel.tp=2 --set rollout.parallel.ep=2
+grep -q "2 rank(s)" "$T/eg/logs/engine-0.log" || fail "eg: the engine did not run on 2 ranks"
+same_state "$T/ref/step-000003" "$T/eg/step-000003" "engine tp 2 x ep 2"
+[ "$(col eg max_dlogp)" = "$(col ref max_dlogp | cut -d' ' -f1-3)" ] || fail "eg: max_dlogp $(col eg max_dlogp)"
+"$MILL" run $R --set ledger="$L" --set name=egk --set checkpoint.dir="$T/egk" --set train.steps=10 \
+    --set rollout.layout=disaggregated --set rollout.parallel.ep=2 > "$T/egk.out" 2> "$T/egk.err" &
+runner=$!
+wait_step egk 2
+kids() { cat /proc/"$1"/task/*/children 2>/dev/null || true; }
+victim=$(for m in $(kids "$runner"); do # the engine's last rank: run -> mpiexec -> hydra proxy -> rank
+    for x in $(kids "$m"); do kids "$x"; done
+done | tr ' ' '\n' | grep . | sort -n | tail -n 1)
+[ -n "$victim" ] || fail "egk: no rank of the engine found under the run (pid $runner)"
+kill -9 "$victim"
+wait $runner || { cat "$T/egk.err" >&2; fail "egk: the run failed after a rank of its engine was killed"; }
+[ "$(q "select count(*) from events e join runs r on r.id=e.run_id where r.name='egk' and e.kind='restart'")" -ge 1 ] \
+    || fail "egk: no restart event after rank $victim was killed"
+n=$(q "select count(*), count(distinct s.step || '/' || s.prompt_id || '/' || s.sample_idx) from samples s join runs r on r.id=s.run_id where r.name='egk' and s.superseded = 0")
+[ "$n" = "160|160" ] || fail "egk: live samples (total|distinct) = $n, expected 160|160"
+echo "engine of 2 x 2 ranks: = one engine bit for bit; rank $victim of an ep 2 engine killed: restarted, 160 samples once"
+
 # 5b. the math-dataset recipe (dapo layout, math verifier) runs as shipped, on the CPU
 "$MILL" run configs/runs/grpo-math-dapo.yaml --set ledger="$L" --set checkpoint.dir="$T/dapo" --set train.steps=1 \
     --set train.device=cpu --set rollout.device=cpu --set rollout.max_new_tokens=8 --set rollout.prompts_per_step=4 \

@@ -38,6 +38,8 @@ int lay_switch_parse(const char *v, int *on);
 #define par_wire_parse lay_wire_parse
 #define par_wire_name lay_wire_name
 int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
+int lay_engine(int tp, int ep, par_sizes *s, mill_err *e);
+#define par_engine lay_engine
 
 #define par_vpp lay_vpp
 #define par_validate_micro lay_validate_micro
@@ -51,6 +53,7 @@ int lay_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 #define mill_errf lay_errf
 #include "trainer/parallel.c"
 #undef par_vpp
+#undef par_engine
 #undef par_wire_parse
 #undef par_switch_parse
 #undef par_wire_name
@@ -138,6 +141,16 @@ static void test_validate(void **st) {
     expect_validate(sizes(1, 1, 3, 1, 2), &c, 0, 0, "parallel: ep 3 must divide dp x cp = 2");
     expect_validate(sizes(1, 1, 4, 2, 3), NULL, 6, 0, "parallel: ep 4 must divide dp x cp = 6");
     expect_validate(sizes(1, 1, 3, 1 << 20, 1 << 20), NULL, 0, 0, "ep 3 must divide dp x cp = 1099511627776");
+    {   /* the engine's layouts: tp 2 with ep 4 is 2 attention groups of 2, ep 3 with tp 1 is 3 groups */
+        par_sizes f;
+        assert_int_equal(par_engine(2, 4, &f, &(mill_err){0}), 0);
+        assert_true(f.tp == 2 && f.dp == 2 && f.ep == 4 && f.fold && f.pp == 1 && f.cp == 1);
+        assert_int_equal(par_engine(1, 3, &f, &(mill_err){0}), 0);
+        assert_true(f.tp == 1 && f.dp == 3 && f.ep == 3);
+        mill_err me = {{0}};
+        assert_int_equal(par_engine(2, 3, &f, &me), -1);
+        assert_non_null(strstr(me.msg, "tp 2 and ep 3 must both divide its 3 ranks"));
+    }
     {   /* folded, ep may span tp: 2 x 3 ranks take ep 6 (c's 6 experts) and ep 3, not ep 4 */
         par_sizes f = sizes(2, 1, 6, 1, 3);
         f.fold = 1;

@@ -36,7 +36,7 @@ static server_arg *tiny_a_server(const char *tag, size_t queue_budget) {
     snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
     snprintf(a->addr, sizeof a->addr, "ipc:///tmp/mill-test-server-%s-%d.sock", tag, (int)getpid());
     if (model_load(&a->m, dir, &a->e) || wire_curve_new(&a->keys, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){a->addr, (size_t)64 << 20, 8, DEVICE_CPU, &a->keys, queue_budget};
+    a->sc = (server_config){a->addr, (size_t)64 << 20, 8, DEVICE_CPU, &a->keys, queue_budget, NULL, NULL};
     return a;
 }
 
@@ -118,7 +118,7 @@ static void test_server(void **st) {
         wire_curve_new(&other, &a->e))
         fail_msg("%s", a->e.msg);
     unlink(kpath);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0};
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0, NULL, NULL};
     /* golden prompts and HF-checked greedy continuations */
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;

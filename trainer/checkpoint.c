@@ -86,7 +86,7 @@ static moment_piece *moment_pieces(const dsv4_model *m, const optimizer *o, int 
         if (p->kind != PARAM_WEIGHT) continue;
         size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1;
         int64_t lo, hi; /* the slice's part of the split dimension (its padding is in no piece) */
-        if (p->split >= 0) model_split_range(p->whole, tp, r, &lo, &hi);
+        if (p->split >= 0) model_param_split(p, tp, r, &lo, &hi);
         if (p->split < 0) add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + p->numel, p->goffset);
         else if (p->split == 0)
             add_piece(pc, n, o->lo, o->hi, p->offset, p->offset + (size_t)(hi - lo) * cols, p->goffset + (size_t)lo * cols);

@@ -27,7 +27,9 @@ static int ep_a2a(void *ctx, const void *send, const size_t *sc, const size_t *s
 }
 
 static int tp_all_reduce(void *ctx, float *buf, size_t n, mill_err *e) {
-    return comm_all_reduce(((dist_ctx *)ctx)->tp, buf, n, DTYPE_F32, e);
+    dist_ctx *d = ctx;
+    d->tp_bytes += 2.0 * (d->tp->size - 1) / d->tp->size * (double)n * sizeof(float);
+    return comm_all_reduce(d->tp, buf, n, DTYPE_F32, e);
 }
 
 /* buf [size x n]: every rank's n elements, its own at rank x n on entry. */
@@ -41,11 +43,14 @@ static int gather_equal(comm *c, void *buf, size_t n, mill_dtype dt, mill_err *e
 }
 
 static int tp_all_gather(void *ctx, void *buf, size_t n, mill_dtype dt, mill_err *e) {
-    return gather_equal(((dist_ctx *)ctx)->tp, buf, n, dt, e);
+    dist_ctx *d = ctx;
+    d->tp_bytes += (double)(d->tp->size - 1) * (double)n * (double)dtype_size(dt);
+    return gather_equal(d->tp, buf, n, dt, e);
 }
 
 static int tp_gather_rows(void *ctx, void *buf, long rows, size_t width, mill_dtype dt, mill_err *e) {
-    comm *c = ((dist_ctx *)ctx)->tp;
+    dist_ctx *d = ctx;
+    comm *c = d->tp;
     size_t *cnt = malloc(sizeof(size_t) * 2 * (size_t)c->size), *dsp = cnt ? cnt + c->size : NULL;
     if (!cnt) return mill_errf(e, "tp: out of memory");
     for (int r = 0; r < c->size; r++) {
@@ -53,6 +58,7 @@ static int tp_gather_rows(void *ctx, void *buf, long rows, size_t width, mill_dt
         model_split_range(rows, c->size, r, &lo, &hi);
         cnt[r] = (size_t)(hi - lo) * width, dsp[r] = (size_t)lo * width;
     }
+    d->tp_bytes += (double)(c->size - 1) * (double)cnt[c->rank] * (double)dtype_size(dt);
     int rc = comm_all_gatherv(c, buf, cnt, dsp, dt, e);
     free(cnt);
     return rc;

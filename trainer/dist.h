@@ -23,6 +23,8 @@ typedef struct {
     comm *ep, *edp;    /* par.ep and par.edp, NCCL twins on a GPU when ep > 1 (experts over ranks) */
     comm *tp;          /* par.tp, its NCCL twin on a GPU when tp > 1 (heads over ranks) */
     double ep_bytes;   /* bytes the expert all-to-alls sent to other ranks (the experts' rows) */
+    double tp_bytes;   /* bytes the tp collectives sent to other ranks (a ring's: all-reduce 2 (P-1)/P of the
+                        * buffer, a gather this rank's piece P-1 times) */
     model_stage stage; /* this rank's chunks of the model (dist_init: set for cfg) */
     const kctx *k;
     mill_dtype wire;   /* the boundary streams' type between stages: DTYPE_F32 or DTYPE_BF16 */

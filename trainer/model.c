@@ -28,6 +28,7 @@ typedef struct {
     int n_runs, cap_runs;
     int expert; /* the routed expert whose tensors come now, -1: none */
     int split;  /* the dimension the next tensor is sliced along under tp, -1: none */
+    int vocab;  /* the next tensor is sliced over the vocabulary */
     int x0, x1; /* the routed experts kept */
 } layout_builder;
 
@@ -67,10 +68,11 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
     p->layer = layer;
     p->goffset = goff;
     p->split = -1;
-    if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor, in ceil(whole / tp) */
+    if (b->split >= 0 && b->st.tp > 1) { /* this rank's slice of the tensor, in the widest slice's extent */
         p->split = b->split;
+        p->vocab = b->vocab;
         p->whole = p->shape[b->split];
-        p->shape[b->split] = (p->whole + b->st.tp - 1) / b->st.tp;
+        p->shape[b->split] = b->vocab ? model_vocab_rows(p->whole, b->st.tp) : p->whole / b->st.tp;
         p->numel = p->numel / (size_t)p->whole * (size_t)p->shape[b->split];
     }
     if (kind == PARAM_INDEX) {
@@ -119,7 +121,9 @@ static int add_param(layout_builder *b, int layer, param_kind kind, int ndim, in
 static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
     int D = c->hidden_size, n = c->hc_mult, mix = (2 + n) * n, H = c->num_attention_heads, d = c->head_dim;
     int E = c->n_routed_experts, I = c->moe_intermediate_size, Is = I * c->n_shared_experts;
+    b->vocab = 1;
     W2S(0, -1, c->vocab_size, D, "embed.weight");
+    b->vocab = 0;
     for (int l = 0; l < c->num_hidden_layers; l++) {
         int ratio = c->compress_ratios[l];
         W1(l, D, "layers.%d.attn_norm.weight", l);
@@ -171,7 +175,9 @@ static int build_layout(const dsv4_config *c, layout_builder *b, mill_err *e) {
     W2(-1, n, (int64_t)n * D, "hc_head_fn");
     W1(-1, n, "hc_head_base");
     W1(-1, 1, "hc_head_scale");
+    b->vocab = 1;
     if (!c->tie_word_embeddings) W2S(0, -1, c->vocab_size, D, "head.weight");
+    b->vocab = 0;
     for (int l = c->num_hash_layers; l < c->num_hidden_layers; l++)
         TRY(add_param(b, l, PARAM_BUFFER, 1, E, 0, 0, e, "layers.%d.ffn.gate.bias", l));
     for (int l = 0; l < c->num_hash_layers; l++)
@@ -248,6 +254,27 @@ void model_split_range(int64_t n, int tp, int r, int64_t *lo, int64_t *hi) {
     *hi = n * (r + 1) / tp;
 }
 
+void model_vocab_split(int64_t V, int tp, int r, int64_t *lo, int64_t *hi) {
+    tp = tp > 1 ? tp : 1;
+    if (V < 16 * tp) return model_split_range(V, tp, r, lo, hi);
+    *lo = V * r / tp / 16 * 16;
+    *hi = r + 1 == tp ? V : V * (r + 1) / tp / 16 * 16;
+}
+
+int64_t model_vocab_rows(int64_t V, int tp) {
+    int64_t most = 0, lo, hi;
+    for (int r = 0; r < (tp > 1 ? tp : 1); r++) {
+        model_vocab_split(V, tp, r, &lo, &hi);
+        most = hi - lo > most ? hi - lo : most;
+    }
+    return most;
+}
+
+void model_param_split(const param_info *p, int tp, int r, int64_t *lo, int64_t *hi) {
+    if (p->vocab) model_vocab_split(p->whole, tp, r, lo, hi);
+    else model_split_range(p->whole, tp, r, lo, hi);
+}
+
 void model_whole_shape(const param_info *p, int64_t shape[3]) {
     memcpy(shape, p->shape, sizeof(int64_t) * 3);
     if (p->split >= 0) shape[p->split] = p->whole;
@@ -259,7 +286,7 @@ size_t model_whole_numel(const param_info *p) {
 
 void model_vocab_range(const dsv4_model *m, int *v0, int *v1) {
     int64_t lo, hi;
-    model_split_range(m->cfg.vocab_size, m->stage.tp, m->stage.tp > 1 ? m->stage.tp_rank : 0, &lo, &hi);
+    model_vocab_split(m->cfg.vocab_size, m->stage.tp, m->stage.tp > 1 ? m->stage.tp_rank : 0, &lo, &hi);
     *v0 = (int)lo;
     *v1 = (int)hi;
 }
@@ -580,7 +607,7 @@ static int other_stage(const model_stage *st, int n_layers, const char *name) {
 
 void model_slice_copy(const param_info *p, int tp, int r, float *dst, const float *whole, int to_whole) {
     int64_t lo, hi;
-    model_split_range(p->whole, tp, r, &lo, &hi);
+    model_param_split(p, tp, r, &lo, &hi);
     size_t cols = p->ndim > 1 ? (size_t)p->shape[1] : 1, n = (size_t)(hi - lo);
     if (p->split == 0) { /* rows [lo, hi) */
         if (to_whole) memcpy((float *)whole + (size_t)lo * cols, dst, sizeof(float) * n * cols);

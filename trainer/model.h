@@ -36,13 +36,24 @@ typedef struct {
     int layer; /* -1 for embed/head/norm/hc_head */
     int split; /* tensor parallelism: the dimension this rank holds a slice of (shape is the slice), -1: whole */
     int64_t whole; /* split >= 0: the whole tensor's extent along split */
+    int vocab;     /* split over the vocabulary (the embedding and head: model_vocab_split) */
     size_t goffset; /* where the whole tensor starts in the whole model's float layout */
 } param_info;
 
 /* Slice r of tp of an extent n: [n * r / tp, n * (r + 1) / tp). Heads, groups and hidden units
- * divide evenly; the vocabulary need not: its slices differ by one row at most, each stored in
- * ceil(n / tp) rows, the padding after the shorter ones zero (never read, never trained). */
+ * divide evenly. */
 void model_split_range(int64_t n, int tp, int r, int64_t *lo, int64_t *hi);
+/* The vocabulary's slice r of tp (embedding and head rows, logit columns): its boundaries are V r / tp
+ * rounded down to a multiple of 16 (the last is V; the plain split when V < 16 tp), so a slice's
+ * logits lie on a BLAS kernel's column grid where the whole GEMM's do and have their bits (an
+ * unaligned slice's last columns would take the kernel's edge path). Slices are stored in the
+ * widest one's rows (model_vocab_rows), the padding after the narrower ones zero (never read, never
+ * trained). */
+void model_vocab_split(int64_t V, int tp, int r, int64_t *lo, int64_t *hi);
+int64_t model_vocab_rows(int64_t V, int tp);
+/* The split dimension's range [lo, hi) that slice r of tp of tensor p holds (the vocabulary's rule for
+ * the embedding and head, model_split_range's for the rest). */
+void model_param_split(const param_info *p, int tp, int r, int64_t *lo, int64_t *hi);
 /* The whole tensor's shape and element count of p (p itself when not split). */
 void model_whole_shape(const param_info *p, int64_t shape[3]);
 size_t model_whole_numel(const param_info *p);

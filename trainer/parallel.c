@@ -89,6 +89,21 @@ int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long bat
     return 0;
 }
 
+int par_engine(int tp, int ep, par_sizes *s, mill_err *e) {
+    *s = par_sizes_one();
+    if (tp < 1 || ep < 1 || tp > 1 << 20 || ep > 1 << 20)
+        return mill_errf(e, "parallel: an engine's tp and ep must be positive sizes, got tp %d, ep %d", tp, ep);
+    int W = tp > ep ? tp : ep;
+    if (W % tp || W % ep)
+        return mill_errf(e, "parallel: an engine's tp %d and ep %d must both divide its %d ranks (the larger of the two)",
+                         tp, ep, W);
+    s->tp = tp;
+    s->ep = ep;
+    s->dp = W / tp; /* the attention groups */
+    s->fold = 1;
+    return 0;
+}
+
 int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e) {
     if (par_vpp(s) > 1 && n_micro % s->pp)
         return mill_errf(e, "parallel: the interleaved 1F1B (vpp %d) runs micro-batches in groups of pp %d; %ld "

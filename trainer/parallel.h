@@ -63,6 +63,9 @@ int par_switch_parse(const char *v, int *on);
  * batch_rows (0: not checked) divisible by dp; vpp chunks only with pp > 1, at least one layer per
  * virtual stage. cfg may be NULL (no model rules). */
 int par_validate(const par_sizes *s, const dsv4_config *cfg, int world, long batch_rows, mill_err *e);
+/* The rollout engine's layout (rollout/group.h) for tp and ep into *s: W = max(tp, ep) ranks, both
+ * dividing W, as tp x W / tp attention groups (dp) with the experts folded over all of them. */
+int par_engine(int tp, int ep, par_sizes *s, mill_err *e);
 /* The interleaved 1F1B (vpp > 1) runs micro-batches in groups of pp: n_micro must be a multiple. */
 int par_validate_micro(const par_sizes *s, long n_micro, mill_err *e);
 /* The layers [l0, l1) of virtual pipeline stage v (of pp x vpp): s->pp_layers when given, else an
