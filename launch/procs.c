@@ -45,11 +45,17 @@ int proc_spawn(proc *p, const char *exe, mill_err *e) {
 int proc_check(proc *p, const char *what, mill_err *e) {
     if (p->pid <= 0) return 0;
     int st;
-    pid_t r = waitpid(p->pid, &st, WNOHANG);
+    pid_t r = waitpid(p->pid, &st, WNOHANG | WUNTRACED);
     if (r == 0) return 0;
     pid_t pid = p->pid;
     p->pid = -1;
     if (r < 0) return mill_errf(e, "%s (pid %d) is gone: %s", what, (int)pid, strerror(errno));
+    if (WIFSTOPPED(st)) { /* stopped (SIGSTOP, SIGTSTP): it would hold the run forever; it is ended here */
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        return mill_errf(e, "%s (pid %d) was stopped by signal %d and has been killed (log: %s)", what, (int)pid,
+                         WSTOPSIG(st), p->log);
+    }
     if (WIFSIGNALED(st)) return mill_errf(e, "%s (pid %d) was killed by signal %d (log: %s)", what, (int)pid, WTERMSIG(st), p->log);
     return mill_errf(e, "%s (pid %d) exited with status %d (log: %s)", what, (int)pid, WEXITSTATUS(st), p->log);
 }

@@ -36,7 +36,8 @@ typedef struct {
 
 /* Starts `exe p->argv...` as a child whose output goes to p->log. */
 int proc_spawn(proc *p, const char *exe, mill_err *e);
-/* 0 while p runs (or is not ours); -1 with e naming how it ended. */
+/* 0 while p runs (or is not ours); -1 with e naming how it ended. A stopped p (SIGSTOP) is killed and
+ * reported as ended: within one check it is restarted like a dead one. */
 int proc_check(proc *p, const char *what, mill_err *e);
 void proc_stop(proc *p);
 /* A fresh DEALER socket to p->addr (a CURVE client when curve is on). */

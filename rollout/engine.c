@@ -218,10 +218,11 @@ static void seq_release(engine *en, engine_seq *s) {
 enum { PEND_NEW = 1, PEND_FREE };
 #define PEND_INTS 4 /* kind, id, attention group, max_tokens */
 
-/* Room for the records of one admission and its free (a free must never fail to be recorded). */
+/* Room for the records of one more admission and of every held sequence's free to come (a free must
+ * never fail to be recorded): n_pend + n_live + 2. */
 static int pend_room(engine *en, mill_err *e) {
-    if (en->n_pend + 2 <= en->cap_pend) return 0;
-    int cap = en->cap_pend ? 2 * en->cap_pend : 64;
+    if (en->n_pend + en->n_live + 2 <= en->cap_pend) return 0;
+    int cap = 2 * (en->n_pend + en->n_live + 2);
     int32_t *np = realloc(en->pend, sizeof(int32_t) * PEND_INTS * (size_t)cap);
     if (!np) return mill_errf(e, "engine: out of memory");
     en->pend = np;
@@ -270,6 +271,7 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
     else s->max_tokens = max_tokens, s->bytes = bytes, s->remote = 1;
     s->id = id, s->att = a;
     en->by_id[id] = s;
+    en->n_live++;
     en->att_used[a] += bytes;
     pend_add(en, PEND_NEW, id, a, max_tokens);
     *out = s;
@@ -278,9 +280,10 @@ int engine_seq_new(engine *en, int max_tokens, engine_seq **out, mill_err *e) {
 
 void engine_seq_free(engine *en, engine_seq *s) {
     if (!s) return;
-    if (grouped(en)) { /* the followers free theirs with the next step (room was kept at admission) */
+    if (grouped(en)) { /* the followers free theirs with the next step (pend_room kept room for it) */
         en->att_used[s->att] -= s->bytes;
         en->by_id[s->id] = NULL;
+        en->n_live--;
         pend_add(en, PEND_FREE, s->id, s->att, 0);
         if (s->remote) {
             free(s);
@@ -331,7 +334,6 @@ int engine_resume(engine *en, mill_err *e) {
     TRY(pend_cast(en, GROUP_RESUME, e));
     return arenas_make(en, e);
 }
-
 
 int engine_seq_len(const engine_seq *s) { return s->len; }
 

@@ -52,7 +52,7 @@ typedef struct {
     engine_group *g;     /* the engine's ranks (engine_init_group; NULL: this process alone) */
     size_t *att_used;    /* the leader's: cache bytes admitted in each attention group */
     int32_t *pend;       /* the leader's admissions and frees the followers learn with the next step */
-    int n_pend, cap_pend;
+    int n_pend, cap_pend, n_live; /* records, their room, the sequences held */
     engine_seq **by_id;  /* sequences by id: the leader's every one, a follower's own */
     int n_ids;
     /* the steps, [0] prefill or mixed, [1] decode (one token a sequence): how many, their seconds, and

@@ -124,6 +124,26 @@ same_state "$T/ref/step-000006" "$T/k2/step-000006" "trainer kill"
 for s in 1 2 3 4 5 6; do [ "$(step_samples k2 $s)" = "16|16" ] || fail "k2: step $s samples $(step_samples k2 $s)"; done
 echo "trainer killed in step 3: restarted from step 2, finished; weights and Adam state bit-identical, 16 samples a step"
 
+# 4a. SIGSTOP of the trainer, then of the colocated engine, mid-run: the controller finds each stopped
+# (a stopped child is reported to its parent), kills and restarts it, and the run finishes by itself
+# with the uninterrupted run's weights and Adam state
+for who in trainer engine; do
+    n=stop$who
+    "$MILL" run $R --set ledger="$L" --set name=$n --set checkpoint.dir="$T/$n" --set train.steps=6 \
+        --set checkpoint.every=1 > "$T/$n.out" 2> "$T/$n.err" &
+    runner=$!
+    wait_step $n 2
+    case $who in trainer) pat="$T/$n/trainer.sock" ;; *) pat="$T/$n/engine-0.sock" ;; esac
+    victim=$(pid_of "$pat") || fail "$n: no $who process"
+    kill -STOP "$victim"
+    wait $runner || { cat "$T/$n.err" >&2; fail "$n: the run did not finish after its $who was stopped"; }
+    grep -q "was stopped by signal 19" "$T/$n.err" || { cat "$T/$n.err" >&2; fail "$n: no clear message"; }
+    [ "$(q "select count(*) from events e join runs r on r.id=e.run_id where r.name='$n' and e.kind='restart'")" -ge 1 ] ||
+        fail "$n: no restart event"
+    same_state "$T/ref/step-000006" "$T/$n/step-000006" "$who stopped"
+done
+echo "trainer, then engine, stopped (SIGSTOP) mid-run: killed, restarted, finished; weights and Adam state bit-identical"
+
 # 4b. the same with two trainer ranks (data parallel over MPI): kill -9 of rank 1 in step 3 ends the
 # group (mpiexec), the controller starts the group again; the sharded state equals an uninterrupted dp 2 run
 run dp2 --set train.steps=6 --set checkpoint.every=2 --set train.parallel.dp=2
