@@ -897,10 +897,21 @@ static int train_batch(run_ctx *c, draw *dr, const group_ref *gr, int n_groups, 
     return 0;
 }
 
-static int engines_turn(run_ctx *c, const char *type, const char *want, mill_err *e) {
+/* Colocated: the engines' turn (resume) or the trainer's (release_memory). An engine found dead or
+ * stopped meanwhile is restarted, given the trainer's weights, and takes the turn. */
+static int engines_turn(run_ctx *c, long step, const char *type, const char *want, mill_err *e) {
     if (c->r->disaggregated) return 0; /* each side has its own memory */
-    for (int j = 0; j < c->ps.n_engines; j++)
-        if (proc_rpc_simple(&c->ps, &c->ps.engines[j], "rollout engine", type, want, 60, e)) return -1;
+    for (int j = 0; j < c->ps.n_engines; j++) {
+        proc *p = &c->ps.engines[j];
+        if (!proc_rpc_simple(&c->ps, p, "rollout engine", type, want, 60, e)) continue;
+        mill_err pe;
+        if (p->pid > 0 && !proc_check(p, "rollout engine", &pe)) return -1; /* it lives: a real error */
+        char why[sizeof e->msg];
+        snprintf(why, sizeof why, "%s", e->msg);
+        if (engine_restart(c, j, step, why, e) || publish_to(c, p->addr, NULL, e) ||
+            proc_rpc_simple(&c->ps, p, "rollout engine", type, want, 60, e))
+            return -1;
+    }
     return 0;
 }
 
@@ -941,7 +952,7 @@ static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
     if (!b->gr || !b->m) return mill_errf(e, "out of memory");
     double rsum = 0, lsum = 0, nsamp = 0;
     int max_draws = r->dynamic_sampling ? (r->max_draws < 64 ? r->max_draws : 64) : 1;
-    if (engines_turn(c, "resume", "resumed", e)) return -1;
+    if (engines_turn(c, step, "resume", "resumed", e)) return -1;
     /* dynamic sampling: groups whose rewards are all equal carry no signal; draw more prompts
      * until P informative groups are in or max_draws is reached */
     while (b->ng < P && b->nd < max_draws) {
@@ -982,7 +993,7 @@ static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
 /* Sends the batch to the trainer (colocated: the engines give their memory back first). */
 static int batch_train_send(run_ctx *c, step_batch *b, mill_err *e) {
     if (!b->ng) return 0;
-    if (engines_turn(c, "release_memory", "released", e)) return -1;
+    if (engines_turn(c, b->step, "release_memory", "released", e)) return -1;
     wire_builder *w = proc_msg(&c->ps, "train");
     if (!w) return mill_errf(e, "out of memory");
     wire_put_int(w, "step", b->step);
@@ -1013,7 +1024,7 @@ static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
         wire_recv_free(raw);
         double tp;
         if (x || proc_rpc_simple(&c->ps, &c->ps.trainer, "trainer worker", "release_memory", "released", 60, e) ||
-            engines_turn(c, "resume", "resumed", e) || publish(c, b->step, &tp, e))
+            engines_turn(c, b->step, "resume", "resumed", e) || publish(c, b->step, &tp, e))
             return -1;
         json_object_set_new(b->m, "publish_s", json_real(tp));
     }
