@@ -90,7 +90,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
                                          "template", "skip_bad_rows", NULL};
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
-                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", "parallel", NULL};
+                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", "parallel", "max_restarts",
+                                         NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
     static const char *const algo_k[] = {"eps_low",      "eps_high",     "std_normalize", "seq_mean",
                                          "kl_coef",      "kl_type",      "tis_cap",       "entropy_coef",
@@ -116,7 +117,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->optim.min_lr = r->optim.lr;
     const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr, *aggm, *pol;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
-        restarts, tkill, tkrank, etp, eep;
+        restarts, tkill, tkrank, etp, eep, erestarts;
     int skip, dyn, stdn, seqm, async;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
         yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
@@ -144,6 +145,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
         yamlcfg_int(y, "rollout.parallel.tp", 1, 1, 1 << 20, &etp, path, e) ||
         yamlcfg_int(y, "rollout.parallel.ep", 1, 1, 1 << 20, &eep, path, e) ||
+        yamlcfg_int(y, "rollout.max_restarts", 10, 0, 1000, &erestarts, path, e) ||
         yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
         yamlcfg_num(y, "reward.timeout_s", 10, 1e-3, 3600, &r->reward_timeout_s, path, e) ||
         yamlcfg_int(y, "reward.retries", 3, 0, 100, &retries, path, e) ||
@@ -304,6 +306,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->kill_trainer_at_step = (int)tkill;
     r->kill_trainer_rank = (int)tkrank;
     r->max_restarts = (int)restarts;
+    r->engine_max_restarts = (int)erestarts;
     return 0;
 }
 
@@ -392,6 +395,7 @@ typedef struct {
     long version; /* weights the engines hold */
     int64_t cursor; /* prompts drawn */
     int fault_done; /* debug.kill_engine_at_step has fired */
+    int engine_restarts; /* engines started again in this run */
 } run_ctx;
 
 typedef struct {
@@ -500,8 +504,16 @@ out:
     return rc;
 }
 
+/* Before the n-th restart (from 0): 0.5 s doubling to at most 30 s, so a fault that recurs at once
+ * (a full disk, a bad host) does not spin. */
+static void backoff(int n) {
+    double s = 0.5 * (double)(1L << (n < 6 ? n : 6));
+    struct timespec ts = {(time_t)(s < 30 ? s : 30), (long)((s < 30 ? s - (double)(long)s : 0) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
 /* Restarts engine j after a fault (our own engines only; an external one is the operator's to
- * restart) and records it. The caller gives it weights. */
+ * restart, and at most rollout.max_restarts in a run) and records it. The caller gives it weights. */
 static int engine_restart(run_ctx *c, int j, long step, const char *why, mill_err *e) {
     proc *p = &c->ps.engines[j];
     char msg[1200];
@@ -509,8 +521,12 @@ static int engine_restart(run_ctx *c, int j, long step, const char *why, mill_er
     mill_err le;
     ledger_event(c->lg, c->run_id, step, "fault", msg, &le);
     if (p->pid == 0) return mill_errf(e, "%s (an external engine: restart it, then mill resume)", msg);
+    if (c->engine_restarts == c->r->engine_max_restarts)
+        return mill_errf(e, "%s; engines were restarted %d times in this run (rollout.max_restarts)", msg,
+                         c->engine_restarts);
     fprintf(stderr, "\nmill: %s; restarting it\n", msg);
     proc_stop(p);
+    backoff(c->engine_restarts++);
     if (proc_spawn(p, c->ps.exe, e) || proc_connect(p, c->ps.zctx, &c->ps.curve, e) || engine_wait_ready(&c->ps, p, j, 60, e))
         return mill_err_wrap(e, "restarting rollout engine %d", j);
     ledger_event(c->lg, c->run_id, step, "restart", msg, &le);
@@ -1403,6 +1419,7 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
         if (!rc || !dead || restarts == r->max_restarts) break;
         char why[1200];
         snprintf(why, sizeof why, "%s", pe.msg);
+        backoff(restarts);
         if (restart_trainer(c, why, &start, ck, sizeof ck, &model_dir, &resume, e)) {
             rc = -1;
             break;

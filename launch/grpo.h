@@ -64,6 +64,7 @@ typedef struct {
     char out_dir[1024];
     int kill_engine_at_step; /* fault injection for tests: SIGKILL engine 0 mid-rollout of that step */
     int max_restarts;        /* train.max_restarts: how often a dead trainer is started again (default 3) */
+    int engine_max_restarts; /* rollout.max_restarts: how often dead engines are started again in a run (default 10) */
     int kill_trainer_at_step, kill_trainer_rank; /* fault injection for tests: that trainer rank SIGKILLs itself
                                                   * when that step's training begins (first attempt only) */
     char *text;              /* the effective recipe as JSON (what the ledger keeps) */

@@ -249,6 +249,12 @@ n=$(q "select count(*), count(distinct s.prompt_id || '/' || s.sample_idx) from 
 [ "$(q "select count(*) from events e join runs r on r.id=e.run_id where r.name='k3' and e.kind='restart'")" = 1 ] \
     || fail "k3: no restart event"
 echo "engine killed mid-step 2: restarted; step 2 has 16 samples, 16 distinct"
+# ... and with rollout.max_restarts 0 the same fault ends the run, naming the bound
+if "$MILL" run $R --set ledger="$L" --set name=k3b --set checkpoint.dir="$T/k3b" --set rollout.layout=disaggregated \
+    --set train.steps=3 --set debug.kill_engine_at_step=2 --set rollout.max_restarts=0 > "$T/k3b.out" 2> "$T/k3b.err"; then
+    fail "k3b: the run went on past rollout.max_restarts 0"
+fi
+grep -q "restarted 0 times in this run (rollout.max_restarts)" "$T/k3b.err" || { cat "$T/k3b.err" >&2; fail "k3b: message"; }
 
 # 5a. engines of several ranks (rollout.parallel): tp 2 x ep 2 (one attention group over two ranks,
 # the experts over both) gives the one-engine run bit for bit; a killed rank of an ep 2 engine (two
