@@ -685,10 +685,11 @@ static void test_memory_ops(void **state) {
     OK(op_copy_from_host(&f->gpu, dc, acc, sizeof(float) * (size_t)n, ERR));
     cmp(f, "op_copy_from_host", "n77100", dc, acc, n, 0.0);
     /* a block of 100 columns of x's rows into columns 57.. of rows as wide (the tp pieces' interleave) */
-    OK(op_copy_from_host(&f->gpu, dc, acc, sizeof(float) * (size_t)n, ERR));
-    OK(op_copy_2d(&f->cpu, acc + 57, sizeof(float) * dim, x + 3, sizeof(float) * dim, sizeof(float) * 100, rows, ERR));
+    memcpy(back, acc, sizeof(float) * (size_t)n); /* acc stays: the repeat-rows backward accumulates into it */
+    OK(op_copy_from_host(&f->gpu, dc, back, sizeof(float) * (size_t)n, ERR));
+    OK(op_copy_2d(&f->cpu, back + 57, sizeof(float) * dim, x + 3, sizeof(float) * dim, sizeof(float) * 100, rows, ERR));
     OK(op_copy_2d(&f->gpu, dc + 57, sizeof(float) * dim, dx + 3, sizeof(float) * dim, sizeof(float) * 100, rows, ERR));
-    cmp(f, "op_copy_2d", "rows300 width100", dc, acc, n, 0.0);
+    cmp(f, "op_copy_2d", "rows300 width100", dc, back, n, 0.0);
     OK(op_zero(&f->gpu, dc, sizeof(float) * (size_t)n, ERR));
     fillv(back, n, 0.0f);
     cmp(f, "op_zero", "n77100", dc, back, n, 0.0);
