@@ -699,12 +699,12 @@ done:
     gen_result_free(&res);
     engine_free(&en);
     model_free(&dm);
+    group_free(&g); /* its NCCL comms before the kctx whose stream they use */
     kctx_free(&k);
     free(rows);
     free(ids);
     free(lens);
     model_free(&m);
-    group_free(&g);
     return rc;
 }
 
