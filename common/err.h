@@ -1,5 +1,5 @@
-/* common/err.h — error values and logging.
- * Owns: mill_err (a caller-owned error message buffer) and the log functions.
+/* common/err.h — error values, logging and the clock timings read.
+ * Owns: mill_err (a caller-owned error message buffer), the log functions and mill_now.
  * Convention: a function that can fail returns 0 on success and -1 on failure,
  * after writing one line into the caller's mill_err that names the file, field
  * or peer and what was expected. Nothing here is global. */
@@ -15,6 +15,9 @@ extern "C" {
 typedef struct {
     char msg[1024];
 } mill_err;
+
+/* Seconds on the monotonic clock (CLOCK_MONOTONIC): differences time things; never a date. */
+double mill_now(void);
 
 /* Writes the message and returns -1, so `return mill_errf(e, ...)` reads well. */
 int mill_errf(mill_err *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define NO_CUDA_MSG "this mill was built without CUDA (nvcc was not found, or MILL_NO_CUDA was set)"
 
@@ -23,12 +22,6 @@ struct kprof {
     double sec[KPROF_OPS];
     double t_start;
 };
-
-static double kprof_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 #endif
 
 /* ---- op_linear's row blocks (kernels/dense.c), chosen for the OpenBLAS kernel this process loaded.
@@ -116,7 +109,7 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     const char *skinny = getenv("MILL_SKINNY");
     k->linear_cublas = skinny && !strcmp(skinny, "0");
     const char *prof = getenv("MILL_PROFILE");
-    if (prof && !strcmp(prof, "1") && (k->prof = calloc(1, sizeof *k->prof))) k->prof->t_start = kprof_now();
+    if (prof && !strcmp(prof, "1") && (k->prof = calloc(1, sizeof *k->prof))) k->prof->t_start = mill_now();
     return 0;
 #else
     return mill_errf(e, NO_CUDA_MSG);
@@ -128,7 +121,7 @@ double kprof_begin(const kctx *k) {
     mill_err e;
     (void)k;
     cuda_sync(&e);
-    return kprof_now();
+    return mill_now();
 }
 
 int kprof_end(const kctx *k, const char *op, double t0, int rc) {
@@ -139,7 +132,7 @@ int kprof_end(const kctx *k, const char *op, double t0, int rc) {
     while (i < KPROF_OPS - 1 && p->name[i] && strcmp(p->name[i], op)) i++;
     if (!p->name[i]) p->name[i] = strdup(op); /* the last slot collects any overflow */
     p->calls[i]++;
-    p->sec[i] += kprof_now() - t0;
+    p->sec[i] += mill_now() - t0;
     return rc;
 }
 
@@ -151,11 +144,11 @@ void kprof_reset(const kctx *k) {
     if (!k->prof) return;
     kprof_names_free(k->prof);
     memset(k->prof, 0, sizeof *k->prof);
-    k->prof->t_start = kprof_now();
+    k->prof->t_start = mill_now();
 }
 
 static void kprof_print(struct kprof *p) {
-    double total = kprof_now() - p->t_start, in_ops = 0;
+    double total = mill_now() - p->t_start, in_ops = 0;
     for (int i = 0; i < KPROF_OPS && p->name[i]; i++) in_ops += p->sec[i];
     fprintf(stderr, "[mill profile] %.3f s since kctx_init, %.3f s in ops (device-synced):\n", total, in_ops);
     for (;;) { /* largest first, printing each once */

@@ -335,12 +335,6 @@ void grpo_recipe_free(grpo_recipe *r) {
     r->text = NULL;
 }
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static double wall(void) {
     struct timespec t;
     clock_gettime(CLOCK_REALTIME, &t);
@@ -597,7 +591,7 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
         if (send_block(c, j, pp, G, temp, seed, maxn, &req[j], e)) return mill_err_wrap(e, "rollout engine %d", j);
     int have = 0, isatty_err = isatty(2);
     long toks = 0;
-    double t0 = now(), last_msg = now();
+    double t0 = mill_now(), last_msg = mill_now();
     zmq_pollitem_t items[64];
     while (have < n) {
         for (int j = 0; j < E; j++) items[j] = (zmq_pollitem_t){.socket = c->ps.engines[j].sock, .events = ZMQ_POLLIN};
@@ -607,7 +601,7 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
             mill_err pe;
             if (proc_check(&c->ps.engines[j], "engine", &pe)) {
                 if (engine_recover(c, j, pp, G, temp, seed, maxn, &req[j], step, pe.msg, e)) return -1;
-                last_msg = now();
+                last_msg = mill_now();
                 continue;
             }
             if (!(items[j].revents & ZMQ_POLLIN)) continue;
@@ -615,7 +609,7 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
             wire_raw *raw;
             if (wire_recv(c->ps.engines[j].sock, 0, 0, NULL, NULL, &m, &raw, e) != 0)
                 return mill_err_wrap(e, "rollout engine %d", j);
-            last_msg = now();
+            last_msg = mill_now();
             const char *t = wire_type(m);
             int rc = 0;
             if (wire_id(m) != req[j] || !strcmp(t, "done")) { /* a stale reply, or the end of a block */
@@ -679,8 +673,8 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
             if (rc) return -1;
         }
         if (isatty_err)
-            fprintf(stderr, "\r  rollout: %d/%d samples, %.0f tokens/s   ", have, n, toks / fmax(now() - t0, 1e-9));
-        if (now() - last_msg > c->r->timeout_s)
+            fprintf(stderr, "\r  rollout: %d/%d samples, %.0f tokens/s   ", have, n, toks / fmax(mill_now() - t0, 1e-9));
+        if (mill_now() - last_msg > c->r->timeout_s)
             return mill_errf(e, "rollout: no sample from any engine for %g s (rollout.timeout_s)", c->r->timeout_s);
     }
     if (isatty_err) fprintf(stderr, "\r%60s\r", "");
@@ -962,7 +956,7 @@ static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
     int P = r->prompts_per_step, G = r->samples_per_prompt;
     memset(b, 0, sizeof *b);
     b->step = step;
-    b->t0 = now();
+    b->t0 = mill_now();
     b->gr = malloc(sizeof *b->gr * (size_t)P);
     b->m = json_object();
     if (!b->gr || !b->m) return mill_errf(e, "out of memory");
@@ -1000,7 +994,7 @@ static int batch_generate(run_ctx *c, long step, step_batch *b, mill_err *e) {
     if (x) return -1;
     json_object_set_new(b->m, "reward", json_real(rsum / nsamp));
     json_object_set_new(b->m, "response_len", json_real(lsum / nsamp));
-    json_object_set_new(b->m, "rollout_s", json_real(now() - b->t0));
+    json_object_set_new(b->m, "rollout_s", json_real(mill_now() - b->t0));
     json_object_set_new(b->m, "groups", json_integer(b->ng));
     json_object_set_new(b->m, "draws", json_integer(b->nd));
     return 0;
@@ -1022,7 +1016,7 @@ static int batch_train_send(run_ctx *c, step_batch *b, mill_err *e) {
 
 /* Waits for the step's training, then refreshes the engines' weights. */
 static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
-    double t1 = now();
+    double t1 = mill_now();
     if (!b->ng) { /* no group with signal: no update; the version stays */
         json_object_set_new(b->m, "skipped", json_true());
     } else {
@@ -1044,8 +1038,8 @@ static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
             return -1;
         json_object_set_new(b->m, "publish_s", json_real(tp));
     }
-    json_object_set_new(b->m, "train_s", json_real(now() - t1));
-    json_object_set_new(b->m, "step_s", json_real(now() - b->t0));
+    json_object_set_new(b->m, "train_s", json_real(mill_now() - t1));
+    json_object_set_new(b->m, "step_s", json_real(mill_now() - b->t0));
     return 0;
 }
 
@@ -1399,7 +1393,7 @@ static int restart_trainer(run_ctx *c, const char *why, long *start, char *ck, s
 
 static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill_err *e) {
     const grpo_recipe *r = c->r;
-    double t0 = now();
+    double t0 = mill_now();
     int rc = -1;
     mill_err le;
     char ck[1100];
@@ -1432,7 +1426,7 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
     } else {
         ledger_event(c->lg, c->run_id, r->steps, "stop", "finished", &le);
         ledger_run_set_status(c->lg, c->run_id, "finished", &le);
-        printf("run %s finished in %.1f min; ledger %s\n", r->name, (now() - t0) / 60, r->ledger);
+        printf("run %s finished in %.1f min; ledger %s\n", r->name, (mill_now() - t0) / 60, r->ledger);
     }
     stop_processes(c);
     close_inputs(c);

@@ -9,15 +9,8 @@
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 
 
@@ -125,7 +118,7 @@ int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double t
                     wire_raw **raw, mill_err *e) {
     *reply = NULL;
     *raw = NULL;
-    double t_end = now() + timeout_s;
+    double t_end = mill_now() + timeout_s;
     for (;;) {
         int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
         if (x < 0) return mill_err_wrap(e, "%s sent a malformed reply", what);
@@ -164,7 +157,7 @@ int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double t
             return 0;
         }
         if (proc_check(p, what, e)) return -1;
-        if (now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
+        if (mill_now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
     }
 }
 

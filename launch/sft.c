@@ -5,7 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "../algos/sft_data.h"
@@ -337,12 +336,6 @@ int sft_eval(sft_state *s, const sft_recipe *r, int n, double *accuracy, mill_er
     return rc ? -1 : 0;
 }
 
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 static void progress(long step, long total, double loss, double tps) {
     if (!isatty(2)) return;
     int width = 30, filled = (int)(width * step / (total ? total : 1));
@@ -393,7 +386,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *
            resume_dir ? ", resumed" : "");
     print_bytes(&s);
     int rc = -1;
-    double t0 = now(), loss_acc = 0;
+    double t0 = mill_now(), loss_acc = 0;
     long tok_acc = 0, n_acc = 0;
     char ck[1100];
     while (s.ts.step < r->steps) {
@@ -402,7 +395,7 @@ int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *
         loss_acc += st.loss;
         tok_acc += st.tokens;
         n_acc++;
-        double dt = now() - t0;
+        double dt = mill_now() - t0;
         if (lead) progress(s.ts.step, r->steps, st.loss, tok_acc / (dt > 0 ? dt : 1));
         if (s.ts.step % r->log_every == 0 || s.ts.step == r->steps) {
             if (isatty(2)) fputc('\n', stderr);
@@ -412,20 +405,20 @@ int sft_run(const sft_recipe *r, const char *resume_dir, comm *world, mill_err *
             loss_acc = 0;
             n_acc = 0;
             tok_acc = 0;
-            t0 = now();
+            t0 = mill_now();
         }
         if ((r->eval_every && s.ts.step % r->eval_every == 0) || s.ts.step == r->steps) {
             double acc; /* rank 0's (every stage takes part in gathering the model) */
             if (sft_eval(&s, r, r->eval_problems, &acc, e)) goto out;
             printf("step %6ld  held-out greedy accuracy %.3f (%d problems)\n", s.ts.step, acc, r->eval_problems);
             fflush(stdout);
-            t0 = now();
+            t0 = mill_now();
         }
         if ((r->checkpoint_every && s.ts.step % r->checkpoint_every == 0) || s.ts.step == r->steps) {
             snprintf(ck, sizeof ck, "%s/step-%06ld", r->out_dir, s.ts.step);
             if (sft_checkpoint(&s, ck, e)) goto out;
             printf("step %6ld  checkpoint %s\n", s.ts.step, ck);
-            t0 = now();
+            t0 = mill_now();
         }
     }
     rc = 0;

@@ -4,7 +4,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "../kernels/attention.h"
 #include "../kernels/dense.h"
@@ -861,12 +860,6 @@ static void result_sizes(const engine *en, const step_cmd *c, int a, size_t *ni,
     *nf = sample ? (size_t)n : c->flags & STEP_LOGITS ? (size_t)(last ? n : N) * cfg->vocab_size : 0;
 }
 
-static double wall(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 /* Every rank's part of a step command; on the leader, the results in the caller's order into tok,
  * logprob, logits and routing (engine_step's and engine_step_sample's arrays). */
 static int cmd_run(engine *en, const step_cmd *c, int32_t *tok, float *logprob, float *logits, int32_t *routing,
@@ -992,7 +985,7 @@ static int group_step(engine *en, engine_seq *const *seqs, const int32_t *const 
 /* A step timed into en->steps and en->step_s: decode when every sequence feeds one token. */
 static int timed(engine *en, int decode, int rc, double t0) {
     en->steps[decode]++;
-    en->step_s[decode] += wall() - t0;
+    en->step_s[decode] += mill_now() - t0;
     return rc;
 }
 
@@ -1004,7 +997,7 @@ static int one_each(const int *n_tokens, int n) {
 
 int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens, int n_seqs,
                 float *logits, int last_only, int32_t *routing, mill_err *e) {
-    double t0 = wall();
+    double t0 = mill_now();
     int rc = grouped(en)
                  ? group_step(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e)
                  : step_local(en, seqs, tokens, n_tokens, n_seqs, NULL, NULL, NULL, logits, last_only, routing, e);
@@ -1013,7 +1006,7 @@ int engine_step(engine *en, engine_seq *const *seqs, const int32_t *const *token
 
 int engine_step_sample(engine *en, engine_seq *const *seqs, const int32_t *const *tokens, const int *n_tokens,
                        int n_seqs, const sample_row *rows, int32_t *tok, float *logprob, int32_t *routing, mill_err *e) {
-    double t0 = wall();
+    double t0 = mill_now();
     int rc = grouped(en) ? group_step(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e)
                          : step_local(en, seqs, tokens, n_tokens, n_seqs, rows, tok, logprob, NULL, 1, routing, e);
     return timed(en, one_each(n_tokens, n_seqs), rc, t0);

@@ -28,6 +28,8 @@ pid_of() {
     done
     return 1
 }
+# the pids of $1's children (none once it is gone)
+kids() { cat /proc/"$1"/task/*/children 2>/dev/null || true; }
 same_state() { # two checkpoint dirs: model and optimizer bit-identical
     cmp -s "$1/model.safetensors" "$2/model.safetensors" || fail "$3: weights differ from the uninterrupted run"
     cmp -s "$1/optimizer.safetensors" "$2/optimizer.safetensors" || fail "$3: Adam state differs"
@@ -124,7 +126,7 @@ same_state "$T/ref/step-000006" "$T/k2/step-000006" "trainer kill"
 for s in 1 2 3 4 5 6; do [ "$(step_samples k2 $s)" = "16|16" ] || fail "k2: step $s samples $(step_samples k2 $s)"; done
 echo "trainer killed in step 3: restarted from step 2, finished; weights and Adam state bit-identical, 16 samples a step"
 
-# 4a. SIGSTOP of the trainer, then of the colocated engine, mid-run: the controller finds each stopped
+# 4a. SIGSTOP of the trainer, then of the colocated engine, after step 1: the controller finds each stopped
 # (a stopped child is reported to its parent), kills and restarts it, and the run finishes by itself
 # with the uninterrupted run's weights and Adam state
 for who in trainer engine; do
@@ -132,9 +134,10 @@ for who in trainer engine; do
     "$MILL" run $R --set ledger="$L" --set name=$n --set checkpoint.dir="$T/$n" --set train.steps=6 \
         --set checkpoint.every=1 > "$T/$n.out" 2> "$T/$n.err" &
     runner=$!
-    wait_step $n 2
-    case $who in trainer) pat="$T/$n/trainer.sock" ;; *) pat="$T/$n/engine-0.sock" ;; esac
-    victim=$(pid_of "$pat") || fail "$n: no $who process"
+    wait_step $n 1
+    case $who in trainer) pat=trainer-worker ;; *) pat=rollout-server ;; esac
+    victim=$(for p in $(kids "$runner"); do grep -q "$pat" "/proc/$p/cmdline" 2>/dev/null && echo "$p"; done | head -n 1)
+    [ -n "$victim" ] || fail "$n: no $who process under the run (pid $runner)"
     kill -STOP "$victim"
     wait $runner || { cat "$T/$n.err" >&2; fail "$n: the run did not finish after its $who was stopped"; }
     grep -q "was stopped by signal 19" "$T/$n.err" || { cat "$T/$n.err" >&2; fail "$n: no clear message"; }
@@ -267,7 +270,6 @@ same_state "$T/ref/step-000003" "$T/eg/step-000003" "engine tp 2 x ep 2"
     --set rollout.layout=disaggregated --set rollout.parallel.ep=2 > "$T/egk.out" 2> "$T/egk.err" &
 runner=$!
 wait_step egk 2
-kids() { cat /proc/"$1"/task/*/children 2>/dev/null || true; }
 victim=$(for m in $(kids "$runner"); do # the engine's last rank: run -> mpiexec -> hydra proxy -> rank
     for x in $(kids "$m"); do kids "$x"; done
 done | tr ' ' '\n' | grep . | sort -n | tail -n 1)

@@ -103,6 +103,35 @@ static wire_builder *gen_request(uint64_t id, const int32_t *prompt, int64_t ple
     return b;
 }
 
+/* The next reply is of this type: an error naming the version and the sender (NULL: not checked),
+ * or an acknowledgement of this version. */
+static void expect_reply(void *c, const char *type, int64_t version, const char *sender) {
+    wire_raw *raw;
+    wire_msg *r = recv_msg(c, &raw);
+    char msg[512] = "", want[64];
+    mill_err e;
+    wire_get_str(r, "message", 0, "", msg, sizeof msg, &e);
+    if (strcmp(wire_type(r), type)) fail_msg("expected %s, got %s (%s)", type, wire_type(r), msg);
+    if (!strcmp(type, "error")) {
+        snprintf(want, sizeof want, "version %lld", (long long)version);
+        if (!strstr(msg, want) || (sender && !strstr(msg, sender))) fail_msg("error without version/sender: %s", msg);
+    } else if (strcmp(type, "bye")) {
+        int64_t v;
+        if (wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, &e)) fail_msg("%s", e.msg);
+        assert_int_equal(v, version);
+    }
+    wire_msg_free(r);
+    wire_recv_free(raw);
+}
+
+/* Shuts down server a (run by thread th) through client c: "bye", the thread joined, no error. */
+static void server_shutdown(void *c, uint64_t id, pthread_t th, const server_arg *a) {
+    send_msg(c, wire_builder_new("shutdown", id));
+    expect_reply(c, "bye", 0, NULL);
+    pthread_join(th, NULL);
+    assert_int_equal(a->rc, 0);
+}
+
 static void test_server(void **st) {
     (void)st;
     char dir[1024], path[1100], addr[128];
@@ -337,13 +366,7 @@ static void test_server(void **st) {
     wire_msg_free(r);
     wire_recv_free(raw);
 
-    send_msg(c, wire_builder_new("shutdown", 50));
-    r = recv_msg(c, &raw);
-    assert_string_equal(wire_type(r), "bye");
-    wire_msg_free(r);
-    wire_recv_free(raw);
-    pthread_join(th, NULL);
-    assert_int_equal(a->rc, 0);
+    server_shutdown(c, 50, th, a);
     zmq_close(c);
     zmq_ctx_term(ctx);
     model_free(&a->m);
@@ -364,27 +387,6 @@ static void send_bucket(void *c, uint64_t id, int64_t version, int64_t bucket, i
     }
     if (p && wire_put_frame(b, p->name, DTYPE_F32, p->ndim, p->shape, data, &e)) fail_msg("%s", e.msg);
     send_msg(c, b);
-}
-
-/* The next reply is of this type: an error naming the version and the sender (NULL: not checked),
- * or an acknowledgement of this version. */
-static void expect_reply(void *c, const char *type, int64_t version, const char *sender) {
-    wire_raw *raw;
-    wire_msg *r = recv_msg(c, &raw);
-    char msg[512] = "", want[64];
-    mill_err e;
-    wire_get_str(r, "message", 0, "", msg, sizeof msg, &e);
-    if (strcmp(wire_type(r), type)) fail_msg("expected %s, got %s (%s)", type, wire_type(r), msg);
-    if (!strcmp(type, "error")) {
-        snprintf(want, sizeof want, "version %lld", (long long)version);
-        if (!strstr(msg, want) || (sender && !strstr(msg, sender))) fail_msg("error without version/sender: %s", msg);
-    } else if (strcmp(type, "bye")) {
-        int64_t v;
-        if (wire_get_int(r, "version", 1, 0, 0, INT64_MAX, &v, &e)) fail_msg("%s", e.msg);
-        assert_int_equal(v, version);
-    }
-    wire_msg_free(r);
-    wire_recv_free(raw);
 }
 
 /* One greedy sample of N tokens: its tokens, logprobs and the version it was admitted under. */
@@ -601,10 +603,7 @@ static void test_server_senders(void **st) {
     wire_msg_free(r);
     wire_recv_free(raw);
 
-    send_msg(c0, wire_builder_new("shutdown", 50));
-    expect_reply(c0, "bye", 0, NULL);
-    pthread_join(th, NULL);
-    assert_int_equal(a->rc, 0);
+    server_shutdown(c0, 50, th, a);
     zmq_close(c0);
     zmq_close(c1);
     zmq_ctx_term(ctx);
@@ -674,10 +673,7 @@ static void test_server_flood(void **st) {
     int32_t tok[4];
     float lp[4];
     (void)generate_one(c, 99999, prompt, 8, 4, tok, lp); /* drained: served again */
-    send_msg(c, wire_builder_new("shutdown", 100000));
-    expect_reply(c, "bye", 0, NULL);
-    pthread_join(th, NULL);
-    assert_int_equal(a->rc, 0);
+    server_shutdown(c, 100000, th, a);
     zmq_close(c);
     zmq_ctx_term(ctx);
     model_free(&a->m);

@@ -11,12 +11,6 @@
 
 #include "comm_impl.h"
 
-static double mono_now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 int comm_in_launch(void) {
     static const char *const vars[] = {"PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", NULL};
     for (const char *const *v = vars; *v; v++)
@@ -37,7 +31,7 @@ static void *watchdog_main(void *arg) {
         until.tv_sec += 1;
         pthread_cond_timedwait(&rt->cv, &rt->mu, &until);
         if (rt->stop || !rt->op) continue;
-        double held = mono_now() - rt->t0;
+        double held = mill_now() - rt->t0;
         if (held < rt->timeout) continue;
         fprintf(stderr,
                 "mill: rank %d: %s on group %s (%d ranks, this rank %d) has not returned in %.0f s "
@@ -64,7 +58,7 @@ void comm_watch_begin(comm *c, const char *op) {
     snprintf(rt->group, sizeof rt->group, "%s", c->name);
     rt->group_size = c->size;
     rt->group_rank = c->rank;
-    rt->t0 = mono_now();
+    rt->t0 = mill_now();
     pthread_mutex_unlock(&rt->mu);
 }
 

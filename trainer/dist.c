@@ -4,7 +4,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 model_stage dist_rank_stage(const par_sizes *s, const dsv4_config *cfg, int r, int q, int t) {
     model_stage st = {.n_chunks = par_vpp(s), .first = r == 0, .last = r == s->pp - 1, .tp = s->tp, .tp_rank = t,
@@ -143,12 +142,6 @@ void dist_free(dist_ctx *d) {
     memset(d, 0, sizeof *d);
 }
 
-static double wall(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
 /* One run of dist_pipeline: the order, the op running now, and what the staging slots hold. */
 typedef struct {
     dist_ctx *d;
@@ -214,9 +207,9 @@ static int pipe_transfer(pipe_run *p, pipe_plan *plan, mill_err *e) {
         ops[k++] = (comm_p2p){peer, 0, slot(d, g), p->elems[p->order[want[g]].micro]};
     }
     if (!k) return 0;
-    double t0 = wall();
+    double t0 = mill_now();
     int rc = comm_sendrecv(d->pp, ops, k, d->wire, e);
-    d->t_wait += wall() - t0;
+    d->t_wait += mill_now() - t0;
     return rc;
 }
 

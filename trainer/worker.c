@@ -5,7 +5,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <zmq.h>
 
 #include "../algos/grpo.h"
@@ -54,12 +53,6 @@ typedef struct {
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
 static dsv4_model *ref_model(worker *w) { return w->gpu ? &w->dref : &w->ref; }
 static optimizer *train_opt(worker *w) { return w->gpu ? &w->dopt : &w->opt; }
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint64_t id, const char *msg) {
     wire_builder *b = wire_builder_new("error", id);
@@ -477,7 +470,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     size_t gbytes = sizeof(float) * train_model(w)->n_floats;
     if (!w->grads && !(w->grads = mem_alloc_copy(w->k.device, NULL, gbytes, e))) goto out;
     if (!w->a.head && arena_init_device(&w->a, 16 << 20, w->k.device, w->k.stream, e)) goto out;
-    double t_start = now(), loss = 0, gn = 0, lr = 0;
+    double t_start = mill_now(), loss = 0, gn = 0, lr = 0;
     grpo_stats st = {0};
     /* update u trains rows [u0, u1) of the batch; this dp rank takes rows [a[u], b[u]) of those */
     int ranges[2 * 1024]; /* updates_per_step is at most 1024 (init) */
@@ -549,7 +542,7 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     wire_put_num(*reply, "expert_imbalance", bal_x);
     wire_put_num(*reply, "ep_imbalance", bal_r);
     wire_put_int(*reply, "tokens", cnt);
-    wire_put_num(*reply, "seconds", now() - t_start);
+    wire_put_num(*reply, "seconds", mill_now() - t_start);
     rc = 0;
     goto out;
 oom:
@@ -749,7 +742,7 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
         return -1;
     /* a stage's tensors, or some of the experts, are not one range of the whole layout */
     ipc = ipc && w->gpu && w->d.par.sz.pp == 1 && w->d.par.sz.ep == 1 && w->d.par.sz.tp == 1;
-    double t0 = now();
+    double t0 = mill_now();
     size_t bytes = 0;
     int n_eng = 0, rc = -1;
     enum { MAX_ENGINES = 64 };
@@ -807,12 +800,12 @@ static int handle_publish(worker *w, const wire_msg *msg, wire_builder **reply, 
     }
     wire_put_int(*reply, "version", w->version);
     wire_put_int(*reply, "bytes", (int64_t)bytes);
-    wire_put_num(*reply, "seconds", now() - t0);
+    wire_put_num(*reply, "seconds", mill_now() - t0);
     wire_put_str(*reply, "path", ipc ? "ipc" : "buckets");
     if (w->d.par.rank == 0)
         log_info("publish: version %ld to %d engine(s) by %s from %d sender(s), %.1f MiB in %.3f s", w->version, n_eng,
                  ipc ? "CUDA IPC" : "buckets", w->d.par.dpcp->size * w->d.par.sz.pp, (double)bytes / (1 << 20),
-                 now() - t0);
+                 mill_now() - t0);
     rc = 0;
 out:
     for (int i = 0; i < n_eng; i++)
