@@ -12,6 +12,7 @@
 
 #include "../common/rng.h"
 #include "arith.h"
+#include "chat.h"
 
 enum {
     DS_BLOCK = 1 << 20, /* arena block size; a larger string gets a block of its own */
@@ -30,6 +31,7 @@ struct dataset {
     dataset_row *rows;
     long n, cap;
     char *tmpl;
+    chat_format chat; /* kind CHAT_NONE: prompts render as plain text */
     ds_block *arena;
     long skipped;
     int n_reasons;
@@ -290,7 +292,63 @@ static int ds_bad(mill_err *e, const char *path, long line, const char *fmt, ...
 
 #define DS_CHAT_EXPECT "expected a string or chat messages [{\"role\": \"user\", \"content\": \"...\"}, ...]"
 
+/* tmpl with every "{prompt}" replaced by p[0..plen): the length it needs (NUL excluded), written
+ * to out (NUL-terminated) only when it fits in cap. */
+static size_t ds_subst(const char *tmpl, const char *p, size_t plen, char *out, size_t cap) {
+    static const char key[] = "{prompt}";
+    size_t n = 0;
+    for (const char *t = tmpl; *t;) {
+        const char *hit = strstr(t, key);
+        size_t lit = hit ? (size_t)(hit - t) : strlen(t);
+        if (n + lit < cap) memcpy(out + n, t, lit);
+        n += lit;
+        if (!hit) break;
+        if (n + plen < cap) memcpy(out + n, p, plen);
+        n += plen;
+        t = hit + sizeof key - 1;
+    }
+    if (n < cap) out[n] = 0;
+    return n;
+}
+
+/* The chat path: the prompt as messages (a string is one user message), the template applied to
+ * the last user message's content, rendered by the dataset's chat format. */
+static int ds_chat_prompt(dataset *d, json_t *v, const char *key, const char *path, long line, const char **out,
+                          mill_err *e) {
+    if (!json_is_string(v) && !json_is_array(v))
+        return ds_bad(e, path, line, "prompt \"%s\" is %s; " DS_CHAT_EXPECT, key, ds_type_name(v));
+    json_t *msgs = json_is_string(v) ? json_pack("[{s:s,s:O}]", "role", "user", "content", v) : json_deep_copy(v);
+    if (!msgs) return DS_FATAL;
+    int rc = DS_OK;
+    for (size_t i = json_array_size(msgs); i-- > 0;) {
+        json_t *m = json_array_get(msgs, i), *c = json_object_get(m, "content");
+        const char *role = json_string_value(json_object_get(m, "role"));
+        if (!role || strcmp(role, "user") || !json_is_string(c)) continue;
+        size_t need = ds_subst(d->tmpl, json_string_value(c), json_string_length(c), NULL, 0);
+        char *t = malloc(need + 1);
+        if (!t) rc = DS_FATAL;
+        else {
+            ds_subst(d->tmpl, json_string_value(c), json_string_length(c), t, need + 1);
+            if (json_object_set_new(m, "content", json_stringn(t, need))) rc = DS_FATAL;
+            free(t);
+        }
+        break;
+    }
+    char *text = NULL;
+    size_t len = 0;
+    if (rc == DS_OK && chat_render(&d->chat, msgs, 1, &text, &len, e)) {
+        char why[sizeof(mill_err)];
+        snprintf(why, sizeof why, "%s", e->msg);
+        rc = ds_bad(e, path, line, "prompt \"%s\": %s", key, why);
+    }
+    json_decref(msgs);
+    if (rc == DS_OK && !(*out = ds_store(d, text, len))) rc = DS_FATAL;
+    free(text);
+    return rc;
+}
+
 static int ds_prompt(dataset *d, json_t *v, const char *key, const char *path, long line, const char **out, mill_err *e) {
+    if (d->chat.kind != CHAT_NONE) return ds_chat_prompt(d, v, key, path, line, out, e);
     const char *s;
     size_t len;
     if (json_is_string(v)) {
@@ -412,6 +470,7 @@ int dataset_open_jsonl(dataset **out, const dataset_jsonl_config *c, mill_err *e
         return mill_errf(e, "dataset %s: out of memory", c->path);
     }
     if (ds_set_template(d, c->prompt_template, "{prompt}", e)) goto fail;
+    if (c->chat) d->chat = *c->chat;
     rd->fp = fopen(c->path, "rb");
     if (!rd->fp) {
         mill_errf(e, "cannot open dataset %s: %s", c->path, strerror(errno));
@@ -544,23 +603,11 @@ int dataset_format(const dataset *d, const dataset_row *r, char *out, size_t cap
     if (!out || cap == 0) return mill_errf(e, "dataset format: no output buffer");
     out[0] = 0;
     if (!d || !r || !r->prompt) return mill_errf(e, "dataset format: no dataset or row");
-    static const char key[] = "{prompt}";
-    const size_t klen = sizeof key - 1, plen = strlen(r->prompt);
-    size_t n = 0;
-    for (const char *t = d->tmpl; *t;) {
-        const char *hit = strstr(t, key);
-        size_t lit = hit ? (size_t)(hit - t) : strlen(t), need = lit + (hit ? plen : 0);
-        if (n + need >= cap) {
-            out[0] = 0;
-            return mill_errf(e, "dataset format: row %ld's prompt does not fit in %zu bytes", r->id, cap);
-        }
-        memcpy(out + n, t, lit);
-        n += lit;
-        if (!hit) break;
-        memcpy(out + n, r->prompt, plen);
-        n += plen;
-        t = hit + klen;
+    /* a chat prompt was templated and rendered when it was loaded */
+    const char *tmpl = d->chat.kind != CHAT_NONE ? "{prompt}" : d->tmpl;
+    if (ds_subst(tmpl, r->prompt, strlen(r->prompt), out, cap) >= cap) {
+        out[0] = 0;
+        return mill_errf(e, "dataset format: row %ld's prompt does not fit in %zu bytes", r->id, cap);
     }
-    out[n] = 0;
     return 0;
 }

@@ -7,9 +7,9 @@
  * dotted paths ("prompt", "extra.question", "reward_model.ground_truth"); dots always
  * separate levels (a key that itself holds a dot cannot be named).
  *   prompt: a string, or a chat-message list [{"role": "...", "content": "..."}, ...].
- *           A list renders as the messages' contents in order, joined by "\n\n"; roles
- *           are dropped (the byte-level tokenizer has no chat template, and dapo-math
- *           rows hold a single user message, which thus renders as its content).
+ *           Without a chat format (below), a list renders as the messages' contents in
+ *           order, joined by "\n\n", roles dropped (a dapo-math row's single user
+ *           message thus renders as its content).
  *           A prompt that is empty or only whitespace is a bad row.
  *   label:  a string (non-empty) or a number; numbers render as the shortest decimal
  *           text that reads back as the same value (34 -> "34", 0.5 -> "0.5",
@@ -26,6 +26,12 @@
  * "{prompt}" is an error. Defaults: "{prompt}" for JSONL; for the arithmetic source
  * "Q: {prompt}\nA: ", which reproduces arith_format_prompt exactly.
  *
+ * Chat: with a chat format (chat.h) a prompt is a list of messages (a string is one user
+ * message); the template is applied to the last user message's content, and the row's prompt
+ * is the rendered text (special-token text included: BOS, the user and assistant markers), which
+ * dataset_format then returns as it is. A list the format refuses is a bad row naming the
+ * message ("prompt \"prompt\": messages[1].role: ...").
+ *
  * Order: dataset_row_at(d, seed, cursor) with cursor = rows drawn since the run began:
  * epoch = cursor / n, position = cursor % n, row = perm_epoch[position], where
  * perm_epoch is a Fisher-Yates shuffle of 0..n-1 driven by common/rng.h seeded from
@@ -39,6 +45,7 @@
 #include <stdint.h>
 
 #include "../common/err.h"
+#include "chat.h"
 
 enum {
     DATASET_MAX_LINE = 1 << 20, /* bytes in one JSONL line, newline excluded */
@@ -62,6 +69,7 @@ typedef struct {
     const char *prompt_template; /* NULL means "{prompt}" */
     int skip_bad;                /* 1: count and skip bad rows instead of failing */
     long max_rows;               /* stop after this many usable rows; 0 = all */
+    const chat_format *chat;     /* NULL or kind CHAT_NONE: plain prompts (above); else see Chat */
 } dataset_jsonl_config;
 
 int dataset_open_jsonl(dataset **out, const dataset_jsonl_config *c, mill_err *e);

@@ -5,6 +5,7 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <jansson.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -156,7 +157,8 @@ static int rr_parse(const remote_reward_config *c, const rr_buf *b, int n, float
     } else {
         for (int i = 0; i < n && rc == 0; i++) {
             json_t *v = json_array_get(arr, (size_t)i);
-            if (!json_is_number(v) || !isfinite(json_number_value(v)))
+            /* finite as the float it becomes: 1e300 is a finite double but an infinite reward */
+            if (!json_is_number(v) || !(fabs(json_number_value(v)) <= FLT_MAX))
                 rc = mill_errf(e, "reward_remote: %s: reward %d is not a finite number; expected {\"rewards\":[%d numbers]}", c->url, i, n);
         }
         for (int i = 0; i < n && rc == 0; i++) rewards[i] = (float)json_number_value(json_array_get(arr, (size_t)i));
@@ -167,9 +169,10 @@ static int rr_parse(const remote_reward_config *c, const rr_buf *b, int n, float
 
 /* ---- the call ---- */
 
-/* Failures worth another attempt: the service may be restarting, overloaded or slow. */
-static int rr_transient(CURLcode cc) {
-    switch (cc) {
+/* Failures worth another attempt: the service may be restarting, overloaded or slow, or the
+ * network dropped (HTTP/2 stream resets included). */
+int reward_remote_transient(int curl_code) {
+    switch ((CURLcode)curl_code) {
     case CURLE_COULDNT_CONNECT:
     case CURLE_COULDNT_RESOLVE_HOST:
     case CURLE_COULDNT_RESOLVE_PROXY:
@@ -179,6 +182,8 @@ static int rr_transient(CURLcode cc) {
     case CURLE_RECV_ERROR:
     case CURLE_PARTIAL_FILE:
     case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_HTTP2:
+    case CURLE_HTTP2_STREAM:
         return 1;
     default:
         return 0;
@@ -261,7 +266,7 @@ int reward_remote_score(const remote_reward_config *c, const char *const *prompt
             goto done;
         }
         snprintf(last, sizeof last, "%s", errbuf[0] ? errbuf : curl_easy_strerror(cc)); /* errbuf says more */
-        if (!rr_transient(cc)) {
+        if (!reward_remote_transient(cc)) {
             mill_errf(e, "reward_remote: %s: %s", c->url, last);
             goto done;
         }

@@ -23,6 +23,9 @@ typedef struct {
 
 /* 0, or -1 with the reason in e. */
 int reward_remote_global_init(mill_err *e);
+/* 1 when a libcurl result (CURLcode) is worth another attempt: connection, timeout, a dropped
+ * transfer; the hub downloads (launch/hub.c) retry on the same. */
+int reward_remote_transient(int curl_code);
 void reward_remote_global_cleanup(void);
 
 /* Scores n samples in one request; rewards[i] for sample i. prompts and labels may be NULL

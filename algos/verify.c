@@ -4,7 +4,6 @@
  * brace groups stops at V_MAX_DEPTH, past which text is copied as it is. */
 #include "verify.h"
 
-#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -105,15 +104,118 @@ static size_t v_answer_tag(const char *s, size_t p, size_t le) {
     return q;
 }
 
-int verify_extract(const char *response, char *out, size_t cap) {
-    if (!out || !cap) return -1;
-    out[0] = 0;
-    if (!response) return 0;
-    const char *s = response;
-    size_t n = strlen(s);
+/* A box: its command at `at`, its content s[c0..c1), and the index past it. */
+typedef struct {
+    size_t at, c0, c1, end;
+} vbox;
 
+/* The box whose command (klen bytes) starts at i and whose braces close before `lim`: 1, or 0 when
+ * it has no argument or its braces do not close there. */
+static int v_box(const char *s, size_t lim, size_t i, size_t klen, vbox *b) {
+    size_t j = i + klen;
+    int spaced = 0;
+    while (j < lim && v_space(s[j])) {
+        j++;
+        spaced = 1;
+    }
+    b->at = i;
+    if (j < lim && s[j] == '{') {
+        size_t c = v_close(s, j, lim);
+        if (c == lim) return 0;
+        b->c0 = j + 1;
+        b->c1 = c;
+        b->end = c + 1;
+        return 1;
+    }
+    if (!spaced || j == lim) return 0;
+    size_t e = j; /* \boxed 5: the token after the blank */
+    while (e < lim && !v_space(s[e]) && s[e] != '$') e++;
+    b->c0 = j;
+    b->c1 = e;
+    b->end = e;
+    return 1;
+}
+
+/* Words that revise an answer: a box after them replaces the one before ("\boxed{3}, no wait,
+ * \boxed{4}"), so the two are not one answer. */
+static const char *const v_revise[] = {
+    "but",     "wait",    "then",    "actually", "however", "instead", "correct", "corrected", "correction",
+    "final",   "finally", "so",      "thus",     "therefore", "hence", "answer",  "no",        "not",
+    "mistake", "oops",    "check",   "recheck",  "again",   "sorry",   "hmm",     "rather",    "wrong",
+    "error",   "revise",  "revised", "redo",     "recompute", "recalculate", "earlier", "previous", "should",
+    "is",      "was",     "be",      "let",      "means",
+};
+
+/* May the text s[a..b) between two boxes join them into one answer? It may when it only spaces
+ * them (\quad, $, punctuation) or lists them (",", "and", "or", a few words such as "papers and"),
+ * with no digits and no revising word. */
+static int v_links(const char *s, size_t a, size_t b) {
+    static const char *const neutral[] = {"quad", "qquad", "text", "textbf", "textit", "textrm", "mbox",
+                                          "mathrm", "displaystyle", "left", "right", "hspace"};
+    if (b - a > 200) return 0;
+    int words = 0, sep = 0;
+    size_t len = 0;
+    for (size_t i = a; i < b;) {
+        char c = s[i];
+        if (c == '\\') {
+            size_t j = i + 1;
+            while (j < b && v_alpha(s[j])) j++;
+            if (j > i + 1) {
+                int ok = 0;
+                for (size_t k = 0; !ok && k < sizeof neutral / sizeof neutral[0]; k++)
+                    ok = strlen(neutral[k]) == j - i - 1 && memcmp(neutral[k], s + i + 1, j - i - 1) == 0;
+                if (!ok) return 0;
+            } else {
+                j = i + 2 < b ? i + 2 : b; /* \( \) \[ \] \, \\ */
+            }
+            i = j;
+            continue;
+        }
+        if (v_space(c) || c == '$' || c == '{' || c == '}' || c == '.' || c == '*' || c == ':') {
+            i++;
+            continue;
+        }
+        if (c == '_') { /* y_2 = \boxed{..}: a subscript, not a number */
+            i++;
+            if (i < b && s[i] == '{') {
+                while (i < b && s[i] != '}') i++;
+            }
+            i++;
+            continue;
+        }
+        if (v_digit(c)) return 0;
+        if (v_alpha(c)) {
+            size_t j = i;
+            while (j < b && v_alpha(s[j])) j++;
+            for (size_t k = 0; k < sizeof v_revise / sizeof v_revise[0]; k++) {
+                size_t m = strlen(v_revise[k]), t = 0;
+                while (m == j - i && t < m && v_lower(s[i + t]) == v_revise[k][t]) t++;
+                if (m == j - i && t == m) return 0;
+            }
+            if ((j - i == 3 && v_lower(s[i]) == 'a' && v_lower(s[i + 1]) == 'n' && v_lower(s[i + 2]) == 'd') ||
+                (j - i == 2 && v_lower(s[i]) == 'o' && v_lower(s[i + 1]) == 'r'))
+                sep = 1;
+            words++;
+            len += j - i;
+            i = j;
+            continue;
+        }
+        if (c == ',' || c == ';' || c == '&') sep = 1;
+        len++;
+        i++;
+    }
+    if (!words) return len < 20;
+    return sep && words <= 6 && len < 70;
+}
+
+enum { V_MAX_BOXES = 16 };
+
+/* The boxed answer of s[from..n): the last box, with the boxes just before it that v_links joins
+ * (repeats dropped), written "{a}, {b}" when there are several. 1, 0 when the last box is
+ * truncated or absent (-2: no box at all), -1 when cap is too small. */
+static int v_boxed(const char *s, size_t from, size_t n, char *out, size_t cap) {
     size_t last = n, klen = 0;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = from; i < n; i++) {
         if (s[i] != '\\') continue;
         size_t k = v_cmd(s, i, n, "boxed");
         if (!k) k = v_cmd(s, i, n, "fbox");
@@ -122,47 +224,137 @@ int verify_extract(const char *response, char *out, size_t cap) {
             klen = k;
         }
     }
-    if (last < n) {
-        size_t j = last + klen;
-        int spaced = 0;
-        while (j < n && v_space(s[j])) {
-            j++;
-            spaced = 1;
-        }
-        if (j < n && s[j] == '{') {
-            size_t c = v_close(s, j, n);
-            if (c == n) return 0; /* a truncated box is no answer */
-            return v_copy_out(out, cap, s + j + 1, c - j - 1);
-        }
-        if (!spaced || j == n) return 0;
-        size_t e = j;
-        while (e < n && !v_space(s[e]) && s[e] != '$') e++;
-        return v_copy_out(out, cap, s + j, e - j);
+    if (last == n) return -2;
+    vbox part[V_MAX_BOXES];
+    int np = 0;
+    if (!v_box(s, n, last, klen, &part[np])) return 0; /* a truncated box is no answer */
+    np++;
+    /* walk back over the boxes before it while the text between links them */
+    for (size_t i = last; i > from && np < V_MAX_BOXES;) {
+        i--;
+        if (s[i] != '\\') continue;
+        size_t k = v_cmd(s, i, n, "boxed");
+        if (!k) k = v_cmd(s, i, n, "fbox");
+        if (!k) continue;
+        vbox b;
+        size_t head = part[np - 1].at;
+        if (!v_box(s, head, i, k, &b) || !v_links(s, b.end, head)) break;
+        const vbox *prev = &part[np - 1];
+        if (b.c1 - b.c0 == prev->c1 - prev->c0 && memcmp(s + b.c0, s + prev->c0, b.c1 - b.c0) == 0)
+            part[np - 1].at = b.at; /* the same answer again */
+        else
+            part[np++] = b;
     }
+    if (np == 1) return v_copy_out(out, cap, s + part[0].c0, part[0].c1 - part[0].c0);
+    size_t w = 0;
+    for (int j = np - 1; j >= 0; j--) {
+        size_t len = part[j].c1 - part[j].c0;
+        if (len + (j ? 5 : 3) > cap - w) { /* "{..}, " or "{..}" and the NUL */
+            out[0] = 0;
+            return -1;
+        }
+        out[w++] = '{';
+        memcpy(out + w, s + part[j].c0, len);
+        w += len;
+        out[w++] = '}';
+        if (j) {
+            out[w++] = ',';
+            out[w++] = ' ';
+        }
+    }
+    out[w] = 0;
+    return 1;
+}
 
-    /* The last line that starts with "Answer:". */
-    size_t a = 0, b = 0;
+/* The rest of the last line holding "Answer:" at its start (after blanks, '*', '#') or after a
+ * sentence's end ("... so. Answer: 5"); a == b when there is none. */
+static int v_answer_line(const char *s, size_t from, size_t n, size_t *a, size_t *b) {
     int found = 0;
-    for (size_t ls = 0; ls < n;) {
+    for (size_t ls = from; ls < n;) {
         size_t le = ls;
         while (le < n && s[le] != '\n') le++;
         size_t p = ls;
         while (p < le && (s[p] == ' ' || s[p] == '\t' || s[p] == '*' || s[p] == '#')) p++;
-        size_t q = v_answer_tag(s, p, le);
-        if (q) {
-            found = 1;
-            a = q;
-            b = le;
+        for (size_t t = p; t < le; t++) {
+            if (v_lower(s[t]) != 'a') continue;
+            int start = t == p;
+            if (!start && t >= ls + 2 && s[t - 1] == ' ') {
+                size_t u = t - 1;
+                while (u > ls && s[u - 1] == ' ') u--;
+                start = u > ls && (s[u - 1] == '.' || s[u - 1] == '!' || s[u - 1] == '?');
+            }
+            size_t q = start ? v_answer_tag(s, t, le) : 0;
+            if (q) {
+                found = 1;
+                *a = q;
+                *b = le;
+            }
         }
         ls = le + 1;
     }
-    if (!found) return 0;
+    return found;
+}
+
+/* The last number of s[from..n): 12, -3, 1,234.5, 3/4. */
+static int v_last_number(const char *s, size_t from, size_t n, size_t *a, size_t *b) {
+    size_t e = n;
+    while (e > from && !v_digit(s[e - 1])) e--;
+    if (e == from) return 0;
+    size_t i = e;
+    for (;;) {
+        while (i > from && v_digit(s[i - 1])) i--;
+        /* one '.', a thousands ',' (three digits after it) or a '/' between digits continues it */
+        if (i >= from + 2 && v_digit(s[i - 2]) &&
+            (s[i - 1] == '.' || s[i - 1] == '/' ||
+             (s[i - 1] == ',' && e - i >= 3 && v_digit(s[i]) && v_digit(s[i + 1]) && v_digit(s[i + 2]) &&
+              (i + 3 == e || !v_digit(s[i + 3]))))) {
+            i--;
+            continue;
+        }
+        break;
+    }
+    if (i > from && v_alpha(s[i - 1])) return 0; /* x2, a part of a name */
+    if (i > from && s[i - 1] == '-' && (i - 1 == from || !(v_digit(s[i - 2]) || v_alpha(s[i - 2])))) i--;
+    *a = i;
+    *b = e;
+    return 1;
+}
+
+int verify_extract_opts(const char *response, const verify_options *opt, char *out, size_t cap) {
+    if (!out || !cap) return -1;
+    out[0] = 0;
+    if (!response) return 0;
+    const char *s = response;
+    size_t n = strlen(s), from = 0;
+    /* a reasoning model's answer follows its thinking */
+    for (const char *t = s; (t = strstr(t, "</think>")) != NULL; t += 8) from = (size_t)(t - s) + 8;
+    int r = v_boxed(s, from, n, out, cap);
+    if (r != -2) return r;
+    size_t a, b;
+    if (!v_answer_line(s, from, n, &a, &b)) {
+        if (!(opt && opt->fallback_last_number) || !v_last_number(s, from, n, &a, &b)) return 0;
+    }
     while (a < b && v_space(s[a])) a++;
     while (b > a && v_space(s[b - 1])) b--;
     return v_copy_out(out, cap, s + a, b - a);
 }
 
+int verify_extract(const char *response, char *out, size_t cap) {
+    return verify_extract_opts(response, NULL, out, cap);
+}
+
 /* ---- normalisation passes: each reads s[0..n) and writes o ---- */
+
+/* A doubled backslash before a command word (\\frac, from over-escaped JSON) is one backslash,
+ * except in a matrix or array, where \\ ends a row. */
+static void v_pass_slashes(const char *s, size_t n, vbuf *o) {
+    int table = memmem(s, n, "matrix", 6) || memmem(s, n, "array", 5) || memmem(s, n, "cases", 5) ||
+                memmem(s, n, "align", 5);
+    for (size_t i = 0; i < n; i++) {
+        if (!table && s[i] == '\\' && i + 2 < n && s[i + 1] == '\\' && v_alpha(s[i + 2])) continue;
+        vb_putc(o, s[i]);
+    }
+}
 
 static const char *const v_wrappers[] = {"text",   "textbf", "textit", "textrm", "textnormal",
                                          "mathrm", "mathbf", "mathit", "mbox",   "hbox"};
@@ -174,7 +366,7 @@ static const char *const v_units[] = {
     "centimeter", "centimeters", "kilometer", "kilometers", "millimeter", "millimeters", "in", "inch",
     "inches",  "ft",      "foot",    "feet",        "yd",          "yard",       "yards",      "mi",
     "mile",    "miles",   "unit",    "units",       "dollar",      "dollars",    "cent",       "cents",
-    "degree",  "degrees", "percent", "%",           "\\%",         "hour",       "hours",      "hr",
+    "degree",  "degrees", "hour",    "hours",       "hr",
     "hrs",     "minute",  "minutes", "min",         "mins",        "second",     "seconds",    "sec",
     "s",       "day",     "days",    "week",        "weeks",       "month",      "months",     "year",
     "years",   "sq",      "square",  "cubic",       "kg",          "g",          "gram",       "grams",
@@ -270,8 +462,14 @@ static void v_pass_text(const char *s, size_t n, vbuf *o) {
     free(m);
 }
 
-/* Spacing commands become blanks (so "1\,000" and "5\ cm" are handled with the blanks);
- * sizing, math mode, percent and degree marks go; \dfrac \tfrac \cfrac become \frac. */
+/* Three digits at s[i], and no fourth: a thousands group. */
+static int v_group3(const char *s, size_t i, size_t n) {
+    return i + 3 <= n && v_digit(s[i]) && v_digit(s[i + 1]) && v_digit(s[i + 2]) && (n - i == 3 || !v_digit(s[i + 3]));
+}
+
+/* Spacing commands become blanks ("5\ cm" is then handled with the blanks), except a thin space
+ * inside a number (1\,000); sizing, math mode, currency and degree marks go; % becomes \%;
+ * "and" / "or" between items become commas; \dfrac \tfrac \cfrac become \frac. */
 static void v_pass_clean(const char *s, size_t n, vbuf *o) {
     static const char *const drop[] = {"left", "right", "displaystyle", "bigl", "bigr", "Bigl", "Bigr"};
     static const char *const fracs[] = {"dfrac", "tfrac", "cfrac"};
@@ -281,11 +479,27 @@ static void v_pass_clean(const char *s, size_t n, vbuf *o) {
         if (ch == '\\' && i + 1 < n) {
             char d = s[i + 1];
             if (d == ',' || d == ';' || d == ':' || d == '>' || v_space(d)) {
+                /* 1\,000: a thin space between digit groups is a thousands separator */
+                if (d == ',' && o->n && v_digit(o->p[o->n - 1]) && v_group3(s, i + 2, n)) {
+                    i += 2;
+                    continue;
+                }
                 vb_putc(o, ' ');
                 i += 2;
                 continue;
             }
-            if (d == '!' || d == '%' || d == '$') {
+            if (d == '!') { /* 32,\! 349: the comma before \! separates thousands, not items */
+                i += 2;
+                if (o->n && o->p[o->n - 1] == ',')
+                    while (i < n && v_space(s[i])) i++;
+                continue;
+            }
+            if (d == '%') {
+                vb_put(o, "\\%", 2);
+                i += 2;
+                continue;
+            }
+            if (d == '$') {
                 i += 2;
                 continue;
             }
@@ -324,9 +538,38 @@ static void v_pass_clean(const char *s, size_t n, vbuf *o) {
                 continue;
             }
         }
-        if (ch == '$' || ch == '%') {
+        if (ch == '$') {
             i++;
             continue;
+        }
+        if (ch == '%') {
+            vb_put(o, "\\%", 2);
+            i++;
+            continue;
+        }
+        const unsigned char *u = (const unsigned char *)s + i;
+        if (u[0] == 0xE2 && n - i >= 3 && u[1] == 0x82 && u[2] == 0xAC) {
+            i += 3; /* the euro sign, a currency like $ */
+            continue;
+        }
+        if (u[0] == 0xC2 && i + 1 < n && (u[1] == 0xA3 || u[1] == 0xA5)) {
+            i += 2; /* pound and yen signs */
+            continue;
+        }
+        /* "and" / "or" between items separate them, as a comma does ("6 and 8", "(1,2) or (2,1)") */
+        if ((ch == 'a' || ch == 'o') && (i == 0 || !(v_alpha(s[i - 1]) || s[i - 1] == '\\'))) {
+            size_t w = ch == 'a' ? 3 : 2;
+            if (n - i >= w && memcmp(s + i, ch == 'a' ? "and" : "or", w) == 0 && (i + w == n || !v_alpha(s[i + w]))) {
+                size_t back = o->n;
+                while (back && v_space(o->p[back - 1])) back--;
+                size_t fwd = i + w;
+                while (fwd < n && v_space(s[fwd])) fwd++;
+                if (back && fwd < n) {
+                    vb_putc(o, o->p[back - 1] == ',' ? ' ' : ',');
+                    i += w;
+                    continue;
+                }
+            }
         }
         if (ch == '~') {
             vb_putc(o, ' ');
@@ -346,28 +589,83 @@ static void v_pass_clean(const char *s, size_t n, vbuf *o) {
     }
 }
 
-/* Trailing unit words after a number ("5 cm", "30 square units", "\frac{1}{2} inch"). */
-static void v_pass_units(const char *s, size_t n, vbuf *o) {
-    size_t cut = n, e = n;
-    for (int words = 0; words < 4; words++) {
-        while (e > 0 && v_space(s[e - 1])) e--;
-        size_t w = e;
-        while (w > 0 && !v_space(s[w - 1])) w--;
-        if (w == e || !v_unit_word(s + w, e - w)) break;
-        size_t p = w;
-        while (p > 0 && v_space(s[p - 1])) p--;
-        if (p == 0 || p == w) break; /* nothing before it, or not a separate word */
-        if (v_digit(s[p - 1]) || s[p - 1] == '}') {
-            cut = p;
-            break;
-        }
-        e = p;
-    }
-    vb_put(o, s, cut);
+static int v_word_is(const char *w, size_t k, const char *word) {
+    size_t m = strlen(word);
+    if (k != m) return 0;
+    for (size_t j = 0; j < m; j++)
+        if (v_lower(w[j]) != word[j]) return 0;
+    return 1;
 }
 
-/* Blanks go, except one between a command word and a letter ("\pi r" is not "\pir"); a blank
- * after a digit's comma leaves a mark (V_LIST) so "32, 349" is never read as 32349. */
+static const char *const v_pct_words[] = {"percent", "percentage", "pct"};
+
+/* Where s[a..e) ends without its trailing unit words (up to four, after a number or a '}');
+ * *pct when the last one names a percent (it becomes \%). e when there are none. */
+static size_t v_unit_cut(const char *s, size_t a, size_t e, int *pct) {
+    *pct = 0;
+    for (size_t w = 0; w < sizeof v_pct_words / sizeof v_pct_words[0]; w++) { /* 28pct, 4/9percent */
+        size_t m = strlen(v_pct_words[w]);
+        if (e - a > m && v_digit(s[e - m - 1]) && v_word_is(s + e - m, m, v_pct_words[w])) {
+            *pct = 1;
+            return e - m;
+        }
+    }
+    for (int words = 0; words < 4; words++) {
+        while (e > a && v_space(s[e - 1])) e--;
+        size_t w = e;
+        while (w > a && !v_space(s[w - 1])) w--;
+        if (w == e) break;
+        int pw = 0;
+        for (size_t k = 0; words == 0 && k < sizeof v_pct_words / sizeof v_pct_words[0]; k++)
+            pw |= v_word_is(s + w, e - w, v_pct_words[k]);
+        if (!pw && !v_unit_word(s + w, e - w)) break;
+        size_t p = w;
+        while (p > a && v_space(s[p - 1])) p--;
+        if (p == a || p == w) break; /* nothing before it, or not a separate word */
+        if (words == 0) *pct = pw;
+        if (v_digit(s[p - 1]) || s[p - 1] == '}') return p;
+        e = p;
+    }
+    *pct = 0;
+    return (size_t)-1;
+}
+
+/* Trailing unit words after a number ("5 cm", "30 square units", "\frac{1}{2} inch"), in each
+ * item of a list ("35 cm, 4"); closing braces after them stay. */
+static void v_pass_units(const char *s, size_t n, vbuf *o) {
+    int depth = 0;
+    size_t a = 0;
+    for (size_t i = 0; i <= n; i++) {
+        if (i < n) {
+            char c = s[i];
+            if (c == '\\' && i + 1 < n) {
+                i++;
+                continue;
+            }
+            if (c == '(' || c == '[') depth++;
+            else if ((c == ')' || c == ']') && depth) depth--;
+            if (depth || (c != ',' && c != ';')) continue;
+        }
+        size_t t = i;
+        while (t > a && (v_space(s[t - 1]) || s[t - 1] == '}')) t--;
+        while (t < i && v_space(s[t])) t++;
+        int pct;
+        size_t cut = v_unit_cut(s, a, t, &pct);
+        if (cut != (size_t)-1) {
+            vb_put(o, s + a, cut - a);
+            if (pct) vb_put(o, "\\%", 2);
+            vb_put(o, s + t, i - t);
+        } else {
+            vb_put(o, s + a, i - a);
+        }
+        if (i < n) vb_putc(o, s[i]);
+        a = i + 1;
+    }
+}
+
+/* Blanks go, except one between a command word and a letter ("\pi r" is not "\pir") and one
+ * between digits ("3 4" is not 34); a blank after a digit's comma leaves a mark (V_LIST) so
+ * "32, 349" is never read as 32349. */
 #define V_LIST '\x01'
 static void v_pass_squeeze(const char *s, size_t n, vbuf *o) {
     int st = 0; /* 0 text, 1 just after a backslash, 2 inside a command word */
@@ -375,7 +673,12 @@ static void v_pass_squeeze(const char *s, size_t n, vbuf *o) {
         char ch = s[i];
         if (v_space(ch) && st != 1) {
             if (i >= 2 && s[i - 1] == ',' && v_digit(s[i - 2])) vb_putc(o, V_LIST);
+            int after_digit = i >= 1 && v_digit(s[i - 1]);
             while (i < n && v_space(s[i])) i++;
+            if (after_digit && i < n && v_digit(s[i])) { /* "3 4" is two numbers, never 34 */
+                vb_putc(o, ' ');
+                continue;
+            }
             if (st == 2 && i < n && v_alpha(s[i])) {
                 vb_putc(o, ' ');
                 st = 0;
@@ -495,16 +798,12 @@ static size_t v_strip_braces(char *s, size_t n) {
     return n;
 }
 
-/* Outer {..}, a one-letter "x=" prefix, a leading '+', trailing dots; repeated since
- * one can uncover another ("{x=5}."). In place; returns the new length. */
+/* Outer {..}, a leading '+', trailing dots; repeated since one can uncover another ("{+5}.").
+ * In place; returns the new length. */
 static size_t v_fix_ends(char *s, size_t n) {
     for (int round = 0; round < 8; round++) {
         size_t before = n;
         n = v_strip_braces(s, n);
-        if (n >= 2 && v_alpha(s[0]) && s[1] == '=' && !memchr(s + 2, '=', n - 2)) {
-            memmove(s, s + 2, n - 2);
-            n -= 2;
-        }
         if (n >= 1 && s[0] == '+') {
             memmove(s, s + 1, n - 1);
             n--;
@@ -521,7 +820,7 @@ static size_t v_fix_ends(char *s, size_t n) {
 static size_t v_fix_thousands(char *s, size_t n) {
     size_t i = (n && s[0] == '-') ? 1 : 0, d = 0;
     while (i + d < n && v_digit(s[i + d])) d++;
-    if (d < 1 || d > 3) return n;
+    if (d < 1 || d > 3 || s[i] == '0') return n; /* 0,111 is no thousands number */
     size_t j = i + d;
     int groups = 0;
     while (j < n && s[j] == ',') {
@@ -554,7 +853,8 @@ static void v_pass_decimals(const char *s, size_t n, vbuf *o) {
             if (dot + 1 < n && s[dot] == '.' && v_digit(s[dot + 1])) {
                 size_t f = dot + 1;
                 while (f < n && v_digit(s[f])) f++;
-                if (f < n && s[f] == '.') { /* a dotted sequence, not a number */
+                if ((f < n && s[f] == '.') || (f + 1 < n && s[f] == ' ' && v_digit(s[f + 1]))) {
+                    /* a dotted sequence, not a number; or "11.0 4/9", which stays no mixed number */
                     vb_put(o, s + i, f - i);
                     i = f;
                     continue;
@@ -658,7 +958,8 @@ int verify_normalize(const char *in, char *out, size_t cap) {
     int rc = -1;
     if (!cur || !tmp) goto done;
     memcpy(cur, in, n + 1);
-    static const v_pass early[] = {v_pass_text, v_pass_clean, v_pass_units, v_pass_squeeze, v_pass_expand};
+    static const v_pass early[] = {v_pass_slashes, v_pass_text,    v_pass_clean,
+                                   v_pass_units,   v_pass_squeeze, v_pass_expand};
     for (size_t p = 0; p < sizeof early / sizeof early[0]; p++)
         if (v_apply(early[p], &cur, &tmp, &n, wcap)) goto done;
     n = v_fix_ends(cur, n);
@@ -676,133 +977,12 @@ done:
     return rc;
 }
 
-/* ---- equality ---- */
-
-typedef struct {
-    long long num, den; /* reduced, den > 0 */
-} vrat;
-
-static long long v_gcd(long long a, long long b) {
-    if (a < 0) a = -a;
-    if (b < 0) b = -b;
-    while (b) {
-        long long t = a % b;
-        a = b;
-        b = t;
-    }
-    return a;
-}
-
-static void v_reduce(vrat *r) {
-    long long g = v_gcd(r->num, r->den);
-    if (g > 1) {
-        r->num /= g;
-        r->den /= g;
-    }
-}
-
-/* [-]digits[.digits] spanning s[a..b) exactly; 18 significant digits at most, so no
- * overflow is possible (a longer number is not "a number" here and compares as text). */
-static int v_read_decimal(const char *s, size_t a, size_t b, vrat *r) {
-    int neg = 0;
-    if (a < b && s[a] == '-') {
-        neg = 1;
-        a++;
-    }
-    long long num = 0, den = 1;
-    int digits = 0, frac = 0, seen_dot = 0;
-    for (size_t i = a; i < b; i++) {
-        if (s[i] == '.' && !seen_dot) {
-            seen_dot = 1;
-            continue;
-        }
-        if (!v_digit(s[i])) return 0;
-        if (num == 0 && s[i] == '0' && !seen_dot) continue; /* leading zeros */
-        if (++digits > 18 || (seen_dot && ++frac > 18)) return 0;
-        num = num * 10 + (s[i] - '0');
-        if (seen_dot) den *= 10;
-    }
-    if (b == a || (b - a == 1 && seen_dot)) return 0;
-    r->num = neg ? -num : num;
-    r->den = den;
-    v_reduce(r);
-    return 1;
-}
-
-/* x / y, exactly, or 0 on overflow or y == 0. */
-static int v_divide(vrat x, vrat y, vrat *r) {
-    if (y.num == 0) return 0;
-    long long g1 = v_gcd(x.num, y.num), g2 = v_gcd(x.den, y.den);
-    if (g1 == 0) g1 = 1;
-    long long n, d;
-    if (__builtin_mul_overflow(x.num / g1, y.den / g2, &n) || __builtin_mul_overflow(x.den / g2, y.num / g1, &d))
-        return 0;
-    if (d < 0) {
-        if (n == LLONG_MIN || d == LLONG_MIN) return 0;
-        n = -n;
-        d = -d;
-    }
-    r->num = n;
-    r->den = d;
-    v_reduce(r);
-    return 1;
-}
-
-/* A normal form that is a number: D, -D, D/D, [-]\frac{D}{D} with D a signed decimal. */
-static int v_number(const char *s, vrat *r) {
-    size_t n = strlen(s), i = 0;
-    int neg = 0;
-    if (n && s[0] == '-') {
-        neg = 1;
-        i = 1;
-    }
-    vrat x, y;
-    if (n - i >= 6 && memcmp(s + i, "\\frac{", 6) == 0) {
-        size_t a0 = i + 6, a1 = a0;
-        while (a1 < n && s[a1] != '}') a1++;
-        if (a1 + 1 >= n || s[a1 + 1] != '{' || s[n - 1] != '}') return 0;
-        if (!v_read_decimal(s, a0, a1, &x) || !v_read_decimal(s, a1 + 2, n - 1, &y) || !v_divide(x, y, r)) return 0;
-    } else {
-        if (i < n && s[i] == '-') return 0;
-        const char *slash = memchr(s + i, '/', n - i);
-        if (slash) {
-            size_t k = (size_t)(slash - s);
-            if (!v_read_decimal(s, i, k, &x) || !v_read_decimal(s, k + 1, n, &y) || !v_divide(x, y, r)) return 0;
-        } else if (!v_read_decimal(s, i, n, r)) {
-            return 0;
-        }
-    }
-    if (neg) r->num = -r->num;
-    return 1;
-}
-
-int verify_equal(const char *pred, const char *label) {
-    if (!pred || !label) return 0;
-    size_t cp = strlen(pred) + 1, cl = strlen(label) + 1;
-    /* the normal form of a text can be longer than the text (\frac12 -> \frac{1}{2}) */
-    if (cp > (SIZE_MAX - 64) / 4 || cl > (SIZE_MAX - 64) / 4) return 0;
-    cp = 4 * cp + 64;
-    cl = 4 * cl + 64;
-    char *a = malloc(cp), *b = malloc(cl);
-    int eq = 0;
-    if (a && b && verify_normalize(pred, a, cp) == 0 && verify_normalize(label, b, cl) == 0 && a[0] && b[0]) {
-        vrat x, y;
-        if (v_number(a, &x) && v_number(b, &y))
-            eq = x.num == y.num && x.den == y.den;
-        else
-            eq = strcmp(a, b) == 0;
-    }
-    free(a);
-    free(b);
-    return eq;
-}
-
-float verify_math_reward(const char *response, const char *label) {
+float verify_math_reward_opts(const char *response, const char *label, const verify_options *opt) {
     if (!response || !label) return 0.0f;
     size_t n = strlen(response) + 1;
     char *ans = malloc(n);
     float r = 0.0f;
-    if (ans && verify_extract(response, ans, n) == 1) {
+    if (ans && verify_extract_opts(response, opt, ans, n) == 1) {
         char *boxed = NULL;
         const char *want = label;
         if (strstr(label, "\\boxed") || strstr(label, "\\fbox")) {
@@ -815,4 +995,8 @@ float verify_math_reward(const char *response, const char *label) {
     }
     free(ans);
     return r;
+}
+
+float verify_math_reward(const char *response, const char *label) {
+    return verify_math_reward_opts(response, label, NULL);
 }

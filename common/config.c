@@ -1,6 +1,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -79,6 +80,9 @@ static int get_token_id(json_t *o, const char *key, int def, int *out, const cha
         return 0;
     }
     if (!json_is_integer(v)) return mill_errf(e, "%s: key \"%s\" must be an integer token id", src, key);
+    if (json_integer_value(v) < INT_MIN || json_integer_value(v) > INT_MAX) /* not cut to an int that fits */
+        return mill_errf(e, "%s: key \"%s\" = %lld must lie inside the vocabulary", src, key,
+                         (long long)json_integer_value(v));
     *out = (int)json_integer_value(v);
     return 0;
 }
@@ -101,7 +105,7 @@ static int parse_rope_scaling(json_t *o, dsv4_config *c, const char *src, mill_e
     char key[64];
     snprintf(key, sizeof key, "rope_scaling.original_max_position_embeddings");
     json_t *ov = json_object_get(v, "original_max_position_embeddings");
-    if (!ov || !json_is_integer(ov) || json_integer_value(ov) <= 0)
+    if (!ov || !json_is_integer(ov) || json_integer_value(ov) <= 0 || json_integer_value(ov) > INT_MAX)
         return mill_errf(e, "%s: key \"%s\" must be a positive integer", src, key);
     omax = json_integer_value(ov);
     rs->original_max_position_embeddings = (int)omax;
@@ -227,9 +231,9 @@ int config_validate(const dsv4_config *c, const char *src, mill_err *e) {
     if (c->qk_rope_head_dim > c->index_head_dim)
         return mill_errf(e, "%s: qk_rope_head_dim = %d must be at most index_head_dim (%d)", src, c->qk_rope_head_dim,
                          c->index_head_dim);
-    if ((c->num_attention_heads * c->head_dim) % c->o_groups)
-        return mill_errf(e, "%s: o_groups = %d must divide num_attention_heads*head_dim = %d", src, c->o_groups,
-                         c->num_attention_heads * c->head_dim);
+    if (((long long)c->num_attention_heads * c->head_dim) % c->o_groups) /* each up to 2^30: the product in 64 bits */
+        return mill_errf(e, "%s: o_groups = %d must divide num_attention_heads*head_dim = %lld", src, c->o_groups,
+                         (long long)c->num_attention_heads * c->head_dim);
     if (c->num_experts_per_tok > c->n_routed_experts)
         return mill_errf(e, "%s: num_experts_per_tok = %d exceeds n_routed_experts = %d", src, c->num_experts_per_tok,
                          c->n_routed_experts);

@@ -475,6 +475,11 @@ const safetensors_entry *safetensors_find(const safetensors *st, const char *nam
     return i < 0 ? NULL : &st->entries[i];
 }
 
+int safetensors_index(const safetensors *st, const safetensors_entry *en) {
+    if (!st || !en || en < st->entries || en >= st->entries + st->count) return -1;
+    return (int)(en - st->entries);
+}
+
 const char *safetensors_file_of(const safetensors *st, const safetensors_entry *en) {
     if (!st || !en || en->file < 0 || en->file >= st->nfiles) return NULL;
     return st->files[en->file].path;

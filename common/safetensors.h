@@ -4,7 +4,11 @@
  * a temporary file, fsyncs it and renames it into place.
  * Every header field is checked before use: a truncated file, a corrupt
  * header, an unknown dtype, offsets outside the data section or a shape that
- * does not match the byte count is an error naming the file and tensor. */
+ * does not match the byte count is an error naming the file and tensor.
+ * Dtypes: those of common/tensor.h, so the released FP8/FP4 checkpoints read as
+ * stored (F8_E4M3 weights, F8_E8M0 or F32 scales, packed FP4 as I8 [out, in/2]);
+ * kernels/quant.h decodes them. safetensors' own sub-byte "F4" is not read (the
+ * release does not use it). */
 #ifndef MILL_SAFETENSORS_H
 #define MILL_SAFETENSORS_H
 
@@ -34,6 +38,8 @@ void safetensors_close(safetensors *st);
 int safetensors_count(const safetensors *st);
 const safetensors_entry *safetensors_at(const safetensors *st, int i);
 const safetensors_entry *safetensors_find(const safetensors *st, const char *name);
+/* The i with safetensors_at(st, i) == en, or -1 when en is not one of st's entries. */
+int safetensors_index(const safetensors *st, const safetensors_entry *en);
 const char *safetensors_file_of(const safetensors *st, const safetensors_entry *en); /* the shard path */
 /* The "__metadata__" string value for key, or NULL (first shard only). */
 const char *safetensors_metadata(const safetensors *st, const char *key);

@@ -16,6 +16,7 @@ static const struct {
     [DTYPE_F32] = {"F32", 4},     [DTYPE_BF16] = {"BF16", 2},      [DTYPE_F16] = {"F16", 2},
     [DTYPE_F8_E4M3] = {"F8_E4M3", 1}, [DTYPE_F8_E8M0] = {"F8_E8M0", 1}, [DTYPE_I64] = {"I64", 8},
     [DTYPE_I32] = {"I32", 4},     [DTYPE_U8] = {"U8", 1},          [DTYPE_U16] = {"U16", 2},
+    [DTYPE_I8] = {"I8", 1},
 };
 
 size_t dtype_size(mill_dtype dt) { return dt < DTYPE_COUNT ? dtype_info[dt].size : 0; }

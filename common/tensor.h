@@ -25,6 +25,7 @@ typedef enum {
     DTYPE_I32,
     DTYPE_U8,
     DTYPE_U16,
+    DTYPE_I8, /* the release's packed FP4 experts: two e2m1 codes a byte (kernels/quant.h) */
     DTYPE_COUNT
 } mill_dtype;
 

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <jansson.h>
 #include <zmq.h>
 
 #include "../algos/arith.h"
@@ -20,320 +21,8 @@
 #include "../common/ledger.h"
 #include "../common/tokenizer.h"
 #include "../common/wire.h"
-#include "../common/yamlcfg.h"
 #include "../rollout/generate.h"
 #include "procs.h"
-#include "recipe.h"
-
-/* ==================================================================== recipe */
-
-/* Sets root[dotted key] = value (a YAML scalar), creating sections as needed. */
-static int apply_override(json_t *root, const char *kv, mill_err *e) {
-    const char *eq = strchr(kv, '=');
-    if (!eq || eq == kv) return mill_errf(e, "--set %s: expected key=value, e.g. optimizer.lr=1e-4", kv);
-    char key[256];
-    if ((size_t)(eq - kv) >= sizeof key) return mill_errf(e, "--set %s: the key is too long", kv);
-    memcpy(key, kv, (size_t)(eq - kv));
-    key[eq - kv] = 0;
-    /* the value as YAML reads it under a key (so 1e-4 is a number and [1, 2] a list) */
-    size_t vl = strlen(eq + 1);
-    char *yml = malloc(vl + 8);
-    if (!yml) return mill_errf(e, "out of memory");
-    memcpy(yml, "v: ", 3);
-    memcpy(yml + 3, eq + 1, vl + 1);
-    json_t *wrap = yamlcfg_parse(yml, vl + 3, "--set", e);
-    free(yml);
-    if (!wrap) return mill_err_wrap(e, "--set %s", kv);
-    json_t *doc = json_incref(json_object_get(wrap, "v"));
-    json_decref(wrap);
-    if (!doc) doc = json_null();
-    json_t *node = root;
-    for (char *p = key, *dot; (dot = strchr(p, '.')) != NULL; p = dot + 1) {
-        *dot = 0;
-        json_t *next = json_object_get(node, p);
-        if (!next) {
-            next = json_object();
-            json_object_set_new(node, p, next);
-        }
-        if (!json_is_object(next)) {
-            json_decref(doc);
-            return mill_errf(e, "--set %s: \"%s\" is not a section", kv, p);
-        }
-        node = next;
-        *dot = '.';
-    }
-    const char *leaf = strrchr(key, '.') ? strrchr(key, '.') + 1 : key;
-    json_object_set_new(node, leaf, json_is_null(doc) ? json_string("") : doc);
-    return 0;
-}
-
-static int copy_str(char *dst, size_t cap, const char *src, const char *what, const char *path, mill_err *e) {
-    if (strlen(src) >= cap) return mill_errf(e, "%s: %s is longer than %zu characters", path, what, cap - 1);
-    snprintf(dst, cap, "%s", src);
-    return 0;
-}
-
-/* Whether an address list names another host over TCP (anything but loopback). */
-static int addrs_remote(const char *list) {
-    for (const char *a = list; (a = strstr(a, "tcp://")) != NULL; a += 6) {
-        const char *h = a + 6;
-        if (strncmp(h, "127.", 4) && strncmp(h, "localhost:", 10) && strncmp(h, "[::1]:", 6)) return 1;
-    }
-    return 0;
-}
-
-static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_err *e) {
-    static const char *const top[] = {"name", "ledger", "model", "data", "rollout", "reward", "algorithm", "train",
-                                      "optimizer", "eval", "checkpoint", "debug", NULL};
-    static const char *const model_k[] = {"init_from", NULL};
-    static const char *const data_k[] = {"kind", "levels", "seed", "pool", "path", "prompt_key", "label_key",
-                                         "template", "skip_bad_rows", NULL};
-    static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
-                                         "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
-                                         "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", "parallel", "max_restarts",
-                                         NULL};
-    static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", NULL};
-    static const char *const algo_k[] = {"eps_low",      "eps_high",     "std_normalize", "seq_mean",
-                                         "kl_coef",      "kl_type",      "tis_cap",       "entropy_coef",
-                                         "loss_agg_mode", "policy_loss", "clip_ratio_c",  "log_ratio_clamp", NULL};
-    static const char *const train_k[] = {"steps",    "updates_per_step", "micro_batch", "device",
-                                          "parallel", "max_restarts",     "address",     NULL};
-    static const char *const eval_k[] = {"every", "problems", "seed", "path", NULL};
-    static const char *const ck_k[] = {"dir", "every", NULL};
-    static const char *const dbg_k[] = {"kill_engine_at_step", "kill_trainer_at_step", "kill_trainer_rank", NULL};
-    static const char *const eng_k[] = {"tp", "ep", NULL};
-    if (yamlcfg_known_keys(y, NULL, top, path, e) || yamlcfg_known_keys(y, "model", model_k, path, e) ||
-        yamlcfg_known_keys(y, "data", data_k, path, e) || yamlcfg_known_keys(y, "rollout", roll_k, path, e) ||
-        yamlcfg_known_keys(y, "reward", rew_k, path, e) || yamlcfg_known_keys(y, "algorithm", algo_k, path, e) ||
-        yamlcfg_known_keys(y, "train", train_k, path, e) || yamlcfg_known_keys(y, "eval", eval_k, path, e) ||
-        yamlcfg_known_keys(y, "checkpoint", ck_k, path, e) || yamlcfg_known_keys(y, "debug", dbg_k, path, e) ||
-        yamlcfg_known_keys(y, "rollout.parallel", eng_k, path, e))
-        return -1;
-    optim_config_default(&r->optim);
-    grpo_config_default(&r->algo);
-    r->optim.schedule = LR_CONSTANT;
-    r->optim.lr = 1e-4;
-    r->optim.weight_decay = 0.0;
-    r->optim.min_lr = r->optim.lr;
-    const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr, *aggm, *pol;
-    long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
-        restarts, tkill, tkrank, etp, eep, erestarts;
-    int skip, dyn, stdn, seqm, async;
-    if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
-        yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
-        yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
-        yamlcfg_int(y, "data.seed", 1, 0, INT64_MAX, &dseed, path, e) ||
-        yamlcfg_int(y, "data.pool", 20000, 1, 1 << 26, &pool, path, e) ||
-        yamlcfg_str(y, "data.path", "", &dpath, path, e) || yamlcfg_str(y, "data.prompt_key", "prompt", &pk, path, e) ||
-        yamlcfg_str(y, "data.label_key", "label", &lk, path, e) || yamlcfg_str(y, "data.template", "", &tmpl, path, e) ||
-        yamlcfg_bool(y, "data.skip_bad_rows", 0, &skip, path, e) ||
-        yamlcfg_int(y, "rollout.prompts_per_step", 16, 1, 4096, &pps, path, e) ||
-        yamlcfg_int(y, "rollout.samples_per_prompt", 8, 2, 1024, &spp, path, e) ||
-        yamlcfg_int(y, "rollout.max_new_tokens", 8, 1, 1 << 16, &mnt, path, e) ||
-        yamlcfg_num(y, "rollout.temperature", 1.0, 1e-6, 100, &r->temperature, path, e) ||
-        yamlcfg_num(y, "rollout.top_p", 1.0, 1e-9, 1, &r->top_p, path, e) ||
-        yamlcfg_int(y, "rollout.seed", 1, 0, INT64_MAX / 2, &sseed, path, e) ||
-        yamlcfg_str(y, "rollout.layout", "colocated", &layout, path, e) ||
-        yamlcfg_int(y, "rollout.engines", 1, 1, 64, &neng, path, e) ||
-        yamlcfg_num(y, "rollout.cache_mb", 1024, 1, 1e7, &r->cache_mb, path, e) ||
-        yamlcfg_str(y, "rollout.device", "auto", &rdev, path, e) ||
-        yamlcfg_str(y, "rollout.curve", "auto", &curve, path, e) ||
-        yamlcfg_str(y, "rollout.curve_keys", "", &ckeys, path, e) ||
-        yamlcfg_num(y, "rollout.timeout_s", 300, 1e-3, 1e6, &r->timeout_s, path, e) ||
-        yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
-        yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
-        yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
-        yamlcfg_int(y, "rollout.parallel.tp", 1, 1, 1 << 20, &etp, path, e) ||
-        yamlcfg_int(y, "rollout.parallel.ep", 1, 1, 1 << 20, &eep, path, e) ||
-        yamlcfg_int(y, "rollout.max_restarts", 10, 0, 1000, &erestarts, path, e) ||
-        yamlcfg_str(y, "reward.kind", "", &rkind, path, e) || yamlcfg_str(y, "reward.url", "", &url, path, e) ||
-        yamlcfg_num(y, "reward.timeout_s", 10, 1e-3, 3600, &r->reward_timeout_s, path, e) ||
-        yamlcfg_int(y, "reward.retries", 3, 0, 100, &retries, path, e) ||
-        yamlcfg_num(y, "reward.backoff_s", 0.5, 0, 3600, &r->reward_backoff_s, path, e) ||
-        yamlcfg_num(y, "algorithm.eps_low", 0.2, 0, 1, &r->algo.eps_low, path, e) ||
-        yamlcfg_num(y, "algorithm.eps_high", 0.28, 0, 10, &r->algo.eps_high, path, e) ||
-        yamlcfg_bool(y, "algorithm.std_normalize", 1, &stdn, path, e) ||
-        yamlcfg_bool(y, "algorithm.seq_mean", 0, &seqm, path, e) ||
-        yamlcfg_num(y, "algorithm.kl_coef", 0.0, 0, 1e6, &r->algo.kl_coef, path, e) ||
-        yamlcfg_str(y, "algorithm.kl_type", "low_var_kl", &klt, path, e) ||
-        yamlcfg_num(y, "algorithm.tis_cap", 2.0, 0, 1e6, &r->algo.tis_cap, path, e) ||
-        yamlcfg_num(y, "algorithm.entropy_coef", 0.0, -1e3, 1e3, &r->algo.entropy_coef, path, e) ||
-        yamlcfg_str(y, "algorithm.loss_agg_mode", "", &aggm, path, e) ||
-        yamlcfg_str(y, "algorithm.policy_loss", "vanilla", &pol, path, e) ||
-        yamlcfg_num(y, "algorithm.clip_ratio_c", 0.0, 0, 1e6, &r->algo.clip_ratio_c, path, e) ||
-        yamlcfg_num(y, "algorithm.log_ratio_clamp", 0.0, 0, 1e6, &r->algo.log_ratio_clamp, path, e) ||
-        yamlcfg_int(y, "train.steps", 0, 1, 1 << 30, &steps, path, e) ||
-        yamlcfg_int(y, "train.updates_per_step", 1, 1, 1024, &upd, path, e) ||
-        yamlcfg_int(y, "train.micro_batch", 0, 0, 1 << 20, &mb, path, e) ||
-        yamlcfg_str(y, "train.device", "auto", &dev, path, e) || recipe_optimizer(y, path, &r->optim, e) ||
-        recipe_parallel(y, path, &r->par, e) || yamlcfg_int(y, "train.max_restarts", 3, 0, 1000, &restarts, path, e) ||
-        yamlcfg_str(y, "train.address", "", &taddr, path, e) ||
-        yamlcfg_int(y, "eval.every", 0, 0, 1 << 30, &evev, path, e) ||
-        yamlcfg_int(y, "eval.problems", 256, 1, 1 << 20, &evn, path, e) ||
-        yamlcfg_int(y, "eval.seed", 12345, 0, INT64_MAX, &evseed, path, e) ||
-        yamlcfg_str(y, "eval.path", "", &evpath, path, e) ||
-        yamlcfg_str(y, "checkpoint.dir", "runs/grpo", &dir, path, e) ||
-        yamlcfg_int(y, "checkpoint.every", 10, 0, 1 << 30, &ckev, path, e) ||
-        yamlcfg_int(y, "debug.kill_engine_at_step", 0, 0, 1 << 30, &kill, path, e) ||
-        yamlcfg_int(y, "debug.kill_trainer_at_step", 0, 0, 1 << 30, &tkill, path, e) ||
-        yamlcfg_int(y, "debug.kill_trainer_rank", 0, 0, 1 << 20, &tkrank, path, e))
-        return -1;
-    if (!*from) return mill_errf(e, "%s: model.init_from (the warm start's directory) is required", path);
-    if (par_engine((int)etp, (int)eep, &r->engine_par, e)) return mill_err_wrap(e, "%s: rollout.parallel", path);
-    if (!yamlcfg_get(y, "train.steps")) return mill_errf(e, "%s: train.steps is required", path);
-    if (copy_str(r->name, sizeof r->name, name, "name", path, e) ||
-        copy_str(r->ledger, sizeof r->ledger, ledger, "ledger", path, e) ||
-        copy_str(r->init_from, sizeof r->init_from, from, "model.init_from", path, e) ||
-        copy_str(r->data_path, sizeof r->data_path, dpath, "data.path", path, e) ||
-        copy_str(r->prompt_key, sizeof r->prompt_key, pk, "data.prompt_key", path, e) ||
-        copy_str(r->label_key, sizeof r->label_key, lk, "data.label_key", path, e) ||
-        copy_str(r->template_, sizeof r->template_, tmpl, "data.template", path, e) ||
-        copy_str(r->reward_url, sizeof r->reward_url, url, "reward.url", path, e) ||
-        copy_str(r->eval_path, sizeof r->eval_path, evpath, "eval.path", path, e) ||
-        copy_str(r->out_dir, sizeof r->out_dir, dir, "checkpoint.dir", path, e))
-        return -1;
-    if (!strcmp(kind, "jsonl")) {
-        r->jsonl = 1;
-        if (!*dpath) return mill_errf(e, "%s: data.kind jsonl needs data.path (a JSONL file)", path);
-    } else if (!strcmp(kind, "arithmetic")) {
-        if (recipe_levels(y, path, r->levels, &r->n_levels, e)) return -1;
-    } else {
-        return mill_errf(e, "%s: data.kind \"%s\" must be \"arithmetic\" or \"jsonl\"", path, kind);
-    }
-    mill_device td, rd; /* auto: this machine's GPU when it has one */
-    if (kctx_device_parse(dev, &td))
-        return mill_errf(e, "%s: train.device \"%s\" must be \"auto\", \"cpu\" or \"cuda\"", path, dev);
-    r->train_gpu = td == DEVICE_CUDA;
-    if (kctx_device_parse(rdev, &rd))
-        return mill_errf(e, "%s: rollout.device \"%s\" must be \"auto\", \"cpu\" or \"cuda\"", path, rdev);
-    r->rollout_gpu = rd == DEVICE_CUDA;
-    if (strcmp(curve, "auto") && strcmp(curve, "on") && strcmp(curve, "off"))
-        return mill_errf(e, "%s: rollout.curve \"%s\" must be \"auto\", \"on\" or \"off\"", path, curve);
-    r->curve = !strcmp(curve, "on") ? 1 : !strcmp(curve, "off") ? 0 : -1;
-    if (copy_str(r->curve_keys, sizeof r->curve_keys, ckeys, "rollout.curve_keys", path, e)) return -1;
-    if (!strcmp(layout, "disaggregated")) r->disaggregated = 1;
-    else if (strcmp(layout, "colocated")) return mill_errf(e, "%s: rollout.layout \"%s\" must be \"colocated\" or \"disaggregated\"", path, layout);
-    json_t *addrs = yamlcfg_get(y, "rollout.addresses");
-    if (addrs && !json_is_null(addrs)) {
-        if (!json_is_array(addrs) || !json_array_size(addrs))
-            return mill_errf(e, "%s: rollout.addresses must be a list of engine addresses (tcp://HOST:PORT)", path);
-        if (!r->disaggregated)
-            return mill_errf(e, "%s: rollout.addresses needs rollout.layout: disaggregated", path);
-        for (size_t i = 0; i < json_array_size(addrs); i++) {
-            const char *a = json_string_value(json_array_get(addrs, i));
-            if (!a || strncmp(a, "tcp://", 6) || strchr(a, ','))
-                return mill_errf(e, "%s: rollout.addresses[%zu] must be a string tcp://HOST:PORT", path, i);
-            size_t used = strlen(r->engine_addrs);
-            if (used + strlen(a) + 2 > sizeof r->engine_addrs) return mill_errf(e, "%s: rollout.addresses is too long", path);
-            snprintf(r->engine_addrs + used, sizeof r->engine_addrs - used, "%s%s", used ? "," : "", a);
-        }
-        neng = (long long)json_array_size(addrs);
-    }
-    if (*taddr && (strncmp(taddr, "tcp://", 6) || strchr(taddr, ',')))
-        return mill_errf(e, "%s: train.address must be tcp://HOST:PORT (a trainer started outside the run)", path);
-    if (copy_str(r->trainer_addr, sizeof r->trainer_addr, taddr, "train.address", path, e)) return -1;
-    /* auto: on when an engine or the trainer is on another host */
-    if (r->curve == -1) r->curve = addrs_remote(r->engine_addrs) || addrs_remote(r->trainer_addr);
-    if ((r->engine_addrs[0] || r->trainer_addr[0]) && !r->curve_keys[0] && r->curve)
-        return mill_errf(e, "%s: rollout.curve is on with external engines or trainer: make a key file with `mill keys "
-                            "--out FILE`, start each of them with --curve FILE, and set rollout.curve_keys: FILE", path);
-    if (async && !r->disaggregated)
-        return mill_errf(e, "%s: rollout.async needs rollout.layout: disaggregated (colocated engines take turns with "
-                            "the trainer)", path);
-    r->async = async;
-    if (!r->disaggregated && neng != 1)
-        return mill_errf(e, "%s: a colocated run has one engine (rollout.engines: %lld); use layout: disaggregated", path, neng);
-    if (!*rkind) rkind = r->jsonl ? "math" : "arithmetic";
-    if (!strcmp(rkind, "arithmetic")) r->reward = REWARD_ARITH;
-    else if (!strcmp(rkind, "math")) r->reward = REWARD_MATH;
-    else if (!strcmp(rkind, "remote")) r->reward = REWARD_REMOTE;
-    else return mill_errf(e, "%s: reward.kind \"%s\" must be arithmetic, math or remote", path, rkind);
-    if (r->reward == REWARD_REMOTE && strncmp(url, "http://", 7) && strncmp(url, "https://", 8))
-        return mill_errf(e, "%s: reward.kind remote needs reward.url (http://HOST:PORT/PATH)", path);
-    if (r->reward == REWARD_ARITH && r->jsonl)
-        return mill_errf(e, "%s: reward.kind arithmetic needs data.kind arithmetic (use math for JSONL)", path);
-    if (!strcmp(klt, "k1")) r->algo.kl_type = KL_K1;
-    else if (!strcmp(klt, "k2")) r->algo.kl_type = KL_K2;
-    else if (!strcmp(klt, "low_var_kl") || !strcmp(klt, "k3")) r->algo.kl_type = KL_K3;
-    else if (!strcmp(klt, "abs")) r->algo.kl_type = KL_ABS;
-    else if (!strcmp(klt, "unbiased")) r->algo.kl_type = KL_UNBIASED;
-    else return mill_errf(e, "%s: algorithm.kl_type \"%s\" must be k1, k2, low_var_kl, abs or unbiased", path, klt);
-    static const char *const aggs[] = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                       "seq-mean-token-sum-norm"}; /* verl's names, grpo_agg's order */
-    r->algo.agg = AGG_TOKEN_MEAN;
-    if (*aggm) {
-        int k = 0;
-        while (k < 4 && strcmp(aggm, aggs[k])) k++;
-        if (k == 4)
-            return mill_errf(e, "%s: algorithm.loss_agg_mode \"%s\" must be token-mean, seq-mean-token-mean, "
-                                "seq-mean-token-sum or seq-mean-token-sum-norm", path, aggm);
-        if (yamlcfg_get(y, "algorithm.seq_mean"))
-            return mill_errf(e, "%s: algorithm.seq_mean and algorithm.loss_agg_mode both set: keep one", path);
-        r->algo.agg = (grpo_agg)k;
-        seqm = k == AGG_SEQ_MEAN_TOKEN_MEAN;
-    }
-    r->algo.agg_horizon = (double)mnt; /* seq-mean-token-sum-norm: the response budget */
-    if (!strcmp(pol, "gspo")) r->algo.ratio = RATIO_GSPO;
-    else if (!strcmp(pol, "vanilla")) r->algo.ratio = RATIO_TOKEN;
-    else return mill_errf(e, "%s: algorithm.policy_loss \"%s\" must be vanilla or gspo", path, pol);
-    if (r->algo.clip_ratio_c != 0 && !(r->algo.clip_ratio_c > 1))
-        return mill_errf(e, "%s: algorithm.clip_ratio_c = %g must be above 1 (dual-clip; 0: off)", path,
-                         r->algo.clip_ratio_c);
-    if (r->eval_path[0] && !r->jsonl) return mill_errf(e, "%s: eval.path is for JSONL data", path);
-    r->data_seed = (uint64_t)dseed;
-    r->pool = pool;
-    r->skip_bad = skip;
-    r->prompts_per_step = (int)pps;
-    r->samples_per_prompt = (int)spp;
-    r->max_new_tokens = (int)mnt;
-    r->sample_seed = (uint64_t)sseed;
-    r->n_engines = (int)neng;
-    r->dynamic_sampling = dyn;
-    r->max_draws = (int)draws;
-    r->reward_retries = (int)retries;
-    r->std_normalize = stdn;
-    r->algo.std_normalize = stdn;
-    r->algo.seq_mean = seqm;
-    r->steps = steps;
-    r->updates_per_step = (int)upd;
-    r->micro_batch = (int)mb;
-    r->optim.total_steps = steps * upd;
-    r->eval_every = (int)evev;
-    r->eval_problems = (int)evn;
-    r->eval_seed = (uint64_t)evseed;
-    r->checkpoint_every = (int)ckev;
-    r->kill_engine_at_step = (int)kill;
-    r->kill_trainer_at_step = (int)tkill;
-    r->kill_trainer_rank = (int)tkrank;
-    r->max_restarts = (int)restarts;
-    r->engine_max_restarts = (int)erestarts;
-    return 0;
-}
-
-int grpo_recipe_load(const char *path, char *const *overrides, int n_overrides, grpo_recipe *r, mill_err *e) {
-    memset(r, 0, sizeof *r);
-    json_t *y = yamlcfg_load(path, e);
-    if (!y) return -1;
-    int rc = -1;
-    for (int i = 0; i < n_overrides; i++)
-        if (apply_override(y, overrides[i], e)) goto out;
-    if (recipe_from_tree(y, path, r, e)) goto out;
-    /* what the ledger keeps: JSON is YAML, so `mill resume` reads it back with the same loader */
-    r->text = json_dumps(y, JSON_SORT_KEYS | JSON_INDENT(1));
-    if (!r->text) {
-        mill_errf(e, "%s: out of memory", path);
-        goto out;
-    }
-    rc = 0;
-out:
-    json_decref(y);
-    return rc;
-}
-
-void grpo_recipe_free(grpo_recipe *r) {
-    free(r->text);
-    r->text = NULL;
-}
 
 static double wall(void) {
     struct timespec t;
@@ -435,14 +124,19 @@ static void prompts_free(prompt_set *p) {
     memset(p, 0, sizeof *p);
 }
 
+/* A chat prompt's text holds its markers (BOS included) and is tokenized as the release's pipeline
+ * does (added tokens matched); a plain prompt is BOS + its text, in which nothing is special. */
 static int prompt_encode(run_ctx *c, prompt_set *ps, int i, const char *text, mill_err *e) {
     size_t n = strlen(text);
-    ps->ids[i] = malloc(sizeof(int32_t) * (n + 2));
+    int cap = (int)(3 * n + 2); /* room for U+FFFD's three bytes per bad byte */
+    ps->ids[i] = malloc(sizeof(int32_t) * (size_t)cap);
     if (!ps->ids[i]) return mill_errf(e, "out of memory");
-    ps->ids[i][0] = tokenizer_bos(c->tok);
-    int nt;
-    if (tokenizer_encode(c->tok, text, n, ps->ids[i] + 1, (int)n + 1, &nt, e)) return -1;
-    ps->len[i] = nt + 1;
+    int nt, bos = tokenizer_bos(c->tok), lead = c->r->chat.kind == CHAT_NONE && bos >= 0;
+    if (lead) ps->ids[i][0] = bos;
+    if (c->r->chat.kind != CHAT_NONE ? tokenizer_encode_hf(c->tok, text, n, 0, ps->ids[i], cap, &nt, e)
+                                     : tokenizer_encode(c->tok, text, n, ps->ids[i] + lead, cap - lead, &nt, e))
+        return -1;
+    ps->len[i] = nt + lead;
     return 0;
 }
 
@@ -535,6 +229,9 @@ static int publish_to(run_ctx *c, const char *addrs, double *secs, mill_err *e) 
     wire_put_str(b, "engines", addrs);
     /* trainer and engine on this host's GPU: the engine copies the weights device to device */
     wire_put_bool(b, "ipc", !c->r->disaggregated && c->r->train_gpu && c->r->rollout_gpu);
+    /* an engine acknowledges each bucket within its heartbeat, or the publish fails (and publish()
+     * finds the wedged engine) */
+    wire_put_num(b, "timeout_s", c->r->rollout_heartbeat_s > 0 ? c->r->rollout_heartbeat_s : 60);
     if (proc_rpc(&c->ps, &c->ps.trainer, "trainer worker", b, "published", 600, &r, &raw, e)) return -1;
     int64_t v;
     double s = 0;
@@ -547,16 +244,34 @@ static int publish_to(run_ctx *c, const char *addrs, double *secs, mill_err *e) 
     return 0;
 }
 
-/* Brings every engine to the trainer's weights, restarting any that died since last seen. */
+/* Engine j dead, or (ours, with a heartbeat) not answering health within it: restarted. */
+static int engine_ensure(run_ctx *c, int j, long step, mill_err *e) {
+    proc *p = &c->ps.engines[j];
+    mill_err pe;
+    double hb = c->r->rollout_heartbeat_s;
+    if (proc_check(p, "engine", &pe)) return engine_restart(c, j, step, pe.msg, e);
+    if (p->pid <= 0 || hb <= 0 || !proc_rpc_simple(&c->ps, p, "rollout engine", "health", "health_ok", hb, &pe)) return 0;
+    if (!proc_check(p, "engine", &pe)) /* alive, silent */
+        snprintf(pe.msg, sizeof pe.msg, "did not answer health within %g s (its heartbeat): wedged", hb);
+    return engine_restart(c, j, step, pe.msg, e);
+}
+
+/* Brings every engine to the trainer's weights, restarting any that died or wedged since last seen;
+ * when the publish fails on an engine that wedges during it, once more after that engine's restart. */
 static int publish(run_ctx *c, long step, double *secs, mill_err *e) {
-    char addrs[4096] = "";
-    for (int j = 0; j < c->ps.n_engines; j++) {
+    for (int attempt = 0;; attempt++) {
+        char addrs[4096] = "";
+        for (int j = 0; j < c->ps.n_engines; j++) {
+            if (engine_ensure(c, j, step, e)) return -1;
+            size_t u = strlen(addrs);
+            snprintf(addrs + u, sizeof addrs - u, "%s%s", u ? "," : "", c->ps.engines[j].addr);
+        }
+        if (!publish_to(c, addrs, secs, e)) return 0;
         mill_err pe;
-        if (proc_check(&c->ps.engines[j], "engine", &pe) && engine_restart(c, j, step, pe.msg, e)) return -1;
-        size_t u = strlen(addrs);
-        snprintf(addrs + u, sizeof addrs - u, "%s%s", u ? "," : "", c->ps.engines[j].addr);
+        if (attempt || c->ps.trainer.pid < 0 || (c->ps.trainer.pid > 0 && proc_check(&c->ps.trainer, "trainer", &pe)))
+            return -1;
+        fprintf(stderr, "\nmill: %s; checking the engines\n", e->msg);
     }
-    return publish_to(c, addrs, secs, e);
 }
 
 /* A fault mid-rollout: restart engine j, give it the current weights and re-send its block. Samples
@@ -589,9 +304,13 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
     for (int i = 0; i < n; i++) s->prompt_of[i] = i / G;
     for (int j = 0; j < E; j++)
         if (send_block(c, j, pp, G, temp, seed, maxn, &req[j], e)) return mill_err_wrap(e, "rollout engine %d", j);
-    int have = 0, isatty_err = isatty(2);
+    int have = 0, isatty_err = isatty(2), left[64];
     long toks = 0;
-    double t0 = mill_now(), last_msg = mill_now();
+    double t0 = mill_now(), last_msg = mill_now(), heard[64], pinged[64], hb = c->r->rollout_heartbeat_s;
+    for (int j = 0; j < E; j++) {
+        left[j] = (int)((long)pp->n * (j + 1) / E - (long)pp->n * j / E) * G; /* samples of its block still out */
+        heard[j] = pinged[j] = t0;
+    }
     zmq_pollitem_t items[64];
     while (have < n) {
         for (int j = 0; j < E; j++) items[j] = (zmq_pollitem_t){.socket = c->ps.engines[j].sock, .events = ZMQ_POLLIN};
@@ -599,17 +318,32 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
             return mill_errf(e, "rollout: poll: %s", zmq_strerror(zmq_errno()));
         for (int j = 0; j < E; j++) {
             mill_err pe;
-            if (proc_check(&c->ps.engines[j], "engine", &pe)) {
+            double now = mill_now();
+            int wedged = !(items[j].revents & ZMQ_POLLIN) && hb > 0 && left[j] > 0 && now - heard[j] > hb;
+            if (wedged) snprintf(pe.msg, sizeof pe.msg, "sent nothing for %g s (its heartbeat): wedged", hb);
+            if (wedged || proc_check(&c->ps.engines[j], "engine", &pe)) {
                 if (engine_recover(c, j, pp, G, temp, seed, maxn, &req[j], step, pe.msg, e)) return -1;
-                last_msg = mill_now();
+                last_msg = heard[j] = pinged[j] = mill_now();
                 continue;
+            }
+            /* the heartbeat: an engine that owes samples and has been quiet is asked for health_ok,
+             * which it answers between decode steps; its silence past hb is a wedge */
+            if (hb > 0 && left[j] > 0 && now - heard[j] > hb / 2 && now - pinged[j] > hb / 2) {
+                wire_builder *ping = proc_msg(&c->ps, "health");
+                if (!ping) return mill_errf(e, "out of memory");
+                if (wire_send(c->ps.engines[j].sock, NULL, 0, ping, e)) {
+                    wire_builder_free(ping);
+                    return mill_err_wrap(e, "rollout engine %d: heartbeat", j);
+                }
+                wire_builder_free(ping);
+                pinged[j] = now;
             }
             if (!(items[j].revents & ZMQ_POLLIN)) continue;
             wire_msg *m;
             wire_raw *raw;
             if (wire_recv(c->ps.engines[j].sock, 0, 0, NULL, NULL, &m, &raw, e) != 0)
                 return mill_err_wrap(e, "rollout engine %d", j);
-            last_msg = mill_now();
+            last_msg = heard[j] = mill_now();
             const char *t = wire_type(m);
             int rc = 0;
             if (wire_id(m) != req[j] || !strcmp(t, "done")) { /* a stale reply, or the end of a block */
@@ -657,6 +391,7 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
                         s->version[i] = (long)ver;
                         s->got[i] = 1;
                         have++;
+                        left[j]--;
                         toks += no;
                     }
                 }
@@ -682,21 +417,20 @@ static int rollout(run_ctx *c, const prompt_set *pp, int G, float temp, uint64_t
 }
 
 /* Decoded response text (up to the stop token). */
-static int response_text(run_ctx *c, const samples *s, int i, char *out, size_t cap, mill_err *e) {
+static int response_text(run_ctx *c, const samples *s, int i, char **out, mill_err *e) {
     int n = s->out_len[i];
     if (n > 0 && s->finish[i]) n--; /* the stop token */
-    return tokenizer_decode_lossy(c->tok, s->tokens[i], n, out, cap, e);
+    size_t cap = (size_t)n * tokenizer_max_piece(c->tok) + 1;
+    if (!(*out = malloc(cap))) return mill_errf(e, "out of memory");
+    return tokenizer_decode_lossy(c->tok, s->tokens[i], n, *out, cap, e);
 }
 
 /* Rewards of samples [0, s->n): arithmetic (first integer equals the label, and a clean stop),
  * the math verifier, or a remote scorer. */
 static int score(run_ctx *c, const prompt_set *pp, const samples *s, float *rewards, char **texts, mill_err *e) {
     const grpo_recipe *r = c->r;
-    for (int i = 0; i < s->n; i++) {
-        size_t cap = 16 * (size_t)s->out_len[i] + 16;
-        if (!(texts[i] = malloc(cap))) return mill_errf(e, "out of memory");
-        if (response_text(c, s, i, texts[i], cap, e)) return -1;
-    }
+    for (int i = 0; i < s->n; i++)
+        if (response_text(c, s, i, &texts[i], e)) return -1;
     if (r->reward == REWARD_REMOTE) {
         const char **pr = malloc(sizeof(char *) * (size_t)s->n), **lb = malloc(sizeof(char *) * (size_t)s->n);
         if (!pr || !lb) return free(pr), free(lb), mill_errf(e, "out of memory");
@@ -715,7 +449,8 @@ static int score(run_ctx *c, const prompt_set *pp, const samples *s, float *rewa
     for (int i = 0; i < s->n; i++) {
         const dataset_row *row = pp->row[s->prompt_of[i]];
         if (r->reward == REWARD_MATH) {
-            rewards[i] = verify_math_reward(texts[i], row->label);
+            const verify_options vo = {.fallback_last_number = r->reward_fallback_last_number};
+            rewards[i] = verify_math_reward_opts(texts[i], row->label, &vo);
         } else {
             arith_problem pb = {.value = strtoll(row->label, NULL, 10)};
             rewards[i] = (float)(arith_check(texts[i], &pb) && s->finish[i]);
@@ -784,8 +519,7 @@ static int evaluate(run_ctx *c, double *acc, double *per_level, mill_err *e) {
         if (score(c, &pp, &s, rew, texts, e)) goto out_l;
     } else {
         for (int i = 0; i < n; i++) {
-            size_t cap = 16 * (size_t)s.out_len[i] + 16;
-            if (!(texts[i] = malloc(cap)) || response_text(c, &s, i, texts[i], cap, e)) goto out_l;
+            if (response_text(c, &s, i, &texts[i], e)) goto out_l;
             rew[i] = (float)arith_check(texts[i], &probs[i]);
         }
     }
@@ -883,13 +617,14 @@ static int train_batch(run_ctx *c, draw *dr, const group_ref *gr, int n_groups, 
     bufs[0] = ids, bufs[1] = tg, bufs[2] = rp, bufs[3] = adv, bufs[4] = lp;
     if (!ids || !tg || !rp || !adv || !lp) return mill_errf(e, "out of memory");
     long k = 0;
+    const int32_t pad = tokenizer_pad(c->tok) >= 0 ? tokenizer_pad(c->tok) : tokenizer_eos(c->tok); /* never read */
     for (int q = 0; q < n; q++) {
         const draw *d = &dr[gr[q / G].d];
         int i = gr[q / G].p * G + q % G, pl = d->pp.len[i / G], len = pl + d->s.out_len[i];
         const int32_t *prompt = d->pp.ids[i / G];
         adv[q] = d->adv[i];
         for (int t = 0; t < T; t++) {
-            ids[(long)q * T + t] = t < pl ? prompt[t] : t < len ? d->s.tokens[i][t - pl] : tokenizer_pad(c->tok);
+            ids[(long)q * T + t] = t < pl ? prompt[t] : t < len ? d->s.tokens[i][t - pl] : pad;
             int resp = t + 1 >= pl && t + 1 < len; /* position t predicts response token t + 1 */
             tg[(long)q * T + t] = resp ? d->s.tokens[i][t + 1 - pl] : -1;
             if (resp) lp[k++] = d->s.logprobs[i][t + 1 - pl];
@@ -1022,7 +757,8 @@ static int batch_train_finish(run_ctx *c, step_batch *b, mill_err *e) {
     } else {
         wire_msg *rep;
         wire_raw *raw;
-        if (proc_wait(&c->ps.trainer, "trainer worker", b->train_id, "trained", 3600, &rep, &raw, e)) return -1;
+        if (proc_wait(&c->ps.trainer, "trainer worker", b->train_id, "trained", 3600, c->r->train_heartbeat_s, &rep,
+                      &raw, e)) return -1;
         b->train_id = 0;
         int x = 0;
         for (size_t k = 0; !x && k < sizeof step_keys / sizeof *step_keys; k++) {
@@ -1243,9 +979,10 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     int n_split = 0;
     while (n_split < PAR_MAX_STAGES && r->par.pp_layers[n_split] > 0) split[n_split] = r->par.pp_layers[n_split], n_split++;
     if (n_split) wire_put_int_array(b, "pp_layers", split, n_split);
-    if (r->kill_trainer_at_step && c->attempt == 1) { /* fault injection: the first attempt only */
+    if ((r->kill_trainer_at_step || r->wedge_trainer_at_step) && c->attempt == 1) { /* fault injection: first attempt */
         wire_put_int(b, "debug_kill_step", r->kill_trainer_at_step);
         wire_put_int(b, "debug_kill_rank", r->kill_trainer_rank);
+        wire_put_int(b, "debug_wedge_step", r->wedge_trainer_at_step);
     }
     wire_msg *rep;
     wire_raw *raw;
@@ -1300,6 +1037,20 @@ static int mkdirs(const char *dir, mill_err *e) {
     return 0;
 }
 
+/* data.tokenizer, checked against the model: every id it makes must be a row of the embedding,
+ * and generation stops at its eos. */
+static int open_tokenizer(run_ctx *c, mill_err *e) {
+    const char *p = c->r->tokenizer;
+    if (!*p) return tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e);
+    if (tokenizer_load(&c->tok, p, e)) return mill_err_wrap(e, "data.tokenizer");
+    if (tokenizer_vocab_size(c->tok) > c->cfg.vocab_size)
+        return mill_errf(e, "data.tokenizer %s: its ids reach %d but the model's vocab_size is %d", p,
+                         tokenizer_vocab_size(c->tok) - 1, c->cfg.vocab_size);
+    if (tokenizer_eos(c->tok) < 0)
+        return mill_errf(e, "data.tokenizer %s: no eos_token (tokenizer_config.json): generation could not stop", p);
+    return 0;
+}
+
 /* Everything but the processes: datasets, tokenizer, the model's config. */
 static int open_inputs(run_ctx *c, mill_err *e) {
     const grpo_recipe *r = c->r;
@@ -1307,8 +1058,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
     snprintf(c->run_dir, sizeof c->run_dir, "%s", r->out_dir);
     snprintf(logs, sizeof logs, "%s/logs", c->run_dir);
     snprintf(path, sizeof path, "%s/config.json", r->init_from);
-    if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || tokenizer_bytes_new(&c->tok, c->cfg.vocab_size, e))
-        return -1;
+    if (mkdirs(logs, e) || config_load(path, &c->cfg, e) || open_tokenizer(c, e)) return -1;
     if (par_validate(&r->par, &c->cfg, 0, 0, e)) /* before any rank starts */
         return mill_err_wrap(e, "train.parallel");
     if (par_validate(&r->engine_par, &c->cfg, 0, 0, e)) return mill_err_wrap(e, "rollout.parallel");
@@ -1324,7 +1074,7 @@ static int open_inputs(run_ctx *c, mill_err *e) {
         }
     const char *tmpl = r->template_[0] ? r->template_ : NULL;
     if (r->jsonl) {
-        dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0};
+        dataset_jsonl_config dc = {r->data_path, r->prompt_key, r->label_key, tmpl, r->skip_bad, 0, &r->chat};
         if (dataset_open_jsonl(&c->data, &dc, e)) return -1;
         if (dataset_skipped(c->data))
             fprintf(stderr, "mill: %s: skipped %ld bad rows (first: %s)\n", r->data_path, dataset_skipped(c->data),
@@ -1409,7 +1159,8 @@ static int drive(run_ctx *c, const char *model_dir, int resume, long start, mill
         }
         /* our trainer ended: reaped already (pid -1: e says how) or found ended now */
         mill_err pe = *e;
-        int dead = c->ps.trainer.pid < 0 || (c->ps.trainer.pid > 0 && proc_check(&c->ps.trainer, "trainer worker", &pe));
+        int dead = c->ps.trainer.pid < 0 || c->ps.trainer.wedged ||
+                   (c->ps.trainer.pid > 0 && proc_check(&c->ps.trainer, "trainer worker", &pe));
         if (!rc || !dead || restarts == r->max_restarts) break;
         char why[1200];
         snprintf(why, sizeof why, "%s", pe.msg);
@@ -1482,11 +1233,7 @@ int grpo_resume(const char *ledger_path, const char *name, mill_err *e) {
         goto out;
     }
     if (ledger_run_recipe(c.lg, run.id, &text, e)) goto out;
-    json_t *y = yamlcfg_parse(text, strlen(text), "the ledger's recipe", e);
-    if (!y) goto out;
-    int x = recipe_from_tree(y, run.recipe_path, &r, e);
-    json_decref(y);
-    if (x) goto out;
+    if (grpo_recipe_parse(text, run.recipe_path, &r, e)) goto out;
     snprintf(r.name, sizeof r.name, "%s", run.name);
     snprintf(r.ledger, sizeof r.ledger, "%s", ledger_path);
     c.r = &r;

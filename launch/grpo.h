@@ -13,6 +13,7 @@
 #ifndef MILL_GRPO_RUN_H
 #define MILL_GRPO_RUN_H
 
+#include "../algos/chat.h"
 #include "../algos/grpo.h"
 #include "../trainer/optimizer.h"
 #include "../trainer/parallel.h"
@@ -30,6 +31,8 @@ typedef struct {
     uint64_t data_seed;
     char data_path[1024], prompt_key[128], label_key[128], template_[512];
     int skip_bad;
+    char tokenizer[1024]; /* data.tokenizer: a tokenizer.json (file or directory); "" = the byte tokenizer */
+    chat_format chat;     /* data.chat (kind), data.thinking, data.reasoning_effort */
     /* rollout */
     int prompts_per_step, samples_per_prompt, max_new_tokens;
     double temperature, top_p;
@@ -44,6 +47,7 @@ typedef struct {
     char reward_url[512];
     double reward_timeout_s, reward_backoff_s;
     int reward_retries;
+    int reward_fallback_last_number; /* reward.fallback_last_number: no box or Answer: -> last number */
     /* algorithm and training */
     grpo_config algo;
     int std_normalize;
@@ -67,11 +71,16 @@ typedef struct {
     int engine_max_restarts; /* rollout.max_restarts: how often dead engines are started again in a run (default 10) */
     int kill_trainer_at_step, kill_trainer_rank; /* fault injection for tests: that trainer rank SIGKILLs itself
                                                   * when that step's training begins (first attempt only) */
+    int wedge_trainer_at_step; /* ... or hangs there (debug.wedge_trainer_at_step), alive, for the heartbeat */
+    double train_heartbeat_s;  /* train.heartbeat_s: a training step silent this long is wedged (0: off) */
+    double rollout_heartbeat_s; /* rollout.heartbeat_s: an engine owing samples silent this long is wedged (0: off) */
     char *text;              /* the effective recipe as JSON (what the ledger keeps) */
 } grpo_recipe;
 
 /* Loads a recipe; overrides are "dotted.key=value" strings (values read as YAML scalars). */
 int grpo_recipe_load(const char *path, char *const *overrides, int n_overrides, grpo_recipe *r, mill_err *e);
+/* The same from a recipe's text as the ledger keeps it (r->text); path names the recipe in errors. */
+int grpo_recipe_parse(const char *text, const char *path, grpo_recipe *r, mill_err *e);
 void grpo_recipe_free(grpo_recipe *r);
 
 /* A new run (recorded in r->ledger), to the end. */

@@ -17,9 +17,12 @@
 #include "grpo.h"
 #include "ranks.h"
 #include "../trainer/dist.h"
+#include "download_cli.h"
+#include "export_cli.h"
 #include "reward_cli.h"
 #include "runs_cli.h"
 #include "sft.h"
+#include "tokenize_cli.h"
 #include <errno.h>
 #include <sys/stat.h>
 
@@ -47,8 +50,15 @@ static int usage(FILE *to) {
             "  reward  --input IN.jsonl --output OUT.jsonl [--remote URL] [--timeout S]   score responses against\n"
             "          labels ({\"response\", \"label\"} per line -> {\"reward\", \"extracted\"}) with the math\n"
             "          verifier, or an HTTP scorer: a dataset and a reward checked before a run\n"
+            "  tokenize --tokenizer DIR --input IN.jsonl --output OUT.jsonl [--chat deepseek-v4|none] [--thinking]\n"
+            "          [--reasoning-effort high|max] [--keep-thinking]   a tokenizer.json and the chat format, line by\n"
+            "          line: {\"text\"} -> {\"ids\"}, {\"ids\"} -> {\"text\"}, {\"messages\"} -> {\"text\", \"ids\"}\n"
+            "  download REPO_ID --out DIR [--revision R] [--include GLOB]... [--repo-type model|dataset]   a hub repo's\n"
+            "          files, resumed and hash-checked ($HF_ENDPOINT, $HF_TOKEN; [--timeout S] [--retries N] [--verify])\n"
             "  init    --config configs/models/NAME.json --out DIR [--seed S] [--std 0.02]\n"
             "          a randomly initialised model in the original release format\n"
+            "  export  --model DIR --out HFDIR [--dtype bf16|fp32] [--max-shard-size 5GB] [--force]   a model or\n"
+            "          training checkpoint in HF transformers' layout (DeepseekV4ForCausalLM.from_pretrained(HFDIR))\n"
             "  sft     RECIPE.yaml [--device auto|cpu|cuda] [--resume CHECKPOINT_DIR] [--dp N] [--pp N]   supervised\n"
             "          fine-tuning\n"
             "          (configs/runs/sft-*.yaml); --device overrides the recipe's train.device (default auto)\n"
@@ -878,6 +888,9 @@ int main(int argc, char **argv) {
     else if (strcmp(argv[1], "run") == 0) rc = cmd_run(argc, argv, &e);
     else if (strcmp(argv[1], "runs") == 0) return cli_runs(argc, argv);
     else if (strcmp(argv[1], "reward") == 0) return cli_reward(argc, argv);
+    else if (strcmp(argv[1], "download") == 0) return cli_download(argc, argv);
+    else if (strcmp(argv[1], "export") == 0) return cli_export(argc, argv);
+    else if (strcmp(argv[1], "tokenize") == 0) return cli_tokenize(argc, argv);
     else if (strcmp(argv[1], "show") == 0) return cli_show(argc, argv);
     else if (strcmp(argv[1], "plot") == 0) return cli_plot(argc, argv);
     else if (strcmp(argv[1], "resume") == 0) rc = cmd_resume(argc, argv, &e);

@@ -16,6 +16,7 @@
 
 /* Starts `mill ARGS...` as a child that dies with us (PDEATHSIG), output appended to p->log. */
 int proc_spawn(proc *p, const char *exe, mill_err *e) {
+    p->wedged = 0;
     pid_t parent = getpid(), pid = fork();
     if (pid < 0) return mill_errf(e, "cannot start %s: fork: %s", p->argv[1], strerror(errno));
     if (pid == 0) {
@@ -114,15 +115,16 @@ int proc_send(procs *ps, proc *p, const char *what, wire_builder *b, uint64_t *i
 }
 
 /* Waits for p's reply to request id (of type `want`), checking that p lives. */
-int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, wire_msg **reply,
-                    wire_raw **raw, mill_err *e) {
+int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, double heartbeat_s,
+              wire_msg **reply, wire_raw **raw, mill_err *e) {
     *reply = NULL;
     *raw = NULL;
-    double t_end = mill_now() + timeout_s;
+    double t_end = mill_now() + timeout_s, heard = mill_now();
     for (;;) {
         int x = wire_recv(p->sock, 0, 200, NULL, NULL, reply, raw, e);
         if (x < 0) return mill_err_wrap(e, "%s sent a malformed reply", what);
         if (x == 0) {
+            heard = mill_now();
             if (!strcmp(wire_type(*reply), "progress") && wire_id(*reply) == id) { /* training micro-batches */
                 int64_t done = 0, total = 1;
                 mill_err pe;
@@ -157,6 +159,10 @@ int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double t
             return 0;
         }
         if (proc_check(p, what, e)) return -1;
+        if (heartbeat_s > 0 && mill_now() - heard > heartbeat_s) {
+            p->wedged = 1; /* alive (proc_check) but silent: stuck in a loop, a lock or a device */
+            return mill_errf(e, "%s sent nothing for %g s (its heartbeat): wedged", what, heartbeat_s);
+        }
         if (mill_now() > t_end) return mill_errf(e, "%s at %s did not answer within %g s", what, p->addr, timeout_s);
     }
 }
@@ -165,7 +171,7 @@ int proc_rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *
                wire_msg **reply, wire_raw **raw, mill_err *e) {
     uint64_t id;
     if (proc_send(ps, p, what, b, &id, e)) return -1;
-    return proc_wait(p, what, id, want, timeout_s, reply, raw, e);
+    return proc_wait(p, what, id, want, timeout_s, 0, reply, raw, e);
 }
 
 wire_builder *proc_msg(procs *ps, const char *type) { return wire_builder_new(type, ps->next_id++); }

@@ -20,6 +20,7 @@ typedef struct {
     char *argv[PROC_MAX_ARGS + 1]; /* how it was started (for restarts) */
     char argbuf[4096];
     void *sock;       /* our DEALER to it */
+    int wedged;       /* alive but silent past its heartbeat (proc_wait): to be killed and restarted */
 } proc;
 
 /* A run's processes: the trainer worker and up to 64 engines; next_id numbers requests. */
@@ -51,9 +52,11 @@ int proc_set_argv(proc *p, const char *const *args, mill_err *e);
 wire_builder *proc_msg(procs *ps, const char *type);
 /* Sends b (consumed); *id gets its request id. */
 int proc_send(procs *ps, proc *p, const char *what, wire_builder *b, uint64_t *id, mill_err *e);
-/* Waits for the reply to id of type `want`; training `progress` messages show on a terminal. */
-int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, wire_msg **reply,
-              wire_raw **raw, mill_err *e);
+/* Waits for the reply to id of type `want`; training `progress` messages show on a terminal.
+ * heartbeat_s > 0: p must send something (progress counts) at least that often, else it is
+ * marked wedged and the wait fails at once, well before timeout_s. */
+int proc_wait(proc *p, const char *what, uint64_t id, const char *want, double timeout_s, double heartbeat_s,
+              wire_msg **reply, wire_raw **raw, mill_err *e);
 int proc_rpc(procs *ps, proc *p, const char *what, wire_builder *b, const char *want, double timeout_s,
              wire_msg **reply, wire_raw **raw, mill_err *e);
 /* A request with no payload whose reply carries nothing needed. */

@@ -4,7 +4,7 @@
 # cuBLAS, NCCL) is expected from NVIDIA's packages; without nvcc mill builds CPU-only.
 set -eu
 pkgs="gcc make cmake pkg-config libopenblas-dev libjansson-dev libcmocka-dev libzmq3-dev libcurl4-openssl-dev
-libsqlite3-dev sqlite3 libyaml-dev libpcre2-dev gnuplot-nox mpich libmpich-dev"
+libsqlite3-dev sqlite3 libyaml-dev libpcre2-dev gnuplot-nox mpich libmpich-dev libmpfr-dev libgmp-dev"
 # msgpack-c's development package was renamed in newer releases.
 msgpack="libmsgpack-c-dev libmsgpack-dev"
 

@@ -126,6 +126,17 @@ same_state "$T/ref/step-000006" "$T/k2/step-000006" "trainer kill"
 for s in 1 2 3 4 5 6; do [ "$(step_samples k2 $s)" = "16|16" ] || fail "k2: step $s samples $(step_samples k2 $s)"; done
 echo "trainer killed in step 3: restarted from step 2, finished; weights and Adam state bit-identical, 16 samples a step"
 
+# 4w. the trainer hangs in step 3, alive (debug.wedge_trainer_at_step): no progress for train.heartbeat_s,
+# so the controller kills it and starts it again from step 2's checkpoint; the same final state
+run kw --set train.steps=6 --set checkpoint.every=2 --set debug.wedge_trainer_at_step=3 --set train.heartbeat_s=3
+grep -q "trainer worker sent nothing for 3 s (its heartbeat): wedged; restarting the trainer from the last checkpoint" \
+    "$T/kw.err" || { cat "$T/kw.err" >&2; fail "kw: no clear message"; }
+[ "$(q "select count(*) from events e join runs r on r.id=e.run_id where r.name='kw' and e.kind='restart'")" = 1 ] ||
+    fail "kw: no restart event"
+same_state "$T/ref/step-000006" "$T/kw/step-000006" "trainer wedged"
+for s in 1 2 3 4 5 6; do [ "$(step_samples kw $s)" = "16|16" ] || fail "kw: step $s samples $(step_samples kw $s)"; done
+echo "trainer wedged in step 3: found by its heartbeat in 3 s, restarted from step 2; weights and Adam state bit-identical"
+
 # 4a. SIGSTOP of the trainer, then of the colocated engine, after step 1: the controller finds each stopped
 # (a stopped child is reported to its parent), kills and restarts it, and the run finishes by itself
 # with the uninterrupted run's weights and Adam state
@@ -282,14 +293,45 @@ n=$(q "select count(*), count(distinct s.step || '/' || s.prompt_id || '/' || s.
 [ "$n" = "160|160" ] || fail "egk: live samples (total|distinct) = $n, expected 160|160"
 echo "engine of 2 x 2 ranks: = one engine bit for bit; rank $victim of an ep 2 engine killed: restarted, 160 samples once"
 
-# 5b. the math-dataset recipe (dapo layout, math verifier) runs as shipped, on the CPU
-"$MILL" run configs/runs/grpo-math-dapo.yaml --set ledger="$L" --set checkpoint.dir="$T/dapo" --set train.steps=1 \
+# a rank of an ep 2 engine stopped (SIGSTOP): not our child, so only the heartbeat sees it (health
+# unanswered, or samples or a bucket's ack missing for rollout.heartbeat_s); the engine is restarted
+"$MILL" run $R --set ledger="$L" --set name=egw --set checkpoint.dir="$T/egw" --set train.steps=6 \
+    --set rollout.layout=disaggregated --set rollout.parallel.ep=2 --set rollout.heartbeat_s=3 > "$T/egw.out" 2> "$T/egw.err" &
+runner=$!
+wait_step egw 2
+victim=$(for m in $(kids "$runner"); do for x in $(kids "$m"); do kids "$x"; done; done | tr ' ' '\n' | grep . | sort -n | tail -n 1)
+[ -n "$victim" ] || fail "egw: no rank of the engine found under the run (pid $runner)"
+kill -STOP "$victim"
+wait $runner || { cat "$T/egw.err" >&2; fail "egw: the run failed after a rank of its engine was stopped"; }
+grep -q "(its heartbeat): wedged; restarting it" "$T/egw.err" || { cat "$T/egw.err" >&2; fail "egw: no clear message"; }
+n=$(q "select count(*), count(distinct s.step || '/' || s.prompt_id || '/' || s.sample_idx) from samples s join runs r on r.id=s.run_id where r.name='egw' and s.superseded = 0")
+[ "$n" = "96|96" ] || fail "egw: live samples (total|distinct) = $n, expected 96|96"
+kill -KILL "$victim" 2>/dev/null || true
+echo "a rank of an ep 2 engine stopped: found by the heartbeat, the engine restarted, 96 samples once"
+
+# 5b. the math-dataset recipe (dapo layout, DeepSeek-V4 chat format through the tiny model's BPE
+# tokenizer.json, math verifier) runs as shipped, two steps on the CPU: the prompts the ledger keeps are
+# the chat texts, and the engine stops at the tokenizer's eos
+"$MILL" run configs/runs/grpo-math-dapo.yaml --set ledger="$L" --set checkpoint.dir="$T/dapo" --set train.steps=2 \
     --set train.device=cpu --set rollout.device=cpu --set rollout.max_new_tokens=8 --set rollout.prompts_per_step=4 \
     --set rollout.samples_per_prompt=2 > "$T/dapo.out" 2> "$T/dapo.err" || { cat "$T/dapo.err" >&2; fail "dapo recipe"; }
 [ "$(q "select status from runs where name='grpo-math-dapo'")" = finished ] || fail "dapo: not finished"
-[ "$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='grpo-math-dapo'")" -ge 8 ] ||
+[ "$(q "select count(*) from steps s join runs r on r.id=s.run_id where r.name='grpo-math-dapo' and s.step > 0")" = 2 ] ||
+    fail "dapo: not 2 steps"
+[ "$(q "select count(*) from samples s join runs r on r.id=s.run_id where r.name='grpo-math-dapo'")" -ge 16 ] ||
     fail "dapo: samples"
-echo "dapo recipe: 1 step on the JSONL sample with the math verifier"
+# every prompt length in the ledger is one of the sample's prompts in the chat format, as mill tokenize counts it
+python3 -c "import json, sys
+for l in open(sys.argv[1]): print(json.dumps({'messages': json.loads(l)['prompt'], 'add_generation_prompt': True}))" \
+    tests/data/math-sample.jsonl > "$T/dapo-chat.jsonl"
+"$MILL" tokenize --tokenizer configs/models/dsv4-tiny-bpe --input "$T/dapo-chat.jsonl" --output "$T/dapo-ids.jsonl" >/dev/null ||
+    fail "dapo: mill tokenize"
+python3 -c "import json, sys; print('\n'.join(str(len(json.loads(l)['ids'])) for l in open(sys.argv[1])))" "$T/dapo-ids.jsonl" |
+    sort -u > "$T/dapo-lens"
+for n in $(q "select distinct prompt_len from samples s join runs r on r.id=s.run_id where r.name='grpo-math-dapo'"); do
+    grep -qx "$n" "$T/dapo-lens" || fail "dapo: a prompt of $n tokens is not a chat prompt of the sample ($(tr '\n' ' ' < "$T/dapo-lens"))"
+done
+echo "dapo recipe: 2 steps on the JSONL sample in DeepSeek-V4's chat format, BPE tokenizer, math verifier"
 
 # the loss options reach the trainer (GSPO with Dr. GRPO's aggregation, dual-clip, the unbiased KL)
 run opts --set train.steps=2 --set algorithm.policy_loss=gspo --set algorithm.loss_agg_mode=seq-mean-token-sum \

@@ -114,6 +114,42 @@ static void test_chat_prompts(void **state) {
     dataset_free(d);
 }
 
+/* With a chat format: a string prompt is one user turn, the template wraps the last user turn,
+ * the row's text is the rendered conversation; a list the format refuses is a bad row. */
+static void test_chat_format(void **state) {
+    char path[512];
+    put(*state,
+        "{\"prompt\":\"2+2?\",\"label\":\"4\"}\n"
+        "{\"prompt\":[{\"role\":\"system\",\"content\":\"S\"},{\"role\":\"user\",\"content\":\"a\"},"
+        "{\"role\":\"assistant\",\"content\":\"b\"},{\"role\":\"user\",\"content\":\"c\"}],\"label\":\"1\"}\n",
+        path, sizeof path);
+    chat_format f;
+    chat_format_default(&f);
+    dataset_jsonl_config c = {.path = path, .prompt_template = "Q: {prompt}!", .chat = &f};
+    dataset *d = NULL;
+    mill_err e = {{0}};
+    assert_int_equal(dataset_open_jsonl(&d, &c, &e), 0);
+    char out[512];
+#define U "<\xEF\xBD\x9CUser\xEF\xBD\x9C>"
+#define A "<\xEF\xBD\x9C" "Assistant\xEF\xBD\x9C></think>"
+#define B "<\xEF\xBD\x9C" "begin\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>"
+#define E "<\xEF\xBD\x9C" "end\xE2\x96\x81of\xE2\x96\x81sentence\xEF\xBD\x9C>"
+    assert_int_equal(dataset_format(d, dataset_row_get(d, 0), out, sizeof out, &e), 0);
+    assert_string_equal(out, B U "Q: 2+2?!" A);
+    assert_int_equal(dataset_format(d, dataset_row_get(d, 1), out, sizeof out, &e), 0);
+    assert_string_equal(out, B "S" U "a" A "b" E U "Q: c!" A);
+#undef U
+#undef A
+#undef B
+#undef E
+    dataset_free(d);
+    put(*state, "{\"prompt\":[{\"role\":\"user\",\"content\":\"a\"},{\"role\":\"tool\",\"content\":\"x\"}],\"label\":\"1\"}\n",
+        path, sizeof path);
+    c.path = path;
+    assert_int_equal(dataset_open_jsonl(&d, &c, &e), -1);
+    assert_non_null(strstr(e.msg, ":1: prompt \"prompt\": messages[1].role: \"tool\" is not supported"));
+}
+
 static void test_dotted_keys(void **state) {
     dataset *d = open_text(*state,
                            "{\"extra\":{\"question\":\"Q1\",\"deep\":{\"x\":{\"y\":\"Q1deep\"}}},"
@@ -615,6 +651,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_string_prompts),
         cmocka_unit_test(test_chat_prompts),
+        cmocka_unit_test(test_chat_format),
         cmocka_unit_test(test_dotted_keys),
         cmocka_unit_test(test_numeric_labels),
         cmocka_unit_test(test_template),

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "../common/rng.h"
 #include "../common/safetensors.h"
@@ -13,6 +14,7 @@
 #include "../kernels/dense.h"
 #include "../kernels/hc.h"
 #include "../kernels/moe.h"
+#include "../kernels/quant.h"
 #include "../kernels/rope.h"
 
 /* ---------------------------------------------------------------- layout */
@@ -575,16 +577,184 @@ static int load_index(dsv4_model *m, const param_info *p, const safetensors_entr
     return 0;
 }
 
-static int load_extra(dsv4_model *m, const safetensors_entry *en, const char *file, mill_err *e) {
+/* ---- quantized weights (the release's FP8 / packed FP4; kernels/quant.h decodes them) ---- */
+
+/* The FP8 block shape: config.json's quantization_config.weight_block_size, else the release's 128 x 128. */
+typedef struct {
+    int br, bc;
+} quant_cfg;
+
+/* Reads and checks config.json's quantization_config (the release's keys: quant_method "fp8", fmt
+ * "e4m3", scale_fmt "ue8m0", weight_block_size [128, 128], activation_scheme, which mill, computing
+ * activations in fp32 / bf16, has no use for). Absent: the tensors' dtypes say what is quantized. */
+static int quant_config_load(const char *dir, quant_cfg *q, mill_err *e) {
+    q->br = q->bc = QUANT_FP8_BLOCK;
+    struct stat sb;
+    char path[4096];
+    if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) return 0; /* config_load read it: nothing to add */
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    json_error_t je;
+    json_t *root = json_load_file(path, 0, &je);
+    if (!root) return mill_errf(e, "%s: cannot read: %s (line %d)", path, je.text, je.line);
+    json_t *qc = json_object_get(root, "quantization_config");
+    int rc = 0;
+    if (!qc || json_is_null(qc)) goto out;
+    if (!json_is_object(qc)) {
+        rc = mill_errf(e, "%s: quantization_config must be an object", path);
+        goto out;
+    }
+    static const struct {
+        const char *key, *want;
+    } strs[] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"scale_fmt", "ue8m0"}};
+    for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++) {
+        json_t *v = json_object_get(qc, strs[i].key);
+        if (!v || json_is_null(v)) continue;
+        if (!json_is_string(v) || strcmp(json_string_value(v), strs[i].want) != 0) {
+            rc = mill_errf(e, "%s: quantization_config.%s is %s%.40s%s, expected \"%s\" (the DeepSeek-V4 release's FP8 / "
+                           "packed FP4 format is the one mill reads)", path, strs[i].key, json_is_string(v) ? "\"" : "",
+                           json_is_string(v) ? json_string_value(v) : "not a string", json_is_string(v) ? "\"" : "",
+                           strs[i].want);
+            goto out;
+        }
+    }
+    json_t *bs = json_object_get(qc, "weight_block_size");
+    if (bs && !json_is_null(bs)) {
+        json_t *a = json_array_get(bs, 0), *b = json_array_get(bs, 1);
+        if (!json_is_array(bs) || json_array_size(bs) != 2 || !json_is_integer(a) || !json_is_integer(b) ||
+            json_integer_value(a) < 1 || json_integer_value(b) < 1 || json_integer_value(a) > (1 << 20) ||
+            json_integer_value(b) > (1 << 20)) {
+            rc = mill_errf(e, "%s: quantization_config.weight_block_size must be two positive integers [rows, cols]",
+                           path);
+            goto out;
+        }
+        q->br = (int)json_integer_value(a);
+        q->bc = (int)json_integer_value(b);
+    }
+out:
+    json_decref(root);
+    return rc;
+}
+
+static int quant_dtype(mill_dtype dt) { return dt == DTYPE_F8_E4M3 || dt == DTYPE_I8; }
+
+static const char *quant_kind(mill_dtype dt) { return dt == DTYPE_I8 ? "packed FP4 (I8)" : "FP8 (F8_E4M3)"; }
+
+/* "<base>.weight" -> "<base>.scale" into buf; -1 when name is not a .weight. */
+static int quant_scale_name(const char *name, char *buf, size_t n) {
+    size_t len = strlen(name);
+    if (len < 8 || strcmp(name + len - 7, ".weight") != 0 || len + 1 > n) return -1;
+    snprintf(buf, n, "%.*s.scale", (int)(len - 7), name);
+    return 0;
+}
+
+/* Decodes the quantized tensor en, of logical shape [rows, cols], with its .scale into out, and
+ * marks the scale seen. Every mismatch of the pair is one line naming the file and tensor. */
+static int dequant_entry(const safetensors *st, const safetensors_entry *en, int64_t rows, int64_t cols,
+                         const quant_cfg *qc, char *seen, float *out, mill_err *e) {
+    const char *file = safetensors_file_of(st, en), *kind = quant_kind(en->dtype);
+    int fp4 = en->dtype == DTYPE_I8;
+    char sname[160], want[64], got[64], logical[64], what[64];
+    int64_t lshape[2] = {rows, cols}, sshape[2];
+    tensor_shape_str(2, lshape, logical, sizeof logical);
+    if (quant_scale_name(en->name, sname, sizeof sname))
+        return mill_errf(e, "%s: tensor %s is %s, but only .weight tensors are stored quantized (beside a .scale)",
+                         file, en->name, kind);
+    if (fp4 && cols % QUANT_FP4_GROUP)
+        return mill_errf(e, "%s: tensor %s is %s of logical shape %s, but its width is not a multiple of %d (one e8m0 "
+                            "scale per %d columns)", file, en->name, kind, logical, QUANT_FP4_GROUP, QUANT_FP4_GROUP);
+    if (fp4) {
+        sshape[0] = rows;
+        sshape[1] = cols / QUANT_FP4_GROUP;
+        snprintf(what, sizeof what, "one per %d columns", QUANT_FP4_GROUP);
+    } else {
+        quant_fp8_scale_shape(rows, cols, qc->br, qc->bc, sshape);
+        snprintf(what, sizeof what, "one per %dx%d block", qc->br, qc->bc);
+    }
+    tensor_shape_str(2, sshape, want, sizeof want);
+    const char *sdt = fp4 ? "F8_E8M0" : "F8_E8M0 or F32";
+    const safetensors_entry *sc = safetensors_find(st, sname);
+    if (!sc)
+        return mill_errf(e, "%s: tensor %s is %s but its scale %s is missing (expected %s %s, %s)", file, en->name, kind,
+                         sname, sdt, want, what);
+    const char *sfile = safetensors_file_of(st, sc);
+    if (sc->dtype != DTYPE_F8_E8M0 && (fp4 || sc->dtype != DTYPE_F32))
+        return mill_errf(e, "%s: tensor %s has dtype %s, expected %s (the scales of %s %s)", sfile, sname,
+                         dtype_name(sc->dtype), sdt, kind, en->name);
+    if (sc->ndim != 2 || sc->shape[0] != sshape[0] || sc->shape[1] != sshape[1])
+        return mill_errf(e, "%s: tensor %s has shape %s, expected %s (%s of %s %s %s)", sfile, sname,
+                         tensor_shape_str(sc->ndim, sc->shape, got, sizeof got), want, what, kind, en->name, logical);
+    int rc = fp4 ? quant_dequant_fp4(en->data, sc->data, rows, cols, out, e)
+                 : quant_dequant_fp8(en->data, sc->data, sc->dtype, rows, cols, qc->br, qc->bc, out, e);
+    if (rc) return mill_err_wrap(e, "%s: tensor %s (scale %s in %s)", file, en->name, sname, sfile);
+    int i = safetensors_index(st, sc);
+    if (i >= 0) seen[i] = 1;
+    return 0;
+}
+
+/* Parameter p stored quantized as en: its stored shape follows from p's (whole) shape. */
+static int load_quantized_param(dsv4_model *m, const safetensors *st, const param_info *p, const safetensors_entry *en,
+                                const quant_cfg *qc, char *seen, mill_err *e) {
+    const char *file = safetensors_file_of(st, en);
+    int fp4 = en->dtype == DTYPE_I8;
+    int64_t full[3];
+    char want[64], got[64], logical[64];
+    model_whole_shape(p, full);
+    tensor_shape_str(p->ndim, full, logical, sizeof logical);
+    if (p->ndim != 2)
+        return mill_errf(e, "%s: tensor %s has dtype %s, but only 2-D weights are stored quantized (expected F32, BF16 "
+                            "or F16 for shape %s)", file, p->name, dtype_name(en->dtype), logical);
+    if (fp4 && full[1] % QUANT_FP4_GROUP)
+        return mill_errf(e, "%s: tensor %s is %s, but its logical width %lld is not a multiple of %d (one e8m0 scale per "
+                            "%d columns)", file, p->name, quant_kind(en->dtype), (long long)full[1], QUANT_FP4_GROUP,
+                         QUANT_FP4_GROUP);
+    int64_t stored[2] = {full[0], fp4 ? full[1] / 2 : full[1]};
+    if (en->ndim != 2 || en->shape[0] != stored[0] || en->shape[1] != stored[1]) {
+        tensor_shape_str(en->ndim, en->shape, got, sizeof got);
+        tensor_shape_str(2, stored, want, sizeof want);
+        if (fp4)
+            return mill_errf(e, "%s: tensor %s (packed FP4, I8: two columns a byte) has shape %s, expected %s for its "
+                                "logical shape %s", file, p->name, got, want, logical);
+        return mill_errf(e, "%s: tensor %s has shape %s, expected %s", file, p->name, got, want);
+    }
+    if (p->split < 0) return dequant_entry(st, en, full[0], full[1], qc, seen, m->data + p->offset, e);
+    float *whole = malloc(sizeof(float) * model_whole_numel(p)); /* this rank's tensor-parallel slice of it */
+    if (!whole) return mill_errf(e, "model: out of memory for %s", p->name);
+    int rc = dequant_entry(st, en, full[0], full[1], qc, seen, whole, e);
+    if (!rc) model_slice_copy(p, m->stage.tp, m->stage.tp_rank, m->data + p->offset, whole, 0);
+    free(whole);
+    return rc;
+}
+
+/* A "<base>.scale" whose "<base>.weight" is quantized: read with that weight, never on its own. */
+static int quant_scale_of_quantized(const safetensors *st, const char *name) {
+    size_t len = strlen(name);
+    char w[160];
+    if (len < 7 || strcmp(name + len - 6, ".scale") != 0 || len + 2 > sizeof w) return 0;
+    snprintf(w, sizeof w, "%.*s.weight", (int)(len - 6), name);
+    const safetensors_entry *en = safetensors_find(st, w);
+    return en && quant_dtype(en->dtype);
+}
+
+static int load_extra(dsv4_model *m, const safetensors *st, const safetensors_entry *en, const quant_cfg *qc,
+                      char *seen, mill_err *e) {
+    const char *file = safetensors_file_of(st, en);
+    int64_t shape[TENSOR_MAX_DIMS];
+    memcpy(shape, en->shape, sizeof shape);
+    int quant = quant_dtype(en->dtype);
+    if (quant && en->ndim != 2)
+        return mill_errf(e, "%s: tensor %s is %s, but only 2-D weights are stored quantized", file, en->name,
+                         quant_kind(en->dtype));
+    if (en->dtype == DTYPE_I8) shape[1] *= 2; /* the logical width of packed FP4 */
     model_extra *x = realloc(m->extra, sizeof *x * (size_t)(m->n_extra + 1));
     if (!x) return mill_errf(e, "model: out of memory");
     m->extra = x;
     model_extra *me = &m->extra[m->n_extra];
     memset(me, 0, sizeof *me);
-    if (tensor_alloc(&me->t, DTYPE_F32, DEVICE_CPU, en->ndim, en->shape, e)) return -1;
+    if (tensor_alloc(&me->t, DTYPE_F32, DEVICE_CPU, en->ndim, shape, e)) return -1;
     me->name = strdup(en->name);
     m->n_extra++;
     if (!me->name) return mill_errf(e, "model: out of memory");
+    if (quant) return dequant_entry(st, en, shape[0], shape[1], qc, seen, me->t.data, e);
     if (dtype_convert_to_f32(en->dtype, en->data, me->t.data, (size_t)tensor_numel(&me->t), e))
         return mill_err_wrap(e, "%s: tensor %s", file, en->name);
     return 0;
@@ -651,6 +821,11 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
     dsv4_config cfg;
     if (config_load(dir, &cfg, e)) return -1;
     if (model_init_stage(m, &cfg, stage ? *stage : model_stage_all(&cfg), e)) return -1;
+    quant_cfg qc;
+    if (quant_config_load(dir, &qc, e)) {
+        model_free(m);
+        return -1;
+    }
     safetensors *st = NULL;
     if (safetensors_open(dir, &st, e)) {
         model_free(m);
@@ -672,6 +847,11 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
             goto done;
         }
         const char *file = safetensors_file_of(st, en);
+        seen[safetensors_index(st, en)] = 1;
+        if (p->kind != PARAM_INDEX && quant_dtype(en->dtype)) { /* FP8 / packed FP4 with its .scale */
+            if (load_quantized_param(m, st, p, en, &qc, seen, e)) goto done;
+            continue;
+        }
         int64_t full[3]; /* a tensor-parallel slice's whole tensor */
         model_whole_shape(p, full);
         if (en->ndim != p->ndim || memcmp(en->shape, full, sizeof(int64_t) * (size_t)p->ndim) != 0) {
@@ -680,13 +860,11 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
                       tensor_shape_str(p->ndim, full, want, sizeof want));
             goto done;
         }
-        for (int j = 0; j < safetensors_count(st); j++)
-            if (safetensors_at(st, j) == en) seen[j] = 1;
         if (p->kind == PARAM_INDEX) {
             if (load_index(m, p, en, file, e)) goto done;
         } else if (en->dtype != DTYPE_F32 && en->dtype != DTYPE_BF16 && en->dtype != DTYPE_F16) {
-            mill_errf(e, "%s: tensor %s has dtype %s, expected F32, BF16 or F16 (FP8/FP4 checkpoints are not "
-                      "supported yet)", file, p->name, dtype_name(en->dtype));
+            mill_errf(e, "%s: tensor %s has dtype %s, expected F32, BF16 or F16 (or F8_E4M3, or packed FP4 as I8, "
+                      "beside a .scale)", file, p->name, dtype_name(en->dtype));
             goto done;
         } else if (p->split >= 0) {
             if (load_slice(m, p, en, e)) goto done;
@@ -697,9 +875,20 @@ int model_load_stage(dsv4_model *m, const char *dir, const model_stage *stage, m
     for (int j = 0; j < safetensors_count(st); j++) {
         const safetensors_entry *en = safetensors_at(st, j);
         if (seen[j] || other_stage(&m->stage, cfg.num_hidden_layers, en->name)) continue;
+        if (quant_scale_of_quantized(st, en->name)) continue; /* read (or refused) with its weight */
         if (strncmp(en->name, "mtp.", 4) == 0) {
-            if (load_extra(m, en, safetensors_file_of(st, en), e)) goto done;
+            if (load_extra(m, st, en, &qc, seen, e)) goto done;
             continue;
+        }
+        size_t len = strlen(en->name);
+        if (len > 6 && strcmp(en->name + len - 6, ".scale") == 0) {
+            char w[160];
+            snprintf(w, sizeof w, "%.*s.weight", (int)(len - 6), en->name);
+            const safetensors_entry *we = safetensors_find(st, w);
+            mill_errf(e, "%s: unexpected tensor %s (a quantization scale, but %s %s%s%s)", safetensors_file_of(st, en),
+                      en->name, w, we ? "is " : "is missing", we ? dtype_name(we->dtype) : "",
+                      we ? ", not F8_E4M3 or packed FP4 (I8)" : "");
+            goto done;
         }
         mill_errf(e, "%s: unexpected tensor %s (not part of the DeepSeek-V4 layout of this config.json)",
                   safetensors_file_of(st, en), en->name);

@@ -48,6 +48,7 @@ typedef struct {
     dist_ctx d;
     int dist_on;
     int64_t kill_step, kill_rank; /* fault injection (debug_kill_*): SIGKILL this rank when that step trains */
+    int64_t wedge_step;           /* ... or hang there, alive (debug_wedge_step): what the controller's heartbeat catches */
 } worker;
 
 static dsv4_model *train_model(worker *w) { return w->gpu ? &w->dm : &w->m; }
@@ -112,7 +113,8 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_int(msg, "dp", 0, 1, 1, 1 << 20, &lay[4], e) || wire_get_int(msg, "vpp", 0, 1, 1, PAR_MAX_VPP, &lay[5], e) ||
         wire_get_str(msg, "pp_dtype", 0, "auto", wire, sizeof wire, e) || wire_get_bool(msg, "sp", 0, 0, &sp, e) ||
         wire_get_int(msg, "debug_kill_step", 0, 0, 0, 1 << 30, &w->kill_step, e) ||
-        wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e))
+        wire_get_int(msg, "debug_kill_rank", 0, 0, 0, 1 << 20, &w->kill_rank, e) ||
+        wire_get_int(msg, "debug_wedge_step", 0, 0, 0, 1 << 30, &w->wedge_step, e))
         return mill_err_wrap(e, "init");
     par_sizes ps = {.tp = (int)lay[0], .pp = (int)lay[1], .ep = (int)lay[2], .cp = (int)lay[3], .dp = (int)lay[4],
                     .vpp = (int)lay[5], .sp = sp};
@@ -415,6 +417,10 @@ static int handle_train(worker *w, const wire_msg *msg, wire_builder **reply, mi
     if (w->kill_step && step == w->kill_step && w->world->rank == w->kill_rank) {
         log_warn("trainer rank %d: debug_kill_step %lld: SIGKILL to itself", w->world->rank, (long long)step);
         raise(SIGKILL); /* as kill -9 from outside, mid-step (the other ranks are in this step too) */
+    }
+    if (w->wedge_step && step == w->wedge_step && w->world->rank == w->kill_rank) {
+        log_warn("trainer rank %d: debug_wedge_step %lld: hanging", w->world->rank, (long long)step);
+        for (;;) pause(); /* as a deadlock: alive, silent, killable */
     }
     const wire_frame *fi, *ft, *fr, *fa, *fl;
     if (!(fi = frame(msg, "ids", DTYPE_I32, 2, e)) || !(ft = frame(msg, "targets", DTYPE_I32, 2, e)) ||
