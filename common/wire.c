@@ -298,8 +298,9 @@ int wire_decode(wire_msg **out, const void *header, size_t header_len, const voi
     o = map_find(m->map, "id");
     if (!o || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
         if (!o) mill_errf(e, "wire header: missing required field \"id\"");
-        else mill_errf(e, "wire header: \"id\" is a %s%s, expected a non-negative integer", mp_type_name(o->type),
-                       o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER ? " below 0" : "");
+        else if (o->type == MSGPACK_OBJECT_NEGATIVE_INTEGER)
+            mill_errf(e, "wire header: \"id\" is below 0, expected a non-negative integer");
+        else mill_errf(e, "wire header: \"id\" is a %s, expected a non-negative integer", mp_type_name(o->type));
         goto fail;
     }
     m->id = o->via.u64;
