@@ -315,7 +315,8 @@ static int st_load_file(safetensors *st, const char *path, mill_err *e) {
         if (rc) goto out;
     }
     /* On-disk order gives a stable listing independent of JSON key order. */
-    qsort(st->entries + first, (size_t)(st->count - first), sizeof *st->entries, st_entry_cmp);
+    if (st->count > first) /* no tensors: entries may be NULL, and NULL + 0 is UB (tests/fuzz) */
+        qsort(st->entries + first, (size_t)(st->count - first), sizeof *st->entries, st_entry_cmp);
 out:
     json_decref(root);
     return rc;
