@@ -589,7 +589,8 @@ static int put_in_place(const char *tmp, const char *out, int force, mill_err *e
 static int save_file(safetensors_writer *w, const char *tmp, int f, int nf, mill_err *e) {
     char name[64], path[PATH_MAX + 64];
     file_name(name, sizeof name, f, nf);
-    snprintf(path, sizeof path, "%s/%s", tmp, name);
+    if (snprintf(path, sizeof path, "%s/%s", tmp, name) >= (int)sizeof path)
+        return mill_errf(e, "mill export: the path %s/%s is too long", tmp, name);
     return safetensors_writer_save(w, path, e);
 }
 
