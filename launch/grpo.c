@@ -56,7 +56,8 @@ static int engine_start(procs *ps, const grpo_recipe *r, const char *run_dir, co
     snprintf(ep, sizeof ep, "%d", r->engine_par.ep);
     /* an engine of several ranks starts them itself (mpiexec); its rank 0 serves the address */
     const char *args[] = {"mill", "rollout-server", "--model", model, "--bind", p->addr, "--cache-mb", cache,
-                          "--tp", tp, "--ep", ep, "--device", r->rollout_gpu ? "cuda" : "cpu",
+                          "--tp", tp, "--ep", ep, "--device", r->rollout_gpu ? "cuda" : "cpu", "--exact",
+                          r->exact ? "on" : "off",
                           ps->curve.on ? "--curve" : NULL, ps->curve_file, NULL};
     if (proc_set_argv(p, args, e) || proc_spawn(p, ps->exe, e) || proc_connect(p, ps->zctx, &ps->curve, e))
         return -1;
@@ -965,6 +966,7 @@ static int start_processes(run_ctx *c, const char *model_dir, int resume, long v
     wire_put_num(b, "clip_ratio_c", r->algo.clip_ratio_c);
     wire_put_num(b, "log_ratio_clamp", r->algo.log_ratio_clamp);
     wire_put_num(b, "temperature", r->temperature);
+    wire_put_bool(b, "exact", r->exact);
     wire_put_int(b, "updates_per_step", r->updates_per_step);
     wire_put_int(b, "micro_batch", r->micro_batch);
     wire_put_int(b, "tp", r->par.tp);

@@ -106,7 +106,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     static const char *const roll_k[] = {"prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature",
                                          "top_p", "seed", "layout", "engines", "addresses", "cache_mb", "device", "timeout_s",
                                          "dynamic_sampling", "max_draws", "async", "curve", "curve_keys", "parallel", "max_restarts",
-                                         "heartbeat_s", NULL};
+                                         "heartbeat_s", "exact", NULL};
     static const char *const rew_k[] = {"kind", "url", "timeout_s", "retries", "backoff_s", "fallback_last_number", NULL};
     static const char *const algo_k[] = {"eps_low",      "eps_high",     "std_normalize", "seq_mean",
                                          "kl_coef",      "kl_type",      "tis_cap",       "entropy_coef",
@@ -133,7 +133,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     const char *name, *ledger, *from, *kind, *dpath, *pk, *lk, *tmpl, *layout, *rkind, *url, *klt, *evpath, *dir, *dev, *rdev, *curve, *ckeys, *taddr, *aggm, *pol, *tokp, *chat, *effort;
     long long dseed, pool, pps, spp, mnt, sseed, neng, draws, retries, steps, upd, mb, evev, evn, evseed, ckev, kill,
         restarts, tkill, tkrank, twedge, etp, eep, erestarts;
-    int skip, dyn, stdn, seqm, async, think;
+    int skip, dyn, stdn, seqm, async, think, exact;
     if (yamlcfg_str(y, "name", "", &name, path, e) || yamlcfg_str(y, "ledger", ledger_default_path(), &ledger, path, e) ||
         yamlcfg_str(y, "model.init_from", "", &from, path, e) ||
         yamlcfg_str(y, "data.kind", "arithmetic", &kind, path, e) ||
@@ -159,6 +159,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         yamlcfg_str(y, "rollout.curve_keys", "", &ckeys, path, e) ||
         yamlcfg_num(y, "rollout.timeout_s", 300, 1e-3, 1e6, &r->timeout_s, path, e) ||
         yamlcfg_bool(y, "rollout.dynamic_sampling", 0, &dyn, path, e) ||
+        yamlcfg_bool(y, "rollout.exact", 0, &exact, path, e) ||
         yamlcfg_bool(y, "rollout.async", 0, &async, path, e) ||
         yamlcfg_int(y, "rollout.max_draws", 4, 1, 1000, &draws, path, e) ||
         yamlcfg_int(y, "rollout.parallel.tp", 1, 1, 1 << 20, &etp, path, e) ||
@@ -202,6 +203,8 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
         return -1;
     if (!*from) return mill_errf(e, "%s: model.init_from (the warm start's directory) is required", path);
     if (par_engine((int)etp, (int)eep, &r->engine_par, e)) return mill_err_wrap(e, "%s: rollout.parallel", path);
+    if (exact && (etp > 1 || eep > 1))
+        return mill_errf(e, "%s: rollout.exact needs engines of one rank (rollout.parallel.tp and ep 1)", path);
     if (!yamlcfg_get(y, "train.steps")) return mill_errf(e, "%s: train.steps is required", path);
     if (copy_str(r->name, sizeof r->name, name, "name", path, e) ||
         copy_str(r->ledger, sizeof r->ledger, ledger, "ledger", path, e) ||
@@ -313,6 +316,7 @@ static int recipe_from_tree(json_t *y, const char *path, grpo_recipe *r, mill_er
     r->sample_seed = (uint64_t)sseed;
     r->n_engines = (int)neng;
     r->dynamic_sampling = dyn;
+    r->exact = exact;
     r->max_draws = (int)draws;
     r->reward_retries = (int)retries;
     r->std_normalize = stdn;

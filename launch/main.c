@@ -42,8 +42,10 @@ static int usage(FILE *to) {
             "          OUT: output_ids, logprobs, finish_reason per row (rows may differ in length);\n"
             "          ROUTING: routing.<row> [layers, prompt+generated, k] expert ids (U8, or U16 past 256 experts)\n"
             "  rollout-server --model DIR --bind ADDR [--cache-mb MB] [--max-batch N] [--queue-mb MB] [--device auto|cpu|cuda]\n"
-            "          [--curve FILE] [--tp N] [--ep N]\n"
-            "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555\n"
+            "          [--curve FILE] [--tp N] [--ep N] [--exact on|off]\n"
+            "          serve generation over ZeroMQ (rollout/PROTOCOL.md); ADDR e.g. tcp://127.0.0.1:5555;\n"
+            "          --exact on: logprobs from the trainer's forward over each finished sample (bit-identical\n"
+            "          to the trainer's on a GPU too; one rank)\n"
             "          generate and rollout-server on an engine of max(tp, ep) ranks (started with mpiexec): tp\n"
             "          splits the heads and vocabulary, ep the experts; the tp groups run attention data-parallel\n"
             "  info    --model DIR [--dp N]   config, layer schedule and parameter counts (and what a rank holds at dp N)\n"
@@ -720,7 +722,7 @@ done:
 
 static int cmd_rollout_server(int argc, char **argv, comm **world, mill_err *e) {
     static const char *const known[] = {"--model", "--bind", "--cache-mb", "--max-batch", "--device", "--curve",
-                                        "--queue-mb", NULL};
+                                        "--queue-mb", "--exact", NULL};
     if (check_opts_par(argc, argv, known, e)) return -1;
     const char *dir = opt(argc, argv, "--model"), *bind = opt(argc, argv, "--bind");
     if (!dir || !bind) return mill_errf(e, "mill rollout-server needs --model DIR --bind ADDR");
@@ -731,6 +733,9 @@ static int cmd_rollout_server(int argc, char **argv, comm **world, mill_err *e) 
         return -1;
     if (opt(argc, argv, "--max-batch") && parse_num("--max-batch", opt(argc, argv, "--max-batch"), 1, 1 << 16, &mbatch, e))
         return -1;
+    const char *exact = opt(argc, argv, "--exact");
+    if (exact && strcmp(exact, "on") && strcmp(exact, "off"))
+        return mill_errf(e, "mill rollout-server: --exact \"%s\" must be on or off", exact);
     mill_device dev;
     wire_curve curve;
     dsv4_config cfg;
@@ -744,7 +749,8 @@ static int cmd_rollout_server(int argc, char **argv, comm **world, mill_err *e) 
     int rc = -1;
     if (!kctx_init(&k, dev, e) && !group_init(&g, *world, ps.tp, ps.ep, &cfg, &k, e) &&
         !model_load_stage(&m, dir, &g.stage, e)) { /* this rank's heads, experts and vocabulary rows */
-        server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve, (size_t)(qmb * (1 << 20)), &k, &g};
+        server_config sc = {bind, (size_t)(mb * (1 << 20)), (int)mbatch, dev, &curve, (size_t)(qmb * (1 << 20)), &k,
+                            exact && !strcmp(exact, "on"), &g};
         rc = rollout_server_run(&m, &sc, e);
     }
     model_free(&m);

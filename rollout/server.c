@@ -57,6 +57,11 @@ typedef struct {
     dsv4_model *dev; /* that device copy (NULL on the CPU): released, its flat buffer is given back too */
     kctx kown;     /* the kctx the server made (k points at it), unless the caller gave one */
     const kctx *k;
+    int exact;       /* server_config.exact */
+    arena exact_mem; /* rescore's activations (on k's device), made at its first use */
+    int exact_mem_on;
+    long exact_samples; /* samples rescored, and the seconds it took (stats) */
+    double exact_s;
     engine en;
     void *sock;
     sample **samples;
@@ -270,6 +275,54 @@ static void send_sample(server *s, sample *sm) {
     }
 }
 
+/* rollout.exact: a finished sample's logprobs again, from the trainer's forward over its prompt and
+ * tokens with its routing replayed (model_forward_backward_tokens without a loss: the trainer's
+ * kernels and sums) and op_linear row-invariant (a copy of the kctx with linear_exact: the decode
+ * steps keep the fast kernels), so they are the trainer's logprobs of the same tokens to the bit. */
+static int rescore(server *s, sample *sm, mill_err *e) {
+    const dsv4_config *c = &s->m->cfg;
+    int L = c->num_hidden_layers, K = c->num_experts_per_tok, len = sm->plen + sm->nout;
+    int maxn = sm->req->sp.max_new_tokens;
+    if (!sm->nout) return 0;
+    if (!s->exact_mem_on) {
+        if (arena_init_device(&s->exact_mem, 16 << 20, s->k->device, s->k->stream, e)) return -1;
+        s->exact_mem_on = 1;
+    }
+    int32_t *tg = malloc(sizeof(int32_t) * (size_t)len), *rp = malloc(sizeof(int32_t) * (size_t)L * len * K);
+    float *lp = malloc(sizeof(float) * (size_t)sm->nout);
+    int rc = -1;
+    if (!tg || !rp || !lp) {
+        mill_errf(e, "server: exact logprobs: out of memory");
+        goto out;
+    }
+    for (int t = 0; t < len; t++) tg[t] = t >= sm->plen - 1 && t < len - 1 ? sm->tokens[t + 1] : -1;
+    for (int l = 0; l < L; l++) /* rows were filled at stride prompt + max_new */
+        memcpy(rp + (long)l * len * K, sm->routing + (long)l * (sm->plen + maxn) * K,
+               sizeof(int32_t) * (size_t)len * K);
+    double t0 = mill_now();
+    kctx kx = *s->k;
+    kx.linear_exact = 1;
+    float temp = sample_greedy(sm->req->sp.temperature) ? 1.0f : sm->req->sp.temperature; /* greedy: T = 1 */
+    double loss;
+    long count = 0;
+    if (model_forward_backward_tokens(s->run, &kx, sm->tokens, tg, 1, len, rp, temp, NULL, NULL, NULL, lp, &loss,
+                                      &count, &s->exact_mem, e))
+        goto out;
+    if (count != sm->nout) {
+        mill_errf(e, "server: exact logprobs: %ld positions scored for %d tokens", count, sm->nout);
+        goto out;
+    }
+    memcpy(sm->logprobs, lp, sizeof(float) * (size_t)sm->nout);
+    s->exact_samples++;
+    s->exact_s += mill_now() - t0;
+    rc = 0;
+out:
+    free(tg);
+    free(rp);
+    free(lp);
+    return rc;
+}
+
 /* One engine step over the samples that have (or can get) a cache; finished samples are sent. */
 static int step(server *s, mill_err *e) {
     const dsv4_config *c = &s->m->cfg;
@@ -337,6 +390,7 @@ static int step(server *s, mill_err *e) {
     for (int i = 0; i < s->n_samples; i++) {
         sample *sm = s->samples[i];
         if (sm->state == 4) {
+            if (s->exact && rescore(s, sm, e)) goto out;
             send_sample(s, sm);
             sample_free(s, sm);
         } else {
@@ -680,6 +734,8 @@ static void handle_stats(server *s, const unsigned char *peer, size_t peer_len, 
     wire_put_int(b, "tokens_generated", s->tokens_out);
     wire_put_int(b, "requests", s->requests);
     wire_put_int(b, "weight_version", s->version);
+    wire_put_int(b, "exact_samples", s->exact_samples);
+    wire_put_num(b, "exact_s", s->exact_s);
     wire_send(s->sock, peer, peer_len, b, &e);
     wire_builder_free(b);
 }
@@ -741,6 +797,8 @@ static void handle(server *s, const wire_msg *msg, const wire_raw *raw, const un
         if (s->n_samples) rc = mill_errf(&e, "release_memory: %d samples are in flight", s->n_samples);
         else if (!(rc = engine_release(&s->en, &e))) {
             weights_release(s);
+            if (s->exact_mem_on) arena_free(&s->exact_mem); /* made again at the next rescore */
+            s->exact_mem_on = 0;
             s->released = 1;
             reply_simple(s, peer, peer_len, "released", id);
         }
@@ -808,6 +866,11 @@ int rollout_server_run(dsv4_model *m, const server_config *sc, mill_err *e) {
     int rc = -1, linger = 0, lead = !grouped(&s) || s.g->rank == 0;
     if (!sc->k && kctx_init(&s.kown, sc->device, e)) return -1;
     s.k = sc->k ? sc->k : &s.kown;
+    s.exact = sc->exact;
+    if (s.exact && grouped(&s)) {
+        mill_errf(e, "rollout-server: --exact on needs an engine of one rank (this one has %d)", s.g->size);
+        goto out;
+    }
     if (model_layout(&s.table, &m->cfg, e)) goto out; /* the whole model's names and shapes */
     if (s.k->device != DEVICE_CPU) {
         if (model_to_device(&dm, m, s.k, e)) goto out;
@@ -880,6 +943,7 @@ out:
     free(s.ipc_maps);
     model_free(&dm);
     model_free(&s.table);
+    if (s.exact_mem_on) arena_free(&s.exact_mem);
     if (s.k == &s.kown) kctx_free(&s.kown);
     return rc;
 }

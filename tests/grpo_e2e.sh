@@ -357,5 +357,8 @@ if "$MILL" run $R --set ledger="$L" --set algorithm.eps_low=5 2> "$T/bad4.err"; 
 grep -q 'algorithm.eps_low = 5 is outside \[0, 1\]' "$T/bad4.err" || fail "eps_low 5: $(cat "$T/bad4.err")"
 if "$MILL" run $R --set ledger="$L" --set optimizer.beta2=1.5 2> "$T/bad5.err"; then fail "beta2 1.5 accepted"; fi
 grep -q 'optimizer.beta2 = 1.5 is outside \[0, 1\]' "$T/bad5.err" || fail "beta2 1.5: $(cat "$T/bad5.err")"
+if "$MILL" run $R --set ledger="$L" --set rollout.exact=true --set rollout.parallel.ep=2 2> "$T/bad7.err"; then
+    fail "rollout.exact with an engine of 2 ranks accepted"; fi
+grep -q 'rollout.exact needs engines of one rank' "$T/bad7.err" || fail "exact ep 2: $(cat "$T/bad7.err")"
 [ "$(q "select count(*) from runs")" = "$runs_before" ] || fail "a run was recorded for a recipe with a value out of range"
-echo "bad key, bad row, bad device, values out of range: clear errors, nothing recorded"
+echo "bad key, bad row, bad device, values out of range, rollout.exact on 2 engine ranks: clear errors, nothing recorded"

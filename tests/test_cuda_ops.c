@@ -389,6 +389,50 @@ static void skinny_case(fixture *f, skinny_tally *t, int M, int N, int K, int ac
     cuda_free(dx), cuda_free(dw);
 }
 
+/* kctx.linear_exact: every row of op_linear has the same bits whatever M and the other rows are
+ * (the first m rows alone = those rows of the whole batch, memcmp), and the product is a bf16 GEMM
+ * (TOL_GEMM from the CPU). Shapes: the grouped tensor-core kernel's (N, K multiples of 16) with a
+ * partial 128-row tile, and one it does not take (the few-row kernel 32 rows at a time). */
+static void test_linear_exact(void **state) {
+    fixture *f = *state;
+    f->fails = 0;
+    int sh[][3] = {{300, 256, 128}, {77, 100, 72}, {129, 512, 1024}};
+    int subs[][2] = {{0, 1}, {37, 33}, {5, 129}}; /* first row, rows: other places in the tiles too */
+    for (int s = 0; s < 3; s++) {
+        int M = sh[s][0], N = sh[s][1], K = sh[s][2];
+        char name[64];
+        snprintf(name, sizeof name, "M%d N%d K%d", M, N, K);
+        float *x = hnew((long)M * K), *w = hnew((long)N * K), *y = hnew((long)M * N), *ya = hnew((long)M * N);
+        float *yb = hnew((long)M * N);
+        fill(f, x, (long)M * K, -1, 1);
+        fill(f, w, (long)N * K, -1, 1);
+        fill(f, y, (long)M * N, -1, 1);
+        float *dx = up(x, (long)M * K), *dw = up(w, (long)N * K), *dy = up(y, (long)M * N);
+        f->gpu.linear_exact = 1;
+        OK(op_linear(&f->cpu, y, x, w, M, N, K, 0, 0, 1, ERR)); /* accumulating onto y */
+        OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, 0, 0, 1, ERR));
+        cmp(f, "op_linear exact", name, dy, y, (long)M * N, TOL_GEMM);
+        down(ya, dy, sizeof(float) * (size_t)M * N);
+        OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, 0, 0, 0, ERR));
+        down(ya, dy, sizeof(float) * (size_t)M * N);
+        for (int t = 0; t < 3; t++) {
+            int r0 = subs[t][0], m = subs[t][1] < M - r0 ? subs[t][1] : M - r0;
+            float *dsub = poison((long)m * N);
+            OK(op_linear(&f->gpu, dsub, dx + (long)r0 * K, dw, m, N, K, 0, 0, 0, ERR));
+            down(yb, dsub, sizeof(float) * (size_t)m * N);
+            char sname[96];
+            snprintf(sname, sizeof sname, "%s: rows %d..%d alone (bits)", name, r0, r0 + m);
+            record(f, "op_linear exact row invariance", sname,
+                   memcmp(ya + (long)r0 * N, yb, sizeof(float) * (size_t)m * N) ? 1.0 : 0.0, 0.0);
+            cuda_free(dsub);
+        }
+        f->gpu.linear_exact = 0;
+        free(x), free(w), free(y), free(ya), free(yb);
+        cuda_free(dx), cuda_free(dw), cuda_free(dy);
+    }
+    END_TEST(f);
+}
+
 static void test_skinny_linear(void **state) {
     fixture *f = *state;
     f->fails = 0;
@@ -1823,16 +1867,17 @@ static int teardown(void **state) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     char dev[256];
     mill_err e;
+    if (argc > 1) cmocka_set_test_filter(argv[1]); /* e.g. test_attention: one test's cases */
     if (cuda_device_describe(dev, sizeof dev, &e)) {
         printf("no CUDA device: skipped (%s)\n", e.msg);
         return 0;
     }
     printf("device: %s\n", dev);
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_gemm),          cmocka_unit_test(test_skinny_linear), cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
+        cmocka_unit_test(test_gemm),          cmocka_unit_test(test_skinny_linear), cmocka_unit_test(test_linear_exact), cmocka_unit_test(test_rmsnorm),     cmocka_unit_test(test_embedding),
         cmocka_unit_test(test_swiglu),        cmocka_unit_test(test_cross_entropy), cmocka_unit_test(test_rope),
         cmocka_unit_test(test_optim),         cmocka_unit_test(test_attention),   cmocka_unit_test(test_compress_pool),
         cmocka_unit_test(test_indexer_topk),  cmocka_unit_test(test_cache_ops),  cmocka_unit_test(test_hc),          cmocka_unit_test(test_moe_route),

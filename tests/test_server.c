@@ -2,13 +2,15 @@
  * the HF-checked goldens (n samples, streamed), error replies to malformed and invalid messages
  * while it keeps serving, a client that disconnects mid-request, a bucketed weight update that
  * changes the output, release/resume (with a full update sent while released, which the engine runs
- * after resume), shutdown; and a version sent by several senders (test_server_senders). The server
+ * after resume), shutdown; a version sent by several senders (test_server_senders); --exact on
+ * (test_server_exact). The server
  * runs in a thread of this process. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <cmocka.h>
 #include <jansson.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,7 +38,7 @@ static server_arg *tiny_a_server(const char *tag, size_t queue_budget) {
     snprintf(dir, sizeof dir, "%s/tiny-a", MILL_TEST_DATA);
     snprintf(a->addr, sizeof a->addr, "ipc:///tmp/mill-test-server-%s-%d.sock", tag, (int)getpid());
     if (model_load(&a->m, dir, &a->e) || wire_curve_new(&a->keys, &a->e)) fail_msg("%s", a->e.msg);
-    a->sc = (server_config){a->addr, (size_t)64 << 20, 8, DEVICE_CPU, &a->keys, queue_budget, NULL, NULL};
+    a->sc = (server_config){a->addr, (size_t)64 << 20, 8, DEVICE_CPU, &a->keys, queue_budget, NULL, 0, NULL};
     return a;
 }
 
@@ -147,7 +149,7 @@ static void test_server(void **st) {
         wire_curve_new(&other, &a->e))
         fail_msg("%s", a->e.msg);
     unlink(kpath);
-    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0, NULL, NULL};
+    a->sc = (server_config){addr, (size_t)64 << 20, 8, DEVICE_CPU, &keys, 0, NULL, 0, NULL};
     /* golden prompts and HF-checked greedy continuations */
     snprintf(path, sizeof path, "%s/generate.json", dir);
     json_error_t je;
@@ -680,8 +682,122 @@ static void test_server_flood(void **st) {
     free(a);
 }
 
+/* n samples of one prompt at temperature 0.8 (seed 5): tokens, logprobs and routing (U8 [layers,
+ * P + N, k]) by sample index. */
+static void sample_request(void *c, uint64_t id, const int32_t *prompt, int P, int n, int N, int32_t *tok, float *lp,
+                           uint8_t *rt, size_t rt_bytes) {
+    wire_builder *b = wire_builder_new("generate", id);
+    mill_err e;
+    int64_t plen = P;
+    wire_put_int(b, "n", n);
+    wire_put_int(b, "max_new_tokens", N);
+    wire_put_num(b, "temperature", 0.8);
+    wire_put_int(b, "seed", 5);
+    if (wire_put_frame(b, "prompt", DTYPE_I32, 1, &plen, prompt, &e)) fail_msg("%s", e.msg);
+    send_msg(c, b);
+    for (int got = 0; got <= n; got++) {
+        wire_raw *raw;
+        wire_msg *r = recv_msg(c, &raw);
+        int64_t i;
+        if (!strcmp(wire_type(r), "sample")) {
+            const wire_frame *tk = wire_frame_named(r, "tokens"), *lf = wire_frame_named(r, "logprobs");
+            const wire_frame *rf = wire_frame_named(r, "routing");
+            if (wire_get_int(r, "index", 1, 0, 0, n - 1, &i, &e)) fail_msg("%s", e.msg);
+            assert_int_equal(tk->shape[0], N);
+            assert_int_equal(rf->dtype, DTYPE_U8);
+            assert_int_equal(rf->nbytes, rt_bytes);
+            memcpy(tok + i * N, tk->data, sizeof(int32_t) * (size_t)N);
+            memcpy(lp + i * N, lf->data, sizeof(float) * (size_t)N);
+            memcpy(rt + i * rt_bytes, rf->data, rt_bytes);
+        } else {
+            assert_string_equal(wire_type(r), "done");
+        }
+        wire_msg_free(r);
+        wire_recv_free(raw);
+    }
+}
+
+/* --exact on: each sample's logprobs are the trainer's forward's for its tokens (the training step's
+ * function, model_forward_backward_tokens, run here on the sample's tokens with its routing
+ * replayed at temperature 0.8), to the bit, and stats count the samples; an ordinary server's
+ * decode logprobs are close to them (on this CPU they may differ in the last bits: OpenBLAS's
+ * kernels and the thread count decide) and its tokens are the same. */
+static void test_server_exact(void **st) {
+    (void)st;
+    enum { P = 6, N = 9, NS = 3 };
+    int32_t prompt[P] = {5, 9, 2, 7, 1, 3}, tok[2][NS * N];
+    float lp[2][NS * N];
+    server_arg *a = NULL;
+    uint8_t *rt = NULL;
+    size_t rt_bytes = 0;
+    for (int x = 0; x < 2; x++) {
+        a = tiny_a_server(x ? "exact-on" : "exact-off", 0);
+        a->sc.exact = x;
+        const dsv4_config *cf = &a->m.cfg;
+        rt_bytes = (size_t)cf->num_hidden_layers * (P + N) * cf->num_experts_per_tok;
+        if (!rt) rt = malloc(NS * rt_bytes);
+        pthread_t th;
+        pthread_create(&th, NULL, server_main, a);
+        void *ctx = zmq_ctx_new(), *c = connect_client(ctx, a->addr, &a->keys);
+        sample_request(c, 1, prompt, P, NS, N, tok[x], lp[x], rt, rt_bytes);
+        send_msg(c, wire_builder_new("stats", 3));
+        wire_raw *raw;
+        wire_msg *r = recv_msg(c, &raw);
+        int64_t rescored;
+        mill_err e;
+        if (wire_get_int(r, "exact_samples", 1, 0, 0, 1 << 30, &rescored, &e)) fail_msg("%s", e.msg);
+        assert_int_equal(rescored, x ? NS : 0);
+        wire_msg_free(r);
+        wire_recv_free(raw);
+        server_shutdown(c, 4, th, a);
+        zmq_close(c);
+        zmq_ctx_term(ctx);
+        if (!x) {
+            model_free(&a->m);
+            free(a);
+        }
+    }
+    /* the trainer's function on the exact server's samples (a still holds its model) */
+    const dsv4_config *cf = &a->m.cfg;
+    int L = cf->num_hidden_layers, K = cf->num_experts_per_tok, T = P + N;
+    kctx k;
+    arena ar;
+    mill_err e;
+    if (kctx_init(&k, DEVICE_CPU, &e) || arena_init(&ar, 1 << 20, &e)) fail_msg("%s", e.msg);
+    double maxd = 0;
+    for (int i = 0; i < NS; i++) {
+        int32_t ids[P + N], tg[P + N], rp[64 * (P + N) * 8];
+        float want[N];
+        assert_true(L * T * K <= (int)(sizeof rp / sizeof rp[0]));
+        memcpy(ids, prompt, sizeof prompt);
+        memcpy(ids + P, tok[1] + i * N, sizeof(int32_t) * N);
+        for (int t = 0; t < T; t++) tg[t] = t >= P - 1 && t < T - 1 ? ids[t + 1] : -1;
+        for (long j = 0; j < (long)L * T * K; j++) rp[j] = rt[i * rt_bytes + j];
+        double loss;
+        long count;
+        if (model_forward_backward_tokens(&a->m, &k, ids, tg, 1, T, rp, 0.8f, NULL, NULL, NULL, want, &loss, &count,
+                                          &ar, &e))
+            fail_msg("%s", e.msg);
+        assert_int_equal(count, N);
+        assert_memory_equal(want, lp[1] + i * N, sizeof want);
+        for (int j = 0; j < N; j++) maxd = fmax(maxd, fabs((double)lp[0][i * N + j] - lp[1][i * N + j]));
+    }
+    printf("# exact: %d samples of %d tokens equal the trainer's forward; decode's logprobs within %.2e\n", NS, N,
+           maxd);
+    assert_memory_equal(tok[0], tok[1], sizeof tok[0]);
+    assert_true(maxd <= 1e-4);
+    int distinct = 0; /* the draws differ between samples: temperature and seeds reached the engine */
+    for (int i = 1; i < NS; i++) distinct += memcmp(tok[1], tok[1] + i * N, sizeof(int32_t) * N) != 0;
+    assert_true(distinct > 0);
+    arena_free(&ar);
+    kctx_free(&k);
+    model_free(&a->m);
+    free(a);
+    free(rt);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_server), cmocka_unit_test(test_server_senders),
-                                       cmocka_unit_test(test_server_flood)};
+                                       cmocka_unit_test(test_server_flood), cmocka_unit_test(test_server_exact)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

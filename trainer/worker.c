@@ -68,7 +68,7 @@ static void reply_error(worker *w, const unsigned char *peer, size_t plen, uint6
 
 static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mill_err *e) {
     char model[1024], ref[1024], sched[16], freeze[OPTIM_MAX_FREEZE * 96], device[8], wire[8];
-    int resume, seqm, sp;
+    int resume, seqm, sp, exact;
     int64_t version, warm, total, kl, agg, ratio, updates, mb, lay[6];
     double temp;
     optim_config oc;
@@ -105,7 +105,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         wire_get_num(msg, "log_ratio_clamp", 0, 0, 0, 1e6, &w->algo.log_ratio_clamp, e) ||
         wire_get_num(msg, "tis_cap", 0, 0, 0, 1e6, &w->algo.tis_cap, e) ||
         wire_get_num(msg, "entropy_coef", 0, 0, -1e3, 1e3, &w->algo.entropy_coef, e) ||
-        wire_get_num(msg, "temperature", 0, 1.0, 1e-6, 100, &temp, e) ||
+        wire_get_num(msg, "temperature", 0, 1.0, 1e-6, 100, &temp, e) || wire_get_bool(msg, "exact", 0, 0, &exact, e) ||
         wire_get_int(msg, "updates_per_step", 0, 1, 1, 1024, &updates, e) ||
         wire_get_int(msg, "micro_batch", 0, 0, 0, 1 << 20, &mb, e) ||
         wire_get_int(msg, "tp", 0, 1, 1, 1 << 20, &lay[0], e) || wire_get_int(msg, "pp", 0, 1, 1, 1 << 20, &lay[1], e) ||
@@ -132,6 +132,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (kctx_init(&w->k, DEVICE_CUDA, e)) return mill_err_wrap(e, "init: device cuda");
         w->gpu = 1;
     }
+    w->k.linear_exact = exact; /* the engines' exact logprobs are this forward's (rollout.exact) */
     dsv4_config mcfg; /* the stages need the model's layers */
     if (config_load(model, &mcfg, e) || dist_init(&w->d, w->world, &ps, &mcfg, 0, &w->k, e))
         return mill_err_wrap(e, "init");

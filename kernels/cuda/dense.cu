@@ -481,6 +481,42 @@ int cu_skinny_linear(const kctx *k, float *Y, int ldy, const float *X, int ldx, 
     return 0;
 }
 
+__global__ void linear_exact_offs_kernel(int32_t *offs, int M) {
+    offs[0] = 0;
+    offs[1] = M;
+}
+
+/* kctx.linear_exact: y = x w^T (+ y) with a row's bits independent of M and of the other rows, for
+ * every M: the grouped tensor-core kernel as one group (fixed 128 x 128 tiles, each element summed
+ * over K in the same order whatever the tile holds), or, for shapes it does not take, the few-row
+ * kernel 32 rows at a time. Capturable: no host copies. */
+static int cu_linear_exact(const kctx *k, float *y, int ly, const float *x, int lx, const float *w, int M, int N, int K,
+                           int accumulate, mill_err *e) {
+    const void *ws = cu_shadow_of(k, w, (long)(N - 1) * K + K);
+    int fits = N % 16 == 0 && K % 16 == 0 && ly >= N;
+    if (!fits) {
+        for (int r = 0; r < M; r += CU_SKINNY_MAX_ROWS)
+            TRY(cu_skinny_linear(k, y + (long)r * ly, ly, x + (long)r * lx, lx, w,
+                                 M - r < CU_SKINNY_MAX_ROWS ? M - r : CU_SKINNY_MAX_ROWS, N, K, accumulate, e));
+        return 0;
+    }
+    int wcopy = !ws || ((uintptr_t)ws & 15);
+    size_t na = (size_t)M * K, nb = wcopy ? (size_t)N * K : 0;
+    char *buf = NULL;
+    TRY(cu_scratch((void **)&buf, sizeof(__nv_bfloat16) * (na + nb + 8) + 64, k, e));
+    int32_t *offs = (int32_t *)buf;
+    __nv_bfloat16 *a16 = (__nv_bfloat16 *)(buf + 64), *b16 = a16 + ((na + 7) / 8) * 8; /* 16-byte aligned */
+    int rc = cu_to_bf16(k, a16, x, M, K, lx, e);
+    if (!rc && wcopy) rc = cu_to_bf16(k, b16, w, N, K, K, e);
+    if (!rc) {
+        linear_exact_offs_kernel<<<1, 1, 0, cu_stream(k)>>>(offs, M);
+        rc = cuda_moe_wmma_gemm(k, 0, offs, 1, M, N, K, a16, K, wcopy ? (const void *)b16 : ws, 0, K, y, ly,
+                                accumulate ? 1.0f : 0.0f, e);
+    }
+    cu_scratch_free(buf, k);
+    return rc;
+}
+
 int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int M, int N, int K, int ldx, int ldy,
                    int accumulate, mill_err *e) {
     if (M <= 0 || N <= 0) return 0;
@@ -493,8 +529,10 @@ int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int 
     }
     double tp = cu_phase(k);
     int rc;
+    if (k->linear_exact && !k->gemm_fp32)
+        rc = cu_linear_exact(k, y, ly, x, lx, w, M, N, K, accumulate, e);
     /* decode's few rows: one memory-bound kernel, the same bits for a row in any batch */
-    if (M <= CU_SKINNY_MAX_ROWS && !k->gemm_fp32 && !k->linear_cublas && lx >= K && ly >= N)
+    else if (M <= CU_SKINNY_MAX_ROWS && !k->gemm_fp32 && !k->linear_cublas && lx >= K && ly >= N)
         rc = cu_skinny_linear(k, y, ly, x, lx, w, M, N, K, accumulate, e);
     else
         rc = cu_gemm(k, GEMM_NT, M, N, K, x, lx, w, K, y, ly, accumulate ? 1.0f : 0.0f, 1, e);
