@@ -436,9 +436,11 @@ static json_t *hf_config(const dsv4_config *c, mill_dtype dt) {
     return o;
 }
 
-/* GenerationConfig.from_model_config's file, for a source without generation_config.json. */
+/* GenerationConfig.from_model_config's file, for a source without generation_config.json: the keys
+ * transformers 5.17's save_pretrained writes (tests/data/hf-keys-*.json, from the GPU machine). */
 static json_t *hf_generation_config(const dsv4_config *c) {
-    json_t *o = json_pack("{s:b}", "_from_model_config", 1);
+    json_t *o = json_pack("{s:b, s:b, s:b, s:b}", "_from_model_config", 1, "output_attentions", 0,
+                          "output_hidden_states", 0, "use_cache", 1);
     if (o && c->bos_token_id >= 0) json_object_set_new(o, "bos_token_id", json_integer(c->bos_token_id));
     if (o && c->eos_token_id >= 0) json_object_set_new(o, "eos_token_id", json_integer(c->eos_token_id));
     return o;

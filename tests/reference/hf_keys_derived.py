@@ -22,7 +22,8 @@ What it rests on, each a fact of transformers 5.17:
   layer_types, num_hash_layers -> mlp_layer_types, qk_rope_head_dim -> partial_rotary_factor,
   rope_theta / compress_rope_theta / rope_scaling -> rope_parameters {main, compress});
 - generation_config.json: GenerationConfig.from_model_config keeps the token ids that differ from
-  its defaults and marks _from_model_config.
+  its defaults and marks _from_model_config; save_pretrained adds output_attentions,
+  output_hidden_states (false) and use_cache (true) (seen in HF 5.17's own files, 2026-12-08).
 """
 import ast
 import json
@@ -184,7 +185,9 @@ def main():
         "state_dict": sd,
         "config": config(c),
         "generation_config": {k: v for k, v in (("_from_model_config", True), ("bos_token_id", c.get("bos_token_id")),
-                                                ("eos_token_id", c.get("eos_token_id"))) if v is not None},
+                                                ("eos_token_id", c.get("eos_token_id")), ("output_attentions", False),
+                                                ("output_hidden_states", False), ("use_cache", True))
+                              if v is not None},
     }
     with open(out_path, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
