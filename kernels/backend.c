@@ -108,6 +108,8 @@ int kctx_init(kctx *k, mill_device dev, mill_err *e) {
     k->moe_cublas = moe && !strcmp(moe, "cublas");
     const char *skinny = getenv("MILL_SKINNY");
     k->linear_cublas = skinny && !strcmp(skinny, "0");
+    const char *att = getenv("MILL_ATTENTION");
+    k->attention_tc = att && !strcmp(att, "tc");
     const char *prof = getenv("MILL_PROFILE");
     if (prof && !strcmp(prof, "1") && (k->prof = calloc(1, sizeof *k->prof))) k->prof->t_start = mill_now();
     return 0;

@@ -35,9 +35,13 @@ typedef struct {
                      * the environment sets it) */
     int linear_cublas; /* CUDA: op_linear of <= 32 rows (decode) on cuBLAS too, instead of the few-row kernel
                         * (A/B checks; MILL_SKINNY=0 in the environment sets it) */
-    int linear_exact; /* CUDA: op_linear's forward with a row's bits independent of the batch for every M
-                       * (the grouped tensor-core kernel as one group), so a sequence's logprobs are the
-                       * same alone or in any micro-batch (rollout.exact); the CPU's always are */
+    int attention_tc; /* CUDA: the training path's sink attention on the tensor-core kernels
+                       * (attention_tc.cu) instead of the fp32 ones; MILL_ATTENTION=tc in the environment
+                       * sets it. Off by default until test_cuda_ops has checked them on a GPU */
+    int exact; /* CUDA: a token's forward bits independent of the batch it is in: op_linear for every M
+                * on the grouped tensor-core kernel as one group, the experts always on the grouped
+                * path (never the few-row one), so a sequence's logprobs are the same alone or in any
+                * micro-batch (rollout.exact); the CPU's always are */
     int gemm_rows;  /* CPU: op_linear's row block, probed at kctx_init for the loaded OpenBLAS kernel */
     int gemm_batch; /* CPU: 1 when one call may cover several blocks with the same bits (else one call per block) */
     kctx_shadow *shadows; /* CUDA: [KCTX_SHADOWS], owned; mutable through a const kctx */

@@ -40,7 +40,7 @@ typedef struct {
     int disaggregated, n_engines, dynamic_sampling, max_draws;
     int async; /* disaggregated: generate step s + 1 while step s trains (one version behind) */
     int exact; /* rollout.exact: the engines' logprobs from the trainer's forward (server_config.exact), and
-                * the trainer's op_linear row-invariant (kctx.linear_exact): rollout = trainer to the bit */
+                * the trainer's op_linear row-invariant (kctx.exact): rollout = trainer to the bit */
     char engine_addrs[2048]; /* comma-separated external engines ("" = spawn n_engines) */
     double cache_mb, timeout_s;
     par_sizes engine_par; /* rollout.parallel.{tp, ep}: each spawned engine's ranks (par_engine) */

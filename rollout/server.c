@@ -277,7 +277,7 @@ static void send_sample(server *s, sample *sm) {
 
 /* rollout.exact: a finished sample's logprobs again, from the trainer's forward over its prompt and
  * tokens with its routing replayed (model_forward_backward_tokens without a loss: the trainer's
- * kernels and sums) and op_linear row-invariant (a copy of the kctx with linear_exact: the decode
+ * kernels and sums) on a copy of the kctx with exact (op_linear and the experts row-invariant; the decode
  * steps keep the fast kernels), so they are the trainer's logprobs of the same tokens to the bit. */
 static int rescore(server *s, sample *sm, mill_err *e) {
     const dsv4_config *c = &s->m->cfg;
@@ -301,7 +301,7 @@ static int rescore(server *s, sample *sm, mill_err *e) {
                sizeof(int32_t) * (size_t)len * K);
     double t0 = mill_now();
     kctx kx = *s->k;
-    kx.linear_exact = 1;
+    kx.exact = 1;
     float temp = sample_greedy(sm->req->sp.temperature) ? 1.0f : sm->req->sp.temperature; /* greedy: T = 1 */
     double loss;
     long count = 0;

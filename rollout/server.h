@@ -25,7 +25,7 @@ typedef struct {
     const kctx *k;       /* the kctx to run on (NULL: the server makes one for device) */
     int exact;           /* rollout.exact: each finished sample's logprobs come from the trainer's forward
                           * (model_forward_backward_tokens over its prompt and tokens, its routing
-                          * replayed, kctx.linear_exact), not from decode: the trainer's bits on a GPU
+                          * replayed, kctx.exact), not from decode: the trainer's bits on a GPU
                           * too. One rank only. */
     engine_group *group; /* an engine of several ranks (rollout/group.h; m holds this rank's part, loaded
                           * with its stage; NULL: this process alone): rank 0 serves the socket and leads,

@@ -30,6 +30,9 @@
  *     K 4096; room left for their truncating adds), while one k of 4096 missed or doubled is ~1e-2.
  *     Against the CPU op it gets TOL_GEMM like every GEMM (where N >= 256: a lone dot product of
  *     8 terms can cancel to a relative error above it).
+ *   TOL_ATT_TC 4e-3 — the tensor-core sink attention against the CPU on the same bf16-rounded
+ *     q, keys and dout: P and dS are rounded to bf16 (2^-9 relative each, ~1e-3 of the output);
+ *     one key of a few hundred missed or doubled moves the output by about its 1 / keys share.
  *   TOL_FP32 1e-5 — pure fp32 kernels: the same formula, only the summation order (warp trees vs
  *     the CPU's loops) and libm vs CUDA's expf/sinf (<= 2 ulp) differ; that is ~1e-7 per element,
  *     growing like sqrt(terms).
@@ -68,6 +71,7 @@
 #define TOL_MOE_PATHS 2e-3
 #define TOL_WMMA 1e-5
 #define TOL_SKINNY 1e-4
+#define TOL_ATT_TC 4e-3
 #define SKINNY_MAX_ROWS 32 /* CU_SKINNY_MAX_ROWS (kernels/cuda/cuda_internal.cuh): op_linear's few-row kernel */
 #define MAX_OPS 160
 
@@ -389,7 +393,7 @@ static void skinny_case(fixture *f, skinny_tally *t, int M, int N, int K, int ac
     cuda_free(dx), cuda_free(dw);
 }
 
-/* kctx.linear_exact: every row of op_linear has the same bits whatever M and the other rows are
+/* kctx.exact: every row of op_linear has the same bits whatever M and the other rows are
  * (the first m rows alone = those rows of the whole batch, memcmp), and the product is a bf16 GEMM
  * (TOL_GEMM from the CPU). Shapes: the grouped tensor-core kernel's (N, K multiples of 16) with a
  * partial 128-row tile, and one it does not take (the few-row kernel 32 rows at a time). */
@@ -408,7 +412,7 @@ static void test_linear_exact(void **state) {
         fill(f, w, (long)N * K, -1, 1);
         fill(f, y, (long)M * N, -1, 1);
         float *dx = up(x, (long)M * K), *dw = up(w, (long)N * K), *dy = up(y, (long)M * N);
-        f->gpu.linear_exact = 1;
+        f->gpu.exact = 1;
         OK(op_linear(&f->cpu, y, x, w, M, N, K, 0, 0, 1, ERR)); /* accumulating onto y */
         OK(op_linear(&f->gpu, dy, dx, dw, M, N, K, 0, 0, 1, ERR));
         cmp(f, "op_linear exact", name, dy, y, (long)M * N, TOL_GEMM);
@@ -426,7 +430,7 @@ static void test_linear_exact(void **state) {
                    memcmp(ya + (long)r0 * N, yb, sizeof(float) * (size_t)m * N) ? 1.0 : 0.0, 0.0);
             cuda_free(dsub);
         }
-        f->gpu.linear_exact = 0;
+        f->gpu.exact = 0;
         free(x), free(w), free(y), free(ya), free(yb);
         cuda_free(dx), cuda_free(dw), cuda_free(dy);
     }
@@ -844,95 +848,126 @@ static void test_optim(void **state) {
 
 /* ---- attention ---- */
 
+/* Rounds x to bf16 values in place: the tensor-core kernels' operands, so their CPU reference sees
+ * the same inputs and only the products' bf16 P / dS and fp32 sums differ. */
+static void round_bf16(float *x, long n) {
+    for (long i = 0; i < n; i++) x[i] = bf16_float(bf16_bits(x[i]));
+}
+
+/* Sink attention on both GPU paths: kctx.gemm_fp32 (the fp32 kernels, TOL_FP32 from the CPU) and the
+ * default tensor-core kernels (bf16 operands; TOL_ATT_TC from the CPU on the same bf16-rounded
+ * inputs). */
 static void test_attention(void **state) {
     fixture *f = *state;
     f->fails = 0;
-    struct {
-        int T, H, d, window, n_comp, Tc;
-    } sh[] = {/* the tiled kernels: d 512 (shared memory over 48 KB), window only, partial head chunks */
-              {256, 8, 512, 128, 64, 64},
-              {160, 16, 512, 128, 0, 0},
-              {96, 4, 64, 16, 8, 24},
-              /* the training shape's CSA (n_comp 256 with holes) and HCA layers, T off the 32-key tile */
-              {300, 16, 128, 128, 256, 75},
-              {200, 16, 128, 128, 3, 3},
-              /* Flash's 64 heads (four head chunks), at d 128 and d 512; 20 heads: a part-empty chunk */
-              {150, 64, 128, 128, 40, 37},
-              {130, 64, 512, 128, 16, 32},
-              {70, 20, 128, 32, 5, 12},
-              /* d not a multiple of 4: the per-head kernels */
-              {50, 3, 30, 16, 4, 10}};
-    for (int s = 0; s < (int)(sizeof sh / sizeof sh[0]); s++) {
-        int T = sh[s].T, H = sh[s].H, d = sh[s].d, W = sh[s].window, nc = sh[s].n_comp, Tc = sh[s].Tc;
-        long nq = (long)T * H * d;
-        char name[64];
-        snprintf(name, sizeof name, "T%d H%d d%d win%d comp%d/%d", T, H, d, W, nc, Tc);
-        float scale = 1.0f / sqrtf((float)d);
-        float *q = hnew(nq), *kv = hnew((long)T * d), *comp = hnew((long)(Tc ? Tc : 1) * d), *sinks = hnew(H);
-        float *out = hnew(nq);
-        int32_t *cidx = hnewi((long)T * (nc ? nc : 1));
-        fill(f, q, nq, -2, 2);
-        fill(f, kv, (long)T * d, -2, 2);
-        fill(f, comp, (long)(Tc ? Tc : 1) * d, -2, 2);
-        fill(f, sinks, H, -1, 1);
-        for (long i = 0; i < (long)T * nc; i++) cidx[i] = (int32_t)rng_below(&f->r, (uint64_t)Tc + 1) - 1; /* -1 holes */
-        float *dq = up(q, nq), *dkv = up(kv, (long)T * d), *dcomp = nc ? up(comp, (long)Tc * d) : NULL;
-        float *dsinks = up(sinks, H), *dout = poison(nq);
-        int32_t *dcidx = nc ? upi(cidx, (long)T * nc) : NULL;
-        OK(op_sink_attention(&f->cpu, out, q, kv, nc ? comp : NULL, nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale,
-                             ERR));
-        OK(op_sink_attention(&f->gpu, dout, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d, W, scale, ERR));
-        cmp(f, "op_sink_attention", name, dout, out, nq, TOL_FP32);
-        /* backward: gradients accumulate onto random values */
-        float *go = hnew(nq), *gq = hnew(nq), *gkv = hnew((long)T * d), *gc = hnew((long)(Tc ? Tc : 1) * d);
-        float *gs = hnew(H);
-        fill(f, go, nq, -1, 1);
-        fill(f, gq, nq, -1, 1);
-        fill(f, gkv, (long)T * d, -1, 1);
-        fill(f, gc, (long)(Tc ? Tc : 1) * d, -1, 1);
-        fill(f, gs, H, -1, 1);
-        float *dgo = up(go, nq), *dgq = up(gq, nq), *dgkv = up(gkv, (long)T * d);
-        float *dgc = nc ? up(gc, (long)Tc * d) : NULL, *dgs = up(gs, H);
-        OK(op_sink_attention_backward(&f->cpu, gq, gkv, nc ? gc : NULL, gs, go, q, kv, nc ? comp : NULL,
-                                      nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale, ERR));
-        OK(op_sink_attention_backward(&f->gpu, dgq, dgkv, dgc, dgs, dgo, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d,
-                                      W, scale, ERR));
-        cmp(f, "op_sink_attention_backward dq", name, dgq, gq, nq, TOL_FP32);
-        cmp(f, "op_sink_attention_backward dkv", name, dgkv, gkv, (long)T * d, TOL_FP32);
-        if (nc) cmp(f, "op_sink_attention_backward dcomp", name, dgc, gc, (long)Tc * d, TOL_FP32);
-        cmp(f, "op_sink_attention_backward dsinks", name, dgs, gs, H, TOL_FP32);
-        /* a slice of the queries, rows [a, b) at positions q0 = a (context parallelism), against the
-         * whole sequence's keys; kv rows from b on are NaN, so a read past q0 + T shows */
-        int a = T / 3 + 1, b = a + (T - a) / 2 + 1, Ts = b - a;
-        long at = (long)a * H * d, ns = (long)Ts * H * d;
-        char sname[96];
-        snprintf(sname, sizeof sname, "%s rows %d..%d", name, a, b);
-        float *kvs = hnew((long)T * d);
-        memcpy(kvs, kv, sizeof(float) * (size_t)T * d);
-        fillv(kvs + (long)b * d, (long)(T - b) * d, NAN);
-        float *dkvs = up(kvs, (long)T * d), *dsout = poison(ns);
-        const int32_t *sidx = nc ? cidx + (long)a * nc : NULL, *dsidx = nc ? dcidx + (long)a * nc : NULL;
-        OK(op_sink_attention(&f->cpu, out, q + at, kvs, nc ? comp : NULL, sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
-        OK(op_sink_attention(&f->gpu, dsout, dq + at, dkvs, dcomp, dsidx, nc, dsinks, Ts, a, H, d, W, scale, ERR));
-        cmp(f, "op_sink_attention", sname, dsout, out, ns, TOL_FP32);
-        /* both sides accumulate onto the CPU's gradients so far */
-        float *sgq = up(gq, nq), *sgkv = up(gkv, (long)T * d), *sgc = nc ? up(gc, (long)Tc * d) : NULL;
-        float *sgs = up(gs, H);
-        OK(op_sink_attention_backward(&f->cpu, gq + at, gkv, nc ? gc : NULL, gs, go + at, q + at, kvs, nc ? comp : NULL,
-                                      sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
-        OK(op_sink_attention_backward(&f->gpu, sgq + at, sgkv, sgc, sgs, dgo + at, dq + at, dkvs, dcomp, dsidx, nc,
-                                      dsinks, Ts, a, H, d, W, scale, ERR));
-        cmp(f, "op_sink_attention_backward dq", sname, sgq + at, gq + at, ns, TOL_FP32);
-        cmp(f, "op_sink_attention_backward dkv", sname, sgkv, gkv, (long)b * d, TOL_FP32);
-        if (nc) cmp(f, "op_sink_attention_backward dcomp", sname, sgc, gc, (long)Tc * d, TOL_FP32);
-        cmp(f, "op_sink_attention_backward dsinks", sname, sgs, gs, H, TOL_FP32);
-        free(kvs);
-        cuda_free(dkvs), cuda_free(dsout), cuda_free(sgq), cuda_free(sgkv), cuda_free(sgc), cuda_free(sgs);
-        free(q), free(kv), free(comp), free(sinks), free(out), free(cidx), free(go), free(gq), free(gkv), free(gc),
-            free(gs);
-        cuda_free(dq), cuda_free(dkv), cuda_free(dcomp), cuda_free(dsinks), cuda_free(dout), cuda_free(dcidx);
-        cuda_free(dgo), cuda_free(dgq), cuda_free(dgkv), cuda_free(dgc), cuda_free(dgs);
+    for (int tc = 0; tc < 2; tc++) {
+        const double tol = tc ? TOL_ATT_TC : TOL_FP32;
+        const char *fw = tc ? "op_sink_attention tc" : "op_sink_attention";
+        const char *bq = tc ? "op_sink_attention_backward tc dq" : "op_sink_attention_backward dq";
+        const char *bkv = tc ? "op_sink_attention_backward tc dkv" : "op_sink_attention_backward dkv";
+        const char *bc = tc ? "op_sink_attention_backward tc dcomp" : "op_sink_attention_backward dcomp";
+        const char *bs = tc ? "op_sink_attention_backward tc dsinks" : "op_sink_attention_backward dsinks";
+        f->gpu.attention_tc = tc;
+        struct {
+            int T, H, d, window, n_comp, Tc;
+        } sh[] = {/* the tiled kernels: d 512 (shared memory over 48 KB), window only, partial head chunks */
+                  {256, 8, 512, 128, 64, 64},
+                  {160, 16, 512, 128, 0, 0},
+                  {96, 4, 64, 16, 8, 24},
+                  /* the training shape's CSA (n_comp 256 with holes) and HCA layers, T off the 32-key tile */
+                  {300, 16, 128, 128, 256, 75},
+                  {200, 16, 128, 128, 3, 3},
+                  /* Flash's 64 heads (four head chunks), at d 128 and d 512; 20 heads: a part-empty chunk */
+                  {150, 64, 128, 128, 40, 37},
+                  {130, 64, 512, 128, 16, 32},
+                  {70, 20, 128, 32, 5, 12},
+                  /* 100 heads (a second chunk of 36) at d 96 (a partial instance of the tensor-core
+                   * kernels); one and a few queries */
+                  {90, 100, 96, 64, 20, 22},
+                  {1, 64, 512, 128, 4, 2},
+                  {5, 16, 64, 4, 3, 2},
+                  /* d not a multiple of 4: the per-head kernels */
+                  {50, 3, 30, 16, 4, 10}};
+        for (int s = 0; s < (int)(sizeof sh / sizeof sh[0]); s++) {
+            int T = sh[s].T, H = sh[s].H, d = sh[s].d, W = sh[s].window, nc = sh[s].n_comp, Tc = sh[s].Tc;
+            long nq = (long)T * H * d;
+            char name[64];
+            snprintf(name, sizeof name, "T%d H%d d%d win%d comp%d/%d", T, H, d, W, nc, Tc);
+            float scale = 1.0f / sqrtf((float)d);
+            float *q = hnew(nq), *kv = hnew((long)T * d), *comp = hnew((long)(Tc ? Tc : 1) * d), *sinks = hnew(H);
+            float *out = hnew(nq);
+            int32_t *cidx = hnewi((long)T * (nc ? nc : 1));
+            fill(f, q, nq, -2, 2);
+            fill(f, kv, (long)T * d, -2, 2);
+            fill(f, comp, (long)(Tc ? Tc : 1) * d, -2, 2);
+            fill(f, sinks, H, -1, 1);
+            for (long i = 0; i < (long)T * nc; i++) /* -1: holes */
+                cidx[i] = (int32_t)rng_below(&f->r, (uint64_t)Tc + 1) - 1;
+            if (tc) {
+                round_bf16(q, nq);
+                round_bf16(kv, (long)T * d);
+                round_bf16(comp, (long)(Tc ? Tc : 1) * d);
+            }
+            float *dq = up(q, nq), *dkv = up(kv, (long)T * d), *dcomp = nc ? up(comp, (long)Tc * d) : NULL;
+            float *dsinks = up(sinks, H), *dout = poison(nq);
+            int32_t *dcidx = nc ? upi(cidx, (long)T * nc) : NULL;
+            OK(op_sink_attention(&f->cpu, out, q, kv, nc ? comp : NULL, nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale,
+                                 ERR));
+            OK(op_sink_attention(&f->gpu, dout, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d, W, scale, ERR));
+            cmp(f, fw, name, dout, out, nq, tol);
+            /* backward: gradients accumulate onto random values */
+            float *go = hnew(nq), *gq = hnew(nq), *gkv = hnew((long)T * d), *gc = hnew((long)(Tc ? Tc : 1) * d);
+            float *gs = hnew(H);
+            fill(f, go, nq, -1, 1);
+            if (tc) round_bf16(go, nq);
+            fill(f, gq, nq, -1, 1);
+            fill(f, gkv, (long)T * d, -1, 1);
+            fill(f, gc, (long)(Tc ? Tc : 1) * d, -1, 1);
+            fill(f, gs, H, -1, 1);
+            float *dgo = up(go, nq), *dgq = up(gq, nq), *dgkv = up(gkv, (long)T * d);
+            float *dgc = nc ? up(gc, (long)Tc * d) : NULL, *dgs = up(gs, H);
+            OK(op_sink_attention_backward(&f->cpu, gq, gkv, nc ? gc : NULL, gs, go, q, kv, nc ? comp : NULL,
+                                          nc ? cidx : NULL, nc, sinks, T, 0, H, d, W, scale, ERR));
+            OK(op_sink_attention_backward(&f->gpu, dgq, dgkv, dgc, dgs, dgo, dq, dkv, dcomp, dcidx, nc, dsinks, T, 0, H, d,
+                                          W, scale, ERR));
+            cmp(f, bq, name, dgq, gq, nq, tol);
+            cmp(f, bkv, name, dgkv, gkv, (long)T * d, tol);
+            if (nc) cmp(f, bc, name, dgc, gc, (long)Tc * d, tol);
+            cmp(f, bs, name, dgs, gs, H, tol);
+            /* a slice of the queries, rows [a, b) at positions q0 = a (context parallelism), against the
+             * whole sequence's keys; kv rows from b on are NaN, so a read past q0 + T shows */
+            int a = T / 3, b = a + (T - a + 1) / 2, Ts = b - a; /* 1 <= Ts, b <= T for any T >= 1 */
+            long at = (long)a * H * d, ns = (long)Ts * H * d;
+            char sname[96];
+            snprintf(sname, sizeof sname, "%s rows %d..%d", name, a, b);
+            float *kvs = hnew((long)T * d);
+            memcpy(kvs, kv, sizeof(float) * (size_t)T * d);
+            fillv(kvs + (long)b * d, (long)(T - b) * d, NAN);
+            float *dkvs = up(kvs, (long)T * d), *dsout = poison(ns);
+            const int32_t *sidx = nc ? cidx + (long)a * nc : NULL, *dsidx = nc ? dcidx + (long)a * nc : NULL;
+            OK(op_sink_attention(&f->cpu, out, q + at, kvs, nc ? comp : NULL, sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
+            OK(op_sink_attention(&f->gpu, dsout, dq + at, dkvs, dcomp, dsidx, nc, dsinks, Ts, a, H, d, W, scale, ERR));
+            cmp(f, fw, sname, dsout, out, ns, tol);
+            /* both sides accumulate onto the CPU's gradients so far */
+            float *sgq = up(gq, nq), *sgkv = up(gkv, (long)T * d), *sgc = nc ? up(gc, (long)Tc * d) : NULL;
+            float *sgs = up(gs, H);
+            OK(op_sink_attention_backward(&f->cpu, gq + at, gkv, nc ? gc : NULL, gs, go + at, q + at, kvs, nc ? comp : NULL,
+                                          sidx, nc, sinks, Ts, a, H, d, W, scale, ERR));
+            OK(op_sink_attention_backward(&f->gpu, sgq + at, sgkv, sgc, sgs, dgo + at, dq + at, dkvs, dcomp, dsidx, nc,
+                                          dsinks, Ts, a, H, d, W, scale, ERR));
+            cmp(f, bq, sname, sgq + at, gq + at, ns, tol);
+            cmp(f, bkv, sname, sgkv, gkv, (long)b * d, tol);
+            if (nc) cmp(f, bc, sname, sgc, gc, (long)Tc * d, tol);
+            cmp(f, bs, sname, sgs, gs, H, tol);
+            free(kvs);
+            cuda_free(dkvs), cuda_free(dsout), cuda_free(sgq), cuda_free(sgkv), cuda_free(sgc), cuda_free(sgs);
+            free(q), free(kv), free(comp), free(sinks), free(out), free(cidx), free(go), free(gq), free(gkv), free(gc),
+                free(gs);
+            cuda_free(dq), cuda_free(dkv), cuda_free(dcomp), cuda_free(dsinks), cuda_free(dout), cuda_free(dcidx);
+            cuda_free(dgo), cuda_free(dgq), cuda_free(dgkv), cuda_free(dgc), cuda_free(dgs);
+        }
     }
+    f->gpu.attention_tc = 0;
     END_TEST(f);
 }
 

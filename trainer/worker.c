@@ -132,7 +132,7 @@ static int handle_init(worker *w, const wire_msg *msg, wire_builder **reply, mil
         if (kctx_init(&w->k, DEVICE_CUDA, e)) return mill_err_wrap(e, "init: device cuda");
         w->gpu = 1;
     }
-    w->k.linear_exact = exact; /* the engines' exact logprobs are this forward's (rollout.exact) */
+    w->k.exact = exact; /* the engines' exact logprobs are this forward's (rollout.exact) */
     dsv4_config mcfg; /* the stages need the model's layers */
     if (config_load(model, &mcfg, e) || dist_init(&w->d, w->world, &ps, &mcfg, 0, &w->k, e))
         return mill_err_wrap(e, "init");

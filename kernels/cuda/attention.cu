@@ -1,5 +1,7 @@
 /* kernels/cuda/attention.cu — CUDA paths of kernels/attention.h.
- * Sink attention (training path): one block per (query, chunk of 16 heads) — all heads of the
+ * Sink attention (training path): on the tensor cores (attention_tc.cu) with kctx.attention_tc
+ * where those kernels apply (d a multiple of 32 up to 512, not kctx.gemm_fp32); otherwise the fp32
+ * kernels here. Tiled fp32: one block per (query, chunk of 16 heads) — all heads of the
  * chunk share each tile of 32 keys staged in shared memory (a query's keys are read once per chunk,
  * not once per head); online softmax per head started from the sink, fp32 throughout. The backward
  * uses the same blocks: a pass for each head's softmax sum and D = sum p dp, then a pass for dq and
@@ -10,7 +12,7 @@
  * heads. Compressor pooling and the indexer are one thread per output (channel-coalesced) and one
  * warp per compressed entry; top-k ranks every visible entry against the others, which reproduces
  * the CPU order exactly (value descending, ties to the lower index). */
-#include "cuda_internal.cuh"
+#include "attention_tc.cuh"
 
 #include <math.h>
 
@@ -32,10 +34,6 @@ __device__ int att_build_list(int *list, int i, int p, const int32_t *comp_idx, 
     }
     __syncthreads();
     return nk_sh;
-}
-
-__device__ __forceinline__ const float *att_key(int code, const float *kv, const float *comp, int d) {
-    return code >= 0 ? kv + (long)code * d : comp + (long)(-1 - code) * d;
 }
 
 /* Key list of wave token j in the engine's cache (op_cache_attend): ring rows as codes >= 0 (row
@@ -138,28 +136,6 @@ static int att_smem_ok(const void *fn, size_t smem, mill_err *e) {
 /* Row stride of the key tile in floats: an odd number of float4s, so the 8 lanes of a quarter-warp
  * reading 8 different rows at one column hit 8 different 16-byte bank groups. */
 static __host__ __device__ __forceinline__ int att_ldk(int d) { return 4 * ((d >> 2) | 1); }
-
-/* The key list in the CPU's order, filled by the whole block: window rows lo .. lo + nwin - 1, then
- * entry codes -1 - w for the >= 0 values w of idx[0, n_idx) in order (warp 0 compacts them 32 at a
- * time with a ballot; one thread walking them serially would stall on every load). Returns the
- * count; ends with a barrier. */
-__device__ int att_fill_list(int *list, int lo, int nwin, const int32_t *idx, int n_idx) {
-    __shared__ int nk_sh;
-    if (nwin < 0) nwin = 0; /* window <= 0: no window rows */
-    for (int t = threadIdx.x; t < nwin; t += blockDim.x) list[t] = lo + t;
-    if (threadIdx.x < 32) {
-        int lane = threadIdx.x, nk = nwin;
-        for (int c0 = 0; c0 < n_idx; c0 += 32) { /* bound uniform over warp 0 */
-            int32_t w = c0 + lane < n_idx ? idx[c0 + lane] : -1;
-            unsigned m = __ballot_sync(0xffffffffu, w >= 0);
-            if (w >= 0) list[nk + __popc(m & ((1u << lane) - 1u))] = -1 - w;
-            nk += __popc(m);
-        }
-        if (lane == 0) nk_sh = nk;
-    }
-    __syncthreads();
-    return nk_sh;
-}
 
 /* Ks[j, :] = key list[j] for j < nt, zero rows after (their scores stay finite; they are masked). */
 __device__ __forceinline__ void att_load_tile(float *Ks, const int *list, int nt, const float *kv, const float *comp,
@@ -467,6 +443,8 @@ int cuda_op_sink_attention(const kctx *k, float *out, const float *q, const floa
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
     const void *rows[] = {out, q, kv, comp};
+    if (k->attention_tc && !k->gemm_fp32 && atc_applies(H, d, max_keys, 0, rows, 4))
+        return atc_sink_attention(k, out, q, kv, comp, comp_idx, n_comp, sinks, T, q0, H, d, window, scale, e);
     int nc = att_tiled_nc(d, rows, 4);
     if (nc) {
         size_t smem = att_fwd_smem(d, max_keys);
@@ -604,18 +582,25 @@ int cuda_op_sink_attention_backward(const kctx *k, float *dq, float *dkv, float 
     if (T <= 0 || H <= 0) return 0;
     int max_keys = window + n_comp > 0 ? window + n_comp : 1;
     const void *rows[] = {dq, dkv, dcomp, dout, q, kv, comp};
-    int nc = att_tiled_nc(d, rows, 7);
+    int tc = k->attention_tc && !k->gemm_fp32 && atc_applies(H, d, max_keys, 1, rows, 7);
+    int nc = tc ? 0 : att_tiled_nc(d, rows, 7);
     size_t smem = nc ? att_bwd_smem(d, max_keys)
                      : sizeof(float) * 2 * ATT_BWD_HEADS * (size_t)max_keys + sizeof(int) * (size_t)max_keys;
     const void *fn = nc == 1   ? (const void *)attend_bwd_tiled_kernel<1>
                      : nc == 2 ? (const void *)attend_bwd_tiled_kernel<2>
                      : nc == 4 ? (const void *)attend_bwd_tiled_kernel<4>
                                : (const void *)attend_bwd_kernel;
-    TRY(att_smem_ok(fn, smem, e));
+    if (!tc) TRY(att_smem_ok(fn, smem, e));
     float *part = NULL;
     TRY(cu_scratch((void **)&part, sizeof(float) * (size_t)T * H, k, e));
     dim3 grid(T, (H + ATF_HEADS - 1) / ATF_HEADS);
-    if (nc == 1)
+    if (tc) {
+        if (atc_sink_attention_backward(k, dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, T, q0, H, d,
+                                        window, scale, e)) {
+            cu_scratch_free(part, k);
+            return -1;
+        }
+    } else if (nc == 1)
         attend_bwd_tiled_kernel<1><<<grid, ATF_THREADS, smem, cu_stream(k)>>>(
             dq, dkv, dcomp, part, dout, q, kv, comp, comp_idx, n_comp, sinks, q0, H, d, window, scale);
     else if (nc == 2)

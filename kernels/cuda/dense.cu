@@ -486,7 +486,7 @@ __global__ void linear_exact_offs_kernel(int32_t *offs, int M) {
     offs[1] = M;
 }
 
-/* kctx.linear_exact: y = x w^T (+ y) with a row's bits independent of M and of the other rows, for
+/* kctx.exact: y = x w^T (+ y) with a row's bits independent of M and of the other rows, for
  * every M: the grouped tensor-core kernel as one group (fixed 128 x 128 tiles, each element summed
  * over K in the same order whatever the tile holds), or, for shapes it does not take, the few-row
  * kernel 32 rows at a time. Capturable: no host copies. */
@@ -529,7 +529,7 @@ int cuda_op_linear(const kctx *k, float *y, const float *x, const float *w, int 
     }
     double tp = cu_phase(k);
     int rc;
-    if (k->linear_exact && !k->gemm_fp32)
+    if (k->exact && !k->gemm_fp32)
         rc = cu_linear_exact(k, y, ly, x, lx, w, M, N, K, accumulate, e);
     /* decode's few rows: one memory-bound kernel, the same bits for a row in any batch */
     else if (M <= CU_SKINNY_MAX_ROWS && !k->gemm_fp32 && !k->linear_cublas && lx >= K && ly >= N)

@@ -895,7 +895,8 @@ __global__ void moe_small_group_kernel(int32_t *slot_row, int32_t *offs, int *ba
 }
 
 static int moe_small_ok(const kctx *k, long NK, int D, int I, int E) {
-    return !k->gemm_fp32 && NK <= MOE_SMALL_ROWS && D % 8 == 0 && I % 8 == 0 && E <= 65535;
+    /* kctx.exact: the grouped path at every size, so a token's bits do not depend on the batch */
+    return !k->gemm_fp32 && !k->exact && NK <= MOE_SMALL_ROWS && D % 8 == 0 && I % 8 == 0 && E <= 65535;
 }
 
 /* Groups and gathers without waiting (deferred checks) or with one wait for the bad-id flag. */
