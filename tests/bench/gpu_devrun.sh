@@ -4,7 +4,8 @@
 #   cmake -B build-gpu -S . -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 && cmake --build build-gpu -j2
 #   ../shared/device/pack-libs.sh
 #   device run, carry ["build-gpu", ".devlibs"]: bash tests/bench/gpu_devrun.sh [PART...]
-# PART: ops, model, cli, grpo, dist, memcheck (default: all of them). The benchmarks are gpu_bench.sh's. Outputs go to stdout and $OUT.
+# PART: ops, model, cli, grpo, dist, memcheck (default: all of them), and exact (not in the default):
+# the opt-in tensor-core attention against the CPU with memcheck, and rollout.exact's GRPO gap. The benchmarks are gpu_bench.sh's. Outputs go to stdout and $OUT.
 B=${MILL_BUILD:-build-gpu}/bin
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -78,6 +79,19 @@ if has dist; then
     --output /tmp/gd.st 2>&1 | tail -1
   echo "=== tests/dist_cli.sh on this machine's CPU ranks"
   OMP_NUM_THREADS=4 timeout 300 sh tests/dist_cli.sh $B/mill $B/st_diff $PWD 2>&1 | tail -3
+fi
+if has exact; then
+  echo "=== the tensor-core sink attention against the CPU (both paths), then under memcheck"
+  timeout 200 $B/test_cuda_ops test_attention > $OUT/attention.txt 2>&1; echo "rc $?"
+  grep -E "FAIL|PASSED|FAILED|^  op_sink" $OUT/attention.txt | tail -12
+  timeout 240 compute-sanitizer --tool memcheck $B/test_cuda_ops test_attention 2>&1 | grep -E "Invalid|ERROR SUMMARY" |
+    sort | uniq -c | head
+  echo "=== GRPO on the GPU with rollout.exact true, then false (3 steps): max|dlogp| and the rollout seconds (the cost)"
+  for x in true false; do
+    rm -rf /tmp/gx-$x; timeout 150 $B/mill run configs/runs/grpo-arith-demo.yaml --set name=gx-$x \
+      --set ledger=/tmp/gx-$x/l.db --set checkpoint.dir=/tmp/gx-$x/ck --set train.steps=3 --set eval.problems=16 \
+      --set train.device=cuda --set rollout.device=cuda --set rollout.exact=$x 2>&1 | grep -E "step +[0-9]/|error" | tail -4
+  done
 fi
 if has memcheck; then
   echo "=== compute-sanitizer memcheck, test_cuda_ops"
