@@ -11,8 +11,9 @@ int op_adamw(const kctx *k, float *p, const float *g, float *m, float *v, long n
     TRY(kctx_require_cpu(k, "op_adamw", e));
     float decay = 1.0f - hp.lr * hp.weight_decay;
     for (long i = 0; i < n; i++) {
-        m[i] = hp.beta1 * m[i] + (1.0f - hp.beta1) * g[i];
-        v[i] = hp.beta2 * v[i] + (1.0f - hp.beta2) * g[i] * g[i];
+        float gi = g[i] * hp.grad_scale;
+        m[i] = hp.beta1 * m[i] + (1.0f - hp.beta1) * gi;
+        v[i] = hp.beta2 * v[i] + (1.0f - hp.beta2) * gi * gi;
         float mh = m[i] / hp.bias_c1, vh = v[i] / hp.bias_c2;
         p[i] = p[i] * decay - hp.lr * mh / (sqrtf(vh) + hp.eps);
     }

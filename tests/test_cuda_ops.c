@@ -818,7 +818,8 @@ static void test_optim(void **state) {
     fill(f, m, n, -0.01f, 0.01f);
     fill(f, v, n, 0, 1e-4f);
     float *dp = up(p, n), *dg = up(g, n), *dm = up(m, n), *dv = up(v, n);
-    adamw_hparams hp = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f - powf(0.9f, 7), 1.0f - powf(0.95f, 7)};
+    adamw_hparams hp = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f,
+                        .bias_c1 = 1.0f - powf(0.9f, 7), .bias_c2 = 1.0f - powf(0.95f, 7), .grad_scale = 0.37f};
     OK(op_adamw(&f->cpu, p, g, m, v, n, hp, ERR));
     OK(op_adamw(&f->gpu, dp, dg, dm, dv, n, hp, ERR));
     cmp(f, "op_adamw p", "n1000003", dp, p, n, TOL_FP32);

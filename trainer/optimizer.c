@@ -190,8 +190,9 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
     double lr = optimizer_lr(&o->cfg, o->step);
     *lr_used = lr;
     long t = o->step + 1;
-    adamw_hparams hp = {(float)lr, (float)o->cfg.beta1, (float)o->cfg.beta2, (float)o->cfg.eps, 0.0f,
-                        (float)(1.0 - pow(o->cfg.beta1, (double)t)), (float)(1.0 - pow(o->cfg.beta2, (double)t))};
+    adamw_hparams hp = {.lr = (float)lr, .beta1 = (float)o->cfg.beta1, .beta2 = (float)o->cfg.beta2,
+                        .eps = (float)o->cfg.eps, .bias_c1 = (float)(1.0 - pow(o->cfg.beta1, (double)t)),
+                        .bias_c2 = (float)(1.0 - pow(o->cfg.beta2, (double)t)), .grad_scale = clip};
     for (int i = 0; i < m->n_params;) {
         if (!o->update[i]) {
             i++;
@@ -206,8 +207,7 @@ int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, dou
         i = j;
         if (a >= b) continue;
         long n = (long)(b - a);
-        float *g = grads + a;
-        if (clip != 1.0f) TRY(op_scale(k, g, n, clip, e));
+        float *g = grads + a; /* clipped inside the update (hp.grad_scale): no pass of its own */
         hp.weight_decay = p->ndim >= 2 ? (float)o->cfg.weight_decay : 0.0f; /* no decay on norms, scales, sinks */
         TRY(op_adamw(k, m->data + a, g, o->m + (a - o->lo), o->v + (a - o->lo), n, hp, e));
     }

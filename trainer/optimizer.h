@@ -63,7 +63,7 @@ double optimizer_lr(const optim_config *c, long s);
  * reductions the backward started on o->dp): clips by the global norm over updated parameters
  * (each rank's shard summed once over dp), applies AdamW (weight decay on matrices only) to this
  * rank's shard, all-gathers the shards over dp, increments step. *grad_norm gets the norm before
- * clipping. This rank's shard of grads is scaled in place when clipped. */
+ * clipping; the clipping factor is applied inside the update (grads are not written). */
 int optimizer_step(optimizer *o, dsv4_model *m, const kctx *k, float *grads, double *grad_norm, double *lr_used,
                    mill_err *e);
 int optimizer_n_updated(const optimizer *o, const dsv4_model *m, size_t *floats);

@@ -37,8 +37,9 @@ __global__ void adamw_kernel(float *p, const float *g, float *m, float *v, long 
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float decay = 1.0f - hp.lr * hp.weight_decay;
-    float mi = hp.beta1 * m[i] + (1.0f - hp.beta1) * g[i];
-    float vi = hp.beta2 * v[i] + (1.0f - hp.beta2) * g[i] * g[i];
+    float gi = g[i] * hp.grad_scale; /* its own rounding: the bits of scaling g in place first */
+    float mi = hp.beta1 * m[i] + (1.0f - hp.beta1) * gi;
+    float vi = hp.beta2 * v[i] + (1.0f - hp.beta2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
     float mh = mi / hp.bias_c1, vh = vi / hp.bias_c2;
