@@ -749,11 +749,19 @@ static void expect_error_reply(reply_t *r, uint64_t want_id, const char *field, 
     note("  message: %s", msg);
 }
 
+// sends m (and frees it) and checks the `error` reply
 static void expect_error(void *sock, msg_t *m, uint64_t want_id, const char *field, const char *name) {
     m_send(sock, m);
+    free(m);
     reply_t *r = rx(sock, 10000);
     expect_error_reply(r, want_id, field, name);
     reply_free(r);
+}
+
+// a message of a new id (written to *id)
+static msg_t *m_case(const char *type, uint64_t *id) {
+    *id = nid();
+    return m_new(type, *id);
 }
 
 static desc_t *prompt_frame(msg_t *m, const int32_t *p, int n) {
@@ -1066,8 +1074,7 @@ static void test_basics(void) {
           "got %llu / %d / %d", (unsigned long long)wv, rel, miss);
     reply_free(r);
 
-    id = nid();
-    m = m_new("stats", id);
+    m = m_case("stats", &id);
     m_send(S, m);
     free(m);
     r = rx(S, 10000);
@@ -1090,163 +1097,122 @@ static void test_errors(void) {
     msg_t *m;
     uint64_t id;
 
-    id = nid();
-    m = m_new("health", id);
+    m = m_case("health", &id);
     m_u(m, "v", 2);
     expect_error(S, m, id, "v", "version 2 (`v`: 2)");
-    free(m);
 
-    id = nid();
-    m = m_new("health", id);
+    m = m_case("health", &id);
     m_del(m, "v");
     expect_error(S, m, id, "v", "no `v`");
-    free(m);
 
-    id = nid();
-    m = m_new("health", id);
+    m = m_case("health", &id);
     m_del(m, "type");
     expect_error(S, m, id, "type", "no `type`");
-    free(m);
 
-    id = nid();
-    m = m_new("frobnicate", id);
+    m = m_case("frobnicate", &id);
     expect_error(S, m, id, "frobnicate", "unknown type \"frobnicate\"");
-    free(m);
 
-    id = nid();
-    m = m_new("health", id);
+    m = m_case("health", &id);
     m_u(m, "type", 7);
     expect_error(S, m, id, "type", "`type` not a string");
-    free(m);
 
     m = m_new("health", 0);
     m_s(m, "id", "seven");
     expect_error(S, m, 0, "id", "`id` a string (no id can be read: 0)");
-    free(m);
 
     m = m_new("health", 0);
     m_i(m, "id", -5);
     expect_error(S, m, 0, "id", "`id` negative (not unsigned: 0)");
-    free(m);
 
     m = m_new("health", 0);
     m_del(m, "id");
     expect_error(S, m, 0, "id", "no `id` (0)");
-    free(m);
 
     m = m_new("health", nid());
     m->header_as_array = 1;
     expect_error(S, m, 0, NULL, "header a msgpack array, not a map (0)");
-    free(m);
 
     static const uint8_t junk[] = {0xc1, 0x00, 0xff};
     m = m_new("health", nid());
     m->raw_header = junk;
     m->raw_len = sizeof junk;
     expect_error(S, m, 0, NULL, "header not msgpack (0)");
-    free(m);
 
     m = m_new("health", nid());
     m->raw_header = "";
     m->raw_len = 0;
     expect_error(S, m, 0, NULL, "empty header frame (0)");
-    free(m);
 
     // frame descriptors
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4);
     m->ndata = 0; // a descriptor, no data frame
     expect_error(S, m, id, "frame", "a frame descriptor without its data frame");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4);
     m->data[1] = p;
     m->len[1] = 16;
     m->ndata = 2; // a data frame without a descriptor
     expect_error(S, m, id, "frame", "a data frame without a descriptor");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4)->omit_dtype = 1;
     expect_error(S, m, id, "dtype", "a frame descriptor without `dtype`");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4)->shape_as_str = 1;
     expect_error(S, m, id, "shape", "a frame descriptor whose `shape` is a string");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4)->shape[0] = 5; // 5 x 4 bytes declared, 16 sent
     expect_error(S, m, id, "prompt", "a frame shorter than its shape");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     desc_t *d = prompt_frame(m, p, 4);
     snprintf(d->dtype, sizeof d->dtype, "F32");
     expect_error(S, m, id, "prompt", "wrong dtype (prompt F32)");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     d = prompt_frame(m, p, 4);
     snprintf(d->dtype, sizeof d->dtype, "Q7");
     expect_error(S, m, id, "dtype", "an unknown dtype (\"Q7\")");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     prompt_frame(m, p, 4);
     m->no_frames_key = 1;
     expect_error(S, m, id, "frames", "a data frame and no `frames` key");
-    free(m);
 
     // generate's fields
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     prompt_frame(m, p, 4);
     expect_error(S, m, id, "max_new_tokens", "generate without max_new_tokens (required)");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_s(m, "max_new_tokens", "4");
     prompt_frame(m, p, 4);
     expect_error(S, m, id, "max_new_tokens", "generate with max_new_tokens a string");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     uint64_t nine[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
     m_arr(m, "stop", nine, 9);
     prompt_frame(m, p, 4);
     expect_error(S, m, id, "stop", "generate with 9 stop ids (up to 8)");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     expect_error(S, m, id, "prompt", "generate without a prompt frame");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     {
         int64_t sh[1] = {4};
@@ -1256,56 +1222,44 @@ static void test_errors(void) {
         m_frame(m, "prompt_lens", "I32", 1, sh, lens, 8);
     }
     expect_error(S, m, id, "prompt", "prompt_lens summing to more than the prompts frame");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     static const int32_t oov[3] = {5, 256, 7};
     prompt_frame(m, oov, 3);
     expect_error(S, m, id, "prompt", "a prompt token outside the vocabulary (256 of 256)");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     static const int32_t neg[3] = {5, -1, 7};
     prompt_frame(m, neg, 3);
     expect_error(S, m, id, "prompt", "a negative prompt token");
-    free(m);
 
-    id = nid();
-    m = m_new("generate", id);
+    m = m_case("generate", &id);
     m_u(m, "max_new_tokens", 2);
     {
         int64_t sh[1] = {0};
         m_frame(m, "prompt", "I32", 1, sh, p, 0);
     }
     expect_error(S, m, id, "prompt", "an empty prompt");
-    free(m);
 
     // update_weights' ranges
-    id = nid();
-    m = m_new("update_weights", id);
+    m = m_case("update_weights", &id);
     m_u(m, "version", 900);
     m_u(m, "bucket", 0);
     m_b(m, "last", 1);
     m_u(m, "senders", 0);
     expect_error(S, m, id, "senders", "update_weights with senders 0 (in [1, 65536])");
-    free(m);
 
-    id = nid();
-    m = m_new("update_weights", id);
+    m = m_case("update_weights", &id);
     m_u(m, "version", 900);
     m_u(m, "bucket", 0);
     m_b(m, "last", 1);
     m_u(m, "senders", 65537);
     expect_error(S, m, id, "senders", "update_weights with senders 65537 (in [1, 65536])");
-    free(m);
 
     // update_weights_ipc on a CPU engine: refused
-    id = nid();
-    m = m_new("update_weights_ipc", id);
+    m = m_case("update_weights_ipc", &id);
     m_u(m, "version", 900);
     m_u(m, "floats", 16);
     {
@@ -1314,7 +1268,6 @@ static void test_errors(void) {
         m_frame(m, "handle", "U8", 1, sh, handle, 64);
     }
     expect_error(S, m, id, NULL, "update_weights_ipc on an engine on the CPU");
-    free(m);
 
     // the server keeps serving
     uint64_t wv;
@@ -2048,8 +2001,7 @@ static void test_release(void) {
     msg_t *m = gen_msg(&g, gid);
     m_send(S, m);
     free(m);
-    id = nid();
-    m = m_new("release_memory", id);
+    m = m_case("release_memory", &id);
     m_send(S, m);
     free(m);
     reply_t *r = rx_id(S, id, 30000);
@@ -2059,8 +2011,7 @@ static void test_release(void) {
         expect_error_reply(r, id, NULL, "release_memory while 4 samples decode");
     } else if (r && !strcmp(r->type, "released") && G->done && r->seq > G->done_seq) {
         note("release_memory came after the samples finished: not refused, not checked");
-        id = nid();
-        m = m_new("resume", id);
+        m = m_case("resume", &id);
         m_send(S, m);
         free(m);
         reply_free(rx_id(S, id, 30000));
@@ -2071,8 +2022,7 @@ static void test_release(void) {
     check(gen_ok(G, 4, why, sizeof why), "the samples in flight finish", "%s", why);
     gen_free(G);
 
-    id = nid();
-    m = m_new("release_memory", id);
+    m = m_case("release_memory", &id);
     m_send(S, m);
     free(m);
     r = rx_id(S, id, 30000);
@@ -2098,8 +2048,7 @@ static void test_release(void) {
     health(S, &wv, &rel, &miss, &ok);
     check(ok && wv == 41 && rel == 1, "health: version 41, still released", "version %llu released %d", (unsigned long long)wv, rel);
 
-    id = nid();
-    m = m_new("resume", id);
+    m = m_case("resume", &id);
     m_send(S, m);
     free(m);
     r = rx_id(S, id, 30000);
@@ -2172,8 +2121,7 @@ static void test_curve(void) {
     r = rx(stranger, 500);
     check(!r, "--curve: a client with other client keys gets no reply", "got %s", r_desc(r));
     reply_free(r);
-    id = nid();
-    m = m_new("shutdown", id);
+    m = m_case("shutdown", &id);
     m_send(c, m);
     free(m);
     r = rx_id(c, id, 30000);
@@ -2462,48 +2410,34 @@ static void test_trainer(void) {
     reply_t *r;
 
     // errors before init
-    id = nid();
-    m = m_new("release_memory", id);
+    m = m_case("release_memory", &id);
     m_u(m, "v", 2);
     expect_error(W, m, id, "v", "trainer: version 2");
-    free(m);
-    id = nid();
-    m = m_new("frobnicate", id);
+    m = m_case("frobnicate", &id);
     expect_error(W, m, id, "frobnicate", "trainer: unknown type");
-    free(m);
-    id = nid();
-    m = m_new("health", id);
+    m = m_case("health", &id);
     expect_error(W, m, id, "health", "trainer: `health` (not in trainer/PROTOCOL.md's table)");
-    free(m);
-    id = nid();
-    m = m_new("init", id);
+    m = m_case("init", &id);
     m_del(m, "type");
     expect_error(W, m, id, "type", "trainer: no `type`");
-    free(m);
     m = m_new("init", 0);
     m->header_as_array = 1;
     expect_error(W, m, 0, NULL, "trainer: header a msgpack array (0)");
-    free(m);
-    id = nid();
-    m = m_new("train", id);
+    m = m_case("train", &id);
     m_u(m, "step", 1);
     expect_error(W, m, id, NULL, "trainer: train before init");
-    free(m);
     id = nid();
     m = init_msg(id, g_version);
     m_s(m, "model", "/nonexistent/model/dir");
     expect_error(W, m, id, NULL, "trainer: init with a model directory that does not exist");
-    free(m);
     id = nid();
     m = init_msg(id, g_version);
     m_s(m, "schedule", "sawtooth");
     expect_error(W, m, id, "schedule", "trainer: init with schedule \"sawtooth\"");
-    free(m);
     id = nid();
     m = init_msg(id, g_version);
     m_u(m, "tp", 2);
     expect_error(W, m, id, NULL, "trainer: init with tp 2 on a worker of 1 rank (the product must be the rank count)");
-    free(m);
 
     // init
     id = nid();
@@ -2526,10 +2460,8 @@ static void test_trainer(void) {
     note("trainer ready: params %llu (the model file holds %llu F32 values)", (unsigned long long)params, (unsigned long long)floats);
     reply_free(r);
 
-    id = nid();
-    m = m_new("frobnicate", id);
+    m = m_case("frobnicate", &id);
     expect_error(W, m, id, "frobnicate", "trainer after init: unknown type");
-    free(m);
 
     // a malformed train: ids F32
     batch_t bt;
@@ -2538,19 +2470,16 @@ static void test_trainer(void) {
     m = train_msg(id, &bt, 1);
     snprintf(m->desc[0].dtype, sizeof m->desc[0].dtype, "F32");
     expect_error(W, m, id, "ids", "trainer: train with `ids` F32");
-    free(m);
     id = nid();
     m = train_msg(id, &bt, 1);
     m->desc[1].shape[1] = bt.T - 1;
     m->len[1] -= (size_t)bt.n * 4;
     expect_error(W, m, id, "targets", "trainer: train with `targets` [n, T - 1] (ids are [n, T])");
-    free(m);
     id = nid();
     m = train_msg(id, &bt, 1);
     m->desc[4].shape[0] = bt.tokens - 1;
     m->len[4] -= 4;
     expect_error(W, m, id, "rollout_logp", "trainer: train with rollout_logp one short of the targets");
-    free(m);
 
     // train: progress {done, total} per micro-batch (micro_batch 1: 2), then trained
     id = nid();
@@ -2592,8 +2521,7 @@ static void test_trainer(void) {
     uint64_t newv = g_version + 1;
 
     // publish to an engine that is not there: an error within its timeout, with the id
-    id = nid();
-    m = m_new("publish", id);
+    m = m_case("publish", &id);
     char nowhere[600];
     snprintf(nowhere, sizeof nowhere, "ipc://%s/nobody.sock", g_tmp);
     m_s(m, "engines", nowhere);
@@ -2609,8 +2537,7 @@ static void test_trainer(void) {
     reply_free(r);
 
     // publish to the rollout server: buckets of update_weights, then published
-    id = nid();
-    m = m_new("publish", id);
+    m = m_case("publish", &id);
     m_s(m, "engines", A_ROLLOUT);
     m_u(m, "bucket_mb", 1);
     m_u(m, "timeout_s", 30);
@@ -2644,8 +2571,7 @@ static void test_trainer(void) {
     // save, then release / resume
     char dir[700];
     snprintf(dir, sizeof dir, "%s/ckpt", g_tmp);
-    id = nid();
-    m = m_new("save", id);
+    m = m_case("save", &id);
     m_s(m, "dir", dir);
     m_u(m, "data_position", 7);
     static uint8_t rng[32] = {1, 2, 3};
@@ -2691,8 +2617,7 @@ static void test_trainer(void) {
     reply_free(r);
 
     // publish with ipc true from a CPU worker: CUDA IPC is for GPUs, so buckets
-    id = nid();
-    m = m_new("publish", id);
+    m = m_case("publish", &id);
     m_s(m, "engines", A_ROLLOUT);
     m_u(m, "bucket_mb", 64);
     m_u(m, "timeout_s", 30);
@@ -2776,8 +2701,7 @@ static void test_trainer(void) {
         reply_free(r);
     }
     if (W2) {
-        id = nid();
-        m = m_new("shutdown", id);
+        m = m_case("shutdown", &id);
         m_send(W2, m);
         free(m);
         r = rx_id(W2, id, 30000);
@@ -2800,8 +2724,7 @@ static void shutdown_all(void) {
     check(r && !strcmp(r->type, "bye"), "trainer: shutdown answers bye with the id", "got %s", r_desc(r));
     reply_free(r);
 
-    id = nid();
-    m = m_new("shutdown", id);
+    m = m_case("shutdown", &id);
     m_send(S, m);
     free(m);
     r = rx_id(S, id, 30000);
