@@ -110,17 +110,6 @@ __global__ void attend_kernel(float *out, const float *q, const float *kv, const
     }
 }
 
-static int att_smem_ok(const void *fn, size_t smem, mill_err *e) {
-    if (smem <= 48 * 1024) return 0;
-    int dev = 0, lim = 0;
-    CU_CHECK(cudaGetDevice(&dev));
-    CU_CHECK(cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (smem > (size_t)lim)
-        return mill_errf(e, "attention: %zu bytes of shared memory needed, the device allows %d", smem, lim);
-    CU_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    return 0;
-}
-
 /* ---- Tiled sink attention for the training path: one block per (query, chunk of ATF_HEADS heads),
  * so a query's keys are read once per chunk instead of once per head. Warp w owns heads
  * 4w .. 4w+3 of the chunk: it computes their scores (lane = key of the tile), keeps their online

@@ -390,18 +390,11 @@ static int atc_no(int d) {
     return no;
 }
 
-static int atc_smem_limit(void) {
-    int dev = 0, lim = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-    if (cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
-    return lim;
-}
-
 int atc_applies(int H, int d, int max_keys, int backward, const void *const *ptrs, int n) {
     if (d < 32 || d % 32 || d > 16 * ATC_NOMAX || H <= 0) return 0;
     for (int t = 0; t < n; t++)
         if ((uintptr_t)ptrs[t] % 16) return 0;
-    return atc_smem(16 * atc_rb(H), d, max_keys, backward) <= (size_t)atc_smem_limit();
+    return atc_smem(16 * atc_rb(H), d, max_keys, backward) <= (size_t)att_smem_limit();
 }
 
 #define ATC_FOR_NO(no, CALL)                                                                                      \
@@ -413,17 +406,27 @@ int atc_applies(int H, int d, int max_keys, int backward, const void *const *ptr
     default: CALL(32); break;                                                                                     \
     }
 
+/* A launch's row blocks per block, shared memory and grid (query rows x head chunks). */
+typedef struct {
+    int rb;
+    size_t smem;
+    dim3 grid;
+} atc_plan;
+
+static atc_plan atc_plan_for(int T, int H, int d, int window, int n_comp, int backward) {
+    int rb = atc_rb(H), max_keys = window + n_comp > 0 ? window + n_comp : 1;
+    return (atc_plan){rb, atc_smem(16 * rb, d, max_keys, backward), dim3(T, (H + 16 * rb - 1) / (16 * rb))};
+}
+
 int atc_sink_attention(const kctx *k, float *out, const float *q, const float *kv, const float *comp,
                        const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d,
                        int window, float scale, mill_err *e) {
-    int RB = atc_rb(H), max_keys = window + n_comp > 0 ? window + n_comp : 1;
-    size_t smem = atc_smem(16 * RB, d, max_keys, 0);
-    dim3 grid(T, (H + 16 * RB - 1) / (16 * RB));
+    atc_plan p = atc_plan_for(T, H, d, window, n_comp, 0);
 #define ATC_FWD(NO)                                                                                               \
     do {                                                                                                          \
-        CU_CHECK(cudaFuncSetAttribute(atc_fwd_kernel<NO>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)); \
-        atc_fwd_kernel<NO><<<grid, 64 * RB, smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, sinks, q0, H, \
-                                                                   d, window, scale);                            \
+        TRY(att_smem_ok((const void *)atc_fwd_kernel<NO>, p.smem, e));                                            \
+        atc_fwd_kernel<NO><<<p.grid, 64 * p.rb, p.smem, cu_stream(k)>>>(out, q, kv, comp, comp_idx, n_comp, sinks,  \
+                                                                         q0, H, d, window, scale);                \
     } while (0)
     ATC_FOR_NO(atc_no(d), ATC_FWD)
 #undef ATC_FWD
@@ -435,15 +438,13 @@ int atc_sink_attention_backward(const kctx *k, float *dq, float *dkv, float *dco
                                 const float *dout, const float *q, const float *kv, const float *comp,
                                 const int32_t *comp_idx, int n_comp, const float *sinks, int T, int q0, int H, int d,
                                 int window, float scale, mill_err *e) {
-    int RB = atc_rb(H), max_keys = window + n_comp > 0 ? window + n_comp : 1;
-    size_t smem = atc_smem(16 * RB, d, max_keys, 1);
-    dim3 grid(T, (H + 16 * RB - 1) / (16 * RB));
+    atc_plan p = atc_plan_for(T, H, d, window, n_comp, 1);
 #define ATC_BWD(NO)                                                                                               \
     do {                                                                                                          \
-        CU_CHECK(cudaFuncSetAttribute(atc_bwd_kernel<NO>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)); \
-        atc_bwd_kernel<NO><<<grid, 64 * RB, smem, cu_stream(k)>>>(dq, dkv, dcomp, dsink_part, dout, q, kv, comp,    \
-                                                                   comp_idx, n_comp, sinks, q0, H, d, window,     \
-                                                                   scale);                                        \
+        TRY(att_smem_ok((const void *)atc_bwd_kernel<NO>, p.smem, e));                                            \
+        atc_bwd_kernel<NO><<<p.grid, 64 * p.rb, p.smem, cu_stream(k)>>>(dq, dkv, dcomp, dsink_part, dout, q, kv,    \
+                                                                         comp, comp_idx, n_comp, sinks, q0, H, d, \
+                                                                         window, scale);                          \
     } while (0)
     ATC_FOR_NO(atc_no(d), ATC_BWD)
 #undef ATC_BWD

@@ -1,6 +1,7 @@
 /* kernels/cuda/attention_tc.cuh — shared by attention.cu and attention_tc.cu only.
- * Owns: a training-path query's key list (the CPU's order) and the tensor-core sink attention's
- * launchers, which attention.cu's ops call unless kctx.gemm_fp32 asks for the fp32 kernels. */
+ * Owns: a training-path query's key list (the CPU's order), the shared-memory check every attention
+ * launch makes, and the tensor-core sink attention's launchers, which attention.cu's ops call with
+ * kctx.attention_tc. */
 #ifndef MILL_ATTENTION_TC_CUH
 #define MILL_ATTENTION_TC_CUH
 
@@ -30,6 +31,24 @@ static __device__ __forceinline__ int att_fill_list(int *list, int lo, int nwin,
 
 static __device__ __forceinline__ const float *att_key(int code, const float *kv, const float *comp, int d) {
     return code >= 0 ? kv + (long)code * d : comp + (long)(-1 - code) * d;
+}
+
+/* The device's shared memory per block (the opt-in maximum), 0 when it cannot be read. */
+static inline int att_smem_limit(void) {
+    int dev = 0, lim = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+    return lim;
+}
+
+/* Lets kernel fn take smem bytes of dynamic shared memory (past the default 48 KB), or the error. */
+static inline int att_smem_ok(const void *fn, size_t smem, mill_err *e) {
+    if (smem <= 48 * 1024) return 0;
+    int lim = att_smem_limit();
+    if (smem > (size_t)lim)
+        return mill_errf(e, "attention: %zu bytes of shared memory needed, the device allows %d", smem, lim);
+    CU_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    return 0;
 }
 
 /* The tensor-core kernels apply (d a multiple of 32 up to 512, rows 16-byte aligned, the shared
